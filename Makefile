@@ -1,0 +1,27 @@
+# Two commands matter: `make demo` and `make test`. Both set themselves up (cached under ~/.cache/anomalyd).
+SHELL := /bin/bash
+CACHE ?= $(HOME)/.cache/anomalyd
+VENV ?= $(CACHE)/venv
+export ANOMALYD_CACHE := $(CACHE)
+export ANOMALYD_VENV := $(VENV)
+PY := $(VENV)/bin/python
+
+.PHONY: setup test unit demo lint format kafka-start kafka-stop
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	@$(VENV)/bin/ruff check detector pipelines tests benchmarks
+	@$(PY) -m pytest -q
+
+unit: setup
+	@$(PY) -m pytest -q -m "not integration"
+
+demo: setup
+	@$(VENV)/bin/anomalyd demo $(DEMO_ARGS)
+
+lint: setup
+	@$(VENV)/bin/ruff check .
+
+format: setup
+	@$(VENV)/bin/ruff format detector pipelines tests benchmarks

@@ -1,0 +1,4 @@
+"""Pure modelling for anomalyd: models, windows, scaling, scoring, thresholds, training, checkpoints.
+
+Nothing in this package imports Kafka, HTTP or Prometheus code.
+"""

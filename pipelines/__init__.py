@@ -1,0 +1,1 @@
+"""Everything that touches the world: config, Kafka, sinks, metrics, the daemon loop, evaluation, CLI."""

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Idempotent, cached setup: a virtualenv outside the clone with the project's Python deps,
+# plus the Debian packages the integration tests use. A second run takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE="${ANOMALYD_CACHE:-$HOME/.cache/anomalyd}"
+VENV="${ANOMALYD_VENV:-$CACHE/venv}"
+mkdir -p "$CACHE"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating virtualenv $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
+fi
+
+# Reinstall deps only when pyproject.toml changed.
+stamp="$VENV/.deps-$(sha1sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    echo "setup: installing Python dependencies (first run downloads torch, a few minutes)"
+    "$VENV/bin/pip" install -q -e '.[dev]'
+    rm -f "$VENV"/.deps-*
+    touch "$stamp"
+fi
+# Point the editable install at this checkout (cheap; CI runs from a fresh clone elsewhere).
+if ! "$VENV/bin/python" - "$PWD" <<'PY' 2>/dev/null
+import pathlib, sys, pipelines
+sys.exit(0 if pathlib.Path(pipelines.__file__).resolve().parent.parent == pathlib.Path(sys.argv[1]).resolve() else 1)
+PY
+then
+    "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
+fi
+
+# Debian packages for the integration tests (Java for Kafka, Prometheus, Alertmanager).
+need=()
+command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || need+=(maven)
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v prometheus-alertmanager >/dev/null 2>&1 || [ -x /usr/bin/prometheus-alertmanager ] || need+=(prometheus-alertmanager)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: apt-get install ${need[*]}"
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+        # The Debian packages start services; the tests run their own instances on other ports.
+        for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
+            (systemctl stop "$svc" 2>/dev/null || service "$svc" stop 2>/dev/null || pkill -f "/usr/bin/$svc" 2>/dev/null) || true
+        done
+    else
+        echo "setup: missing ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2
+    fi
+fi
