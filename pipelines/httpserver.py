@@ -1,0 +1,128 @@
+"""The daemon's HTTP endpoint: Prometheus metrics and Kubernetes-style health probes.
+
+| Path | Response |
+|---|---|
+| `/metrics` | the registry in the Prometheus text format (OpenMetrics if the scraper asks for it) |
+| `/healthz` | 200 ``ok`` while ``is_alive()`` is true, else 503 (liveness: restart me) |
+| `/readyz` | 200 ``ready`` while ``is_ready()`` is true, else 503 (readiness: keep traffic/alerts away) |
+
+A standard-library ``ThreadingHTTPServer`` runs in a daemon thread, so a slow scrape never blocks a probe.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+log = logging.getLogger(__name__)
+
+
+class HealthServer:
+    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``bind:port`` (``port=0`` picks a free port)."""
+
+    def __init__(self, registry: CollectorRegistry, bind: str = "0.0.0.0", port: int = 9308,
+                 is_alive: Callable[[], bool] = lambda: True,
+                 is_ready: Callable[[], bool] = lambda: True) -> None:
+        self.registry = registry
+        self.bind = bind
+        self._requested_port = port
+        self.is_alive = is_alive
+        self.is_ready = is_ready
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the one the OS picked when constructed with ``port=0``); needs :meth:`start`."""
+        if self._server is None:
+            raise RuntimeError("HealthServer.port is known only after start()")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """Base URL for clients, e.g. ``http://127.0.0.1:9308`` (loopback when bound to all interfaces)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.bind, self.bind)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def start(self) -> HealthServer:
+        """Bind the socket and serve in a background thread. Raises ``OSError`` if the port is taken."""
+        if self._server is not None:
+            raise RuntimeError("HealthServer already started")
+        server_cls = _IPv6Server if ":" in self.bind else _Server
+        self._server = server_cls((self.bind, self._requested_port), _handler_class(self))
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name=f"anomalyd-http-{self.port}", daemon=True)
+        self._thread.start()
+        log.info("HTTP server listening on %s (/metrics, /healthz, /readyz)", self.url)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; idempotent."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> HealthServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _IPv6Server(_Server):
+    address_family = socket.AF_INET6
+
+
+def _handler_class(owner: HealthServer) -> type[BaseHTTPRequestHandler]:
+    """A request-handler class bound to ``owner`` (http.server instantiates one per request)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "anomalyd"
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                self._send(200, encoder(owner.registry), content_type)
+            elif path == "/healthz":
+                self._probe(owner.is_alive, b"ok\n", b"not alive\n")
+            elif path == "/readyz":
+                self._probe(owner.is_ready, b"ready\n", b"not ready\n")
+            else:
+                self._send(404, b"not found; try /metrics, /healthz or /readyz\n")
+
+        def _probe(self, check: Callable[[], bool], ok: bytes, failed: bytes) -> None:
+            try:
+                healthy = bool(check())
+            except Exception as exc:  # a broken check reports unhealthy instead of killing the request
+                log.warning("health check %s raised %r", self.path, exc)
+                healthy, failed = False, f"check failed: {exc!r}\n".encode()
+            self._send(200 if healthy else 503, ok if healthy else failed)
+
+        def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (base-class signature)
+            log.debug("%s %s", self.address_string(), format % args)
+
+    return Handler

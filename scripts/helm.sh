@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Print the path of a pinned helm binary, building it with the Go toolchain on first use.
+# Cached under ${ANOMALYD_CACHE:-~/.cache/anomalyd}/bin; later calls take milliseconds.
+# Usage: scripts/helm.sh            -> prints the binary's path
+#        scripts/helm.sh lint ...   -> runs helm with those arguments
+set -euo pipefail
+HELM_VERSION="${HELM_VERSION:-v3.21.4}"
+CACHE="${ANOMALYD_CACHE:-$HOME/.cache/anomalyd}"
+BIN_DIR="$CACHE/bin"
+HELM="$BIN_DIR/helm-$HELM_VERSION"
+
+if [ ! -x "$HELM" ]; then
+    command -v go >/dev/null 2>&1 || { echo "helm.sh: the Go toolchain is needed to build helm $HELM_VERSION" >&2; exit 1; }
+    mkdir -p "$BIN_DIR"
+    tmp="$(mktemp -d "$BIN_DIR/.build.XXXXXX")"
+    trap 'rm -rf "$tmp"' EXIT
+    echo "helm.sh: building helm $HELM_VERSION with $(go version) (first run only, a few minutes)" >&2
+    GOBIN="$tmp" CGO_ENABLED=0 go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2
+    mv "$tmp/helm" "$HELM"   # atomic within the same directory: concurrent builds cannot leave a half-written binary
+fi
+
+if [ $# -eq 0 ]; then
+    echo "$HELM"
+else
+    exec "$HELM" "$@"
+fi

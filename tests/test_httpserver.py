@@ -1,0 +1,133 @@
+"""HealthServer over real HTTP on a loopback port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipelines.httpserver import HealthServer
+from pipelines.metrics import Metrics
+
+
+def _get(url: str, accept: str | None = None) -> tuple[int, str, str]:
+    """(status, content type, body) of a GET, also for 4xx/5xx."""
+    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+class _Flags:
+    def __init__(self) -> None:
+        self.alive, self.ready = True, False
+
+
+@pytest.fixture
+def flags() -> _Flags:
+    return _Flags()
+
+
+@pytest.fixture
+def server(flags: _Flags) -> Iterator[tuple[HealthServer, Metrics]]:
+    reg = CollectorRegistry()
+    metrics = Metrics(reg)
+    srv = HealthServer(reg, bind="127.0.0.1", port=0,
+                       is_alive=lambda: flags.alive, is_ready=lambda: flags.ready)
+    srv.start()
+    yield srv, metrics
+    srv.stop()
+
+
+def test_metrics_endpoint_serves_the_registry(server: tuple[HealthServer, Metrics]) -> None:
+    srv, metrics = server
+    metrics.event("sensors", "scored", 42)
+    status, ctype, body = _get(f"{srv.url}/metrics")
+    assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(body) for s in fam.samples}
+    assert samples[("anomalyd_events_total", (("outcome", "scored"), ("topic", "sensors")))] == 42
+    assert ("process_cpu_seconds_total", ()) in samples
+    status, ctype, body = _get(f"{srv.url}/metrics", accept="application/openmetrics-text; version=1.0.0")
+    assert status == 200 and ctype.startswith("application/openmetrics-text") and body.endswith("# EOF\n")
+
+
+def test_probes_follow_the_callables(server: tuple[HealthServer, Metrics], flags: _Flags) -> None:
+    srv, _ = server
+    assert _get(f"{srv.url}/healthz")[::2] == (200, "ok\n")
+    assert _get(f"{srv.url}/readyz")[::2] == (503, "not ready\n")
+    flags.ready = True
+    assert _get(f"{srv.url}/readyz")[::2] == (200, "ready\n")
+    flags.alive = False
+    assert _get(f"{srv.url}/healthz")[::2] == (503, "not alive\n")
+    assert _get(f"{srv.url}/healthz?verbose=1")[0] == 503
+    assert _get(f"{srv.url}/nope")[0] == 404
+
+
+def test_a_raising_check_reports_unhealthy() -> None:
+    def broken() -> bool:
+        raise RuntimeError("consumer thread died")
+
+    with HealthServer(CollectorRegistry(), bind="127.0.0.1", port=0, is_ready=broken) as srv:
+        status, _, body = _get(f"{srv.url}/readyz")
+        assert status == 503 and "consumer thread died" in body
+        assert _get(f"{srv.url}/healthz")[0] == 200
+
+
+def test_concurrent_requests_are_served() -> None:
+    release = threading.Event()
+
+    def slow_ready() -> bool:
+        release.wait(10)
+        return True
+
+    with HealthServer(CollectorRegistry(), bind="127.0.0.1", port=0, is_ready=slow_ready) as srv:
+        results: list[int] = []
+        t = threading.Thread(target=lambda: results.append(_get(f"{srv.url}/readyz")[0]))
+        t.start()
+        assert _get(f"{srv.url}/healthz")[0] == 200  # served while /readyz is still blocked
+        release.set()
+        t.join(10)
+        assert results == [200]
+
+
+def test_lifecycle_port_and_rebind() -> None:
+    srv = HealthServer(CollectorRegistry(), bind="127.0.0.1", port=0)
+    with pytest.raises(RuntimeError, match="after start"):
+        _ = srv.port
+    srv.start()
+    port = srv.port
+    assert port > 0
+    with pytest.raises(RuntimeError, match="already started"):
+        srv.start()
+    with pytest.raises(OSError):
+        HealthServer(CollectorRegistry(), bind="127.0.0.1", port=port).start()  # taken
+    srv.stop()
+    srv.stop()  # idempotent
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    again = HealthServer(CollectorRegistry(), bind="127.0.0.1", port=port).start()  # port is free again
+    assert _get(f"{again.url}/healthz")[0] == 200
+    again.stop()
+
+
+def test_ipv6_loopback() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        srv = HealthServer(CollectorRegistry(), bind="::1", port=0).start()
+    except OSError as exc:
+        pytest.skip(f"IPv6 loopback unavailable: {exc}")
+    try:
+        assert srv.url.startswith("http://[::1]:")
+        assert _get(f"{srv.url}/healthz")[0] == 200
+    finally:
+        srv.stop()
