@@ -1,0 +1,114 @@
+"""A fitted GRU/LSTM autoencoder bundled with its scaler and threshold: the unit the daemon serves."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import Detector
+from .device import autocast_dtype, resolve_device
+from .models import ModelConfig, SequenceAutoencoder, build_model
+from .scaling import Scaler
+from .scoring import WindowScores, reconstruction_error
+from .thresholds import Threshold
+
+__all__ = ["AutoencoderDetector"]
+
+
+class AutoencoderDetector(Detector):
+    """Model + scaler + threshold + feature names + training summary.
+
+    ``AutoencoderDetector(model_cfg, train_cfg).fit(X)`` trains one; ``detector.training.train_detector`` is
+    the same as a function; ``detector.checkpoint.load_checkpoint`` rebuilds one from disk.
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: Any = None,
+        *,
+        model: SequenceAutoencoder | None = None,
+        scaler: Scaler | None = None,
+        threshold: Threshold | None = None,
+        feature_names: list[str] | None = None,
+        score_last_k: int | None = None,
+        summary: dict | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.model_cfg = model_cfg
+        self.train_cfg = train_cfg
+        self.kind = model_cfg.kind
+        self.window = model_cfg.window
+        self.n_features = model_cfg.n_features
+        self.device = resolve_device(device)
+        self.model = (model if model is not None else build_model(model_cfg)).to(self.device).eval()
+        self.scaler = scaler
+        self.threshold = threshold
+        self.feature_names = feature_names or [f"f{i}" for i in range(model_cfg.n_features)]
+        if len(self.feature_names) != self.n_features:
+            raise ValueError(f"{len(self.feature_names)} feature names for {self.n_features} features")
+        self.score_last_k = score_last_k
+        self.summary = summary or {}
+        self._scale_t: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def fit(self, X: np.ndarray, feature_names: list[str] | None = None) -> AutoencoderDetector:
+        from .training import TrainConfig, train_detector
+
+        fitted = train_detector(X, self.model_cfg, self.train_cfg or TrainConfig(), feature_names=feature_names)
+        self.__dict__.update(fitted.__dict__)
+        return self
+
+    def to(self, device: str | torch.device) -> AutoencoderDetector:
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        self._scale_t = None
+        return self
+
+    def _scaling_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scaler is None:
+            raise RuntimeError("AutoencoderDetector has no fitted scaler")
+        if self._scale_t is None:
+            self._scale_t = (
+                torch.as_tensor(self.scaler.center, device=self.device),
+                torch.as_tensor(self.scaler.scale, device=self.device),
+            )
+        return self._scale_t
+
+    def score_tensor(self, x: torch.Tensor, precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (unscaled) windows already on the device (B, W, F) -> (score (B,), contributions (B, F))."""
+        center, scale = self._scaling_tensors()
+        xs = (x - center) / scale  # (B, W, F)
+        dtype = autocast_dtype(precision, self.device)
+        ctx = torch.autocast(device_type=self.device.type, dtype=dtype) if dtype else nullcontext()
+        with ctx:
+            x_hat = self.model(xs)  # (B, W, F)
+        return reconstruction_error(xs, x_hat, self.score_last_k)
+
+    def score_windows(
+        self, windows: np.ndarray, batch_size: int = 8192, precision: str = "float32"
+    ) -> WindowScores:
+        windows = np.asarray(windows, dtype=np.float32)
+        if windows.ndim != 3 or windows.shape[1:] != (self.window, self.n_features):
+            raise ValueError(
+                f"expected windows of shape (B, {self.window}, {self.n_features}), got {windows.shape}"
+            )
+        scores, contribs = [], []
+        with torch.inference_mode():
+            for start in range(0, max(len(windows), 1), batch_size):
+                chunk = torch.from_numpy(np.ascontiguousarray(windows[start : start + batch_size]))
+                s, c = self.score_tensor(chunk.to(self.device, non_blocking=True), precision)
+                scores.append(s.float().cpu().numpy())
+                contribs.append(c.float().cpu().numpy())
+        return WindowScores(
+            score=np.concatenate(scores).astype(np.float64), contributions=np.concatenate(contribs)
+        )
+
+    def __repr__(self) -> str:
+        c = self.model_cfg
+        return (
+            f"AutoencoderDetector(kind={c.kind}, W={c.window}, F={c.n_features}, H={c.hidden_size}, "
+            f"L={c.latent_size}, layers={c.num_layers}, device={self.device})"
+        )

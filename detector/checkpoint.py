@@ -1,0 +1,141 @@
+"""Checkpoints: weights in safetensors, everything else in JSON beside it. Never pickle.
+
+A checkpoint is a directory::
+
+    model.safetensors   tensors only (safetensors cannot carry code)
+    model.json          format + version, model kind and config, scaler, threshold state, feature names,
+                        scoring settings, training summary, creation time, tensor shapes
+
+Loading validates everything and raises ``CheckpointError`` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .autoencoder import AutoencoderDetector
+from .models import ModelConfig, build_model
+from .scaling import Scaler
+from .thresholds import threshold_from_dict
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "WEIGHTS_FILE", "META_FILE", "CheckpointError", "save_checkpoint",
+           "load_checkpoint", "read_metadata"]
+
+FORMAT = "anomalyd-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def save_checkpoint(detector: AutoencoderDetector, directory: str | Path) -> Path:
+    """Write ``detector`` to ``directory`` (created). Files are written to temp names then renamed."""
+    if detector.scaler is None or detector.threshold is None:
+        raise ValueError("only a fitted detector (scaler and threshold) can be checkpointed")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in detector.model.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "kind": detector.model_cfg.kind,
+        "model_config": detector.model_cfg.to_dict(),
+        "feature_names": list(detector.feature_names),
+        "score_last_k": detector.score_last_k,
+        "scaler": detector.scaler.to_dict(),
+        "threshold": detector.threshold.to_dict(),
+        "train_summary": _json_safe(detector.summary),
+        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+    }
+    weights_tmp, meta_tmp = directory / (WEIGHTS_FILE + ".tmp"), directory / (META_FILE + ".tmp")
+    save_file(tensors, str(weights_tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    meta_tmp.write_text(json.dumps(meta, indent=2, allow_nan=False))
+    os.replace(weights_tmp, directory / WEIGHTS_FILE)
+    os.replace(meta_tmp, directory / META_FILE)
+    return directory
+
+
+def read_metadata(directory: str | Path) -> dict:
+    """Parse and validate ``model.json`` of a checkpoint directory."""
+    directory = Path(directory)
+    path = directory / META_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing checkpoint metadata file")
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an anomalyd checkpoint (format field is not {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: unsupported checkpoint format_version {meta.get('format_version')!r} "
+            f"(this anomalyd reads version {FORMAT_VERSION})"
+        )
+    for key in ("model_config", "feature_names", "scaler", "threshold"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: missing key {key!r}")
+    return meta
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> AutoencoderDetector:
+    """Rebuild a detector from the checkpoint directory alone."""
+    directory = Path(directory)
+    meta = read_metadata(directory)
+    meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
+    try:
+        cfg = ModelConfig.from_dict(meta["model_config"])
+        scaler = Scaler.from_dict(meta["scaler"])
+        threshold = threshold_from_dict(meta["threshold"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{meta_path}: invalid metadata: {exc}") from None
+    names = meta["feature_names"]
+    if not isinstance(names, list) or len(names) != cfg.n_features or scaler.n_features != cfg.n_features:
+        raise CheckpointError(f"{meta_path}: feature names / scaler do not match n_features={cfg.n_features}")
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: missing weights file")
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{weights_path}: not a valid safetensors file ({exc})") from None
+    model = build_model(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if set(expected) != set(got):
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        raise CheckpointError(f"{weights_path}: tensors do not match a {cfg.kind} model "
+                              f"(missing {missing}, unexpected {extra})")
+    bad = [f"{k}: file {got[k]} vs model {expected[k]}" for k in expected if got[k] != expected[k]]
+    if bad:
+        raise CheckpointError(f"{weights_path}: wrong tensor shapes for config {cfg}: " + "; ".join(bad))
+    if any(not torch.isfinite(v).all() for v in state.values()):
+        raise CheckpointError(f"{weights_path}: weights contain NaN or inf")
+    model.load_state_dict(state)
+    return AutoencoderDetector(
+        cfg, model=model, scaler=scaler, threshold=threshold, feature_names=list(names),
+        score_last_k=meta.get("score_last_k"), summary=meta.get("train_summary") or {}, device=device,
+    )

@@ -1,0 +1,206 @@
+"""Training: time-ordered split, Adam, gradient clipping, early stopping, threshold calibration."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .autoencoder import AutoencoderDetector
+from .base import sliding_windows
+from .device import resolve_device
+from .models import ModelConfig, build_model
+from .scaling import Scaler
+from .thresholds import Threshold, make_threshold
+
+__all__ = ["TrainConfig", "train_detector", "calibrate_threshold", "load_series"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm (guards against exploding gradients)
+    val_fraction: float = 0.2  # the last part of the series (time-ordered) is validation
+    patience: int = 5  # early stopping: epochs without val-loss improvement
+    min_delta: float = 1e-5
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # automatic mixed precision on CUDA
+    scaler: str = "robust"
+    score_last_k: int | None = None  # score = error over the last k steps (None: whole window)
+    threshold: str = "spot"
+    threshold_params: dict = field(default_factory=dict)
+    train_stride: int = 1
+    max_windows: int | None = 20000  # cap on training windows per epoch (evenly spaced subset)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_series(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """Load (T, F) float32 training data from ``.npy`` or CSV with a header row.
+
+    CSV columns named ``timestamp``/``ts``/``time`` (any case) are skipped; the rest are the features.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"training data file not found: {path}")
+    if path.suffix == ".npy":
+        X = np.load(path, allow_pickle=False)
+        X = X.reshape(-1, 1) if X.ndim == 1 else X
+        return X.astype(np.float32), [f"f{i}" for i in range(X.shape[1])]
+    with path.open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        keep = [i for i, h in enumerate(header) if h.strip().lower() not in ("timestamp", "ts", "time")]
+        rows = []
+        for lineno, row in enumerate(reader, start=2):
+            try:
+                rows.append([float(row[i]) if row[i].strip() else np.nan for i in keep])
+            except (ValueError, IndexError) as exc:
+                raise ValueError(f"{path}:{lineno}: cannot parse row {row!r}: {exc}") from None
+    if not rows:
+        raise ValueError(f"{path}: no data rows")
+    return np.asarray(rows, dtype=np.float32), [header[i].strip() for i in keep]
+
+
+def _fill_missing(X: np.ndarray) -> np.ndarray:
+    """Carry the last value forward per feature (leading NaNs take the first valid value)."""
+    X = np.array(X, dtype=np.float32)
+    mask = np.isnan(X)
+    if not mask.any():
+        return X
+    idx = np.where(~mask, np.arange(X.shape[0])[:, None], 0)
+    np.maximum.accumulate(idx, axis=0, out=idx)
+    X = X[idx, np.arange(X.shape[1])]
+    col_first = np.nanmean(np.where(np.isnan(X), np.nan, X), axis=0)
+    return np.where(np.isnan(X), np.nan_to_num(col_first), X)
+
+
+def _subsample(windows: np.ndarray, cap: int | None) -> np.ndarray:
+    if cap is None or len(windows) <= cap:
+        return windows
+    return windows[np.linspace(0, len(windows) - 1, cap).astype(np.int64)]
+
+
+def calibrate_threshold(scores: np.ndarray, kind: str, params: dict, log: Callable[[str], None]) -> Threshold:
+    """Fit the configured threshold on validation scores; too little data for a tail fit -> quantile."""
+    try:
+        return make_threshold(kind, **params).fit(scores)
+    except ValueError as exc:
+        if kind == "quantile":
+            raise
+        log(f"threshold {kind!r} could not be fitted ({exc}); using a 0.99 quantile threshold instead")
+        return make_threshold("quantile", q=0.99).fit(scores)
+
+
+def train_detector(
+    X: np.ndarray,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig | None = None,
+    feature_names: list[str] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> AutoencoderDetector:
+    """Train an autoencoder on a (T, F) series of (mostly) normal data and calibrate its threshold."""
+    cfg = train_cfg or TrainConfig()
+    say = log or (lambda _msg: None)
+    X = _fill_missing(np.asarray(X, dtype=np.float32))
+    if X.ndim != 2 or X.shape[1] != model_cfg.n_features:
+        raise ValueError(f"training data must be (T, {model_cfg.n_features}), got {X.shape}")
+    W = model_cfg.window
+    n_val = max(int(len(X) * cfg.val_fraction), W + 20)
+    if len(X) - n_val < W + 1:
+        raise ValueError(f"need at least {W + 1 + n_val} rows to train with window {W}, got {len(X)}")
+    train_rows, val_rows = X[:-n_val], X[-n_val:]
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = resolve_device(cfg.device)
+    scaler = Scaler(cfg.scaler).fit(train_rows)
+    train_w = torch.from_numpy(
+        np.ascontiguousarray(_subsample(sliding_windows(scaler.transform(train_rows), W, cfg.train_stride),
+                                        cfg.max_windows))
+    )  # (N, W, F)
+    val_w = torch.from_numpy(np.ascontiguousarray(_subsample(sliding_windows(scaler.transform(val_rows), W),
+                                                             cfg.max_windows)))
+    model = build_model(model_cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_amp = cfg.amp and device.type == "cuda"
+    grad_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    loss_fn = nn.MSELoss()
+
+    def val_loss() -> float:
+        model.eval()
+        total = 0.0
+        with torch.inference_mode():
+            for i in range(0, len(val_w), 1024):
+                xb = val_w[i : i + 1024].to(device)
+                with torch.autocast(device_type=device.type, enabled=use_amp):
+                    total += loss_fn(model(xb).float(), xb).item() * len(xb)
+        return total / max(len(val_w), 1)
+
+    best, best_state, bad, history = float("inf"), None, 0, []
+    t_start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.from_numpy(rng.permutation(len(train_w)))
+        running = 0.0
+        for i in range(0, len(order), cfg.batch_size):
+            xb = train_w[order[i : i + cfg.batch_size]].to(device)  # (B, W, F)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                loss = loss_fn(model(xb).float(), xb)
+            grad_scaler.scale(loss).backward()
+            grad_scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_scaler.step(opt)
+            grad_scaler.update()
+            running += loss.item() * len(xb)
+        train_loss = running / len(train_w)
+        vl = val_loss()
+        history.append({"epoch": epoch, "loss": train_loss, "val_loss": vl, "seconds": time.perf_counter() - t0})
+        say(f"epoch {epoch:3d}/{cfg.epochs}  loss {train_loss:.5f}  val_loss {vl:.5f}  "
+            f"time {time.perf_counter() - t0:.2f}s")
+        if vl < best - cfg.min_delta:
+            best, bad = vl, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                say(f"early stopping: no val_loss improvement for {cfg.patience} epochs")
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    train_seconds = time.perf_counter() - t_start
+
+    detector = AutoencoderDetector(
+        model_cfg, cfg, model=model, scaler=scaler, feature_names=feature_names,
+        score_last_k=cfg.score_last_k, device=device,
+    )
+    val_scores = detector.score_windows(sliding_windows(val_rows, W)).score
+    detector.threshold = calibrate_threshold(val_scores, cfg.threshold, cfg.threshold_params, say)
+    detector.summary = {
+        "epochs_run": len(history),
+        "best_val_loss": best,
+        "train_seconds": train_seconds,
+        "n_train_rows": len(train_rows),
+        "n_val_rows": len(val_rows),
+        "n_train_windows": len(train_w),
+        "device": str(device),
+        "threshold": detector.threshold.threshold,
+        "history": history,
+        "train_config": cfg.to_dict(),
+    }
+    say(f"trained {model_cfg.kind} in {train_seconds:.1f}s; threshold {detector.threshold.threshold:.5g} "
+        f"({cfg.threshold})")
+    return detector

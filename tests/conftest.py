@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny detectors trained once per session on synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from detector.models import ModelConfig
+from detector.synthetic import make_dataset
+from detector.training import TrainConfig, train_detector
+
+torch.set_num_threads(1)
+
+TINY_TRAIN = TrainConfig(epochs=20, lr=3e-3, batch_size=64, patience=4, max_windows=2500, seed=0,
+                         device="cpu", threshold="spot", threshold_params={"risk": 1e-3})
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    """(train (T, 4), test SyntheticSeries with one anomaly of each of the five kinds)."""
+    return make_dataset(n_train=2000, n_test=2000, n_features=4, seed=1)
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic):
+    """{"gru": AutoencoderDetector, "lstm": AutoencoderDetector}, W=32 H=32, trained in seconds on CPU."""
+    train, _ = synthetic
+    out = {}
+    for kind in ("gru", "lstm"):
+        cfg = ModelConfig(kind=kind, n_features=4, window=32, hidden_size=32, latent_size=8)
+        out[kind] = train_detector(train, cfg, TINY_TRAIN, feature_names=[f"s{i}" for i in range(4)], log=None)
+    return out
+
+
+def window_labels(labels: np.ndarray, window: int) -> np.ndarray:
+    """Row labels -> label of the window ending at each row (True if it contains an anomalous row)."""
+    c = np.concatenate([[0], np.cumsum(labels.astype(np.int64))])
+    end = np.arange(1, len(labels) + 1)
+    start = np.maximum(end - window, 0)
+    return (c[end] - c[start]) > 0
