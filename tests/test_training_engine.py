@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+
+from detector.engine import InferenceEngine
+from detector.models import ModelConfig
+from detector.scaling import Scaler
+from detector.training import TrainConfig, load_series, train_detector
+
+CFG = ModelConfig(kind="gru", n_features=4, window=16, hidden_size=8, latent_size=4)
+FAST = TrainConfig(epochs=2, max_windows=300, device="cpu", threshold="quantile", threshold_params={"q": 0.99})
+
+
+def test_training_is_deterministic_on_cpu(synthetic):
+    train, _ = synthetic
+    a = train_detector(train[:800], CFG, FAST, log=None)
+    b = train_detector(train[:800], CFG, FAST, log=None)
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert ka == kb
+        assert np.array_equal(va.numpy(), vb.numpy())
+    assert a.threshold.threshold == b.threshold.threshold
+
+
+def test_progress_line_per_epoch_and_summary(synthetic):
+    train, _ = synthetic
+    lines: list[str] = []
+    det = train_detector(train[:800], CFG, FAST, log=lines.append)
+    epoch_lines = [ln for ln in lines if ln.startswith("epoch")]
+    assert len(epoch_lines) == 2 and "val_loss" in epoch_lines[0] and "time" in epoch_lines[0]
+    assert det.summary["epochs_run"] == 2 and det.summary["train_seconds"] > 0
+
+
+def test_early_stopping_stops_before_max_epochs(synthetic):
+    train, _ = synthetic
+    cfg = TrainConfig(epochs=50, lr=0.0, patience=2, max_windows=200, device="cpu", threshold="quantile")
+    det = train_detector(train[:600], CFG, cfg, log=None)  # lr 0: val loss never improves after epoch 1
+    assert det.summary["epochs_run"] == 3
+
+
+def test_load_series_csv_and_npy(tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text("timestamp,temp,vib\n1,1.5,0.1\n2,,0.2\n3,2.5,0.3\n")
+    X, names = load_series(csv)
+    assert names == ["temp", "vib"] and X.shape == (3, 2) and np.isnan(X[1, 0])
+    np.save(tmp_path / "d.npy", np.ones((5, 3), dtype=np.float32))
+    X, names = load_series(tmp_path / "d.npy")
+    assert X.shape == (5, 3) and names == ["f0", "f1", "f2"]
+    (tmp_path / "bad.csv").write_text("a,b\n1,x\n")
+    with pytest.raises(ValueError, match="bad.csv:2"):
+        load_series(tmp_path / "bad.csv")
+
+
+def test_too_little_data_is_a_clear_error():
+    with pytest.raises(ValueError, match="need at least"):
+        train_detector(np.zeros((20, 4), np.float32), CFG, FAST, log=None)
+
+
+@pytest.mark.parametrize("method", ["robust", "standard"])
+def test_scaler(method):
+    rng = np.random.default_rng(0)
+    X = rng.normal(5, 2, size=(1000, 3)).astype(np.float32)
+    X[:, 2] = 7.0  # constant sensor: no division by zero
+    s = Scaler(method).fit(X)
+    Z = s.transform(X)
+    assert abs(np.median(Z[:, 0]) if method == "robust" else Z[:, 0].mean()) < 0.05
+    assert np.isfinite(Z).all() and np.allclose(Z[:, 2], 0)
+    np.testing.assert_allclose(Scaler.from_dict(s.to_dict()).transform(X), Z)
+    np.testing.assert_allclose(s.inverse_transform(Z), X, rtol=1e-5, atol=1e-4)
+
+
+def test_engine_scores_several_models_in_one_call(trained, synthetic):
+    _, test = synthetic
+    engine = InferenceEngine(device="auto")
+    engine.swap(trained)
+    windows = np.ascontiguousarray(
+        np.lib.stride_tricks.sliding_window_view(test.values[:100], 32, axis=0).transpose(0, 2, 1))
+    out = engine.score({"gru": windows, "lstm": windows[:10]})
+    assert out["gru"].normalised.shape == (69,) and out["lstm"].over.shape == (10,)
+    direct = trained["gru"].score_windows(windows).score
+    np.testing.assert_allclose(out["gru"].raw.score, direct, rtol=1e-5)
+    np.testing.assert_allclose(out["gru"].normalised, direct / trained["gru"].threshold.threshold, rtol=1e-5)
+    with pytest.raises(KeyError, match="not loaded"):
+        engine.score({"nope": windows})
+
+
+def test_engine_bad_device():
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            InferenceEngine(device="cuda")
+    with pytest.raises(ValueError, match="precision"):
+        InferenceEngine(device="cpu", precision="int4")
