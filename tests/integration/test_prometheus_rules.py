@@ -1,0 +1,63 @@
+"""deploy/prometheus/rules.yml loads into a real Prometheus, and Prometheus scrapes a real HealthServer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from pipelines.httpserver import HealthServer
+from pipelines.metrics import Metrics
+from tests.integration.prometheus import Prometheus, api_get, prometheus_server, query, wait_for
+
+__all__ = ["prometheus_server"]  # the fixture, imported for pytest
+
+pytestmark = pytest.mark.integration
+RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules.yml"
+
+
+def _rule_states(server: Prometheus) -> dict[str, tuple[str, str]]:
+    """alert name -> (health, lastError) from the rules API."""
+    groups = api_get(server.base_url, "rules")["groups"]
+    return {r["name"]: (r["health"], r.get("lastError", "")) for g in groups for r in g["rules"]}
+
+
+def test_rules_load_and_evaluate_healthy(prometheus_server: Callable[..., Prometheus]) -> None:
+    reg = CollectorRegistry()
+    metrics = Metrics(reg)
+    metrics.set_state(up=True, ready=True)
+    metrics.init_topics(["sensors"])
+    metrics.set_model_info("sensors-gru", "1", "gru", "cpu")
+    with HealthServer(reg, bind="127.0.0.1", port=0) as http:
+        server = prometheus_server(targets=[f"127.0.0.1:{http.port}"], rule_files=[RULES])
+        expected = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+        deadline = time.monotonic() + 30
+        states = _rule_states(server)
+        while any(h == "unknown" for h, _ in states.values()) and time.monotonic() < deadline:
+            time.sleep(0.5)  # rules are evaluated every second; health is "unknown" until the first run
+            states = _rule_states(server)
+        assert set(states) == expected
+        assert {name: s for name, s in states.items() if s[0] != "ok"} == {}
+        # The rules see the daemon's real metrics: it is up, so AnomalydDown has nothing to say.
+        assert wait_for(server.base_url, 'up{job="anomalyd"} == 1')
+        assert query(server.base_url, 'ALERTS{alertname="AnomalydDown"}') == []
+
+
+def test_prometheus_scrapes_the_metrics_endpoint(prometheus_server: Callable[..., Prometheus]) -> None:
+    reg = CollectorRegistry()
+    metrics = Metrics(reg)
+    metrics.event("sensors", "scored", 17)
+    metrics.observe_scores("sensors-gru", [0.5, 2.0])
+    with HealthServer(reg, bind="127.0.0.1", port=0) as http:
+        server = prometheus_server(targets=[f"127.0.0.1:{http.port}"])
+        (sample,) = wait_for(server.base_url, 'anomalyd_events_total{outcome="scored"}')
+        assert sample["metric"]["topic"] == "sensors" and float(sample["value"][1]) == 17
+        (count,) = wait_for(server.base_url, 'anomalyd_anomaly_score_bucket{le="1.0"}')
+        assert float(count["value"][1]) == 1
+        assert float(wait_for(server.base_url, "process_resident_memory_bytes")[0]["value"][1]) > 0
+    with pytest.raises(RuntimeError, match="parse error"):
+        query(server.base_url, "sum(")
