@@ -1,0 +1,60 @@
+"""Shared fixtures of the integration tests: a real local Kafka broker and unique topic names.
+
+Everything collected under tests/integration/ is marked ``integration``. A service that cannot start skips
+its tests locally and fails them under ``CI=true``. Other services' fixtures live in their own modules here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipelines.kafka_local import KafkaSetupError, LocalKafka, free_port
+
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test collected from this folder with ``pytest.mark.integration``."""
+    for item in items:
+        if _HERE in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+
+
+def service_unavailable(reason: str) -> None:
+    """Fail under CI=true (a missing service is a broken CI), skip elsewhere; never returns."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[LocalKafka]:
+    """A real single-node Kafka broker for the whole session, on $ANOMALYD_TEST_KAFKA_PORT or a free port."""
+    port = int(os.environ.get("ANOMALYD_TEST_KAFKA_PORT") or free_port())
+    broker = LocalKafka(port=port)
+    try:
+        broker.start(timeout_s=120)
+    except KafkaSetupError as exc:
+        service_unavailable(f"local Kafka broker could not start: {exc}")
+    yield broker
+    if broker.launched:  # leave a broker someone else started on that port alone
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker: LocalKafka) -> str:
+    """The bootstrap servers string ("127.0.0.1:PORT") of the session's Kafka broker."""
+    return kafka_broker.bootstrap
+
+
+@pytest.fixture
+def topic_name(request: pytest.FixtureRequest) -> str:
+    """A topic name unique to this test run: the test's name plus a random suffix."""
+    stem = re.sub(r"[^a-zA-Z0-9._-]+", "-", request.node.name).strip("-")[:180]
+    return f"{stem}-{uuid.uuid4().hex[:10]}"
