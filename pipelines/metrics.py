@@ -193,8 +193,7 @@ class Metrics:
                               ["topic", "outcome"], registry=r)
         self.dead_letters = Counter("anomalyd_dead_letters_total", "Events dead-lettered, by reason.",
                                     ["topic", "reason"], registry=r)
-        self.windows_scored = Counter("anomalyd_windows_scored_total", "Windows scored, by model.",
-                                      ["model"], registry=r)
+        self.windows_scored = Counter("anomalyd_windows_scored_total", "Windows scored.", ["model"], registry=r)
         self.inference_batch_size = Histogram(
             "anomalyd_inference_batch_size", "Windows per inference micro-batch.", ["model", "device"],
             buckets=BATCH_SIZE_BUCKETS, registry=r)
@@ -213,17 +212,14 @@ class Metrics:
         self.anomaly_score = BulkHistogram(
             "anomalyd_anomaly_score", "Normalised anomaly scores (1.0 = calibrated threshold).", ["model"],
             SCORE_BUCKETS, r)
-        self.threshold = Gauge("anomalyd_threshold", "Alert threshold on the normalised score scale.",
-                               ["model"], registry=r)
+        self.threshold = Gauge("anomalyd_threshold", "Alert threshold (normalised scale).", ["model"], registry=r)
         self.consumer_lag = Gauge("anomalyd_consumer_lag", "End offset minus position, per partition.",
                                   ["topic", "partition"], registry=r)
-        self.assigned_partitions = Gauge("anomalyd_assigned_partitions", "Partitions currently assigned.",
-                                         registry=r)
+        self.assigned_partitions = Gauge("anomalyd_assigned_partitions", "Partitions currently assigned.", registry=r)
         self.rebalances = Counter("anomalyd_rebalances_total", "Consumer-group rebalances seen.", registry=r)
         self.sink_flush_seconds = Histogram("anomalyd_sink_flush_seconds", "Latency of one sink flush.",
                                             ["sink"], buckets=IO_BUCKETS, registry=r)
-        self.sink_failures = Counter("anomalyd_sink_failures_total", "Failed sink flushes.", ["sink"],
-                                     registry=r)
+        self.sink_failures = Counter("anomalyd_sink_failures_total", "Failed sink flushes.", ["sink"], registry=r)
         self.commit_seconds = Histogram("anomalyd_commit_seconds", "Latency of one offset commit.",
                                         buckets=IO_BUCKETS, registry=r)
         self.commit_failures = Counter("anomalyd_commit_failures_total", "Failed offset commits.", registry=r)
@@ -260,7 +256,10 @@ class Metrics:
     def event(self, topic: str, outcome: str, n: int = 1) -> None:
         """Count ``n`` events of ``topic`` with ``outcome`` (one of :data:`OUTCOMES`; use :meth:`dead_letter`
         for dead-lettered events)."""
-        if outcome not in OUTCOMES or outcome == "dead_lettered":
+        if outcome == "dead_lettered":
+            raise ValueError("count dead-lettered events with Metrics.dead_letter(topic, reason), which also "
+                             "increments anomalyd_events_total{outcome='dead_lettered'}")
+        if outcome not in OUTCOMES:
             raise ValueError(f"unknown event outcome {outcome!r}; expected one of {OUTCOMES}")
         self.events.labels(topic=topic, outcome=outcome).inc(n)
 
