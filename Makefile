@@ -23,5 +23,11 @@ demo: setup
 lint: setup
 	@$(VENV)/bin/ruff check .
 
+kafka-start: setup
+	@bash scripts/kafka.sh start
+
+kafka-stop:
+	@bash scripts/kafka.sh stop
+
 format: setup
 	@$(VENV)/bin/ruff format detector pipelines tests benchmarks

@@ -104,34 +104,37 @@ def calibrate_threshold(scores: np.ndarray, kind: str, params: dict, log: Callab
 
 
 def train_detector(
-    X: np.ndarray,
+    X: np.ndarray | list[np.ndarray],
     model_cfg: ModelConfig,
     train_cfg: TrainConfig | None = None,
     feature_names: list[str] | None = None,
     log: Callable[[str], None] | None = print,
 ) -> AutoencoderDetector:
-    """Train an autoencoder on a (T, F) series of (mostly) normal data and calibrate its threshold."""
+    """Train an autoencoder on (T, F) normal data, or a list of such series (one per stream); calibrate its threshold."""
     cfg = train_cfg or TrainConfig()
     say = log or (lambda _msg: None)
-    X = _fill_missing(np.asarray(X, dtype=np.float32))
-    if X.ndim != 2 or X.shape[1] != model_cfg.n_features:
-        raise ValueError(f"training data must be (T, {model_cfg.n_features}), got {X.shape}")
+    series = X if isinstance(X, list | tuple) else [X]  # several streams: windows never cross streams
+    series = [_fill_missing(np.asarray(x, dtype=np.float32)) for x in series]
     W = model_cfg.window
-    n_val = max(int(len(X) * cfg.val_fraction), W + 20)
-    if len(X) - n_val < W + 1:
-        raise ValueError(f"need at least {W + 1 + n_val} rows to train with window {W}, got {len(X)}")
-    train_rows, val_rows = X[:-n_val], X[-n_val:]
+    train_parts, val_parts = [], []
+    for x in series:
+        if x.ndim != 2 or x.shape[1] != model_cfg.n_features:
+            raise ValueError(f"training data must be (T, {model_cfg.n_features}), got {x.shape}")
+        n_val = max(int(len(x) * cfg.val_fraction), W + 20)
+        if len(x) - n_val < W + 1:
+            raise ValueError(f"need at least {W + 1 + n_val} rows to train with window {W}, got {len(x)}")
+        train_parts.append(x[:-n_val])
+        val_parts.append(x[-n_val:])
+    train_rows = np.concatenate(train_parts)
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = resolve_device(cfg.device)
     scaler = Scaler(cfg.scaler).fit(train_rows)
-    train_w = torch.from_numpy(
-        np.ascontiguousarray(_subsample(sliding_windows(scaler.transform(train_rows), W, cfg.train_stride),
-                                        cfg.max_windows))
-    )  # (N, W, F)
-    val_w = torch.from_numpy(np.ascontiguousarray(_subsample(sliding_windows(scaler.transform(val_rows), W),
-                                                             cfg.max_windows)))
+    train_w = torch.from_numpy(np.ascontiguousarray(_subsample(np.concatenate(
+        [sliding_windows(scaler.transform(x), W, cfg.train_stride) for x in train_parts]), cfg.max_windows)))
+    val_windows = np.concatenate([sliding_windows(x, W) for x in val_parts])  # raw units, (N, W, F)
+    val_w = torch.from_numpy(np.ascontiguousarray(_subsample(scaler.transform(val_windows), cfg.max_windows)))
     model = build_model(model_cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = cfg.amp and device.type == "cuda"
@@ -187,14 +190,15 @@ def train_detector(
         model_cfg, cfg, model=model, scaler=scaler, feature_names=feature_names,
         score_last_k=cfg.score_last_k, device=device,
     )
-    val_scores = detector.score_windows(sliding_windows(val_rows, W)).score
+    val_scores = detector.score_windows(val_windows).score
     detector.threshold = calibrate_threshold(val_scores, cfg.threshold, cfg.threshold_params, say)
     detector.summary = {
         "epochs_run": len(history),
         "best_val_loss": best,
         "train_seconds": train_seconds,
         "n_train_rows": len(train_rows),
-        "n_val_rows": len(val_rows),
+        "n_val_rows": sum(len(v) for v in val_parts),
+        "n_series": len(series),
         "n_train_windows": len(train_w),
         "device": str(device),
         "threshold": detector.threshold.threshold,
