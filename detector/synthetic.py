@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ANOMALY_KINDS", "InjectedAnomaly", "SyntheticSeries", "SensorModel", "make_dataset"]
+__all__ = ["ANOMALY_KINDS", "InjectedAnomaly", "SyntheticSeries", "SensorModel", "inject", "make_dataset"]
 
 ANOMALY_KINDS = ("spike", "level_shift", "frequency", "stuck", "correlation")
 
@@ -70,8 +70,9 @@ class SensorModel:
         return ((clean + noise) * self.gain + self.offset).astype(np.float32)
 
 
-def _inject(X: np.ndarray, t: np.ndarray, model: SensorModel, kind: str, start: int, length: int,
+def inject(X: np.ndarray, t: np.ndarray, model: SensorModel, kind: str, start: int, length: int,
             rng: np.random.Generator) -> InjectedAnomaly:
+    """Inject one anomaly of ``kind`` into X (T, F) in place from row ``start``; returns what was injected."""
     F = X.shape[1]
     end = min(start + length, len(X)) - 1
     sl = slice(start, end + 1)
@@ -121,7 +122,7 @@ def make_dataset(
     gap = n_test // (len(kinds) + 1)
     for i, kind in enumerate(kinds):
         start = gap * (i + 1) - anomaly_length // 2
-        a = _inject(X, t, model, kind, start, anomaly_length, rng)
+        a = inject(X, t, model, kind, start, anomaly_length, rng)
         labels[a.start:a.end + 1] = True
         anomalies.append(a)
     return train, SyntheticSeries(X, labels, anomalies, list(model.feature_names))

@@ -1,0 +1,182 @@
+"""``anomalyd`` command line: run, train, produce, replay, demo, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run the streaming daemon", description=(
+        "Consume sensor events from Kafka, score sliding windows with the configured models, emit alerts. "
+        "SIGTERM/SIGINT: finish the batch, flush, commit, exit 0. SIGHUP: reload models."))
+    p.add_argument("-c", "--config", required=True, help="YAML config (see deploy/config.example.yaml)")
+    p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    p.set_defaults(func=_cmd_run)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a GRU/LSTM autoencoder and store a new model version", description=(
+        "Train from CSV/NPY files (one series per file, e.g. one per stream) or from a Kafka topic time range, "
+        "calibrate the threshold on the validation part, and write <models-dir>/<name>/<version>/."))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", nargs="+", type=Path, help="CSV (header row; timestamp column skipped) or .npy files")
+    src.add_argument("--kafka-topic", help="read training events from this topic")
+    p.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers (with --kafka-topic)")
+    p.add_argument("--from-ms", type=int, default=None, help="first event timestamp (ms) to use from the topic")
+    p.add_argument("--to-ms", type=int, default=None, help="last event timestamp (ms) to use from the topic")
+    p.add_argument("--streams", default="*", help="glob of stream ids to train on (with --kafka-topic)")
+    p.add_argument("--features", default=None, help="comma-separated feature names (Kafka dict messages)")
+    p.add_argument("--name", required=True, help="model name (directory under --models-dir)")
+    p.add_argument("--models-dir", type=Path, required=True)
+    p.add_argument("--kind", choices=["gru", "lstm"], default="gru")
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--latent", type=int, default=8)
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--threshold", choices=["quantile", "spot", "dspot"], default="spot")
+    p.add_argument("--risk", type=float, default=1e-3, help="target false-alarm probability per window (spot/dspot)")
+    p.add_argument("--scaler", choices=["robust", "standard"], default="robust")
+    p.add_argument("--last-k", type=int, default=None, help="score the error of the last k steps (default: whole window)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_produce(sub) -> None:
+    p = sub.add_parser("produce", help="send synthetic multi-sensor streams with injected anomalies to Kafka",
+                       description="Rate-controlled synthetic generator; writes the injected anomalies to --truth.")
+    p.add_argument("--bootstrap", default="127.0.0.1:9092")
+    p.add_argument("--topic", default="sensors")
+    p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--features", type=int, default=4)
+    p.add_argument("--prefix", default="pump")
+    p.add_argument("--start-step", type=int, default=3000, help="first step (steps before it are the history)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--anomalies", type=int, default=5)
+    p.add_argument("--rate", type=float, default=1000.0, help="events per second (0 = as fast as possible)")
+    p.add_argument("--interval-ms", type=int, default=1000, help="event-time spacing of one stream's readings")
+    p.add_argument("--truth", type=Path, default=None, help="write the ground truth JSON here")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_produce)
+
+
+def _add_replay(sub) -> None:
+    p = sub.add_parser("replay", help="run files through the same detector path without Kafka", description=(
+        "Each input line is one message value (JSON), in order; alerts are printed as JSON lines on stdout and "
+        "rejected lines with their reason on stderr."))
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("inputs", nargs="+", type=Path, help="JSON-lines files of messages")
+    p.set_defaults(func=_cmd_replay)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="end-to-end demo on a local Kafka (what `make demo` runs)", description=(
+        "Starts a local Kafka broker, generates history, trains GRU and LSTM models, runs the daemon against "
+        "a live producer with injected anomalies, prints alerts as they fire and a final injected-vs-detected "
+        "table, and serves metrics. Ctrl-C exits cleanly."))
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--port", type=int, default=19092, help="local Kafka port")
+    p.add_argument("--http-port", type=int, default=9308, help="metrics/health port")
+    p.add_argument("--workdir", type=Path, default=None, help="default: ~/.cache/anomalyd/demo")
+    p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--rate", type=float, default=400.0)
+    p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anomalyd", description="Streaming anomaly detection on Kafka with GRU/LSTM autoencoders.",
+        epilog="Quick start: `make demo`. Each command has --help.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_train(sub)
+    _add_produce(sub)
+    _add_replay(sub)
+    _add_demo(sub)
+    try:
+        from .evaluation.cli import add_evaluate_parser
+    except ImportError:  # pragma: no cover - evaluation extras missing
+        pass
+    else:
+        add_evaluate_parser(sub)
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from .config import load_config
+    from .daemon import Daemon
+
+    return Daemon(load_config(args.config)).run(timeout=args.timeout)
+
+
+def _cmd_train(args) -> int:
+    from .train_cmd import train_command
+
+    return train_command(args)
+
+
+def _cmd_produce(args) -> int:
+    from .kafka_io import make_producer
+    from .produce import SyntheticFleet, produce_live
+
+    import time
+
+    fleet = SyntheticFleet(args.streams, args.features, args.prefix, args.seed)
+    plan = fleet.plan(args.start_step, args.steps, args.anomalies)
+    data, truth = fleet.live(args.start_step, args.steps, plan)
+    t0 = int(time.time() * 1000) - args.start_step * args.interval_ms
+    producer = make_producer("kafka-python", args.bootstrap)
+    try:
+        n = produce_live(producer, args.topic, fleet, data, args.start_step, t0, args.interval_ms,
+                         args.rate or None, truth, args.truth)
+    finally:
+        producer.close()
+    print(f"sent {n} events for {args.streams} streams to {args.topic}; {len(truth)} anomalies injected")
+    return 0
+
+
+def _cmd_replay(args) -> int:
+    from .replay import replay_files
+
+    return replay_files(args.config, args.inputs)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clear one-line error for operators; --log-level DEBUG shows the trace
+        from .config import ConfigError
+
+        if isinstance(exc, ConfigError | FileNotFoundError | ValueError):
+            print(f"anomalyd: error: {exc}", file=sys.stderr)
+            logging.getLogger("anomalyd").debug("traceback", exc_info=True)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""The daemon loop: poll -> decode -> window buffers -> batched models -> alert state -> sinks -> commit.
+
+At-least-once: offsets are committed only after the dead-letter producer and every sink have acknowledged
+everything produced from the records being committed. A crash can repeat alerts (same ids), never lose them.
+
+Window state after a restart or rebalance is rebuilt by *seeking back*: every commit carries, in its metadata,
+the lowest source offset that is still inside some stream's window on that partition. A member that gets the
+partition seeks there and replays up to the committed offset into the window buffers without scoring or
+alerting, so detection resumes with full windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from detector.engine import InferenceEngine
+
+from .config import Config
+from .decode import dead_letter_headers, decode_batch
+from .httpserver import HealthServer
+from .kafka_io import Producer, make_producer
+from .metrics import Metrics
+from .model_store import LoadedModel, ModelStore
+from .routes import RouteState
+from .routing import RouteSpec, Router
+from .sinks import FanoutSink, SinkError, build_sinks
+from .source import RecordBatch, Source, TopicPartition, make_source
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger("anomalyd")
+
+
+class Daemon:
+    """``Daemon(cfg).run(count=None, timeout=None)``; runnable to completion from a test (``count`` events)."""
+
+    def __init__(self, cfg: Config, registry: CollectorRegistry | None = None,
+                 source_factory: Callable[..., Source] | None = None) -> None:
+        self.cfg = cfg
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry, top_k_streams=cfg.metrics.top_k_streams)
+        self.store = ModelStore(cfg.models.dir)
+        self.engine = InferenceEngine(cfg.models.device, cfg.models.precision,
+                                      max_batch=max(cfg.processing.max_batch_windows, 1024))
+        self.router = Router([RouteSpec(tuple(r.models), r.combine, r.match, r.regex) for r in cfg.routes],
+                             cfg.default_models)
+        self._source_factory = source_factory or make_source
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._heartbeat = time.monotonic()
+        self._tp_ids: dict[TopicPartition, int] = {}
+        self._tp_list: list[TopicPartition] = []
+        self._resume: dict[TopicPartition, int] = {}  # replay (no scoring) below these offsets
+        self._uncommitted: dict[TopicPartition, int] = {}  # next offset to commit per partition
+        self._assigned: set[TopicPartition] = set()
+        self._oldest_pending: float | None = None
+        self._last_reload_check = time.monotonic()
+        self.events_seen = 0
+        self.routes: list[RouteState] = []
+        self._load_models()
+
+    # -- models ----------------------------------------------------------------------------------------
+    def _load_models(self) -> None:
+        dev = str(self.engine.device)
+        loaded: dict[str, LoadedModel] = {}
+        for served in self.cfg.models.served:
+            loaded[served.name] = self.store.load(served.name, served.version, device=dev)
+        self.engine.swap({name: lm.detector for name, lm in loaded.items()})
+        old = {r.spec: r for r in self.routes}
+        routes = []
+        for spec in self.router.routes:
+            models = [loaded[name] for name in spec.models]
+            if spec in old:
+                old[spec].set_models(models)
+                routes.append(old[spec])
+            else:
+                a = self.cfg.alerts
+                routes.append(RouteState(spec, models, self.cfg.processing.stride,
+                                         dict(k=a.k, n=a.n, m=a.m, cooldown_s=a.cooldown_s,
+                                              top_features=a.top_features)))
+        self.routes = routes
+        self._loaded = loaded
+        for name, lm in loaded.items():
+            self.metrics.set_model_info(name, lm.version, lm.detector.kind, dev)
+            self.metrics.set_threshold(name, 1.0)
+        self._feature_specs = [self._spec_for(r) for r in self.routes]
+
+    @staticmethod
+    def _spec_for(route: RouteState):
+        from .decode import FeatureSpec
+
+        return FeatureSpec(tuple(route.feature_names))
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        due = now - self._last_reload_check >= self.cfg.models.watch_interval_s
+        if not (self._reload.is_set() or due):
+            return
+        self._last_reload_check = now
+        forced = self._reload.is_set()
+        self._reload.clear()
+        newest = {s.name: self.store.resolve(s.name, s.version) for s in self.cfg.models.served}
+        if forced or any(newest[n] != lm.version for n, lm in self._loaded.items()):
+            self.flush()  # score what is pending with the old models first
+            self._load_models()
+            log.info("models reloaded: %s", {n: lm.version for n, lm in self._loaded.items()})
+
+    # -- rebalance -------------------------------------------------------------------------------------
+    def _tp_id(self, tp: TopicPartition) -> int:
+        i = self._tp_ids.get(tp)
+        if i is None:
+            i = self._tp_ids[tp] = len(self._tp_list)
+            self._tp_list.append(tp)
+        return i
+
+    def _on_revoke(self, tps: list[TopicPartition]) -> None:
+        log.info("partitions revoked: %s", tps)
+        try:
+            self.flush()
+        except SinkError as exc:
+            log.error("flush on revoke failed, not committing: %s", exc)
+        ids = [self._tp_ids[tp] for tp in tps if tp in self._tp_ids]
+        for route in self.routes:
+            gone = route.forget_partitions(ids)
+            if gone:
+                self.sinks.forget_streams(gone)
+        for tp in tps:
+            self._uncommitted.pop(tp, None)
+            self._resume.pop(tp, None)
+        self._assigned -= set(tps)
+        self.metrics.assigned_partitions.set(len(self._assigned))
+
+    def _on_assign(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        log.info("partitions assigned: %s", tps)
+        self.metrics.rebalances.inc()
+        self._assigned |= set(tps)
+        self.metrics.assigned_partitions.set(len(self._assigned))
+        starts: dict[TopicPartition, int] = {}
+        for tp, got in self.source.committed(tps).items():
+            if got is None:
+                continue
+            committed, meta = got
+            try:
+                floor = int(json.loads(meta).get("rebuild_from", -1)) if meta else -1
+            except (ValueError, AttributeError):
+                floor = -1
+            if 0 <= floor < committed:
+                starts[tp] = floor
+                self._resume[tp] = committed
+        if starts:
+            log.info("rebuilding windows by replaying from %s", starts)
+        return starts
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def request_stop(self, *_args) -> None:
+        self._stop.set()
+
+    def request_reload(self, *_args) -> None:
+        self._reload.set()
+
+    def is_alive(self) -> bool:
+        return time.monotonic() - self._heartbeat < max(60.0, 10 * self.cfg.processing.max_delay_ms / 1000)
+
+    def is_ready(self) -> bool:
+        return bool(self.routes) and bool(self._assigned)
+
+    def run(self, count: int | None = None, timeout: float | None = None) -> int:
+        """Consume until stopped, ``count`` events seen, or ``timeout`` seconds passed. Returns an exit code."""
+        k = self.cfg.kafka
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with ExitStack() as stack:
+            if threading.current_thread() is threading.main_thread():
+                for sig, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
+                                     (signal.SIGHUP, self.request_reload)):
+                    previous = signal.signal(sig, handler)
+                    stack.callback(signal.signal, sig, previous)
+            security = self.cfg.kafka.security.client_settings()
+            self.producer: Producer = make_producer(k.client, k.bootstrap_servers, security)
+            stack.callback(self.producer.close)
+            self.sinks: FanoutSink = build_sinks(dataclasses.asdict(self.cfg.sinks), self.producer)
+            stack.callback(self.sinks.close)
+            self.source = self._source_factory(
+                client=k.client, bootstrap_servers=k.bootstrap_servers, group_id=k.group_id, topics=k.topics,
+                pattern=k.topic_pattern, on_assign=self._on_assign, on_revoke=self._on_revoke, security=security,
+                session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
+                auto_offset_reset=k.auto_offset_reset)
+            self.metrics.init_topics(k.topics)
+            server = HealthServer(self.registry, self.cfg.http.bind, self.cfg.http.port, self.is_alive,
+                                  self.is_ready)
+            if self.cfg.http.port >= 0:
+                server.start()
+                stack.callback(server.stop)
+                self.http_port = server.port
+            self.metrics.set_state(up=True, ready=False)
+            crashed = True
+            try:
+                self._loop(count, deadline)
+                crashed = False
+            finally:
+                self.metrics.set_state(up=False, ready=False)
+                if crashed:
+                    self.source.close()  # no commit after a crash
+            code = self._shutdown()
+            self.source.close()
+        return code
+
+    def _loop(self, count: int | None, deadline: float | None) -> None:
+        p = self.cfg.processing
+        last_lag = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self._heartbeat = now
+            if deadline is not None and now >= deadline:
+                break
+            if count is not None and self.events_seen >= count:
+                break
+            batch = self.source.poll(self.cfg.kafka.poll_max_records, self.cfg.kafka.poll_timeout_ms)
+            if len(batch):
+                self.process(batch)
+            pending = sum(r.pending_windows for r in self.routes)
+            waited = (time.monotonic() - self._oldest_pending) * 1000 if self._oldest_pending else 0.0
+            if pending >= p.max_batch_windows or waited >= p.max_delay_ms or (not len(batch) and self._uncommitted):
+                self._flush_and_commit()
+            self.metrics.set_state(up=True, ready=self.is_ready())
+            self._maybe_reload()
+            if now - last_lag > 5.0:
+                last_lag = now
+                try:
+                    self.metrics.set_consumer_lag(self.source.lag())
+                except Exception as exc:  # lag is best effort; never stop the loop for it
+                    log.debug("lag query failed: %s", exc)
+
+    def _shutdown(self) -> int:
+        grace = self.cfg.shutdown.grace_period_s
+        try:
+            self._flush_and_commit(timeout_s=grace)
+            return 0
+        except SinkError as exc:
+            log.error("shutdown: sinks failed, offsets not committed (alerts will be re-sent): %s", exc)
+            return 1
+
+    # -- processing ------------------------------------------------------------------------------------
+    def process(self, batch: RecordBatch) -> None:
+        """Decode a poll batch, route events into window buffers, queue due windows, dead-letter the bad."""
+        n = len(batch)
+        self.events_seen += n
+        tp_idx = np.fromiter((self._tp_id((t, int(p))) for t, p in zip(batch.topic, batch.partition, strict=True)),
+                             np.int64, n)
+        replay = np.zeros(n, dtype=bool)
+        if self._resume:
+            for tp, resume_at in list(self._resume.items()):
+                sel = tp_idx == self._tp_ids[tp]
+                replay |= sel & (batch.offset < resume_at)
+                if sel.any() and batch.offset[sel].max() >= resume_at - 1:
+                    del self._resume[tp]
+        lookup = self._feature_lookup
+        decoded = decode_batch(batch.value, batch.key, batch.timestamp, lookup, self.cfg.kafka.max_message_bytes)
+        topic0 = batch.topic
+        for pos, reason, detail in decoded.rejected:
+            if replay[pos]:
+                continue
+            self.producer.produce(self.cfg.kafka.dead_letter_topic, batch.value[pos], batch.key[pos],
+                                  dead_letter_headers(reason, detail, topic0[pos], int(batch.partition[pos]),
+                                                      int(batch.offset[pos])))
+            self.metrics.dead_letter(topic0[pos], reason)
+            self.metrics.event(topic0[pos], "dead_lettered")
+        for pos, _stream in decoded.unrouted:
+            self.metrics.event(topic0[pos], "unrouted")
+        for group in decoded.groups.values():
+            route_of = np.fromiter((self.router.route_of(s) for s in group.stream), np.int64, len(group.stream))
+            for r in np.unique(route_of).tolist():
+                sel = np.flatnonzero(route_of == r)
+                self._add_to_route(self.routes[r], group, sel, batch, tp_idx, replay)
+        # offsets: everything polled is processed once the pending windows are flushed
+        last = np.r_[tp_idx[1:] != tp_idx[:-1], True]
+        for i in np.flatnonzero(last).tolist():
+            tp = self._tp_list[tp_idx[i]]
+            self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), int(batch.offset[i]) + 1)
+        if self._oldest_pending is None and any(r.pending_windows for r in self.routes):
+            self._oldest_pending = time.monotonic()
+
+    def _feature_lookup(self, stream: str):
+        r = self.router.route_of(stream)
+        return None if r < 0 else self._feature_specs[r]
+
+    def _add_to_route(self, route: RouteState, group, sel: np.ndarray, batch: RecordBatch, tp_idx: np.ndarray,
+                      replay: np.ndarray) -> None:
+        pos = group.ok_index[sel]  # positions in the poll batch
+        streams = [group.stream[i] for i in sel.tolist()]
+        ids = route.stream_ids(streams)
+        score = ~replay[pos]
+        topics = [batch.topic[i] for i in pos.tolist()]
+        before_warm = route.buffer.n_warming
+        late, queued = route.add(ids, group.ts[sel], group.values[sel], tp_idx[pos], batch.offset[pos], topics,
+                                 batch.partition[pos], score)
+        warming = route.buffer.n_warming - before_warm
+        topic = topics[0] if topics else ""
+        self.metrics.event(topic, "late", late) if late else None
+        self.metrics.event(topic, "warming", int(warming + (~score).sum())) if warming or (~score).any() else None
+        scored = len(pos) - late - warming - int((~score).sum())
+        if scored > 0:
+            self.metrics.event(topic, "scored", scored)
+
+    def flush(self) -> list:
+        """Score all pending windows, hand alerts to the sinks (not flushed). Returns the alerts."""
+        self._oldest_pending = None
+        alerts = []
+        now_ms = time.time() * 1000
+        dev = str(self.engine.device)
+        for route in self.routes:
+            timings: dict[str, float] = {}
+            out = route.flush(self.engine, timings)
+            if out is None:
+                continue
+            for name, seconds in timings.items():
+                self.metrics.observe_batch(name, dev, out.n, seconds)
+                self.metrics.observe_scores(name, out.per_model_normalised[name])
+            self.metrics.observe_scores(out.label, out.combined, (now_ms - out.ts) / 1000.0,
+                                        out.streams or None)
+            last_ts = {}
+            for s, t in zip(out.streams, out.ts.tolist(), strict=False):
+                last_ts[s] = t
+            for a in out.alerts:
+                ref = last_ts.get(a.stream, a.started_at)
+                self.metrics.alert(out.label, a.status, (now_ms - ref) / 1000.0)
+            alerts.extend(out.alerts)
+        if alerts:
+            self.sinks.add(alerts)
+        self.metrics.open_incidents.set(sum(r.tracker.open_incidents for r in self.routes))
+        self.metrics.set_buffers(sum(len(r.stream_names) for r in self.routes),
+                                 sum(r.buffer.memory_bytes() for r in self.routes))
+        return alerts
+
+    def _flush_and_commit(self, timeout_s: float = 30.0) -> None:
+        self.flush()
+        self.producer.flush(timeout_s)  # dead letters
+        self.sinks.flush(timeout_s)  # raises SinkError: nothing is committed
+        if not self._uncommitted:
+            return
+        floors = np.full(len(self._tp_list), -1, dtype=np.int64)
+        for route in self.routes:
+            f = route.rebuild_floor(len(self._tp_list))
+            floors = np.where((floors < 0) | ((f >= 0) & (f < floors)), f, floors)
+        offsets = {}
+        for tp, nxt in self._uncommitted.items():
+            floor = int(floors[self._tp_ids[tp]])
+            offsets[tp] = (nxt, json.dumps({"rebuild_from": floor}) if floor >= 0 else "")
+        t0 = time.perf_counter()
+        try:
+            self.source.commit(offsets)
+            self._uncommitted.clear()
+            self.metrics.observe_commit(time.perf_counter() - t0, ok=True)
+        except Exception as exc:  # e.g. a rebalance in progress: records will be redelivered
+            self.metrics.observe_commit(time.perf_counter() - t0, ok=False)
+            log.warning("offset commit failed (records will be redelivered): %s", exc)

@@ -1,0 +1,72 @@
+"""Model store: ``<dir>/<name>/<version>/`` checkpoint directories; newest version unless pinned."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from detector.autoencoder import AutoencoderDetector
+from detector.checkpoint import META_FILE, load_checkpoint, save_checkpoint
+
+__all__ = ["LoadedModel", "ModelStore", "new_version_name"]
+
+
+def _version_key(name: str) -> tuple:
+    """Natural sort: ``v2`` < ``v10``, ``20261126T2000Z`` by time."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
+
+
+def new_version_name(now: datetime | None = None) -> str:
+    """A version directory name that sorts after every earlier one: UTC time to the millisecond."""
+    now = now or datetime.now(UTC)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    version: str
+    path: Path
+    detector: AutoencoderDetector
+
+
+class ModelStore:
+    """Read-only view of a model directory; ``save`` writes a new version atomically (rename into place)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def versions(self, name: str) -> list[str]:
+        """Complete versions of ``name`` (those with a metadata file), oldest first."""
+        d = self.root / name
+        if not d.is_dir():
+            return []
+        done = [p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / META_FILE).is_file()]
+        return sorted(done, key=_version_key)
+
+    def resolve(self, name: str, version: str | None = None) -> str:
+        versions = self.versions(name)
+        if version is not None:
+            if version not in versions:
+                raise FileNotFoundError(f"model {name!r} version {version!r} not found under {self.root / name}")
+            return version
+        if not versions:
+            raise FileNotFoundError(f"model {name!r} has no versions under {self.root / name}")
+        return versions[-1]
+
+    def load(self, name: str, version: str | None = None, device: str = "cpu") -> LoadedModel:
+        v = self.resolve(name, version)
+        path = self.root / name / v
+        return LoadedModel(name, v, path, load_checkpoint(path, device=device))
+
+    def save(self, name: str, detector: AutoencoderDetector, version: str | None = None) -> Path:
+        v = version or new_version_name()
+        final = self.root / name / v
+        if final.exists():
+            raise FileExistsError(f"{final} already exists")
+        tmp = self.root / name / f".{v}.tmp"
+        save_checkpoint(detector, tmp)
+        tmp.rename(final)
+        return final

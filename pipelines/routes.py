@@ -1,0 +1,183 @@
+"""Per-route processing state: stream ids, window buffer, pending micro-batch, alert tracker.
+
+A route is one set of models (e.g. a GRU and an LSTM side by side) sharing window length and features.
+Events of a route go into its :class:`~detector.windows.WindowBuffer`; due windows wait in the pending
+micro-batch until the daemon flushes, when every model of the route scores them in one forward each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from detector.engine import InferenceEngine
+from detector.windows import WindowBuffer
+
+from .alerts import Alert, AlertTracker
+from .model_store import LoadedModel
+from .routing import RouteSpec
+
+__all__ = ["RouteState", "ScoredBatch"]
+
+
+@dataclass
+class ScoredBatch:
+    """What one route's flush produced (for metrics)."""
+
+    label: str
+    n: int
+    per_model_normalised: dict[str, np.ndarray]
+    combined: np.ndarray  # (M,)
+    ts: np.ndarray  # (M,) event timestamps, ms
+    streams: list[str]
+    alerts: list[Alert] = field(default_factory=list)
+
+
+class RouteState:
+    def __init__(self, spec: RouteSpec, models: list[LoadedModel], stride: int, alert_cfg: dict) -> None:
+        self.spec = spec
+        self.tracker = AlertTracker(**alert_cfg)
+        self.stride = stride
+        self.stream_index: dict[str, int] = {}
+        self.stream_names: list[str] = []
+        self.stream_tp = np.full(1024, -1, dtype=np.int32)  # (S,) topic-partition id of each stream
+        self._pending: list[tuple] = []
+        self.pending_windows = 0
+        self.set_models(models)
+
+    # -- models ----------------------------------------------------------------------------------------
+    def set_models(self, models: list[LoadedModel]) -> None:
+        """Install (new versions of) the route's models; the buffer is kept when the shape is unchanged."""
+        first = models[0].detector
+        for m in models[1:]:
+            d = m.detector
+            if (d.window, d.n_features, d.feature_names) != (first.window, first.n_features, first.feature_names):
+                raise ValueError(f"route {self.spec.label!r}: models must share window and features; "
+                                 f"{m.name} differs from {models[0].name}")
+        self.models = models
+        self.feature_names = list(first.feature_names)
+        shape = (first.window, first.n_features)
+        if getattr(self, "buffer", None) is None or (self.buffer.window, self.buffer.n_features) != shape:
+            self.buffer = WindowBuffer(first.window, first.n_features, stride=self.stride)
+            self.offset_ring = np.full((1024, first.window), -1, dtype=np.int64)  # (S, W) source offsets
+            self.offset_count = np.zeros(1024, dtype=np.int64)
+            self._pending, self.pending_windows = [], 0
+
+    @property
+    def version(self) -> str:
+        return "+".join(m.version for m in self.models)
+
+    # -- events ----------------------------------------------------------------------------------------
+    def stream_ids(self, streams: list[str]) -> np.ndarray:
+        idx = self.stream_index
+        out = np.empty(len(streams), dtype=np.int64)
+        for i, s in enumerate(streams):
+            j = idx.get(s)
+            if j is None:
+                j = idx[s] = len(self.stream_names)
+                self.stream_names.append(s)
+            out[i] = j
+        n = len(self.stream_names)
+        if n > len(self.stream_tp):
+            cap = max(n, 2 * len(self.stream_tp))
+            self.stream_tp = np.concatenate([self.stream_tp, np.full(cap - len(self.stream_tp), -1, np.int32)])
+            W = self.offset_ring.shape[1]
+            self.offset_ring = np.concatenate([self.offset_ring, np.full((cap - len(self.offset_ring), W), -1)])
+            self.offset_count = np.concatenate([self.offset_count, np.zeros(cap - len(self.offset_count), np.int64)])
+        return out
+
+    def add(self, stream: np.ndarray, ts: np.ndarray, values: np.ndarray, tp_id: np.ndarray, offset: np.ndarray,
+            topic: list[str], partition: np.ndarray, score: np.ndarray) -> tuple[int, int]:
+        """Feed events (N,) in order; due windows of events with ``score`` True join the pending batch.
+
+        Returns (late events dropped, windows queued).
+        """
+        late0 = self.buffer.n_late
+        self.stream_tp[stream] = tp_id
+        self._remember_offsets(stream, offset)
+        wb = self.buffer.add(stream, ts, values)
+        keep = score[wb.event_index]
+        if len(wb) and keep.any():
+            e = wb.event_index[keep]
+            self._pending.append((wb.stream[keep], wb.windows[keep], wb.ts[keep], [topic[i] for i in e],
+                                  partition[e], offset[e]))
+            self.pending_windows += int(keep.sum())
+        return self.buffer.n_late - late0, int(keep.sum()) if len(wb) else 0
+
+    def _remember_offsets(self, stream: np.ndarray, offset: np.ndarray) -> None:
+        """Source offsets of each stream's last W events (late ones included: that is only conservative)."""
+        W = self.offset_ring.shape[1]
+        order = np.argsort(stream, kind="stable")
+        s, o = stream[order], offset[order]
+        first = np.r_[True, s[1:] != s[:-1]]
+        starts = np.flatnonzero(first)
+        sizes = np.diff(np.r_[starts, len(s)])
+        rank = np.arange(len(s)) - np.repeat(starts, sizes)
+        last_w = rank >= np.repeat(sizes, sizes) - W  # only the last W of a stream survive anyway
+        pos = (self.offset_count[s] + rank) % W
+        self.offset_ring[s[last_w], pos[last_w]] = o[last_w]
+        np.add.at(self.offset_count, s[first], sizes)
+
+    def rebuild_floor(self, n_tp: int) -> np.ndarray:
+        """(n_tp,) lowest source offset still inside some stream's window, per topic-partition id (-1 none)."""
+        n = len(self.stream_names)
+        ring = self.offset_ring[:n]
+        mins = np.where(ring >= 0, ring, np.iinfo(np.int64).max).min(axis=1) if n else np.zeros(0, np.int64)
+        out = np.full(n_tp, np.iinfo(np.int64).max, dtype=np.int64)
+        tp = self.stream_tp[:n]
+        ok = (tp >= 0) & (tp < n_tp) & (mins < np.iinfo(np.int64).max)
+        np.minimum.at(out, tp[ok], mins[ok])
+        return np.where(out == np.iinfo(np.int64).max, -1, out)
+
+    def forget_partitions(self, tp_ids: list[int]) -> list[str]:
+        """Drop the window and alert state of streams on these partitions; returns their names."""
+        n = len(self.stream_names)
+        gone = np.flatnonzero(np.isin(self.stream_tp[:n], tp_ids))
+        if gone.size:
+            self.buffer.reset_streams(gone)
+            self.tracker.reset_streams(gone)
+            self.offset_ring[gone] = -1
+            self.offset_count[gone] = 0
+            self.stream_tp[gone] = -1
+        return [self.stream_names[i] for i in gone.tolist()]
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    def flush(self, engine: InferenceEngine, timings: dict[str, float]) -> ScoredBatch | None:
+        """Score every pending window with each of the route's models, combine, update alert state."""
+        if not self._pending:
+            return None
+        import time
+
+        parts, self._pending, self.pending_windows = self._pending, [], 0
+        stream = np.concatenate([p[0] for p in parts])
+        windows = np.concatenate([p[1] for p in parts])  # (M, W, F)
+        ts = np.concatenate([p[2] for p in parts])
+        topic = [t for p in parts for t in p[3]]
+        partition = np.concatenate([p[4] for p in parts])
+        offset = np.concatenate([p[5] for p in parts])
+        per_model: dict[str, np.ndarray] = {}
+        contribs = []
+        for m in self.models:
+            t0 = time.perf_counter()
+            res = engine.score({m.name: windows})[m.name]
+            timings[m.name] = time.perf_counter() - t0
+            per_model[m.name] = res.normalised
+            contribs.append(res.raw.contributions)
+        norm = np.stack(list(per_model.values()))  # (K, M)
+        combined = norm.max(axis=0) if self.spec.combine == "max" else norm.mean(axis=0)
+        over = combined > 1.0
+        best = norm.argmax(axis=0)  # the model that scored highest explains the window
+        contributions = np.stack(contribs)[best, np.arange(len(best))]  # (M, F)
+        names = list(per_model)
+        models_over = None
+        if len(names) > 1:
+            models_over = [[names[k] for k in np.flatnonzero(norm[:, j] > 1.0)] for j in range(len(best))]
+        threshold = float(self.models[0].detector.threshold.threshold) if len(self.models) == 1 else 1.0
+        alerts = self.tracker.observe(
+            stream, combined, over, ts, topic, partition, offset, contributions=contributions,
+            feature_names=self.feature_names, model=self.spec.label, model_version=self.version,
+            models_over=models_over, stream_names=self.stream_names, threshold=threshold,
+        )
+        return ScoredBatch(self.spec.label, len(stream), per_model, combined, ts,
+                           [self.stream_names[i] for i in stream.tolist()] if len(stream) < 50000 else [], alerts)

@@ -1,0 +1,226 @@
+"""Kafka consumers behind one small interface: kafka-python (default) or confluent-kafka (extra ``fast``).
+
+Both give the daemon the same semantics: a consumer group, no auto-commit, batch polls returned as columns,
+explicit commits with metadata, rebalance callbacks run inside ``poll`` on the polling thread.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from .kafka_io import client_security_config
+
+__all__ = ["TopicPartition", "RecordBatch", "Source", "KafkaPythonSource", "ConfluentSource", "make_source"]
+
+TopicPartition = tuple[str, int]
+RebalanceCallback = Callable[[list[TopicPartition]], None]
+AssignCallback = Callable[[list[TopicPartition]], Mapping[TopicPartition, int] | None]
+"""Called with newly assigned partitions; may return ``{tp: offset}`` positions to start from."""
+
+
+@dataclass
+class RecordBatch:
+    """One poll's records as columns, in partition order then offset order."""
+
+    topic: list[str]
+    partition: np.ndarray  # (N,) int32
+    offset: np.ndarray  # (N,) int64
+    timestamp: np.ndarray  # (N,) int64 broker/producer timestamp, ms
+    key: list[bytes | None]
+    value: list[bytes]
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    @classmethod
+    def empty(cls) -> RecordBatch:
+        return cls([], np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64), [], [])
+
+
+class Source(Protocol):
+    def poll(self, max_records: int, timeout_ms: int) -> RecordBatch: ...
+    def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
+        """Synchronously commit ``{tp: (next offset, metadata)}``."""
+    def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]: ...
+    def seek(self, tp: TopicPartition, offset: int) -> None: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    def lag(self) -> dict[TopicPartition, int]: ...
+    def close(self) -> None: ...
+
+
+def _is_pattern(topics: Sequence[str] | None, pattern: str | None) -> str | None:
+    if pattern:
+        re.compile(pattern)
+        return pattern
+    return None
+
+
+class KafkaPythonSource:
+    """kafka-python ``KafkaConsumer``; rebalance callbacks via ``ConsumerRebalanceListener``."""
+
+    def __init__(self, bootstrap_servers: str, group_id: str, topics: Sequence[str], pattern: str | None,
+                 on_assign: AssignCallback, on_revoke: RebalanceCallback, *, security: Mapping | None = None,
+                 session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 3000,
+                 auto_offset_reset: str = "earliest", max_partition_fetch_bytes: int = 4 << 20,
+                 **extra: Any) -> None:
+        from kafka import ConsumerRebalanceListener, KafkaConsumer
+        from kafka.structs import OffsetAndMetadata
+        from kafka.structs import TopicPartition as KTP
+
+        self._KTP, self._OAM = KTP, OffsetAndMetadata
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False,
+            auto_offset_reset=auto_offset_reset, session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=heartbeat_interval_ms, max_partition_fetch_bytes=max_partition_fetch_bytes,
+            fetch_max_bytes=64 << 20, **client_security_config("kafka-python", security), **extra,
+        )
+
+        consumer = self._consumer
+
+        class _Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):  # noqa: N805 - kafka-python's signature
+                on_revoke([(tp.topic, tp.partition) for tp in revoked])
+
+            def on_partitions_assigned(self, assigned):  # noqa: N805
+                starts = on_assign([(tp.topic, tp.partition) for tp in assigned]) or {}
+                for (t, p), off in starts.items():
+                    consumer.seek(KTP(t, p), off)
+
+        pat = _is_pattern(topics, pattern)
+        if pat:
+            self._consumer.subscribe(pattern=pat, listener=_Listener())
+        else:
+            self._consumer.subscribe(topics=list(topics), listener=_Listener())
+
+    def poll(self, max_records: int, timeout_ms: int) -> RecordBatch:
+        got = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        if not got:
+            return RecordBatch.empty()
+        records = [r for recs in got.values() for r in recs]
+        n = len(records)
+        return RecordBatch(
+            topic=[r.topic for r in records],
+            partition=np.fromiter((r.partition for r in records), np.int32, n),
+            offset=np.fromiter((r.offset for r in records), np.int64, n),
+            timestamp=np.fromiter((r.timestamp for r in records), np.int64, n),
+            key=[r.key for r in records],
+            value=[r.value if r.value is not None else b"" for r in records],
+        )
+
+    def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
+        if offsets:
+            self._consumer.commit({self._KTP(t, p): self._OAM(o, m, -1) for (t, p), (o, m) in offsets.items()})
+
+    def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]:
+        out: dict[TopicPartition, tuple[int, str] | None] = {}
+        for t, p in tps:
+            oam = self._consumer.committed(self._KTP(t, p), metadata=True)
+            out[(t, p)] = None if oam is None or oam.offset < 0 else (oam.offset, oam.metadata or "")
+        return out
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._consumer.seek(self._KTP(*tp), offset)
+
+    def assignment(self) -> set[TopicPartition]:
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def lag(self) -> dict[TopicPartition, int]:
+        tps = list(self._consumer.assignment())
+        if not tps:
+            return {}
+        ends = self._consumer.end_offsets(tps)
+        return {(tp.topic, tp.partition): max(0, ends[tp] - self._consumer.position(tp)) for tp in tps}
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+
+
+class ConfluentSource:
+    """confluent-kafka ``Consumer`` (librdkafka); same semantics as :class:`KafkaPythonSource`."""
+
+    def __init__(self, bootstrap_servers: str, group_id: str, topics: Sequence[str], pattern: str | None,
+                 on_assign: AssignCallback, on_revoke: RebalanceCallback, *, security: Mapping | None = None,
+                 session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 3000,
+                 auto_offset_reset: str = "earliest", max_partition_fetch_bytes: int = 4 << 20,
+                 **extra: Any) -> None:
+        from confluent_kafka import Consumer, TopicPartition as CTP  # noqa: N817
+
+        self._CTP = CTP
+        conf = {
+            "bootstrap.servers": bootstrap_servers, "group.id": group_id, "enable.auto.commit": False,
+            "enable.auto.offset.store": False, "auto.offset.reset": auto_offset_reset,
+            "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": heartbeat_interval_ms,
+            "max.partition.fetch.bytes": max_partition_fetch_bytes,
+            **client_security_config("confluent", security), **extra,
+        }
+        self._consumer = Consumer(conf)
+        pat = _is_pattern(topics, pattern)
+        subs = ["^" + pat.lstrip("^")] if pat else list(topics)
+
+        def _assign(consumer, parts):
+            starts = on_assign([(p.topic, p.partition) for p in parts]) or {}
+            if starts:  # librdkafka: start positions are given by (re)assigning with offsets
+                for p in parts:
+                    p.offset = starts.get((p.topic, p.partition), p.offset)
+                consumer.assign(parts)
+
+        def _revoke(consumer, parts):
+            on_revoke([(p.topic, p.partition) for p in parts])
+
+        self._consumer.subscribe(subs, on_assign=_assign, on_revoke=_revoke)
+
+    def poll(self, max_records: int, timeout_ms: int) -> RecordBatch:
+        msgs = self._consumer.consume(num_messages=max_records, timeout=timeout_ms / 1000.0)
+        msgs = [m for m in msgs if m.error() is None]
+        if not msgs:
+            return RecordBatch.empty()
+        n = len(msgs)
+        return RecordBatch(
+            topic=[m.topic() for m in msgs],
+            partition=np.fromiter((m.partition() for m in msgs), np.int32, n),
+            offset=np.fromiter((m.offset() for m in msgs), np.int64, n),
+            timestamp=np.fromiter((m.timestamp()[1] for m in msgs), np.int64, n),
+            key=[m.key() for m in msgs],
+            value=[m.value() or b"" for m in msgs],
+        )
+
+    def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
+        if offsets:
+            parts = [self._CTP(t, p, o, metadata=m) for (t, p), (o, m) in offsets.items()]
+            self._consumer.commit(offsets=parts, asynchronous=False)
+
+    def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]:
+        got = self._consumer.committed([self._CTP(t, p) for t, p in tps], timeout=10)
+        return {(p.topic, p.partition): (None if p.offset < 0 else (p.offset, p.metadata or "")) for p in got}
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._consumer.seek(self._CTP(tp[0], tp[1], offset))
+
+    def assignment(self) -> set[TopicPartition]:
+        return {(p.topic, p.partition) for p in self._consumer.assignment()}
+
+    def lag(self) -> dict[TopicPartition, int]:
+        parts = self._consumer.assignment()
+        if not parts:
+            return {}
+        out = {}
+        for pos in self._consumer.position(parts):
+            _, high = self._consumer.get_watermark_offsets(pos, timeout=5, cached=False)
+            out[(pos.topic, pos.partition)] = max(0, high - pos.offset) if pos.offset >= 0 else high
+        return out
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def make_source(client: str, **kwargs: Any) -> Source:
+    if client == "kafka-python":
+        return KafkaPythonSource(**kwargs)
+    if client == "confluent":
+        return ConfluentSource(**kwargs)
+    raise ValueError(f"kafka.client must be 'kafka-python' or 'confluent', got {client!r}")
