@@ -6,7 +6,7 @@ import numpy as np
 
 from .base import Detector, sliding_windows
 from .scoring import WindowScores
-from .thresholds import Threshold, make_threshold
+from .thresholds import Threshold
 
 __all__ = ["GaussianDetector"]
 
