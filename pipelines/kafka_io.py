@@ -1,0 +1,183 @@
+"""Kafka producers behind one tiny protocol, used by the alert sink and the dead-letter path.
+
+A :class:`Producer` queues messages with :meth:`~Producer.produce` and confirms them with
+:meth:`~Producer.flush`, which raises :class:`KafkaDeliveryError` if any message produced since the
+previous flush was not acknowledged (``acks=all``).  Two implementations: :class:`KafkaPythonProducer`
+(kafka-python, the default dependency) and :class:`ConfluentProducer` (confluent-kafka, the ``fast``
+extra).  :func:`make_producer` builds either from the config's ``kafka.client`` and ``kafka.security``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+Headers = list[tuple[str, bytes]]
+CLIENTS = ("kafka-python", "confluent")
+
+# config key in kafka.security -> (kafka-python option, confluent-kafka option)
+_SECURITY_KEYS = {
+    "protocol": ("security_protocol", "security.protocol"),
+    "sasl_mechanism": ("sasl_mechanism", "sasl.mechanism"),
+    "sasl_username": ("sasl_plain_username", "sasl.username"),
+    "sasl_password": ("sasl_plain_password", "sasl.password"),
+    "ssl_cafile": ("ssl_cafile", "ssl.ca.location"),
+}
+
+
+class KafkaDeliveryError(RuntimeError):
+    """Some messages produced since the last flush were not acknowledged by the brokers."""
+
+
+class Producer(Protocol):
+    """What the daemon needs from a Kafka producer."""
+
+    def produce(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None) -> None: ...
+
+    def flush(self, timeout_s: float) -> None:
+        """Wait for every message since the last flush; raise KafkaDeliveryError if any failed."""
+        ...
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Deliver what is queued (up to ``timeout_s``) and release the client."""
+        ...
+
+
+def _delivery_error(errors: list[str], total: int) -> KafkaDeliveryError:
+    shown = "; ".join(errors[:3]) + (f"; ... ({len(errors) - 3} more)" if len(errors) > 3 else "")
+    return KafkaDeliveryError(f"{len(errors)} of {total} Kafka messages not delivered: {shown}")
+
+
+class KafkaPythonProducer:
+    """:class:`Producer` on kafka-python's ``KafkaProducer`` (acks=all); flush checks every send's future."""
+
+    def __init__(self, bootstrap_servers: str, **client_config: Any):
+        from kafka import KafkaProducer
+
+        # Idempotence off: kafka-python 3.0.x turns any non-retriable batch error (e.g. a message too large
+        # for the topic) of a non-transactional idempotent producer into a permanent fatal state that fails
+        # every later send.  One request in flight keeps per-partition order; retries may duplicate, which
+        # at-least-once delivery with stable alert ids tolerates.
+        config: dict[str, Any] = {
+            "acks": "all", "linger_ms": 5, "max_block_ms": 10_000,
+            "enable_idempotence": False, "max_in_flight_requests_per_connection": 1,
+        }  # fmt: skip
+        config.update(client_config)
+        self._producer = KafkaProducer(bootstrap_servers=bootstrap_servers, **config)
+        self._futures: list[Any] = []
+        self._errors: list[str] = []  # send() failures raised synchronously
+
+    def produce(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None) -> None:
+        """Queue one message; a failure is reported by the next :meth:`flush`."""
+        try:
+            self._futures.append(self._producer.send(topic, value=value, key=key, headers=list(headers or [])))
+        except Exception as exc:  # kafka-python raises e.g. KafkaTimeoutError, MessageSizeTooLargeError
+            self._errors.append(f"{topic}: {type(exc).__name__}: {exc}")
+
+    def flush(self, timeout_s: float) -> None:
+        futures, errors = self._futures, self._errors
+        self._futures, self._errors = [], []
+        total = len(futures) + len(errors)
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except Exception as exc:  # KafkaTimeoutError: some futures are not done; counted below
+            errors.append(f"flush: {type(exc).__name__}: {exc}")
+        for fut in futures:
+            if not fut.is_done:
+                errors.append(f"not acknowledged within {timeout_s:g}s")
+            elif fut.failed():
+                errors.append(f"{type(fut.exception).__name__}: {fut.exception}")
+        if errors:
+            raise _delivery_error(errors, total)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self._producer.close(timeout=timeout_s)
+
+
+class ConfluentProducer:
+    """:class:`Producer` on confluent-kafka (acks=all); delivery callbacks record failures for flush."""
+
+    def __init__(self, bootstrap_servers: str, **client_config: Any):
+        from confluent_kafka import Producer as _Producer
+
+        config: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, "acks": "all", "linger.ms": 5}
+        config.update(client_config)
+        self._producer = _Producer(config)
+        self._errors: list[str] = []
+        self._count = 0
+        self.queue_full_timeout_s = 10.0
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(f"{msg.topic()}: {err}")
+
+    def produce(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None) -> None:
+        """Queue one message (waiting up to ``queue_full_timeout_s`` for space); failures go to flush."""
+        from confluent_kafka import KafkaException
+
+        self._count += 1
+        deadline = time.monotonic() + self.queue_full_timeout_s
+        while True:
+            try:
+                self._producer.produce(
+                    topic, value=value, key=key, headers=list(headers or []), on_delivery=self._on_delivery
+                )
+                break
+            except BufferError:
+                if time.monotonic() >= deadline:
+                    self._errors.append(f"{topic}: local queue full for {self.queue_full_timeout_s:g}s")
+                    return
+                self._producer.poll(0.05)
+            except KafkaException as exc:
+                self._errors.append(f"{topic}: {exc}")
+                return
+        self._producer.poll(0)
+
+    def flush(self, timeout_s: float) -> None:
+        left = self._producer.flush(timeout_s)
+        errors, total = self._errors, self._count
+        self._errors, self._count = [], 0
+        if left:
+            errors.append(f"{left} messages still queued after {timeout_s:g}s")
+        if errors:
+            raise _delivery_error(errors, total)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        if self._producer.flush(timeout_s):
+            self._producer.purge()
+        self._producer.flush(0)
+
+
+def client_security_config(client: str, security: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Map the config's ``kafka.security`` section to ``client``'s option names (None values dropped).
+
+    ``sasl_password_file`` is read (trailing newline stripped) into the SASL password.
+    """
+    if client not in CLIENTS:
+        raise ValueError(f"kafka.client must be one of {CLIENTS}, got {client!r}")
+    security = dict(security or {})
+    unknown = sorted(set(security) - set(_SECURITY_KEYS) - {"sasl_password_file"})
+    if unknown:
+        raise ValueError(f"unknown kafka.security keys {unknown}; known: {sorted(_SECURITY_KEYS)}")
+    password_file = security.pop("sasl_password_file", None)
+    if password_file:
+        if security.get("sasl_password"):
+            raise ValueError("kafka.security: set sasl_password or sasl_password_file, not both")
+        try:
+            security["sasl_password"] = Path(password_file).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ValueError(f"kafka.security.sasl_password_file: cannot read {password_file}: {exc}") from exc
+    column = CLIENTS.index(client)
+    return {_SECURITY_KEYS[k][column]: v for k, v in security.items() if v is not None}
+
+
+def make_producer(
+    client: str, bootstrap_servers: str, security: Mapping[str, Any] | None = None, **client_config: Any
+) -> Producer:
+    """A producer for ``client`` ("kafka-python" | "confluent") with the mapped security options."""
+    options = client_security_config(client, security) | client_config
+    if client == "kafka-python":
+        return KafkaPythonProducer(bootstrap_servers, **options)
+    return ConfluentProducer(bootstrap_servers, **options)

@@ -1,0 +1,315 @@
+"""Alert sinks: Kafka alerts topic, Alertmanager v2 API, structured log lines, and a fan-out over several.
+
+Every sink buffers with :meth:`Sink.add` and delivers with :meth:`Sink.flush`, which returns only once
+the alerts are acknowledged (producer flush, HTTP 2xx) and raises :class:`SinkError` otherwise.  The
+daemon commits a batch's offsets only after ``flush`` returned, so an alert may be delivered twice
+(same id) but never lost; alerts that failed stay buffered and are retried by the next ``flush``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from pipelines.alerts import FIRING, RESOLVED, Alert
+from pipelines.kafka_io import KafkaDeliveryError, Producer
+
+ALERTNAME = "AnomalyDetected"
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_RESERVED_LABELS = ("alertname", "stream", "model")
+
+
+class SinkError(RuntimeError):
+    """Alerts could not be delivered (after retries); the caller must not commit their offsets."""
+
+
+class Sink(ABC):
+    """Somewhere alerts go; ``name`` identifies it in errors."""
+
+    name = "sink"
+
+    @abstractmethod
+    def add(self, alerts: Sequence[Alert]) -> None:
+        """Queue alerts for delivery (never raises for delivery problems; flush reports them)."""
+
+    @abstractmethod
+    def flush(self, timeout_s: float) -> None:
+        """Deliver everything queued within ``timeout_s`` seconds or raise :class:`SinkError`."""
+
+    def forget_streams(self, streams: Iterable[str]) -> None:  # noqa: B027 - optional hook
+        """The daemon no longer owns these streams (partition revoked); drop any per-stream sink state."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (does not flush)."""
+
+
+class KafkaAlertSink(Sink):
+    """Alerts as JSON to a Kafka topic: key = stream id, headers ``alert-id`` and ``alert-status``."""
+
+    name = "kafka"
+
+    def __init__(self, producer: Producer, topic: str):
+        self.producer, self.topic = producer, topic
+        self._unacked: list[Alert] = []
+        self._resend = False  # a produce or flush failed: produce all unacked again on the next flush
+
+    def _produce(self, alert: Alert) -> None:
+        headers = [("alert-id", alert.id.encode()), ("alert-status", alert.status.encode())]
+        try:
+            self.producer.produce(self.topic, alert.to_json(), key=alert.stream.encode(), headers=headers)
+        except Exception:  # a producer that raises instead of reporting on flush
+            self._resend = True
+
+    def add(self, alerts: Sequence[Alert]) -> None:
+        self._unacked.extend(alerts)
+        if not self._resend:
+            for alert in alerts:
+                self._produce(alert)
+
+    def flush(self, timeout_s: float) -> None:
+        if not self._unacked:
+            return
+        if self._resend:
+            self._resend = False
+            for alert in self._unacked:
+                self._produce(alert)
+        try:
+            if self._resend:
+                raise KafkaDeliveryError("producer refused the messages")
+            self.producer.flush(timeout_s)
+        except KafkaDeliveryError as exc:
+            self._resend = True
+            raise SinkError(f"kafka topic {self.topic}: {len(self._unacked)} alerts not delivered: {exc}") from exc
+        self._unacked.clear()
+
+
+def _rfc3339(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class AlertmanagerSink(Sink):
+    """Alerts to Alertmanager's v2 API (``POST /api/v2/alerts``), firing and resolved.
+
+    Labels: ``alertname=AnomalyDetected``, ``stream``, ``model`` (the route's model label), ``severity``
+    and the extra ``labels``; they are the same for firing and resolved, so both hit one fingerprint.
+    A firing alert carries ``endsAt = now + 4 * resend_interval_s`` and is re-posted by ``flush``
+    every ``resend_interval_s`` until it resolves, so Alertmanager neither times out long incidents
+    nor keeps alerts of a daemon that stopped.  5xx, 408, 429 and connection errors are retried with
+    exponential backoff (``backoff_s * 2**i``, at most ``max_retries`` times, within flush's deadline);
+    other 4xx raise :class:`SinkError` at once with the response body.
+    """
+
+    name = "alertmanager"
+
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 5.0,
+        max_retries: int = 5,
+        labels: Mapping[str, str] | None = None,
+        backoff_s: float = 0.2,
+        generator_url: str | None = None,
+        severity: str = "warning",
+        resend_interval_s: float = 60.0,
+    ):
+        self.url = url.rstrip("/")
+        self.endpoint = self.url + "/api/v2/alerts"
+        self.timeout_s, self.max_retries, self.backoff_s = float(timeout_s), int(max_retries), float(backoff_s)
+        self.generator_url, self.resend_interval_s = generator_url, float(resend_interval_s)
+        labels = {str(k): str(v) for k, v in (labels or {}).items()}
+        bad = [k for k in labels if not _LABEL_NAME.match(k) or k in _RESERVED_LABELS]
+        if bad:
+            raise ValueError(f"sinks.alertmanager.labels: invalid or reserved label names {bad}")
+        self.labels = {"severity": severity, **labels}
+        self._pending: list[Alert] = []
+        self._active: dict[str, tuple[Alert, float]] = {}  # firing id -> (alert, monotonic time last posted)
+
+    def labels_of(self, alert: Alert) -> dict[str, str]:
+        """The Alertmanager label set of an alert (identical for its firing and resolved states)."""
+        return {**self.labels, "alertname": ALERTNAME, "stream": alert.stream, "model": alert.model}
+
+    def postable(self, alert: Alert, now_ms: int) -> dict[str, Any]:
+        """The ``postableAlert`` JSON object for ``alert`` posted at wall-clock ``now_ms``."""
+        src = alert.source
+        top = ", ".join(f"{f}={s:.2f}" for f, s in alert.top_features)
+        annotations = {
+            "summary": f"Anomaly on stream {alert.stream} ({alert.model})",
+            "description": (
+                f"Peak score {alert.peak_score:.3g}x threshold (threshold {alert.threshold:.6g}); "
+                f"models over threshold: {', '.join(alert.models_over) or '-'}; source "
+                f"{src.get('topic')}/{src.get('partition')} offsets {src.get('first_offset')}"
+                f"-{src.get('last_offset')}"
+            ),
+            "top_features": top,
+            "score": f"{alert.peak_score:.4g}",
+            "alert_id": alert.id,
+            "model_version": alert.model_version,
+        }
+        if alert.status == RESOLVED:  # Alertmanager requires endsAt > startsAt; clamp to now
+            ends = max(min(alert.ended_at if alert.ended_at is not None else now_ms, now_ms), alert.started_at + 1)
+        else:
+            ends = max(now_ms, alert.started_at) + int(4000 * self.resend_interval_s)
+        out = {
+            "labels": self.labels_of(alert),
+            "annotations": annotations,
+            "startsAt": _rfc3339(alert.started_at),
+            "endsAt": _rfc3339(ends),
+        }
+        if self.generator_url:
+            out["generatorURL"] = self.generator_url
+        return out
+
+    def add(self, alerts: Sequence[Alert]) -> None:
+        self._pending.extend(alerts)
+
+    def forget_streams(self, streams: Iterable[str]) -> None:
+        gone = set(streams)
+        self._active = {i: v for i, v in self._active.items() if v[0].stream not in gone}
+
+    def flush(self, timeout_s: float) -> None:
+        now = time.monotonic()
+        queued = {a.id for a in self._pending}
+        due = [a for a, sent in self._active.values() if now - sent >= self.resend_interval_s and a.id not in queued]
+        batch = self._pending + due
+        if not batch:
+            return
+        now_ms = int(time.time() * 1000)
+        self._post([self.postable(a, now_ms) for a in batch], now + timeout_s)
+        for alert in batch:
+            if alert.status == FIRING:
+                self._active[alert.id] = (alert, now)
+            else:
+                self._active.pop(alert.id, None)
+        self._pending.clear()
+
+    def _post(self, payload: list[dict[str, Any]], deadline: float) -> None:
+        body = json.dumps(payload).encode()
+        request = urllib.request.Request(
+            self.endpoint, data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
+        attempt = 0
+        while True:
+            timeout = max(0.05, min(self.timeout_s, deadline - time.monotonic()))
+            try:
+                with urllib.request.urlopen(request, timeout=timeout) as response:
+                    response.read()
+                return
+            except urllib.error.HTTPError as exc:
+                detail = exc.read()[:1000].decode(errors="replace").strip()
+                last = f"HTTP {exc.code}: {detail}"
+                if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                    raise SinkError(f"alertmanager {self.endpoint} rejected {len(payload)} alerts: {last}") from exc
+            except (OSError, http.client.HTTPException) as exc:  # URLError, refused, reset, timeout
+                last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+            attempt += 1
+            delay = self.backoff_s * 2 ** (attempt - 1)
+            if attempt > self.max_retries or time.monotonic() + delay >= deadline:
+                raise SinkError(
+                    f"alertmanager {self.endpoint}: {len(payload)} alerts not delivered after "
+                    f"{attempt} attempts: {last}"
+                )
+            time.sleep(delay)
+
+
+class LogSink(Sink):
+    """One JSON line per alert (``{"event": "alert", ...alert fields}``) to a text stream or a logger."""
+
+    name = "log"
+
+    def __init__(self, stream: TextIO | logging.Logger | None = None, level: int = logging.WARNING):
+        self.stream, self.level = stream, level  # None = sys.stderr at write time
+
+    def add(self, alerts: Sequence[Alert]) -> None:
+        for alert in alerts:
+            line = json.dumps({"event": "alert", **alert.to_dict()}, separators=(",", ":"))
+            if isinstance(self.stream, logging.Logger):
+                self.stream.log(self.level, line)
+            else:
+                (self.stream or sys.stderr).write(line + "\n")
+
+    def flush(self, timeout_s: float) -> None:
+        if not isinstance(self.stream, logging.Logger):
+            (self.stream or sys.stderr).flush()
+
+
+class FanoutSink(Sink):
+    """Several sinks at once: add to all, flush all; fails if any fails, naming which."""
+
+    name = "fanout"
+
+    def __init__(self, sinks: Sequence[Sink]):
+        self.sinks = list(sinks)
+        self._add_errors: list[str] = []
+
+    def add(self, alerts: Sequence[Alert]) -> None:
+        for sink in self.sinks:
+            try:
+                sink.add(alerts)
+            except Exception as exc:
+                self._add_errors.append(f"{sink.name}: add failed: {type(exc).__name__}: {exc}")
+
+    def flush(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        errors, self._add_errors = self._add_errors, []
+        for sink in self.sinks:
+            try:
+                sink.flush(max(0.0, deadline - time.monotonic()))
+            except SinkError as exc:
+                errors.append(f"{sink.name}: {exc}")
+            except Exception as exc:
+                errors.append(f"{sink.name}: {type(exc).__name__}: {exc}")
+        if errors:
+            raise SinkError("alert sinks failed: " + "; ".join(errors))
+
+    def forget_streams(self, streams: Iterable[str]) -> None:
+        streams = list(streams)
+        for sink in self.sinks:
+            sink.forget_streams(streams)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "kafka": {"enabled": True, "topic": "anomalyd-alerts"},
+    "alertmanager": {"enabled": False, "url": "http://alertmanager:9093"},
+    "log": {"enabled": True},
+}
+_AM_OPTIONS = ("url", "timeout_s", "max_retries", "labels", "backoff_s", "generator_url", "severity",
+               "resend_interval_s")  # fmt: skip
+
+
+def build_sinks(config: Mapping[str, Any], producer: Producer | None = None) -> FanoutSink:
+    """The enabled sinks of the ``sinks`` config section (or of a whole config that contains one)."""
+    section = config.get("sinks", config) if isinstance(config.get("sinks"), Mapping) else config
+    unknown = sorted(set(section) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown sinks {unknown}; known: {sorted(_DEFAULTS)}")
+    opts = {name: {**default, **(section.get(name) or {})} for name, default in _DEFAULTS.items()}
+    allowed = {"kafka": ("enabled", "topic"), "alertmanager": ("enabled", *_AM_OPTIONS), "log": ("enabled",)}
+    for name, keys in allowed.items():
+        extra = sorted(set(opts[name]) - set(keys))
+        if extra:
+            raise ValueError(f"unknown keys {extra} in sinks.{name}; known: {sorted(keys)}")
+    sinks: list[Sink] = []
+    if opts["kafka"]["enabled"]:
+        if producer is None:
+            raise ValueError("sinks.kafka is enabled but no Kafka producer was given")
+        sinks.append(KafkaAlertSink(producer, str(opts["kafka"]["topic"])))
+    if opts["alertmanager"]["enabled"]:
+        am = {k: v for k, v in opts["alertmanager"].items() if k != "enabled" and v is not None}
+        sinks.append(AlertmanagerSink(**am))
+    if opts["log"]["enabled"]:
+        sinks.append(LogSink(logging.getLogger("anomalyd.alerts")))
+    return FanoutSink(sinks)

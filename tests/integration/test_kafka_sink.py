@@ -1,0 +1,92 @@
+"""KafkaAlertSink with both producer backends against a real broker: delivery, rejection, re-send."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer
+from kafka.admin import ConfigResource, ConfigResourceType
+
+from pipelines.alerts import FIRING, RESOLVED, Alert, AlertTracker
+from pipelines.kafka_io import KafkaDeliveryError, make_producer
+from pipelines.kafka_local import create_topic
+from pipelines.sinks import KafkaAlertSink, SinkError
+
+CLIENTS = ["kafka-python", "confluent"]
+_GIVE_UP_S = 60.0  # a hang guard only: reading stops as soon as the expected messages are in
+
+
+def _incident(stream: str = "pump-3") -> list[Alert]:
+    """The firing and resolved alerts of one real incident (k=n=m=1)."""
+    tracker = AlertTracker(k=1, n=1, m=1)
+    return tracker.observe(
+        np.array([0, 0]), np.array([4.0, 0.1]), np.array([True, False]), np.array([1000, 2000]), "sensors",
+        np.array([0, 0]), np.array([7, 8]), np.array([[1.0, 3.0], [1.0, 1.0]]), ["temp", "flow"],
+        model="sensors-gru", model_version="2", stream_names=[stream],
+    )  # fmt: skip
+
+
+def _read(bootstrap: str, topic: str, count: int) -> list:
+    """The first ``count`` records of ``topic`` (a plain kafka-python consumer, no group)."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    records: list = []
+    give_up = time.monotonic() + _GIVE_UP_S
+    try:
+        while len(records) < count and time.monotonic() < give_up:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records += batch
+        end = consumer.end_offsets(list(consumer.assignment()))
+    finally:
+        consumer.close()
+    assert sum(end.values()) == count, f"expected exactly {count} records in {topic}, end offsets {end}"
+    return records
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_alerts_reach_the_topic_with_key_and_headers(kafka_bootstrap: str, topic_name: str, client: str) -> None:
+    create_topic(kafka_bootstrap, topic_name)
+    producer = make_producer(client, kafka_bootstrap)
+    try:
+        sink = KafkaAlertSink(producer, topic_name)
+        alerts = _incident()
+        assert [a.status for a in alerts] == [FIRING, RESOLVED]
+        sink.add(alerts)
+        sink.flush(30.0)
+    finally:
+        producer.close()
+    records = _read(kafka_bootstrap, topic_name, 2)
+    assert [r.key for r in records] == [b"pump-3", b"pump-3"]
+    assert [Alert.from_dict(json.loads(r.value)) for r in records] == alerts
+    for record, alert in zip(records, alerts, strict=True):
+        assert dict(record.headers) == {"alert-id": alert.id.encode(), "alert-status": alert.status.encode()}
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_broker_rejection_fails_flush_and_the_alert_is_resent(
+    kafka_bootstrap: str, topic_name: str, client: str
+) -> None:
+    create_topic(kafka_bootstrap, topic_name, config={"max.message.bytes": "300"})
+    alert = _incident(stream="pump-" + "x" * 600)[0]  # ~1.5 kB: the broker refuses it
+    producer = make_producer(client, kafka_bootstrap)
+    try:
+        sink = KafkaAlertSink(producer, topic_name)
+        sink.add([alert])
+        with pytest.raises(SinkError, match="1 alerts not delivered") as err:
+            sink.flush(30.0)
+        assert isinstance(err.value.__cause__, KafkaDeliveryError)
+
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        try:
+            resource = ConfigResource(ConfigResourceType.TOPIC, topic_name, configs={"max.message.bytes": "100000"})
+            admin.alter_configs([resource])
+        finally:
+            admin.close()
+        sink.flush(30.0)  # produces the unacknowledged alert again
+        sink.flush(30.0)  # nothing left: no duplicate
+    finally:
+        producer.close()
+    (record,) = _read(kafka_bootstrap, topic_name, 1)
+    assert Alert.from_dict(json.loads(record.value)) == alert

@@ -1,0 +1,244 @@
+"""Sinks: log lines, Alertmanager payload/retry/re-send against a local HTTP server, fan-out, config, producers."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.alerts import FIRING, RESOLVED, Alert
+from pipelines.kafka_io import ConfluentProducer, client_security_config, make_producer
+from pipelines.sinks import (
+    AlertmanagerSink,
+    FanoutSink,
+    KafkaAlertSink,
+    LogSink,
+    SinkError,
+    build_sinks,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_alert(status: str = FIRING, stream: str = "pump-1", ended_at: int | None = None, **kw) -> Alert:
+    fields = dict(
+        id="a1b2", status=status, stream=stream, model="sensors-gru+sensors-lstm", model_version="3",
+        started_at=1_700_000_000_000, ended_at=ended_at, peak_score=2.5, threshold=1.0,
+        models_over=["sensors-gru"], top_features=[("temp", 0.6), ("flow", 0.3)],
+        source={"topic": "sensors", "partition": 2, "first_offset": 10, "last_offset": 20},
+    )  # fmt: skip
+    fields.update(kw)
+    return Alert(**fields)
+
+
+class Recorder:
+    """A real HTTP server on loopback answering POSTs with scripted (status, body) pairs, then 200."""
+
+    def __init__(self) -> None:
+        self.script: list[tuple[int, str]] = []
+        self.posts: list[tuple[str, list]] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server API
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                recorder.posts.append((self.path, json.loads(body)))
+                status, text = recorder.script.pop(0) if recorder.script else (200, "")
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(text)))
+                self.end_headers()
+                self.wfile.write(text.encode())
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    rec = Recorder()
+    yield rec
+    rec.server.shutdown()
+    rec.server.server_close()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_log_sink_writes_one_json_line_per_alert(caplog: pytest.LogCaptureFixture) -> None:
+    out = io.StringIO()
+    sink = LogSink(out)
+    sink.add([make_alert(), make_alert(RESOLVED, ended_at=1_700_000_060_000)])
+    sink.flush(1.0)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(x["event"], x["status"], x["id"]) for x in lines] == [
+        ("alert", FIRING, "a1b2"),
+        ("alert", RESOLVED, "a1b2"),
+    ]
+    assert Alert.from_dict({k: v for k, v in lines[1].items() if k != "event"}) == make_alert(
+        RESOLVED, ended_at=1_700_000_060_000
+    )
+    with caplog.at_level(logging.INFO, logger="t.alerts"):
+        LogSink(logging.getLogger("t.alerts")).add([make_alert()])
+    assert json.loads(caplog.records[0].getMessage())["stream"] == "pump-1"
+
+
+def test_alertmanager_payload_labels_stable_and_times(recorder: Recorder) -> None:
+    sink = AlertmanagerSink(recorder.url, labels={"team": "ops"}, generator_url="http://anomalyd/")
+    firing = make_alert()
+    resolved = make_alert(RESOLVED, ended_at=firing.started_at)  # same event time: endsAt must still be later
+    sink.add([firing])
+    sink.flush(5.0)
+    sink.add([resolved])
+    sink.flush(5.0)
+    assert [p for p, _ in recorder.posts] == ["/api/v2/alerts", "/api/v2/alerts"]
+    (f,), (r,) = (b for _, b in recorder.posts)
+    assert f["labels"] == r["labels"] == {
+        "alertname": "AnomalyDetected", "stream": "pump-1", "model": "sensors-gru+sensors-lstm",
+        "severity": "warning", "team": "ops",
+    }  # fmt: skip
+    assert f["startsAt"] == r["startsAt"] == "2023-11-14T22:13:20.000Z"
+    assert r["endsAt"] == "2023-11-14T22:13:20.001Z"
+    assert datetime.fromisoformat(f["endsAt"]) > datetime.fromisoformat(f["startsAt"])
+    assert f["annotations"]["alert_id"] == "a1b2" and f["annotations"]["top_features"] == "temp=0.60, flow=0.30"
+    assert f["annotations"]["score"] == "2.5" and "sensors/2 offsets 10-20" in f["annotations"]["description"]
+    assert f["generatorURL"] == "http://anomalyd/"
+
+
+def test_alertmanager_retries_5xx_then_succeeds(recorder: Recorder) -> None:
+    recorder.script = [(503, "busy"), (500, "oops")]
+    sink = AlertmanagerSink(recorder.url, backoff_s=0.01, max_retries=3)
+    sink.add([make_alert()])
+    sink.flush(10.0)
+    assert len(recorder.posts) == 3
+    assert recorder.posts[0][1] == recorder.posts[2][1]
+
+
+def test_alertmanager_4xx_fails_at_once_with_body(recorder: Recorder) -> None:
+    recorder.script = [(400, "start time must be before end time")]
+    sink = AlertmanagerSink(recorder.url, backoff_s=0.01)
+    sink.add([make_alert()])
+    with pytest.raises(SinkError, match="HTTP 400: start time must be before end time"):
+        sink.flush(10.0)
+    assert len(recorder.posts) == 1
+
+
+def test_alertmanager_keeps_alerts_after_failure_and_delivers_later(recorder: Recorder) -> None:
+    recorder.script = [(503, "down")] * 3
+    sink = AlertmanagerSink(recorder.url, backoff_s=0.01, max_retries=2)
+    sink.add([make_alert()])
+    with pytest.raises(SinkError, match="after 3 attempts: HTTP 503: down"):
+        sink.flush(10.0)
+    sink.flush(10.0)
+    assert len(recorder.posts) == 4 and recorder.posts[3][1][0]["annotations"]["alert_id"] == "a1b2"
+
+
+def test_alertmanager_unreachable_raises_after_retries() -> None:
+    sink = AlertmanagerSink(f"http://127.0.0.1:{closed_port()}", backoff_s=0.01, max_retries=2)
+    sink.add([make_alert()])
+    with pytest.raises(SinkError, match="not delivered after 3 attempts"):
+        sink.flush(10.0)
+
+
+def test_alertmanager_resends_open_firing_until_resolved(recorder: Recorder) -> None:
+    sink = AlertmanagerSink(recorder.url, resend_interval_s=0.0)
+    sink.add([make_alert(), make_alert(id="other", stream="pump-2")])
+    sink.flush(5.0)
+    sink.flush(5.0)  # nothing new: both firing alerts re-posted
+    assert sorted(a["annotations"]["alert_id"] for a in recorder.posts[1][1]) == ["a1b2", "other"]
+    sink.forget_streams(["pump-2"])
+    sink.add([make_alert(RESOLVED, ended_at=1_700_000_060_000)])
+    sink.flush(5.0)
+    assert [a["annotations"]["alert_id"] for a in recorder.posts[2][1]] == ["a1b2"]
+    sink.flush(5.0)
+    assert len(recorder.posts) == 3
+
+
+def test_alertmanager_rejects_bad_label_names() -> None:
+    with pytest.raises(ValueError, match="bad-name"):
+        AlertmanagerSink("http://x", labels={"bad-name": "1"})
+    with pytest.raises(ValueError, match="stream"):
+        AlertmanagerSink("http://x", labels={"stream": "1"})
+
+
+def test_fanout_flushes_all_and_names_the_failing_sink(recorder: Recorder) -> None:
+    recorder.script = [(422, "bad alert")]
+    out = io.StringIO()
+    sink = FanoutSink([AlertmanagerSink(recorder.url), LogSink(out)])
+    sink.add([make_alert()])
+    with pytest.raises(SinkError, match=r"alertmanager: .*HTTP 422: bad alert") as err:
+        sink.flush(5.0)
+    assert "log:" not in str(err.value)
+    assert json.loads(out.getvalue())["id"] == "a1b2"
+    sink.flush(5.0)  # the Alertmanager alert is still queued and now accepted
+    assert len(recorder.posts) == 2
+
+
+def test_kafka_sink_keeps_alerts_when_the_broker_is_unreachable() -> None:
+    producer = ConfluentProducer(f"127.0.0.1:{closed_port()}", **{"log_level": 0})
+    sink = KafkaAlertSink(producer, "alerts")
+    sink.add([make_alert()])
+    with pytest.raises(SinkError, match="kafka topic alerts: 1 alerts not delivered"):
+        sink.flush(0.3)
+    with pytest.raises(SinkError, match="1 alerts not delivered"):
+        sink.flush(0.1)
+    producer.close(0)
+
+
+def test_build_sinks_from_example_config(recorder: Recorder) -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "config.example.yaml").read_text())
+    producer = make_producer("confluent", f"127.0.0.1:{closed_port()}", log_level=0)
+    try:
+        assert [s.name for s in build_sinks(config, producer).sinks] == ["kafka", "log"]
+        section = config["sinks"] | {"alertmanager": {"enabled": True, "url": recorder.url, "labels": {"a": "b"}}}
+        sinks = build_sinks(section, producer).sinks
+        assert [s.name for s in sinks] == ["kafka", "alertmanager", "log"]
+        assert sinks[0].topic == "anomalyd-alerts" and sinks[1].labels == {"severity": "warning", "a": "b"}
+        with pytest.raises(ValueError, match="no Kafka producer"):
+            build_sinks(config)
+        with pytest.raises(ValueError, match="unknown sinks"):
+            build_sinks({"slack": {}})
+        with pytest.raises(ValueError, match="unknown keys"):
+            build_sinks({"kafka": {"topik": "x"}}, producer)
+    finally:
+        producer.close(0)
+
+
+def test_security_options_map_to_each_client(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("s3cret\n")
+    security = {
+        "protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "u",
+        "sasl_password": None, "sasl_password_file": str(tmp_path / "pw"), "ssl_cafile": "/ca.pem",
+    }  # fmt: skip
+    assert client_security_config("kafka-python", security) == {
+        "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "u",
+        "sasl_plain_password": "s3cret", "ssl_cafile": "/ca.pem",
+    }  # fmt: skip
+    assert client_security_config("confluent", security) == {
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "u",
+        "sasl.password": "s3cret", "ssl.ca.location": "/ca.pem",
+    }  # fmt: skip
+    assert client_security_config("confluent", {"protocol": "PLAINTEXT", "ssl_cafile": None}) == {
+        "security.protocol": "PLAINTEXT"
+    }
+    with pytest.raises(ValueError, match="not both"):
+        client_security_config("confluent", security | {"sasl_password": "x"})
+    with pytest.raises(ValueError, match="unknown kafka.security keys"):
+        client_security_config("confluent", {"sasl_pasword": "x"})
+    with pytest.raises(ValueError, match="kafka.client"):
+        client_security_config("librdkafka", {})
