@@ -1,0 +1,62 @@
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "anomalyd.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name: <release>-<chart> unless the release name already contains the chart name. */}}
+{{- define "anomalyd.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "anomalyd.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "anomalyd.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "anomalyd.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "anomalyd.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: detector
+{{- end }}
+
+{{- define "anomalyd.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "anomalyd.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Image reference: tag defaults to appVersion, plus "-cuda" for GPU deployments. */}}
+{{- define "anomalyd.image" -}}
+{{- $tag := .Values.image.tag | default (printf "%s%s" .Chart.AppVersion (ternary "-cuda" "" .Values.gpu.enabled)) }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+
+{{/* Paths of the files mounted from Secrets. */}}
+{{- define "anomalyd.kafkaPasswordFile" -}}/var/run/secrets/kafka/password{{- end }}
+{{- define "anomalyd.kafkaCaFile" -}}/var/run/secrets/kafka-ca/ca.crt{{- end }}
+
+{{/* The daemon's config.yaml: .Values.config plus the paths of Secret-mounted files. */}}
+{{- define "anomalyd.config" -}}
+{{- $cfg := deepCopy .Values.config }}
+{{- if .Values.kafka.credentials.existingSecret }}
+{{- $_ := set $cfg.kafka.security "sasl_password_file" (include "anomalyd.kafkaPasswordFile" .) }}
+{{- $_ := set $cfg.kafka.security "sasl_password" nil }}
+{{- end }}
+{{- if .Values.kafka.tls.caSecret }}
+{{- $_ := set $cfg.kafka.security "ssl_cafile" (include "anomalyd.kafkaCaFile" .) }}
+{{- end }}
+{{- toYaml $cfg }}
+{{- end }}
