@@ -1,0 +1,374 @@
+"""Vectorised sliding-window buffer for many event streams at once.
+
+Each stream ``s`` (a dense integer index chosen by the caller) owns a ring of its last ``W`` accepted
+events, ``F`` float32 features each. The ring is stored *doubled*: storage has shape ``(capacity, 2W, F)``
+and an event with ring slot ``p`` is written at ``p`` and ``p + W``, so any ``W`` consecutive ring slots
+(oldest -> newest) are one contiguous slice and a window is gathered with one memcpy.
+
+``WindowBuffer.add`` takes a batch of events ``(stream, ts, values)`` and returns every window that became
+due, without a Python loop over events:
+
+* events are grouped per stream with a stable argsort (events of one stream keep their input order);
+* an event is *late* (dropped, counted in ``n_late``) iff its ``ts`` is below the stream's largest accepted
+  ``ts`` (a segmented cumulative maximum; equal timestamps are accepted);
+* NaN values are forward filled per stream and feature from the last accepted value (an index
+  ``maximum.accumulate``); a NaN with no previous value for that stream is filled with ``0.0``. Every NaN
+  of an accepted event counts once in ``n_missing`` (values, not events); NaNs of late events do not count;
+* after accepting an event, with ``c`` = the stream's accepted count, a window is due iff ``c >= W`` and
+  ``(c - W) % stride == 0``. All windows are read *before* the batch is written: the window of the
+  ``k``-th new event of a stream (``k < W - 1``) is the ring slice starting at slot ``c % W`` (its
+  ``W - 1 - k`` old events, then stale rows) with the last ``k + 1`` rows patched from the batch; later
+  ones (any number, also more than ``2W`` per stream and batch) are contiguous slices of the batch's own
+  grouped values. Then only the last ``W`` accepted events of each stream are written to the ring.
+
+Memory: storage is float32 (plus an int64 ring of timestamps for ``last_events``) and grows geometrically
+(doubling) as larger stream indices appear; there are no per-stream Python objects. 100,000 streams with
+``W=64, F=8`` take 441 MiB with ``initial_capacity=100_000``, 578 MiB when grown to capacity 131,072
+(while growing, old and new arrays briefly coexist).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_TS_MIN = np.iinfo(np.int64).min
+
+
+@dataclass(frozen=True)
+class WindowBatch:
+    """Windows that became due in one ``WindowBuffer.add`` call, in input (event) order."""
+
+    stream: np.ndarray  # (M,) int64 stream index of each due window
+    windows: np.ndarray  # (M, W, F) float32, oldest -> newest, as of the event that made it due
+    ts: np.ndarray  # (M,) int64 timestamp (ms) of that newest event
+    event_index: np.ndarray  # (M,) int64 position in the input batch of that event
+
+    def __len__(self) -> int:
+        return int(self.stream.shape[0])
+
+
+class WindowBuffer:
+    """Ring buffers of the last ``window`` events for many streams, fed and read in batches."""
+
+    def __init__(self, window: int, n_features: int, stride: int = 1, initial_capacity: int = 1024) -> None:
+        for name, val in (("window", window), ("n_features", n_features), ("stride", stride),
+                          ("initial_capacity", initial_capacity)):
+            if int(val) != val or val < 1:
+                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        self._w = int(window)
+        self._f = int(n_features)
+        self._stride = int(stride)
+        cap = int(initial_capacity)
+        # np.zeros: pages are only touched when a stream is written.
+        self._buf = np.zeros((cap, 2 * self._w, self._f), dtype=np.float32)  # (S, 2W, F) doubled ring
+        self._ring_ts = np.zeros((cap, self._w), dtype=np.int64)  # (S, W) ts of each ring slot
+        self._count = np.zeros(cap, dtype=np.int64)  # (S,) accepted events so far
+        self._last_ts = np.full(cap, _TS_MIN, dtype=np.int64)  # (S,) largest accepted ts
+        self.n_events = 0
+        self.n_accepted = 0
+        self.n_late = 0
+        self.n_missing = 0
+        self.n_warming = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def window(self) -> int:
+        return self._w
+
+    @property
+    def n_features(self) -> int:
+        return self._f
+
+    @property
+    def stride(self) -> int:
+        return self._stride
+
+    @property
+    def capacity(self) -> int:
+        """Number of stream slots allocated (stream indices ``0 .. capacity-1`` fit without growing)."""
+        return int(self._count.shape[0])
+
+    @property
+    def n_streams(self) -> int:
+        """Number of streams currently holding state (at least one accepted or seeded event, not reset)."""
+        return int(np.count_nonzero(self._count))
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the buffer's arrays."""
+        return int(self._buf.nbytes + self._ring_ts.nbytes + self._count.nbytes + self._last_ts.nbytes)
+
+    # ------------------------------------------------------------------ main entry
+    def add(self, stream: np.ndarray, ts: np.ndarray, values: np.ndarray) -> WindowBatch:
+        """Apply a batch of events and return the windows that became due, in input order.
+
+        ``stream`` (N,) non-negative ints, ``ts`` (N,) int64 ms, ``values`` (N, F) floats (NaN = missing).
+        Events of the same stream are applied in input order.
+        """
+        stream, ts, values = self._check_batch(stream, ts, values)
+        n = stream.shape[0]
+        self.n_events += n
+        if n == 0:
+            return self._empty_batch()
+        self._ensure_capacity(int(stream.max()) + 1)
+        w = self._w
+
+        order = np.argsort(stream, kind="stable")  # (N,) groups events per stream, input order kept
+        s = stream[order]
+        t = ts[order]
+        starts, gid = _groups(s)
+        acc = _accept_mask(t, gid, starts, self._last_ts[s[starts]])  # (N,) bool
+        if not acc.all():
+            order, s, t = order[acc], s[acc], t[acc]
+            if s.shape[0] == 0:
+                self.n_late += n
+                return self._empty_batch()
+            starts, gid = _groups(s)
+        a = s.shape[0]
+        self.n_accepted += a
+        self.n_late += n - a
+
+        u = s[starts]  # (G,) streams present
+        sizes = np.diff(np.append(starts, a))  # (G,) accepted events per stream
+        rank = np.arange(a, dtype=np.int64) - starts[gid]  # (A,) 0-based position within its stream
+        c_before = self._count[u]  # (G,)
+        c = c_before[gid] + rank + 1  # (A,) accepted count after each event
+        vals = values[order]  # (A, F) float32
+        nan = np.isnan(vals)
+        n_nan = int(np.count_nonzero(nan))
+        if n_nan:
+            self.n_missing += n_nan
+            vals = self._forward_fill(vals, nan, u, c_before, starts, gid)
+        self.n_warming += int(np.count_nonzero(c < w))
+
+        due = c >= w
+        if self._stride > 1:
+            due &= (c - w) % self._stride == 0
+        idx = np.flatnonzero(due)  # (M,) due events, grouped order
+        idx = idx[np.argsort(order[idx])]  # output (input) order
+        wins = self._windows(vals, s[idx], c[idx], rank[idx], starts[gid[idx]])  # (M, W, F)
+
+        # Write only the last W accepted events of each stream: no slot is written twice.
+        keep = rank >= sizes[gid] - w
+        sw = s[keep]
+        slot = (c[keep] - 1) % w
+        flat = self._buf.reshape(-1, self._f)  # (S*2W, F)
+        row = sw * (2 * w) + slot
+        flat[row] = vals[keep]
+        flat[row + w] = vals[keep]
+        self._ring_ts[sw, slot] = t[keep]
+        self._count[u] = c_before + sizes
+        self._last_ts[u] = t[starts + sizes - 1]
+        return WindowBatch(s[idx], wins, t[idx], order[idx])
+
+    def _windows(self, vals: np.ndarray, s: np.ndarray, c: np.ndarray, k: np.ndarray,
+                 first: np.ndarray) -> np.ndarray:
+        """Windows of due events, read *before* this batch is written to the ring: (M, W, F).
+
+        ``vals`` (A, F) the batch's accepted values grouped by stream; per due event: stream ``s``,
+        count ``c`` after it, rank ``k`` within its stream in this batch and ``first`` row of its stream
+        in ``vals``.
+        A window holds ``W - 1 - k`` old ring events followed by new events ``first .. first + k``.
+        When ``k < W - 1`` it is gathered from the ring starting at slot ``c % W`` (old events, then
+        ``k + 1`` stale rows) and its tail is patched from ``vals``; otherwise it is a contiguous slice
+        of ``vals``.
+        """
+        w = self._w
+        mixed = k < w - 1  # (M,)
+        n_mixed = int(np.count_nonzero(mixed))
+        if mixed.shape[0] == 0:
+            return np.zeros((0, w, self._f), dtype=np.float32)
+        ring_start = s * (2 * w) + c % w  # (M,) valid ring rows for every window
+        vals_start = np.maximum(first + k - (w - 1), 0)  # (M,) valid rows of vals where k >= W-1
+        if n_mixed == 0:
+            return self._gather(vals, vals_start)
+        # Gather everything from the majority source, then overwrite the minority's windows.
+        if 2 * n_mixed >= mixed.shape[0]:
+            wins = self._gather(self._buf, ring_start)  # (M, W, F)
+            if n_mixed < mixed.shape[0]:
+                wins[~mixed] = self._gather(vals, vals_start[~mixed])
+        else:
+            wins = self._gather(vals, vals_start)
+            wins[mixed] = self._gather(self._buf, ring_start[mixed])
+        km, fm = k[mixed], first[mixed]
+        if int(km.max()) == 0:  # one new event per window: the common case
+            wins[mixed, w - 1] = vals[fm]
+            return wins
+        n_new = km + 1  # (Mm,) rows to patch per window
+        rep = np.repeat(np.flatnonzero(mixed), n_new)  # (T,)
+        off = np.arange(rep.shape[0]) - np.repeat(np.cumsum(n_new) - n_new, n_new)  # (T,) 0 .. k
+        dst = rep * w + np.repeat(w - n_new, n_new) + off
+        wins.reshape(-1, self._f)[dst] = vals[np.repeat(fm, n_new) + off]
+        return wins
+
+    # ------------------------------------------------------------------ state access
+    def stream_count(self, stream: np.ndarray) -> np.ndarray:
+        """Events accepted (or seeded) so far for each given stream, (K,) int64; unknown streams give 0."""
+        stream = self._check_streams(stream)
+        out = np.zeros(stream.shape[0], dtype=np.int64)
+        inside = stream < self.capacity
+        out[inside] = self._count[stream[inside]]
+        return out
+
+    def last_events(self, stream: int) -> tuple[np.ndarray, np.ndarray]:
+        """The stream's last ``k <= W`` accepted events, oldest first: ``(ts (k,) int64, values (k, F))``.
+
+        Values are as stored, i.e. with NaNs already forward filled.
+        """
+        s = self._check_streams(np.asarray([stream]))[0]
+        if s >= self.capacity or self._count[s] == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self._f), dtype=np.float32)
+        c = int(self._count[s])
+        k = min(c, self._w)
+        slots = np.arange(c - k, c) % self._w  # (k,)
+        return self._ring_ts[s, slots].copy(), self._buf[s, slots].copy()
+
+    def seed(self, stream: int, ts: np.ndarray, values: np.ndarray, count: int | None = None) -> None:
+        """Replace a stream's state by the given events (e.g. from ``last_events`` after a rebalance).
+
+        No windows are produced and no counters change. ``ts`` must be non-decreasing. NaNs are forward
+        filled (0.0 when there is no previous value). Only the last ``W`` events are kept. ``count`` is the
+        stream's accepted count to record (default ``len(ts)``); pass the original ``stream_count`` to keep
+        the stride phase. The next event may then complete a window.
+        """
+        s = int(self._check_streams(np.asarray([stream]))[0])
+        _, ts_arr, vals = self._check_batch(np.zeros(np.shape(ts)[:1], dtype=np.int64), ts, values)
+        k = ts_arr.shape[0]
+        cnt = k if count is None else int(count)
+        if cnt < k:
+            raise ValueError(f"count ({cnt}) must be >= the number of seeded events ({k})")
+        if k > 1 and np.any(np.diff(ts_arr) < 0):
+            raise ValueError("seed timestamps must be non-decreasing")
+        self._ensure_capacity(s + 1)
+        self.reset_streams(np.asarray([s]))
+        if k == 0:
+            return
+        if np.isnan(vals).any():
+            z = np.zeros((1,), dtype=np.int64)
+            vals = self._forward_fill(vals, np.isnan(vals), np.asarray([s]), z, z, np.zeros(k, np.int64))
+        ts_arr, vals = ts_arr[-self._w:], vals[-self._w:]
+        slots = np.arange(cnt - ts_arr.shape[0], cnt) % self._w
+        self._buf[s, slots] = vals
+        self._buf[s, slots + self._w] = vals
+        self._ring_ts[s, slots] = ts_arr
+        self._count[s] = cnt
+        self._last_ts[s] = ts_arr[-1]
+
+    def reset_streams(self, stream: np.ndarray) -> None:
+        """Forget the given streams (e.g. partition revoked); they start afresh on their next event."""
+        stream = self._check_streams(stream)
+        stream = stream[stream < self.capacity]
+        self._count[stream] = 0
+        self._last_ts[stream] = _TS_MIN
+
+    # ------------------------------------------------------------------ helpers
+    def _forward_fill(self, vals: np.ndarray, nan: np.ndarray, u: np.ndarray, c_before: np.ndarray,
+                      starts: np.ndarray, gid: np.ndarray) -> np.ndarray:
+        """Replace NaNs by the previous value of the same stream and feature (0.0 when there is none).
+
+        ``vals`` (A, F) grouped by stream (``starts`` (G,), ``gid`` (A,)); ``u`` (G,) streams,
+        ``c_before`` (G,) their accepted counts before these events (the ring's newest value fills the
+        NaNs that have no earlier value in the batch).
+        """
+        src = np.where(nan, -1, np.arange(vals.shape[0], dtype=np.int64)[:, None])  # (A, F)
+        np.maximum.accumulate(src, axis=0, out=src)  # last non-NaN row so far, per feature
+        r, f = np.nonzero(nan)  # (K,) NaN cells
+        j = src[r, f]
+        g = gid[r]
+        own = j >= starts[g]  # a non-NaN value of the same stream earlier in the batch
+        fill = np.zeros(r.shape[0], dtype=np.float32)  # (K,)
+        fill[own] = vals[j[own], f[own]]
+        ring = ~own & (c_before[g] > 0)  # take the stream's newest stored value
+        if ring.any():
+            gr = g[ring]
+            fill[ring] = self._buf[u[gr], (c_before[gr] - 1) % self._w, f[ring]]
+        out = vals.copy()
+        out[r, f] = fill
+        return out
+
+    def _gather(self, arr: np.ndarray, start_rows: np.ndarray) -> np.ndarray:
+        """Copy ``W`` consecutive F-rows of ``arr`` starting at each of ``start_rows``: (M, W, F)."""
+        w, f = self._w, self._f
+        rows = arr.size // f
+        blk = np.dtype((np.void, w * f * 4))
+        # One opaque W*F*4-byte element per possible start row: fancy indexing is then one memcpy per window.
+        view = np.ndarray(shape=(rows - w + 1,), dtype=blk, buffer=arr, offset=0, strides=(f * 4,))
+        return view[start_rows].view(np.float32).reshape(start_rows.shape[0], w, f)
+
+    def _ensure_capacity(self, needed: int) -> None:
+        cap = self.capacity
+        if needed <= cap:
+            return
+        new = max(needed, 2 * cap)
+        buf = np.zeros((new, 2 * self._w, self._f), dtype=np.float32)
+        buf[:cap] = self._buf
+        ring_ts = np.zeros((new, self._w), dtype=np.int64)
+        ring_ts[:cap] = self._ring_ts
+        self._buf, self._ring_ts = buf, ring_ts
+        self._count = np.concatenate([self._count, np.zeros(new - cap, dtype=np.int64)])
+        self._last_ts = np.concatenate([self._last_ts, np.full(new - cap, _TS_MIN, dtype=np.int64)])
+
+    def _empty_batch(self) -> WindowBatch:
+        e = np.zeros(0, dtype=np.int64)
+        return WindowBatch(e, np.zeros((0, self._w, self._f), dtype=np.float32), e.copy(), e.copy())
+
+    def _check_streams(self, stream: np.ndarray) -> np.ndarray:
+        stream = np.asarray(stream)
+        if stream.ndim != 1 or (stream.size and not np.issubdtype(stream.dtype, np.integer)):
+            raise ValueError(
+                f"stream must be a 1-D integer array, got shape {stream.shape} dtype {stream.dtype}")
+        stream = stream.astype(np.int64, copy=False)
+        if stream.size and stream.min() < 0:
+            raise ValueError("stream indices must be >= 0")
+        return stream
+
+    def _check_batch(self, stream: np.ndarray, ts: np.ndarray,
+                     values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        stream = self._check_streams(stream)
+        n = stream.shape[0]
+        ts = np.asarray(ts)
+        if ts.shape != (n,) or (n and not np.issubdtype(ts.dtype, np.integer)):
+            raise ValueError(
+                f"ts must be an integer array of shape ({n},), got shape {ts.shape} dtype {ts.dtype}")
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape != (n, self._f):
+            raise ValueError(f"values must have shape ({n}, {self._f}), got {values.shape}")
+        return stream, ts.astype(np.int64, copy=False), values
+
+
+def _groups(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a stream array sorted by stream: first row of each group ``starts`` (G,), group of each row
+    ``gid`` (N,)."""
+    new = np.empty(s.shape[0], dtype=bool)
+    new[0] = True
+    np.not_equal(s[1:], s[:-1], out=new[1:])
+    return np.flatnonzero(new), np.cumsum(new) - 1
+
+
+def _accept_mask(t: np.ndarray, gid: np.ndarray, starts: np.ndarray, init: np.ndarray) -> np.ndarray:
+    """Events not late: ``t >= max(init of its group, t of earlier events of its group)``, (N,) bool.
+
+    A segmented cumulative maximum: timestamps are mapped to small non-negative keys ``x`` (an offset, or
+    dense ranks when the key ``group * span + x`` could overflow) and the running maximum of that key never
+    crosses from one group into the next. Late events may be included in the running max: they are below
+    it anyway.
+    """
+    lo, hi = int(t.min()), int(t.max())
+    g = starts.shape[0]
+    if (hi - lo + 3) * g < 2**62 and lo > _TS_MIN + 2:
+        # init outside [lo-1, hi+1] compares with every t like its clipped value.
+        x = t - (lo - 1)  # (N,) in [1, hi-lo+1]
+        x0 = np.clip(init, lo - 1, hi + 1) - (lo - 1)  # (G,)
+        span = hi - lo + 3
+    else:
+        _, inv = np.unique(np.concatenate([t, init]), return_inverse=True)
+        x, x0 = inv[: t.shape[0]].astype(np.int64), inv[t.shape[0]:].astype(np.int64)
+        span = int(inv.max()) + 1
+    off = gid * span  # (N,)
+    run = np.maximum.accumulate(off + x)  # (N,)
+    prev = np.empty_like(run)
+    prev[0] = -1
+    prev[1:] = run[:-1] - off[1:]
+    prev[starts] = -1  # nothing earlier in the group
+    return x >= np.maximum(prev, x0[gid])

@@ -1,0 +1,267 @@
+"""WindowBuffer against a simple per-stream deque reference on random event orders."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+
+from detector.windows import WindowBatch, WindowBuffer
+
+
+class _RefBuffer:
+    """Event-by-event reference: one deque of the last W (ts, values) per stream."""
+
+    def __init__(self, window: int, n_features: int, stride: int) -> None:
+        self.w, self.f, self.stride = window, n_features, stride
+        self.rings: dict[int, deque] = {}
+        self.count: dict[int, int] = {}
+        self.last_ts: dict[int, int] = {}
+        self.n_events = self.n_accepted = self.n_late = self.n_missing = self.n_warming = 0
+
+    def add(self, stream, ts, values) -> list[tuple[int, np.ndarray, int, int]]:
+        out = []
+        for i, (s, t, v) in enumerate(zip(stream.tolist(), ts.tolist(), values, strict=True)):
+            self.n_events += 1
+            if s in self.last_ts and t < self.last_ts[s]:
+                self.n_late += 1
+                continue
+            self.n_accepted += 1
+            ring = self.rings.setdefault(s, deque(maxlen=self.w))
+            prev = ring[-1][1] if ring else np.zeros(self.f, dtype=np.float32)
+            v = np.asarray(v, dtype=np.float32).copy()
+            nan = np.isnan(v)
+            self.n_missing += int(nan.sum())
+            v[nan] = prev[nan]
+            ring.append((t, v))
+            self.last_ts[s] = t
+            c = self.count[s] = self.count.get(s, 0) + 1
+            if c < self.w:
+                self.n_warming += 1
+            elif (c - self.w) % self.stride == 0:
+                out.append((s, np.stack([x[1] for x in ring]), t, i))
+        return out
+
+    def reset(self, streams) -> None:
+        for s in np.asarray(streams).tolist():
+            self.rings.pop(s, None)
+            self.count.pop(s, None)
+            self.last_ts.pop(s, None)
+
+
+def _assert_same(batch: WindowBatch, ref_out: list, w: int, f: int) -> None:
+    assert len(batch) == len(ref_out)
+    assert batch.windows.shape == (len(ref_out), w, f) and batch.windows.dtype == np.float32
+    for a in (batch.stream, batch.ts, batch.event_index):
+        assert a.dtype == np.int64 and a.shape == (len(ref_out),)
+    if ref_out:
+        np.testing.assert_array_equal(batch.stream, [r[0] for r in ref_out])
+        np.testing.assert_array_equal(batch.windows, np.stack([r[1] for r in ref_out]))
+        np.testing.assert_array_equal(batch.ts, [r[2] for r in ref_out])
+        np.testing.assert_array_equal(batch.event_index, [r[3] for r in ref_out])
+
+
+def _assert_state(buf: WindowBuffer, ref: _RefBuffer, n_streams_seen: int) -> None:
+    for name in ("n_events", "n_accepted", "n_late", "n_missing", "n_warming"):
+        assert getattr(buf, name) == getattr(ref, name), name
+    ids = np.arange(n_streams_seen + 3)
+    np.testing.assert_array_equal(buf.stream_count(ids), [ref.count.get(s, 0) for s in ids.tolist()])
+    assert buf.n_streams == sum(1 for c in ref.count.values() if c > 0)
+    for s in ids.tolist():
+        ts, vals = buf.last_events(s)
+        ring = ref.rings.get(s, ())
+        np.testing.assert_array_equal(ts, [x[0] for x in ring])
+        assert vals.shape == (len(ring), buf.n_features)
+        if ring:
+            np.testing.assert_array_equal(vals, np.stack([x[1] for x in ring]))
+
+
+def _random_batch(rng: np.random.Generator, n: int, n_streams: int, f: int, clock: np.ndarray,
+                  nan_p: float, late_p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random events; per-stream clocks advance, some events jump back in time, some repeat a timestamp."""
+    stream = rng.integers(0, n_streams, n)
+    ts = np.empty(n, dtype=np.int64)
+    for i, s in enumerate(stream.tolist()):  # test data only
+        r = rng.random()
+        if r < late_p:
+            ts[i] = clock[s] - rng.integers(1, 50)
+        else:
+            clock[s] += 0 if r < late_p + 0.1 else rng.integers(1, 20)
+            ts[i] = clock[s]
+    values = rng.normal(size=(n, f)).astype(np.float32)
+    values[rng.random((n, f)) < nan_p] = np.nan
+    return stream, ts, values
+
+
+@pytest.mark.parametrize("w,f,stride,seed", [
+    (1, 2, 1, 0), (2, 1, 1, 1), (3, 2, 3, 2), (4, 3, 1, 3), (5, 2, 3, 4), (8, 1, 2, 5), (3, 1, 1, 6),
+])
+def test_matches_reference_on_random_batches(w: int, f: int, stride: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    buf = WindowBuffer(w, f, stride=stride, initial_capacity=2)
+    ref = _RefBuffer(w, f, stride)
+    clock = np.zeros(64, dtype=np.int64)
+    n_streams = 2
+    sizes = [0, 1, 2, 7, 40, 3 * w * 2 + 5, 200, 1, 13, 150, 5]
+    for step in range(40):
+        n = sizes[step % len(sizes)]
+        if step % 6 == 5:
+            n_streams = min(64, n_streams + 5)  # new streams appear mid-way
+        # few streams in big batches -> many (> 2W) events of one stream per batch
+        k = 1 if step % 7 == 3 else n_streams
+        stream, ts, values = _random_batch(rng, n, k, f, clock, nan_p=0.2, late_p=0.15)
+        if k == 1:
+            stream[:] = n_streams - 1 if step % 2 else 0
+            ts = np.sort(ts) if step % 3 else ts
+        _assert_same(buf.add(stream, ts, values), ref.add(stream, ts, values), w, f)
+        _assert_state(buf, ref, n_streams)
+    assert buf.n_accepted > 500 and buf.n_late > 20 and buf.n_missing > 100
+
+
+def test_long_single_stream_batches_more_than_2w() -> None:
+    w, f = 4, 2
+    buf, ref = WindowBuffer(w, f, stride=3), _RefBuffer(w, f, 3)
+    rng = np.random.default_rng(7)
+    t0 = 0
+    for n in (3, 1, 25, 9, 2, 31):
+        ts = t0 + np.arange(n, dtype=np.int64)
+        t0 += n
+        stream = np.zeros(n, dtype=np.int64)
+        stream[::5] = 1
+        values = rng.normal(size=(n, f)).astype(np.float32)
+        out = buf.add(stream, ts, values)
+        expected = ref.add(stream, ts, values)
+        _assert_same(out, expected, w, f)
+    assert buf.n_accepted == 71 and buf.n_late == 0
+
+
+def test_huge_timestamp_span_uses_rank_path() -> None:
+    w, f = 2, 1
+    buf, ref = WindowBuffer(w, f), _RefBuffer(w, f, 1)
+    rng = np.random.default_rng(11)
+    i64 = np.iinfo(np.int64)
+    big = np.array([-(2**62), -5, 0, 3, 2**62, i64.max, i64.min], dtype=np.int64)
+    for _ in range(5):
+        n = 60
+        stream = rng.integers(0, 20, n)
+        ts = big[rng.integers(0, big.size, n)]
+        values = rng.normal(size=(n, f)).astype(np.float32)
+        _assert_same(buf.add(stream, ts, values), ref.add(stream, ts, values), w, f)
+        _assert_state(buf, ref, 20)
+    assert buf.n_late > 0
+
+
+def test_nan_without_history_is_zero_and_counted() -> None:
+    buf = WindowBuffer(2, 2)
+    out = buf.add(np.array([0, 0]), np.array([1, 2]), np.array([[np.nan, 1.0], [2.0, np.nan]]))
+    assert buf.n_missing == 2
+    np.testing.assert_array_equal(out.windows[0], [[0.0, 1.0], [2.0, 1.0]])
+
+
+def test_equal_timestamp_is_accepted_and_older_dropped() -> None:
+    buf = WindowBuffer(2, 1)
+    buf.add(np.array([3]), np.array([10]), np.ones((1, 1)))
+    out = buf.add(np.array([3, 3, 3]), np.array([10, 9, 11]), np.array([[2.0], [5.0], [3.0]]))
+    assert (buf.n_accepted, buf.n_late, buf.n_warming) == (3, 1, 1)
+    np.testing.assert_array_equal(out.event_index, [0, 2])
+    np.testing.assert_array_equal(out.windows[:, :, 0], [[1.0, 2.0], [2.0, 3.0]])
+
+
+def test_seed_last_events_round_trip() -> None:
+    w, f, stride = 4, 2, 3
+    rng = np.random.default_rng(3)
+    a = WindowBuffer(w, f, stride=stride)
+    clock = np.zeros(10, dtype=np.int64)
+    for n in (30, 50):
+        a.add(*_random_batch(rng, n, 10, f, clock, nan_p=0.2, late_p=0.1))
+    b = WindowBuffer(w, f, stride=stride, initial_capacity=1)
+    counts = a.stream_count(np.arange(10))
+    for s in range(10):
+        ts, vals = a.last_events(s)
+        b.seed(s, ts, vals, count=int(counts[s]))
+    assert (b.n_events, b.n_accepted, b.n_missing) == (0, 0, 0)
+    np.testing.assert_array_equal(b.stream_count(np.arange(10)), counts)
+    for s in range(10):
+        for x, y in zip(a.last_events(s), b.last_events(s), strict=True):
+            np.testing.assert_array_equal(x, y)
+    for n in (1, 40, 7):
+        batch = _random_batch(rng, n, 10, f, clock, nan_p=0.2, late_p=0.1)
+        oa, ob = a.add(*batch), b.add(*batch)
+        for name in ("stream", "windows", "ts", "event_index"):
+            np.testing.assert_array_equal(getattr(oa, name), getattr(ob, name))
+        assert len(oa) > 0 or n == 1
+
+
+def test_seed_completes_window_on_next_event() -> None:
+    buf = WindowBuffer(3, 1)
+    buf.seed(5, np.array([1, 2]), np.array([[np.nan], [4.0]]))
+    assert buf.n_missing == 0 and buf.n_streams == 1
+    out = buf.add(np.array([5]), np.array([3]), np.array([[6.0]]))
+    np.testing.assert_array_equal(out.windows[0, :, 0], [0.0, 4.0, 6.0])
+    assert len(buf.add(np.array([5]), np.array([2]), np.array([[1.0]]))) == 0  # late vs seeded ts
+    with pytest.raises(ValueError, match="non-decreasing"):
+        buf.seed(1, np.array([2, 1]), np.zeros((2, 1)))
+    with pytest.raises(ValueError, match="count"):
+        buf.seed(1, np.array([1, 2]), np.zeros((2, 1)), count=1)
+
+
+def test_reset_streams_forgets_state() -> None:
+    w, f = 3, 2
+    rng = np.random.default_rng(5)
+    buf, ref = WindowBuffer(w, f, stride=1), _RefBuffer(w, f, 1)
+    clock = np.zeros(12, dtype=np.int64)
+    for step in range(12):
+        batch = _random_batch(rng, 25, 12, f, clock, nan_p=0.3, late_p=0.2)
+        _assert_same(buf.add(*batch), ref.add(*batch), w, f)
+        if step % 3 == 1:
+            gone = rng.choice(12, size=4, replace=False)
+            buf.reset_streams(np.append(gone, 10_000))  # unknown index is ignored
+            ref.reset(gone)
+            clock[gone] -= 100  # a reset stream accepts any timestamp again
+        _assert_state(buf, ref, 12)
+
+
+def test_capacity_grows_geometrically_and_memory_fits() -> None:
+    buf = WindowBuffer(2, 1, initial_capacity=1)
+    buf.add(np.array([0]), np.array([0]), np.zeros((1, 1)))
+    assert buf.capacity == 1
+    buf.add(np.array([1]), np.array([0]), np.zeros((1, 1)))
+    assert buf.capacity == 2
+    buf.add(np.array([2]), np.array([0]), np.zeros((1, 1)))
+    assert buf.capacity == 4
+    buf.add(np.array([100]), np.array([0]), np.zeros((1, 1)))
+    assert buf.capacity == 101 and buf.n_streams == 4
+    np.testing.assert_array_equal(buf.stream_count(np.array([0, 1, 2, 3, 100, 5000])), [1, 1, 1, 0, 1, 0])
+    big = WindowBuffer(64, 8, initial_capacity=100_000)  # zero pages are not touched until written
+    assert big.memory_bytes() < 2**30 // 2
+    assert (big.window, big.n_features, big.stride, big.n_streams) == (64, 8, 1, 0)
+
+
+def test_empty_and_all_late_batches() -> None:
+    buf = WindowBuffer(2, 3)
+    out = buf.add(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, 3)))
+    assert len(out) == 0 and out.windows.shape == (0, 2, 3)
+    buf.add(np.array([0, 0]), np.array([5, 6]), np.ones((2, 3)))
+    out = buf.add(np.array([0, 0]), np.array([1, 2]), np.ones((2, 3)))
+    assert len(out) == 0 and buf.n_late == 2 and buf.n_events == 4
+
+
+@pytest.mark.parametrize("kwargs", [dict(window=0, n_features=1), dict(window=2, n_features=0),
+                                    dict(window=2, n_features=1, stride=0)])
+def test_constructor_rejects_bad_sizes(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        WindowBuffer(**kwargs)
+
+
+def test_add_rejects_bad_input() -> None:
+    buf = WindowBuffer(2, 2)
+    with pytest.raises(ValueError, match="values"):
+        buf.add(np.array([0]), np.array([1]), np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="ts"):
+        buf.add(np.array([0]), np.array([1.5]), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match=">= 0"):
+        buf.add(np.array([-1]), np.array([1]), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="stream"):
+        buf.add(np.array([0.0]), np.array([1]), np.zeros((1, 2)))
+    assert buf.n_events == 0
