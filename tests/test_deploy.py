@@ -357,3 +357,31 @@ def test_helm_values_schema_rejects_bad_values(helm: str) -> None:
     for bad in ("config.alerts.k=0", "models.source=nfs", "config.models.device=tpu", "unknownKey=1"):
         proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set", bad])
         assert proc.returncode != 0 and "schema" in proc.stderr, bad
+
+
+def _anomalyd_commands() -> dict[str, list[str]]:
+    """Every ``anomalyd`` command line the artefacts run: compose services, the image's CMD, the chart's args."""
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    commands = {name: svc["command"] for name, svc in services.items()
+                if svc.get("image", "").startswith("anomalyd") and "entrypoint" not in svc}
+    script = services["train"]["command"][0].replace("\\\n", " ").replace("$$kind", "gru").replace('"', "")
+    for i, line in enumerate(script.splitlines()):
+        if line.strip().startswith("anomalyd "):
+            commands[f"train script line {i + 1}"] = shlex.split(line)[1:]
+    instructions, _ = _dockerfile()
+    commands["Dockerfile CMD"] = json.loads(next(rest for kw, rest in instructions if kw == "CMD"))
+    deployment = (CHART / "templates" / "deployment.yaml").read_text()
+    commands["chart args"] = json.loads(re.search(r"args: (\[.*\])", deployment).group(1))
+    return commands
+
+
+def test_anomalyd_commands_parse_with_the_real_cli() -> None:
+    cli = pytest.importorskip("pipelines.cli")
+    commands = _anomalyd_commands()
+    assert {"anomalyd", "producer", "Dockerfile CMD", "chart args"} <= commands.keys()
+    assert sum(name.startswith("train script") for name in commands) == 2  # produce history, then train
+    for name, argv in commands.items():
+        try:
+            cli.build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{name}: `anomalyd {' '.join(argv)}` is rejected by pipelines.cli")
