@@ -1,0 +1,345 @@
+"""Decoding of sensor messages (JSON, UTF-8) from Kafka, one whole poll batch per call.
+
+Accepted formats (extra top-level keys are ignored)::
+
+    {"stream": "pump-17", "ts": 1764180000123, "values": {"temp": 71.2, "vib": 0.03}}   # by feature name
+    {"stream": "pump-17", "ts": "2026-11-26T20:00:00Z", "values": [71.2, 0.03]}      # in feature order
+    {"stream": "pump-17", "ts": 1764180000123, "value": 0.93}                         # univariate
+
+``ts`` is epoch milliseconds (int, or float truncated) or an ISO 8601 string with ``Z`` or an offset; missing or
+null -> the broker timestamp. Missing ``stream`` -> the message key (UTF-8). A feature that is null, or absent
+from a ``values`` object, becomes NaN (the window buffer carries the last value forward). Everything else that
+cannot be decoded or validated is rejected with one of :data:`REASONS` (a bounded set, usable as a metric label)
+for the dead-letter topic; :func:`dead_letter_headers` builds that message's headers.
+
+Uses ``orjson`` when importable (extra ``fast``), else the standard ``json`` module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    orjson = None
+
+REASONS = ("oversized", "bad_encoding", "bad_json", "not_an_object", "missing_stream", "bad_timestamp",
+           "missing_values", "bad_value_type", "non_finite", "unknown_feature", "wrong_length")
+"""Every reason a message can be rejected for."""
+HEADER_REASON = "anomalyd-error-reason"
+HEADER_DETAIL = "anomalyd-error-detail"
+HEADER_TOPIC = "anomalyd-source-topic"
+HEADER_PARTITION = "anomalyd-source-partition"
+HEADER_OFFSET = "anomalyd-source-offset"
+MAX_DETAIL_CHARS = 500
+
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+_NUMBER_TYPES = frozenset({float, int, type(None)})  # None -> NaN; bool is not int here (type(True) is bool)
+_NON_FINITE_WORDS = frozenset({"nan", "inf", "infinity"})
+_UNSEEN = object()
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The ordered feature names of the models a stream is routed to. Equal (and hashed) by ``names``;
+    ``index`` maps a name to its column and is derived from ``names`` when not given."""
+
+    names: tuple[str, ...]
+    index: dict[str, int] = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", tuple(self.names))
+        if len(set(self.names)) != len(self.names) or not self.names:
+            raise ValueError(f"feature names must be non-empty and unique, got {self.names}")
+        if self.index is None:
+            object.__setattr__(self, "index", {name: j for j, name in enumerate(self.names)})
+
+
+@dataclass
+class DecodedGroup:
+    """The valid messages of one batch whose streams share a :class:`FeatureSpec`, in input order."""
+
+    spec: FeatureSpec
+    ok_index: np.ndarray  # (N,) int64, positions in the input batch
+    stream: list[str]  # (N)
+    ts: np.ndarray  # (N,) int64, epoch milliseconds
+    values: np.ndarray  # (N, F) float32, NaN = missing
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+
+@dataclass
+class DecodedBatch:
+    """Result of :func:`decode_batch`: valid messages grouped by feature spec, rejected messages as
+    ``(position, reason, detail)`` in input order, and messages of unrouted streams as ``(position, stream)``."""
+
+    groups: dict[FeatureSpec, DecodedGroup]
+    rejected: list[tuple[int, str, str]]
+    unrouted: list[tuple[int, str]]
+
+    @property
+    def n_ok(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+
+class _Reject(Exception):
+    """A message fails validation for ``reason`` (one of REASONS)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+class _NonFinite(ValueError):
+    """The standard json module met NaN, Infinity or a float literal that overflows."""
+
+
+def _reject_constant(word: str) -> float:
+    raise _NonFinite(f"non-finite number literal {word}")
+
+
+def _checked_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise _NonFinite(f"number {text[:40]} overflows a double")
+    return x
+
+
+def _stdlib_loads(raw: bytes) -> object:
+    """The parser used without orjson (NaN/Infinity literals refused; overflowing floats caught later)."""
+    return json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
+
+
+_loads: Callable[[bytes], object] = orjson.loads if orjson is not None else _stdlib_loads
+
+
+def decode_batch(
+    values: Sequence[bytes | None],
+    keys: Sequence[bytes | None],
+    broker_ts: Sequence[int] | np.ndarray,
+    feature_lookup: Callable[[str], FeatureSpec | None],
+    max_bytes: int,
+) -> DecodedBatch:
+    """Decode and validate one poll batch.
+
+    ``values``, ``keys`` and ``broker_ts`` (epoch ms; < 0 = unknown) are parallel per message.
+    ``feature_lookup(stream)`` gives the stream's feature spec (None = unrouted); it is called once per distinct
+    stream per batch. Messages longer than ``max_bytes`` are rejected as ``oversized``."""
+    n = len(values)
+    if len(keys) != n or len(broker_ts) != n:
+        raise ValueError(f"values, keys and broker_ts differ in length: {n}, {len(keys)}, {len(broker_ts)}")
+    bts = broker_ts.tolist() if isinstance(broker_ts, np.ndarray) else broker_ts
+    specs: dict[str, FeatureSpec | None] = {}
+    accs: dict[FeatureSpec, tuple[list, list, list, list]] = {}  # positions, streams, ts, flat values
+    rejected: list[tuple[int, str, str]] = []
+    unrouted: list[tuple[int, str]] = []
+    loads, number_types = _loads, _NUMBER_TYPES
+    for i in range(n):
+        raw = values[i]
+        try:
+            if raw is None:
+                raise _Reject("bad_json", "message has no value (tombstone)")
+            if len(raw) > max_bytes:
+                raise _Reject("oversized", f"{len(raw)} bytes > max_message_bytes {max_bytes}")
+            try:
+                obj = loads(raw)
+            except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
+                raise _parse_error(raw) from None
+            if type(obj) is not dict:
+                raise _Reject("not_an_object", f"expected a JSON object, got {_json_type(obj)}")
+            stream = obj.get("stream")
+            if type(stream) is not str or not stream:
+                stream = _stream_from_key(stream, keys[i])
+            ts = obj.get("ts")
+            if type(ts) is not int or not _I64_MIN <= ts <= _I64_MAX:
+                ts = _broker_ts(bts[i]) if ts is None else _parse_ts(ts)
+            spec = specs.get(stream, _UNSEEN)
+            if spec is _UNSEEN:
+                spec = specs[stream] = feature_lookup(stream)
+            if spec is None:
+                unrouted.append((i, stream))
+                continue
+            vals = obj.get("values")  # fast paths: complete list or object of numbers/nulls, else _values_row
+            if type(vals) is list and len(vals) == len(spec.names):
+                row = vals
+            elif type(vals) is dict and len(vals) == len(spec.names) and vals.keys() == spec.index.keys():
+                row = list(map(vals.__getitem__, spec.names))
+            else:
+                row = [obj["value"]] if vals is None and len(spec.names) == 1 and "value" in obj else None
+            if row is None or not number_types.issuperset(map(type, row)) or ("value" in obj) == ("values" in obj):
+                row = _values_row(obj, spec)
+        except _Reject as r:
+            rejected.append((i, r.reason, r.detail))
+            continue
+        acc = accs.get(spec)
+        if acc is None:
+            acc = accs[spec] = ([], [], [], [])
+        acc[0].append(i)
+        acc[1].append(stream)
+        acc[2].append(ts)
+        acc[3].extend(row)
+    groups = {spec: _finish_group(spec, *acc, rejected) for spec, acc in accs.items()}
+    rejected.sort()
+    return DecodedBatch({s: g for s, g in groups.items() if len(g)}, rejected, unrouted)
+
+
+def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+    """Headers of a dead-lettered message: the reason, the detail (at most 500 characters) and the source."""
+    if len(detail) > MAX_DETAIL_CHARS:
+        detail = detail[: MAX_DETAIL_CHARS - 1] + "\u2026"
+    return [
+        (HEADER_REASON, reason.encode("utf-8")),
+        (HEADER_DETAIL, detail.encode("utf-8", "backslashreplace")),
+        (HEADER_TOPIC, topic.encode("utf-8")),
+        (HEADER_PARTITION, str(int(partition)).encode("ascii")),
+        (HEADER_OFFSET, str(int(offset)).encode("ascii")),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- slow paths
+
+
+def _short(v: object, limit: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _json_type(v: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if v is None else names.get(type(v), type(v).__name__)
+
+
+def _parse_error(raw: bytes) -> _Reject:
+    """Classify a message the fast parser refused: bad_encoding, non_finite or bad_json."""
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _Reject("bad_encoding", f"not valid UTF-8: {exc}")
+    try:
+        json.loads(text, parse_constant=_reject_constant, parse_float=_checked_float)
+    except _NonFinite as exc:
+        return _Reject("non_finite", str(exc))
+    except (ValueError, RecursionError) as exc:
+        return _Reject("bad_json", f"invalid JSON: {exc}")
+    try:
+        _loads(raw)
+    except (ValueError, RecursionError) as exc:
+        return _Reject("bad_json", f"invalid JSON: {exc}")
+    return _Reject("bad_json", "invalid JSON")  # pragma: no cover - the fast parser refused it before
+
+
+def _stream_from_key(stream: object, key: bytes | None) -> str:
+    """The stream id when the message has no usable ``stream``: the Kafka key, if any."""
+    if stream is not None and type(stream) is not str:
+        raise _Reject("bad_value_type", f"stream must be a string, got {_json_type(stream)}")
+    if not key:
+        raise _Reject("missing_stream", "no 'stream' in the message and no message key")
+    try:
+        return bytes(key).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Reject("bad_encoding", f"message key is not valid UTF-8: {_short(bytes(key))}") from None
+
+
+def _broker_ts(ts: int | None) -> int:
+    if ts is None or ts < 0:
+        raise _Reject("bad_timestamp", "no 'ts' in the message and no broker timestamp")
+    return int(ts)
+
+
+def _parse_ts(ts: object) -> int:
+    """Epoch milliseconds from a float, an out-of-range int or an ISO 8601 string; rejects everything else."""
+    if type(ts) is str:
+        try:
+            dt = datetime.fromisoformat(ts)
+        except ValueError:
+            raise _Reject("bad_timestamp", f"not an ISO 8601 timestamp: {_short(ts)}") from None
+        if dt.tzinfo is None:
+            raise _Reject("bad_timestamp", f"timestamp {_short(ts)} has no timezone (add Z or an offset)")
+        return (dt - _EPOCH) // _MS
+    if type(ts) is float and math.isfinite(ts) and _I64_MIN <= ts < _I64_MAX:
+        return int(ts)
+    if type(ts) in (int, float):
+        raise _Reject("bad_timestamp", f"timestamp {_short(ts)} is out of range")
+    raise _Reject("bad_timestamp", f"ts must be epoch milliseconds or an ISO 8601 string, got {_json_type(ts)}")
+
+
+def _values_row(obj: dict, spec: FeatureSpec) -> list:
+    """The message's F feature values (numbers or None) in ``spec`` order, or a rejection."""
+    names = spec.names
+    if "value" in obj:
+        if "values" in obj:
+            raise _Reject("bad_value_type", "message has both 'value' and 'values'")
+        v = obj["value"]
+        if type(v) in (list, dict):
+            raise _Reject("bad_value_type", f"'value' must be a number or null, got {_json_type(v)}")
+        if len(names) != 1:
+            raise _Reject("wrong_length", f"univariate 'value' but the stream's models take {len(names)} features")
+        row = [v]
+    else:
+        vals = obj.get("values")
+        if vals is None:
+            raise _Reject("missing_values", "message has no 'values' (or 'value')")
+        if type(vals) is list:
+            if len(vals) != len(names):
+                raise _Reject("wrong_length", f"{len(vals)} values for {len(names)} features {list(names)}")
+            row = vals
+        elif type(vals) is dict:
+            row = _row_from_object(vals, spec)
+        else:
+            raise _Reject("bad_value_type", f"'values' must be an array or an object, got {_json_type(vals)}")
+    if not _NUMBER_TYPES.issuperset(map(type, row)):
+        for name, v in zip(names, row, strict=True):
+            if type(v) not in _NUMBER_TYPES:
+                if type(v) is str and v.strip().lstrip("+-").lower() in _NON_FINITE_WORDS:
+                    raise _Reject("non_finite", f"feature {name!r}: {_short(v)} is not a finite number")
+                raise _Reject("bad_value_type", f"feature {name!r}: expected a number or null, got {_json_type(v)}")
+    return row
+
+
+def _row_from_object(vals: dict, spec: FeatureSpec) -> list:
+    """Values by feature name -> row in ``spec`` order, absent features as None."""
+    if not vals:
+        raise _Reject("missing_values", "'values' is an empty object")
+    if len(vals) == len(spec.names) and vals.keys() == spec.index.keys():
+        return list(map(vals.__getitem__, spec.names))
+    row: list = [None] * len(spec.names)
+    index = spec.index
+    for name, v in vals.items():
+        j = index.get(name)
+        if j is None:
+            raise _Reject("unknown_feature", f"unknown feature {_short(name)}; expected some of {list(spec.names)}")
+        row[j] = v
+    return row
+
+
+def _finish_group(spec: FeatureSpec, pos: list, streams: list, ts: list, flat: list,
+                  rejected: list[tuple[int, str, str]]) -> DecodedGroup:
+    """Arrays of one group; rows with a value that is infinite or overflows float32 move to ``rejected``."""
+    f = len(spec.names)
+    try:
+        wide = np.array(flat, dtype=np.float64)  # None -> NaN
+    except OverflowError:  # an integer beyond the double range (standard json parser only)
+        wide = np.array([x if type(x) is not int or abs(x) < 2**1023 else math.inf for x in flat], dtype=np.float64)
+    with np.errstate(over="ignore"):
+        values = wide.reshape(-1, f).astype(np.float32)  # (N, F)
+    bad = np.isinf(values).any(axis=1)  # (N,)
+    if bad.any():
+        for r in np.flatnonzero(bad).tolist():
+            detail = f"a value of {list(spec.names)} is infinite or beyond the float32 range"
+            rejected.append((pos[r], "non_finite", detail))
+        keep = ~bad
+        values = values[keep]
+        pos = [p for p, k in zip(pos, keep.tolist(), strict=True) if k]
+        streams = [s for s, k in zip(streams, keep.tolist(), strict=True) if k]
+        ts = [t for t, k in zip(ts, keep.tolist(), strict=True) if k]
+    return DecodedGroup(spec, np.array(pos, dtype=np.int64), streams, np.array(ts, dtype=np.int64), values)
