@@ -32,7 +32,7 @@ from .kafka_io import Producer, make_producer
 from .metrics import Metrics
 from .model_store import LoadedModel, ModelStore
 from .routes import RouteState
-from .routing import RouteSpec, Router
+from .routing import Router, RouteSpec
 from .sinks import FanoutSink, SinkError, build_sinks
 from .source import RecordBatch, Source, TopicPartition, make_source
 
@@ -63,6 +63,7 @@ class Daemon:
         self._resume: dict[TopicPartition, int] = {}  # replay (no scoring) below these offsets
         self._uncommitted: dict[TopicPartition, int] = {}  # next offset to commit per partition
         self._assigned: set[TopicPartition] = set()
+        self._new_assignments: set[TopicPartition] = set()
         self._oldest_pending: float | None = None
         self._last_reload_check = time.monotonic()
         self.events_seen = 0
@@ -124,11 +125,11 @@ class Daemon:
         return i
 
     def _on_revoke(self, tps: list[TopicPartition]) -> None:
+        """Runs inside poll: no blocking client calls are allowed there (kafka-python 3), so pending windows are
+        scored and their alerts handed to the sinks, and the partitions' state is dropped. Their uncommitted
+        records are re-read by the next owner from the last commit (same alert ids: duplicates, never loss)."""
         log.info("partitions revoked: %s", tps)
-        try:
-            self.flush()
-        except SinkError as exc:
-            log.error("flush on revoke failed, not committing: %s", exc)
+        self.flush()
         ids = [self._tp_ids[tp] for tp in tps if tp in self._tp_ids]
         for route in self.routes:
             gone = route.forget_partitions(ids)
@@ -138,28 +139,60 @@ class Daemon:
             self._uncommitted.pop(tp, None)
             self._resume.pop(tp, None)
         self._assigned -= set(tps)
+        self._new_assignments -= set(tps)
         self.metrics.assigned_partitions.set(len(self._assigned))
 
-    def _on_assign(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    def _on_assign(self, tps: list[TopicPartition]) -> None:
+        """Runs inside poll: only records the assignment; :meth:`_start_assigned` does the seeking after it."""
         log.info("partitions assigned: %s", tps)
         self.metrics.rebalances.inc()
         self._assigned |= set(tps)
+        self._new_assignments |= set(tps)
         self.metrics.assigned_partitions.set(len(self._assigned))
+
+    def _start_assigned(self, batch: RecordBatch) -> RecordBatch:
+        """Position newly assigned partitions to rebuild their windows; drop their records from ``batch``.
+
+        With rebuild metadata in the last commit, seek to the lowest offset still inside a window and replay up to
+        the committed offset without scoring; otherwise start at the committed offset (or, without a commit, at
+        the first record this poll returned). Records of these partitions in ``batch`` are re-read after the seek.
+        """
+        tps = sorted(self._new_assignments)
+        self._new_assignments.clear()
+        committed = self.source.committed(tps)
+        first: dict[TopicPartition, int] = {}
+        for i, (t, p) in enumerate(zip(batch.topic, batch.partition.tolist(), strict=True)):
+            first.setdefault((t, p), int(batch.offset[i]))
         starts: dict[TopicPartition, int] = {}
-        for tp, got in self.source.committed(tps).items():
+        for tp in tps:
+            got = committed.get(tp)
             if got is None:
+                if tp in first:
+                    starts[tp] = first[tp]
                 continue
-            committed, meta = got
+            offset, meta = got
             try:
                 floor = int(json.loads(meta).get("rebuild_from", -1)) if meta else -1
             except (ValueError, AttributeError):
                 floor = -1
-            if 0 <= floor < committed:
+            if 0 <= floor < offset:
                 starts[tp] = floor
-                self._resume[tp] = committed
+                self._resume[tp] = offset
+            else:
+                starts[tp] = offset
+        for tp, off in starts.items():
+            self.source.seek(tp, off)
         if starts:
-            log.info("rebuilding windows by replaying from %s", starts)
-        return starts
+            log.info("positions after assignment (rebuilding windows below the committed offsets %s): %s",
+                     {tp: o for tp, o in self._resume.items() if tp in starts}, starts)
+        moved = set(tps)
+        keep = np.array([(t, p) not in moved for t, p in
+                         zip(batch.topic, batch.partition.tolist(), strict=True)], dtype=bool)
+        if keep.all():
+            return batch
+        idx = np.flatnonzero(keep)
+        return RecordBatch([batch.topic[i] for i in idx], batch.partition[idx], batch.offset[idx],
+                           batch.timestamp[idx], [batch.key[i] for i in idx], [batch.value[i] for i in idx])
 
     # -- the loop --------------------------------------------------------------------------------------
     def request_stop(self, *_args) -> None:
@@ -225,6 +258,8 @@ class Daemon:
             if count is not None and self.events_seen >= count:
                 break
             batch = self.source.poll(self.cfg.kafka.poll_max_records, self.cfg.kafka.poll_timeout_ms)
+            if self._new_assignments:
+                batch = self._start_assigned(batch)
             if len(batch):
                 self.process(batch)
             pending = sum(r.pending_windows for r in self.routes)

@@ -19,8 +19,7 @@ __all__ = ["TopicPartition", "RecordBatch", "Source", "KafkaPythonSource", "Conf
 
 TopicPartition = tuple[str, int]
 RebalanceCallback = Callable[[list[TopicPartition]], None]
-AssignCallback = Callable[[list[TopicPartition]], Mapping[TopicPartition, int] | None]
-"""Called with newly assigned partitions; may return ``{tp: offset}`` positions to start from."""
+AssignCallback = RebalanceCallback
 
 
 @dataclass
@@ -80,16 +79,12 @@ class KafkaPythonSource:
             fetch_max_bytes=64 << 20, **client_security_config("kafka-python", security), **extra,
         )
 
-        consumer = self._consumer
-
         class _Listener(ConsumerRebalanceListener):
             def on_partitions_revoked(self, revoked):  # noqa: N805 - kafka-python's signature
                 on_revoke([(tp.topic, tp.partition) for tp in revoked])
 
             def on_partitions_assigned(self, assigned):  # noqa: N805
-                starts = on_assign([(tp.topic, tp.partition) for tp in assigned]) or {}
-                for (t, p), off in starts.items():
-                    consumer.seek(KTP(t, p), off)
+                on_assign([(tp.topic, tp.partition) for tp in assigned])
 
         pat = _is_pattern(topics, pattern)
         if pat:
@@ -148,7 +143,8 @@ class ConfluentSource:
                  session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 3000,
                  auto_offset_reset: str = "earliest", max_partition_fetch_bytes: int = 4 << 20,
                  **extra: Any) -> None:
-        from confluent_kafka import Consumer, TopicPartition as CTP  # noqa: N817
+        from confluent_kafka import Consumer  # noqa: N817
+        from confluent_kafka import TopicPartition as CTP
 
         self._CTP = CTP
         conf = {
@@ -163,11 +159,7 @@ class ConfluentSource:
         subs = ["^" + pat.lstrip("^")] if pat else list(topics)
 
         def _assign(consumer, parts):
-            starts = on_assign([(p.topic, p.partition) for p in parts]) or {}
-            if starts:  # librdkafka: start positions are given by (re)assigning with offsets
-                for p in parts:
-                    p.offset = starts.get((p.topic, p.partition), p.offset)
-                consumer.assign(parts)
+            on_assign([(p.topic, p.partition) for p in parts])
 
         def _revoke(consumer, parts):
             on_revoke([(p.topic, p.partition) for p in parts])

@@ -1,0 +1,149 @@
+"""Shared pieces of the daemon integration tests: tiny trained models, configs, producing, reading alerts."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from detector.models import ModelConfig
+from detector.training import TrainConfig, train_detector
+from pipelines.kafka_io import make_producer
+from pipelines.model_store import ModelStore
+from pipelines.produce import SyntheticFleet, produce_live
+
+HISTORY = 1500
+INTERVAL_MS = 1000
+N_STREAMS = 4
+WINDOW = 16
+
+
+def fleet() -> SyntheticFleet:
+    return SyntheticFleet(n_streams=N_STREAMS, n_features=4, prefix="pump", seed=3)
+
+
+def train_models(models_dir: Path) -> list[str]:
+    f = fleet()
+    history = f.history(HISTORY)
+    names = []
+    for kind in ("gru", "lstm"):
+        cfg = ModelConfig(kind=kind, n_features=4, window=WINDOW, hidden_size=16, latent_size=8)
+        det = train_detector(history, cfg, TrainConfig(epochs=12, lr=5e-3, batch_size=64, patience=3, max_windows=3000,
+                                                       device="cpu", threshold="spot",
+                                                       threshold_params={"risk": 1e-4}),
+                             feature_names=f.feature_names, log=None)
+        ModelStore(models_dir).save(f"it-{kind}", det)
+        names.append(f"it-{kind}")
+    return names
+
+
+def config_dict(bootstrap: str, topic: str, models_dir: Path, models: list[str], group: str, alerts_topic: str,
+                **overrides) -> dict:
+    cfg = {
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": group, "topics": [topic],
+                  "dead_letter_topic": f"{topic}-dlq", "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
+                  "poll_timeout_ms": 100},
+        "models": {"dir": str(models_dir), "served": [{"name": n} for n in models], "device": "cpu",
+                   "watch_interval_s": 3600},
+        "routes": [{"match": "pump-*", "models": models, "combine": "max"}],
+        "processing": {"max_delay_ms": 20, "max_batch_windows": 512},
+        "alerts": {"k": 3, "n": 5, "m": 10, "cooldown_s": 300},
+        "sinks": {"kafka": {"enabled": True, "topic": alerts_topic}, "log": {"enabled": False}},
+        "http": {"bind": "127.0.0.1", "port": 0},
+        "shutdown": {"grace_period_s": 20},
+    }
+    for key, value in overrides.items():
+        section, _, sub = key.partition("__")
+        if sub:
+            cfg.setdefault(section, {})[sub] = value
+        else:
+            cfg[section] = value
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def produce_with_anomalies(bootstrap: str, topic: str, steps: int, kinds: tuple[str, ...],
+                           truth_path: Path | None = None) -> tuple[list[dict], int]:
+    """Produce ``steps`` steps of every stream (continuing the training history) with one anomaly per kind."""
+    f = fleet()
+    plan = f.plan(HISTORY, steps, n_anomalies=len(kinds), length=25, kinds=kinds)
+    data, truth = f.live(HISTORY, steps, plan)
+    t0 = int(time.time() * 1000) - HISTORY * INTERVAL_MS
+    producer = make_producer("kafka-python", bootstrap)
+    try:
+        n = produce_live(producer, topic, f, data, HISTORY, t0, INTERVAL_MS, None, truth, truth_path)
+    finally:
+        producer.close()
+    return truth, n
+
+
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 5.0) -> list:
+    """Every record of ``topic`` from the beginning (kafka-python ConsumerRecords)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or [])]
+        if not parts:
+            return []
+        c.assign(parts)
+        c.seek_to_beginning(*parts)
+        ends = c.end_offsets(parts)
+        out = []
+        deadline = time.monotonic() + timeout_s
+        while any(c.position(tp) < ends[tp] for tp in parts) and time.monotonic() < deadline:
+            for recs in c.poll(timeout_ms=200).values():
+                out.extend(recs)
+        return out
+    finally:
+        c.close()
+
+
+def read_alerts(bootstrap: str, topic: str) -> list[dict]:
+    return [json.loads(r.value) for r in read_topic(bootstrap, topic)]
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets of ``topic`` (partitions without a commit are left out)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        out = {}
+        for p in sorted(c.partitions_for_topic(topic) or []):
+            off = c.committed(TopicPartition(topic, p))
+            if off is not None and off >= 0:
+                out[p] = off
+        return out
+    finally:
+        c.close(autocommit=False)
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or [])]
+        return {tp.partition: off for tp, off in c.end_offsets(parts).items()}
+    finally:
+        c.close()
+
+
+def firing_per_anomaly(truth: list[dict], alerts: list[dict], slack_ms: int) -> list[list[dict]]:
+    """For each injected anomaly, the distinct firing alerts (by id) on its stream that start near it."""
+    out = []
+    for t in truth:
+        ids = {}
+        for a in alerts:
+            if (a["status"] == "firing" and a["stream"] == t["stream"]
+                    and t["start_ts"] - slack_ms <= a["started_at"] <= t["end_ts"] + slack_ms):
+                ids[a["id"]] = a
+        out.append(list(ids.values()))
+    return out

@@ -1,0 +1,196 @@
+"""The daemon against a real Kafka broker: detection end to end, bad input, crash, rebalance, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pipelines.config import load_config
+from pipelines.daemon import Daemon
+from pipelines.kafka_io import make_producer
+from pipelines.kafka_local import create_topic
+
+from .daemon_support import (
+    INTERVAL_MS,
+    WINDOW,
+    committed_offsets,
+    config_dict,
+    end_offsets,
+    firing_per_anomaly,
+    produce_with_anomalies,
+    read_alerts,
+    read_topic,
+    train_models,
+    write_config,
+)
+
+KINDS = ("spike", "level_shift", "correlation")
+SLACK_MS = 2 * WINDOW * INTERVAL_MS
+FALSE_ALARM_BUDGET = 1  # firing alerts per run not explained by an injected anomaly
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    return d, train_models(d)
+
+
+def _start(cmd_cfg, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--log-level", "INFO", "run", "-c", str(cmd_cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            text=True)
+
+
+def _wait_committed(bootstrap, group, topic, target: dict[int, int], timeout_s: float) -> dict[int, int]:
+    deadline = time.monotonic() + timeout_s
+    got = {}
+    while time.monotonic() < deadline:
+        got = committed_offsets(bootstrap, group, topic)
+        if all(got.get(p, -1) >= off for p, off in target.items()):
+            return got
+        time.sleep(0.5)
+    return got
+
+
+def _check_detection(truth, alerts):
+    per = firing_per_anomaly(truth, alerts, SLACK_MS)
+    for t, hits in zip(truth, per, strict=True):
+        assert len(hits) == 1, f"{t['kind']} on {t['stream']}: {len(hits)} distinct firing alerts"
+    explained = {a["id"] for hits in per for a in hits}
+    other = {a["id"] for a in alerts if a["status"] == "firing"} - explained
+    assert len(other) <= FALSE_ALARM_BUDGET, f"{len(other)} false alarms"
+
+
+def test_end_to_end_every_anomaly_alerted_once(kafka_bootstrap, topic_name, models, tmp_path):
+    models_dir, names = models
+    create_topic(kafka_bootstrap, topic_name, partitions=2)
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, f"g-{topic_name}", f"{topic_name}-alerts")
+    truth, n = produce_with_anomalies(kafka_bootstrap, topic_name, 300, KINDS)
+    daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    assert daemon.run(count=n, timeout=120) == 0
+    alerts = read_alerts(kafka_bootstrap, f"{topic_name}-alerts")
+    _check_detection(truth, alerts)
+    for a in alerts:
+        assert a["model"] == "+".join(names) and a["top_features"] and a["source"]["topic"] == topic_name
+    assert committed_offsets(kafka_bootstrap, f"g-{topic_name}", topic_name) == end_offsets(kafka_bootstrap, topic_name)
+    reg = daemon.registry
+    assert reg.get_sample_value("anomalyd_alerts_total", {"model": "+".join(names), "status": "firing"}) >= 3
+    assert reg.get_sample_value("anomalyd_events_total", {"topic": topic_name, "outcome": "scored"}) > 0
+
+
+def test_bad_input_goes_to_dead_letter_topic(kafka_bootstrap, topic_name, models, tmp_path):
+    models_dir, names = models
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, f"g-{topic_name}", f"{topic_name}-alerts")
+    good = [{"stream": "pump-0", "ts": 1764180000000 + i * 1000, "values": [0.1, 0.2, 0.3, 0.4]} for i in range(40)]
+    bad = [b"{not json", b"[1,2]", json.dumps({"ts": 5, "values": [1, 2, 3, 4]}).encode(),
+           json.dumps({"stream": "pump-1", "values": ["a", 2, 3, 4]}).encode(),
+           json.dumps({"stream": "pump-1", "values": {"nope": 1.0}}).encode(),
+           b'{"stream": "pump-1", "values": [NaN, 1, 2, 3]}', b"\xff\xfe", b"x" * 70000]
+    producer = make_producer("kafka-python", kafka_bootstrap, max_request_size=200000)
+    for i, msg in enumerate(good):
+        producer.produce(topic_name, json.dumps(msg).encode())
+        if i < len(bad):
+            producer.produce(topic_name, bad[i])
+    producer.flush(30)
+    producer.close()
+    daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    assert daemon.run(count=len(good) + len(bad), timeout=60) == 0
+    dlq = read_topic(kafka_bootstrap, f"{topic_name}-dlq")
+    assert sorted(r.value for r in dlq) == sorted(bad)
+    reasons = {dict(r.headers)["anomalyd-error-reason"].decode() for r in dlq}
+    assert {"bad_json", "not_an_object", "missing_stream", "bad_value_type", "unknown_feature", "non_finite",
+            "bad_encoding", "oversized"} <= reasons
+    scored = daemon.registry.get_sample_value("anomalyd_events_total", {"topic": topic_name, "outcome": "scored"})
+    assert scored == len(good) - WINDOW + 1
+
+
+def test_sigterm_exits_zero_with_offsets_committed(kafka_bootstrap, topic_name, models, tmp_path):
+    models_dir, names = models
+    create_topic(kafka_bootstrap, topic_name, partitions=2)
+    group = f"g-{topic_name}"
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, group, f"{topic_name}-alerts")
+    _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 200, KINDS[:1])
+    proc = _start(write_config(tmp_path / "c.yaml", cfg))
+    try:
+        ends = end_offsets(kafka_bootstrap, topic_name)
+        got = _wait_committed(kafka_bootstrap, group, topic_name, ends, 90)
+        assert got == ends, proc.stdout.read() if proc.poll() is not None else got
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert committed_offsets(kafka_bootstrap, group, topic_name) == ends
+
+
+def test_kill_9_and_restart_misses_no_anomaly(kafka_bootstrap, topic_name, models, tmp_path):
+    models_dir, names = models
+    create_topic(kafka_bootstrap, topic_name, partitions=2)
+    group = f"g-{topic_name}"
+    alerts_topic = f"{topic_name}-alerts"
+    cfg_path = write_config(tmp_path / "c.yaml", config_dict(kafka_bootstrap, topic_name, models_dir, names, group,
+                                                             alerts_topic, processing={"max_delay_ms": 20,
+                                                                                       "max_batch_windows": 64}))
+    proc = _start(cfg_path)
+    holder = {}
+    producer = threading.Thread(target=lambda: holder.update(r=produce_with_anomalies(
+        kafka_bootstrap, topic_name, 300, KINDS)))
+    producer.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(committed_offsets(kafka_bootstrap, group, topic_name).values()):
+        time.sleep(0.2)
+    proc.kill()  # SIGKILL mid-stream: no flush, no commit
+    proc.wait(timeout=10)
+    producer.join(timeout=60)
+    truth, _ = holder["r"]
+    proc = _start(cfg_path)
+    try:
+        ends = end_offsets(kafka_bootstrap, topic_name)
+        assert _wait_committed(kafka_bootstrap, group, topic_name, ends, 90) == ends
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    alerts = read_alerts(kafka_bootstrap, alerts_topic)
+    per = firing_per_anomaly(truth, alerts, SLACK_MS)
+    assert all(hits for hits in per), [t["kind"] for t, h in zip(truth, per, strict=True) if not h]
+
+
+def test_rebalance_two_members_share_partitions(kafka_bootstrap, topic_name, models, tmp_path):
+    models_dir, names = models
+    create_topic(kafka_bootstrap, topic_name, partitions=4)
+    group = f"g-{topic_name}"
+    alerts_topic = f"{topic_name}-alerts"
+    cfg_path = write_config(tmp_path / "c.yaml", config_dict(kafka_bootstrap, topic_name, models_dir, names, group,
+                                                             alerts_topic))
+    a, b = _start(cfg_path), _start(cfg_path)
+    try:
+        time.sleep(1.0)
+        truth, _ = produce_with_anomalies(kafka_bootstrap, topic_name, 300, KINDS)
+        ends = end_offsets(kafka_bootstrap, topic_name)
+        half = {p: off // 2 for p, off in ends.items()}
+        _wait_committed(kafka_bootstrap, group, topic_name, half, 90)
+        b.send_signal(signal.SIGTERM)  # hands its partitions over to a
+        assert b.wait(timeout=30) == 0
+        assert _wait_committed(kafka_bootstrap, group, topic_name, ends, 90) == ends
+        a.send_signal(signal.SIGTERM)
+        assert a.wait(timeout=30) == 0
+        log_a = a.stdout.read()
+        log_b = b.stdout.read()
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
+    assert "partitions assigned" in log_a and "partitions assigned" in log_b
+    alerts = read_alerts(kafka_bootstrap, alerts_topic)
+    per = firing_per_anomaly(truth, alerts, SLACK_MS)
+    assert all(hits for hits in per), [t["kind"] for t, h in zip(truth, per, strict=True) if not h]
