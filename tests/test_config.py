@@ -1,0 +1,311 @@
+"""Tests of pipelines.config: defaults, every error kind, environment overrides, aggregation, secrets, model files."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import (
+    Config,
+    ConfigError,
+    Route,
+    SecurityConfig,
+    ServedModel,
+    check_model_files,
+    load_config,
+)
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "config.example.yaml"
+
+
+def errors_of(d: dict | None = None, *, path: Path | None = None, env: dict | None = None) -> list[str]:
+    """The error lines of an invalid config (from a dict, or a file plus environment)."""
+    with pytest.raises(ConfigError) as info:
+        if path is None and env is None:
+            Config.from_dict(d)
+        else:
+            load_config(path, env=env or {})
+    assert str(info.value).splitlines()[1:] == info.value.errors  # one per line after the header
+    return info.value.errors
+
+
+def one_error(d: dict, key: str) -> str:
+    (line,) = errors_of(d)
+    assert line.startswith(f"<string>: {key}: "), line
+    return line
+
+
+def write_yaml(tmp_path: Path, d: dict) -> Path:
+    path = tmp_path / "anomalyd.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- defaults
+
+
+def test_defaults_equal_the_example_file():
+    assert load_config(EXAMPLE, env={}) == Config()
+    assert Config.from_dict(yaml.safe_load(EXAMPLE.read_text())) == Config()
+    assert load_config(None, env={}) == Config() and Config.from_dict({}) == Config()
+
+
+def test_example_values():
+    cfg = load_config(EXAMPLE, env={})
+    assert cfg.source == str(EXAMPLE)
+    assert cfg.kafka.topics == ["sensors"] and cfg.kafka.security.protocol == "PLAINTEXT"
+    assert cfg.models.served == [ServedModel("sensors-gru", None), ServedModel("sensors-lstm", None)]
+    assert cfg.routes == [Route(match="pump-*", models=["sensors-gru", "sensors-lstm"], combine="max")]
+    assert (cfg.alerts.k, cfg.alerts.n, cfg.alerts.m, cfg.http.port) == (3, 5, 10, 9308)
+    assert cfg.default_models == [] and cfg.sinks.alertmanager.labels == {}
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().alerts.k = 4  # type: ignore[misc]
+
+
+def test_int_accepted_for_float_and_null_section_means_defaults():
+    cfg = Config.from_dict({"alerts": {"cooldown_s": 7}, "shutdown": None})
+    assert cfg.alerts.cooldown_s == 7.0 and isinstance(cfg.alerts.cooldown_s, float)
+    assert cfg.shutdown == Config().shutdown
+
+
+def test_route_matching():
+    assert Route(match="pump-*", models=["m"]).matches("pump-17")
+    assert not Route(match="pump-*", models=["m"]).matches("Pump-17")
+    assert Route(regex="^pump-[0-9]+$", models=["m"]).matches("pump-17")
+    assert not Route(regex="^pump-[0-9]+$", models=["m"]).matches("pump-x")
+
+
+# ---------------------------------------------------------------------------------------------- error kinds
+
+
+@pytest.mark.parametrize("d, key, text", [
+    ({"alerts": {"kk": 3}}, "alerts.kk", "did you mean 'k'"),
+    ({"bogus": 1}, "bogus", "unknown key"),
+    ({"kafka": {"security": {"protocl": "SSL"}}}, "kafka.security.protocl", "did you mean 'protocol'"),
+    ({"alerts": {"k": True}}, "alerts.k", "expected int, got bool"),
+    ({"alerts": {"k": "3"}}, "alerts.k", "expected int, got str"),
+    ({"alerts": {"cooldown_s": "60s"}}, "alerts.cooldown_s", "expected a finite float"),
+    ({"alerts": {"cooldown_s": float("inf")}}, "alerts.cooldown_s", "expected a finite float"),
+    ({"sinks": {"log": {"enabled": "yes"}}}, "sinks.log.enabled", "expected bool"),
+    ({"kafka": {"group_id": 5}}, "kafka.group_id", "quote it"),
+    ({"kafka": {"topics": "sensors"}}, "kafka.topics", "expected a list"),
+    ({"kafka": "broker:9092"}, "kafka", "expected a mapping"),
+    ({"models": {"served": [{"name": "a", "version": 2}]}, "default_models": ["a"], "routes": []},
+     "models.served[0].version", "quote it"),
+    ({"kafka": {"client": "librdkafka"}}, "kafka.client", "must be one of kafka-python, confluent"),
+    ({"kafka": {"auto_offset_reset": "none"}}, "kafka.auto_offset_reset", "must be one of"),
+    ({"models": {"precision": "float64"}}, "models.precision", "must be one of"),
+    ({"models": {"device": "gpu"}}, "models.device", "must be auto, cpu"),
+    ({"routes": [{"match": "*", "models": ["sensors-gru"], "combine": "sum"}]}, "routes[0].combine", "max, mean"),
+    ({"alerts": {"k": 6}}, "alerts.k", "must be <= alerts.n (5)"),
+    ({"alerts": {"n": 65, "k": 3}}, "alerts.n", "must be <= 64"),
+    ({"alerts": {"k": 0}}, "alerts.k", "must be >= 1"),
+    ({"alerts": {"m": 0}}, "alerts.m", "must be >= 1"),
+    ({"http": {"port": 65536}}, "http.port", "must be <= 65535"),
+    ({"http": {"port": -1}}, "http.port", "must be >= 0"),
+    ({"processing": {"stride": 0}}, "processing.stride", "must be >= 1"),
+    ({"models": {"watch_interval_s": 0}}, "models.watch_interval_s", "must be > 0"),
+    ({"kafka": {"heartbeat_interval_ms": 10000}}, "kafka.heartbeat_interval_ms", "must be < kafka.session_timeout"),
+    ({"kafka": {"group_id": ""}}, "kafka.group_id", "must not be empty"),
+    ({"kafka": {"topics": []}}, "kafka.topics", "no topics to consume"),
+    ({"kafka": {"topic_pattern": "^s-.*", "topics": ["a"]}}, "kafka.topic_pattern", "not both"),
+    ({"kafka": {"topic_pattern": "(", "topics": []}}, "kafka.topic_pattern", "invalid regex"),
+    ({"routes": [{"match": "a", "regex": "a", "models": ["sensors-gru"]}]}, "routes[0]", "exactly one of"),
+    ({"routes": [{"models": ["sensors-gru"]}]}, "routes[0]", "exactly one of"),
+    ({"routes": [{"regex": "pump-[", "models": ["sensors-gru"]}]}, "routes[0].regex", "invalid regex"),
+    ({"routes": [{"match": "*"}]}, "routes[0].models", "missing required key"),
+    ({"routes": [{"match": "*", "models": []}]}, "routes[0].models", "must not be empty"),
+    ({"routes": [{"match": "*", "models": ["nope"]}]}, "routes[0].models[0]", "'nope' is not in models.served"),
+    ({"default_models": ["sensors-gru", "nope"]}, "default_models[1]", "not in models.served"),
+    ({"models": {"served": [{"name": "a"}, {"name": "a"}]}, "routes": []}, "models.served[1].name", "served twice"),
+    ({"models": {"served": [{"name": "../a"}]}, "routes": []}, "models.served[0].name", "plain directory name"),
+    ({"models": {"served": []}}, "models.served", "must not be empty"),
+    ({"kafka": {"security": {"protocol": "SASL_SSL"}}}, "kafka.security.sasl_mechanism", "needs a sasl_mechanism"),
+    ({"kafka": {"security": {"protocol": "SSL", "ssl_cafile": "/nonexistent/ca.pem"}}},
+     "kafka.security.ssl_cafile", "not found"),
+    ({"sinks": {"alertmanager": {"url": "alertmanager:9093"}}}, "sinks.alertmanager.url", "http:// or https://"),
+    ({"sinks": {"alertmanager": {"labels": {"team-a": "x"}}}}, "sinks.alertmanager.labels.team-a", "label name"),
+    ({"sinks": {"alertmanager": {"labels": {"team": 5}}}}, "sinks.alertmanager.labels.team", "expected str"),
+])
+def test_error_kinds(d, key, text):
+    assert text in one_error(d, key)
+
+
+def test_sasl_mechanism_without_credentials():
+    errors = errors_of({"kafka": {"security": {"protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512"}}})
+    assert len(errors) == 2 and all(e.startswith("<string>: kafka.security.sasl_mechanism: ") for e in errors)
+    assert "sasl_username" in errors[0] and "sasl_password" in errors[1]
+
+
+def test_sasl_mechanism_needs_sasl_protocol():
+    sec = {"protocol": "SSL", "sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "p"}
+    assert "needs protocol SASL_PLAINTEXT or SASL_SSL" in one_error({"kafka": {"security": sec}},
+                                                                     "kafka.security.sasl_mechanism")
+
+
+def test_topic_pattern_replaces_default_topics():
+    cfg = Config.from_dict({"kafka": {"topic_pattern": "^sensors-.*"}})
+    assert cfg.kafka.topics == [] and cfg.kafka.topic_pattern == "^sensors-.*"
+
+
+def test_errors_are_aggregated_and_name_the_file(tmp_path):
+    path = write_yaml(tmp_path, {"alerts": {"k": 9, "m": 0, "extra": 1}, "http": {"port": "80"},
+                                 "routes": [{"match": "x", "regex": "y", "models": ["ghost"]}]})
+    errors = errors_of(path=path)
+    assert len(errors) == 6, errors
+    assert all(e.startswith(f"{path}: ") for e in errors)
+    keys = sorted(e.split(": ")[1] for e in errors)
+    assert keys == ["alerts.extra", "alerts.k", "alerts.m", "http.port", "routes[0]", "routes[0].models[0]"]
+    with pytest.raises(ConfigError, match=r"invalid configuration \(6 errors\)"):
+        load_config(path, env={})
+
+
+def test_bad_served_model_does_not_cause_spurious_reference_errors():
+    errors = errors_of({"models": {"served": [{"version": "1"}, {"name": "sensors-lstm"}]}})  # [0] is dropped
+    assert errors == ["<string>: models.served[0].name: missing required key"]
+
+
+def test_unreadable_or_invalid_files(tmp_path):
+    (missing,) = errors_of(path=tmp_path / "nope.yaml")
+    assert "nope.yaml: cannot read config file" in missing
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kafka: [unclosed\n")
+    assert errors_of(path=bad) == [f"{bad}: invalid YAML at line 2, column 1: expected ',' or ']', but got "
+                                   "'<stream end>' (while parsing a flow sequence)"]
+    bad.write_text("- a\n- b\n")
+    assert errors_of(path=bad) == [f"{bad}: (top level): expected a mapping, got list ['a', 'b']"]
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    assert load_config(empty, env={}) == Config()
+
+
+# ---------------------------------------------------------------------------------------------- environment
+
+
+def test_env_overrides_on_top_of_file():
+    env = {
+        "ANOMALYD_KAFKA__BOOTSTRAP_SERVERS": "broker-1:9092,broker-2:9092",
+        "ANOMALYD_KAFKA__TOPICS": "[a, b]",
+        "anomalyd_alerts__k": "4",  # names are case-insensitive
+        "ANOMALYD_Alerts__Cooldown_S": "1.5",
+        "ANOMALYD_KAFKA__SECURITY__PROTOCOL": "SASL_SSL",
+        "ANOMALYD_KAFKA__SECURITY__SASL_MECHANISM": "PLAIN",
+        "ANOMALYD_KAFKA__SECURITY__SASL_USERNAME": "svc",
+        "ANOMALYD_KAFKA__SECURITY__SASL_PASSWORD": "s3cret",
+        "ANOMALYD_SINKS__ALERTMANAGER__LABELS": "{team: ops}",
+        "ANOMALYD_DEFAULT_MODELS": "[sensors-gru]",
+        "ANOMALYD_KAFKA__GROUP_ID": "1234",  # a YAML int, but the key is a string
+        "ANOMALYD_CONFIG": "/etc/anomalyd.yaml",  # not an override
+        "ANOMALYD_CACHE": "/tmp",
+        "OTHER__KAFKA__TOPICS": "[x]",
+    }
+    cfg = load_config(EXAMPLE, env=env)
+    assert cfg.kafka.bootstrap_servers == "broker-1:9092,broker-2:9092" and cfg.kafka.topics == ["a", "b"]
+    assert cfg.alerts.k == 4 and cfg.alerts.cooldown_s == 1.5 and cfg.kafka.group_id == "1234"
+    assert cfg.kafka.security == SecurityConfig("SASL_SSL", "PLAIN", "svc", "s3cret")
+    assert cfg.sinks.alertmanager.labels == {"team": "ops"} and cfg.default_models == ["sensors-gru"]
+    assert dataclasses.replace(cfg, kafka=Config().kafka, alerts=Config().alerts, sinks=Config().sinks,
+                               default_models=[]) == Config()
+
+
+def test_env_overrides_without_file_and_whole_lists():
+    env = {"ANOMALYD_MODELS__SERVED": '[{name: m1, version: "7"}]', "ANOMALYD_ROUTES": "[]",
+           "ANOMALYD_KAFKA__TOPIC_PATTERN": "^sensors-.*"}
+    cfg = load_config(None, env=env)
+    assert cfg.models.served == [ServedModel("m1", "7")] and cfg.routes == []
+    assert cfg.kafka.topics == [] and cfg.kafka.topic_pattern == "^sensors-.*"
+    assert load_config(None, env={"ANOMALYD_KAFKA__TOPIC_PATTERN": ""}).kafka.topic_pattern is None
+
+
+def test_env_errors_name_the_variable(tmp_path):
+    path = write_yaml(tmp_path, {"alerts": {"n": 4}, "http": {"port": 8080}})
+    errors = errors_of(path=path, env={"ANOMALYD_ALERTS__K": "5", "ANOMALYD_KAFKA__BOGUS": "1",
+                                       "ANOMALYD_NOPE__X": "1", "ANOMALYD_HTTP__PORT": "[1]",
+                                       "ANOMALYD_MODELS__SERVED__0__VERSION": "2"})
+    assert sorted(errors) == sorted([
+        "environment variable ANOMALYD_ALERTS__K: alerts.k: must be <= alerts.n (4), got 5",
+        "environment variable ANOMALYD_KAFKA__BOGUS: kafka.bogus: unknown key (known keys: bootstrap_servers, "
+        "client, group_id, topics, topic_pattern, dead_letter_topic, state_topic, max_message_bytes, "
+        "poll_max_records, poll_timeout_ms, session_timeout_ms, heartbeat_interval_ms, auto_offset_reset, security)",
+        "environment variable ANOMALYD_NOPE__X: nope: unknown key (known keys: kafka, models, routes, "
+        "default_models, processing, alerts, sinks, http, metrics, shutdown)",
+        "environment variable ANOMALYD_HTTP__PORT: http.port: expected int, got list [1]",
+        "environment variable ANOMALYD_MODELS__SERVED__0__VERSION: models.served: expected a list, "
+        "got dict {'0': {'version': 2}}",
+    ])
+
+
+# ---------------------------------------------------------------------------------------------- secrets
+
+
+def test_password_file_is_read_and_redacted(tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("hunter2\n")
+    sec = {"protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-256", "sasl_username": "svc",
+           "sasl_password_file": str(secret)}
+    cfg = Config.from_dict({"kafka": {"security": sec}})
+    assert cfg.kafka.security.sasl_password == "hunter2"
+    assert cfg.kafka.security.client_settings() == {"protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-256",
+                                                    "sasl_username": "svc", "sasl_password": "hunter2"}
+    red = cfg.redacted_dict()
+    assert red["kafka"]["security"]["sasl_password"] == "***"
+    assert red["kafka"]["security"]["sasl_password_file"] == str(secret)
+    assert "hunter2" not in repr(cfg) and "hunter2" not in str(red)
+    assert "source" not in red and yaml.safe_load(yaml.safe_dump(red))["alerts"] == {
+        "k": 3, "n": 5, "m": 10, "cooldown_s": 60.0, "top_features": 3}
+
+
+def test_password_file_errors(tmp_path):
+    sec = {"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "svc",
+           "sasl_password_file": str(tmp_path / "missing")}
+    line = one_error({"kafka": {"security": sec}}, "kafka.security.sasl_password_file")
+    assert "cannot read password file" in line and str(tmp_path / "missing") in line
+    (tmp_path / "empty").write_text("\n")
+    assert "is empty" in one_error({"kafka": {"security": sec | {"sasl_password_file": str(tmp_path / "empty")}}},
+                                   "kafka.security.sasl_password_file")
+    both = sec | {"sasl_password_file": str(tmp_path / "empty"), "sasl_password": "x"}
+    assert "not both" in one_error({"kafka": {"security": both}}, "kafka.security.sasl_password_file")
+
+
+def test_secrets_never_in_messages():
+    line = one_error({"kafka": {"security": {"sasl_password": 987654}}}, "kafka.security.sasl_password")
+    assert "987654" not in line
+    cfg = Config.from_dict({"sinks": {"alertmanager": {"url": "https://bot:t0ken@am.example:9093/x"}}})
+    assert cfg.redacted_dict()["sinks"]["alertmanager"]["url"] == "https://bot:***@am.example:9093/x"
+
+
+# ---------------------------------------------------------------------------------------------- model files
+
+
+def _model_dirs(root: Path, *paths: str) -> None:
+    for p in paths:
+        (root / p).mkdir(parents=True)
+        (root / p / "model.json").write_text("{}")
+
+
+def test_check_model_files(tmp_path):
+    served = [{"name": "gru", "version": "2"}, {"name": "lstm"}, {"name": "old", "version": "9"}, {"name": "empty"}]
+    cfg = Config.from_dict({"models": {"dir": str(tmp_path), "served": served}, "routes": []})
+    _model_dirs(tmp_path, "gru/2", "lstm/1", "lstm/2", "old/1")
+    (tmp_path / "empty" / ".tmp-3").mkdir(parents=True)
+    (tmp_path / "empty" / "4").mkdir()  # a version directory without model.json
+    with pytest.raises(ConfigError) as info:
+        check_model_files(cfg)
+    assert info.value.errors == [
+        f"<string>: models.served[2]: model 'old' version '9': {tmp_path / 'old' / '9' / 'model.json'} not found",
+        f"<string>: models.served[3]: model 'empty': no version directory with a model.json under {tmp_path / 'empty'}",
+    ]
+    _model_dirs(tmp_path, "old/9", "empty/4x")
+    check_model_files(cfg)
+
+
+def test_check_model_files_missing_dir(tmp_path):
+    cfg = Config.from_dict({"models": {"dir": str(tmp_path / "none")}})
+    with pytest.raises(ConfigError, match=r"models\.dir: model directory .*none does not exist"):
+        check_model_files(cfg)
