@@ -307,8 +307,7 @@ class Daemon:
             self.producer.produce(self.cfg.kafka.dead_letter_topic, batch.value[pos], batch.key[pos],
                                   dead_letter_headers(reason, detail, topic0[pos], int(batch.partition[pos]),
                                                       int(batch.offset[pos])))
-            self.metrics.dead_letter(topic0[pos], reason)
-            self.metrics.event(topic0[pos], "dead_lettered")
+            self.metrics.dead_letter(topic0[pos], reason)  # also counts events_total{outcome="dead_lettered"}
         for pos, _stream in decoded.unrouted:
             self.metrics.event(topic0[pos], "unrouted")
         for group in decoded.groups.values():

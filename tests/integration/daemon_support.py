@@ -69,7 +69,7 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 
 def produce_with_anomalies(bootstrap: str, topic: str, steps: int, kinds: tuple[str, ...],
-                           truth_path: Path | None = None) -> tuple[list[dict], int]:
+                           truth_path: Path | None = None, rate: float | None = None) -> tuple[list[dict], int]:
     """Produce ``steps`` steps of every stream (continuing the training history) with one anomaly per kind."""
     f = fleet()
     plan = f.plan(HISTORY, steps, n_anomalies=len(kinds), length=25, kinds=kinds)
@@ -77,7 +77,7 @@ def produce_with_anomalies(bootstrap: str, topic: str, steps: int, kinds: tuple[
     t0 = int(time.time() * 1000) - HISTORY * INTERVAL_MS
     producer = make_producer("kafka-python", bootstrap)
     try:
-        n = produce_live(producer, topic, f, data, HISTORY, t0, INTERVAL_MS, None, truth, truth_path)
+        n = produce_live(producer, topic, f, data, HISTORY, t0, INTERVAL_MS, rate, truth, truth_path)
     finally:
         producer.close()
     return truth, n
@@ -131,7 +131,7 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
     try:
         parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or [])]
-        return {tp.partition: off for tp, off in c.end_offsets(parts).items()}
+        return {tp.partition: off for tp, off in c.end_offsets(parts).items() if off > 0}  # only partitions with data
     finally:
         c.close()
 
