@@ -1,0 +1,211 @@
+"""``anomalyd evaluate nab|multivariate``: accuracy and cost of the detectors on labelled data.
+
+Both commands take ``--model gru|lstm|gaussian`` or a comma list (``--model gru,lstm``); the windowed-
+Gaussian baseline is added to every run unless ``--no-baseline``, so each report shows the autoencoders
+against it. The JSON output carries the first model's figures at the top level and every model under
+``"models"``, plus a Markdown comparison table (also written with ``--report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODEL_CHOICES = ("gru", "lstm", "gaussian")
+
+
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``evaluate`` (with ``nab`` and ``multivariate``) on an argparse subparsers object."""
+    ev = subparsers.add_parser("evaluate", help="accuracy of the detectors on labelled benchmark data")
+    sub = ev.add_subparsers(dest="evaluate_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", required=True, help="dataset directory")
+        p.add_argument("--model", default="gru", help="gru | lstm | gaussian, or a comma list (gru,lstm)")
+        p.add_argument("--output", required=True, help="JSON file with the results")
+        p.add_argument("--plots", help="directory for one PNG per series/entity and model")
+        p.add_argument("--report", help="also write the Markdown comparison table to this file")
+        p.add_argument("--no-baseline", action="store_true", help="do not add the windowed-Gaussian baseline")
+        p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+        p.add_argument("--quiet", action="store_true", help="no per-file progress lines")
+
+    nab = sub.add_parser("nab", help="NAB-format corpus, NAB streaming rules and scorer")
+    common(nab)
+    nab.add_argument("--scores-dir", help="write per-row scores as NAB result files DIR/<category>/<name>.csv")
+    nab.add_argument("--files", help="only files whose name contains this text (quick checks)")
+    nab.add_argument("--set", action="append", metavar="KEY=VALUE", dest="settings",
+                     help="override a NabDetectorConfig setting for every file (repeatable)")
+
+    mv = sub.add_parser("multivariate", help="SMD/ASD layout: train/, test/, test_label/")
+    common(mv)
+    mv.add_argument("--entities", help="comma list of entities (default: all)")
+    mv.add_argument("--epochs", type=int, default=None)
+    mv.add_argument("--window", type=int, default=None)
+    mv.add_argument("--hidden", type=int, default=None)
+    mv.add_argument("--max-windows", type=int, default=None, help="training windows per epoch (cap)")
+    mv.add_argument("--device", default="cpu")
+    return ev
+
+
+def _models(text: str, baseline: bool) -> list[str]:
+    models = [m.strip().lower() for m in text.split(",") if m.strip()]
+    bad = [m for m in models if m not in MODEL_CHOICES]
+    if not models or bad:
+        raise ValueError(f"--model must be a comma list of {MODEL_CHOICES}, got {text!r}")
+    if baseline and "gaussian" not in models:
+        models.append("gaussian")
+    return list(dict.fromkeys(models))
+
+
+def _jsonable(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _write_outputs(args: argparse.Namespace, models: list[str], summaries: dict, report: str, seconds: float) -> None:
+    out = dict(summaries[models[0]])
+    out.update({"model": models[0], "models": summaries, "seconds": seconds, "report_markdown": report})
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(out), indent=2) + "\n")
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(report)
+
+
+def run_nab(args: argparse.Namespace, log) -> int:
+    from pipelines.evaluation.nab import (
+        load_corpus,
+        load_corpus_profiles,
+        run_corpus,
+        score_results,
+        write_result_files,
+    )
+    from pipelines.evaluation.nab_detector import NabDetectorConfig, NabStreamingDetector, parse_overrides
+    from pipelines.evaluation.report import nab_report
+
+    t_start = time.perf_counter()
+    models = _models(args.model, not args.no_baseline)
+    overrides = parse_overrides(args.settings)
+    corpus = load_corpus(args.data)
+    if args.files:
+        corpus = [f for f in corpus if args.files in f.name]
+        if not corpus:
+            raise ValueError(f"no file name contains {args.files!r}")
+    profiles = load_corpus_profiles(args.data)
+    n_rows = sum(len(f.values) for f in corpus)
+    summaries: dict[str, dict] = {}
+    for kind in models:
+        cfg = NabDetectorConfig(kind=kind).replace(**overrides)
+        log(f"NAB: {kind} on {len(corpus)} files ({n_rows} rows)")
+        made: list[NabStreamingDetector] = []
+
+        def make(cfg: NabDetectorConfig = cfg, made: list = made) -> NabStreamingDetector:
+            made.append(NabStreamingDetector(cfg))
+            return made[-1]
+
+        results, seconds = run_corpus(corpus, make, log=log)
+        summary = score_results(corpus, results, profiles)
+        train_s = sum(d.train_seconds for d in made)
+        total_s = sum(seconds.values())
+        summary.update(made[0].cost())
+        summary.update({
+            "train_seconds": train_s,
+            "run_seconds": total_s,
+            "rows_per_second": n_rows / max(total_s - train_s, 1e-9),
+            "config": {k: v for k, v in vars(cfg).items()},
+        })
+        summaries[kind] = summary
+        log(f"NAB {kind}: standard {summary['standard']:.1f}  low-FP {summary['reward_low_FP_rate']:.1f}  "
+            f"low-FN {summary['reward_low_FN_rate']:.1f}  ({total_s:.0f}s)")
+        if args.scores_dir:
+            write_result_files(Path(args.scores_dir) / kind if len(models) > 1 else args.scores_dir,
+                               corpus, results)
+        if args.plots:
+            _nab_plots(Path(args.plots) / kind, corpus, results, summary)
+    seconds_all = time.perf_counter() - t_start
+    report = nab_report(summaries, args.data, seconds_all)
+    _write_outputs(args, models, summaries, report, seconds_all)
+    print(report)
+    return 0
+
+
+def _nab_plots(out_dir: Path, corpus, results, summary: dict) -> None:
+    from pipelines.evaluation.plots import plot_detection, safe_filename
+
+    thr = float(summary["details"]["standard"]["threshold"])
+    for f in corpus:
+        plot_detection(out_dir / f"{safe_filename(f.name)}.png", f"{f.name}  (standard-profile threshold)",
+                       f.values, results[f.name], thr, f.labels(), probation=f.probation)
+
+
+def run_multivariate(args: argparse.Namespace, log) -> int:
+    from pipelines.evaluation.multivariate import MultivariateSettings, evaluate_multivariate, load_entities
+    from pipelines.evaluation.plots import plot_detection, safe_filename
+    from pipelines.evaluation.report import multivariate_report
+
+    t_start = time.perf_counter()
+    models = _models(args.model, not args.no_baseline)
+    names = [e.strip() for e in args.entities.split(",")] if args.entities else None
+    entities = load_entities(args.data, names)
+    s = MultivariateSettings(device=args.device)
+    for key, value in (("epochs", args.epochs), ("window", args.window), ("hidden_size", args.hidden),
+                       ("max_windows", args.max_windows)):
+        if value is not None:
+            setattr(s, key, value)
+    summaries: dict[str, dict] = {}
+    for kind in models:
+        log(f"multivariate: {kind} on {len(entities)} entities")
+        summary, results = evaluate_multivariate(entities, kind, s, log=log)
+        summary["settings"] = vars(s)
+        summaries[kind] = summary
+        log(f"{kind}: f1 {summary['f1']:.3f}  f1_pa {summary['f1_point_adjusted']:.3f}  "
+            f"f1_event {summary['f1_event']:.3f}  auc_pr {summary['auc_pr']:.3f}")
+        if args.plots:
+            for e, r in zip(entities, results, strict=True):
+                plot_detection(Path(args.plots) / kind / f"{safe_filename(e.name)}.png",
+                               f"{e.name} ({kind}, calibrated threshold)", e.test, r.scores, r.threshold,
+                               e.labels, log_scores=True)
+    seconds_all = time.perf_counter() - t_start
+    report = multivariate_report(summaries, args.data, seconds_all)
+    _write_outputs(args, models, summaries, report, seconds_all)
+    print(report)
+    return 0
+
+
+def main_evaluate(args: argparse.Namespace) -> int:
+    """Run ``evaluate nab`` or ``evaluate multivariate``; returns a process exit code."""
+    torch.set_num_threads(max(1, args.threads))
+    log = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        if args.evaluate_command == "nab":
+            return run_nab(args, log)
+        return run_multivariate(args, log)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"anomalyd evaluate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="anomalyd")
+    add_evaluate_parser(parser.add_subparsers(dest="command", required=True))
+    return main_evaluate(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    # Standalone use before ``anomalyd evaluate`` exists: python -m pipelines.evaluation.cli nab ...
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -1,0 +1,234 @@
+"""Streaming detectors for NAB-style univariate series (fit on the probationary prefix, then causal).
+
+Pipeline per series (no per-file settings; labels are never seen):
+
+1. scale with the prefix's median and robust range; clip to +-``clip``;
+2. raw error per row:
+   * ``gru`` / ``lstm``: a tiny sequence autoencoder trained on the prefix's windows; the error is the
+     newest step's absolute reconstruction error of the window ending on the row. With ``finetune_every``
+     the model is refined in chunks on recent windows: rows of chunk ``[a, b)`` are scored by the model
+     trained on rows ``< a`` only, and the model is then refined on rows ``< b``;
+   * ``gaussian`` (baseline): ``|z|`` of the value against the mean/std of the previous ``gauss_window``
+     rows (NAB's windowed Gaussian);
+3. channels, each a score in [0, 1]: the anomaly log-likelihood of the raw error (see ``likelihood``),
+   optionally the same for the absolute first difference (sudden changes), and optionally the spatial
+   novelty rule (values outside everything seen so far);
+4. score = max over channels, then an alert hold: after a row reaches ``alarm_level`` the next ``hold`` rows
+   are zeroed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+from detector.models import ModelConfig, build_model, model_cost
+from pipelines.evaluation.likelihood import (
+    anomaly_loglik,
+    past_mean_std,
+    spatial_novelty,
+    suppress_after_alarm,
+)
+
+MODEL_KINDS = ("gru", "lstm", "gaussian")
+
+
+@dataclass(frozen=True)
+class NabDetectorConfig:
+    """Settings shared by every file of a corpus."""
+
+    kind: str = "gru"  # "gru" | "lstm" | "gaussian"
+    window: int = 16  # W of the autoencoder
+    hidden_size: int = 16
+    latent_size: int = 4
+    epochs: int = 20  # passes over the prefix's windows
+    batch_size: int = 64
+    lr: float = 3e-3
+    finetune_every: int = 128  # rows per online fine-tuning chunk (0: frozen model)
+    finetune_steps: int = 4  # Adam steps per chunk
+    finetune_history: int = 1000  # fine-tune on windows from this many most recent rows
+    gauss_window: int = 6400  # history of the windowed-Gaussian baseline
+    clip: float = 20.0  # scaled values are clipped to +-clip
+    avg: int = 10  # short-term mean of the error (anomaly likelihood)
+    history: int = 8640  # long-term distribution of the short-term mean
+    min_std: float = 1e-3
+    seen_before: int = 0  # floor p by the past frequency of equally large errors (0: off)
+    diff_channel: bool = True  # add the likelihood of |x_t - x_{t-1}|
+    spatial_margin: float | None = 0.05  # None: no spatial-novelty channel
+    alarm_level: float = 0.5  # 0.5 = tail probability 1e-5
+    hold: int = 100  # rows zeroed after an alarm
+    postprocess: bool = True  # False: score = raw error squashed to [0, 1] (no likelihood/novelty/hold)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"NAB model must be one of {MODEL_KINDS}, got {self.kind!r}")
+
+    def replace(self, **changes: object) -> NabDetectorConfig:
+        return dataclasses.replace(self, **changes)
+
+    def model_config(self) -> ModelConfig | None:
+        if self.kind == "gaussian":
+            return None
+        return ModelConfig(kind=self.kind, n_features=1, window=self.window, hidden_size=self.hidden_size,
+                           latent_size=self.latent_size)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, object]:
+    """``["hold=200", "diff_channel=false"]`` -> typed overrides for :class:`NabDetectorConfig`."""
+    fields = {f.name: f for f in dataclasses.fields(NabDetectorConfig)}
+    out: dict[str, object] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise ValueError(f"bad setting {item!r}; expected key=value with key in {sorted(fields)}")
+        default = getattr(NabDetectorConfig(), key)
+        low = text.strip().lower()
+        if low in ("none", "null"):
+            out[key] = None
+        elif isinstance(default, bool):
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{key} expects true/false, got {text!r}")
+            out[key] = low in ("true", "1", "yes")
+        elif isinstance(default, int):
+            out[key] = int(text)
+        elif isinstance(default, float) or key == "spatial_margin":
+            out[key] = float(text)
+        else:
+            out[key] = text.strip()
+    return out
+
+
+class NabStreamingDetector:
+    """One causal pass over a univariate series; create a fresh one per file."""
+
+    def __init__(self, cfg: NabDetectorConfig | None = None) -> None:
+        self.cfg = cfg or NabDetectorConfig()
+        self.name = self.cfg.kind
+        self.train_seconds = 0.0  # spent on fitting and fine-tuning (set by score_stream)
+
+    def score_stream(self, values: np.ndarray, probation: int) -> np.ndarray:
+        """(N,) values -> (N,) scores in [0, 1]; fits on ``values[:probation]`` only."""
+        x = np.asarray(values, dtype=np.float64)
+        if probation < 2 or probation >= len(x):
+            raise ValueError(f"probation {probation} must be in [2, {len(x) - 1}]")
+        raw = self.raw_errors(x, probation)  # (N,)
+        return self.postprocess(x, raw, probation)
+
+    # -- raw errors ---------------------------------------------------------------------------------
+    def raw_errors(self, x: np.ndarray, probation: int) -> np.ndarray:
+        """(N,) raw error per row (causal)."""
+        if self.cfg.kind == "gaussian":
+            return _windowed_gaussian(x, self.cfg.gauss_window, probation)
+        return self._autoencoder_errors(self._scale(x, probation), probation)
+
+    def _scale(self, x: np.ndarray, probation: int) -> np.ndarray:
+        prefix = x[:probation]
+        lo, hi = np.percentile(prefix, [0.5, 99.5])
+        scale = max(hi - lo, float(prefix.std()), 1e-9)
+        z = (x - np.median(prefix)) / scale
+        return np.clip(z, -self.cfg.clip, self.cfg.clip).astype(np.float32)
+
+    def _autoencoder_errors(self, z: np.ndarray, probation: int) -> np.ndarray:
+        cfg = self.cfg
+        W = cfg.window
+        torch.manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        model = build_model(cfg.model_config())
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        padded = np.concatenate([np.full(W - 1, z[0], dtype=np.float32), z])  # row i <-> window ending on i
+        windows = torch.from_numpy(np.ascontiguousarray(sliding_window_view(padded, W)))[:, :, None]  # (N, W, 1)
+        t0 = time.perf_counter()
+        model.train()
+        first = W - 1  # windows made only of real rows start at row W-1
+        self._train_epochs(model, opt, windows[first:probation], cfg.epochs, rng)
+        self.train_seconds = time.perf_counter() - t0
+        err = np.empty(len(z), dtype=np.float64)
+        step = cfg.finetune_every if cfg.finetune_every > 0 else len(z)
+        err[:probation] = _newest_step_error(model, windows[:probation])
+        for a in range(probation, len(z), step):
+            b = min(a + step, len(z))
+            err[a:b] = _newest_step_error(model, windows[a:b])  # model has seen rows < a only
+            if cfg.finetune_every > 0 and b < len(z):
+                t0 = time.perf_counter()
+                recent = windows[max(first, b - cfg.finetune_history) : b]  # windows ending before row b
+                self._train_steps(model, opt, recent, cfg.finetune_steps, rng)
+                self.train_seconds += time.perf_counter() - t0
+        return err
+
+    def _train_epochs(self, model, opt, windows: torch.Tensor, epochs: int, rng: np.random.Generator) -> None:
+        n = len(windows)
+        for _ in range(epochs):
+            order = torch.from_numpy(rng.permutation(n))
+            for i in range(0, n, self.cfg.batch_size):
+                _adam_step(model, opt, windows[order[i : i + self.cfg.batch_size]])
+
+    def _train_steps(self, model, opt, windows: torch.Tensor, steps: int, rng: np.random.Generator) -> None:
+        model.train()
+        for _ in range(steps):
+            _adam_step(model, opt, windows[torch.from_numpy(rng.integers(0, len(windows), self.cfg.batch_size))])
+
+    # -- scores -------------------------------------------------------------------------------------
+    def postprocess(self, x: np.ndarray, raw: np.ndarray, probation: int) -> np.ndarray:
+        """Raw errors (N,) -> scores (N,) in [0, 1]; 0 on the probationary rows."""
+        cfg = self.cfg
+        if not cfg.postprocess:
+            ref = float(np.median(raw[:probation])) + 1e-12  # squash: median prefix error -> 0.1
+            out = 1.0 - np.exp(-raw / ref * 0.10536)
+        else:
+            channels = [anomaly_loglik(raw, cfg.avg, cfg.history, cfg.min_std, cfg.seen_before)]
+            if cfg.diff_channel:
+                diff = np.abs(np.diff(x, prepend=x[0]))
+                lo, hi = np.percentile(x[:probation], [1, 99])
+                diff = np.clip(diff / max(hi - lo, 1e-9), 0.0, 1.0)
+                channels.append(anomaly_loglik(diff, cfg.avg, cfg.history, cfg.min_std, cfg.seen_before))
+            if cfg.spatial_margin is not None:
+                channels.append(spatial_novelty(x, probation, cfg.spatial_margin))
+            out = np.maximum.reduce(channels)
+        out[:probation] = 0.0
+        if cfg.postprocess:
+            out = suppress_after_alarm(out, cfg.alarm_level, cfg.hold)
+        return np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0)
+
+    def cost(self) -> dict[str, int]:
+        mc = self.cfg.model_config()
+        if mc is None:
+            return {"params": 0, "macs_per_window": 0}
+        c = model_cost(mc)
+        return {"params": c.params, "macs_per_window": c.macs_per_window}
+
+
+def _adam_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss = (model(xb) - xb).square().mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def _newest_step_error(model: torch.nn.Module, windows: torch.Tensor, batch: int = 4096) -> np.ndarray:
+    """(B, W, 1) windows -> (B,) |x_W - x_hat_W| of each window's newest step."""
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(windows), batch):
+            xb = windows[i : i + batch]
+            out.append((model(xb)[:, -1, 0] - xb[:, -1, 0]).abs().double().numpy())
+    model.train()
+    return np.concatenate(out) if out else np.empty(0)
+
+
+def _windowed_gaussian(x: np.ndarray, window: int, probation: int) -> np.ndarray:
+    """|x_t - mean| / std over the previous ``window`` rows (prefix statistics for the first rows)."""
+    mean, std = past_mean_std(x, window, 0.0)
+    p = probation
+    pm, ps = float(x[:p].mean()), float(x[:p].std())
+    mean[:p], std[:p] = pm, ps  # rows of the prefix: the prefix's own statistics
+    floor = max(float(x[:p].std()) * 1e-3, 1e-9)
+    return np.abs(x - mean) / np.maximum(std, floor)
