@@ -1,0 +1,502 @@
+"""Anomaly thresholds on scalar scores (higher = more anomalous): static quantile, SPOT and DSPOT.
+
+A threshold is calibrated by ``fit`` on validation scores, answers ``is_anomalous``/``normalise`` without
+changing state, and adapts in streaming through ``update`` (decide each score in order, then learn from it).
+
+* ``QuantileThreshold`` -- the ``q``-quantile of the calibration scores; never adapts.
+* ``SPOTThreshold`` -- peaks-over-threshold (Siffer et al., KDD 2017): excesses over an initial threshold
+  ``t`` (the ``init_quantile`` of calibration) follow a generalised Pareto distribution (GPD, fitted by
+  Grimshaw's maximum-likelihood procedure with a method-of-moments fallback); the threshold ``z`` is the score
+  exceeded with probability ``risk``.  Streaming adds the excesses of non-anomalous scores and refits the GPD
+  once ``refit_every`` new peaks have arrived; scores between refits are decided with numpy in bulk.
+* ``DSPOTThreshold`` -- the same on drift-corrected scores ``x - mean(last depth normal scores)``.
+
+Normalised scores: ``normalise(s) = 1 + (s - T) / |T|`` for the current threshold ``T``.  For ``T > 0`` (the
+usual case: non-negative reconstruction errors) this is exactly ``s / T``.  It is 1.0 at the threshold,
+increasing in ``s``, and above 1.0 exactly when ``is_anomalous`` is true.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+MIN_SCORES = 20  # fewest calibration scores accepted by fit()
+_LOOKAHEAD = 4096  # scores examined per vectorised streaming pass
+_GRID = 64  # grid points per side when bracketing roots of Grimshaw's equation
+
+
+class NotFittedError(RuntimeError):
+    """Raised when a threshold is used before fit() (or before loading a fitted state)."""
+
+
+def _eps(value: float) -> float:
+    """Tiny positive margin used when no score exceeds the base level (e.g. constant scores)."""
+    return 1e-9 * max(1.0, abs(value))
+
+
+def _as_scores(scores: Any, *, calibration: bool) -> np.ndarray:
+    """Validate scores into a float64 (N,) array. NaN is always rejected, infinities in calibration."""
+    x = np.asarray(scores, dtype=np.float64)
+    x = x.reshape(1) if x.ndim == 0 else x
+    if x.ndim != 1:
+        raise ValueError(f"scores must be a 1-D array of shape (N,), got shape {x.shape}")
+    if np.isnan(x).any():
+        raise ValueError(f"scores contain {int(np.isnan(x).sum())} NaN value(s)")
+    if calibration and not np.isfinite(x).all():
+        raise ValueError("calibration scores must be finite (found +/-inf)")
+    if np.isneginf(x).any():
+        raise ValueError("scores must not be -inf")
+    return x
+
+
+def _check_enough(x: np.ndarray, need: int, who: str) -> None:
+    if len(x) < need:
+        raise ValueError(f"{who}.fit needs at least {need} calibration scores, got {len(x)}")
+
+
+# ----------------------------------------------------------------------------------------------- GPD fitting
+
+
+def _w(xs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Grimshaw's w(x) = u(x) v(x) - 1 at each x in xs (G,) for excesses y (N,); returns (G,)."""
+    s = 1.0 + xs[:, None] * y[None, :]  # (G, N)
+    return np.mean(1.0 / s, axis=1) * (1.0 + np.mean(np.log(s), axis=1)) - 1.0
+
+
+def _bisect(f: Any, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Vectorised bisection of f (K,) -> (K,) over brackets [lo, hi] (K,) with sign changes."""
+    flo = f(lo)
+    for _ in range(36 if len(lo) else 0):
+        mid = 0.5 * (lo + hi)
+        fm = f(mid)
+        same = np.sign(fm) == np.sign(flo)
+        lo, hi, flo = np.where(same, mid, lo), np.where(same, hi, mid), np.where(same, fm, flo)
+    return 0.5 * (lo + hi)
+
+
+def _candidates(y: np.ndarray) -> np.ndarray:
+    """Candidate x = gamma/sigma for the GPD fit of excesses y (N,): the non-zero roots of w on
+    (-1/max y, 0) and (0, 2(mean-min)/min^2] (grid bracketing, then bisection), plus the x where
+    gamma(x) = mean(log(1 + x y)) = -1, the edge of the regular ML region (uniform-like tails peak there)."""
+    ymin, ymax, ymean = float(y.min()), float(y.max()), float(y.mean())
+    # |x| max(y) < 1e-4 is skipped: w is O(x^2) there (below rounding noise) and such roots mean gamma ~ 0.
+    frac = np.concatenate([np.geomspace(1e-4, 0.5, _GRID // 2), 1.0 - np.geomspace(1e-12, 0.5, _GRID // 2)])
+    left = -np.unique(frac)[::-1] / ymax  # (G,) ascending from just above -1/ymax towards 0
+    upper = 2.0 * (ymean - ymin) / ymin**2
+    right = np.geomspace(min(1e-4 / ymax, 1e-3 * upper), upper, _GRID)  # (G,)
+    found = []
+    for grid in (left, right):
+        vals = _w(grid, y)  # (G,)
+        ok = np.isfinite(vals[:-1]) & np.isfinite(vals[1:])
+        idx = np.flatnonzero(ok & (np.sign(vals[:-1]) * np.sign(vals[1:]) < 0))
+        found += [grid[:-1][vals[:-1] == 0.0], _bisect(lambda xs: _w(xs, y), grid[idx], grid[idx + 1])]
+    gamma_plus_1 = lambda xs: np.mean(np.log1p(xs[:, None] * y[None, :]), axis=1) + 1.0  # (K,)
+    if gamma_plus_1(left[:1])[0] < 0.0:
+        found.append(_bisect(gamma_plus_1, left[:1], np.zeros(1)))
+    roots = np.concatenate(found)
+    return roots[roots != 0.0]
+
+
+def _gpd_moments(y: np.ndarray) -> tuple[float, float]:
+    """Method-of-moments (gamma, sigma) of a GPD for excesses y."""
+    m, var = float(y.mean()), float(y.var())
+    if var <= 0.0:
+        return 0.0, m
+    return 0.5 * (1.0 - m * m / var), 0.5 * m * (m * m / var + 1.0)
+
+
+def fit_gpd(excesses: np.ndarray) -> tuple[float, float]:
+    """Fit a generalised Pareto distribution to positive excesses (N,); returns (gamma, sigma).
+
+    Grimshaw's procedure as in SPOT: each root x* of the likelihood equation gives
+    gamma = mean(log(1 + x* y)), sigma = gamma / x*; among these, the exponential case (gamma = 0,
+    sigma = mean(y)) and the boundary gamma = -1 (the likelihood is unbounded below it, so gamma >= -1 is
+    imposed) the best log-likelihood wins.  Falls back to the method of moments if not finite.
+    """
+    y = np.asarray(excesses, dtype=np.float64)
+    if len(y) == 0 or not (y > 0).all():
+        raise ValueError("fit_gpd needs a non-empty array of strictly positive excesses")
+    n, ymean = len(y), float(y.mean())
+    best, best_ll = (0.0, ymean), -n * (np.log(ymean) + 1.0)  # exponential case
+    if float(y.max() - y.min()) > 1e-12 * ymean:
+        with np.errstate(all="ignore"):
+            for x in _candidates(y):
+                gamma = float(np.mean(np.log1p(x * y)))  # the ML gamma given x (profile likelihood)
+                sigma = gamma / x
+                ll = -n * (np.log(sigma) + 1.0 + gamma)  # as sum log1p(x y) == n gamma
+                if gamma >= -1.0 - 1e-9 and sigma > 0 and np.isfinite(ll) and ll > best_ll:
+                    best, best_ll = (gamma, float(sigma)), ll
+    if not (np.isfinite(best[0]) and np.isfinite(best[1]) and best[1] > 0):
+        best = _gpd_moments(y)
+    return best
+
+
+def pot_quantile(t: float, gamma: float, sigma: float, risk: float, n: int, n_peaks: int) -> float:
+    """SPOT threshold: t + sigma/gamma ((q n / N_t)^-gamma - 1), or t - sigma log(q n / N_t) for gamma = 0."""
+    r = risk * n / n_peaks
+    if abs(gamma) < 1e-12:
+        return t - sigma * float(np.log(r))
+    return t + sigma / gamma * (float(r ** (-gamma)) - 1.0)
+
+
+# ----------------------------------------------------------------------------------------- threshold objects
+
+
+class Threshold(ABC):
+    """A calibrated decision boundary on scalar anomaly scores (higher score = more anomalous)."""
+
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def fit(self, scores: np.ndarray) -> Threshold:
+        """Calibrate on (N,) validation scores; returns self."""
+
+    @property
+    @abstractmethod
+    def threshold(self) -> float:
+        """Current threshold in score units; raises NotFittedError before fit()."""
+
+    @abstractmethod
+    def update(self, scores: np.ndarray) -> np.ndarray:
+        """(N,) bool: decide each score in order against the threshold at that moment, then adapt."""
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """Constructor parameters (JSON-serialisable)."""
+
+    @abstractmethod
+    def _state(self) -> dict[str, Any] | None:
+        """JSON-serialisable fitted state, or None when unfitted."""
+
+    @abstractmethod
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Restore the state produced by _state()."""
+
+    def is_anomalous(self, scores: np.ndarray) -> np.ndarray:
+        """(N,) bool: score > current threshold. No state change."""
+        return _as_scores(scores, calibration=False) > self.threshold
+
+    def normalise(self, scores: np.ndarray) -> np.ndarray:
+        """(N,) float: 1 + (s - T)/|T| (= s / T when T > 0); 1.0 means 'at threshold'. No state change."""
+        x, t = _as_scores(scores, calibration=False), self.threshold
+        return 1.0 + (x - t) / max(abs(t), 1e-300)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable full state: {"kind", "params", "state"} ("state" is None when unfitted)."""
+        return {"kind": self.kind, "params": self.params(), "state": self._state()}
+
+    def _not_fitted(self) -> NotFittedError:
+        return NotFittedError(f"{type(self).__name__} is not fitted: call fit(scores) first")
+
+
+class QuantileThreshold(Threshold):
+    """Static threshold: the q-quantile of the calibration scores (np.quantile, linear interpolation)."""
+
+    kind: ClassVar[str] = "quantile"
+
+    def __init__(self, q: float = 0.995) -> None:
+        if not 0.0 < q < 1.0:
+            raise ValueError(f"q must be in (0, 1), got {q}")
+        self.q = float(q)
+        self._t: float | None = None
+
+    def fit(self, scores: np.ndarray) -> QuantileThreshold:
+        x = _as_scores(scores, calibration=True)
+        _check_enough(x, MIN_SCORES, type(self).__name__)
+        self._t = float(np.quantile(x, self.q))
+        if x.min() == x.max():
+            self._t += _eps(self._t)
+        return self
+
+    @property
+    def threshold(self) -> float:
+        if self._t is None:
+            raise self._not_fitted()
+        return self._t
+
+    def update(self, scores: np.ndarray) -> np.ndarray:
+        return self.is_anomalous(scores)
+
+    def params(self) -> dict[str, Any]:
+        return {"q": self.q}
+
+    def _state(self) -> dict[str, Any] | None:
+        return None if self._t is None else {"threshold": self._t}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self._t = float(state["threshold"])
+
+
+class SPOTThreshold(Threshold):
+    """Peaks-over-threshold with a GPD tail; ``threshold`` is the score exceeded with probability ``risk``.
+
+    State: base level ``t``; GPD (gamma, sigma); counts ``n`` (observations learnt from) and ``n_peaks``
+    (of them above ``t``) giving the exceedance rate; the latest ``max_peaks`` excesses (the GPD is fitted
+    to these).
+    """
+
+    kind: ClassVar[str] = "spot"
+    _FLOATS: ClassVar[tuple[str, ...]] = ("t", "z", "gamma", "sigma")
+    _INTS: ClassVar[tuple[str, ...]] = ("n", "n_peaks", "pending", "since", "imputed", "credit")
+
+    def __init__(
+        self, risk: float = 1e-3, init_quantile: float = 0.98, max_peaks: int = 5000, refit_every: int = 50
+    ) -> None:
+        if not 0.0 < init_quantile < 1.0:
+            raise ValueError(f"init_quantile must be in (0, 1), got {init_quantile}")
+        if not 0.0 < risk < 1.0 - init_quantile:
+            raise ValueError(f"risk must be in (0, 1 - init_quantile = {1.0 - init_quantile:g}), got {risk}")
+        if max_peaks < 10 or refit_every < 1:
+            raise ValueError(f"need max_peaks >= 10 and refit_every >= 1, got {max_peaks}, {refit_every}")
+        self.risk, self.init_quantile = float(risk), float(init_quantile)
+        self.max_peaks, self.refit_every = int(max_peaks), int(refit_every)
+        self._t: float | None = None
+        self._z = self._gamma = self._sigma = 0.0
+        self._credit = 0  # normal observations not yet spent on imputed false alarms (see _walk)
+        self._n = self._n_peaks = self._pending = self._since = self._imputed = 0
+        self._peaks = np.zeros(0)  # (P,) excesses over t, oldest first
+
+    def fit(self, scores: np.ndarray) -> SPOTThreshold:
+        x = _as_scores(scores, calibration=True)
+        _check_enough(x, MIN_SCORES, type(self).__name__)
+        self._calibrate(x)
+        return self
+
+    def _calibrate(self, x: np.ndarray) -> None:
+        """Initial POT fit on (N,) (possibly drift-corrected) calibration values."""
+        t = float(np.quantile(x, self.init_quantile))
+        peaks = x[x > t] - t  # (P,)
+        self._t, self._n, self._n_peaks, self._imputed, self._credit = t, len(x), len(peaks), 0, 0
+        if len(peaks) > self.max_peaks:  # distribution-preserving subsample, shuffled so eviction is unbiased
+            keep = np.sort(peaks)[np.linspace(0, len(peaks) - 1, self.max_peaks).round().astype(np.int64)]
+            peaks = np.random.default_rng(0).permutation(keep)
+        self._peaks = peaks
+        self._refit()
+
+    def _refit(self) -> None:
+        """Refit the GPD on the kept peaks and recompute z (never below t + eps)."""
+        assert self._t is not None
+        self._pending = self._since = 0
+        if len(self._peaks) == 0:
+            self._gamma, self._sigma, self._z = 0.0, 0.0, self._t + _eps(self._t)
+            return
+        self._gamma, self._sigma = fit_gpd(self._peaks)
+        z = pot_quantile(self._t, self._gamma, self._sigma, self.risk, self._n, self._n_peaks)
+        self._z = max(z, self._t + _eps(self._t))
+
+    def _walk(self, alarm: np.ndarray) -> tuple[np.ndarray, int]:
+        """False-alarm budget over observations flagged alarm (L,), in order: returns which alarms are learnt
+        as imputed peaks (L,) and the credit after the last observation.
+
+        Dropping every alarm would truncate the learnt tail at z, so refits would lower z step by step (the
+        false-alarm rate grew ~10x over 2M Exp(1) scores).  So each normal observation earns one credit
+        (capped: a burst of real anomalies can use little), and an alarm met with 1/risk credits spends them
+        and is learnt as a peak imputed from the fitted GPD beyond z (see _impute).  The values of alarms
+        themselves are never learnt.  Integer credits keep this exact however the scores are batched.
+        """
+        per = max(1, round(1.0 / self.risk))
+        cap = per * max(2, round(4.0 * self.risk * self._min_obs))
+        chosen, credit, normals = np.zeros(len(alarm), dtype=bool), self._credit, 0
+        for k, pos in enumerate(np.flatnonzero(alarm).tolist()):  # alarms are rare: a python loop is fine
+            credit, normals = min(credit + pos - k - normals, cap), pos - k
+            if credit >= per:
+                credit, chosen[pos] = credit - per, True
+        return chosen, min(credit + len(alarm) - int(alarm.sum()) - normals, cap)
+
+    def _learn(self, excess: np.ndarray, peak: np.ndarray, alarm: np.ndarray) -> None:
+        """Learn from consecutive observations with excesses over t (E,), peak and alarm flags (E,)."""
+        chosen, self._credit = self._walk(alarm)
+        m = int(chosen.sum())
+        if m:
+            vals = np.where(peak, excess, np.nan)  # (E,)
+            vals[chosen] = self._impute(m)
+            learnt = vals[peak | chosen]  # (P,) in arrival order
+        else:
+            learnt = excess[peak]  # (P,)
+        self._n += len(alarm) - int(alarm.sum()) + m
+        self._n_peaks += len(learnt)
+        self._pending += len(learnt)
+        self._since += len(alarm)
+        if len(learnt):
+            self._peaks = np.concatenate([self._peaks, learnt])[-self.max_peaks :]
+
+    def _impute(self, m: int) -> np.ndarray:
+        """(m,) excesses over t at deterministic low-discrepancy quantiles of the fitted GPD beyond z."""
+        level = self._z - self._t
+        u = np.modf((self._imputed + np.arange(1, m + 1)) * 0.6180339887498949)[0]  # (m,) in (0, 1)
+        self._imputed += m
+        g, s = self._gamma, self._sigma + self._gamma * level  # excess over z is GPD(g, sigma + g * level)
+        if s <= 0.0:
+            return np.full(m, level)
+        if abs(g) < 1e-12:
+            return level - s * np.log1p(-u)
+        return level + s / g * ((1.0 - u) ** (-g) - 1.0)
+
+    @property
+    def threshold(self) -> float:
+        if self._t is None:
+            raise self._not_fitted()
+        return self._z
+
+    @property
+    def gpd(self) -> tuple[float, float]:
+        """Current GPD parameters (gamma, sigma) of the excesses over the base level t."""
+        return self._gamma, self._sigma
+
+    def update(self, scores: np.ndarray) -> np.ndarray:
+        x = _as_scores(scores, calibration=False)
+        if self._t is None:
+            raise self._not_fitted()
+        out = np.zeros(len(x), dtype=bool)  # (N,)
+        i, look = 0, _LOOKAHEAD
+        while i < len(x):
+            j = self._step(x[i : i + look], out[i : i + look])
+            assert j > 0, "threshold update made no progress"
+            i, look = i + j, min(_LOOKAHEAD, max(64, 4 * j))  # shorter look-ahead while steps are short
+        return out
+
+    @property
+    def _min_obs(self) -> float:
+        """Observations expected to bring refit_every peaks; refits wait for them too, so a drifting stream in
+        which every score is a peak does not refit every few scores."""
+        return self.refit_every / (1.0 - self.init_quantile)
+
+    def _due(self) -> bool:
+        return self._pending >= self.refit_every and self._since >= self._min_obs
+
+    def _cut(self, peak: np.ndarray) -> int:
+        """How many leading observations (learnt-peak flags (L,)) to take before the next refit falls due."""
+        seen = self._since + np.arange(1, len(peak) + 1)  # (L,)
+        due = (np.cumsum(peak) >= self.refit_every - self._pending) & (seen >= self._min_obs)
+        return int(np.argmax(due)) + 1 if due.any() else len(peak)
+
+    def _step(self, seg: np.ndarray, out: np.ndarray) -> int:
+        """Decide a prefix of seg (L,) into out (L,) up to the next refit (z constant meanwhile) and learn
+        from it; returns the prefix length."""
+        alarm = seg > self._z
+        peak = (seg > self._t) & ~alarm
+        end = self._cut(peak | self._walk(alarm)[0])
+        out[:end] = alarm[:end]
+        self._learn(seg[:end] - self._t, peak[:end], alarm[:end])
+        if self._due():
+            self._refit()
+        return end
+
+    def params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("risk", "init_quantile", "max_peaks", "refit_every")}
+
+    def _state(self) -> dict[str, Any] | None:
+        if self._t is None:
+            return None
+        state = {k: float(getattr(self, f"_{k}")) for k in self._FLOATS}
+        state.update({k: int(getattr(self, f"_{k}")) for k in self._INTS})
+        return {**state, "peaks": self._peaks.tolist()}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        for k in self._FLOATS:
+            setattr(self, f"_{k}", float(state[k]))
+        for k in self._INTS:
+            setattr(self, f"_{k}", int(state[k]))
+        self._peaks = np.asarray(state["peaks"], dtype=np.float64)[-self.max_peaks :]
+
+
+class DSPOTThreshold(SPOTThreshold):
+    """SPOT on drift-corrected scores x - M, M = mean of the last ``depth`` normal (non-alarm) raw scores.
+
+    ``threshold`` is in raw score units: M + z for the current M.  ``fit`` needs ``depth + 20`` scores or
+    more: the first ``depth`` only seed the moving average.
+    """
+
+    kind: ClassVar[str] = "dspot"
+
+    def __init__(
+        self,
+        risk: float = 1e-3,
+        init_quantile: float = 0.98,
+        max_peaks: int = 5000,
+        refit_every: int = 50,
+        depth: int = 200,
+    ) -> None:
+        super().__init__(risk, init_quantile, max_peaks, refit_every)
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.depth = int(depth)
+        self._window = np.zeros(0)  # (depth,) last normal raw scores, oldest first
+
+    def fit(self, scores: np.ndarray) -> DSPOTThreshold:
+        x, d = _as_scores(scores, calibration=True), self.depth
+        _check_enough(x, d + MIN_SCORES, f"{type(self).__name__}(depth={d})")
+        cs = np.concatenate([[0.0], np.cumsum(x - x.mean())])  # (N+1,)
+        means = x.mean() + (cs[d:-1] - cs[: len(x) - d]) / d  # (N-d,) mean of the d scores before x[d:]
+        self._calibrate(x[d:] - means)
+        self._window = x[-d:].copy()
+        return self
+
+    @property
+    def threshold(self) -> float:
+        return super().threshold + float(self._window.mean())
+
+    def _step(self, seg: np.ndarray, out: np.ndarray) -> int:
+        """Assume seg (L,) is normal, take the prefix up to the first alarm (or refit), then take the run of
+        alarms that follows it (alarms do not enter the window, so M is frozen during the run)."""
+        d = self.depth
+        base = float(self._window.mean())  # subtracted before the cumulative sum, for precision
+        cs = np.concatenate([[0.0], np.cumsum(np.concatenate([self._window, seg]) - base)])  # (d+L+1,)
+        with np.errstate(invalid="ignore"):  # inf - inf after a +inf score: such entries are never used
+            mean = base + (cs[d : d + len(seg)] - cs[: len(seg)]) / d  # (L,) window mean before each score
+        c = seg - mean  # (L,) drift-corrected
+        alarm = c > self._z
+        first_alarm = int(np.argmax(alarm)) if alarm.any() else len(seg)
+        peak = c > self._t
+        end = self._cut(peak[:first_alarm])
+        self._learn(c[:end] - self._t, peak[:end], np.zeros(end, dtype=bool))
+        self._window = np.concatenate([self._window, seg[:end]])[-d:]
+        if self._due():
+            self._refit()
+            return end
+        if end < len(seg):  # seg[end] is an alarm; mean[end] is exact since seg[:end] were all normal
+            more = seg[end:] - mean[end] > self._z
+            run = np.ones(len(more) if more.all() else int(np.argmin(more)), dtype=bool)  # (R,)
+            run = run[: self._cut(self._walk(run)[0])]  # a refit may fall due within the run
+            out[end : end + len(run)] = True
+            self._learn(np.zeros(len(run)), ~run, run)
+            if self._due():
+                self._refit()
+            end += len(run)
+        return end
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "depth": self.depth}
+
+    def _state(self) -> dict[str, Any] | None:
+        state = super()._state()
+        return None if state is None else {**state, "window": self._window.tolist()}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
+        self._window = np.asarray(state["window"], dtype=np.float64)
+
+
+_KINDS: dict[str, type[Threshold]] = {c.kind: c for c in (QuantileThreshold, SPOTThreshold, DSPOTThreshold)}
+
+
+def _cls(kind: Any) -> type[Threshold]:
+    if kind not in _KINDS:
+        raise ValueError(f"unknown threshold kind {kind!r}; expected one of {sorted(_KINDS)}")
+    return _KINDS[kind]
+
+
+def make_threshold(kind: str, **params: Any) -> Threshold:
+    """Construct an unfitted threshold of the given kind ("quantile" | "spot" | "dspot")."""
+    return _cls(kind)(**params)
+
+
+def threshold_from_dict(d: dict[str, Any]) -> Threshold:
+    """Rebuild a threshold (fitted or not) from Threshold.to_dict() output."""
+    thr = _cls(d.get("kind"))(**d.get("params", {}))
+    if d.get("state") is not None:
+        thr._load_state(d["state"])
+    return thr
