@@ -11,7 +11,7 @@ setup:
 	@bash scripts/setup.sh
 
 test: setup
-	@$(VENV)/bin/ruff check detector pipelines tests benchmarks
+	@$(VENV)/bin/ruff check .
 	@$(PY) -m pytest -q
 
 unit: setup

@@ -129,7 +129,8 @@ def build_model(cfg: ModelConfig) -> SequenceAutoencoder:
 
 def model_cost(cfg: ModelConfig) -> ModelCost:
     """Parameter count and multiply-accumulates per window (matmuls only; gate nonlinearities not counted)."""
-    G, H, W, F, L, layers = _GATES[cfg.kind], cfg.hidden_size, cfg.window, cfg.n_features, cfg.latent_size, cfg.num_layers
+    G, H, W = _GATES[cfg.kind], cfg.hidden_size, cfg.window
+    F, L, layers = cfg.n_features, cfg.latent_size, cfg.num_layers
 
     def rnn_macs(n_in: int) -> int:  # per time step, all layers
         return G * H * (n_in + H) + (layers - 1) * G * H * (H + H)

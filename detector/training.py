@@ -110,7 +110,7 @@ def train_detector(
     feature_names: list[str] | None = None,
     log: Callable[[str], None] | None = print,
 ) -> AutoencoderDetector:
-    """Train an autoencoder on (T, F) normal data, or a list of such series (one per stream); calibrate its threshold."""
+    """Train on (T, F) normal data, or a list of such series (one per stream); calibrate the threshold."""
     cfg = train_cfg or TrainConfig()
     say = log or (lambda _msg: None)
     series = X if isinstance(X, list | tuple) else [X]  # several streams: windows never cross streams

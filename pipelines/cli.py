@@ -43,9 +43,9 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threshold", choices=["quantile", "spot", "dspot"], default="spot")
-    p.add_argument("--risk", type=float, default=1e-3, help="target false-alarm probability per window (spot/dspot)")
+    p.add_argument("--risk", type=float, default=1e-3, help="target false-alarm rate per window (spot/dspot)")
     p.add_argument("--scaler", choices=["robust", "standard"], default="robust")
-    p.add_argument("--last-k", type=int, default=None, help="score the error of the last k steps (default: whole window)")
+    p.add_argument("--last-k", type=int, default=None, help="score the last k steps (default: whole window)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_train)
@@ -127,10 +127,10 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_produce(args) -> int:
+    import time
+
     from .kafka_io import make_producer
     from .produce import SyntheticFleet, produce_live
-
-    import time
 
     fleet = SyntheticFleet(args.streams, args.features, args.prefix, args.seed)
     plan = fleet.plan(args.start_step, args.steps, args.anomalies)
