@@ -114,10 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
+    import signal
+    import threading
+
+    # A SIGTERM while models load must still mean "stop cleanly", not death by the default handler.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
     from .config import load_config
     from .daemon import Daemon
 
-    return Daemon(load_config(args.config)).run(timeout=args.timeout)
+    return Daemon(load_config(args.config), stop_event=stop).run(timeout=args.timeout)
 
 
 def _cmd_train(args) -> int:

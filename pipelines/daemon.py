@@ -45,7 +45,8 @@ class Daemon:
     """``Daemon(cfg).run(count=None, timeout=None)``; runnable to completion from a test (``count`` events)."""
 
     def __init__(self, cfg: Config, registry: CollectorRegistry | None = None,
-                 source_factory: Callable[..., Source] | None = None) -> None:
+                 source_factory: Callable[..., Source] | None = None,
+                 stop_event: threading.Event | None = None) -> None:
         self.cfg = cfg
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, top_k_streams=cfg.metrics.top_k_streams)
@@ -55,7 +56,7 @@ class Daemon:
         self.router = Router([RouteSpec(tuple(r.models), r.combine, r.match, r.regex) for r in cfg.routes],
                              cfg.default_models)
         self._source_factory = source_factory or make_source
-        self._stop = threading.Event()
+        self._stop = stop_event or threading.Event()
         self._reload = threading.Event()
         self._heartbeat = time.monotonic()
         self._tp_ids: dict[TopicPartition, int] = {}

@@ -45,8 +45,8 @@ def _train_models(fleet: SyntheticFleet, models_dir: Path, say) -> list[str]:
         name = f"demo-{kind}"
         cfg = ModelConfig(kind=kind, n_features=len(fleet.feature_names), window=32, hidden_size=32, latent_size=8)
         t0 = time.perf_counter()
-        det = train_detector(history, cfg, TrainConfig(epochs=15, lr=3e-3, batch_size=64, patience=3,
-                                                       max_windows=6000, threshold="spot",
+        det = train_detector(history, cfg, TrainConfig(epochs=10, lr=5e-3, batch_size=64, patience=3,
+                                                       max_windows=3000, threshold="spot",
                                                        threshold_params={"risk": 1e-4}),
                              feature_names=fleet.feature_names, log=None)
         path = store.save(name, det)

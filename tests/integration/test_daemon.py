@@ -142,7 +142,7 @@ def test_kill_9_and_restart_misses_no_anomaly(kafka_bootstrap, topic_name, model
     proc = _start(cfg_path)
     holder = {}
     producer = threading.Thread(target=lambda: holder.update(r=produce_with_anomalies(
-        kafka_bootstrap, topic_name, 300, KINDS, rate=150.0)))  # ~8 s of traffic: the kill lands mid-stream
+        kafka_bootstrap, topic_name, 300, KINDS, rate=100.0)))  # ~12 s of traffic: the kill lands mid-stream
     producer.start()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(committed_offsets(kafka_bootstrap, group, topic_name).values()):
