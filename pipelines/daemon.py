@@ -330,21 +330,30 @@ class Daemon:
 
     def _add_to_route(self, route: RouteState, group, sel: np.ndarray, batch: RecordBatch, tp_idx: np.ndarray,
                       replay: np.ndarray) -> None:
+        """Replayed records (window rebuild) go in first, unscored; a stream's records are all on one partition,
+        where replayed offsets precede live ones, so each stream keeps its order."""
         pos = group.ok_index[sel]  # positions in the poll batch
-        streams = [group.stream[i] for i in sel.tolist()]
-        ids = route.stream_ids(streams)
-        score = ~replay[pos]
-        topics = [batch.topic[i] for i in pos.tolist()]
-        before_warm = route.buffer.n_warming
-        late, queued = route.add(ids, group.ts[sel], group.values[sel], tp_idx[pos], batch.offset[pos], topics,
-                                 batch.partition[pos], score)
-        warming = route.buffer.n_warming - before_warm
-        topic = topics[0] if topics else ""
-        self.metrics.event(topic, "late", late) if late else None
-        self.metrics.event(topic, "warming", int(warming + (~score).sum())) if warming or (~score).any() else None
-        scored = len(pos) - late - warming - int((~score).sum())
-        if scored > 0:
-            self.metrics.event(topic, "scored", scored)
+        rep = replay[pos]
+        for part, live in ((sel[rep], False), (sel[~rep], True)):
+            if not len(part):
+                continue
+            p = group.ok_index[part]
+            ids = route.stream_ids([group.stream[i] for i in part.tolist()])
+            topics = [batch.topic[i] for i in p.tolist()]
+            warm0 = route.buffer.n_warming
+            late, _ = route.add(ids, group.ts[part], group.values[part], tp_idx[p], batch.offset[p], topics,
+                                batch.partition[p], np.full(len(p), live))
+            warming = route.buffer.n_warming - warm0
+            topic = topics[0]
+            if late:
+                self.metrics.event(topic, "late", late)
+            if not live:
+                self.metrics.event(topic, "warming", len(p) - late)
+                continue
+            if warming:
+                self.metrics.event(topic, "warming", warming)
+            if len(p) - late - warming > 0:
+                self.metrics.event(topic, "scored", len(p) - late - warming)
 
     def flush(self) -> list:
         """Score all pending windows, hand alerts to the sinks (not flushed). Returns the alerts."""

@@ -43,7 +43,7 @@ def config_dict(bootstrap: str, topic: str, models_dir: Path, models: list[str],
                 **overrides) -> dict:
     cfg = {
         "kafka": {"bootstrap_servers": bootstrap, "group_id": group, "topics": [topic],
-                  "dead_letter_topic": f"{topic}-dlq", "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
+                  "dead_letter_topic": f"{topic}-dlq", "session_timeout_ms": 15000, "heartbeat_interval_ms": 2000,
                   "poll_timeout_ms": 100},
         "models": {"dir": str(models_dir), "served": [{"name": n} for n in models], "device": "cpu",
                    "watch_interval_s": 3600},
@@ -74,7 +74,7 @@ def produce_with_anomalies(bootstrap: str, topic: str, steps: int, kinds: tuple[
     f = fleet()
     plan = f.plan(HISTORY, steps, n_anomalies=len(kinds), length=25, kinds=kinds)
     data, truth = f.live(HISTORY, steps, plan)
-    t0 = int(time.time() * 1000) - HISTORY * INTERVAL_MS
+    t0 = int(time.time() * 1000) - (HISTORY + steps) * INTERVAL_MS  # event times end about now
     producer = make_producer("kafka-python", bootstrap)
     try:
         n = produce_live(producer, topic, f, data, HISTORY, t0, INTERVAL_MS, rate, truth, truth_path)
@@ -110,19 +110,15 @@ def read_alerts(bootstrap: str, topic: str) -> list[dict]:
 
 
 def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    """The group's committed offsets of ``topic`` (partitions without a commit are left out)."""
-    from kafka import KafkaConsumer, TopicPartition
+    """The group's committed offsets of ``topic`` via the admin API (no consumer joins the group)."""
+    from kafka import KafkaAdminClient
 
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
-        out = {}
-        for p in sorted(c.partitions_for_topic(topic) or []):
-            off = c.committed(TopicPartition(topic, p))
-            if off is not None and off >= 0:
-                out[p] = off
-        return out
+        got = admin.list_group_offsets({group: None}).get(group, {})
     finally:
-        c.close(autocommit=False)
+        admin.close()
+    return {tp.partition: oam.offset for tp, oam in got.items() if tp.topic == topic and oam.offset >= 0}
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:

@@ -68,10 +68,12 @@ def _check_detection(truth, alerts):
     assert len(other) <= FALSE_ALARM_BUDGET, f"{len(other)} false alarms"
 
 
-def test_end_to_end_every_anomaly_alerted_once(kafka_bootstrap, topic_name, models, tmp_path):
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_end_to_end_every_anomaly_alerted_once(kafka_bootstrap, topic_name, models, tmp_path, client):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=2)
     cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, f"g-{topic_name}", f"{topic_name}-alerts")
+    cfg["kafka"]["client"] = client
     truth, n = produce_with_anomalies(kafka_bootstrap, topic_name, 300, KINDS)
     daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
     assert daemon.run(count=n, timeout=120) == 0
@@ -131,14 +133,16 @@ def test_sigterm_exits_zero_with_offsets_committed(kafka_bootstrap, topic_name, 
     assert committed_offsets(kafka_bootstrap, group, topic_name) == ends
 
 
-def test_kill_9_and_restart_misses_no_anomaly(kafka_bootstrap, topic_name, models, tmp_path):
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_kill_9_and_restart_misses_no_anomaly(kafka_bootstrap, topic_name, models, tmp_path, client):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=2)
     group = f"g-{topic_name}"
     alerts_topic = f"{topic_name}-alerts"
-    cfg_path = write_config(tmp_path / "c.yaml", config_dict(kafka_bootstrap, topic_name, models_dir, names, group,
-                                                             alerts_topic, processing={"max_delay_ms": 20,
-                                                                                       "max_batch_windows": 64}))
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, group, alerts_topic,
+                      processing={"max_delay_ms": 20, "max_batch_windows": 64})
+    cfg["kafka"]["client"] = client
+    cfg_path = write_config(tmp_path / "c.yaml", cfg)
     proc = _start(cfg_path)
     holder = {}
     producer = threading.Thread(target=lambda: holder.update(r=produce_with_anomalies(
