@@ -202,3 +202,23 @@ def test_cli_reports_bad_input(tmp_path: Path) -> None:
 def test_comparison_table() -> None:
     table = comparison_table({"gru": {"params": 100, "standard": 61.234}}, [("standard", "NAB", ".1f")])
     assert table.splitlines()[2] == "| gru | 100 | n/a | n/a | n/a | 61.2 |"
+
+
+def test_bonferroni_lowers_likelihood_channels_only() -> None:
+    x = _series(500, None, 2)
+    x[420:] += 5.0  # a level shift beyond the range seen so far: the spatial rule fires at full strength
+    base = NabDetectorConfig(kind="gaussian", hold=0)
+    with_b = NabStreamingDetector(base).score_stream(x, 75)
+    without = NabStreamingDetector(base.replace(bonferroni=False)).score_stream(x, 75)
+    assert np.all(with_b <= without + 1e-12)
+    assert with_b[420] == 1.0  # spatial novelty is not a probability and is not corrected
+    assert with_b[:420].sum() < without[:420].sum()
+
+
+def test_plain_scores_keep_the_error_ranking() -> None:
+    x = _series(400, 300, 3)
+    det = NabStreamingDetector(NabDetectorConfig(kind="gaussian", postprocess=False))
+    raw = det.raw_errors(x, 60)
+    s = det.score_stream(x, 60)
+    order = np.argsort(raw[60:], kind="stable")
+    assert np.all(np.diff(s[60:][order]) >= 0)

@@ -10,9 +10,13 @@ Pipeline per series (no per-file settings; labels are never seen):
      trained on rows ``< a`` only, and the model is then refined on rows ``< b``;
    * ``gaussian`` (baseline): ``|z|`` of the value against the mean/std of the previous ``gauss_window``
      rows (NAB's windowed Gaussian);
-3. channels, each a score in [0, 1]: the anomaly log-likelihood of the raw error (see ``likelihood``),
-   optionally the same for the absolute first difference (sudden changes), and optionally the spatial
-   novelty rule (values outside everything seen so far);
+3. channels, each a score in [0, 1]: the anomaly log-likelihood (see ``likelihood``) of
+   * the raw error above,
+   * for the autoencoders also the windowed-Gaussian ``|z|`` (``level_channel``: level shifts that a model
+     on a scaled window reconstructs well),
+   * the absolute first difference (``diff_channel``: sudden changes),
+   each Bonferroni-corrected for the number of such channels (``p -> K p``: K tests at once would otherwise
+   raise K times as many false alarms), and the spatial novelty rule (values outside everything seen so far);
 4. score = max over channels, then an alert hold: after a row reaches ``alarm_level`` the next ``hold`` rows
    are zeroed.
 """
@@ -52,17 +56,20 @@ class NabDetectorConfig:
     finetune_every: int = 128  # rows per online fine-tuning chunk (0: frozen model)
     finetune_steps: int = 4  # Adam steps per chunk
     finetune_history: int = 1000  # fine-tune on windows from this many most recent rows
+    last_weight: float = 0.0  # extra loss weight on the newest step (the one that is scored)
     gauss_window: int = 6400  # history of the windowed-Gaussian baseline
     clip: float = 20.0  # scaled values are clipped to +-clip
     avg: int = 10  # short-term mean of the error (anomaly likelihood)
     history: int = 8640  # long-term distribution of the short-term mean
     min_std: float = 1e-3
     seen_before: int = 0  # floor p by the past frequency of equally large errors (0: off)
+    level_channel: bool = True  # autoencoders: add the likelihood of the windowed-Gaussian |z|
     diff_channel: bool = True  # add the likelihood of |x_t - x_{t-1}|
+    bonferroni: bool = True  # correct each likelihood channel for the number of channels
     spatial_margin: float | None = 0.05  # None: no spatial-novelty channel
     alarm_level: float = 0.5  # 0.5 = tail probability 1e-5
     hold: int = 100  # rows zeroed after an alarm
-    postprocess: bool = True  # False: score = raw error squashed to [0, 1] (no likelihood/novelty/hold)
+    postprocess: bool = True  # False: score = raw error squashed to [0, 1] (no channels, likelihood or hold)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -167,27 +174,35 @@ class NabStreamingDetector:
         for _ in range(epochs):
             order = torch.from_numpy(rng.permutation(n))
             for i in range(0, n, self.cfg.batch_size):
-                _adam_step(model, opt, windows[order[i : i + self.cfg.batch_size]])
+                _adam_step(model, opt, windows[order[i : i + self.cfg.batch_size]], self.cfg.last_weight)
 
     def _train_steps(self, model, opt, windows: torch.Tensor, steps: int, rng: np.random.Generator) -> None:
         model.train()
         for _ in range(steps):
-            _adam_step(model, opt, windows[torch.from_numpy(rng.integers(0, len(windows), self.cfg.batch_size))])
+            batch = windows[torch.from_numpy(rng.integers(0, len(windows), self.cfg.batch_size))]
+            _adam_step(model, opt, batch, self.cfg.last_weight)
 
     # -- scores -------------------------------------------------------------------------------------
     def postprocess(self, x: np.ndarray, raw: np.ndarray, probation: int) -> np.ndarray:
         """Raw errors (N,) -> scores (N,) in [0, 1]; 0 on the probationary rows."""
         cfg = self.cfg
         if not cfg.postprocess:
-            ref = float(np.median(raw[:probation])) + 1e-12  # squash: median prefix error -> 0.1
-            out = 1.0 - np.exp(-raw / ref * 0.10536)
+            ref = 9.0 * float(np.median(raw[:probation])) + 1e-12  # median prefix error -> 0.1
+            out = raw / (raw + ref)  # monotone squash that does not saturate (keeps the ranking)
         else:
-            channels = [anomaly_loglik(raw, cfg.avg, cfg.history, cfg.min_std, cfg.seen_before)]
+            errors = [raw]
+            if cfg.level_channel and cfg.kind != "gaussian":
+                errors.append(_windowed_gaussian(x, cfg.gauss_window, probation))
             if cfg.diff_channel:
                 diff = np.abs(np.diff(x, prepend=x[0]))
                 lo, hi = np.percentile(x[:probation], [1, 99])
-                diff = np.clip(diff / max(hi - lo, 1e-9), 0.0, 1.0)
-                channels.append(anomaly_loglik(diff, cfg.avg, cfg.history, cfg.min_std, cfg.seen_before))
+                errors.append(np.clip(diff / max(hi - lo, 1e-9), 0.0, 1.0))
+            # Bonferroni: log(K p) / log(1e-10) = loglik - log(K) / log(1e10)
+            shift = np.log(len(errors)) / np.log(1e10) if cfg.bonferroni else 0.0
+            channels = [
+                np.clip(anomaly_loglik(e, cfg.avg, cfg.history, cfg.min_std, cfg.seen_before) - shift, 0.0, 1.0)
+                for e in errors
+            ]
             if cfg.spatial_margin is not None:
                 channels.append(spatial_novelty(x, probation, cfg.spatial_margin))
             out = np.maximum.reduce(channels)
@@ -204,9 +219,10 @@ class NabStreamingDetector:
         return {"params": c.params, "macs_per_window": c.macs_per_window}
 
 
-def _adam_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor) -> None:
+def _adam_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, last_weight: float) -> None:
     opt.zero_grad(set_to_none=True)
-    loss = (model(xb) - xb).square().mean()
+    sq = (model(xb) - xb).square()  # (B, W, 1)
+    loss = sq.mean() + last_weight * sq[:, -1].mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
