@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -77,18 +78,26 @@ class AutoencoderDetector(Detector):
             )
         return self._scale_t
 
-    def score_tensor(self, x: torch.Tensor, precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw (unscaled) windows already on the device (B, W, F) -> (score (B,), contributions (B, F))."""
+    def score_tensor(
+        self, x: torch.Tensor, precision: str = "float32",
+        forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (unscaled) windows already on the device (B, W, F) -> (score (B,), contributions (B, F)).
+
+        ``forward`` replaces ``self.model`` for the forward pass (e.g. a ``detector.fastpath.FusedAutoencoder``
+        of this model); it must compute the same function.
+        """
         center, scale = self._scaling_tensors()
         xs = (x - center) / scale  # (B, W, F)
         dtype = autocast_dtype(precision, self.device)
         ctx = torch.autocast(device_type=self.device.type, dtype=dtype) if dtype else nullcontext()
         with ctx:
-            x_hat = self.model(xs)  # (B, W, F)
+            x_hat = (forward or self.model)(xs)  # (B, W, F)
         return reconstruction_error(xs, x_hat, self.score_last_k)
 
     def score_windows(
-        self, windows: np.ndarray, batch_size: int = 8192, precision: str = "float32"
+        self, windows: np.ndarray, batch_size: int = 8192, precision: str = "float32",
+        forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> WindowScores:
         windows = np.asarray(windows, dtype=np.float32)
         if windows.ndim != 3 or windows.shape[1:] != (self.window, self.n_features):
@@ -99,7 +108,7 @@ class AutoencoderDetector(Detector):
         with torch.inference_mode():
             for start in range(0, max(len(windows), 1), batch_size):
                 chunk = torch.from_numpy(np.ascontiguousarray(windows[start : start + batch_size]))
-                s, c = self.score_tensor(chunk.to(self.device, non_blocking=True), precision)
+                s, c = self.score_tensor(chunk.to(self.device, non_blocking=True), precision, forward)
                 scores.append(s.float().cpu().numpy())
                 contribs.append(c.float().cpu().numpy())
         return WindowScores(

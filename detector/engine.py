@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 from .autoencoder import AutoencoderDetector
 from .base import Detector
 from .device import autocast_dtype, resolve_device
+from .fastpath import FusedAutoencoder, fused_available
 from .scoring import WindowScores
 
 __all__ = ["InferenceEngine", "ModelScores"]
@@ -32,39 +33,62 @@ class InferenceEngine:
     ``score({"gru": windows_a, "lstm": windows_b})`` runs one forward per model (chunked only above
     ``max_batch``) under ``torch.inference_mode``, with optional float16/bfloat16 autocast on GPU.
     ``swap`` replaces the whole model set atomically (hot reload) while scoring continues.
+
+    On CPU, autoencoders run through the fused C++ forward of :mod:`detector.fastpath` when it is available
+    (``fused=None``: as ``ANOMALYD_FUSED_RNN`` says, default auto; ``True`` requires it; ``False``: eager
+    PyTorch). The detectors themselves are not changed: their own ``score_windows`` stays eager.
     """
 
-    def __init__(self, device: str = "auto", precision: str = "float32", max_batch: int = 16384) -> None:
+    def __init__(self, device: str = "auto", precision: str = "float32", max_batch: int = 16384,
+                 fused: bool | None = None) -> None:
         self.device = resolve_device(device)
         autocast_dtype(precision, self.device)  # validates
         self.precision = precision
         self.max_batch = max_batch
+        if fused is None:
+            fused = fused_available(self.device)
+        elif fused and self.device.type != "cpu":
+            raise ValueError(f"the fused forward runs on the CPU only, the engine's device is {self.device}")
+        elif fused and not fused_available(self.device):
+            raise RuntimeError("fused=True but the fused RNN extension is unavailable (see the log)")
+        self.fused = bool(fused)
         self._models: dict[str, Detector] = {}
+        self._forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     @property
     def models(self) -> dict[str, Detector]:
         return dict(self._models)
 
-    def _place(self, detector: Detector) -> Detector:
+    def _place(self, detector: Detector) -> tuple[Detector, Callable[[torch.Tensor], torch.Tensor] | None]:
+        """Move a detector to the engine's device; its fused forward when the engine uses one."""
+        forward = None
         if isinstance(detector, AutoencoderDetector):
             detector.to(self.device)
             detector.model.eval()
-        return detector
+            if self.fused and all(p.dtype == torch.float32 for p in detector.model.parameters()):
+                forward = FusedAutoencoder(detector.model)
+        return detector, forward
 
     def add(self, name: str, detector: Detector) -> None:
+        det, forward = self._place(detector)
         with self._lock:
-            self._models = {**self._models, name: self._place(detector)}
+            forwards = {k: v for k, v in self._forwards.items() if k != name}
+            if forward is not None:
+                forwards[name] = forward
+            self._models, self._forwards = {**self._models, name: det}, forwards
 
     def swap(self, models: Mapping[str, Detector]) -> None:
         """Replace the model set atomically; a batch in flight finishes on the old set."""
         placed = {name: self._place(det) for name, det in models.items()}
         with self._lock:
-            self._models = placed
+            self._models = {name: det for name, (det, _) in placed.items()}
+            self._forwards = {name: fwd for name, (_, fwd) in placed.items() if fwd is not None}
 
     def score(self, groups: Mapping[str, np.ndarray]) -> dict[str, ModelScores]:
         """{model name: windows (B, W, F)} -> {model name: ModelScores}."""
-        models = self._models  # one consistent snapshot for the whole call
+        with self._lock:
+            models, forwards = self._models, self._forwards  # one consistent snapshot for the whole call
         out: dict[str, ModelScores] = {}
         with torch.inference_mode():
             for name, windows in groups.items():
@@ -72,7 +96,8 @@ class InferenceEngine:
                 if det is None:
                     raise KeyError(f"model {name!r} is not loaded (loaded: {sorted(models)})")
                 if isinstance(det, AutoencoderDetector):
-                    raw = det.score_windows(windows, batch_size=self.max_batch, precision=self.precision)
+                    raw = det.score_windows(windows, batch_size=self.max_batch, precision=self.precision,
+                                            forward=forwards.get(name))
                 else:
                     raw = det.score_windows(windows)
                 thr = det.threshold

@@ -1,0 +1,63 @@
+"""The fused C++ forward (detector.fastpath) computes the same function as the eager GRU/LSTM autoencoders."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from detector import fastpath
+from detector.engine import InferenceEngine
+from detector.fastpath import FusedAutoencoder, executed_macs
+from detector.models import ModelConfig, build_model, model_cost
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the extension")
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("layers,W,F,H,L", [(1, 16, 4, 16, 4), (2, 9, 3, 8, 2), (3, 5, 7, 12, 3)])
+def test_fused_forward_matches_eager(kind, layers, W, F, H, L):
+    torch.manual_seed(layers)
+    cfg = ModelConfig(kind=kind, n_features=F, window=W, hidden_size=H, latent_size=L, num_layers=layers)
+    model = build_model(cfg).eval()
+    x = 3 * torch.randn(11, W, F)  # (B, W, F)
+    with torch.inference_mode():
+        want = model(x)
+        for tile in (1, 4, 32):  # tiles that split the batch unevenly and one larger than it
+            got = FusedAutoencoder(model, tile=tile)(x)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert FusedAutoencoder(model)(x[:0]).shape == (0, W, F)
+
+
+def test_fused_sees_in_place_weight_updates_and_rejects_bad_input():
+    cfg = ModelConfig(kind="gru", n_features=2, window=6, hidden_size=4, latent_size=2)
+    model = build_model(cfg).eval()
+    fused = FusedAutoencoder(model)
+    x = torch.randn(3, 6, 2)
+    with torch.no_grad():
+        model.output.bias.add_(1.0)
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="float32 CPU windows"):
+        fused(x.double())
+
+
+def test_executed_macs_subtract_the_hoisted_decoder_projection():
+    cfg = ModelConfig(kind="lstm", n_features=8, window=64, hidden_size=64, latent_size=16)
+    assert model_cost(cfg).macs_per_window - executed_macs(cfg) == 63 * 4 * 64 * 16
+
+
+def test_engine_uses_fused_forward_and_scores_like_the_detector(trained, synthetic, monkeypatch):
+    _, test = synthetic
+    windows = np.ascontiguousarray(
+        np.lib.stride_tricks.sliding_window_view(test.values[:80], 32, axis=0).transpose(0, 2, 1))
+    engine = InferenceEngine(device="cpu", fused=True)
+    engine.swap(trained)
+    assert engine.fused
+    out = engine.score({"gru": windows, "lstm": windows})
+    for kind in ("gru", "lstm"):
+        np.testing.assert_allclose(out[kind].raw.score, trained[kind].score_windows(windows).score, rtol=1e-4)
+    monkeypatch.setenv("ANOMALYD_FUSED_RNN", "0")
+    assert not InferenceEngine(device="cpu").fused
+    monkeypatch.setenv("ANOMALYD_FUSED_RNN", "maybe")
+    with pytest.raises(ValueError, match="ANOMALYD_FUSED_RNN"):
+        fastpath.fused_mode()
