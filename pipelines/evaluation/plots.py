@@ -9,7 +9,7 @@ import numpy as np
 
 from pipelines.evaluation.metrics import segments
 
-MAX_FEATURES_DRAWN = 8  # multivariate: the features that move most inside labelled windows
+MAX_FEATURES_DRAWN = 5  # multivariate: the features that move most inside labelled windows
 
 
 def safe_filename(name: str) -> str:
@@ -38,9 +38,14 @@ def plot_detection(
     feature_names: list[str] | None = None,
     log_scores: bool = False,
 ) -> Path:
-    """Write one figure: the signal with labelled windows shaded and detections marked; below, the score
-    with its threshold. ``signal`` is (T,) or (T, F); ``scores`` (T,); ``labels`` (T,) 0/1; rows before
-    ``probation`` (not scored) are shaded grey."""
+    """Write one figure with three panels sharing the row axis:
+
+    1. the signal (``(T,)`` or the most telling of ``(T, F)`` features), labelled windows shaded red;
+    2. the anomaly score with its threshold, detections as black dots;
+    3. an event track: labelled windows (red) and detected runs (black) as bars, so short events stay visible.
+
+    Rows before ``probation`` (not scored) are shaded grey.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,40 +59,46 @@ def plot_detection(
     detected = np.isfinite(s) & (s >= threshold)
     detected[:probation] = False
 
-    fig, (ax_sig, ax_score) = plt.subplots(
-        2, 1, figsize=(14, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    fig, (ax_sig, ax_score, ax_ev) = plt.subplots(
+        3, 1, figsize=(15, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2, 0.6]}
     )
     for ax in (ax_sig, ax_score):
         for a, b in segments(y):
-            ax.axvspan(a - 0.5, b + 0.5, color="tab:red", alpha=0.15, lw=0)
+            ax.axvspan(a - 0.5, b + 0.5, color="tab:red", alpha=0.18, lw=0)
         if probation:
-            ax.axvspan(-0.5, probation - 0.5, color="0.85", alpha=0.6, lw=0)
+            ax.axvspan(-0.5, probation - 0.5, color="0.8", alpha=0.5, lw=0)
         ax.grid(alpha=0.3)
 
     cols = _pick_features(sig, y) if sig.shape[1] > 1 else np.array([0])
     for j in cols:
         label = feature_names[j] if feature_names else (f"f{j}" if sig.shape[1] > 1 else "value")
-        ax_sig.plot(t, sig[:, j], lw=0.7, label=label)
-    if detected.any():
-        top = np.nanmax(sig[:, cols]) if np.isfinite(sig[:, cols]).any() else 1.0
-        ax_sig.scatter(t[detected], np.full(int(detected.sum()), top), marker="v", s=18, color="black",
-                       zorder=3, label="detection")
+        ax_sig.plot(t, sig[:, j], lw=0.6, alpha=0.85 if len(cols) > 1 else 1.0, label=label)
     ax_sig.set_ylabel("signal")
-    ax_sig.legend(loc="upper left", fontsize=7, ncol=min(len(cols) + 1, 5), framealpha=0.8)
     ax_sig.set_title(title, fontsize=10, loc="left")
+    ax_sig.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, frameon=False)
 
     shown = np.where(np.isfinite(s), s, np.nan)
-    ax_score.plot(t, shown, lw=0.7, color="tab:blue", label="anomaly score")
-    ax_score.axhline(threshold, color="tab:orange", ls="--", lw=1.0, label=f"threshold {threshold:.4g}")
+    ax_score.plot(t, shown, lw=0.6, color="tab:blue", label="anomaly score")
+    ax_score.axhline(threshold, color="tab:orange", ls="--", lw=1.2, label=f"threshold\n{threshold:.4g}")
     if detected.any():
-        ax_score.scatter(t[detected], s[detected], s=10, color="black", zorder=3, label="detection")
+        ax_score.scatter(t[detected], s[detected], s=9, color="black", zorder=3, label="detection")
     if log_scores and np.any(shown > 0):
         ax_score.set_yscale("log")  # heavy-tailed raw errors; non-positive values are masked
     ax_score.set_ylabel("score")
-    ax_score.set_xlabel("row")
-    ax_score.legend(loc="upper left", fontsize=7, ncol=3, framealpha=0.8)
-    ax_score.text(1.0, 1.02, "red: labelled anomaly windows", transform=ax_score.transAxes, fontsize=7,
-                  ha="right", va="bottom", color="tab:red")
+    ax_score.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, frameon=False)
+
+    # Spans show long runs; vertical lines keep one-row events visible at any width.
+    lab = segments(y)
+    for a, b in lab:
+        ax_ev.axvspan(a - 0.5, b + 0.5, ymin=0.55, ymax=0.95, color="tab:red", lw=0)
+    ax_ev.vlines([a for a, _ in lab], 0.55, 0.95, color="tab:red", lw=1.2)
+    for a, b in segments(detected):
+        ax_ev.axvspan(a - 0.5, b + 0.5, ymin=0.05, ymax=0.45, color="black", lw=0)
+    ax_ev.vlines(t[detected], 0.05, 0.45, color="black", lw=1.0)
+    ax_ev.set_yticks([0.25, 0.75], ["detected", "labelled"], fontsize=7)
+    ax_ev.set_ylim(0, 1)
+    ax_ev.set_xlabel("row")
+    ax_ev.set_xlim(-0.5, len(s) - 0.5)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
