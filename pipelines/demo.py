@@ -24,7 +24,6 @@ from .produce import SyntheticFleet, produce_live
 __all__ = ["run_demo", "match_alerts"]
 
 HISTORY_STEPS = 2000
-INTERVAL_MS = 1000
 
 
 def match_alerts(truth: list[dict], alerts: list[dict], slack_ms: int) -> list[tuple[dict, dict | None]]:
@@ -79,7 +78,7 @@ def run_demo(args) -> int:
         "models": {"dir": str(work / "models"), "served": [{"name": n} for n in model_names], "device": "auto"},
         "routes": [{"match": "pump-*", "models": model_names, "combine": "max"}],
         "processing": {"max_delay_ms": 50},
-        "alerts": {"k": 3, "n": 5, "m": 10, "cooldown_s": 30},
+        "alerts": {"k": 3, "n": 5, "m": 10, "cooldown_s": 5},
         "sinks": {"kafka": {"enabled": True, "topic": alerts_topic}, "log": {"enabled": False}},
         "http": {"bind": "127.0.0.1", "port": args.http_port},
     }
@@ -92,13 +91,14 @@ def run_demo(args) -> int:
 
     plan = fleet.plan(HISTORY_STEPS, args.steps, n_anomalies=5, length=30)
     data, truth = fleet.live(HISTORY_STEPS, args.steps, plan)
-    t0_ms = int(time.time() * 1000) - HISTORY_STEPS * INTERVAL_MS + 2000
+    interval_ms = max(1, round(1000 * args.streams / args.rate))  # event time advances with wall time
+    t0_ms = int(time.time() * 1000) - HISTORY_STEPS * interval_ms + 1000
     truth_path = work / "truth.json"
     producer = make_producer("kafka-python", bootstrap)
     say(f"[4/5] producing {args.steps} steps x {args.streams} streams at {args.rate:.0f} events/s "
         f"with {len(plan)} injected anomalies ({', '.join(p.kind + '@' + p.stream for p in plan)})")
     prod = threading.Thread(target=produce_live, name="producer", args=(producer, topic, fleet, data, HISTORY_STEPS,
-                            t0_ms, INTERVAL_MS, args.rate, truth, truth_path))
+                            t0_ms, interval_ms, args.rate, truth, truth_path))
     prod.start()
 
     stop = threading.Event()
@@ -111,14 +111,14 @@ def run_demo(args) -> int:
     producer.close()
 
     say("[5/5] injected vs detected")
-    rows = match_alerts(truth, alerts, slack_ms=32 * INTERVAL_MS)
+    rows = match_alerts(truth, alerts, slack_ms=2 * 32 * interval_ms)
     say(f"  {'stream':10s} {'kind':12s} {'injected at':>12s} {'alert at':>10s} {'delay':>7s}  alert id")
     for t, a in rows:
         start = time.strftime("%H:%M:%S", time.localtime(t["start_ts"] / 1000))
         if a:
             at = time.strftime("%H:%M:%S", time.localtime(a["started_at"] / 1000))
             say(f"  {t['stream']:10s} {t['kind']:12s} {start:>12s} {at:>10s} "
-                f"{(a['started_at'] - t['start_ts']) / 1000:6.0f}s  {a['id']}")
+                f"{(a['started_at'] - t['start_ts']) / 1000:6.2f}s  {a['id']}")
         else:
             say(f"  {t['stream']:10s} {t['kind']:12s} {start:>12s} {'MISSED':>10s}")
     matched = {a["id"] for _, a in rows if a}
