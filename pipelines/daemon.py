@@ -68,6 +68,9 @@ class Daemon:
         self._oldest_pending: float | None = None
         self._last_reload_check = time.monotonic()
         self.events_seen = 0
+        self.http_port: int | None = None
+        if self.engine.device.type == "cuda":
+            self.metrics.track_gpu_memory(str(self.engine.device))
         self.routes: list[RouteState] = []
         self._load_models()
 
@@ -266,7 +269,10 @@ class Daemon:
             pending = sum(r.pending_windows for r in self.routes)
             waited = (time.monotonic() - self._oldest_pending) * 1000 if self._oldest_pending else 0.0
             if pending >= p.max_batch_windows or waited >= p.max_delay_ms or (not len(batch) and self._uncommitted):
-                self._flush_and_commit()
+                try:
+                    self._flush_and_commit(timeout_s=10.0)
+                except SinkError as exc:  # sinks keep the alerts and retry; offsets wait (backpressure)
+                    log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
             self.metrics.set_state(up=True, ready=self.is_ready())
             self._maybe_reload()
             if now - last_lag > 5.0:
@@ -388,7 +394,7 @@ class Daemon:
     def _flush_and_commit(self, timeout_s: float = 30.0) -> None:
         self.flush()
         self.producer.flush(timeout_s)  # dead letters
-        self.sinks.flush(timeout_s)  # raises SinkError: nothing is committed
+        self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed
         if not self._uncommitted:
             return
         floors = np.full(len(self._tp_list), -1, dtype=np.int64)

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -258,16 +258,22 @@ class FanoutSink(Sink):
             except Exception as exc:
                 self._add_errors.append(f"{sink.name}: add failed: {type(exc).__name__}: {exc}")
 
-    def flush(self, timeout_s: float) -> None:
+    def flush(self, timeout_s: float, observe: Callable[[str, float, bool], None] | None = None) -> None:
+        """Flush every sink within ``timeout_s``; ``observe(sink name, seconds, ok)`` is told about each flush."""
         deadline = time.monotonic() + timeout_s
         errors, self._add_errors = self._add_errors, []
         for sink in self.sinks:
+            t0 = time.perf_counter()
+            ok = False
             try:
                 sink.flush(max(0.0, deadline - time.monotonic()))
+                ok = True
             except SinkError as exc:
                 errors.append(f"{sink.name}: {exc}")
             except Exception as exc:
                 errors.append(f"{sink.name}: {type(exc).__name__}: {exc}")
+            if observe is not None:
+                observe(sink.name, time.perf_counter() - t0, ok)
         if errors:
             raise SinkError("alert sinks failed: " + "; ".join(errors))
 
