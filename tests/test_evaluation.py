@@ -222,3 +222,20 @@ def test_plain_scores_keep_the_error_ranking() -> None:
     s = det.score_stream(x, 60)
     order = np.argsort(raw[60:], kind="stable")
     assert np.all(np.diff(s[60:][order]) >= 0)
+
+
+def test_raw_error_cache(tmp_path: Path) -> None:
+    x = _series(300, 200, 4)
+    cfg = NabDetectorConfig(kind="gru", **TINY)
+    first = NabStreamingDetector(cfg, raw_cache=tmp_path)
+    s1 = first.score_stream(x, 45)
+    assert not first.cache_hit and len(list(tmp_path.glob("gru-*.npy"))) == 1
+    again = NabStreamingDetector(cfg, raw_cache=tmp_path)
+    np.testing.assert_array_equal(again.score_stream(x, 45), s1)
+    assert again.cache_hit
+    post = NabStreamingDetector(cfg.replace(hold=10), raw_cache=tmp_path)  # post-processing only: a hit
+    post.score_stream(x, 45)
+    assert post.cache_hit
+    other = NabStreamingDetector(cfg.replace(seed=1), raw_cache=tmp_path)  # different model: a miss
+    other.score_stream(x, 45)
+    assert not other.cache_hit

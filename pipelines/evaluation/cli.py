@@ -42,6 +42,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     nab.add_argument("--files", help="only files whose name contains this text (quick checks)")
     nab.add_argument("--set", action="append", metavar="KEY=VALUE", dest="settings",
                      help="override a NabDetectorConfig setting for every file (repeatable)")
+    nab.add_argument("--raw-cache", help="reuse raw model errors stored here (compare post-processing variants)")
 
     mv = sub.add_parser("multivariate", help="SMD/ASD layout: train/, test/, test_label/")
     common(mv)
@@ -115,7 +116,7 @@ def run_nab(args: argparse.Namespace, log) -> int:
         made: list[NabStreamingDetector] = []
 
         def make(cfg: NabDetectorConfig = cfg, made: list = made) -> NabStreamingDetector:
-            made.append(NabStreamingDetector(cfg))
+            made.append(NabStreamingDetector(cfg, raw_cache=args.raw_cache))
             return made[-1]
 
         results, seconds = run_corpus(corpus, make, log=log)
@@ -127,6 +128,7 @@ def run_nab(args: argparse.Namespace, log) -> int:
             "train_seconds": train_s,
             "run_seconds": total_s,
             "rows_per_second": n_rows / max(total_s - train_s, 1e-9),
+            "raw_cache_hits": sum(d.cache_hit for d in made),
             "config": {k: v for k, v in vars(cfg).items()},
         })
         summaries[kind] = summary

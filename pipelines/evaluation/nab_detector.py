@@ -24,8 +24,11 @@ Pipeline per series (no per-file settings; labels are never seen):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +43,9 @@ from pipelines.evaluation.likelihood import (
 )
 
 MODEL_KINDS = ("gru", "lstm", "gaussian")
+# Settings that change the raw errors (the rest only change their post-processing).
+RAW_ERROR_FIELDS = ("kind", "window", "hidden_size", "latent_size", "epochs", "batch_size", "lr", "finetune_every",
+                    "finetune_steps", "finetune_history", "last_weight", "gauss_window", "clip", "seed")
 
 
 @dataclass(frozen=True)
@@ -113,11 +119,17 @@ def parse_overrides(items: list[str] | None) -> dict[str, object]:
 
 
 class NabStreamingDetector:
-    """One causal pass over a univariate series; create a fresh one per file."""
+    """One causal pass over a univariate series; create a fresh one per file.
 
-    def __init__(self, cfg: NabDetectorConfig | None = None) -> None:
+    ``raw_cache``: a directory where raw errors are stored under a hash of the series, the probation length
+    and the settings in ``RAW_ERROR_FIELDS``, so post-processing variants can be compared without retraining.
+    """
+
+    def __init__(self, cfg: NabDetectorConfig | None = None, raw_cache: str | Path | None = None) -> None:
         self.cfg = cfg or NabDetectorConfig()
         self.name = self.cfg.kind
+        self.raw_cache = Path(raw_cache) if raw_cache is not None else None
+        self.cache_hit = False
         self.train_seconds = 0.0  # spent on fitting and fine-tuning (set by score_stream)
 
     def score_stream(self, values: np.ndarray, probation: int) -> np.ndarray:
@@ -125,8 +137,22 @@ class NabStreamingDetector:
         x = np.asarray(values, dtype=np.float64)
         if probation < 2 or probation >= len(x):
             raise ValueError(f"probation {probation} must be in [2, {len(x) - 1}]")
-        raw = self.raw_errors(x, probation)  # (N,)
+        raw = self._raw_errors_cached(x, probation)  # (N,)
         return self.postprocess(x, raw, probation)
+
+    def _raw_errors_cached(self, x: np.ndarray, probation: int) -> np.ndarray:
+        if self.raw_cache is None:
+            return self.raw_errors(x, probation)
+        settings = json.dumps({f: getattr(self.cfg, f) for f in RAW_ERROR_FIELDS}, sort_keys=True)
+        digest = hashlib.sha1(settings.encode() + x.tobytes() + str(probation).encode()).hexdigest()[:20]
+        path = self.raw_cache / f"{self.cfg.kind}-{digest}.npy"
+        if path.is_file():
+            self.cache_hit = True
+            return np.load(path)
+        raw = self.raw_errors(x, probation)
+        self.raw_cache.mkdir(parents=True, exist_ok=True)
+        np.save(path, raw)
+        return raw
 
     # -- raw errors ---------------------------------------------------------------------------------
     def raw_errors(self, x: np.ndarray, probation: int) -> np.ndarray:
