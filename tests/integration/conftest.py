@@ -58,3 +58,12 @@ def topic_name(request: pytest.FixtureRequest) -> str:
     """A topic name unique to this test run: the test's name plus a random suffix."""
     stem = re.sub(r"[^a-zA-Z0-9._-]+", "-", request.node.name).strip("-")[:180]
     return f"{stem}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def daemon_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """(models dir, [GRU name, LSTM name]): tiny autoencoders trained once per session for the daemon tests."""
+    from tests.integration.daemon_support import train_models
+
+    d = tmp_path_factory.mktemp("models")
+    return d, train_models(d)

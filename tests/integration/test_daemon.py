@@ -27,7 +27,6 @@ from .daemon_support import (
     produce_with_anomalies,
     read_alerts,
     read_topic,
-    train_models,
     write_config,
 )
 
@@ -36,10 +35,9 @@ SLACK_MS = 2 * WINDOW * INTERVAL_MS
 FALSE_ALARM_BUDGET = 1  # firing alerts per run not explained by an injected anomaly
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models")
-    return d, train_models(d)
+@pytest.fixture
+def models(daemon_models):
+    return daemon_models
 
 
 def _start(cmd_cfg, env=None) -> subprocess.Popen:

@@ -28,15 +28,13 @@ from .daemon_support import (
     fleet,
     produce_with_anomalies,
     read_alerts,
-    train_models,
     write_config,
 )
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models")
-    return d, train_models(d)
+@pytest.fixture
+def models(daemon_models):
+    return daemon_models
 
 
 @pytest.fixture(scope="module")
