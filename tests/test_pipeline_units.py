@@ -1,0 +1,64 @@
+"""Unit tests of the daemon's Kafka-free parts: routing, model store, route state, replay."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+import yaml
+
+from detector.synthetic import SensorModel
+from pipelines.model_store import ModelStore, new_version_name
+from pipelines.replay import replay_files
+from pipelines.routing import Router, RouteSpec
+
+
+def test_router_glob_regex_first_match_and_default():
+    r = Router([RouteSpec(("a",), match="pump-*"), RouteSpec(("b",), regex=r"^fan-\d+$")], default_models=["c"])
+    assert r.route_of("pump-17") == 0 and r.route_of("fan-3") == 1
+    assert r.route_of("fan-x") == 2  # the default route
+    assert Router([RouteSpec(("a",), match="pump-*")]).route_of("valve-1") == -1
+    assert RouteSpec(("gru", "lstm")).label == "gru+lstm"
+
+
+def test_model_store_newest_version_and_pinning(trained, tmp_path):
+    store = ModelStore(tmp_path)
+    v1 = store.save("m", trained["gru"], version="v2").name
+    v2 = store.save("m", trained["gru"], version="v10").name
+    (tmp_path / "m" / ".v99.tmp").mkdir()  # incomplete writes are ignored
+    assert store.versions("m") == [v1, v2] and store.resolve("m") == "v10"
+    assert store.load("m", "v2").version == "v2"
+    with pytest.raises(FileNotFoundError, match="version 'v3' not found"):
+        store.resolve("m", "v3")
+    with pytest.raises(FileExistsError):
+        store.save("m", trained["gru"], version="v10")
+    early = new_version_name(datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=UTC))
+    late = new_version_name(datetime(2026, 1, 2, 3, 4, 5, 7000, tzinfo=UTC))
+    assert early == "20260102T030405006Z" and early < late
+
+
+def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys):
+    store = ModelStore(tmp_path / "models")
+    store.save("gru", trained["gru"])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [{"match": "pump-*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
+           "kafka": {"topics": ["x"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    model = SensorModel(4, seed=1)
+    X = model.normal(np.arange(400, dtype=np.float64))
+    X[300:340, 2] += 8 * X[:, 2].std()  # a level shift
+    lines = [json.dumps({"stream": "pump-1", "ts": 1_700_000_000_000 + i * 1000,
+                         "values": dict(zip(trained["gru"].feature_names, row.tolist(), strict=True))})
+             for i, row in enumerate(X)]
+    lines.insert(10, "{broken")
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    assert replay_files(tmp_path / "c.yaml", [tmp_path / "in.jsonl"]) == 0
+    out, err = capsys.readouterr()
+    alerts = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    firing = [a for a in alerts if a["status"] == "firing"]
+    assert len(firing) == 1 and firing[0]["stream"] == "pump-1"
+    assert 1_700_000_000_000 + 300_000 <= firing[0]["started_at"] <= 1_700_000_000_000 + 340_000
+    assert firing[0]["top_features"][0]["feature"] == "s2"
+    assert '"anomalyd-error-reason": "bad_json"' in err
