@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from detector.engine import InferenceEngine
 
-from .config import Config
+from .config import Config, check_model_files
 from .decode import dead_letter_headers, decode_batch
 from .httpserver import HealthServer
 from .kafka_io import Producer, make_producer
@@ -47,6 +47,7 @@ class Daemon:
     def __init__(self, cfg: Config, registry: CollectorRegistry | None = None,
                  source_factory: Callable[..., Source] | None = None,
                  stop_event: threading.Event | None = None) -> None:
+        check_model_files(cfg)  # a missing model is a config error naming models.served[i] and the path
         self.cfg = cfg
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, top_k_streams=cfg.metrics.top_k_streams)

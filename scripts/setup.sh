@@ -22,7 +22,7 @@ if [ ! -f "$stamp" ]; then
     touch "$stamp"
 fi
 # Point the editable install at this checkout (cheap; CI runs from a fresh clone elsewhere).
-if ! "$VENV/bin/python" - "$PWD" <<'PY' 2>/dev/null
+if ! "$VENV/bin/python" -P - "$PWD" <<'PY' 2>/dev/null
 import pathlib, sys, pipelines
 sys.exit(0 if pathlib.Path(pipelines.__file__).resolve().parent.parent == pathlib.Path(sys.argv[1]).resolve() else 1)
 PY
