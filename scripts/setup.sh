@@ -27,7 +27,7 @@ import pathlib, sys, pipelines
 sys.exit(0 if pathlib.Path(pipelines.__file__).resolve().parent.parent == pathlib.Path(sys.argv[1]).resolve() else 1)
 PY
 then
-    "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
+    "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . >"$CACHE/editable-install.log" 2>&1 || { cat "$CACHE/editable-install.log"; exit 1; }
 fi
 
 # Debian packages for the integration tests (Java for Kafka, Prometheus, Alertmanager).
