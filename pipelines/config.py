@@ -75,7 +75,6 @@ class KafkaConfig:
     topics: list[str] = _f(["sensors"])
     topic_pattern: str | None = None
     dead_letter_topic: str = _f("anomalyd-dead-letter", nonempty=True)
-    state_topic: str | None = "anomalyd-window-state"
     max_message_bytes: int = _f(65536, ge=1)
     poll_max_records: int = _f(5000, ge=1)
     poll_timeout_ms: int = _f(100, ge=0)
