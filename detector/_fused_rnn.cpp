@@ -2,15 +2,18 @@
 //
 // Same equations and weights as torch.nn.GRU / torch.nn.LSTM (gate order r,z,n and i,f,g,o), but:
 //  * the whole forward (encoder, latent, decoder, output) runs in C++ with no per-step Python/dispatcher cost;
-//  * each time step is one BLAS sgemm (h . W_hh^T) plus ONE fused, vectorised pass over the gates
+//  * each time step is one small matrix product (h . W_hh^T) plus ONE fused, vectorised pass over the gates
 //    (eager PyTorch runs ~10 small ops per GRU step);
 //  * the decoder's input is the same latent z at every step, so its input projection z . W_ih^T + b is computed
 //    once per window instead of once per step;
 //  * the batch is cut into tiles of `tile` windows that stay in cache through all steps; tiles are handed out to
 //    the intra-op threads dynamically (an atomic counter), so a thread slowed by a competing process does not
-//    hold the others up.
-// Windows are independent; a window's result can differ in the last bits with the batch and tile sizes (the
-// BLAS blocks differently), as in eager PyTorch.
+//    hold the others up;
+//  * the matrix products use a small register-blocked kernel below, not the BLAS: a threaded BLAS call per
+//    step (MKL starts its own threads for a 32x64x192 product) collapses by 1000x when another process holds
+//    a core, and the shapes here are too small for BLAS blocking to pay.
+// A window's result does not depend on the batch it came in or on the tile size (same operations in the same
+// order for every row), unlike eager PyTorch, whose BLAS blocks differently by batch size.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -22,30 +25,78 @@
 #include <memory>
 #include <vector>
 
-// The BLAS that libtorch_cpu links (MKL on x86 wheels) exports the Fortran symbol.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc);
-
 namespace {
 
-// C (m x n, row stride ldc) = A (m x k, row stride lda) . W^T, with W (n x k) row-major (a PyTorch weight).
-// Column-major view: C^T (n x m) = W (n x k) . A^T (k x m).
-inline void mm_wt(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* W, float* C,
-                  int64_t ldc) {
-  const char ta = 'T', tb = 'N';
-  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int la = static_cast<int>(k), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  const float one = 1.0f, zero = 0.0f;
-  sgemm_(&ta, &tb, &M, &N, &K, &one, W, &la, A, &lb, &zero, C, &lc);
+// ------------------------------------------------------------------------------------------- matrix products
+typedef float v16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register (two AVX2 ones)
+constexpr int64_t VL = 16;
+#ifdef __AVX512F__
+constexpr int NV = 4;  // 4 rows x 4 vectors = 16 accumulators of 32 zmm registers
+#else
+constexpr int NV = 2;
+#endif
+constexpr int MR = 4;
+
+// A PyTorch weight W (n x k) stored transposed, W^T (k x n_pad), columns zero-padded to whole vectors.
+struct Packed {
+  std::vector<float> t;
+  int64_t k = 0, n = 0, n_pad = 0;
+  Packed() = default;
+  Packed(const float* w, int64_t n_, int64_t k_) : k(k_), n(n_), n_pad((n_ + VL - 1) / VL * VL) {
+    t.assign(k * n_pad, 0.0f);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t p = 0; p < k; ++p) t[p * n_pad + i] = w[i * k + p];
+  }
+};
+
+inline v16 load(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
 
+// C rows r0..r0+R, vectors j0..j0+nv: accumulate A[r, :] . W^T[:, cols] over k.
+template <int R, int V>
+inline void block(const float* A, int64_t lda, const Packed& w, int64_t j0, float* C, int64_t ldc) {
+  v16 acc[R][V] = {};
+  const float* bt = w.t.data() + j0;
+  for (int64_t p = 0; p < w.k; ++p) {
+    v16 b[V];
+    for (int v = 0; v < V; ++v) b[v] = load(bt + p * w.n_pad + v * VL);
+    for (int r = 0; r < R; ++r) {
+      const float a = A[r * lda + p];
+      for (int v = 0; v < V; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) {
+      const int64_t col = j0 + v * VL, m = std::min<int64_t>(VL, w.n - col);
+      if (m > 0) std::memcpy(C + r * ldc + col, &acc[r][v], m * sizeof(float));
+    }
+  }
+}
+
+template <int R>
+inline void rows(const float* A, int64_t lda, const Packed& w, float* C, int64_t ldc) {
+  int64_t j0 = 0;
+  for (; j0 + NV * VL <= w.n_pad; j0 += NV * VL) block<R, NV>(A, lda, w, j0, C, ldc);
+  for (; j0 < w.n_pad; j0 += VL) block<R, 1>(A, lda, w, j0, C, ldc);
+}
+
+// C (m x n, row stride ldc) = A (m x k, row stride lda) . W^T, single-threaded.
+void mm(int64_t m, const float* A, int64_t lda, const Packed& w, float* C, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR) rows<MR>(A + i * lda, lda, w, C + i * ldc, ldc);
+  for (; i < m; ++i) rows<1>(A + i * lda, lda, w, C + i * ldc, ldc);
+}
+
+// ------------------------------------------------------------------------------------------- recurrences
 inline float sigm(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 struct Layer {
-  const float* w_ih;  // (G*H, n_in)
+  Packed w_ih;        // (G*H, n_in) transposed
   const float* b_ih;  // (G*H,)
-  const float* w_hh;  // (G*H, H)
+  Packed w_hh;        // (G*H, H) transposed
   const float* b_hh;  // (G*H,)
   int64_t n_in;
 };
@@ -63,7 +114,7 @@ void run_layer(bool lstm, int64_t b, int64_t W, int64_t H, const Layer& L, const
                bool const_in, float* h, float* c, float* out, float* gi, float* gh) {
   const int64_t G = lstm ? 4 : 3, GH = G * H;
   const int64_t rows = const_in ? b : b * W;
-  mm_wt(rows, GH, L.n_in, in, const_in ? in_rs : L.n_in, L.w_ih, gi, GH);  // input projection, hoisted
+  mm(rows, in, const_in ? in_rs : L.n_in, L.w_ih, gi, GH);  // input projection, hoisted
   for (int64_t r = 0; r < rows; ++r) {  // LSTM: both biases here; GRU: b_hh stays inside r * (W_hn h + b_hn)
     float* g = gi + r * GH;
     if (lstm) {
@@ -75,7 +126,7 @@ void run_layer(bool lstm, int64_t b, int64_t W, int64_t H, const Layer& L, const
   const int64_t gi_rs = const_in ? GH : W * GH, gi_ts = const_in ? 0 : GH;
   const float* bh = L.b_hh;
   for (int64_t t = 0; t < W; ++t) {
-    mm_wt(b, GH, H, h, H, L.w_hh, gh, GH);  // (b, G*H)
+    mm(b, h, H, L.w_hh, gh, GH);  // (b, G*H)
     for (int64_t i = 0; i < b; ++i) {
       const float* g = gi + i * gi_rs + t * gi_ts;
       const float* q = gh + i * GH;
@@ -106,12 +157,19 @@ void run_layer(bool lstm, int64_t b, int64_t W, int64_t H, const Layer& L, const
   }
 }
 
-std::vector<Layer> layers_of(const std::vector<at::Tensor>& w, int64_t n_in0, int64_t H) {
+Packed pack(const at::Tensor& w) { return Packed(w.data_ptr<float>(), w.size(0), w.size(1)); }
+
+std::vector<Layer> layers_of(const std::vector<at::Tensor>& w, int64_t n_in0, int64_t H, int64_t G) {
   TORCH_CHECK(!w.empty() && w.size() % 4 == 0, "rnn weights come in groups of 4 per layer");
   std::vector<Layer> out;
   for (size_t l = 0; 4 * l < w.size(); ++l) {
-    out.push_back({w[4 * l].data_ptr<float>(), w[4 * l + 1].data_ptr<float>(), w[4 * l + 2].data_ptr<float>(),
-                   w[4 * l + 3].data_ptr<float>(), l == 0 ? n_in0 : H});
+    const int64_t n_in = l == 0 ? n_in0 : H;
+    TORCH_CHECK(w[4 * l].dim() == 2 && w[4 * l].size(0) == G * H && w[4 * l].size(1) == n_in &&
+                    w[4 * l + 2].dim() == 2 && w[4 * l + 2].size(0) == G * H && w[4 * l + 2].size(1) == H &&
+                    w[4 * l + 1].numel() == G * H && w[4 * l + 3].numel() == G * H,
+                "rnn weight shapes do not match the hidden size and input width");
+    out.push_back({pack(w[4 * l]), w[4 * l + 1].data_ptr<float>(), pack(w[4 * l + 2]),
+                   w[4 * l + 3].data_ptr<float>(), n_in});
   }
   return out;
 }
@@ -135,15 +193,18 @@ at::Tensor ae_forward(const at::Tensor& x, bool lstm, int64_t H, int64_t Lz, con
   for (const auto& t : dec) check(t, "decoder weight");
   for (const auto& t : head) check(t, "head weight");
   const int64_t B = x.size(0), W = x.size(1), F = x.size(2), G = lstm ? 4 : 3;
-  const auto el = layers_of(enc, F, H), dl = layers_of(dec, Lz, H);
+  const auto el = layers_of(enc, F, H, G), dl = layers_of(dec, Lz, H, G);
   const int64_t nl = static_cast<int64_t>(el.size());
   auto y = at::empty({B, W, F}, x.options());
   if (B == 0) return y;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const float *lat_w = head[0].data_ptr<float>(), *lat_b = head[1].data_ptr<float>();
-  const float *fl_w = head[2].data_ptr<float>(), *fl_b = head[3].data_ptr<float>();
-  const float *out_w = head[4].data_ptr<float>(), *out_b = head[5].data_ptr<float>();
+  TORCH_CHECK(head[0].dim() == 2 && head[0].size(0) == Lz && head[0].size(1) == H && head[2].dim() == 2 &&
+                  head[2].size(0) == nl * H && head[2].size(1) == Lz && head[4].dim() == 2 && head[4].size(0) == F &&
+                  head[4].size(1) == H && head[1].numel() == Lz && head[3].numel() == nl * H && head[5].numel() == F,
+              "latent/output weight shapes do not match");
+  const Packed lat_w = pack(head[0]), fl_w = pack(head[2]), out_w = pack(head[4]);
+  const float *lat_b = head[1].data_ptr<float>(), *fl_b = head[3].data_ptr<float>(), *out_b = head[5].data_ptr<float>();
   const int64_t T = std::min(tile, B), n_tiles = (B + T - 1) / T;
   const int64_t n_workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tiles));
   std::atomic<int64_t> next{0};
@@ -160,10 +221,10 @@ at::Tensor ae_forward(const at::Tensor& x, bool lstm, int64_t H, int64_t Lz, con
         run_layer(lstm, b, W, H, el[l], in, 0, false, h.get(), c.get(), out, gi.get(), gh.get());
         in = out;
       }
-      mm_wt(b, Lz, H, h.get(), H, lat_w, z.get(), Lz);  // z = to_latent(h_W)  (b, L)
+      mm(b, h.get(), H, lat_w, z.get(), Lz);  // z = to_latent(h_W)  (b, L)
       for (int64_t i = 0; i < b; ++i)
         for (int64_t j = 0; j < Lz; ++j) z.get()[i * Lz + j] += lat_b[j];
-      mm_wt(b, nl * H, Lz, z.get(), Lz, fl_w, h0.get(), nl * H);  // h0 = tanh(from_latent(z))  (b, layers*H)
+      mm(b, z.get(), Lz, fl_w, h0.get(), nl * H);  // h0 = tanh(from_latent(z))  (b, layers*H)
       for (int64_t i = 0; i < b * nl * H; ++i) h0.get()[i] = std::tanh(h0.get()[i] + fl_b[i % (nl * H)]);
       const float* din = z.get();
       float* out = s0.get();
@@ -175,7 +236,7 @@ at::Tensor ae_forward(const at::Tensor& x, bool lstm, int64_t H, int64_t Lz, con
         din = out;
       }
       float* yo = yp + r0 * W * F;
-      mm_wt(b * W, F, H, out, H, out_w, yo, F);  // output projection  (b*W, F)
+      mm(b * W, out, H, out_w, yo, F);  // output projection  (b*W, F)
       for (int64_t r = 0; r < b * W; ++r)
         for (int64_t j = 0; j < F; ++j) yo[r * F + j] += out_b[j];
     }

@@ -2,10 +2,11 @@
 
 Eager PyTorch runs the LSTM as one oneDNN kernel but the GRU as ~10 small ops per time step, and both
 recompute the decoder's input projection at every step although the decoder's input (the latent) is the same
-at every step. ``_fused_rnn.cpp`` runs the whole autoencoder forward in C++: per step one sgemm plus one fused,
-vectorised gate pass, the decoder input projection once per window, cache-sized batch tiles spread over the
-intra-op threads (see ``benchmarks/RESULTS.md`` for the measured effect). Same weights and state-dict keys as
-the eager model; outputs equal within float32 rounding (about 1e-7).
+at every step. ``_fused_rnn.cpp`` runs the whole autoencoder forward in C++: per step one register-blocked
+matrix product plus one fused, vectorised gate pass, the decoder input projection once per window, cache-sized
+batch tiles handed out dynamically to the intra-op threads, no BLAS threads (see ``benchmarks/RESULTS.md`` for
+the measured effect). Same weights and state-dict keys as the eager model; outputs equal within float32 rounding (about
+1e-7), and a window's output does not depend on the batch it is scored in.
 
 The extension is compiled with ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja) on first use
 into ``$ANOMALYD_CACHE/torch_extensions`` (default ``~/.cache/anomalyd``), keyed by source, flags, torch

@@ -1,0 +1,12 @@
+"""anomalyd benchmarks (issue 5): not part of ``make test``; each module is ``python -m benchmarks.<name>``.
+
+* ``engine``   windows/s of GRU/LSTM inference (eager PyTorch vs the fused C++ forward) against torch.mm's peak
+* ``pipeline`` end to end through a real local Kafka broker, against the raw client and the engine alone
+* ``latency``  event->score and event->alert latency at half of the measured capacity
+* ``baseline`` speed-up over a naive deque-per-stream, one-model-call-per-event detector and river's HST
+* ``gpu``      engine sweep and the scoring half of the pipeline on a CUDA device (< 5 minutes)
+
+Every benchmark prints a table and writes JSON (default ``~/.cache/anomalyd/bench/<name>.json``, ``--json``
+to change it); ``--quick`` runs a reduced size in about a minute. Results and their discussion:
+``benchmarks/RESULTS.md``.
+"""
