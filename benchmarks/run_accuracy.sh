@@ -17,6 +17,7 @@ PY="${PY:-${ANOMALYD_VENV:-$HOME/.cache/anomalyd/venv}/bin/python}"
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(nab smd asd)
 
+if [ -d "$DATA" ]; then DATA="$(cd "$DATA" && pwd)"; fi
 if [ ! -d "$DATA" ]; then
     echo "no benchmark data at $DATA (set DATA=...)" >&2
     exit 1

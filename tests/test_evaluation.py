@@ -239,3 +239,11 @@ def test_raw_error_cache(tmp_path: Path) -> None:
     other = NabStreamingDetector(cfg.replace(seed=1), raw_cache=tmp_path)  # different model: a miss
     other.score_stream(x, 45)
     assert not other.cache_hit
+
+
+def test_anomalyd_evaluate_is_wired(nab_dir: Path, tmp_path: Path) -> None:
+    anomalyd = pytest.importorskip("pipelines.cli")
+    out = tmp_path / "g.json"
+    rc = anomalyd.main(["evaluate", "nab", "--data", str(nab_dir), "--model", "gaussian", "--output", str(out),
+                        "--quiet"])
+    assert rc == 0 and json.loads(out.read_text())["files"] == 3

@@ -24,6 +24,7 @@ MODEL_CHOICES = ("gru", "lstm", "gaussian")
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``evaluate`` (with ``nab`` and ``multivariate``) on an argparse subparsers object."""
     ev = subparsers.add_parser("evaluate", help="accuracy of the detectors on labelled benchmark data")
+    ev.set_defaults(func=main_evaluate)  # for CLIs that dispatch on args.func
     sub = ev.add_subparsers(dest="evaluate_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
