@@ -1,0 +1,218 @@
+"""Generic validation of nested frozen dataclasses from parsed YAML (the machinery behind :mod:`pipelines.config`).
+
+A schema is a tree of dataclasses whose fields are typed ``str``, ``int``, ``float``, ``bool``, ``Literal[...]``,
+``X | None``, ``list[X]``, ``dict[str, str]`` or another dataclass; :func:`rule_field` attaches bounds (``ge``, ``gt``,
+``le``, ``nonempty``). :func:`build` makes an instance from a mapping and records every problem in a :class:`Ctx`
+as ``<source>: <dotted.key>: <message>``, where the source is the environment variable that set the key (see
+:func:`apply_env`) or else the file. After each dataclass is built, its cross-key check from ``Ctx.checks`` (if
+any) runs and may report more problems or return a replacement. A field named ``source`` is never read from data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import operator
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import field
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = ["Check", "ConfigError", "Ctx", "apply_env", "build", "join_key", "rule_field", "yaml_problem"]
+
+_BAD = object()  # a value that failed validation
+
+
+class ConfigError(ValueError):
+    """Invalid configuration. ``errors`` holds one line per problem: ``<source>: <dotted.key>: <message>``."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        n = len(self.errors)
+        super().__init__(f"invalid configuration ({n} error{'s' * (n != 1)}):\n" + "\n".join(self.errors))
+
+
+def rule_field(default: Any, **rules: Any) -> Any:
+    """A dataclass field with validation rules (ge, gt, le, nonempty) in its metadata."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=rules)
+    return field(default=default, metadata=rules)
+
+
+class Ctx:
+    """Validation state: the file source, the cross-key checks to run (dataclass -> check), which dotted keys came
+    from which environment variable, errors."""
+
+    def __init__(self, source: str, checks: Mapping[type, Check] | None = None):
+        self.source = source
+        self.checks: Mapping[type, Check] = checks or {}
+        self.env_keys: dict[str, str] = {}  # dotted key -> env var name
+        self.env_raw: dict[str, str] = {}  # dotted key -> unparsed env value
+        self.errors: list[str] = []
+        self.bad: set[str] = set()
+
+    def where(self, key: str) -> str:
+        k = key
+        while k:
+            if k in self.env_keys:
+                return f"environment variable {self.env_keys[k]}"
+            k = k[: max(k.rfind("."), k.rfind("["), 0)]
+        return self.source
+
+    def err(self, key: str, msg: str) -> None:
+        self.errors.append(f"{self.where(key)}: {key or '(top level)'}: {msg}")
+        self.bad.add(key)
+
+    def is_bad(self, *keys: str) -> bool:
+        return any(b == k or b.startswith((k + ".", k + "[")) for b in self.bad for k in keys)
+
+
+Check = Callable[[Any, Mapping, str, Ctx], Any]
+"""A cross-key check: ``(instance, its raw mapping, its dotted key, ctx) -> instance`` (possibly replaced)."""
+
+
+def join_key(key: str, name: str | int) -> str:
+    """Dotted key of a mapping entry (``key.name``) or list element (``key[i]``)."""
+    if isinstance(name, int):
+        return f"{key}[{name}]"
+    return f"{key}.{name}" if key else name
+
+
+def _describe(v: Any, key: str = "") -> str:
+    """Type and (unless ``key`` is a password) shortened repr of a value, for error messages."""
+    text = "(hidden)" if key.endswith("password") else repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_env(raw: dict, env: Mapping[str, str], prefix: str, root: type, ctx: Ctx) -> None:
+    """Write ``<prefix><KEY>[__<SUBKEY>...]`` overrides (values parsed as YAML) into ``raw`` (shallow names first),
+    recording their dotted keys; a name without ``__`` counts only if it names a top-level field of ``root``."""
+    top = {f.name for f in dataclasses.fields(root)} - {"source"}
+    items = []
+    for name, text in env.items():
+        parts = name[len(prefix):].lower().split("__")
+        if name.upper().startswith(prefix) and (len(parts) > 1 or parts[0] in top):
+            items.append((len(parts), name, parts, text))  # e.g. not ANOMALYD_CONFIG, ANOMALYD_CACHE
+    for _, name, parts, text in sorted(items):
+        node, key = raw, ""
+        for part in parts[:-1]:
+            key = join_key(key, part)
+            if not isinstance(node.get(part), dict):
+                node[part], ctx.env_keys[key] = {}, name
+            node = node[part]
+        key = join_key(key, parts[-1])
+        node[parts[-1]] = _parse_env_value(text)
+        ctx.env_keys[key], ctx.env_raw[key] = name, text
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def build(cls: type, data: Any, key: str, ctx: Ctx) -> Any:
+    """Instance of dataclass ``cls`` from mapping ``data``; bad optional values fall back to defaults (error
+    recorded); returns _BAD only when a required key is missing or bad."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        ctx.err(key, f"expected a mapping, got {_describe(data)}")
+        return _BAD if any(map(_required, dataclasses.fields(cls))) else cls()
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    for k in data:
+        if k not in fields:
+            close = difflib.get_close_matches(str(k), fields, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(fields)}"
+            ctx.err(join_key(key, str(k)), f"unknown key ({hint})")
+    kwargs: dict[str, Any] = {}
+    complete = True
+    for name, f in fields.items():
+        sub = join_key(key, name)
+        if name in data:
+            value = _convert(hints[name], data[name], sub, ctx)
+            if value is not _BAD and (ctx.is_bad(sub) or _check_rules(value, f.metadata, sub, ctx)):
+                kwargs[name] = value
+                continue
+        elif _required(f):
+            ctx.err(sub, "missing required key")
+        complete = complete and not _required(f)
+    if not complete:
+        return _BAD
+    obj = cls(**kwargs)
+    check = ctx.checks.get(cls)
+    return check(obj, data, key, ctx) if check else obj
+
+
+def _convert(tp: Any, v: Any, key: str, ctx: Ctx) -> Any:
+    """``v`` checked against type ``tp`` (recursively); records an error and returns _BAD on mismatch."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, v, key, ctx)
+    if origin is Literal:
+        if isinstance(v, str) and v in args:
+            return v
+        ctx.err(key, f"must be one of {', '.join(map(str, args))}; got {_describe(v)}")
+        return _BAD
+    if origin is list:
+        if not isinstance(v, list):
+            ctx.err(key, f"expected a list, got {_describe(v)}")
+            return _BAD
+        items = [_convert(args[0], x, join_key(key, i), ctx) for i, x in enumerate(v)]
+        return [x for x in items if x is not _BAD]  # bad elements are dropped (and reported)
+    if origin is dict:
+        if not isinstance(v, dict):
+            ctx.err(key, f"expected a mapping, got {_describe(v)}")
+            return _BAD
+        for k in v:
+            if not isinstance(k, str):
+                ctx.err(join_key(key, str(k)), f"key must be a string, got {_describe(k)}")
+        out = {k: _convert(str, x, join_key(key, k), ctx) for k, x in v.items() if isinstance(k, str)}
+        return {k: x for k, x in out.items() if x is not _BAD}
+    if tp is str and not isinstance(v, str) and key in ctx.env_raw and isinstance(v, int | float | bool):
+        return ctx.env_raw[key]  # ANOMALYD_KAFKA__GROUP_ID=123 means the string "123"
+    if tp is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if type(v) is not tp or (tp is float and not math.isfinite(v)):
+        hint = " (quote it)" if tp is str and isinstance(v, int | float | bool) else ""
+        ctx.err(key, f"expected {'a finite ' if tp is float else ''}{tp.__name__}, got {_describe(v, key)}{hint}")
+        return _BAD
+    return v
+
+
+_RULES = {"ge": (operator.ge, "must be >= {}"), "gt": (operator.gt, "must be > {}"),
+          "le": (operator.le, "must be <= {}"), "nonempty": (lambda v, _: len(v) > 0, "must not be empty")}
+
+
+def _check_rules(v: Any, rules: Mapping[str, Any], key: str, ctx: Ctx) -> bool:
+    """Check the field's metadata rules (see :func:`rule_field`); record the first failure."""
+    for rule, bound in rules.items():
+        test, what = _RULES[rule]
+        if not test(v, bound):
+            ctx.err(key, f"{what.format(bound)}, got {v!r}")
+            return False
+    return True
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """' at line L, column C: <problem>' of a YAML error, on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    text = f"{problem} ({context})" if context else problem
+    return f"{where}: {' '.join(text.split())}"
