@@ -181,7 +181,8 @@ def test_cli_nab_and_multivariate(nab_dir: Path, tmp_path: Path) -> None:
         assert key in res
     assert set(res["models"]) == {"gru", "gaussian"}
     assert (tmp_path / "plots" / "gru" / "synA__one.png").stat().st_size > 10_000
-    assert (tmp_path / "scores" / "gru" / "synB" / "quiet.csv").exists()
+    assert (tmp_path / "scores" / "synB" / "quiet.csv").exists()  # the requested model: NAB layout
+    assert (tmp_path / "scores" / "gaussian" / "synB" / "quiet.csv").exists()  # the added baseline
 
     _write_entities(tmp_path / "mv")
     out = tmp_path / "mv.json"

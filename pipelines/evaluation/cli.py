@@ -39,7 +39,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
     nab = sub.add_parser("nab", help="NAB-format corpus, NAB streaming rules and scorer")
     common(nab)
-    nab.add_argument("--scores-dir", help="write per-row scores as NAB result files DIR/<category>/<name>.csv")
+    nab.add_argument("--scores-dir", help="write per-row scores as NAB result files DIR/<category>/<name>.csv "
+                     "(first model; further models, the baseline included, under DIR/<model>/)")
     nab.add_argument("--files", help="only files whose name contains this text (quick checks)")
     nab.add_argument("--set", action="append", metavar="KEY=VALUE", dest="settings",
                      help="override a NabDetectorConfig setting for every file (repeatable)")
@@ -136,8 +137,8 @@ def run_nab(args: argparse.Namespace, log) -> int:
         log(f"NAB {kind}: standard {summary['standard']:.1f}  low-FP {summary['reward_low_FP_rate']:.1f}  "
             f"low-FN {summary['reward_low_FN_rate']:.1f}  ({total_s:.0f}s)")
         if args.scores_dir:
-            write_result_files(Path(args.scores_dir) / kind if len(models) > 1 else args.scores_dir,
-                               corpus, results)
+            target = Path(args.scores_dir) if kind == models[0] else Path(args.scores_dir) / kind
+            write_result_files(target, corpus, results)
         if args.plots:
             _nab_plots(Path(args.plots) / kind, corpus, results, summary)
     seconds_all = time.perf_counter() - t_start
