@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,10 +41,27 @@ def models(daemon_models):
     return daemon_models
 
 
-def _start(cmd_cfg, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--log-level", "INFO", "run", "-c", str(cmd_cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                            text=True)
+def _start(cmd_cfg, log_path=None) -> subprocess.Popen:
+    """``anomalyd run`` in a child process, its log in ``log_path`` (default: beside the config)."""
+    log_path = log_path or cmd_cfg.with_suffix(f".{time.monotonic_ns()}.log")
+    out = open(log_path, "w")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--log-level", "INFO", "run", "-c", str(cmd_cfg)],
+                            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+    proc.log_path = log_path
+    return proc
+
+
+def _log(proc) -> str:
+    return proc.log_path.read_text(errors="replace")
+
+
+def _wait_log(proc, pattern: str, timeout_s: float = 90) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if re.search(pattern, _log(proc)):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _wait_committed(bootstrap, group, topic, target: dict[int, int], timeout_s: float) -> dict[int, int]:
@@ -85,10 +103,12 @@ def test_end_to_end_every_anomaly_alerted_once(kafka_bootstrap, topic_name, mode
     assert reg.get_sample_value("anomalyd_events_total", {"topic": topic_name, "outcome": "scored"}) > 0
 
 
-def test_bad_input_goes_to_dead_letter_topic(kafka_bootstrap, topic_name, models, tmp_path):
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_bad_input_goes_to_dead_letter_topic(kafka_bootstrap, topic_name, models, tmp_path, client):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=1)
     cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, f"g-{topic_name}", f"{topic_name}-alerts")
+    cfg["kafka"]["client"] = client
     good = [{"stream": "pump-0", "ts": 1764180000000 + i * 1000, "values": [0.1, 0.2, 0.3, 0.4]} for i in range(40)]
     bad = [b"{not json", b"[1,2]", json.dumps({"ts": 5, "values": [1, 2, 3, 4]}).encode(),
            json.dumps({"stream": "pump-1", "values": ["a", 2, 3, 4]}).encode(),
@@ -112,17 +132,19 @@ def test_bad_input_goes_to_dead_letter_topic(kafka_bootstrap, topic_name, models
     assert scored == len(good) - WINDOW + 1
 
 
-def test_sigterm_exits_zero_with_offsets_committed(kafka_bootstrap, topic_name, models, tmp_path):
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_sigterm_exits_zero_with_offsets_committed(kafka_bootstrap, topic_name, models, tmp_path, client):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=2)
     group = f"g-{topic_name}"
     cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, group, f"{topic_name}-alerts")
+    cfg["kafka"]["client"] = client
     _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 200, KINDS[:1])
     proc = _start(write_config(tmp_path / "c.yaml", cfg))
     try:
         ends = end_offsets(kafka_bootstrap, topic_name)
         got = _wait_committed(kafka_bootstrap, group, topic_name, ends, 90)
-        assert got == ends, proc.stdout.read() if proc.poll() is not None else got
+        assert got == ends, _log(proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -167,16 +189,20 @@ def test_kill_9_and_restart_misses_no_anomaly(kafka_bootstrap, topic_name, model
     assert all(hits for hits in per), [t["kind"] for t, h in zip(truth, per, strict=True) if not h]
 
 
-def test_rebalance_two_members_share_partitions(kafka_bootstrap, topic_name, models, tmp_path):
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_rebalance_two_members_share_partitions(kafka_bootstrap, topic_name, models, tmp_path, client):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=4)
     group = f"g-{topic_name}"
     alerts_topic = f"{topic_name}-alerts"
-    cfg_path = write_config(tmp_path / "c.yaml", config_dict(kafka_bootstrap, topic_name, models_dir, names, group,
-                                                             alerts_topic))
-    a, b = _start(cfg_path), _start(cfg_path)
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, group, alerts_topic)
+    cfg["kafka"]["client"] = client
+    cfg_path = write_config(tmp_path / "c.yaml", cfg)
+    a = _start(cfg_path)
     try:
-        time.sleep(1.0)
+        assert _wait_log(a, r"partitions assigned: \[\("), _log(a)
+        b = _start(cfg_path)
+        assert _wait_log(b, r"partitions assigned: \[\("), _log(b)  # the group now spans both members
         truth, _ = produce_with_anomalies(kafka_bootstrap, topic_name, 300, KINDS)
         ends = end_offsets(kafka_bootstrap, topic_name)
         half = {p: off // 2 for p, off in ends.items()}
@@ -186,13 +212,12 @@ def test_rebalance_two_members_share_partitions(kafka_bootstrap, topic_name, mod
         assert _wait_committed(kafka_bootstrap, group, topic_name, ends, 90) == ends
         a.send_signal(signal.SIGTERM)
         assert a.wait(timeout=30) == 0
-        log_a = a.stdout.read()
-        log_b = b.stdout.read()
     finally:
-        for p in (a, b):
-            if p.poll() is None:
+        for p in (a, locals().get("b")):
+            if p is not None and p.poll() is None:
                 p.kill()
-    assert "partitions assigned" in log_a and "partitions assigned" in log_b
+    # after b left, a was assigned all four partitions (b's handed over)
+    assert re.search(r"partitions assigned: \[(\('[^']+', \d\)(, )?){4}\]", _log(a)), _log(a)
     alerts = read_alerts(kafka_bootstrap, alerts_topic)
     per = firing_per_anomaly(truth, alerts, SLACK_MS)
     assert all(hits for hits in per), [t["kind"] for t, h in zip(truth, per, strict=True) if not h]
