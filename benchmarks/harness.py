@@ -1,0 +1,322 @@
+"""The Kafka side of the benchmarks: a local broker, pre-filled topics, and measured runs in fresh processes.
+
+Each measured run (the raw client, the daemon, the engine alone) runs in its own spawned process, so its
+resident memory is its own and runs do not share a GIL. Rates are counted from the first poll that returned
+records (group join and start-up excluded) to the last record (raw) or the last offset commit (daemon, which
+commits only after scoring and flushing sinks).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from . import common
+
+WINDOW = 64
+FEATURES = 8
+T0_MS = 1_764_000_000_000
+INTERVAL_MS = 1000
+
+
+# ---------------------------------------------------------------------------------------------- broker and topics
+def start_broker():
+    """A fresh local broker on a free port: ``(LocalKafka, bootstrap)``; stop it with ``kafka.stop()``."""
+    from pipelines.kafka_local import LocalKafka, free_port
+
+    kafka = LocalKafka(free_port(), heap="1g")
+    return kafka, kafka.start(timeout_s=180)
+
+
+def new_topic(bootstrap: str, prefix: str, partitions: int) -> str:
+    from pipelines.kafka_local import create_topic
+
+    topic = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    create_topic(bootstrap, topic, partitions)
+    return topic
+
+
+def produce(bootstrap: str, topic: str, messages: list[bytes], keys: list[bytes]) -> float:
+    """Send pre-encoded messages with confluent-kafka as fast as it goes; returns messages/s."""
+    from confluent_kafka import Producer
+
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000,
+                  "queue.buffering.max.messages": 1_000_000, "queue.buffering.max.kbytes": 1_048_576})
+    t0 = time.perf_counter()
+    for value, key in zip(messages, keys, strict=True):
+        while True:
+            try:
+                p.produce(topic, value, key)
+                break
+            except BufferError:
+                p.poll(0.05)
+        p.poll(0)
+    left = p.flush(120)
+    if left:
+        raise RuntimeError(f"{left} messages were not delivered to {topic}")
+    return len(messages) / (time.perf_counter() - t0)
+
+
+def prefill(bootstrap: str, topic: str, fleet: common.Fleet, n_events: int, first_step: int) -> float:
+    """``n_events`` events, every stream once per step from ``first_step``; returns the producer's messages/s."""
+    stream, step = fleet.events(first_step, n_events)
+    messages = common.json_messages(fleet, stream, step, T0_MS, INTERVAL_MS)
+    keys = [fleet.names[s].encode() for s in stream.tolist()]
+    return produce(bootstrap, topic, messages, keys)
+
+
+# ---------------------------------------------------------------------------------------------- runs in processes
+def in_process(fn: Callable[[dict], dict], spec: dict, timeout_s: float = 600) -> dict:
+    """Run ``fn(spec)`` in a fresh spawned process and return its result dict (or raise its error)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, spec, queue))
+    proc.start()
+    try:
+        ok, result = queue.get(timeout=timeout_s)
+    except Exception:
+        proc.kill()
+        raise RuntimeError(f"{fn.__name__} did not finish within {timeout_s} s") from None
+    finally:
+        proc.join(30)
+    if not ok:
+        raise RuntimeError(f"{fn.__name__} failed in its process:\n{result}")
+    return result
+
+
+def _child(fn: Callable[[dict], dict], spec: dict, queue) -> None:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    try:
+        queue.put((True, fn(spec)))
+    except BaseException:
+        queue.put((False, traceback.format_exc()))
+
+
+class Phases:
+    """Time spent in named calls: {name: [calls, total s, max s]} (benchmark instrumentation only)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, list] = {}
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                st = self.stats.setdefault(name, [0, 0.0, 0.0])
+                st[0], st[1], st[2] = st[0] + 1, st[1] + dt, max(st[2], dt)
+
+        return timed
+
+    def report(self) -> dict:
+        return {k: {"calls": c, "total_s": t, "max_s": m} for k, (c, t, m) in self.stats.items()}
+
+
+class TimedSource:
+    """Wraps a daemon ``Source``: when the first records arrived, how many, when the last commit ended, and the
+    time spent in each client call."""
+
+    def __init__(self, inner: Any, phases: Phases) -> None:
+        self.inner = inner
+        self.t_first: float | None = None
+        self.n_first = 0
+        self.n_polled = 0
+        self.t_commit: float | None = None
+        self._poll = phases.wrap("source.poll", inner.poll)
+        self._commit = phases.wrap("source.commit", inner.commit)
+        self.lag = phases.wrap("source.lag", inner.lag)
+
+    def poll(self, max_records: int, timeout_ms: int):
+        batch = self._poll(max_records, timeout_ms)
+        if len(batch) and self.t_first is None:
+            self.t_first, self.n_first = time.perf_counter(), len(batch)
+        self.n_polled += len(batch)
+        return batch
+
+    def commit(self, offsets) -> None:
+        self._commit(offsets)
+        self.t_commit = time.perf_counter()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def instrument(daemon: Any, phases: Phases) -> None:
+    """Time the daemon's loop phases (instance attributes shadow the methods; the daemon is not changed)."""
+    daemon.process = phases.wrap("daemon.process", daemon.process)
+    daemon.flush = phases.wrap("daemon.flush (score, alerts)", daemon.flush)
+    daemon.engine.score = phases.wrap("engine.score", daemon.engine.score)
+    daemon._flush_and_commit = phases.wrap("daemon._flush_and_commit", daemon._flush_and_commit)
+
+
+def raw_rate(spec: dict) -> dict:
+    """(a) The same client and decoder as the daemon, no detection: poll + ``decode_batch`` until N events."""
+    from pipelines.decode import FeatureSpec, decode_batch
+    from pipelines.source import make_source
+
+    features = FeatureSpec(tuple(f"f{j}" for j in range(FEATURES)))
+    src = make_source(spec["client"], bootstrap_servers=spec["bootstrap"], group_id=f"raw-{uuid.uuid4().hex[:8]}",
+                      topics=[spec["topic"]], pattern=None, on_assign=lambda tps: None, on_revoke=lambda tps: None,
+                      auto_offset_reset="earliest")
+    n, n_first, t_first, ok = 0, 0, None, 0
+    deadline = time.monotonic() + spec.get("timeout_s", 300)
+    try:
+        while n < spec["n_events"] and time.monotonic() < deadline:
+            batch = src.poll(spec.get("poll_max_records", 5000), 100)
+            if not len(batch):
+                continue
+            if t_first is None:
+                t_first, n_first = time.perf_counter(), len(batch)
+            decoded = decode_batch(batch.value, batch.key, batch.timestamp, lambda s: features, 65536)
+            ok += decoded.n_ok
+            n += len(batch)
+        t_end = time.perf_counter()
+    finally:
+        src.close()
+    if n < spec["n_events"]:
+        raise RuntimeError(f"raw consumer read {n} of {spec['n_events']} events before its timeout")
+    return {"events": n, "decoded": ok, "events_s": (n - n_first) / (t_end - t_first), "rss": common.rss_bytes()}
+
+
+def daemon_config(tmp: Path, spec: Mapping[str, Any]) -> Path:
+    """A daemon config for one benchmark run (route ``s-*`` -> the served models)."""
+    cfg = {
+        "kafka": {"bootstrap_servers": spec["bootstrap"], "client": spec["client"],
+                  "group_id": f"bench-{uuid.uuid4().hex[:8]}", "topics": [spec["topic"]],
+                  "dead_letter_topic": f"{spec['topic']}-dlq", "poll_timeout_ms": spec.get("poll_timeout_ms", 100),
+                  "poll_max_records": spec.get("poll_max_records", 5000)},
+        "models": {"dir": spec["models_dir"], "served": [{"name": n} for n in spec["models"]], "device": "cpu",
+                   "watch_interval_s": 3600},
+        "routes": [{"match": "s-*", "models": spec["models"], "combine": "max"}],
+        "processing": {"stride": spec["stride"], "max_batch_windows": spec.get("max_batch_windows", 4096),
+                       "max_delay_ms": spec.get("max_delay_ms", 50)},
+        "alerts": {"k": 3, "n": 5, "m": 10, "cooldown_s": spec.get("cooldown_s", 60)},
+        "sinks": {"kafka": {"enabled": True, "topic": f"{spec['topic']}-alerts"}, "log": {"enabled": False}},
+        "http": {"bind": "127.0.0.1", "port": 0},
+        "shutdown": {"grace_period_s": 30},
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def seed_windows(daemon: Any, fleet: common.Fleet, first_step: int, stride: int) -> None:
+    """Fill every stream's window buffer with the W-1 (+ a stride phase) readings before ``first_step``, as a
+    daemon that has run for a while holds them: the first event of each stream then completes a window (at
+    stride 1; at stride s the streams' phases are spread evenly). Done in memory, not through Kafka."""
+    route = daemon.routes[0]
+    ids = route.stream_ids(fleet.names)  # (S,) registers every stream in order
+    phase = np.arange(fleet.n_streams) % stride  # (S,)
+    for lo in range(0, fleet.n_streams, 20_000):
+        s = np.arange(lo, min(lo + 20_000, fleet.n_streams))
+        count = WINDOW - 1 + phase[s]  # (k,) readings per stream
+        rep = np.repeat(s, count)
+        back = np.concatenate([np.arange(c, 0, -1) for c in count.tolist()])
+        steps = first_step - back  # (N,) oldest first per stream
+        route.buffer.add(ids[rep], T0_MS + steps * INTERVAL_MS, fleet.values(steps, rep))
+
+
+def daemon_rate(spec: dict) -> dict:
+    """(b) anomalyd end to end: ``Daemon.run(count=N)`` with warm window buffers; rate, memory, histograms."""
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+    from pipelines.source import make_source
+
+    fleet = common.Fleet(spec["n_streams"], FEATURES)
+    holder: dict[str, TimedSource] = {}
+    phases = Phases()
+
+    def factory(**kwargs: Any) -> TimedSource:
+        holder["src"] = TimedSource(make_source(**kwargs), phases)
+        return holder["src"]
+
+    rss0 = common.rss_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon = Daemon(load_config(daemon_config(Path(tmp), spec)), source_factory=factory)
+        instrument(daemon, phases)
+        rss_models = common.rss_bytes()
+        seed_windows(daemon, fleet, spec["first_step"], spec["stride"])
+        rss_seeded = common.rss_bytes()
+        if spec.get("before_run"):
+            spec["before_run"](daemon)
+        code = daemon.run(count=spec["n_events"], timeout=spec.get("timeout_s", 300))
+    src = holder["src"]
+    if code != 0 or daemon.events_seen < spec["n_events"] or src.t_first is None or src.t_commit is None:
+        raise RuntimeError(f"daemon exit {code}, saw {daemon.events_seen} of {spec['n_events']} events")
+    route = daemon.routes[0]
+    out = {"events": daemon.events_seen, "events_s": (daemon.events_seen - src.n_first) / (src.t_commit - src.t_first),
+           "seconds": src.t_commit - src.t_first, "rss": common.rss_bytes(), "rss_start": rss0,
+           "rss_models": rss_models, "rss_seeded": rss_seeded, "buffer_bytes": route.buffer.memory_bytes(),
+           "streams": len(route.stream_names), "fused": daemon.engine.fused,
+           "metrics": metric_summary(daemon.registry), "phases": phases.report()}
+    return out
+
+
+def engine_rate(spec: dict) -> dict:
+    """(e) The same model through ``InferenceEngine.score`` on the fleet's windows from memory."""
+    from detector.base import sliding_windows
+    from detector.engine import InferenceEngine
+    from pipelines.model_store import ModelStore
+
+    fleet = common.Fleet(max(spec["n_streams"], 64), FEATURES)
+    det = ModelStore(spec["models_dir"]).load(spec["models"][0]).detector
+    engine = InferenceEngine("cpu")
+    engine.swap({"m": det})
+    out = {"fused": engine.fused, "windows_s": {}}
+    for b in spec["batches"]:
+        per = max(1, b // 64)  # windows from 64 streams, consecutive steps
+        wins = np.concatenate([sliding_windows(fleet.values(np.arange(per + WINDOW - 1), np.full(per + WINDOW - 1, s)),
+                                               WINDOW) for s in range(64)])[:b]
+        wins = np.ascontiguousarray(wins)  # (b, W, F)
+        t = common.measure(lambda w=wins: engine.score({"m": w}), min_time=spec.get("min_time", 2.0))
+        out["windows_s"][b] = b / t.median_s
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def metric_summary(registry: Any) -> dict:
+    """Counts, sums and buckets of the daemon's histograms and counters that the benchmarks report."""
+    out: dict[str, Any] = {}
+    for family in registry.collect():
+        if family.name in ("anomalyd_event_to_score_seconds", "anomalyd_event_to_alert_seconds",
+                           "anomalyd_inference_batch_size", "anomalyd_inference_seconds"):
+            buckets = [(s.labels["le"], s.value) for s in family.samples if s.name.endswith("_bucket")]
+            merged: dict[float, float] = {}
+            for le, v in buckets:  # sum over label sets (models)
+                merged[float(le)] = merged.get(float(le), 0.0) + v
+            count = sum(s.value for s in family.samples if s.name.endswith("_count"))
+            total = sum(s.value for s in family.samples if s.name.endswith("_sum"))
+            out[family.name] = {"buckets": sorted(merged.items()), "count": count, "sum": total}
+        elif family.name in ("anomalyd_alerts", "anomalyd_events", "anomalyd_windows_scored"):
+            out[family.name] = {"|".join(f"{k}={v}" for k, v in sorted(s.labels.items())): s.value
+                                for s in family.samples if s.name.endswith("_total")}
+    return out
+
+
+def quantile(hist: Mapping[str, Any], q: float) -> float | None:
+    """Prometheus-style ``histogram_quantile``: linear interpolation inside the bucket holding rank q*count."""
+    buckets, count = hist["buckets"], hist["count"]
+    if not count:
+        return None
+    rank, prev_le, prev_c = q * count, 0.0, 0.0
+    for le, c in buckets:
+        if c >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * ((rank - prev_c) / (c - prev_c) if c > prev_c else 1.0)
+        prev_le, prev_c = le, c
+    return prev_le

@@ -1,0 +1,176 @@
+"""Latency benchmark: event->score and event->alert latency at half of the measured capacity.
+
+In one run, per Kafka client: the daemon's sustained capacity is measured on a pre-filled topic (stride 1,
+S=1,000 streams, as ``benchmarks.pipeline`` (b)); then a fresh daemon (window buffers pre-seeded, so every event
+is scored) consumes a live topic while this process produces at half that capacity for D seconds, each event
+stamped with its production time (``ts`` = wall clock, ms). Every second one more stream gets a level shift of
++8 for 12 events, so alerts fire and resolve. p50/p99 come from the daemon's own histograms
+(``anomalyd_event_to_score_seconds``, ``anomalyd_event_to_alert_seconds``), interpolated inside their buckets
+like Prometheus' ``histogram_quantile``; the bucket that holds p99 is reported too.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import common, harness
+from .pipeline import models_dir
+
+FULL = {"clients": ["kafka-python", "confluent"], "streams": 1000, "probe_events": 100_000, "seconds": 60}
+QUICK = {"clients": ["kafka-python"], "streams": 1000, "probe_events": 20_000, "seconds": 12}
+SHIFT_EVENTS = 12
+
+
+def _live_daemon(spec: dict) -> dict:
+    """The daemon on the live topic; sets ``spec['ready']`` once it has its partitions and seeded windows."""
+    ready = spec.pop("ready")
+
+    def watch(daemon) -> None:
+        def loop() -> None:
+            while not daemon.is_ready():
+                time.sleep(0.01)
+            ready.set()
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    return harness.daemon_rate({**spec, "before_run": watch})
+
+
+def _produce_live(bootstrap: str, topic: str, fleet: common.Fleet, rate: float, seconds: float,
+                  first_step: int) -> dict:
+    """Produce ``rate`` events/s for ``seconds`` (every stream once per step), ts = production time."""
+    import orjson
+    from confluent_kafka import Producer
+
+    n = int(rate * seconds)
+    stream, step = fleet.events(first_step, n)
+    vals = fleet.values(step, stream)  # (N, F)
+    shift_every = max(1, int(rate))  # one more anomalous stream per second
+    anomalous = np.zeros(n, dtype=bool)
+    for k, start in enumerate(range(fleet.n_streams, n, shift_every)):
+        s = (7 * k + 3) % fleet.n_streams
+        hit = np.flatnonzero(stream[start:] == s)[:SHIFT_EVENTS] + start
+        anomalous[hit] = True
+    vals[anomalous] += 8.0
+    rows = np.round(vals.astype(np.float64), 4).tolist()
+    names = [fleet.names[s] for s in stream.tolist()]
+    keys = [nm.encode() for nm in names]
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1, "acks": "1"})
+    t0 = time.perf_counter()
+    for i in range(n):
+        ahead = t0 + i / rate - time.perf_counter()
+        if ahead > 0.001:
+            time.sleep(ahead)
+        msg = orjson.dumps({"stream": names[i], "ts": int(time.time() * 1000), "values": rows[i]})
+        p.produce(topic, msg, keys[i])
+        p.poll(0)
+    p.flush(60)
+    return {"events": n, "anomalous_events": int(anomalous.sum()), "achieved_rate": n / (time.perf_counter() - t0)}
+
+
+def run(cfg: dict, kind: str, threads: int | None) -> list[dict]:
+    rows = []
+    kafka, bootstrap = harness.start_broker()
+    common.log(f"broker at {bootstrap}")
+    first_step = harness.WINDOW + 8
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            mdir, names = models_dir(Path(tmp), kind)
+            S = cfg["streams"]
+            fleet = common.Fleet(S, harness.FEATURES)
+            probe_topic = harness.new_topic(bootstrap, "lat-probe", 4)
+            harness.prefill(bootstrap, probe_topic, fleet, cfg["probe_events"], first_step)
+            base = {"bootstrap": bootstrap, "models_dir": mdir, "models": names, "threads": threads, "n_streams": S,
+                    "first_step": first_step, "stride": 1}
+            for client in cfg["clients"]:
+                cap = harness.in_process(harness.daemon_rate, {**base, "client": client, "topic": probe_topic,
+                                                               "n_events": cfg["probe_events"]})["events_s"]
+                rate = cap / 2
+                common.log(f"{client}: capacity {cap:,.0f} events/s -> producing {rate:,.0f} events/s for "
+                           f"{cfg['seconds']} s")
+                topic = harness.new_topic(bootstrap, "lat-live", 4)
+                n = int(rate * cfg["seconds"])
+                ready = mp.get_context("spawn").Event()
+                out: dict = {}
+                spec = {**base, "client": client, "topic": topic, "n_events": n, "ready": ready,
+                        "timeout_s": cfg["seconds"] + 120, "cooldown_s": 300}
+                th = threading.Thread(target=lambda o=out, s=spec: o.update(harness.in_process(_live_daemon, s)))
+                th.start()
+                if not ready.wait(180):
+                    raise RuntimeError("the live daemon did not get its partitions in 180 s")
+                prod = _produce_live(bootstrap, topic, fleet, rate, cfg["seconds"], first_step)
+                th.join()
+                if not out:
+                    raise RuntimeError("the live daemon returned no result")
+                m = out["metrics"]
+                score_h = m["anomalyd_event_to_score_seconds"]
+                alert_h = m.get("anomalyd_event_to_alert_seconds", {"buckets": [], "count": 0})
+                row = {"client": client, "capacity_s": cap, "rate_s": rate, "achieved_rate_s": prod["achieved_rate"],
+                       "events": n, "windows": score_h["count"], "alerts": alert_h["count"],
+                       "score_p50_ms": _ms(harness.quantile(score_h, 0.5)),
+                       "score_p99_ms": _ms(harness.quantile(score_h, 0.99)),
+                       "score_p99_bucket_ms": _ms(_bucket(score_h, 0.99)),
+                       "alert_p50_ms": _ms(harness.quantile(alert_h, 0.5)),
+                       "alert_p99_ms": _ms(harness.quantile(alert_h, 0.99)),
+                       "alert_p99_bucket_ms": _ms(_bucket(alert_h, 0.99)),
+                       "mean_batch": _mean(m.get("anomalyd_inference_batch_size")),
+                       "histograms": {"event_to_score": score_h, "event_to_alert": alert_h},
+                       "phases": out["phases"]}
+                rows.append(row)
+                common.log(f"  event->score p50 {row['score_p50_ms']} ms p99 {row['score_p99_ms']} ms; "
+                           f"event->alert p50 {row['alert_p50_ms']} ms p99 {row['alert_p99_ms']} ms "
+                           f"({row['alerts']:.0f} alerts)")
+                common.log("  " + "; ".join(f"{k}: {v['calls']} calls, {v['total_s']:.2f} s, "
+                                            f"max {1000 * v['max_s']:.0f} ms" for k, v in out["phases"].items()))
+    finally:
+        if kafka.launched:
+            kafka.stop()
+    return rows
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 1)
+
+
+def _mean(h: dict | None) -> float | None:
+    return h["sum"] / h["count"] if h and h.get("count") else None
+
+
+def _bucket(hist: dict, q: float) -> float | None:
+    """Upper bound of the bucket that holds the q-quantile."""
+    if not hist.get("count"):
+        return None
+    return next(le for le, c in hist["buckets"] if c >= q * hist["count"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("latency", __doc__)
+    p.add_argument("--kind", choices=["gru", "lstm"], default="gru")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in the daemon (default torch's)")
+    args = p.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    rows = run(cfg, args.kind, args.threads)
+    print(common.table(rows, [
+        ("client", "client", ""), ("capacity_s", "capacity ev/s", ",.0f"), ("rate_s", "offered ev/s", ",.0f"),
+        ("achieved_rate_s", "produced ev/s", ",.0f"), ("windows", "windows", ",.0f"), ("alerts", "alerts", ",.0f"),
+        ("score_p50_ms", "score p50 ms", ""), ("score_p99_ms", "score p99 ms", ""),
+        ("score_p99_bucket_ms", "(bucket <=)", ""), ("alert_p50_ms", "alert p50 ms", ""),
+        ("alert_p99_ms", "alert p99 ms", ""), ("alert_p99_bucket_ms", "(bucket <=)", ""),
+        ("mean_batch", "mean batch", ",.0f")],
+        f"\nLatency at half capacity, {args.kind.upper()} W=64 F=8 H=64, {cfg['streams']} streams, "
+        f"{cfg['seconds']} s"))
+    common.write_json(args.json, "latency", {"quick": args.quick, "kind": args.kind, "config": cfg,
+                                             "threads": args.threads, "rows": rows,
+                                             "seconds": time.perf_counter() - started})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""Pipeline benchmark: anomalyd end to end through a real local Kafka broker, against its two limits.
+
+For S streams (1,000 and 100,000; 8 features, W=64, the GRU model of ``common.trained_detector``) a topic is
+pre-filled with N events (every stream once per step, JSON ``{"stream","ts","values":[...]}``), then, each in
+a fresh process and all in this run:
+
+* (a) raw: the same Kafka client as the daemon (``pipelines.source``) polling + ``decode_batch``, no detection;
+* (b) anomalyd: ``Daemon.run`` at stride 1 (every event scored) and stride 8, window buffers pre-seeded in
+  memory with each stream's previous W-1 readings (a daemon that has been running), Kafka alert sink on;
+* (e) engine: ``InferenceEngine.score`` of the same model on windows from memory, at the daemon's maximum
+  micro-batch (``max_batch_windows`` = 4096) and at 512;
+
+for kafka-python and confluent-kafka. Reported: events/s, the ratio b / min(a, e) (e in events/s = windows/s x
+stride), and resident memory per stream (RSS difference between the 100,000- and 1,000-stream daemons).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from . import common, harness
+
+FULL = {"streams": [1000, 100_000], "events": {1000: 200_000, 100_000: 300_000}, "clients": ["kafka-python",
+        "confluent"], "strides": [1, 8], "partitions": 4, "engine_batches": [512, 4096], "engine_min_time": 3.0}
+QUICK = {"streams": [1000], "events": {1000: 40_000}, "clients": ["kafka-python", "confluent"], "strides": [1, 8],
+         "partitions": 4, "engine_batches": [512, 4096], "engine_min_time": 1.0}
+
+
+def models_dir(root: Path, kind: str) -> tuple[str, list[str]]:
+    """Save the benchmark model into a model store under ``root``; returns (dir, [name])."""
+    from pipelines.model_store import ModelStore
+
+    det = common.trained_detector(kind, common.Fleet(4, harness.FEATURES), window=harness.WINDOW, log=common.log)
+    ModelStore(root).save(f"bench-{kind}", det, version="v1")
+    return str(root), [f"bench-{kind}"]
+
+
+def run(cfg: dict, kind: str, threads: int | None) -> dict:
+    rows, memory = [], []
+    kafka, bootstrap = harness.start_broker()
+    common.log(f"broker at {bootstrap}")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            mdir, names = models_dir(Path(tmp), kind)
+            base = {"bootstrap": bootstrap, "models_dir": mdir, "models": names, "threads": threads}
+            for S in cfg["streams"]:
+                n = cfg["events"][S]
+                fleet = common.Fleet(S, harness.FEATURES)
+                topic = harness.new_topic(bootstrap, f"bench-s{S}", cfg["partitions"])
+                t0 = time.perf_counter()
+                produced = harness.prefill(bootstrap, topic, fleet, n, first_step=harness.WINDOW + 8)
+                common.log(f"S={S}: {n} events in {topic} ({produced:,.0f} msg/s, {time.perf_counter() - t0:.0f} s)")
+                spec = {**base, "topic": topic, "n_streams": S, "n_events": n, "first_step": harness.WINDOW + 8}
+                eng = harness.in_process(harness.engine_rate, {**spec, "batches": cfg["engine_batches"],
+                                                               "min_time": cfg["engine_min_time"]})
+                e_win = eng["windows_s"][max(cfg["engine_batches"])]
+                common.log("  engine: " + ", ".join(f"B={b} {r:,.0f} windows/s" for b, r in eng["windows_s"].items()))
+                for client in cfg["clients"]:
+                    raw = harness.in_process(harness.raw_rate, {**spec, "client": client})
+                    common.log(f"  {client} raw: {raw['events_s']:,.0f} events/s")
+                    for stride in cfg["strides"]:
+                        d = harness.in_process(harness.daemon_rate, {**spec, "client": client, "stride": stride})
+                        e_ev = e_win * stride
+                        bs = d["metrics"].get("anomalyd_inference_batch_size", {})
+                        row = {"streams": S, "events": n, "client": client, "stride": stride,
+                               "raw_events_s": raw["events_s"], "engine_windows_s": e_win, "engine_events_s": e_ev,
+                               "anomalyd_events_s": d["events_s"],
+                               "ratio": d["events_s"] / min(raw["events_s"], e_ev),
+                               "bound": "client" if raw["events_s"] < e_ev else "model",
+                               "mean_batch": bs["sum"] / bs["count"] if bs.get("count") else None,
+                               "rss_mib": d["rss"] / 2**20, "buffer_mib": d["buffer_bytes"] / 2**20,
+                               "fused": d["fused"], "engine_all_batches": eng["windows_s"],
+                               "seconds": d["seconds"], "phases": d["phases"]}
+                        rows.append(row)
+                        memory.append({"streams": S, "client": client, "stride": stride, "rss": d["rss"],
+                                       "rss_start": d["rss_start"], "rss_models": d["rss_models"],
+                                       "rss_seeded": d["rss_seeded"], "buffer_bytes": d["buffer_bytes"]})
+                        common.log(f"  {client} stride {stride}: anomalyd {d['events_s']:,.0f} events/s, "
+                                   f"ratio {row['ratio']:.2f}, RSS {row['rss_mib']:.0f} MiB")
+    finally:
+        if kafka.launched:
+            kafka.stop()
+    return {"rows": rows, "memory": memory, "per_stream": per_stream(memory)}
+
+
+def per_stream(memory: list[dict]) -> list[dict]:
+    """Resident bytes per stream: RSS difference between the largest and smallest stream counts, same run kind."""
+    out = []
+    sizes = sorted({m["streams"] for m in memory})
+    if len(sizes) < 2:
+        for m in memory:
+            out.append({**{k: m[k] for k in ("client", "stride")}, "bytes_per_stream": None,
+                        "buffer_bytes_per_stream": m["buffer_bytes"] / m["streams"]})
+        return out
+    lo, hi = sizes[0], sizes[-1]
+    for m in memory:
+        if m["streams"] != hi:
+            continue
+        small = next(x for x in memory if x["streams"] == lo and (x["client"], x["stride"]) == (m["client"],
+                                                                                               m["stride"]))
+        out.append({"client": m["client"], "stride": m["stride"],
+                    "bytes_per_stream": (m["rss"] - small["rss"]) / (hi - lo),
+                    "buffer_bytes_per_stream": m["buffer_bytes"] / hi, "rss_mib_at_max": m["rss"] / 2**20})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("pipeline", __doc__)
+    p.add_argument("--kind", choices=["gru", "lstm"], default="gru", help="model kind (default gru)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in each process (default torch's)")
+    args = p.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    res = run(cfg, args.kind, args.threads)
+    print(common.table(res["rows"], [
+        ("streams", "streams", ",d"), ("client", "client", ""), ("stride", "stride", "d"),
+        ("raw_events_s", "a raw ev/s", ",.0f"), ("engine_events_s", "e engine ev/s", ",.0f"),
+        ("anomalyd_events_s", "b anomalyd ev/s", ",.0f"), ("ratio", "b/min(a,e)", ".2f"), ("bound", "bound", ""),
+        ("mean_batch", "mean batch", ",.0f"), ("rss_mib", "RSS MiB", ",.0f")],
+        f"\nPipeline, {args.kind.upper()} W=64 F=8 H=64 (events/s; e at batch {max(cfg['engine_batches'])})"))
+    print(common.table(res["per_stream"], [("client", "client", ""), ("stride", "stride", "d"),
+                                           ("bytes_per_stream", "RSS bytes/stream", ",.0f"),
+                                           ("buffer_bytes_per_stream", "window buffer bytes/stream", ",.0f"),
+                                           ("rss_mib_at_max", "RSS MiB at max streams", ",.0f")],
+                       "\nResident memory per stream"))
+    common.write_json(args.json, "pipeline", {"quick": args.quick, "kind": args.kind, "config": cfg,
+                                              "threads": args.threads, **res,
+                                              "seconds": time.perf_counter() - started})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
