@@ -51,3 +51,8 @@ if [ ${#need[@]} -gt 0 ]; then
         echo "setup: missing ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2
     fi
 fi
+
+# The fused CPU kernels of detector/fastpath.py are compiled once per machine (cached under $CACHE); build them
+# here so that no test or daemon start waits for the compiler. Without a compiler the eager PyTorch path is used.
+"$VENV/bin/python" -P -m detector.fastpath build >"$CACHE/fastpath-build.log" 2>&1 \
+    || echo "setup: fused RNN extension not built (eager PyTorch is used): $(tail -1 "$CACHE/fastpath-build.log")"
