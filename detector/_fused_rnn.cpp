@@ -179,6 +179,89 @@ void check(const at::Tensor& t, const char* what) {
               " must be a contiguous float32 CPU tensor");
 }
 
+// The whole autoencoder, weights packed once per call.
+struct Model {
+  bool lstm;
+  int64_t W, F, H, Lz, G, nl;
+  std::vector<Layer> el, dl;
+  Packed lat_w, fl_w, out_w;
+  const float *lat_b, *fl_b, *out_b;
+};
+
+Model make_model(bool lstm, int64_t W, int64_t F, int64_t H, int64_t Lz, const std::vector<at::Tensor>& enc,
+                 const std::vector<at::Tensor>& dec, const std::vector<at::Tensor>& head) {
+  TORCH_CHECK(head.size() == 6 && enc.size() == dec.size(), "bad weight lists");
+  for (const auto& t : enc) check(t, "encoder weight");
+  for (const auto& t : dec) check(t, "decoder weight");
+  for (const auto& t : head) check(t, "head weight");
+  const int64_t G = lstm ? 4 : 3;
+  Model m{lstm, W, F, H, Lz, G, 0, layers_of(enc, F, H, G), layers_of(dec, Lz, H, G), {}, {}, {}, nullptr,
+          nullptr, nullptr};
+  m.nl = static_cast<int64_t>(m.el.size());
+  const int64_t nl = m.nl;
+  TORCH_CHECK(head[0].dim() == 2 && head[0].size(0) == Lz && head[0].size(1) == H && head[2].dim() == 2 &&
+                  head[2].size(0) == nl * H && head[2].size(1) == Lz && head[4].dim() == 2 && head[4].size(0) == F &&
+                  head[4].size(1) == H && head[1].numel() == Lz && head[3].numel() == nl * H && head[5].numel() == F,
+              "latent/output weight shapes do not match");
+  m.lat_w = pack(head[0]);
+  m.fl_w = pack(head[2]);
+  m.out_w = pack(head[4]);
+  m.lat_b = head[1].data_ptr<float>();
+  m.fl_b = head[3].data_ptr<float>();
+  m.out_b = head[5].data_ptr<float>();
+  return m;
+}
+
+// Per-thread scratch for tiles of up to T windows.
+struct Work {
+  Work(const Model& m, int64_t T)
+      : gi(T * m.W * m.G * m.H), gh(T * m.G * m.H), h(T * m.H), c(T * m.H), z(T * m.Lz), h0(T * m.nl * m.H),
+        s0(T * m.W * m.H), s1(m.nl > 1 ? T * m.W * m.H : 1), xs(T * m.W * m.F), y(T * m.W * m.F) {}
+  Scratch gi, gh, h, c, z, h0, s0, s1, xs, y;
+};
+
+// Reconstruction yo (b, W, F) of the (scaled) windows in (b, W, F).
+void tile_forward(const Model& M, Work& wk, const float* in, int64_t b, float* yo) {
+  const int64_t W = M.W, H = M.H, Lz = M.Lz, nl = M.nl;
+  float *h = wk.h.get(), *c = wk.c.get(), *z = wk.z.get(), *h0 = wk.h0.get();
+  for (int64_t l = 0; l < nl; ++l) {  // encoder, zero initial state
+    std::fill(h, h + b * H, 0.0f);
+    std::fill(c, c + b * H, 0.0f);
+    float* out = l + 1 < nl ? (l % 2 ? wk.s1.get() : wk.s0.get()) : nullptr;
+    run_layer(M.lstm, b, W, H, M.el[l], in, 0, false, h, c, out, wk.gi.get(), wk.gh.get());
+    in = out;
+  }
+  mm(b, h, H, M.lat_w, z, Lz);  // z = to_latent(h_W)  (b, L)
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < Lz; ++j) z[i * Lz + j] += M.lat_b[j];
+  mm(b, z, Lz, M.fl_w, h0, nl * H);  // h0 = tanh(from_latent(z))  (b, layers*H)
+  for (int64_t i = 0; i < b * nl * H; ++i) h0[i] = std::tanh(h0[i] + M.fl_b[i % (nl * H)]);
+  const float* din = z;
+  float* out = wk.s0.get();
+  for (int64_t l = 0; l < nl; ++l) {  // decoder: layer 0 reads z at every step
+    for (int64_t i = 0; i < b; ++i) std::memcpy(h + i * H, h0 + (i * nl + l) * H, H * sizeof(float));
+    std::fill(c, c + b * H, 0.0f);
+    out = l % 2 ? wk.s1.get() : wk.s0.get();
+    run_layer(M.lstm, b, W, H, M.dl[l], din, Lz, l == 0, h, c, out, wk.gi.get(), wk.gh.get());
+    din = out;
+  }
+  mm(b * W, out, H, M.out_w, yo, M.F);  // output projection  (b*W, F)
+  for (int64_t r = 0; r < b * W; ++r)
+    for (int64_t j = 0; j < M.F; ++j) yo[r * M.F + j] += M.out_b[j];
+}
+
+// Runs fn(work, first row, rows) over tiles of T windows on the intra-op threads, tiles handed out dynamically.
+template <typename Fn>
+void over_tiles(const Model& M, int64_t B, int64_t tile, Fn fn) {
+  const int64_t T = std::min(tile, B), n_tiles = (B + T - 1) / T;
+  const int64_t n_workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tiles));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
+    Work wk(M, T);
+    for (int64_t k = next++; k < n_tiles; k = next++) fn(wk, k * T, std::min(T, B - k * T));
+  });
+}
+
 }  // namespace
 
 // x (B, W, F) -> reconstruction (B, W, F).
@@ -187,65 +270,67 @@ void check(const at::Tensor& t, const char* what) {
 at::Tensor ae_forward(const at::Tensor& x, bool lstm, int64_t H, int64_t Lz, const std::vector<at::Tensor>& enc,
                       const std::vector<at::Tensor>& dec, const std::vector<at::Tensor>& head, int64_t tile) {
   check(x, "x");
-  TORCH_CHECK(x.dim() == 3, "x must be (B, W, F)");
-  TORCH_CHECK(tile >= 1 && head.size() == 6 && enc.size() == dec.size(), "bad arguments");
-  for (const auto& t : enc) check(t, "encoder weight");
-  for (const auto& t : dec) check(t, "decoder weight");
-  for (const auto& t : head) check(t, "head weight");
-  const int64_t B = x.size(0), W = x.size(1), F = x.size(2), G = lstm ? 4 : 3;
-  const auto el = layers_of(enc, F, H, G), dl = layers_of(dec, Lz, H, G);
-  const int64_t nl = static_cast<int64_t>(el.size());
+  TORCH_CHECK(x.dim() == 3 && tile >= 1, "x must be (B, W, F) and tile >= 1");
+  const int64_t B = x.size(0), W = x.size(1), F = x.size(2);
+  const Model M = make_model(lstm, W, F, H, Lz, enc, dec, head);
   auto y = at::empty({B, W, F}, x.options());
   if (B == 0) return y;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  TORCH_CHECK(head[0].dim() == 2 && head[0].size(0) == Lz && head[0].size(1) == H && head[2].dim() == 2 &&
-                  head[2].size(0) == nl * H && head[2].size(1) == Lz && head[4].dim() == 2 && head[4].size(0) == F &&
-                  head[4].size(1) == H && head[1].numel() == Lz && head[3].numel() == nl * H && head[5].numel() == F,
-              "latent/output weight shapes do not match");
-  const Packed lat_w = pack(head[0]), fl_w = pack(head[2]), out_w = pack(head[4]);
-  const float *lat_b = head[1].data_ptr<float>(), *fl_b = head[3].data_ptr<float>(), *out_b = head[5].data_ptr<float>();
-  const int64_t T = std::min(tile, B), n_tiles = (B + T - 1) / T;
-  const int64_t n_workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tiles));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
-    Scratch gi(T * W * G * H), gh(T * G * H), h(T * H), c(T * H), z(T * Lz), h0(T * nl * H), s0(T * W * H),
-        s1(nl > 1 ? T * W * H : 1);
-    for (int64_t k = next++; k < n_tiles; k = next++) {
-      const int64_t r0 = k * T, b = std::min(T, B - r0);
-      const float* in = xp + r0 * W * F;
-      for (int64_t l = 0; l < nl; ++l) {  // encoder, zero initial state
-        std::fill(h.get(), h.get() + b * H, 0.0f);
-        std::fill(c.get(), c.get() + b * H, 0.0f);
-        float* out = l + 1 < nl ? (l % 2 ? s1.get() : s0.get()) : nullptr;
-        run_layer(lstm, b, W, H, el[l], in, 0, false, h.get(), c.get(), out, gi.get(), gh.get());
-        in = out;
-      }
-      mm(b, h.get(), H, lat_w, z.get(), Lz);  // z = to_latent(h_W)  (b, L)
-      for (int64_t i = 0; i < b; ++i)
-        for (int64_t j = 0; j < Lz; ++j) z.get()[i * Lz + j] += lat_b[j];
-      mm(b, z.get(), Lz, fl_w, h0.get(), nl * H);  // h0 = tanh(from_latent(z))  (b, layers*H)
-      for (int64_t i = 0; i < b * nl * H; ++i) h0.get()[i] = std::tanh(h0.get()[i] + fl_b[i % (nl * H)]);
-      const float* din = z.get();
-      float* out = s0.get();
-      for (int64_t l = 0; l < nl; ++l) {  // decoder: layer 0 reads z at every step
-        for (int64_t i = 0; i < b; ++i) std::memcpy(h.get() + i * H, h0.get() + (i * nl + l) * H, H * sizeof(float));
-        std::fill(c.get(), c.get() + b * H, 0.0f);
-        out = l % 2 ? s1.get() : s0.get();
-        run_layer(lstm, b, W, H, dl[l], din, Lz, l == 0, h.get(), c.get(), out, gi.get(), gh.get());
-        din = out;
-      }
-      float* yo = yp + r0 * W * F;
-      mm(b * W, out, H, out_w, yo, F);  // output projection  (b*W, F)
-      for (int64_t r = 0; r < b * W; ++r)
-        for (int64_t j = 0; j < F; ++j) yo[r * F + j] += out_b[j];
-    }
+  over_tiles(M, B, tile, [&](Work& wk, int64_t r0, int64_t b) {
+    tile_forward(M, wk, xp + r0 * W * F, b, yp + r0 * W * F);
   });
   return y;
+}
+
+// Raw windows x (B, W, F) -> (score (B,), contributions (B, F)): scaling (x - center) / scale, the autoencoder,
+// and the mean squared error over the last `last_k` steps (detector.scoring.reconstruction_error), per tile in
+// cache; the reconstruction is never materialised.
+std::vector<at::Tensor> ae_score(const at::Tensor& x, const at::Tensor& center, const at::Tensor& scale,
+                                 int64_t last_k, bool lstm, int64_t H, int64_t Lz, const std::vector<at::Tensor>& enc,
+                                 const std::vector<at::Tensor>& dec, const std::vector<at::Tensor>& head,
+                                 int64_t tile) {
+  check(x, "x");
+  check(center, "center");
+  check(scale, "scale");
+  TORCH_CHECK(x.dim() == 3 && tile >= 1, "x must be (B, W, F) and tile >= 1");
+  const int64_t B = x.size(0), W = x.size(1), F = x.size(2);
+  TORCH_CHECK(center.numel() == F && scale.numel() == F, "center and scale must have F values");
+  TORCH_CHECK(last_k >= 1 && last_k <= W, "last_k must be in [1, W]");
+  const Model M = make_model(lstm, W, F, H, Lz, enc, dec, head);
+  auto score = at::empty({B}, x.options());
+  auto contrib = at::empty({B, F}, x.options());
+  if (B == 0) return {score, contrib};
+  const float *xp = x.data_ptr<float>(), *cp = center.data_ptr<float>(), *sp = scale.data_ptr<float>();
+  float *scp = score.data_ptr<float>(), *ctp = contrib.data_ptr<float>();
+  over_tiles(M, B, tile, [&](Work& wk, int64_t r0, int64_t b) {
+    float *xs = wk.xs.get(), *y = wk.y.get();
+    const float* xr = xp + r0 * W * F;
+    for (int64_t r = 0; r < b * W; ++r)
+      for (int64_t j = 0; j < F; ++j) xs[r * F + j] = (xr[r * F + j] - cp[j]) / sp[j];
+    tile_forward(M, wk, xs, b, y);
+    for (int64_t i = 0; i < b; ++i) {
+      float* ct = ctp + (r0 + i) * F;
+      std::fill(ct, ct + F, 0.0f);
+      for (int64_t t = W - last_k; t < W; ++t) {
+        const float *a = xs + (i * W + t) * F, *q = y + (i * W + t) * F;
+        for (int64_t j = 0; j < F; ++j) ct[j] += (a[j] - q[j]) * (a[j] - q[j]);
+      }
+      float total = 0.0f;
+      for (int64_t j = 0; j < F; ++j) {
+        ct[j] /= static_cast<float>(last_k);
+        total += ct[j];
+      }
+      scp[r0 + i] = total / static_cast<float>(F);
+    }
+  });
+  return {score, contrib};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "anomalyd fused GRU/LSTM autoencoder inference (CPU, float32)";
   m.def("ae_forward", &ae_forward, "x (B, W, F) -> reconstruction (B, W, F)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("ae_score", &ae_score, "raw x (B, W, F) -> (score (B,), contributions (B, F))",
         py::call_guard<py::gil_scoped_release>());
 }

@@ -11,6 +11,7 @@ import torch
 
 from .base import Detector
 from .device import autocast_dtype, resolve_device
+from .fastpath import FusedAutoencoder
 from .models import ModelConfig, SequenceAutoencoder, build_model
 from .scaling import Scaler
 from .scoring import WindowScores, reconstruction_error
@@ -84,12 +85,14 @@ class AutoencoderDetector(Detector):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (unscaled) windows already on the device (B, W, F) -> (score (B,), contributions (B, F)).
 
-        ``forward`` replaces ``self.model`` for the forward pass (e.g. a ``detector.fastpath.FusedAutoencoder``
-        of this model); it must compute the same function.
+        ``forward`` replaces ``self.model`` for the forward pass; it must compute the same function. A
+        ``detector.fastpath.FusedAutoencoder`` of this model on the CPU also does the scaling and the error.
         """
         center, scale = self._scaling_tensors()
-        xs = (x - center) / scale  # (B, W, F)
         dtype = autocast_dtype(precision, self.device)
+        if isinstance(forward, FusedAutoencoder) and dtype is None and x.device.type == "cpu":
+            return forward.score(x.float(), center, scale, self.score_last_k)
+        xs = (x - center) / scale  # (B, W, F)
         ctx = torch.autocast(device_type=self.device.type, dtype=dtype) if dtype else nullcontext()
         with ctx:
             x_hat = (forward or self.model)(xs)  # (B, W, F)

@@ -180,6 +180,23 @@ class FusedAutoencoder:
         return self._ext.ae_forward(x.detach().contiguous(), self._lstm, c.hidden_size, c.latent_size,
                                     self._enc, self._dec, self._head, self.tile)
 
+    def score(self, x: torch.Tensor, center: torch.Tensor, scale: torch.Tensor,
+              last_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw windows (B, W, F) -> (score (B,), contributions (B, F)): ``(x - center) / scale``, the forward and
+        ``detector.scoring.reconstruction_error`` in one pass per cache tile (no reconstruction tensor)."""
+        c = self.cfg
+        if x.dim() != 3 or x.shape[2] != c.n_features or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"expected float32 CPU windows (B, W, {c.n_features}), got {tuple(x.shape)} "
+                             f"{x.dtype} on {x.device}")
+        if last_k is not None and last_k < 1:
+            raise ValueError(f"last_k must be >= 1, got {last_k}")
+        k = x.shape[1] if last_k is None else min(last_k, x.shape[1])
+        center = center.detach().to(torch.float32).contiguous()
+        scale = scale.detach().to(torch.float32).contiguous()
+        score, contrib = self._ext.ae_score(x.detach().contiguous(), center, scale, k, self._lstm, c.hidden_size,
+                                            c.latent_size, self._enc, self._dec, self._head, self.tile)
+        return score, contrib
+
 
 def _rnn_weights(rnn: torch.nn.RNNBase, layers: int) -> list[torch.Tensor]:
     out = []

@@ -10,6 +10,7 @@ from detector import fastpath
 from detector.engine import InferenceEngine
 from detector.fastpath import FusedAutoencoder, executed_macs
 from detector.models import ModelConfig, build_model, model_cost
+from detector.scoring import reconstruction_error
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the extension")
 
@@ -30,6 +31,24 @@ def test_fused_forward_matches_eager(kind, layers, W, F, H, L):
             first = got if first is None else first
             assert torch.equal(got, first)  # a window's output does not depend on the batch around it
         assert FusedAutoencoder(model)(x[:0]).shape == (0, W, F)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("last_k", [None, 1, 5, 99])
+def test_fused_score_matches_scaling_forward_and_error(kind, last_k):
+    torch.manual_seed(1)
+    cfg = ModelConfig(kind=kind, n_features=3, window=10, hidden_size=8, latent_size=2)
+    model = build_model(cfg).eval()
+    x = 5 + 2 * torch.randn(9, 10, 3)  # raw windows (B, W, F)
+    center, scale = torch.tensor([5.0, 4.0, 6.0]), torch.tensor([2.0, 0.5, 3.0])
+    with torch.inference_mode():
+        xs = (x - center) / scale
+        want_score, want_contrib = reconstruction_error(xs, model(xs), last_k)
+        score, contrib = FusedAutoencoder(model, tile=4).score(x, center, scale, last_k)
+    torch.testing.assert_close(score, want_score, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(contrib, want_contrib, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="last_k"):
+        FusedAutoencoder(model).score(x, center, scale, 0)
 
 
 def test_fused_sees_in_place_weight_updates_and_rejects_bad_input():
