@@ -22,9 +22,9 @@ from detector.models import ModelConfig, build_model, model_cost
 from . import common
 
 FULL = {"features": [8, 38], "hidden": [64, 128], "batch": [1, 16, 64, 256, 1024, 4096], "threads": [1, 2],
-        "min_time": 0.4, "proc_s": 4.0}
+        "min_time": 0.4, "proc_s": 4.0, "eager_budget_s": 300}
 QUICK = {"features": [8], "hidden": [64], "batch": [1, 64, 256, 1024], "threads": [1, 2], "min_time": 0.2,
-         "proc_s": 2.0}
+         "proc_s": 2.0, "eager_budget_s": 40}
 WINDOW, LATENT, CHUNK = 64, 16, 256
 
 
@@ -43,7 +43,10 @@ def _impls(model: torch.nn.Module, batch: int, fused_ok: bool) -> dict:
 
 
 def sweep(cfg: dict, fused_ok: bool, peak: dict[int, float]) -> list[dict]:
+    """Every point; eager batches >= 1024 are timed with one call, and skipped once eager timing has used
+    ``eager_budget_s`` (eager PyTorch at 2 threads can collapse by 100x on a shared machine)."""
     rows = []
+    eager_s = 0.0
     for threads in cfg["threads"]:
         torch.set_num_threads(threads)
         for f in cfg["features"]:
@@ -55,8 +58,14 @@ def sweep(cfg: dict, fused_ok: bool, peak: dict[int, float]) -> list[dict]:
                     for b in cfg["batch"]:
                         x = torch.randn(b, WINDOW, f)
                         for impl, fn in _impls(model, b, fused_ok).items():
+                            eager = impl.startswith("eager")
+                            if eager and eager_s > cfg["eager_budget_s"]:
+                                continue
+                            t0 = time.perf_counter()
                             with torch.inference_mode():
-                                t = common.measure(lambda fn=fn, x=x: fn(x), min_time=cfg["min_time"])
+                                t = common.measure(lambda fn=fn, x=x: fn(x), min_time=cfg["min_time"],
+                                                   warmup=0 if eager and b >= 1024 else 1)
+                            eager_s += time.perf_counter() - t0 if eager else 0.0
                             rate = b / t.median_s
                             gflops = 2 * macs * rate / 1e9
                             rows.append({"kind": kind, "F": f, "H": h, "batch": b, "threads": threads, "impl": impl,
