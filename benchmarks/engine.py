@@ -63,8 +63,9 @@ def sweep(cfg: dict, fused_ok: bool, peak: dict[int, float]) -> list[dict]:
                                 continue
                             t0 = time.perf_counter()
                             with torch.inference_mode():
+                                big = eager and b >= 1024
                                 t = common.measure(lambda fn=fn, x=x: fn(x), min_time=cfg["min_time"],
-                                                   warmup=0 if eager and b >= 1024 else 1)
+                                                   min_calls=1 if big else 3, warmup=0 if big else 1)
                             eager_s += time.perf_counter() - t0 if eager else 0.0
                             rate = b / t.median_s
                             gflops = 2 * macs * rate / 1e9
