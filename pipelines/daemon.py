@@ -12,7 +12,6 @@ alerting, so detection resumes with full windows.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import signal
 import threading
@@ -31,6 +30,7 @@ from .httpserver import HealthServer
 from .kafka_io import Producer, make_producer
 from .metrics import Metrics
 from .model_store import LoadedModel, ModelStore
+from .positions import Positions
 from .routes import RouteState
 from .routing import Router, RouteSpec
 from .sinks import FanoutSink, SinkError, build_sinks
@@ -60,12 +60,7 @@ class Daemon:
         self._stop = stop_event or threading.Event()
         self._reload = threading.Event()
         self._heartbeat = time.monotonic()
-        self._tp_ids: dict[TopicPartition, int] = {}
-        self._tp_list: list[TopicPartition] = []
-        self._resume: dict[TopicPartition, int] = {}  # replay (no scoring) below these offsets
-        self._uncommitted: dict[TopicPartition, int] = {}  # next offset to commit per partition
-        self._assigned: set[TopicPartition] = set()
-        self._new_assignments: set[TopicPartition] = set()
+        self.positions = Positions()
         self._oldest_pending: float | None = None
         self._last_reload_check = time.monotonic()
         self.events_seen = 0
@@ -121,83 +116,25 @@ class Daemon:
             self._load_models()
             log.info("models reloaded: %s", {n: lm.version for n, lm in self._loaded.items()})
 
-    # -- rebalance -------------------------------------------------------------------------------------
-    def _tp_id(self, tp: TopicPartition) -> int:
-        i = self._tp_ids.get(tp)
-        if i is None:
-            i = self._tp_ids[tp] = len(self._tp_list)
-            self._tp_list.append(tp)
-        return i
-
+    # -- rebalance (both callbacks run inside poll, where kafka-python 3 allows no blocking client calls) -----
     def _on_revoke(self, tps: list[TopicPartition]) -> None:
-        """Runs inside poll: no blocking client calls are allowed there (kafka-python 3), so pending windows are
-        scored and their alerts handed to the sinks, and the partitions' state is dropped. Their uncommitted
-        records are re-read by the next owner from the last commit (same alert ids: duplicates, never loss)."""
+        """Score pending windows (their alerts go to the sinks) and drop the partitions' state. Their
+        uncommitted records are re-read by the next owner from the last commit: duplicates (same ids), no loss."""
         log.info("partitions revoked: %s", tps)
         self.flush()
-        ids = [self._tp_ids[tp] for tp in tps if tp in self._tp_ids]
+        ids = self.positions.revoke(tps)
         for route in self.routes:
             gone = route.forget_partitions(ids)
             if gone:
                 self.sinks.forget_streams(gone)
-        for tp in tps:
-            self._uncommitted.pop(tp, None)
-            self._resume.pop(tp, None)
-        self._assigned -= set(tps)
-        self._new_assignments -= set(tps)
-        self.metrics.assigned_partitions.set(len(self._assigned))
+        self.metrics.assigned_partitions.set(len(self.positions.assigned))
 
     def _on_assign(self, tps: list[TopicPartition]) -> None:
-        """Runs inside poll: only records the assignment; :meth:`_start_assigned` does the seeking after it."""
+        """Only bookkeeping; the loop positions the new partitions right after poll returns."""
         log.info("partitions assigned: %s", tps)
         self.metrics.rebalances.inc()
-        self._assigned |= set(tps)
-        self._new_assignments |= set(tps)
-        self.metrics.assigned_partitions.set(len(self._assigned))
-
-    def _start_assigned(self, batch: RecordBatch) -> RecordBatch:
-        """Position newly assigned partitions to rebuild their windows; drop their records from ``batch``.
-
-        With rebuild metadata in the last commit, seek to the lowest offset still inside a window and replay up to
-        the committed offset without scoring; otherwise start at the committed offset (or, without a commit, at
-        the first record this poll returned). Records of these partitions in ``batch`` are re-read after the seek.
-        """
-        tps = sorted(self._new_assignments)
-        self._new_assignments.clear()
-        committed = self.source.committed(tps)
-        first: dict[TopicPartition, int] = {}
-        for i, (t, p) in enumerate(zip(batch.topic, batch.partition.tolist(), strict=True)):
-            first.setdefault((t, p), int(batch.offset[i]))
-        starts: dict[TopicPartition, int] = {}
-        for tp in tps:
-            got = committed.get(tp)
-            if got is None:
-                if tp in first:
-                    starts[tp] = first[tp]
-                continue
-            offset, meta = got
-            try:
-                floor = int(json.loads(meta).get("rebuild_from", -1)) if meta else -1
-            except (ValueError, AttributeError):
-                floor = -1
-            if 0 <= floor < offset:
-                starts[tp] = floor
-                self._resume[tp] = offset
-            else:
-                starts[tp] = offset
-        for tp, off in starts.items():
-            self.source.seek(tp, off)
-        if starts:
-            log.info("positions after assignment (rebuilding windows below the committed offsets %s): %s",
-                     {tp: o for tp, o in self._resume.items() if tp in starts}, starts)
-        moved = set(tps)
-        keep = np.array([(t, p) not in moved for t, p in
-                         zip(batch.topic, batch.partition.tolist(), strict=True)], dtype=bool)
-        if keep.all():
-            return batch
-        idx = np.flatnonzero(keep)
-        return RecordBatch([batch.topic[i] for i in idx], batch.partition[idx], batch.offset[idx],
-                           batch.timestamp[idx], [batch.key[i] for i in idx], [batch.value[i] for i in idx])
+        self.positions.assign(tps)
+        self.metrics.assigned_partitions.set(len(self.positions.assigned))
 
     # -- the loop --------------------------------------------------------------------------------------
     def request_stop(self, *_args) -> None:
@@ -210,7 +147,7 @@ class Daemon:
         return time.monotonic() - self._heartbeat < max(60.0, 10 * self.cfg.processing.max_delay_ms / 1000)
 
     def is_ready(self) -> bool:
-        return bool(self.routes) and bool(self._assigned)
+        return bool(self.routes) and bool(self.positions.assigned)
 
     def run(self, count: int | None = None, timeout: float | None = None) -> int:
         """Consume until stopped, ``count`` events seen, or ``timeout`` seconds passed. Returns an exit code."""
@@ -263,13 +200,14 @@ class Daemon:
             if count is not None and self.events_seen >= count:
                 break
             batch = self.source.poll(self.cfg.kafka.poll_max_records, self.cfg.kafka.poll_timeout_ms)
-            if self._new_assignments:
-                batch = self._start_assigned(batch)
+            if self.positions.needs_positioning:
+                batch = self.positions.position_new(self.source, batch)
             if len(batch):
                 self.process(batch)
             pending = sum(r.pending_windows for r in self.routes)
             waited = (time.monotonic() - self._oldest_pending) * 1000 if self._oldest_pending else 0.0
-            if pending >= p.max_batch_windows or waited >= p.max_delay_ms or (not len(batch) and self._uncommitted):
+            idle = not len(batch) and self.positions.uncommitted
+            if pending >= p.max_batch_windows or waited >= p.max_delay_ms or idle:
                 try:
                     self._flush_and_commit(timeout_s=10.0)
                 except SinkError as exc:  # sinks keep the alerts and retry; offsets wait (backpressure)
@@ -297,15 +235,8 @@ class Daemon:
         """Decode a poll batch, route events into window buffers, queue due windows, dead-letter the bad."""
         n = len(batch)
         self.events_seen += n
-        tp_idx = np.fromiter((self._tp_id((t, int(p))) for t, p in zip(batch.topic, batch.partition, strict=True)),
-                             np.int64, n)
-        replay = np.zeros(n, dtype=bool)
-        if self._resume:
-            for tp, resume_at in list(self._resume.items()):
-                sel = tp_idx == self._tp_ids[tp]
-                replay |= sel & (batch.offset < resume_at)
-                if sel.any() and batch.offset[sel].max() >= resume_at - 1:
-                    del self._resume[tp]
+        tp_idx = self.positions.batch_ids(batch)
+        replay = self.positions.replay_mask(tp_idx, batch.offset)
         lookup = self._feature_lookup
         decoded = decode_batch(batch.value, batch.key, batch.timestamp, lookup, self.cfg.kafka.max_message_bytes)
         topic0 = batch.topic
@@ -323,11 +254,7 @@ class Daemon:
             for r in np.unique(route_of).tolist():
                 sel = np.flatnonzero(route_of == r)
                 self._add_to_route(self.routes[r], group, sel, batch, tp_idx, replay)
-        # offsets: everything polled is processed once the pending windows are flushed
-        last = np.r_[tp_idx[1:] != tp_idx[:-1], True]
-        for i in np.flatnonzero(last).tolist():
-            tp = self._tp_list[tp_idx[i]]
-            self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), int(batch.offset[i]) + 1)
+        self.positions.advance(tp_idx, batch.offset)  # processed once the pending windows are flushed
         if self._oldest_pending is None and any(r.pending_windows for r in self.routes):
             self._oldest_pending = time.monotonic()
 
@@ -396,20 +323,17 @@ class Daemon:
         self.flush()
         self.producer.flush(timeout_s)  # dead letters
         self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed
-        if not self._uncommitted:
+        if not self.positions.uncommitted:
             return
-        floors = np.full(len(self._tp_list), -1, dtype=np.int64)
+        floors = np.full(len(self.positions.tps), -1, dtype=np.int64)
         for route in self.routes:
-            f = route.rebuild_floor(len(self._tp_list))
+            f = route.rebuild_floor(len(self.positions.tps))
             floors = np.where((floors < 0) | ((f >= 0) & (f < floors)), f, floors)
-        offsets = {}
-        for tp, nxt in self._uncommitted.items():
-            floor = int(floors[self._tp_ids[tp]])
-            offsets[tp] = (nxt, json.dumps({"rebuild_from": floor}) if floor >= 0 else "")
+        offsets = self.positions.commit_offsets(floors)
         t0 = time.perf_counter()
         try:
             self.source.commit(offsets)
-            self._uncommitted.clear()
+            self.positions.uncommitted.clear()
             self.metrics.observe_commit(time.perf_counter() - t0, ok=True)
         except Exception as exc:  # e.g. a rebalance in progress: records will be redelivered
             self.metrics.observe_commit(time.perf_counter() - t0, ok=False)

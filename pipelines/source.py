@@ -36,6 +36,11 @@ class RecordBatch:
     def __len__(self) -> int:
         return len(self.value)
 
+    def select(self, idx: np.ndarray) -> RecordBatch:
+        """The records at positions ``idx`` (in that order)."""
+        return RecordBatch([self.topic[i] for i in idx], self.partition[idx], self.offset[idx], self.timestamp[idx],
+                           [self.key[i] for i in idx], [self.value[i] for i in idx])
+
     @classmethod
     def empty(cls) -> RecordBatch:
         return cls([], np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64), [], [])

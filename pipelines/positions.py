@@ -1,0 +1,129 @@
+"""Per-partition bookkeeping of the daemon: what is assigned, what to commit, and the window-rebuild replay.
+
+Each commit carries ``{"rebuild_from": N}`` in its metadata: the lowest source offset still inside some
+stream's window on that partition. A member newly assigned the partition seeks to N and replays up to the
+committed offset into the window buffers without scoring (``replay_mask``), so detection resumes with full
+windows after a restart, a crash or a rebalance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+
+from .source import RecordBatch, Source, TopicPartition
+
+__all__ = ["Positions"]
+
+log = logging.getLogger("anomalyd")
+
+
+def _rebuild_floor(metadata: str) -> int:
+    try:
+        return int(json.loads(metadata).get("rebuild_from", -1)) if metadata else -1
+    except (ValueError, AttributeError, TypeError):
+        return -1
+
+
+class Positions:
+    def __init__(self) -> None:
+        self.ids: dict[TopicPartition, int] = {}  # small integer id per topic-partition ever seen
+        self.tps: list[TopicPartition] = []
+        self.assigned: set[TopicPartition] = set()
+        self.uncommitted: dict[TopicPartition, int] = {}  # next offset to commit
+        self._resume: dict[TopicPartition, int] = {}  # records below these offsets are a rebuild replay
+        self._new: set[TopicPartition] = set()  # assigned, not yet positioned
+
+    def id_of(self, tp: TopicPartition) -> int:
+        i = self.ids.get(tp)
+        if i is None:
+            i = self.ids[tp] = len(self.tps)
+            self.tps.append(tp)
+        return i
+
+    def batch_ids(self, batch: RecordBatch) -> np.ndarray:
+        """(N,) topic-partition id of each record."""
+        return np.fromiter((self.id_of((t, int(p))) for t, p in zip(batch.topic, batch.partition, strict=True)),
+                           np.int64, len(batch))
+
+    # -- rebalance (called inside poll: bookkeeping only) ------------------------------------------------
+    def assign(self, tps: Iterable[TopicPartition]) -> None:
+        tps = set(tps)
+        self.assigned |= tps
+        self._new |= tps
+
+    def revoke(self, tps: Iterable[TopicPartition]) -> list[int]:
+        """Forget the partitions; returns their ids (for dropping their streams' state)."""
+        tps = set(tps)
+        for tp in tps:
+            self.uncommitted.pop(tp, None)
+            self._resume.pop(tp, None)
+        self.assigned -= tps
+        self._new -= tps
+        return [self.ids[tp] for tp in tps if tp in self.ids]
+
+    @property
+    def needs_positioning(self) -> bool:
+        return bool(self._new)
+
+    def position_new(self, source: Source, batch: RecordBatch) -> RecordBatch:
+        """Seek newly assigned partitions (after poll returned) and drop their records from ``batch``.
+
+        With rebuild metadata in the last commit: seek to the floor and replay up to the committed offset.
+        Otherwise start at the committed offset or, without a commit, at the first record this poll returned.
+        Records of these partitions in ``batch`` are read again after the seek.
+        """
+        tps = sorted(self._new)
+        self._new.clear()
+        first: dict[TopicPartition, int] = {}
+        for t, p, off in zip(batch.topic, batch.partition.tolist(), batch.offset.tolist(), strict=True):
+            first.setdefault((t, p), off)
+        starts: dict[TopicPartition, int] = {}
+        for tp, got in source.committed(tps).items():
+            if got is None:
+                if tp in first:
+                    starts[tp] = first[tp]
+                continue
+            offset, meta = got
+            floor = _rebuild_floor(meta)
+            if 0 <= floor < offset:
+                self._resume[tp] = offset
+            starts[tp] = floor if 0 <= floor < offset else offset
+        for tp, off in starts.items():
+            source.seek(tp, off)
+        if starts:
+            log.info("positions after assignment: %s (replaying without scoring below %s)", starts,
+                     {tp: o for tp, o in self._resume.items() if tp in starts})
+        moved = set(tps)
+        keep = np.flatnonzero([(t, p) not in moved for t, p in zip(batch.topic, batch.partition.tolist(), strict=True)])
+        return batch if len(keep) == len(batch) else batch.select(keep)
+
+    # -- processing ----------------------------------------------------------------------------------------
+    def replay_mask(self, tp_idx: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        """(N,) True for records that only rebuild windows (below the committed offset after a seek-back)."""
+        replay = np.zeros(len(offset), dtype=bool)
+        for tp, resume_at in list(self._resume.items()):
+            sel = tp_idx == self.ids[tp]
+            replay |= sel & (offset < resume_at)
+            if sel.any() and offset[sel].max() >= resume_at - 1:
+                del self._resume[tp]
+        return replay
+
+    def advance(self, tp_idx: np.ndarray, offset: np.ndarray) -> None:
+        """Mark records as processed (committable once their windows are scored and alerts delivered)."""
+        last = np.r_[tp_idx[1:] != tp_idx[:-1], True]
+        for i in np.flatnonzero(last).tolist():
+            tp = self.tps[tp_idx[i]]
+            self.uncommitted[tp] = max(self.uncommitted.get(tp, 0), int(offset[i]) + 1)
+
+    def commit_offsets(self, floors: np.ndarray) -> dict[TopicPartition, tuple[int, str]]:
+        """``{tp: (next offset, metadata)}`` for everything processed; ``floors`` (by tp id, -1 = none)."""
+        out = {}
+        for tp, nxt in self.uncommitted.items():
+            i = self.ids[tp]
+            floor = int(floors[i]) if i < len(floors) else -1
+            out[tp] = (nxt, json.dumps({"rebuild_from": floor}) if floor >= 0 else "")
+        return out
