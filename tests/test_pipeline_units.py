@@ -62,3 +62,21 @@ def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys):
     assert 1_700_000_000_000 + 300_000 <= firing[0]["started_at"] <= 1_700_000_000_000 + 340_000
     assert firing[0]["top_features"][0]["feature"] == "s2"
     assert '"anomalyd-error-reason": "bad_json"' in err
+
+
+def test_positions_replay_commit_and_revoke():
+    from pipelines.positions import Positions
+
+    pos = Positions()
+    a, b = ("t", 0), ("t", 1)
+    ids = np.array([pos.id_of(a), pos.id_of(a), pos.id_of(b), pos.id_of(a)])
+    pos.assign([a, b])
+    pos._resume[a] = 11  # as after a seek-back to rebuild windows below committed offset 11
+    offsets = np.array([9, 10, 4, 11])
+    assert pos.replay_mask(ids, offsets).tolist() == [True, True, False, False]
+    assert pos.replay_mask(ids, offsets + 10).tolist() == [False] * 4  # the replay ended
+    pos.advance(ids, offsets)
+    assert pos.uncommitted == {a: 12, b: 5}
+    got = pos.commit_offsets(np.array([3, -1]))
+    assert got == {a: (12, json.dumps({"rebuild_from": 3})), b: (5, "")}
+    assert pos.revoke([b]) == [1] and pos.uncommitted == {a: 12} and pos.assigned == {a}
