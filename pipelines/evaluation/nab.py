@@ -81,7 +81,8 @@ def load_corpus(data_dir: str | Path, probation_fraction: float = PROBATION_FRAC
         if name not in labels:
             raise ValueError(f"{name} has no entry in {labels_path}")
         timestamps, values = _read_series(path)
-        windows = [_window_rows(timestamps, a, b, name) for a, b in labels[name]]
+        ts = np.array(timestamps, dtype="datetime64[s]")
+        windows = [_window_rows(ts, a, b, name) for a, b in labels[name]]
         files.append(NabFile(name, timestamps, values, windows, probation_length(len(values), probation_fraction)))
     if not files:
         raise FileNotFoundError(f"no CSV files under {data}/<category>/")
@@ -106,9 +107,9 @@ def _read_series(path: Path) -> tuple[list[str], np.ndarray]:
     return timestamps, values
 
 
-def _window_rows(timestamps: list[str], start: str, end: str, name: str) -> Window:
-    """Map an inclusive timestamp window to row indices: first row >= start, last row <= end."""
-    ts = np.array(timestamps, dtype="datetime64[s]")
+def _window_rows(ts: np.ndarray, start: str, end: str, name: str) -> Window:
+    """Map an inclusive timestamp window to row indices (``ts``: the file's sorted datetime64 timestamps):
+    first row >= start, last row <= end."""
     a = int(np.searchsorted(ts, np.datetime64(start.split(".")[0], "s"), side="left"))
     b = int(np.searchsorted(ts, np.datetime64(end.split(".")[0], "s"), side="right")) - 1
     if a > b or a >= len(ts):
