@@ -27,7 +27,7 @@ from detector.engine import InferenceEngine
 from .config import Config, check_model_files
 from .decode import dead_letter_headers, decode_batch
 from .httpserver import HealthServer
-from .kafka_io import Producer, make_producer
+from .kafka_io import KafkaDeliveryError, Producer, make_producer
 from .metrics import Metrics
 from .model_store import LoadedModel, ModelStore
 from .positions import Positions
@@ -61,6 +61,7 @@ class Daemon:
         self._reload = threading.Event()
         self._heartbeat = time.monotonic()
         self.positions = Positions()
+        self._crashed = False
         self._oldest_pending: float | None = None
         self._last_reload_check = time.monotonic()
         self.events_seen = 0
@@ -118,10 +119,16 @@ class Daemon:
 
     # -- rebalance (both callbacks run inside poll, where kafka-python 3 allows no blocking client calls) -----
     def _on_revoke(self, tps: list[TopicPartition]) -> None:
-        """Score pending windows (their alerts go to the sinks) and drop the partitions' state. Their
-        uncommitted records are re-read by the next owner from the last commit: duplicates (same ids), no loss."""
+        """Score pending windows, flush the sinks, commit, then drop the partitions' state. If delivery or the
+        commit fails, the next owner re-reads from the last commit: duplicate alerts (same ids), never lost ones."""
         log.info("partitions revoked: %s", tps)
-        self.flush()
+        if self._crashed:  # the consumer is being closed after an error: no commit after a crash
+            return
+        try:
+            self._flush_and_commit(timeout_s=min(10.0, self.cfg.shutdown.grace_period_s), in_rebalance=True)
+        except (SinkError, KafkaDeliveryError) as exc:
+            log.warning("could not deliver alerts before giving up partitions (the next owner repeats them): %s",
+                        exc)
         ids = self.positions.revoke(tps)
         for route in self.routes:
             gone = route.forget_partitions(ids)
@@ -184,6 +191,7 @@ class Daemon:
             finally:
                 self.metrics.set_state(up=False, ready=False)
                 if crashed:
+                    self._crashed = True
                     self.source.close()  # no commit after a crash
             code = self._shutdown()
             self.source.close()
@@ -319,7 +327,7 @@ class Daemon:
                                  sum(r.buffer.memory_bytes() for r in self.routes))
         return alerts
 
-    def _flush_and_commit(self, timeout_s: float = 30.0) -> None:
+    def _flush_and_commit(self, timeout_s: float = 30.0, in_rebalance: bool = False) -> None:
         self.flush()
         self.producer.flush(timeout_s)  # dead letters
         self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed
@@ -332,7 +340,7 @@ class Daemon:
         offsets = self.positions.commit_offsets(floors)
         t0 = time.perf_counter()
         try:
-            self.source.commit(offsets)
+            (self.source.commit_in_rebalance if in_rebalance else self.source.commit)(offsets)
             self.positions.uncommitted.clear()
             self.metrics.observe_commit(time.perf_counter() - t0, ok=True)
         except Exception as exc:  # e.g. a rebalance in progress: records will be redelivered

@@ -50,6 +50,8 @@ class Source(Protocol):
     def poll(self, max_records: int, timeout_ms: int) -> RecordBatch: ...
     def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
         """Synchronously commit ``{tp: (next offset, metadata)}``."""
+    def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
+        """Commit from inside a rebalance callback (where kafka-python 3 allows no blocking call)."""
     def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]: ...
     def seek(self, tp: TopicPartition, offset: int) -> None: ...
     def assignment(self) -> set[TopicPartition]: ...
@@ -115,6 +117,11 @@ class KafkaPythonSource:
     def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
         if offsets:
             self._consumer.commit({self._KTP(t, p): self._OAM(o, m, -1) for (t, p), (o, m) in offsets.items()})
+
+    def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
+        """Queued on the client's IO loop; it is sent before the group's new generation starts."""
+        if offsets:
+            self._consumer.commit_async({self._KTP(t, p): self._OAM(o, m, -1) for (t, p), (o, m) in offsets.items()})
 
     def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]:
         out: dict[TopicPartition, tuple[int, str] | None] = {}
@@ -190,6 +197,9 @@ class ConfluentSource:
         if offsets:
             parts = [self._CTP(t, p, o, metadata=m) for (t, p), (o, m) in offsets.items()]
             self._consumer.commit(offsets=parts, asynchronous=False)
+
+    def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
+        self.commit(offsets)  # librdkafka allows a synchronous commit in its rebalance callbacks
 
     def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]:
         got = self._consumer.committed([self._CTP(t, p) for t, p in tps], timeout=10)

@@ -113,9 +113,13 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     """The group's committed offsets of ``topic`` via the admin API (no consumer joins the group)."""
     from kafka import KafkaAdminClient
 
+    from kafka.errors import KafkaError
+
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         got = admin.list_group_offsets({group: None}).get(group, {})
+    except KafkaError:  # e.g. the group's coordinator is not known yet: nothing committed so far
+        got = {}
     finally:
         admin.close()
     return {tp.partition: oam.offset for tp, oam in got.items() if tp.topic == topic and oam.offset >= 0}
