@@ -84,7 +84,8 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
                                "mean_batch": bs["sum"] / bs["count"] if bs.get("count") else None,
                                "rss_mib": d["rss"] / 2**20, "buffer_mib": d["buffer_bytes"] / 2**20,
                                "fused": d["fused"], "engine_all_batches": eng["windows_s"],
-                               "seconds": d["seconds"], "phases": d["phases"]}
+                               "seconds": d["seconds"], "phases": d["phases"],
+                               "alerts": sum(d["metrics"].get("anomalyd_alerts", {}).values())}
                         rows.append(row)
                         memory.append({"streams": S, "client": client, "stride": stride, "rss": d["rss"],
                                        "rss_start": d["rss_start"], "rss_models": d["rss_models"],
