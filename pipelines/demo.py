@@ -88,6 +88,11 @@ def run_demo(args) -> int:
     runner = threading.Thread(target=lambda: setattr(daemon, "exit_code", daemon.run()), name="daemon")
     say(f"[3/5] daemon running (config {cfg_path}); metrics on http://127.0.0.1:{args.http_port}/metrics")
     runner.start()
+    deadline = time.monotonic() + 90
+    while not daemon.is_ready() and runner.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)  # joining the consumer group takes a moment
+    if not daemon.is_ready():
+        say("  the daemon did not become ready within 90 s (no partitions assigned); see the log above")
 
     plan = fleet.plan(HISTORY_STEPS, args.steps, n_anomalies=5, length=30)
     data, truth = fleet.live(HISTORY_STEPS, args.steps, plan)
@@ -103,7 +108,8 @@ def run_demo(args) -> int:
 
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
-    alerts = _watch_alerts(bootstrap, alerts_topic, prod, stop, args.duration, say)
+    alerts = _watch_alerts(bootstrap, alerts_topic, prod, stop, args.duration, say,
+                           caught_up=lambda: daemon.events_seen >= len(fleet.names) * args.steps)
     signal.signal(signal.SIGINT, previous)
     daemon.request_stop()
     runner.join(timeout=60)
@@ -130,18 +136,21 @@ def run_demo(args) -> int:
 
 
 def _watch_alerts(bootstrap: str, topic: str, producer_thread: threading.Thread, stop: threading.Event,
-                  duration: float | None, say) -> list[dict]:
+                  duration: float | None, say, caught_up) -> list[dict]:
+    """Print alerts as they arrive until Ctrl-C, ``duration``, or a few seconds after the daemon caught up."""
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
     alerts: list[dict] = []
     started = time.monotonic()
-    done_at = None
+    done_at = produced_at = None
     try:
         while not stop.is_set():
             if duration is not None and time.monotonic() - started >= duration:
                 break
-            if done_at is None and not producer_thread.is_alive():
+            if produced_at is None and not producer_thread.is_alive():
+                produced_at = time.monotonic()
+            if done_at is None and produced_at is not None and (caught_up() or time.monotonic() - produced_at > 60):
                 done_at = time.monotonic()
             if done_at is not None and time.monotonic() - done_at > 5.0:
                 break
