@@ -7,11 +7,13 @@ a fresh process and all in this run:
 * (a) raw: the same Kafka client as the daemon (``pipelines.source``) polling + ``decode_batch``, no detection;
 * (b) anomalyd: ``Daemon.run`` at stride 1 (every event scored) and stride 8, window buffers pre-seeded in
   memory with each stream's previous W-1 readings (a daemon that has been running), Kafka alert sink on;
-* (e) engine: ``InferenceEngine.score`` of the same model on windows from memory, at the daemon's maximum
-  micro-batch (``max_batch_windows`` = 4096) and at 512;
+* (e) engine: ``InferenceEngine.score`` of the same model on windows from memory at batch 512 and at the
+  daemon's maximum micro-batch (``max_batch_windows`` = 4096); the faster of the two is used (the stricter
+  ratio);
 
 for kafka-python and confluent-kafka. Reported: events/s, the ratio b / min(a, e) (e in events/s = windows/s x
-stride), and resident memory per stream (RSS difference between the 100,000- and 1,000-stream daemons).
+stride), the daemon's loop phases, resident memory per stream (RSS difference between the 100,000- and
+1,000-stream daemons), and (full run) a prototype loop with the engine on a second thread.
 """
 
 from __future__ import annotations
