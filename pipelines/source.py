@@ -179,7 +179,12 @@ class ConfluentSource:
         self._consumer.subscribe(subs, on_assign=_assign, on_revoke=_revoke)
 
     def poll(self, max_records: int, timeout_ms: int) -> RecordBatch:
-        msgs = self._consumer.consume(num_messages=max_records, timeout=timeout_ms / 1000.0)
+        # Wait for the first message only, then take what is already fetched: consume(n, timeout) would wait the
+        # whole timeout unless n messages arrive, which adds latency at low load.
+        first = self._consumer.poll(timeout_ms / 1000.0)
+        if first is None:
+            return RecordBatch.empty()
+        msgs = [first] + (self._consumer.consume(num_messages=max_records - 1, timeout=0) if max_records > 1 else [])
         msgs = [m for m in msgs if m.error() is None]
         if not msgs:
             return RecordBatch.empty()

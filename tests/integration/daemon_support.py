@@ -112,7 +112,6 @@ def read_alerts(bootstrap: str, topic: str) -> list[dict]:
 def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     """The group's committed offsets of ``topic`` via the admin API (no consumer joins the group)."""
     from kafka import KafkaAdminClient
-
     from kafka.errors import KafkaError
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
