@@ -54,5 +54,6 @@ fi
 
 # The fused CPU kernels of detector/fastpath.py are compiled once per machine (cached under $CACHE); build them
 # here so that no test or daemon start waits for the compiler. Without a compiler the eager PyTorch path is used.
+rm -f "$CACHE"/torch_extensions/*.failed  # a failed build is retried once per setup, not on every start
 "$VENV/bin/python" -P -m detector.fastpath build >"$CACHE/fastpath-build.log" 2>&1 \
     || echo "setup: fused RNN extension not built (eager PyTorch is used): $(tail -1 "$CACHE/fastpath-build.log")"
