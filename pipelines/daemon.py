@@ -62,6 +62,7 @@ class Daemon:
         self._heartbeat = time.monotonic()
         self.positions = Positions()
         self._crashed = False
+        self._lag_due = False
         self._oldest_pending: float | None = None
         self._last_reload_check = time.monotonic()
         self.events_seen = 0
@@ -141,6 +142,7 @@ class Daemon:
         log.info("partitions assigned: %s", tps)
         self.metrics.rebalances.inc()
         self.positions.assign(tps)
+        self._lag_due = True  # report the new partitions' lag right after this poll
         self.metrics.assigned_partitions.set(len(self.positions.assigned))
 
     # -- the loop --------------------------------------------------------------------------------------
@@ -222,7 +224,8 @@ class Daemon:
                     log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
             self.metrics.set_state(up=True, ready=self.is_ready())
             self._maybe_reload()
-            if now - last_lag > 15.0:  # a broker round trip per partition: not on every loop
+            if now - last_lag > 15.0 or self._lag_due:  # a broker round trip per partition: not every loop
+                self._lag_due = False
                 last_lag = now
                 try:
                     self.metrics.set_consumer_lag(self.source.lag())
