@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -113,19 +115,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_RUN_STOP = threading.Event()  # set by SIGTERM/SIGINT from the very start of `anomalyd run`
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The sub-command in ``argv`` (skipping the global ``--log-level VALUE``), without parsing the rest."""
+    it = iter(argv)
+    for token in it:
+        if token == "--log-level":
+            next(it, None)
+        elif not token.startswith("-"):
+            return token
+    return None
+
+
 def _cmd_run(args) -> int:
-    import signal
-    import threading
-
-    # A SIGTERM while models load must still mean "stop cleanly", not death by the default handler.
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-
     from .config import load_config
     from .daemon import Daemon
 
-    return Daemon(load_config(args.config), stop_event=stop).run(timeout=args.timeout)
+    return Daemon(load_config(args.config), stop_event=_RUN_STOP).run(timeout=args.timeout)
 
 
 def _cmd_train(args) -> int:
@@ -167,6 +175,11 @@ def _cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if _command_of(argv) == "run" and threading.current_thread() is threading.main_thread():
+        # Before the heavy imports: a SIGTERM while starting up must still mean "stop cleanly" (exit 0).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: _RUN_STOP.set())
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),

@@ -39,10 +39,12 @@ def train_models(models_dir: Path) -> list[str]:
     return names
 
 
-def config_dict(bootstrap: str, topic: str, models_dir: Path, models: list[str], group: str, alerts_topic: str,
-                **overrides) -> dict:
+def config_dict(bootstrap: str, topic: str, models_dir: Path, models: list[str], group: str | None = None,
+                alerts_topic: str | None = None, client: str = "kafka-python", **overrides) -> dict:
+    """A daemon config for ``topic``; group ``g-<topic>`` and alerts topic ``<topic>-alerts`` unless given."""
     cfg = {
-        "kafka": {"bootstrap_servers": bootstrap, "group_id": group, "topics": [topic],
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": group or f"g-{topic}", "topics": [topic],
+                  "client": client,
                   "dead_letter_topic": f"{topic}-dlq", "session_timeout_ms": 15000, "heartbeat_interval_ms": 2000,
                   "poll_timeout_ms": 100},
         "models": {"dir": str(models_dir), "served": [{"name": n} for n in models], "device": "cpu",
@@ -50,7 +52,7 @@ def config_dict(bootstrap: str, topic: str, models_dir: Path, models: list[str],
         "routes": [{"match": "pump-*", "models": models, "combine": "max"}],
         "processing": {"max_delay_ms": 20, "max_batch_windows": 512},
         "alerts": {"k": 3, "n": 5, "m": 10, "cooldown_s": 300},
-        "sinks": {"kafka": {"enabled": True, "topic": alerts_topic}, "log": {"enabled": False}},
+        "sinks": {"kafka": {"enabled": True, "topic": alerts_topic or f"{topic}-alerts"}, "log": {"enabled": False}},
         "http": {"bind": "127.0.0.1", "port": 0},
         "shutdown": {"grace_period_s": 20},
     }

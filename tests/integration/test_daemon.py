@@ -55,7 +55,7 @@ def _log(proc) -> str:
     return proc.log_path.read_text(errors="replace")
 
 
-def _wait_log(proc, pattern: str, timeout_s: float = 90) -> bool:
+def _wait_log(proc, pattern: str, timeout_s: float = 180) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if re.search(pattern, _log(proc)):
@@ -88,8 +88,7 @@ def _check_detection(truth, alerts):
 def test_end_to_end_every_anomaly_alerted_once(kafka_bootstrap, topic_name, models, tmp_path, client):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=2)
-    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, f"g-{topic_name}", f"{topic_name}-alerts")
-    cfg["kafka"]["client"] = client
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client)
     truth, n = produce_with_anomalies(kafka_bootstrap, topic_name, 300, KINDS)
     daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
     assert daemon.run(count=n, timeout=120) == 0
@@ -107,8 +106,7 @@ def test_end_to_end_every_anomaly_alerted_once(kafka_bootstrap, topic_name, mode
 def test_bad_input_goes_to_dead_letter_topic(kafka_bootstrap, topic_name, models, tmp_path, client):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=1)
-    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, f"g-{topic_name}", f"{topic_name}-alerts")
-    cfg["kafka"]["client"] = client
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client)
     good = [{"stream": "pump-0", "ts": 1764180000000 + i * 1000, "values": [0.1, 0.2, 0.3, 0.4]} for i in range(40)]
     bad = [b"{not json", b"[1,2]", json.dumps({"ts": 5, "values": [1, 2, 3, 4]}).encode(),
            json.dumps({"stream": "pump-1", "values": ["a", 2, 3, 4]}).encode(),
@@ -137,13 +135,12 @@ def test_sigterm_exits_zero_with_offsets_committed(kafka_bootstrap, topic_name, 
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=2)
     group = f"g-{topic_name}"
-    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, group, f"{topic_name}-alerts")
-    cfg["kafka"]["client"] = client
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client)
     _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 200, KINDS[:1])
     proc = _start(write_config(tmp_path / "c.yaml", cfg))
     try:
         ends = end_offsets(kafka_bootstrap, topic_name)
-        got = _wait_committed(kafka_bootstrap, group, topic_name, ends, 90)
+        got = _wait_committed(kafka_bootstrap, group, topic_name, ends, 180)
         assert got == ends, _log(proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -159,9 +156,8 @@ def test_kill_9_and_restart_misses_no_anomaly(kafka_bootstrap, topic_name, model
     create_topic(kafka_bootstrap, topic_name, partitions=2)
     group = f"g-{topic_name}"
     alerts_topic = f"{topic_name}-alerts"
-    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, group, alerts_topic,
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client,
                       processing={"max_delay_ms": 20, "max_batch_windows": 64})
-    cfg["kafka"]["client"] = client
     cfg_path = write_config(tmp_path / "c.yaml", cfg)
     proc = _start(cfg_path)
     holder = {}
@@ -178,7 +174,7 @@ def test_kill_9_and_restart_misses_no_anomaly(kafka_bootstrap, topic_name, model
     proc = _start(cfg_path)
     try:
         ends = end_offsets(kafka_bootstrap, topic_name)
-        assert _wait_committed(kafka_bootstrap, group, topic_name, ends, 90) == ends
+        assert _wait_committed(kafka_bootstrap, group, topic_name, ends, 180) == ends
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -195,8 +191,7 @@ def test_rebalance_two_members_share_partitions(kafka_bootstrap, topic_name, mod
     create_topic(kafka_bootstrap, topic_name, partitions=4)
     group = f"g-{topic_name}"
     alerts_topic = f"{topic_name}-alerts"
-    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, group, alerts_topic)
-    cfg["kafka"]["client"] = client
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client)
     cfg_path = write_config(tmp_path / "c.yaml", cfg)
     a = _start(cfg_path)
     try:
@@ -206,10 +201,10 @@ def test_rebalance_two_members_share_partitions(kafka_bootstrap, topic_name, mod
         truth, _ = produce_with_anomalies(kafka_bootstrap, topic_name, 300, KINDS)
         ends = end_offsets(kafka_bootstrap, topic_name)
         half = {p: off // 2 for p, off in ends.items()}
-        _wait_committed(kafka_bootstrap, group, topic_name, half, 90)
+        _wait_committed(kafka_bootstrap, group, topic_name, half, 180)
         b.send_signal(signal.SIGTERM)  # hands its partitions over to a
         assert b.wait(timeout=30) == 0
-        assert _wait_committed(kafka_bootstrap, group, topic_name, ends, 90) == ends
+        assert _wait_committed(kafka_bootstrap, group, topic_name, ends, 180) == ends
         a.send_signal(signal.SIGTERM)
         assert a.wait(timeout=30) == 0
     finally:
