@@ -8,6 +8,9 @@ Pipeline per series (no per-file settings; labels are never seen):
      newest step's absolute reconstruction error of the window ending on the row. With ``finetune_every``
      the model is refined in chunks on recent windows: rows of chunk ``[a, b)`` are scored by the model
      trained on rows ``< a`` only, and the model is then refined on rows ``< b``;
+     options (off by default, see benchmarks/RESULTS.md): ``target="predict"`` hides the newest value from
+     the model (held at the previous one), so its error is a one-step forecast error; ``ensemble=N`` averages
+     the errors of N models with consecutive seeds (``target="both"``: of a reconstructing and a predicting one);
    * ``gaussian`` (baseline): ``|z|`` of the value against the mean/std of the previous ``gauss_window``
      rows (NAB's windowed Gaussian);
 3. channels, each a score in [0, 1]: the anomaly log-likelihood (see ``likelihood``) of
@@ -46,6 +49,8 @@ MODEL_KINDS = ("gru", "lstm", "gaussian")
 # Settings that change the raw errors (the rest only change their post-processing).
 RAW_ERROR_FIELDS = ("kind", "window", "hidden_size", "latent_size", "epochs", "batch_size", "lr", "finetune_every",
                     "finetune_steps", "finetune_history", "last_weight", "gauss_window", "clip", "seed")
+# Raw-error settings added later: part of the cache key only when not at their default (older caches stay valid).
+RAW_ERROR_FIELDS_NEW = ("target",)
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,10 @@ class NabDetectorConfig:
     clip: float = 20.0  # scaled values are clipped to +-clip
     avg: int = 10  # short-term mean of the error (anomaly likelihood)
     history: int = 8640  # long-term distribution of the short-term mean
+    ae_long_avg: int = 0  # autoencoders: extra likelihood channel of the error's mean over this many rows (0: off)
     min_std: float = 1e-3
     seen_before: int = 0  # floor p by the past frequency of equally large errors (0: off)
+    ae_seen_before: int = -1  # autoencoder channel's own seen_before (-1: same as seen_before)
     level_channel: bool = True  # autoencoders: add the likelihood of the windowed-Gaussian |z|
     diff_channel: bool = True  # add the likelihood of |x_t - x_{t-1}|
     bonferroni: bool = True  # correct each likelihood channel for the number of channels
@@ -77,10 +84,17 @@ class NabDetectorConfig:
     hold: int = 100  # rows zeroed after an alarm
     postprocess: bool = True  # False: score = raw error squashed to [0, 1] (no channels, likelihood or hold)
     seed: int = 0
+    # autoencoders: "reconstruct" the window, "predict" its (masked) newest step, or "both" (mean of two models)
+    target: str = "reconstruct"
+    ensemble: int = 1  # autoencoders: mean newest-step error of this many models (seeds seed, seed+1, ...)
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"NAB model must be one of {MODEL_KINDS}, got {self.kind!r}")
+        if self.target not in ("reconstruct", "predict", "both"):
+            raise ValueError(f"target must be 'reconstruct', 'predict' or 'both', got {self.target!r}")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1, got {self.ensemble}")
 
     def replace(self, **changes: object) -> NabDetectorConfig:
         return dataclasses.replace(self, **changes)
@@ -141,25 +155,46 @@ class NabStreamingDetector:
         return self.postprocess(x, raw, probation)
 
     def _raw_errors_cached(self, x: np.ndarray, probation: int) -> np.ndarray:
+        """(N,) raw errors; an ensemble averages its members' errors (each member cached on its own)."""
+        cfg = self.cfg
+        if cfg.kind == "gaussian" or (cfg.ensemble == 1 and cfg.target != "both"):
+            return self._member_errors_cached(cfg, x, probation)
+        targets = ("reconstruct", "predict") if cfg.target == "both" else (cfg.target,)
+        members = [cfg.replace(seed=cfg.seed + k, ensemble=1, target=t) for k in range(cfg.ensemble) for t in targets]
+        total = np.zeros(len(x))
+        seconds = 0.0
+        hits = True
+        for member in members:
+            total += self._member_errors_cached(member, x, probation)
+            seconds += self.train_seconds
+            hits = hits and self.cache_hit
+        self.train_seconds, self.cache_hit = seconds, hits
+        return total / len(members)
+
+    def _member_errors_cached(self, cfg: NabDetectorConfig, x: np.ndarray, probation: int) -> np.ndarray:
+        self.cache_hit, self.train_seconds = False, 0.0
         if self.raw_cache is None:
-            return self.raw_errors(x, probation)
-        settings = json.dumps({f: getattr(self.cfg, f) for f in RAW_ERROR_FIELDS}, sort_keys=True)
+            return self.raw_errors(x, probation, cfg)
+        key = {f: getattr(cfg, f) for f in RAW_ERROR_FIELDS}
+        key.update({f: getattr(cfg, f) for f in RAW_ERROR_FIELDS_NEW if getattr(cfg, f) != getattr(_DEFAULTS, f)})
+        settings = json.dumps(key, sort_keys=True)
         digest = hashlib.sha1(settings.encode() + x.tobytes() + str(probation).encode()).hexdigest()[:20]
-        path = self.raw_cache / f"{self.cfg.kind}-{digest}.npy"
+        path = self.raw_cache / f"{cfg.kind}-{digest}.npy"
         if path.is_file():
             self.cache_hit = True
             return np.load(path)
-        raw = self.raw_errors(x, probation)
+        raw = self.raw_errors(x, probation, cfg)
         self.raw_cache.mkdir(parents=True, exist_ok=True)
         np.save(path, raw)
         return raw
 
     # -- raw errors ---------------------------------------------------------------------------------
-    def raw_errors(self, x: np.ndarray, probation: int) -> np.ndarray:
-        """(N,) raw error per row (causal)."""
-        if self.cfg.kind == "gaussian":
-            return _windowed_gaussian(x, self.cfg.gauss_window, probation)
-        return self._autoencoder_errors(self._scale(x, probation), probation)
+    def raw_errors(self, x: np.ndarray, probation: int, cfg: NabDetectorConfig | None = None) -> np.ndarray:
+        """(N,) raw error per row (causal) of one model (``cfg``: defaults to the detector's settings)."""
+        cfg = cfg or self.cfg
+        if cfg.kind == "gaussian":
+            return _windowed_gaussian(x, cfg.gauss_window, probation)
+        return self._autoencoder_errors(cfg, self._scale(x, probation), probation)
 
     def _scale(self, x: np.ndarray, probation: int) -> np.ndarray:
         prefix = x[:probation]
@@ -168,8 +203,7 @@ class NabStreamingDetector:
         z = (x - np.median(prefix)) / scale
         return np.clip(z, -self.cfg.clip, self.cfg.clip).astype(np.float32)
 
-    def _autoencoder_errors(self, z: np.ndarray, probation: int) -> np.ndarray:
-        cfg = self.cfg
+    def _autoencoder_errors(self, cfg: NabDetectorConfig, z: np.ndarray, probation: int) -> np.ndarray:
         W = cfg.window
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
@@ -177,6 +211,10 @@ class NabStreamingDetector:
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         padded = np.concatenate([np.full(W - 1, z[0], dtype=np.float32), z])  # row i <-> window ending on i
         windows = torch.from_numpy(np.ascontiguousarray(sliding_window_view(padded, W)))[:, :, None]  # (N, W, 1)
+        inputs = windows.clone()
+        if cfg.target == "predict":  # the newest value is hidden (held at the previous one): a one-step forecast
+            inputs[:, -1] = windows[:, -2]
+        windows = torch.cat([inputs, windows], dim=2)  # (N, W, 2): model input, target
         t0 = time.perf_counter()
         model.train()
         first = W - 1  # windows made only of real rows start at row W-1
@@ -216,18 +254,21 @@ class NabStreamingDetector:
             ref = 9.0 * float(np.median(raw[:probation])) + 1e-12  # median prefix error -> 0.1
             out = raw / (raw + ref)  # monotone squash that does not saturate (keeps the ranking)
         else:
-            errors = [raw]
+            ae_seen = cfg.ae_seen_before if cfg.ae_seen_before >= 0 and cfg.kind != "gaussian" else cfg.seen_before
+            errors = [(raw, cfg.avg, ae_seen)]
+            if cfg.ae_long_avg > 0 and cfg.kind != "gaussian":
+                errors.append((raw, cfg.ae_long_avg, ae_seen))
             if cfg.level_channel and cfg.kind != "gaussian":
-                errors.append(_windowed_gaussian(x, cfg.gauss_window, probation))
+                errors.append((_windowed_gaussian(x, cfg.gauss_window, probation), cfg.avg, cfg.seen_before))
             if cfg.diff_channel:
                 diff = np.abs(np.diff(x, prepend=x[0]))
                 lo, hi = np.percentile(x[:probation], [1, 99])
-                errors.append(np.clip(diff / max(hi - lo, 1e-9), 0.0, 1.0))
+                errors.append((np.clip(diff / max(hi - lo, 1e-9), 0.0, 1.0), cfg.avg, cfg.seen_before))
             # Bonferroni: log(K p) / log(1e-10) = loglik - log(K) / log(1e10)
             shift = np.log(len(errors)) / np.log(1e10) if cfg.bonferroni else 0.0
             channels = [
-                np.clip(anomaly_loglik(e, cfg.avg, cfg.history, cfg.min_std, cfg.seen_before) - shift, 0.0, 1.0)
-                for e in errors
+                np.clip(anomaly_loglik(e, avg, cfg.history, cfg.min_std, seen) - shift, 0.0, 1.0)
+                for e, avg, seen in errors
             ]
             if cfg.spatial_margin is not None:
                 channels.append(spatial_novelty(x, probation, cfg.spatial_margin))
@@ -245,9 +286,10 @@ class NabStreamingDetector:
         return {"params": c.params, "macs_per_window": c.macs_per_window}
 
 
-def _adam_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, last_weight: float) -> None:
+def _adam_step(model: torch.nn.Module, opt: torch.optim.Optimizer, pairs: torch.Tensor, last_weight: float) -> None:
+    """One Adam step on (B, W, 2) pairs of (model input, target) windows."""
     opt.zero_grad(set_to_none=True)
-    sq = (model(xb) - xb).square()  # (B, W, 1)
+    sq = (model(pairs[..., :1]) - pairs[..., 1:]).square()  # (B, W, 1)
     loss = sq.mean() + last_weight * sq[:, -1].mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -255,15 +297,18 @@ def _adam_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Ten
 
 
 def _newest_step_error(model: torch.nn.Module, windows: torch.Tensor, batch: int = 4096) -> np.ndarray:
-    """(B, W, 1) windows -> (B,) |x_W - x_hat_W| of each window's newest step."""
+    """(B, W, 2) pairs of (model input, target) windows -> (B,) |x_W - x_hat_W| of each window's newest step."""
     model.eval()
     out = []
     with torch.inference_mode():
         for i in range(0, len(windows), batch):
             xb = windows[i : i + batch]
-            out.append((model(xb)[:, -1, 0] - xb[:, -1, 0]).abs().double().numpy())
+            out.append((model(xb[..., :1])[:, -1, 0] - xb[:, -1, 1]).abs().double().numpy())
     model.train()
     return np.concatenate(out) if out else np.empty(0)
+
+
+_DEFAULTS = NabDetectorConfig()
 
 
 def _windowed_gaussian(x: np.ndarray, window: int, probation: int) -> np.ndarray:
