@@ -12,18 +12,39 @@ import numpy as np
 from detector.models import ModelConfig
 from detector.training import TrainConfig, load_series, train_detector
 
+from .decode import FeatureSpec, decode_batch
 from .model_store import ModelStore
 
 __all__ = ["train_command", "read_topic_series"]
 
 
+def _infer_features(values: list[bytes]) -> list[str]:
+    """Feature names from the first message that has any: dict keys in order, else f0..fN-1 (``value``: f0)."""
+    for raw in values:
+        try:
+            msg = json.loads(raw)
+        except (ValueError, TypeError):
+            continue
+        if isinstance(msg, dict):
+            vals = msg.get("values", [msg["value"]] if "value" in msg else None)
+            if isinstance(vals, dict) and vals:
+                return list(vals)
+            if isinstance(vals, list) and vals:
+                return [f"f{i}" for i in range(len(vals))]
+    raise ValueError("no message with values to take the feature names from; pass --features")
+
+
 def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: int | None, streams_glob: str,
                       feature_names: list[str] | None, timeout_s: float = 30.0) -> tuple[list[np.ndarray], list[str]]:
-    """Read events of ``topic`` with from_ms <= ts <= to_ms, grouped per stream id, as (T, F) series in time order."""
+    """Events of ``topic`` with from_ms <= ts <= to_ms, decoded and validated exactly as the daemon does, grouped
+    per stream id as (T, F) series in time order. Messages the daemon would dead-letter are skipped (counted)."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                              consumer_timeout_ms=int(timeout_s * 1000))
+    values: list[bytes] = []
+    keys: list[bytes | None] = []
+    broker_ts: list[int] = []
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         if not parts:
@@ -33,35 +54,35 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
         starts = consumer.offsets_for_times({tp: from_ms for tp in parts}) if from_ms is not None else {}
         for tp in parts:
             got = starts.get(tp)
-            consumer.seek(tp, got.offset if got is not None else 0) if from_ms is not None else consumer.seek(tp, 0)
-        rows: dict[str, list[tuple[int, list[float]]]] = defaultdict(list)
-        names = feature_names
+            consumer.seek(tp, got.offset if got is not None else 0)
         deadline = time.monotonic() + timeout_s
         while any(consumer.position(tp) < ends[tp] for tp in parts) and time.monotonic() < deadline:
             for recs in consumer.poll(timeout_ms=500, max_records=10000).values():
                 for r in recs:
-                    try:
-                        msg = json.loads(r.value)
-                        stream = msg.get("stream") or (r.key or b"").decode()
-                        ts = int(msg.get("ts", r.timestamp))
-                    except (ValueError, AttributeError, TypeError):
-                        continue
-                    if (from_ms is not None and ts < from_ms) or (to_ms is not None and ts > to_ms):
-                        continue
-                    if not fnmatch.fnmatchcase(stream, streams_glob):
-                        continue
-                    vals = msg.get("values", [msg.get("value")])
-                    if isinstance(vals, dict):
-                        names = names or sorted(vals)
-                        vals = [vals.get(n) for n in names]
-                    rows[stream].append((ts, [np.nan if v is None else float(v) for v in vals]))
+                    values.append(r.value or b"")
+                    keys.append(r.key)
+                    broker_ts.append(r.timestamp)
     finally:
         consumer.close()
+    names = feature_names or _infer_features(values)
+    spec = FeatureSpec(tuple(names))
+    decoded = decode_batch(values, keys, np.asarray(broker_ts, dtype=np.int64),
+                           lambda stream: spec if fnmatch.fnmatchcase(stream, streams_glob) else None, 1 << 20)
+    if decoded.rejected:
+        print(f"skipped {len(decoded.rejected)} messages that do not decode (first: {decoded.rejected[0][1]})")
+    group = decoded.groups.get(spec)
+    rows: dict[str, list[int]] = defaultdict(list)
+    if group is not None:
+        for i, (stream, ts) in enumerate(zip(group.stream, group.ts.tolist(), strict=True)):
+            if (from_ms is None or ts >= from_ms) and (to_ms is None or ts <= to_ms):
+                rows[stream].append(i)
     if not rows:
         raise ValueError(f"no events of streams {streams_glob!r} in {topic!r} for the given time range")
-    series = [np.asarray([v for _, v in sorted(r, key=lambda x: x[0])], dtype=np.float32) for r in rows.values()]
-    n_features = series[0].shape[1]
-    return series, names or [f"f{i}" for i in range(n_features)]
+    series = []
+    for idx in rows.values():
+        idx = np.asarray(idx)
+        series.append(group.values[idx[np.argsort(group.ts[idx], kind="stable")]])  # (T, F) in time order
+    return series, list(names)
 
 
 def train_command(args) -> int:
