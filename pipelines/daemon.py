@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from detector.engine import InferenceEngine
 
 from .config import Config, check_model_files
-from .decode import dead_letter_headers, decode_batch
+from .decode import FeatureSpec, dead_letter_headers, decode_batch
 from .httpserver import HealthServer
 from .kafka_io import KafkaDeliveryError, Producer, make_producer
 from .metrics import Metrics
@@ -96,13 +96,7 @@ class Daemon:
         for name, lm in loaded.items():
             self.metrics.set_model_info(name, lm.version, lm.detector.kind, dev)
             self.metrics.set_threshold(name, 1.0)
-        self._feature_specs = [self._spec_for(r) for r in self.routes]
-
-    @staticmethod
-    def _spec_for(route: RouteState):
-        from .decode import FeatureSpec
-
-        return FeatureSpec(tuple(route.feature_names))
+        self._feature_specs = [FeatureSpec(tuple(r.feature_names)) for r in self.routes]
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()

@@ -7,6 +7,7 @@ micro-batch until the daemon flushes, when every model of the route scores them 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,8 +148,6 @@ class RouteState:
         """Score every pending window with each of the route's models, combine, update alert state."""
         if not self._pending:
             return None
-        import time
-
         parts, self._pending, self.pending_windows = self._pending, [], 0
         stream = np.concatenate([p[0] for p in parts])
         windows = np.concatenate([p[1] for p in parts])  # (M, W, F)

@@ -6,7 +6,6 @@ explicit commits with metadata, rebalance callbacks run inside ``poll`` on the p
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -59,13 +58,6 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
-def _is_pattern(topics: Sequence[str] | None, pattern: str | None) -> str | None:
-    if pattern:
-        re.compile(pattern)
-        return pattern
-    return None
-
-
 class KafkaPythonSource:
     """kafka-python ``KafkaConsumer``; rebalance callbacks via ``ConsumerRebalanceListener``."""
 
@@ -93,9 +85,8 @@ class KafkaPythonSource:
             def on_partitions_assigned(self, assigned):  # noqa: N805
                 on_assign([(tp.topic, tp.partition) for tp in assigned])
 
-        pat = _is_pattern(topics, pattern)
-        if pat:
-            self._consumer.subscribe(pattern=pat, listener=_Listener())
+        if pattern:  # validated as a regex by the config
+            self._consumer.subscribe(pattern=pattern, listener=_Listener())
         else:
             self._consumer.subscribe(topics=list(topics), listener=_Listener())
 
@@ -167,8 +158,7 @@ class ConfluentSource:
             **client_security_config("confluent", security), **extra,
         }
         self._consumer = Consumer(conf)
-        pat = _is_pattern(topics, pattern)
-        subs = ["^" + pat.lstrip("^")] if pat else list(topics)
+        subs = ["^" + pattern.lstrip("^")] if pattern else list(topics)  # librdkafka: a leading ^ marks a regex
 
         def _assign(consumer, parts):
             on_assign([(p.topic, p.partition) for p in parts])
