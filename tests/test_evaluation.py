@@ -64,17 +64,18 @@ def test_load_corpus_maps_windows_to_rows(nab_dir: Path) -> None:
     assert one.probation == 90  # floor(0.15 * 600)
     assert one.labels().sum() == 30
     assert corpus["synB/quiet.csv"].windows == []
+    assert one.rows_per_day() == 288  # 5-minute grid
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "gru", "lstm"])
 def test_streaming_detector_is_causal(kind: str) -> None:
     x = _series(400, 300, 0)
     det_cfg = NabDetectorConfig(kind=kind, **TINY)
-    full = NabStreamingDetector(det_cfg).score_stream(x, 60)
+    full = NabStreamingDetector(det_cfg).score_stream(x, 60, period=50)  # seasonal floor active from row 100
     cut = 250
     changed = x.copy()
     changed[cut:] = np.random.default_rng(5).normal(50, 20, len(x) - cut)  # rewrite the future
-    partial = NabStreamingDetector(det_cfg).score_stream(changed, 60)
+    partial = NabStreamingDetector(det_cfg).score_stream(changed, 60, period=50)
     assert full.shape == (400,)
     assert np.all((full >= 0) & (full <= 1))
     np.testing.assert_array_equal(full[:cut], partial[:cut])
@@ -115,6 +116,29 @@ def test_likelihood_helpers_match_brute_force() -> None:
     count, seen = lk.past_count_at_least(m, 1000, block=16)
     t = 200
     assert count[t] == np.sum(m[:t] >= m[t]) and seen[t] == t
+
+
+def test_seasonal_floor_discounts_only_errors_that_recur_every_period() -> None:
+    rng = np.random.default_rng(3)
+    period, n = 40, 400
+    e = 0.1 * rng.random(n)
+    e[np.arange(5, n, period)] += 1.0  # the same error at the same phase of every period
+    e[333] += 2.0  # a new one
+    out = lk.seasonal_floor(e, period, periods=2, slack=2)
+    ref = e.copy()
+    for t in range(2 * period, n):  # brute force
+        seen = min(e[max(0, t - k * period - 2) : t - k * period + 3].max() for k in (1, 2))
+        ref[t] = max(e[t] - seen, 0.0)
+    np.testing.assert_allclose(out, ref)
+    np.testing.assert_array_equal(out[: 2 * period], e[: 2 * period])  # not enough history yet
+    assert out[85] < 0.1 < 1.0 < e[85]  # third occurrence: expected
+    assert out[333] > 1.9  # new: kept
+    for t in (150, 333):  # causal: the future does not change the past
+        changed = e.copy()
+        changed[t + 1 :] = 5.0
+        np.testing.assert_array_equal(lk.seasonal_floor(changed, period)[: t + 1], out[: t + 1])
+    np.testing.assert_array_equal(lk.seasonal_floor(e, 4, slack=2), e)  # period too short for the slack: off
+    np.testing.assert_array_equal(lk.seasonal_floor(e, period, periods=0), e)
 
 
 def test_spatial_novelty_and_suppression() -> None:

@@ -6,6 +6,8 @@ Every function here is causal: the output for row ``t`` depends only on inputs a
   the long-term distribution of that mean (Gaussian tail probability ``q``), optionally floored by the
   empirical frequency of equally large values in the past (a level already seen ``k`` times is no
   surprise), mapped to ``log(p) / log(1e-10)`` so that 0.5 means ``p = 1e-5``.
+* :func:`seasonal_floor` -- the part of an error that did *not* also occur at the same time of day on each of
+  the previous ``k`` days (a daily pattern's recurring error is expected, not anomalous).
 * :func:`spatial_novelty` -- 1.0 where the value leaves the range of everything seen so far by more than
   a margin (HTM's "spatial anomaly" rule), else 0.
 * :func:`suppress_after_alarm` -- an alert state machine: after a row reaches the alarm level, the next
@@ -82,6 +84,30 @@ def anomaly_loglik(
         count, seen = past_count_at_least(m, history)
         p = np.maximum(p, np.maximum(count - seen_before + 1, 0) / seen)
     return np.clip(np.log(p + P_FLOOR) / math.log(P_FLOOR), 0.0, 1.0)
+
+
+def seasonal_floor(errors: np.ndarray, period: int, periods: int = 2, slack: int = 2) -> np.ndarray:
+    """(T,) errors minus the error that recurred one, two, ... ``periods`` periods earlier (clipped at 0).
+
+    The recurring error at row ``t`` is ``min over k = 1..periods of max(errors[t - k*period - slack :
+    t - k*period + slack + 1])``: an error is discounted only as far as it was seen at the same phase of *every*
+    one of the previous ``periods`` periods, give or take ``slack`` rows. Causal because ``slack < period``.
+    Rows before ``periods * period`` and a ``period`` too short for the slack are returned unchanged.
+    """
+    e = np.asarray(errors, dtype=np.float64)
+    n = len(e)
+    if periods < 1 or period <= 2 * slack or periods * period >= n:
+        return e.copy()
+    padded = np.concatenate([np.zeros(slack), e, np.zeros(slack)])
+    local_max = np.lib.stride_tricks.sliding_window_view(padded, 2 * slack + 1).max(axis=1)  # (T,) max e[i-s..i+s]
+    start = periods * period
+    recurring = np.full(n - start, np.inf)
+    for k in range(1, periods + 1):
+        lag = k * period
+        recurring = np.minimum(recurring, local_max[start - lag : n - lag])  # rows t - lag, t in [start, n)
+    out = e.copy()
+    out[start:] = np.maximum(e[start:] - recurring, 0.0)
+    return out
 
 
 def spatial_novelty(values: np.ndarray, probation: int, margin: float = 0.05) -> np.ndarray:

@@ -47,6 +47,12 @@ class NabFile:
     def category(self) -> str:
         return self.name.split("/", 1)[0]
 
+    def rows_per_day(self) -> int:
+        """Rows per day from the median time step of the probationary prefix (0 if it cannot be told)."""
+        ts = np.array(self.timestamps[: max(self.probation, 2)], dtype="datetime64[s]").astype(np.int64)
+        step = float(np.median(np.diff(ts))) if len(ts) > 1 else 0.0
+        return round(86400 / step) if step > 0 else 0
+
     def labels(self) -> np.ndarray:
         """(N,) 0/1: 1 for rows inside a labelled window."""
         lab = np.zeros(self.values.size, dtype=np.int8)
@@ -60,8 +66,9 @@ class StreamingDetector(Protocol):
 
     name: str
 
-    def score_stream(self, values: np.ndarray, probation: int) -> np.ndarray:
-        """Fit on ``values[:probation]`` only, then return (N,) scores in [0, 1], each from past rows only."""
+    def score_stream(self, values: np.ndarray, probation: int, period: int = 0) -> np.ndarray:
+        """Fit on ``values[:probation]`` only, then return (N,) scores in [0, 1], each from past rows only.
+        ``period``: rows per day told by the prefix's timestamps (0 if unknown)."""
         ...
 
 
@@ -128,7 +135,7 @@ def run_corpus(
     for f in corpus:
         det = make_detector()
         t0 = time.perf_counter()
-        scores = np.asarray(det.score_stream(f.values.copy(), f.probation), dtype=np.float64)
+        scores = np.asarray(det.score_stream(f.values.copy(), f.probation, f.rows_per_day()), dtype=np.float64)
         seconds[f.name] = time.perf_counter() - t0
         if scores.shape != f.values.shape:
             raise ValueError(f"{det.name} returned {scores.shape} scores for {f.name} with {f.values.size} rows")

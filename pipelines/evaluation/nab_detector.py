@@ -13,14 +13,17 @@ Pipeline per series (no per-file settings; labels are never seen):
      the errors of N models with consecutive seeds (``target="both"``: of a reconstructing and a predicting one);
    * ``gaussian`` (baseline): ``|z|`` of the value against the mean/std of the previous ``gauss_window``
      rows (NAB's windowed Gaussian);
-3. channels, each a score in [0, 1]: the anomaly log-likelihood (see ``likelihood``) of
-   * the raw error above,
+3. seasonal floor (``seasonal_periods``, when the runner knows the rows per day): the raw error minus the
+   error seen at the same time of day on each of the previous days (``likelihood.seasonal_floor``), so a
+   daily pattern that a short window cannot explain stops looking new every day;
+4. channels, each a score in [0, 1]: the anomaly log-likelihood (see ``likelihood``) of
+   * the (floored) raw error above,
    * for the autoencoders also the windowed-Gaussian ``|z|`` (``level_channel``: level shifts that a model
      on a scaled window reconstructs well),
    * the absolute first difference (``diff_channel``: sudden changes),
    each Bonferroni-corrected for the number of such channels (``p -> K p``: K tests at once would otherwise
    raise K times as many false alarms), and the spatial novelty rule (values outside everything seen so far);
-4. score = max over channels, then an alert hold: after a row reaches ``alarm_level`` the next ``hold`` rows
+5. score = max over channels, then an alert hold: after a row reaches ``alarm_level`` the next ``hold`` rows
    are zeroed.
 """
 
@@ -41,6 +44,7 @@ from detector.models import ModelConfig, build_model, model_cost
 from pipelines.evaluation.likelihood import (
     anomaly_loglik,
     past_mean_std,
+    seasonal_floor,
     spatial_novelty,
     suppress_after_alarm,
 )
@@ -87,6 +91,9 @@ class NabDetectorConfig:
     # autoencoders: "reconstruct" the window, "predict" its (masked) newest step, or "both" (mean of two models)
     target: str = "reconstruct"
     ensemble: int = 1  # autoencoders: mean newest-step error of this many models (seeds seed, seed+1, ...)
+    seasonal_periods: int = 2  # floor the raw error by its recurrence on each of this many previous days (0: off)
+    seasonal_slack: int = 2  # +- rows of phase tolerance of the seasonal floor
+    seasonal_level: bool = False  # autoencoders: floor the level channel's |z| the same way
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
@@ -146,13 +153,14 @@ class NabStreamingDetector:
         self.cache_hit = False
         self.train_seconds = 0.0  # spent on fitting and fine-tuning (set by score_stream)
 
-    def score_stream(self, values: np.ndarray, probation: int) -> np.ndarray:
-        """(N,) values -> (N,) scores in [0, 1]; fits on ``values[:probation]`` only."""
+    def score_stream(self, values: np.ndarray, probation: int, period: int = 0) -> np.ndarray:
+        """(N,) values -> (N,) scores in [0, 1]; fits on ``values[:probation]`` only. ``period``: rows per
+        day (from the prefix's timestamps; 0 = unknown, no seasonal floor)."""
         x = np.asarray(values, dtype=np.float64)
         if probation < 2 or probation >= len(x):
             raise ValueError(f"probation {probation} must be in [2, {len(x) - 1}]")
         raw = self._raw_errors_cached(x, probation)  # (N,)
-        return self.postprocess(x, raw, probation)
+        return self.postprocess(x, raw, probation, period)
 
     def _raw_errors_cached(self, x: np.ndarray, probation: int) -> np.ndarray:
         """(N,) raw errors; an ensemble averages its members' errors (each member cached on its own)."""
@@ -247,19 +255,25 @@ class NabStreamingDetector:
             _adam_step(model, opt, batch, self.cfg.last_weight)
 
     # -- scores -------------------------------------------------------------------------------------
-    def postprocess(self, x: np.ndarray, raw: np.ndarray, probation: int) -> np.ndarray:
+    def postprocess(self, x: np.ndarray, raw: np.ndarray, probation: int, period: int = 0) -> np.ndarray:
         """Raw errors (N,) -> scores (N,) in [0, 1]; 0 on the probationary rows."""
         cfg = self.cfg
+
+        def floored(e: np.ndarray) -> np.ndarray:
+            return seasonal_floor(e, period, cfg.seasonal_periods, cfg.seasonal_slack) if period > 0 else e
+
         if not cfg.postprocess:
             ref = 9.0 * float(np.median(raw[:probation])) + 1e-12  # median prefix error -> 0.1
             out = raw / (raw + ref)  # monotone squash that does not saturate (keeps the ranking)
         else:
             ae_seen = cfg.ae_seen_before if cfg.ae_seen_before >= 0 and cfg.kind != "gaussian" else cfg.seen_before
-            errors = [(raw, cfg.avg, ae_seen)]
+            primary = floored(raw)
+            errors = [(primary, cfg.avg, ae_seen)]
             if cfg.ae_long_avg > 0 and cfg.kind != "gaussian":
-                errors.append((raw, cfg.ae_long_avg, ae_seen))
+                errors.append((primary, cfg.ae_long_avg, ae_seen))
             if cfg.level_channel and cfg.kind != "gaussian":
-                errors.append((_windowed_gaussian(x, cfg.gauss_window, probation), cfg.avg, cfg.seen_before))
+                level = _windowed_gaussian(x, cfg.gauss_window, probation)
+                errors.append((floored(level) if cfg.seasonal_level else level, cfg.avg, cfg.seen_before))
             if cfg.diff_channel:
                 diff = np.abs(np.diff(x, prepend=x[0]))
                 lo, hi = np.percentile(x[:probation], [1, 99])
