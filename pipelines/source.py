@@ -128,10 +128,15 @@ class KafkaPythonSource:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
     def lag(self) -> dict[TopicPartition, int]:
+        """Lag per assigned partition from the high watermarks of the latest fetch responses; a broker round
+        trip only for partitions not fetched from yet (right after an assignment)."""
         tps = list(self._consumer.assignment())
         if not tps:
             return {}
-        ends = self._consumer.end_offsets(tps)
+        ends = {tp: self._consumer.highwater(tp) for tp in tps}
+        unknown = [tp for tp, end in ends.items() if end is None]
+        if unknown:
+            ends.update(self._consumer.end_offsets(unknown))
         return {(tp.topic, tp.partition): max(0, ends[tp] - self._consumer.position(tp)) for tp in tps}
 
     def close(self) -> None:
@@ -207,12 +212,16 @@ class ConfluentSource:
         return {(p.topic, p.partition) for p in self._consumer.assignment()}
 
     def lag(self) -> dict[TopicPartition, int]:
+        """Lag per assigned partition from librdkafka's cached high watermarks (updated by fetch responses);
+        a broker round trip only where none is cached yet."""
         parts = self._consumer.assignment()
         if not parts:
             return {}
         out = {}
         for pos in self._consumer.position(parts):
-            _, high = self._consumer.get_watermark_offsets(pos, timeout=5, cached=False)
+            _, high = self._consumer.get_watermark_offsets(pos, cached=True)
+            if high < 0:  # nothing fetched from this partition yet
+                _, high = self._consumer.get_watermark_offsets(pos, timeout=5, cached=False)
             out[(pos.topic, pos.partition)] = max(0, high - pos.offset) if pos.offset >= 0 else high
         return out
 
