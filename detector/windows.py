@@ -1,9 +1,10 @@
 """Vectorised sliding-window buffer for many event streams at once.
 
 Each stream ``s`` (a dense integer index chosen by the caller) owns a ring of its last ``W`` accepted
-events, ``F`` float32 features each. The ring is stored *doubled*: storage has shape ``(capacity, 2W, F)``
-and an event with ring slot ``p`` is written at ``p`` and ``p + W``, so any ``W`` consecutive ring slots
-(oldest -> newest) are one contiguous slice and a window is gathered with one memcpy.
+events, ``F`` float32 features each: storage has shape ``(capacity, W, F)`` and the stream's ``c``-th
+accepted event (1-based) sits in slot ``(c - 1) % W``. A window starting at slot ``p`` wraps around the
+ring; it is gathered in one ``np.take`` of ``F``-float rows with row indices ``s * W + (p + j) % W``
+(``j = 0 .. W-1``; the slots come from a precomputed ``(W, W)`` rotation table when ``W <= 256``).
 
 ``WindowBuffer.add`` takes a batch of events ``(stream, ts, values)`` and returns every window that became
 due, without a Python loop over events:
@@ -21,10 +22,12 @@ due, without a Python loop over events:
   ones (any number, also more than ``2W`` per stream and batch) are contiguous slices of the batch's own
   grouped values. Then only the last ``W`` accepted events of each stream are written to the ring.
 
-Memory: storage is float32 (plus an int64 ring of timestamps for ``last_events``) and grows geometrically
-(doubling) as larger stream indices appear; there are no per-stream Python objects. 100,000 streams with
-``W=64, F=8`` take 441 MiB with ``initial_capacity=100_000``, 578 MiB when grown to capacity 131,072
-(while growing, old and new arrays briefly coexist).
+Memory (``memory_bytes()``), per stream slot: ``W * F * 4`` B of values, 16 B of counters and, unless
+``keep_timestamps=False``, ``W * 8`` B of ring timestamps (used only by ``last_events``); plus 32 KiB for
+the rotation table at ``W=64``. At ``W=64, F=8``: 2,064 B per slot without timestamps (2,576 B with), i.e.
+197 MiB (246 MiB) at capacity 100,000 and 258 MiB (322 MiB) at 131,072. Arrays come from ``np.zeros``: slots
+never written are not resident. Capacity doubles as larger stream indices appear (old and new arrays then
+briefly coexist). There are no per-stream Python objects.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 _TS_MIN = np.iinfo(np.int64).min
+_ROT_TABLE_MAX_W = 256  # larger windows compute ring slots per call instead of a (W, W) table
 
 
 @dataclass(frozen=True)
@@ -52,25 +56,24 @@ class WindowBatch:
 class WindowBuffer:
     """Ring buffers of the last ``window`` events for many streams, fed and read in batches."""
 
-    def __init__(self, window: int, n_features: int, stride: int = 1, initial_capacity: int = 1024) -> None:
+    def __init__(self, window: int, n_features: int, stride: int = 1, initial_capacity: int = 1024,
+                 keep_timestamps: bool = True) -> None:
+        """``keep_timestamps=False`` saves ``W * 8`` bytes per stream; ``last_events`` is then unavailable."""
         for name, val in (("window", window), ("n_features", n_features), ("stride", stride),
                           ("initial_capacity", initial_capacity)):
             if int(val) != val or val < 1:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
-        self._w = int(window)
-        self._f = int(n_features)
-        self._stride = int(stride)
+        self._w, self._f, self._stride = int(window), int(n_features), int(stride)
         cap = int(initial_capacity)
         # np.zeros: pages are only touched when a stream is written.
-        self._buf = np.zeros((cap, 2 * self._w, self._f), dtype=np.float32)  # (S, 2W, F) doubled ring
-        self._ring_ts = np.zeros((cap, self._w), dtype=np.int64)  # (S, W) ts of each ring slot
+        self._buf = np.zeros((cap, self._w, self._f), dtype=np.float32)  # (S, W, F) ring of values
+        self._ring_ts = np.zeros((cap, self._w), dtype=np.int64) if keep_timestamps else None  # (S, W) or None
+        ar = np.arange(self._w, dtype=np.int64)
+        # (W, W) row p: ring slots of a window starting at slot p (None: computed per call for large W)
+        self._rot = (ar[:, None] + ar[None, :]) % self._w if self._w <= _ROT_TABLE_MAX_W else None
         self._count = np.zeros(cap, dtype=np.int64)  # (S,) accepted events so far
         self._last_ts = np.full(cap, _TS_MIN, dtype=np.int64)  # (S,) largest accepted ts
-        self.n_events = 0
-        self.n_accepted = 0
-        self.n_late = 0
-        self.n_missing = 0
-        self.n_warming = 0
+        self.n_events = self.n_accepted = self.n_late = self.n_missing = self.n_warming = 0
 
     # ------------------------------------------------------------------ properties
     @property
@@ -86,6 +89,11 @@ class WindowBuffer:
         return self._stride
 
     @property
+    def keep_timestamps(self) -> bool:
+        """Whether ring timestamps are stored (needed by ``last_events``)."""
+        return self._ring_ts is not None
+
+    @property
     def capacity(self) -> int:
         """Number of stream slots allocated (stream indices ``0 .. capacity-1`` fit without growing)."""
         return int(self._count.shape[0])
@@ -96,8 +104,9 @@ class WindowBuffer:
         return int(np.count_nonzero(self._count))
 
     def memory_bytes(self) -> int:
-        """Bytes held by the buffer's arrays."""
-        return int(self._buf.nbytes + self._ring_ts.nbytes + self._count.nbytes + self._last_ts.nbytes)
+        """Bytes held by the buffer's arrays (allocated size; untouched zero pages are not resident)."""
+        extra = sum(a.nbytes for a in (self._ring_ts, self._rot) if a is not None)
+        return int(self._buf.nbytes + self._count.nbytes + self._last_ts.nbytes + extra)
 
     # ------------------------------------------------------------------ main entry
     def add(self, stream: np.ndarray, ts: np.ndarray, values: np.ndarray) -> WindowBatch:
@@ -153,11 +162,9 @@ class WindowBuffer:
         keep = rank >= sizes[gid] - w
         sw = s[keep]
         slot = (c[keep] - 1) % w
-        flat = self._buf.reshape(-1, self._f)  # (S*2W, F)
-        row = sw * (2 * w) + slot
-        flat[row] = vals[keep]
-        flat[row + w] = vals[keep]
-        self._ring_ts[sw, slot] = t[keep]
+        self._buf.reshape(-1, self._f)[sw * w + slot] = vals[keep]  # (S*W, F) view
+        if self._ring_ts is not None:
+            self._ring_ts[sw, slot] = t[keep]
         self._count[u] = c_before + sizes
         self._last_ts[u] = t[starts + sizes - 1]
         return WindowBatch(s[idx], wins, t[idx], order[idx])
@@ -179,18 +186,17 @@ class WindowBuffer:
         n_mixed = int(np.count_nonzero(mixed))
         if mixed.shape[0] == 0:
             return np.zeros((0, w, self._f), dtype=np.float32)
-        ring_start = s * (2 * w) + c % w  # (M,) valid ring rows for every window
         vals_start = np.maximum(first + k - (w - 1), 0)  # (M,) valid rows of vals where k >= W-1
         if n_mixed == 0:
             return self._gather(vals, vals_start)
         # Gather everything from the majority source, then overwrite the minority's windows.
         if 2 * n_mixed >= mixed.shape[0]:
-            wins = self._gather(self._buf, ring_start)  # (M, W, F)
+            wins = self._gather_ring(s, c % w)  # (M, W, F)
             if n_mixed < mixed.shape[0]:
                 wins[~mixed] = self._gather(vals, vals_start[~mixed])
         else:
             wins = self._gather(vals, vals_start)
-            wins[mixed] = self._gather(self._buf, ring_start[mixed])
+            wins[mixed] = self._gather_ring(s[mixed], c[mixed] % w)
         km, fm = k[mixed], first[mixed]
         if int(km.max()) == 0:  # one new event per window: the common case
             wins[mixed, w - 1] = vals[fm]
@@ -214,8 +220,12 @@ class WindowBuffer:
     def last_events(self, stream: int) -> tuple[np.ndarray, np.ndarray]:
         """The stream's last ``k <= W`` accepted events, oldest first: ``(ts (k,) int64, values (k, F))``.
 
-        Values are as stored, i.e. with NaNs already forward filled.
+        Values are as stored, i.e. with NaNs already forward filled. Raises ``RuntimeError`` when the buffer
+        was created with ``keep_timestamps=False``.
         """
+        if self._ring_ts is None:
+            raise RuntimeError("last_events needs ring timestamps, but this WindowBuffer was created with "
+                               "keep_timestamps=False")
         s = self._check_streams(np.asarray([stream]))[0]
         if s >= self.capacity or self._count[s] == 0:
             return np.zeros(0, dtype=np.int64), np.zeros((0, self._f), dtype=np.float32)
@@ -227,10 +237,11 @@ class WindowBuffer:
     def seed(self, stream: int, ts: np.ndarray, values: np.ndarray, count: int | None = None) -> None:
         """Replace a stream's state by the given events (e.g. from ``last_events`` after a rebalance).
 
-        No windows are produced and no counters change. ``ts`` must be non-decreasing. NaNs are forward
-        filled (0.0 when there is no previous value). Only the last ``W`` events are kept. ``count`` is the
-        stream's accepted count to record (default ``len(ts)``); pass the original ``stream_count`` to keep
-        the stride phase. The next event may then complete a window.
+        No windows are produced and no counters change. ``ts`` must be non-decreasing (with
+        ``keep_timestamps=False`` only its last value is kept, as the stream's latest accepted ts). NaNs are
+        forward filled (0.0 when there is no previous value). Only the last ``W`` events are kept. ``count``
+        is the stream's accepted count to record (default ``len(ts)``); pass the original ``stream_count`` to
+        keep the stride phase. The next event may then complete a window.
         """
         s = int(self._check_streams(np.asarray([stream]))[0])
         _, ts_arr, vals = self._check_batch(np.zeros(np.shape(ts)[:1], dtype=np.int64), ts, values)
@@ -250,8 +261,8 @@ class WindowBuffer:
         ts_arr, vals = ts_arr[-self._w:], vals[-self._w:]
         slots = np.arange(cnt - ts_arr.shape[0], cnt) % self._w
         self._buf[s, slots] = vals
-        self._buf[s, slots + self._w] = vals
-        self._ring_ts[s, slots] = ts_arr
+        if self._ring_ts is not None:
+            self._ring_ts[s, slots] = ts_arr
         self._count[s] = cnt
         self._last_ts[s] = ts_arr[-1]
 
@@ -287,8 +298,23 @@ class WindowBuffer:
         out[r, f] = fill
         return out
 
+    def _gather_ring(self, s: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """Ring windows: slots ``p, p+1, .. (mod W)`` of streams ``s`` (both (M,)), (M, W, F) float32."""
+        w = self._w
+        if self._rot is not None:
+            rows = np.take(self._rot, p, axis=0)  # (M, W) slots
+            rows += (s * w)[:, None]  # rows of the (S*W,) view below
+        else:
+            ar = np.arange(w, dtype=np.int64)
+            rows = (s * w + p)[:, None] + ar  # (M, W)
+            np.subtract(rows, w, out=rows, where=ar >= (w - p)[:, None])  # wrap around the ring
+        # One opaque F*4-byte element per ring row: np.take then copies whole rows; indices are in range.
+        flat = self._buf.view(np.dtype((np.void, self._f * 4))).reshape(-1)  # (S*W,)
+        out = np.take(flat, rows.reshape(-1), mode="clip")  # (M*W,)
+        return out.view(np.float32).reshape(s.shape[0], w, self._f)
+
     def _gather(self, arr: np.ndarray, start_rows: np.ndarray) -> np.ndarray:
-        """Copy ``W`` consecutive F-rows of ``arr`` starting at each of ``start_rows``: (M, W, F)."""
+        """Copy ``W`` consecutive F-rows of C-contiguous ``arr`` from each of ``start_rows``: (M, W, F)."""
         w, f = self._w, self._f
         rows = arr.size // f
         blk = np.dtype((np.void, w * f * 4))
@@ -301,11 +327,9 @@ class WindowBuffer:
         if needed <= cap:
             return
         new = max(needed, 2 * cap)
-        buf = np.zeros((new, 2 * self._w, self._f), dtype=np.float32)
-        buf[:cap] = self._buf
-        ring_ts = np.zeros((new, self._w), dtype=np.int64)
-        ring_ts[:cap] = self._ring_ts
-        self._buf, self._ring_ts = buf, ring_ts
+        self._buf = _grown(self._buf, new)
+        if self._ring_ts is not None:
+            self._ring_ts = _grown(self._ring_ts, new)
         self._count = np.concatenate([self._count, np.zeros(new - cap, dtype=np.int64)])
         self._last_ts = np.concatenate([self._last_ts, np.full(new - cap, _TS_MIN, dtype=np.int64)])
 
@@ -335,6 +359,13 @@ class WindowBuffer:
         if values.shape != (n, self._f):
             raise ValueError(f"values must have shape ({n}, {self._f}), got {values.shape}")
         return stream, ts.astype(np.int64, copy=False), values
+
+
+def _grown(a: np.ndarray, n: int) -> np.ndarray:
+    """``a`` (S, ...) copied into the first rows of a new zero array (n, ...); untouched rows stay lazy."""
+    out = np.zeros((n, *a.shape[1:]), dtype=a.dtype)
+    out[: a.shape[0]] = a
+    return out
 
 
 def _groups(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
+from detector import windows as windows_module
 from detector.windows import WindowBatch, WindowBuffer
 
 
@@ -68,6 +70,8 @@ def _assert_state(buf: WindowBuffer, ref: _RefBuffer, n_streams_seen: int) -> No
     ids = np.arange(n_streams_seen + 3)
     np.testing.assert_array_equal(buf.stream_count(ids), [ref.count.get(s, 0) for s in ids.tolist()])
     assert buf.n_streams == sum(1 for c in ref.count.values() if c > 0)
+    if not buf.keep_timestamps:
+        return
     for s in ids.tolist():
         ts, vals = buf.last_events(s)
         ring = ref.rings.get(s, ())
@@ -94,13 +98,10 @@ def _random_batch(rng: np.random.Generator, n: int, n_streams: int, f: int, cloc
     return stream, ts, values
 
 
-@pytest.mark.parametrize("w,f,stride,seed", [
-    (1, 2, 1, 0), (2, 1, 1, 1), (3, 2, 3, 2), (4, 3, 1, 3), (5, 2, 3, 4), (8, 1, 2, 5), (3, 1, 1, 6),
-])
-def test_matches_reference_on_random_batches(w: int, f: int, stride: int, seed: int) -> None:
+def _random_schedule(w: int, f: int, seed: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """40 random batches: sizes 0 .. 200, new streams appearing, some batches of one stream (> 2W events of
+    it), ~20% NaN values and ~15% late events."""
     rng = np.random.default_rng(seed)
-    buf = WindowBuffer(w, f, stride=stride, initial_capacity=2)
-    ref = _RefBuffer(w, f, stride)
     clock = np.zeros(64, dtype=np.int64)
     n_streams = 2
     sizes = [0, 1, 2, 7, 40, 3 * w * 2 + 5, 200, 1, 13, 150, 5]
@@ -114,9 +115,100 @@ def test_matches_reference_on_random_batches(w: int, f: int, stride: int, seed: 
         if k == 1:
             stream[:] = n_streams - 1 if step % 2 else 0
             ts = np.sort(ts) if step % 3 else ts
+        yield n_streams, stream, ts, values
+
+
+_RANDOM_CASES = [(1, 2, 1, 0), (2, 1, 1, 1), (3, 2, 3, 2), (4, 3, 1, 3), (5, 2, 3, 4), (8, 1, 2, 5), (3, 1, 1, 6)]
+
+
+@pytest.mark.parametrize("keep_ts", [True, False])
+@pytest.mark.parametrize("w,f,stride,seed", _RANDOM_CASES)
+def test_matches_reference_on_random_batches(w: int, f: int, stride: int, seed: int, keep_ts: bool) -> None:
+    buf = WindowBuffer(w, f, stride=stride, initial_capacity=2, keep_timestamps=keep_ts)
+    ref = _RefBuffer(w, f, stride)
+    for n_streams, stream, ts, values in _random_schedule(w, f, seed):
         _assert_same(buf.add(stream, ts, values), ref.add(stream, ts, values), w, f)
         _assert_state(buf, ref, n_streams)
     assert buf.n_accepted > 500 and buf.n_late > 20 and buf.n_missing > 100
+
+
+@pytest.mark.parametrize("w,f,stride,seed", _RANDOM_CASES[1::2])
+def test_without_rotation_table_matches_reference(w: int, f: int, stride: int, seed: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows longer than _ROT_TABLE_MAX_W compute ring slots per call; force that path on small windows."""
+    monkeypatch.setattr(windows_module, "_ROT_TABLE_MAX_W", 0)
+    buf = WindowBuffer(w, f, stride=stride, initial_capacity=2)
+    assert buf.memory_bytes() == 2 * (w * f * 4 + w * 8 + 16)  # no (W, W) table
+    ref = _RefBuffer(w, f, stride)
+    for n_streams, stream, ts, values in _random_schedule(w, f, seed):
+        _assert_same(buf.add(stream, ts, values), ref.add(stream, ts, values), w, f)
+        _assert_state(buf, ref, n_streams)
+
+
+@pytest.mark.parametrize("w,f,stride,seed", [(4, 3, 1, 10), (6, 2, 4, 11), (2, 1, 1, 12)])
+def test_without_timestamps_same_windows_as_with(w: int, f: int, stride: int, seed: int) -> None:
+    with_ts = WindowBuffer(w, f, stride=stride, initial_capacity=1)
+    no_ts = WindowBuffer(w, f, stride=stride, initial_capacity=1, keep_timestamps=False)
+    assert with_ts.keep_timestamps and not no_ts.keep_timestamps
+    n_windows = 0
+    for n_streams, stream, ts, values in _random_schedule(w, f, seed):
+        a, b = with_ts.add(stream, ts, values), no_ts.add(stream, ts, values)
+        for name in ("stream", "windows", "ts", "event_index"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        n_windows += len(a)
+        for name in ("n_events", "n_accepted", "n_late", "n_missing", "n_warming", "capacity", "n_streams"):
+            assert getattr(with_ts, name) == getattr(no_ts, name), name
+        ids = np.arange(n_streams)
+        np.testing.assert_array_equal(with_ts.stream_count(ids), no_ts.stream_count(ids))
+    assert n_windows > 100 and no_ts.n_late > 20
+    assert no_ts.memory_bytes() == with_ts.memory_bytes() - with_ts.capacity * w * 8
+
+
+def test_without_timestamps_last_events_raises_and_seed_works() -> None:
+    w, f, stride = 4, 2, 3
+    rng = np.random.default_rng(21)
+    src = WindowBuffer(w, f, stride=stride)
+    clock = np.zeros(6, dtype=np.int64)
+    src.add(*_random_batch(rng, 60, 6, f, clock, nan_p=0.2, late_p=0.1))
+    a = WindowBuffer(w, f, stride=stride)
+    b = WindowBuffer(w, f, stride=stride, keep_timestamps=False, initial_capacity=1)
+    counts = src.stream_count(np.arange(6))
+    for s in range(6):
+        ts, vals = src.last_events(s)
+        a.seed(s, ts, vals, count=int(counts[s]))
+        b.seed(s, ts, vals, count=int(counts[s]))
+    with pytest.raises(RuntimeError, match="keep_timestamps=False"):
+        b.last_events(0)
+    np.testing.assert_array_equal(b.stream_count(np.arange(6)), counts)
+    assert (b.n_events, b.n_accepted, b.n_streams) == (0, 0, 6)
+    n_windows = 0
+    for n in (1, 40, 7, 25):
+        batch = _random_batch(rng, n, 6, f, clock, nan_p=0.2, late_p=0.2)
+        oa, ob = a.add(*batch), b.add(*batch)
+        for name in ("stream", "windows", "ts", "event_index"):
+            np.testing.assert_array_equal(getattr(oa, name), getattr(ob, name))
+        n_windows += len(oa)
+        assert (a.n_late, a.n_missing) == (b.n_late, b.n_missing)
+    assert n_windows > 10 and b.n_late > 0
+    late = b.n_late
+    b.seed(9, np.array([5, 7]), np.array([[1.0, np.nan], [np.nan, 2.0]]))  # grows, forward fills
+    assert b.capacity == 16 and b.stream_count(np.array([9]))[0] == 2
+    out = b.add(np.array([9, 9, 9]), np.array([6, 8, 9]), np.array([[0.0, 0.0], [3.0, 3.0], [4.0, 4.0]]))
+    assert b.n_late == late + 1 and list(out.event_index) == [2]  # ts 6 < seeded last ts 7 is late
+    np.testing.assert_array_equal(out.windows[0], [[1.0, 0.0], [1.0, 2.0], [3.0, 3.0], [4.0, 4.0]])
+
+
+@pytest.mark.parametrize("keep_ts", [False, True])
+def test_memory_per_stream_is_one_float32_ring(keep_ts: bool) -> None:
+    w, f, cap = 64, 8, 100_000
+    buf = WindowBuffer(w, f, initial_capacity=cap, keep_timestamps=keep_ts)
+    ring, counters, ts_ring, table = w * f * 4, 2 * 8, w * 8 if keep_ts else 0, w * w * 8
+    assert buf.memory_bytes() == cap * (ring + counters + ts_ring) + table
+    if not keep_ts:
+        assert ring == 2048 and buf.memory_bytes() / cap <= 2048 + 32  # one (W, F) float32 ring + counters
+    buf.add(np.array([cap]), np.array([0]), np.zeros((1, f)))  # grows to 2 * cap
+    assert buf.capacity == 2 * cap
+    assert buf.memory_bytes() == 2 * cap * (ring + counters + ts_ring) + table
 
 
 def test_long_single_stream_batches_more_than_2w() -> None:
@@ -206,10 +298,11 @@ def test_seed_completes_window_on_next_event() -> None:
         buf.seed(1, np.array([1, 2]), np.zeros((2, 1)), count=1)
 
 
-def test_reset_streams_forgets_state() -> None:
+@pytest.mark.parametrize("keep_ts", [True, False])
+def test_reset_streams_forgets_state(keep_ts: bool) -> None:
     w, f = 3, 2
     rng = np.random.default_rng(5)
-    buf, ref = WindowBuffer(w, f, stride=1), _RefBuffer(w, f, 1)
+    buf, ref = WindowBuffer(w, f, stride=1, keep_timestamps=keep_ts), _RefBuffer(w, f, 1)
     clock = np.zeros(12, dtype=np.int64)
     for step in range(12):
         batch = _random_batch(rng, 25, 12, f, clock, nan_p=0.3, late_p=0.2)
