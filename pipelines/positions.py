@@ -16,7 +16,7 @@ import numpy as np
 
 from .source import RecordBatch, Source, TopicPartition
 
-__all__ = ["Positions"]
+__all__ = ["Positions", "WindowOffsets"]
 
 log = logging.getLogger("anomalyd")
 
@@ -26,6 +26,63 @@ def _rebuild_floor(metadata: str) -> int:
         return int(json.loads(metadata).get("rebuild_from", -1)) if metadata else -1
     except (ValueError, AttributeError, TypeError):
         return -1
+
+
+class WindowOffsets:
+    """Per stream, a source offset at or below the oldest event still in its window: where a replay must start.
+
+    Exact bookkeeping would keep the offsets of each stream's last ``W`` events (``W`` int64 per stream). This
+    keeps two: the offsets of the first events of the stream's current and previous *block* of ``W`` events
+    (events ``1..W`` form block 0, ``W+1..2W`` block 1, ...). A window's oldest event is never older than the
+    previous block's first event (the current one's when that block is complete), so replaying from there
+    rebuilds the window; it costs at most ``W - 1`` extra events per stream and 24 bytes per stream instead of ``8 W``. Late events (that the window buffer
+    drops) are counted too, as in the partition order they arrived.
+    """
+
+    def __init__(self, window: int, capacity: int = 1024) -> None:
+        self.window = int(window)
+        self.marks = np.full((capacity, 2), -1, dtype=np.int64)  # (S, 2) first offsets of previous, current block
+        self.count = np.zeros(capacity, dtype=np.int64)  # (S,) events seen
+
+    def ensure_capacity(self, n: int) -> None:
+        cap = len(self.count)
+        if n > cap:
+            new = max(n, 2 * cap)
+            self.marks = np.concatenate([self.marks, np.full((new - cap, 2), -1, dtype=np.int64)])
+            self.count = np.concatenate([self.count, np.zeros(new - cap, dtype=np.int64)])
+
+    def add(self, stream: np.ndarray, offset: np.ndarray) -> None:
+        """Record events (N,) in partition order: ``stream`` indices and their source offsets."""
+        if len(stream) == 0:
+            return
+        self.ensure_capacity(int(stream.max()) + 1)
+        order = np.argsort(stream, kind="stable")
+        s, o = stream[order], offset[order]  # grouped by stream, arrival order kept
+        first = np.r_[True, s[1:] != s[:-1]]
+        starts = np.flatnonzero(first)
+        sizes = np.diff(np.r_[starts, len(s)])
+        rank = np.arange(len(s)) - np.repeat(starts, sizes)
+        starts_block = (self.count[s] + rank) % self.window == 0  # (N,) first event of a block
+        bs, bo = s[starts_block], o[starts_block]  # block starts, grouped by stream
+        if len(bs):
+            last = np.flatnonzero(np.r_[bs[1:] != bs[:-1], True])  # each stream's last block start
+            streams = bs[last]
+            before = np.maximum(last - 1, 0)
+            two = (last > 0) & (bs[before] == streams)  # a second block start of the stream in this batch
+            self.marks[streams, 0] = np.where(two, bo[before], self.marks[streams, 1])
+            self.marks[streams, 1] = bo[last]
+        self.count[s[starts]] += sizes
+
+    def floor(self, n: int) -> np.ndarray:
+        """(n,) replay start of streams ``0..n-1`` (-1: no event seen)."""
+        self.ensure_capacity(n)
+        prev, cur = self.marks[:n, 0], self.marks[:n, 1]
+        full_block = self.count[:n] % self.window == 0  # the current block is exactly the window
+        return np.where((prev >= 0) & ~full_block, prev, cur)
+
+    def reset(self, streams: np.ndarray) -> None:
+        self.marks[streams] = -1
+        self.count[streams] = 0
 
 
 class Positions:
@@ -106,7 +163,10 @@ class Positions:
         """(N,) True for records that only rebuild windows (below the committed offset after a seek-back)."""
         replay = np.zeros(len(offset), dtype=bool)
         for tp, resume_at in list(self._resume.items()):
-            sel = tp_idx == self.ids[tp]
+            i = self.ids.get(tp)
+            if i is None:  # no record of this partition seen yet (e.g. the first batch after a seek lacks it)
+                continue
+            sel = tp_idx == i
             replay |= sel & (offset < resume_at)
             if sel.any() and offset[sel].max() >= resume_at - 1:
                 del self._resume[tp]

@@ -17,6 +17,7 @@ from detector.windows import WindowBuffer
 
 from .alerts import Alert, AlertTracker
 from .model_store import LoadedModel
+from .positions import WindowOffsets
 from .routing import RouteSpec
 
 __all__ = ["RouteState", "ScoredBatch"]
@@ -60,9 +61,8 @@ class RouteState:
         self.feature_names = list(first.feature_names)
         shape = (first.window, first.n_features)
         if getattr(self, "buffer", None) is None or (self.buffer.window, self.buffer.n_features) != shape:
-            self.buffer = WindowBuffer(first.window, first.n_features, stride=self.stride)
-            self.offset_ring = np.full((1024, first.window), -1, dtype=np.int64)  # (S, W) source offsets
-            self.offset_count = np.zeros(1024, dtype=np.int64)
+            self.buffer = WindowBuffer(first.window, first.n_features, stride=self.stride, keep_timestamps=False)
+            self.offsets = WindowOffsets(first.window)
             self._pending, self.pending_windows = [], 0
 
     @property
@@ -83,9 +83,6 @@ class RouteState:
         if n > len(self.stream_tp):
             cap = max(n, 2 * len(self.stream_tp))
             self.stream_tp = np.concatenate([self.stream_tp, np.full(cap - len(self.stream_tp), -1, np.int32)])
-            W = self.offset_ring.shape[1]
-            self.offset_ring = np.concatenate([self.offset_ring, np.full((cap - len(self.offset_ring), W), -1)])
-            self.offset_count = np.concatenate([self.offset_count, np.zeros(cap - len(self.offset_count), np.int64)])
         return out
 
     def add(self, stream: np.ndarray, ts: np.ndarray, values: np.ndarray, tp_id: np.ndarray, offset: np.ndarray,
@@ -96,7 +93,7 @@ class RouteState:
         """
         late0 = self.buffer.n_late
         self.stream_tp[stream] = tp_id
-        self._remember_offsets(stream, offset)
+        self.offsets.add(stream, offset)
         wb = self.buffer.add(stream, ts, values)
         keep = score[wb.event_index]
         if len(wb) and keep.any():
@@ -106,25 +103,11 @@ class RouteState:
             self.pending_windows += int(keep.sum())
         return self.buffer.n_late - late0, int(keep.sum()) if len(wb) else 0
 
-    def _remember_offsets(self, stream: np.ndarray, offset: np.ndarray) -> None:
-        """Source offsets of each stream's last W events (late ones included: that is only conservative)."""
-        W = self.offset_ring.shape[1]
-        order = np.argsort(stream, kind="stable")
-        s, o = stream[order], offset[order]
-        first = np.r_[True, s[1:] != s[:-1]]
-        starts = np.flatnonzero(first)
-        sizes = np.diff(np.r_[starts, len(s)])
-        rank = np.arange(len(s)) - np.repeat(starts, sizes)
-        last_w = rank >= np.repeat(sizes, sizes) - W  # only the last W of a stream survive anyway
-        pos = (self.offset_count[s] + rank) % W
-        self.offset_ring[s[last_w], pos[last_w]] = o[last_w]
-        np.add.at(self.offset_count, s[first], sizes)
-
     def rebuild_floor(self, n_tp: int) -> np.ndarray:
-        """(n_tp,) lowest source offset still inside some stream's window, per topic-partition id (-1 none)."""
+        """(n_tp,) per topic-partition id, an offset at or below every event still in a window there (-1 none)."""
         n = len(self.stream_names)
-        ring = self.offset_ring[:n]
-        mins = np.where(ring >= 0, ring, np.iinfo(np.int64).max).min(axis=1) if n else np.zeros(0, np.int64)
+        mins = self.offsets.floor(n)
+        mins = np.where(mins >= 0, mins, np.iinfo(np.int64).max)
         out = np.full(n_tp, np.iinfo(np.int64).max, dtype=np.int64)
         tp = self.stream_tp[:n]
         ok = (tp >= 0) & (tp < n_tp) & (mins < np.iinfo(np.int64).max)
@@ -138,8 +121,7 @@ class RouteState:
         if gone.size:
             self.buffer.reset_streams(gone)
             self.tracker.reset_streams(gone)
-            self.offset_ring[gone] = -1
-            self.offset_count[gone] = 0
+            self.offsets.reset(gone)
             self.stream_tp[gone] = -1
         return [self.stream_names[i] for i in gone.tolist()]
 

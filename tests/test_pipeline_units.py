@@ -11,6 +11,7 @@ import yaml
 
 from detector.synthetic import SensorModel
 from pipelines.model_store import ModelStore, new_version_name
+from pipelines.positions import WindowOffsets
 from pipelines.replay import replay_files
 from pipelines.routing import Router, RouteSpec
 
@@ -80,3 +81,36 @@ def test_positions_replay_commit_and_revoke():
     got = pos.commit_offsets(np.array([3, -1]))
     assert got == {a: (12, json.dumps({"rebuild_from": 3})), b: (5, "")}
     assert pos.revoke([b]) == [1] and pos.uncommitted == {a: 12} and pos.assigned == {a}
+    c = ("t", 2)
+    pos._resume[c] = 50  # positioned, but no record of it polled yet: other partitions' batches still work
+    assert pos.replay_mask(ids, offsets).tolist() == [False] * 4
+    assert pos._resume == {c: 50}
+
+
+def test_window_offsets_floor_covers_every_window_and_bounds_the_replay():
+    rng = np.random.default_rng(7)
+    w, n_streams = 8, 12
+    marks = WindowOffsets(w, capacity=4)  # grows
+    seen: dict[int, list[int]] = {}
+    offset = 100
+    for _ in range(40):
+        n = int(rng.integers(0, 60))
+        stream = rng.integers(0, n_streams, n)  # some streams get more than 2W events in one batch
+        offsets = offset + np.arange(n)
+        offset += n
+        marks.add(stream, offsets)
+        for st, o in zip(stream.tolist(), offsets.tolist(), strict=True):
+            seen.setdefault(st, []).append(o)
+        floor = marks.floor(n_streams)
+        for st in range(n_streams):
+            got = seen.get(st, [])
+            if not got:
+                assert floor[st] == -1
+                continue
+            assert floor[st] in got
+            assert floor[st] <= got[-w:][0]  # the whole window is replayed
+            assert floor[st] >= got[-(2 * w - 1):][0]  # and at most W - 1 events more
+    marks.reset(np.array([3]))
+    assert marks.floor(n_streams)[3] == -1
+    marks.add(np.array([3]), np.array([offset]))
+    assert marks.floor(n_streams)[3] == offset

@@ -174,7 +174,7 @@ def test_kill_9_and_restart_misses_no_anomaly(kafka_bootstrap, topic_name, model
     proc = _start(cfg_path)
     try:
         ends = end_offsets(kafka_bootstrap, topic_name)
-        assert _wait_committed(kafka_bootstrap, group, topic_name, ends, 180) == ends
+        assert _wait_committed(kafka_bootstrap, group, topic_name, ends, 180) == ends, _log(proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
