@@ -218,11 +218,12 @@ class Daemon:
                     log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
             self.metrics.set_state(up=True, ready=self.is_ready())
             self._maybe_reload()
-            if now - last_lag > 15.0 or self._lag_due:  # a broker round trip per partition: not every loop
-                self._lag_due = False
+            if now - last_lag > 15.0 or (self._lag_due and now - last_lag > 1.0):
                 last_lag = now
                 try:
-                    self.metrics.set_consumer_lag(self.source.lag())
+                    lag = self.source.lag()  # from the last fetch responses: partitions not fetched yet are missing
+                    self.metrics.set_consumer_lag(lag)
+                    self._lag_due = len(lag) < len(self.positions.assigned)  # try again in a second
                 except Exception as exc:  # lag is best effort; never stop the loop for it
                     log.debug("lag query failed: %s", exc)
 

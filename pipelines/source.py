@@ -128,16 +128,15 @@ class KafkaPythonSource:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
     def lag(self) -> dict[TopicPartition, int]:
-        """Lag per assigned partition from the high watermarks of the latest fetch responses; a broker round
-        trip only for partitions not fetched from yet (right after an assignment)."""
-        tps = list(self._consumer.assignment())
-        if not tps:
-            return {}
-        ends = {tp: self._consumer.highwater(tp) for tp in tps}
-        unknown = [tp for tp, end in ends.items() if end is None]
-        if unknown:
-            ends.update(self._consumer.end_offsets(unknown))
-        return {(tp.topic, tp.partition): max(0, ends[tp] - self._consumer.position(tp)) for tp in tps}
+        """Lag per assigned partition from the high watermarks of the latest fetch responses (never a broker
+        round trip: a blocking ``end_offsets`` took ~0.4 s inside the loop); partitions not fetched from yet are
+        left out."""
+        out = {}
+        for tp in self._consumer.assignment():
+            end = self._consumer.highwater(tp)
+            if end is not None:
+                out[(tp.topic, tp.partition)] = max(0, end - self._consumer.position(tp))
+        return out
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
@@ -212,8 +211,8 @@ class ConfluentSource:
         return {(p.topic, p.partition) for p in self._consumer.assignment()}
 
     def lag(self) -> dict[TopicPartition, int]:
-        """Lag per assigned partition from librdkafka's cached high watermarks (updated by fetch responses);
-        a broker round trip only where none is cached yet."""
+        """Lag per assigned partition from librdkafka's cached high watermarks (updated by fetch responses;
+        never a broker round trip); partitions not fetched from yet are left out."""
         parts = self._consumer.assignment()
         if not parts:
             return {}
@@ -221,7 +220,7 @@ class ConfluentSource:
         for pos in self._consumer.position(parts):
             _, high = self._consumer.get_watermark_offsets(pos, cached=True)
             if high < 0:  # nothing fetched from this partition yet
-                _, high = self._consumer.get_watermark_offsets(pos, timeout=5, cached=False)
+                continue
             out[(pos.topic, pos.partition)] = max(0, high - pos.offset) if pos.offset >= 0 else high
         return out
 
