@@ -60,6 +60,7 @@ class KafkaConfig:
     max_message_bytes: int = rule_field(65536, ge=1)
     poll_max_records: int = rule_field(5000, ge=1)
     poll_timeout_ms: int = rule_field(100, ge=0)
+    commit_interval_ms: int = rule_field(1000, ge=0)  # commit at most this often while busy (0: every flush)
     session_timeout_ms: int = rule_field(10000, ge=1)
     heartbeat_interval_ms: int = rule_field(3000, ge=1)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"

@@ -63,6 +63,7 @@ class Daemon:
         self.positions = Positions()
         self._crashed = False
         self._lag_due = False
+        self._last_commit = 0.0  # monotonic time of the last commit attempt
         self._oldest_pending: float | None = None
         self._last_reload_check = time.monotonic()
         self.events_seen = 0
@@ -212,8 +213,9 @@ class Daemon:
             waited = (time.monotonic() - self._oldest_pending) * 1000 if self._oldest_pending else 0.0
             idle = not len(batch) and self.positions.uncommitted
             if pending >= p.max_batch_windows or waited >= p.max_delay_ms or idle:
+                commit = idle or (now - self._last_commit) * 1000 >= self.cfg.kafka.commit_interval_ms
                 try:
-                    self._flush_and_commit(timeout_s=10.0)
+                    self._flush_and_commit(timeout_s=10.0, commit=commit)
                 except SinkError as exc:  # sinks keep the alerts and retry; offsets wait (backpressure)
                     log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
             self.metrics.set_state(up=True, ready=self.is_ready())
@@ -325,12 +327,14 @@ class Daemon:
                                  sum(r.buffer.memory_bytes() for r in self.routes))
         return alerts
 
-    def _flush_and_commit(self, timeout_s: float = 30.0, in_rebalance: bool = False) -> None:
+    def _flush_and_commit(self, timeout_s: float = 30.0, in_rebalance: bool = False, commit: bool = True) -> None:
+        """Score what is pending, deliver dead letters and alerts, then (``commit``) commit what is processed."""
         self.flush()
         self.producer.flush(timeout_s)  # dead letters
         self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed
-        if not self.positions.uncommitted:
+        if not commit or not self.positions.uncommitted:
             return
+        self._last_commit = time.monotonic()
         floors = np.full(len(self.positions.tps), -1, dtype=np.int64)
         for route in self.routes:
             f = route.rebuild_floor(len(self.positions.tps))

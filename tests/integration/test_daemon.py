@@ -103,6 +103,26 @@ def test_end_to_end_every_anomaly_alerted_once(kafka_bootstrap, topic_name, mode
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_commits_are_spaced_while_busy_and_complete_at_the_end(kafka_bootstrap, topic_name, models, tmp_path,
+                                                               client):
+    models_dir, names = models
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 120, KINDS[:1])
+    commits = {}
+    for interval in (0, 600_000):
+        group = f"g-{interval}-{topic_name}"
+        cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, group=group, client=client,
+                          kafka__poll_max_records=32, kafka__commit_interval_ms=interval,
+                          processing={"max_delay_ms": 0, "max_batch_windows": 16})
+        daemon = Daemon(load_config(write_config(tmp_path / f"c{interval}.yaml", cfg)))
+        assert daemon.run(count=n, timeout=120) == 0
+        assert committed_offsets(kafka_bootstrap, group, topic_name) == end_offsets(kafka_bootstrap, topic_name)
+        commits[interval] = daemon.registry.get_sample_value("anomalyd_commit_seconds_count")
+    assert commits[0] >= n // 32 // 2  # a commit after (nearly) every micro-batch
+    assert commits[600_000] <= 3  # the first micro-batch, an idle moment at most, and shutdown
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_bad_input_goes_to_dead_letter_topic(kafka_bootstrap, topic_name, models, tmp_path, client):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=1)
