@@ -7,6 +7,7 @@ a fresh process and all in this run:
 * (a) raw: the same Kafka client as the daemon (``pipelines.source``) polling + ``decode_batch``, no detection;
 * (b) anomalyd: ``Daemon.run`` at stride 1 (every event scored) and stride 8, window buffers pre-seeded in
   memory with each stream's previous W-1 readings (a daemon that has been running), Kafka alert sink on;
+  scoring serial and on a second thread (``processing.score_in_background``);
 * (e) engine: ``InferenceEngine.score`` of the same model on windows from memory at batch 512 and at the
   daemon's maximum micro-batch (``max_batch_windows`` = 4096); the faster of the two is used (the stricter
   ratio);
@@ -26,9 +27,9 @@ from . import common, harness
 
 FULL = {"streams": [1000, 100_000], "events": {1000: 200_000, 100_000: 300_000}, "clients": ["kafka-python",
         "confluent"], "strides": [1, 8], "partitions": 4, "engine_batches": [512, 4096], "engine_min_time": 3.0,
-        "prototype": True}
+        "prototype": False, "background": [False, True]}
 QUICK = {"streams": [1000], "events": {1000: 30_000}, "clients": ["kafka-python"], "strides": [1, 8],
-         "partitions": 4, "engine_batches": [512, 4096], "engine_min_time": 1.0}
+         "partitions": 4, "engine_batches": [512, 4096], "engine_min_time": 1.0, "background": [False, True]}
 
 
 def models_dir(root: Path, kind: str) -> tuple[str, list[str]]:
@@ -74,11 +75,13 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
                                            "ratio": pr["events_s"] / min(raw["events_s"], e_win)})
                             common.log(f"  {client} prototype loop, overlap={overlap}, threads={th}: "
                                        f"{pr['events_s']:,.0f} events/s")
-                    for stride in cfg["strides"]:
-                        d = harness.in_process(harness.daemon_rate, {**spec, "client": client, "stride": stride})
+                    for stride, background in [(s, bg) for s in cfg["strides"] for bg in cfg["background"]]:
+                        d = harness.in_process(harness.daemon_rate, {**spec, "client": client, "stride": stride,
+                                                                     "background": background})
                         e_ev = e_win * stride
                         bs = d["metrics"].get("anomalyd_inference_batch_size", {})
                         row = {"streams": S, "events": n, "client": client, "stride": stride,
+                               "scoring": "background" if background else "serial",
                                "raw_events_s": raw["events_s"], "engine_windows_s": e_win, "engine_events_s": e_ev,
                                "anomalyd_events_s": d["events_s"],
                                "ratio": d["events_s"] / min(raw["events_s"], e_ev),
@@ -89,6 +92,10 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
                                "seconds": d["seconds"], "phases": d["phases"],
                                "alerts": sum(d["metrics"].get("anomalyd_alerts", {}).values())}
                         rows.append(row)
+                        if background:
+                            common.log(f"  {client} stride {stride}, scoring in background: anomalyd "
+                                       f"{d['events_s']:,.0f} events/s, ratio {row['ratio']:.2f}")
+                            continue
                         memory.append({"streams": S, "client": client, "stride": stride, "rss": d["rss"],
                                        "rss_start": d["rss_start"], "rss_models": d["rss_models"],
                                        "rss_seeded": d["rss_seeded"], "buffer_bytes": d["buffer_bytes"]})
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     res = run(cfg, args.kind, args.threads)
     print(common.table(res["rows"], [
-        ("streams", "streams", ",d"), ("client", "client", ""), ("stride", "stride", "d"),
+        ("streams", "streams", ",d"), ("client", "client", ""), ("stride", "stride", "d"), ("scoring", "scoring", ""),
         ("raw_events_s", "a raw ev/s", ",.0f"), ("engine_events_s", "e engine ev/s", ",.0f"),
         ("anomalyd_events_s", "b anomalyd ev/s", ",.0f"), ("ratio", "b/min(a,e)", ".2f"), ("bound", "bound", ""),
         ("mean_batch", "mean batch", ",.0f"), ("rss_mib", "RSS MiB", ",.0f")],

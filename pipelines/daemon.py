@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 
 import numpy as np
@@ -64,6 +65,8 @@ class Daemon:
         self._crashed = False
         self._lag_due = False
         self._last_commit = 0.0  # monotonic time of the last commit attempt
+        self._pool: ThreadPoolExecutor | None = None  # processing.score_in_background: the scoring thread
+        self._inflight: tuple[Future, dict | None] | None = None  # micro-batch being scored, offsets it frees
         self._oldest_pending: float | None = None
         self._last_reload_check = time.monotonic()
         self.events_seen = 0
@@ -109,6 +112,10 @@ class Daemon:
         self._reload.clear()
         newest = {s.name: self.store.resolve(s.name, s.version) for s in self.cfg.models.served}
         if forced or any(newest[n] != lm.version for n, lm in self._loaded.items()):
+            try:
+                self._finish_background(10.0)
+            except SinkError as exc:  # the sinks keep the alerts and retry; those offsets wait
+                log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
             self.flush()  # score what is pending with the old models first
             self._load_models()
             log.info("models reloaded: %s", {n: lm.version for n, lm in self._loaded.items()})
@@ -168,6 +175,9 @@ class Daemon:
             stack.callback(self.producer.close)
             self.sinks: FanoutSink = build_sinks(dataclasses.asdict(self.cfg.sinks), self.producer)
             stack.callback(self.sinks.close)
+            if self.cfg.processing.score_in_background:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="anomalyd-score")
+                stack.callback(self._pool.shutdown)
             self.source = self._source_factory(
                 client=k.client, bootstrap_servers=k.bootstrap_servers, group_id=k.group_id, topics=k.topics,
                 pattern=k.topic_pattern, on_assign=self._on_assign, on_revoke=self._on_revoke, security=security,
@@ -215,7 +225,10 @@ class Daemon:
             if pending >= p.max_batch_windows or waited >= p.max_delay_ms or idle:
                 commit = idle or (now - self._last_commit) * 1000 >= self.cfg.kafka.commit_interval_ms
                 try:
-                    self._flush_and_commit(timeout_s=10.0, commit=commit)
+                    if self._pool is not None and not idle:
+                        self._flush_in_background(timeout_s=10.0, commit=commit)
+                    else:
+                        self._flush_and_commit(timeout_s=10.0, commit=commit)
                 except SinkError as exc:  # sinks keep the alerts and retry; offsets wait (backpressure)
                     log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
             self.metrics.set_state(up=True, ready=self.is_ready())
@@ -299,15 +312,23 @@ class Daemon:
 
     def flush(self) -> list:
         """Score all pending windows, hand alerts to the sinks (not flushed). Returns the alerts."""
+        return self._score(self._take_pending())
+
+    def _take_pending(self) -> list[tuple[RouteState, list]]:
+        """Every route's pending micro-batch, taken on the loop thread."""
         self._oldest_pending = None
+        return [(route, route.take_pending()) for route in self.routes]
+
+    def _score(self, taken: list[tuple[RouteState, list]]) -> list:
+        """Score taken micro-batches, update alert state and metrics, hand alerts to the sinks."""
         alerts = []
-        now_ms = time.time() * 1000
         dev = str(self.engine.device)
-        for route in self.routes:
+        for route, parts in taken:
             timings: dict[str, float] = {}
-            out = route.flush(self.engine, timings)
+            out = route.score(parts, self.engine, timings)
             if out is None:
                 continue
+            now_ms = time.time() * 1000  # scores and alerts exist from now on
             for name, seconds in timings.items():
                 self.metrics.observe_batch(name, dev, out.n, seconds)
                 self.metrics.observe_scores(name, out.per_model_normalised[name])
@@ -329,21 +350,55 @@ class Daemon:
 
     def _flush_and_commit(self, timeout_s: float = 30.0, in_rebalance: bool = False, commit: bool = True) -> None:
         """Score what is pending, deliver dead letters and alerts, then (``commit``) commit what is processed."""
+        self._finish_background(timeout_s, in_rebalance)
         self.flush()
         self.producer.flush(timeout_s)  # dead letters
         self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed
-        if not commit or not self.positions.uncommitted:
+        if commit and self.positions.uncommitted:
+            self._commit(self._commit_offsets(), in_rebalance)
+
+    # -- scoring on a second thread (processing.score_in_background) ---------------------------------------
+    def _flush_in_background(self, timeout_s: float, commit: bool) -> None:
+        """Wait for the micro-batch in flight (commit what it freed), then hand the pending one to the scoring
+        thread, which scores it, updates alert state and delivers its alerts while this thread polls and
+        decodes. Offsets are committed only after that delivery, as in the serial path."""
+        self._finish_background(timeout_s)
+        taken = self._take_pending()
+        offsets = self._commit_offsets() if commit and self.positions.uncommitted else None
+        self._inflight = (self._pool.submit(self._score_and_deliver, taken, timeout_s), offsets)
+
+    def _score_and_deliver(self, taken: list[tuple[RouteState, list]], timeout_s: float) -> None:
+        self._score(taken)
+        self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)
+
+    def _finish_background(self, timeout_s: float, in_rebalance: bool = False) -> None:
+        """Wait for the micro-batch in flight; raises its SinkError (nothing committed), else commits."""
+        if self._inflight is None:
             return
-        self._last_commit = time.monotonic()
+        future, offsets = self._inflight
+        self._inflight = None
+        future.result()
+        if offsets:
+            self.producer.flush(timeout_s)  # dead letters of those records
+            self._commit(offsets, in_rebalance)
+
+    # -- commits ---------------------------------------------------------------------------------------
+    def _commit_offsets(self) -> dict[TopicPartition, tuple[int, str]]:
+        """``{tp: (next offset, metadata)}`` of everything processed so far, with the window-rebuild floors."""
         floors = np.full(len(self.positions.tps), -1, dtype=np.int64)
         for route in self.routes:
             f = route.rebuild_floor(len(self.positions.tps))
             floors = np.where((floors < 0) | ((f >= 0) & (f < floors)), f, floors)
-        offsets = self.positions.commit_offsets(floors)
+        return self.positions.commit_offsets(floors)
+
+    def _commit(self, offsets: dict[TopicPartition, tuple[int, str]], in_rebalance: bool = False) -> None:
+        self._last_commit = time.monotonic()
         t0 = time.perf_counter()
         try:
             (self.source.commit_in_rebalance if in_rebalance else self.source.commit)(offsets)
-            self.positions.uncommitted.clear()
+            for tp, (nxt, _meta) in offsets.items():  # records processed since stay uncommitted
+                if self.positions.uncommitted.get(tp) == nxt:
+                    del self.positions.uncommitted[tp]
             self.metrics.observe_commit(time.perf_counter() - t0, ok=True)
         except Exception as exc:  # e.g. a rebalance in progress: records will be redelivered
             self.metrics.observe_commit(time.perf_counter() - t0, ok=False)

@@ -128,9 +128,17 @@ class RouteState:
     # -- scoring ---------------------------------------------------------------------------------------
     def flush(self, engine: InferenceEngine, timings: dict[str, float]) -> ScoredBatch | None:
         """Score every pending window with each of the route's models, combine, update alert state."""
-        if not self._pending:
-            return None
+        return self.score(self.take_pending(), engine, timings)
+
+    def take_pending(self) -> list[tuple]:
+        """Hand over the pending micro-batch (the loop thread; scoring may then run on another thread)."""
         parts, self._pending, self.pending_windows = self._pending, [], 0
+        return parts
+
+    def score(self, parts: list[tuple], engine: InferenceEngine, timings: dict[str, float]) -> ScoredBatch | None:
+        """Score windows taken with :meth:`take_pending`, combine the models, update alert state."""
+        if not parts:
+            return None
         stream = np.concatenate([p[0] for p in parts])
         windows = np.concatenate([p[1] for p in parts])  # (M, W, F)
         ts = np.concatenate([p[2] for p in parts])

@@ -84,11 +84,13 @@ def _check_detection(truth, alerts):
     assert len(other) <= FALSE_ALARM_BUDGET, f"{len(other)} false alarms"
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["serial", "background"])
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
-def test_end_to_end_every_anomaly_alerted_once(kafka_bootstrap, topic_name, models, tmp_path, client):
+def test_end_to_end_every_anomaly_alerted_once(kafka_bootstrap, topic_name, models, tmp_path, client, background):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=2)
     cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client)
+    cfg["processing"]["score_in_background"] = background
     truth, n = produce_with_anomalies(kafka_bootstrap, topic_name, 300, KINDS)
     daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
     assert daemon.run(count=n, timeout=120) == 0
@@ -107,7 +109,7 @@ def test_commits_are_spaced_while_busy_and_complete_at_the_end(kafka_bootstrap, 
                                                                client):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=1)
-    _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 120, KINDS[:1])
+    _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 240, KINDS[:1])
     commits = {}
     for interval in (0, 600_000):
         group = f"g-{interval}-{topic_name}"
@@ -119,7 +121,9 @@ def test_commits_are_spaced_while_busy_and_complete_at_the_end(kafka_bootstrap, 
         assert committed_offsets(kafka_bootstrap, group, topic_name) == end_offsets(kafka_bootstrap, topic_name)
         commits[interval] = daemon.registry.get_sample_value("anomalyd_commit_seconds_count")
     assert commits[0] >= n // 32 // 2  # a commit after (nearly) every micro-batch
-    assert commits[600_000] <= 3  # the first micro-batch, an idle moment at most, and shutdown
+    # busy: only the first micro-batch and shutdown (plus one per moment the topic looked idle, when a slow
+    # broker left a poll empty)
+    assert commits[600_000] <= max(3, commits[0] // 4), commits
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
