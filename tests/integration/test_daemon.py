@@ -174,14 +174,15 @@ def test_sigterm_exits_zero_with_offsets_committed(kafka_bootstrap, topic_name, 
     assert committed_offsets(kafka_bootstrap, group, topic_name) == ends
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["serial", "background"])
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
-def test_kill_9_and_restart_misses_no_anomaly(kafka_bootstrap, topic_name, models, tmp_path, client):
+def test_kill_9_and_restart_misses_no_anomaly(kafka_bootstrap, topic_name, models, tmp_path, client, background):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=2)
     group = f"g-{topic_name}"
     alerts_topic = f"{topic_name}-alerts"
     cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client,
-                      processing={"max_delay_ms": 20, "max_batch_windows": 64})
+                      processing={"max_delay_ms": 20, "max_batch_windows": 64, "score_in_background": background})
     cfg_path = write_config(tmp_path / "c.yaml", cfg)
     proc = _start(cfg_path)
     holder = {}
