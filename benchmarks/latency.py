@@ -74,7 +74,7 @@ def _produce_live(bootstrap: str, topic: str, fleet: common.Fleet, rate: float, 
     return {"events": n, "anomalous_events": int(anomalous.sum()), "achieved_rate": n / (time.perf_counter() - t0)}
 
 
-def run(cfg: dict, kind: str, threads: int | None) -> list[dict]:
+def run(cfg: dict, kind: str, threads: int | None, background: bool = False) -> list[dict]:
     rows = []
     kafka, bootstrap = harness.start_broker()
     common.log(f"broker at {bootstrap}")
@@ -86,7 +86,8 @@ def run(cfg: dict, kind: str, threads: int | None) -> list[dict]:
             fleet = common.Fleet(S, harness.FEATURES)
             probe_topic = harness.new_topic(bootstrap, "lat-probe", 4)
             harness.prefill(bootstrap, probe_topic, fleet, cfg["probe_events"], first_step)
-            base = {"bootstrap": bootstrap, "models_dir": mdir, "models": names, "threads": threads, "n_streams": S,
+            base = {"bootstrap": bootstrap, "models_dir": mdir, "models": names, "threads": threads,
+                    "background": background, "n_streams": S,
                     "first_step": first_step, "stride": 1}
             for client in cfg["clients"]:
                 cap = harness.in_process(harness.daemon_rate, {**base, "client": client, "topic": probe_topic,
@@ -153,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     p = common.parser("latency", __doc__)
     p.add_argument("--kind", choices=["gru", "lstm"], default="gru")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the daemon (default torch's)")
+    p.add_argument("--background", action="store_true", help="processing.score_in_background in the daemons")
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     started = time.perf_counter()
-    rows = run(cfg, args.kind, args.threads)
+    rows = run(cfg, args.kind, args.threads, args.background)
     print(common.table(rows, [
         ("client", "client", ""), ("capacity_s", "capacity ev/s", ",.0f"), ("rate_s", "offered ev/s", ",.0f"),
         ("achieved_rate_s", "produced ev/s", ",.0f"), ("windows", "windows", ",.0f"), ("alerts", "alerts", ",.0f"),
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nLatency at half capacity, {args.kind.upper()} W=64 F=8 H=64, {cfg['streams']} streams, "
         f"{cfg['seconds']} s"))
     common.write_json(args.json, "latency", {"quick": args.quick, "kind": args.kind, "config": cfg,
-                                             "threads": args.threads, "rows": rows,
+                                             "threads": args.threads, "background": args.background, "rows": rows,
                                              "seconds": time.perf_counter() - started})
     return 0
 
