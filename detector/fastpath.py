@@ -17,20 +17,18 @@ version and CPU, and loaded from there afterwards. ``ANOMALYD_FUSED_RNN``: ``0``
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
 import platform
 import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from .filelock import exclusive_lock
 from .models import ModelConfig, SequenceAutoencoder, model_cost
 
 __all__ = ["FusedAutoencoder", "FusedUnavailable", "fused_available", "fused_mode", "load_extension",
@@ -77,15 +75,6 @@ def _name() -> str:
     return "anomalyd_fused_rnn_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock that the OS releases if the holder dies (unlike torch's lock file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 def load_extension(build: bool = True) -> ModuleType | None:
     """The compiled extension module, building it first if needed and ``build``; None when unavailable.
 
@@ -109,7 +98,7 @@ def load_extension(build: bool = True) -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         where.mkdir(parents=True, exist_ok=True)
-        with _locked(where.with_suffix(".lock")):
+        with exclusive_lock(where.with_suffix(".lock")):
             (where / "lock").unlink(missing_ok=True)  # torch's own lock file, stale if a builder was killed
             try:
                 module = load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import fcntl
 import hashlib
 import json
 import os
@@ -26,11 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
+
+from detector.filelock import exclusive_lock
 
 KAFKA_VERSION = "4.1.2"  # also the default in scripts/kafka/pom.xml
 SCALA_VERSION = "2.13"
@@ -182,15 +182,6 @@ def _tail(path: str | Path, lines: int = 40) -> str:
         return ""
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock on ``path`` held for the duration of the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 class LocalKafka:
     """One local single-node KRaft broker on 127.0.0.1:``port``, started detached and found again by port."""
 
@@ -223,7 +214,7 @@ class LocalKafka:
         marker = libs / ".complete"  # written last, holds the pom's hash: libs are whole and current
         if marker.is_file() and marker.read_text().strip() == digest:
             return libs
-        with _locked(self.kafka_dir / ".lock"):
+        with exclusive_lock(self.kafka_dir / ".lock"):
             if marker.is_file() and marker.read_text().strip() == digest:
                 return libs  # another process finished while we waited
             mvn = find_maven()
@@ -245,7 +236,7 @@ class LocalKafka:
     def start(self, timeout_s: float = 90) -> str:
         """Start the broker, or reuse ours already on this port; returns the bootstrap once it answers."""
         deadline = time.monotonic() + timeout_s
-        with _locked(self._run_dir / ".lock"):
+        with exclusive_lock(self._run_dir / ".lock"):
             state = self._read_state()
             if state and self._is_ours(state):
                 self._wait_ready(state, deadline)
@@ -267,7 +258,7 @@ class LocalKafka:
 
     def stop(self, timeout_s: float = 30) -> bool:
         """Stop our broker on this port (SIGTERM, SIGKILL after ``timeout_s``); False if none was running."""
-        with _locked(self._run_dir / ".lock"):
+        with exclusive_lock(self._run_dir / ".lock"):
             state = self._read_state()
             if not state:
                 return False
