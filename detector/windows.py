@@ -126,14 +126,14 @@ class WindowBuffer:
         order = np.argsort(stream, kind="stable")  # (N,) groups events per stream, input order kept
         s = stream[order]
         t = ts[order]
-        starts, gid = _groups(s)
+        starts, gid = sorted_groups(s)
         acc = _accept_mask(t, gid, starts, self._last_ts[s[starts]])  # (N,) bool
         if not acc.all():
             order, s, t = order[acc], s[acc], t[acc]
             if s.shape[0] == 0:
                 self.n_late += n
                 return self._empty_batch()
-            starts, gid = _groups(s)
+            starts, gid = sorted_groups(s)
         a = s.shape[0]
         self.n_accepted += a
         self.n_late += n - a
@@ -368,7 +368,7 @@ def _grown(a: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def _groups(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sorted_groups(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For a stream array sorted by stream: first row of each group ``starts`` (G,), group of each row
     ``gid`` (N,)."""
     new = np.empty(s.shape[0], dtype=bool)

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from detector.windows import sorted_groups
+
 from .source import RecordBatch, Source, TopicPartition
 
 __all__ = ["Positions", "WindowOffsets"]
@@ -58,10 +60,9 @@ class WindowOffsets:
         self.ensure_capacity(int(stream.max()) + 1)
         order = np.argsort(stream, kind="stable")
         s, o = stream[order], offset[order]  # grouped by stream, arrival order kept
-        first = np.r_[True, s[1:] != s[:-1]]
-        starts = np.flatnonzero(first)
+        starts, gid = sorted_groups(s)
         sizes = np.diff(np.r_[starts, len(s)])
-        rank = np.arange(len(s)) - np.repeat(starts, sizes)
+        rank = np.arange(len(s)) - starts[gid]  # position within its stream's events
         starts_block = (self.count[s] + rank) % self.window == 0  # (N,) first event of a block
         bs, bo = s[starts_block], o[starts_block]  # block starts, grouped by stream
         if len(bs):
