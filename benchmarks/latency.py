@@ -74,7 +74,7 @@ def _produce_live(bootstrap: str, topic: str, fleet: common.Fleet, rate: float, 
     return {"events": n, "anomalous_events": int(anomalous.sum()), "achieved_rate": n / (time.perf_counter() - t0)}
 
 
-def run(cfg: dict, kind: str, threads: int | None, background: bool = False) -> list[dict]:
+def run(cfg: dict, kind: str, threads: int | None, background: bool = False, max_delay_ms: int = 50) -> list[dict]:
     rows = []
     kafka, bootstrap = harness.start_broker()
     common.log(f"broker at {bootstrap}")
@@ -87,7 +87,7 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = False) -> 
             probe_topic = harness.new_topic(bootstrap, "lat-probe", 4)
             harness.prefill(bootstrap, probe_topic, fleet, cfg["probe_events"], first_step)
             base = {"bootstrap": bootstrap, "models_dir": mdir, "models": names, "threads": threads,
-                    "background": background, "n_streams": S,
+                    "background": background, "max_delay_ms": max_delay_ms, "n_streams": S,
                     "first_step": first_step, "stride": 1}
             for client in cfg["clients"]:
                 cap = harness.in_process(harness.daemon_rate, {**base, "client": client, "topic": probe_topic,
@@ -155,10 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", choices=["gru", "lstm"], default="gru")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the daemon (default torch's)")
     p.add_argument("--background", action="store_true", help="processing.score_in_background in the daemons")
+    p.add_argument("--max-delay-ms", type=int, default=50, help="processing.max_delay_ms in the daemons (default 50)")
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     started = time.perf_counter()
-    rows = run(cfg, args.kind, args.threads, args.background)
+    rows = run(cfg, args.kind, args.threads, args.background, args.max_delay_ms)
     print(common.table(rows, [
         ("client", "client", ""), ("capacity_s", "capacity ev/s", ",.0f"), ("rate_s", "offered ev/s", ",.0f"),
         ("achieved_rate_s", "produced ev/s", ",.0f"), ("windows", "windows", ",.0f"), ("alerts", "alerts", ",.0f"),
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\nLatency at half capacity, {args.kind.upper()} W=64 F=8 H=64, {cfg['streams']} streams, "
         f"{cfg['seconds']} s"))
     common.write_json(args.json, "latency", {"quick": args.quick, "kind": args.kind, "config": cfg,
-                                             "threads": args.threads, "background": args.background, "rows": rows,
+                                             "threads": args.threads, "background": args.background,
+                                             "max_delay_ms": args.max_delay_ms, "rows": rows,
                                              "seconds": time.perf_counter() - started})
     return 0
 
