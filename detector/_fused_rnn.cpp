@@ -11,7 +11,10 @@
 //    hold the others up;
 //  * the matrix products use a small register-blocked kernel below, not the BLAS: a threaded BLAS call per
 //    step (MKL starts its own threads for a 32x64x192 product) collapses by 1000x when another process holds
-//    a core, and the shapes here are too small for BLAS blocking to pay.
+//    a core, and the shapes here are too small for BLAS blocking to pay. With AVX-512 it keeps 8 rows x 3
+//    vectors of accumulators and the 3 weight vectors in registers (GCC otherwise re-loads the weights from
+//    memory for every row, which made the loads, not the FMAs, the limit), and walks column blocks outermost
+//    so a block's weights stay in L1 across the tile's rows.
 // A window's result does not depend on the batch it came in or on the tile size (same operations in the same
 // order for every row), unlike eager PyTorch, whose BLAS blocks differently by batch size.
 #include <torch/extension.h>
@@ -31,11 +34,11 @@ namespace {
 typedef float v16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register (two AVX2 ones)
 constexpr int64_t VL = 16;
 #ifdef __AVX512F__
-constexpr int NV = 4;  // 4 rows x 4 vectors = 16 accumulators of 32 zmm registers
+// 32 zmm registers: R rows x V vectors of accumulators + V weight vectors + 1 broadcast.
+constexpr int NV = 3, MR = 8;  // 24 + 3 + 1 = 28 registers
 #else
-constexpr int NV = 2;
+constexpr int NV = 2, MR = 2;  // 16 ymm registers: 4 v16 accumulators = 8, + 4 + 2
 #endif
-constexpr int MR = 4;
 
 // A PyTorch weight W (n x k) stored transposed, W^T (k x n_pad), columns zero-padded to whole vectors.
 struct Packed {
@@ -55,14 +58,19 @@ inline v16 load(const float* p) {
   return v;
 }
 
-// C rows r0..r0+R, vectors j0..j0+nv: accumulate A[r, :] . W^T[:, cols] over k.
+// C rows 0..R, vectors j0..j0+V: C[r, cols] = A[r, :] . W^T[:, cols] over k.
 template <int R, int V>
 inline void block(const float* A, int64_t lda, const Packed& w, int64_t j0, float* C, int64_t ldc) {
-  v16 acc[R][V] = {};
+  v16 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = v16{};
   const float* bt = w.t.data() + j0;
   for (int64_t p = 0; p < w.k; ++p) {
     v16 b[V];
-    for (int v = 0; v < V; ++v) b[v] = load(bt + p * w.n_pad + v * VL);
+    for (int v = 0; v < V; ++v) {
+      b[v] = load(bt + p * w.n_pad + v * VL);
+      __asm__("" : "+v"(b[v]));  // keep the weights in registers: GCC would re-load them for every row
+    }
     for (int r = 0; r < R; ++r) {
       const float a = A[r * lda + p];
       for (int v = 0; v < V; ++v) acc[r][v] += a * b[v];
@@ -71,23 +79,28 @@ inline void block(const float* A, int64_t lda, const Packed& w, int64_t j0, floa
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < V; ++v) {
       const int64_t col = j0 + v * VL, m = std::min<int64_t>(VL, w.n - col);
-      if (m > 0) std::memcpy(C + r * ldc + col, &acc[r][v], m * sizeof(float));
+      if (m == VL)
+        std::memcpy(C + r * ldc + col, &acc[r][v], sizeof(v16));
+      else if (m > 0)
+        std::memcpy(C + r * ldc + col, &acc[r][v], m * sizeof(float));
     }
   }
 }
 
-template <int R>
-inline void rows(const float* A, int64_t lda, const Packed& w, float* C, int64_t ldc) {
-  int64_t j0 = 0;
-  for (; j0 + NV * VL <= w.n_pad; j0 += NV * VL) block<R, NV>(A, lda, w, j0, C, ldc);
-  for (; j0 < w.n_pad; j0 += VL) block<R, 1>(A, lda, w, j0, C, ldc);
+template <int V>
+inline void column_block(int64_t m, const float* A, int64_t lda, const Packed& w, int64_t j0, float* C, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR) block<MR, V>(A + i * lda, lda, w, j0, C + i * ldc, ldc);
+  for (; i + 4 <= m; i += 4) block<4, V>(A + i * lda, lda, w, j0, C + i * ldc, ldc);
+  for (; i < m; ++i) block<1, V>(A + i * lda, lda, w, j0, C + i * ldc, ldc);
 }
 
-// C (m x n, row stride ldc) = A (m x k, row stride lda) . W^T, single-threaded.
+// C (m x n, row stride ldc) = A (m x k, row stride lda) . W^T, single-threaded. Column blocks outermost, so a
+// block's weights (k x NV vectors, 12 KB for k = 64) stay in L1 while every row of A passes over them.
 void mm(int64_t m, const float* A, int64_t lda, const Packed& w, float* C, int64_t ldc) {
-  int64_t i = 0;
-  for (; i + MR <= m; i += MR) rows<MR>(A + i * lda, lda, w, C + i * ldc, ldc);
-  for (; i < m; ++i) rows<1>(A + i * lda, lda, w, C + i * ldc, ldc);
+  int64_t j0 = 0;
+  for (; j0 + NV * VL <= w.n_pad; j0 += NV * VL) column_block<NV>(m, A, lda, w, j0, C, ldc);
+  for (; j0 < w.n_pad; j0 += VL) column_block<1>(m, A, lda, w, j0, C, ldc);
 }
 
 // ------------------------------------------------------------------------------------------- recurrences

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ comp
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
-@pytest.mark.parametrize("layers,W,F,H,L", [(1, 16, 4, 16, 4), (2, 9, 3, 8, 2), (3, 5, 7, 12, 3)])
+@pytest.mark.parametrize("layers,W,F,H,L", [(1, 16, 4, 16, 4), (2, 9, 3, 8, 2), (3, 5, 7, 12, 3),
+                                              (1, 12, 8, 64, 16)])  # the benchmarked H: 192 / 256 gate columns
 def test_fused_forward_matches_eager(kind, layers, W, F, H, L):
     torch.manual_seed(layers)
     cfg = ModelConfig(kind=kind, n_features=F, window=W, hidden_size=H, latent_size=L, num_layers=layers)
