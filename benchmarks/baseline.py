@@ -89,7 +89,7 @@ def anomalyd(mdir: str, names: list[str], fleet: common.Fleet, messages: list[by
     from pipelines.source import RecordBatch
 
     spec = {"bootstrap": "127.0.0.1:9", "client": "kafka-python", "topic": "memory", "models_dir": mdir,
-            "models": names, "stride": 1}
+            "models": names, "stride": 1, "background": False, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         daemon = Daemon(load_config(harness.daemon_config(Path(tmp), spec)))
     daemon.producer = _StderrDeadLetters()

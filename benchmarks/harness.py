@@ -264,7 +264,8 @@ def daemon_config(tmp: Path, spec: Mapping[str, Any]) -> Path:
         "routes": [{"match": "s-*", "models": spec["models"], "combine": "max"}],
         "processing": {"stride": spec["stride"], "max_batch_windows": spec.get("max_batch_windows", 4096),
                        "max_delay_ms": spec.get("max_delay_ms", 50),
-                       "score_in_background": spec.get("background", False)},
+                       "score_in_background": spec.get("background", True),
+                       "model_threads": spec.get("threads") or 0},  # 0: the daemon's own rule
         "alerts": {"k": 3, "n": 5, "m": 10, "cooldown_s": spec.get("cooldown_s", 60)},
         "sinks": {"kafka": {"enabled": True, "topic": f"{spec['topic']}-alerts"}, "log": {"enabled": False}},
         "http": {"bind": "127.0.0.1", "port": 0},

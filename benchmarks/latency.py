@@ -74,7 +74,7 @@ def _produce_live(bootstrap: str, topic: str, fleet: common.Fleet, rate: float, 
     return {"events": n, "anomalous_events": int(anomalous.sum()), "achieved_rate": n / (time.perf_counter() - t0)}
 
 
-def run(cfg: dict, kind: str, threads: int | None, background: bool = False, max_delay_ms: int = 50) -> list[dict]:
+def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_delay_ms: int = 50) -> list[dict]:
     rows = []
     kafka, bootstrap = harness.start_broker()
     common.log(f"broker at {bootstrap}")
@@ -153,13 +153,14 @@ def _bucket(hist: dict, q: float) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("latency", __doc__)
     p.add_argument("--kind", choices=["gru", "lstm"], default="gru")
-    p.add_argument("--threads", type=int, default=None, help="torch threads in the daemon (default torch's)")
-    p.add_argument("--background", action="store_true", help="processing.score_in_background in the daemons")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in the daemon (default: its own rule, processing.model_threads 0)")
+    p.add_argument("--serial", action="store_true", help="processing.score_in_background false in the daemons")
     p.add_argument("--max-delay-ms", type=int, default=50, help="processing.max_delay_ms in the daemons (default 50)")
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     started = time.perf_counter()
-    rows = run(cfg, args.kind, args.threads, args.background, args.max_delay_ms)
+    rows = run(cfg, args.kind, args.threads, not args.serial, args.max_delay_ms)
     print(common.table(rows, [
         ("client", "client", ""), ("capacity_s", "capacity ev/s", ",.0f"), ("rate_s", "offered ev/s", ",.0f"),
         ("achieved_rate_s", "produced ev/s", ",.0f"), ("windows", "windows", ",.0f"), ("alerts", "alerts", ",.0f"),
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nLatency at half capacity, {args.kind.upper()} W=64 F=8 H=64, {cfg['streams']} streams, "
         f"{cfg['seconds']} s"))
     common.write_json(args.json, "latency", {"quick": args.quick, "kind": args.kind, "config": cfg,
-                                             "threads": args.threads, "background": args.background,
+                                             "threads": args.threads, "background": not args.serial,
                                              "max_delay_ms": args.max_delay_ms, "rows": rows,
                                              "seconds": time.perf_counter() - started})
     return 0

@@ -7,10 +7,12 @@ a fresh process and all in this run:
 * (a) raw: the same Kafka client as the daemon (``pipelines.source``) polling + ``decode_batch``, no detection;
 * (b) anomalyd: ``Daemon.run`` at stride 1 (every event scored) and stride 8, window buffers pre-seeded in
   memory with each stream's previous W-1 readings (a daemon that has been running), Kafka alert sink on;
-  scoring serial and on a second thread (``processing.score_in_background``);
-* (e) engine: ``InferenceEngine.score`` of the same model on windows from memory at batch 512 and at the
-  daemon's maximum micro-batch (``max_batch_windows`` = 4096); the faster of the two is used (the stricter
-  ratio);
+  scoring serial and on a second thread (``processing.score_in_background``, the default), each with the
+  daemon's own torch threads (``processing.model_threads: 0``: every CPU, less one in the background mode)
+  unless ``--threads`` sets them for every process;
+* (e) engine: ``InferenceEngine.score`` of the same model, with the same torch threads as the daemon it is
+  compared with, on windows from memory at batch 512 and at the daemon's maximum micro-batch
+  (``max_batch_windows`` = 4096); the faster of the two is used (the stricter ratio);
 
 for kafka-python and confluent-kafka. Reported: events/s, the ratio b / min(a, e) (e in events/s = windows/s x
 stride), the daemon's loop phases, resident memory per stream (RSS difference between the 100,000- and
@@ -57,14 +59,19 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
                 produced = harness.prefill(bootstrap, topic, fleet, n, first_step=harness.WINDOW + 8)
                 common.log(f"S={S}: {n} events in {topic} ({produced:,.0f} msg/s, {time.perf_counter() - t0:.0f} s)")
                 spec = {**base, "topic": topic, "n_streams": S, "n_events": n, "first_step": harness.WINDOW + 8}
-                eng = harness.in_process(harness.engine_rate, {**spec, "batches": cfg["engine_batches"],
-                                                               "min_time": cfg["engine_min_time"]})
-                e_win = max(eng["windows_s"].values())  # the stricter ratio
-                common.log("  engine: " + ", ".join(f"B={b} {r:,.0f} windows/s" for b, r in eng["windows_s"].items()))
+                engines = {}  # torch threads -> engine_rate result, for every thread count a daemon below uses
+                for th in sorted({daemon_threads(threads, bg) for bg in cfg["background"]}):
+                    eng = harness.in_process(harness.engine_rate, {**spec, "threads": th,
+                                                                   "batches": cfg["engine_batches"],
+                                                                   "min_time": cfg["engine_min_time"]})
+                    engines[th] = eng
+                    common.log(f"  engine, {th} thread(s): " + ", ".join(f"B={b} {r:,.0f} windows/s"
+                                                                        for b, r in eng["windows_s"].items()))
                 for client in cfg["clients"]:
                     raw = harness.in_process(harness.raw_rate, {**spec, "client": client})
                     common.log(f"  {client} raw: {raw['events_s']:,.0f} events/s")
                     if cfg.get("prototype") and S == min(cfg["streams"]):
+                        e_win = max(engines[daemon_threads(threads, False)]["windows_s"].values())
                         for overlap, th in ((False, threads), (True, threads), (True, 1)):
                             pr = harness.in_process(harness.loop_prototype, {**spec, "client": client, "stride": 1,
                                                                              "overlap": overlap, "threads": th})
@@ -76,12 +83,15 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
                             common.log(f"  {client} prototype loop, overlap={overlap}, threads={th}: "
                                        f"{pr['events_s']:,.0f} events/s")
                     for stride, background in [(s, bg) for s in cfg["strides"] for bg in cfg["background"]]:
+                        th = daemon_threads(threads, background)
                         d = harness.in_process(harness.daemon_rate, {**spec, "client": client, "stride": stride,
-                                                                     "background": background})
+                                                                     "background": background, "threads": th})
+                        eng = engines[th]
+                        e_win = max(eng["windows_s"].values())  # the stricter ratio
                         e_ev = e_win * stride
                         bs = d["metrics"].get("anomalyd_inference_batch_size", {})
                         row = {"streams": S, "events": n, "client": client, "stride": stride,
-                               "scoring": "background" if background else "serial",
+                               "scoring": "background" if background else "serial", "threads": th,
                                "raw_events_s": raw["events_s"], "engine_windows_s": e_win, "engine_events_s": e_ev,
                                "anomalyd_events_s": d["events_s"],
                                "ratio": d["events_s"] / min(raw["events_s"], e_ev),
@@ -92,19 +102,25 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
                                "seconds": d["seconds"], "phases": d["phases"],
                                "alerts": sum(d["metrics"].get("anomalyd_alerts", {}).values())}
                         rows.append(row)
-                        if background:
-                            common.log(f"  {client} stride {stride}, scoring in background: anomalyd "
-                                       f"{d['events_s']:,.0f} events/s, ratio {row['ratio']:.2f}")
-                            continue
-                        memory.append({"streams": S, "client": client, "stride": stride, "rss": d["rss"],
-                                       "rss_start": d["rss_start"], "rss_models": d["rss_models"],
-                                       "rss_seeded": d["rss_seeded"], "buffer_bytes": d["buffer_bytes"]})
-                        common.log(f"  {client} stride {stride}: anomalyd {d['events_s']:,.0f} events/s, "
-                                   f"ratio {row['ratio']:.2f}, RSS {row['rss_mib']:.0f} MiB")
+                        common.log(f"  {client} stride {stride}, {row['scoring']} scoring, {th} thread(s): anomalyd "
+                                   f"{d['events_s']:,.0f} events/s, ratio {row['ratio']:.2f}, "
+                                   f"RSS {row['rss_mib']:.0f} MiB")
+                        if background == cfg["background"][-1]:  # memory per stream: one mode (the default last)
+                            memory.append({"streams": S, "client": client, "stride": stride, "rss": d["rss"],
+                                           "rss_start": d["rss_start"], "rss_models": d["rss_models"],
+                                           "rss_seeded": d["rss_seeded"], "buffer_bytes": d["buffer_bytes"]})
     finally:
         if kafka.launched:
             kafka.stop()
     return {"rows": rows, "memory": memory, "per_stream": per_stream(memory), "prototype": protos}
+
+
+def daemon_threads(threads: int | None, background: bool) -> int:
+    """Torch threads of a benchmark daemon: ``--threads`` when given, else the daemon's own rule
+    (``processing.model_threads: 0``: every CPU, less one when scoring in the background)."""
+    from detector.device import inference_threads
+
+    return threads or inference_threads(0, background) or 1
 
 
 def per_stream(memory: list[dict]) -> list[dict]:
@@ -138,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     res = run(cfg, args.kind, args.threads)
     print(common.table(res["rows"], [
         ("streams", "streams", ",d"), ("client", "client", ""), ("stride", "stride", "d"), ("scoring", "scoring", ""),
-        ("raw_events_s", "a raw ev/s", ",.0f"), ("engine_events_s", "e engine ev/s", ",.0f"),
+        ("threads", "threads", "d"), ("raw_events_s", "a raw ev/s", ",.0f"),
+        ("engine_events_s", "e engine ev/s", ",.0f"),
         ("anomalyd_events_s", "b anomalyd ev/s", ",.0f"), ("ratio", "b/min(a,e)", ".2f"), ("bound", "bound", ""),
         ("mean_batch", "mean batch", ",.0f"), ("rss_mib", "RSS MiB", ",.0f")],
         f"\nPipeline, {args.kind.upper()} W=64 F=8 H=64 (events/s; e = best of batches {cfg['engine_batches']})"))

@@ -1,12 +1,17 @@
-"""Device and precision selection."""
+"""Device, precision and CPU-thread selection."""
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
+
 import torch
 
-__all__ = ["PRECISIONS", "resolve_device", "autocast_dtype"]
+__all__ = ["PRECISIONS", "autocast_dtype", "available_cpus", "inference_threads", "resolve_device"]
 
 PRECISIONS = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (physical cores), before anyone changes it
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -24,3 +29,41 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     return PRECISIONS[precision] if device.type == "cuda" else None
+
+
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a Kubernetes CPU limit),
+    rounded up. ``os.cpu_count()`` and torch's default see the node's cores, not the container's limit."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota(cgroup_root)
+    return max(1, min(n, math.ceil(quota)) if quota else n)
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """CPU quota in CPUs from cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``; None when unlimited or unknown."""
+    try:
+        text = (root / "cpu.max").read_text().split()
+        if len(text) == 2 and text[0] != "max":
+            return int(text[0]) / int(text[1])
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def inference_threads(requested: int, background: bool, cpus: int | None = None) -> int | None:
+    """Intra-op threads for CPU inference. ``requested`` > 0 is used as given. 0 (auto): None (leave torch as it
+    is) when ``OMP_NUM_THREADS`` is set; else ``cpus`` (default: the available CPUs, at most torch's default of
+    one per physical core), less one when scoring runs beside a polling thread (``background``), so the Kafka
+    client keeps a core (benchmarks/RESULTS.md, Optimisations item 15)."""
+    if requested > 0:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    n = min(available_cpus(), _TORCH_DEFAULT_THREADS) if cpus is None else cpus
+    return max(1, n - 1) if background else n

@@ -12,6 +12,7 @@ alerting, so detection resumes with full windows.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import signal
 import threading
@@ -21,8 +22,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 
 import numpy as np
+import torch
 from prometheus_client import CollectorRegistry
 
+from detector.device import inference_threads
 from detector.engine import InferenceEngine
 
 from .config import Config, check_model_files
@@ -55,6 +58,12 @@ class Daemon:
         self.store = ModelStore(cfg.models.dir)
         self.engine = InferenceEngine(cfg.models.device, cfg.models.precision,
                                       max_batch=max(cfg.processing.max_batch_windows, 1024))
+        p = cfg.processing
+        if self.engine.device.type == "cpu" or p.model_threads:
+            threads = inference_threads(p.model_threads, p.score_in_background)
+            if threads:
+                torch.set_num_threads(threads)
+        log.info("inference on %s, %d intra-op threads", self.engine.device, torch.get_num_threads())
         self.router = Router([RouteSpec(tuple(r.models), r.combine, r.match, r.regex) for r in cfg.routes],
                              cfg.default_models)
         self._source_factory = source_factory or make_source
@@ -191,6 +200,7 @@ class Daemon:
                 stack.callback(server.stop)
                 self.http_port = server.port
             self.metrics.set_state(up=True, ready=False)
+            gc.freeze()  # start-up objects (torch, models, clients: ~200k) out of the collector's full passes
             crashed = True
             try:
                 self._loop(count, deadline)
@@ -214,7 +224,7 @@ class Daemon:
                 break
             if count is not None and self.events_seen >= count:
                 break
-            batch = self.source.poll(self.cfg.kafka.poll_max_records, self.cfg.kafka.poll_timeout_ms)
+            batch = self.source.poll(self.cfg.kafka.poll_max_records, self._poll_timeout_ms())
             if self.positions.needs_positioning:
                 batch = self.positions.position_new(self.source, batch)
             if len(batch):
@@ -241,6 +251,15 @@ class Daemon:
                     self._lag_due = len(lag) < len(self.positions.assigned)  # try again in a second
                 except Exception as exc:  # lag is best effort; never stop the loop for it
                     log.debug("lag query failed: %s", exc)
+
+    def _poll_timeout_ms(self) -> int:
+        """kafka.poll_timeout_ms, cut to what is left of processing.max_delay_ms for the oldest pending window,
+        so a quiet topic does not hold a due micro-batch back for a whole poll."""
+        timeout = self.cfg.kafka.poll_timeout_ms
+        if self._oldest_pending is None:
+            return timeout
+        left = self.cfg.processing.max_delay_ms - (time.monotonic() - self._oldest_pending) * 1000
+        return max(0, min(timeout, int(left)))
 
     def _shutdown(self) -> int:
         grace = self.cfg.shutdown.grace_period_s

@@ -17,6 +17,7 @@ from pipelines.config import load_config
 from pipelines.daemon import Daemon
 from pipelines.kafka_io import make_producer
 from pipelines.kafka_local import create_topic
+from pipelines.source import make_source
 
 from .daemon_support import (
     INTERVAL_MS,
@@ -124,6 +125,34 @@ def test_commits_are_spaced_while_busy_and_complete_at_the_end(kafka_bootstrap, 
     # busy: only the first micro-batch and shutdown (plus one per moment the topic looked idle, when a slow
     # broker left a poll empty)
     assert commits[600_000] <= max(3, commits[0] // 4), commits
+
+
+def test_poll_waits_no_longer_than_the_oldest_pending_window_may(kafka_bootstrap, topic_name, models, tmp_path):
+    """A long kafka.poll_timeout_ms must not hold a due micro-batch back: while windows are pending, each poll
+    waits at most what is left of processing.max_delay_ms."""
+    models_dir, names = models
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 120, KINDS[:1])
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, kafka__poll_max_records=32,
+                      kafka__poll_timeout_ms=30_000, processing={"max_delay_ms": 40, "max_batch_windows": 4096})
+    polls: list[tuple[int, bool]] = []  # (timeout_ms, windows pending when poll was called)
+
+    def source_factory(**kwargs):
+        source = make_source(**kwargs)
+        real_poll = source.poll
+
+        def poll(max_records, timeout_ms):
+            polls.append((timeout_ms, daemon._oldest_pending is not None))
+            return real_poll(max_records, timeout_ms)
+
+        source.poll = poll
+        return source
+
+    daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)), source_factory=source_factory)
+    assert daemon.run(count=n, timeout=120) == 0
+    pending = [t for t, p in polls if p]
+    assert pending and max(pending) <= 40, polls
+    assert 30_000 in [t for t, p in polls if not p]  # nothing pending: the configured timeout
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])

@@ -1,0 +1,46 @@
+"""CPU-thread selection (detector.device): container CPU limits and the auto rule for inference threads."""
+
+import os
+
+import pytest
+
+from detector import device
+from detector.device import available_cpus, inference_threads
+
+
+def test_available_cpus_is_capped_by_a_cgroup_quota(tmp_path):
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path) == affinity  # no cgroup files: the affinity mask
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(tmp_path) == affinity  # unlimited
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU (a Kubernetes limit of 500m)
+    assert available_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text(f"{150000 * affinity} 100000\n")  # more than the mask allows
+    assert available_cpus(tmp_path) == affinity
+
+
+def test_available_cpus_reads_cgroup_v1(tmp_path):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(tmp_path) == len(os.sched_getaffinity(0))
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    assert available_cpus(tmp_path) == 1
+
+
+def test_inference_threads_auto_leaves_the_polling_thread_a_core(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert inference_threads(3, background=True, cpus=8) == 3  # explicit wins
+    assert inference_threads(0, background=False, cpus=8) == 8
+    assert inference_threads(0, background=True, cpus=8) == 7
+    assert inference_threads(0, background=True, cpus=1) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert inference_threads(0, background=True, cpus=8) is None  # the operator's environment decides
+    assert inference_threads(4, background=True, cpus=8) == 4
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_inference_threads_auto_never_exceeds_torchs_default(monkeypatch, background):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device, "_TORCH_DEFAULT_THREADS", 1)
+    assert inference_threads(0, background=background) == 1
