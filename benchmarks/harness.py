@@ -294,6 +294,8 @@ def seed_windows(daemon: Any, fleet: common.Fleet, first_step: int, stride: int)
 
 def daemon_rate(spec: dict) -> dict:
     """(b) anomalyd end to end: ``Daemon.run(count=N)`` with warm window buffers; rate, memory, histograms."""
+    import torch
+
     from pipelines.config import load_config
     from pipelines.daemon import Daemon
     from pipelines.source import make_source
@@ -324,7 +326,8 @@ def daemon_rate(spec: dict) -> dict:
            "seconds": src.t_commit - src.t_first, "rss": common.rss_bytes(), "rss_start": rss0,
            "rss_models": rss_models, "rss_seeded": rss_seeded, "buffer_bytes": route.buffer.memory_bytes(),
            "streams": len(route.stream_names), "fused": daemon.engine.fused,
-           "metrics": metric_summary(daemon.registry), "phases": phases.report()}
+           "metrics": metric_summary(daemon.registry), "phases": phases.report(),
+           "threads": torch.get_num_threads()}
     return out
 
 

@@ -112,7 +112,8 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
                 m = out["metrics"]
                 score_h = m["anomalyd_event_to_score_seconds"]
                 alert_h = m.get("anomalyd_event_to_alert_seconds", {"buckets": [], "count": 0})
-                row = {"client": client, "capacity_s": cap, "rate_s": rate, "achieved_rate_s": prod["achieved_rate"],
+                row = {"client": client, "threads": out.get("threads"), "capacity_s": cap, "rate_s": rate,
+                       "achieved_rate_s": prod["achieved_rate"],
                        "events": n, "windows": score_h["count"], "alerts": alert_h["count"],
                        "score_p50_ms": _ms(harness.quantile(score_h, 0.5)),
                        "score_p99_ms": _ms(harness.quantile(score_h, 0.99)),
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows = run(cfg, args.kind, args.threads, not args.serial, args.max_delay_ms)
     print(common.table(rows, [
-        ("client", "client", ""), ("capacity_s", "capacity ev/s", ",.0f"), ("rate_s", "offered ev/s", ",.0f"),
+        ("client", "client", ""), ("threads", "threads", "d"), ("capacity_s", "capacity ev/s", ",.0f"),
+        ("rate_s", "offered ev/s", ",.0f"),
         ("achieved_rate_s", "produced ev/s", ",.0f"), ("windows", "windows", ",.0f"), ("alerts", "alerts", ",.0f"),
         ("score_p50_ms", "score p50 ms", ""), ("score_p99_ms", "score p99 ms", ""),
         ("score_p99_bucket_ms", "(bucket <=)", ""), ("alert_p50_ms", "alert p50 ms", ""),

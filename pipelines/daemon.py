@@ -215,7 +215,6 @@ class Daemon:
         return code
 
     def _loop(self, count: int | None, deadline: float | None) -> None:
-        p = self.cfg.processing
         last_lag = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
@@ -229,18 +228,10 @@ class Daemon:
                 batch = self.positions.position_new(self.source, batch)
             if len(batch):
                 self.process(batch)
-            pending = sum(r.pending_windows for r in self.routes)
-            waited = (time.monotonic() - self._oldest_pending) * 1000 if self._oldest_pending else 0.0
-            idle = not len(batch) and self.positions.uncommitted
-            if pending >= p.max_batch_windows or waited >= p.max_delay_ms or idle:
-                commit = idle or (now - self._last_commit) * 1000 >= self.cfg.kafka.commit_interval_ms
-                try:
-                    if self._pool is not None and not idle:
-                        self._flush_in_background(timeout_s=10.0, commit=commit)
-                    else:
-                        self._flush_and_commit(timeout_s=10.0, commit=commit)
-                except SinkError as exc:  # sinks keep the alerts and retry; offsets wait (backpressure)
-                    log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
+            try:
+                self._maybe_flush(idle=not len(batch) and bool(self.positions.uncommitted), now=now)
+            except SinkError as exc:  # sinks keep the alerts and retry; offsets wait (backpressure)
+                log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
             self.metrics.set_state(up=True, ready=self.is_ready())
             self._maybe_reload()
             if now - last_lag > 15.0 or (self._lag_due and now - last_lag > 1.0):
@@ -252,13 +243,34 @@ class Daemon:
                 except Exception as exc:  # lag is best effort; never stop the loop for it
                     log.debug("lag query failed: %s", exc)
 
+    def _maybe_flush(self, idle: bool, now: float) -> None:
+        """Flush when the micro-batch is full, its oldest window has waited max_delay_ms, or the topic is idle.
+        With the scoring thread, a due batch that finds the thread busy keeps growing (the loop goes on polling)
+        until the thread is free, so neither thread waits for the other; only a full batch waits."""
+        p = self.cfg.processing
+        if self._inflight is not None and self._inflight[0].done():
+            self._finish_background(10.0)  # commits what the scoring thread delivered
+        pending = sum(r.pending_windows for r in self.routes)
+        waited = (time.monotonic() - self._oldest_pending) * 1000 if self._oldest_pending else 0.0
+        full = pending >= p.max_batch_windows
+        if not (full or waited >= p.max_delay_ms or idle):
+            return
+        commit = idle or (now - self._last_commit) * 1000 >= self.cfg.kafka.commit_interval_ms
+        if self._pool is None or idle:
+            self._flush_and_commit(timeout_s=10.0, commit=commit)
+        elif self._inflight is None or full:
+            self._flush_in_background(timeout_s=10.0, commit=commit)
+
     def _poll_timeout_ms(self) -> int:
-        """kafka.poll_timeout_ms, cut to what is left of processing.max_delay_ms for the oldest pending window,
-        so a quiet topic does not hold a due micro-batch back for a whole poll."""
+        """kafka.poll_timeout_ms, cut to what is left of processing.max_delay_ms for the oldest pending window
+        (a quiet topic must not hold a due micro-batch back for a whole poll), and to 5 ms while a due batch
+        waits for the scoring thread."""
         timeout = self.cfg.kafka.poll_timeout_ms
         if self._oldest_pending is None:
             return timeout
         left = self.cfg.processing.max_delay_ms - (time.monotonic() - self._oldest_pending) * 1000
+        if left <= 0 and self._inflight is not None:
+            return min(timeout, 5)
         return max(0, min(timeout, int(left)))
 
     def _shutdown(self) -> int:
