@@ -74,6 +74,7 @@ class Daemon:
         self._crashed = False
         self._lag_due = False
         self._last_commit = 0.0  # monotonic time of the last commit attempt
+        self._last_record = 0.0  # monotonic time of the last poll that returned records
         self._pool: ThreadPoolExecutor | None = None  # processing.score_in_background: the scoring thread
         self._inflight: tuple[Future, dict | None] | None = None  # micro-batch being scored, offsets it frees
         self._oldest_pending: float | None = None
@@ -228,8 +229,12 @@ class Daemon:
                 batch = self.positions.position_new(self.source, batch)
             if len(batch):
                 self.process(batch)
-            try:
-                self._maybe_flush(idle=not len(batch) and bool(self.positions.uncommitted), now=now)
+            if len(batch):
+                self._last_record = time.monotonic()
+            quiet_ms = (time.monotonic() - self._last_record) * 1000
+            try:  # idle: nothing for a whole poll timeout (an empty poll alone may only mean a fetch in flight)
+                self._maybe_flush(idle=quiet_ms >= self.cfg.kafka.poll_timeout_ms and bool(self.positions.uncommitted),
+                                  now=now)
             except SinkError as exc:  # sinks keep the alerts and retry; offsets wait (backpressure)
                 log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
             self.metrics.set_state(up=True, ready=self.is_ready())
