@@ -231,3 +231,26 @@ def json_messages(fleet: Fleet, stream: np.ndarray, step: np.ndarray, t0_ms: int
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds per thread of this process, from ``/proc/self/task``: by Python thread name, else by the
+    OS name (librdkafka's ``rdk:...``, OpenMP workers), threads of one name summed."""
+    import threading
+
+    py_names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = py_names.get(int(task.name)) or (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out

@@ -33,15 +33,20 @@ def start_broker():
     """A fresh local broker on a free port: ``(LocalKafka, bootstrap)``; stop it with ``kafka.stop()``."""
     from pipelines.kafka_local import LocalKafka, free_port
 
-    kafka = LocalKafka(free_port(), heap="1g")
+    kafka = LocalKafka(free_port(), heap="1g", full_jit=True)  # a broker as deployed, not tuned for start-up
     return kafka, kafka.start(timeout_s=180)
 
 
 def new_topic(bootstrap: str, prefix: str, partitions: int) -> str:
+    """A fresh source topic, with the daemon's alert and dead-letter topics (``daemon_config``) created beside
+    it, as an operator would: otherwise the first alert waits for the broker to auto-create its topic (about a
+    second, which showed as a latency spike at the start of every run)."""
     from pipelines.kafka_local import create_topic
 
     topic = f"{prefix}-{uuid.uuid4().hex[:8]}"
     create_topic(bootstrap, topic, partitions)
+    for side in (f"{topic}-alerts", f"{topic}-dlq"):
+        create_topic(bootstrap, side, 1)
     return topic
 
 
@@ -257,13 +262,14 @@ def daemon_config(tmp: Path, spec: Mapping[str, Any]) -> Path:
         "kafka": {"bootstrap_servers": spec["bootstrap"], "client": spec["client"],
                   "group_id": f"bench-{uuid.uuid4().hex[:8]}", "topics": [spec["topic"]],
                   "dead_letter_topic": f"{spec['topic']}-dlq", "poll_timeout_ms": spec.get("poll_timeout_ms", 100),
-                  "poll_max_records": spec.get("poll_max_records", 5000)},
+                  "poll_max_records": spec.get("poll_max_records", 5000),
+                  **{k: spec[k] for k in ("fetch_min_bytes", "fetch_max_wait_ms") if k in spec}},
         "models": {"dir": spec["models_dir"], "served": [{"name": n} for n in spec["models"]],
                    "device": spec.get("device", "cpu"),
                    "watch_interval_s": 3600},
         "routes": [{"match": "s-*", "models": spec["models"], "combine": "max"}],
         "processing": {"stride": spec["stride"], "max_batch_windows": spec.get("max_batch_windows", 4096),
-                       "max_delay_ms": spec.get("max_delay_ms", 50),
+                       "max_delay_ms": spec.get("max_delay_ms", 20),
                        "score_in_background": spec.get("background", True),
                        "model_threads": spec.get("threads") or 0},  # 0: the daemon's own rule
         "alerts": {"k": 3, "n": 5, "m": 10, "cooldown_s": spec.get("cooldown_s", 60)},
@@ -317,7 +323,11 @@ def daemon_rate(spec: dict) -> dict:
         rss_seeded = common.rss_bytes()
         if spec.get("before_run"):
             spec["before_run"](daemon)
+        cpu0, threads0 = common.cpu_seconds(), common.thread_cpu_seconds()
         code = daemon.run(count=spec["n_events"], timeout=spec.get("timeout_s", 300))
+        cpu_s = common.cpu_seconds() - cpu0
+        threads1 = common.thread_cpu_seconds()
+        cpu_threads = {k: v - threads0.get(k, 0.0) for k, v in threads1.items() if v - threads0.get(k, 0.0) >= 0.05}
     src = holder["src"]
     if code != 0 or daemon.events_seen < spec["n_events"] or src.t_first is None or src.t_commit is None:
         raise RuntimeError(f"daemon exit {code}, saw {daemon.events_seen} of {spec['n_events']} events")
@@ -327,7 +337,7 @@ def daemon_rate(spec: dict) -> dict:
            "rss_models": rss_models, "rss_seeded": rss_seeded, "buffer_bytes": route.buffer.memory_bytes(),
            "streams": len(route.stream_names), "fused": daemon.engine.fused,
            "metrics": metric_summary(daemon.registry), "phases": phases.report(),
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "cpu_s": cpu_s, "cpu_threads": cpu_threads}
     return out
 
 

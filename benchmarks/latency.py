@@ -25,21 +25,31 @@ from .pipeline import models_dir
 FULL = {"clients": ["kafka-python", "confluent"], "streams": 1000, "probe_events": 100_000, "seconds": 60}
 QUICK = {"clients": ["kafka-python"], "streams": 1000, "probe_events": 20_000, "seconds": 12}
 SHIFT_EVENTS = 12
+WARMUP_S = 20.0  # live traffic before the measured seconds: the broker's JIT and the daemon's first batches
 
 
 def _live_daemon(spec: dict) -> dict:
-    """The daemon on the live topic; sets ``spec['ready']`` once it has its partitions and seeded windows."""
+    """The daemon on the live topic; sets ``spec['ready']`` once it has its partitions and seeded windows.
+    Adds ``timeline``: every second after that, (seconds, event->score histogram, event->alert histogram)."""
     ready = spec.pop("ready")
+    timeline: list[tuple[float, dict | None, dict | None]] = []
 
     def watch(daemon) -> None:
         def loop() -> None:
             while not daemon.is_ready():
                 time.sleep(0.01)
             ready.set()
+            t0 = time.monotonic()
+            while daemon.is_ready() or not timeline:
+                time.sleep(1.0)
+                m = harness.metric_summary(daemon.registry)
+                timeline.append((round(time.monotonic() - t0, 1), m.get("anomalyd_event_to_score_seconds"),
+                                 m.get("anomalyd_event_to_alert_seconds")))
 
         threading.Thread(target=loop, daemon=True).start()
 
-    return harness.daemon_rate({**spec, "before_run": watch})
+    out = harness.daemon_rate({**spec, "before_run": watch})
+    return {**out, "timeline": timeline}
 
 
 def _produce_live(bootstrap: str, topic: str, fleet: common.Fleet, rate: float, seconds: float,
@@ -61,20 +71,25 @@ def _produce_live(bootstrap: str, topic: str, fleet: common.Fleet, rate: float, 
     rows = np.round(vals.astype(np.float64), 4).tolist()
     names = [fleet.names[s] for s in stream.tolist()]
     keys = [nm.encode() for nm in names]
+    # everything but the time stamp encoded ahead: the producer shares the machine's CPUs with the daemon
+    heads = [b'{"stream":' + orjson.dumps(nm) + b',"ts":' for nm in names]
+    tails = [b',"values":' + orjson.dumps(r) + b"}" for r in rows]
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1, "acks": "1"})
+    p.list_topics(topic, timeout=30)  # connected, with the topic's leaders, before the first time stamp
     t0 = time.perf_counter()
     for i in range(n):
         ahead = t0 + i / rate - time.perf_counter()
         if ahead > 0.001:
             time.sleep(ahead)
-        msg = orjson.dumps({"stream": names[i], "ts": int(time.time() * 1000), "values": rows[i]})
-        p.produce(topic, msg, keys[i])
-        p.poll(0)
+        p.produce(topic, b"%s%d%s" % (heads[i], int(time.time() * 1000), tails[i]), keys[i])
+        if i % 64 == 0:
+            p.poll(0)
     p.flush(60)
     return {"events": n, "anomalous_events": int(anomalous.sum()), "achieved_rate": n / (time.perf_counter() - t0)}
 
 
-def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_delay_ms: int = 50) -> list[dict]:
+def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_delay_ms: int = 20,
+        fetch: dict | None = None) -> list[dict]:
     rows = []
     kafka, bootstrap = harness.start_broker()
     common.log(f"broker at {bootstrap}")
@@ -87,7 +102,7 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
             probe_topic = harness.new_topic(bootstrap, "lat-probe", 4)
             harness.prefill(bootstrap, probe_topic, fleet, cfg["probe_events"], first_step)
             base = {"bootstrap": bootstrap, "models_dir": mdir, "models": names, "threads": threads,
-                    "background": background, "max_delay_ms": max_delay_ms, "n_streams": S,
+                    "background": background, "max_delay_ms": max_delay_ms, "n_streams": S, **(fetch or {}),
                     "first_step": first_step, "stride": 1}
             for client in cfg["clients"]:
                 cap = harness.in_process(harness.daemon_rate, {**base, "client": client, "topic": probe_topic,
@@ -96,7 +111,7 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
                 common.log(f"{client}: capacity {cap:,.0f} events/s -> producing {rate:,.0f} events/s for "
                            f"{cfg['seconds']} s")
                 topic = harness.new_topic(bootstrap, "lat-live", 4)
-                n = int(rate * cfg["seconds"])
+                n = int(rate * (WARMUP_S + cfg["seconds"]))
                 ready = mp.get_context("spawn").Event()
                 out: dict = {}
                 spec = {**base, "client": client, "topic": topic, "n_events": n, "ready": ready,
@@ -105,7 +120,11 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
                 th.start()
                 if not ready.wait(180):
                     raise RuntimeError("the live daemon did not get its partitions in 180 s")
-                prod = _produce_live(bootstrap, topic, fleet, rate, cfg["seconds"], first_step)
+                broker_pid = kafka.status().pid
+                cpu0 = time.process_time(), common.cpu_seconds(broker_pid) if broker_pid else None
+                prod = _produce_live(bootstrap, topic, fleet, rate, WARMUP_S + cfg["seconds"], first_step)
+                cpu_prod = time.process_time() - cpu0[0]
+                cpu_broker = common.cpu_seconds(broker_pid) - cpu0[1] if broker_pid else None
                 th.join()
                 if not out:
                     raise RuntimeError("the live daemon returned no result")
@@ -122,18 +141,50 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
                        "alert_p99_ms": _ms(harness.quantile(alert_h, 0.99)),
                        "alert_p99_bucket_ms": _ms(_bucket(alert_h, 0.99)),
                        "mean_batch": _mean(m.get("anomalyd_inference_batch_size")),
+                       "cpu_s": {"daemon": out.get("cpu_s"), "producer": cpu_prod, "broker (while producing)":
+                                 cpu_broker, "daemon threads": out.get("cpu_threads")},
                        "histograms": {"event_to_score": score_h, "event_to_alert": alert_h},
+                       "steady_from_s": WARMUP_S, **_steady(out.get("timeline") or [], score_h, alert_h),
+                       "timeline": out.get("timeline"),
                        "phases": out["phases"]}
                 rows.append(row)
                 common.log(f"  event->score p50 {row['score_p50_ms']} ms p99 {row['score_p99_ms']} ms; "
                            f"event->alert p50 {row['alert_p50_ms']} ms p99 {row['alert_p99_ms']} ms "
                            f"({row['alerts']:.0f} alerts)")
+                common.log(f"  CPU seconds: {row['cpu_s']}")
                 common.log("  " + "; ".join(f"{k}: {v['calls']} calls, {v['total_s']:.2f} s, "
                                             f"max {1000 * v['max_s']:.0f} ms" for k, v in out["phases"].items()))
     finally:
         if kafka.launched:
             kafka.stop()
     return rows
+
+
+def _minus(end: dict, start: dict | None) -> dict:
+    """Histogram of the observations made after ``start`` was taken (cumulative buckets and counts subtract)."""
+    if not start:
+        return end
+    before = dict(start["buckets"])
+    return {"buckets": [(le, c - before.get(le, 0.0)) for le, c in end["buckets"]],
+            "count": end["count"] - start["count"], "sum": end["sum"] - start["sum"]}
+
+
+def _steady(timeline: list, score_h: dict, alert_h: dict) -> dict:
+    """Quantiles of the events scored after the first WARMUP_S seconds of live traffic (the daemon's first
+    fetches and batches, the producer's first second), and events over 200 ms per second of the run."""
+    mark = next((t for t in timeline if t[0] >= WARMUP_S), None)
+    score, alert = _minus(score_h, mark and mark[1]), _minus(alert_h, mark and mark[2])
+    slow, prev = [], None
+    for t, h, _ in timeline:
+        over = h["count"] - next((c for le, c in h["buckets"] if le >= 0.2), 0.0) if h else 0.0
+        slow.append((t, over - (prev or 0.0)))
+        prev = over
+    return {"steady_score_p50_ms": _ms(harness.quantile(score, 0.5)),
+            "steady_score_p99_ms": _ms(harness.quantile(score, 0.99)),
+            "steady_alert_p50_ms": _ms(harness.quantile(alert, 0.5)),
+            "steady_alert_p99_ms": _ms(harness.quantile(alert, 0.99)),
+            "steady_alert_p99_bucket_ms": _ms(_bucket(alert, 0.99)), "steady_alerts": alert["count"],
+            "over_200ms_per_second": slow}
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -157,11 +208,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in the daemon (default: its own rule, processing.model_threads 0)")
     p.add_argument("--serial", action="store_true", help="processing.score_in_background false in the daemons")
-    p.add_argument("--max-delay-ms", type=int, default=50, help="processing.max_delay_ms in the daemons (default 50)")
+    p.add_argument("--clients", nargs="+", choices=["kafka-python", "confluent"], default=None,
+                   help="clients to run (default: both; --quick: kafka-python)")
+    p.add_argument("--fetch-min-bytes", type=int, default=None, help="kafka.fetch_min_bytes in the daemons")
+    p.add_argument("--fetch-max-wait-ms", type=int, default=None, help="kafka.fetch_max_wait_ms in the daemons")
+    p.add_argument("--max-delay-ms", type=int, default=20, help="processing.max_delay_ms in the daemons (default 20)")
     args = p.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.clients:
+        cfg["clients"] = args.clients
     started = time.perf_counter()
-    rows = run(cfg, args.kind, args.threads, not args.serial, args.max_delay_ms)
+    fetch = {k: v for k, v in (("fetch_min_bytes", args.fetch_min_bytes), ("fetch_max_wait_ms",
+                                                                         args.fetch_max_wait_ms)) if v is not None}
+    rows = run(cfg, args.kind, args.threads, not args.serial, args.max_delay_ms, fetch)
     print(common.table(rows, [
         ("client", "client", ""), ("threads", "threads", "d"), ("capacity_s", "capacity ev/s", ",.0f"),
         ("rate_s", "offered ev/s", ",.0f"),
@@ -169,11 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         ("score_p50_ms", "score p50 ms", ""), ("score_p99_ms", "score p99 ms", ""),
         ("score_p99_bucket_ms", "(bucket <=)", ""), ("alert_p50_ms", "alert p50 ms", ""),
         ("alert_p99_ms", "alert p99 ms", ""), ("alert_p99_bucket_ms", "(bucket <=)", ""),
-        ("mean_batch", "mean batch", ",.0f")],
+        ("mean_batch", "mean batch", ",.0f"), ("steady_score_p99_ms", "steady score p99", ""),
+        ("steady_alert_p50_ms", "steady alert p50", ""), ("steady_alert_p99_ms", "steady alert p99", ""),
+        ("steady_alert_p99_bucket_ms", "(bucket <=)", "")],
         f"\nLatency at half capacity, {args.kind.upper()} W=64 F=8 H=64, {cfg['streams']} streams, "
         f"{cfg['seconds']} s"))
     common.write_json(args.json, "latency", {"quick": args.quick, "kind": args.kind, "config": cfg,
-                                             "threads": args.threads, "background": not args.serial,
+                                             "threads": args.threads, "background": not args.serial, "fetch": fetch,
                                              "max_delay_ms": args.max_delay_ms, "rows": rows,
                                              "seconds": time.perf_counter() - started})
     return 0

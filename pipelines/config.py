@@ -61,6 +61,8 @@ class KafkaConfig:
     poll_max_records: int = rule_field(5000, ge=1)
     poll_timeout_ms: int = rule_field(100, ge=0)
     commit_interval_ms: int = rule_field(1000, ge=0)  # commit at most this often while busy (0: every flush)
+    fetch_min_bytes: int = rule_field(65536, ge=1)  # the broker answers a fetch once it has this much ...
+    fetch_max_wait_ms: int = rule_field(10, ge=0)  # ... or after this long (Kafka's fetch.min.bytes/fetch.max.wait.ms)
     session_timeout_ms: int = rule_field(10000, ge=1)
     heartbeat_interval_ms: int = rule_field(3000, ge=1)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
@@ -111,7 +113,7 @@ class ProcessingConfig:
 
     stride: int = rule_field(1, ge=1)
     max_batch_windows: int = rule_field(4096, ge=1)
-    max_delay_ms: int = rule_field(50, ge=0)
+    max_delay_ms: int = rule_field(20, ge=0)
     score_in_background: bool = True  # score micro-batch k on a second thread while batch k+1 is polled
     model_threads: int = rule_field(0, ge=0)  # CPU inference threads; 0: all CPUs, less one with score_in_background
 

@@ -192,7 +192,8 @@ class Daemon:
                 client=k.client, bootstrap_servers=k.bootstrap_servers, group_id=k.group_id, topics=k.topics,
                 pattern=k.topic_pattern, on_assign=self._on_assign, on_revoke=self._on_revoke, security=security,
                 session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
-                auto_offset_reset=k.auto_offset_reset)
+                auto_offset_reset=k.auto_offset_reset, fetch_min_bytes=k.fetch_min_bytes,
+                fetch_max_wait_ms=k.fetch_max_wait_ms)
             self.metrics.init_topics(k.topics)
             server = HealthServer(self.registry, self.cfg.http.bind, self.cfg.http.port, self.is_alive,
                                   self.is_ready)

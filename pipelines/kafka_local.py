@@ -186,8 +186,9 @@ class LocalKafka:
     """One local single-node KRaft broker on 127.0.0.1:``port``, started detached and found again by port."""
 
     def __init__(self, port: int = DEFAULT_PORT, controller_port: int | None = None,
-                 cache_dir: _Path = None, data_dir: _Path = None, heap: str = "512m") -> None:
+                 cache_dir: _Path = None, data_dir: _Path = None, heap: str = "512m", full_jit: bool = False) -> None:
         self.port = int(port)
+        self.full_jit = full_jit  # C2 as well as C1: slower start, about half the CPU per message once warm
         self.controller_port = controller_port
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root()
         self.data_dir = Path(data_dir).expanduser() if data_dir else None
@@ -289,7 +290,8 @@ class LocalKafka:
         props.write_text(template.substitute(host=HOST, port=self.port, controller_port=cport,
                                              log_dirs=data_dir / "kafka-logs"))
         shutil.copyfile(FILES_DIR / "log4j2.properties", log4j)
-        base = [java, f"-Xmx{self.heap}", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",
+        jit = [] if self.full_jit else ["-XX:TieredStopAtLevel=1"]  # C1 only: a faster start for tests and demos
+        base = [java, f"-Xmx{self.heap}", *jit, "-Djava.awt.headless=true",
                 f"-Dlog4j2.configurationFile={log4j}", "-cp", f"{libs}/*"]
         if not (data_dir / "kafka-logs" / "meta.properties").is_file():  # a kept data dir: format once
             cluster_id = base64.urlsafe_b64encode(b"\1" + os.urandom(15)).rstrip(b"=").decode()  # never "-..."

@@ -65,7 +65,7 @@ class KafkaPythonSource:
                  on_assign: AssignCallback, on_revoke: RebalanceCallback, *, security: Mapping | None = None,
                  session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 3000,
                  auto_offset_reset: str = "earliest", max_partition_fetch_bytes: int = 4 << 20,
-                 **extra: Any) -> None:
+                 fetch_min_bytes: int = 65536, fetch_max_wait_ms: int = 10, **extra: Any) -> None:
         from kafka import ConsumerRebalanceListener, KafkaConsumer
         from kafka.structs import OffsetAndMetadata
         from kafka.structs import TopicPartition as KTP
@@ -75,7 +75,8 @@ class KafkaPythonSource:
             bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False,
             auto_offset_reset=auto_offset_reset, session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=heartbeat_interval_ms, max_partition_fetch_bytes=max_partition_fetch_bytes,
-            fetch_max_bytes=64 << 20, **client_security_config("kafka-python", security), **extra,
+            fetch_max_bytes=64 << 20, fetch_min_bytes=fetch_min_bytes, fetch_max_wait_ms=fetch_max_wait_ms,
+            **client_security_config("kafka-python", security), **extra,
         )
 
         class _Listener(ConsumerRebalanceListener):
@@ -149,7 +150,7 @@ class ConfluentSource:
                  on_assign: AssignCallback, on_revoke: RebalanceCallback, *, security: Mapping | None = None,
                  session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 3000,
                  auto_offset_reset: str = "earliest", max_partition_fetch_bytes: int = 4 << 20,
-                 **extra: Any) -> None:
+                 fetch_min_bytes: int = 65536, fetch_max_wait_ms: int = 10, **extra: Any) -> None:
         from confluent_kafka import Consumer  # noqa: N817
         from confluent_kafka import TopicPartition as CTP
 
@@ -158,7 +159,8 @@ class ConfluentSource:
             "bootstrap.servers": bootstrap_servers, "group.id": group_id, "enable.auto.commit": False,
             "enable.auto.offset.store": False, "auto.offset.reset": auto_offset_reset,
             "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": heartbeat_interval_ms,
-            "max.partition.fetch.bytes": max_partition_fetch_bytes,
+            "max.partition.fetch.bytes": max_partition_fetch_bytes, "fetch.min.bytes": fetch_min_bytes,
+            "fetch.wait.max.ms": fetch_max_wait_ms,
             **client_security_config("confluent", security), **extra,
         }
         self._consumer = Consumer(conf)
