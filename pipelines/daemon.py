@@ -29,8 +29,8 @@ from detector.device import inference_threads
 from detector.engine import InferenceEngine
 
 from .config import Config, check_model_files
-from .decode import FeatureSpec, dead_letter_headers, decode_batch
 from .httpserver import HealthServer
+from .intake import Intake
 from .kafka_io import KafkaDeliveryError, Producer, make_producer
 from .metrics import Metrics
 from .model_store import LoadedModel, ModelStore
@@ -71,6 +71,8 @@ class Daemon:
         self._reload = threading.Event()
         self._heartbeat = time.monotonic()
         self.positions = Positions()
+        self.intake = Intake(self.router, self.positions, self.metrics, cfg.kafka.dead_letter_topic,
+                             cfg.kafka.max_message_bytes)
         self._crashed = False
         self._lag_due = False
         self._last_commit = 0.0  # monotonic time of the last commit attempt
@@ -110,7 +112,7 @@ class Daemon:
         for name, lm in loaded.items():
             self.metrics.set_model_info(name, lm.version, lm.detector.kind, dev)
             self.metrics.set_threshold(name, 1.0)
-        self._feature_specs = [FeatureSpec(tuple(r.feature_names)) for r in self.routes]
+        self.intake.set_routes(self.routes)
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -291,61 +293,10 @@ class Daemon:
     # -- processing ------------------------------------------------------------------------------------
     def process(self, batch: RecordBatch) -> None:
         """Decode a poll batch, route events into window buffers, queue due windows, dead-letter the bad."""
-        n = len(batch)
-        self.events_seen += n
-        tp_idx = self.positions.batch_ids(batch)
-        replay = self.positions.replay_mask(tp_idx, batch.offset)
-        lookup = self._feature_lookup
-        decoded = decode_batch(batch.value, batch.key, batch.timestamp, lookup, self.cfg.kafka.max_message_bytes)
-        topic0 = batch.topic
-        for pos, reason, detail in decoded.rejected:
-            if replay[pos]:
-                continue
-            self.producer.produce(self.cfg.kafka.dead_letter_topic, batch.value[pos], batch.key[pos],
-                                  dead_letter_headers(reason, detail, topic0[pos], int(batch.partition[pos]),
-                                                      int(batch.offset[pos])))
-            self.metrics.dead_letter(topic0[pos], reason)  # also counts events_total{outcome="dead_lettered"}
-        for pos, _stream in decoded.unrouted:
-            self.metrics.event(topic0[pos], "unrouted")
-        for group in decoded.groups.values():
-            route_of = np.fromiter((self.router.route_of(s) for s in group.stream), np.int64, len(group.stream))
-            for r in np.unique(route_of).tolist():
-                sel = np.flatnonzero(route_of == r)
-                self._add_to_route(self.routes[r], group, sel, batch, tp_idx, replay)
-        self.positions.advance(tp_idx, batch.offset)  # processed once the pending windows are flushed
+        self.events_seen += len(batch)
+        self.intake.add(batch, self.producer)
         if self._oldest_pending is None and any(r.pending_windows for r in self.routes):
             self._oldest_pending = time.monotonic()
-
-    def _feature_lookup(self, stream: str):
-        r = self.router.route_of(stream)
-        return None if r < 0 else self._feature_specs[r]
-
-    def _add_to_route(self, route: RouteState, group, sel: np.ndarray, batch: RecordBatch, tp_idx: np.ndarray,
-                      replay: np.ndarray) -> None:
-        """Replayed records (window rebuild) go in first, unscored; a stream's records are all on one partition,
-        where replayed offsets precede live ones, so each stream keeps its order."""
-        pos = group.ok_index[sel]  # positions in the poll batch
-        rep = replay[pos]
-        for part, live in ((sel[rep], False), (sel[~rep], True)):
-            if not len(part):
-                continue
-            p = group.ok_index[part]
-            ids = route.stream_ids([group.stream[i] for i in part.tolist()])
-            topics = [batch.topic[i] for i in p.tolist()]
-            warm0 = route.buffer.n_warming
-            late, _ = route.add(ids, group.ts[part], group.values[part], tp_idx[p], batch.offset[p], topics,
-                                batch.partition[p], np.full(len(p), live))
-            warming = route.buffer.n_warming - warm0
-            topic = topics[0]
-            if late:
-                self.metrics.event(topic, "late", late)
-            if not live:
-                self.metrics.event(topic, "warming", len(p) - late)
-                continue
-            if warming:
-                self.metrics.event(topic, "warming", warming)
-            if len(p) - late - warming > 0:
-                self.metrics.event(topic, "scored", len(p) - late - warming)
 
     def flush(self) -> list:
         """Score all pending windows, hand alerts to the sinks (not flushed). Returns the alerts."""

@@ -104,7 +104,12 @@ class Positions:
 
     def batch_ids(self, batch: RecordBatch) -> np.ndarray:
         """(N,) topic-partition id of each record."""
-        return np.fromiter((self.id_of((t, int(p))) for t, p in zip(batch.topic, batch.partition, strict=True)),
+        topics = batch.topic
+        if len(topics) and topics.count(topics[0]) == len(topics):  # one topic (the usual case): per partition
+            parts, inverse = np.unique(batch.partition, return_inverse=True)
+            ids = np.array([self.id_of((topics[0], p)) for p in parts.tolist()], dtype=np.int64)
+            return ids[inverse.reshape(-1)]
+        return np.fromiter((self.id_of((t, int(p))) for t, p in zip(topics, batch.partition, strict=True)),
                            np.int64, len(batch))
 
     # -- rebalance (called inside poll: bookkeeping only) ------------------------------------------------

@@ -11,9 +11,10 @@ import yaml
 
 from detector.synthetic import SensorModel
 from pipelines.model_store import ModelStore, new_version_name
-from pipelines.positions import WindowOffsets
+from pipelines.positions import Positions, WindowOffsets
 from pipelines.replay import replay_files
 from pipelines.routing import Router, RouteSpec
+from pipelines.source import RecordBatch
 
 
 def test_router_glob_regex_first_match_and_default():
@@ -114,3 +115,16 @@ def test_window_offsets_floor_covers_every_window_and_bounds_the_replay():
     assert marks.floor(n_streams)[3] == -1
     marks.add(np.array([3]), np.array([offset]))
     assert marks.floor(n_streams)[3] == offset
+
+
+@pytest.mark.parametrize("topics", [["a"] * 6, ["a", "b", "a", "b", "b", "a"]], ids=["one topic", "two topics"])
+def test_batch_ids_are_stable_per_topic_partition(topics):
+    positions = Positions()
+    part = np.array([2, 0, 2, 1, 0, 0], np.int32)
+    batch = RecordBatch(topic=topics, partition=part, offset=np.arange(6, dtype=np.int64),
+                        timestamp=np.zeros(6, np.int64), key=[b""] * 6, value=[b""] * 6)
+    ids = positions.batch_ids(batch)
+    assert [positions.tps[i] for i in ids.tolist()] == list(zip(topics, part.tolist(), strict=True))
+    again = positions.batch_ids(batch)  # ids persist across batches
+    assert again.tolist() == ids.tolist()
+
