@@ -8,8 +8,8 @@ a fresh process and all in this run:
 * (b) anomalyd: ``Daemon.run`` at stride 1 (every event scored) and stride 8, window buffers pre-seeded in
   memory with each stream's previous W-1 readings (a daemon that has been running), Kafka alert sink on;
   scoring serial and on a second thread (``processing.score_in_background``, the default), each with the
-  daemon's own torch threads (``processing.model_threads: 0``: every CPU, less one in the background mode)
-  unless ``--threads`` sets them for every process;
+  daemon's own torch threads (``processing.model_threads: 0``: the CPUs the process may use) unless
+  ``--threads`` sets them for every process;
 * (e) engine: ``InferenceEngine.score`` of the same model, with the same torch threads as the daemon it is
   compared with, on windows from memory at batch 512 and at the daemon's maximum micro-batch
   (``max_batch_windows`` = 4096); the faster of the two is used (the stricter ratio);
@@ -117,10 +117,10 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
 
 def daemon_threads(threads: int | None, background: bool) -> int:
     """Torch threads of a benchmark daemon: ``--threads`` when given, else the daemon's own rule
-    (``processing.model_threads: 0``: every CPU, less one when scoring in the background)."""
+    (``processing.model_threads: 0``: the CPUs the process may use; the same in both scoring modes)."""
     from detector.device import inference_threads
 
-    return threads or inference_threads(0, background) or 1
+    return threads or inference_threads(0) or 1
 
 
 def per_stream(memory: list[dict]) -> list[dict]:

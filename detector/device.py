@@ -56,14 +56,13 @@ def _cgroup_quota(root: Path) -> float | None:
         return None
 
 
-def inference_threads(requested: int, background: bool, cpus: int | None = None) -> int | None:
+def inference_threads(requested: int, cpus: int | None = None) -> int | None:
     """Intra-op threads for CPU inference. ``requested`` > 0 is used as given. 0 (auto): None (leave torch as it
-    is) when ``OMP_NUM_THREADS`` is set; else ``cpus`` (default: the available CPUs, at most torch's default of
-    one per physical core), less one when scoring runs beside a polling thread (``background``), so the Kafka
-    client keeps a core (benchmarks/RESULTS.md, Optimisations item 15)."""
+    is) when ``OMP_NUM_THREADS`` is set; else ``cpus`` (default: the CPUs the container may use, at most torch's
+    default of one per physical core; torch alone would count the node's cores). Measured on 2 vCPUs, every CPU
+    for inference beside the polling thread gave the most events/s (benchmarks/RESULTS.md, item 15)."""
     if requested > 0:
         return requested
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    n = min(available_cpus(), _TORCH_DEFAULT_THREADS) if cpus is None else cpus
-    return max(1, n - 1) if background else n
+    return max(1, min(available_cpus(), _TORCH_DEFAULT_THREADS) if cpus is None else cpus)

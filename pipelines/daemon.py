@@ -60,7 +60,7 @@ class Daemon:
                                       max_batch=max(cfg.processing.max_batch_windows, 1024))
         p = cfg.processing
         if self.engine.device.type == "cpu" or p.model_threads:
-            threads = inference_threads(p.model_threads, p.score_in_background)
+            threads = inference_threads(p.model_threads)
             if threads:
                 torch.set_num_threads(threads)
         log.info("inference on %s, %d intra-op threads", self.engine.device, torch.get_num_threads())

@@ -2,8 +2,6 @@
 
 import os
 
-import pytest
-
 from detector import device
 from detector.device import available_cpus, inference_threads
 
@@ -28,19 +26,17 @@ def test_available_cpus_reads_cgroup_v1(tmp_path):
     assert available_cpus(tmp_path) == 1
 
 
-def test_inference_threads_auto_leaves_the_polling_thread_a_core(monkeypatch):
+def test_inference_threads_auto_uses_the_containers_cpus(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert inference_threads(3, background=True, cpus=8) == 3  # explicit wins
-    assert inference_threads(0, background=False, cpus=8) == 8
-    assert inference_threads(0, background=True, cpus=8) == 7
-    assert inference_threads(0, background=True, cpus=1) == 1
+    assert inference_threads(3, cpus=8) == 3  # explicit wins
+    assert inference_threads(0, cpus=8) == 8
+    assert inference_threads(0, cpus=1) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert inference_threads(0, background=True, cpus=8) is None  # the operator's environment decides
-    assert inference_threads(4, background=True, cpus=8) == 4
+    assert inference_threads(0, cpus=8) is None  # the operator's environment decides
+    assert inference_threads(4, cpus=8) == 4
 
 
-@pytest.mark.parametrize("background", [False, True])
-def test_inference_threads_auto_never_exceeds_torchs_default(monkeypatch, background):
+def test_inference_threads_auto_never_exceeds_torchs_default(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(device, "_TORCH_DEFAULT_THREADS", 1)
-    assert inference_threads(0, background=background) == 1
+    assert inference_threads(0) == 1
