@@ -76,7 +76,10 @@ class KafkaPythonSource:
             auto_offset_reset=auto_offset_reset, session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=heartbeat_interval_ms, max_partition_fetch_bytes=max_partition_fetch_bytes,
             fetch_max_bytes=64 << 20, fetch_min_bytes=fetch_min_bytes, fetch_max_wait_ms=fetch_max_wait_ms,
-            **client_security_config("kafka-python", security), **extra,
+            # metadata every 30 s, not 5 min: new partitions are seen sooner, and a group join made while this
+            # client's metadata lacked the topic ("No partition metadata for topic", an empty assignment) is
+            # followed by a rejoin within 30 s
+            metadata_max_age_ms=30_000, **client_security_config("kafka-python", security), **extra,
         )
 
         class _Listener(ConsumerRebalanceListener):
@@ -160,7 +163,7 @@ class ConfluentSource:
             "enable.auto.offset.store": False, "auto.offset.reset": auto_offset_reset,
             "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": heartbeat_interval_ms,
             "max.partition.fetch.bytes": max_partition_fetch_bytes, "fetch.min.bytes": fetch_min_bytes,
-            "fetch.wait.max.ms": fetch_max_wait_ms,
+            "fetch.wait.max.ms": fetch_max_wait_ms, "topic.metadata.refresh.interval.ms": 30_000,
             **client_security_config("confluent", security), **extra,
         }
         self._consumer = Consumer(conf)
