@@ -28,6 +28,8 @@
 #include <memory>
 #include <vector>
 
+#include "_fused_gates.h"
+
 namespace {
 
 // ------------------------------------------------------------------------------------------- matrix products
@@ -69,7 +71,9 @@ inline void block(const float* A, int64_t lda, const Packed& w, int64_t j0, floa
     v16 b[V];
     for (int v = 0; v < V; ++v) {
       b[v] = load(bt + p * w.n_pad + v * VL);
+#ifdef __AVX512F__
       __asm__("" : "+v"(b[v]));  // keep the weights in registers: GCC would re-load them for every row
+#endif
     }
     for (int r = 0; r < R; ++r) {
       const float a = A[r * lda + p];
@@ -104,7 +108,8 @@ void mm(int64_t m, const float* A, int64_t lda, const Packed& w, float* C, int64
 }
 
 // ------------------------------------------------------------------------------------------- recurrences
-inline float sigm(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+using anomalyd_gates::gru_gates;
+using anomalyd_gates::lstm_gates;
 
 struct Layer {
   Packed w_ih;        // (G*H, n_in) transposed
@@ -144,27 +149,10 @@ void run_layer(bool lstm, int64_t b, int64_t W, int64_t H, const Layer& L, const
       const float* g = gi + i * gi_rs + t * gi_ts;
       const float* q = gh + i * GH;
       float* hi = h + i * H;
-      if (lstm) {
-        float* ci = c + i * H;
-#pragma omp simd
-        for (int64_t j = 0; j < H; ++j) {
-          const float ig = sigm(g[j] + q[j]);
-          const float fg = sigm(g[H + j] + q[H + j]);
-          const float gg = std::tanh(g[2 * H + j] + q[2 * H + j]);
-          const float og = sigm(g[3 * H + j] + q[3 * H + j]);
-          const float cn = fg * ci[j] + ig * gg;
-          ci[j] = cn;
-          hi[j] = og * std::tanh(cn);
-        }
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < H; ++j) {
-          const float rg = sigm(g[j] + q[j] + bh[j]);
-          const float zg = sigm(g[H + j] + q[H + j] + bh[H + j]);
-          const float ng = std::tanh(g[2 * H + j] + rg * (q[2 * H + j] + bh[2 * H + j]));
-          hi[j] = ng + zg * (hi[j] - ng);
-        }
-      }
+      if (lstm)
+        lstm_gates(g, q, c + i * H, hi, H);
+      else
+        gru_gates(g, q, bh, hi, H);
       if (out != nullptr) std::memcpy(out + (i * W + t) * H, hi, H * sizeof(float));
     }
   }

@@ -37,7 +37,8 @@ __all__ = ["FusedAutoencoder", "FusedUnavailable", "fused_available", "fused_mod
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_fused_rnn.cpp")
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: vectorised expf/tanhf (glibc libmvec)
+HEADERS = [Path(__file__).with_name("_fused_gates.h")]  # included by SOURCE: part of the build key
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: libmvec expf/tanhf where not AVX-512
 DEFAULT_TILE = 16  # windows per cache tile: 8-24 measured alike, 32 5-15 % slower (W=64, H=64 and 128; RESULTS item 14)
 _STATE: dict[str, object] = {}  # "module" or "error", once per process
 
@@ -71,7 +72,8 @@ def _build_dir() -> Path:
 
 
 def _name() -> str:
-    key = "\n".join([SOURCE.read_text(), " ".join(CFLAGS), torch.__version__, sys.version, _cpu_id()])
+    key = "\n".join([SOURCE.read_text(), *(h.read_text() for h in HEADERS), " ".join(CFLAGS), torch.__version__,
+                     sys.version, _cpu_id()])
     return "anomalyd_fused_rnn_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
