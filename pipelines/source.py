@@ -92,10 +92,6 @@ class KafkaPythonSource:
         if pattern:  # validated as a regex by the config
             self._consumer.subscribe(pattern=pattern, listener=_Listener())
         else:
-            # Topic metadata first: kafka-python joins the group without waiting for it, and a leader without it
-            # assigns nothing ("No partition metadata for topic"); seen leaving a daemon without partitions.
-            for topic in topics:
-                self._consumer.partitions_for_topic(topic)
             self._consumer.subscribe(topics=list(topics), listener=_Listener())
 
     def poll(self, max_records: int, timeout_ms: int) -> RecordBatch:
