@@ -232,6 +232,7 @@ def json_messages(fleet: Fleet, stream: np.ndarray, step: np.ndarray, t0_ms: int
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
+
 def cpu_seconds(pid: int | str = "self") -> float:
     """User + system CPU seconds of a process so far (Linux ``/proc``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -44,6 +44,10 @@ def models_dir(root: Path, kind: str) -> tuple[str, list[str]]:
 
 
 def run(cfg: dict, kind: str, threads: int | None) -> dict:
+    from detector.device import inference_threads
+
+    # torch threads of every process: --threads, else the daemon's own rule (processing.model_threads: 0)
+    n_threads = threads or inference_threads(0) or 1
     rows, memory, protos = [], [], []
     kafka, bootstrap = harness.start_broker()
     common.log(f"broker at {bootstrap}")
@@ -59,19 +63,16 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
                 produced = harness.prefill(bootstrap, topic, fleet, n, first_step=harness.WINDOW + 8)
                 common.log(f"S={S}: {n} events in {topic} ({produced:,.0f} msg/s, {time.perf_counter() - t0:.0f} s)")
                 spec = {**base, "topic": topic, "n_streams": S, "n_events": n, "first_step": harness.WINDOW + 8}
-                engines = {}  # torch threads -> engine_rate result, for every thread count a daemon below uses
-                for th in sorted({daemon_threads(threads, bg) for bg in cfg["background"]}):
-                    eng = harness.in_process(harness.engine_rate, {**spec, "threads": th,
-                                                                   "batches": cfg["engine_batches"],
-                                                                   "min_time": cfg["engine_min_time"]})
-                    engines[th] = eng
-                    common.log(f"  engine, {th} thread(s): " + ", ".join(f"B={b} {r:,.0f} windows/s"
-                                                                        for b, r in eng["windows_s"].items()))
+                eng = harness.in_process(harness.engine_rate, {**spec, "threads": n_threads,
+                                                               "batches": cfg["engine_batches"],
+                                                               "min_time": cfg["engine_min_time"]})
+                e_win = max(eng["windows_s"].values())  # the stricter ratio
+                common.log(f"  engine, {n_threads} thread(s): " + ", ".join(f"B={b} {r:,.0f} windows/s"
+                                                                    for b, r in eng["windows_s"].items()))
                 for client in cfg["clients"]:
                     raw = harness.in_process(harness.raw_rate, {**spec, "client": client})
                     common.log(f"  {client} raw: {raw['events_s']:,.0f} events/s")
                     if cfg.get("prototype") and S == min(cfg["streams"]):
-                        e_win = max(engines[daemon_threads(threads, False)]["windows_s"].values())
                         for overlap, th in ((False, threads), (True, threads), (True, 1)):
                             pr = harness.in_process(harness.loop_prototype, {**spec, "client": client, "stride": 1,
                                                                              "overlap": overlap, "threads": th})
@@ -83,15 +84,12 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
                             common.log(f"  {client} prototype loop, overlap={overlap}, threads={th}: "
                                        f"{pr['events_s']:,.0f} events/s")
                     for stride, background in [(s, bg) for s in cfg["strides"] for bg in cfg["background"]]:
-                        th = daemon_threads(threads, background)
                         d = harness.in_process(harness.daemon_rate, {**spec, "client": client, "stride": stride,
-                                                                     "background": background, "threads": th})
-                        eng = engines[th]
-                        e_win = max(eng["windows_s"].values())  # the stricter ratio
+                                                                     "background": background, "threads": n_threads})
                         e_ev = e_win * stride
                         bs = d["metrics"].get("anomalyd_inference_batch_size", {})
                         row = {"streams": S, "events": n, "client": client, "stride": stride,
-                               "scoring": "background" if background else "serial", "threads": th,
+                               "scoring": "background" if background else "serial", "threads": n_threads,
                                "raw_events_s": raw["events_s"], "engine_windows_s": e_win, "engine_events_s": e_ev,
                                "anomalyd_events_s": d["events_s"],
                                "ratio": d["events_s"] / min(raw["events_s"], e_ev),
@@ -102,8 +100,8 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
                                "seconds": d["seconds"], "phases": d["phases"],
                                "alerts": sum(d["metrics"].get("anomalyd_alerts", {}).values())}
                         rows.append(row)
-                        common.log(f"  {client} stride {stride}, {row['scoring']} scoring, {th} thread(s): anomalyd "
-                                   f"{d['events_s']:,.0f} events/s, ratio {row['ratio']:.2f}, "
+                        common.log(f"  {client} stride {stride}, {row['scoring']} scoring, {n_threads} thread(s): "
+                                   f"anomalyd {d['events_s']:,.0f} events/s, ratio {row['ratio']:.2f}, "
                                    f"RSS {row['rss_mib']:.0f} MiB")
                         if background == cfg["background"][-1]:  # memory per stream: one mode (the default last)
                             memory.append({"streams": S, "client": client, "stride": stride, "rss": d["rss"],
@@ -113,14 +111,6 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
         if kafka.launched:
             kafka.stop()
     return {"rows": rows, "memory": memory, "per_stream": per_stream(memory), "prototype": protos}
-
-
-def daemon_threads(threads: int | None, background: bool) -> int:
-    """Torch threads of a benchmark daemon: ``--threads`` when given, else the daemon's own rule
-    (``processing.model_threads: 0``: the CPUs the process may use; the same in both scoring modes)."""
-    from detector.device import inference_threads
-
-    return threads or inference_threads(0) or 1
 
 
 def per_stream(memory: list[dict]) -> list[dict]:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from ._config_schema import Check, ConfigError, Ctx, apply_env, build, join_key, rule_field, yaml_problem
+from .source import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
 
 ENV_PREFIX = "ANOMALYD_"
 META_FILE = "model.json"
@@ -61,8 +62,8 @@ class KafkaConfig:
     poll_max_records: int = rule_field(5000, ge=1)
     poll_timeout_ms: int = rule_field(100, ge=0)
     commit_interval_ms: int = rule_field(1000, ge=0)  # commit at most this often while busy (0: every flush)
-    fetch_min_bytes: int = rule_field(65536, ge=1)  # the broker answers a fetch once it has this much ...
-    fetch_max_wait_ms: int = rule_field(10, ge=0)  # ... or after this long (Kafka's fetch.min.bytes/fetch.max.wait.ms)
+    fetch_min_bytes: int = rule_field(FETCH_MIN_BYTES, ge=1)  # Kafka's fetch.min.bytes ...
+    fetch_max_wait_ms: int = rule_field(FETCH_MAX_WAIT_MS, ge=0)  # ... and fetch.max.wait.ms
     session_timeout_ms: int = rule_field(10000, ge=1)
     heartbeat_interval_ms: int = rule_field(3000, ge=1)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"

@@ -232,7 +232,6 @@ class Daemon:
                 batch = self.positions.position_new(self.source, batch)
             if len(batch):
                 self.process(batch)
-            if len(batch):
                 self._last_record = time.monotonic()
             quiet_ms = (time.monotonic() - self._last_record) * 1000
             try:  # idle: nothing for a whole poll timeout (an empty poll alone may only mean a fetch in flight)

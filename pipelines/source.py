@@ -14,6 +14,9 @@ import numpy as np
 
 from .kafka_io import client_security_config
 
+FETCH_MIN_BYTES = 65536  # kafka.fetch_min_bytes default: the broker answers a fetch once it has this much ...
+FETCH_MAX_WAIT_MS = 10  # ... or after this long (benchmarks/RESULTS.md, item 18)
+
 __all__ = ["TopicPartition", "RecordBatch", "Source", "KafkaPythonSource", "ConfluentSource", "make_source"]
 
 TopicPartition = tuple[str, int]
@@ -65,7 +68,8 @@ class KafkaPythonSource:
                  on_assign: AssignCallback, on_revoke: RebalanceCallback, *, security: Mapping | None = None,
                  session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 3000,
                  auto_offset_reset: str = "earliest", max_partition_fetch_bytes: int = 4 << 20,
-                 fetch_min_bytes: int = 65536, fetch_max_wait_ms: int = 10, **extra: Any) -> None:
+                 fetch_min_bytes: int = FETCH_MIN_BYTES, fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
+                 **extra: Any) -> None:
         from kafka import ConsumerRebalanceListener, KafkaConsumer
         from kafka.structs import OffsetAndMetadata
         from kafka.structs import TopicPartition as KTP
@@ -76,10 +80,8 @@ class KafkaPythonSource:
             auto_offset_reset=auto_offset_reset, session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=heartbeat_interval_ms, max_partition_fetch_bytes=max_partition_fetch_bytes,
             fetch_max_bytes=64 << 20, fetch_min_bytes=fetch_min_bytes, fetch_max_wait_ms=fetch_max_wait_ms,
-            # metadata every 30 s, not 5 min: new partitions are seen sooner, and a group join made while this
-            # client's metadata lacked the topic ("No partition metadata for topic", an empty assignment) is
-            # followed by a rejoin within 30 s
-            metadata_max_age_ms=30_000, **client_security_config("kafka-python", security), **extra,
+            metadata_max_age_ms=30_000,  # metadata every 30 s, not 5 min: new partitions are seen sooner
+            **client_security_config("kafka-python", security), **extra,
         )
 
         class _Listener(ConsumerRebalanceListener):
@@ -153,7 +155,8 @@ class ConfluentSource:
                  on_assign: AssignCallback, on_revoke: RebalanceCallback, *, security: Mapping | None = None,
                  session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 3000,
                  auto_offset_reset: str = "earliest", max_partition_fetch_bytes: int = 4 << 20,
-                 fetch_min_bytes: int = 65536, fetch_max_wait_ms: int = 10, **extra: Any) -> None:
+                 fetch_min_bytes: int = FETCH_MIN_BYTES, fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
+                 **extra: Any) -> None:
         from confluent_kafka import Consumer  # noqa: N817
         from confluent_kafka import TopicPartition as CTP
 
