@@ -1,0 +1,89 @@
+"""Kernel A/B: the fused forward built from an older revision's sources against the working tree's, in one
+process, timed alternately (this shared machine's drift then hits both alike).
+
+    python -m benchmarks.kernel_ab --base d7274f3~1 --kind gru --hidden 64      # item 14 of RESULTS.md
+    python -m benchmarks.kernel_ab --base 6ad6478~1 --kind lstm                 # item 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import common
+
+SOURCES = ("detector/_fused_rnn.cpp", "detector/_fused_gates.h")
+
+
+def _build(name: str, root: Path):
+    from torch.utils.cpp_extension import load
+
+    from detector import fastpath
+
+    return load(name, [str(root / "_fused_rnn.cpp")], extra_cflags=fastpath.CFLAGS, extra_ldflags=["-fopenmp"],
+                build_directory=str(root), verbose=False)
+
+
+def _checkout(rev: str, dest: Path) -> None:
+    """The kernel sources of ``rev`` into ``dest`` (the gate header only where the revision has it)."""
+    for path in SOURCES:
+        got = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=common.REPO, capture_output=True)
+        if got.returncode == 0:
+            (dest / Path(path).name).write_bytes(got.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="git revision whose kernel is A (B: the working tree)")
+    p.add_argument("--kind", choices=["gru", "lstm"], default="gru")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--features", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--reps", type=int, default=6, help="alternating timings per batch; the best of each is kept")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from detector.fastpath import FusedAutoencoder
+    from detector.models import ModelConfig, build_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        a_dir, b_dir = Path(tmp, "a"), Path(tmp, "b")
+        a_dir.mkdir()
+        b_dir.mkdir()
+        _checkout(args.base, a_dir)
+        for path in SOURCES:
+            src = common.REPO / path
+            if src.exists():
+                (b_dir / src.name).write_bytes(src.read_bytes())
+        mods = {"A": _build("kernel_ab_a", a_dir), "B": _build("kernel_ab_b", b_dir)}
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(kind=args.kind, n_features=args.features, window=64,
+                                        hidden_size=args.hidden, latent_size=16)).eval()
+        fused = {k: FusedAutoencoder(model, module=m) for k, m in mods.items()}
+        x = torch.randn(256, 64, args.features)
+        with torch.no_grad():
+            want = model(x)
+            for k, f in fused.items():
+                print(f"{k}: largest difference from eager PyTorch {(f(x) - want).abs().max().item():.2e}")
+        for b in args.batches:
+            x = torch.randn(b, 64, args.features)
+            best = {"A": 0.0, "B": 0.0}
+            for _ in range(args.reps):
+                for k, f in fused.items():
+                    t, n = time.perf_counter(), 0
+                    while time.perf_counter() - t < 0.4:
+                        f(x)
+                        n += b
+                    best[k] = max(best[k], n / (time.perf_counter() - t))
+            print(f"{args.kind} F={args.features} H={args.hidden} batch {b}, {args.threads} thread(s): "
+                  f"A {best['A']:,.0f} windows/s, B {best['B']:,.0f}, B/A {best['B'] / best['A']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
