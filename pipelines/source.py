@@ -16,6 +16,8 @@ from .kafka_io import client_security_config
 
 FETCH_MIN_BYTES = 65536  # kafka.fetch_min_bytes default: the broker answers a fetch once it has this much ...
 FETCH_MAX_WAIT_MS = 10  # ... or after this long (benchmarks/RESULTS.md, item 18)
+METADATA_MAX_AGE_MS = 30_000  # topic metadata every 30 s, not the clients' 5 min: new partitions are seen sooner
+_JOIN_WAIT_MS = 1000  # the shortest kafka-python poll while a group join is in flight
 
 __all__ = ["TopicPartition", "RecordBatch", "Source", "KafkaPythonSource", "ConfluentSource", "make_source"]
 
@@ -69,7 +71,7 @@ class KafkaPythonSource:
                  session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 3000,
                  auto_offset_reset: str = "earliest", max_partition_fetch_bytes: int = 4 << 20,
                  fetch_min_bytes: int = FETCH_MIN_BYTES, fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
-                 **extra: Any) -> None:
+                 metadata_max_age_ms: int = METADATA_MAX_AGE_MS, **extra: Any) -> None:
         from kafka import ConsumerRebalanceListener, KafkaConsumer
         from kafka.structs import OffsetAndMetadata
         from kafka.structs import TopicPartition as KTP
@@ -80,7 +82,7 @@ class KafkaPythonSource:
             auto_offset_reset=auto_offset_reset, session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=heartbeat_interval_ms, max_partition_fetch_bytes=max_partition_fetch_bytes,
             fetch_max_bytes=64 << 20, fetch_min_bytes=fetch_min_bytes, fetch_max_wait_ms=fetch_max_wait_ms,
-            metadata_max_age_ms=30_000,  # metadata every 30 s, not 5 min: new partitions are seen sooner
+            metadata_max_age_ms=metadata_max_age_ms,
             **client_security_config("kafka-python", security), **extra,
         )
 
@@ -95,8 +97,13 @@ class KafkaPythonSource:
             self._consumer.subscribe(pattern=pattern, listener=_Listener())
         else:
             self._consumer.subscribe(topics=list(topics), listener=_Listener())
+        _finish_interrupted_joins(self._consumer)
 
     def poll(self, max_records: int, timeout_ms: int) -> RecordBatch:
+        if getattr(getattr(self._consumer, "_coordinator", None), "_join_task", None) is not None:
+            # A group join is in flight: wait for it here rather than let it finish between two polls, which
+            # kafka-python answers with a fresh JoinGroup (another generation). Nothing is assigned meanwhile.
+            timeout_ms = max(timeout_ms, _JOIN_WAIT_MS)
         got = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         if not got:
             return RecordBatch.empty()
@@ -148,6 +155,30 @@ class KafkaPythonSource:
         self._consumer.close(autocommit=False)
 
 
+def _finish_interrupted_joins(consumer: Any) -> None:
+    """Make kafka-python always finish a group join that a short poll gave up on.
+
+    kafka-python 3.0.12 leaves a JoinGroup -> SyncGroup task running when ``poll``'s timeout ends first, and
+    re-awaits it on the next poll only while ``need_rejoin()`` is true. For a rejoin that the leader starts
+    because the topics' metadata changed (a fresh consumer's first join, made before the metadata arrived;
+    partitions added later), ``need_rejoin()`` turns false as soon as the background task has computed the new
+    assignment, so the assignment is never applied: the member keeps no partitions and, with its heartbeat
+    still disabled for the join, is evicted from the group. Reporting a rejoin as needed while a join task
+    exists makes the next poll take the join up again (one that already finished is sent again, which is why
+    :meth:`KafkaPythonSource.poll` waits for a join in flight). Versions without these internals are left
+    as they are.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or not hasattr(coordinator, "_join_task"):
+        return
+    upstream = coordinator.need_rejoin
+
+    def need_rejoin() -> bool:
+        return coordinator._join_task is not None or upstream()
+
+    coordinator.need_rejoin = need_rejoin
+
+
 class ConfluentSource:
     """confluent-kafka ``Consumer`` (librdkafka); same semantics as :class:`KafkaPythonSource`."""
 
@@ -156,7 +187,7 @@ class ConfluentSource:
                  session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 3000,
                  auto_offset_reset: str = "earliest", max_partition_fetch_bytes: int = 4 << 20,
                  fetch_min_bytes: int = FETCH_MIN_BYTES, fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
-                 **extra: Any) -> None:
+                 metadata_max_age_ms: int = METADATA_MAX_AGE_MS, **extra: Any) -> None:
         from confluent_kafka import Consumer  # noqa: N817
         from confluent_kafka import TopicPartition as CTP
 
@@ -166,7 +197,7 @@ class ConfluentSource:
             "enable.auto.offset.store": False, "auto.offset.reset": auto_offset_reset,
             "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": heartbeat_interval_ms,
             "max.partition.fetch.bytes": max_partition_fetch_bytes, "fetch.min.bytes": fetch_min_bytes,
-            "fetch.wait.max.ms": fetch_max_wait_ms, "topic.metadata.refresh.interval.ms": 30_000,
+            "fetch.wait.max.ms": fetch_max_wait_ms, "topic.metadata.refresh.interval.ms": metadata_max_age_ms,
             **client_security_config("confluent", security), **extra,
         }
         self._consumer = Consumer(conf)
