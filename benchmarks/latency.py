@@ -89,7 +89,7 @@ def _produce_live(bootstrap: str, topic: str, fleet: common.Fleet, rate: float, 
 
 
 def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_delay_ms: int = 20,
-        fetch: dict | None = None) -> list[dict]:
+        fetch: dict | None = None, offered: float | None = None) -> list[dict]:
     rows = []
     kafka, bootstrap = harness.start_broker()
     common.log(f"broker at {bootstrap}")
@@ -107,7 +107,7 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
             for client in cfg["clients"]:
                 cap = harness.in_process(harness.daemon_rate, {**base, "client": client, "topic": probe_topic,
                                                                "n_events": cfg["probe_events"]})["events_s"]
-                rate = cap / 2
+                rate = offered or cap / 2
                 common.log(f"{client}: capacity {cap:,.0f} events/s -> producing {rate:,.0f} events/s for "
                            f"{cfg['seconds']} s")
                 topic = harness.new_topic(bootstrap, "lat-live", 4)
@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fetch-min-bytes", type=int, default=None, help="kafka.fetch_min_bytes in the daemons")
     p.add_argument("--fetch-max-wait-ms", type=int, default=None, help="kafka.fetch_max_wait_ms in the daemons")
     p.add_argument("--max-delay-ms", type=int, default=20, help="processing.max_delay_ms in the daemons (default 20)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="offered events/s instead of half the measured capacity (capacity is still measured)")
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.clients:
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     fetch = {k: v for k, v in (("fetch_min_bytes", args.fetch_min_bytes), ("fetch_max_wait_ms",
                                                                          args.fetch_max_wait_ms)) if v is not None}
-    rows = run(cfg, args.kind, args.threads, not args.serial, args.max_delay_ms, fetch)
+    rows = run(cfg, args.kind, args.threads, not args.serial, args.max_delay_ms, fetch, args.rate)
     print(common.table(rows, [
         ("client", "client", ""), ("threads", "threads", "d"), ("capacity_s", "capacity ev/s", ",.0f"),
         ("rate_s", "offered ev/s", ",.0f"),
@@ -231,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         ("mean_batch", "mean batch", ",.0f"), ("steady_score_p99_ms", "steady score p99", ""),
         ("steady_alert_p50_ms", "steady alert p50", ""), ("steady_alert_p99_ms", "steady alert p99", ""),
         ("steady_alert_p99_bucket_ms", "(bucket <=)", "")],
-        f"\nLatency at half capacity, {args.kind.upper()} W=64 F=8 H=64, {cfg['streams']} streams, "
+        f"\nLatency at {f'{args.rate:,.0f} events/s' if args.rate else 'half capacity'}, "
+        f"{args.kind.upper()} W=64 F=8 H=64, {cfg['streams']} streams, "
         f"{cfg['seconds']} s"))
     common.write_json(args.json, "latency", {"quick": args.quick, "kind": args.kind, "config": cfg,
                                              "threads": args.threads, "background": not args.serial, "fetch": fetch,
-                                             "max_delay_ms": args.max_delay_ms, "rows": rows,
+                                             "max_delay_ms": args.max_delay_ms, "rate": args.rate, "rows": rows,
                                              "seconds": time.perf_counter() - started})
     return 0
 
