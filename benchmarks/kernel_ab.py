@@ -25,8 +25,8 @@ def _build(name: str, root: Path):
 
     from detector import fastpath
 
-    return load(name, [str(root / "_fused_rnn.cpp")], extra_cflags=fastpath.CFLAGS, extra_ldflags=["-fopenmp"],
-                build_directory=str(root), verbose=False)
+    return load(name, [str(root / "_fused_rnn.cpp")], extra_cflags=fastpath.compile_flags(),
+                extra_ldflags=["-fopenmp"], build_directory=str(root), verbose=False)
 
 
 def _checkout(rev: str, dest: Path) -> None:

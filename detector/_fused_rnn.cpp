@@ -334,4 +334,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("ae_score", &ae_score, "raw x (B, W, F) -> (score (B,), contributions (B, F))",
         py::call_guard<py::gil_scoped_release>());
+#if defined(__AVX512F__)
+  m.attr("isa") = "avx512";
+#elif defined(__AVX2__)
+  m.attr("isa") = "avx2";
+#else
+  m.attr("isa") = "generic";
+#endif
 }

@@ -12,6 +12,8 @@ The extension is compiled with ``torch.utils.cpp_extension`` (needs a C++ compil
 into ``$ANOMALYD_CACHE/torch_extensions`` (default ``~/.cache/anomalyd``), keyed by source, flags, torch
 version and CPU, and loaded from there afterwards. ``ANOMALYD_FUSED_RNN``: ``0``/``off`` never uses it,
 ``1``/``on`` requires it (an error when it cannot be built), unset/``auto`` uses it when it can be built.
+It is built for this CPU (``-march=native``); ``ANOMALYD_FUSED_MARCH`` names another target (``x86-64-v3``: the
+AVX2 kernel, which the tests build and check on any AVX2 machine). The module's ``isa`` says which was built.
 ``python -m detector.fastpath build`` builds it ahead of time (e.g. in a Docker image).
 """
 
@@ -21,6 +23,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -32,13 +35,13 @@ from .filelock import exclusive_lock
 from .models import ModelConfig, SequenceAutoencoder, model_cost
 
 __all__ = ["FusedAutoencoder", "FusedUnavailable", "fused_available", "fused_mode", "load_extension",
-           "executed_macs", "DEFAULT_TILE"]
+           "executed_macs", "compile_flags", "DEFAULT_TILE"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_fused_rnn.cpp")
 HEADERS = [Path(__file__).with_name("_fused_gates.h")]  # included by SOURCE: part of the build key
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: libmvec expf/tanhf where not AVX-512
+CFLAGS = ["-O3", "-ffast-math", "-fopenmp"]  # fast-math: libmvec expf/tanhf where not AVX-512; -march: compile_flags()
 DEFAULT_TILE = 16  # windows per cache tile: 8-24 measured alike, 32 5-15 % slower (W=64, H=64 and 128; RESULTS item 14)
 _STATE: dict[str, object] = {}  # "module" or "error", once per process
 
@@ -54,6 +57,19 @@ def fused_mode() -> str:
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"ANOMALYD_FUSED_RNN must be auto, on/1 or off/0, got {raw!r}")
     return mode
+
+
+def _march() -> str:
+    """The ``-march`` target: ``ANOMALYD_FUSED_MARCH`` (e.g. ``x86-64-v3`` for AVX2 without AVX-512), else native."""
+    march = os.environ.get("ANOMALYD_FUSED_MARCH", "").strip() or "native"
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", march):
+        raise ValueError(f"ANOMALYD_FUSED_MARCH must be a -march value such as native or x86-64-v3, got {march!r}")
+    return march
+
+
+def compile_flags() -> list[str]:
+    """The compiler flags of the extension (part of its build key)."""
+    return [*CFLAGS, f"-march={_march()}"]
 
 
 def _cpu_id() -> str:
@@ -72,8 +88,8 @@ def _build_dir() -> Path:
 
 
 def _name() -> str:
-    key = "\n".join([SOURCE.read_text(), *(h.read_text() for h in HEADERS), " ".join(CFLAGS), torch.__version__,
-                     sys.version, _cpu_id()])
+    key = "\n".join([SOURCE.read_text(), *(h.read_text() for h in HEADERS), " ".join(compile_flags()),
+                     torch.__version__, sys.version, _cpu_id()])
     return "anomalyd_fused_rnn_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -103,7 +119,7 @@ def load_extension(build: bool = True) -> ModuleType | None:
         with exclusive_lock(where.with_suffix(".lock")):
             (where / "lock").unlink(missing_ok=True)  # torch's own lock file, stale if a builder was killed
             try:
-                module = load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                module = load(name, [str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
                               build_directory=str(where), verbose=False)
             except Exception as exc:
                 failed.write_text(f"{type(exc).__name__}: {exc}")
