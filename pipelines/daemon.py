@@ -173,7 +173,10 @@ class Daemon:
         return bool(self.routes) and bool(self.positions.assigned)
 
     def run(self, count: int | None = None, timeout: float | None = None) -> int:
-        """Consume until stopped, ``count`` events seen, or ``timeout`` seconds passed. Returns an exit code."""
+        """Consume until stopped, ``count`` events seen, or ``timeout`` seconds passed. Returns an exit code.
+
+        ``count`` counts every record polled, including those replayed to rebuild windows after a restart or a
+        rebalance (:attr:`events_seen`)."""
         k = self.cfg.kafka
         deadline = None if timeout is None else time.monotonic() + timeout
         with ExitStack() as stack:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from detector.engine import InferenceEngine
-from detector.windows import WindowBuffer
+from detector.windows import WindowBatch, WindowBuffer
 
 from .alerts import Alert, AlertTracker
 from .model_store import LoadedModel
@@ -96,12 +96,15 @@ class RouteState:
         self.offsets.add(stream, offset)
         wb = self.buffer.add(stream, ts, values)
         keep = score[wb.event_index]
-        if len(wb) and keep.any():
-            e = wb.event_index[keep]
-            self._pending.append((wb.stream[keep], wb.windows[keep], wb.ts[keep], [topic[i] for i in e],
-                                  partition[e], offset[e]))
-            self.pending_windows += int(keep.sum())
-        return self.buffer.n_late - late0, int(keep.sum()) if len(wb) else 0
+        n_keep = int(np.count_nonzero(keep))
+        if n_keep:
+            e = wb.event_index
+            if n_keep < len(wb):  # some windows are not to be scored (replayed events): copy out the others
+                wb = WindowBatch(wb.stream[keep], wb.windows[keep], wb.ts[keep], e[keep])
+                e = wb.event_index
+            self._pending.append((wb.stream, wb.windows, wb.ts, [topic[i] for i in e], partition[e], offset[e]))
+            self.pending_windows += n_keep
+        return self.buffer.n_late - late0, n_keep
 
     def rebuild_floor(self, n_tp: int) -> np.ndarray:
         """(n_tp,) per topic-partition id, an offset at or below every event still in a window there (-1 none)."""
@@ -139,12 +142,15 @@ class RouteState:
         """Score windows taken with :meth:`take_pending`, combine the models, update alert state."""
         if not parts:
             return None
-        stream = np.concatenate([p[0] for p in parts])
-        windows = np.concatenate([p[1] for p in parts])  # (M, W, F)
-        ts = np.concatenate([p[2] for p in parts])
-        topic = [t for p in parts for t in p[3]]
-        partition = np.concatenate([p[4] for p in parts])
-        offset = np.concatenate([p[5] for p in parts])
+        if len(parts) == 1:  # one poll's windows: no copy
+            stream, windows, ts, topic, partition, offset = parts[0]
+        else:
+            stream = np.concatenate([p[0] for p in parts])
+            windows = np.concatenate([p[1] for p in parts])  # (M, W, F)
+            ts = np.concatenate([p[2] for p in parts])
+            topic = [t for p in parts for t in p[3]]
+            partition = np.concatenate([p[4] for p in parts])
+            offset = np.concatenate([p[5] for p in parts])
         per_model: dict[str, np.ndarray] = {}
         contribs = []
         for m in self.models:
