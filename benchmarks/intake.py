@@ -4,6 +4,7 @@ start-up objects, before and after ``gc.freeze()``.
 
     python -m benchmarks.intake --chunk 17 --streams 1000            # small polls, as at moderate live load
     python -m benchmarks.intake --chunk 5000 --streams 100000 --stride 8 --profile
+    python -m benchmarks.intake --chunk 5000 --streams 100000 --decode-ab   # per-batch lookup vs SpecCache
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, default=None, help="events (default: 60,000, or 3 per stream if more)")
     p.add_argument("--stride", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="run under cProfile and print the top functions")
+    p.add_argument("--decode-ab", action="store_true",
+                   help="only decode_batch: the route lookup per distinct stream and batch against a SpecCache "
+                        "kept across batches, alternating in this process (4 pairs, caches warm)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from pipelines.config import load_config
@@ -77,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             if i % 10 == 9:
                 daemon._take_pending()  # drop the due windows: intake only, no model call
 
+    if args.decode_ab:
+        return _decode_ab(daemon, batches)
     prof = cProfile.Profile() if args.profile else None
     t = time.perf_counter()
     if prof:
@@ -89,6 +95,23 @@ def main(argv: list[str] | None = None) -> int:
           f"{dt / n_events * 1e6:.1f} us/event{' (under cProfile)' if prof else ''}")
     if prof:
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(20)
+    return 0
+
+
+def _decode_ab(daemon, batches: list) -> int:
+    from pipelines.decode import SpecCache, decode_batch
+
+    intake, n = daemon.intake, sum(len(b) for b in batches)
+    kept = SpecCache(intake._feature_spec)
+    variants = {"lookup per batch": intake._feature_spec, "SpecCache": kept}
+    for b in batches:  # warm the router's cache and the SpecCache
+        decode_batch(b.value, b.key, b.timestamp, kept, 65536)
+    for rep in range(4):
+        for name, lookup in variants.items():
+            t = time.perf_counter()
+            for b in batches:
+                decode_batch(b.value, b.key, b.timestamp, lookup, 65536)
+            print(f"pair {rep + 1}: decode_batch with {name}: {(time.perf_counter() - t) / n * 1e6:.2f} us/event")
     return 0
 
 

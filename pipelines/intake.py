@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .decode import FeatureSpec, dead_letter_headers, decode_batch
+from .decode import FeatureSpec, SpecCache, dead_letter_headers, decode_batch
 from .kafka_io import Producer
 from .metrics import Metrics
 from .positions import Positions
@@ -32,6 +32,7 @@ class Intake:
         self.routes: Sequence[RouteState] = []
         self._specs: list[FeatureSpec] = []
         self._only_route: dict[FeatureSpec, int] = {}
+        self._spec_of = SpecCache(self._feature_spec)
 
     def set_routes(self, routes: Sequence[RouteState]) -> None:
         self.routes = routes
@@ -40,13 +41,14 @@ class Intake:
         for i, spec in enumerate(self._specs):
             owners.setdefault(spec, []).append(i)
         self._only_route = {spec: idx[0] for spec, idx in owners.items() if len(idx) == 1}
+        self._spec_of = SpecCache(self._feature_spec)  # the routes' features may have changed
 
     def add(self, batch: RecordBatch, producer: Producer) -> None:
         """Decode ``batch``, route its events into window buffers (queueing due windows), dead-letter the bad,
         and mark its records processed (committable once their windows are scored and alerts delivered)."""
         tp_idx = self.positions.batch_ids(batch)
         replay = self.positions.replay_mask(tp_idx, batch.offset)
-        decoded = decode_batch(batch.value, batch.key, batch.timestamp, self._feature_spec, self.max_message_bytes)
+        decoded = decode_batch(batch.value, batch.key, batch.timestamp, self._spec_of, self.max_message_bytes)
         topic0 = batch.topic
         for pos, reason, detail in decoded.rejected:
             if replay[pos]:

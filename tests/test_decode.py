@@ -216,6 +216,23 @@ def test_grouping_by_feature_spec():
     assert out.groups[SPEC3].values.shape == (1, 3) and out.groups[SPEC1].values.tolist() == [[3.0]]
 
 
+def test_spec_cache_asks_once_per_stream_across_batches():
+    calls: list[str] = []
+
+    def lookup(stream: str) -> FeatureSpec | None:
+        calls.append(stream)
+        return LOOKUP.get(stream)
+
+    cache = decode.SpecCache(lookup, limit=2)
+    msgs = [{"stream": "pump-17", "ts": 1, "values": [1, 2]}, {"stream": "nobody", "ts": 2, "value": 3}]
+    for _ in range(3):
+        out = dec(msgs + [{"stream": "uni-1", "ts": 3, "value": 4}], lookup=cache)
+        assert out.groups[SPEC2].stream == ["pump-17"] and out.unrouted == [(1, "nobody")]
+        assert out.groups[SPEC1].values.tolist() == [[4.0]]
+    assert calls == ["pump-17", "nobody", "uni-1", "uni-1", "uni-1"]  # the third stream is over the limit
+    assert dict(cache) == {"pump-17": SPEC2, "nobody": None}  # unrouted is remembered too
+
+
 def test_feature_spec():
     assert FeatureSpec(["a", "b"]) == FeatureSpec(("a", "b"))
     assert hash(FeatureSpec(["a", "b"])) == hash(FeatureSpec(("a", "b")))
