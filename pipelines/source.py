@@ -97,10 +97,10 @@ class KafkaPythonSource:
             self._consumer.subscribe(pattern=pattern, listener=_Listener())
         else:
             self._consumer.subscribe(topics=list(topics), listener=_Listener())
-        _finish_interrupted_joins(self._consumer)
+        self._coordinator = _finish_interrupted_joins(self._consumer)  # None: a kafka-python without them
 
     def poll(self, max_records: int, timeout_ms: int) -> RecordBatch:
-        if getattr(getattr(self._consumer, "_coordinator", None), "_join_task", None) is not None:
+        if self._coordinator is not None and self._coordinator._join_task is not None:
             # A group join is in flight: wait for it here rather than let it finish between two polls, which
             # kafka-python answers with a fresh JoinGroup (another generation). Nothing is assigned meanwhile.
             timeout_ms = max(timeout_ms, _JOIN_WAIT_MS)
@@ -155,7 +155,7 @@ class KafkaPythonSource:
         self._consumer.close(autocommit=False)
 
 
-def _finish_interrupted_joins(consumer: Any) -> None:
+def _finish_interrupted_joins(consumer: Any) -> Any | None:
     """Make kafka-python always finish a group join that a short poll gave up on.
 
     kafka-python 3.0.12 leaves a JoinGroup -> SyncGroup task running when ``poll``'s timeout ends first, and
@@ -165,18 +165,19 @@ def _finish_interrupted_joins(consumer: Any) -> None:
     assignment, so the assignment is never applied: the member keeps no partitions and, with its heartbeat
     still disabled for the join, is evicted from the group. Reporting a rejoin as needed while a join task
     exists makes the next poll take the join up again (one that already finished is sent again, which is why
-    :meth:`KafkaPythonSource.poll` waits for a join in flight). Versions without these internals are left
-    as they are.
+    :meth:`KafkaPythonSource.poll` waits for a join in flight). Returns the patched coordinator; versions
+    without these internals are left as they are (None).
     """
     coordinator = getattr(consumer, "_coordinator", None)
     if coordinator is None or not hasattr(coordinator, "_join_task"):
-        return
+        return None
     upstream = coordinator.need_rejoin
 
     def need_rejoin() -> bool:
         return coordinator._join_task is not None or upstream()
 
     coordinator.need_rejoin = need_rejoin
+    return coordinator
 
 
 class ConfluentSource:
