@@ -178,8 +178,8 @@ def raw_rate(spec: dict) -> dict:
     src = make_source(spec["client"], bootstrap_servers=spec["bootstrap"], group_id=f"raw-{uuid.uuid4().hex[:8]}",
                       topics=[spec["topic"]], pattern=None, on_assign=lambda tps: None, on_revoke=lambda tps: None,
                       auto_offset_reset="earliest")
-    gc.freeze()  # as the daemon does after start-up: without it, 4 full collections of torch's objects per
-    # 200,000 kafka-python events cost this loop 20-30 % (RESULTS, pipeline section)
+    gc.freeze()  # as the daemon does after start-up: without it this loop alone paid full collections of
+    # torch's start-up objects, and kafka-python's a was too low (RESULTS, pipeline section)
     n, n_first, t_first, ok = 0, 0, None, 0
     deadline = time.monotonic() + spec.get("timeout_s", 300)
     try:
