@@ -73,7 +73,7 @@ def compile_flags() -> list[str]:
 
 
 def _cpu_id() -> str:
-    """Model name and flags of this CPU (the build uses -march=native, so the binary is CPU specific)."""
+    """Model name and flags of this CPU (the build targets this CPU unless ANOMALYD_FUSED_MARCH says otherwise)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
