@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._segments import accept_mask, sorted_groups  # sorted_groups: pipelines.positions imports it from here
+
 _TS_MIN = np.iinfo(np.int64).min
 _ROT_TABLE_MAX_W = 256  # larger windows compute ring slots per call instead of a (W, W) table
 
@@ -127,7 +129,7 @@ class WindowBuffer:
         s = stream[order]
         t = ts[order]
         starts, gid = sorted_groups(s)
-        acc = _accept_mask(t, gid, starts, self._last_ts[s[starts]])  # (N,) bool
+        acc = accept_mask(t, gid, starts, self._last_ts[s[starts]])  # (N,) bool
         if not acc.all():
             order, s, t = order[acc], s[acc], t[acc]
             if s.shape[0] == 0:
@@ -366,40 +368,3 @@ def _grown(a: np.ndarray, n: int) -> np.ndarray:
     out = np.zeros((n, *a.shape[1:]), dtype=a.dtype)
     out[: a.shape[0]] = a
     return out
-
-
-def sorted_groups(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For a stream array sorted by stream: first row of each group ``starts`` (G,), group of each row
-    ``gid`` (N,)."""
-    new = np.empty(s.shape[0], dtype=bool)
-    new[0] = True
-    np.not_equal(s[1:], s[:-1], out=new[1:])
-    return np.flatnonzero(new), np.cumsum(new) - 1
-
-
-def _accept_mask(t: np.ndarray, gid: np.ndarray, starts: np.ndarray, init: np.ndarray) -> np.ndarray:
-    """Events not late: ``t >= max(init of its group, t of earlier events of its group)``, (N,) bool.
-
-    A segmented cumulative maximum: timestamps are mapped to small non-negative keys ``x`` (an offset, or
-    dense ranks when the key ``group * span + x`` could overflow) and the running maximum of that key never
-    crosses from one group into the next. Late events may be included in the running max: they are below
-    it anyway.
-    """
-    lo, hi = int(t.min()), int(t.max())
-    g = starts.shape[0]
-    if (hi - lo + 3) * g < 2**62 and lo > _TS_MIN + 2:
-        # init outside [lo-1, hi+1] compares with every t like its clipped value.
-        x = t - (lo - 1)  # (N,) in [1, hi-lo+1]
-        x0 = np.clip(init, lo - 1, hi + 1) - (lo - 1)  # (G,)
-        span = hi - lo + 3
-    else:
-        _, inv = np.unique(np.concatenate([t, init]), return_inverse=True)
-        x, x0 = inv[: t.shape[0]].astype(np.int64), inv[t.shape[0]:].astype(np.int64)
-        span = int(inv.max()) + 1
-    off = gid * span  # (N,)
-    run = np.maximum.accumulate(off + x)  # (N,)
-    prev = np.empty_like(run)
-    prev[0] = -1
-    prev[1:] = run[:-1] - off[1:]
-    prev[starts] = -1  # nothing earlier in the group
-    return x >= np.maximum(prev, x0[gid])

@@ -1,0 +1,90 @@
+"""The :class:`Threshold` interface and the score validation shared by its implementations.
+
+The implementations (quantile, SPOT, DSPOT) and the factory functions are in :mod:`detector.thresholds`, which
+re-exports everything public here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = ["NotFittedError", "Threshold"]
+
+
+class NotFittedError(RuntimeError):
+    """Raised when a threshold is used before fit() (or before loading a fitted state)."""
+
+
+def _eps(value: float) -> float:
+    """Tiny positive margin used when no score exceeds the base level (e.g. constant scores)."""
+    return 1e-9 * max(1.0, abs(value))
+
+
+def _as_scores(scores: Any, *, calibration: bool) -> np.ndarray:
+    """Validate scores into a float64 (N,) array. NaN is always rejected, infinities in calibration."""
+    x = np.asarray(scores, dtype=np.float64)
+    x = x.reshape(1) if x.ndim == 0 else x
+    if x.ndim != 1:
+        raise ValueError(f"scores must be a 1-D array of shape (N,), got shape {x.shape}")
+    if np.isnan(x).any():
+        raise ValueError(f"scores contain {int(np.isnan(x).sum())} NaN value(s)")
+    if calibration and not np.isfinite(x).all():
+        raise ValueError("calibration scores must be finite (found +/-inf)")
+    if np.isneginf(x).any():
+        raise ValueError("scores must not be -inf")
+    return x
+
+
+def _check_enough(x: np.ndarray, need: int, who: str) -> None:
+    if len(x) < need:
+        raise ValueError(f"{who}.fit needs at least {need} calibration scores, got {len(x)}")
+
+
+class Threshold(ABC):
+    """A calibrated decision boundary on scalar anomaly scores (higher score = more anomalous)."""
+
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def fit(self, scores: np.ndarray) -> Threshold:
+        """Calibrate on (N,) validation scores; returns self."""
+
+    @property
+    @abstractmethod
+    def threshold(self) -> float:
+        """Current threshold in score units; raises NotFittedError before fit()."""
+
+    @abstractmethod
+    def update(self, scores: np.ndarray) -> np.ndarray:
+        """(N,) bool: decide each score in order against the threshold at that moment, then adapt."""
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """Constructor parameters (JSON-serialisable)."""
+
+    @abstractmethod
+    def _state(self) -> dict[str, Any] | None:
+        """JSON-serialisable fitted state, or None when unfitted."""
+
+    @abstractmethod
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Restore the state produced by _state()."""
+
+    def is_anomalous(self, scores: np.ndarray) -> np.ndarray:
+        """(N,) bool: score > current threshold. No state change."""
+        return _as_scores(scores, calibration=False) > self.threshold
+
+    def normalise(self, scores: np.ndarray) -> np.ndarray:
+        """(N,) float: 1 + (s - T)/|T| (= s / T when T > 0); 1.0 means 'at threshold'. No state change."""
+        x, t = _as_scores(scores, calibration=False), self.threshold
+        return 1.0 + (x - t) / max(abs(t), 1e-300)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable full state: {"kind", "params", "state"} ("state" is None when unfitted)."""
+        return {"kind": self.kind, "params": self.params(), "state": self._state()}
+
+    def _not_fitted(self) -> NotFittedError:
+        return NotFittedError(f"{type(self).__name__} is not fitted: call fit(scores) first")
