@@ -14,17 +14,21 @@ version and CPU, and loaded from there afterwards. ``ANOMALYD_FUSED_RNN``: ``0``
 ``1``/``on`` requires it (an error when it cannot be built), unset/``auto`` uses it when it can be built.
 It is built for this CPU (``-march=native``); ``ANOMALYD_FUSED_MARCH`` names another target (``x86-64-v3``: the
 AVX2 kernel, which the tests build and check on any AVX2 machine). The module's ``isa`` says which was built.
-``python -m detector.fastpath build`` builds it ahead of time (e.g. in a Docker image).
+``python -m detector.fastpath build`` builds it ahead of time. Where no compiler is at hand (the container
+image's runtime), kernels built ahead of time for the portable x86-64 levels (``build --portable``: x86-64-v4 and
+x86-64-v3, each checked against eager PyTorch) are loaded from the same folder, the best one this CPU runs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -35,7 +39,8 @@ from .filelock import exclusive_lock
 from .models import ModelConfig, SequenceAutoencoder, model_cost
 
 __all__ = ["FusedAutoencoder", "FusedUnavailable", "fused_available", "fused_mode", "load_extension",
-           "executed_macs", "compile_flags", "DEFAULT_TILE"]
+           "executed_macs", "compile_flags", "self_check", "prebuilt_candidates", "DEFAULT_TILE",
+           "PORTABLE_TARGETS"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,11 @@ HEADERS = [Path(__file__).with_name("_fused_gates.h")]  # included by SOURCE: pa
 CFLAGS = ["-O3", "-ffast-math", "-fopenmp"]  # fast-math: libmvec expf/tanhf where not AVX-512; -march: compile_flags()
 DEFAULT_TILE = 16  # windows per cache tile: 8-24 measured alike, 32 5-15 % slower (W=64, H=64 and 128; RESULTS item 14)
 _STATE: dict[str, object] = {}  # "module" or "error", once per process
+_V3 = frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"})  # abm: LZCNT
+PORTABLE_TARGETS: dict[str, frozenset[str]] = {  # -march levels of `build --portable`, best first: cpuinfo flags
+    "x86-64-v4": _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+    "x86-64-v3": _V3,
+}
 
 
 class FusedUnavailable(RuntimeError):
@@ -67,9 +77,18 @@ def _march() -> str:
     return march
 
 
-def compile_flags() -> list[str]:
-    """The compiler flags of the extension (part of its build key)."""
-    return [*CFLAGS, f"-march={_march()}"]
+def compile_flags(march: str | None = None) -> list[str]:
+    """The compiler flags of the extension (part of its build key) for ``march`` (default: the configured one)."""
+    return [*CFLAGS, f"-march={march or _march()}"]
+
+
+def _cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for ln in text.splitlines() if ln.startswith("flags") for f in ln.split(":", 1)[1].split()}
 
 
 def _cpu_id() -> str:
@@ -87,17 +106,44 @@ def _build_dir() -> Path:
     return root / "torch_extensions"
 
 
-def _name() -> str:
-    key = "\n".join([SOURCE.read_text(), *(h.read_text() for h in HEADERS), " ".join(compile_flags()),
-                     torch.__version__, sys.version, _cpu_id()])
+def _name(march: str | None = None) -> str:
+    """The build's name: a hash of source, flags, torch and Python, and of the CPU for a native build only (a
+    portable level's build runs on every CPU with its flags, so an image can carry it)."""
+    march = march or _march()
+    key = "\n".join([SOURCE.read_text(), *(h.read_text() for h in HEADERS), " ".join(compile_flags(march)),
+                     torch.__version__, sys.version, *([_cpu_id()] if march == "native" else [])])
     return "anomalyd_fused_rnn_" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def prebuilt_candidates(flags: set[str], march: str = "native") -> list[str]:
+    """The portable levels whose prebuilt kernel a CPU with ``flags`` may load, best first (only ``march`` itself
+    when ANOMALYD_FUSED_MARCH names a level)."""
+    wanted = list(PORTABLE_TARGETS) if march == "native" else [march]
+    return [t for t in wanted if t in PORTABLE_TARGETS and PORTABLE_TARGETS[t] <= flags]
+
+
+def _load_prebuilt() -> ModuleType:
+    """The best kernel built ahead of time for a portable level this CPU runs, imported without a compiler."""
+    candidates = prebuilt_candidates(_cpu_flags(), _march())
+    for target in candidates:
+        name = _name(target)
+        path = _build_dir() / name / f"{name}.so"
+        if path.exists():
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            log.info("fused RNN extension: the prebuilt %s kernel (%s)", target, path)
+            return module
+    raise RuntimeError(f"no prebuilt kernel for {candidates or 'this CPU (no portable x86-64 level)'} under "
+                       f"{_build_dir()} (python -m detector.fastpath build --portable makes them)")
 
 
 def load_extension(build: bool = True) -> ModuleType | None:
     """The compiled extension module, building it first if needed and ``build``; None when unavailable.
 
-    A failed build is remembered (``<name>.failed`` holds the error) and not retried until the source,
-    flags, torch or CPU change, or the marker is deleted.
+    Without a C++ compiler, the best prebuilt portable kernel this CPU runs (``build --portable``). A failed
+    build is remembered (``<name>.failed`` holds the error) and not retried until the source, flags, torch or
+    CPU change, or the marker is deleted.
     """
     if "module" in _STATE:
         return _STATE["module"]  # type: ignore[return-value]
@@ -109,27 +155,36 @@ def load_extension(build: bool = True) -> ModuleType | None:
     try:
         if failed.exists():
             raise RuntimeError(f"an earlier build failed (delete {failed} to retry): {failed.read_text()[-500:]}")
-        if not build and not (where / f"{name}.so").exists():
-            return None
         if shutil.which(os.environ.get("CXX", "c++")) is None:
-            raise RuntimeError("no C++ compiler (c++ or $CXX) on PATH")
-        from torch.utils.cpp_extension import load
-
-        where.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(where.with_suffix(".lock")):
-            (where / "lock").unlink(missing_ok=True)  # torch's own lock file, stale if a builder was killed
             try:
-                module = load(name, [str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
-                              build_directory=str(where), verbose=False)
-            except Exception as exc:
-                failed.write_text(f"{type(exc).__name__}: {exc}")
-                raise
+                module = _load_prebuilt()
+            except RuntimeError as exc:
+                raise RuntimeError(f"no C++ compiler (c++ or $CXX) on PATH, and {exc}") from None
+        elif not build and not (where / f"{name}.so").exists():
+            return None
+        else:
+            module = _build(name, where, failed)
     except Exception as exc:  # no compiler, build error, import error: fall back to eager PyTorch
         _STATE["error"] = f"{type(exc).__name__}: {exc}"
         log.warning("fused RNN extension unavailable, using eager PyTorch: %s", _STATE["error"])
         return None
     _STATE["module"] = module
     return module
+
+
+def _build(name: str, where: Path, failed: Path) -> ModuleType:
+    """Compile (or find up to date) and import the configured build; a failure leaves the ``failed`` marker."""
+    from torch.utils.cpp_extension import load
+
+    where.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(where.with_suffix(".lock")):
+        (where / "lock").unlink(missing_ok=True)  # torch's own lock file, stale if a builder was killed
+        try:
+            return load(name, [str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
+                        build_directory=str(where), verbose=False)
+        except Exception as exc:
+            failed.write_text(f"{type(exc).__name__}: {exc}")
+            raise
 
 
 def fused_available(device: torch.device | str = "cpu") -> bool:
@@ -213,17 +268,64 @@ def _rnn_weights(rnn: torch.nn.RNNBase, layers: int) -> list[torch.Tensor]:
     return out
 
 
+def self_check(module: ModuleType | None = None) -> str:
+    """The kernel against eager PyTorch on small GRU and LSTM models (whole register blocks and a remainder);
+    raises AssertionError on a mismatch. Returns the kernel's ``isa``."""
+    from .models import build_model
+
+    module = module or load_extension()
+    if module is None:
+        raise FusedUnavailable(f"fused RNN extension unavailable: {_STATE.get('error')}")
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        for kind in ("gru", "lstm"):
+            model = build_model(ModelConfig(kind=kind, n_features=8, window=12, hidden_size=64, latent_size=16))
+            x = 3 * torch.randn(37, 12, 8)  # (B, W, F)
+            with torch.inference_mode():
+                got = FusedAutoencoder(model.eval(), tile=16, module=module)(x)
+                torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+    return str(module.isa)
+
+
+def _build_portable() -> int:
+    """Build and check, each in its own process, every portable level this CPU runs (a level it cannot run
+    cannot be checked, so it is not shipped)."""
+    flags = _cpu_flags()
+    targets = prebuilt_candidates(flags)
+    for target in PORTABLE_TARGETS:
+        if target not in targets:
+            print(f"skipped {target}: this CPU lacks {', '.join(sorted(PORTABLE_TARGETS[target] - flags))}")
+    for target in targets:
+        done = subprocess.run([sys.executable, "-m", "detector.fastpath", "build", "--check"],
+                              env={**os.environ, "ANOMALYD_FUSED_MARCH": target})
+        if done.returncode:
+            print(f"{target}: build or check failed", file=sys.stderr)
+            return 1
+    if not targets:
+        print("no portable x86-64 level runs on this CPU: nothing built (eager PyTorch is used)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m detector.fastpath build``: build (or find) the extension; exit 1 if it cannot be built."""
-    args = sys.argv[1:] if argv is None else argv
-    if args != ["build"]:
-        print("usage: python -m detector.fastpath build", file=sys.stderr)
-        return 2
+    """``python -m detector.fastpath build [--check] [--portable]``; exit 1 if a build or check fails."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m detector.fastpath", description="Build the fused CPU kernels.")
+    p.add_argument("command", choices=["build"])
+    p.add_argument("--check", action="store_true", help="check the kernel against eager PyTorch")
+    p.add_argument("--portable", action="store_true",
+                   help=f"build and check the portable levels this CPU runs ({', '.join(PORTABLE_TARGETS)}) "
+                        "instead of the native kernel, for a runtime without a compiler")
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    if args.portable:
+        return _build_portable()
     module = load_extension()
     if module is None:
         print(f"fused RNN extension unavailable: {_STATE.get('error')}", file=sys.stderr)
         return 1
+    if args.check:
+        print(f"checked against eager PyTorch: {self_check(module)} kernel, -march={_march()}")
     print(f"fused RNN extension ready: {module.__file__}")
     return 0
 

@@ -212,6 +212,27 @@ def test_dockerfile_structure() -> None:
     assert "!pipelines/" in ignore and "!detector/" in ignore
 
 
+def test_dockerfile_ships_prebuilt_fused_kernels_without_a_compiler() -> None:
+    """The build stage compiles the portable kernels into ANOMALYD_CACHE under /opt/anomalyd; the runtime copies
+    /opt/anomalyd, points ANOMALYD_CACHE at the same folder and has no compiler (tests/test_fastpath.py checks that
+    such a process loads them)."""
+    instructions, _ = _dockerfile()
+    stages = [i for i, (kw, _) in enumerate(instructions) if kw == "FROM"]
+    build, final = instructions[:stages[-1]], instructions[stages[-1]:]
+
+    def cache(stage: list[list[str]]) -> list[str]:
+        return [m.group(1) for kw, rest in stage if kw == "ENV" for m in [re.search(r"ANOMALYD_CACHE=(\S+)", rest)]
+                if m]
+
+    built = [i for i, (kw, rest) in enumerate(build) if kw == "RUN" and "detector.fastpath build --portable" in rest]
+    assert built and cache(build[:built[0]]), "kernels built with ANOMALYD_CACHE set"
+    assert cache(final) == cache(build[:built[0]])[-1:]
+    assert cache(final)[0].startswith("/opt/anomalyd/")
+    assert ["COPY", "--from=build /opt/anomalyd /opt/anomalyd"] in final
+    assert not any(kw == "RUN" and re.search(r"\b(g\+\+|gcc|build-essential)\b", rest) for kw, rest in final)
+    assert any(kw == "RUN" and "libgomp1" in rest for kw, rest in final)
+
+
 def test_dockerfile_healthcheck_probes_a_real_server() -> None:
     instructions, _ = _dockerfile()
     (hc,) = [rest for kw, rest in instructions if kw == "HEALTHCHECK"]

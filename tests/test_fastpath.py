@@ -1,6 +1,9 @@
 """The fused C++ forward (detector.fastpath) computes the same function as the eager GRU/LSTM autoencoders."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -86,43 +89,53 @@ def test_engine_uses_fused_forward_and_scores_like_the_detector(trained, synthet
         fastpath.fused_mode()
 
 
-_PORTABLE_CHECK = """
-import torch
-from detector import fastpath
-from detector.fastpath import FusedAutoencoder
-from detector.models import ModelConfig, build_model
-torch.set_num_threads(1)
-print(fastpath.load_extension().isa)
-for kind in ("gru", "lstm"):
-    torch.manual_seed(3)
-    model = build_model(ModelConfig(kind=kind, n_features=8, window=12, hidden_size=64, latent_size=16)).eval()
-    x = 3 * torch.randn(37, 12, 8)  # (B, W, F): whole register blocks and a remainder
-    with torch.inference_mode():
-        torch.testing.assert_close(FusedAutoencoder(model, tile=16)(x), model(x), rtol=1e-5, atol=1e-5)
-"""
+def _run_fastpath(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "detector.fastpath", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=600)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return set()
-    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+_AVX2 = {"avx2", "fma"} <= fastpath._cpu_flags()
 
 
-@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="the AVX2 kernel needs an x86-64 CPU with AVX2")
+@pytest.mark.skipif(not _AVX2, reason="the AVX2 kernel needs an x86-64 CPU with AVX2")
 def test_avx2_build_matches_eager_on_any_avx2_machine():
     """The kernel built for x86-64-v3 (AVX2, no AVX-512: other register blocks, libmvec gate maths) is also
     right; on an AVX-512 machine such as this one it is otherwise never built. First build about a minute."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "ANOMALYD_FUSED_MARCH": "x86-64-v3", "ANOMALYD_FUSED_RNN": "on"}
-    done = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = _run_fastpath("build", "--check", ANOMALYD_FUSED_MARCH="x86-64-v3")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["avx2"]
+    assert "checked against eager PyTorch: avx2 kernel, -march=x86-64-v3" in done.stdout
+
+
+def test_prebuilt_candidates_follow_the_cpu_flags():
+    v3 = set(fastpath.PORTABLE_TARGETS["x86-64-v3"])
+    v4 = set(fastpath.PORTABLE_TARGETS["x86-64-v4"])
+    assert fastpath.prebuilt_candidates(v4 | {"sse4_2"}) == ["x86-64-v4", "x86-64-v3"]  # best first
+    assert fastpath.prebuilt_candidates(v3) == ["x86-64-v3"]
+    assert fastpath.prebuilt_candidates(v3 - {"fma"}) == []
+    assert fastpath.prebuilt_candidates(v4, march="x86-64-v3") == ["x86-64-v3"]  # ANOMALYD_FUSED_MARCH decides
+    assert fastpath.prebuilt_candidates(v4, march="znver4") == []  # not a portable level
+
+
+@pytest.mark.skipif(not _AVX2, reason="the portable kernels need an x86-64 CPU with AVX2")
+def test_portable_kernels_load_without_a_compiler(tmp_path):
+    """What the container image does: ``build --portable`` where a compiler is (the build stage), then a process
+    without one (the runtime) loads the best portable kernel its CPU runs, checked against eager PyTorch."""
+    built = _run_fastpath("build", "--portable")  # cached under ANOMALYD_CACHE, as the other builds
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-3000:]
+    best = fastpath.prebuilt_candidates(fastpath._cpu_flags())[0]
+    check = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+             "from detector import fastpath; print(fastpath.self_check())")
+    no_compiler = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "ANOMALYD_FUSED_MARCH": ""}
+    done = subprocess.run([sys.executable, "-c", check], env=no_compiler, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [{"x86-64-v4": "avx512", "x86-64-v3": "avx2"}[best]]
+    assert f"the prebuilt {best} kernel" in done.stderr
+    empty = subprocess.run([sys.executable, "-c", "from detector import fastpath; print(fastpath.load_extension())"],
+                           env={**no_compiler, "ANOMALYD_CACHE": str(tmp_path)}, capture_output=True, text=True,
+                           timeout=300)
+    assert empty.stdout.split() == ["None"]  # eager PyTorch, and the log says how to get a kernel
+    assert "no C++ compiler" in empty.stderr and "build --portable" in empty.stderr
 
 
 def test_march_is_validated(monkeypatch):
