@@ -17,6 +17,10 @@ from .kafka_io import client_security_config
 FETCH_MIN_BYTES = 65536  # kafka.fetch_min_bytes default: the broker answers a fetch once it has this much ...
 FETCH_MAX_WAIT_MS = 10  # ... or after this long (benchmarks/RESULTS.md, item 18)
 METADATA_MAX_AGE_MS = 30_000  # topic metadata every 30 s, not the clients' 5 min: new partitions are seen sooner
+# librdkafka stops fetching a partition whose prefetch queue is over its thresholds (queued.min.messages, 100,000
+# messages) and looks again only after this long; its default, 1 s, left a consumer that drains 100,000 messages
+# in well under a second with nothing to read for up to a second at a time (benchmarks/RESULTS.md, item 23)
+FETCH_QUEUE_BACKOFF_MS = 50
 _JOIN_WAIT_MS = 1000  # the shortest kafka-python poll while a group join is in flight
 
 __all__ = ["TopicPartition", "RecordBatch", "Source", "KafkaPythonSource", "ConfluentSource", "make_source"]
@@ -199,6 +203,7 @@ class ConfluentSource:
             "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": heartbeat_interval_ms,
             "max.partition.fetch.bytes": max_partition_fetch_bytes, "fetch.min.bytes": fetch_min_bytes,
             "fetch.wait.max.ms": fetch_max_wait_ms, "topic.metadata.refresh.interval.ms": metadata_max_age_ms,
+            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
             **client_security_config("confluent", security), **extra,
         }
         self._consumer = Consumer(conf)
