@@ -256,17 +256,20 @@ class Daemon:
     def _maybe_flush(self, idle: bool, now: float) -> None:
         """Flush when the micro-batch is full, its oldest window has waited max_delay_ms, or the topic is idle.
         With the scoring thread, a due batch that finds the thread busy keeps growing (the loop goes on polling)
-        until the thread is free, so neither thread waits for the other; only a full batch waits."""
+        until the thread is free, so neither thread waits for the other; only a full batch waits. That holds when
+        idle too (a busy topic looks idle while a fetch is slow to come back): the thread scores, and the commit
+        follows once it is done."""
         p = self.cfg.processing
         if self._inflight is not None and self._inflight[0].done():
             self._finish_background(10.0)  # commits what the scoring thread delivered
+            idle = idle and bool(self.positions.uncommitted)  # that may have been the idle commit
         pending = sum(r.pending_windows for r in self.routes)
         waited = (time.monotonic() - self._oldest_pending) * 1000 if self._oldest_pending else 0.0
         full = pending >= p.max_batch_windows
         if not (full or waited >= p.max_delay_ms or idle):
             return
         commit = idle or (now - self._last_commit) * 1000 >= self.cfg.kafka.commit_interval_ms
-        if self._pool is None or idle:
+        if self._pool is None:
             self._flush_and_commit(timeout_s=10.0, commit=commit)
         elif self._inflight is None or full:
             self._flush_in_background(timeout_s=10.0, commit=commit)
