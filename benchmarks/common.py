@@ -9,7 +9,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,6 +237,23 @@ def cpu_seconds(pid: int | str = "self") -> float:
     """User + system CPU seconds of a process so far (Linux ``/proc``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_now(spec: Mapping[str, Any]) -> tuple[float, float]:
+    """CPU seconds so far of this process and of the broker (``spec["broker_pid"]``; NaN when not known)."""
+    try:
+        broker = cpu_seconds(spec["broker_pid"]) if spec.get("broker_pid") else float("nan")
+    except OSError:
+        broker = float("nan")
+    return cpu_seconds(), broker
+
+
+def cpu_used(first: tuple[float, float], last: tuple[float, float], seconds: float, events: int) -> dict:
+    """CPU of this process and of the broker between two :func:`cpu_now` readings: seconds, and the cores they
+    kept busy together (the host is saturated when that nears its CPU count)."""
+    own, broker = last[0] - first[0], last[1] - first[1]
+    return {"self_s": own, "broker_s": broker, "cores": (own + broker) / seconds,
+            "us_per_event": 1e6 * (own + broker) / max(events, 1), "host_cpus": os.cpu_count()}
 
 
 def thread_cpu_seconds() -> dict[str, float]:

@@ -133,15 +133,18 @@ class Phases:
 
 
 class TimedSource:
-    """Wraps a daemon ``Source``: when the first records arrived, how many, when the last commit ended, and the
-    time spent in each client call."""
+    """Wraps a daemon ``Source``: when the first records arrived, how many, when the last commit ended, the
+    time spent in each client call, and (``cpu_probe``) the CPU readings at the first records and last commit."""
 
-    def __init__(self, inner: Any, phases: Phases) -> None:
+    def __init__(self, inner: Any, phases: Phases, cpu_probe: Callable[[], tuple[float, float]] | None = None) -> None:
         self.inner = inner
         self.t_first: float | None = None
         self.n_first = 0
         self.n_polled = 0
         self.t_commit: float | None = None
+        self._cpu_probe = cpu_probe
+        self.cpu_first: tuple[float, float] | None = None
+        self.cpu_commit: tuple[float, float] | None = None
         self._poll = phases.wrap("source.poll", inner.poll)
         self._commit = phases.wrap("source.commit", inner.commit)
         self.lag = phases.wrap("source.lag", inner.lag)
@@ -150,12 +153,14 @@ class TimedSource:
         batch = self._poll(max_records, timeout_ms)
         if len(batch) and self.t_first is None:
             self.t_first, self.n_first = time.perf_counter(), len(batch)
+            self.cpu_first = self._cpu_probe() if self._cpu_probe else None
         self.n_polled += len(batch)
         return batch
 
     def commit(self, offsets) -> None:
         self._commit(offsets)
         self.t_commit = time.perf_counter()
+        self.cpu_commit = self._cpu_probe() if self._cpu_probe else None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -177,7 +182,7 @@ def raw_rate(spec: dict) -> dict:
     features = FeatureSpec(tuple(f"f{j}" for j in range(FEATURES)))
     src = make_source(spec["client"], bootstrap_servers=spec["bootstrap"], group_id=f"raw-{uuid.uuid4().hex[:8]}",
                       topics=[spec["topic"]], pattern=None, on_assign=lambda tps: None, on_revoke=lambda tps: None,
-                      auto_offset_reset="earliest")
+                      auto_offset_reset="earliest", **spec.get("consumer_settings", {}))
     gc.freeze()  # as the daemon does after start-up: without it this loop alone paid full collections of
     # torch's start-up objects, and kafka-python's a was too low (RESULTS, pipeline section)
     n, n_first, t_first, ok = 0, 0, None, 0
@@ -188,75 +193,17 @@ def raw_rate(spec: dict) -> dict:
             if not len(batch):
                 continue
             if t_first is None:
-                t_first, n_first = time.perf_counter(), len(batch)
+                t_first, n_first, cpu_first = time.perf_counter(), len(batch), common.cpu_now(spec)
             decoded = decode_batch(batch.value, batch.key, batch.timestamp, lambda s: features, 65536)
             ok += decoded.n_ok
             n += len(batch)
-        t_end = time.perf_counter()
+        t_end, cpu_end = time.perf_counter(), common.cpu_now(spec)
     finally:
         src.close()
     if n < spec["n_events"]:
         raise RuntimeError(f"raw consumer read {n} of {spec['n_events']} events before its timeout")
-    return {"events": n, "decoded": ok, "events_s": (n - n_first) / (t_end - t_first), "rss": common.rss_bytes()}
-
-
-def loop_prototype(spec: dict) -> dict:
-    """(p) Evidence for a pipeline change: the daemon's poll -> decode -> window buffer -> engine chain without
-    alerts or commits, serial (``overlap`` False) or with ``engine.score`` on a second thread while the main
-    thread polls and decodes the next batch (``overlap`` True; torch and the fused kernel release the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    from detector.engine import InferenceEngine
-    from detector.windows import WindowBuffer
-    from pipelines.decode import FeatureSpec, decode_batch
-    from pipelines.model_store import ModelStore
-    from pipelines.source import make_source
-
-    fleet = common.Fleet(spec["n_streams"], FEATURES)
-    features = FeatureSpec(tuple(fleet.feature_names))
-    engine = InferenceEngine("cpu")
-    engine.swap({"m": ModelStore(spec["models_dir"]).load(spec["models"][0]).detector})
-    buffer = WindowBuffer(WINDOW, FEATURES, stride=spec["stride"], initial_capacity=fleet.n_streams)
-    index = {name: i for i, name in enumerate(fleet.names)}
-    phase = np.arange(fleet.n_streams) % spec["stride"]
-    count = WINDOW - 1 + phase
-    rep = np.repeat(np.arange(fleet.n_streams), count)
-    steps = spec["first_step"] - np.concatenate([np.arange(c, 0, -1) for c in count.tolist()])
-    buffer.add(rep, T0_MS + steps * INTERVAL_MS, fleet.values(steps, rep))
-    src = make_source(spec["client"], bootstrap_servers=spec["bootstrap"], group_id=f"proto-{uuid.uuid4().hex[:8]}",
-                      topics=[spec["topic"]], pattern=None, on_assign=lambda tps: None, on_revoke=lambda tps: None,
-                      auto_offset_reset="earliest")
-    pool = ThreadPoolExecutor(1)
-    pending = None
-    n, n_first, t_first, windows = 0, 0, None, 0
-    try:
-        while n < spec["n_events"]:
-            batch = src.poll(5000, 100)
-            if not len(batch):
-                continue
-            if t_first is None:
-                t_first, n_first = time.perf_counter(), len(batch)
-            n += len(batch)
-            group = decode_batch(batch.value, batch.key, batch.timestamp, lambda s: features, 65536).groups[features]
-            ids = np.fromiter((index[s] for s in group.stream), np.int64, len(group))
-            wb = buffer.add(ids, group.ts, group.values)
-            windows += len(wb)
-            if spec["overlap"]:
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(engine.score, {"m": wb.windows})
-            else:
-                engine.score({"m": wb.windows})
-        if pending is not None:
-            pending.result()
-        t_end = time.perf_counter()
-    finally:
-        src.close()
-        pool.shutdown()
-    return {"events": n, "windows": windows, "events_s": (n - n_first) / (t_end - t_first),
-            "threads": torch.get_num_threads()}
+    return {"events": n, "decoded": ok, "events_s": (n - n_first) / (t_end - t_first), "rss": common.rss_bytes(),
+            "cpu": common.cpu_used(cpu_first, cpu_end, t_end - t_first, n - n_first)}
 
 
 def daemon_config(tmp: Path, spec: Mapping[str, Any]) -> Path:
@@ -314,7 +261,8 @@ def daemon_rate(spec: dict) -> dict:
     phases = Phases()
 
     def factory(**kwargs: Any) -> TimedSource:
-        holder["src"] = TimedSource(make_source(**kwargs), phases)
+        source = make_source(**kwargs, **spec.get("consumer_settings", {}))  # the benchmark's --consumer-setting
+        holder["src"] = TimedSource(source, phases, lambda: common.cpu_now(spec))
         return holder["src"]
 
     rss0 = common.rss_bytes()
@@ -340,7 +288,9 @@ def daemon_rate(spec: dict) -> dict:
            "rss_models": rss_models, "rss_seeded": rss_seeded, "buffer_bytes": route.buffer.memory_bytes(),
            "streams": len(route.stream_names), "fused": daemon.engine.fused,
            "metrics": metric_summary(daemon.registry), "phases": phases.report(),
-           "threads": torch.get_num_threads(), "cpu_s": cpu_s, "cpu_threads": cpu_threads}
+           "threads": torch.get_num_threads(), "cpu_s": cpu_s, "cpu_threads": cpu_threads,
+           "cpu": common.cpu_used(src.cpu_first, src.cpu_commit, src.t_commit - src.t_first,
+                           daemon.events_seen - src.n_first)}
     return out
 
 

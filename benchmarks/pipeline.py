@@ -16,7 +16,9 @@ a fresh process and all in this run:
   (``max_batch_windows`` = 4096); the faster of the two is used (the stricter ratio);
 
 for kafka-python and confluent-kafka. Reported: events/s, the ratio b / min(a, e) (e in events/s = windows/s x
-stride), the daemon's loop phases, resident memory per stream (RSS difference between the 100,000- and
+stride), the cores that (a) and (b) kept busy together with the broker (CPU seconds of the process and of the
+broker JVM over the measured interval, per second: near the host's CPU count, the run was CPU-bound), the daemon's
+loop phases, resident memory per stream (RSS difference between the 100,000- and
 1,000-stream daemons), and (full run) a prototype loop with the engine on a second thread.
 """
 
@@ -26,12 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import common, harness
+from . import common, harness, prototype
 
 FULL = {"streams": [1000, 100_000], "events": {1000: 200_000, 100_000: 300_000}, "clients": ["kafka-python",
         "confluent"], "strides": [1, 8], "partitions": 4, "engine_batches": [512, 4096], "engine_min_time": 3.0,
         "prototype": False, "background": [False, True],
-        "repeats": {8: 3}}  # stride 8 runs last 2-4 s, where one slow stretch of polls moves b by 10-20 %: median of 3
+        # stride 8 (and the raw client) read more events: 200,000 lasted 2 s, and the last micro-batch's scoring
+        # and commit after the last poll (0.1-0.25 s) cut b by 5-10 %; the median of 3 daemons for what noise is left
+        "events_stride8": {1000: 1_000_000, 100_000: 1_200_000}, "repeats": {8: 3}}
 QUICK = {"streams": [1000], "events": {1000: 30_000}, "clients": ["kafka-python"], "strides": [1, 8],
          "partitions": 4, "engine_batches": [512, 4096], "engine_min_time": 1.0, "background": [False, True]}
 
@@ -45,7 +49,7 @@ def models_dir(root: Path, kind: str) -> tuple[str, list[str]]:
     return str(root), [f"bench-{kind}"]
 
 
-def run(cfg: dict, kind: str, threads: int | None) -> dict:
+def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | None = None) -> dict:
     from detector.device import inference_threads
 
     # torch threads of every process: --threads, else the daemon's own rule (processing.model_threads: 0)
@@ -56,14 +60,18 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             mdir, names = models_dir(Path(tmp), kind)
-            base = {"bootstrap": bootstrap, "models_dir": mdir, "models": names, "threads": threads}
+            base = {"bootstrap": bootstrap, "models_dir": mdir, "models": names, "threads": threads,
+                    "consumer_settings": consumer_settings or {},
+                    "broker_pid": kafka.status().pid}  # its CPU is read around every measured interval
             for S in cfg["streams"]:
                 n = cfg["events"][S]
+                n8 = cfg.get("events_stride8", {}).get(S, n)  # stride 8 and the raw client
                 fleet = common.Fleet(S, harness.FEATURES)
                 topic = harness.new_topic(bootstrap, f"bench-s{S}", cfg["partitions"])
                 t0 = time.perf_counter()
-                produced = harness.prefill(bootstrap, topic, fleet, n, first_step=harness.WINDOW + 8)
-                common.log(f"S={S}: {n} events in {topic} ({produced:,.0f} msg/s, {time.perf_counter() - t0:.0f} s)")
+                produced = harness.prefill(bootstrap, topic, fleet, max(n, n8), first_step=harness.WINDOW + 8)
+                common.log(f"S={S}: {max(n, n8)} events in {topic} ({produced:,.0f} msg/s, "
+                           f"{time.perf_counter() - t0:.0f} s)")
                 spec = {**base, "topic": topic, "n_streams": S, "n_events": n, "first_step": harness.WINDOW + 8}
                 eng = harness.in_process(harness.engine_rate, {**spec, "threads": n_threads,
                                                                "batches": cfg["engine_batches"],
@@ -72,11 +80,12 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
                 common.log(f"  engine, {n_threads} thread(s): " + ", ".join(f"B={b} {r:,.0f} windows/s"
                                                                     for b, r in eng["windows_s"].items()))
                 for client in cfg["clients"]:
-                    raw = harness.in_process(harness.raw_rate, {**spec, "client": client})
-                    common.log(f"  {client} raw: {raw['events_s']:,.0f} events/s")
+                    raw = harness.in_process(harness.raw_rate, {**spec, "client": client, "n_events": n8})
+                    common.log(f"  {client} raw: {raw['events_s']:,.0f} events/s, {raw['cpu']['cores']:.2f} cores busy "
+                               "with the broker")
                     if cfg.get("prototype") and S == min(cfg["streams"]):
                         for overlap, th in ((False, threads), (True, threads), (True, 1)):
-                            pr = harness.in_process(harness.loop_prototype, {**spec, "client": client, "stride": 1,
+                            pr = harness.in_process(prototype.loop_prototype, {**spec, "client": client, "stride": 1,
                                                                              "overlap": overlap, "threads": th})
                             protos.append({"streams": S, "client": client, "stride": 1, "overlap": overlap,
                                            "threads": th or pr["threads"],
@@ -88,12 +97,13 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
                     for stride, background in [(s, bg) for s in cfg["strides"] for bg in cfg["background"]]:
                         runs = [harness.in_process(harness.daemon_rate, {**spec, "client": client, "stride": stride,
                                                                          "background": background,
-                                                                         "threads": n_threads})
+                                                                         "threads": n_threads,
+                                                                         "n_events": n8 if stride == 8 else n})
                                 for _ in range(cfg.get("repeats", {}).get(stride, 1))]
                         d = sorted(runs, key=lambda r: r["events_s"])[len(runs) // 2]  # the median run
                         e_ev = e_win * stride
                         bs = d["metrics"].get("anomalyd_inference_batch_size", {})
-                        row = {"streams": S, "events": n, "client": client, "stride": stride,
+                        row = {"streams": S, "events": n8 if stride == 8 else n, "client": client, "stride": stride,
                                "scoring": "background" if background else "serial", "threads": n_threads,
                                "raw_events_s": raw["events_s"], "engine_windows_s": e_win, "engine_events_s": e_ev,
                                "anomalyd_events_s": d["events_s"],
@@ -102,6 +112,8 @@ def run(cfg: dict, kind: str, threads: int | None) -> dict:
                                "bound": "client" if raw["events_s"] < e_ev else "model",
                                "mean_batch": bs["sum"] / bs["count"] if bs.get("count") else None,
                                "rss_mib": d["rss"] / 2**20, "buffer_mib": d["buffer_bytes"] / 2**20,
+                               "raw_cores": raw["cpu"]["cores"], "cores": d["cpu"]["cores"],
+                               "cpu": d["cpu"], "raw_cpu": raw["cpu"],
                                "fused": d["fused"], "engine_all_batches": eng["windows_s"],
                                "seconds": d["seconds"], "phases": d["phases"],
                                "alerts": sum(d["metrics"].get("anomalyd_alerts", {}).values())}
@@ -146,16 +158,29 @@ def main(argv: list[str] | None = None) -> int:
     p = common.parser("pipeline", __doc__)
     p.add_argument("--kind", choices=["gru", "lstm"], default="gru", help="model kind (default gru)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each process (default torch's)")
+    p.add_argument("--streams", type=int, action="append", help="only these stream counts (repeatable)")
+    p.add_argument("--clients", choices=["kafka-python", "confluent"], action="append", help="only these clients")
+    p.add_argument("--consumer-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="a client setting for the raw loop's and the daemon's consumer, e.g. "
+                        "fetch.queue.backoff.ms=1000 (confluent) or fetch_max_wait_ms=500 (kafka-python)")
     args = p.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    cfg.update({k: getattr(args, k) for k in ("streams", "clients") if getattr(args, k)})
+    settings = {}
+    for item in args.consumer_setting:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--consumer-setting {item!r}: expected KEY=VALUE")
+        settings[key] = int(value) if value.lstrip("-").isdigit() else value
     started = time.perf_counter()
-    res = run(cfg, args.kind, args.threads)
+    res = run(cfg, args.kind, args.threads, settings)
     print(common.table(res["rows"], [
         ("streams", "streams", ",d"), ("client", "client", ""), ("stride", "stride", "d"), ("scoring", "scoring", ""),
         ("threads", "threads", "d"), ("raw_events_s", "a raw ev/s", ",.0f"),
         ("engine_events_s", "e engine ev/s", ",.0f"),
         ("anomalyd_events_s", "b anomalyd ev/s", ",.0f"), ("ratio", "b/min(a,e)", ".2f"), ("bound", "bound", ""),
-        ("mean_batch", "mean batch", ",.0f"), ("rss_mib", "RSS MiB", ",.0f")],
+        ("mean_batch", "mean batch", ",.0f"), ("raw_cores", "a cores", ".2f"), ("cores", "b cores", ".2f"),
+        ("rss_mib", "RSS MiB", ",.0f")],
         f"\nPipeline, {args.kind.upper()} W=64 F=8 H=64 (events/s; e = best of batches {cfg['engine_batches']})"))
     print(common.table(res["per_stream"], [("client", "client", ""), ("stride", "stride", "d"),
                                            ("bytes_per_stream", "RSS bytes/stream", ",.0f"),
@@ -168,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                                               ("events_s", "events/s", ",.0f"), ("ratio", "/min(a,e)", ".2f")],
                            "\nPrototype loop (poll, decode, buffers, engine; no alerts/commits), stride 1"))
     common.write_json(args.json, "pipeline", {"quick": args.quick, "kind": args.kind, "config": cfg,
-                                              "threads": args.threads, **res,
+                                              "threads": args.threads, "consumer_settings": settings, **res,
                                               "seconds": time.perf_counter() - started})
     return 0
 
