@@ -19,7 +19,8 @@ FETCH_MAX_WAIT_MS = 10  # ... or after this long (benchmarks/RESULTS.md, item 18
 METADATA_MAX_AGE_MS = 30_000  # topic metadata every 30 s, not the clients' 5 min: new partitions are seen sooner
 # librdkafka stops fetching a partition whose prefetch queue is over its thresholds (queued.min.messages, 100,000
 # messages) and looks again only after this long; its default, 1 s, left a consumer that drains 100,000 messages
-# in well under a second with nothing to read for up to a second at a time (benchmarks/RESULTS.md, item 23)
+# in well under a second with nothing to read for up to a second at a time (librdkafka issue #2879; the
+# setting is in librdkafka 2.3 and later; benchmarks/RESULTS.md, item 23)
 FETCH_QUEUE_BACKOFF_MS = 50
 _JOIN_WAIT_MS = 1000  # the shortest kafka-python poll while a group join is in flight
 
