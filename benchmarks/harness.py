@@ -72,12 +72,18 @@ def produce(bootstrap: str, topic: str, messages: list[bytes], keys: list[bytes]
     return len(messages) / (time.perf_counter() - t0)
 
 
-def prefill(bootstrap: str, topic: str, fleet: common.Fleet, n_events: int, first_step: int) -> float:
-    """``n_events`` events, every stream once per step from ``first_step``; returns the producer's messages/s."""
+def prefill(bootstrap: str, topic: str, fleet: common.Fleet, n_events: int, first_step: int,
+            chunk: int = 250_000) -> float:
+    """``n_events`` events, every stream once per step from ``first_step``, encoded and sent ``chunk`` at a time
+    (encoding 1,200,000 events of 100,000 streams at once peaked at 5.8 GB resident, in chunks at 2.7 GB);
+    returns messages/s, encoding included."""
+    t0 = time.perf_counter()
     stream, step = fleet.events(first_step, n_events)
-    messages = common.json_messages(fleet, stream, step, T0_MS, INTERVAL_MS)
-    keys = [fleet.names[s].encode() for s in stream.tolist()]
-    return produce(bootstrap, topic, messages, keys)
+    for lo in range(0, n_events, chunk):
+        part = stream[lo:lo + chunk]
+        messages = common.json_messages(fleet, part, step[lo:lo + chunk], T0_MS, INTERVAL_MS)
+        produce(bootstrap, topic, messages, [fleet.names[s].encode() for s in part.tolist()])
+    return n_events / (time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------- runs in processes
