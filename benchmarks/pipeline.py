@@ -162,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", choices=["kafka-python", "confluent"], action="append", help="only these clients")
     p.add_argument("--consumer-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="a client setting for the raw loop's and the daemon's consumer, e.g. "
-                        "fetch.queue.backoff.ms=1000 (confluent) or fetch_max_wait_ms=500 (kafka-python)")
+                        "fetch.queue.backoff.ms=1000 (confluent) or max_partition_fetch_bytes=1048576 (kafka-python)")
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     cfg.update({k: getattr(args, k) for k in ("streams", "clients") if getattr(args, k)})
+    if set(cfg["streams"]) - set(cfg["events"]):
+        p.error(f"--streams: choose from {sorted(cfg['events'])}")
     settings = {}
     for item in args.consumer_setting:
         key, sep, value = item.partition("=")
