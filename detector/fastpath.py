@@ -296,7 +296,8 @@ def _build_portable() -> int:
         if target not in targets:
             print(f"skipped {target}: this CPU lacks {', '.join(sorted(PORTABLE_TARGETS[target] - flags))}")
     for target in targets:
-        done = subprocess.run([sys.executable, "-m", "detector.fastpath", "build", "--check"],
+        safe_path = ["-P"] if sys.flags.safe_path else []  # -P: the same package as this process (not the cwd's)
+        done = subprocess.run([sys.executable, *safe_path, "-m", "detector.fastpath", "build", "--check"],
                               env={**os.environ, "ANOMALYD_FUSED_MARCH": target})
         if done.returncode:
             print(f"{target}: build or check failed", file=sys.stderr)
