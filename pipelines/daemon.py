@@ -237,9 +237,8 @@ class Daemon:
                 self.process(batch)
                 self._last_record = time.monotonic()
             quiet_ms = (time.monotonic() - self._last_record) * 1000
-            try:  # idle: nothing for a whole poll timeout (an empty poll alone may only mean a fetch in flight)
-                self._maybe_flush(idle=quiet_ms >= self.cfg.kafka.poll_timeout_ms and bool(self.positions.uncommitted),
-                                  now=now)
+            try:  # quiet: nothing for a whole poll timeout (an empty poll alone may only mean a fetch in flight)
+                self._maybe_flush(quiet=quiet_ms >= self.cfg.kafka.poll_timeout_ms, now=now)
             except SinkError as exc:  # sinks keep the alerts and retry; offsets wait (backpressure)
                 log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
             self.metrics.set_state(up=True, ready=self.is_ready())
@@ -253,8 +252,9 @@ class Daemon:
                 except Exception as exc:  # lag is best effort; never stop the loop for it
                     log.debug("lag query failed: %s", exc)
 
-    def _maybe_flush(self, idle: bool, now: float) -> None:
-        """Flush when the micro-batch is full, its oldest window has waited max_delay_ms, or the topic is idle.
+    def _maybe_flush(self, quiet: bool, now: float) -> None:
+        """Flush when the micro-batch is full, its oldest window has waited max_delay_ms, or the topic is idle
+        (``quiet`` with records still to commit).
         With the scoring thread, a due batch that finds the thread busy keeps growing (the loop goes on polling)
         until the thread is free, so neither thread waits for the other; only a full batch waits. That holds when
         idle too (a busy topic looks idle while a fetch is slow to come back): the thread scores, and the commit
@@ -262,7 +262,7 @@ class Daemon:
         p = self.cfg.processing
         if self._inflight is not None and self._inflight[0].done():
             self._finish_background(10.0)  # commits what the scoring thread delivered
-            idle = idle and bool(self.positions.uncommitted)  # that may have been the idle commit
+        idle = quiet and bool(self.positions.uncommitted)  # after that commit, which may have been the idle one
         pending = sum(r.pending_windows for r in self.routes)
         waited = (time.monotonic() - self._oldest_pending) * 1000 if self._oldest_pending else 0.0
         full = pending >= p.max_batch_windows
