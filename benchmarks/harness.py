@@ -182,10 +182,11 @@ def instrument(daemon: Any, phases: Phases) -> None:
 
 def raw_rate(spec: dict) -> dict:
     """(a) The same client and decoder as the daemon, no detection: poll + ``decode_batch`` until N events."""
-    from pipelines.decode import FeatureSpec, decode_batch
+    from pipelines.decode import FeatureSpec, SpecCache, decode_batch
     from pipelines.source import make_source
 
     features = FeatureSpec(tuple(f"f{j}" for j in range(FEATURES)))
+    specs = SpecCache(lambda s: features)  # kept across polls, as the daemon's intake does (item 22)
     src = make_source(spec["client"], bootstrap_servers=spec["bootstrap"], group_id=f"raw-{uuid.uuid4().hex[:8]}",
                       topics=[spec["topic"]], pattern=None, on_assign=lambda tps: None, on_revoke=lambda tps: None,
                       auto_offset_reset="earliest", **spec.get("consumer_settings", {}))
@@ -200,7 +201,7 @@ def raw_rate(spec: dict) -> dict:
                 continue
             if t_first is None:
                 t_first, n_first, cpu_first = time.perf_counter(), len(batch), common.cpu_now(spec)
-            decoded = decode_batch(batch.value, batch.key, batch.timestamp, lambda s: features, 65536)
+            decoded = decode_batch(batch.value, batch.key, batch.timestamp, specs, 65536)
             ok += decoded.n_ok
             n += len(batch)
         t_end, cpu_end = time.perf_counter(), common.cpu_now(spec)
