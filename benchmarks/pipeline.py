@@ -8,8 +8,9 @@ a fresh process and all in this run:
 * (b) anomalyd: ``Daemon.run`` at stride 1 (every event scored) and stride 8, window buffers pre-seeded in
   memory with each stream's previous W-1 readings (a daemon that has been running), Kafka alert sink on;
   scoring serial and on a second thread (``processing.score_in_background``, the default), each with the
-  daemon's own torch threads (``processing.model_threads: 0``: the CPUs the process may use) unless
-  ``--threads`` sets them for every process; at stride 8 (full run) the median of three daemons, as those
+  daemon's own torch threads (``processing.model_threads: 0``: the CPUs the process may use; with the scoring
+  thread, 1 to that many as busy as it is, ``pipelines.scoring_threads``) unless ``--threads`` fixes them for
+  every process; at stride 8 (full run) the median of three daemons, as those
   runs last only a few seconds;
 * (e) engine: ``InferenceEngine.score`` of the same model, with the same torch threads as the daemon it is
   compared with, on windows from memory at batch 512 and at the daemon's maximum micro-batch
@@ -52,7 +53,8 @@ def models_dir(root: Path, kind: str) -> tuple[str, list[str]]:
 def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | None = None) -> dict:
     from detector.device import inference_threads
 
-    # torch threads of every process: --threads, else the daemon's own rule (processing.model_threads: 0)
+    # torch threads of every process: --threads, else the daemon's own rule (processing.model_threads: 0; e and the
+    # serial daemon use every CPU it allows, the scoring thread adapts)
     n_threads = threads or inference_threads(0) or 1
     rows, memory, protos = [], [], []
     kafka, bootstrap = harness.start_broker()
@@ -97,7 +99,7 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
                     for stride, background in [(s, bg) for s in cfg["strides"] for bg in cfg["background"]]:
                         runs = [harness.in_process(harness.daemon_rate, {**spec, "client": client, "stride": stride,
                                                                          "background": background,
-                                                                         "threads": n_threads,
+                                                                         "threads": threads,  # None: adaptive
                                                                          "n_events": n8 if stride == 8 else n})
                                 for _ in range(cfg.get("repeats", {}).get(stride, 1))]
                         d = sorted(runs, key=lambda r: r["events_s"])[len(runs) // 2]  # the median run
@@ -105,6 +107,7 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
                         bs = d["metrics"].get("anomalyd_inference_batch_size", {})
                         row = {"streams": S, "events": n8 if stride == 8 else n, "client": client, "stride": stride,
                                "scoring": "background" if background else "serial", "threads": n_threads,
+                               "adaptive": d["scoring_threads"],  # model_threads 0: {"last", "switches"}
                                "raw_events_s": raw["events_s"], "engine_windows_s": e_win, "engine_events_s": e_ev,
                                "anomalyd_events_s": d["events_s"],
                                "anomalyd_runs_events_s": [r["events_s"] for r in runs],
@@ -118,7 +121,10 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
                                "seconds": d["seconds"], "phases": d["phases"],
                                "alerts": sum(d["metrics"].get("anomalyd_alerts", {}).values())}
                         rows.append(row)
-                        common.log(f"  {client} stride {stride}, {row['scoring']} scoring, {n_threads} thread(s): "
+                        adapt = d["scoring_threads"]
+                        th = f"1-{n_threads} thread(s), ended at {adapt['last']} after {adapt['switches']} switch(es)" \
+                            if adapt else f"{n_threads} thread(s)"
+                        common.log(f"  {client} stride {stride}, {row['scoring']} scoring, {th}: "
                                    f"anomalyd {d['events_s']:,.0f} events/s"
                                    f"{' (median of ' + str(len(runs)) + ')' if len(runs) > 1 else ''}, "
                                    f"ratio {row['ratio']:.2f}, "

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from .model_store import LoadedModel, ModelStore
 from .positions import Positions
 from .routes import RouteState
 from .routing import Router, RouteSpec
+from .scoring_threads import ScoringThreads
 from .sinks import FanoutSink, SinkError, build_sinks
 from .source import RecordBatch, Source, TopicPartition, make_source
 
@@ -59,11 +60,15 @@ class Daemon:
         self.engine = InferenceEngine(cfg.models.device, cfg.models.precision,
                                       max_batch=max(cfg.processing.max_batch_windows, 1024))
         p = cfg.processing
-        if self.engine.device.type == "cpu" or p.model_threads:
-            threads = inference_threads(p.model_threads)
-            if threads:
-                torch.set_num_threads(threads)
-        log.info("inference on %s, %d intra-op threads", self.engine.device, torch.get_num_threads())
+        threads = inference_threads(p.model_threads) if self.engine.device.type == "cpu" or p.model_threads else None
+        if threads:
+            torch.set_num_threads(threads)
+        # model_threads 0 with the scoring thread: between 1 and `threads`, as busy as it is (scoring_threads.py)
+        adaptive = p.score_in_background and not p.model_threads and (threads or 0) > 1
+        self._threads = ScoringThreads(threads, on_change=self.metrics.inference_threads.set) if adaptive else None
+        self.metrics.inference_threads.set(1 if adaptive else torch.get_num_threads())
+        log.info("inference on %s, %s intra-op threads", self.engine.device,
+                 f"1 to {threads} (adaptive)" if adaptive else torch.get_num_threads())
         self.router = Router([RouteSpec(tuple(r.models), r.combine, r.match, r.regex) for r in cfg.routes],
                              cfg.default_models)
         self._source_factory = source_factory or make_source
@@ -356,13 +361,15 @@ class Daemon:
         thread, which scores it, updates alert state and delivers its alerts while this thread polls and
         decodes. Offsets are committed only after that delivery, as in the serial path."""
         self._finish_background(timeout_s)
+        windows = sum(r.pending_windows for r in self.routes)
         taken = self._take_pending()
         offsets = self._commit_offsets() if commit and self.positions.uncommitted else None
-        self._inflight = (self._pool.submit(self._score_and_deliver, taken, timeout_s), offsets)
+        self._inflight = (self._pool.submit(self._score_and_deliver, taken, windows, timeout_s), offsets)
 
-    def _score_and_deliver(self, taken: list[tuple[RouteState, list]], timeout_s: float) -> None:
-        self._score(taken)
-        self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)
+    def _score_and_deliver(self, taken: list[tuple[RouteState, list]], windows: int, timeout_s: float) -> None:
+        with self._threads.scoring(windows) if self._threads else nullcontext():
+            self._score(taken)
+            self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)
 
     def _finish_background(self, timeout_s: float, in_rebalance: bool = False) -> None:
         """Wait for the micro-batch in flight; raises its SinkError (nothing committed), else commits."""

@@ -230,6 +230,8 @@ class Metrics:
         self.streams_tracked = Gauge("anomalyd_streams_tracked", "Streams with a window buffer.", registry=r)
         self.window_buffer_bytes = Gauge("anomalyd_window_buffer_bytes", "Memory held by the window buffers.",
                                          registry=r)
+        self.inference_threads = Gauge("anomalyd_inference_threads", "Intra-op threads of CPU inference.",
+                                       registry=r)
         self.gpu_memory_bytes = Gauge("anomalyd_gpu_memory_bytes", "CUDA memory allocated by tensors.",
                                       ["device"], registry=r)
         self.up = Gauge("anomalyd_up", "1 while the daemon runs.", registry=r)

@@ -270,3 +270,29 @@ def test_rebalance_two_members_share_partitions(kafka_bootstrap, topic_name, mod
     alerts = read_alerts(kafka_bootstrap, alerts_topic)
     per = firing_per_anomaly(truth, alerts, SLACK_MS)
     assert all(hits for hits in per), [t["kind"] for t, h in zip(truth, per, strict=True) if not h]
+
+
+@pytest.mark.parametrize(("model_threads", "background", "adaptive"),
+                         [(0, True, True), (1, True, False), (3, True, False), (0, False, False)])
+def test_inference_threads_adapt_only_when_left_to_the_daemon(models, tmp_path, monkeypatch, model_threads, background,
+                                                              adaptive):
+    """model_threads 0 with the scoring thread: 1 to every CPU, as busy as the thread is; else fixed."""
+    import torch
+
+    models_dir, names = models
+    monkeypatch.setattr("pipelines.daemon.inference_threads", lambda requested: requested or 4)  # 4 CPUs
+    cfg = config_dict("localhost:9", "t", models_dir, names)  # nothing connects before run()
+    cfg["processing"].update(model_threads=model_threads, score_in_background=background)
+    before = torch.get_num_threads()
+    try:
+        daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+        fixed = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert (daemon._threads is not None) == adaptive
+    assert fixed == (model_threads or 4)  # the loop thread's own count (serial flushes at shutdown, rebalances)
+    gauge = daemon.registry.get_sample_value("anomalyd_inference_threads")
+    if adaptive:
+        assert daemon._threads.most == 4 and daemon._threads.threads == 1 and gauge == 1
+    else:
+        assert gauge == fixed
