@@ -163,7 +163,10 @@ def per_stream(memory: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("pipeline", __doc__)
     p.add_argument("--kind", choices=["gru", "lstm"], default="gru", help="model kind (default gru)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads in each process (default torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in each process (default: the daemon's rule, processing.model_threads 0)")
+    p.add_argument("--scoring", choices=["serial", "background"], action="append",
+                   help="only these scoring modes (repeatable; default both)")
     p.add_argument("--streams", type=int, action="append", help="only these stream counts (repeatable)")
     p.add_argument("--clients", choices=["kafka-python", "confluent"], action="append", help="only these clients")
     p.add_argument("--consumer-setting", action="append", default=[], metavar="KEY=VALUE",
@@ -172,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     cfg.update({k: getattr(args, k) for k in ("streams", "clients") if getattr(args, k)})
+    if args.scoring:
+        cfg["background"] = [mode == "background" for mode in ("serial", "background") if mode in args.scoring]
     if set(cfg["streams"]) - set(cfg["events"]):
         p.error(f"--streams: choose from {sorted(cfg['events'])}")
     settings = {}
