@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import platform
@@ -30,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -48,6 +50,7 @@ SOURCE = Path(__file__).with_name("_fused_rnn.cpp")
 HEADERS = [Path(__file__).with_name("_fused_gates.h")]  # included by SOURCE: part of the build key
 CFLAGS = ["-O3", "-ffast-math", "-fopenmp"]  # fast-math: libmvec expf/tanhf where not AVX-512; -march: compile_flags()
 DEFAULT_TILE = 16  # windows per cache tile: 8-24 measured alike, 32 5-15 % slower (W=64, H=64 and 128; RESULTS item 14)
+FAILED_RETRY_S = 24 * 3600  # a failed build is tried again after this long, or at once with another compiler
 _STATE: dict[str, object] = {}  # "module" or "error", once per process
 _V3 = frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"})  # abm: LZCNT
 PORTABLE_TARGETS: dict[str, frozenset[str]] = {  # -march levels of `build --portable`, best first: cpuinfo flags
@@ -142,8 +145,9 @@ def load_extension(build: bool = True) -> ModuleType | None:
     """The compiled extension module, building it first if needed and ``build``; None when unavailable.
 
     Without a C++ compiler, the best prebuilt portable kernel this CPU runs (``build --portable``). A failed
-    build is remembered (``<name>.failed`` holds the error) and not retried until the source, flags, torch or
-    CPU change, or the marker is deleted.
+    build is remembered (``<name>.failed`` holds the compiler and the error), so that every process does not
+    pay for it again: it is tried again when the source, flags, torch, CPU or compiler change, once the marker
+    is ``FAILED_RETRY_S`` old, or when the marker is deleted.
     """
     if "module" in _STATE:
         return _STATE["module"]  # type: ignore[return-value]
@@ -153,17 +157,19 @@ def load_extension(build: bool = True) -> ModuleType | None:
     where = _build_dir() / name
     failed = where.with_suffix(".failed")
     try:
-        if failed.exists():
-            raise RuntimeError(f"an earlier build failed (delete {failed} to retry): {failed.read_text()[-500:]}")
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
+        compiler = _compiler()
+        if compiler is None:
             try:
                 module = _load_prebuilt()
             except RuntimeError as exc:
                 raise RuntimeError(f"no C++ compiler (c++ or $CXX) on PATH, and {exc}") from None
+        elif error := _earlier_failure(failed, compiler):
+            raise RuntimeError(f"a build with {compiler} failed less than {FAILED_RETRY_S // 3600} h ago (delete "
+                               f"{failed} to try again now): {error[-500:]}")
         elif not build and not (where / f"{name}.so").exists():
             return None
         else:
-            module = _build(name, where, failed)
+            module = _build(name, where, failed, compiler)
     except Exception as exc:  # no compiler, build error, import error: fall back to eager PyTorch
         _STATE["error"] = f"{type(exc).__name__}: {exc}"
         log.warning("fused RNN extension unavailable, using eager PyTorch: %s", _STATE["error"])
@@ -172,7 +178,24 @@ def load_extension(build: bool = True) -> ModuleType | None:
     return module
 
 
-def _build(name: str, where: Path, failed: Path) -> ModuleType:
+def _compiler() -> str | None:
+    """The C++ compiler a build uses ($CXX, else c++), resolved to its file; None when there is none."""
+    found = shutil.which(os.environ.get("CXX", "c++"))
+    return os.path.realpath(found) if found else None
+
+
+def _earlier_failure(failed: Path, compiler: str) -> str | None:
+    """The error of a failed build that still stands: with the same compiler, less than FAILED_RETRY_S ago."""
+    try:
+        record = json.loads(failed.read_text())
+        if record["compiler"] == compiler and time.time() - failed.stat().st_mtime < FAILED_RETRY_S:
+            return str(record["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no marker, or one this version did not write: build
+    return None
+
+
+def _build(name: str, where: Path, failed: Path, compiler: str) -> ModuleType:
     """Compile (or find up to date) and import the configured build; a failure leaves the ``failed`` marker."""
     from torch.utils.cpp_extension import load
 
@@ -180,11 +203,13 @@ def _build(name: str, where: Path, failed: Path) -> ModuleType:
     with exclusive_lock(where.with_suffix(".lock")):
         (where / "lock").unlink(missing_ok=True)  # torch's own lock file, stale if a builder was killed
         try:
-            return load(name, [str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
-                        build_directory=str(where), verbose=False)
+            module = load(name, [str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
+                          build_directory=str(where), verbose=False)
         except Exception as exc:
-            failed.write_text(f"{type(exc).__name__}: {exc}")
+            failed.write_text(json.dumps({"compiler": compiler, "error": f"{type(exc).__name__}: {exc}"}))
             raise
+        failed.unlink(missing_ok=True)
+        return module
 
 
 def fused_available(device: torch.device | str = "cpu") -> bool:

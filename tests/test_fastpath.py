@@ -144,3 +144,39 @@ def test_march_is_validated(monkeypatch):
         fastpath.compile_flags()
     monkeypatch.setenv("ANOMALYD_FUSED_MARCH", "x86-64-v3")
     assert "-march=x86-64-v3" in fastpath.compile_flags()
+
+
+def test_a_failed_build_is_not_retried_with_the_same_compiler_until_the_marker_ages(tmp_path):
+    """A failed build leaves a marker naming the compiler, so that each process does not pay for the failure
+    again; another compiler, or a marker FAILED_RETRY_S old, tries again. One process per load, as in use (torch
+    remembers a build within a process), in a cache of its own (tmp_path)."""
+    calls = tmp_path / "calls"
+
+    def failing_compiler(name: str) -> str:
+        path = tmp_path / name
+        path.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nexit 1\n")
+        path.chmod(0o755)
+        return str(path)
+
+    def load(cxx: str) -> tuple[str, int]:
+        code = "from detector import fastpath; print(fastpath.load_extension(), fastpath._STATE.get('error'))"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "CXX": cxx, "ANOMALYD_CACHE": str(tmp_path / "cache")})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout, len(calls.read_text().splitlines()) if calls.exists() else 0
+
+    cxx_a, cxx_b = failing_compiler("cxx-a"), failing_compiler("cxx-b")
+    out, tried = load(cxx_a)
+    assert out.startswith("None") and tried > 0  # the build ran the compiler, which failed: eager PyTorch
+    marker = next((tmp_path / "cache" / "torch_extensions").glob("*.failed"))
+    assert cxx_a in marker.read_text()
+    out, again = load(cxx_a)
+    assert again == tried and "failed less than 24 h ago" in out  # the same compiler: not tried again
+    out, tried_b = load(cxx_b)
+    assert out.startswith("None") and tried_b > tried  # another compiler: tried
+    assert cxx_b in marker.read_text()
+    marker.write_text(marker.read_text().replace(cxx_b, cxx_a))
+    aged = marker.stat().st_mtime - fastpath.FAILED_RETRY_S - 60
+    os.utime(marker, (aged, aged))
+    out, tried_c = load(cxx_a)
+    assert out.startswith("None") and tried_c > tried_b  # an old marker: tried again
