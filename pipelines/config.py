@@ -116,7 +116,7 @@ class ProcessingConfig:
     max_batch_windows: int = rule_field(4096, ge=1)
     max_delay_ms: int = rule_field(20, ge=0)
     score_in_background: bool = True  # score micro-batch k on a second thread while batch k+1 is polled
-    model_threads: int = rule_field(0, ge=0)  # CPU inference threads; 0: the CPUs the container may use
+    model_threads: int = rule_field(0, ge=0)  # CPU inference threads; 0: adaptive, up to the container's CPUs
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
 
 import numpy as np
-import torch
 from prometheus_client import CollectorRegistry
 
-from detector.device import inference_threads
 from detector.engine import InferenceEngine
 
 from .config import Config, check_model_files
@@ -59,16 +57,8 @@ class Daemon:
         self.store = ModelStore(cfg.models.dir)
         self.engine = InferenceEngine(cfg.models.device, cfg.models.precision,
                                       max_batch=max(cfg.processing.max_batch_windows, 1024))
-        p = cfg.processing
-        threads = inference_threads(p.model_threads) if self.engine.device.type == "cpu" or p.model_threads else None
-        if threads:
-            torch.set_num_threads(threads)
-        # model_threads 0 with the scoring thread: between 1 and `threads`, as busy as it is (scoring_threads.py)
-        adaptive = p.score_in_background and not p.model_threads and (threads or 0) > 1
-        self._threads = ScoringThreads(threads, on_change=self.metrics.inference_threads.set) if adaptive else None
-        self.metrics.inference_threads.set(1 if adaptive else torch.get_num_threads())
-        log.info("inference on %s, %s intra-op threads", self.engine.device,
-                 f"1 to {threads} (adaptive)" if adaptive else torch.get_num_threads())
+        self._threads = ScoringThreads.configure(self.engine.device, cfg.processing.model_threads,
+                                                 cfg.processing.score_in_background, self.metrics.inference_threads.set)
         self.router = Router([RouteSpec(tuple(r.models), r.combine, r.match, r.regex) for r in cfg.routes],
                              cfg.default_models)
         self._source_factory = source_factory or make_source
@@ -326,6 +316,8 @@ class Daemon:
             out = route.score(parts, self.engine, timings)
             if out is None:
                 continue
+            if self._threads:
+                self._threads.add_model_seconds(sum(timings.values()))
             now_ms = time.time() * 1000  # scores and alerts exist from now on
             for name, seconds in timings.items():
                 self.metrics.observe_batch(name, dev, out.n, seconds)
@@ -377,7 +369,8 @@ class Daemon:
             return
         future, offsets = self._inflight
         self._inflight = None
-        future.result()
+        with self._threads.loop_waiting() if self._threads else nullcontext():
+            future.result()
         if offsets:
             self.producer.flush(timeout_s)  # dead letters of those records
             self._commit(offsets, in_rebalance)

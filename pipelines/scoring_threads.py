@@ -7,21 +7,32 @@ idles between micro-batches, and extra intra-op threads only take the loop threa
 scored: on 2 vCPUs, one thread was 1.16-1.19x faster than two at stride 8 with kafka-python, and two were
 1.5-1.7x faster than one at stride 1 (benchmarks/RESULTS.md, item 27).
 
-So the scoring thread uses the fewest threads that keep it from becoming the bottleneck:
+Which of the two sets the pace shows in the loop thread: a micro-batch that is due while the scoring thread
+is busy keeps growing, and only a full one (``processing.max_batch_windows``) makes the loop wait. So the
+loop waiting for the scoring thread is the sign to add threads. The scoring thread's own busy time is not: the
+rest of a micro-batch (gathering its windows, alert state, delivery) is Python, which waits for the GIL the
+loop thread holds, and even the model's wall time grows when the loop thread, the Kafka client and the model
+share the cores. At stride 8 with kafka-python at 100,000 streams, with one thread, the scoring thread was
+busy 0.8-0.97 of the time and its model 0.6-0.85, yet one thread beat two; at stride 1 the model ran 0.95 of
+the time and the loop waited for it (RESULTS.md, item 27).
+
+So the scoring thread uses the fewest intra-op threads that keep it from setting the pace:
 
 * it starts with one;
-* after a period (``period_s``) in which it was busy at least ``UP`` of the time with fewer than ``most``
-  threads, it takes ``most``;
-* after a period in which some smaller count would have kept it busy at most ``DOWN`` of the time, it takes
-  the smallest such count (not sooner than ``hold_s`` after going up). That prediction scales the busy time
-  by the measured cost per window at each count; a count not measured yet is assumed to scale linearly, which
-  overestimates its cost, so it errs towards keeping threads.
+* after a period (``period_s``) in which the loop thread waited for it at least ``WAIT_UP`` of the time, with
+  fewer than ``most`` threads, it takes ``most``;
+* after a period in which the loop did not wait that long, and in which some smaller count would have kept
+  the model running at most ``DOWN`` of the time, it takes the smallest such count (not sooner than
+  ``hold_s`` after going up). That prediction scales the model's time by its measured seconds per window at
+  each count; a count not measured yet is assumed to scale linearly, which overestimates its time, so it errs
+  towards keeping threads.
 
-The busy time includes delivering the batch's alerts. An idle topic counts as not busy.
+An idle topic counts as the model not running.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -29,14 +40,19 @@ from contextlib import contextmanager
 
 import torch
 
+from detector.device import inference_threads
+
 __all__ = ["ScoringThreads"]
 
-UP = 0.8  # busy at least this much of a period (fewer than `most` threads): the model sets the pace
-DOWN = 0.72  # a smaller count that would be busy at most this much of a period is enough
+log = logging.getLogger(__name__)
+
+WAIT_UP = 0.2  # the loop thread waited for the scoring thread this much of a period: it sets the pace
+DOWN = 0.75  # a smaller count with which the model would run at most this much of a period is enough
 
 
 class ScoringThreads:
-    """``with threads.scoring(n_windows): ...`` around each micro-batch, on the scoring thread."""
+    """``with threads.scoring(n_windows): ...`` around each micro-batch, on the scoring thread, with
+    :meth:`add_model_seconds` for the model's part of it; :meth:`loop_waited` on the loop thread."""
 
     def __init__(self, most: int, period_s: float = 1.0, hold_s: float = 5.0,
                  apply: Callable[[int], None] = torch.set_num_threads,
@@ -50,9 +66,44 @@ class ScoringThreads:
         self._applied: int | None = None  # applied on the scoring thread itself (OpenMP's count is per thread)
         self._cost: dict[int, float] = {}  # seconds per window at each thread count (moving average)
         self._since = clock()
-        self._busy = 0.0
+        self._busy = 0.0  # the scoring thread's wall time in micro-batches, this period
+        self._model = 0.0  # the model's part of it
         self._windows = 0
+        self._waited = 0.0  # the loop thread's waits for the scoring thread, ever (written by the loop thread only)
+        self._waited_seen = 0.0
         self._raised_at = -math.inf
+
+    @classmethod
+    def configure(cls, device: torch.device, model_threads: int, background: bool,
+                  report: Callable[[int], None]) -> ScoringThreads | None:
+        """Apply ``processing.model_threads`` to this thread (the loop's, which scores serial flushes); for 0
+        with the scoring thread (``background``) on more than one CPU, the adaptive policy for that thread.
+        ``report`` gets the count now and at each change (the ``anomalyd_inference_threads`` gauge)."""
+        threads = inference_threads(model_threads) if device.type == "cpu" or model_threads else None
+        if threads:
+            torch.set_num_threads(threads)
+        adaptive = cls(threads, on_change=report) if background and not model_threads and (threads or 0) > 1 else None
+        report(adaptive.threads if adaptive else torch.get_num_threads())
+        log.info("inference on %s, %s intra-op threads", device,
+                 f"1 to {threads} (adaptive)" if adaptive else torch.get_num_threads())
+        return adaptive
+
+    @contextmanager
+    def loop_waiting(self) -> Iterator[None]:
+        """Around the loop thread's wait for the scoring thread to finish a micro-batch."""
+        t0 = self._clock()
+        try:
+            yield
+        finally:
+            self.loop_waited(self._clock() - t0)
+
+    def loop_waited(self, seconds: float) -> None:
+        """The loop thread waited ``seconds`` for the scoring thread to finish a micro-batch."""
+        self._waited += seconds
+
+    def add_model_seconds(self, seconds: float) -> None:
+        """The model's forward pass took ``seconds`` of the current micro-batch."""
+        self._model += seconds
 
     @contextmanager
     def scoring(self, windows: int) -> Iterator[int]:
@@ -71,21 +122,26 @@ class ScoringThreads:
                 self._decide(now)
 
     def _decide(self, now: float) -> None:
-        busy = self._busy / max(now - self._since, 1e-9)
+        elapsed = max(now - self._since, 1e-9)
+        waited_s, self._waited_seen = self._waited - self._waited_seen, self._waited
+        busy, model, waited = self._busy / elapsed, self._model / elapsed, waited_s / elapsed
         k = self.threads
         if self._windows:
-            cost = self._busy / self._windows
+            cost = self._model / self._windows
             self._cost[k] = cost if k not in self._cost else 0.5 * (self._cost[k] + cost)
-        self._since, self._busy, self._windows = now, 0.0, 0
+        self._since, self._busy, self._model, self._windows = now, 0.0, 0.0, 0
         new = k
-        if busy >= UP and k < self.most:
-            new = self.most
-            self._raised_at = now
-        elif k > 1 and k in self._cost and now - self._raised_at >= self._hold_s:
+        if waited >= WAIT_UP:
+            if k < self.most:
+                new = self.most
+                self._raised_at = now
+        elif k > 1 and self._cost.get(k) and now - self._raised_at >= self._hold_s:
             for fewer in range(1, k):
-                if busy * self._cost_at(fewer) / self._cost[k] <= DOWN:
+                if model * self._cost_at(fewer) / self._cost[k] <= DOWN:
                     new = fewer
                     break
+        log.debug("scoring thread: busy %.2f, model %.2f, loop waited %.2f, %d intra-op threads (%.1f us/window): "
+                  "%d", busy, model, waited, k, 1e6 * self._cost.get(k, 0.0), new)
         if new != k:
             self.threads = new
             self.switches += 1
@@ -93,7 +149,8 @@ class ScoringThreads:
                 self._on_change(new)
 
     def _cost_at(self, k: int) -> float:
-        """Measured seconds per window at ``k`` threads, else the largest measured count's, scaled linearly."""
+        """The model's measured seconds per window at ``k`` threads, else the largest measured count's, scaled
+        linearly."""
         if k in self._cost:
             return self._cost[k]
         ref = max(self._cost)

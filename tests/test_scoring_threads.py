@@ -24,15 +24,19 @@ def make(most: int = 2, **kw) -> tuple[ScoringThreads, Clock, list[int], list[in
     return st, clock, applied, changes
 
 
-def run_period(st: ScoringThreads, clock: Clock, busy: float, per_window: dict[int, float],
-               period: float = 1.0, batches: int = 4) -> None:
-    """One period of ``period`` seconds, busy ``busy`` of it, in ``batches`` micro-batches; each window costs
-    ``per_window[threads]`` seconds, so the batch sizes follow from the busy time."""
+def run_period(st: ScoringThreads, clock: Clock, model: float, per_window: dict[int, float], waited: float = 0.0,
+               busy: float | None = None, period: float = 1.0, batches: int = 4) -> None:
+    """One period of ``period`` seconds in ``batches`` micro-batches: the scoring thread busy ``busy`` of it
+    (default ``model``), its model ``model``, the loop thread waiting for it ``waited``. Each window costs the
+    model ``per_window[threads]`` seconds, so the batch sizes follow from the model's time."""
+    busy = model if busy is None else busy
     for _ in range(batches):
-        clock.t += (1 - busy) * period / batches  # waiting for the loop thread's next micro-batch
-        seconds = busy * period / batches
-        with st.scoring(round(seconds / per_window[st.threads])):
-            clock.t += seconds
+        clock.t += (1 - busy) * period / batches  # the scoring thread waits for the loop's next micro-batch
+        st.loop_waited(waited * period / batches)
+        model_s = model * period / batches
+        with st.scoring(round(model_s / per_window[st.threads])):
+            st.add_model_seconds(model_s)
+            clock.t += busy * period / batches
 
 
 COST = {1: 1 / 20_000, 2: 1 / 36_000}  # seconds per window (GRU W=64 F=8 H=64 on 2 vCPUs, RESULTS engine table)
@@ -41,79 +45,89 @@ COST = {1: 1 / 20_000, 2: 1 / 36_000}  # seconds per window (GRU W=64 F=8 H=64 o
 def test_starts_with_one_thread_and_applies_it_on_the_scoring_thread_once():
     st, clock, applied, changes = make()
     assert st.threads == 1 and applied == []  # nothing is applied before the first batch, on the scoring thread
-    run_period(st, clock, busy=0.5, per_window=COST)
+    run_period(st, clock, model=0.5, per_window=COST)
     assert applied == [1] and changes == [] and st.threads == 1
 
 
-def test_a_saturated_scoring_thread_gets_every_thread_and_keeps_them():
+def test_a_loop_waiting_for_the_model_gives_it_every_thread_and_it_keeps_them():
     st, clock, applied, changes = make()
-    run_period(st, clock, busy=0.95, per_window=COST)  # stride 1: the model sets the pace
+    run_period(st, clock, model=0.95, waited=0.7, per_window=COST)  # stride 1: the model sets the pace
     assert st.threads == 2 and changes == [2]
-    for _ in range(20):  # at 2 threads it is still busy 0.95 x 20/36 ~ 0.53 of the time: 1 thread would not do
-        run_period(st, clock, busy=0.95 * COST[2] / COST[1] * 1.0, per_window=COST)
+    for _ in range(20):  # with 2 threads it runs 0.95 x 20/36 ~ 0.53 of the time: 1 thread would not do
+        run_period(st, clock, model=0.95 * COST[2] / COST[1], per_window=COST)
     assert st.threads == 2 and changes == [2] and applied == [1, 2]
 
 
-def test_a_thread_with_slack_stays_at_one():
+def test_a_busy_scoring_thread_the_loop_does_not_wait_for_stays_at_one():
     st, clock, _, changes = make()
-    for _ in range(10):  # stride 8 with kafka-python: the client sets the pace, 1 thread is busy ~2/3 of the time
-        run_period(st, clock, busy=0.66, per_window=COST)
+    for _ in range(10):  # stride 8 with kafka-python: busy most of the time (the GIL), yet the client sets the pace
+        run_period(st, clock, model=0.8, busy=0.95, per_window=COST)
     assert st.threads == 1 and changes == []
+    run_period(st, clock, model=0.8, busy=0.95, waited=0.25, per_window=COST)
+    assert st.threads == 2 and changes == [2]
 
 
-def test_going_back_to_one_uses_the_measured_cost_and_waits_for_the_hold():
-    st, clock, _, changes = make(hold_s=5.0)
-    run_period(st, clock, busy=0.9, per_window=COST)  # measures 1 thread, goes to 2
+def test_going_back_to_one_uses_the_measured_cost_after_the_hold_and_only_if_the_loop_does_not_wait():
+    st, clock, _, changes = make(hold_s=1.5)
+    run_period(st, clock, model=0.9, waited=0.5, per_window=COST)  # measures 1 thread, goes to 2
     assert st.threads == 2
-    # the load drops: at 2 threads busy 0.3, i.e. 0.3 x 36/20 = 0.54 at 1 thread
-    for _ in range(3):
-        run_period(st, clock, busy=0.3, per_window=COST)
-        assert st.threads == 2  # held for 5 s after going up
-    for _ in range(3):
-        run_period(st, clock, busy=0.3, per_window=COST)
+    # the load drops: with 2 threads the model runs 0.3 of the time, i.e. 0.3 x 36/20 = 0.54 with 1
+    run_period(st, clock, model=0.3, per_window=COST)
+    assert st.threads == 2  # held for 1.5 s after going up
+    run_period(st, clock, model=0.3, waited=0.3, per_window=COST)
+    assert st.threads == 2  # the loop still waits for it
+    run_period(st, clock, model=0.3, per_window=COST)
     assert st.threads == 1 and changes == [2, 1]
+    run_period(st, clock, model=0.54, per_window=COST)
+    assert st.threads == 1
 
 
 def test_an_unmeasured_count_is_assumed_to_scale_linearly():
     st, clock, _, changes = make(most=8, hold_s=0.0)
-    run_period(st, clock, busy=0.9, per_window={1: 1e-4, 8: 1e-4})
+    run_period(st, clock, model=0.9, waited=0.5, per_window={1: 1e-4, 8: 1e-4})
     assert st.threads == 8
     cost = {k: 8e-5 / k for k in range(1, 9)}
-    run_period(st, clock, busy=0.2, per_window=cost)
-    # 1 thread was measured: 1e-4 s/window against 1e-5 at 8, so busy 2.0 predicted. 2 and 3 were not, so they
-    # scale from 8 linearly: 0.2 x 8/2 = 0.8 > 0.72, 0.2 x 8/3 = 0.53: 3 threads
+    run_period(st, clock, model=0.2, per_window=cost)
+    # 1 thread was measured: 1e-4 s/window against 1e-5 with 8, so 2.0 predicted. 2 and 3 were not, so they
+    # scale from 8 linearly: 0.2 x 8/2 = 0.8 > 0.75, 0.2 x 8/3 = 0.53: 3 threads
     assert st.threads == 3 and changes == [8, 3]
 
 
 def test_an_idle_topic_counts_as_not_busy():
     st, clock, _, _ = make(hold_s=0.0)
-    run_period(st, clock, busy=1.0, per_window=COST)
-    run_period(st, clock, busy=0.9, per_window=COST)
+    run_period(st, clock, model=1.0, waited=0.5, per_window=COST)
+    run_period(st, clock, model=0.9, per_window=COST)
     assert st.threads == 2
     clock.t += 600.0  # ten quiet minutes, then one batch
     with st.scoring(100):
+        st.add_model_seconds(100 * COST[2])
         clock.t += 100 * COST[2]
     assert st.threads == 1
 
 
 def test_one_cpu_never_changes():
     st, clock, applied, changes = make(most=1)
-    for busy in (1.0, 1.0, 0.1):
-        run_period(st, clock, busy=busy, per_window={1: 1e-4})
+    for model, waited in ((1.0, 0.9), (1.0, 0.9), (0.1, 0.0)):
+        run_period(st, clock, model=model, waited=waited, per_window={1: 1e-4})
     assert st.threads == 1 and changes == [] and applied == [1]
 
 
 def test_torch_applies_the_count_to_the_scoring_thread():
-    st = ScoringThreads(2, period_s=0.0)
+    st = ScoringThreads(2)
     seen = []
 
     def score() -> None:
-        with st.scoring(10) as k:
-            seen.append((k, torch.get_num_threads()))
+        for threads in (1, 2, 1):
+            st.threads = threads  # as _decide sets it
+            with st.scoring(10) as k:
+                seen.append((k, torch.get_num_threads()))
 
     before = torch.get_num_threads()
-    t = threading.Thread(target=score)
-    t.start()
-    t.join()
-    torch.set_num_threads(before)
-    assert seen == [(1, 1)]
+    torch.set_num_threads(2)  # the loop thread's count, as the daemon sets it
+    try:
+        t = threading.Thread(target=score)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(1, 1), (2, 2), (1, 1)]

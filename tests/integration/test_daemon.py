@@ -280,7 +280,7 @@ def test_inference_threads_adapt_only_when_left_to_the_daemon(models, tmp_path, 
     import torch
 
     models_dir, names = models
-    monkeypatch.setattr("pipelines.daemon.inference_threads", lambda requested: requested or 4)  # 4 CPUs
+    monkeypatch.setattr("pipelines.scoring_threads.inference_threads", lambda requested: requested or 4)  # 4 CPUs
     cfg = config_dict("localhost:9", "t", models_dir, names)  # nothing connects before run()
     cfg["processing"].update(model_threads=model_threads, score_in_background=background)
     before = torch.get_num_threads()
