@@ -12,9 +12,10 @@ is busy keeps growing, and only a full one (``processing.max_batch_windows``) ma
 loop waiting for the scoring thread is the sign to add threads. The scoring thread's own busy time is not: the
 rest of a micro-batch (gathering its windows, alert state, delivery) is Python, which waits for the GIL the
 loop thread holds, and even the model's wall time grows when the loop thread, the Kafka client and the model
-share the cores. At stride 8 with kafka-python at 100,000 streams, with one thread, the scoring thread was
-busy 0.8-0.97 of the time and its model 0.6-0.85, yet one thread beat two; at stride 1 the model ran 0.95 of
-the time and the loop waited for it (RESULTS.md, item 27).
+share the cores. With one thread, at stride 8 with kafka-python at 100,000 streams, the scoring thread was
+busy 0.8-0.97 of the time and its model 0.6-0.85, yet the loop never waited for it, and one thread beat two.
+The loop waited 0.1-0.3 of the time with confluent-kafka at stride 8, where two threads were faster, and
+0.4-0.76 at stride 1 (RESULTS.md, item 27).
 
 So the scoring thread uses the fewest intra-op threads that keep it from setting the pace:
 
@@ -46,7 +47,7 @@ __all__ = ["ScoringThreads"]
 
 log = logging.getLogger(__name__)
 
-WAIT_UP = 0.2  # the loop thread waited for the scoring thread this much of a period: it sets the pace
+WAIT_UP = 0.05  # the loop thread waited for the scoring thread this much of a period: it sets the pace
 DOWN = 0.75  # a smaller count with which the model would run at most this much of a period is enough
 
 
@@ -54,7 +55,7 @@ class ScoringThreads:
     """``with threads.scoring(n_windows): ...`` around each micro-batch, on the scoring thread, with
     :meth:`add_model_seconds` for the model's part of it; :meth:`loop_waited` on the loop thread."""
 
-    def __init__(self, most: int, period_s: float = 1.0, hold_s: float = 5.0,
+    def __init__(self, most: int, period_s: float = 0.5, hold_s: float = 5.0,
                  apply: Callable[[int], None] = torch.set_num_threads,
                  clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[int], None] | None = None) -> None:
