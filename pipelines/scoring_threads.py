@@ -4,8 +4,8 @@ With scoring on a second thread, the loop thread (poll, decode, window buffers) 
 intra-op threads share the CPUs. Where the model sets the pace, the scoring thread is busy nearly all the time
 and every CPU should go to inference. Where the Kafka client sets the pace (large strides), the scoring thread
 idles between micro-batches, and extra intra-op threads only take the loop thread's core while a batch is
-scored: on 2 vCPUs, one thread was 1.16-1.19x faster than two at stride 8 with kafka-python, and two were
-1.5-1.7x faster than one at stride 1 (benchmarks/RESULTS.md, item 27).
+scored: on 2 vCPUs, one thread was up to 1.19x faster than two at stride 8 with kafka-python, and two were
+1.5-1.9x faster than one at stride 1 (benchmarks/RESULTS.md, item 27).
 
 Which of the two sets the pace shows in the loop thread: a micro-batch that is due while the scoring thread
 is busy keeps growing, and only a full one (``processing.max_batch_windows``) makes the loop wait. So the
@@ -13,9 +13,9 @@ loop waiting for the scoring thread is the sign to add threads. The scoring thre
 rest of a micro-batch (gathering its windows, alert state, delivery) is Python, which waits for the GIL the
 loop thread holds, and even the model's wall time grows when the loop thread, the Kafka client and the model
 share the cores. With one thread, at stride 8 with kafka-python at 100,000 streams, the scoring thread was
-busy 0.8-0.97 of the time and its model 0.6-0.85, yet the loop never waited for it, and one thread beat two.
-The loop waited 0.1-0.3 of the time with confluent-kafka at stride 8, where two threads were faster, and
-0.4-0.76 at stride 1 (RESULTS.md, item 27).
+busy up to 0.98 of a period and its model up to 0.87, yet the loop never waited for it, and two threads were
+no faster. The loop waited 0.1-0.3 of the time with confluent-kafka at stride 8, where two threads were
+faster, and 0.41-0.73 at stride 1 (RESULTS.md, item 27).
 
 So the scoring thread uses the fewest intra-op threads that keep it from setting the pace:
 
