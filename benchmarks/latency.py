@@ -33,6 +33,7 @@ def _live_daemon(spec: dict) -> dict:
     Adds ``timeline``: every second after that, (seconds, event->score histogram, event->alert histogram)."""
     ready = spec.pop("ready")
     timeline: list[tuple[float, dict | None, dict | None]] = []
+    threads: list[int | None] = []  # every second, the scoring thread's intra-op threads (None: fixed)
 
     def watch(daemon) -> None:
         def loop() -> None:
@@ -45,11 +46,12 @@ def _live_daemon(spec: dict) -> dict:
                 m = harness.metric_summary(daemon.registry)
                 timeline.append((round(time.monotonic() - t0, 1), m.get("anomalyd_event_to_score_seconds"),
                                  m.get("anomalyd_event_to_alert_seconds")))
+                threads.append(daemon._threads.threads if daemon._threads else None)
 
         threading.Thread(target=loop, daemon=True).start()
 
     out = harness.daemon_rate({**spec, "before_run": watch})
-    return {**out, "timeline": timeline}
+    return {**out, "timeline": timeline, "threads_timeline": threads}
 
 
 def _produce_live(bootstrap: str, topic: str, fleet: common.Fleet, rate: float, seconds: float,
@@ -131,7 +133,15 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
                 m = out["metrics"]
                 score_h = m["anomalyd_event_to_score_seconds"]
                 alert_h = m.get("anomalyd_event_to_alert_seconds", {"buckets": [], "count": 0})
-                row = {"client": client, "threads": out.get("threads"), "capacity_s": cap, "rate_s": rate,
+                adaptive = [t for t in out["threads_timeline"] if t is not None]
+                if adaptive:
+                    common.log(f"  scoring thread's intra-op threads, second by second: {adaptive}")
+                label = str(out.get("threads"))
+                if adaptive:
+                    most = max(set(adaptive), key=adaptive.count)
+                    label = f"adaptive: {most} in {adaptive.count(most) / len(adaptive):.0%} of seconds"
+                row = {"client": client, "threads": label, "capacity_s": cap, "rate_s": rate,
+                       "scoring_threads": out.get("scoring_threads"), "threads_timeline": out["threads_timeline"],
                        "achieved_rate_s": prod["achieved_rate"],
                        "events": n, "windows": score_h["count"], "alerts": alert_h["count"],
                        "score_p50_ms": _ms(harness.quantile(score_h, 0.5)),
@@ -224,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                          args.fetch_max_wait_ms)) if v is not None}
     rows = run(cfg, args.kind, args.threads, not args.serial, args.max_delay_ms, fetch, args.rate)
     print(common.table(rows, [
-        ("client", "client", ""), ("threads", "threads", "d"), ("capacity_s", "capacity ev/s", ",.0f"),
+        ("client", "client", ""), ("threads", "threads", ""), ("capacity_s", "capacity ev/s", ",.0f"),
         ("rate_s", "offered ev/s", ",.0f"),
         ("achieved_rate_s", "produced ev/s", ",.0f"), ("windows", "windows", ",.0f"), ("alerts", "alerts", ",.0f"),
         ("score_p50_ms", "score p50 ms", ""), ("score_p99_ms", "score p99 ms", ""),
