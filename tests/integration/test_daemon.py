@@ -17,6 +17,7 @@ from pipelines.config import load_config
 from pipelines.daemon import Daemon
 from pipelines.kafka_io import make_producer
 from pipelines.kafka_local import create_topic
+from pipelines.scoring_threads import ScoringThreads
 from pipelines.source import make_source
 
 from .daemon_support import (
@@ -296,3 +297,43 @@ def test_inference_threads_adapt_only_when_left_to_the_daemon(models, tmp_path, 
         assert daemon._threads.most == 4 and daemon._threads.threads == 1 and gauge == 1
     else:
         assert gauge == fixed
+
+
+def test_a_loop_waiting_for_the_scoring_thread_gives_it_every_thread(kafka_bootstrap, topic_name, models, tmp_path,
+                                                                      monkeypatch):
+    """The adaptive count end to end: a model that needs 20 ms more per micro-batch (as a larger one would),
+    polls of 20 records and micro-batches due at 8 windows, so the loop waits for the scoring thread; that thread
+    goes from 1 intra-op thread to all of them (here 2), and the gauge follows. Detection does not depend on it."""
+    import torch
+
+    models_dir, names = models
+    monkeypatch.setattr("pipelines.scoring_threads.inference_threads", lambda requested: requested or 2)
+    create_topic(kafka_bootstrap, topic_name, partitions=2)
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names)
+    cfg["processing"].update(max_batch_windows=8, model_threads=0, score_in_background=True)
+    cfg["kafka"]["poll_max_records"] = 20  # many small micro-batches
+    truth, n = produce_with_anomalies(kafka_bootstrap, topic_name, 300, KINDS)
+    before = torch.get_num_threads()
+    try:
+        daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+        assert daemon._threads.most == 2 and daemon.registry.get_sample_value("anomalyd_inference_threads") == 1
+        changes = []
+
+        def changed(k: int) -> None:
+            changes.append(k)
+            daemon.metrics.inference_threads.set(k)
+
+        daemon._threads = ScoringThreads(2, period_s=0.05, on_change=changed)  # decisions every 50 ms
+        score = daemon.engine.score
+
+        def slower_score(*args, **kwargs):
+            time.sleep(0.02)
+            return score(*args, **kwargs)
+
+        monkeypatch.setattr(daemon.engine, "score", slower_score)
+        assert daemon.run(count=n, timeout=120) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert changes[:1] == [2], changes
+    assert daemon.registry.get_sample_value("anomalyd_inference_threads") == changes[-1]
+    _check_detection(truth, read_alerts(kafka_bootstrap, f"{topic_name}-alerts"))
