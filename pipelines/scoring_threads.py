@@ -17,18 +17,24 @@ busy up to 0.98 of a period and its model up to 0.87, yet the loop never waited 
 no faster. The loop waited 0.1-0.3 of the time with confluent-kafka at stride 8, where two threads were
 faster, and 0.41-0.73 at stride 1 (RESULTS.md, item 27).
 
+That serves throughput, while there is a backlog. Once the consumer has caught up (most polls come back
+with fewer records than ``kafka.poll_max_records``), latency is what counts: a batch that falls due while
+the scoring thread is busy waits for it, which happens often when it is busy much of the time. At half
+capacity with confluent-kafka one thread kept up without the loop ever waiting, but ran about 0.75 of the
+time and the event->alert p99 was 319 ms (RESULTS.md, Latency).
+
 So the scoring thread uses the fewest intra-op threads that keep it from setting the pace:
 
 * it starts with one;
-* after a period (``period_s``) in which the loop thread waited for it at least ``WAIT_UP`` of the time, with
-  fewer than ``most`` threads, it takes ``most``;
-* after a period in which the loop did not wait that long, and in which some smaller count would have kept
-  the model running at most ``DOWN`` of the time, it takes the smallest such count (not sooner than
-  ``hold_s`` after going up). That prediction scales the model's time by its measured seconds per window at
-  each count; a count not measured yet is assumed to scale linearly, which overestimates its time, so it errs
-  towards keeping threads.
+* after a period (``period_s``) in which the loop thread waited for it at least ``WAIT_UP`` of the time, or,
+  caught up, its model ran at least ``LIVE_UP`` of the time, it takes ``most`` (if it had fewer);
+* after a period in which neither held, and in which some smaller count would have kept the model running
+  at most ``DOWN`` of the time (``LIVE_DOWN`` when caught up), it takes the smallest such count (not sooner
+  than ``hold_s`` after going up). That prediction scales the model's time by its measured seconds per window
+  at each count; a count not measured yet is assumed to scale linearly, which overestimates its time, so it
+  errs towards keeping threads.
 
-An idle topic counts as the model not running.
+An idle topic counts as the model not running, and as caught up.
 """
 
 from __future__ import annotations
@@ -49,11 +55,14 @@ log = logging.getLogger(__name__)
 
 WAIT_UP = 0.05  # the loop thread waited for the scoring thread this much of a period: it sets the pace
 DOWN = 0.75  # a smaller count with which the model would run at most this much of a period is enough
+LIVE_UP = 0.5  # caught up: the model ran this much of a period, so due micro-batches often wait for it
+LIVE_DOWN = 0.4  # caught up: a smaller count is enough when the model would run at most this much
 
 
 class ScoringThreads:
     """``with threads.scoring(n_windows): ...`` around each micro-batch, on the scoring thread, with
-    :meth:`add_model_seconds` for the model's part of it; :meth:`loop_waited` on the loop thread."""
+    :meth:`add_model_seconds` for the model's part of it; :meth:`loop_waiting` and :meth:`polled` on the loop
+    thread."""
 
     def __init__(self, most: int, period_s: float = 0.5, hold_s: float = 5.0,
                  apply: Callable[[int], None] = torch.set_num_threads,
@@ -72,6 +81,8 @@ class ScoringThreads:
         self._windows = 0
         self._waited = 0.0  # the loop thread's waits for the scoring thread, ever (written by the loop thread only)
         self._waited_seen = 0.0
+        self._polls = [0, 0]  # polls and full polls, ever (written by the loop thread only)
+        self._polls_seen = (0, 0)
         self._raised_at = -math.inf
 
     @classmethod
@@ -102,6 +113,10 @@ class ScoringThreads:
         """The loop thread waited ``seconds`` for the scoring thread to finish a micro-batch."""
         self._waited += seconds
 
+    def polled(self, full: bool) -> None:
+        """The loop thread polled; ``full``: the poll returned ``kafka.poll_max_records`` (a backlog)."""
+        self._polls = [self._polls[0] + 1, self._polls[1] + full]
+
     def add_model_seconds(self, seconds: float) -> None:
         """The model's forward pass took ``seconds`` of the current micro-batch."""
         self._model += seconds
@@ -125,6 +140,10 @@ class ScoringThreads:
     def _decide(self, now: float) -> None:
         elapsed = max(now - self._since, 1e-9)
         waited_s, self._waited_seen = self._waited - self._waited_seen, self._waited
+        polls = self._polls  # one read: the loop thread replaces the list
+        n_polls, n_full = polls[0] - self._polls_seen[0], polls[1] - self._polls_seen[1]
+        self._polls_seen = (polls[0], polls[1])
+        caught_up = n_full * 2 < n_polls or not n_polls
         busy, model, waited = self._busy / elapsed, self._model / elapsed, waited_s / elapsed
         k = self.threads
         if self._windows:
@@ -132,17 +151,19 @@ class ScoringThreads:
             self._cost[k] = cost if k not in self._cost else 0.5 * (self._cost[k] + cost)
         self._since, self._busy, self._model, self._windows = now, 0.0, 0.0, 0
         new = k
-        if waited >= WAIT_UP:
+        if waited >= WAIT_UP or (caught_up and model >= LIVE_UP):
             if k < self.most:
                 new = self.most
                 self._raised_at = now
         elif k > 1 and self._cost.get(k) and now - self._raised_at >= self._hold_s:
+            enough = LIVE_DOWN if caught_up else DOWN
             for fewer in range(1, k):
-                if model * self._cost_at(fewer) / self._cost[k] <= DOWN:
+                if model * self._cost_at(fewer) / self._cost[k] <= enough:
                     new = fewer
                     break
-        log.debug("scoring thread: busy %.2f, model %.2f, loop waited %.2f, %d intra-op threads (%.1f us/window): "
-                  "%d", busy, model, waited, k, 1e6 * self._cost.get(k, 0.0), new)
+        log.debug("scoring thread: busy %.2f, model %.2f, loop waited %.2f, %s, %d intra-op threads (%.1f us/window): "
+                  "%d", busy, model, waited, "caught up" if caught_up else "backlog", k, 1e6 * self._cost.get(k, 0.0),
+                  new)
         if new != k:
             self.threads = new
             self.switches += 1

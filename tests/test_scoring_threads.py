@@ -25,13 +25,16 @@ def make(most: int = 2, **kw) -> tuple[ScoringThreads, Clock, list[int], list[in
 
 
 def run_period(st: ScoringThreads, clock: Clock, model: float, per_window: dict[int, float], waited: float = 0.0,
-               busy: float | None = None, period: float = 1.0, batches: int = 4) -> None:
+               busy: float | None = None, backlog: bool = True, period: float = 1.0, batches: int = 4) -> None:
     """One period of ``period`` seconds in ``batches`` micro-batches: the scoring thread busy ``busy`` of it
-    (default ``model``), its model ``model``, the loop thread waiting for it ``waited``. Each window costs the
-    model ``per_window[threads]`` seconds, so the batch sizes follow from the model's time."""
+    (default ``model``), its model ``model``, the loop thread waiting for it ``waited``, its polls full
+    (``backlog``) or not. Each window costs the model ``per_window[threads]`` seconds, so the batch sizes follow
+    from the model's time."""
     busy = model if busy is None else busy
     for _ in range(batches):
         clock.t += (1 - busy) * period / batches  # the scoring thread waits for the loop's next micro-batch
+        for _poll in range(3):
+            st.polled(full=backlog)
         st.loop_waited(waited * period / batches)
         model_s = model * period / batches
         with st.scoring(round(model_s / per_window[st.threads])):
@@ -110,6 +113,32 @@ def test_one_cpu_never_changes():
     for model, waited in ((1.0, 0.9), (1.0, 0.9), (0.1, 0.0)):
         run_period(st, clock, model=model, waited=waited, per_window={1: 1e-4})
     assert st.threads == 1 and changes == [] and applied == [1]
+
+
+def test_caught_up_a_model_running_half_the_time_gets_every_thread():
+    """Latency: at half capacity one thread keeps up (the loop never waits) but is busy most of the time."""
+    st, clock, _, changes = make(hold_s=0.0)
+    run_period(st, clock, model=0.6, per_window=COST)  # a backlog: throughput rules, one thread keeps up
+    assert st.threads == 1
+    run_period(st, clock, model=0.6, backlog=False, per_window=COST)  # caught up
+    assert st.threads == 2 and changes == [2]
+    run_period(st, clock, model=0.33, backlog=False, per_window=COST)  # 0.33 x 36/20 = 0.6 with 1: > 0.4, stays
+    assert st.threads == 2
+    run_period(st, clock, model=0.2, backlog=False, per_window=COST)  # 0.36 with 1: enough
+    assert st.threads == 1 and changes == [2, 1]
+    run_period(st, clock, model=0.36, backlog=False, per_window=COST)
+    assert st.threads == 1
+
+
+def test_no_polls_count_as_caught_up():
+    st, clock, _, changes = make()
+    with st.scoring(1000):  # replayed windows, say, before any poll of this period
+        st.add_model_seconds(0.55)
+        clock.t += 0.55
+    clock.t += 0.45
+    with st.scoring(10):
+        clock.t += 0.001
+    assert changes == [2]
 
 
 def test_torch_applies_the_count_to_the_scoring_thread():
