@@ -226,7 +226,7 @@ class Daemon:
             if count is not None and self.events_seen >= count:
                 break
             batch = self.source.poll(self.cfg.kafka.poll_max_records, self._poll_timeout_ms())
-            if self._threads:
+            if self._threads and len(batch):  # an empty poll may only mean a fetch in flight
                 self._threads.polled(len(batch) >= self.cfg.kafka.poll_max_records)
             if self.positions.needs_positioning:
                 batch = self.positions.position_new(self.source, batch)

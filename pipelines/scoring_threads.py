@@ -17,8 +17,8 @@ busy up to 0.98 of a period and its model up to 0.87, yet the loop never waited 
 no faster. The loop waited 0.1-0.3 of the time with confluent-kafka at stride 8, where two threads were
 faster, and 0.41-0.73 at stride 1 (RESULTS.md, item 27).
 
-That serves throughput, while there is a backlog. Once the consumer has caught up (most polls come back
-with fewer records than ``kafka.poll_max_records``), latency is what counts: a batch that falls due while
+That serves throughput, while there is a backlog. Once the consumer has caught up (most polls that return
+records return fewer than ``kafka.poll_max_records``), latency is what counts: a batch that falls due while
 the scoring thread is busy waits for it, which happens often when it is busy much of the time. At half
 capacity with confluent-kafka one thread kept up without the loop ever waiting, but ran about 0.75 of the
 time and the event->alert p99 was 319 ms (RESULTS.md, Latency).
@@ -114,7 +114,7 @@ class ScoringThreads:
         self._waited += seconds
 
     def polled(self, full: bool) -> None:
-        """The loop thread polled; ``full``: the poll returned ``kafka.poll_max_records`` (a backlog)."""
+        """The loop thread polled records; ``full``: ``kafka.poll_max_records`` of them (a backlog)."""
         self._polls = [self._polls[0] + 1, self._polls[1] + full]
 
     def add_model_seconds(self, seconds: float) -> None:
