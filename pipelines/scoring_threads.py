@@ -1,4 +1,4 @@
-"""Intra-op threads of the scoring thread, chosen from how busy it has been (``processing.model_threads: 0``).
+"""Intra-op threads of the scoring thread, chosen by whether it sets the pace (``processing.model_threads: 0``).
 
 With scoring on a second thread, the loop thread (poll, decode, window buffers) and the scoring thread's
 intra-op threads share the CPUs. Where the model sets the pace, the scoring thread is busy nearly all the time
@@ -20,8 +20,8 @@ faster, and 0.41-0.73 at stride 1 (RESULTS.md, item 27).
 That serves throughput, while there is a backlog. Once the consumer has caught up (most polls that return
 records return fewer than ``kafka.poll_max_records``), latency is what counts: a batch that falls due while
 the scoring thread is busy waits for it, which happens often when it is busy much of the time. At half
-capacity with confluent-kafka one thread kept up without the loop ever waiting, but ran about 0.75 of the
-time and the event->alert p99 was 319 ms (RESULTS.md, Latency).
+capacity with confluent-kafka one thread kept up without the loop ever waiting, but ran an estimated 0.75
+of the time, and the event->alert p99 was 319 ms (RESULTS.md, Latency).
 
 So the scoring thread uses the fewest intra-op threads that keep it from setting the pace:
 
