@@ -134,10 +134,9 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
                 score_h = m["anomalyd_event_to_score_seconds"]
                 alert_h = m.get("anomalyd_event_to_alert_seconds", {"buckets": [], "count": 0})
                 adaptive = [t for t in out["threads_timeline"] if t is not None]
-                if adaptive:
-                    common.log(f"  scoring thread's intra-op threads, second by second: {adaptive}")
                 label = str(out.get("threads"))
                 if adaptive:
+                    common.log(f"  scoring thread's intra-op threads, second by second: {adaptive}")
                     most = max(set(adaptive), key=adaptive.count)
                     label = f"adaptive: {most} in {adaptive.count(most) / len(adaptive):.0%} of seconds"
                 row = {"client": client, "threads": label, "capacity_s": cap, "rate_s": rate,

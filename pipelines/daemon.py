@@ -269,7 +269,7 @@ class Daemon:
         if self._pool is None:
             self._flush_and_commit(timeout_s=10.0, commit=commit)
         elif self._inflight is None or full:
-            self._flush_in_background(timeout_s=10.0, commit=commit)
+            self._flush_in_background(timeout_s=10.0, commit=commit, windows=pending)
 
     def _poll_timeout_ms(self) -> int:
         """kafka.poll_timeout_ms, cut to what is left of processing.max_delay_ms for the oldest pending window
@@ -350,12 +350,12 @@ class Daemon:
             self._commit(self._commit_offsets(), in_rebalance)
 
     # -- scoring on a second thread (processing.score_in_background) ---------------------------------------
-    def _flush_in_background(self, timeout_s: float, commit: bool) -> None:
+    def _flush_in_background(self, timeout_s: float, commit: bool, windows: int) -> None:
         """Wait for the micro-batch in flight (commit what it freed), then hand the pending one to the scoring
         thread, which scores it, updates alert state and delivers its alerts while this thread polls and
-        decodes. Offsets are committed only after that delivery, as in the serial path."""
+        decodes. Offsets are committed only after that delivery, as in the serial path. ``windows``: how many
+        are pending (only this thread adds any)."""
         self._finish_background(timeout_s)
-        windows = sum(r.pending_windows for r in self.routes)
         taken = self._take_pending()
         offsets = self._commit_offsets() if commit and self.positions.uncommitted else None
         self._inflight = (self._pool.submit(self._score_and_deliver, taken, windows, timeout_s), offsets)
