@@ -9,6 +9,7 @@ extra).  :func:`make_producer` builds either from the config's ``kafka.client`` 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,30 @@ _SECURITY_KEYS = {
     "sasl_password": ("sasl_plain_password", "sasl.password"),
     "ssl_cafile": ("ssl_cafile", "ssl.ca.location"),
 }
+
+
+class _ClosedTransportReadFilter(logging.Filter):
+    """Demote kafka-python's traceback for a read on a connection its own ``close()`` has just closed to DEBUG.
+
+    kafka-python 3.0.12 closes each connection's socket on the thread that calls ``close()`` while its IO thread
+    may sit between "socket readable" and ``recv``; the IO thread then finds the socket gone and logs "Error
+    receiving network data" at ERROR with an ``AttributeError`` traceback, on a clean shutdown that loses
+    nothing.  Only that record is demoted: the transport must already be closed and the error an
+    ``AttributeError``; a failed read on an open connection is still an ERROR.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        transport = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        exc = record.exc_info[1] if record.exc_info else None
+        if (record.levelno >= logging.ERROR and "Error receiving network data" in str(record.msg)
+                and isinstance(exc, AttributeError) and getattr(transport, "is_closing", lambda: False)()):
+            # the logger let it through as an ERROR; handlers do not check the logger's level again
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("kafka.net.transport").addFilter(_ClosedTransportReadFilter())  # once, at import
 
 
 class KafkaDeliveryError(RuntimeError):

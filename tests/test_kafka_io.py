@@ -1,0 +1,62 @@
+"""kafka-python's shutdown race: a read on a connection its own close() has just closed is not an ERROR.
+
+The race is reproduced with kafka-python's own transport and selector: ``close()`` on the caller's thread, then
+the read the IO thread would run next. No broker is involved; the socket is one end of a local socket pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+
+import pytest
+from kafka.net.selector import NetworkSelector
+from kafka.net.transport import KafkaTCPTransport
+
+import pipelines.kafka_io  # noqa: F401  (installs the filter under test)
+
+LOGGER = "kafka.net.transport"
+
+
+@pytest.fixture
+def transport() -> Iterator[KafkaTCPTransport]:
+    net = NetworkSelector()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        yield KafkaTCPTransport(net, ours)
+    finally:
+        ours.close()
+        theirs.close()
+        net.close()
+
+
+def _read_records(caplog: pytest.LogCaptureFixture, transport: KafkaTCPTransport) -> list[logging.LogRecord]:
+    caplog.clear()
+    _, err = transport._sock_recv()  # what kafka-python's IO thread runs once the selector says "readable"
+    assert err is not None  # the read failed either way: only how it is logged differs
+    return [r for r in caplog.records if r.name == LOGGER and "Error receiving" in r.getMessage()]
+
+
+def test_a_read_on_a_transport_closed_by_close_is_not_logged_at_info(caplog: pytest.LogCaptureFixture,
+                                                                      transport: KafkaTCPTransport) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    transport.close()
+    assert _read_records(caplog, transport) == []
+
+
+def test_the_demoted_record_keeps_its_traceback_at_debug(caplog: pytest.LogCaptureFixture,
+                                                         transport: KafkaTCPTransport) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    transport.close()
+    (record,) = _read_records(caplog, transport)
+    assert record.levelno == logging.DEBUG and isinstance(record.exc_info[1], AttributeError)
+
+
+def test_a_failed_read_on_an_open_transport_stays_an_error(caplog: pytest.LogCaptureFixture,
+                                                           transport: KafkaTCPTransport) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    transport._sock.close()  # the socket fails under a transport nobody closed
+    (record,) = _read_records(caplog, transport)
+    assert record.levelno == logging.ERROR and record.exc_info is not None
