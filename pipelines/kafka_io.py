@@ -28,28 +28,31 @@ _SECURITY_KEYS = {
 }
 
 
-class _ClosedTransportReadFilter(logging.Filter):
-    """Demote kafka-python's traceback for a read on a connection its own ``close()`` has just closed to DEBUG.
+class _ClosedTransportIOFilter(logging.Filter):
+    """Demote kafka-python's traceback for I/O on a connection it has already closed to DEBUG.
 
     kafka-python 3.0.12 closes each connection's socket on the thread that calls ``close()`` while its IO thread
-    may sit between "socket readable" and ``recv``; the IO thread then finds the socket gone and logs "Error
-    receiving network data" at ERROR with an ``AttributeError`` traceback, on a clean shutdown that loses
-    nothing.  Only that record is demoted: the transport must already be closed and the error an
-    ``AttributeError``; a failed read on an open connection is still an ERROR.
+    may sit between "socket readable" and ``recv`` (or in the middle of a ``send``); the IO thread then finds the
+    socket gone (``None``, or closed) and logs "Error receiving network data" / "Error sending request data" at
+    ERROR with a traceback, on a clean shutdown that loses nothing.  Only those records are demoted, and only
+    when the transport was already closed and the error is the socket having gone (``AttributeError`` or
+    ``OSError``); a failed read or write on an open connection is still an ERROR.
     """
+
+    _MESSAGES = ("Error receiving network data", "Error sending request data")
 
     def filter(self, record: logging.LogRecord) -> bool:
         transport = record.args[0] if isinstance(record.args, tuple) and record.args else None
         exc = record.exc_info[1] if record.exc_info else None
-        if (record.levelno >= logging.ERROR and "Error receiving network data" in str(record.msg)
-                and isinstance(exc, AttributeError) and getattr(transport, "is_closing", lambda: False)()):
+        if (record.levelno >= logging.ERROR and any(m in str(record.msg) for m in self._MESSAGES)
+                and isinstance(exc, AttributeError | OSError) and getattr(transport, "is_closing", lambda: False)()):
             # the logger let it through as an ERROR; handlers do not check the logger's level again
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
 
 
-logging.getLogger("kafka.net.transport").addFilter(_ClosedTransportReadFilter())  # once, at import
+logging.getLogger("kafka.net.transport").addFilter(_ClosedTransportIOFilter())  # once, at import
 
 
 class KafkaDeliveryError(RuntimeError):
