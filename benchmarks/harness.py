@@ -296,8 +296,8 @@ def daemon_rate(spec: dict) -> dict:
            "streams": len(route.stream_names), "fused": daemon.engine.fused,
            "metrics": metric_summary(daemon.registry), "phases": phases.report(),
            "threads": torch.get_num_threads(), "cpu_s": cpu_s, "cpu_threads": cpu_threads,
-           "scoring_threads": None if daemon._threads is None else  # model_threads 0: adaptive (last, switches)
-           {"last": daemon._threads.threads, "switches": daemon._threads.switches},
+           "scoring_threads": None if daemon.scoring_threads is None else  # model_threads 0: adaptive (last, switches)
+           {"last": daemon.scoring_threads.threads, "switches": daemon.scoring_threads.switches},
            "cpu": common.cpu_used(src.cpu_first, src.cpu_commit, src.t_commit - src.t_first,
                            daemon.events_seen - src.n_first)}
     return out

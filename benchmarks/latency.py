@@ -46,7 +46,7 @@ def _live_daemon(spec: dict) -> dict:
                 m = harness.metric_summary(daemon.registry)
                 timeline.append((round(time.monotonic() - t0, 1), m.get("anomalyd_event_to_score_seconds"),
                                  m.get("anomalyd_event_to_alert_seconds")))
-                threads.append(daemon._threads.threads if daemon._threads else None)
+                threads.append(daemon.scoring_threads.threads if daemon.scoring_threads else None)
 
         threading.Thread(target=loop, daemon=True).start()
 

@@ -57,7 +57,8 @@ class Daemon:
         self.store = ModelStore(cfg.models.dir)
         self.engine = InferenceEngine(cfg.models.device, cfg.models.precision,
                                       max_batch=max(cfg.processing.max_batch_windows, 1024))
-        self._threads = ScoringThreads.configure(self.engine.device, cfg.processing.model_threads,
+        # public (read by benchmarks): the adaptive intra-op thread count; None where it is fixed
+        self.scoring_threads = ScoringThreads.configure(self.engine.device, cfg.processing.model_threads,
                                                  cfg.processing.score_in_background, self.metrics.inference_threads.set)
         self.router = Router([RouteSpec(tuple(r.models), r.combine, r.match, r.regex) for r in cfg.routes],
                              cfg.default_models)
@@ -226,8 +227,8 @@ class Daemon:
             if count is not None and self.events_seen >= count:
                 break
             batch = self.source.poll(self.cfg.kafka.poll_max_records, self._poll_timeout_ms())
-            if self._threads and len(batch):  # an empty poll may only mean a fetch in flight
-                self._threads.polled(len(batch) >= self.cfg.kafka.poll_max_records)
+            if self.scoring_threads and len(batch):  # an empty poll may only mean a fetch in flight
+                self.scoring_threads.polled(len(batch) >= self.cfg.kafka.poll_max_records)
             if self.positions.needs_positioning:
                 batch = self.positions.position_new(self.source, batch)
             if len(batch):
@@ -318,8 +319,8 @@ class Daemon:
             out = route.score(parts, self.engine, timings)
             if out is None:
                 continue
-            if self._threads:
-                self._threads.add_model_seconds(sum(timings.values()))
+            if self.scoring_threads:
+                self.scoring_threads.add_model_seconds(sum(timings.values()))
             now_ms = time.time() * 1000  # scores and alerts exist from now on
             for name, seconds in timings.items():
                 self.metrics.observe_batch(name, dev, out.n, seconds)
@@ -361,7 +362,7 @@ class Daemon:
         self._inflight = (self._pool.submit(self._score_and_deliver, taken, windows, timeout_s), offsets)
 
     def _score_and_deliver(self, taken: list[tuple[RouteState, list]], windows: int, timeout_s: float) -> None:
-        with self._threads.scoring(windows) if self._threads else nullcontext():
+        with self.scoring_threads.scoring(windows) if self.scoring_threads else nullcontext():
             self._score(taken)
             self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)
 
@@ -371,7 +372,7 @@ class Daemon:
             return
         future, offsets = self._inflight
         self._inflight = None
-        with self._threads.loop_waiting() if self._threads else nullcontext():
+        with self.scoring_threads.loop_waiting() if self.scoring_threads else nullcontext():
             future.result()
         if offsets:
             self.producer.flush(timeout_s)  # dead letters of those records

@@ -290,11 +290,11 @@ def test_inference_threads_adapt_only_when_left_to_the_daemon(models, tmp_path, 
         fixed = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-    assert (daemon._threads is not None) == adaptive
+    assert (daemon.scoring_threads is not None) == adaptive
     assert fixed == (model_threads or 4)  # the loop thread's own count (serial flushes at shutdown, rebalances)
     gauge = daemon.registry.get_sample_value("anomalyd_inference_threads")
     if adaptive:
-        assert daemon._threads.most == 4 and daemon._threads.threads == 1 and gauge == 1
+        assert daemon.scoring_threads.most == 4 and daemon.scoring_threads.threads == 1 and gauge == 1
     else:
         assert gauge == fixed
 
@@ -316,14 +316,14 @@ def test_a_loop_waiting_for_the_scoring_thread_gives_it_every_thread(kafka_boots
     before = torch.get_num_threads()
     try:
         daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
-        assert daemon._threads.most == 2 and daemon.registry.get_sample_value("anomalyd_inference_threads") == 1
+        assert daemon.scoring_threads.most == 2 and daemon.registry.get_sample_value("anomalyd_inference_threads") == 1
         changes = []
 
         def changed(k: int) -> None:
             changes.append(k)
             daemon.metrics.inference_threads.set(k)
 
-        daemon._threads = ScoringThreads(2, period_s=0.05, on_change=changed)  # decisions every 50 ms
+        daemon.scoring_threads = ScoringThreads(2, period_s=0.05, on_change=changed)  # decisions every 50 ms
         score = daemon.engine.score
 
         def slower_score(*args, **kwargs):
