@@ -130,10 +130,15 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def _cmd_run(args) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .daemon import Daemon
+    from .kafka_io import KafkaAuthenticationError
 
-    return Daemon(load_config(args.config), stop_event=_RUN_STOP).run(timeout=args.timeout)
+    cfg = load_config(args.config)
+    try:
+        return Daemon(cfg, stop_event=_RUN_STOP).run(timeout=args.timeout)
+    except KafkaAuthenticationError as exc:  # a config problem: name the file and the key
+        raise ConfigError([f"{cfg.source}: kafka.security: {exc}"]) from exc
 
 
 def _cmd_train(args) -> int:
@@ -191,11 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a clear one-line error for operators; --log-level DEBUG shows the trace
         from .config import ConfigError
+        from .kafka_io import KafkaBootstrapError
 
-        if isinstance(exc, ConfigError | FileNotFoundError | ValueError):
+        if isinstance(exc, ConfigError | FileNotFoundError | ValueError | KafkaBootstrapError):
             print(f"anomalyd: error: {exc}", file=sys.stderr)
             logging.getLogger("anomalyd").debug("traceback", exc_info=True)
-            return 2
+            return 1 if isinstance(exc, KafkaBootstrapError) else 2  # 1: may work later; 2: fix the config
         raise
 
 

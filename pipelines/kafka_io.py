@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,6 +58,71 @@ logging.getLogger("kafka.net.transport").addFilter(_ClosedTransportIOFilter())  
 
 class KafkaDeliveryError(RuntimeError):
     """Some messages produced since the last flush were not acknowledged by the brokers."""
+
+
+class KafkaAuthenticationError(ValueError):
+    """The brokers refused the credentials in ``kafka.security``: a configuration problem that retrying will not
+    fix (a ValueError: the CLI reports it on one line and exits 2)."""
+
+
+class KafkaBootstrapError(RuntimeError):
+    """No broker in ``kafka.bootstrap_servers`` could be reached, or none answered, within the client's timeout."""
+
+
+# kafka-python's errors for a failed SASL handshake (wrong password or user, a mechanism the broker does not enable)
+_AUTH_ERRORS = ("SaslAuthenticationFailedError", "UnsupportedSaslMechanismError", "IllegalSaslStateError")
+
+
+def describe_credentials(security: Mapping[str, Any] | None) -> str:
+    """``kafka.security`` for an error message, without the password: 'SASL_PLAINTEXT, SCRAM-SHA-256, user alice'."""
+    security = security or {}
+    parts = [security.get("protocol", "PLAINTEXT"), security.get("sasl_mechanism")]
+    parts.append(f"user {security['sasl_username']}" if security.get("sasl_username") else None)
+    return ", ".join(p for p in parts if p)
+
+
+class _LoggedErrors(logging.Handler):
+    """The exceptions kafka-python logs while it retries a bootstrap (it then raises only "Unable to bootstrap")."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.args, tuple):
+            self.errors.extend(a for a in record.args if isinstance(a, BaseException))
+
+
+@contextmanager
+def kafka_python_bootstrap(bootstrap_servers: str, security: Mapping[str, Any] | None) -> Iterator[None]:
+    """Around a kafka-python client's constructor: its bootstrap timeout becomes :class:`KafkaAuthenticationError`
+    when an attempt failed on the credentials, :class:`KafkaBootstrapError` naming the errors seen otherwise.
+
+    kafka-python 3.0.12 often never sees a refused login: the broker sends its error response and closes the
+    connection, and when both arrive in one read kafka-python drops the response and reports only "socket
+    disconnected". With SASL configured, the message then says that this is the likely cause."""
+    from kafka.errors import KafkaTimeoutError
+
+    seen, logger = _LoggedErrors(), logging.getLogger("kafka.net.manager")
+    logger.addHandler(seen)
+    try:
+        yield
+    except KafkaTimeoutError as exc:
+        if "bootstrap" not in str(exc):
+            raise
+        credentials = describe_credentials(security)
+        errors = [e for e in seen.errors if not isinstance(e, KafkaTimeoutError)]  # not the final "Unable to"
+        auth = [e for e in errors if type(e).__name__ in _AUTH_ERRORS]
+        if auth:
+            raise KafkaAuthenticationError(f"Kafka at {bootstrap_servers} refused the credentials ({credentials}): "
+                                           f"{auth[-1]}") from exc
+        seen_text = "; ".join(dict.fromkeys(str(e) for e in errors)) or "no error logged"  # distinct, in order
+        hint = (" A broker that closes the connection during the SASL handshake has usually refused the "
+                "credentials: check kafka.security." if "SASL" in credentials and "disconnected" in seen_text else "")
+        raise KafkaBootstrapError(f"cannot connect to Kafka at {bootstrap_servers} ({credentials}): {exc}; "
+                                  f"attempts failed with: {seen_text}.{hint}") from exc
+    finally:
+        logger.removeHandler(seen)
 
 
 class Producer(Protocol):
@@ -207,5 +273,6 @@ def make_producer(
     """A producer for ``client`` ("kafka-python" | "confluent") with the mapped security options."""
     options = client_security_config(client, security) | client_config
     if client == "kafka-python":
-        return KafkaPythonProducer(bootstrap_servers, **options)
+        with kafka_python_bootstrap(bootstrap_servers, security):
+            return KafkaPythonProducer(bootstrap_servers, **options)
     return ConfluentProducer(bootstrap_servers, **options)

@@ -37,6 +37,7 @@ SCALA_VERSION = "2.13"
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
 DEFAULT_PORT = 19092
 HOST = "127.0.0.1"
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 _Path = str | os.PathLike[str] | None
 FILES_DIR = Path(__file__).resolve().parent.parent / "scripts" / "kafka"  # pom.xml and config templates
 
@@ -174,6 +175,23 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _with_sasl(props: str, sasl_port: int | None, users: Mapping[str, str]) -> str:
+    """``props`` (the filled-in server.properties) with a SASL_PLAINTEXT listener on ``sasl_port`` added."""
+    if not sasl_port:
+        return props
+    for key, value in (("listeners", f"SASL_PLAINTEXT://{HOST}:{sasl_port}"),
+                       ("advertised.listeners", f"SASL_PLAINTEXT://{HOST}:{sasl_port}"),
+                       ("listener.security.protocol.map", "SASL_PLAINTEXT:SASL_PLAINTEXT")):
+        props = re.sub(rf"^{re.escape(key)}=(.*)$", lambda m, v=value: f"{m.group(0)},{v}", props, count=1, flags=re.M)
+    plain = " ".join(f'user_{user}="{password}"' for user, password in users.items())
+    lines = [f"sasl.enabled.mechanisms=PLAIN,{','.join(SCRAM_MECHANISMS)}",
+             f"listener.name.sasl_plaintext.plain.sasl.jaas.config="
+             f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain};"]
+    lines += [f"listener.name.sasl_plaintext.{mech.lower()}.sasl.jaas.config="
+              "org.apache.kafka.common.security.scram.ScramLoginModule required;" for mech in SCRAM_MECHANISMS]
+    return props.rstrip("\n") + "\n\n# SASL listener (LocalKafka sasl_port)\n" + "\n".join(lines) + "\n"
+
+
 def _tail(path: str | Path, lines: int = 40) -> str:
     """The last ``lines`` lines of a text file ('' when unreadable)."""
     try:
@@ -186,8 +204,12 @@ class LocalKafka:
     """One local single-node KRaft broker on 127.0.0.1:``port``, started detached and found again by port."""
 
     def __init__(self, port: int = DEFAULT_PORT, controller_port: int | None = None,
-                 cache_dir: _Path = None, data_dir: _Path = None, heap: str = "512m", full_jit: bool = False) -> None:
+                 cache_dir: _Path = None, data_dir: _Path = None, heap: str = "512m", full_jit: bool = False,
+                 sasl_port: int | None = None, sasl_users: Mapping[str, str] | None = None) -> None:
         self.port = int(port)
+        # a second listener, SASL_PLAINTEXT on sasl_port, for these users (name -> password) with PLAIN and
+        # SCRAM-SHA-256/512; the PLAINTEXT listener on port stays (the broker's own and the admin's)
+        self.sasl_port, self.sasl_users = sasl_port, dict(sasl_users or {})
         self.full_jit = full_jit  # C2 as well as C1: slower start, about half the CPU per message once warm
         self.controller_port = controller_port
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root()
@@ -244,7 +266,7 @@ class LocalKafka:
                 return self.bootstrap
             if state:  # stale: that broker is gone
                 self._forget(state)
-            for port in (self.port, self.controller_port):
+            for port in (self.port, self.controller_port, self.sasl_port):
                 if port and _port_in_use(port):
                     raise KafkaSetupError(f"port {port} on {HOST} is used by another process (not a broker "
                                           f"started by LocalKafka); pick another, e.g. --port {free_port()}")
@@ -287,16 +309,19 @@ class LocalKafka:
         props, log_file = data_dir / "server.properties", data_dir / "kafka.log"
         log4j = data_dir / "log4j2.properties"
         template = Template((FILES_DIR / "server.properties").read_text())
-        props.write_text(template.substitute(host=HOST, port=self.port, controller_port=cport,
-                                             log_dirs=data_dir / "kafka-logs"))
+        props.write_text(_with_sasl(template.substitute(host=HOST, port=self.port, controller_port=cport,
+                                                        log_dirs=data_dir / "kafka-logs"), self.sasl_port,
+                                    self.sasl_users))
         shutil.copyfile(FILES_DIR / "log4j2.properties", log4j)
         jit = [] if self.full_jit else ["-XX:TieredStopAtLevel=1"]  # C1 only: a faster start for tests and demos
         base = [java, f"-Xmx{self.heap}", *jit, "-Djava.awt.headless=true",
                 f"-Dlog4j2.configurationFile={log4j}", "-cp", f"{libs}/*"]
         if not (data_dir / "kafka-logs" / "meta.properties").is_file():  # a kept data dir: format once
             cluster_id = base64.urlsafe_b64encode(b"\1" + os.urandom(15)).rstrip(b"=").decode()  # never "-..."
+            scram = [arg for user, password in self.sasl_users.items() for mech in SCRAM_MECHANISMS
+                     for arg in ("--add-scram", f"{mech}=[name={user},password={password}]")] if self.sasl_port else []
             fmt = subprocess.run([*base, "kafka.tools.StorageTool", "format", "--cluster-id", cluster_id,
-                                  "--config", str(props)], capture_output=True, text=True, timeout=120)
+                                  "--config", str(props), *scram], capture_output=True, text=True, timeout=120)
             if fmt.returncode != 0:
                 raise KafkaSetupError(f"StorageTool format failed:\n{(fmt.stdout + fmt.stderr)[-3000:]}")
         with open(log_file, "ab") as log:
@@ -304,7 +329,8 @@ class LocalKafka:
                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=data_dir)
         self.launched = True
         state = {"pid": proc.pid, "port": self.port, "controller_port": cport, "data_dir": str(data_dir),
-                 "temp_data_dir": temp, "log_file": str(log_file), "properties": str(props)}
+                 "temp_data_dir": temp, "log_file": str(log_file), "properties": str(props),
+                 "sasl_port": self.sasl_port}
         self._run_dir.mkdir(parents=True, exist_ok=True)
         self._state_file.write_text(json.dumps(state, indent=1))
         (data_dir / "kafka.pid").write_text(f"{proc.pid}\n")

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .kafka_io import client_security_config
+from .kafka_io import KafkaAuthenticationError, client_security_config, describe_credentials, kafka_python_bootstrap
 
 FETCH_MIN_BYTES = 65536  # kafka.fetch_min_bytes default: the broker answers a fetch once it has this much ...
 FETCH_MAX_WAIT_MS = 10  # ... or after this long (benchmarks/RESULTS.md, item 18)
@@ -82,14 +82,15 @@ class KafkaPythonSource:
         from kafka.structs import TopicPartition as KTP
 
         self._KTP, self._OAM = KTP, OffsetAndMetadata
-        self._consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False,
-            auto_offset_reset=auto_offset_reset, session_timeout_ms=session_timeout_ms,
-            heartbeat_interval_ms=heartbeat_interval_ms, max_partition_fetch_bytes=max_partition_fetch_bytes,
-            fetch_max_bytes=64 << 20, fetch_min_bytes=fetch_min_bytes, fetch_max_wait_ms=fetch_max_wait_ms,
-            metadata_max_age_ms=metadata_max_age_ms,
-            **client_security_config("kafka-python", security), **extra,
-        )
+        with kafka_python_bootstrap(bootstrap_servers, security):  # its timeout says why: credentials or network
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False,
+                auto_offset_reset=auto_offset_reset, session_timeout_ms=session_timeout_ms,
+                heartbeat_interval_ms=heartbeat_interval_ms, max_partition_fetch_bytes=max_partition_fetch_bytes,
+                fetch_max_bytes=64 << 20, fetch_min_bytes=fetch_min_bytes, fetch_max_wait_ms=fetch_max_wait_ms,
+                metadata_max_age_ms=metadata_max_age_ms,
+                **client_security_config("kafka-python", security), **extra,
+            )
 
         class _Listener(ConsumerRebalanceListener):
             def on_partitions_revoked(self, revoked):  # noqa: N805 - kafka-python's signature
@@ -198,13 +199,15 @@ class ConfluentSource:
         from confluent_kafka import TopicPartition as CTP
 
         self._CTP = CTP
+        self._auth_error: str | None = None  # set by librdkafka's error callback, raised by the next poll
+        self._credentials = f"Kafka at {bootstrap_servers} refused the credentials ({describe_credentials(security)})"
         conf = {
             "bootstrap.servers": bootstrap_servers, "group.id": group_id, "enable.auto.commit": False,
             "enable.auto.offset.store": False, "auto.offset.reset": auto_offset_reset,
             "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": heartbeat_interval_ms,
             "max.partition.fetch.bytes": max_partition_fetch_bytes, "fetch.min.bytes": fetch_min_bytes,
             "fetch.wait.max.ms": fetch_max_wait_ms, "topic.metadata.refresh.interval.ms": metadata_max_age_ms,
-            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
+            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS, "error_cb": self._on_error,
             **client_security_config("confluent", security), **extra,
         }
         self._consumer = Consumer(conf)
@@ -218,10 +221,20 @@ class ConfluentSource:
 
         self._consumer.subscribe(subs, on_assign=_assign, on_revoke=_revoke)
 
+    def _on_error(self, err: Any) -> None:
+        """librdkafka's error callback (served inside poll). It retries every error, a refused login too, for
+        ever; that one is a configuration problem, and the next poll raises it."""
+        from confluent_kafka import KafkaError
+
+        if err.code() == KafkaError._AUTHENTICATION:
+            self._auth_error = err.str()
+
     def poll(self, max_records: int, timeout_ms: int) -> RecordBatch:
         # Wait for the first message only, then take what is already fetched: consume(n, timeout) would wait the
         # whole timeout unless n messages arrive, which adds latency at low load.
         first = self._consumer.poll(timeout_ms / 1000.0)
+        if self._auth_error is not None:
+            raise KafkaAuthenticationError(f"{self._credentials}: {self._auth_error}")
         if first is None:
             return RecordBatch.empty()
         msgs = [first] + (self._consumer.consume(num_messages=max_records - 1, timeout=0) if max_records > 1 else [])
