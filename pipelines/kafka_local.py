@@ -6,7 +6,9 @@ into ``<cache>/kafka-<version>/libs`` (``<cache>``: ``$ANOMALYD_CACHE`` or ``~/.
 formats a fresh temp data dir (unless one is given) with ``kafka.tools.StorageTool``, launches ``java
 kafka.Kafka server.properties`` detached and returns once the broker answers. Run state (pid, ports, data
 dir, log file) lives in ``<cache>/kafka-run/kafka-<port>.json``. CLI: ``python -m pipelines.kafka_local
-start|stop|status|jars [--port N]``, wrapped by scripts/kafka.sh.
+start|stop|status|jars [--port N] [--sasl-port M --sasl-user NAME=PASSWORD]``, wrapped by scripts/kafka.sh.
+``sasl_port`` adds a SASL_PLAINTEXT listener (PLAIN, SCRAM-SHA-256/512); SCRAM users are created when the
+data dir is formatted, so a kept data dir keeps its first users.
 """
 
 from __future__ import annotations
@@ -262,6 +264,9 @@ class LocalKafka:
         with exclusive_lock(self._run_dir / ".lock"):
             state = self._read_state()
             if state and self._is_ours(state):
+                if self.sasl_port and state.get("sasl_port") != self.sasl_port:
+                    raise KafkaSetupError(f"the broker on port {self.port} has no SASL listener on {self.sasl_port}; "
+                                          f"stop it first (scripts/kafka.sh stop --port {self.port})")
                 self._wait_ready(state, deadline)
                 return self.bootstrap
             if state:  # stale: that broker is gone
@@ -395,8 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, help="persistent data dir (default: a fresh temp dir)")
     parser.add_argument("--heap", default="512m")
     parser.add_argument("--timeout", type=float, default=90.0, help="start: seconds to wait for the broker")
+    parser.add_argument("--sasl-port", type=int, default=None, help="start: also a SASL_PLAINTEXT listener here")
+    parser.add_argument("--sasl-user", action="append", default=[], metavar="NAME=PASSWORD",
+                        help="start: a user of the SASL listener (PLAIN, SCRAM-SHA-256/512); repeatable")
     args = parser.parse_args(argv)
-    kafka = LocalKafka(args.port, args.controller_port, data_dir=args.data_dir, heap=args.heap)
+    users = dict(u.split("=", 1) for u in args.sasl_user if "=" in u)
+    kafka = LocalKafka(args.port, args.controller_port, data_dir=args.data_dir, heap=args.heap,
+                       sasl_port=args.sasl_port, sasl_users=users)
     try:
         if args.command == "start":
             print(kafka.start(timeout_s=args.timeout))
