@@ -61,8 +61,9 @@ class KafkaDeliveryError(RuntimeError):
 
 
 class KafkaAuthenticationError(ValueError):
-    """The brokers refused the credentials in ``kafka.security``: a configuration problem that retrying will not
-    fix (a ValueError: the CLI reports it on one line and exits 2)."""
+    """The brokers refused the credentials in ``kafka.security``, or the TLS handshake failed (an untrusted
+    certificate): a configuration problem that retrying will not fix (a ValueError: the CLI reports it on one line
+    and exits 2). Build one with :func:`security_error`."""
 
 
 class KafkaBootstrapError(RuntimeError):
@@ -81,6 +82,17 @@ def describe_credentials(security: Mapping[str, Any] | None) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def security_error(tls: bool, bootstrap_servers: str, security: Mapping[str, Any] | None,
+                   detail: object) -> KafkaAuthenticationError:
+    """The error for a refused login (``tls`` False) or a failed TLS handshake (``tls`` True)."""
+    credentials = describe_credentials(security)
+    if tls:
+        cafile = (security or {}).get("ssl_cafile") or "not set, so the system's CAs"
+        return KafkaAuthenticationError(f"the TLS handshake with Kafka at {bootstrap_servers} failed ({credentials}; "
+                                        f"ssl_cafile {cafile}): {detail}")
+    return KafkaAuthenticationError(f"Kafka at {bootstrap_servers} refused the credentials ({credentials}): {detail}")
+
+
 class _LoggedErrors(logging.Handler):
     """The exceptions kafka-python logs while it retries a bootstrap (it then raises only "Unable to bootstrap")."""
 
@@ -96,7 +108,8 @@ class _LoggedErrors(logging.Handler):
 @contextmanager
 def kafka_python_bootstrap(bootstrap_servers: str, security: Mapping[str, Any] | None) -> Iterator[None]:
     """Around a kafka-python client's constructor: its bootstrap timeout becomes :class:`KafkaAuthenticationError`
-    when an attempt failed on the credentials, :class:`KafkaBootstrapError` naming the errors seen otherwise.
+    when an attempt failed on the credentials or the broker's certificate, :class:`KafkaBootstrapError` naming the
+    errors seen otherwise.
 
     kafka-python 3.0.12 often never sees a refused login: the broker sends its error response and closes the
     connection, and when both arrive in one read kafka-python drops the response and reports only "socket
@@ -114,8 +127,10 @@ def kafka_python_bootstrap(bootstrap_servers: str, security: Mapping[str, Any] |
         errors = [e for e in seen.errors if not isinstance(e, KafkaTimeoutError)]  # not the final "Unable to"
         auth = [e for e in errors if type(e).__name__ in _AUTH_ERRORS]
         if auth:
-            raise KafkaAuthenticationError(f"Kafka at {bootstrap_servers} refused the credentials ({credentials}): "
-                                           f"{auth[-1]}") from exc
+            raise security_error(False, bootstrap_servers, security, auth[-1]) from exc
+        tls = [e for e in errors if "CERTIFICATE_VERIFY_FAILED" in str(e)]
+        if tls:
+            raise security_error(True, bootstrap_servers, security, tls[-1]) from exc
         seen_text = "; ".join(dict.fromkeys(str(e) for e in errors)) or "no error logged"  # distinct, in order
         hint = (" A broker that closes the connection during the SASL handshake has usually refused the "
                 "credentials: check kafka.security." if "SASL" in credentials and "disconnected" in seen_text else "")

@@ -6,9 +6,10 @@ into ``<cache>/kafka-<version>/libs`` (``<cache>``: ``$ANOMALYD_CACHE`` or ``~/.
 formats a fresh temp data dir (unless one is given) with ``kafka.tools.StorageTool``, launches ``java
 kafka.Kafka server.properties`` detached and returns once the broker answers. Run state (pid, ports, data
 dir, log file) lives in ``<cache>/kafka-run/kafka-<port>.json``. CLI: ``python -m pipelines.kafka_local
-start|stop|status|jars [--port N] [--sasl-port M --sasl-user NAME=PASSWORD]``, wrapped by scripts/kafka.sh.
-``sasl_port`` adds a SASL_PLAINTEXT listener (PLAIN, SCRAM-SHA-256/512); SCRAM users are created when the
-data dir is formatted, so a kept data dir keeps its first users.
+start|stop|status|jars [--port N] [--sasl-port M] [--sasl-ssl-port K] [--sasl-user NAME=PASSWORD]``, wrapped
+by scripts/kafka.sh. ``sasl_port`` / ``sasl_ssl_port`` add SASL_PLAINTEXT / SASL_SSL listeners
+(pipelines/kafka_local_security.py); SCRAM users are created when the data dir is formatted, so a kept data dir
+keeps its first users.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from string import Template
 
 from detector.filelock import exclusive_lock
 
+from .kafka_local_security import make_certificates, scram_format_args, with_listeners
+
 KAFKA_VERSION = "4.1.2"  # also the default in scripts/kafka/pom.xml
 SCALA_VERSION = "2.13"
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
 DEFAULT_PORT = 19092
 HOST = "127.0.0.1"
-SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 _Path = str | os.PathLike[str] | None
 FILES_DIR = Path(__file__).resolve().parent.parent / "scripts" / "kafka"  # pom.xml and config templates
 
@@ -177,23 +179,6 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def _with_sasl(props: str, sasl_port: int | None, users: Mapping[str, str]) -> str:
-    """``props`` (the filled-in server.properties) with a SASL_PLAINTEXT listener on ``sasl_port`` added."""
-    if not sasl_port:
-        return props
-    for key, value in (("listeners", f"SASL_PLAINTEXT://{HOST}:{sasl_port}"),
-                       ("advertised.listeners", f"SASL_PLAINTEXT://{HOST}:{sasl_port}"),
-                       ("listener.security.protocol.map", "SASL_PLAINTEXT:SASL_PLAINTEXT")):
-        props = re.sub(rf"^{re.escape(key)}=(.*)$", lambda m, v=value: f"{m.group(0)},{v}", props, count=1, flags=re.M)
-    plain = " ".join(f'user_{user}="{password}"' for user, password in users.items())
-    lines = [f"sasl.enabled.mechanisms=PLAIN,{','.join(SCRAM_MECHANISMS)}",
-             f"listener.name.sasl_plaintext.plain.sasl.jaas.config="
-             f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain};"]
-    lines += [f"listener.name.sasl_plaintext.{mech.lower()}.sasl.jaas.config="
-              "org.apache.kafka.common.security.scram.ScramLoginModule required;" for mech in SCRAM_MECHANISMS]
-    return props.rstrip("\n") + "\n\n# SASL listener (LocalKafka sasl_port)\n" + "\n".join(lines) + "\n"
-
-
 def _tail(path: str | Path, lines: int = 40) -> str:
     """The last ``lines`` lines of a text file ('' when unreadable)."""
     try:
@@ -207,11 +192,12 @@ class LocalKafka:
 
     def __init__(self, port: int = DEFAULT_PORT, controller_port: int | None = None,
                  cache_dir: _Path = None, data_dir: _Path = None, heap: str = "512m", full_jit: bool = False,
-                 sasl_port: int | None = None, sasl_users: Mapping[str, str] | None = None) -> None:
+                 sasl_port: int | None = None, sasl_ssl_port: int | None = None,
+                 sasl_users: Mapping[str, str] | None = None) -> None:
         self.port = int(port)
-        # a second listener, SASL_PLAINTEXT on sasl_port, for these users (name -> password) with PLAIN and
-        # SCRAM-SHA-256/512; the PLAINTEXT listener on port stays (the broker's own and the admin's)
-        self.sasl_port, self.sasl_users = sasl_port, dict(sasl_users or {})
+        # more listeners, SASL_PLAINTEXT on sasl_port and SASL_SSL on sasl_ssl_port, for these users (name ->
+        # password) with PLAIN and SCRAM-SHA-256/512; the PLAINTEXT listener on port stays (broker's and admin's)
+        self.sasl_port, self.sasl_ssl_port, self.sasl_users = sasl_port, sasl_ssl_port, dict(sasl_users or {})
         self.full_jit = full_jit  # C2 as well as C1: slower start, about half the CPU per message once warm
         self.controller_port = controller_port
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root()
@@ -225,6 +211,13 @@ class LocalKafka:
     def bootstrap(self) -> str:
         """The bootstrap servers string, ``127.0.0.1:PORT``."""
         return f"{HOST}:{self.port}"
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA certificate that a client of the SASL_SSL listener trusts (None: no such listener running)."""
+        state = self._read_state()
+        path = Path(state["data_dir"]) / "tls" / "ca.pem" if state and state.get("sasl_ssl_port") else None
+        return path if path and path.is_file() else None
 
     @property
     def kafka_dir(self) -> Path:
@@ -264,14 +257,16 @@ class LocalKafka:
         with exclusive_lock(self._run_dir / ".lock"):
             state = self._read_state()
             if state and self._is_ours(state):
-                if self.sasl_port and state.get("sasl_port") != self.sasl_port:
-                    raise KafkaSetupError(f"the broker on port {self.port} has no SASL listener on {self.sasl_port}; "
-                                          f"stop it first (scripts/kafka.sh stop --port {self.port})")
+                for key in ("sasl_port", "sasl_ssl_port"):
+                    if getattr(self, key) and state.get(key) != getattr(self, key):
+                        raise KafkaSetupError(f"the broker on port {self.port} has no listener on {key} "
+                                              f"{getattr(self, key)}; stop it first (scripts/kafka.sh stop --port "
+                                              f"{self.port})")
                 self._wait_ready(state, deadline)
                 return self.bootstrap
             if state:  # stale: that broker is gone
                 self._forget(state)
-            for port in (self.port, self.controller_port, self.sasl_port):
+            for port in (self.port, self.controller_port, self.sasl_port, self.sasl_ssl_port):
                 if port and _port_in_use(port):
                     raise KafkaSetupError(f"port {port} on {HOST} is used by another process (not a broker "
                                           f"started by LocalKafka); pick another, e.g. --port {free_port()}")
@@ -314,17 +309,22 @@ class LocalKafka:
         props, log_file = data_dir / "server.properties", data_dir / "kafka.log"
         log4j = data_dir / "log4j2.properties"
         template = Template((FILES_DIR / "server.properties").read_text())
-        props.write_text(_with_sasl(template.substitute(host=HOST, port=self.port, controller_port=cport,
-                                                        log_dirs=data_dir / "kafka-logs"), self.sasl_port,
-                                    self.sasl_users))
+        broker_pem = None
+        if self.sasl_ssl_port:
+            try:
+                _, broker_pem = make_certificates(data_dir / "tls", HOST)
+            except RuntimeError as exc:
+                raise KafkaSetupError(str(exc)) from exc
+        props.write_text(with_listeners(template.substitute(host=HOST, port=self.port, controller_port=cport,
+                                                            log_dirs=data_dir / "kafka-logs"), HOST, self.sasl_users,
+                                        self.sasl_port, self.sasl_ssl_port, broker_pem))
         shutil.copyfile(FILES_DIR / "log4j2.properties", log4j)
         jit = [] if self.full_jit else ["-XX:TieredStopAtLevel=1"]  # C1 only: a faster start for tests and demos
         base = [java, f"-Xmx{self.heap}", *jit, "-Djava.awt.headless=true",
                 f"-Dlog4j2.configurationFile={log4j}", "-cp", f"{libs}/*"]
         if not (data_dir / "kafka-logs" / "meta.properties").is_file():  # a kept data dir: format once
             cluster_id = base64.urlsafe_b64encode(b"\1" + os.urandom(15)).rstrip(b"=").decode()  # never "-..."
-            scram = [arg for user, password in self.sasl_users.items() for mech in SCRAM_MECHANISMS
-                     for arg in ("--add-scram", f"{mech}=[name={user},password={password}]")] if self.sasl_port else []
+            scram = scram_format_args(self.sasl_users) if self.sasl_port or self.sasl_ssl_port else []
             fmt = subprocess.run([*base, "kafka.tools.StorageTool", "format", "--cluster-id", cluster_id,
                                   "--config", str(props), *scram], capture_output=True, text=True, timeout=120)
             if fmt.returncode != 0:
@@ -335,7 +335,7 @@ class LocalKafka:
         self.launched = True
         state = {"pid": proc.pid, "port": self.port, "controller_port": cport, "data_dir": str(data_dir),
                  "temp_data_dir": temp, "log_file": str(log_file), "properties": str(props),
-                 "sasl_port": self.sasl_port}
+                 "sasl_port": self.sasl_port, "sasl_ssl_port": self.sasl_ssl_port}
         self._run_dir.mkdir(parents=True, exist_ok=True)
         self._state_file.write_text(json.dumps(state, indent=1))
         (data_dir / "kafka.pid").write_text(f"{proc.pid}\n")
@@ -401,12 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heap", default="512m")
     parser.add_argument("--timeout", type=float, default=90.0, help="start: seconds to wait for the broker")
     parser.add_argument("--sasl-port", type=int, default=None, help="start: also a SASL_PLAINTEXT listener here")
+    parser.add_argument("--sasl-ssl-port", type=int, default=None,
+                        help="start: also a SASL_SSL listener here (its CA: <data dir>/tls/ca.pem)")
     parser.add_argument("--sasl-user", action="append", default=[], metavar="NAME=PASSWORD",
                         help="start: a user of the SASL listener (PLAIN, SCRAM-SHA-256/512); repeatable")
     args = parser.parse_args(argv)
     users = dict(u.split("=", 1) for u in args.sasl_user if "=" in u)
     kafka = LocalKafka(args.port, args.controller_port, data_dir=args.data_dir, heap=args.heap,
-                       sasl_port=args.sasl_port, sasl_users=users)
+                       sasl_port=args.sasl_port, sasl_ssl_port=args.sasl_ssl_port, sasl_users=users)
     try:
         if args.command == "start":
             print(kafka.start(timeout_s=args.timeout))

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .kafka_io import KafkaAuthenticationError, client_security_config, describe_credentials, kafka_python_bootstrap
+from .kafka_io import client_security_config, kafka_python_bootstrap, security_error
 
 FETCH_MIN_BYTES = 65536  # kafka.fetch_min_bytes default: the broker answers a fetch once it has this much ...
 FETCH_MAX_WAIT_MS = 10  # ... or after this long (benchmarks/RESULTS.md, item 18)
@@ -199,8 +199,8 @@ class ConfluentSource:
         from confluent_kafka import TopicPartition as CTP
 
         self._CTP = CTP
-        self._auth_error: str | None = None  # set by librdkafka's error callback, raised by the next poll
-        self._credentials = f"Kafka at {bootstrap_servers} refused the credentials ({describe_credentials(security)})"
+        self._refused: Exception | None = None  # set by librdkafka's error callback, raised by the next poll
+        self._where, self._security = bootstrap_servers, security
         conf = {
             "bootstrap.servers": bootstrap_servers, "group.id": group_id, "enable.auto.commit": False,
             "enable.auto.offset.store": False, "auto.offset.reset": auto_offset_reset,
@@ -222,19 +222,19 @@ class ConfluentSource:
         self._consumer.subscribe(subs, on_assign=_assign, on_revoke=_revoke)
 
     def _on_error(self, err: Any) -> None:
-        """librdkafka's error callback (served inside poll). It retries every error, a refused login too, for
-        ever; that one is a configuration problem, and the next poll raises it."""
+        """librdkafka's error callback (served inside poll). It retries every error for ever, a refused login and
+        a failed TLS handshake too; those are configuration problems, and the next poll raises them."""
         from confluent_kafka import KafkaError
 
-        if err.code() == KafkaError._AUTHENTICATION:
-            self._auth_error = err.str()
+        if err.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):  # a refused login, an untrusted broker
+            self._refused = security_error(err.code() == KafkaError._SSL, self._where, self._security, err.str())
 
     def poll(self, max_records: int, timeout_ms: int) -> RecordBatch:
         # Wait for the first message only, then take what is already fetched: consume(n, timeout) would wait the
         # whole timeout unless n messages arrive, which adds latency at low load.
         first = self._consumer.poll(timeout_ms / 1000.0)
-        if self._auth_error is not None:
-            raise KafkaAuthenticationError(f"{self._credentials}: {self._auth_error}")
+        if self._refused is not None:
+            raise self._refused
         if first is None:
             return RecordBatch.empty()
         msgs = [first] + (self._consumer.consume(num_messages=max_records - 1, timeout=0) if max_records > 1 else [])

@@ -1,8 +1,10 @@
-"""The daemon over SASL against a real broker: PLAIN and SCRAM logins with both clients, and a refused login.
+"""The daemon over SASL and TLS against a real broker: PLAIN and SCRAM logins with both clients, over
+SASL_PLAINTEXT and SASL_SSL; a refused login and an untrusted broker certificate.
 
-The module's broker has a second listener, SASL_PLAINTEXT, with one user and PLAIN, SCRAM-SHA-256 and
-SCRAM-SHA-512 enabled (``LocalKafka(sasl_port=, sasl_users=)``). The test's own producer and readers use the
-broker's PLAINTEXT listener; everything the daemon does (consume, commit, alerts, dead letters) goes through SASL.
+The module's broker has two more listeners, SASL_PLAINTEXT and SASL_SSL (its own CA, ``ca_file``), with PLAIN,
+SCRAM-SHA-256 and SCRAM-SHA-512 enabled (``LocalKafka(sasl_port=, sasl_ssl_port=, sasl_users=)``). The test's
+own producer and readers use the broker's PLAINTEXT listener; everything the daemon does (consume, commit,
+alerts, dead letters) goes through the secured one.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import pytest
 
 from pipelines.config import load_config
 from pipelines.daemon import Daemon
-from pipelines.kafka_io import make_producer
+from pipelines.kafka_io import KafkaAuthenticationError, KafkaBootstrapError, make_producer
 from pipelines.kafka_local import KafkaSetupError, LocalKafka, create_topic, free_port
+from pipelines.source import make_source
 
 from .conftest import service_unavailable
 from .daemon_support import (
@@ -35,24 +38,29 @@ USER, PASSWORD = "anomalyd", "s3cret-for-tests"
 
 @pytest.fixture(scope="module")
 def sasl_broker() -> Iterator[LocalKafka]:
-    broker = LocalKafka(free_port(), sasl_port=free_port(), sasl_users={USER: PASSWORD, "other": "other-secret"})
+    broker = LocalKafka(free_port(), sasl_port=free_port(), sasl_ssl_port=free_port(),
+                        sasl_users={USER: PASSWORD, "other": "other-secret"})
     try:
         broker.start(timeout_s=120)
     except KafkaSetupError as exc:
-        service_unavailable(f"local Kafka broker with a SASL listener could not start: {exc}")
+        service_unavailable(f"local Kafka broker with SASL and SASL_SSL listeners could not start: {exc}")
     yield broker
     broker.stop()
 
 
-def _security(mechanism: str, password: str = PASSWORD) -> dict:
-    return {"protocol": "SASL_PLAINTEXT", "sasl_mechanism": mechanism, "sasl_username": USER,
-            "sasl_password": password}
+def _security(mechanism: str, password: str = PASSWORD, protocol: str = "SASL_PLAINTEXT") -> dict:
+    return {"protocol": protocol, "sasl_mechanism": mechanism, "sasl_username": USER, "sasl_password": password}
 
 
-@pytest.mark.parametrize(("client", "mechanism"), [("kafka-python", "SCRAM-SHA-512"), ("kafka-python", "PLAIN"),
-                                                   ("confluent", "SCRAM-SHA-256"), ("confluent", "PLAIN")])
+def _bootstrap(broker: LocalKafka, protocol: str) -> str:
+    return f"127.0.0.1:{broker.sasl_ssl_port if protocol == 'SASL_SSL' else broker.sasl_port}"
+
+
+@pytest.mark.parametrize(("client", "mechanism", "protocol"), [
+    ("kafka-python", "SCRAM-SHA-512", "SASL_PLAINTEXT"), ("kafka-python", "PLAIN", "SASL_SSL"),
+    ("confluent", "SCRAM-SHA-256", "SASL_SSL"), ("confluent", "PLAIN", "SASL_PLAINTEXT")])
 def test_the_daemon_consumes_alerts_and_commits_over_sasl(sasl_broker, topic_name, daemon_models, tmp_path, client,
-                                                         mechanism):
+                                                         mechanism, protocol):
     models_dir, names = daemon_models
     create_topic(sasl_broker.bootstrap, topic_name, partitions=2)
     truth, n = produce_with_anomalies(sasl_broker.bootstrap, topic_name, 200, ("level_shift",))
@@ -63,8 +71,11 @@ def test_the_daemon_consumes_alerts_and_commits_over_sasl(sasl_broker, topic_nam
     bad.close()
     password_file = tmp_path / "kafka-password"
     password_file.write_text(PASSWORD + "\n")
-    security = {**_security(mechanism), "sasl_password": None, "sasl_password_file": str(password_file)}
-    cfg = config_dict(f"127.0.0.1:{sasl_broker.sasl_port}", topic_name, models_dir, names, client=client)
+    security = {**_security(mechanism, protocol=protocol), "sasl_password": None,
+                "sasl_password_file": str(password_file)}
+    if protocol == "SASL_SSL":
+        security["ssl_cafile"] = str(sasl_broker.ca_file)
+    cfg = config_dict(_bootstrap(sasl_broker, protocol), topic_name, models_dir, names, client=client)
     cfg["kafka"]["security"] = {k: v for k, v in security.items() if v is not None}
     daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
     assert daemon.run(count=n + 1, timeout=120) == 0
@@ -114,3 +125,22 @@ def test_a_refused_login_stops_the_kafka_python_daemon_with_a_clear_error(sasl_b
     else:
         assert code == 1 and "cannot connect to Kafka" in error and "check kafka.security" in error, out
     assert f"user {USER}" in error and "Traceback" not in out and "wrong-password" not in out
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_broker_certificate_from_an_unknown_ca_is_refused(sasl_broker, topic_name, client):
+    """Without ``ssl_cafile`` the clients check the broker against the system's CAs, which do not know this
+    broker's CA: the consumer must refuse the broker (and say so), not fall back to an unverified connection."""
+    create_topic(sasl_broker.bootstrap, topic_name)
+    extra = {"bootstrap_timeout_ms": 5000} if client == "kafka-python" else {}  # its retries end sooner
+    with pytest.raises((KafkaAuthenticationError, KafkaBootstrapError)) as err:
+        source = make_source(client=client, bootstrap_servers=_bootstrap(sasl_broker, "SASL_SSL"), group_id="g",
+                             topics=[topic_name], pattern=None, on_assign=lambda _: None, on_revoke=lambda _: None,
+                             security=_security("PLAIN", protocol="SASL_SSL"), **extra)
+        try:
+            for _ in range(300):  # about a minute of polls: librdkafka reports the failed handshake at once
+                source.poll(100, 200)
+        finally:
+            source.close()
+    assert isinstance(err.value, KafkaAuthenticationError), err.value
+    assert "TLS handshake" in str(err.value) and "certificate verify failed" in str(err.value).lower(), err.value

@@ -1,0 +1,79 @@
+"""SASL and TLS listeners for the local test broker (:class:`pipelines.kafka_local.LocalKafka`).
+
+A SASL_PLAINTEXT and/or a SASL_SSL listener beside the broker's own PLAINTEXT one, with users that can log in by
+PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512. SASL_SSL uses a certificate authority made for this broker alone
+(``openssl``; files in ``<data dir>/tls``): clients trust ``ca.pem`` and check the broker's name, 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["SCRAM_MECHANISMS", "with_listeners", "scram_format_args", "make_certificates"]
+
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+CERT_DAYS = 30
+
+
+def with_listeners(props: str, host: str, users: Mapping[str, str], sasl_port: int | None = None,
+                   sasl_ssl_port: int | None = None, broker_pem: Path | None = None) -> str:
+    """``props`` (the filled-in server.properties) with SASL_PLAINTEXT on ``sasl_port`` and SASL_SSL on
+    ``sasl_ssl_port`` added (each only when given); SASL_SSL serves ``broker_pem`` (key and certificate)."""
+    listeners = [name for name, port in (("SASL_PLAINTEXT", sasl_port), ("SASL_SSL", sasl_ssl_port)) if port]
+    if not listeners:
+        return props
+    ports = {"SASL_PLAINTEXT": sasl_port, "SASL_SSL": sasl_ssl_port}
+    for key, values in (("listeners", [f"{n}://{host}:{ports[n]}" for n in listeners]),
+                        ("advertised.listeners", [f"{n}://{host}:{ports[n]}" for n in listeners]),
+                        ("listener.security.protocol.map", [f"{n}:{n}" for n in listeners])):
+        extra = ",".join(values)
+        props = re.sub(rf"^{re.escape(key)}=(.*)$", lambda m, e=extra: f"{m.group(0)},{e}", props, count=1, flags=re.M)
+    plain = " ".join(f'user_{user}="{password}"' for user, password in users.items())
+    lines = [f"sasl.enabled.mechanisms=PLAIN,{','.join(SCRAM_MECHANISMS)}"]
+    for name in listeners:
+        prefix = f"listener.name.{name.lower()}"
+        lines.append(f"{prefix}.plain.sasl.jaas.config="
+                     f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain};")
+        lines += [f"{prefix}.{mech.lower()}.sasl.jaas.config="
+                  "org.apache.kafka.common.security.scram.ScramLoginModule required;" for mech in SCRAM_MECHANISMS]
+    if sasl_ssl_port:
+        if broker_pem is None:
+            raise ValueError("a SASL_SSL listener needs the broker's key and certificate (broker_pem)")
+        lines += ["ssl.keystore.type=PEM", f"ssl.keystore.location={broker_pem}", "ssl.client.auth=none"]
+    return props.rstrip("\n") + "\n\n# SASL listeners (LocalKafka)\n" + "\n".join(lines) + "\n"
+
+
+def scram_format_args(users: Mapping[str, str]) -> list[str]:
+    """``kafka-storage format`` arguments that create every user for both SCRAM mechanisms."""
+    return [arg for user, password in users.items() for mech in SCRAM_MECHANISMS
+            for arg in ("--add-scram", f"{mech}=[name={user},password={password}]")]
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    res = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(args[:2])} failed: {(res.stdout + res.stderr)[-2000:]}")
+
+
+def make_certificates(tls_dir: Path, host: str) -> tuple[Path, Path]:
+    """A new certificate authority and a broker certificate for ``host`` in ``tls_dir``: ``(ca.pem,
+    broker.pem)``; broker.pem holds the broker's unencrypted key and its certificate (Kafka's PEM keystore)."""
+    if shutil.which("openssl") is None:
+        raise RuntimeError("the SASL_SSL listener needs the openssl command (e.g. 'apt-get install openssl')")
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    days = str(CERT_DAYS)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", days,
+             "-subj", "/CN=anomalyd local test CA", cwd=tls_dir)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr",
+             "-subj", f"/CN={host}", cwd=tls_dir)
+    (tls_dir / "san.ext").write_text(f"subjectAltName=IP:{host},DNS:localhost\n")
+    _openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "broker.crt", "-days", days, "-extfile", "san.ext", cwd=tls_dir)
+    broker_pem = tls_dir / "broker.pem"
+    broker_pem.write_text((tls_dir / "broker.key").read_text() + (tls_dir / "broker.crt").read_text())
+    broker_pem.chmod(0o600)
+    return tls_dir / "ca.pem", broker_pem
