@@ -30,9 +30,10 @@ then
     "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . >"$CACHE/editable-install.log" 2>&1 || { cat "$CACHE/editable-install.log"; exit 1; }
 fi
 
-# Debian packages for the integration tests (Java for Kafka, Prometheus, Alertmanager).
+# Debian packages for the integration tests (Java for Kafka, openssl for its TLS listener, Prometheus, Alertmanager).
 need=()
 command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v mvn >/dev/null 2>&1 || need+=(maven)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v prometheus-alertmanager >/dev/null 2>&1 || [ -x /usr/bin/prometheus-alertmanager ] || need+=(prometheus-alertmanager)
