@@ -1,4 +1,4 @@
-"""kafka-python's shutdown race: a read on a connection its own close() has just closed is not an ERROR.
+"""kafka_io against kafka-python itself: its shutdown-race log record, and its bootstrap timeout made clear.
 
 The race is reproduced with kafka-python's own transport and selector: ``close()`` on the caller's thread, then
 the read the IO thread would run next. No broker is involved; the socket is one end of a local socket pair.
@@ -60,3 +60,18 @@ def test_a_failed_read_on_an_open_transport_stays_an_error(caplog: pytest.LogCap
     transport._sock.close()  # the socket fails under a transport nobody closed
     (record,) = _read_records(caplog, transport)
     assert record.levelno == logging.ERROR and record.exc_info is not None
+
+
+def test_a_kafka_python_client_that_cannot_connect_raises_one_clear_error() -> None:
+    """Nothing listens on the port: the bootstrap timeout names the address, the security settings (never the
+    password) and what the attempts failed with, instead of kafka-python's bare "Unable to bootstrap"."""
+    from pipelines.kafka_io import KafkaBootstrapError, make_producer
+    from pipelines.kafka_local import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    security = {"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "pw-9f3k"}
+    with pytest.raises(KafkaBootstrapError) as err:
+        make_producer("kafka-python", address, security, bootstrap_timeout_ms=1500)
+    text = str(err.value)
+    assert address in text and "SASL_PLAINTEXT, PLAIN, user u" in text and "pw-9f3k" not in text
+    assert "ECONNREFUSED" in text or "refused" in text.lower(), text
