@@ -181,6 +181,10 @@ def _cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # anomalyd never compiles with triton. torch.optim (training, the demo) imports torch._dynamo, which imports
+    # triton when it is installed (torch's CUDA wheel), and triton's bindings then print a "nanobind: leaked ..."
+    # report of about 60 lines when the process exits. Keep triton out of this process unless already loaded.
+    sys.modules.setdefault("triton", None)  # type: ignore[arg-type]
     if _command_of(argv) == "run" and threading.current_thread() is threading.main_thread():
         # Before the heavy imports: a SIGTERM while starting up must still mean "stop cleanly" (exit 0).
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from detector.synthetic import make_dataset
 from detector.training import TrainConfig, train_detector
 
 torch.set_num_threads(1)
+sys.modules.setdefault("triton", None)  # type: ignore[arg-type]  # as pipelines.cli.main: no triton exit report
 
 TINY_TRAIN = TrainConfig(epochs=20, lr=3e-3, batch_size=64, patience=4, max_windows=2500, seed=0,
                          device="cpu", threshold="spot", threshold_params={"risk": 1e-3})

@@ -69,7 +69,8 @@ def test_a_kafka_python_client_that_cannot_connect_raises_one_clear_error() -> N
     from pipelines.kafka_local import free_port
 
     address = f"127.0.0.1:{free_port()}"
-    security = {"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "pw-9f3k"}
+    security = {"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "u",
+                "sasl_password": "pw-9f3k"}
     with pytest.raises(KafkaBootstrapError) as err:
         make_producer("kafka-python", address, security, bootstrap_timeout_ms=1500)
     text = str(err.value)
