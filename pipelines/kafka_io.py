@@ -257,6 +257,9 @@ class ConfluentProducer:
         if self._producer.flush(timeout_s):
             self._producer.purge()
         self._producer.flush(0)
+        close = getattr(self._producer, "close", None)  # confluent-kafka 2.x: the handle stops reconnecting now,
+        if close is not None:  # not when it is garbage-collected (nothing is queued: flushed or purged above)
+            close()
 
 
 def client_security_config(client: str, security: Mapping[str, Any] | None) -> dict[str, Any]:
