@@ -21,6 +21,18 @@ def _add_run(sub) -> None:
     p.set_defaults(func=_cmd_run)
 
 
+def _add_check(sub) -> None:
+    p = sub.add_parser("check", help="validate a config and its models as `run` would, optionally Kafka too",
+                       description=(
+        "Validates the config (with ANOMALYD_* overrides), loads every served model and builds the routes, as "
+        "`anomalyd run` does at start, and prints them. --connect also logs in to Kafka with the configured "
+        "client and security settings and looks up the topics. Exit 0: ok; 2: a config problem (key, model, "
+        "credentials, certificate); 1: Kafka unreachable or an input topic missing."))
+    p.add_argument("-c", "--config", required=True, help="YAML config (see deploy/config.example.yaml)")
+    p.add_argument("--connect", action="store_true", help="also log in to Kafka and look up the topics")
+    p.set_defaults(func=_cmd_check)
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a GRU/LSTM autoencoder and store a new model version", description=(
         "Train from CSV/NPY files (one series per file, e.g. one per stream) or from a Kafka topic time range, "
@@ -29,6 +41,8 @@ def _add_train(sub) -> None:
     src.add_argument("--data", nargs="+", type=Path, help="CSV (header row; timestamp column skipped) or .npy files")
     src.add_argument("--kafka-topic", help="read training events from this topic")
     p.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers (with --kafka-topic)")
+    p.add_argument("-c", "--config", default=None,
+                   help="with --kafka-topic: take the brokers and credentials from this daemon config's kafka section")
     p.add_argument("--from-ms", type=int, default=None, help="first event timestamp (ms) to use from the topic")
     p.add_argument("--to-ms", type=int, default=None, help="last event timestamp (ms) to use from the topic")
     p.add_argument("--streams", default="*", help="glob of stream ids to train on (with --kafka-topic)")
@@ -95,13 +109,29 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _version() -> str:
+    """'anomalyd 0.1.0 (torch 2.x, kafka-python 3.x, confluent-kafka 2.x)': the installed distributions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{d} {of(d)}" for d in ("torch", "kafka-python", "confluent-kafka"))
+    return f"anomalyd {of('anomalyd')} ({deps})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalyd", description="Streaming anomaly detection on Kafka with GRU/LSTM autoencoders.",
         epilog="Quick start: `make demo`. Each command has --help.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
+    _add_check(sub)
     _add_train(sub)
     _add_produce(sub)
     _add_replay(sub)
@@ -139,6 +169,12 @@ def _cmd_run(args) -> int:
         return Daemon(cfg, stop_event=_RUN_STOP).run(timeout=args.timeout)
     except KafkaAuthenticationError as exc:  # a config problem: name the file and the key
         raise ConfigError([f"{cfg.source}: kafka.security: {exc}"]) from exc
+
+
+def _cmd_check(args) -> int:
+    from .check_cmd import check_command
+
+    return check_command(args.config, args.connect)
 
 
 def _cmd_train(args) -> int:

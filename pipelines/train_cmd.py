@@ -6,6 +6,8 @@ import fnmatch
 import json
 import time
 from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -13,6 +15,7 @@ from detector.models import ModelConfig
 from detector.training import TrainConfig, load_series, train_detector
 
 from .decode import FeatureSpec, decode_batch
+from .kafka_io import client_security_config, kafka_python_bootstrap
 from .model_store import ModelStore
 
 __all__ = ["train_command", "read_topic_series"]
@@ -35,13 +38,17 @@ def _infer_features(values: list[bytes]) -> list[str]:
 
 
 def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: int | None, streams_glob: str,
-                      feature_names: list[str] | None, timeout_s: float = 30.0) -> tuple[list[np.ndarray], list[str]]:
+                      feature_names: list[str] | None, timeout_s: float = 30.0,
+                      security: Mapping[str, Any] | None = None) -> tuple[list[np.ndarray], list[str]]:
     """Events of ``topic`` with from_ms <= ts <= to_ms, decoded and validated exactly as the daemon does, grouped
-    per stream id as (T, F) series in time order. Messages the daemon would dead-letter are skipped (counted)."""
+    per stream id as (T, F) series in time order. Messages the daemon would dead-letter are skipped (counted).
+    ``security``: the config's ``kafka.security`` settings (read with kafka-python)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                             consumer_timeout_ms=int(timeout_s * 1000))
+    with kafka_python_bootstrap(bootstrap, security):
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                 consumer_timeout_ms=int(timeout_s * 1000),
+                                 **client_security_config("kafka-python", security))
     values: list[bytes] = []
     keys: list[bytes | None] = []
     broker_ts: list[int] = []
@@ -93,8 +100,14 @@ def train_command(args) -> int:
             raise ValueError("all --data files must have the same feature columns")
     else:
         feats = args.features.split(",") if args.features else None
-        series, names = read_topic_series(args.bootstrap, args.kafka_topic, args.from_ms, args.to_ms, args.streams,
-                                          feats)
+        bootstrap, security = args.bootstrap, None
+        if args.config:  # the daemon's brokers and credentials
+            from .config import load_config
+
+            kafka = load_config(args.config).kafka
+            bootstrap, security = kafka.bootstrap_servers, kafka.security.client_settings()
+        series, names = read_topic_series(bootstrap, args.kafka_topic, args.from_ms, args.to_ms, args.streams,
+                                          feats, security=security)
     mcfg = ModelConfig(kind=args.kind, n_features=series[0].shape[1], window=args.window, hidden_size=args.hidden,
                        num_layers=args.layers, latent_size=args.latent, dropout=args.dropout)
     params = {"risk": args.risk} if args.threshold in ("spot", "dspot") else {"q": 1 - args.risk}

@@ -144,3 +144,55 @@ def test_a_broker_certificate_from_an_unknown_ca_is_refused(sasl_broker, topic_n
             source.close()
     assert isinstance(err.value, KafkaAuthenticationError), err.value
     assert "TLS handshake" in str(err.value) and "certificate verify failed" in str(err.value).lower(), err.value
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_check_connect_logs_in_and_finds_the_topics(sasl_broker, topic_name, daemon_models, tmp_path, client):
+    models_dir, names = daemon_models
+    create_topic(sasl_broker.bootstrap, topic_name, partitions=3)
+    cfg = config_dict(_bootstrap(sasl_broker, "SASL_SSL"), topic_name, models_dir, names, client=client)
+    cfg["kafka"]["security"] = {**_security("SCRAM-SHA-512", protocol="SASL_SSL"),
+                                "ssl_cafile": str(sasl_broker.ca_file)}
+    path = write_config(tmp_path / "c.yaml", cfg)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "-c", str(path), "--connect"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"input topic {topic_name}: 3 partitions" in proc.stdout, proc.stdout
+    assert f"kafka.dead_letter_topic {topic_name}-dlq: not found" in proc.stdout, proc.stdout
+
+    cfg["kafka"]["topics"] = [f"{topic_name}-missing"]
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "-c", str(write_config(path, cfg)),
+                           "--connect"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"kafka.topics: topic '{topic_name}-missing' not found" in proc.stdout, proc.stdout
+
+
+def test_check_connect_with_a_wrong_password_is_a_config_error(sasl_broker, topic_name, daemon_models, tmp_path):
+    models_dir, names = daemon_models
+    cfg = config_dict(_bootstrap(sasl_broker, "SASL_PLAINTEXT"), topic_name, models_dir, names, client="confluent")
+    cfg["kafka"]["security"] = _security("PLAIN", password="wrong-password")
+    path = write_config(tmp_path / "c.yaml", cfg)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "-c", str(path), "--connect"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{path}: kafka.security: Kafka at" in proc.stderr and "refused the credentials" in proc.stderr
+    assert "wrong-password" not in proc.stdout + proc.stderr
+
+
+def test_train_reads_a_topic_with_the_daemon_configs_credentials(sasl_broker, topic_name, daemon_models, tmp_path):
+    """``anomalyd train --kafka-topic T -c config.yaml``: the brokers and the SASL_SSL login come from the config."""
+    from pipelines.cli import main as cli_main
+    from pipelines.model_store import ModelStore
+
+    models_dir, names = daemon_models
+    create_topic(sasl_broker.bootstrap, topic_name, partitions=2)
+    produce_with_anomalies(sasl_broker.bootstrap, topic_name, 150, ())
+    cfg = config_dict(_bootstrap(sasl_broker, "SASL_SSL"), topic_name, models_dir, names)
+    cfg["kafka"]["security"] = {**_security("SCRAM-SHA-256", protocol="SASL_SSL"),
+                                "ssl_cafile": str(sasl_broker.ca_file)}
+    path = write_config(tmp_path / "c.yaml", cfg)
+    code = cli_main(["train", "--kafka-topic", topic_name, "-c", str(path), "--streams", "pump-*",
+                     "--name", "over-sasl", "--models-dir", str(tmp_path / "trained"), "--kind", "gru",
+                     "--window", "8", "--hidden", "8", "--epochs", "1", "--threshold", "quantile", "--device", "cpu"])
+    assert code == 0
+    assert ModelStore(tmp_path / "trained").load("over-sasl").detector.summary["n_series"] == 4

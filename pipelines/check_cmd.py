@@ -1,0 +1,121 @@
+"""``anomalyd check``: everything ``anomalyd run`` checks at start, without running; optionally Kafka too.
+
+Offline it validates the config (file and ``ANOMALYD_*`` overrides), loads every served model and builds the
+routes, exactly as the daemon's constructor does. ``--connect`` then logs in to Kafka with the configured client
+and security settings and looks up the topics. Exit codes as ``run``: 0 ok, 2 a config problem (a bad key, a
+model, refused credentials, an untrusted broker), 1 a problem that may go away (Kafka unreachable, an input
+topic missing). Meant for a CI step, a Helm test or an init container before a rollout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .config import Config, ConfigError, load_config
+from .kafka_io import (
+    KafkaAuthenticationError,
+    KafkaBootstrapError,
+    client_security_config,
+    describe_credentials,
+    kafka_python_bootstrap,
+    security_error,
+)
+
+__all__ = ["check_command", "topic_partitions"]
+
+_TIMEOUT_S = 15.0
+
+
+def topic_partitions(client: str, bootstrap_servers: str, security: Mapping[str, Any] | None,
+                     timeout_s: float = _TIMEOUT_S) -> dict[str, int]:
+    """Every topic the brokers show to these credentials, with its partition count, fetched with ``client``.
+    Raises :class:`KafkaAuthenticationError` or :class:`KafkaBootstrapError` as the daemon's start would."""
+    if client == "kafka-python":
+        from kafka import KafkaConsumer
+
+        with kafka_python_bootstrap(bootstrap_servers, security):
+            consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
+                                     bootstrap_timeout_ms=int(timeout_s * 1000),
+                                     **client_security_config("kafka-python", security))
+        try:
+            return {t: len(consumer.partitions_for_topic(t) or ()) for t in consumer.topics()}
+        finally:
+            consumer.close()
+    from confluent_kafka import Consumer, KafkaError, KafkaException
+
+    refused: list[Exception] = []
+
+    def on_error(err: Any) -> None:
+        if err.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):
+            refused.append(security_error(err.code() == KafkaError._SSL, bootstrap_servers, security, err.str()))
+
+    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "anomalyd-check", "error_cb": on_error,
+                         **client_security_config("confluent", security)})
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            consumer.poll(0.1)  # serves the error callback, which list_topics does not
+            if refused:
+                raise refused[-1]
+            try:
+                metadata = consumer.list_topics(timeout=1.0)
+                break
+            except KafkaException as exc:
+                if time.monotonic() >= deadline:
+                    raise KafkaBootstrapError(f"cannot connect to Kafka at {bootstrap_servers} "
+                                              f"({describe_credentials(security)}): {exc}") from exc
+    finally:
+        consumer.close()
+    return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
+
+
+def _check_kafka(cfg: Config) -> tuple[list[str], list[str]]:
+    """(lines to print, problems) for the configured topics as the configured credentials see them."""
+    import re
+
+    k = cfg.kafka
+    topics = topic_partitions(k.client, k.bootstrap_servers, k.security.client_settings())
+    lines = [f"kafka {k.bootstrap_servers} ({k.client}; {describe_credentials(k.security.client_settings())}): "
+             f"logged in, {len(topics)} topics visible"]
+    problems = []
+    if k.topic_pattern:
+        matched = sorted(t for t in topics if re.fullmatch(k.topic_pattern, t))
+        lines.append(f"  topic_pattern {k.topic_pattern!r}: {len(matched)} topics {matched[:10]}")
+    for topic in k.topics if not k.topic_pattern else []:
+        if topic in topics:
+            lines.append(f"  input topic {topic}: {topics[topic]} partitions")
+        else:
+            problems.append(f"kafka.topics: topic {topic!r} not found at {k.bootstrap_servers}")
+    outputs = [("kafka.dead_letter_topic", k.dead_letter_topic)]
+    if cfg.sinks.kafka.enabled:
+        outputs.append(("sinks.kafka.topic", cfg.sinks.kafka.topic))
+    for key, topic in outputs:
+        state = f"{topics[topic]} partitions" if topic in topics else \
+            "not found: created on first write only if the brokers auto-create topics"
+        lines.append(f"  {key} {topic}: {state}")
+    return lines, problems
+
+
+def check_command(config_path: str, connect: bool) -> int:
+    """Print what was checked; the exit code as described in the module docstring."""
+    from .daemon import Daemon
+
+    cfg = load_config(config_path)  # ConfigError -> exit 2 in the CLI
+    daemon = Daemon(cfg)  # checks the model files, loads every served model, builds the routes
+    print(f"config {cfg.source}: valid")
+    for route in daemon.routes:
+        models = ", ".join(f"{m.name} {m.version} ({m.detector.kind}, window {m.detector.window}, "
+                           f"{m.detector.n_features} features)" for m in route.models)
+        print(f"  route {route.spec.match or route.spec.regex or '(default)'}: {models}")
+    if not connect:
+        return 0
+    try:
+        lines, problems = _check_kafka(cfg)
+    except KafkaAuthenticationError as exc:
+        raise ConfigError([f"{cfg.source}: kafka.security: {exc}"]) from exc
+    print("\n".join(lines))
+    for problem in problems:
+        print(f"anomalyd: problem: {cfg.source}: {problem}")
+    return 1 if problems else 0

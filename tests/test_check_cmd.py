@@ -1,0 +1,53 @@
+"""``anomalyd check`` without Kafka (``--connect`` is tested against real brokers in tests/integration), and
+``anomalyd --version``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.cli import main
+from pipelines.model_store import ModelStore
+
+
+def _config(tmp_path: Path, trained, **served) -> Path:
+    store = ModelStore(tmp_path / "models")
+    for kind in ("gru", "lstm"):
+        store.save(f"m-{kind}", trained[kind], version="20261127T000000000Z")
+    cfg = {"models": {"dir": str(store.root), "device": "cpu",
+                      "served": [{"name": "m-gru", **served}, {"name": "m-lstm"}]},
+           "routes": [{"match": "pump-*", "models": ["m-gru", "m-lstm"]}]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_valid_config_lists_its_routes_and_model_versions(tmp_path, trained, capsys):
+    path = _config(tmp_path, trained)
+    assert main(["check", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"config {path}: valid" in out
+    assert "route pump-*: m-gru 20261127T000000000Z (gru, window 32, 4 features), m-lstm" in out
+
+
+def test_a_pinned_version_that_is_missing_is_a_config_error_naming_the_key(tmp_path, trained, capsys):
+    path = _config(tmp_path, trained, version="20990101T000000000Z")
+    assert main(["check", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: models.served[0]: model 'm-gru' version '20990101T000000000Z'" in err, err
+
+
+def test_an_override_from_the_environment_is_checked_too(tmp_path, trained, capsys, monkeypatch):
+    monkeypatch.setenv("ANOMALYD_PROCESSING__MAX_DELAY_MS", "-5")
+    assert main(["check", "-c", str(_config(tmp_path, trained))]) == 2
+    assert "ANOMALYD_PROCESSING__MAX_DELAY_MS" in capsys.readouterr().err
+
+
+def test_version_names_anomalyd_and_its_kafka_clients(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("anomalyd ") and "kafka-python 3." in out and "torch " in out, out
