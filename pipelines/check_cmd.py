@@ -18,9 +18,9 @@ from .kafka_io import (
     KafkaAuthenticationError,
     KafkaBootstrapError,
     client_security_config,
+    confluent_refusal,
     describe_credentials,
     kafka_python_bootstrap,
-    security_error,
 )
 
 __all__ = ["check_command", "topic_partitions"]
@@ -43,13 +43,14 @@ def topic_partitions(client: str, bootstrap_servers: str, security: Mapping[str,
             return {t: len(consumer.partitions_for_topic(t) or ()) for t in consumer.topics()}
         finally:
             consumer.close()
-    from confluent_kafka import Consumer, KafkaError, KafkaException
+    from confluent_kafka import Consumer, KafkaException
 
     refused: list[Exception] = []
 
     def on_error(err: Any) -> None:
-        if err.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):
-            refused.append(security_error(err.code() == KafkaError._SSL, bootstrap_servers, security, err.str()))
+        refusal = confluent_refusal(err, bootstrap_servers, security)
+        if refusal is not None:
+            refused.append(refusal)
 
     consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "anomalyd-check", "error_cb": on_error,
                          **client_security_config("confluent", security)})

@@ -93,6 +93,19 @@ def security_error(tls: bool, bootstrap_servers: str, security: Mapping[str, Any
     return KafkaAuthenticationError(f"Kafka at {bootstrap_servers} refused the credentials ({credentials}): {detail}")
 
 
+def confluent_refusal(err: Any, bootstrap_servers: str,
+                      security: Mapping[str, Any] | None) -> KafkaAuthenticationError | None:
+    """The error for a librdkafka error-callback ``err`` that is a refused login or an unverifiable broker
+    certificate (librdkafka retries those for ever); None for any other error, a transient one included."""
+    from confluent_kafka import KafkaError
+
+    if err.code() == KafkaError._AUTHENTICATION:
+        return security_error(False, bootstrap_servers, security, err.str())
+    if err.code() == KafkaError._SSL and "certificate" in err.str().lower():  # not a reset mid-handshake
+        return security_error(True, bootstrap_servers, security, err.str())
+    return None
+
+
 class _LoggedErrors(logging.Handler):
     """The exceptions kafka-python logs while it retries a bootstrap (it then raises only "Unable to bootstrap")."""
 

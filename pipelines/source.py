@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .kafka_io import client_security_config, kafka_python_bootstrap, security_error
+from .kafka_io import client_security_config, confluent_refusal, kafka_python_bootstrap
 
 FETCH_MIN_BYTES = 65536  # kafka.fetch_min_bytes default: the broker answers a fetch once it has this much ...
 FETCH_MAX_WAIT_MS = 10  # ... or after this long (benchmarks/RESULTS.md, item 18)
@@ -224,10 +224,7 @@ class ConfluentSource:
     def _on_error(self, err: Any) -> None:
         """librdkafka's error callback (served inside poll). It retries every error for ever, a refused login and
         a failed TLS handshake too; those are configuration problems, and the next poll raises them."""
-        from confluent_kafka import KafkaError
-
-        if err.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):  # a refused login, an untrusted broker
-            self._refused = security_error(err.code() == KafkaError._SSL, self._where, self._security, err.str())
+        self._refused = self._refused or confluent_refusal(err, self._where, self._security)
 
     def poll(self, max_records: int, timeout_ms: int) -> RecordBatch:
         # Wait for the first message only, then take what is already fetched: consume(n, timeout) would wait the
