@@ -405,3 +405,24 @@ def test_anomalyd_commands_parse_with_the_real_cli() -> None:
             cli.build_parser().parse_args(argv)
         except SystemExit:
             pytest.fail(f"{name}: `anomalyd {' '.join(argv)}` is rejected by pipelines.cli")
+
+
+def test_helm_test_pod_checks_with_the_daemons_config_and_secrets(helm: str) -> None:
+    """`helm test` runs `anomalyd check --connect` with the daemon container's env, mounts and volumes, is not
+    selected by the daemon's Service, and runs beside a daemon pod when the models volume is ReadWriteOnce."""
+    secrets = ["--set", "kafka.credentials.existingSecret=kafka-login", "--set", "kafka.tls.caSecret=kafka-ca"]
+    docs = _by_kind(_render(helm, *secrets))
+    pod, daemon = docs["Pod"], docs["Deployment"]["spec"]["template"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test" and pod["spec"]["restartPolicy"] == "Never"
+    (check,), (run,) = pod["spec"]["containers"], daemon["spec"]["containers"]
+    assert check["args"] == ["check", "--config", "/etc/anomalyd/config.yaml", "--connect"]
+    assert check["image"] == run["image"] and check["env"] == run["env"]
+    assert check["volumeMounts"] == run["volumeMounts"] and pod["spec"]["volumes"] == daemon["spec"]["volumes"]
+    assert {m["mountPath"] for m in check["volumeMounts"]} >= {"/var/run/secrets/kafka", "/var/run/secrets/kafka-ca"}
+    selector = docs["Service"]["spec"]["selector"]
+    assert not selector.items() <= pod["metadata"]["labels"].items()
+    affinity = pod["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert affinity["labelSelector"]["matchLabels"] == selector
+    shared = _by_kind(_render(helm, "--set", "models.persistence.accessModes={ReadOnlyMany}"))["Pod"]
+    assert "affinity" not in shared["spec"]
+    assert "Pod" not in _by_kind(_render(helm, "--set", "helmTest.enabled=false"))

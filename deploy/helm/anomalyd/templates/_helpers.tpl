@@ -60,3 +60,75 @@ app.kubernetes.io/component: detector
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
+
+{{/* The container's environment, volume mounts and the pod's volumes: the daemon and its `helm test` pod. */}}
+{{- define "anomalyd.env" -}}
+- name: HOME
+  value: /tmp
+- name: XDG_CACHE_HOME
+  value: /tmp/.cache
+{{- if .Values.kafka.credentials.existingSecret }}
+- name: ANOMALYD_KAFKA__SECURITY__SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.kafka.credentials.existingSecret }}
+      key: {{ .Values.kafka.credentials.usernameKey }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{- toYaml . | nindent 0 }}
+{{- end }}
+{{- end }}
+
+{{- define "anomalyd.volumeMounts" -}}
+- name: config
+  mountPath: /etc/anomalyd
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+{{- if eq .Values.models.source "pvc" }}
+- name: models
+  mountPath: {{ .Values.config.models.dir }}
+  readOnly: true
+{{- end }}
+{{- if .Values.kafka.credentials.existingSecret }}
+- name: kafka-credentials
+  mountPath: /var/run/secrets/kafka
+  readOnly: true
+{{- end }}
+{{- if .Values.kafka.tls.caSecret }}
+- name: kafka-ca
+  mountPath: /var/run/secrets/kafka-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "anomalyd.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "anomalyd.fullname" . }}
+- name: tmp
+  emptyDir:
+    sizeLimit: 256Mi
+{{- if eq .Values.models.source "pvc" }}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ .Values.models.existingClaim | default (printf "%s-models" (include "anomalyd.fullname" .)) }}
+    readOnly: true
+{{- end }}
+{{- if .Values.kafka.credentials.existingSecret }}
+- name: kafka-credentials
+  secret:
+    secretName: {{ .Values.kafka.credentials.existingSecret }}
+    items:
+      - key: {{ .Values.kafka.credentials.passwordKey }}
+        path: password
+{{- end }}
+{{- if .Values.kafka.tls.caSecret }}
+- name: kafka-ca
+  secret:
+    secretName: {{ .Values.kafka.tls.caSecret }}
+    items:
+      - key: {{ .Values.kafka.tls.caKey }}
+        path: ca.crt
+{{- end }}
+{{- end }}
