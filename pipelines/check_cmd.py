@@ -82,7 +82,7 @@ def _check_kafka(cfg: Config) -> tuple[list[str], list[str]]:
              f"logged in, {len(topics)} topics visible"]
     problems = []
     if k.topic_pattern:
-        matched = sorted(t for t in topics if re.match(k.topic_pattern.lstrip("^"), t))  # as the clients match
+        matched = sorted(t for t in topics if re.match(k.topic_pattern.lstrip("^"), t) and not t.startswith("__"))
         lines.append(f"  topic_pattern {k.topic_pattern!r}: {len(matched)} topics {matched[:10]}")
     for topic in k.topics if not k.topic_pattern else []:
         if topic in topics:
