@@ -165,8 +165,12 @@ def _cmd_run(args) -> int:
     from .kafka_io import KafkaAuthenticationError
 
     cfg = load_config(args.config)
+    daemon = None if _RUN_STOP.is_set() else Daemon(cfg, stop_event=_RUN_STOP)  # loads the models
+    if daemon is None or _RUN_STOP.is_set():  # SIGTERM while starting: nothing consumed, nothing to commit
+        logging.getLogger("anomalyd").info("stop requested during start-up: exiting before connecting to Kafka")
+        return 0
     try:
-        return Daemon(cfg, stop_event=_RUN_STOP).run(timeout=args.timeout)
+        return daemon.run(timeout=args.timeout)
     except KafkaAuthenticationError as exc:  # a config problem: name the file and the key
         raise ConfigError([f"{cfg.source}: kafka.security: {exc}"]) from exc
 

@@ -34,6 +34,7 @@ from .daemon_support import (
 )
 
 KINDS = ("spike", "level_shift", "correlation")
+ASSIGNED = r"partitions assigned: \[\("  # the daemon's log once it has partitions
 SLACK_MS = 2 * WINDOW * INTERVAL_MS
 FALSE_ALARM_BUDGET = 1  # firing alerts per run not explained by an injected anomaly
 
@@ -215,9 +216,12 @@ def test_kill_9_and_restart_misses_no_anomaly(kafka_bootstrap, topic_name, model
                       processing={"max_delay_ms": 20, "max_batch_windows": 64, "score_in_background": background})
     cfg_path = write_config(tmp_path / "c.yaml", cfg)
     proc = _start(cfg_path)
+    # traffic only once the daemon has its partitions (a slow start on a busy machine must not let it all arrive
+    # before the first commit): ~12 s of it, so the kill lands mid-stream
+    assert _wait_log(proc, ASSIGNED), _log(proc)
     holder = {}
     producer = threading.Thread(target=lambda: holder.update(r=produce_with_anomalies(
-        kafka_bootstrap, topic_name, 300, KINDS, rate=100.0)))  # ~12 s of traffic: the kill lands mid-stream
+        kafka_bootstrap, topic_name, 300, KINDS, rate=100.0)))
     producer.start()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(committed_offsets(kafka_bootstrap, group, topic_name).values()):
@@ -229,9 +233,10 @@ def test_kill_9_and_restart_misses_no_anomaly(kafka_bootstrap, topic_name, model
     proc = _start(cfg_path)
     try:
         ends = end_offsets(kafka_bootstrap, topic_name)
+        assert _wait_log(proc, ASSIGNED), _log(proc)
         assert _wait_committed(kafka_bootstrap, group, topic_name, ends, 180) == ends, _log(proc)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=30) == 0, _log(proc)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -154,3 +154,40 @@ def test_sighup_reloads_models_and_sigterm_then_exits_zero(kafka_bootstrap: str,
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """True once process ``pid`` has a handler for ``sig`` (its SigCgt mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next((int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:")), 0)
+    return bool(mask >> (sig - 1) & 1)
+
+
+def test_sigterm_during_start_up_exits_zero_without_joining_the_group(kafka_bootstrap: str, topic_name: str,
+                                                                       daemon_models: tuple[Path, list[str]],
+                                                                       tmp_path: Path) -> None:
+    """SIGTERM while the daemon still imports torch and loads its models (a rollout that replaces a pod at once):
+    exit 0 at once, and no consumer group join (which would rebalance the other members) on the way out."""
+    models_dir, names = daemon_models
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    cfg_path = write_config(tmp_path / "c.yaml", config_dict(kafka_bootstrap, topic_name, models_dir, names))
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--log-level", "INFO", "run", "-c",
+                                 str(cfg_path)], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 60
+        while not _catches(proc.pid, signal.SIGTERM) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)  # the handler is installed before the heavy imports: seconds before Kafka
+        assert _catches(proc.pid, signal.SIGTERM), log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()
+        text = log.read_text()
+        assert "exiting before connecting to Kafka" in text and "partitions assigned" not in text, text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

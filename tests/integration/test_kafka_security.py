@@ -166,6 +166,13 @@ def test_check_connect_logs_in_and_finds_the_topics(sasl_broker, topic_name, dae
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"kafka.topics: topic '{topic_name}-missing' not found" in proc.stdout, proc.stdout
 
+    del cfg["kafka"]["topics"]
+    cfg["kafka"]["topic_pattern"] = f"{topic_name[:-10]}.*"  # the test's name: only this topic matches
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "-c", str(write_config(path, cfg)),
+                           "--connect"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"1 topics ['{topic_name}']" in proc.stdout, proc.stdout
+
 
 def test_check_connect_with_a_wrong_password_is_a_config_error(sasl_broker, topic_name, daemon_models, tmp_path):
     models_dir, names = daemon_models
