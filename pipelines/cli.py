@@ -1,12 +1,15 @@
-"""``anomalyd`` command line: run, train, produce, replay, demo, evaluate."""
+"""``anomalyd`` command line: run, check, train, produce, replay, demo, evaluate."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import signal
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -128,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="anomalyd", description="Streaming anomaly detection on Kafka with GRU/LSTM autoencoders.",
         epilog="Quick start: `make demo`. Each command has --help.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("ANOMALYD_LOG_FORMAT", "text"),
+                        help="json: one JSON object per log line, for log collectors (default: $ANOMALYD_LOG_FORMAT "
+                             "or text)")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
@@ -149,10 +155,10 @@ _RUN_STOP = threading.Event()  # set by SIGTERM/SIGINT from the very start of `a
 
 
 def _command_of(argv: list[str]) -> str | None:
-    """The sub-command in ``argv`` (skipping the global ``--log-level VALUE``), without parsing the rest."""
+    """The sub-command in ``argv`` (skipping the global options' values), without parsing the rest."""
     it = iter(argv)
     for token in it:
-        if token == "--log-level":
+        if token in ("--log-level", "--log-format"):
             next(it, None)
         elif not token.startswith("-"):
             return token
@@ -219,6 +225,18 @@ def _cmd_demo(args) -> int:
     return run_demo(args)
 
 
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, RFC 3339, milliseconds), level, logger, message, and the exception's
+    traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        time = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        out = {"time": time, "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # anomalyd never compiles with triton. torch.optim (training, the demo) imports torch._dynamo, which imports
@@ -231,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, lambda *_: _RUN_STOP.set())
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonFormatter() if args.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), handlers=[handler])
     logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
@@ -243,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         from .kafka_io import KafkaBootstrapError
 
         if isinstance(exc, ConfigError | FileNotFoundError | ValueError | KafkaBootstrapError):
-            print(f"anomalyd: error: {exc}", file=sys.stderr)
+            if args.log_format == "json":
+                logging.getLogger("anomalyd").error("anomalyd: error: %s", exc)
+            else:
+                print(f"anomalyd: error: {exc}", file=sys.stderr)
             logging.getLogger("anomalyd").debug("traceback", exc_info=True)
             return 1 if isinstance(exc, KafkaBootstrapError) else 2  # 1: may work later; 2: fix the config
         raise

@@ -51,3 +51,22 @@ def test_version_names_anomalyd_and_its_kafka_clients(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("anomalyd ") and "kafka-python 3." in out and "torch " in out, out
+
+
+def test_json_log_format_writes_one_object_per_line(tmp_path, trained):
+    """``--log-format json`` (or ANOMALYD_LOG_FORMAT=json): every line on stderr is a JSON object, the final
+    config error included, for log collectors that would otherwise split or mislabel the lines."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path = _config(tmp_path, trained, version="20990101T000000000Z")
+    env = {**os.environ, "ANOMALYD_LOG_FORMAT": "json"}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "-c", str(path)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
+    (error,) = [r for r in records if r["level"] == "ERROR"]
+    assert error["logger"] == "anomalyd" and "models.served[0]" in error["message"], error
+    assert error["time"].endswith("Z") and set(error) == {"time", "level", "logger", "message"}

@@ -426,6 +426,9 @@ def test_helm_test_pod_checks_with_the_daemons_config_and_secrets(helm: str) -> 
     shared = _by_kind(_render(helm, "--set", "models.persistence.accessModes={ReadOnlyMany}"))["Pod"]
     assert "affinity" not in shared["spec"]
     assert "Pod" not in _by_kind(_render(helm, "--set", "helmTest.enabled=false"))
+    assert {"name": "ANOMALYD_LOG_FORMAT", "value": "text"} in run["env"]
+    json_logs = _by_kind(_render(helm, "--set", "logFormat=json"))["Deployment"]["spec"]["template"]["spec"]
+    assert {"name": "ANOMALYD_LOG_FORMAT", "value": "json"} in json_logs["containers"][0]["env"]
     gpu = _by_kind(_render(helm, "-f", str(GPU_VALUES)))["Pod"]["spec"]["containers"][0]
     assert {"name": "ANOMALYD_MODELS__DEVICE", "value": "cpu"} in gpu["env"]
     assert "nvidia.com/gpu" not in gpu["resources"].get("limits", {})

@@ -65,6 +65,8 @@ app.kubernetes.io/component: detector
 {{- define "anomalyd.env" -}}
 - name: HOME
   value: /tmp
+- name: ANOMALYD_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
 - name: XDG_CACHE_HOME
   value: /tmp/.cache
 {{- if .Values.kafka.credentials.existingSecret }}
