@@ -72,7 +72,7 @@ def test_a_kafka_python_client_that_cannot_connect_raises_one_clear_error() -> N
     security = {"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "u",
                 "sasl_password": "pw-9f3k"}
     with pytest.raises(KafkaBootstrapError) as err:
-        make_producer("kafka-python", address, security, bootstrap_timeout_ms=1500)
+        make_producer("kafka-python", address, security, bootstrap_timeout_ms=5000)
     text = str(err.value)
     assert address in text and "SASL_PLAINTEXT, PLAIN, user u" in text and "pw-9f3k" not in text
     assert "ECONNREFUSED" in text or "refused" in text.lower(), text
