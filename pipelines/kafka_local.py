@@ -192,12 +192,13 @@ class LocalKafka:
 
     def __init__(self, port: int = DEFAULT_PORT, controller_port: int | None = None,
                  cache_dir: _Path = None, data_dir: _Path = None, heap: str = "512m", full_jit: bool = False,
-                 sasl_port: int | None = None, sasl_ssl_port: int | None = None,
+                 sasl_port: int | None = None, sasl_ssl_port: int | None = None, ssl_port: int | None = None,
                  sasl_users: Mapping[str, str] | None = None) -> None:
         self.port = int(port)
-        # more listeners, SASL_PLAINTEXT on sasl_port and SASL_SSL on sasl_ssl_port, for these users (name ->
-        # password) with PLAIN and SCRAM-SHA-256/512; the PLAINTEXT listener on port stays (broker's and admin's)
+        # more listeners: SASL_PLAINTEXT on sasl_port and SASL_SSL on sasl_ssl_port for these users (name ->
+        # password) with PLAIN and SCRAM-SHA-256/512, SSL (no login) on ssl_port; PLAINTEXT on port stays
         self.sasl_port, self.sasl_ssl_port, self.sasl_users = sasl_port, sasl_ssl_port, dict(sasl_users or {})
+        self.ssl_port = ssl_port
         self.full_jit = full_jit  # C2 as well as C1: slower start, about half the CPU per message once warm
         self.controller_port = controller_port
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root()
@@ -214,9 +215,10 @@ class LocalKafka:
 
     @property
     def ca_file(self) -> Path | None:
-        """The CA certificate that a client of the SASL_SSL listener trusts (None: no such listener running)."""
+        """The CA certificate that clients of the TLS listeners trust (None: no such listener running)."""
         state = self._read_state()
-        path = Path(state["data_dir"]) / "tls" / "ca.pem" if state and state.get("sasl_ssl_port") else None
+        tls = state and (state.get("sasl_ssl_port") or state.get("ssl_port"))
+        path = Path(state["data_dir"]) / "tls" / "ca.pem" if tls else None
         return path if path and path.is_file() else None
 
     @property
@@ -257,7 +259,7 @@ class LocalKafka:
         with exclusive_lock(self._run_dir / ".lock"):
             state = self._read_state()
             if state and self._is_ours(state):
-                for key in ("sasl_port", "sasl_ssl_port"):
+                for key in ("sasl_port", "sasl_ssl_port", "ssl_port"):
                     if getattr(self, key) and state.get(key) != getattr(self, key):
                         raise KafkaSetupError(f"the broker on port {self.port} has no listener on {key} "
                                               f"{getattr(self, key)}; stop it first (scripts/kafka.sh stop --port "
@@ -266,7 +268,7 @@ class LocalKafka:
                 return self.bootstrap
             if state:  # stale: that broker is gone
                 self._forget(state)
-            for port in (self.port, self.controller_port, self.sasl_port, self.sasl_ssl_port):
+            for port in (self.port, self.controller_port, self.sasl_port, self.sasl_ssl_port, self.ssl_port):
                 if port and _port_in_use(port):
                     raise KafkaSetupError(f"port {port} on {HOST} is used by another process (not a broker "
                                           f"started by LocalKafka); pick another, e.g. --port {free_port()}")
@@ -310,14 +312,14 @@ class LocalKafka:
         log4j = data_dir / "log4j2.properties"
         template = Template((FILES_DIR / "server.properties").read_text())
         broker_pem = None
-        if self.sasl_ssl_port:
+        if self.sasl_ssl_port or self.ssl_port:
             try:
                 _, broker_pem = make_certificates(data_dir / "tls", HOST)
             except RuntimeError as exc:
                 raise KafkaSetupError(str(exc)) from exc
         props.write_text(with_listeners(template.substitute(host=HOST, port=self.port, controller_port=cport,
                                                             log_dirs=data_dir / "kafka-logs"), HOST, self.sasl_users,
-                                        self.sasl_port, self.sasl_ssl_port, broker_pem))
+                                        self.sasl_port, self.sasl_ssl_port, broker_pem, self.ssl_port))
         shutil.copyfile(FILES_DIR / "log4j2.properties", log4j)
         jit = [] if self.full_jit else ["-XX:TieredStopAtLevel=1"]  # C1 only: a faster start for tests and demos
         base = [java, f"-Xmx{self.heap}", *jit, "-Djava.awt.headless=true",
@@ -335,7 +337,7 @@ class LocalKafka:
         self.launched = True
         state = {"pid": proc.pid, "port": self.port, "controller_port": cport, "data_dir": str(data_dir),
                  "temp_data_dir": temp, "log_file": str(log_file), "properties": str(props),
-                 "sasl_port": self.sasl_port, "sasl_ssl_port": self.sasl_ssl_port}
+                 "sasl_port": self.sasl_port, "sasl_ssl_port": self.sasl_ssl_port, "ssl_port": self.ssl_port}
         self._run_dir.mkdir(parents=True, exist_ok=True)
         self._state_file.write_text(json.dumps(state, indent=1))
         (data_dir / "kafka.pid").write_text(f"{proc.pid}\n")
@@ -403,12 +405,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sasl-port", type=int, default=None, help="start: also a SASL_PLAINTEXT listener here")
     parser.add_argument("--sasl-ssl-port", type=int, default=None,
                         help="start: also a SASL_SSL listener here (its CA: <data dir>/tls/ca.pem)")
+    parser.add_argument("--ssl-port", type=int, default=None, help="start: also an SSL (TLS, no login) listener here")
     parser.add_argument("--sasl-user", action="append", default=[], metavar="NAME=PASSWORD",
                         help="start: a user of the SASL listener (PLAIN, SCRAM-SHA-256/512); repeatable")
     args = parser.parse_args(argv)
     users = dict(u.split("=", 1) for u in args.sasl_user if "=" in u)
     kafka = LocalKafka(args.port, args.controller_port, data_dir=args.data_dir, heap=args.heap,
-                       sasl_port=args.sasl_port, sasl_ssl_port=args.sasl_ssl_port, sasl_users=users)
+                       sasl_port=args.sasl_port, sasl_ssl_port=args.sasl_ssl_port, ssl_port=args.ssl_port,
+                       sasl_users=users)
     try:
         if args.command == "start":
             print(kafka.start(timeout_s=args.timeout))

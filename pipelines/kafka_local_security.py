@@ -1,7 +1,7 @@
 """SASL and TLS listeners for the local test broker (:class:`pipelines.kafka_local.LocalKafka`).
 
-A SASL_PLAINTEXT and/or a SASL_SSL listener beside the broker's own PLAINTEXT one, with users that can log in by
-PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512. SASL_SSL uses a certificate authority made for this broker alone
+SASL_PLAINTEXT, SASL_SSL and SSL listeners beside the broker's own PLAINTEXT one, with users that can log in by
+PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512. The TLS ones use a certificate authority made for this broker alone
 (``openssl``; files in ``<data dir>/tls``): clients trust ``ca.pem`` and check the broker's name, 127.0.0.1.
 """
 
@@ -20,13 +20,15 @@ CERT_DAYS = 30
 
 
 def with_listeners(props: str, host: str, users: Mapping[str, str], sasl_port: int | None = None,
-                   sasl_ssl_port: int | None = None, broker_pem: Path | None = None) -> str:
-    """``props`` (the filled-in server.properties) with SASL_PLAINTEXT on ``sasl_port`` and SASL_SSL on
-    ``sasl_ssl_port`` added (each only when given); SASL_SSL serves ``broker_pem`` (key and certificate)."""
-    listeners = [name for name, port in (("SASL_PLAINTEXT", sasl_port), ("SASL_SSL", sasl_ssl_port)) if port]
+                   sasl_ssl_port: int | None = None, broker_pem: Path | None = None,
+                   ssl_port: int | None = None) -> str:
+    """``props`` (the filled-in server.properties) with SASL_PLAINTEXT on ``sasl_port``, SASL_SSL on
+    ``sasl_ssl_port`` and SSL (TLS, no login) on ``ssl_port`` added (each only when given); the TLS listeners
+    serve ``broker_pem`` (key and certificate)."""
+    ports = {"SASL_PLAINTEXT": sasl_port, "SASL_SSL": sasl_ssl_port, "SSL": ssl_port}
+    listeners = [name for name, port in ports.items() if port]
     if not listeners:
         return props
-    ports = {"SASL_PLAINTEXT": sasl_port, "SASL_SSL": sasl_ssl_port}
     for key, values in (("listeners", [f"{n}://{host}:{ports[n]}" for n in listeners]),
                         ("advertised.listeners", [f"{n}://{host}:{ports[n]}" for n in listeners]),
                         ("listener.security.protocol.map", [f"{n}:{n}" for n in listeners])):
@@ -34,15 +36,15 @@ def with_listeners(props: str, host: str, users: Mapping[str, str], sasl_port: i
         props = re.sub(rf"^{re.escape(key)}=(.*)$", lambda m, e=extra: f"{m.group(0)},{e}", props, count=1, flags=re.M)
     plain = " ".join(f'user_{user}="{password}"' for user, password in users.items())
     lines = [f"sasl.enabled.mechanisms=PLAIN,{','.join(SCRAM_MECHANISMS)}"]
-    for name in listeners:
+    for name in (n for n in listeners if n.startswith("SASL")):
         prefix = f"listener.name.{name.lower()}"
         lines.append(f"{prefix}.plain.sasl.jaas.config="
                      f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain};")
         lines += [f"{prefix}.{mech.lower()}.sasl.jaas.config="
                   "org.apache.kafka.common.security.scram.ScramLoginModule required;" for mech in SCRAM_MECHANISMS]
-    if sasl_ssl_port:
+    if sasl_ssl_port or ssl_port:
         if broker_pem is None:
-            raise ValueError("a SASL_SSL listener needs the broker's key and certificate (broker_pem)")
+            raise ValueError("a TLS listener needs the broker's key and certificate (broker_pem)")
         lines += ["ssl.keystore.type=PEM", f"ssl.keystore.location={broker_pem}", "ssl.client.auth=none"]
     return props.rstrip("\n") + "\n\n# SASL listeners (LocalKafka)\n" + "\n".join(lines) + "\n"
 

@@ -1,8 +1,9 @@
 """The daemon over SASL and TLS against a real broker: PLAIN and SCRAM logins with both clients, over
-SASL_PLAINTEXT and SASL_SSL; a refused login and an untrusted broker certificate.
+SASL_PLAINTEXT and SASL_SSL, and TLS alone (SSL); a refused login and an untrusted broker certificate.
 
-The module's broker has two more listeners, SASL_PLAINTEXT and SASL_SSL (its own CA, ``ca_file``), with PLAIN,
-SCRAM-SHA-256 and SCRAM-SHA-512 enabled (``LocalKafka(sasl_port=, sasl_ssl_port=, sasl_users=)``). The test's
+The module's broker has three more listeners, SASL_PLAINTEXT, SASL_SSL and SSL (its own CA, ``ca_file``), with
+PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 enabled (``LocalKafka(sasl_port=, sasl_ssl_port=, ssl_port=,
+sasl_users=)``). The test's
 own producer and readers use the broker's PLAINTEXT listener; everything the daemon does (consume, commit,
 alerts, dead letters) goes through the secured one.
 """
@@ -38,7 +39,7 @@ USER, PASSWORD = "anomalyd", "s3cret-for-tests"
 
 @pytest.fixture(scope="module")
 def sasl_broker() -> Iterator[LocalKafka]:
-    broker = LocalKafka(free_port(), sasl_port=free_port(), sasl_ssl_port=free_port(),
+    broker = LocalKafka(free_port(), sasl_port=free_port(), sasl_ssl_port=free_port(), ssl_port=free_port(),
                         sasl_users={USER: PASSWORD, "other": "other-secret"})
     try:
         broker.start(timeout_s=120)
@@ -53,12 +54,13 @@ def _security(mechanism: str, password: str = PASSWORD, protocol: str = "SASL_PL
 
 
 def _bootstrap(broker: LocalKafka, protocol: str) -> str:
-    return f"127.0.0.1:{broker.sasl_ssl_port if protocol == 'SASL_SSL' else broker.sasl_port}"
+    return f"127.0.0.1:{ {'SASL_SSL': broker.sasl_ssl_port, 'SSL': broker.ssl_port}.get(protocol, broker.sasl_port)}"
 
 
 @pytest.mark.parametrize(("client", "mechanism", "protocol"), [
     ("kafka-python", "SCRAM-SHA-512", "SASL_PLAINTEXT"), ("kafka-python", "PLAIN", "SASL_SSL"),
-    ("confluent", "SCRAM-SHA-256", "SASL_SSL"), ("confluent", "PLAIN", "SASL_PLAINTEXT")])
+    ("confluent", "SCRAM-SHA-256", "SASL_SSL"), ("confluent", "PLAIN", "SASL_PLAINTEXT"),
+    ("kafka-python", None, "SSL"), ("confluent", None, "SSL")])
 def test_the_daemon_consumes_alerts_and_commits_over_sasl(sasl_broker, topic_name, daemon_models, tmp_path, client,
                                                          mechanism, protocol):
     models_dir, names = daemon_models
@@ -72,8 +74,8 @@ def test_the_daemon_consumes_alerts_and_commits_over_sasl(sasl_broker, topic_nam
     password_file = tmp_path / "kafka-password"
     password_file.write_text(PASSWORD + "\n")
     security = {**_security(mechanism, protocol=protocol), "sasl_password": None,
-                "sasl_password_file": str(password_file)}
-    if protocol == "SASL_SSL":
+                "sasl_password_file": str(password_file)} if mechanism else {"protocol": protocol}
+    if protocol.endswith("SSL"):
         security["ssl_cafile"] = str(sasl_broker.ca_file)
     cfg = config_dict(_bootstrap(sasl_broker, protocol), topic_name, models_dir, names, client=client)
     cfg["kafka"]["security"] = {k: v for k, v in security.items() if v is not None}
