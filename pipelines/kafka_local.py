@@ -19,7 +19,6 @@ import base64
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -36,6 +35,7 @@ from string import Template
 from detector.filelock import exclusive_lock
 
 from .kafka_local_security import make_certificates, scram_format_args, with_listeners
+from .kafka_local_setup import KafkaSetupError, find_java, find_maven
 
 KAFKA_VERSION = "4.1.2"  # also the default in scripts/kafka/pom.xml
 SCALA_VERSION = "2.13"
@@ -44,10 +44,6 @@ DEFAULT_PORT = 19092
 HOST = "127.0.0.1"
 _Path = str | os.PathLike[str] | None
 FILES_DIR = Path(__file__).resolve().parent.parent / "scripts" / "kafka"  # pom.xml and config templates
-
-
-class KafkaSetupError(RuntimeError):
-    """The local broker could not be installed, started or reached; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -75,56 +71,6 @@ def free_port(host: str = HOST) -> int:
 def cache_root() -> Path:
     """The project cache folder: ``$ANOMALYD_CACHE`` or ``~/.cache/anomalyd``."""
     return Path(os.environ.get("ANOMALYD_CACHE") or Path.home() / ".cache" / "anomalyd").expanduser()
-
-
-def _java_major(java: str) -> int:
-    """The major version of a ``java`` binary (8 for '1.8.0_x'), or 0 if it cannot be run."""
-    try:
-        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30).stderr
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
-    major = int(match.group(1)) if match else 0
-    return int(match.group(2) or 0) if match and major == 1 else major
-
-
-def _apt_install(candidates: list[str]) -> bool:
-    """Install the first of ``candidates`` that apt knows; False when not root or apt-get is missing."""
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return False
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=False)
-    for pkg in candidates:
-        if subprocess.run(["apt-cache", "show", pkg], capture_output=True, check=False).returncode == 0:
-            print(f"kafka_local: apt-get install {pkg}", file=sys.stderr)
-            cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", pkg]
-            return subprocess.run(cmd, env=env, capture_output=True, check=False).returncode == 0
-    return False
-
-
-def find_java(install: bool = True) -> str:
-    """Path of a Java 17+ binary ($JAVA_HOME, PATH, /usr/lib/jvm); installs one with apt-get when it can."""
-    home = os.environ.get("JAVA_HOME")
-    candidates = [f"{home}/bin/java" if home else None, shutil.which("java")]
-    candidates += [str(p) for p in sorted(Path("/usr/lib/jvm").glob("*/bin/java"), reverse=True)]
-    for java in filter(None, candidates):
-        if _java_major(java) >= 17:
-            return java
-    if install and _apt_install(["openjdk-17-jre-headless", "openjdk-21-jre-headless", "default-jre"]):
-        return find_java(install=False)
-    raise KafkaSetupError("Kafka 4.x needs Java 17+ and none was found. Install it, e.g. 'sudo apt-get "
-                          "install openjdk-17-jre-headless' (or a JDK 17+); put it on PATH or set JAVA_HOME.")
-
-
-def find_maven(install: bool = True) -> str:
-    """Path of the ``mvn`` binary; installs Maven with apt-get when it can."""
-    mvn = shutil.which("mvn")
-    if mvn:
-        return mvn
-    if install and _apt_install(["maven"]):
-        return find_maven(install=False)
-    raise KafkaSetupError("Maven ('mvn') is needed once to fetch the Kafka jars from Maven Central. "
-                          "Install it, e.g. 'sudo apt-get install maven', or put Apache Maven 3.6+ on PATH.")
 
 
 def api_versions_ok(host: str, port: int, timeout_s: float = 2.0) -> bool:
