@@ -57,9 +57,9 @@ class Daemon:
         self.store = ModelStore(cfg.models.dir)
         self.engine = InferenceEngine(cfg.models.device, cfg.models.precision,
                                       max_batch=max(cfg.processing.max_batch_windows, 1024))
-        # public (read by benchmarks): the adaptive intra-op thread count; None where it is fixed
-        self.scoring_threads = ScoringThreads.configure(self.engine.device, cfg.processing.model_threads,
-                                                 cfg.processing.score_in_background, self.metrics.inference_threads.set)
+        self.scoring_threads = ScoringThreads.configure(  # the adaptive intra-op thread count; None: fixed
+            self.engine.device, cfg.processing.model_threads, cfg.processing.score_in_background,
+            self.metrics.inference_threads.set)
         self.router = Router([RouteSpec(tuple(r.models), r.combine, r.match, r.regex) for r in cfg.routes],
                              cfg.default_models)
         self._source_factory = source_factory or make_source
