@@ -2,9 +2,10 @@
 
 Offline it validates the config (file and ``ANOMALYD_*`` overrides), loads every served model and builds the
 routes, exactly as the daemon's constructor does. ``--connect`` then logs in to Kafka with the configured client
-and security settings and looks up the topics. Exit codes as ``run``: 0 ok, 2 a config problem (a bad key, a
-model, refused credentials, an untrusted broker), 1 a problem that may go away (Kafka unreachable, an input
-topic missing). Meant for a CI step, a Helm test or an init container before a rollout.
+and security settings, looks up the topics, and asks an enabled Alertmanager sink for its status. Exit codes as
+``run``: 0 ok, 2 a config problem (a bad key, a model, refused credentials, an untrusted broker), 1 a problem
+that may go away (Kafka unreachable, an input topic missing, Alertmanager not answering). Meant for a CI step,
+a Helm test or an init container before a rollout.
 """
 
 from __future__ import annotations
@@ -99,6 +100,26 @@ def _check_kafka(cfg: Config) -> tuple[list[str], list[str]]:
     return lines, problems
 
 
+def _check_alertmanager(cfg: Config) -> tuple[list[str], list[str]]:
+    """(lines, problems) for ``sinks.alertmanager`` when enabled: its status API answers with a cluster status."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    am = cfg.sinks.alertmanager
+    if not am.enabled:
+        return [], []
+    shown = cfg.redacted_dict()["sinks"]["alertmanager"]["url"]
+    try:
+        with urllib.request.urlopen(am.url.rstrip("/") + "/api/v2/status", timeout=am.timeout_s) as response:
+            status = json.loads(response.read())
+    except (OSError, ValueError) as exc:  # URLError, HTTPError, refused, timeout, not JSON
+        return [], [f"sinks.alertmanager.url: {shown}: no Alertmanager status: {type(exc).__name__}: {exc}"]
+    version = status.get("versionInfo", {}).get("version", "?")
+    cluster = status.get("cluster", {}).get("status", "?")
+    return [f"alertmanager {shown}: version {version}, cluster {cluster}"], []
+
+
 def check_command(config_path: str, connect: bool) -> int:
     """Print what was checked; the exit code as described in the module docstring."""
     from .daemon import Daemon
@@ -116,6 +137,8 @@ def check_command(config_path: str, connect: bool) -> int:
         lines, problems = _check_kafka(cfg)
     except KafkaAuthenticationError as exc:
         raise ConfigError([f"{cfg.source}: kafka.security: {exc}"]) from exc
+    am_lines, am_problems = _check_alertmanager(cfg)
+    lines, problems = lines + am_lines, problems + am_problems
     print("\n".join(lines))
     for problem in problems:
         print(f"anomalyd: problem: {cfg.source}: {problem}")

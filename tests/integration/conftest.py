@@ -67,3 +67,11 @@ def daemon_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
 
     d = tmp_path_factory.mktemp("models")
     return d, train_models(d)
+
+
+@pytest.fixture(scope="session")
+def alertmanager():
+    """A real Alertmanager for the whole session (skipped locally, failed under CI=true, when it cannot start)."""
+    from tests.integration.alertmanager import alertmanager_or_skip
+
+    yield from alertmanager_or_skip()

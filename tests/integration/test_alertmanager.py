@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime
 
 import numpy as np
@@ -12,12 +11,7 @@ import pytest
 
 from pipelines.alerts import FIRING, RESOLVED, AlertTracker
 from pipelines.sinks import AlertmanagerSink, SinkError
-from tests.integration.alertmanager import AlertmanagerServer, alertmanager_or_skip
-
-
-@pytest.fixture(scope="session")
-def alertmanager() -> Iterator[AlertmanagerServer]:
-    yield from alertmanager_or_skip()
+from tests.integration.alertmanager import AlertmanagerServer
 
 
 def _ms(rfc3339: str) -> int:

@@ -15,7 +15,6 @@ from pipelines.kafka_io import make_producer
 from pipelines.kafka_local import create_topic
 from pipelines.model_store import ModelStore
 from pipelines.produce import produce_live
-from tests.integration.alertmanager import alertmanager_or_skip
 
 from .daemon_support import (
     HISTORY,
@@ -35,11 +34,6 @@ from .daemon_support import (
 @pytest.fixture
 def models(daemon_models):
     return daemon_models
-
-
-@pytest.fixture(scope="module")
-def alertmanager():
-    yield from alertmanager_or_skip()
 
 
 def _produce_clean(bootstrap: str, topic: str, steps: int, rate: float | None = None) -> int:

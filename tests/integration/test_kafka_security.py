@@ -205,3 +205,21 @@ def test_train_reads_a_topic_with_the_daemon_configs_credentials(sasl_broker, to
                      "--window", "8", "--hidden", "8", "--epochs", "1", "--threshold", "quantile", "--device", "cpu"])
     assert code == 0
     assert ModelStore(tmp_path / "trained").load("over-sasl").detector.summary["n_series"] == 4
+
+
+def test_check_connect_asks_an_enabled_alertmanager(sasl_broker, topic_name, daemon_models, tmp_path, alertmanager):
+    models_dir, names = daemon_models
+    create_topic(sasl_broker.bootstrap, topic_name)
+    cfg = config_dict(sasl_broker.bootstrap, topic_name, models_dir, names)  # PLAINTEXT: this test is about the sink
+    cfg["sinks"]["alertmanager"] = {"enabled": True, "url": alertmanager.url}
+    path = write_config(tmp_path / "c.yaml", cfg)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "-c", str(path), "--connect"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"alertmanager {alertmanager.url}: version " in proc.stdout and "cluster " in proc.stdout, proc.stdout
+
+    cfg["sinks"]["alertmanager"]["url"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "-c", str(write_config(path, cfg)),
+                           "--connect"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "sinks.alertmanager.url: http://127.0.0.1:" in proc.stdout and "no Alertmanager status" in proc.stdout
