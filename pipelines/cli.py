@@ -29,10 +29,12 @@ def _add_check(sub) -> None:
                        description=(
         "Validates the config (with ANOMALYD_* overrides), loads every served model and builds the routes, as "
         "`anomalyd run` does at start, and prints them. --connect also logs in to Kafka with the configured "
-        "client and security settings and looks up the topics. Exit 0: ok; 2: a config problem (key, model, "
-        "credentials, certificate); 1: Kafka unreachable or an input topic missing."))
+        "client and security settings, looks up the topics and asks an enabled Alertmanager sink for its status. "
+        "Exit 0: ok; 2: a config problem (key, model, credentials, certificate); 1: Kafka unreachable, an input "
+        "topic missing or Alertmanager not answering."))
     p.add_argument("-c", "--config", required=True, help="YAML config (see deploy/config.example.yaml)")
-    p.add_argument("--connect", action="store_true", help="also log in to Kafka and look up the topics")
+    p.add_argument("--connect", action="store_true",
+                   help="also log in to Kafka, look up the topics and ask Alertmanager (when enabled)")
     p.set_defaults(func=_cmd_check)
 
 
