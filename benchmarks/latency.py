@@ -26,6 +26,7 @@ FULL = {"clients": ["kafka-python", "confluent"], "streams": 1000, "probe_events
 QUICK = {"clients": ["kafka-python"], "streams": 1000, "probe_events": 20_000, "seconds": 12}
 SHIFT_EVENTS = 12
 WARMUP_S = 20.0  # live traffic before the measured seconds: the broker's JIT and the daemon's first batches
+WARM_RATE = 10_000  # events/s of the broker warm-up (--warm-broker-s), about the offered rate of these runs
 
 
 def _live_daemon(spec: dict) -> dict:
@@ -90,8 +91,34 @@ def _produce_live(bootstrap: str, topic: str, fleet: common.Fleet, rate: float, 
     return {"events": n, "anomalous_events": int(anomalous.sum()), "achieved_rate": n / (time.perf_counter() - t0)}
 
 
+def _warm_broker(bootstrap: str, fleet: common.Fleet, rate: float, seconds: float, first_step: int) -> None:
+    """Live traffic through the fresh broker before anything is measured: produced at ``rate`` while a consumer
+    group drains it. Without it, whichever client was measured first paid seconds of delay in its first ~15 s
+    (benchmarks/RESULTS.md, Latency, sixth session)."""
+    from confluent_kafka import Consumer
+
+    topic = harness.new_topic(bootstrap, "lat-warm", 4)
+    stop = threading.Event()
+
+    def drain() -> None:
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"warm-{topic}",
+                             "auto.offset.reset": "earliest"})
+        consumer.subscribe([topic])
+        while not stop.is_set():
+            consumer.consume(10_000, 0.1)
+        consumer.close()
+
+    th = threading.Thread(target=drain)
+    th.start()
+    try:
+        _produce_live(bootstrap, topic, fleet, rate, seconds, first_step)
+    finally:
+        stop.set()
+        th.join()
+
+
 def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_delay_ms: int = 20,
-        fetch: dict | None = None, offered: float | None = None) -> list[dict]:
+        fetch: dict | None = None, offered: float | None = None, warm_broker_s: float = 0.0) -> list[dict]:
     rows = []
     kafka, bootstrap = harness.start_broker()
     common.log(f"broker at {bootstrap}")
@@ -101,6 +128,9 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
             mdir, names = models_dir(Path(tmp), kind)
             S = cfg["streams"]
             fleet = common.Fleet(S, harness.FEATURES)
+            if warm_broker_s > 0:
+                common.log(f"warming the broker: {warm_broker_s:g} s of live traffic at {WARM_RATE:,} events/s")
+                _warm_broker(bootstrap, fleet, WARM_RATE, warm_broker_s, first_step)
             probe_topic = harness.new_topic(bootstrap, "lat-probe", 4)
             harness.prefill(bootstrap, probe_topic, fleet, cfg["probe_events"], first_step)
             base = {"bootstrap": bootstrap, "models_dir": mdir, "models": names, "threads": threads,
@@ -222,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fetch-min-bytes", type=int, default=None, help="kafka.fetch_min_bytes in the daemons")
     p.add_argument("--fetch-max-wait-ms", type=int, default=None, help="kafka.fetch_max_wait_ms in the daemons")
     p.add_argument("--max-delay-ms", type=int, default=20, help="processing.max_delay_ms in the daemons (default 20)")
+    p.add_argument("--warm-broker-s", type=float, default=20.0,
+                   help="seconds of live traffic through the fresh broker before any client is measured (0: none)")
     p.add_argument("--rate", type=float, default=None,
                    help="offered events/s instead of half the measured capacity (capacity is still measured)")
     args = p.parse_args(argv)
@@ -231,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     fetch = {k: v for k, v in (("fetch_min_bytes", args.fetch_min_bytes), ("fetch_max_wait_ms",
                                                                          args.fetch_max_wait_ms)) if v is not None}
-    rows = run(cfg, args.kind, args.threads, not args.serial, args.max_delay_ms, fetch, args.rate)
+    rows = run(cfg, args.kind, args.threads, not args.serial, args.max_delay_ms, fetch, args.rate,
+               args.warm_broker_s)
     print(common.table(rows, [
         ("client", "client", ""), ("threads", "threads", ""), ("capacity_s", "capacity ev/s", ",.0f"),
         ("rate_s", "offered ev/s", ",.0f"),
@@ -247,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg['seconds']} s"))
     common.write_json(args.json, "latency", {"quick": args.quick, "kind": args.kind, "config": cfg,
                                              "threads": args.threads, "background": not args.serial, "fetch": fetch,
-                                             "max_delay_ms": args.max_delay_ms, "rate": args.rate, "rows": rows,
+                                             "max_delay_ms": args.max_delay_ms, "rate": args.rate,
+                                             "warm_broker_s": args.warm_broker_s, "rows": rows,
                                              "seconds": time.perf_counter() - started})
     return 0
 
