@@ -128,6 +128,19 @@ def _version() -> str:
     return f"anomalyd {of('anomalyd')} ({deps})"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the versions are looked up only when asked (about 30 ms of package metadata, which every
+    start of the daemon would otherwise pay)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the installed anomalyd, torch and Kafka client versions and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(_version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalyd", description="Streaming anomaly detection on Kafka with GRU/LSTM autoencoders.",
@@ -136,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("ANOMALYD_LOG_FORMAT", "text"),
                         help="json: one JSON object per log line, for log collectors (default: $ANOMALYD_LOG_FORMAT "
                              "or text)")
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
     _add_check(sub)
