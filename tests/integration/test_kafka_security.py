@@ -92,20 +92,28 @@ def test_the_daemon_consumes_alerts_and_commits_over_sasl(sasl_broker, topic_nam
     assert committed == end_offsets(sasl_broker.bootstrap, topic_name)
 
 
-def _run_cli(cfg_path: Path, timeout_s: float) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "-c", str(cfg_path)], capture_output=True,
-                          text=True, timeout=timeout_s)
-    return proc.returncode, proc.stdout + proc.stderr
+def _anomalyd(command: str, cfg_path: Path, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """``anomalyd COMMAND -c CFG ARGS`` in a child process, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", command, "-c", str(cfg_path), *args],
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def _run_with_wrong_password(broker: LocalKafka, topic: str, models: tuple[Path, list[str]], tmp_path: Path,
+                             client: str, timeout_s: float) -> tuple[Path, int, str]:
+    """``anomalyd run`` logging in by SCRAM-SHA-256 with a wrong password: (config path, exit code, output)."""
+    models_dir, names = models
+    create_topic(broker.bootstrap, topic)
+    cfg = config_dict(_bootstrap(broker, "SASL_PLAINTEXT"), topic, models_dir, names, client=client)
+    cfg["kafka"]["security"] = _security("SCRAM-SHA-256", password="wrong-password")
+    cfg_path = write_config(tmp_path / "c.yaml", cfg)
+    proc = _anomalyd("run", cfg_path, timeout_s=timeout_s)
+    return cfg_path, proc.returncode, proc.stdout + proc.stderr
 
 
 def test_a_refused_login_stops_the_confluent_daemon_with_a_config_error(sasl_broker, topic_name, daemon_models,
                                                                         tmp_path):
-    models_dir, names = daemon_models
-    create_topic(sasl_broker.bootstrap, topic_name)
-    cfg = config_dict(f"127.0.0.1:{sasl_broker.sasl_port}", topic_name, models_dir, names, client="confluent")
-    cfg["kafka"]["security"] = _security("SCRAM-SHA-256", password="wrong-password")
-    cfg_path = write_config(tmp_path / "c.yaml", cfg)
-    code, out = _run_cli(cfg_path, 120)  # retrying for ever would time out here
+    # retrying for ever would time out here
+    cfg_path, code, out = _run_with_wrong_password(sasl_broker, topic_name, daemon_models, tmp_path, "confluent", 120)
     assert code == 2, out
     line = next(x for x in out.splitlines() if x.startswith(f"{cfg_path}: kafka.security:"))
     assert "refused the credentials" in line and f"user {USER}" in line and "SCRAM-SHA-256" in line, line
@@ -115,12 +123,8 @@ def test_a_refused_login_stops_the_confluent_daemon_with_a_config_error(sasl_bro
 def test_a_refused_login_stops_the_kafka_python_daemon_with_a_clear_error(sasl_broker, topic_name, daemon_models,
                                                                          tmp_path):
     """kafka-python retries until its bootstrap timeout (30 s) and often sees only the closed connection."""
-    models_dir, names = daemon_models
-    create_topic(sasl_broker.bootstrap, topic_name)
-    cfg = config_dict(f"127.0.0.1:{sasl_broker.sasl_port}", topic_name, models_dir, names, client="kafka-python")
-    cfg["kafka"]["security"] = _security("SCRAM-SHA-256", password="wrong-password")
-    cfg_path = write_config(tmp_path / "c.yaml", cfg)
-    code, out = _run_cli(cfg_path, 150)
+    cfg_path, code, out = _run_with_wrong_password(sasl_broker, topic_name, daemon_models, tmp_path, "kafka-python",
+                                                   150)
     error = out[out.index("anomalyd: error:"):]  # to the end: a config error's lines follow its first
     if code == 2:  # the refusal itself was seen
         assert f"{cfg_path}: kafka.security:" in error and "refused the credentials" in error, out
@@ -156,22 +160,19 @@ def test_check_connect_logs_in_and_finds_the_topics(sasl_broker, topic_name, dae
     cfg["kafka"]["security"] = {**_security("SCRAM-SHA-512", protocol="SASL_SSL"),
                                 "ssl_cafile": str(sasl_broker.ca_file)}
     path = write_config(tmp_path / "c.yaml", cfg)
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "-c", str(path), "--connect"],
-                          capture_output=True, text=True, timeout=120)
+    proc = _anomalyd("check", path, "--connect")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"input topic {topic_name}: 3 partitions" in proc.stdout, proc.stdout
     assert f"kafka.dead_letter_topic {topic_name}-dlq: not found" in proc.stdout, proc.stdout
 
     cfg["kafka"]["topics"] = [f"{topic_name}-missing"]
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "-c", str(write_config(path, cfg)),
-                           "--connect"], capture_output=True, text=True, timeout=120)
+    proc = _anomalyd("check", write_config(path, cfg), "--connect")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"kafka.topics: topic '{topic_name}-missing' not found" in proc.stdout, proc.stdout
 
     del cfg["kafka"]["topics"]
     cfg["kafka"]["topic_pattern"] = f"{topic_name[:-10]}.*"  # the test's name: only this topic matches
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "-c", str(write_config(path, cfg)),
-                           "--connect"], capture_output=True, text=True, timeout=120)
+    proc = _anomalyd("check", write_config(path, cfg), "--connect")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"1 topics ['{topic_name}']" in proc.stdout, proc.stdout
 
@@ -181,8 +182,7 @@ def test_check_connect_with_a_wrong_password_is_a_config_error(sasl_broker, topi
     cfg = config_dict(_bootstrap(sasl_broker, "SASL_PLAINTEXT"), topic_name, models_dir, names, client="confluent")
     cfg["kafka"]["security"] = _security("PLAIN", password="wrong-password")
     path = write_config(tmp_path / "c.yaml", cfg)
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "-c", str(path), "--connect"],
-                          capture_output=True, text=True, timeout=120)
+    proc = _anomalyd("check", path, "--connect")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"{path}: kafka.security: Kafka at" in proc.stderr and "refused the credentials" in proc.stderr
     assert "wrong-password" not in proc.stdout + proc.stderr
@@ -213,13 +213,11 @@ def test_check_connect_asks_an_enabled_alertmanager(sasl_broker, topic_name, dae
     cfg = config_dict(sasl_broker.bootstrap, topic_name, models_dir, names)  # PLAINTEXT: this test is about the sink
     cfg["sinks"]["alertmanager"] = {"enabled": True, "url": alertmanager.url}
     path = write_config(tmp_path / "c.yaml", cfg)
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "-c", str(path), "--connect"],
-                          capture_output=True, text=True, timeout=120)
+    proc = _anomalyd("check", path, "--connect")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"alertmanager {alertmanager.url}: version " in proc.stdout and "cluster " in proc.stdout, proc.stdout
 
     cfg["sinks"]["alertmanager"]["url"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "check", "-c", str(write_config(path, cfg)),
-                           "--connect"], capture_output=True, text=True, timeout=120)
+    proc = _anomalyd("check", write_config(path, cfg), "--connect")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "sinks.alertmanager.url: http://127.0.0.1:" in proc.stdout and "no Alertmanager status" in proc.stdout
