@@ -4,7 +4,8 @@
    float32, autocast float16, and a CUDA graph of the float32 forward (captured once per batch size); windows/s,
    GFLOP/s (``model_cost``) and the ratio to ``torch.mm``'s float32 and float16 peaks measured in the same run.
 2. Host to device copies of one micro-batch (4,096 windows, F=8): pageable vs pinned memory.
-3. Scoring half of the pipeline, no Kafka: JSON events from memory through ``Daemon.process`` + ``Daemon.flush``
+3. ``InferenceEngine.score`` (numpy in, scores out) at 4,096 ... 65,536 windows, float32 and float16.
+4. Scoring half of the pipeline, no Kafka: JSON events from memory through ``Daemon.process`` + ``Daemon.flush``
    (decode, window buffers, engine on the GPU, alert state) at stride 1 and 8, with the engine-only rate of the
    same model at the daemon's batch for the ratio.
 
@@ -133,8 +134,10 @@ def copies(device: torch.device) -> dict:
     return out
 
 
-def scoring(cfg: dict, device: torch.device, deadline: float) -> list[dict]:
-    """The daemon's decode -> buffers -> engine -> alerts path from memory, on ``device``."""
+def scoring(cfg: dict, device: torch.device, deadline: float, engine_rows: list[dict]) -> list[dict]:
+    """The daemon's decode -> buffers -> engine -> alerts path from memory, on ``device``; appends the rates of
+    ``InferenceEngine.score`` itself (numpy windows in, scores out: copies, scaling, forward, error, threshold)
+    to ``engine_rows``."""
     from pipelines.config import load_config
     from pipelines.daemon import Daemon
     from pipelines.model_store import ModelStore
@@ -152,11 +155,21 @@ def scoring(cfg: dict, device: torch.device, deadline: float) -> list[dict]:
 
         engine = InferenceEngine(str(device))
         engine.swap({"m": det})
+        for precision in ("float32", "float16") if device.type == "cuda" else ("float32",):
+            eng = InferenceEngine(str(device), precision=precision, max_batch=65536)
+            eng.swap({"m": det})
+            for b in (4096, 16384, 65536):
+                wins = np.ascontiguousarray(np.random.default_rng(1).normal(size=(b, WINDOW, 8)), np.float32)
+                rate = b / _timed(lambda w=wins, en=eng: en.score({"m": w}), device, 0.5)
+                engine_rows.append({"precision": precision, "batch": b, "windows_s": rate})
+                common.log(f"  engine.score {precision} B={b}: {rate:,.0f} windows/s (host -> device -> host)")
         for S in cfg["streams"]:
             fleet = common.Fleet(S, harness.FEATURES)
             stream, step = fleet.events(harness.WINDOW + 8, cfg["events"])
             messages = common.json_messages(fleet, stream, step, harness.T0_MS, harness.INTERVAL_MS)
             keys = [fleet.names[s].encode() for s in stream.tolist()]
+            decode_s = _decode_rate(messages, keys)
+            common.log(f"  S={S}: decode alone {decode_s:,.0f} events/s")
             for stride in (1, 8):
                 if time.monotonic() > deadline:
                     common.log("time budget reached: scoring cut short")
@@ -186,9 +199,25 @@ def scoring(cfg: dict, device: torch.device, deadline: float) -> list[dict]:
                 e = 16384 / _timed(lambda w=wins: engine.score({"m": w}), device, 0.5)
                 rows.append({"streams": S, "stride": stride, "events_s": rate, "windows": windows,
                              "engine_windows_s": e, "engine_events_s": e * stride,
-                             "ratio_to_engine": rate / (e * stride)})
+                             "ratio_to_engine": rate / (e * stride), "decode_events_s": decode_s,
+                             "ratio_to_decode": rate / decode_s})
                 common.log(f"  S={S} stride {stride}: {rate:,.0f} events/s (engine {e * stride:,.0f} events/s)")
     return rows
+
+
+def _decode_rate(messages: list[bytes], keys: list[bytes]) -> float:
+    """Events/s of the daemon's decoder alone over the same messages (the client's share of the CPU work,
+    without the network): the rate the scoring half would reach if the engine and the buffers cost nothing."""
+    from pipelines.decode import FeatureSpec, SpecCache, decode_batch
+
+    specs = SpecCache(lambda s: FeatureSpec(tuple(f"f{j}" for j in range(harness.FEATURES))))
+    n, chunk = len(messages), 5000
+    ts = [harness.T0_MS] * chunk
+    t0 = time.perf_counter()
+    for start in range(0, n, chunk):
+        decode_batch(messages[start:start + chunk], keys[start:start + chunk], ts[:min(chunk, n - start)],
+                     specs, 65536)
+    return n / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,10 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         peaks = {"fp32": mm_peak(device, torch.float32), "fp16": mm_peak(device, torch.float16)}
     else:
         peaks = {"fp32": common.matmul_peak(torch.get_num_threads()), "fp16": None}
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None}
+    common.log(f"versions: {versions}")
     common.log(f"{card}: mm peak fp32 {peaks['fp32']:,.0f} GFLOP/s, fp16 {peaks['fp16'] or 0:,.0f} GFLOP/s")
     rows = engine_sweep(cfg, device, peaks, deadline - 0.35 * cfg["time_budget_s"])
     copy = copies(device)
-    score_rows = scoring(cfg, device, deadline)
+    engine_rows: list[dict] = []
+    score_rows = scoring(cfg, device, deadline, engine_rows)
     print(common.table(rows, [("kind", "kind", ""), ("F", "F", "d"), ("H", "H", "d"), ("batch", "batch", ",d"),
                               ("impl", "impl", ""), ("windows_s", "windows/s", ",.0f"), ("gflops", "GFLOP/s", ",.0f"),
                               ("pct_peak", "% peak", ".1f")],
@@ -220,13 +253,19 @@ def main(argv: list[str] | None = None) -> int:
                        " GFLOP/s"))
     for name, c in copy.items():
         print(f"host->device 4,096 windows ({name}): {1000 * c['seconds']:.2f} ms, {c['gb_s']:.1f} GB/s")
+    print(common.table(engine_rows, [("precision", "precision", ""), ("batch", "batch", ",d"),
+                                     ("windows_s", "windows/s", ",.0f")],
+                       "\nInferenceEngine.score, GRU W=64 F=8 H=64 (numpy in, scores out)"))
     print(common.table(score_rows, [("streams", "streams", ",d"), ("stride", "stride", "d"),
                                     ("events_s", "events/s", ",.0f"), ("engine_events_s", "engine ev/s", ",.0f"),
-                                    ("ratio_to_engine", "ratio", ".2f")],
+                                    ("ratio_to_engine", "ratio", ".2f"),
+                                    ("decode_events_s", "decode ev/s", ",.0f"), ("ratio_to_decode", "/decode", ".2f")],
                        "\nScoring half of the pipeline from memory (GRU W=64 F=8 H=64)"))
     common.write_json(args.json, "gpu", {"quick": args.quick, "device": str(device), "card": card, "peaks": peaks,
+                                         "versions": versions,
                                          "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-                                         "config": cfg, "engine": rows, "copies": copy, "scoring": score_rows,
+                                         "config": cfg, "engine": rows, "copies": copy, "engine_score": engine_rows,
+                                         "scoring": score_rows,
                                          "seconds": time.perf_counter() - started})
     return 0
 
