@@ -311,7 +311,7 @@ def engine_rate(spec: dict) -> dict:
 
     fleet = common.Fleet(max(spec["n_streams"], 64), FEATURES)
     det = ModelStore(spec["models_dir"]).load(spec["models"][0]).detector
-    engine = InferenceEngine("cpu")
+    engine = InferenceEngine(spec.get("device", "cpu"))
     engine.swap({"m": det})
     out = {"fused": engine.fused, "windows_s": {}}
     for b in spec["batches"]:
