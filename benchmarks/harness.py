@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
+import sys
 import tempfile
 import time
 import traceback
@@ -272,6 +273,8 @@ def daemon_rate(spec: dict) -> dict:
         holder["src"] = TimedSource(source, phases, lambda: common.cpu_now(spec))
         return holder["src"]
 
+    if spec.get("switch_interval_ms"):  # this process only (each run has its own)
+        sys.setswitchinterval(spec["switch_interval_ms"] / 1000)
     rss0 = common.rss_bytes()
     with tempfile.TemporaryDirectory() as tmp:
         daemon = Daemon(load_config(daemon_config(Path(tmp), spec)), source_factory=factory)

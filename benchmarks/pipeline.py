@@ -97,9 +97,12 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
                                            "ratio": pr["events_s"] / min(raw["events_s"], e_win)})
                             common.log(f"  {client} prototype loop, overlap={overlap}, threads={th}: "
                                        f"{pr['events_s']:,.0f} events/s")
-                    for stride, background in [(s, bg) for s in cfg["strides"] for bg in cfg["background"]]:
+                    modes = [(bg, None) for bg in cfg["background"]]
+                    modes += [(True, ms) for ms in cfg.get("switch_intervals_ms", [])]
+                    for stride, (background, switch_ms) in [(s, m) for s in cfg["strides"] for m in modes]:
                         runs = [harness.in_process(harness.daemon_rate, {**spec, "client": client, "stride": stride,
                                                                          "background": background,
+                                                                         "switch_interval_ms": switch_ms,
                                                                          "threads": threads,  # None: adaptive
                                                                          "n_events": n8 if stride == 8 else n})
                                 for _ in range(cfg.get("repeats", {}).get(stride, 1))]
@@ -107,7 +110,8 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
                         e_ev = e_win * stride
                         bs = d["metrics"].get("anomalyd_inference_batch_size", {})
                         row = {"streams": S, "events": n8 if stride == 8 else n, "client": client, "stride": stride,
-                               "scoring": "background" if background else "serial", "threads": n_threads,
+                               "scoring": ("background" if background else "serial")
+                               + (f" gil {switch_ms:g}ms" if switch_ms else ""), "threads": n_threads,
                                "adaptive": d["scoring_threads"],  # model_threads 0: {"last", "switches"}
                                "raw_events_s": raw["events_s"], "engine_windows_s": e_win, "engine_events_s": e_ev,
                                "anomalyd_events_s": d["events_s"],
@@ -130,7 +134,8 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
                                    f"{' (median of ' + str(len(runs)) + ')' if len(runs) > 1 else ''}, "
                                    f"ratio {row['ratio']:.2f}, "
                                    f"RSS {row['rss_mib']:.0f} MiB")
-                        if background == cfg["background"][-1]:  # memory per stream: one mode (the default last)
+                        if (background, switch_ms) == modes[len(cfg["background"]) - 1]:  # memory per stream: the
+                            # default mode (listed last)
                             memory.append({"streams": S, "client": client, "stride": stride, "rss": d["rss"],
                                            "rss_start": d["rss_start"], "rss_models": d["rss_models"],
                                            "rss_seeded": d["rss_seeded"], "buffer_bytes": d["buffer_bytes"]})
@@ -168,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads in each process (default: the daemon's rule, processing.model_threads 0)")
     p.add_argument("--scoring", choices=["serial", "background"], action="append",
                    help="only these scoring modes (repeatable; default both)")
+    p.add_argument("--switch-interval-ms", type=float, action="append", default=[],
+                   help="also run background scoring with sys.setswitchinterval at this many ms in the daemon's "
+                        "process (repeatable; Python's default is 5 ms)")
+    p.add_argument("--events", type=int, help="events at stride 1 for every stream count (default 200,000 for "
+                   "1,000 streams and 300,000 for 100,000)")
+    p.add_argument("--repeats", type=int, help="daemons per stride-8 case, the median reported (default 3)")
     p.add_argument("--streams", type=int, action="append", help="only these stream counts (repeatable)")
     p.add_argument("--clients", choices=["kafka-python", "confluent"], action="append", help="only these clients")
     p.add_argument("--device", default="cpu", help="the daemon's and the engine's models.device (default cpu; "
@@ -182,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg["background"] = [mode == "background" for mode in ("serial", "background") if mode in args.scoring]
     if set(cfg["streams"]) - set(cfg["events"]):
         p.error(f"--streams: choose from {sorted(cfg['events'])}")
+    cfg["switch_intervals_ms"] = args.switch_interval_ms
+    if args.events:
+        cfg["events"] = {s: args.events for s in cfg["events"]}
+    if args.repeats:
+        cfg["repeats"] = {8: args.repeats}
     settings = {}
     for item in args.consumer_setting:
         key, sep, value = item.partition("=")

@@ -15,11 +15,16 @@ from .device import autocast_dtype, resolve_device
 from .fastpath import FusedAutoencoder, fused_available
 from .scoring import WindowScores
 
-__all__ = ["InferenceEngine", "ModelScores", "EAGER_CPU_CHUNK"]
+__all__ = ["InferenceEngine", "ModelScores", "EAGER_CPU_CHUNK", "WARM_UP_BATCHES"]
 
 EAGER_CPU_CHUNK = 256
 """Eager PyTorch on CPU scores in chunks of this many windows: 1.3-1.7x faster than one big batch at batch
 4096 (the recurrent state and gate buffers stay in cache; see benchmarks/RESULTS.md)."""
+
+WARM_UP_BATCHES = (1, 64, 512, 4096)
+"""Batch sizes :meth:`InferenceEngine.warm_up` scores once per model. On a GPU the first forward pays cuDNN/cuBLAS
+set-up and lazy kernel loading: 0.27-0.33 s on an H200 (benchmarks/RESULTS.md, GPU section), which the first
+micro-batch of a fresh daemon would otherwise wait for."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,8 @@ class InferenceEngine:
 
     ``score({"gru": windows_a, "lstm": windows_b})`` runs one forward per model (chunked only above
     ``max_batch``) under ``torch.inference_mode``, with optional float16/bfloat16 autocast on GPU.
-    ``swap`` replaces the whole model set atomically (hot reload) while scoring continues.
+    ``swap`` replaces the whole model set atomically (hot reload) while scoring continues. On a GPU, ``add`` and
+    ``swap`` first run :meth:`warm_up` on the new models, so no micro-batch waits for the device's set-up.
 
     On CPU, autoencoders run through the fused C++ forward of :mod:`detector.fastpath` when it is available
     (``fused=None``: as ``ANOMALYD_FUSED_RNN`` says, default auto; ``True`` requires it; ``False``: eager
@@ -76,6 +82,8 @@ class InferenceEngine:
 
     def add(self, name: str, detector: Detector) -> None:
         det, forward = self._place(detector)
+        if self.device.type == "cuda":
+            self._warm({name: det}, {name: forward} if forward else {}, WARM_UP_BATCHES)
         with self._lock:
             forwards = {k: v for k, v in self._forwards.items() if k != name}
             if forward is not None:
@@ -85,9 +93,32 @@ class InferenceEngine:
     def swap(self, models: Mapping[str, Detector]) -> None:
         """Replace the model set atomically; a batch in flight finishes on the old set."""
         placed = {name: self._place(det) for name, det in models.items()}
+        if self.device.type == "cuda":  # before the swap: scoring goes on with the old set meanwhile
+            self._warm({n: d for n, (d, _) in placed.items()}, {n: f for n, (_, f) in placed.items() if f},
+                       WARM_UP_BATCHES)
         with self._lock:
             self._models = {name: det for name, (det, _) in placed.items()}
             self._forwards = {name: fwd for name, (_, fwd) in placed.items() if fwd is not None}
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = WARM_UP_BATCHES) -> None:
+        """Score zero windows once per batch size with every loaded autoencoder (scores are discarded; no model,
+        scaler or threshold state changes). Done automatically on a GPU; on the CPU there is nothing to warm."""
+        with self._lock:
+            models, forwards = self._models, self._forwards
+        self._warm(models, forwards, batch_sizes)
+
+    def _warm(self, models: Mapping[str, Detector], forwards: Mapping[str, Callable],
+              batch_sizes: tuple[int, ...]) -> None:
+        with torch.inference_mode():
+            for name, det in models.items():
+                if not isinstance(det, AutoencoderDetector) or det.scaler is None:
+                    continue
+                for b in batch_sizes:
+                    b = min(b, self.max_batch)
+                    windows = np.zeros((b, det.window, det.n_features), dtype=np.float32)
+                    det.score_windows(windows, batch_size=b, precision=self.precision, forward=forwards.get(name))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def score(self, groups: Mapping[str, np.ndarray]) -> dict[str, ModelScores]:
         """{model name: windows (B, W, F)} -> {model name: ModelScores}."""

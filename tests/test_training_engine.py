@@ -82,6 +82,28 @@ def test_engine_scores_several_models_in_one_call(trained, synthetic):
         engine.score({"nope": windows})
 
 
+def test_engine_warm_up_runs_each_model_once_per_batch_size_and_changes_nothing(trained, synthetic):
+    _, test = synthetic
+    engine = InferenceEngine(device="cpu", fused=False, max_batch=100)
+    engine.swap(trained)
+    windows = np.ascontiguousarray(
+        np.lib.stride_tricks.sliding_window_view(test.values[:100], 32, axis=0).transpose(0, 2, 1))
+    before = engine.score({"gru": windows})["gru"]
+    thresholds = {name: det.threshold.to_dict() for name, det in trained.items()}
+    calls = []
+    hooks = [det.model.register_forward_hook(lambda m, i, o, n=name: calls.append((n, i[0].shape[0])))
+             for name, det in trained.items()]
+    try:
+        engine.warm_up((1, 64, 4096))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sorted(calls) == sorted((n, b) for n in trained for b in (1, 64, 100))  # 4096 capped at max_batch
+    after = engine.score({"gru": windows})["gru"]
+    np.testing.assert_array_equal(after.raw.score, before.raw.score)
+    assert {name: det.threshold.to_dict() for name, det in trained.items()} == thresholds
+
+
 def test_engine_bad_device():
     import torch
 
