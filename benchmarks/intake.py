@@ -5,6 +5,7 @@ start-up objects, before and after ``gc.freeze()``.
     python -m benchmarks.intake --chunk 17 --streams 1000            # small polls, as at moderate live load
     python -m benchmarks.intake --chunk 5000 --streams 100000 --stride 8 --profile
     python -m benchmarks.intake --chunk 5000 --streams 100000 --decode-ab   # per-batch lookup vs SpecCache
+    python -m benchmarks.intake --chunk 5000 --streams 1000 --stride 8 --overhead  # Daemon.process vs decode alone
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-ab", action="store_true",
                    help="only decode_batch: the route lookup per distinct stream and batch against a SpecCache "
                         "kept across batches, alternating in this process (4 pairs, caches warm)")
+    p.add_argument("--overhead", action="store_true",
+                   help="Daemon.process against decode_batch alone on the same records, alternating in this "
+                        "process (4 pairs, each on new events): what the intake adds to the decoder")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from pipelines.config import load_config
@@ -46,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     fleet = common.Fleet(args.streams, harness.FEATURES)
     n_events = args.events or max(60_000, 3 * args.streams)
-    messages, keys, _ = _data(fleet, n_events)
+    pairs = 4 if args.overhead else 1
+    messages, keys, _ = _data(fleet, n_events * pairs)  # --overhead: every pair's process gets new events
     with tempfile.TemporaryDirectory() as tmp:
         mdir, names = models_dir(Path(tmp), "gru")
         spec = {"bootstrap": "127.0.0.1:9", "client": "kafka-python", "topic": "memory", "models_dir": mdir,
@@ -68,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
           "gc.freeze()")
 
     batches = []
-    for start in range(0, n_events, args.chunk):
-        m = min(args.chunk, n_events - start)
+    for start in range(0, n_events * pairs, args.chunk):
+        m = min(args.chunk, n_events * pairs - start)
         batches.append(RecordBatch(topic=["memory"] * m, partition=np.zeros(m, np.int32),
                                    offset=np.arange(start, start + m, dtype=np.int64),
                                    timestamp=np.full(m, harness.T0_MS, np.int64), key=keys[start:start + m],
                                    value=messages[start:start + m]))
 
-    def go() -> None:
+    def go(batches: list = batches) -> None:
         for i, b in enumerate(batches):
             daemon.process(b)
             if i % 10 == 9:
@@ -83,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.decode_ab:
         return _decode_ab(daemon, batches)
+    if args.overhead:
+        return _overhead(daemon, batches, pairs, go)
     prof = cProfile.Profile() if args.profile else None
     t = time.perf_counter()
     if prof:
@@ -95,6 +102,31 @@ def main(argv: list[str] | None = None) -> int:
           f"{dt / n_events * 1e6:.1f} us/event{' (under cProfile)' if prof else ''}")
     if prof:
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(20)
+    return 0
+
+
+def _overhead(daemon, batches: list, pairs: int, go) -> int:
+    from pipelines.decode import SpecCache, decode_batch
+
+    per = -(-len(batches) // pairs)
+    kept = SpecCache(daemon.intake._feature_spec)
+    for b in batches:  # warm the caches: the daemon's own is warm after seeding
+        decode_batch(b.value, b.key, b.timestamp, kept, 65536)
+    diffs = []
+    for rep in range(pairs):
+        part = batches[rep * per:(rep + 1) * per]
+        n = sum(len(b) for b in part)
+        t = time.perf_counter()
+        for b in part:
+            decode_batch(b.value, b.key, b.timestamp, kept, 65536)
+        dec = (time.perf_counter() - t) / n * 1e6
+        t = time.perf_counter()
+        go(part)
+        proc = (time.perf_counter() - t) / n * 1e6
+        diffs.append(proc - dec)
+        print(f"pair {rep + 1}: decode_batch {dec:.2f} us/event, Daemon.process {proc:.2f} us/event, "
+              f"intake beyond decoding {proc - dec:.2f} us/event")
+    print(f"intake beyond decoding, median of {pairs}: {sorted(diffs)[len(diffs) // 2]:.2f} us/event")
     return 0
 
 
