@@ -40,8 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overhead", action="store_true",
                    help="Daemon.process against decode_batch alone on the same records, alternating in this "
                         "process (4 pairs, each on new events): what the intake adds to the decoder")
+    p.add_argument("--malloc", choices=["daemon", "default"], default="daemon",
+                   help="daemon: glibc malloc settings as Daemon.run applies them (pipelines.allocator); default: "
+                        "glibc's own")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.malloc == "daemon":
+        from pipelines.allocator import keep_freed_memory
+
+        keep_freed_memory()
     from pipelines.config import load_config
     from pipelines.daemon import Daemon
     from pipelines.replay import _StderrDeadLetters

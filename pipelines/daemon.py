@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from detector.engine import InferenceEngine
 
+from .allocator import keep_freed_memory
 from .config import Config, check_model_files
 from .httpserver import HealthServer
 from .intake import Intake
@@ -138,8 +139,7 @@ class Daemon:
         try:
             self._flush_and_commit(timeout_s=min(10.0, self.cfg.shutdown.grace_period_s), in_rebalance=True)
         except (SinkError, KafkaDeliveryError) as exc:
-            log.warning("could not deliver alerts before giving up partitions (the next owner repeats them): %s",
-                        exc)
+            log.warning("could not deliver alerts before giving up partitions (the next owner repeats them): %s", exc)
         ids = self.positions.revoke(tps)
         for route in self.routes:
             gone = route.forget_partitions(ids)
@@ -203,6 +203,7 @@ class Daemon:
                 stack.callback(server.stop)
                 self.http_port = server.port
             self.metrics.set_state(up=True, ready=False)
+            keep_freed_memory()  # micro-batch arrays reuse freed heap instead of new zeroed pages
             gc.freeze()  # start-up objects (torch, models, clients: ~200k) out of the collector's full passes
             crashed = True
             try:
@@ -352,10 +353,9 @@ class Daemon:
 
     # -- scoring on a second thread (processing.score_in_background) ---------------------------------------
     def _flush_in_background(self, timeout_s: float, commit: bool, windows: int) -> None:
-        """Wait for the micro-batch in flight (commit what it freed), then hand the pending one to the scoring
-        thread, which scores it, updates alert state and delivers its alerts while this thread polls and
-        decodes. Offsets are committed only after that delivery, as in the serial path. ``windows``: how many
-        are pending (only this thread adds any)."""
+        """Wait for the micro-batch in flight (commit what it freed), then hand the pending one (``windows``
+        windows) to the scoring thread, which scores it, updates alert state and delivers its alerts while this
+        thread polls and decodes. Offsets are committed only after that delivery, as in the serial path."""
         self._finish_background(timeout_s)
         taken = self._take_pending()
         offsets = self._commit_offsets() if commit and self.positions.uncommitted else None
@@ -370,8 +370,7 @@ class Daemon:
         """Wait for the micro-batch in flight; raises its SinkError (nothing committed), else commits."""
         if self._inflight is None:
             return
-        future, offsets = self._inflight
-        self._inflight = None
+        (future, offsets), self._inflight = self._inflight, None
         with self.scoring_threads.loop_waiting() if self.scoring_threads else nullcontext():
             future.result()
         if offsets:
@@ -388,8 +387,7 @@ class Daemon:
         return self.positions.commit_offsets(floors)
 
     def _commit(self, offsets: dict[TopicPartition, tuple[int, str]], in_rebalance: bool = False) -> None:
-        self._last_commit = time.monotonic()
-        t0 = time.perf_counter()
+        self._last_commit, t0 = time.monotonic(), time.perf_counter()
         try:
             (self.source.commit_in_rebalance if in_rebalance else self.source.commit)(offsets)
             for tp, (nxt, _meta) in offsets.items():  # records processed since stay uncommitted
