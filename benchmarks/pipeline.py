@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, help="events at stride 1 for every stream count (default 200,000 for "
                    "1,000 streams and 300,000 for 100,000)")
     p.add_argument("--repeats", type=int, help="daemons per stride-8 case, the median reported (default 3)")
+    p.add_argument("--stride", type=int, choices=[1, 8], action="append", help="only these strides (repeatable)")
     p.add_argument("--streams", type=int, action="append", help="only these stream counts (repeatable)")
     p.add_argument("--clients", choices=["kafka-python", "confluent"], action="append", help="only these clients")
     p.add_argument("--device", default="cpu", help="the daemon's and the engine's models.device (default cpu; "
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["events"] = {s: args.events for s in cfg["events"]}
     if args.repeats:
         cfg["repeats"] = {8: args.repeats}
+    if args.stride:
+        cfg["strides"] = sorted(set(args.stride))
     settings = {}
     for item in args.consumer_setting:
         key, sep, value = item.partition("=")
