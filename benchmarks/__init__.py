@@ -5,6 +5,12 @@
 * ``latency``  event->score and event->alert latency at half of the measured capacity
 * ``baseline`` speed-up over a naive deque-per-stream, one-model-call-per-event detector and river's HST
 * ``gpu``      engine sweep and the scoring half of the pipeline on a CUDA device (< 5 minutes)
+* ``gpu_checks`` on a CUDA device: AMP training, GPU against CPU scores and decisions, the engine's warm-up
+* ``intake``   ``Daemon.process`` from memory (decode, routing, window buffers) without the model
+* ``kernel_ab`` the fused kernel of a git revision against the working tree's
+
+``device_bundle.sh`` packs Java, the broker's jars and the client wheels for a GPU machine without them, so that
+``pipeline --device cuda`` runs there against a real broker.
 
 Every benchmark prints a table and writes JSON (default ``~/.cache/anomalyd/bench/<name>.json``, ``--json``
 to change it); ``--quick`` runs a reduced size in about a minute. Results and their discussion:
