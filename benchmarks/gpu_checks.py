@@ -67,12 +67,12 @@ def check_kind(kind: str, device: str, out: list[dict]) -> None:
                 "max_rel_diff": rel, "decision_agreement": agree, "windows": len(wins)})
 
     ref = InferenceEngine("cpu")
-    ref.swap({"m": _reload(det, "cpu")})
+    ref.swap({"m": cpu})  # engines only read a detector: the loaded ones serve here too
     base = ref.score({"m": wins})["m"]
     for precision, rtol in (("float32", SCORE_RTOL), ("float16", FP16_RTOL)):
         eng = InferenceEngine(device, precision=precision)
         t0 = time.perf_counter()
-        eng.swap({"m": _reload(det, device)})  # warms up on a GPU
+        eng.swap({"m": gpu})  # warms up on a GPU
         swap_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = eng.score({"m": wins[:4096]})["m"]

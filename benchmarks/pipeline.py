@@ -98,6 +98,7 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
                             common.log(f"  {client} prototype loop, overlap={overlap}, threads={th}: "
                                        f"{pr['events_s']:,.0f} events/s")
                     modes = [(bg, None) for bg in cfg["background"]]
+                    default_mode = modes[-1]  # the config default, listed last: the one memory is reported for
                     modes += [(True, ms) for ms in cfg.get("switch_intervals_ms", [])]
                     for stride, (background, switch_ms) in [(s, m) for s in cfg["strides"] for m in modes]:
                         runs = [harness.in_process(harness.daemon_rate, {**spec, "client": client, "stride": stride,
@@ -134,8 +135,7 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
                                    f"{' (median of ' + str(len(runs)) + ')' if len(runs) > 1 else ''}, "
                                    f"ratio {row['ratio']:.2f}, "
                                    f"RSS {row['rss_mib']:.0f} MiB")
-                        if (background, switch_ms) == modes[len(cfg["background"]) - 1]:  # memory per stream: the
-                            # default mode (listed last)
+                        if (background, switch_ms) == default_mode:
                             memory.append({"streams": S, "client": client, "stride": stride, "rss": d["rss"],
                                            "rss_start": d["rss_start"], "rss_models": d["rss_models"],
                                            "rss_seeded": d["rss_seeded"], "buffer_bytes": d["buffer_bytes"]})
