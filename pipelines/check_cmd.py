@@ -10,6 +10,7 @@ a Helm test or an init container before a rollout.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -75,8 +76,6 @@ def topic_partitions(client: str, bootstrap_servers: str, security: Mapping[str,
 
 def _check_kafka(cfg: Config) -> tuple[list[str], list[str]]:
     """(lines to print, problems) for the configured topics as the configured credentials see them."""
-    import re
-
     k = cfg.kafka
     topics = topic_partitions(k.client, k.bootstrap_servers, k.security.client_settings())
     lines = [f"kafka {k.bootstrap_servers} ({k.client}; {describe_credentials(k.security.client_settings())}): "

@@ -46,7 +46,7 @@ def with_listeners(props: str, host: str, users: Mapping[str, str], sasl_port: i
         if broker_pem is None:
             raise ValueError("a TLS listener needs the broker's key and certificate (broker_pem)")
         lines += ["ssl.keystore.type=PEM", f"ssl.keystore.location={broker_pem}", "ssl.client.auth=none"]
-    return props.rstrip("\n") + "\n\n# SASL listeners (LocalKafka)\n" + "\n".join(lines) + "\n"
+    return props.rstrip("\n") + "\n\n# SASL / TLS listeners (LocalKafka)\n" + "\n".join(lines) + "\n"
 
 
 def scram_format_args(users: Mapping[str, str]) -> list[str]:
