@@ -4,9 +4,10 @@ Every poll's due windows are a new (M, W, F) float32 array (10 MB for 5,000 wind
 until its micro-batch is scored. glibc hands out blocks above its mmap threshold (128 KiB, raised at run time
 as such blocks are freed) as new mmap pages, which the kernel faults in and zeroes on first touch, and it gives
 freed memory at the top of the heap back to the kernel above its trim threshold. With both in play, gathering a
-poll's windows ran 2.6x slower than into reused memory (0.39 against 0.15 us/window; benchmarks/RESULTS.md,
-item 31). :func:`keep_freed_memory` serves blocks up to 16 MiB from the heap and keeps up to 128 MiB of freed
-heap for the next ones. Larger arrays (the window buffers of more than about 8,000 streams) still get lazily
+poll's windows ran 2.6x slower than into reused memory in a scratch loop (0.39 against 0.15 us/window), and
+py-spy of ``python -m benchmarks.intake`` shows the gather's share halved (benchmarks/RESULTS.md, item 31).
+:func:`keep_freed_memory` serves blocks up to 16 MiB from the heap and keeps up to 128 MiB of freed heap for
+the next ones. Larger arrays (the window buffers of more than about 8,000 streams) still get lazily
 zeroed mmap pages, so their unused capacity stays out of the resident set.
 
 Operators keep control: nothing is changed when ``ANOMALYD_MALLOC_TUNING=0`` or when glibc's own
