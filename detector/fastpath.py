@@ -42,7 +42,7 @@ from .models import ModelConfig, SequenceAutoencoder, model_cost
 
 __all__ = ["FusedAutoencoder", "FusedUnavailable", "fused_available", "fused_mode", "load_extension",
            "executed_macs", "compile_flags", "self_check", "prebuilt_candidates", "DEFAULT_TILE",
-           "PORTABLE_TARGETS"]
+           "PORTABLE_TARGETS", "compile_cached", "import_built"]
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +129,9 @@ def _load_prebuilt() -> ModuleType:
     """The best kernel built ahead of time for a portable level this CPU runs, imported without a compiler."""
     candidates = prebuilt_candidates(_cpu_flags(), _march())
     for target in candidates:
-        name = _name(target)
-        path = _build_dir() / name / f"{name}.so"
-        if path.exists():
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            log.info("fused RNN extension: the prebuilt %s kernel (%s)", target, path)
+        module = import_built(_name(target))
+        if module is not None:
+            log.info("fused RNN extension: the prebuilt %s kernel (%s)", target, module.__file__)
             return module
     raise RuntimeError(f"no prebuilt kernel for {candidates or 'this CPU (no portable x86-64 level)'} under "
                        f"{_build_dir()} (python -m detector.fastpath build --portable makes them)")
@@ -154,22 +150,16 @@ def load_extension(build: bool = True) -> ModuleType | None:
     if "error" in _STATE:
         return None
     name = _name()
-    where = _build_dir() / name
-    failed = where.with_suffix(".failed")
     try:
-        compiler = _compiler()
-        if compiler is None:
+        if _compiler() is None:
             try:
                 module = _load_prebuilt()
             except RuntimeError as exc:
                 raise RuntimeError(f"no C++ compiler (c++ or $CXX) on PATH, and {exc}") from None
-        elif error := _earlier_failure(failed, compiler):
-            raise RuntimeError(f"a build with {compiler} failed less than {FAILED_RETRY_S // 3600} h ago (delete "
-                               f"{failed} to try again now): {error[-500:]}")
-        elif not build and not (where / f"{name}.so").exists():
+        elif not build and not (_build_dir() / name / f"{name}.so").exists():
             return None
         else:
-            module = _build(name, where, failed, compiler)
+            module = compile_cached(name, [SOURCE], compile_flags(), ["-fopenmp"])
     except Exception as exc:  # no compiler, build error, import error: fall back to eager PyTorch
         _STATE["error"] = f"{type(exc).__name__}: {exc}"
         log.warning("fused RNN extension unavailable, using eager PyTorch: %s", _STATE["error"])
@@ -195,15 +185,37 @@ def _earlier_failure(failed: Path, compiler: str) -> str | None:
     return None
 
 
-def _build(name: str, where: Path, failed: Path, compiler: str) -> ModuleType:
-    """Compile (or find up to date) and import the configured build; a failure leaves the ``failed`` marker."""
+def import_built(name: str) -> ModuleType | None:
+    """The extension ``name`` built earlier under the cache folder, imported without a compiler; None if absent."""
+    path = _build_dir() / name / f"{name}.so"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compile_cached(name: str, sources: list[Path], cflags: list[str], ldflags: list[str]) -> ModuleType:
+    """Compile (or find up to date) and import the C++ extension ``name`` under the cache folder, with
+    ``torch.utils.cpp_extension``. ``name`` is the build key: hash into it whatever the build depends on. A failed
+    build leaves ``<name>.failed`` (compiler and error), and is not tried again with the same compiler for
+    ``FAILED_RETRY_S``. Raises RuntimeError without a compiler or after a failure."""
     from torch.utils.cpp_extension import load
 
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (c++ or $CXX) on PATH")
+    where = _build_dir() / name
+    failed = where.with_suffix(".failed")
+    if error := _earlier_failure(failed, compiler):
+        raise RuntimeError(f"a build with {compiler} failed less than {FAILED_RETRY_S // 3600} h ago (delete "
+                           f"{failed} to try again now): {error[-500:]}")
     where.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(where.with_suffix(".lock")):
         (where / "lock").unlink(missing_ok=True)  # torch's own lock file, stale if a builder was killed
         try:
-            module = load(name, [str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
+            module = load(name, [str(p) for p in sources], extra_cflags=cflags, extra_ldflags=ldflags,
                           build_directory=str(where), verbose=False)
         except Exception as exc:
             failed.write_text(json.dumps({"compiler": compiler, "error": f"{type(exc).__name__}: {exc}"}))

@@ -12,7 +12,9 @@ from a ``values`` object, becomes NaN (the window buffer carries the last value 
 cannot be decoded or validated is rejected with one of :data:`REASONS` (a bounded set, usable as a metric label)
 for the dead-letter topic; :func:`dead_letter_headers` builds that message's headers.
 
-Uses ``orjson`` when importable (extra ``fast``), else the standard ``json`` module.
+Messages of the common shape (``stream``, integer ``ts``, ``values`` array) are parsed by the native decoder of
+:mod:`pipelines.native_decode` when it is built; every other message, and every error, by ``orjson`` when
+importable (extra ``fast``), else the standard ``json`` module. The results are the same either way.
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import ModuleType
 
 import numpy as np
+
+from . import native_decode
+from .native_decode import decode_common
 
 try:
     import orjson
@@ -159,8 +165,13 @@ def decode_batch(
     accs: dict[FeatureSpec, tuple[list, list, list, list]] = {}  # positions, streams, ts, flat values
     rejected: list[tuple[int, str, str]] = []
     unrouted: list[tuple[int, str]] = []
+    fast: dict = {}
+    positions: Sequence[int] = range(n)
+    native = _native_decoder() if n else None
+    if native is not None:
+        fast, unrouted, positions = decode_common(native, values, max_bytes, specs.__getitem__, _width)
     loads, number_types = _loads, _NUMBER_TYPES
-    for i in range(n):
+    for i in positions:  # every message, or those the native decoder left (any other shape, and every error)
         raw = values[i]
         try:
             if raw is None:
@@ -202,9 +213,31 @@ def decode_batch(
         acc[1].append(stream)
         acc[2].append(ts)
         acc[3].extend(row)
-    groups = {spec: _finish_group(spec, *acc, rejected) for spec, acc in accs.items()}
+    groups = {spec: DecodedGroup(spec, *rows) for spec, rows in fast.items()}
+    for spec, acc in accs.items():
+        group = _finish_group(spec, *acc, rejected)
+        groups[spec] = _merged(groups[spec], group) if spec in groups else group
     rejected.sort()
+    unrouted.sort()
     return DecodedBatch({s: g for s, g in groups.items() if len(g)}, rejected, unrouted)
+
+
+def _native_decoder() -> ModuleType | None:
+    """The native decoder, or None (off, unavailable, or a test forcing the Python path)."""
+    return native_decode.load()
+
+
+def _width(spec: FeatureSpec) -> int:
+    return len(spec.names)
+
+
+def _merged(a: DecodedGroup, b: DecodedGroup) -> DecodedGroup:
+    """One group of the rows of ``a`` and ``b`` (each in input order), in input order."""
+    pos = np.concatenate([a.ok_index, b.ok_index])
+    order = np.argsort(pos, kind="stable")
+    streams = a.stream + b.stream
+    return DecodedGroup(a.spec, pos[order], [streams[j] for j in order.tolist()],
+                        np.concatenate([a.ts, b.ts])[order], np.concatenate([a.values, b.values])[order])
 
 
 def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:

@@ -58,3 +58,5 @@ fi
 rm -f "$CACHE"/torch_extensions/*.failed  # a failed build is retried once per setup, not on every start
 "$VENV/bin/python" -P -m detector.fastpath build >"$CACHE/fastpath-build.log" 2>&1 \
     || echo "setup: fused RNN extension not built (eager PyTorch is used): $(tail -1 "$CACHE/fastpath-build.log")"
+"$VENV/bin/python" -P -m pipelines.native_decode build >"$CACHE/native-decode-build.log" 2>&1 \
+    || echo "setup: native JSON decoder not built (decoding in Python): $(tail -1 "$CACHE/native-decode-build.log")"

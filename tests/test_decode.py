@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
 
-from pipelines import decode
+from pipelines import decode, native_decode
 from pipelines.decode import REASONS, DecodedBatch, FeatureSpec, dead_letter_headers, decode_batch
 
 TS = 1764180000123
@@ -21,9 +23,16 @@ SPEC3 = FeatureSpec(("a", "b", "c"))
 LOOKUP = {"pump-17": SPEC2, "pump-18": SPEC2, "uni-1": SPEC1, "tri-1": SPEC3}
 
 
-@pytest.fixture(params=["orjson", "stdlib"], autouse=True)
+@pytest.fixture(params=["native", "orjson", "stdlib"], autouse=True)
 def parser(request, monkeypatch):
-    """Run every test with the fast parser and with the standard-library fallback."""
+    """Run every test with the native decoder (which leaves all but the common shape to orjson), with orjson
+    alone and with the standard-library fallback alone."""
+    if request.param == "native":
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip("no C++ compiler to build the native decoder")
+        assert native_decode.load() is not None, native_decode._STATE.get("error")
+    else:
+        monkeypatch.setattr(decode, "_native_decoder", lambda: None)
     if request.param == "stdlib":
         monkeypatch.setattr(decode, "_loads", decode._stdlib_loads)
     elif decode.orjson is None:

@@ -213,9 +213,9 @@ def test_dockerfile_structure() -> None:
 
 
 def test_dockerfile_ships_prebuilt_fused_kernels_without_a_compiler() -> None:
-    """The build stage compiles the portable kernels into ANOMALYD_CACHE under /opt/anomalyd; the runtime copies
-    /opt/anomalyd, points ANOMALYD_CACHE at the same folder and has no compiler (tests/test_fastpath.py checks that
-    such a process loads them)."""
+    """The build stage compiles the portable kernels and the native decoder into ANOMALYD_CACHE under
+    /opt/anomalyd; the runtime copies /opt/anomalyd, points ANOMALYD_CACHE at the same folder and has no compiler
+    (tests/test_fastpath.py and tests/test_native_decode.py check that such a process loads them)."""
     instructions, _ = _dockerfile()
     stages = [i for i, (kw, _) in enumerate(instructions) if kw == "FROM"]
     build, final = instructions[:stages[-1]], instructions[stages[-1]:]
@@ -225,6 +225,7 @@ def test_dockerfile_ships_prebuilt_fused_kernels_without_a_compiler() -> None:
                 if m]
 
     built = [i for i, (kw, rest) in enumerate(build) if kw == "RUN" and "detector.fastpath build --portable" in rest]
+    assert any(kw == "RUN" and "pipelines.native_decode build" in rest for kw, rest in build[built[0]:])
     assert built and cache(build[:built[0]]), "kernels built with ANOMALYD_CACHE set"
     assert cache(final) == cache(build[:built[0]])[-1:]
     assert cache(final)[0].startswith("/opt/anomalyd/")

@@ -1,0 +1,194 @@
+"""The native decoder (pipelines/_decode_fast.cpp): it takes the common message shape, hands everything else to
+the Python decoder, and decode_batch's results are the same with it and without it, message for message."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipelines import decode, native_decode
+from pipelines.decode import DecodedBatch, FeatureSpec, decode_batch
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
+                                reason="no C++ compiler to build the native decoder")
+
+SPEC8 = FeatureSpec(tuple(f"f{j}" for j in range(8)))
+SPEC2 = FeatureSpec(("temp", "vib"))
+LOOKUP = {"s8": SPEC8, "é8": SPEC8, "s2": SPEC2, "x2": SPEC2}
+
+
+@pytest.fixture(scope="module")
+def module():
+    m = native_decode.load()
+    assert m is not None, native_decode._STATE.get("error")
+    return m
+
+
+def _number(rng: random.Random) -> str:
+    """A JSON number in one of many spellings, or null."""
+    x = rng.choice([0.0, -0.0, 1.0, rng.uniform(-5, 5), rng.uniform(-1e6, 1e6), rng.expovariate(1) * 1e-30])
+    return rng.choice([
+        repr(x), f"{x:.3f}", f"{x:e}", f"{x:E}", f"{x:.17g}", str(int(x)), "null", "-0", "0.5e+3", "1E-2",
+        "3.4028235e38", "1e-50", "123456789012345678", "9007199254740993",
+    ])
+
+
+def _common(rng: random.Random, stream: str, width: int) -> bytes:
+    """A message of the common shape, keys in any order, whitespace anywhere."""
+    ws = lambda: rng.choice(["", "", " ", "\n", "\t ", "\r\n"])  # noqa: E731
+    parts = {
+        "stream": json.dumps(stream, ensure_ascii=False),
+        "ts": str(rng.choice([1764180000123, 0, -5, 123456789012345678])),
+        "values": "[" + ws() + ",".join(ws() + _number(rng) + ws() for _ in range(width)) + "]",
+    }
+    keys = list(parts)
+    rng.shuffle(keys)
+    body = ",".join(f'{ws()}"{k}"{ws()}:{ws()}{parts[k]}{ws()}' for k in keys)
+    return f"{ws()}{{{body}}}{ws()}".encode()
+
+
+# Messages the native decoder must hand back, each with what is unusual about it; the Python decoder accepts some
+# and rejects the others.
+UNUSUAL = [
+    b'{"stream":"s8","ts":1.5,"values":[1,2,3,4,5,6,7,8]}',  # float ts
+    b'{"stream":"s8","ts":"2026-11-26T20:00:00Z","values":[1,2,3,4,5,6,7,8]}',  # ISO ts
+    b'{"stream":"s8","ts":null,"values":[1,2,3,4,5,6,7,8]}',
+    b'{"stream":"s8","values":[1,2,3,4,5,6,7,8]}',  # no ts: the broker's
+    b'{"ts":1,"values":[1,2,3,4,5,6,7,8]}',  # no stream: the key
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,8],"unit":"C"}',  # another key
+    b'{"stream":"s\\u00388","ts":1,"values":[1,2,3,4,5,6,7,8]}',  # an escape
+    b'{"stream":"s8","stream":"s2","ts":1,"values":[1,2]}',  # a key twice
+    b'{"stream":"s8","ts":12345678901234567890,"values":[1,2,3,4,5,6,7,8]}',  # ts beyond 18 digits
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,1e39]}',  # beyond float32
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,1e400]}',  # beyond double
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,NaN]}',
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,"8"]}',
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,true]}',
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,08]}',  # a leading zero
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,.5]}',
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,1.]}',
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,+1]}',
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,123456789012345678901234]}',
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7]}',  # one value short
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,8,]}',
+    b'{"stream":"s8","ts":1,"values":[]}',
+    b'{"stream":"s8","ts":1,"values":{"f0":1}}',
+    b'{"stream":"s8","ts":1,"value":1}',
+    b'{"stream":"","ts":1,"values":[1,2,3,4,5,6,7,8]}',
+    b'{"stream":"\xff8","ts":1,"values":[1,2,3,4,5,6,7,8]}',  # not UTF-8
+    b'{"stream":"s\t8","ts":1,"values":[1,2,3,4,5,6,7,8]}',  # a raw control character
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,8]}x',  # trailing bytes
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,8]',  # truncated
+    b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,8]}{}',
+    b'[1,2]',
+    b'{}',
+    b'',
+    None,  # a tombstone
+    b'{"stream":"nobody","ts":1,"values":[1]}',  # unrouted, and of the common shape: native, then unrouted
+    b'{"stream":"s2","ts":1,"values":[1,2,3,4,5,6,7,8]}',  # common shape, but 8 values for 2 features
+]
+
+
+def _same(a: DecodedBatch, b: DecodedBatch) -> None:
+    assert a.rejected == b.rejected
+    assert a.unrouted == b.unrouted
+    assert list(a.groups) == list(b.groups) or sorted(a.groups, key=repr) == sorted(b.groups, key=repr)
+    for spec, ga in a.groups.items():
+        gb = b.groups[spec]
+        assert ga.ok_index.tolist() == gb.ok_index.tolist()
+        assert ga.stream == gb.stream
+        assert ga.ts.dtype == gb.ts.dtype == np.int64 and ga.ts.tolist() == gb.ts.tolist()
+        assert ga.values.dtype == gb.values.dtype == np.float32 and ga.values.shape == gb.values.shape
+        np.testing.assert_array_equal(ga.values, gb.values)  # NaN == NaN here; exact otherwise
+        assert ga.values.flags.c_contiguous
+
+
+def _both(values: list, max_bytes: int = 65536, monkeypatch=None) -> tuple[DecodedBatch, DecodedBatch]:
+    keys = [b"s8"] * len(values)
+    bts = np.full(len(values), 1764180999000, dtype=np.int64)
+    native = decode_batch(values, keys, bts, LOOKUP.get, max_bytes)
+    monkeypatch.setattr(decode, "_native_decoder", lambda: None)
+    python = decode_batch(values, keys, bts, LOOKUP.get, max_bytes)
+    monkeypatch.undo()
+    return native, python
+
+
+def test_the_common_shape_is_decoded_natively_and_everything_else_is_handed_back(module):
+    rng = random.Random(1)
+    common = [_common(rng, rng.choice(["s8", "é8"]), 8) for _ in range(200)]
+    groups, unrouted, slow = native_decode.decode_common(module, common, 65536, LOOKUP.get, lambda s: len(s.names))
+    assert slow == [] and unrouted == [] and len(groups[SPEC8][1]) == 200
+    groups, unrouted, slow = native_decode.decode_common(module, UNUSUAL, 65536, LOOKUP.get, lambda s: len(s.names))
+    assert slow == list(range(len(UNUSUAL) - 2)) + [len(UNUSUAL) - 1]  # all but the unrouted one
+    assert unrouted == [(len(UNUSUAL) - 2, "nobody")] and not groups
+    _, _, slow = native_decode.decode_common(module, common[:3], len(common[1]) - 1, LOOKUP.get, len)
+    assert 1 in slow  # over max_bytes: the Python decoder rejects it as oversized
+
+
+def test_native_and_python_decoders_agree_on_generated_batches(module, monkeypatch):
+    rng = random.Random(7)
+    for _ in range(40):
+        values = []
+        for _ in range(rng.randint(1, 120)):
+            r = rng.random()
+            if r < 0.6:
+                stream = rng.choice(["s8", "é8", "s2", "x2", "nobody"])
+                width = 8 if stream.endswith("8") else rng.choice([2, 2, 2, 3])
+                values.append(_common(rng, stream, width))
+            elif r < 0.8:
+                values.append(rng.choice(UNUSUAL))
+            else:  # a common message cut or with one byte changed: mostly invalid JSON
+                m = bytearray(_common(rng, "s8", 8))
+                if rng.random() < 0.5:
+                    m = m[: rng.randrange(len(m))]
+                else:
+                    m[rng.randrange(len(m))] = rng.choice(b'{}[]",:.-+eE0123456789 \\x\x00\xc3')
+                values.append(bytes(m))
+        native, python = _both(values, max_bytes=rng.choice([65536, 100]), monkeypatch=monkeypatch)
+        _same(native, python)
+        assert native.n_ok + len(native.rejected) + len(native.unrouted) == len(values)
+
+
+def test_numbers_round_as_the_python_decoder_rounds_them(module, monkeypatch):
+    """Every spelling of a number gives the same float32 as float(text) rounded to float32 (orjson's reading)."""
+    rng = random.Random(3)
+    texts = [_number(rng) for _ in range(4000)] + [repr(rng.uniform(-1, 1) * 10 ** rng.randint(-45, 38))
+                                                   for _ in range(4000)]
+    values = [f'{{"stream":"s8","ts":1,"values":[{",".join(texts[i:i + 8])}]}}'.encode()
+              for i in range(0, len(texts) - 7, 8)]
+    native, python = _both(values, monkeypatch=monkeypatch)
+    _same(native, python)
+    assert native.n_ok == len(values)
+
+
+def test_the_build_can_be_made_ahead_of_time_and_required(tmp_path):
+    """``python -m pipelines.native_decode build`` builds into ANOMALYD_CACHE; ANOMALYD_NATIVE_DECODE=on then
+    loads it, =off never does, and a bad value is an error naming the variable."""
+    env = {**os.environ, "ANOMALYD_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "pipelines.native_decode", "build"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0 and "ready" in done.stdout, done.stderr[-2000:]
+    assert list(tmp_path.glob("torch_extensions/anomalyd_decode_*/*.so"))
+    code = "from pipelines import native_decode as n; print(n.load() is not None)"
+    for value, expected in (("on", "True"), ("off", "False")):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**env, "ANOMALYD_NATIVE_DECODE": value, "CXX": "/nonexistent"})
+        assert done.stdout.strip() == expected, done.stderr[-2000:]  # on: the earlier build, without a compiler
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, "ANOMALYD_NATIVE_DECODE": "maybe"})
+    assert done.returncode != 0 and "ANOMALYD_NATIVE_DECODE" in done.stderr
+
+
+def test_required_but_unavailable_is_an_error(tmp_path):
+    code = "from pipelines import native_decode as n; n.load()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ANOMALYD_CACHE": str(tmp_path), "ANOMALYD_NATIVE_DECODE": "on",
+                               "CXX": "/nonexistent"})
+    assert done.returncode != 0 and "NativeDecodeUnavailable" in done.stderr and "no C++ compiler" in done.stderr
