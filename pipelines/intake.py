@@ -83,9 +83,10 @@ class Intake:
         for part, live in ((sel[rep], False), (sel[~rep], True)):
             if not len(part):
                 continue
-            p = group.ok_index[part]
-            ids = route.stream_ids([group.stream[i] for i in part.tolist()])
-            topics = [batch.topic[i] for i in p.tolist()]
+            p = group.ok_index[part]  # ascending positions: the whole group / poll exactly when as many
+            ids = route.stream_ids(group.stream if len(part) == len(group.stream)
+                                   else list(map(group.stream.__getitem__, part.tolist())))
+            topics = batch.topic if len(p) == len(batch.topic) else list(map(batch.topic.__getitem__, p.tolist()))
             warm0 = route.buffer.n_warming
             late, _ = route.add(ids, group.ts[part], group.values[part], tp_idx[p], batch.offset[p], topics,
                                 batch.partition[p], np.full(len(p), live))

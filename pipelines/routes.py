@@ -71,7 +71,12 @@ class RouteState:
 
     # -- events ----------------------------------------------------------------------------------------
     def stream_ids(self, streams: list[str]) -> np.ndarray:
+        """(N,) int64 the streams' ids in this route; a new stream gets the next id."""
         idx = self.stream_index
+        try:
+            return np.fromiter(map(idx.__getitem__, streams), np.int64, len(streams))  # every stream known
+        except KeyError:
+            pass
         out = np.empty(len(streams), dtype=np.int64)
         for i, s in enumerate(streams):
             j = idx.get(s)
@@ -102,7 +107,8 @@ class RouteState:
             if n_keep < len(wb):  # some windows are not to be scored (replayed events): copy out the others
                 wb = WindowBatch(wb.stream[keep], wb.windows[keep], wb.ts[keep], e[keep])
                 e = wb.event_index
-            self._pending.append((wb.stream, wb.windows, wb.ts, [topic[i] for i in e], partition[e], offset[e]))
+            self._pending.append((wb.stream, wb.windows, wb.ts, list(map(topic.__getitem__, e.tolist())), partition[e],
+                                  offset[e]))
             self.pending_windows += n_keep
         return self.buffer.n_late - late0, n_keep
 
