@@ -31,10 +31,10 @@ FULL = {"streams": 1000, "events": 200_000, "naive_s": 15.0, "river_s": 10.0}
 QUICK = {"streams": 1000, "events": 40_000, "naive_s": 4.0, "river_s": 3.0}
 
 
-def _data(fleet: common.Fleet, n: int) -> tuple[list[bytes], list[bytes], np.ndarray]:
+def _data(fleet: common.Fleet, n: int, by_name: bool = False) -> tuple[list[bytes], list[bytes], np.ndarray]:
     first = harness.WINDOW + 8
     stream, step = fleet.events(first, n)
-    values = common.json_messages(fleet, stream, step, harness.T0_MS, harness.INTERVAL_MS)
+    values = common.json_messages(fleet, stream, step, harness.T0_MS, harness.INTERVAL_MS, by_name=by_name)
     keys = [fleet.names[s].encode() for s in stream.tolist()]
     return values, keys, step
 

@@ -214,9 +214,9 @@ def trained_detector(kind: str, fleet: Fleet, window: int = 64, hidden: int = 64
 
 
 def json_messages(fleet: Fleet, stream: np.ndarray, step: np.ndarray, t0_ms: int, interval_ms: int = 1000,
-                  anomaly: np.ndarray | None = None) -> list[bytes]:
-    """Kafka values ``{"stream", "ts", "values": [F numbers]}`` for events (N,); ``anomaly`` (N,) bool adds a
-    level shift of +8 to those events' readings."""
+                  anomaly: np.ndarray | None = None, by_name: bool = False) -> list[bytes]:
+    """Kafka values ``{"stream", "ts", "values": [F numbers]}`` for events (N,), or ``"values": {name: number}``
+    with ``by_name``; ``anomaly`` (N,) bool adds a level shift of +8 to those events' readings."""
     import orjson
 
     vals = fleet.values(step, stream)
@@ -225,6 +225,8 @@ def json_messages(fleet: Fleet, stream: np.ndarray, step: np.ndarray, t0_ms: int
     vals = np.round(vals.astype(np.float64), 4).tolist()
     ts = (t0_ms + step * interval_ms).tolist()
     names = fleet.names
+    if by_name:
+        vals = [dict(zip(fleet.feature_names, v, strict=True)) for v in vals]
     return [orjson.dumps({"stream": names[s], "ts": t, "values": v}) for s, t, v in zip(stream.tolist(), ts, vals,
                                                                                        strict=True)]
 

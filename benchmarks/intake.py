@@ -6,6 +6,7 @@ start-up objects, before and after ``gc.freeze()``.
     python -m benchmarks.intake --chunk 5000 --streams 100000 --stride 8 --profile
     python -m benchmarks.intake --chunk 5000 --streams 100000 --decode-ab   # per-batch lookup vs SpecCache
     python -m benchmarks.intake --chunk 5000 --streams 1000 --stride 8 --overhead  # Daemon.process vs decode alone
+    python -m benchmarks.intake --chunk 5000 --streams 1000 --values object --native-ab  # native vs Python decoder
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overhead", action="store_true",
                    help="Daemon.process against decode_batch alone on the same records, alternating in this "
                         "process (4 pairs, each on new events): what the intake adds to the decoder")
+    p.add_argument("--values", choices=["array", "object"], default="array",
+                   help="messages' values as an array in feature order (default) or an object by feature name")
+    p.add_argument("--native-ab", action="store_true",
+                   help="only decode_batch: the native decoder against the Python one (orjson), alternating in "
+                        "this process (4 pairs, caches warm)")
     p.add_argument("--malloc", choices=["daemon", "default"], default="daemon",
                    help="daemon: glibc malloc settings as Daemon.run applies them (pipelines.allocator); default: "
                         "glibc's own")
@@ -58,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     fleet = common.Fleet(args.streams, harness.FEATURES)
     n_events = args.events or max(60_000, 3 * args.streams)
     pairs = 4 if args.overhead else 1
-    messages, keys, _ = _data(fleet, n_events * pairs)  # --overhead: every pair's process gets new events
+    # --overhead: every pair's process gets new events
+    messages, keys, _ = _data(fleet, n_events * pairs, by_name=args.values == "object")
     with tempfile.TemporaryDirectory() as tmp:
         mdir, names = models_dir(Path(tmp), "gru")
         spec = {"bootstrap": "127.0.0.1:9", "client": "kafka-python", "topic": "memory", "models_dir": mdir,
@@ -95,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.decode_ab:
         return _decode_ab(daemon, batches)
+    if args.native_ab:
+        return _native_ab(daemon, batches)
     if args.overhead:
         return _overhead(daemon, batches, pairs, go)
     prof = cProfile.Profile() if args.profile else None
@@ -134,6 +143,26 @@ def _overhead(daemon, batches: list, pairs: int, go) -> int:
         print(f"pair {rep + 1}: decode_batch {dec:.2f} us/event, Daemon.process {proc:.2f} us/event, "
               f"intake beyond decoding {proc - dec:.2f} us/event")
     print(f"intake beyond decoding, median of {pairs}: {sorted(diffs)[len(diffs) // 2]:.2f} us/event")
+    return 0
+
+
+def _native_ab(daemon, batches: list) -> int:
+    from pipelines import decode
+    from pipelines.decode import SpecCache, decode_batch
+
+    native = decode._native_decoder()
+    if native is None:
+        print("the native decoder is unavailable (ANOMALYD_NATIVE_DECODE=0, or no compiler)", file=sys.stderr)
+        return 1
+    kept = SpecCache(daemon.intake._feature_spec)
+    n = sum(len(b) for b in batches)
+    for rep in range(4):
+        for name, module in (("native", native), ("python", None)):
+            decode._native_decoder = lambda m=module: m
+            t = time.perf_counter()
+            for b in batches:
+                decode_batch(b.value, b.key, b.timestamp, kept, 65536)
+            print(f"pair {rep + 1}: decode_batch, {name}: {(time.perf_counter() - t) / n * 1e6:.2f} us/event")
     return 0
 
 

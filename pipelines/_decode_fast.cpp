@@ -1,8 +1,9 @@
 // Native fast path of pipelines.decode.decode_batch: one poll batch of JSON sensor messages -> arrays.
 //
-// It takes only the common, unambiguous shape and leaves every other message to the Python decoder:
+// It takes only the common, unambiguous shapes and leaves every other message to the Python decoder:
 //
 //     {"stream": "<no escapes>", "ts": <integer, at most 18 digits>, "values": [<number or null>, ...]}
+//     {"stream": "<no escapes>", "ts": <integer, at most 18 digits>, "values": {"<name>": <number or null>, ...}}
 //
 // keys in any order, each once, JSON whitespace anywhere, nothing else. Anything outside that shape (another key,
 // an escape, a float or string ts, a value that is not a number or null, a number that overflows float32, more
@@ -11,9 +12,13 @@
 // the fast path never rejects anything and never accepts what the Python decoder would not; numbers are parsed
 // to double (std::from_chars, correctly rounded) and then cast to float32, as the Python decoder does.
 //
+// A values object's names, in message order, are its "layout": the batch's distinct layouts (at most
+// MAX_LAYOUTS) are returned once, and each object row names its layout, so that Python maps names to columns
+// once per layout and batch instead of once per message.
+//
 // decode(values: list, max_bytes: int, max_features: int) ->
 //     (positions int64 (K,), streams list[str] (K), ts int64 (K,), counts int64 (K,), flat float32 (sum counts),
-//      slow list[int])
+//      layout int32 (K,) (-1: an array), layouts list[tuple[str, ...] | None], slow list[int])
 // The parse itself runs without the GIL.
 
 #include <pybind11/numpy.h>
@@ -31,11 +36,36 @@ namespace py = pybind11;
 
 namespace {
 
+constexpr size_t MAX_LAYOUTS = 256;
+
+struct Span {
+  const char* p;
+  Py_ssize_t n;
+  bool operator==(const Span& o) const { return n == o.n && std::memcmp(p, o.p, n) == 0; }
+};
+
 struct Parsed {
   int64_t ts = 0;
   const char* stream = nullptr;
   Py_ssize_t stream_len = 0;
   int64_t count = 0;
+  int32_t layout = -1;
+};
+
+// The distinct name sequences of the batch's values objects.
+struct Layouts {
+  std::vector<std::vector<Span>> seen;
+  int32_t last = -1;
+
+  int32_t intern(const std::vector<Span>& names) {
+    if (last >= 0 && seen[last] == names) return last;
+    for (size_t i = 0; i < seen.size(); ++i) {
+      if (seen[i] == names) return last = static_cast<int32_t>(i);
+    }
+    if (seen.size() == MAX_LAYOUTS) return -1;
+    seen.push_back(names);
+    return last = static_cast<int32_t>(seen.size() - 1);
+  }
 };
 
 inline bool is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
@@ -43,8 +73,9 @@ inline bool is_digit(char c) { return c >= '0' && c <= '9'; }
 
 class Parser {
  public:
-  Parser(const char* p, const char* end, std::vector<float>& flat, int64_t max_features)
-      : p_(p), end_(end), flat_(flat), max_features_(max_features) {}
+  Parser(const char* p, const char* end, std::vector<float>& flat, int64_t max_features, Layouts& layouts,
+         std::vector<Span>& names)
+      : p_(p), end_(end), flat_(flat), max_features_(max_features), layouts_(layouts), names_(names) {}
 
   // True when the whole message has the fast shape; appends its values to flat (the caller truncates on false).
   bool message(Parsed& out) {
@@ -66,7 +97,7 @@ class Parser {
         if (seen_ts || !integer(out.ts)) return false;
         seen_ts = true;
       } else if (key_len == 6 && std::memcmp(key, "values", 6) == 0) {
-        if (seen_values || !array(out.count)) return false;
+        if (seen_values || !(p_ < end_ && *p_ == '{' ? object(out) : array(out.count))) return false;
         seen_values = true;
       } else {
         return false;
@@ -88,6 +119,8 @@ class Parser {
   const char* end_;
   std::vector<float>& flat_;
   int64_t max_features_;
+  Layouts& layouts_;
+  std::vector<Span>& names_;  // scratch: the names of the values object being parsed
 
   void ws() {
     while (p_ < end_ && is_ws(*p_)) ++p_;
@@ -163,21 +196,25 @@ class Parser {
     out = f;
     return true;
   }
+  // A number or null (NaN), appended to flat.
+  bool element() {
+    float f;
+    if (end_ - p_ >= 4 && std::memcmp(p_, "null", 4) == 0) {
+      p_ += 4;
+      f = std::numeric_limits<float>::quiet_NaN();
+    } else if (!number(f)) {
+      return false;
+    }
+    flat_.push_back(f);
+    return true;
+  }
   bool array(int64_t& count) {
     if (!eat('[')) return false;
     ws();
     count = 0;
     if (eat(']')) return false;  // empty: the Python decoder names the problem
     for (;;) {
-      if (count == max_features_) return false;
-      float f;
-      if (end_ - p_ >= 4 && std::memcmp(p_, "null", 4) == 0) {
-        p_ += 4;
-        f = std::numeric_limits<float>::quiet_NaN();
-      } else if (!number(f)) {
-        return false;
-      }
-      flat_.push_back(f);
+      if (count == max_features_ || !element()) return false;
       ++count;
       ws();
       if (eat(',')) {
@@ -185,6 +222,32 @@ class Parser {
         continue;
       }
       return eat(']');
+    }
+  }
+  // {"name": number or null, ...}: values in message order, the names as the row's layout.
+  bool object(Parsed& out) {
+    if (!eat('{')) return false;
+    ws();
+    out.count = 0;
+    names_.clear();
+    if (eat('}')) return false;  // empty: the Python decoder names the problem
+    for (;;) {
+      Span name;
+      if (out.count == max_features_ || !string(name.p, name.n)) return false;
+      ws();
+      if (!eat(':')) return false;
+      ws();
+      if (!element()) return false;
+      names_.push_back(name);
+      ++out.count;
+      ws();
+      if (eat(',')) {
+        ws();
+        continue;
+      }
+      if (!eat('}')) return false;
+      out.layout = layouts_.intern(names_);
+      return out.layout >= 0;
     }
   }
 };
@@ -207,10 +270,12 @@ py::tuple decode(py::list values, int64_t max_bytes, int64_t max_features) {
       len[i] = PyBytes_GET_SIZE(item);
     }
   }
-  std::vector<int64_t> pos, ts, counts;
+  std::vector<int64_t> pos;
   std::vector<Parsed> parsed;
   std::vector<float> flat;
   std::vector<int64_t> slow;
+  Layouts layouts;
+  std::vector<Span> names;
   pos.reserve(n);
   parsed.reserve(n);
   flat.reserve(n * 8);
@@ -219,7 +284,7 @@ py::tuple decode(py::list values, int64_t max_bytes, int64_t max_features) {
     for (Py_ssize_t i = 0; i < n; ++i) {
       Parsed m;
       size_t mark = flat.size();
-      if (ptr[i] != nullptr && Parser(ptr[i], ptr[i] + len[i], flat, max_features).message(m)) {
+      if (ptr[i] != nullptr && Parser(ptr[i], ptr[i] + len[i], flat, max_features, layouts, names).message(m)) {
         pos.push_back(i);
         parsed.push_back(m);
       } else {
@@ -228,10 +293,27 @@ py::tuple decode(py::list values, int64_t max_bytes, int64_t max_features) {
       }
     }
   }
+  py::list layout_names;  // each layout's names as a tuple of str, None where one is not valid UTF-8
+  for (const auto& seq : layouts.seen) {
+    py::tuple t(seq.size());
+    bool ok = true;
+    for (size_t j = 0; j < seq.size() && ok; ++j) {
+      PyObject* name = PyUnicode_DecodeUTF8(seq[j].p, seq[j].n, "strict");
+      if (name == nullptr) {
+        PyErr_Clear();
+        ok = false;
+      } else {
+        t[j] = py::reinterpret_steal<py::object>(name);
+      }
+    }
+    layout_names.append(ok ? py::object(t) : py::object(py::none()));
+  }
+  // Streams as str; a stream that is not valid UTF-8 moves its message to slow (rare: compact then).
   py::list streams;
-  std::vector<int64_t> kept_pos;
+  std::vector<int64_t> ts, counts, kept_pos;
+  std::vector<int32_t> layout;
   std::vector<float> kept_flat;
-  bool dropped = false;  // a stream that is not valid UTF-8 moves its message to slow (rare: compact then)
+  bool dropped = false;
   size_t offset = 0;
   for (size_t k = 0; k < parsed.size(); ++k) {
     const Parsed& m = parsed[k];
@@ -248,6 +330,7 @@ py::tuple decode(py::list values, int64_t max_bytes, int64_t max_features) {
       streams.append(py::reinterpret_steal<py::object>(s));
       ts.push_back(m.ts);
       counts.push_back(m.count);
+      layout.push_back(m.layout);
       if (dropped) {
         kept_pos.push_back(pos[k]);
         kept_flat.insert(kept_flat.end(), flat.begin() + offset, flat.begin() + offset + m.count);
@@ -262,7 +345,8 @@ py::tuple decode(py::list values, int64_t max_bytes, int64_t max_features) {
   }
   py::list slow_list(slow.size());
   for (size_t k = 0; k < slow.size(); ++k) slow_list[k] = py::int_(slow[k]);
-  return py::make_tuple(to_array(pos), streams, to_array(ts), to_array(counts), to_array(flat), slow_list);
+  return py::make_tuple(to_array(pos), streams, to_array(ts), to_array(counts), to_array(flat), to_array(layout),
+                        layout_names, slow_list);
 }
 
 }  // namespace
@@ -270,5 +354,5 @@ py::tuple decode(py::list values, int64_t max_bytes, int64_t max_features) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Native fast path of pipelines.decode.decode_batch";
   m.def("decode", &decode, py::arg("values"), py::arg("max_bytes"), py::arg("max_features"),
-        "messages (list of bytes) -> (positions, streams, ts, counts, flat values, slow positions)");
+        "messages (list of bytes) -> (positions, streams, ts, counts, flat values, layout, layouts, slow)");
 }

@@ -12,9 +12,10 @@ from a ``values`` object, becomes NaN (the window buffer carries the last value 
 cannot be decoded or validated is rejected with one of :data:`REASONS` (a bounded set, usable as a metric label)
 for the dead-letter topic; :func:`dead_letter_headers` builds that message's headers.
 
-Messages of the common shape (``stream``, integer ``ts``, ``values`` array) are parsed by the native decoder of
-:mod:`pipelines.native_decode` when it is built; every other message, and every error, by ``orjson`` when
-importable (extra ``fast``), else the standard ``json`` module. The results are the same either way.
+Messages of the common shapes (``stream``, integer ``ts``, ``values`` array or object, nothing else) are parsed
+by the native decoder of :mod:`pipelines.native_decode` when it is built; every other message, and every error,
+by ``orjson`` when importable (extra ``fast``), else the standard ``json`` module. The results are the same
+either way.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def decode_batch(
     positions: Sequence[int] = range(n)
     native = _native_decoder() if n else None
     if native is not None:
-        fast, unrouted, positions = decode_common(native, values, max_bytes, specs.__getitem__, _width)
+        fast, unrouted, positions = decode_common(native, values, max_bytes, specs.__getitem__, _columns)
     loads, number_types = _loads, _NUMBER_TYPES
     for i in positions:  # every message, or those the native decoder left (any other shape, and every error)
         raw = values[i]
@@ -227,8 +228,8 @@ def _native_decoder() -> ModuleType | None:
     return native_decode.load()
 
 
-def _width(spec: FeatureSpec) -> int:
-    return len(spec.names)
+def _columns(spec: FeatureSpec) -> dict[str, int]:
+    return spec.index
 
 
 def _merged(a: DecodedGroup, b: DecodedGroup) -> DecodedGroup:

@@ -2,9 +2,10 @@
 
 The Python decoder spends about 2.3 us per message, of which ``orjson.loads`` is 0.65 us and the rest is
 per-message Python (type checks, lookups, list appends). The extension parses a whole poll batch of messages of
-the common shape ``{"stream": ..., "ts": <int>, "values": [numbers]}`` into arrays without the GIL, and hands
-every other message back to the Python decoder, which accepts or rejects it as before (so results do not depend
-on whether the extension is present; ``tests/test_decode.py`` checks that on generated and hand-written messages).
+the common shapes ``{"stream": ..., "ts": <int>, "values": [numbers]}`` and ``"values": {name: number}`` into
+arrays without the GIL, and hands every other message back to the Python decoder, which accepts or rejects it as
+before (so results do not depend on whether the extension is present; ``tests/test_native_decode.py`` checks that
+on generated and hand-written messages, and ``tests/test_decode.py`` runs with and without it).
 
 Built like the fused kernels (``detector.fastpath.compile_cached``): on first use, into
 ``$ANOMALYD_CACHE/torch_extensions``, keyed by source, flags, torch and Python; portable code (no ``-march``), so
@@ -19,7 +20,7 @@ import hashlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -86,13 +87,14 @@ Rows = tuple[np.ndarray, list[str], np.ndarray, np.ndarray]
 
 
 def decode_common(module: ModuleType, values: Sequence[bytes | None], max_bytes: int,
-                  spec_of: Callable[[str], Hashable | None], width: Callable[[Hashable], int],
+                  spec_of: Callable[[str], Hashable | None], columns: Callable[[Hashable], Mapping[str, int]],
                   ) -> tuple[dict[Hashable, Rows], list[tuple[int, str]], list[int]]:
-    """The messages of the common shape, decoded natively and grouped by ``spec_of(stream)`` (None = unrouted;
-    ``width(spec)`` = its feature count): ``(groups, unrouted (position, stream), positions left to the Python
-    decoder, sorted)``. A message whose value count is not its spec's width is left to the Python decoder too."""
-    pos, streams, ts, counts, flat, slow = module.decode(values if type(values) is list else list(values),
-                                                         max_bytes, MAX_FEATURES)
+    """The messages of the common shapes, decoded natively and grouped by ``spec_of(stream)`` (None = unrouted;
+    ``columns(spec)`` = its feature name -> column): ``(groups, unrouted (position, stream), positions left to
+    the Python decoder, sorted)``. A message whose values do not fit its spec (a values array of another length;
+    a values object with an unknown or repeated name) is left to the Python decoder too."""
+    pos, streams, ts, counts, flat, layout, layouts, slow = module.decode(
+        values if type(values) is list else list(values), max_bytes, MAX_FEATURES)
     k = len(streams)
     groups: dict[Hashable, Rows] = {}
     unrouted: list[tuple[int, str]] = []
@@ -106,28 +108,65 @@ def decode_common(module: ModuleType, values: Sequence[bytes | None], max_bytes:
     else:
         for j, spec in enumerate(specs):
             members.setdefault(spec, []).append(j)
-    starts = None
     for spec, rows in members.items():
         idx = np.arange(k) if rows is None else np.array(rows, dtype=np.int64)  # (M,) rows of this spec
         if spec is None:
             unrouted.extend(zip(pos[idx].tolist(), [streams[j] for j in idx.tolist()], strict=True))
             continue
-        f = width(spec)
-        if rows is None and (counts == f).all():  # every row complete: the flat values are the (K, F) block
+        index = columns(spec)
+        f = len(index)
+        shapes = np.unique(layout[idx]).tolist()
+        if rows is None and shapes == [-1] and (counts == f).all():  # arrays, all complete: the (K, F) block
             groups[spec] = (pos, streams, ts, flat.reshape(k, f))
             continue
-        good = counts[idx] == f
-        if not good.all():
-            slow.extend(pos[idx[~good]].tolist())
-            idx = idx[good]
-            if not len(idx):
-                continue
-        if starts is None:
-            starts = np.concatenate(([0], np.cumsum(counts)[:-1]))  # (K,) each row's first value in flat
-        block = flat[starts[idx][:, None] + np.arange(f)]  # (M, F)
-        groups[spec] = (pos[idx], [streams[j] for j in idx.tolist()], ts[idx], block)
+        one_layout = rows is None and len(shapes) == 1 and shapes[0] >= 0  # every row a values object, one layout
+        if one_layout and (perm := _columns_of(layouts[shapes[0]], index)) is not None:
+            block = np.full((k, f), np.nan, dtype=np.float32)  # (K, F): one values layout, features absent = NaN
+            block[:, perm] = flat.reshape(k, len(perm))
+            groups[spec] = (pos, streams, ts, block)
+            continue
+        block, ok = _rows(idx, counts, flat, layout, layouts, shapes, index)
+        if not ok.all():
+            slow.extend(pos[idx[~ok]].tolist())
+            idx, block = idx[ok], block[ok]
+        if len(idx):
+            groups[spec] = (pos[idx], [streams[j] for j in idx.tolist()], ts[idx], block)
     slow.sort()
     return groups, unrouted, slow
+
+
+def _columns_of(names: tuple[str, ...] | None, index: Mapping[str, int]) -> np.ndarray | None:
+    """The columns of a values object's names (message order), or None where a name is unknown or repeated."""
+    if names is None:
+        return None
+    cols = [index.get(name) for name in names]
+    if None in cols or len(set(cols)) != len(cols):
+        return None
+    return np.array(cols, dtype=np.int64)
+
+
+def _rows(idx: np.ndarray, counts: np.ndarray, flat: np.ndarray, layout: np.ndarray, layouts: list,
+          shapes: list[int], index: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(M, F) values of rows ``idx`` in column order, and (M,) which rows fit (the others go to Python)."""
+    f = len(index)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))[idx]  # (M,) each row's first value in flat
+    lay, cnt = layout[idx], counts[idx]
+    block = np.full((len(idx), f), np.nan, dtype=np.float32)  # (M, F)
+    ok = np.ones(len(idx), dtype=bool)
+    for shape in shapes:
+        sel = np.flatnonzero(lay == shape)
+        if shape < 0:  # arrays: as long as the spec, in its order
+            bad = cnt[sel] != f
+            ok[sel[bad]] = False
+            sel = sel[~bad]
+            block[sel] = flat[starts[sel][:, None] + np.arange(f)]
+        elif (perm := _columns_of(layouts[shape], index)) is None:
+            ok[sel] = False
+        else:
+            sub = np.full((len(sel), f), np.nan, dtype=np.float32)
+            sub[:, perm] = flat[starts[sel][:, None] + np.arange(len(perm))]
+            block[sel] = sub
+    return block, ok
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,13 +40,32 @@ def _number(rng: random.Random) -> str:
     ])
 
 
-def _common(rng: random.Random, stream: str, width: int) -> bytes:
-    """A message of the common shape, keys in any order, whitespace anywhere."""
+def _values_object(rng: random.Random, names: tuple[str, ...], ws) -> str:
+    """A values object: every name in spec order, or shuffled, some absent, now and then an unknown or repeated
+    name (the Python decoder rejects the unknown; the repeated keeps its last value)."""
+    chosen = list(names)
+    r = rng.random()
+    if r < 0.3:
+        rng.shuffle(chosen)
+    elif r < 0.5:
+        chosen = rng.sample(chosen, rng.randint(1, len(chosen)))
+    elif r < 0.55:
+        chosen.append(rng.choice(["zz", "é", names[0].upper()]))
+    elif r < 0.6:
+        chosen.insert(rng.randrange(len(chosen) + 1), rng.choice(names))
+    return "{" + ",".join(f'{ws()}"{n}"{ws()}:{ws()}{_number(rng)}{ws()}' for n in chosen) + "}"
+
+
+def _common(rng: random.Random, stream: str, width: int, names: tuple[str, ...] | None = None) -> bytes:
+    """A message of a common shape (values as an array of ``width``, or an object of ``names``), keys in any
+    order, whitespace anywhere."""
     ws = lambda: rng.choice(["", "", " ", "\n", "\t ", "\r\n"])  # noqa: E731
+    values = ("[" + ws() + ",".join(ws() + _number(rng) + ws() for _ in range(width)) + "]" if names is None
+              else _values_object(rng, names, ws))
     parts = {
         "stream": json.dumps(stream, ensure_ascii=False),
         "ts": str(rng.choice([1764180000123, 0, -5, 123456789012345678])),
-        "values": "[" + ws() + ",".join(ws() + _number(rng) + ws() for _ in range(width)) + "]",
+        "values": values,
     }
     keys = list(parts)
     rng.shuffle(keys)
@@ -79,7 +98,12 @@ UNUSUAL = [
     b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7]}',  # one value short
     b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,8,]}',
     b'{"stream":"s8","ts":1,"values":[]}',
-    b'{"stream":"s8","ts":1,"values":{"f0":1}}',
+    b'{"stream":"s8","ts":1,"values":{}}',
+    b'{"stream":"s8","ts":1,"values":{"f0":1,"f0":2}}',  # a name twice: the last value, in Python
+    b'{"stream":"s8","ts":1,"values":{"f0":1,"zz":2}}',  # an unknown name
+    b'{"stream":"s8","ts":1,"values":{"f\\u0030":1}}',  # an escape in a name
+    b'{"stream":"s8","ts":1,"values":{"f0":[1]}}',
+    b'{"stream":"s8","ts":1,"values":{"\xff":1}}',  # a name that is not UTF-8
     b'{"stream":"s8","ts":1,"value":1}',
     b'{"stream":"","ts":1,"values":[1,2,3,4,5,6,7,8]}',
     b'{"stream":"\xff8","ts":1,"values":[1,2,3,4,5,6,7,8]}',  # not UTF-8
@@ -122,13 +146,18 @@ def _both(values: list, max_bytes: int = 65536, monkeypatch=None) -> tuple[Decod
 
 def test_the_common_shape_is_decoded_natively_and_everything_else_is_handed_back(module):
     rng = random.Random(1)
+    def columns(spec):
+        return spec.index
+
     common = [_common(rng, rng.choice(["s8", "é8"]), 8) for _ in range(200)]
-    groups, unrouted, slow = native_decode.decode_common(module, common, 65536, LOOKUP.get, lambda s: len(s.names))
+    common += [f'{{"stream":"s2","ts":{t},"values":{{"vib":{t},"temp":null}}}}'.encode() for t in range(100)]
+    groups, unrouted, slow = native_decode.decode_common(module, common, 65536, LOOKUP.get, columns)
     assert slow == [] and unrouted == [] and len(groups[SPEC8][1]) == 200
-    groups, unrouted, slow = native_decode.decode_common(module, UNUSUAL, 65536, LOOKUP.get, lambda s: len(s.names))
+    assert groups[SPEC2][3][:, 1].tolist() == list(range(100)) and np.isnan(groups[SPEC2][3][:, 0]).all()
+    groups, unrouted, slow = native_decode.decode_common(module, UNUSUAL, 65536, LOOKUP.get, columns)
     assert slow == list(range(len(UNUSUAL) - 2)) + [len(UNUSUAL) - 1]  # all but the unrouted one
     assert unrouted == [(len(UNUSUAL) - 2, "nobody")] and not groups
-    _, _, slow = native_decode.decode_common(module, common[:3], len(common[1]) - 1, LOOKUP.get, len)
+    _, _, slow = native_decode.decode_common(module, common[:3], len(common[1]) - 1, LOOKUP.get, columns)
     assert 1 in slow  # over max_bytes: the Python decoder rejects it as oversized
 
 
@@ -140,8 +169,9 @@ def test_native_and_python_decoders_agree_on_generated_batches(module, monkeypat
             r = rng.random()
             if r < 0.6:
                 stream = rng.choice(["s8", "é8", "s2", "x2", "nobody"])
-                width = 8 if stream.endswith("8") else rng.choice([2, 2, 2, 3])
-                values.append(_common(rng, stream, width))
+                spec = LOOKUP.get(stream, SPEC2)
+                width = len(spec.names) if stream.endswith("8") else rng.choice([2, 2, 2, 3])
+                values.append(_common(rng, stream, width, spec.names if rng.random() < 0.4 else None))
             elif r < 0.8:
                 values.append(rng.choice(UNUSUAL))
             else:  # a common message cut or with one byte changed: mostly invalid JSON
