@@ -70,8 +70,13 @@ def load() -> ModuleType | None:
 
         name = _name()
         try:
-            module = import_built(name) or compile_cached(name, [SOURCE], CFLAGS, [])
-        except Exception as exc:  # no compiler, build error, import error: the Python decoder
+            try:
+                module = compile_cached(name, [SOURCE], CFLAGS, [])  # under its lock: never a half-written build
+            except RuntimeError:
+                module = import_built(name)  # no compiler (the image's runtime): a build made ahead of time
+                if module is None:
+                    raise
+        except Exception as exc:  # no compiler and no build, build error, import error: the Python decoder
             _STATE["error"] = f"{type(exc).__name__}: {exc}"
             log.warning("native JSON decoder unavailable, decoding in Python: %s", _STATE["error"])
         else:
