@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from . import native_decode
 from .decode import FeatureSpec, SpecCache, dead_letter_headers, decode_batch
 from .kafka_io import Producer
 from .metrics import Metrics
@@ -27,6 +28,7 @@ class Intake:
 
     def __init__(self, router: Router, positions: Positions, metrics: Metrics, dead_letter_topic: str,
                  max_message_bytes: int) -> None:
+        native_decode.load()  # built or found now, not in the first poll; ANOMALYD_NATIVE_DECODE=on: raises here
         self.router, self.positions, self.metrics = router, positions, metrics
         self.dead_letter_topic, self.max_message_bytes = dead_letter_topic, max_message_bytes
         self.routes: Sequence[RouteState] = []

@@ -72,14 +72,16 @@ def load() -> ModuleType | None:
         try:
             try:
                 module = compile_cached(name, [SOURCE], CFLAGS, [])  # under its lock: never a half-written build
-            except RuntimeError:
+            except RuntimeError as exc:
                 module = import_built(name)  # no compiler (the image's runtime): a build made ahead of time
                 if module is None:
-                    raise
+                    raise RuntimeError(f"{exc}, and no build of this version made ahead of time (python -m "
+                                       "pipelines.native_decode build)") from None
         except Exception as exc:  # no compiler and no build, build error, import error: the Python decoder
             _STATE["error"] = f"{type(exc).__name__}: {exc}"
             log.warning("native JSON decoder unavailable, decoding in Python: %s", _STATE["error"])
         else:
+            log.info("native JSON decoder: %s", module.__file__)
             _STATE["module"] = module
             return module
     if required == "on":

@@ -163,7 +163,7 @@ def test_the_common_shape_is_decoded_natively_and_everything_else_is_handed_back
 
 def test_native_and_python_decoders_agree_on_generated_batches(module, monkeypatch):
     rng = random.Random(7)
-    for _ in range(40):
+    for _ in range(100):
         values = []
         for _ in range(rng.randint(1, 120)):
             r = rng.random()
@@ -217,7 +217,9 @@ def test_the_build_can_be_made_ahead_of_time_and_required(tmp_path):
 
 
 def test_required_but_unavailable_is_an_error(tmp_path):
-    code = "from pipelines import native_decode as n; n.load()"
+    """At the daemon's start (its intake loads the decoder), not in the first poll."""
+    code = ("from pipelines.intake import Intake; from pipelines.routing import Router; "
+            "Intake(Router([]), None, None, 'dlq', 1000)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "ANOMALYD_CACHE": str(tmp_path), "ANOMALYD_NATIVE_DECODE": "on",
                                "CXX": "/nonexistent"})
