@@ -108,6 +108,7 @@ class DecodedBatch:
     groups: dict[FeatureSpec, DecodedGroup]
     rejected: list[tuple[int, str, str]]
     unrouted: list[tuple[int, str]]
+    n_native: int = 0  # messages the native decoder took (the rest went through the Python decoder)
 
     @property
     def n_ok(self) -> int:
@@ -220,7 +221,7 @@ def decode_batch(
         groups[spec] = _merged(groups[spec], group) if spec in groups else group
     rejected.sort()
     unrouted.sort()
-    return DecodedBatch({s: g for s, g in groups.items() if len(g)}, rejected, unrouted)
+    return DecodedBatch({s: g for s, g in groups.items() if len(g)}, rejected, unrouted, n - len(positions))
 
 
 def _native_decoder() -> ModuleType | None:

@@ -51,6 +51,8 @@ class Intake:
         tp_idx = self.positions.batch_ids(batch)
         replay = self.positions.replay_mask(tp_idx, batch.offset)
         decoded = decode_batch(batch.value, batch.key, batch.timestamp, self._spec_of, self.max_message_bytes)
+        self.metrics.decoded.labels(decoder="native").inc(decoded.n_native)
+        self.metrics.decoded.labels(decoder="python").inc(len(batch) - decoded.n_native)
         topic0 = batch.topic
         for pos, reason, detail in decoded.rejected:
             if replay[pos]:

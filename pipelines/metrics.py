@@ -10,6 +10,7 @@ labels except on the opt-in, K-bounded ``anomalyd_top_stream_score``. Outcomes: 
 |---|---|---|---|
 | `anomalyd_events_total` | counter | topic, outcome | events consumed, by outcome (`OUTCOMES`) |
 | `anomalyd_dead_letters_total` | counter | topic, reason | events sent to the dead-letter topic, by reason |
+| `anomalyd_decoded_messages_total` | counter | decoder | messages decoded natively (the fast shapes) or in Python |
 | `anomalyd_windows_scored_total` | counter | model | windows scored by a model |
 | `anomalyd_inference_batch_size` | histogram | model, device | windows per micro-batch (buckets 2^0..2^16) |
 | `anomalyd_inference_seconds` | histogram | model, device | forward-pass latency of one micro-batch |
@@ -193,6 +194,10 @@ class Metrics:
                               ["topic", "outcome"], registry=r)
         self.dead_letters = Counter("anomalyd_dead_letters_total", "Events dead-lettered, by reason.",
                                     ["topic", "reason"], registry=r)
+        self.decoded = Counter("anomalyd_decoded_messages_total", "Messages decoded, by decoder (native or python).",
+                               ["decoder"], registry=r)
+        for decoder in ("native", "python"):
+            self.decoded.labels(decoder=decoder)  # both series from the start
         self.windows_scored = Counter("anomalyd_windows_scored_total", "Windows scored.", ["model"], registry=r)
         self.inference_batch_size = Histogram(
             "anomalyd_inference_batch_size", "Windows per inference micro-batch.", ["model", "device"],

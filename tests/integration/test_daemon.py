@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from pipelines import native_decode
 from pipelines.config import load_config
 from pipelines.daemon import Daemon
 from pipelines.kafka_io import make_producer
@@ -105,6 +106,9 @@ def test_end_to_end_every_anomaly_alerted_once(kafka_bootstrap, topic_name, mode
     reg = daemon.registry
     assert reg.get_sample_value("anomalyd_alerts_total", {"model": "+".join(names), "status": "firing"}) >= 3
     assert reg.get_sample_value("anomalyd_events_total", {"topic": topic_name, "outcome": "scored"}) > 0
+    native = n if native_decode.load() is not None else 0  # anomalyd produce's shape: the native decoder's
+    assert reg.get_sample_value("anomalyd_decoded_messages_total", {"decoder": "native"}) == native
+    assert reg.get_sample_value("anomalyd_decoded_messages_total", {"decoder": "python"}) == n - native
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
