@@ -72,7 +72,8 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
                 fleet = common.Fleet(S, harness.FEATURES)
                 topic = harness.new_topic(bootstrap, f"bench-s{S}", cfg["partitions"])
                 t0 = time.perf_counter()
-                produced = harness.prefill(bootstrap, topic, fleet, max(n, n8), first_step=harness.WINDOW + 8)
+                produced = harness.prefill(bootstrap, topic, fleet, max(n, n8), first_step=harness.WINDOW + 8,
+                                           by_name=cfg.get("values") == "object")
                 common.log(f"S={S}: {max(n, n8)} events in {topic} ({produced:,.0f} msg/s, "
                            f"{time.perf_counter() - t0:.0f} s)")
                 spec = {**base, "topic": topic, "n_streams": S, "n_events": n, "first_step": harness.WINDOW + 8}
@@ -184,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", choices=["kafka-python", "confluent"], action="append", help="only these clients")
     p.add_argument("--device", default="cpu", help="the daemon's and the engine's models.device (default cpu; "
                    "cuda on a GPU machine)")
+    p.add_argument("--values", choices=["array", "object"], default="array",
+                   help="messages' values as an array in feature order (default) or an object by feature name "
+                        "(anomalyd produce's format)")
     p.add_argument("--consumer-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="a client setting for the raw loop's and the daemon's consumer, e.g. "
                         "fetch.queue.backoff.ms=1000 (confluent) or max_partition_fetch_bytes=1048576 (kafka-python)")
@@ -195,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(cfg["streams"]) - set(cfg["events"]):
         p.error(f"--streams: choose from {sorted(cfg['events'])}")
     cfg["switch_intervals_ms"] = args.switch_interval_ms
+    cfg["values"] = args.values
     if args.events:
         cfg["events"] = {s: args.events for s in cfg["events"]}
     if args.repeats:
