@@ -183,6 +183,7 @@ def instrument(daemon: Any, phases: Phases) -> None:
 
 def raw_rate(spec: dict) -> dict:
     """(a) The same client and decoder as the daemon, no detection: poll + ``decode_batch`` until N events."""
+    from pipelines import native_decode
     from pipelines.allocator import keep_freed_memory
     from pipelines.decode import FeatureSpec, SpecCache, decode_batch
     from pipelines.source import make_source
@@ -193,6 +194,7 @@ def raw_rate(spec: dict) -> dict:
                       topics=[spec["topic"]], pattern=None, on_assign=lambda tps: None, on_revoke=lambda tps: None,
                       auto_offset_reset="earliest", **spec.get("consumer_settings", {}))
     keep_freed_memory()  # as Daemon.run does: the decoder's arrays come from reused heap in both loops
+    native_decode.load()  # as the daemon's intake does at start: never a build inside the measured interval
     gc.freeze()  # as the daemon does after start-up: without it this loop alone paid full collections of
     # torch's start-up objects, and kafka-python's a was too low (RESULTS, pipeline section)
     n, n_first, t_first, ok = 0, 0, None, 0

@@ -159,7 +159,7 @@ def load_extension(build: bool = True) -> ModuleType | None:
         elif not build and not (_build_dir() / name / f"{name}.so").exists():
             return None
         else:
-            module = compile_cached(name, [SOURCE], compile_flags(), ["-fopenmp"])
+            module = compile_cached(name, [SOURCE], compile_flags(), ["-fopenmp"], HEADERS)
     except Exception as exc:  # no compiler, build error, import error: fall back to eager PyTorch
         _STATE["error"] = f"{type(exc).__name__}: {exc}"
         log.warning("fused RNN extension unavailable, using eager PyTorch: %s", _STATE["error"])
@@ -196,11 +196,14 @@ def import_built(name: str) -> ModuleType | None:
     return module
 
 
-def compile_cached(name: str, sources: list[Path], cflags: list[str], ldflags: list[str]) -> ModuleType:
+def compile_cached(name: str, sources: list[Path], cflags: list[str], ldflags: list[str],
+                   headers: list[Path] | None = None) -> ModuleType:
     """Compile (or find up to date) and import the C++ extension ``name`` under the cache folder, with
-    ``torch.utils.cpp_extension``. ``name`` is the build key: hash into it whatever the build depends on. A failed
-    build leaves ``<name>.failed`` (compiler and error), and is not tried again with the same compiler for
-    ``FAILED_RETRY_S``. Raises RuntimeError without a compiler or after a failure."""
+    ``torch.utils.cpp_extension``. ``name`` is the build key: hash into it whatever the build depends on. The
+    sources and the ``headers`` they include are copied into the build folder first and compiled from there, so
+    that a checkout elsewhere with the same files (a worktree, a reinstall) finds the build up to date instead of
+    recompiling it. A failed build leaves ``<name>.failed`` (compiler and error), and is not tried again with the
+    same compiler for ``FAILED_RETRY_S``. Raises RuntimeError without a compiler or after a failure."""
     from torch.utils.cpp_extension import load
 
     compiler = _compiler()
@@ -214,14 +217,26 @@ def compile_cached(name: str, sources: list[Path], cflags: list[str], ldflags: l
     where.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(where.with_suffix(".lock")):
         (where / "lock").unlink(missing_ok=True)  # torch's own lock file, stale if a builder was killed
+        staged = [_staged(path, where / "src") for path in sources]
+        for header in headers or []:
+            _staged(header, where / "src")  # beside the sources, where their #include "..." finds it
         try:
-            module = load(name, [str(p) for p in sources], extra_cflags=cflags, extra_ldflags=ldflags,
+            module = load(name, [str(p) for p in staged], extra_cflags=cflags, extra_ldflags=ldflags,
                           build_directory=str(where), verbose=False)
         except Exception as exc:
             failed.write_text(json.dumps({"compiler": compiler, "error": f"{type(exc).__name__}: {exc}"}))
             raise
         failed.unlink(missing_ok=True)
         return module
+
+
+def _staged(path: Path, folder: Path) -> Path:
+    """``path`` copied into ``folder`` (rewritten only when its bytes differ, so ninja sees no change)."""
+    folder.mkdir(exist_ok=True)
+    copy, data = folder / path.name, path.read_bytes()
+    if not copy.exists() or copy.read_bytes() != data:
+        copy.write_bytes(data)
+    return copy
 
 
 def fused_available(device: torch.device | str = "cpu") -> bool:

@@ -205,7 +205,15 @@ def test_the_build_can_be_made_ahead_of_time_and_required(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pipelines.native_decode", "build"], capture_output=True, text=True,
                           timeout=300, env=env)
     assert done.returncode == 0 and "ready" in done.stdout, done.stderr[-2000:]
-    assert list(tmp_path.glob("torch_extensions/anomalyd_decode_*/*.so"))
+    (so,) = tmp_path.glob("torch_extensions/anomalyd_decode_*/*.so")
+    built = so.stat().st_mtime_ns
+    other = tmp_path / "elsewhere" / native_decode.SOURCE.name  # another checkout of the same source
+    other.parent.mkdir()
+    shutil.copy(native_decode.SOURCE, other)
+    moved = f"from pathlib import Path; from pipelines import native_decode as n; n.SOURCE = Path({str(other)!r}); "
+    done = subprocess.run([sys.executable, "-c", moved + "print(n.load() is not None)"], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.stdout.strip() == "True" and so.stat().st_mtime_ns == built, done.stderr[-2000:]  # not rebuilt
     code = "from pipelines import native_decode as n; print(n.load() is not None)"
     for value, expected in (("on", "True"), ("off", "False")):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
