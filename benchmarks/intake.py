@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="messages' values as an array in feature order (default) or an object by feature name")
     p.add_argument("--native-ab", action="store_true",
                    help="only decode_batch: the native decoder against the Python one (orjson), alternating in "
-                        "this process (4 pairs, caches warm)")
+                        "this process (4 pairs; the first also warms the caches)")
     p.add_argument("--malloc", choices=["daemon", "default"], default="daemon",
                    help="daemon: glibc malloc settings as Daemon.run applies them (pipelines.allocator); default: "
                         "glibc's own")
