@@ -42,7 +42,7 @@ from .models import ModelConfig, SequenceAutoencoder, model_cost
 
 __all__ = ["FusedAutoencoder", "FusedUnavailable", "fused_available", "fused_mode", "load_extension",
            "executed_macs", "compile_flags", "self_check", "prebuilt_candidates", "DEFAULT_TILE",
-           "PORTABLE_TARGETS", "compile_cached", "import_built"]
+           "PORTABLE_TARGETS", "compile_cached", "import_built", "env_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,19 @@ class FusedUnavailable(RuntimeError):
     """The fused extension was required (``ANOMALYD_FUSED_RNN=1``) but cannot be built or loaded."""
 
 
-def fused_mode() -> str:
-    """``auto`` | ``on`` | ``off`` from ``ANOMALYD_FUSED_RNN``."""
-    raw = os.environ.get("ANOMALYD_FUSED_RNN", "auto").strip().lower()
+def env_mode(variable: str) -> str:
+    """``auto`` | ``on`` | ``off`` from the environment variable ``variable`` (unset: auto; 1/true/yes: on;
+    0/false/no: off); a ValueError naming the variable otherwise."""
+    raw = os.environ.get(variable, "auto").strip().lower()
     mode = {"0": "off", "false": "off", "no": "off", "1": "on", "true": "on", "yes": "on", "": "auto"}.get(raw, raw)
     if mode not in ("auto", "on", "off"):
-        raise ValueError(f"ANOMALYD_FUSED_RNN must be auto, on/1 or off/0, got {raw!r}")
+        raise ValueError(f"{variable} must be auto, on/1 or off/0, got {raw!r}")
     return mode
+
+
+def fused_mode() -> str:
+    """``auto`` | ``on`` | ``off`` from ``ANOMALYD_FUSED_RNN``."""
+    return env_mode("ANOMALYD_FUSED_RNN")
 
 
 def _march() -> str:

@@ -148,35 +148,35 @@ class Parser {
     }
     return false;
   }
-  // -?(0|[1-9][0-9]{0,17}) not followed by a fraction or exponent.
-  bool integer(int64_t& v) {
-    bool neg = eat('-');
-    const char* d = p_;
+  // A number's sign and integer part, -?(0|[1-9][0-9]*), of at most 18 digits (longer ones are left to Python,
+  // and fit an int64); digits points at its first digit. A digit after it (a leading zero) is the caller's check.
+  bool integer_part(const char*& digits) {
+    eat('-');
+    digits = p_;
     if (p_ >= end_ || !is_digit(*p_)) return false;
     if (*p_ == '0') {
       ++p_;
     } else {
       while (p_ < end_ && is_digit(*p_)) ++p_;
     }
-    if (p_ - d > 18) return false;
+    return p_ - digits <= 18;
+  }
+  // -?(0|[1-9][0-9]{0,17}) not followed by a fraction or exponent.
+  bool integer(int64_t& v) {
+    const char* s = p_;
+    const char* d;
+    if (!integer_part(d)) return false;
     if (p_ < end_ && (*p_ == '.' || *p_ == 'e' || *p_ == 'E' || is_digit(*p_))) return false;
     int64_t x = 0;
     for (const char* q = d; q < p_; ++q) x = x * 10 + (*q - '0');
-    v = neg ? -x : x;
+    v = d != s ? -x : x;  // a '-' came before the digits
     return true;
   }
   // A JSON number (grammar checked here; an integer part of over 18 digits is left to Python) as float32.
   bool number(float& out) {
     const char* s = p_;
-    eat('-');
-    const char* d = p_;
-    if (p_ >= end_ || !is_digit(*p_)) return false;
-    if (*p_ == '0') {
-      ++p_;
-    } else {
-      while (p_ < end_ && is_digit(*p_)) ++p_;
-    }
-    if (p_ - d > 18) return false;
+    const char* d;
+    if (!integer_part(d)) return false;
     if (p_ < end_ && is_digit(*p_)) return false;  // a leading zero
     if (eat('.')) {
       if (p_ >= end_ || !is_digit(*p_)) return false;

@@ -43,11 +43,9 @@ class NativeDecodeUnavailable(RuntimeError):
 
 def mode() -> str:
     """``auto`` | ``on`` | ``off`` from ``ANOMALYD_NATIVE_DECODE``."""
-    raw = os.environ.get("ANOMALYD_NATIVE_DECODE", "auto").strip().lower()
-    value = {"0": "off", "false": "off", "no": "off", "1": "on", "true": "on", "yes": "on", "": "auto"}.get(raw, raw)
-    if value not in ("auto", "on", "off"):
-        raise ValueError(f"ANOMALYD_NATIVE_DECODE must be auto, on/1 or off/0, got {raw!r}")
-    return value
+    from detector.fastpath import env_mode
+
+    return env_mode("ANOMALYD_NATIVE_DECODE")
 
 
 def _name() -> str:
