@@ -156,13 +156,17 @@ def _native_ab(daemon, batches: list) -> int:
         return 1
     kept = SpecCache(daemon.intake._feature_spec)
     n = sum(len(b) for b in batches)
-    for rep in range(4):
-        for name, module in (("native", native), ("python", None)):
-            decode._native_decoder = lambda m=module: m
-            t = time.perf_counter()
-            for b in batches:
-                decode_batch(b.value, b.key, b.timestamp, kept, 65536)
-            print(f"pair {rep + 1}: decode_batch, {name}: {(time.perf_counter() - t) / n * 1e6:.2f} us/event")
+    chooser = decode._native_decoder
+    try:
+        for rep in range(4):
+            for name, module in (("native", native), ("python", None)):
+                decode._native_decoder = lambda m=module: m
+                t = time.perf_counter()
+                for b in batches:
+                    decode_batch(b.value, b.key, b.timestamp, kept, 65536)
+                print(f"pair {rep + 1}: decode_batch, {name}: {(time.perf_counter() - t) / n * 1e6:.2f} us/event")
+    finally:
+        decode._native_decoder = chooser
     return 0
 
 
