@@ -227,7 +227,7 @@ def daemon_config(tmp: Path, spec: Mapping[str, Any]) -> Path:
                   "poll_max_records": spec.get("poll_max_records", 5000),
                   **{k: spec[k] for k in ("fetch_min_bytes", "fetch_max_wait_ms") if k in spec}},
         "models": {"dir": spec["models_dir"], "served": [{"name": n} for n in spec["models"]],
-                   "device": spec.get("device", "cpu"),
+                   "device": spec.get("device", "cpu"), "precision": spec.get("precision", "float32"),
                    "watch_interval_s": 3600},
         "routes": [{"match": "s-*", "models": spec["models"], "combine": "max"}],
         "processing": {"stride": spec["stride"], "max_batch_windows": spec.get("max_batch_windows", 4096),
@@ -318,7 +318,7 @@ def engine_rate(spec: dict) -> dict:
 
     fleet = common.Fleet(max(spec["n_streams"], 64), FEATURES)
     det = ModelStore(spec["models_dir"]).load(spec["models"][0]).detector
-    engine = InferenceEngine(spec.get("device", "cpu"))
+    engine = InferenceEngine(spec.get("device", "cpu"), spec.get("precision", "float32"))
     engine.swap({"m": det})
     out = {"fused": engine.fused, "windows_s": {}}
     for b in spec["batches"]:

@@ -118,7 +118,8 @@ def _warm_broker(bootstrap: str, fleet: common.Fleet, rate: float, seconds: floa
 
 
 def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_delay_ms: int = 20,
-        fetch: dict | None = None, offered: float | None = None, warm_broker_s: float = 0.0) -> list[dict]:
+        fetch: dict | None = None, offered: float | None = None, warm_broker_s: float = 0.0,
+        device: str = "cpu") -> list[dict]:
     rows = []
     kafka, bootstrap = harness.start_broker()
     common.log(f"broker at {bootstrap}")
@@ -135,6 +136,7 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
             harness.prefill(bootstrap, probe_topic, fleet, cfg["probe_events"], first_step)
             base = {"bootstrap": bootstrap, "models_dir": mdir, "models": names, "threads": threads,
                     "background": background, "max_delay_ms": max_delay_ms, "n_streams": S, **(fetch or {}),
+                    "device": device,
                     "first_step": first_step, "stride": 1}
             for client in cfg["clients"]:
                 cap = harness.in_process(harness.daemon_rate, {**base, "client": client, "topic": probe_topic,
@@ -254,17 +256,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-delay-ms", type=int, default=20, help="processing.max_delay_ms in the daemons (default 20)")
     p.add_argument("--warm-broker-s", type=float, default=20.0,
                    help="seconds of live traffic through the fresh broker before any client is measured (0: none)")
+    p.add_argument("--device", default="cpu", help="the daemons' models.device (default cpu; cuda on a GPU machine)")
+    p.add_argument("--seconds", type=int, default=None,
+                   help="measured seconds per client after the warm-up (default 60; --quick: 12)")
     p.add_argument("--rate", type=float, default=None,
                    help="offered events/s instead of half the measured capacity (capacity is still measured)")
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.clients:
         cfg["clients"] = args.clients
+    if args.seconds:
+        cfg["seconds"] = args.seconds
     started = time.perf_counter()
     fetch = {k: v for k, v in (("fetch_min_bytes", args.fetch_min_bytes), ("fetch_max_wait_ms",
                                                                          args.fetch_max_wait_ms)) if v is not None}
     rows = run(cfg, args.kind, args.threads, not args.serial, args.max_delay_ms, fetch, args.rate,
-               args.warm_broker_s)
+               args.warm_broker_s, args.device)
     print(common.table(rows, [
         ("client", "client", ""), ("threads", "threads", ""), ("capacity_s", "capacity ev/s", ",.0f"),
         ("rate_s", "offered ev/s", ",.0f"),
@@ -277,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         ("steady_alert_p99_bucket_ms", "(bucket <=)", "")],
         f"\nLatency at {f'{args.rate:,.0f} events/s' if args.rate else 'half capacity'}, "
         f"{args.kind.upper()} W=64 F=8 H=64, {cfg['streams']} streams, "
-        f"{cfg['seconds']} s"))
-    common.write_json(args.json, "latency", {"quick": args.quick, "kind": args.kind, "config": cfg,
+        f"{cfg['seconds']} s, on {args.device}"))
+    common.write_json(args.json, "latency", {"quick": args.quick, "kind": args.kind, "device": args.device,
+                                             "config": cfg,
                                              "threads": args.threads, "background": not args.serial, "fetch": fetch,
                                              "max_delay_ms": args.max_delay_ms, "rate": args.rate,
                                              "warm_broker_s": args.warm_broker_s, "rows": rows,

@@ -51,7 +51,7 @@ def models_dir(root: Path, kind: str) -> tuple[str, list[str]]:
 
 
 def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | None = None,
-        device: str = "cpu") -> dict:
+        device: str = "cpu", precision: str = "float32") -> dict:
     from detector.device import inference_threads
 
     # torch threads of every process: --threads, else the daemon's own rule (processing.model_threads: 0; e and the
@@ -64,7 +64,7 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
         with tempfile.TemporaryDirectory() as tmp:
             mdir, names = models_dir(Path(tmp), kind)
             base = {"bootstrap": bootstrap, "models_dir": mdir, "models": names, "threads": threads,
-                    "consumer_settings": consumer_settings or {}, "device": device,
+                    "consumer_settings": consumer_settings or {}, "device": device, "precision": precision,
                     "broker_pid": kafka.status().pid}  # its CPU is read around every measured interval
             for S in cfg["streams"]:
                 n = cfg["events"][S]
@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", choices=["kafka-python", "confluent"], action="append", help="only these clients")
     p.add_argument("--device", default="cpu", help="the daemon's and the engine's models.device (default cpu; "
                    "cuda on a GPU machine)")
+    p.add_argument("--precision", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="the daemon's and the engine's models.precision (default float32)")
     p.add_argument("--values", choices=["array", "object"], default="array",
                    help="messages' values as an array in feature order (default) or an object by feature name "
                         "(anomalyd produce's format)")
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--consumer-setting {item!r}: expected KEY=VALUE")
         settings[key] = int(value) if value.lstrip("-").isdigit() else value
     started = time.perf_counter()
-    res = run(cfg, args.kind, args.threads, settings, args.device)
+    res = run(cfg, args.kind, args.threads, settings, args.device, args.precision)
     print(common.table(res["rows"], [
         ("streams", "streams", ",d"), ("client", "client", ""), ("stride", "stride", "d"), ("scoring", "scoring", ""),
         ("threads", "threads", "d"), ("raw_events_s", "a raw ev/s", ",.0f"),
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         ("anomalyd_events_s", "b anomalyd ev/s", ",.0f"), ("ratio", "b/min(a,e)", ".2f"), ("bound", "bound", ""),
         ("mean_batch", "mean batch", ",.0f"), ("raw_cores", "a cores", ".2f"), ("cores", "b cores", ".2f"),
         ("rss_mib", "RSS MiB", ",.0f")],
-        f"\nPipeline, {args.kind.upper()} W=64 F=8 H=64 on {args.device} "
+        f"\nPipeline, {args.kind.upper()} W=64 F=8 H=64 on {args.device}, {args.precision} "
         f"(events/s; e = best of batches {cfg['engine_batches']})"))
     print(common.table(res["per_stream"], [("client", "client", ""), ("stride", "stride", "d"),
                                            ("bytes_per_stream", "RSS bytes/stream", ",.0f"),
@@ -234,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                                               ("events_s", "events/s", ",.0f"), ("ratio", "/min(a,e)", ".2f")],
                            "\nPrototype loop (poll, decode, buffers, engine; no alerts/commits), stride 1"))
     common.write_json(args.json, "pipeline", {"quick": args.quick, "kind": args.kind, "device": args.device,
+                                              "precision": args.precision,
                                               "config": cfg,
                                               "threads": args.threads, "consumer_settings": settings, **res,
                                               "seconds": time.perf_counter() - started})
