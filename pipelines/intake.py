@@ -22,6 +22,15 @@ from .source import RecordBatch
 __all__ = ["Intake"]
 
 
+class _RouteFeatures(FeatureSpec):
+    """A route's feature names, as a key equal only to itself: :func:`decode_batch` then groups a poll's messages
+    per route (two routes with the same features stay apart), and the intake's :class:`SpecCache` is the one
+    per-stream cache of the routing decision."""
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+
 class Intake:
     """``Intake(router, positions, metrics, dead_letter_topic, max_message_bytes)``; ``set_routes`` after every
     model (re)load, then ``add(batch, producer)`` per poll batch."""
@@ -32,18 +41,15 @@ class Intake:
         self.router, self.positions, self.metrics = router, positions, metrics
         self.dead_letter_topic, self.max_message_bytes = dead_letter_topic, max_message_bytes
         self.routes: Sequence[RouteState] = []
-        self._specs: list[FeatureSpec] = []
-        self._only_route: dict[FeatureSpec, int] = {}
-        self._spec_of = SpecCache(self._feature_spec)
+        self._features: list[_RouteFeatures] = []  # per route
+        self._route: dict[_RouteFeatures, RouteState] = {}
+        self._spec_of = SpecCache(self._features_of)
 
     def set_routes(self, routes: Sequence[RouteState]) -> None:
         self.routes = routes
-        self._specs = [FeatureSpec(tuple(r.feature_names)) for r in routes]
-        owners: dict[FeatureSpec, list[int]] = {}
-        for i, spec in enumerate(self._specs):
-            owners.setdefault(spec, []).append(i)
-        self._only_route = {spec: idx[0] for spec, idx in owners.items() if len(idx) == 1}
-        self._spec_of = SpecCache(self._feature_spec)  # the routes' features may have changed
+        self._features = [_RouteFeatures(tuple(r.feature_names)) for r in routes]
+        self._route = dict(zip(self._features, routes, strict=True))
+        self._spec_of = SpecCache(self._features_of)  # the routes' features may have changed
 
     def add(self, batch: RecordBatch, producer: Producer) -> None:
         """Decode ``batch``, route its events into window buffers (queueing due windows), dead-letter the bad,
@@ -63,27 +69,21 @@ class Intake:
             self.metrics.dead_letter(topic0[pos], reason)  # also counts events_total{outcome="dead_lettered"}
         for pos, _stream in decoded.unrouted:
             self.metrics.event(topic0[pos], "unrouted")
-        for spec, group in decoded.groups.items():
-            only = self._only_route.get(spec)  # the one route with these features: every stream of the group
-            if only is not None:
-                self._add_to_route(self.routes[only], group, np.arange(len(group.stream)), batch, tp_idx, replay)
-                continue
-            route_of = np.fromiter((self.router.route_of(s) for s in group.stream), np.int64, len(group.stream))
-            for r in np.unique(route_of).tolist():
-                sel = np.flatnonzero(route_of == r)
-                self._add_to_route(self.routes[r], group, sel, batch, tp_idx, replay)
+        for features, group in decoded.groups.items():  # one group per route
+            self._add_to_route(self._route[features], group, batch, tp_idx, replay)
         self.positions.advance(tp_idx, batch.offset)
 
-    def _feature_spec(self, stream: str) -> FeatureSpec | None:
+    def _features_of(self, stream: str) -> _RouteFeatures | None:
+        """The stream's route (its features), None when no route takes it; asked once per stream."""
         r = self.router.route_of(stream)
-        return None if r < 0 else self._specs[r]
+        return None if r < 0 else self._features[r]
 
-    def _add_to_route(self, route: RouteState, group, sel: np.ndarray, batch: RecordBatch, tp_idx: np.ndarray,
+    def _add_to_route(self, route: RouteState, group, batch: RecordBatch, tp_idx: np.ndarray,
                       replay: np.ndarray) -> None:
         """Replayed records (window rebuild) go in first, unscored; a stream's records are all on one partition,
         where replayed offsets precede live ones, so each stream keeps its order."""
-        pos = group.ok_index[sel]  # positions in the poll batch
-        rep = replay[pos]
+        sel = np.arange(len(group.stream))
+        rep = replay[group.ok_index]
         for part, live in ((sel[rep], False), (sel[~rep], True)):
             if not len(part):
                 continue

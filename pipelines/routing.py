@@ -24,7 +24,8 @@ class RouteSpec:
 
 
 class Router:
-    """Caches the decision per stream id: one dict lookup per event after the first."""
+    """The first route whose glob or regex takes a stream id. It keeps no per-stream cache: the intake keeps the
+    decision per stream (``pipelines.intake``, a :class:`pipelines.decode.SpecCache`) and asks once per stream."""
 
     def __init__(self, routes: Sequence[RouteSpec], default_models: Sequence[str] = ()) -> None:
         self.routes = list(routes)
@@ -33,13 +34,7 @@ class Router:
         # globs match the whole id; regexes search, so operators anchor them (^...$) as they like
         self._tests = [re.compile(r.regex).search if r.regex else re.compile(fnmatch.translate(r.match or "*")).match
                        for r in self.routes]
-        self._cache: dict[str, int] = {}
 
     def route_of(self, stream: str) -> int:
         """Index into ``routes``, or -1 when no route matches (the stream is counted and ignored)."""
-        got = self._cache.get(stream)
-        if got is None:
-            got = next((i for i, test in enumerate(self._tests) if test(stream)), -1)
-            if len(self._cache) < 1_000_000:
-                self._cache[stream] = got
-        return got
+        return next((i for i, test in enumerate(self._tests) if test(stream)), -1)

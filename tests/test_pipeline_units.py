@@ -128,3 +128,34 @@ def test_batch_ids_are_stable_per_topic_partition(topics):
     again = positions.batch_ids(batch)  # ids persist across batches
     assert again.tolist() == ids.tolist()
 
+
+
+def test_routes_with_the_same_features_keep_their_own_streams(trained, tmp_path):
+    """Two routes whose models share one feature list: each stream's events reach its own route's buffers (the
+    decoder groups per route, not per feature list); a stream no route takes is counted as unrouted."""
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+    from pipelines.replay import _StderrDeadLetters
+
+    store = ModelStore(tmp_path / "models")
+    for kind in ("gru", "lstm"):
+        store.save(kind, trained[kind])
+    assert trained["gru"].feature_names == trained["lstm"].feature_names
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}, {"name": "lstm"}],
+                      "device": "cpu"},
+           "routes": [{"match": "pump-*", "models": ["gru"]}, {"regex": "^fan-", "models": ["lstm"]}],
+           "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["t"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    daemon = Daemon(load_config(tmp_path / "c.yaml"))
+    daemon.producer = _StderrDeadLetters()
+    names = trained["gru"].feature_names
+    streams = ["pump-1", "fan-1", "valve-9", "fan-2", "pump-1", "fan-1"] * 3
+    values = [json.dumps({"stream": s, "ts": 1_700_000_000_000 + i, "values": [float(i)] * len(names)}).encode()
+              for i, s in enumerate(streams)]
+    n = len(values)
+    daemon.process(RecordBatch(topic=["t"] * n, partition=np.zeros(n, np.int32), offset=np.arange(n, dtype=np.int64),
+                               timestamp=np.zeros(n, np.int64), key=[None] * n, value=values))
+    pumps, fans = daemon.routes
+    assert pumps.stream_names == ["pump-1"] and sorted(fans.stream_names) == ["fan-1", "fan-2"]
+    assert pumps.buffer.n_events == 6 and fans.buffer.n_events == 9
+    assert daemon.registry.get_sample_value("anomalyd_events_total", {"topic": "t", "outcome": "unrouted"}) == 3
