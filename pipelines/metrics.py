@@ -41,7 +41,6 @@ Per-window values (scores, event-to-score latencies) are :class:`BulkHistogram` 
 
 from __future__ import annotations
 
-import heapq
 import importlib.metadata
 import platform
 import threading
@@ -59,8 +58,8 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
+
+from .collectors import BulkHistogram, TopStreams
 
 OUTCOMES = ("scored", "warming", "dead_lettered", "late", "unrouted")
 """Values of the ``outcome`` label of ``anomalyd_events_total``."""
@@ -74,110 +73,6 @@ INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 IO_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SCORE_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
-
-
-class BulkHistogram(Collector):
-    """A histogram that buckets whole arrays of observations per call (numpy), for per-window values.
-
-    Exposes the usual ``<name>_bucket``/``_count``/``_sum`` samples. Non-finite values are ignored.
-    """
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float],
-                 registry: CollectorRegistry) -> None:
-        self.name, self.documentation = name, documentation
-        self.labelnames = tuple(labelnames)
-        self._bounds = np.asarray(sorted(buckets), dtype=np.float64)  # (K,) upper bounds; +Inf is implicit
-        self._counts: dict[tuple[str, ...], np.ndarray] = {}  # labels -> (K+1,) per-bucket counts
-        self._sums: dict[tuple[str, ...], float] = {}
-        self._lock = threading.Lock()
-        registry.register(self)
-
-    def observe_many(self, values: np.ndarray | Sequence[float], *labelvalues: str) -> None:
-        """Add every finite value of ``values`` (any shape) to the series with these label values."""
-        if len(labelvalues) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {labelvalues!r}")
-        v = np.asarray(values, dtype=np.float64).ravel()  # (N,)
-        v = v[np.isfinite(v)]
-        bucket = np.searchsorted(self._bounds, v, side="left")  # (N,) index of each value's bucket
-        per_bucket = np.bincount(bucket, minlength=len(self._bounds) + 1)  # (K+1,)
-        key = tuple(str(x) for x in labelvalues)
-        with self._lock:
-            if key not in self._counts:
-                self._counts[key] = np.zeros(len(self._bounds) + 1, dtype=np.int64)
-                self._sums[key] = 0.0
-            self._counts[key] += per_bucket
-            self._sums[key] += float(v.sum())
-
-    def observe(self, value: float, *labelvalues: str) -> None:
-        """Add one value."""
-        self.observe_many([value], *labelvalues)
-
-    def describe(self) -> Iterable[Metric]:
-        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
-
-    def collect(self) -> Iterable[Metric]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        with self._lock:
-            series = [(k, np.cumsum(c), self._sums[k]) for k, c in self._counts.items()]
-        bounds = [repr(float(b)) for b in self._bounds] + ["+Inf"]
-        for key, cumulative, total in series:
-            family.add_metric(list(key), list(zip(bounds, cumulative.tolist(), strict=True)), total)
-        return [family]
-
-
-class TopStreams(Collector):
-    """Bounded tracker of the K streams with the highest latest normalised score, exposed as
-    ``anomalyd_top_stream_score{rank, stream}``.
-
-    It holds at most K streams: a stream's new score replaces its old one if it is tracked, and otherwise
-    displaces the lowest tracked stream when higher. A stream that falls out re-enters on its next high
-    score, so the gauge approximates the top K of current scores with O(K) memory.
-    """
-
-    def __init__(self, k: int, registry: CollectorRegistry) -> None:
-        if k <= 0:
-            raise ValueError(f"top-K streams needs k > 0, got {k}")
-        self.k = k
-        self._scores: dict[str, float] = {}
-        self._lock = threading.Lock()
-        registry.register(self)
-
-    def observe(self, streams: Sequence[str], scores: np.ndarray | Sequence[float]) -> None:
-        """Record the latest score of each stream; ``scores`` is (N,) aligned with ``streams``."""
-        s = np.asarray(scores, dtype=np.float64).ravel()  # (N,)
-        if len(streams) != len(s):
-            raise ValueError(f"{len(streams)} streams but {len(s)} scores")
-        with self._lock:
-            for stream, score in zip(streams, s.tolist(), strict=True):
-                if score != score:  # NaN
-                    continue
-                if stream in self._scores or len(self._scores) < self.k:
-                    self._scores[stream] = score
-                    continue
-                lowest = min(self._scores, key=self._scores.__getitem__)
-                if score > self._scores[lowest]:
-                    del self._scores[lowest]
-                    self._scores[stream] = score
-
-    def forget(self, stream: str) -> None:
-        """Drop a stream (e.g. its partition was revoked)."""
-        with self._lock:
-            self._scores.pop(stream, None)
-
-    def top(self) -> list[tuple[str, float]]:
-        """(stream, score) pairs, highest score first."""
-        with self._lock:
-            return heapq.nlargest(self.k, self._scores.items(), key=lambda kv: kv[1])
-
-    def collect(self) -> Iterable[Metric]:
-        family = GaugeMetricFamily(
-            "anomalyd_top_stream_score",
-            "Latest normalised anomaly score of the K most anomalous streams (rank 1 = highest).",
-            labels=["rank", "stream"],
-        )
-        for rank, (stream, score) in enumerate(self.top(), start=1):
-            family.add_metric([str(rank), stream], score)
-        return [family]
 
 
 class Metrics:
