@@ -125,7 +125,7 @@ def _overhead(daemon, batches: list, pairs: int, go) -> int:
     from pipelines.decode import SpecCache, decode_batch
 
     per = -(-len(batches) // pairs)
-    kept = SpecCache(daemon.intake._feature_spec)
+    kept = SpecCache(daemon.intake._features_of)
     for b in batches:  # warm the caches: the daemon's own is warm after seeding
         decode_batch(b.value, b.key, b.timestamp, kept, 65536)
     diffs = []
@@ -148,23 +148,17 @@ def _overhead(daemon, batches: list, pairs: int, go) -> int:
 
 def _native_ab(daemon, batches: list) -> int:
     from pipelines import decode
-    from pipelines.decode import SpecCache, decode_batch
+    from pipelines.decode import SpecCache
 
     native = decode._native_decoder()
     if native is None:
         print("the native decoder is unavailable (ANOMALYD_NATIVE_DECODE=0, or no compiler)", file=sys.stderr)
         return 1
-    kept = SpecCache(daemon.intake._feature_spec)
-    n = sum(len(b) for b in batches)
+    kept = SpecCache(daemon.intake._features_of)
     chooser = decode._native_decoder
     try:
-        for rep in range(4):
-            for name, module in (("native", native), ("python", None)):
-                decode._native_decoder = lambda m=module: m
-                t = time.perf_counter()
-                for b in batches:
-                    decode_batch(b.value, b.key, b.timestamp, kept, 65536)
-                print(f"pair {rep + 1}: decode_batch, {name}: {(time.perf_counter() - t) / n * 1e6:.2f} us/event")
+        _decode_pairs(batches, {name: (lambda m=module: setattr(decode, "_native_decoder", lambda: m), kept)
+                                for name, module in (("native", native), ("python", None))})
     finally:
         decode._native_decoder = chooser
     return 0
@@ -173,18 +167,27 @@ def _native_ab(daemon, batches: list) -> int:
 def _decode_ab(daemon, batches: list) -> int:
     from pipelines.decode import SpecCache, decode_batch
 
-    intake, n = daemon.intake, sum(len(b) for b in batches)
-    kept = SpecCache(intake._feature_spec)
-    variants = {"lookup per batch": intake._feature_spec, "SpecCache": kept}
+    intake = daemon.intake
+    kept = SpecCache(intake._features_of)
     for b in batches:  # warm the router's cache and the SpecCache
         decode_batch(b.value, b.key, b.timestamp, kept, 65536)
+    _decode_pairs(batches, {"lookup per batch": (lambda: None, intake._features_of), "SpecCache": (lambda: None, kept)})
+    return 0
+
+
+def _decode_pairs(batches: list, variants: dict) -> None:
+    """``decode_batch`` over all ``batches`` with each variant in turn, 4 rounds: {name: (set-up, lookup)}, the
+    set-up called before each timed pass."""
+    from pipelines.decode import decode_batch
+
+    n = sum(len(b) for b in batches)
     for rep in range(4):
-        for name, lookup in variants.items():
+        for name, (set_up, lookup) in variants.items():
+            set_up()
             t = time.perf_counter()
             for b in batches:
                 decode_batch(b.value, b.key, b.timestamp, lookup, 65536)
-            print(f"pair {rep + 1}: decode_batch with {name}: {(time.perf_counter() - t) / n * 1e6:.2f} us/event")
-    return 0
+            print(f"pair {rep + 1}: decode_batch, {name}: {(time.perf_counter() - t) / n * 1e6:.2f} us/event")
 
 
 if __name__ == "__main__":
