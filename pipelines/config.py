@@ -41,10 +41,13 @@ class SecurityConfig:
     sasl_password: str | None = field(default=None, repr=False)
     sasl_password_file: str | None = None
     ssl_cafile: str | None = None
+    ssl_certfile: str | None = None  # a client certificate (PEM) for brokers that require one: mutual TLS
+    ssl_keyfile: str | None = None  # its private key (PEM, unencrypted, as Kubernetes TLS secrets hold it)
 
     def client_settings(self) -> dict[str, str]:
-        """protocol, sasl_mechanism, sasl_username, sasl_password (effective), ssl_cafile; unset ones dropped."""
-        keys = ("protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile")
+        """The settings for ``kafka_io.client_security_config`` (the effective sasl_password); unset ones left out."""
+        keys = ("protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile", "ssl_certfile",
+                "ssl_keyfile")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
@@ -305,8 +308,15 @@ def _check_security(s: SecurityConfig, data: Mapping, key: str, ctx: Ctx) -> Sec
             ctx.err(mech_key, f"{s.sasl_mechanism} needs kafka.security.sasl_username")
         if s.sasl_password is None and s.sasl_password_file is None:
             ctx.err(mech_key, f"{s.sasl_mechanism} needs kafka.security.sasl_password or sasl_password_file")
-    if s.ssl_cafile is not None and not Path(s.ssl_cafile).is_file():
-        ctx.err(join_key(key, "ssl_cafile"), f"file {s.ssl_cafile} not found")
+    for name, path in (("ssl_cafile", s.ssl_cafile), ("ssl_certfile", s.ssl_certfile), ("ssl_keyfile", s.ssl_keyfile)):
+        if path is not None and not Path(path).is_file():
+            ctx.err(join_key(key, name), f"file {path} not found")
+    if (s.ssl_certfile is None) != (s.ssl_keyfile is None):
+        given, missing = ("ssl_certfile", "ssl_keyfile") if s.ssl_keyfile is None else ("ssl_keyfile", "ssl_certfile")
+        ctx.err(join_key(key, given), f"a client certificate needs both ssl_certfile and ssl_keyfile; set {missing}")
+    tls = s.protocol in ("SSL", "SASL_SSL")
+    if s.ssl_certfile is not None and not tls and not ctx.is_bad(join_key(key, "protocol")):
+        ctx.err(join_key(key, "ssl_certfile"), f"a client certificate needs protocol SSL or SASL_SSL, got {s.protocol}")
     if s.sasl_password_file is None:
         return s
     file_key = join_key(key, "sasl_password_file")

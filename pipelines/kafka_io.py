@@ -10,6 +10,7 @@ extra).  :func:`make_producer` builds either from the config's ``kafka.client`` 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ _SECURITY_KEYS = {
     "sasl_username": ("sasl_plain_username", "sasl.username"),
     "sasl_password": ("sasl_plain_password", "sasl.password"),
     "ssl_cafile": ("ssl_cafile", "ssl.ca.location"),
+    "ssl_certfile": ("ssl_certfile", "ssl.certificate.location"),  # mutual TLS: the client's certificate ...
+    "ssl_keyfile": ("ssl_keyfile", "ssl.key.location"),  # ... and its key
 }
 
 
@@ -75,10 +78,12 @@ _AUTH_ERRORS = ("SaslAuthenticationFailedError", "UnsupportedSaslMechanismError"
 
 
 def describe_credentials(security: Mapping[str, Any] | None) -> str:
-    """``kafka.security`` for an error message, without the password: 'SASL_PLAINTEXT, SCRAM-SHA-256, user alice'."""
+    """``kafka.security`` for an error message, without the password: 'SASL_PLAINTEXT, SCRAM-SHA-256, user alice'
+    (and 'client certificate PATH' for mutual TLS)."""
     security = security or {}
     parts = [security.get("protocol", "PLAINTEXT"), security.get("sasl_mechanism")]
     parts.append(f"user {security['sasl_username']}" if security.get("sasl_username") else None)
+    parts.append(f"client certificate {security['ssl_certfile']}" if security.get("ssl_certfile") else None)
     return ", ".join(p for p in parts if p)
 
 
@@ -86,11 +91,20 @@ def security_error(tls: bool, bootstrap_servers: str, security: Mapping[str, Any
                    detail: object) -> KafkaAuthenticationError:
     """The error for a refused login (``tls`` False) or a failed TLS handshake (``tls`` True)."""
     credentials = describe_credentials(security)
+    if tls and _CLIENT_CERT_REFUSED.search(str(detail)):
+        certfile = (security or {}).get("ssl_certfile") or "not set"
+        return KafkaAuthenticationError(f"the TLS handshake with Kafka at {bootstrap_servers} failed: the broker "
+                                        f"requires a client certificate it trusts (ssl_certfile {certfile}; "
+                                        f"{credentials}): {detail}")
     if tls:
         cafile = (security or {}).get("ssl_cafile") or "not set, so the system's CAs"
         return KafkaAuthenticationError(f"the TLS handshake with Kafka at {bootstrap_servers} failed ({credentials}; "
                                         f"ssl_cafile {cafile}): {detail}")
     return KafkaAuthenticationError(f"Kafka at {bootstrap_servers} refused the credentials ({credentials}): {detail}")
+
+
+# TLS alerts by which a broker refuses the client's certificate (mutual TLS), missing or from an unknown CA
+_CLIENT_CERT_REFUSED = re.compile(r"alert (bad certificate|certificate required|unknown ca)", re.IGNORECASE)
 
 
 def confluent_refusal(err: Any, bootstrap_servers: str,
@@ -102,6 +116,8 @@ def confluent_refusal(err: Any, bootstrap_servers: str,
     if err.code() == KafkaError._AUTHENTICATION:
         return security_error(False, bootstrap_servers, security, err.str())
     if err.code() == KafkaError._SSL and "certificate" in err.str().lower():  # not a reset mid-handshake
+        return security_error(True, bootstrap_servers, security, err.str())
+    if err.code() == KafkaError._TRANSPORT and _CLIENT_CERT_REFUSED.search(err.str()):
         return security_error(True, bootstrap_servers, security, err.str())
     return None
 
@@ -121,8 +137,8 @@ class _LoggedErrors(logging.Handler):
 @contextmanager
 def kafka_python_bootstrap(bootstrap_servers: str, security: Mapping[str, Any] | None) -> Iterator[None]:
     """Around a kafka-python client's constructor: its bootstrap timeout becomes :class:`KafkaAuthenticationError`
-    when an attempt failed on the credentials or the broker's certificate, :class:`KafkaBootstrapError` naming the
-    errors seen otherwise.
+    when an attempt failed on the credentials, the broker's certificate or the broker's refusal of the client's
+    (mutual TLS), :class:`KafkaBootstrapError` naming the errors seen otherwise.
 
     kafka-python 3.0.12 often never sees a refused login: the broker sends its error response and closes the
     connection, and when both arrive in one read kafka-python drops the response and reports only "socket
@@ -141,7 +157,7 @@ def kafka_python_bootstrap(bootstrap_servers: str, security: Mapping[str, Any] |
         auth = [e for e in errors if type(e).__name__ in _AUTH_ERRORS]
         if auth:
             raise security_error(False, bootstrap_servers, security, auth[-1]) from exc
-        tls = [e for e in errors if "CERTIFICATE_VERIFY_FAILED" in str(e)]
+        tls = [e for e in errors if "CERTIFICATE_VERIFY_FAILED" in str(e) or _CLIENT_CERT_REFUSED.search(str(e))]
         if tls:
             raise security_error(True, bootstrap_servers, security, tls[-1]) from exc
         seen_text = "; ".join(dict.fromkeys(str(e) for e in errors)) or "no error logged"  # distinct, in order

@@ -6,10 +6,10 @@ into ``<cache>/kafka-<version>/libs`` (``<cache>``: ``$ANOMALYD_CACHE`` or ``~/.
 formats a fresh temp data dir (unless one is given) with ``kafka.tools.StorageTool``, launches ``java
 kafka.Kafka server.properties`` detached and returns once the broker answers. Run state (pid, ports, data
 dir, log file) lives in ``<cache>/kafka-run/kafka-<port>.json``. CLI: ``python -m pipelines.kafka_local
-start|stop|status|jars [--port N] [--sasl-port M] [--sasl-ssl-port K] [--sasl-user NAME=PASSWORD]``, wrapped
-by scripts/kafka.sh. ``sasl_port`` / ``sasl_ssl_port`` add SASL_PLAINTEXT / SASL_SSL listeners
-(pipelines/kafka_local_security.py); SCRAM users are created when the data dir is formatted, so a kept data dir
-keeps its first users.
+start|stop|status|jars [--port N] [--sasl-port M] [--sasl-ssl-port K] [--ssl-port J] [--mtls-port L]
+[--sasl-user NAME=PASSWORD]``, wrapped by scripts/kafka.sh. ``sasl_port`` / ``sasl_ssl_port`` / ``ssl_port`` /
+``mtls_port`` add SASL_PLAINTEXT / SASL_SSL / SSL / mutual-TLS listeners (pipelines/kafka_local_security.py);
+SCRAM users are created when the data dir is formatted, so a kept data dir keeps its first users.
 """
 
 from __future__ import annotations
@@ -139,12 +139,13 @@ class LocalKafka:
     def __init__(self, port: int = DEFAULT_PORT, controller_port: int | None = None,
                  cache_dir: _Path = None, data_dir: _Path = None, heap: str = "512m", full_jit: bool = False,
                  sasl_port: int | None = None, sasl_ssl_port: int | None = None, ssl_port: int | None = None,
-                 sasl_users: Mapping[str, str] | None = None) -> None:
+                 sasl_users: Mapping[str, str] | None = None, mtls_port: int | None = None) -> None:
         self.port = int(port)
         # more listeners: SASL_PLAINTEXT on sasl_port and SASL_SSL on sasl_ssl_port for these users (name ->
-        # password) with PLAIN and SCRAM-SHA-256/512, SSL (no login) on ssl_port; PLAINTEXT on port stays
+        # password) with PLAIN and SCRAM-SHA-256/512, SSL (no login) on ssl_port, SSL with a required client
+        # certificate (client_certificate) on mtls_port; PLAINTEXT on port stays
         self.sasl_port, self.sasl_ssl_port, self.sasl_users = sasl_port, sasl_ssl_port, dict(sasl_users or {})
-        self.ssl_port = ssl_port
+        self.ssl_port, self.mtls_port = ssl_port, mtls_port
         self.full_jit = full_jit  # C2 as well as C1: slower start, about half the CPU per message once warm
         self.controller_port = controller_port
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root()
@@ -163,9 +164,15 @@ class LocalKafka:
     def ca_file(self) -> Path | None:
         """The CA certificate that clients of the TLS listeners trust (None: no such listener running)."""
         state = self._read_state()
-        tls = state and (state.get("sasl_ssl_port") or state.get("ssl_port"))
+        tls = state and (state.get("sasl_ssl_port") or state.get("ssl_port") or state.get("mtls_port"))
         path = Path(state["data_dir"]) / "tls" / "ca.pem" if tls else None
         return path if path and path.is_file() else None
+
+    @property
+    def client_certificate(self) -> tuple[Path, Path] | None:
+        """``(certificate, key)`` PEM files a client of the mutual-TLS listener presents (None: no such listener)."""
+        state, ca = self._read_state(), self.ca_file
+        return (ca.with_name("client.crt"), ca.with_name("client.key")) if ca and state.get("mtls_port") else None
 
     @property
     def kafka_dir(self) -> Path:
@@ -205,7 +212,7 @@ class LocalKafka:
         with exclusive_lock(self._run_dir / ".lock"):
             state = self._read_state()
             if state and self._is_ours(state):
-                for key in ("sasl_port", "sasl_ssl_port", "ssl_port"):
+                for key in ("sasl_port", "sasl_ssl_port", "ssl_port", "mtls_port"):
                     if getattr(self, key) and state.get(key) != getattr(self, key):
                         raise KafkaSetupError(f"the broker on port {self.port} has no listener on {key} "
                                               f"{getattr(self, key)}; stop it first (scripts/kafka.sh stop --port "
@@ -214,7 +221,8 @@ class LocalKafka:
                 return self.bootstrap
             if state:  # stale: that broker is gone
                 self._forget(state)
-            for port in (self.port, self.controller_port, self.sasl_port, self.sasl_ssl_port, self.ssl_port):
+            for port in (self.port, self.controller_port, self.sasl_port, self.sasl_ssl_port, self.ssl_port,
+                         self.mtls_port):
                 if port and _port_in_use(port):
                     raise KafkaSetupError(f"port {port} on {HOST} is used by another process (not a broker "
                                           f"started by LocalKafka); pick another, e.g. --port {free_port()}")
@@ -257,15 +265,16 @@ class LocalKafka:
         props, log_file = data_dir / "server.properties", data_dir / "kafka.log"
         log4j = data_dir / "log4j2.properties"
         template = Template((FILES_DIR / "server.properties").read_text())
-        broker_pem = None
-        if self.sasl_ssl_port or self.ssl_port:
+        ca_pem = broker_pem = None
+        if self.sasl_ssl_port or self.ssl_port or self.mtls_port:
             try:
-                _, broker_pem = make_certificates(data_dir / "tls", HOST)
+                ca_pem, broker_pem = make_certificates(data_dir / "tls", HOST)
             except RuntimeError as exc:
                 raise KafkaSetupError(str(exc)) from exc
         props.write_text(with_listeners(template.substitute(host=HOST, port=self.port, controller_port=cport,
                                                             log_dirs=data_dir / "kafka-logs"), HOST, self.sasl_users,
-                                        self.sasl_port, self.sasl_ssl_port, broker_pem, self.ssl_port))
+                                        self.sasl_port, self.sasl_ssl_port, broker_pem, self.ssl_port, self.mtls_port,
+                                        ca_pem))
         shutil.copyfile(FILES_DIR / "log4j2.properties", log4j)
         jit = [] if self.full_jit else ["-XX:TieredStopAtLevel=1"]  # C1 only: a faster start for tests and demos
         base = [java, f"-Xmx{self.heap}", *jit, "-Djava.awt.headless=true",
@@ -283,7 +292,8 @@ class LocalKafka:
         self.launched = True
         state = {"pid": proc.pid, "port": self.port, "controller_port": cport, "data_dir": str(data_dir),
                  "temp_data_dir": temp, "log_file": str(log_file), "properties": str(props),
-                 "sasl_port": self.sasl_port, "sasl_ssl_port": self.sasl_ssl_port, "ssl_port": self.ssl_port}
+                 "sasl_port": self.sasl_port, "sasl_ssl_port": self.sasl_ssl_port, "ssl_port": self.ssl_port,
+                 "mtls_port": self.mtls_port}
         self._run_dir.mkdir(parents=True, exist_ok=True)
         self._state_file.write_text(json.dumps(state, indent=1))
         (data_dir / "kafka.pid").write_text(f"{proc.pid}\n")
@@ -352,13 +362,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sasl-ssl-port", type=int, default=None,
                         help="start: also a SASL_SSL listener here (its CA: <data dir>/tls/ca.pem)")
     parser.add_argument("--ssl-port", type=int, default=None, help="start: also an SSL (TLS, no login) listener here")
+    parser.add_argument("--mtls-port", type=int, default=None,
+                        help="start: also an SSL listener that requires a client certificate (<data dir>/tls/client.*)")
     parser.add_argument("--sasl-user", action="append", default=[], metavar="NAME=PASSWORD",
                         help="start: a user of the SASL listener (PLAIN, SCRAM-SHA-256/512); repeatable")
     args = parser.parse_args(argv)
     users = dict(u.split("=", 1) for u in args.sasl_user if "=" in u)
     kafka = LocalKafka(args.port, args.controller_port, data_dir=args.data_dir, heap=args.heap,
                        sasl_port=args.sasl_port, sasl_ssl_port=args.sasl_ssl_port, ssl_port=args.ssl_port,
-                       sasl_users=users)
+                       sasl_users=users, mtls_port=args.mtls_port)
     try:
         if args.command == "start":
             print(kafka.start(timeout_s=args.timeout))

@@ -1,8 +1,10 @@
 """SASL and TLS listeners for the local test broker (:class:`pipelines.kafka_local.LocalKafka`).
 
 SASL_PLAINTEXT, SASL_SSL and SSL listeners beside the broker's own PLAINTEXT one, with users that can log in by
-PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512. The TLS ones use a certificate authority made for this broker alone
-(``openssl``; files in ``<data dir>/tls``): clients trust ``ca.pem`` and check the broker's name, 127.0.0.1.
+PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512, and an SSL listener named MTLS that requires a client certificate
+(mutual TLS). The TLS ones use a certificate authority made for this broker alone (``openssl``; files in
+``<data dir>/tls``): clients trust ``ca.pem`` and check the broker's name, 127.0.0.1; ``client.crt`` and
+``client.key`` are a client certificate from the same authority.
 """
 
 from __future__ import annotations
@@ -21,17 +23,19 @@ CERT_DAYS = 30
 
 def with_listeners(props: str, host: str, users: Mapping[str, str], sasl_port: int | None = None,
                    sasl_ssl_port: int | None = None, broker_pem: Path | None = None,
-                   ssl_port: int | None = None) -> str:
+                   ssl_port: int | None = None, mtls_port: int | None = None, ca_pem: Path | None = None) -> str:
     """``props`` (the filled-in server.properties) with SASL_PLAINTEXT on ``sasl_port``, SASL_SSL on
-    ``sasl_ssl_port`` and SSL (TLS, no login) on ``ssl_port`` added (each only when given); the TLS listeners
-    serve ``broker_pem`` (key and certificate)."""
-    ports = {"SASL_PLAINTEXT": sasl_port, "SASL_SSL": sasl_ssl_port, "SSL": ssl_port}
+    ``sasl_ssl_port``, SSL (TLS, no login) on ``ssl_port`` and SSL with a required client certificate (issued
+    by ``ca_pem``) on ``mtls_port`` added (each only when given); the TLS listeners serve ``broker_pem`` (key and
+    certificate)."""
+    ports = {"SASL_PLAINTEXT": sasl_port, "SASL_SSL": sasl_ssl_port, "SSL": ssl_port, "MTLS": mtls_port}
+    protocol = {"MTLS": "SSL"}  # a listener's name is its protocol, but for this one
     listeners = [name for name, port in ports.items() if port]
     if not listeners:
         return props
     for key, values in (("listeners", [f"{n}://{host}:{ports[n]}" for n in listeners]),
                         ("advertised.listeners", [f"{n}://{host}:{ports[n]}" for n in listeners]),
-                        ("listener.security.protocol.map", [f"{n}:{n}" for n in listeners])):
+                        ("listener.security.protocol.map", [f"{n}:{protocol.get(n, n)}" for n in listeners])):
         extra = ",".join(values)
         props = re.sub(rf"^{re.escape(key)}=(.*)$", lambda m, e=extra: f"{m.group(0)},{e}", props, count=1, flags=re.M)
     plain = " ".join(f'user_{user}="{password}"' for user, password in users.items())
@@ -42,10 +46,15 @@ def with_listeners(props: str, host: str, users: Mapping[str, str], sasl_port: i
                      f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain};")
         lines += [f"{prefix}.{mech.lower()}.sasl.jaas.config="
                   "org.apache.kafka.common.security.scram.ScramLoginModule required;" for mech in SCRAM_MECHANISMS]
-    if sasl_ssl_port or ssl_port:
+    if sasl_ssl_port or ssl_port or mtls_port:
         if broker_pem is None:
             raise ValueError("a TLS listener needs the broker's key and certificate (broker_pem)")
         lines += ["ssl.keystore.type=PEM", f"ssl.keystore.location={broker_pem}", "ssl.client.auth=none"]
+    if mtls_port:
+        if ca_pem is None:
+            raise ValueError("the mutual-TLS listener needs the CA of its clients' certificates (ca_pem)")
+        lines += ["listener.name.mtls.ssl.client.auth=required", "listener.name.mtls.ssl.truststore.type=PEM",
+                  f"listener.name.mtls.ssl.truststore.location={ca_pem}"]
     return props.rstrip("\n") + "\n\n# SASL / TLS listeners (LocalKafka)\n" + "\n".join(lines) + "\n"
 
 
@@ -62,8 +71,9 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def make_certificates(tls_dir: Path, host: str) -> tuple[Path, Path]:
-    """A new certificate authority and a broker certificate for ``host`` in ``tls_dir``: ``(ca.pem,
-    broker.pem)``; broker.pem holds the broker's unencrypted key and its certificate (Kafka's PEM keystore)."""
+    """A new certificate authority, a broker certificate for ``host`` and a client certificate (``client.crt``,
+    ``client.key``) in ``tls_dir``: ``(ca.pem, broker.pem)``; broker.pem holds the broker's unencrypted key and its
+    certificate (Kafka's PEM keystore)."""
     if shutil.which("openssl") is None:
         raise RuntimeError("the SASL_SSL listener needs the openssl command (e.g. 'apt-get install openssl')")
     tls_dir.mkdir(parents=True, exist_ok=True)
@@ -78,4 +88,8 @@ def make_certificates(tls_dir: Path, host: str) -> tuple[Path, Path]:
     broker_pem = tls_dir / "broker.pem"
     broker_pem.write_text((tls_dir / "broker.key").read_text() + (tls_dir / "broker.crt").read_text())
     broker_pem.chmod(0o600)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr",
+             "-subj", "/CN=anomalyd", cwd=tls_dir)
+    _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "client.crt", "-days", days, cwd=tls_dir)
     return tls_dir / "ca.pem", broker_pem

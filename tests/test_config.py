@@ -19,6 +19,7 @@ from pipelines.config import (
 )
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "config.example.yaml"
+_FILE = str(EXAMPLE)  # any file that exists
 
 
 def errors_of(d: dict | None = None, *, path: Path | None = None, env: dict | None = None) -> list[str]:
@@ -129,6 +130,14 @@ def test_route_matching():
     ({"kafka": {"security": {"protocol": "SASL_SSL"}}}, "kafka.security.sasl_mechanism", "needs a sasl_mechanism"),
     ({"kafka": {"security": {"protocol": "SSL", "ssl_cafile": "/nonexistent/ca.pem"}}},
      "kafka.security.ssl_cafile", "not found"),
+    ({"kafka": {"security": {"protocol": "SSL", "ssl_certfile": "/nonexistent/c.crt", "ssl_keyfile": _FILE}}},
+     "kafka.security.ssl_certfile", "not found"),
+    ({"kafka": {"security": {"protocol": "SSL", "ssl_certfile": _FILE}}}, "kafka.security.ssl_certfile",
+     "needs both ssl_certfile and ssl_keyfile; set ssl_keyfile"),
+    ({"kafka": {"security": {"protocol": "SSL", "ssl_keyfile": _FILE}}}, "kafka.security.ssl_keyfile",
+     "set ssl_certfile"),
+    ({"kafka": {"security": {"ssl_certfile": _FILE, "ssl_keyfile": _FILE}}}, "kafka.security.ssl_certfile",
+     "needs protocol SSL or SASL_SSL, got PLAINTEXT"),
     ({"sinks": {"alertmanager": {"url": "alertmanager:9093"}}}, "sinks.alertmanager.url", "http:// or https://"),
     ({"sinks": {"alertmanager": {"labels": {"team-a": "x"}}}}, "sinks.alertmanager.labels.team-a", "label name"),
     ({"sinks": {"alertmanager": {"labels": {"team": 5}}}}, "sinks.alertmanager.labels.team", "expected str"),

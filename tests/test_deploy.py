@@ -305,7 +305,7 @@ def _load_rendered_config(docs: dict[str, dict[str, Any]], tmp_path: Path) -> An
     key_paths = lambda d, p="": {f"{p}{k}" for k in d} | {
         x for k, v in d.items() if isinstance(v, dict) and k != "labels" for x in key_paths(v, f"{p}{k}.")}
     assert key_paths(cfg) == key_paths(example), "ConfigMap config must have the shape of config.example.yaml"
-    for key in ("sasl_password_file", "ssl_cafile"):
+    for key in ("sasl_password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile"):
         mounted = cfg["kafka"]["security"][key]
         if mounted:  # a Secret mount in the pod; a real file for the loader here
             (tmp_path / key).write_text("stand-in")
@@ -354,12 +354,17 @@ def test_helm_gpu_servicemonitor_variant(helm: str, tmp_path: Path) -> None:
     env = {e["name"]: e for e in c["env"]}
     assert env["ANOMALYD_KAFKA__SECURITY__SASL_USERNAME"]["valueFrom"]["secretKeyRef"]["name"] == "anomalyd-kafka"
     secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
-    assert secrets == {"anomalyd-kafka", "kafka-ca"}
+    assert secrets == {"anomalyd-kafka", "kafka-ca", "anomalyd-kafka-client"}
     config = yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])
     assert config["kafka"]["security"]["sasl_password"] is None
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert Path(config["kafka"]["security"]["sasl_password_file"]).parent == Path(mounts["kafka-credentials"])
     assert Path(config["kafka"]["security"]["ssl_cafile"]).parent == Path(mounts["kafka-ca"])
+    client = next(v["secret"] for v in pod["volumes"] if v["name"] == "kafka-client")
+    for key, item in (("ssl_certfile", "tls.crt"), ("ssl_keyfile", "tls.key")):
+        path = Path(config["kafka"]["security"][key])
+        assert path.parent == Path(mounts["kafka-client"]) and path.name == item
+        assert {"key": item, "path": item} in client["items"]
     # ServiceMonitor: selects the Service by its labels and scrapes its named port (shape checked by hand).
     sm = docs["ServiceMonitor"]
     svc = docs["Service"]
@@ -372,6 +377,7 @@ def test_helm_gpu_servicemonitor_variant(helm: str, tmp_path: Path) -> None:
     assert docs["PrometheusRule"]["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
     loaded = _load_rendered_config(docs, tmp_path)
     assert loaded.kafka.security.protocol == "SASL_SSL" and loaded.kafka.security.sasl_username == "from-secret"
+    assert loaded.kafka.security.ssl_certfile and loaded.kafka.security.ssl_keyfile  # the loader's checks passed
 
 
 def test_helm_values_schema_rejects_bad_values(helm: str) -> None:

@@ -236,6 +236,12 @@ def test_security_options_map_to_each_client(tmp_path: Path) -> None:
     assert client_security_config("confluent", {"protocol": "PLAINTEXT", "ssl_cafile": None}) == {
         "security.protocol": "PLAINTEXT"
     }
+    mutual = {"protocol": "SSL", "ssl_cafile": "/ca.pem", "ssl_certfile": "/c.crt", "ssl_keyfile": "/c.key"}
+    assert client_security_config("kafka-python", mutual) == {
+        "security_protocol": "SSL", "ssl_cafile": "/ca.pem", "ssl_certfile": "/c.crt", "ssl_keyfile": "/c.key"}
+    assert client_security_config("confluent", mutual) == {
+        "security.protocol": "SSL", "ssl.ca.location": "/ca.pem", "ssl.certificate.location": "/c.crt",
+        "ssl.key.location": "/c.key"}
     with pytest.raises(ValueError, match="not both"):
         client_security_config("confluent", security | {"sasl_password": "x"})
     with pytest.raises(ValueError, match="unknown kafka.security keys"):

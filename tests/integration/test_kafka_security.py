@@ -1,9 +1,10 @@
 """The daemon over SASL and TLS against a real broker: PLAIN and SCRAM logins with both clients, over
-SASL_PLAINTEXT and SASL_SSL, and TLS alone (SSL); a refused login and an untrusted broker certificate.
+SASL_PLAINTEXT and SASL_SSL, TLS alone (SSL) and mutual TLS (a client certificate); a refused login, a refused
+client and an untrusted broker certificate.
 
-The module's broker has three more listeners, SASL_PLAINTEXT, SASL_SSL and SSL (its own CA, ``ca_file``), with
-PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 enabled (``LocalKafka(sasl_port=, sasl_ssl_port=, ssl_port=,
-sasl_users=)``). The test's
+The module's broker has four more listeners, SASL_PLAINTEXT, SASL_SSL, SSL and MTLS (SSL that requires a client
+certificate; its own CA, ``ca_file``, issued the broker's and the client's), with PLAIN, SCRAM-SHA-256 and
+SCRAM-SHA-512 enabled (``LocalKafka(sasl_port=, sasl_ssl_port=, ssl_port=, mtls_port=, sasl_users=)``). The test's
 own producer and readers use the broker's PLAINTEXT listener; everything the daemon does (consume, commit,
 alerts, dead letters) goes through the secured one.
 """
@@ -40,7 +41,7 @@ USER, PASSWORD = "anomalyd", "s3cret-for-tests"
 @pytest.fixture(scope="module")
 def sasl_broker() -> Iterator[LocalKafka]:
     broker = LocalKafka(free_port(), sasl_port=free_port(), sasl_ssl_port=free_port(), ssl_port=free_port(),
-                        sasl_users={USER: PASSWORD, "other": "other-secret"})
+                        sasl_users={USER: PASSWORD, "other": "other-secret"}, mtls_port=free_port())
     try:
         broker.start(timeout_s=120)
     except KafkaSetupError as exc:
@@ -54,13 +55,21 @@ def _security(mechanism: str, password: str = PASSWORD, protocol: str = "SASL_PL
 
 
 def _bootstrap(broker: LocalKafka, protocol: str) -> str:
-    return f"127.0.0.1:{ {'SASL_SSL': broker.sasl_ssl_port, 'SSL': broker.ssl_port}.get(protocol, broker.sasl_port)}"
+    ports = {"SASL_SSL": broker.sasl_ssl_port, "SSL": broker.ssl_port, "MTLS": broker.mtls_port}
+    return f"127.0.0.1:{ports.get(protocol, broker.sasl_port)}"
+
+
+def _mutual_tls(broker: LocalKafka) -> dict:
+    """``kafka.security`` for the MTLS listener: TLS with the broker's CA and the client certificate."""
+    cert, key = broker.client_certificate
+    return {"protocol": "SSL", "ssl_cafile": str(broker.ca_file), "ssl_certfile": str(cert), "ssl_keyfile": str(key)}
 
 
 @pytest.mark.parametrize(("client", "mechanism", "protocol"), [
     ("kafka-python", "SCRAM-SHA-512", "SASL_PLAINTEXT"), ("kafka-python", "PLAIN", "SASL_SSL"),
     ("confluent", "SCRAM-SHA-256", "SASL_SSL"), ("confluent", "PLAIN", "SASL_PLAINTEXT"),
-    ("kafka-python", None, "SSL"), ("confluent", None, "SSL")])
+    ("kafka-python", None, "SSL"), ("confluent", None, "SSL"), ("kafka-python", None, "MTLS"),
+    ("confluent", None, "MTLS")])
 def test_the_daemon_consumes_alerts_and_commits_over_sasl(sasl_broker, topic_name, daemon_models, tmp_path, client,
                                                          mechanism, protocol):
     models_dir, names = daemon_models
@@ -77,6 +86,8 @@ def test_the_daemon_consumes_alerts_and_commits_over_sasl(sasl_broker, topic_nam
                 "sasl_password_file": str(password_file)} if mechanism else {"protocol": protocol}
     if protocol.endswith("SSL"):
         security["ssl_cafile"] = str(sasl_broker.ca_file)
+    if protocol == "MTLS":
+        security = _mutual_tls(sasl_broker)
     cfg = config_dict(_bootstrap(sasl_broker, protocol), topic_name, models_dir, names, client=client)
     cfg["kafka"]["security"] = {k: v for k, v in security.items() if v is not None}
     daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
@@ -150,6 +161,27 @@ def test_a_broker_certificate_from_an_unknown_ca_is_refused(sasl_broker, topic_n
             source.close()
     assert isinstance(err.value, KafkaAuthenticationError), err.value
     assert "TLS handshake" in str(err.value) and "certificate verify failed" in str(err.value).lower(), err.value
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_client_without_the_required_certificate_is_refused(sasl_broker, topic_name, client):
+    """The MTLS listener requires a client certificate: without one the consumer stops with the reason (the
+    broker's TLS alert), rather than retrying for ever."""
+    create_topic(sasl_broker.bootstrap, topic_name)
+    security = {k: v for k, v in _mutual_tls(sasl_broker).items() if k not in ("ssl_certfile", "ssl_keyfile")}
+    extra = {"bootstrap_timeout_ms": 15_000} if client == "kafka-python" else {}
+    with pytest.raises((KafkaAuthenticationError, KafkaBootstrapError)) as err:
+        source = make_source(client=client, bootstrap_servers=_bootstrap(sasl_broker, "MTLS"), group_id="g",
+                             topics=[topic_name], pattern=None, on_assign=lambda _: None, on_revoke=lambda _: None,
+                             security=security, **extra)
+        try:
+            for _ in range(300):
+                source.poll(100, 200)
+        finally:
+            source.close()
+    assert isinstance(err.value, KafkaAuthenticationError), err.value
+    assert "requires a client certificate it trusts (ssl_certfile not set" in str(err.value), err.value
+    assert "bad certificate" in str(err.value).lower(), err.value  # the broker's alert, as the client saw it
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])

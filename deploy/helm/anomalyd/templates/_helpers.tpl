@@ -47,6 +47,7 @@ app.kubernetes.io/component: detector
 {{/* Paths of the files mounted from Secrets. */}}
 {{- define "anomalyd.kafkaPasswordFile" -}}/var/run/secrets/kafka/password{{- end }}
 {{- define "anomalyd.kafkaCaFile" -}}/var/run/secrets/kafka-ca/ca.crt{{- end }}
+{{- define "anomalyd.kafkaClientDir" -}}/var/run/secrets/kafka-client{{- end }}
 
 {{/* The daemon's config.yaml: .Values.config plus the paths of Secret-mounted files. */}}
 {{- define "anomalyd.config" -}}
@@ -57,6 +58,10 @@ app.kubernetes.io/component: detector
 {{- end }}
 {{- if .Values.kafka.tls.caSecret }}
 {{- $_ := set $cfg.kafka.security "ssl_cafile" (include "anomalyd.kafkaCaFile" .) }}
+{{- end }}
+{{- if .Values.kafka.tls.clientSecret }}
+{{- $_ := set $cfg.kafka.security "ssl_certfile" (printf "%s/tls.crt" (include "anomalyd.kafkaClientDir" .)) }}
+{{- $_ := set $cfg.kafka.security "ssl_keyfile" (printf "%s/tls.key" (include "anomalyd.kafkaClientDir" .)) }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
@@ -102,6 +107,11 @@ app.kubernetes.io/component: detector
   mountPath: /var/run/secrets/kafka-ca
   readOnly: true
 {{- end }}
+{{- if .Values.kafka.tls.clientSecret }}
+- name: kafka-client
+  mountPath: {{ include "anomalyd.kafkaClientDir" . }}
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{- define "anomalyd.volumes" -}}
@@ -132,5 +142,15 @@ app.kubernetes.io/component: detector
     items:
       - key: {{ .Values.kafka.tls.caKey }}
         path: ca.crt
+{{- end }}
+{{- if .Values.kafka.tls.clientSecret }}
+- name: kafka-client
+  secret:
+    secretName: {{ .Values.kafka.tls.clientSecret }}
+    items:
+      - key: {{ .Values.kafka.tls.clientCertKey }}
+        path: tls.crt
+      - key: {{ .Values.kafka.tls.clientKeyKey }}
+        path: tls.key
 {{- end }}
 {{- end }}
