@@ -23,32 +23,12 @@ from typing import Any, Literal
 import yaml
 
 from ._config_schema import Check, ConfigError, Ctx, apply_env, build, join_key, rule_field, yaml_problem
+from ._config_security import SecurityConfig, check_security
 from .source import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
 
 ENV_PREFIX = "ANOMALYD_"
 META_FILE = "model.json"
 SECRET_MASK = "***"
-
-
-@dataclass(frozen=True)
-class SecurityConfig:
-    """``kafka.security``: transport and authentication; ``sasl_password`` is the effective password (read from
-    ``sasl_password_file`` at load time when that is set). Hand :meth:`client_settings` to the Kafka client."""
-
-    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: str | None = field(default=None, repr=False)
-    sasl_password_file: str | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None  # a client certificate (PEM) for brokers that require one: mutual TLS
-    ssl_keyfile: str | None = None  # its private key (PEM, unencrypted, as Kubernetes TLS secrets hold it)
-
-    def client_settings(self) -> dict[str, str]:
-        """The settings for ``kafka_io.client_security_config`` (the effective sasl_password); unset ones left out."""
-        keys = ("protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile", "ssl_certfile",
-                "ssl_keyfile")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -215,8 +195,9 @@ class Config:
         """Plain nested dict for printing/logging, with the SASL password and URL passwords masked."""
         d = dataclasses.asdict(self)
         del d["source"]
-        if d["kafka"]["security"]["sasl_password"] is not None:
-            d["kafka"]["security"]["sasl_password"] = SECRET_MASK
+        for secret in ("sasl_password", "ssl_key_password"):
+            if d["kafka"]["security"][secret] is not None:
+                d["kafka"]["security"][secret] = SECRET_MASK
         am = d["sinks"]["alertmanager"]
         am["url"] = re.sub(r"(://[^/@:]*:)[^/@]*@", rf"\g<1>{SECRET_MASK}@", am["url"])
         return d
@@ -296,43 +277,6 @@ def _check_kafka(c: KafkaConfig, data: Mapping, key: str, ctx: Ctx) -> KafkaConf
     return c
 
 
-def _check_security(s: SecurityConfig, data: Mapping, key: str, ctx: Ctx) -> SecurityConfig:
-    sasl = s.protocol.startswith("SASL_")
-    mech_key = join_key(key, "sasl_mechanism")
-    if sasl and s.sasl_mechanism is None and not ctx.is_bad(mech_key):
-        ctx.err(mech_key, f"protocol {s.protocol} needs a sasl_mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)")
-    if s.sasl_mechanism is not None:
-        if not sasl and not ctx.is_bad(join_key(key, "protocol")):
-            ctx.err(mech_key, f"{s.sasl_mechanism} needs protocol SASL_PLAINTEXT or SASL_SSL, got {s.protocol}")
-        if not s.sasl_username:
-            ctx.err(mech_key, f"{s.sasl_mechanism} needs kafka.security.sasl_username")
-        if s.sasl_password is None and s.sasl_password_file is None:
-            ctx.err(mech_key, f"{s.sasl_mechanism} needs kafka.security.sasl_password or sasl_password_file")
-    for name, path in (("ssl_cafile", s.ssl_cafile), ("ssl_certfile", s.ssl_certfile), ("ssl_keyfile", s.ssl_keyfile)):
-        if path is not None and not Path(path).is_file():
-            ctx.err(join_key(key, name), f"file {path} not found")
-    if (s.ssl_certfile is None) != (s.ssl_keyfile is None):
-        given, missing = ("ssl_certfile", "ssl_keyfile") if s.ssl_keyfile is None else ("ssl_keyfile", "ssl_certfile")
-        ctx.err(join_key(key, given), f"a client certificate needs both ssl_certfile and ssl_keyfile; set {missing}")
-    tls = s.protocol in ("SSL", "SASL_SSL")
-    if s.ssl_certfile is not None and not tls and not ctx.is_bad(join_key(key, "protocol")):
-        ctx.err(join_key(key, "ssl_certfile"), f"a client certificate needs protocol SSL or SASL_SSL, got {s.protocol}")
-    if s.sasl_password_file is None:
-        return s
-    file_key = join_key(key, "sasl_password_file")
-    if s.sasl_password is not None:
-        ctx.err(file_key, "set sasl_password or sasl_password_file, not both")
-        return s
-    try:
-        password = Path(s.sasl_password_file).read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        ctx.err(file_key, f"cannot read password file {s.sasl_password_file}: {getattr(exc, 'strerror', None) or exc}")
-        return s
-    if not password:
-        ctx.err(file_key, f"password file {s.sasl_password_file} is empty")
-    return dataclasses.replace(s, sasl_password=password)
-
-
 def _check_models(c: ModelsConfig, data: Mapping, key: str, ctx: Ctx) -> ModelsConfig:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device):
         ctx.err(join_key(key, "device"), f"must be auto, cpu, cuda, cuda:<index> or mps; got {c.device!r}")
@@ -386,7 +330,7 @@ def _check_config(c: Config, data: Mapping, key: str, ctx: Ctx) -> Config:
 
 
 _CHECKS: dict[type, Check] = {
-    KafkaConfig: _check_kafka, SecurityConfig: _check_security, ModelsConfig: _check_models, Route: _check_route,
+    KafkaConfig: _check_kafka, SecurityConfig: check_security, ModelsConfig: _check_models, Route: _check_route,
     AlertsConfig: _check_alerts, AlertmanagerSinkConfig: _check_alertmanager, Config: _check_config,
 }
 

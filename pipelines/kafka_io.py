@@ -28,7 +28,8 @@ _SECURITY_KEYS = {
     "sasl_password": ("sasl_plain_password", "sasl.password"),
     "ssl_cafile": ("ssl_cafile", "ssl.ca.location"),
     "ssl_certfile": ("ssl_certfile", "ssl.certificate.location"),  # mutual TLS: the client's certificate ...
-    "ssl_keyfile": ("ssl_keyfile", "ssl.key.location"),  # ... and its key
+    "ssl_keyfile": ("ssl_keyfile", "ssl.key.location"),  # ... its key ...
+    "ssl_key_password": ("ssl_password", "ssl.key.password"),  # ... and the key's password, if encrypted
 }
 
 
@@ -294,22 +295,25 @@ class ConfluentProducer:
 def client_security_config(client: str, security: Mapping[str, Any] | None) -> dict[str, Any]:
     """Map the config's ``kafka.security`` section to ``client``'s option names (None values dropped).
 
-    ``sasl_password_file`` is read (trailing newline stripped) into the SASL password.
+    ``sasl_password_file`` and ``ssl_key_password_file`` are read (trailing newline stripped) into the password.
     """
     if client not in CLIENTS:
         raise ValueError(f"kafka.client must be one of {CLIENTS}, got {client!r}")
     security = dict(security or {})
-    unknown = sorted(set(security) - set(_SECURITY_KEYS) - {"sasl_password_file"})
+    files = {f"{name}_file": name for name in ("sasl_password", "ssl_key_password")}
+    unknown = sorted(set(security) - set(_SECURITY_KEYS) - set(files))
     if unknown:
         raise ValueError(f"unknown kafka.security keys {unknown}; known: {sorted(_SECURITY_KEYS)}")
-    password_file = security.pop("sasl_password_file", None)
-    if password_file:
-        if security.get("sasl_password"):
-            raise ValueError("kafka.security: set sasl_password or sasl_password_file, not both")
+    for file_key, name in files.items():
+        password_file = security.pop(file_key, None)
+        if not password_file:
+            continue
+        if security.get(name):
+            raise ValueError(f"kafka.security: set {name} or {file_key}, not both")
         try:
-            security["sasl_password"] = Path(password_file).read_text().rstrip("\r\n")
+            security[name] = Path(password_file).read_text().rstrip("\r\n")
         except OSError as exc:
-            raise ValueError(f"kafka.security.sasl_password_file: cannot read {password_file}: {exc}") from exc
+            raise ValueError(f"kafka.security.{file_key}: cannot read {password_file}: {exc}") from exc
     column = CLIENTS.index(client)
     return {_SECURITY_KEYS[k][column]: v for k, v in security.items() if v is not None}
 

@@ -4,7 +4,8 @@ SASL_PLAINTEXT, SASL_SSL and SSL listeners beside the broker's own PLAINTEXT one
 PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512, and an SSL listener named MTLS that requires a client certificate
 (mutual TLS). The TLS ones use a certificate authority made for this broker alone (``openssl``; files in
 ``<data dir>/tls``): clients trust ``ca.pem`` and check the broker's name, 127.0.0.1; ``client.crt`` and
-``client.key`` are a client certificate from the same authority.
+``client.key`` are a client certificate from the same authority, ``client-encrypted.key`` the same key encrypted
+with the password in ``client-key.password``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["SCRAM_MECHANISMS", "with_listeners", "scram_format_args", "make_certificates"]
+__all__ = ["SCRAM_MECHANISMS", "CLIENT_KEY_PASSWORD", "with_listeners", "scram_format_args", "make_certificates"]
 
 SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+CLIENT_KEY_PASSWORD = "anomalyd-test-key"  # of client-encrypted.key, the client key encrypted (PKCS#8, AES-256)
 CERT_DAYS = 30
 
 
@@ -92,4 +94,7 @@ def make_certificates(tls_dir: Path, host: str) -> tuple[Path, Path]:
              "-subj", "/CN=anomalyd", cwd=tls_dir)
     _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
              "-out", "client.crt", "-days", days, cwd=tls_dir)
+    (tls_dir / "client-key.password").write_text(f"{CLIENT_KEY_PASSWORD}\n")
+    _openssl("pkcs8", "-topk8", "-in", "client.key", "-out", "client-encrypted.key", "-v2", "aes-256-cbc",
+             "-passout", "file:client-key.password", cwd=tls_dir)
     return tls_dir / "ca.pem", broker_pem

@@ -320,3 +320,38 @@ def test_check_model_files_missing_dir(tmp_path):
     cfg = Config.from_dict({"models": {"dir": str(tmp_path / "none")}})
     with pytest.raises(ConfigError, match=r"models\.dir: model directory .*none does not exist"):
         check_model_files(cfg)
+
+
+@pytest.fixture(scope="module")
+def client_tls(tmp_path_factory) -> Path:
+    """A CA, a broker certificate and a client certificate, its key plain and encrypted (openssl)."""
+    from pipelines.kafka_local_security import make_certificates
+
+    folder = tmp_path_factory.mktemp("tls")
+    make_certificates(folder, "127.0.0.1")
+    return folder
+
+
+def test_the_client_certificate_and_key_are_loaded_at_start(client_tls):
+    """An encrypted key with its password from a file loads, and the password is masked; a wrong password, a
+    missing one and another certificate's key are config errors naming ssl_keyfile (OpenSSL never prompts)."""
+    from pipelines.kafka_local_security import CLIENT_KEY_PASSWORD
+
+    d = client_tls
+    sec = {"protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "p",
+           "ssl_certfile": str(d / "client.crt")}
+    encrypted = {"ssl_keyfile": str(d / "client-encrypted.key")}
+    with_file = encrypted | {"ssl_key_password_file": str(d / "client-key.password")}
+    cfg = Config.from_dict({"kafka": {"security": sec | with_file}})
+    assert cfg.kafka.security.ssl_key_password == CLIENT_KEY_PASSWORD
+    assert cfg.kafka.security.client_settings()["ssl_key_password"] == CLIENT_KEY_PASSWORD
+    assert cfg.redacted_dict()["kafka"]["security"]["ssl_key_password"] == "***"
+    assert CLIENT_KEY_PASSWORD not in repr(cfg)
+    assert Config.from_dict({"kafka": {"security": sec | {"ssl_keyfile": str(d / "client.key")}}})  # unencrypted
+    for extra, text in ((encrypted | {"ssl_key_password": "pw-7f3k"}, "a wrong ssl_key_password"),
+                        (encrypted, "an encrypted key without ssl_key_password"),
+                        ({"ssl_keyfile": str(d / "broker.key")}, "the key does not belong to the certificate")):
+        line = one_error({"kafka": {"security": sec | extra}}, "kafka.security.ssl_keyfile")
+        assert text in line and "cannot load" in line and "pw-7f3k" not in line, line
+    line = one_error({"kafka": {"security": {"ssl_key_password": "x"}}}, "kafka.security.ssl_key_password")
+    assert "set ssl_keyfile" in line

@@ -305,11 +305,18 @@ def _load_rendered_config(docs: dict[str, dict[str, Any]], tmp_path: Path) -> An
     key_paths = lambda d, p="": {f"{p}{k}" for k in d} | {
         x for k, v in d.items() if isinstance(v, dict) and k != "labels" for x in key_paths(v, f"{p}{k}.")}
     assert key_paths(cfg) == key_paths(example), "ConfigMap config must have the shape of config.example.yaml"
+    pair = {}
+    if cfg["kafka"]["security"]["ssl_certfile"]:  # the loader loads the pair: a real certificate and key
+        from pipelines.kafka_local_security import make_certificates
+
+        make_certificates(tmp_path / "tls", "127.0.0.1")
+        pair = {"ssl_certfile": tmp_path / "tls" / "client.crt", "ssl_keyfile": tmp_path / "tls" / "client.key"}
     for key in ("sasl_password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile"):
         mounted = cfg["kafka"]["security"][key]
         if mounted:  # a Secret mount in the pod; a real file for the loader here
-            (tmp_path / key).write_text("stand-in")
-            text = text.replace(mounted, str(tmp_path / key))
+            if key not in pair:
+                (tmp_path / key).write_text("stand-in")
+            text = text.replace(mounted, str(pair.get(key, tmp_path / key)))
     (c,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value", "from-secret") for e in c["env"]}
     path = tmp_path / "config.yaml"
@@ -378,6 +385,19 @@ def test_helm_gpu_servicemonitor_variant(helm: str, tmp_path: Path) -> None:
     loaded = _load_rendered_config(docs, tmp_path)
     assert loaded.kafka.security.protocol == "SASL_SSL" and loaded.kafka.security.sasl_username == "from-secret"
     assert loaded.kafka.security.ssl_certfile and loaded.kafka.security.ssl_keyfile  # the loader's checks passed
+
+
+def test_helm_client_key_password_from_the_client_secret(helm: str, tmp_path: Path) -> None:
+    """An encrypted client key: its password is a file from the same Secret, never a value in the ConfigMap."""
+    docs = _by_kind(_render(helm, "--set", "config.kafka.security.protocol=SSL", "--set",
+                            "kafka.tls.clientSecret=client", "--set", "kafka.tls.clientKeyPasswordKey=password"))
+    security = yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])["kafka"]["security"]
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (client,) = [v["secret"] for v in pod["volumes"] if v["name"] == "kafka-client"]
+    assert client["secretName"] == "client" and {"key": "password", "path": "key-password"} in client["items"]
+    (c,) = pod["containers"]
+    mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "kafka-client")
+    assert security["ssl_key_password_file"] == f"{mount}/key-password" and security["ssl_key_password"] is None
 
 
 def test_helm_values_schema_rejects_bad_values(helm: str) -> None:

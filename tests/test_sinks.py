@@ -236,12 +236,16 @@ def test_security_options_map_to_each_client(tmp_path: Path) -> None:
     assert client_security_config("confluent", {"protocol": "PLAINTEXT", "ssl_cafile": None}) == {
         "security.protocol": "PLAINTEXT"
     }
-    mutual = {"protocol": "SSL", "ssl_cafile": "/ca.pem", "ssl_certfile": "/c.crt", "ssl_keyfile": "/c.key"}
+    mutual = {"protocol": "SSL", "ssl_cafile": "/ca.pem", "ssl_certfile": "/c.crt", "ssl_keyfile": "/c.key",
+              "ssl_key_password_file": str(tmp_path / "pw")}
     assert client_security_config("kafka-python", mutual) == {
-        "security_protocol": "SSL", "ssl_cafile": "/ca.pem", "ssl_certfile": "/c.crt", "ssl_keyfile": "/c.key"}
+        "security_protocol": "SSL", "ssl_cafile": "/ca.pem", "ssl_certfile": "/c.crt", "ssl_keyfile": "/c.key",
+        "ssl_password": "s3cret"}
     assert client_security_config("confluent", mutual) == {
         "security.protocol": "SSL", "ssl.ca.location": "/ca.pem", "ssl.certificate.location": "/c.crt",
-        "ssl.key.location": "/c.key"}
+        "ssl.key.location": "/c.key", "ssl.key.password": "s3cret"}
+    with pytest.raises(ValueError, match="set ssl_key_password or ssl_key_password_file, not both"):
+        client_security_config("kafka-python", mutual | {"ssl_key_password": "x"})
     with pytest.raises(ValueError, match="not both"):
         client_security_config("confluent", security | {"sasl_password": "x"})
     with pytest.raises(ValueError, match="unknown kafka.security keys"):

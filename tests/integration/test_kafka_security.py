@@ -22,6 +22,7 @@ from pipelines.config import load_config
 from pipelines.daemon import Daemon
 from pipelines.kafka_io import KafkaAuthenticationError, KafkaBootstrapError, make_producer
 from pipelines.kafka_local import KafkaSetupError, LocalKafka, create_topic, free_port
+from pipelines.kafka_local_security import CLIENT_KEY_PASSWORD
 from pipelines.source import make_source
 
 from .conftest import service_unavailable
@@ -207,6 +208,24 @@ def test_check_connect_logs_in_and_finds_the_topics(sasl_broker, topic_name, dae
     proc = _anomalyd("check", write_config(path, cfg), "--connect")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"1 topics ['{topic_name}']" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_check_connect_over_mutual_tls_with_an_encrypted_key(sasl_broker, topic_name, daemon_models, tmp_path,
+                                                            client):
+    """The client key encrypted, its password from a file: both clients decrypt it and log in."""
+    models_dir, names = daemon_models
+    create_topic(sasl_broker.bootstrap, topic_name, partitions=2)
+    security = _mutual_tls(sasl_broker)
+    key = Path(security["ssl_keyfile"])
+    security |= {"ssl_keyfile": str(key.with_name("client-encrypted.key")),
+                 "ssl_key_password_file": str(key.with_name("client-key.password"))}
+    cfg = config_dict(_bootstrap(sasl_broker, "MTLS"), topic_name, models_dir, names, client=client)
+    cfg["kafka"]["security"] = security
+    proc = _anomalyd("check", write_config(tmp_path / "c.yaml", cfg), "--connect")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"input topic {topic_name}: 2 partitions" in proc.stdout, proc.stdout
+    assert "client certificate" in proc.stdout and CLIENT_KEY_PASSWORD not in proc.stdout + proc.stderr
 
 
 def test_check_connect_with_a_wrong_password_is_a_config_error(sasl_broker, topic_name, daemon_models, tmp_path):

@@ -62,6 +62,10 @@ app.kubernetes.io/component: detector
 {{- if .Values.kafka.tls.clientSecret }}
 {{- $_ := set $cfg.kafka.security "ssl_certfile" (printf "%s/tls.crt" (include "anomalyd.kafkaClientDir" .)) }}
 {{- $_ := set $cfg.kafka.security "ssl_keyfile" (printf "%s/tls.key" (include "anomalyd.kafkaClientDir" .)) }}
+{{- if .Values.kafka.tls.clientKeyPasswordKey }}
+{{- $_ := set $cfg.kafka.security "ssl_key_password_file" (printf "%s/key-password" (include "anomalyd.kafkaClientDir" .)) }}
+{{- $_ := set $cfg.kafka.security "ssl_key_password" nil }}
+{{- end }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
@@ -152,5 +156,9 @@ app.kubernetes.io/component: detector
         path: tls.crt
       - key: {{ .Values.kafka.tls.clientKeyKey }}
         path: tls.key
+      {{- if .Values.kafka.tls.clientKeyPasswordKey }}
+      - key: {{ .Values.kafka.tls.clientKeyPasswordKey }}
+        path: key-password
+      {{- end }}
 {{- end }}
 {{- end }}

@@ -1,0 +1,107 @@
+"""``kafka.security`` of the daemon's config (:mod:`pipelines.config`): transport, SASL login, CA, and a client
+certificate for mutual TLS; its checks, and the passwords read from files at load time."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ._config_schema import Ctx, join_key
+
+__all__ = ["SecurityConfig", "check_security"]
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """``kafka.security``: transport and authentication; ``sasl_password`` and ``ssl_key_password`` are the
+    effective passwords (read from ``<name>_file`` at load time when that is set). Hand :meth:`client_settings` to
+    the Kafka client."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    sasl_password_file: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None  # a client certificate (PEM) for brokers that require one: mutual TLS
+    ssl_keyfile: str | None = None  # its private key (PEM)
+    ssl_key_password: str | None = field(default=None, repr=False)  # the key's password, if it is encrypted
+    ssl_key_password_file: str | None = None
+
+    def client_settings(self) -> dict[str, str]:
+        """The settings for ``kafka_io.client_security_config`` (the effective passwords); unset ones left out."""
+        keys = ("protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile", "ssl_certfile",
+                "ssl_keyfile", "ssl_key_password")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+def check_security(s: SecurityConfig, data: Mapping, key: str, ctx: Ctx) -> SecurityConfig:
+    sasl = s.protocol.startswith("SASL_")
+    mech_key = join_key(key, "sasl_mechanism")
+    if sasl and s.sasl_mechanism is None and not ctx.is_bad(mech_key):
+        ctx.err(mech_key, f"protocol {s.protocol} needs a sasl_mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)")
+    if s.sasl_mechanism is not None:
+        if not sasl and not ctx.is_bad(join_key(key, "protocol")):
+            ctx.err(mech_key, f"{s.sasl_mechanism} needs protocol SASL_PLAINTEXT or SASL_SSL, got {s.protocol}")
+        if not s.sasl_username:
+            ctx.err(mech_key, f"{s.sasl_mechanism} needs kafka.security.sasl_username")
+        if s.sasl_password is None and s.sasl_password_file is None:
+            ctx.err(mech_key, f"{s.sasl_mechanism} needs kafka.security.sasl_password or sasl_password_file")
+    for name, path in (("ssl_cafile", s.ssl_cafile), ("ssl_certfile", s.ssl_certfile), ("ssl_keyfile", s.ssl_keyfile)):
+        if path is not None and not Path(path).is_file():
+            ctx.err(join_key(key, name), f"file {path} not found")
+    if (s.ssl_certfile is None) != (s.ssl_keyfile is None):
+        given, missing = ("ssl_certfile", "ssl_keyfile") if s.ssl_keyfile is None else ("ssl_keyfile", "ssl_certfile")
+        ctx.err(join_key(key, given), f"a client certificate needs both ssl_certfile and ssl_keyfile; set {missing}")
+    tls = s.protocol in ("SSL", "SASL_SSL")
+    if s.ssl_certfile is not None and not tls and not ctx.is_bad(join_key(key, "protocol")):
+        ctx.err(join_key(key, "ssl_certfile"), f"a client certificate needs protocol SSL or SASL_SSL, got {s.protocol}")
+    if (s.ssl_key_password is not None or s.ssl_key_password_file is not None) and s.ssl_keyfile is None:
+        name = "ssl_key_password" if s.ssl_key_password is not None else "ssl_key_password_file"
+        ctx.err(join_key(key, name), "a key password needs the key: set ssl_keyfile")
+    for name in ("sasl_password", "ssl_key_password"):
+        s = _password_from_file(s, name, key, ctx)
+    names = ("ssl_certfile", "ssl_keyfile", "ssl_key_password", "ssl_key_password_file")
+    if s.ssl_certfile is not None and s.ssl_keyfile is not None and not ctx.is_bad(*(join_key(key, n) for n in names)):
+        _check_client_certificate(s, key, ctx)
+    return s
+
+
+def _check_client_certificate(s: SecurityConfig, key: str, ctx: Ctx) -> None:
+    """Load the client certificate and key with OpenSSL, as both clients will: a wrong or missing password, or a
+    key that does not belong to the certificate, is then a config error naming the key, not a failed connection.
+    The password comes from the config only: OpenSSL never prompts for one."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(s.ssl_certfile, s.ssl_keyfile,
+                                                               password=lambda: s.ssl_key_password or "")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            hint = "the key does not belong to the certificate"
+        else:
+            hint = "a wrong ssl_key_password?" if s.ssl_key_password else "an encrypted key without ssl_key_password?"
+        ctx.err(join_key(key, "ssl_keyfile"), f"cannot load {s.ssl_keyfile} with the certificate {s.ssl_certfile}: "
+                f"{exc.reason or exc} ({hint})")
+
+
+def _password_from_file(s: SecurityConfig, name: str, key: str, ctx: Ctx) -> SecurityConfig:
+    """``s`` with ``name`` read from ``<name>_file`` when that is set (trailing newline stripped)."""
+    path = getattr(s, f"{name}_file")
+    if path is None:
+        return s
+    file_key = join_key(key, f"{name}_file")
+    if getattr(s, name) is not None:
+        ctx.err(file_key, f"set {name} or {name}_file, not both")
+        return s
+    try:
+        password = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        ctx.err(file_key, f"cannot read password file {path}: {getattr(exc, 'strerror', None) or exc}")
+        return s
+    if not password:
+        ctx.err(file_key, f"password file {path} is empty")
+    return dataclasses.replace(s, **{name: password})
