@@ -80,10 +80,13 @@ def _check_client_certificate(s: SecurityConfig, key: str, ctx: Ctx) -> None:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(s.ssl_certfile, s.ssl_keyfile,
                                                                password=lambda: s.ssl_key_password or "")
     except ssl.SSLError as exc:
+        encrypted = "ENCRYPTED" in Path(s.ssl_keyfile).read_text(errors="replace")  # PKCS#8 or traditional PEM
         if exc.reason == "KEY_VALUES_MISMATCH":
             hint = "the key does not belong to the certificate"
+        elif encrypted:
+            hint = "a wrong ssl_key_password" if s.ssl_key_password else "the key is encrypted: set ssl_key_password"
         else:
-            hint = "a wrong ssl_key_password?" if s.ssl_key_password else "an encrypted key without ssl_key_password?"
+            hint = "both must be PEM: the certificate, and its key"
         ctx.err(join_key(key, "ssl_keyfile"), f"cannot load {s.ssl_keyfile} with the certificate {s.ssl_certfile}: "
                 f"{exc.reason or exc} ({hint})")
 

@@ -349,7 +349,8 @@ def test_the_client_certificate_and_key_are_loaded_at_start(client_tls):
     assert CLIENT_KEY_PASSWORD not in repr(cfg)
     assert Config.from_dict({"kafka": {"security": sec | {"ssl_keyfile": str(d / "client.key")}}})  # unencrypted
     for extra, text in ((encrypted | {"ssl_key_password": "pw-7f3k"}, "a wrong ssl_key_password"),
-                        (encrypted, "an encrypted key without ssl_key_password"),
+                        (encrypted, "the key is encrypted: set ssl_key_password"),
+                        ({"ssl_keyfile": str(d / "ca.pem")}, "both must be PEM: the certificate, and its key"),
                         ({"ssl_keyfile": str(d / "broker.key")}, "the key does not belong to the certificate")):
         line = one_error({"kafka": {"security": sec | extra}}, "kafka.security.ssl_keyfile")
         assert text in line and "cannot load" in line and "pw-7f3k" not in line, line
