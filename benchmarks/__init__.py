@@ -10,7 +10,8 @@
 * ``kernel_ab`` the fused kernel of a git revision against the working tree's
 
 ``device_bundle.sh`` packs Java, the broker's jars and the client wheels for a GPU machine without them, so that
-``pipeline --device cuda`` runs there against a real broker.
+``pipeline --device cuda`` runs there against a real broker; ``device_run.sh`` is one budgeted call there (the
+pipeline at 1,000 and 100,000 streams, float16, latency, the Python decoder's A/B).
 
 Every benchmark prints a table and writes JSON (default ``~/.cache/anomalyd/bench/<name>.json``, ``--json``
 to change it); ``--quick`` runs a reduced size in about a minute. Results and their discussion:
