@@ -171,8 +171,10 @@ class LocalKafka:
     @property
     def client_certificate(self) -> tuple[Path, Path] | None:
         """``(certificate, key)`` PEM files a client of the mutual-TLS listener presents (None: no such listener)."""
-        state, ca = self._read_state(), self.ca_file
-        return (ca.with_name("client.crt"), ca.with_name("client.key")) if ca and state.get("mtls_port") else None
+        state = self._read_state()
+        tls = Path(state["data_dir"]) / "tls" if state and state.get("mtls_port") else None
+        pair = (tls / "client.crt", tls / "client.key") if tls else None
+        return pair if pair and all(path.is_file() for path in pair) else None
 
     @property
     def kafka_dir(self) -> Path:
