@@ -97,7 +97,13 @@ def machine_info() -> dict:
             "torch_threads": torch.get_num_threads(), "git": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
+    switches = {k: v for k, v in os.environ.items() if k in _SWITCHES}
+    if switches:
+        info["env"] = switches  # the fast paths' on/off switches this run had
     return info
+
+
+_SWITCHES = ("ANOMALYD_FUSED_RNN", "ANOMALYD_NATIVE_DECODE", "ANOMALYD_CUDA_GRAPHS", "ANOMALYD_FUSED_MARCH")
 
 
 def rss_bytes() -> int:

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# The benchmarks of one call on the lent GPU machine (its 15 minutes allow one call of about 9): the pipeline
-# through a real broker at 1,000 and 100,000 streams, the daemon in float16, event->alert latency, and the pipeline
-# with the Python decoder for an A/B of the native one. Each step gets what is left of BUDGET_S (default 540) and
-# writes $OUT/<step>.json and .log, so a step cut short still leaves the ones before it.
+# The benchmarks of one call on the lent GPU machine (its 15 minutes allow one call of about 9). Each step gets
+# what is left of the budget (first argument, default 540 s) and writes $OUT/<step>.json and .log, so a step cut
+# short still leaves the ones before it. STEPS picks and orders them (default: the ninth session's set):
+#   pipeline           the pipeline through a real broker at 1,000 and 100,000 streams
+#   pipeline-fp16      the daemon in float16 (1,000 streams)
+#   latency            event->alert latency at half capacity
+#   pipeline-pydecode  the Python decoder, for an A/B of the native one (1,000 streams)
+#   gpu-checks         benchmarks.gpu_checks: GPU against CPU scores, CUDA graphs against eager
+#   graphs-on, graphs-off   the pipeline at 1,000 streams with and without the engine's CUDA graphs
 #
 #   bash benchmarks/device_bundle.sh                           # here, once: .device-bundle (Java, Kafka, wheels)
 #   run(command="bash benchmarks/device_run.sh", carry=[".device-bundle"], timeout_s=600)
+#   run(command="STEPS='gpu-checks graphs-on graphs-off graphs-on' bash benchmarks/device_run.sh", ...)
 #
 # DEVICE=cpu EXTRA=--quick bash benchmarks/device_run.sh 120   # a dry run of the steps on this machine
 set -uo pipefail
@@ -27,6 +33,9 @@ fi
 
 step() {  # step NAME MODULE ARGS...: python -m benchmarks.MODULE ARGS --json $out/NAME.json, cut at the budget
   local name=$1 module=$2 left=$((budget - SECONDS))
+  if [[ -e "$out/$name.json" ]]; then  # a step named twice (an A/B/A): the second run gets its own files
+    name="$name-2"
+  fi
   shift 2
   if ((left < 40)); then
     echo "== $name skipped: ${left} s left"
@@ -37,10 +46,17 @@ step() {  # step NAME MODULE ARGS...: python -m benchmarks.MODULE ARGS --json $o
   timeout -k 5 "$left" "$py" -m "benchmarks.$module" "$@" $extra --json "$out/$name.json" 2>&1 | tee "$out/$name.log"
 }
 
-step pipeline pipeline --device "$device" --scoring background --repeats 1 --events 400000
-step pipeline-fp16 pipeline --device "$device" --precision float16 --scoring background --streams 1000 \
-  --events 400000
-step latency latency --device "$device" --seconds 30 --warm-broker-s 10
-ANOMALYD_NATIVE_DECODE=0 step pipeline-pydecode pipeline --device "$device" --scoring background --repeats 1 \
-  --streams 1000 --events 400000
+one_k=(pipeline --device "$device" --scoring background --repeats 1 --streams 1000 --events 400000)
+for name in ${STEPS:-pipeline pipeline-fp16 latency pipeline-pydecode}; do
+  case $name in
+    pipeline) step pipeline pipeline --device "$device" --scoring background --repeats 1 --events 400000 ;;
+    pipeline-fp16) step pipeline-fp16 "${one_k[@]}" --precision float16 --repeats 3 ;;
+    latency) step latency latency --device "$device" --seconds 30 --warm-broker-s 10 ;;
+    pipeline-pydecode) ANOMALYD_NATIVE_DECODE=0 step pipeline-pydecode "${one_k[@]}" ;;
+    gpu-checks) step gpu-checks gpu_checks --device "$device" ;;
+    graphs-on) ANOMALYD_CUDA_GRAPHS=auto step graphs-on "${one_k[@]}" ;;
+    graphs-off) ANOMALYD_CUDA_GRAPHS=0 step graphs-off "${one_k[@]}" ;;
+    *) echo "unknown step $name" >&2; exit 2 ;;
+  esac
+done
 echo "== done in ${SECONDS} s"

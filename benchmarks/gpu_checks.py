@@ -7,7 +7,9 @@ For GRU and LSTM autoencoders on synthetic sensor data (``detector.synthetic``, 
    stretch (float32 on both; cuDNN may use TF32): relative difference and agreement of the over-threshold
    decisions;
 3. the GPU ``InferenceEngine`` in float32 and float16 against the CPU engine (the fused kernel there);
-4. ``InferenceEngine.warm_up`` on the GPU, and the first ``score`` call after it.
+4. ``InferenceEngine.warm_up`` on the GPU, and the first ``score`` call after it;
+5. the engine's CUDA graphs (the default there) against eager scoring on the same GPU, in float32 and float16:
+   scores, and the median time of one ``score`` call of 4,096 windows each way.
 
 Prints one line per check (PASS / FAIL with numbers) and exits 1 if any failed.
 
@@ -81,7 +83,24 @@ def check_kind(kind: str, device: str, out: list[dict]) -> None:
         agree = float(np.mean(res.over == base.over[:4096]))
         out.append({"check": f"{kind}: engine {device} {precision} vs cpu engine (fused={ref.fused})",
                     "ok": rel < rtol and agree >= DECISION_AGREEMENT, "max_rel_diff": rel,
-                    "decision_agreement": agree, "swap_with_warm_up_s": swap_s, "first_score_s": first_s})
+                    "decision_agreement": agree, "swap_with_warm_up_s": swap_s, "first_score_s": first_s,
+                    "cuda_graphs": eng.cuda_graphs})
+        if device == "cuda":
+            _graphs_vs_eager(kind, gpu, wins[:4096], precision, eng, out)
+
+
+def _graphs_vs_eager(kind: str, det, wins: np.ndarray, precision: str, graphed: InferenceEngine,
+                     out: list[dict]) -> None:
+    eager = InferenceEngine("cuda", precision=precision, cuda_graphs=False)
+    eager.swap({"m": det})
+    a, b = eager.score({"m": wins})["m"], graphed.score({"m": wins})["m"]
+    rel = _rel(b.raw.score, a.raw.score)
+    t_eager = common.measure(lambda: eager.score({"m": wins}), min_time=0.3, min_calls=5).median_s
+    t_graph = common.measure(lambda: graphed.score({"m": wins}), min_time=0.3, min_calls=5).median_s
+    out.append({"check": f"{kind}: engine CUDA graphs vs eager, {precision}",
+                "ok": graphed.cuda_graphs and rel < 1e-3 and float(np.mean(a.over == b.over)) >= DECISION_AGREEMENT,
+                "max_rel_diff": rel, "eager_ms_per_4096": t_eager * 1e3, "graph_ms_per_4096": t_graph * 1e3,
+                "speedup": t_eager / t_graph})
 
 
 def _reload(det, device: str):

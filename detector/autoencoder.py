@@ -81,19 +81,22 @@ class AutoencoderDetector(Detector):
 
     def score_tensor(
         self, x: torch.Tensor, precision: str = "float32",
-        forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        forward: Callable[[torch.Tensor], torch.Tensor] | None = None, autocast_cache: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (unscaled) windows already on the device (B, W, F) -> (score (B,), contributions (B, F)).
 
         ``forward`` replaces ``self.model`` for the forward pass; it must compute the same function. A
         ``detector.fastpath.FusedAutoencoder`` of this model on the CPU also does the scaling and the error.
+        ``autocast_cache=False`` while a CUDA graph captures this (autocast's cached weight casts would outlive
+        the capture's memory pool).
         """
         center, scale = self._scaling_tensors()
         dtype = autocast_dtype(precision, self.device)
         if isinstance(forward, FusedAutoencoder) and dtype is None and x.device.type == "cpu":
             return forward.score(x.float(), center, scale, self.score_last_k)
         xs = (x - center) / scale  # (B, W, F)
-        ctx = torch.autocast(device_type=self.device.type, dtype=dtype) if dtype else nullcontext()
+        ctx = (torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=autocast_cache) if dtype
+               else nullcontext())
         with ctx:
             x_hat = (forward or self.model)(xs)  # (B, W, F)
         return reconstruction_error(xs, x_hat, self.score_last_k)

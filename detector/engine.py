@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -11,11 +12,14 @@ import torch
 
 from .autoencoder import AutoencoderDetector
 from .base import Detector
+from .cuda_graphs import GraphedScorer, graphs_mode
 from .device import autocast_dtype, resolve_device
 from .fastpath import FusedAutoencoder, fused_available
 from .scoring import WindowScores
 
 __all__ = ["InferenceEngine", "ModelScores", "EAGER_CPU_CHUNK", "WARM_UP_BATCHES"]
+
+log = logging.getLogger(__name__)
 
 EAGER_CPU_CHUNK = 256
 """Eager PyTorch on CPU scores in chunks of this many windows: 1.3-1.7x faster than one big batch at batch
@@ -47,10 +51,14 @@ class InferenceEngine:
     On CPU, autoencoders run through the fused C++ forward of :mod:`detector.fastpath` when it is available
     (``fused=None``: as ``ANOMALYD_FUSED_RNN`` says, default auto; ``True`` requires it; ``False``: eager
     PyTorch). The detectors themselves are not changed: their own ``score_windows`` stays eager.
+
+    On a GPU, autoencoders are scored through CUDA graphs of the whole scoring step (:mod:`detector.cuda_graphs`),
+    captured when a model is added (``cuda_graphs=None``: as ``ANOMALYD_CUDA_GRAPHS`` says, default auto: used
+    unless a capture fails; ``True`` requires them; ``False``: eager).
     """
 
     def __init__(self, device: str = "auto", precision: str = "float32", max_batch: int = 16384,
-                 fused: bool | None = None) -> None:
+                 fused: bool | None = None, cuda_graphs: bool | None = None) -> None:
         self.device = resolve_device(device)
         autocast_dtype(precision, self.device)  # validates
         self.precision = precision
@@ -62,13 +70,22 @@ class InferenceEngine:
         elif fused and not fused_available(self.device):
             raise RuntimeError("fused=True but the fused RNN extension is unavailable (see the log)")
         self.fused = bool(fused)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the engine's device is {self.device}")
+        mode = graphs_mode() if cuda_graphs is None else ("on" if cuda_graphs else "off")
+        self._graphs_mode = mode if self.device.type == "cuda" else "off"
         self._models: dict[str, Detector] = {}
-        self._forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._forwards: dict[str, FusedAutoencoder | GraphedScorer] = {}  # per model, when not eager
         self._lock = threading.Lock()
 
     @property
     def models(self) -> dict[str, Detector]:
         return dict(self._models)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether this engine captures CUDA graphs (a model whose capture failed in auto mode is scored eagerly)."""
+        return self._graphs_mode != "off"
 
     def _place(self, detector: Detector) -> tuple[Detector, Callable[[torch.Tensor], torch.Tensor] | None]:
         """Move a detector to the engine's device; its fused forward when the engine uses one."""
@@ -80,10 +97,23 @@ class InferenceEngine:
                 forward = FusedAutoencoder(detector.model)
         return detector, forward
 
+    def _graphed(self, name: str, det: Detector) -> GraphedScorer | None:
+        """``det``'s CUDA-graph scorer when this engine uses graphs; None to score it eagerly."""
+        if self._graphs_mode == "off" or not isinstance(det, AutoencoderDetector) or det.scaler is None:
+            return None
+        try:
+            return GraphedScorer(det, self.max_batch, self.precision)
+        except RuntimeError as exc:
+            if self._graphs_mode == "on":
+                raise
+            log.warning("model %r: CUDA graph capture failed, scoring it eagerly: %s", name, exc)
+            return None
+
     def add(self, name: str, detector: Detector) -> None:
         det, forward = self._place(detector)
         if self.device.type == "cuda":
             self._warm({name: det}, {name: forward} if forward else {}, WARM_UP_BATCHES)
+            forward = self._graphed(name, det) or forward
         with self._lock:
             forwards = {k: v for k, v in self._forwards.items() if k != name}
             if forward is not None:
@@ -96,6 +126,7 @@ class InferenceEngine:
         if self.device.type == "cuda":  # before the swap: scoring goes on with the old set meanwhile
             self._warm({n: d for n, (d, _) in placed.items()}, {n: f for n, (_, f) in placed.items() if f},
                        WARM_UP_BATCHES)
+            placed = {n: (d, self._graphed(n, d) or f) for n, (d, f) in placed.items()}
         with self._lock:
             self._models = {name: det for name, (det, _) in placed.items()}
             self._forwards = {name: fwd for name, (_, fwd) in placed.items() if fwd is not None}
@@ -113,10 +144,14 @@ class InferenceEngine:
             for name, det in models.items():
                 if not isinstance(det, AutoencoderDetector) or det.scaler is None:
                     continue
+                forward = forwards.get(name)
+                if isinstance(forward, GraphedScorer):
+                    forward.score_windows(np.zeros((1, det.window, det.n_features), dtype=np.float32))
+                    continue
                 for b in batch_sizes:
                     b = min(b, self.max_batch)
                     windows = np.zeros((b, det.window, det.n_features), dtype=np.float32)
-                    det.score_windows(windows, batch_size=b, precision=self.precision, forward=forwards.get(name))
+                    det.score_windows(windows, batch_size=b, precision=self.precision, forward=forward)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -130,8 +165,10 @@ class InferenceEngine:
                 det = models.get(name)
                 if det is None:
                     raise KeyError(f"model {name!r} is not loaded (loaded: {sorted(models)})")
-                if isinstance(det, AutoencoderDetector):
-                    forward = forwards.get(name)
+                forward = forwards.get(name)
+                if isinstance(forward, GraphedScorer):
+                    raw = forward.score_windows(windows)
+                elif isinstance(det, AutoencoderDetector):
                     batch = self.max_batch
                     if forward is None and self.device.type == "cpu":
                         batch = min(batch, EAGER_CPU_CHUNK)  # cache-sized eager chunks
