@@ -69,7 +69,8 @@ class AutoencoderDetector(Detector):
         self._scale_t = None
         return self
 
-    def _scaling_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def scaling_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scaler's (center, scale) on the detector's device, made once (again after :meth:`to`)."""
         if self.scaler is None:
             raise RuntimeError("AutoencoderDetector has no fitted scaler")
         if self._scale_t is None:
@@ -90,7 +91,7 @@ class AutoencoderDetector(Detector):
         ``autocast_cache=False`` while a CUDA graph captures this (autocast's cached weight casts would outlive
         the capture's memory pool).
         """
-        center, scale = self._scaling_tensors()
+        center, scale = self.scaling_tensors()
         dtype = autocast_dtype(precision, self.device)
         if isinstance(forward, FusedAutoencoder) and dtype is None and x.device.type == "cpu":
             return forward.score(x.float(), center, scale, self.score_last_k)

@@ -82,6 +82,11 @@ class GraphedScorer:
         self._host_contrib = torch.zeros((big, f), pin_memory=True)  # (Bmax, F)
         self._lock = threading.Lock()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        # A graph reads its inputs by address and holds no reference to them: keep the scaling tensors, weights
+        # and buffers it captures alive, so a later ``detector.to(...)`` (which drops the scaling tensors) or
+        # a model reload cannot free memory the graph still reads.
+        self._captured = (detector.scaling_tensors(), [t.detach() for t in detector.model.parameters()],
+                          [t.detach() for t in detector.model.buffers()])
         self._capture_all()
 
     def _step(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:

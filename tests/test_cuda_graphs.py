@@ -56,10 +56,11 @@ def test_graphed_scores_match_eager_on_cuda(kind, synthetic):
     det = train_detector(train[:800], cfg, TrainConfig(epochs=1, max_windows=300, device="cpu",
                                                        threshold="quantile"), log=None)
     wins = np.lib.stride_tricks.sliding_window_view(test.values[:700], 16, axis=0).transpose(0, 2, 1)
-    eager = InferenceEngine("cuda", max_batch=256, cuda_graphs=False)
-    eager.add("m", det)
     graphed = InferenceEngine("cuda", max_batch=256, cuda_graphs=True)
     graphed.add("m", det)
+    eager = InferenceEngine("cuda", max_batch=256, cuda_graphs=False)
+    eager.add("m", det)  # moves det again, which drops its scaling tensors: the graphs must keep what they read
+    torch.randn(1 << 20, device="cuda")  # new allocations that would reuse memory the graphs had lost
     for n in (1, 70, 256, len(wins)):  # padded buckets, the largest one, and several chunks
         a, b = eager.score({"m": wins[:n]})["m"], graphed.score({"m": wins[:n]})["m"]
         np.testing.assert_allclose(b.raw.score, a.raw.score, rtol=1e-3, atol=1e-6)
