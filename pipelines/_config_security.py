@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from ._config_schema import Ctx, join_key
+from .kafka_io import read_password_file
 
 __all__ = ["SecurityConfig", "check_security"]
 
@@ -101,10 +102,8 @@ def _password_from_file(s: SecurityConfig, name: str, key: str, ctx: Ctx) -> Sec
         ctx.err(file_key, f"set {name} or {name}_file, not both")
         return s
     try:
-        password = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        ctx.err(file_key, f"cannot read password file {path}: {getattr(exc, 'strerror', None) or exc}")
+        password = read_password_file(path)
+    except ValueError as exc:
+        ctx.err(file_key, str(exc))
         return s
-    if not password:
-        ctx.err(file_key, f"password file {path} is empty")
     return dataclasses.replace(s, **{name: password})

@@ -311,11 +311,23 @@ def client_security_config(client: str, security: Mapping[str, Any] | None) -> d
         if security.get(name):
             raise ValueError(f"kafka.security: set {name} or {file_key}, not both")
         try:
-            security[name] = Path(password_file).read_text().rstrip("\r\n")
-        except OSError as exc:
-            raise ValueError(f"kafka.security.{file_key}: cannot read {password_file}: {exc}") from exc
+            security[name] = read_password_file(password_file)
+        except ValueError as exc:
+            raise ValueError(f"kafka.security.{file_key}: {exc}") from exc
     column = CLIENTS.index(client)
     return {_SECURITY_KEYS[k][column]: v for k, v in security.items() if v is not None}
+
+
+def read_password_file(path: str | Path) -> str:
+    """A password kept in a file (a mounted Secret): its text, trailing newline stripped. ValueError saying why
+    when it cannot be read, is not UTF-8 or is empty."""
+    try:
+        password = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read password file {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    if not password:
+        raise ValueError(f"password file {path} is empty")
+    return password
 
 
 def make_producer(

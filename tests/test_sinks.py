@@ -248,6 +248,11 @@ def test_security_options_map_to_each_client(tmp_path: Path) -> None:
         client_security_config("kafka-python", mutual | {"ssl_key_password": "x"})
     with pytest.raises(ValueError, match="not both"):
         client_security_config("confluent", security | {"sasl_password": "x"})
+    (tmp_path / "empty").write_text("\n")
+    for path, reason in ((tmp_path / "missing", "cannot read password file"),
+                         (tmp_path / "empty", "password file .* is empty")):
+        with pytest.raises(ValueError, match=f"kafka.security.sasl_password_file: {reason}"):
+            client_security_config("confluent", security | {"sasl_password_file": str(path)})
     with pytest.raises(ValueError, match="unknown kafka.security keys"):
         client_security_config("confluent", {"sasl_pasword": "x"})
     with pytest.raises(ValueError, match="kafka.client"):
