@@ -8,6 +8,8 @@
 #   pipeline-pydecode  the Python decoder, for an A/B of the native one (1,000 streams)
 #   gpu-checks         benchmarks.gpu_checks: GPU against CPU scores, CUDA graphs against eager
 #   graphs-on, graphs-off   the pipeline at 1,000 streams with and without the engine's CUDA graphs
+#   intake             Daemon.process from memory on this host's CPU (benchmarks.intake --overhead): how fast
+#                      the loop thread's own work is here, with no scoring thread beside it
 #
 #   bash benchmarks/device_bundle.sh                           # here, once: .device-bundle (Java, Kafka, wheels)
 #   run(command="bash benchmarks/device_run.sh", carry=[".device-bundle"], timeout_s=600)
@@ -56,6 +58,7 @@ for name in ${STEPS:-pipeline pipeline-fp16 latency pipeline-pydecode}; do
     gpu-checks) step gpu-checks gpu_checks --device "$device" ;;
     graphs-on) ANOMALYD_CUDA_GRAPHS=auto step graphs-on "${one_k[@]}" ;;
     graphs-off) ANOMALYD_CUDA_GRAPHS=0 step graphs-off "${one_k[@]}" ;;
+    intake) step intake intake --chunk 5000 --streams 1000 --overhead ;;
     *) echo "unknown step $name" >&2; exit 2 ;;
   esac
 done

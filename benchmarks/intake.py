@@ -7,6 +7,7 @@ start-up objects, before and after ``gc.freeze()``.
     python -m benchmarks.intake --chunk 5000 --streams 100000 --decode-ab   # per-batch lookup vs SpecCache
     python -m benchmarks.intake --chunk 5000 --streams 1000 --stride 8 --overhead  # Daemon.process vs decode alone
     python -m benchmarks.intake --chunk 5000 --streams 1000 --values object --native-ab  # native vs Python decoder
+    python -m benchmarks.intake --chunk 5000 --streams 1000 --score-overhead  # the scoring step beside the model
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--native-ab", action="store_true",
                    help="only decode_batch: the native decoder against the Python one (orjson), alternating in "
                         "this process (4 pairs; the first also warms the caches)")
+    p.add_argument("--score-overhead", action="store_true",
+                   help="time Daemon._score (thresholds, alert state, metrics) on each poll's due windows, minus "
+                        "the model's own time: the Python work the scoring thread does while holding the GIL")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the numbers of --overhead or --score-overhead to this file")
     p.add_argument("--malloc", choices=["daemon", "default"], default="daemon",
                    help="daemon: glibc malloc settings as Daemon.run applies them (pipelines.allocator); default: "
                         "glibc's own")
@@ -105,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.native_ab:
         return _native_ab(daemon, batches)
     if args.overhead:
-        return _overhead(daemon, batches, pairs, go)
+        return _overhead(daemon, batches, pairs, go, args)
+    if args.score_overhead:
+        return _score_overhead(daemon, batches, args)
     prof = cProfile.Profile() if args.profile else None
     t = time.perf_counter()
     if prof:
@@ -121,14 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _overhead(daemon, batches: list, pairs: int, go) -> int:
+def _overhead(daemon, batches: list, pairs: int, go, args) -> int:
     from pipelines.decode import SpecCache, decode_batch
 
     per = -(-len(batches) // pairs)
     kept = SpecCache(daemon.intake._features_of)
     for b in batches:  # warm the caches: the daemon's own is warm after seeding
         decode_batch(b.value, b.key, b.timestamp, kept, 65536)
-    diffs = []
+    diffs, pairs_us = [], []
     for rep in range(pairs):
         part = batches[rep * per:(rep + 1) * per]
         n = sum(len(b) for b in part)
@@ -140,10 +148,67 @@ def _overhead(daemon, batches: list, pairs: int, go) -> int:
         go(part)
         proc = (time.perf_counter() - t) / n * 1e6
         diffs.append(proc - dec)
+        pairs_us.append({"decode_batch": dec, "process": proc})
         print(f"pair {rep + 1}: decode_batch {dec:.2f} us/event, Daemon.process {proc:.2f} us/event, "
               f"intake beyond decoding {proc - dec:.2f} us/event")
     print(f"intake beyond decoding, median of {pairs}: {sorted(diffs)[len(diffs) // 2]:.2f} us/event")
+    if args.json:
+        common.write_json(args.json, "intake", {"mode": "overhead", "streams": args.streams, "chunk": args.chunk,
+                                                "stride": args.stride, "pairs_us_per_event": pairs_us})
     return 0
+
+
+def _score_overhead(daemon, batches: list, args) -> int:
+    """Per poll: process, take the due windows, score them as the scoring thread does; report per window the
+    whole step, the model calls, and the difference."""
+    prof = cProfile.Profile() if args.profile else None
+    total = model = 0.0
+    windows = 0
+    for b in batches:
+        daemon.process(b)
+        taken = daemon._take_pending()
+        n = sum(len(p[1]) for _, parts in taken for p in parts)
+        if not n:
+            continue
+        t = time.perf_counter()
+        if prof:
+            prof.enable()
+        spent = _score_timed(daemon, taken)
+        if prof:
+            prof.disable()
+        total += time.perf_counter() - t
+        model += spent
+        windows += n
+    print(f"scoring step, {windows:,} windows in polls of {len(batches[0])}: {total / windows * 1e6:.2f} us/window "
+          f"in all, model {model / windows * 1e6:.2f}, beside the model {(total - model) / windows * 1e6:.2f}")
+    if prof:
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+    if args.json:
+        common.write_json(args.json, "intake", {"mode": "score-overhead", "streams": args.streams, "chunk": args.chunk,
+                                                "windows": windows, "us_per_window": total / windows * 1e6,
+                                                "model_us_per_window": model / windows * 1e6})
+    return 0
+
+
+def _score_timed(daemon, taken: list) -> float:
+    """``daemon._score(taken)``; returns the seconds its model calls took (the routes' own timings)."""
+    spent = 0.0
+    score = type(taken[0][0]).score
+
+    def timed(route, parts, engine, timings):
+        nonlocal spent
+        out = score(route, parts, engine, timings)
+        spent += sum(timings.values())
+        return out
+
+    for route, _ in taken:
+        route.score = timed.__get__(route)
+    try:
+        daemon._score(taken)
+    finally:
+        for route, _ in taken:
+            del route.score
+    return spent
 
 
 def _native_ab(daemon, batches: list) -> int:
