@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.cuda_graphs import MIN_BUCKET, bucket_for, bucket_sizes, graphs_mode
+from detector.cuda_graphs import MIN_BUCKET, GraphedScorer, bucket_for, bucket_sizes, graphs_mode
 from detector.engine import InferenceEngine
 
 
@@ -36,6 +36,11 @@ def test_mode_from_the_environment(monkeypatch):
     monkeypatch.setenv("ANOMALYD_CUDA_GRAPHS", "sometimes")
     with pytest.raises(ValueError, match="ANOMALYD_CUDA_GRAPHS"):
         graphs_mode()
+
+
+def test_scorer_refuses_a_detector_on_the_cpu(trained):
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, the detector is on cpu"):
+        GraphedScorer(trained["gru"], max_batch=256)
 
 
 def test_cpu_engine_never_uses_graphs(monkeypatch):
