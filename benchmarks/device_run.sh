@@ -10,6 +10,7 @@
 #   graphs-on, graphs-off   the pipeline at 1,000 streams with and without the engine's CUDA graphs
 #   intake             Daemon.process from memory on this host's CPU (benchmarks.intake --overhead): how fast
 #                      the loop thread's own work is here, with no scoring thread beside it
+#   neighbour          the same beside a thread of eager tiny-model forwards (--neighbour-ops, item 38)
 #
 #   bash benchmarks/device_bundle.sh                           # here, once: .device-bundle (Java, Kafka, wheels)
 #   run(command="bash benchmarks/device_run.sh", carry=[".device-bundle"], timeout_s=600)
@@ -59,6 +60,8 @@ for name in ${STEPS:-pipeline pipeline-fp16 latency pipeline-pydecode}; do
     graphs-on) ANOMALYD_CUDA_GRAPHS=auto step graphs-on "${one_k[@]}" ;;
     graphs-off) ANOMALYD_CUDA_GRAPHS=0 step graphs-off "${one_k[@]}" ;;
     intake) step intake intake --chunk 5000 --streams 1000 --overhead ;;
+    neighbour) step neighbour intake --chunk 5000 --streams 1000 --neighbour-ops 0 --neighbour-ops 20 \
+      --neighbour-call forward ;;
     *) echo "unknown step $name" >&2; exit 2 ;;
   esac
 done

@@ -8,6 +8,7 @@ start-up objects, before and after ``gc.freeze()``.
     python -m benchmarks.intake --chunk 5000 --streams 1000 --stride 8 --overhead  # Daemon.process vs decode alone
     python -m benchmarks.intake --chunk 5000 --streams 1000 --values object --native-ab  # native vs Python decoder
     python -m benchmarks.intake --chunk 5000 --streams 1000 --score-overhead  # the scoring step beside the model
+    python -m benchmarks.intake --chunk 5000 --streams 1000 --neighbour-ops 0 --neighbour-ops 10 --neighbour-ops 50
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--score-overhead", action="store_true",
                    help="time Daemon._score (thresholds, alert state, metrics) on each poll's due windows, minus "
                         "the model's own time: the Python work the scoring thread does while holding the GIL")
+    p.add_argument("--neighbour-ops", type=int, action="append", default=[], metavar="N",
+                   help="Daemon.process while a second thread issues bursts of N tiny torch calls (each gives up and "
+                        "re-takes the GIL) 40 times a second, as a GPU scoring thread does per micro-batch; 0 = no "
+                        "second thread (repeatable; the variants alternate, 4 rounds, each on new events)")
+    p.add_argument("--neighbour-call", choices=["op", "forward"], default="op",
+                   help="what one neighbour call is: a tiny torch op (default), or an eager forward of a tiny GRU "
+                        "autoencoder (Python module code between the ops, as in eager GPU scoring)")
     p.add_argument("--json", type=Path, default=None,
                    help="also write the numbers of --overhead or --score-overhead to this file")
     p.add_argument("--malloc", choices=["daemon", "default"], default="daemon",
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fleet = common.Fleet(args.streams, harness.FEATURES)
     n_events = args.events or max(60_000, 3 * args.streams)
-    pairs = 4 if args.overhead else 1
+    pairs = 4 if args.overhead else 4 * len(args.neighbour_ops) if args.neighbour_ops else 1
     # --overhead: every pair's process gets new events
     messages, keys, _ = _data(fleet, n_events * pairs, by_name=args.values == "object")
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         return _native_ab(daemon, batches)
     if args.overhead:
         return _overhead(daemon, batches, pairs, go, args)
+    if args.neighbour_ops:
+        return _neighbour_ab(batches, args, go)
     if args.score_overhead:
         return _score_overhead(daemon, batches, args)
     prof = cProfile.Profile() if args.profile else None
@@ -156,6 +166,69 @@ def _overhead(daemon, batches: list, pairs: int, go, args) -> int:
         common.write_json(args.json, "intake", {"mode": "overhead", "streams": args.streams, "chunk": args.chunk,
                                                 "stride": args.stride, "pairs_us_per_event": pairs_us})
     return 0
+
+
+def _neighbour_ab(batches: list, args, go) -> int:
+    """``Daemon.process`` per event beside a thread of GIL hand-overs: each variant of ``--neighbour-ops`` in turn,
+    4 rounds, every run on new events."""
+    import threading
+
+    variants = args.neighbour_ops
+    per = -(-len(batches) // (4 * len(variants)))
+    results: dict[int, list[float]] = {n: [] for n in variants}
+    part = 0
+    for rnd in range(4):
+        for n_ops in variants:
+            chunk = batches[part * per:(part + 1) * per]
+            part += 1
+            stop = threading.Event()
+            calls = [0]
+
+            def neighbour(n_ops: int = n_ops, stop: threading.Event = stop, calls: list = calls) -> None:
+                call = _neighbour_call(args.neighbour_call)
+                while not stop.wait(0.025):  # a micro-batch every 25 ms
+                    for _ in range(n_ops):
+                        call()
+                    calls[0] += n_ops
+
+            thread = threading.Thread(target=neighbour, daemon=True) if n_ops else None
+            if thread:
+                thread.start()
+            t = time.perf_counter()
+            go(chunk)
+            dt = time.perf_counter() - t
+            stop.set()
+            if thread:
+                thread.join()
+            us = dt / sum(len(b) for b in chunk) * 1e6
+            results[n_ops].append(us)
+            print(f"round {rnd + 1}: {n_ops} torch calls per burst ({calls[0] / dt:,.0f} calls/s): Daemon.process "
+                  f"{us:.2f} us/event")
+    for n_ops, us in results.items():
+        print(f"{n_ops} calls per burst: median {sorted(us)[len(us) // 2]:.2f} us/event over 4 rounds")
+    if args.json:
+        common.write_json(args.json, "intake", {"mode": "neighbour", "call": args.neighbour_call,
+                                                "streams": args.streams, "chunk": args.chunk, "stride": args.stride,
+                                                "us_per_event": results})
+    return 0
+
+
+def _neighbour_call(kind: str):
+    """One neighbour call: a tiny torch op (its binding gives up and re-takes the GIL), or an eager forward of a
+    tiny GRU autoencoder (dozens of such ops with Python module code between them)."""
+    if kind == "op":
+        x = torch.ones(8)
+        return lambda: torch.add(x, 1.0)
+    from detector.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(kind="gru", n_features=8, window=4, hidden_size=8, latent_size=4)).eval()
+    x = torch.zeros(1, 4, 8)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    return forward
 
 
 def _score_overhead(daemon, batches: list, args) -> int:
