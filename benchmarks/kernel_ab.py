@@ -17,7 +17,7 @@ import torch
 
 from . import common
 
-SOURCES = ("detector/_fused_rnn.cpp", "detector/_fused_gates.h")
+SOURCES = ("detector/_fused_rnn.cpp", "detector/_fused_gates.h", "detector/_window_ring.h")
 
 
 def _build(name: str, root: Path):

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "_fused_gates.h"
+#include "_window_ring.h"
 
 namespace {
 
@@ -334,6 +335,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("ae_score", &ae_score, "raw x (B, W, F) -> (score (B,), contributions (B, F))",
         py::call_guard<py::gil_scoped_release>());
+  m.def("window_add", &window_ring::window_add,
+        "WindowBuffer.add's events applied in order; releases the GIL itself (see _window_ring.h)",
+        py::arg("buf").noconvert(), py::arg("ring_ts"), py::arg("count").noconvert(),
+        py::arg("last_ts").noconvert(), py::arg("stream").noconvert(), py::arg("ts").noconvert(),
+        py::arg("values").noconvert(), py::arg("stride"), py::arg("out").noconvert(),
+        py::arg("out_idx").noconvert());
 #if defined(__AVX512F__)
   m.attr("isa") = "avx512";
 #elif defined(__AVX2__)

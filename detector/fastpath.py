@@ -47,7 +47,7 @@ __all__ = ["FusedAutoencoder", "FusedUnavailable", "fused_available", "fused_mod
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_fused_rnn.cpp")
-HEADERS = [Path(__file__).with_name("_fused_gates.h")]  # included by SOURCE: part of the build key
+HEADERS = [Path(__file__).with_name(h) for h in ("_fused_gates.h", "_window_ring.h")]  # included by SOURCE: in the key
 CFLAGS = ["-O3", "-ffast-math", "-fopenmp"]  # fast-math: libmvec expf/tanhf where not AVX-512; -march: compile_flags()
 DEFAULT_TILE = 16  # windows per cache tile: 8-24 measured alike, 32 5-15 % slower (W=64, H=64 and 128; RESULTS item 14)
 FAILED_RETRY_S = 24 * 3600  # a failed build is tried again after this long, or at once with another compiler

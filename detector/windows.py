@@ -59,8 +59,12 @@ class WindowBuffer:
     """Ring buffers of the last ``window`` events for many streams, fed and read in batches."""
 
     def __init__(self, window: int, n_features: int, stride: int = 1, initial_capacity: int = 1024,
-                 keep_timestamps: bool = True) -> None:
-        """``keep_timestamps=False`` saves ``W * 8`` bytes per stream; ``last_events`` is then unavailable."""
+                 keep_timestamps: bool = True, native: bool | None = None) -> None:
+        """``keep_timestamps=False`` saves ``W * 8`` bytes per stream; ``last_events`` is then unavailable.
+
+        ``native``: apply events with the C++ kernel of :mod:`detector.fastpath` (``_window_ring.h``: the same
+        definition, event by event, without the GIL); None: as ``ANOMALYD_NATIVE_WINDOWS`` says (default auto:
+        when the extension can be had), True requires it, False: numpy."""
         for name, val in (("window", window), ("n_features", n_features), ("stride", stride),
                           ("initial_capacity", initial_capacity)):
             if int(val) != val or val < 1:
@@ -76,6 +80,7 @@ class WindowBuffer:
         self._count = np.zeros(cap, dtype=np.int64)  # (S,) accepted events so far
         self._last_ts = np.full(cap, _TS_MIN, dtype=np.int64)  # (S,) largest accepted ts
         self.n_events = self.n_accepted = self.n_late = self.n_missing = self.n_warming = 0
+        self._native = _window_kernel(native)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -123,6 +128,8 @@ class WindowBuffer:
         if n == 0:
             return self._empty_batch()
         self._ensure_capacity(int(stream.max()) + 1)
+        if self._native is not None:
+            return self._add_native(stream, ts, values)
         w = self._w
 
         order = np.argsort(stream, kind="stable")  # (N,) groups events per stream, input order kept
@@ -170,6 +177,26 @@ class WindowBuffer:
         self._count[u] = c_before + sizes
         self._last_ts[u] = t[starts + sizes - 1]
         return WindowBatch(s[idx], wins, t[idx], order[idx])
+
+    @property
+    def native(self) -> bool:
+        """Whether ``add`` runs the C++ kernel."""
+        return self._native is not None
+
+    def _add_native(self, stream: np.ndarray, ts: np.ndarray, values: np.ndarray) -> WindowBatch:
+        n = stream.shape[0]
+        stream, ts, values = (np.ascontiguousarray(a) for a in (stream, ts, values))
+        out = np.empty((n, self._w, self._f), dtype=np.float32)  # pages past the due windows are never touched
+        idx = np.empty(n, dtype=np.int64)
+        m, late, missing, warming = self._native(self._buf, self._ring_ts, self._count, self._last_ts, stream, ts,
+                                                 values, self._stride, out, idx)
+        self.n_accepted += n - late
+        self.n_late += late
+        self.n_missing += missing
+        self.n_warming += warming
+        idx = idx[:m]
+        wins = out[:m] if 2 * m >= n else out[:m].copy()  # few due windows (stride > 1): free the rest now
+        return WindowBatch(stream[idx], wins, ts[idx], idx)
 
     def _windows(self, vals: np.ndarray, s: np.ndarray, c: np.ndarray, k: np.ndarray,
                  first: np.ndarray) -> np.ndarray:
@@ -361,6 +388,20 @@ class WindowBuffer:
         if values.shape != (n, self._f):
             raise ValueError(f"values must have shape ({n}, {self._f}), got {values.shape}")
         return stream, ts.astype(np.int64, copy=False), values
+
+
+def _window_kernel(native: bool | None):
+    """The extension's ``window_add``, or None for numpy. Raises RuntimeError when required but unavailable."""
+    from .fastpath import env_mode, load_extension
+
+    mode = env_mode("ANOMALYD_NATIVE_WINDOWS") if native is None else ("on" if native else "off")
+    if mode == "off":
+        return None
+    kernel = getattr(load_extension(), "window_add", None)  # a prebuilt kernel of an older version lacks it
+    if kernel is None and mode == "on":
+        raise RuntimeError("the native window kernel is required (native=True or ANOMALYD_NATIVE_WINDOWS=on) but "
+                           "the fused extension is unavailable or lacks it (python -m detector.fastpath build)")
+    return kernel
 
 
 def _grown(a: np.ndarray, n: int) -> np.ndarray:

@@ -12,6 +12,18 @@ from detector import windows as windows_module
 from detector.windows import WindowBatch, WindowBuffer
 
 
+@pytest.fixture(autouse=True, params=["numpy", "native"])
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs against both implementations of ``WindowBuffer.add``."""
+    monkeypatch.setenv("ANOMALYD_NATIVE_WINDOWS", "off" if request.param == "numpy" else "on")
+    return request.param
+
+
+def test_implementation_is_the_one_asked_for(implementation: str) -> None:
+    assert WindowBuffer(4, 2).native == (implementation == "native")
+    assert not WindowBuffer(4, 2, native=False).native
+
+
 class _RefBuffer:
     """Event-by-event reference: one deque of the last W (ts, values) per stream."""
 
