@@ -42,7 +42,7 @@ from .models import ModelConfig, SequenceAutoencoder, model_cost
 
 __all__ = ["FusedAutoencoder", "FusedUnavailable", "fused_available", "fused_mode", "load_extension",
            "executed_macs", "compile_flags", "self_check", "prebuilt_candidates", "DEFAULT_TILE",
-           "PORTABLE_TARGETS", "compile_cached", "import_built", "env_mode"]
+           "PORTABLE_TARGETS", "compile_cached", "import_built", "env_mode", "window_kernel"]
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,20 @@ def _staged(path: Path, folder: Path) -> Path:
     if not copy.exists() or copy.read_bytes() != data:
         copy.write_bytes(data)
     return copy
+
+
+def window_kernel(native: bool | None = None):
+    """The extension's ``window_add`` (``_window_ring.h``) for :class:`detector.windows.WindowBuffer`, or None for
+    numpy: ``native`` True requires it, False never uses it, None follows ``ANOMALYD_NATIVE_WINDOWS`` (auto: when
+    the extension can be had, building it if needed). Raises RuntimeError when required but unavailable."""
+    mode = env_mode("ANOMALYD_NATIVE_WINDOWS") if native is None else ("on" if native else "off")
+    if mode == "off":
+        return None
+    kernel = getattr(load_extension(), "window_add", None)  # a prebuilt kernel of an older version lacks it
+    if kernel is None and mode == "on":
+        raise RuntimeError("the native window kernel is required (native=True or ANOMALYD_NATIVE_WINDOWS=on) but "
+                           "the fused extension is unavailable or lacks it (python -m detector.fastpath build)")
+    return kernel
 
 
 def fused_available(device: torch.device | str = "cpu") -> bool:

@@ -80,7 +80,9 @@ class WindowBuffer:
         self._count = np.zeros(cap, dtype=np.int64)  # (S,) accepted events so far
         self._last_ts = np.full(cap, _TS_MIN, dtype=np.int64)  # (S,) largest accepted ts
         self.n_events = self.n_accepted = self.n_late = self.n_missing = self.n_warming = 0
-        self._native = _window_kernel(native)
+        from .fastpath import window_kernel  # torch and the extension only when a buffer is made
+
+        self._native = window_kernel(native)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -388,20 +390,6 @@ class WindowBuffer:
         if values.shape != (n, self._f):
             raise ValueError(f"values must have shape ({n}, {self._f}), got {values.shape}")
         return stream, ts.astype(np.int64, copy=False), values
-
-
-def _window_kernel(native: bool | None):
-    """The extension's ``window_add``, or None for numpy. Raises RuntimeError when required but unavailable."""
-    from .fastpath import env_mode, load_extension
-
-    mode = env_mode("ANOMALYD_NATIVE_WINDOWS") if native is None else ("on" if native else "off")
-    if mode == "off":
-        return None
-    kernel = getattr(load_extension(), "window_add", None)  # a prebuilt kernel of an older version lacks it
-    if kernel is None and mode == "on":
-        raise RuntimeError("the native window kernel is required (native=True or ANOMALYD_NATIVE_WINDOWS=on) but "
-                           "the fused extension is unavailable or lacks it (python -m detector.fastpath build)")
-    return kernel
 
 
 def _grown(a: np.ndarray, n: int) -> np.ndarray:
