@@ -11,6 +11,7 @@
 #   intake             Daemon.process from memory on this host's CPU (benchmarks.intake --overhead): how fast
 #                      the loop thread's own work is here, with no scoring thread beside it
 #   neighbour          the same beside a thread of eager tiny-model forwards (--neighbour-ops, item 38)
+#   windows-numpy      the pipeline at 1,000 streams with the numpy WindowBuffer.add (item 39), against graphs-on
 #
 #   bash benchmarks/device_bundle.sh                           # here, once: .device-bundle (Java, Kafka, wheels)
 #   run(command="bash benchmarks/device_run.sh", carry=[".device-bundle"], timeout_s=600)
@@ -33,6 +34,7 @@ else
   py="${ANOMALYD_CACHE:-$HOME/.cache/anomalyd}/venv/bin/python"
 fi
 "$py" -m pipelines.native_decode build 2>&1 | tail -3
+"$py" -m detector.fastpath build 2>&1 | tail -1  # the window kernel (WindowBuffer.add) lives in this extension
 
 step() {  # step NAME MODULE ARGS...: python -m benchmarks.MODULE ARGS --json $out/NAME.json, cut at the budget
   local name=$1 module=$2 left=$((budget - SECONDS))
@@ -60,6 +62,7 @@ for name in ${STEPS:-pipeline pipeline-fp16 latency pipeline-pydecode}; do
     graphs-on) ANOMALYD_CUDA_GRAPHS=auto step graphs-on "${one_k[@]}" ;;
     graphs-off) ANOMALYD_CUDA_GRAPHS=0 step graphs-off "${one_k[@]}" ;;
     intake) step intake intake --chunk 5000 --streams 1000 --overhead ;;
+    windows-numpy) ANOMALYD_NATIVE_WINDOWS=0 step windows-numpy "${one_k[@]}" ;;
     neighbour) step neighbour intake --chunk 5000 --streams 1000 --neighbour-ops 0 --neighbour-ops 20 \
       --neighbour-call forward ;;
     *) echo "unknown step $name" >&2; exit 2 ;;
