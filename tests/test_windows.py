@@ -24,6 +24,16 @@ def test_implementation_is_the_one_asked_for(implementation: str) -> None:
     assert not WindowBuffer(4, 2, native=False).native
 
 
+def test_required_kernel_missing_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from detector import fastpath
+
+    monkeypatch.setattr(fastpath, "load_extension", lambda build=True: None)  # no compiler and no prebuilt kernel
+    with pytest.raises(RuntimeError, match="native window kernel is required"):
+        WindowBuffer(4, 2, native=True)
+    monkeypatch.setenv("ANOMALYD_NATIVE_WINDOWS", "auto")
+    assert not WindowBuffer(4, 2).native  # auto falls back to numpy
+
+
 class _RefBuffer:
     """Event-by-event reference: one deque of the last W (ts, values) per stream."""
 
