@@ -22,6 +22,10 @@ due, without a Python loop over events:
   ones (any number, also more than ``2W`` per stream and batch) are contiguous slices of the batch's own
   grouped values. Then only the last ``W`` accepted events of each stream are written to the ring.
 
+Where the fused extension of :mod:`detector.fastpath` can be had, ``add`` instead runs its C++ kernel
+(``_window_ring.h``): the same definition applied event by event, without the GIL, about 3x faster at 1,000
+streams (``tests/test_windows.py`` runs every test against both; ``ANOMALYD_NATIVE_WINDOWS=0``: numpy only).
+
 Memory (``memory_bytes()``), per stream slot: ``W * F * 4`` B of values, 16 B of counters and, unless
 ``keep_timestamps=False``, ``W * 8`` B of ring timestamps (used only by ``last_events``); plus 32 KiB for
 the rotation table at ``W=64``. At ``W=64, F=8``: 2,064 B per slot without timestamps (2,576 B with), i.e.
