@@ -25,7 +25,7 @@ from .kafka_io import (
     kafka_python_bootstrap,
 )
 
-__all__ = ["check_command", "topic_partitions"]
+__all__ = ["check_command", "fast_paths", "topic_partitions"]
 
 _TIMEOUT_S = 15.0
 
@@ -119,6 +119,27 @@ def _check_alertmanager(cfg: Config) -> tuple[list[str], list[str]]:
     return [f"alertmanager {shown}: version {version}, cluster {cluster}"], []
 
 
+def fast_paths(daemon) -> str:
+    """One line: the device and which of anomalyd's fast paths this daemon uses (each falls back by itself)."""
+    from . import native_decode
+
+    engine = daemon.engine
+
+    def state(on: bool, switch: str) -> str:
+        return "on" if on else f"off ({switch})"
+
+    parts = [f"models on {engine.device} in {engine.precision}"]
+    if engine.device.type == "cpu":
+        parts.append(f"fused CPU kernels {state(engine.fused, 'ANOMALYD_FUSED_RNN, or no build')}")
+    else:
+        parts.append(f"CUDA graphs {state(engine.cuda_graphs, 'ANOMALYD_CUDA_GRAPHS')}")
+    decoder = native_decode.load() is not None
+    parts.append(f"native JSON decoder {state(decoder, 'ANOMALYD_NATIVE_DECODE, or no build')}")
+    windows = all(route.buffer.native for route in daemon.routes)
+    parts.append(f"native window kernel {state(windows, 'ANOMALYD_NATIVE_WINDOWS, or no build')}")
+    return "fast paths: " + "; ".join(parts)
+
+
 def check_command(config_path: str, connect: bool) -> int:
     """Print what was checked; the exit code as described in the module docstring."""
     from .daemon import Daemon
@@ -130,6 +151,7 @@ def check_command(config_path: str, connect: bool) -> int:
         models = ", ".join(f"{m.name} {m.version} ({m.detector.kind}, window {m.detector.window}, "
                            f"{m.detector.n_features} features)" for m in route.models)
         print(f"  route {route.spec.match or route.spec.regex or '(default)'}: {models}")
+    print(f"  {fast_paths(daemon)}")
     if not connect:
         return 0
     try:

@@ -190,6 +190,9 @@ def _cmd_run(args) -> int:
     if daemon is None or _RUN_STOP.is_set():  # SIGTERM while starting: nothing consumed, nothing to commit
         logging.getLogger("anomalyd").info("stop requested during start-up: exiting before connecting to Kafka")
         return 0
+    from .check_cmd import fast_paths
+
+    logging.getLogger("anomalyd").info(fast_paths(daemon))  # which device and native paths this process uses
     try:
         return daemon.run(timeout=args.timeout)
     except KafkaAuthenticationError as exc:  # a config problem: name the file and the key

@@ -30,6 +30,23 @@ def test_a_valid_config_lists_its_routes_and_model_versions(tmp_path, trained, c
     out = capsys.readouterr().out
     assert f"config {path}: valid" in out
     assert "route pump-*: m-gru 20261127T000000000Z (gru, window 32, 4 features), m-lstm" in out
+    assert "fast paths: models on cpu in float32; fused CPU kernels " in out
+
+
+@pytest.mark.parametrize("switch", ["ANOMALYD_FUSED_RNN", "ANOMALYD_NATIVE_DECODE", "ANOMALYD_NATIVE_WINDOWS"])
+def test_check_names_each_fast_path_and_its_switch(tmp_path, trained, capsys, monkeypatch, switch):
+    from pipelines import native_decode
+
+    monkeypatch.setattr(native_decode, "_STATE", {})  # the decoder's choice is made once per process
+    monkeypatch.setenv(switch, "0")
+    assert main(["check", "-c", str(_config(tmp_path, trained))]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "fast paths:" in ln)
+    assert f"off ({switch}, or no build)" in line, line
+    others = {"ANOMALYD_FUSED_RNN": "fused CPU kernels", "ANOMALYD_NATIVE_DECODE": "native JSON decoder",
+              "ANOMALYD_NATIVE_WINDOWS": "native window kernel"}
+    for name, label in others.items():  # this machine builds them all (make test's setup)
+        if name != switch:
+            assert f"{label} on" in line, line
 
 
 def test_a_pinned_version_that_is_missing_is_a_config_error_naming_the_key(tmp_path, trained, capsys):

@@ -223,6 +223,7 @@ def test_kill_9_and_restart_misses_no_anomaly(kafka_bootstrap, topic_name, model
     # traffic only once the daemon has its partitions (a slow start on a busy machine must not let it all arrive
     # before the first commit): ~12 s of it, so the kill lands mid-stream
     assert _wait_log(proc, ASSIGNED), _log(proc)
+    assert "fast paths: models on cpu in float32; fused CPU kernels" in _log(proc)  # logged at start
     holder = {}
     producer = threading.Thread(target=lambda: holder.update(r=produce_with_anomalies(
         kafka_bootstrap, topic_name, 300, KINDS, rate=100.0)))
