@@ -168,7 +168,8 @@ def load_extension(build: bool = True) -> ModuleType | None:
             module = compile_cached(name, [SOURCE], compile_flags(), ["-fopenmp"], HEADERS)
     except Exception as exc:  # no compiler, build error, import error: fall back to eager PyTorch
         _STATE["error"] = f"{type(exc).__name__}: {exc}"
-        log.warning("fused RNN extension unavailable, using eager PyTorch: %s", _STATE["error"])
+        log.warning("fused extension unavailable, using eager PyTorch for CPU models and numpy for the window buffers: "
+                    "%s", _STATE["error"])
         return None
     _STATE["module"] = module
     return module
