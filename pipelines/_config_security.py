@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from ._config_schema import Ctx, join_key
-from .kafka_io import read_password_file
+from .kafka_io import PASSWORD_KEYS, read_password_file
 
 __all__ = ["SecurityConfig", "check_security"]
 
@@ -33,10 +33,10 @@ class SecurityConfig:
     ssl_key_password_file: str | None = None
 
     def client_settings(self) -> dict[str, str]:
-        """The settings for ``kafka_io.client_security_config`` (the effective passwords); unset ones left out."""
-        keys = ("protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile", "ssl_certfile",
-                "ssl_keyfile", "ssl_key_password")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        """The settings for ``kafka_io.client_security_config`` (the effective passwords, not the files they were
+        read from); unset ones left out."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.endswith("_file")}
+        return {k: v for k, v in settings.items() if v is not None}
 
 
 def check_security(s: SecurityConfig, data: Mapping, key: str, ctx: Ctx) -> SecurityConfig:
@@ -63,7 +63,7 @@ def check_security(s: SecurityConfig, data: Mapping, key: str, ctx: Ctx) -> Secu
     if (s.ssl_key_password is not None or s.ssl_key_password_file is not None) and s.ssl_keyfile is None:
         name = "ssl_key_password" if s.ssl_key_password is not None else "ssl_key_password_file"
         ctx.err(join_key(key, name), "a key password needs the key: set ssl_keyfile")
-    for name in ("sasl_password", "ssl_key_password"):
+    for name in PASSWORD_KEYS:
         s = _password_from_file(s, name, key, ctx)
     names = ("ssl_certfile", "ssl_keyfile", "ssl_key_password", "ssl_key_password_file")
     if s.ssl_certfile is not None and s.ssl_keyfile is not None and not ctx.is_bad(*(join_key(key, n) for n in names)):

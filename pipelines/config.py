@@ -24,6 +24,7 @@ import yaml
 
 from ._config_schema import Check, ConfigError, Ctx, apply_env, build, join_key, rule_field, yaml_problem
 from ._config_security import SecurityConfig, check_security
+from .kafka_io import PASSWORD_KEYS
 from .source import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
 
 ENV_PREFIX = "ANOMALYD_"
@@ -195,7 +196,7 @@ class Config:
         """Plain nested dict for printing/logging, with the SASL password and URL passwords masked."""
         d = dataclasses.asdict(self)
         del d["source"]
-        for secret in ("sasl_password", "ssl_key_password"):
+        for secret in PASSWORD_KEYS:
             if d["kafka"]["security"][secret] is not None:
                 d["kafka"]["security"][secret] = SECRET_MASK
         am = d["sinks"]["alertmanager"]

@@ -31,6 +31,8 @@ _SECURITY_KEYS = {
     "ssl_keyfile": ("ssl_keyfile", "ssl.key.location"),  # ... its key ...
     "ssl_key_password": ("ssl_password", "ssl.key.password"),  # ... and the key's password, if encrypted
 }
+PASSWORD_KEYS = ("sasl_password", "ssl_key_password")
+"""The secret ``kafka.security`` keys: each may come from a file named by ``<key>_file``, and is masked in logs."""
 
 
 class _ClosedTransportIOFilter(logging.Filter):
@@ -300,7 +302,7 @@ def client_security_config(client: str, security: Mapping[str, Any] | None) -> d
     if client not in CLIENTS:
         raise ValueError(f"kafka.client must be one of {CLIENTS}, got {client!r}")
     security = dict(security or {})
-    files = {f"{name}_file": name for name in ("sasl_password", "ssl_key_password")}
+    files = {f"{name}_file": name for name in PASSWORD_KEYS}
     unknown = sorted(set(security) - set(_SECURITY_KEYS) - set(files))
     if unknown:
         raise ValueError(f"unknown kafka.security keys {unknown}; known: {sorted(_SECURITY_KEYS)}")
