@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="what one neighbour call is: a tiny torch op (default), or an eager forward of a tiny GRU "
                         "autoencoder (Python module code between the ops, as in eager GPU scoring)")
     p.add_argument("--json", type=Path, default=None,
-                   help="also write the numbers of --overhead or --score-overhead to this file")
+                   help="also write the numbers of --overhead, --neighbour-ops or --score-overhead to this file")
     p.add_argument("--malloc", choices=["daemon", "default"], default="daemon",
                    help="daemon: glibc malloc settings as Daemon.run applies them (pipelines.allocator); default: "
                         "glibc's own")
@@ -174,6 +174,7 @@ def _neighbour_ab(batches: list, args, go) -> int:
     import threading
 
     variants = args.neighbour_ops
+    call = _neighbour_call(args.neighbour_call)  # built once, before any timing
     per = -(-len(batches) // (4 * len(variants)))
     results: dict[int, list[float]] = {n: [] for n in variants}
     part = 0
@@ -185,7 +186,6 @@ def _neighbour_ab(batches: list, args, go) -> int:
             calls = [0]
 
             def neighbour(n_ops: int = n_ops, stop: threading.Event = stop, calls: list = calls) -> None:
-                call = _neighbour_call(args.neighbour_call)
                 while not stop.wait(0.025):  # a micro-batch every 25 ms
                     for _ in range(n_ops):
                         call()
