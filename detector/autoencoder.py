@@ -106,11 +106,7 @@ class AutoencoderDetector(Detector):
         self, windows: np.ndarray, batch_size: int = 8192, precision: str = "float32",
         forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> WindowScores:
-        windows = np.asarray(windows, dtype=np.float32)
-        if windows.ndim != 3 or windows.shape[1:] != (self.window, self.n_features):
-            raise ValueError(
-                f"expected windows of shape (B, {self.window}, {self.n_features}), got {windows.shape}"
-            )
+        windows = self.checked_windows(windows)
         scores, contribs = [], []
         with torch.inference_mode():
             for start in range(0, max(len(windows), 1), batch_size):
@@ -121,6 +117,15 @@ class AutoencoderDetector(Detector):
         return WindowScores(
             score=np.concatenate(scores).astype(np.float64), contributions=np.concatenate(contribs)
         )
+
+    def checked_windows(self, windows: np.ndarray) -> np.ndarray:
+        """``windows`` as float32 (B, W, F); ValueError naming the expected shape otherwise."""
+        windows = np.asarray(windows, dtype=np.float32)
+        if windows.ndim != 3 or windows.shape[1:] != (self.window, self.n_features):
+            raise ValueError(
+                f"expected windows of shape (B, {self.window}, {self.n_features}), got {windows.shape}"
+            )
+        return windows
 
     def __repr__(self) -> str:
         c = self.model_cfg

@@ -110,10 +110,8 @@ class GraphedScorer:
 
     def score_windows(self, windows: np.ndarray) -> WindowScores:
         """(B, W, F) raw windows -> WindowScores, in chunks of at most the largest bucket."""
-        windows = np.asarray(windows, dtype=np.float32)
         det = self.detector
-        if windows.ndim != 3 or windows.shape[1:] != (det.window, det.n_features):
-            raise ValueError(f"expected windows of shape (B, {det.window}, {det.n_features}), got {windows.shape}")
+        windows = det.checked_windows(windows)
         n, big = len(windows), self.buckets[-1]
         score = np.empty(n, dtype=np.float64)
         contrib = np.empty((n, det.n_features), dtype=np.float32)
