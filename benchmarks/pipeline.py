@@ -41,17 +41,18 @@ QUICK = {"streams": [1000], "events": {1000: 30_000}, "clients": ["kafka-python"
          "partitions": 4, "engine_batches": [512, 4096], "engine_min_time": 1.0, "background": [False, True]}
 
 
-def models_dir(root: Path, kind: str) -> tuple[str, list[str]]:
-    """Save the benchmark model into a model store under ``root``; returns (dir, [name])."""
+def models_dir(root: Path, kind: str, hidden: int = 64) -> tuple[str, list[str]]:
+    """Save the benchmark model (``hidden`` units) into a model store under ``root``; returns (dir, [name])."""
     from pipelines.model_store import ModelStore
 
-    det = common.trained_detector(kind, common.Fleet(4, harness.FEATURES), window=harness.WINDOW, log=common.log)
+    det = common.trained_detector(kind, common.Fleet(4, harness.FEATURES), window=harness.WINDOW, hidden=hidden,
+                                  log=common.log)
     ModelStore(root).save(f"bench-{kind}", det, version="v1")
     return str(root), [f"bench-{kind}"]
 
 
 def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | None = None,
-        device: str = "cpu", precision: str = "float32") -> dict:
+        device: str = "cpu", precision: str = "float32", hidden: int = 64) -> dict:
     from detector.device import inference_threads
 
     # torch threads of every process: --threads, else the daemon's own rule (processing.model_threads: 0; e and the
@@ -62,7 +63,7 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
     common.log(f"broker at {bootstrap}")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            mdir, names = models_dir(Path(tmp), kind)
+            mdir, names = models_dir(Path(tmp), kind, hidden)
             base = {"bootstrap": bootstrap, "models_dir": mdir, "models": names, "threads": threads,
                     "consumer_settings": consumer_settings or {}, "device": device, "precision": precision,
                     "broker_pid": kafka.status().pid}  # its CPU is read around every measured interval
@@ -170,6 +171,9 @@ def per_stream(memory: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("pipeline", __doc__)
     p.add_argument("--kind", choices=["gru", "lstm"], default="gru", help="model kind (default gru)")
+    p.add_argument("--hidden", type=int, default=64,
+                   help="the model's hidden units (default 64; a few, e.g. 4, make the model nearly free on a CPU, "
+                        "so that the loop's own cost, as beside a GPU, sets b)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in each process (default: the daemon's rule, processing.model_threads 0)")
     p.add_argument("--scoring", choices=["serial", "background"], action="append",
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--consumer-setting {item!r}: expected KEY=VALUE")
         settings[key] = int(value) if value.lstrip("-").isdigit() else value
     started = time.perf_counter()
-    res = run(cfg, args.kind, args.threads, settings, args.device, args.precision)
+    res = run(cfg, args.kind, args.threads, settings, args.device, args.precision, args.hidden)
     print(common.table(res["rows"], [
         ("streams", "streams", ",d"), ("client", "client", ""), ("stride", "stride", "d"), ("scoring", "scoring", ""),
         ("threads", "threads", "d"), ("raw_events_s", "a raw ev/s", ",.0f"),
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         ("anomalyd_events_s", "b anomalyd ev/s", ",.0f"), ("ratio", "b/min(a,e)", ".2f"), ("bound", "bound", ""),
         ("mean_batch", "mean batch", ",.0f"), ("raw_cores", "a cores", ".2f"), ("cores", "b cores", ".2f"),
         ("rss_mib", "RSS MiB", ",.0f")],
-        f"\nPipeline, {args.kind.upper()} W=64 F=8 H=64 on {args.device}, {args.precision} "
+        f"\nPipeline, {args.kind.upper()} W=64 F=8 H={args.hidden} on {args.device}, {args.precision} "
         f"(events/s; e = best of batches {cfg['engine_batches']})"))
     print(common.table(res["per_stream"], [("client", "client", ""), ("stride", "stride", "d"),
                                            ("bytes_per_stream", "RSS bytes/stream", ",.0f"),
@@ -235,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                                               ("threads", "torch threads", "d"),
                                               ("events_s", "events/s", ",.0f"), ("ratio", "/min(a,e)", ".2f")],
                            "\nPrototype loop (poll, decode, buffers, engine; no alerts/commits), stride 1"))
-    common.write_json(args.json, "pipeline", {"quick": args.quick, "kind": args.kind, "device": args.device,
+    common.write_json(args.json, "pipeline", {"quick": args.quick, "kind": args.kind, "hidden": args.hidden,
+                                              "device": args.device,
                                               "precision": args.precision,
                                               "config": cfg,
                                               "threads": args.threads, "consumer_settings": settings, **res,

@@ -91,12 +91,26 @@ def test_average_precision_perfect_and_ties() -> None:
     assert average_precision(np.full(4, 0.5), np.array([1, 0, 0, 0])) == pytest.approx(0.25)
 
 
-def test_average_precision_matches_sklearn_when_available() -> None:
-    metrics = pytest.importorskip("sklearn.metrics")
+def _average_precision_by_definition(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AP = sum over distinct thresholds t (descending) of (R(t) - R(previous t)) * P(t), flagging score >= t:
+    the step-wise definition scikit-learn's average_precision_score uses, written out one threshold at a time."""
+    ap, prev_recall = 0.0, 0.0
+    for t in sorted(set(scores.tolist()), reverse=True):
+        flagged = scores >= t
+        tp = int((flagged & (labels == 1)).sum())
+        recall, precision = tp / int(labels.sum()), tp / int(flagged.sum())
+        ap += (recall - prev_recall) * precision
+        prev_recall = recall
+    return ap
+
+
+def test_average_precision_matches_the_step_wise_definition_with_ties() -> None:
     rng = np.random.default_rng(1)
     labels = (rng.random(500) < 0.1).astype(int)
-    scores = np.round(rng.random(500) + labels * 0.3, 2)
-    assert average_precision(scores, labels) == pytest.approx(metrics.average_precision_score(labels, scores))
+    scores = np.round(rng.random(500) + labels * 0.3, 2)  # rounded: many tied scores
+    assert average_precision(scores, labels) == pytest.approx(_average_precision_by_definition(scores, labels))
+    # a hand-checked case: ranks 0.9 (1), 0.8 (0), 0.8 (1), 0.1 (0) -> 0.5 * 1 + 0.5 * 2/3
+    assert average_precision(np.array([0.9, 0.8, 0.8, 0.1]), np.array([1, 0, 1, 0])) == pytest.approx(0.5 + 1 / 3)
 
 
 def test_metric_input_checks() -> None:
