@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,7 +210,7 @@ class AlertTracker:
         feature_names: Sequence[str] = (),
         model: str = "",
         model_version: str = "",
-        models_over: Sequence[Sequence[str]] | None = None,
+        models_over: Sequence[Sequence[str]] | Mapping[int, Sequence[str]] | None = None,
         stream_names: Sequence[str] = (),
         threshold: float = 1.0,
     ) -> list[Alert]:
@@ -219,8 +219,9 @@ class AlertTracker:
         ``stream_idx`` (M,) int, ``score`` (M,) normalised, ``over`` (M,) bool, ``ts_ms``/``partition``/
         ``offset`` (M,) int, ``topic`` (M,) str or one str for all, ``contributions`` (M, F) per-feature
         contributions (e.g. reconstruction error) named by ``feature_names``, ``models_over`` per window
-        the models over threshold (None = ``[model]``), ``stream_names[stream_idx]`` the stream id,
-        ``threshold`` the raw threshold reported in alerts.  Returns the alerts in event order.
+        the models over threshold (None = ``[model]``; a mapping by window index needs only the windows that are
+        ``over``), ``stream_names[stream_idx]`` the stream id, ``threshold`` the raw threshold reported in alerts.
+        Returns the alerts in event order.
         """
         s = np.asarray(stream_idx, dtype=np.int64).ravel()  # (M,)
         over_a = np.asarray(over, dtype=bool).ravel()  # (M,)

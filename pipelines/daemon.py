@@ -328,9 +328,8 @@ class Daemon:
                 self.metrics.observe_scores(name, out.per_model_normalised[name])
             self.metrics.observe_scores(out.label, out.combined, (now_ms - out.ts) / 1000.0,
                                         out.streams or None)
-            last_ts = {}
-            for s, t in zip(out.streams, out.ts.tolist(), strict=False):
-                last_ts[s] = t
+            # each alert's latency from its stream's newest event in this batch (built only when there are alerts)
+            last_ts = dict(zip(out.streams, out.ts.tolist(), strict=False)) if out.alerts else {}
             for a in out.alerts:
                 ref = last_ts.get(a.stream, a.started_at)
                 self.metrics.alert(out.label, a.status, (now_ms - ref) / 1000.0)

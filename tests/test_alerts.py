@@ -53,7 +53,9 @@ def feed(tracker: AlertTracker, windows: list[W], sizes: list[int] | None = None
             feature_names=FEATURES,
             model=kw.get("model", "sensors-gru"),
             model_version="v1",
-            models_over=[list(w.models_over) for w in batch] if with_mo else None,
+            models_over=None if not with_mo
+            else {j: list(w.models_over) for j, w in enumerate(batch) if w.over} if kw.get("models_over_mapping")
+            else [list(w.models_over) for w in batch],
             stream_names=NAMES,
             threshold=2.5,
         )
@@ -233,7 +235,8 @@ def random_windows(rng: np.random.Generator, count: int, streams: int = 6) -> li
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_vectorised_path_matches_reference(seed: int) -> None:
+@pytest.mark.parametrize("mapping", [False, True], ids=["models_over_list", "models_over_of_over_windows"])
+def test_vectorised_path_matches_reference(seed: int, mapping: bool) -> None:
     rng = np.random.default_rng(seed)
     k, n = int(rng.integers(1, 5)), int(rng.integers(4, 8))
     m, cooldown_s, top = int(rng.integers(1, 6)), float(rng.choice([0.0, 2.0, 5.0])), int(rng.integers(1, 4))
@@ -241,7 +244,8 @@ def test_vectorised_path_matches_reference(seed: int) -> None:
     ref = RefTracker(k, n, m, int(cooldown_s * 1000), top)
     want = [a for w in windows for a in ref.step(w)]
     sizes = rng.integers(1, [4, 30, 200][seed % 3], size=len(windows)).tolist()
-    got = feed(AlertTracker(k, n, m, cooldown_s, top), windows, sizes=sizes, with_models_over=True)
+    got = feed(AlertTracker(k, n, m, cooldown_s, top), windows, sizes=sizes, with_models_over=True,
+               models_over_mapping=mapping)  # routes pass a mapping holding only the windows over threshold
     assert len(want) > 20
     assert_same(got, want)
 

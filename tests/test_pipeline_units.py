@@ -66,6 +66,30 @@ def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys):
     assert '"anomalyd-error-reason": "bad_json"' in err
 
 
+def test_replay_two_model_route_names_the_models_over_threshold(trained, tmp_path, capsys):
+    """A route of two models (combine max): the firing alert lists the models whose score was over threshold in
+    its incident (the route hands the alert tracker these lists for the windows over threshold only)."""
+    store = ModelStore(tmp_path / "models")
+    for kind in ("gru", "lstm"):
+        store.save(kind, trained[kind])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}, {"name": "lstm"}],
+                      "device": "cpu"},
+           "routes": [{"match": "pump-*", "models": ["gru", "lstm"], "combine": "max"}],
+           "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["x"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    X = SensorModel(4, seed=1).normal(np.arange(400, dtype=np.float64))
+    X[300:340, 2] += 8 * X[:, 2].std()  # a level shift
+    lines = [json.dumps({"stream": "pump-1", "ts": 1_700_000_000_000 + i * 1000,
+                         "values": dict(zip(trained["gru"].feature_names, row.tolist(), strict=True))})
+             for i, row in enumerate(X)]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    assert replay_files(tmp_path / "c.yaml", [tmp_path / "in.jsonl"]) == 0
+    alerts = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    firing = [a for a in alerts if a["status"] == "firing"]
+    assert len(firing) == 1 and firing[0]["model"] == "gru+lstm"
+    assert firing[0]["models_over"] and set(firing[0]["models_over"]) <= {"gru", "lstm"}
+
+
 def test_positions_replay_commit_and_revoke():
     from pipelines.positions import Positions
 
