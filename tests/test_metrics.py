@@ -196,6 +196,27 @@ def test_top_k_streams(reg: CollectorRegistry) -> None:
         TopStreams(0, CollectorRegistry())
 
 
+def test_top_k_streams_tracks_the_latest_scores() -> None:
+    """Every stream in every batch (repeats within a batch, the last one counting): the gauge holds the K streams
+    with the highest latest scores; with K >= the streams, every stream's latest score. A NaN changes nothing."""
+    rng = np.random.default_rng(3)
+    names = [f"s{i}" for i in range(40)]
+    small, large = TopStreams(5, CollectorRegistry()), TopStreams(64, CollectorRegistry())
+    for _ in range(20):
+        order = rng.permutation(np.repeat(np.arange(40), 3))  # (120,) each stream 3 times
+        scores = np.round(rng.random(order.size) * 4, 3)
+        batch = [names[i] for i in order.tolist()]
+        latest = dict(zip(batch, scores.tolist(), strict=True))
+        for t in (small, large):
+            t.observe(batch, scores)
+        assert dict(large.top()) == latest
+        assert [s for _, s in small.top()] == sorted(latest.values(), reverse=True)[:5]
+        assert {n for n, _ in small.top()} <= {n for n, v in latest.items() if v >= sorted(latest.values())[-5]}
+    before = dict(large.top())
+    large.observe(["s1", "s2"], [float("nan"), 7.5])
+    assert dict(large.top()) == {**before, "s2": 7.5}
+
+
 def test_gpu_memory_gauge_rejects_cpu(m: Metrics) -> None:
     with pytest.raises(ValueError, match="CUDA devices only"):
         m.track_gpu_memory("cpu")
