@@ -326,10 +326,12 @@ class Daemon:
             for name, seconds in timings.items():
                 self.metrics.observe_batch(name, dev, out.n, seconds)
                 self.metrics.observe_scores(name, out.per_model_normalised[name])
+            top_k = self.metrics.top_streams is not None
+            streams = out.streams() if top_k or out.alerts else None  # names only where they are read
             self.metrics.observe_scores(out.label, out.combined, (now_ms - out.ts) / 1000.0,
-                                        out.streams or None)
-            # each alert's latency from its stream's newest event in this batch (built only when there are alerts)
-            last_ts = dict(zip(out.streams, out.ts.tolist(), strict=False)) if out.alerts else {}
+                                        streams if top_k else None)
+            # each alert's latency from its stream's newest event in this batch
+            last_ts = dict(zip(streams, out.ts.tolist(), strict=True)) if out.alerts else {}
             for a in out.alerts:
                 ref = last_ts.get(a.stream, a.started_at)
                 self.metrics.alert(out.label, a.status, (now_ms - ref) / 1000.0)

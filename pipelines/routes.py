@@ -8,6 +8,7 @@ micro-batch until the daemon flushes, when every model of the route scores them 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,8 +33,14 @@ class ScoredBatch:
     per_model_normalised: dict[str, np.ndarray]
     combined: np.ndarray  # (M,)
     ts: np.ndarray  # (M,) event timestamps, ms
-    streams: list[str]
+    stream_idx: np.ndarray  # (M,) the route's stream ids
+    stream_names: Sequence[str]  # the route's stream names, by id
     alerts: list[Alert] = field(default_factory=list)
+
+    def streams(self) -> list[str]:
+        """(M,) the windows' stream names, built when asked (about 0.1 us per window)."""
+        names = self.stream_names
+        return [names[i] for i in self.stream_idx.tolist()]
 
 
 class RouteState:
@@ -181,5 +188,4 @@ class RouteState:
             feature_names=self.feature_names, model=self.spec.label, model_version=self.version,
             models_over=models_over, stream_names=self.stream_names, threshold=threshold,
         )
-        return ScoredBatch(self.spec.label, len(stream), per_model, combined, ts,
-                           [self.stream_names[i] for i in stream.tolist()] if len(stream) < 50000 else [], alerts)
+        return ScoredBatch(self.spec.label, len(stream), per_model, combined, ts, stream, self.stream_names, alerts)

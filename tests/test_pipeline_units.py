@@ -90,6 +90,44 @@ def test_replay_two_model_route_names_the_models_over_threshold(trained, tmp_pat
     assert firing[0]["models_over"] and set(firing[0]["models_over"]) <= {"gru", "lstm"}
 
 
+def test_scoring_reports_top_streams_and_alert_latency_from_the_newest_event(trained, tmp_path):
+    """Daemon._score: the top-K gauge ranks the anomalous stream first, and an alert's event->alert latency counts
+    from its stream's newest event in the micro-batch (seconds here), not from the incident's start (minutes)."""
+    import time
+
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+    from pipelines.replay import _StderrDeadLetters
+    from pipelines.sinks import FanoutSink
+
+    ModelStore(tmp_path / "models").save("gru", trained["gru"])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [{"match": "pump-*", "models": ["gru"]}], "metrics": {"top_k_streams": 2},
+           "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["t"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    daemon = Daemon(load_config(tmp_path / "c.yaml"))
+    daemon.producer, daemon.sinks = _StderrDeadLetters(), FanoutSink([])
+    steps = 400
+    now_ms = int(time.time() * 1000)
+    values = []
+    for stream, t0 in (("pump-1", 0), ("pump-2", steps)):  # the sensors the models were trained on
+        X = SensorModel(4, seed=1).normal(np.arange(t0, t0 + steps, dtype=np.float64))
+        if stream == "pump-1":
+            X[250:steps, 2] += 8 * X[:, 2].std()  # a level shift 150 s before the newest event
+        values += [json.dumps({"stream": stream, "ts": now_ms - (steps - 1 - i) * 1000,
+                               "values": row.tolist()}).encode() for i, row in enumerate(X)]
+    n = len(values)
+    daemon.process(RecordBatch(topic=["t"] * n, partition=np.zeros(n, np.int32), offset=np.arange(n, dtype=np.int64),
+                               timestamp=np.zeros(n, np.int64), key=[None] * n, value=values))
+    alerts = daemon.flush()
+    assert [a.stream for a in alerts if a.status == "firing"] == ["pump-1"]
+    reg = daemon.registry
+    assert reg.get_sample_value("anomalyd_top_stream_score", {"rank": "1", "stream": "pump-1"}) > 1.0
+    assert reg.get_sample_value("anomalyd_top_stream_score", {"rank": "2", "stream": "pump-2"}) is not None
+    count = reg.get_sample_value("anomalyd_event_to_alert_seconds_count")
+    assert count == len(alerts) and reg.get_sample_value("anomalyd_event_to_alert_seconds_sum") < 30 * count
+
+
 def test_positions_replay_commit_and_revoke():
     from pipelines.positions import Positions
 
