@@ -236,6 +236,7 @@ def daemon_config(tmp: Path, spec: Mapping[str, Any]) -> Path:
                        "model_threads": spec.get("threads") or 0},  # 0: the daemon's own rule
         "alerts": {"k": 3, "n": 5, "m": 10, "cooldown_s": spec.get("cooldown_s", 60)},
         "sinks": {"kafka": {"enabled": True, "topic": f"{spec['topic']}-alerts"}, "log": {"enabled": False}},
+        "metrics": {"top_k_streams": spec.get("top_k_streams", 0)},
         "http": {"bind": "127.0.0.1", "port": 0},
         "shutdown": {"grace_period_s": 30},
     }

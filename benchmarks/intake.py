@@ -8,6 +8,7 @@ start-up objects, before and after ``gc.freeze()``.
     python -m benchmarks.intake --chunk 5000 --streams 1000 --stride 8 --overhead  # Daemon.process vs decode alone
     python -m benchmarks.intake --chunk 5000 --streams 1000 --values object --native-ab  # native vs Python decoder
     python -m benchmarks.intake --chunk 5000 --streams 1000 --score-overhead  # the scoring step beside the model
+    python -m benchmarks.intake --chunk 5000 --streams 1000 --score-overhead --models gru,lstm --top-k 10
     python -m benchmarks.intake --chunk 5000 --streams 1000 --neighbour-ops 0 --neighbour-ops 10 --neighbour-ops 50
 """
 
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--neighbour-call", choices=["op", "forward"], default="op",
                    help="what one neighbour call is: a tiny torch op (default), or an eager forward of a tiny GRU "
                         "autoencoder (Python module code between the ops, as in eager GPU scoring)")
+    p.add_argument("--models", default="gru", choices=["gru", "lstm", "gru,lstm"],
+                   help="the route's models (default gru; gru,lstm: two models combined, as in the demo)")
+    p.add_argument("--top-k", type=int, default=0, help="metrics.top_k_streams (default 0: the gauge off)")
     p.add_argument("--json", type=Path, default=None,
                    help="also write the numbers of --overhead, --neighbour-ops or --score-overhead to this file")
     p.add_argument("--malloc", choices=["daemon", "default"], default="daemon",
@@ -81,9 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     # --overhead: every pair's process gets new events
     messages, keys, _ = _data(fleet, n_events * pairs, by_name=args.values == "object")
     with tempfile.TemporaryDirectory() as tmp:
-        mdir, names = models_dir(Path(tmp), "gru")
+        names = []
+        for kind in args.models.split(","):  # one route of these models
+            mdir, got = models_dir(Path(tmp), kind)
+            names += got
         spec = {"bootstrap": "127.0.0.1:9", "client": "kafka-python", "topic": "memory", "models_dir": mdir,
-                "models": names, "stride": args.stride, "background": False, "threads": 1}
+                "models": names, "stride": args.stride, "background": False, "threads": 1,
+                "top_k_streams": args.top_k}
         daemon = Daemon(load_config(harness.daemon_config(Path(tmp), spec)))
     daemon.producer = _StderrDeadLetters()
     daemon.sinks = FanoutSink([])
@@ -258,6 +266,7 @@ def _score_overhead(daemon, batches: list, args) -> int:
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
     if args.json:
         common.write_json(args.json, "intake", {"mode": "score-overhead", "streams": args.streams, "chunk": args.chunk,
+                                                "models": args.models, "top_k": args.top_k,
                                                 "windows": windows, "us_per_window": total / windows * 1e6,
                                                 "model_us_per_window": model / windows * 1e6})
     return 0
