@@ -145,12 +145,13 @@ def measure(fn: Callable[[], Any], min_time: float = 0.5, min_calls: int = 3, ma
     return Timing(len(walls), float(np.median(walls)), float(min(walls)), float(np.mean(cpus)))
 
 
-def matmul_peak(threads: int, n: int = 2048, min_time: float = 1.0, device: str = "cpu") -> float:
-    """float32 GFLOP/s of ``torch.mm`` on (n, n) squares with ``threads`` intra-op threads (best call)."""
+def matmul_peak(threads: int, dtype: torch.dtype = torch.float32, n: int = 2048, min_time: float = 1.0,
+                device: str = "cpu") -> float:
+    """GFLOP/s of ``torch.mm`` on (n, n) squares of ``dtype`` with ``threads`` intra-op threads (best call)."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
 
         def call() -> None:
             torch.mm(a, b)

@@ -7,6 +7,10 @@ fused C++ forward of ``detector.fastpath`` on random float32 windows. MACs per w
 projection, ``detector.fastpath.executed_macs``); GFLOP/s = 2 * MACs * windows/s, and its ratio to the
 ``torch.mm`` peak on 2048^2 squares measured in the same run (at the start and at the end; the larger is used).
 It then runs 2 processes x 1 thread side by side against 1 process x 2 threads (batch 256).
+
+``--bf16`` adds the fused forward with bfloat16 matrix products (``models.precision: bfloat16`` on the CPU, where
+the CPU has AVX512_BF16) as impl ``fused-bf16``, and the ``torch.mm`` bfloat16 peak; "% peak" stays relative to
+the float32 peak.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 
 import torch
 
-from detector.fastpath import FusedAutoencoder, executed_macs, load_extension
+from detector.fastpath import FusedAutoencoder, bf16_available, executed_macs, load_extension
 from detector.models import ModelConfig, build_model, model_cost
 
 from . import common
@@ -33,16 +37,18 @@ def _model(kind: str, f: int, h: int) -> torch.nn.Module:
     return build_model(ModelConfig(kind=kind, n_features=f, window=WINDOW, hidden_size=h, latent_size=LATENT)).eval()
 
 
-def _impls(model: torch.nn.Module, batch: int, fused_ok: bool) -> dict:
+def _impls(model: torch.nn.Module, batch: int, fused_ok: bool, bf16: bool = False) -> dict:
     out = {"eager": model}
     if batch > CHUNK:
         out[f"eager/{CHUNK}"] = lambda x: torch.cat([model(c) for c in x.split(CHUNK)])
     if fused_ok:
         out["fused"] = FusedAutoencoder(model)
+    if bf16:
+        out["fused-bf16"] = FusedAutoencoder(model, bf16=True)
     return out
 
 
-def sweep(cfg: dict, fused_ok: bool, peak: dict[int, float]) -> list[dict]:
+def sweep(cfg: dict, fused_ok: bool, peak: dict[int, float], bf16: bool = False) -> list[dict]:
     """Every point; eager batches >= 1024 are timed with one call, and skipped once eager timing has used
     ``eager_budget_s`` (eager PyTorch at 2 threads can collapse by 100x on a shared machine)."""
     rows = []
@@ -57,7 +63,7 @@ def sweep(cfg: dict, fused_ok: bool, peak: dict[int, float]) -> list[dict]:
                     model = _model(kind, f, h)
                     for b in cfg["batch"]:
                         x = torch.randn(b, WINDOW, f)
-                        for impl, fn in _impls(model, b, fused_ok).items():
+                        for impl, fn in _impls(model, b, fused_ok, bf16).items():
                             eager = impl.startswith("eager")
                             if eager and eager_s > cfg["eager_budget_s"]:
                                 continue
@@ -72,7 +78,8 @@ def sweep(cfg: dict, fused_ok: bool, peak: dict[int, float]) -> list[dict]:
                             rows.append({"kind": kind, "F": f, "H": h, "batch": b, "threads": threads, "impl": impl,
                                          "windows_s": rate, "windows_cpu_s": b / t.cpu_s if t.cpu_s > 0 else None,
                                          "mac_window": macs,
-                                         "executed_mac_window": executed_macs(mcfg) if impl == "fused" else macs,
+                                         "executed_mac_window": executed_macs(mcfg) if impl.startswith("fused")
+                                         else macs,
                                          "gflops": gflops, "pct_peak": 100 * gflops / peak[threads],
                                          "calls": t.calls})
                         common.log(f"  threads={threads} {kind} F={f} H={h} B={b}: " + ", ".join(
@@ -142,7 +149,11 @@ def summary(rows: list[dict], procs: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("engine", __doc__)
+    p.add_argument("--bf16", action="store_true",
+                   help="also the fused forward with bfloat16 matrix products (needs AVX512_BF16)")
     args = p.parse_args(argv)
+    if args.bf16 and not bf16_available():
+        p.error("--bf16: this CPU has no AVX512_BF16, or the fused extension is unavailable")
     cfg = QUICK if args.quick else FULL
     started = time.perf_counter()
     fused_ok = load_extension() is not None
@@ -151,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     default_threads = torch.get_num_threads()
     common.log("matmul peak ...")
     peak0 = {t: common.matmul_peak(t) for t in cfg["threads"]}
-    rows = sweep(cfg, fused_ok, peak0)
+    peak_bf16 = {t: common.matmul_peak(t, torch.bfloat16) for t in cfg["threads"]} if args.bf16 else None
+    rows = sweep(cfg, fused_ok, peak0, args.bf16)
     torch.set_num_threads(default_threads)
     procs = processes(cfg["proc_s"], ["eager", "fused"] if fused_ok else ["eager"])
     peak1 = {t: common.matmul_peak(t) for t in cfg["threads"]}
@@ -161,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     summ = summary(rows, procs)
     print("torch.mm float32 peak (GFLOP/s, start/end): " + ", ".join(
         f"{t} thread(s) {peak0[t]:.0f}/{peak1[t]:.0f}" for t in cfg["threads"]))
+    if peak_bf16:
+        print("torch.mm bfloat16 peak (GFLOP/s): " + ", ".join(f"{t} thread(s) {v:.0f}" for t, v in peak_bf16.items()))
     print(common.table(rows, [("kind", "kind", ""), ("F", "F", "d"), ("H", "H", "d"), ("batch", "batch", "d"),
                               ("threads", "thr", "d"), ("impl", "impl", ""), ("windows_s", "windows/s", ",.0f"),
                               ("windows_cpu_s", "win/CPU-s", ",.0f"), ("mac_window", "MAC/win", ",d"),
@@ -178,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                        "\n2 processes x 1 thread, batch 256, F=8 H=64 (vs 1 process x 1 / x 2 threads)"))
     common.write_json(args.json, "engine", {
         "quick": args.quick, "config": cfg, "window": WINDOW, "latent": LATENT, "fused_available": fused_ok,
-        "matmul_peak_gflops": {"start": peak0, "end": peak1, "used": peak}, "rows": rows, "summary": summ,
+        "matmul_peak_gflops": {"start": peak0, "end": peak1, "used": peak, "bfloat16": peak_bf16}, "rows": rows,
+        "summary": summ,
         "processes": procs, "seconds": time.perf_counter() - started})
     return 0
 

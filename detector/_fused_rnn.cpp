@@ -28,6 +28,7 @@
 #include <memory>
 #include <vector>
 
+#include "_bf16_mm.h"
 #include "_fused_gates.h"
 #include "_window_ring.h"
 
@@ -43,12 +44,18 @@ constexpr int NV = 3, MR = 8;  // 24 + 3 + 1 = 28 registers
 constexpr int NV = 2, MR = 2;  // 16 ymm registers: 4 v16 accumulators = 8, + 4 + 2
 #endif
 
-// A PyTorch weight W (n x k) stored transposed, W^T (k x n_pad), columns zero-padded to whole vectors.
+// A PyTorch weight W (n x k) stored transposed, W^T (k x n_pad), columns zero-padded to whole vectors; with
+// bf16, as bfloat16 pairs instead (_bf16_mm.h), and its products round their inputs to bfloat16.
 struct Packed {
   std::vector<float> t;
+  std::vector<uint32_t> bf;
   int64_t k = 0, n = 0, n_pad = 0;
   Packed() = default;
-  Packed(const float* w, int64_t n_, int64_t k_) : k(k_), n(n_), n_pad((n_ + VL - 1) / VL * VL) {
+  Packed(const float* w, int64_t n_, int64_t k_, bool bf16) : k(k_), n(n_), n_pad((n_ + VL - 1) / VL * VL) {
+    if (bf16) {
+      bf = anomalyd_bf16::pack_pairs(w, n, k, n_pad);
+      return;
+    }
     t.assign(k * n_pad, 0.0f);
     for (int64_t i = 0; i < n; ++i)
       for (int64_t p = 0; p < k; ++p) t[p * n_pad + i] = w[i * k + p];
@@ -103,6 +110,12 @@ inline void column_block(int64_t m, const float* A, int64_t lda, const Packed& w
 // C (m x n, row stride ldc) = A (m x k, row stride lda) . W^T, single-threaded. Column blocks outermost, so a
 // block's weights (k x NV vectors, 12 KB for k = 64) stay in L1 while every row of A passes over them.
 void mm(int64_t m, const float* A, int64_t lda, const Packed& w, float* C, int64_t ldc) {
+#ifdef ANOMALYD_HAVE_BF16_CODE
+  if (!w.bf.empty()) {
+    anomalyd_bf16::mm(m, A, lda, w.k, w.bf, w.n, w.n_pad, C, ldc);
+    return;
+  }
+#endif
   int64_t j0 = 0;
   for (; j0 + NV * VL <= w.n_pad; j0 += NV * VL) column_block<NV>(m, A, lda, w, j0, C, ldc);
   for (; j0 < w.n_pad; j0 += VL) column_block<1>(m, A, lda, w, j0, C, ldc);
@@ -159,9 +172,9 @@ void run_layer(bool lstm, int64_t b, int64_t W, int64_t H, const Layer& L, const
   }
 }
 
-Packed pack(const at::Tensor& w) { return Packed(w.data_ptr<float>(), w.size(0), w.size(1)); }
+Packed pack(const at::Tensor& w, bool bf16) { return Packed(w.data_ptr<float>(), w.size(0), w.size(1), bf16); }
 
-std::vector<Layer> layers_of(const std::vector<at::Tensor>& w, int64_t n_in0, int64_t H, int64_t G) {
+std::vector<Layer> layers_of(const std::vector<at::Tensor>& w, int64_t n_in0, int64_t H, int64_t G, bool bf16) {
   TORCH_CHECK(!w.empty() && w.size() % 4 == 0, "rnn weights come in groups of 4 per layer");
   std::vector<Layer> out;
   for (size_t l = 0; 4 * l < w.size(); ++l) {
@@ -170,7 +183,7 @@ std::vector<Layer> layers_of(const std::vector<at::Tensor>& w, int64_t n_in0, in
                     w[4 * l + 2].dim() == 2 && w[4 * l + 2].size(0) == G * H && w[4 * l + 2].size(1) == H &&
                     w[4 * l + 1].numel() == G * H && w[4 * l + 3].numel() == G * H,
                 "rnn weight shapes do not match the hidden size and input width");
-    out.push_back({pack(w[4 * l]), w[4 * l + 1].data_ptr<float>(), pack(w[4 * l + 2]),
+    out.push_back({pack(w[4 * l], bf16), w[4 * l + 1].data_ptr<float>(), pack(w[4 * l + 2], bf16),
                    w[4 * l + 3].data_ptr<float>(), n_in});
   }
   return out;
@@ -191,13 +204,14 @@ struct Model {
 };
 
 Model make_model(bool lstm, int64_t W, int64_t F, int64_t H, int64_t Lz, const std::vector<at::Tensor>& enc,
-                 const std::vector<at::Tensor>& dec, const std::vector<at::Tensor>& head) {
+                 const std::vector<at::Tensor>& dec, const std::vector<at::Tensor>& head, bool bf16) {
   TORCH_CHECK(head.size() == 6 && enc.size() == dec.size(), "bad weight lists");
+  TORCH_CHECK(!bf16 || anomalyd_bf16::supported(), "bfloat16 products need a CPU with AVX512_BF16");
   for (const auto& t : enc) check(t, "encoder weight");
   for (const auto& t : dec) check(t, "decoder weight");
   for (const auto& t : head) check(t, "head weight");
   const int64_t G = lstm ? 4 : 3;
-  Model m{lstm, W, F, H, Lz, G, 0, layers_of(enc, F, H, G), layers_of(dec, Lz, H, G), {}, {}, {}, nullptr,
+  Model m{lstm, W, F, H, Lz, G, 0, layers_of(enc, F, H, G, bf16), layers_of(dec, Lz, H, G, bf16), {}, {}, {}, nullptr,
           nullptr, nullptr};
   m.nl = static_cast<int64_t>(m.el.size());
   const int64_t nl = m.nl;
@@ -205,9 +219,9 @@ Model make_model(bool lstm, int64_t W, int64_t F, int64_t H, int64_t Lz, const s
                   head[2].size(0) == nl * H && head[2].size(1) == Lz && head[4].dim() == 2 && head[4].size(0) == F &&
                   head[4].size(1) == H && head[1].numel() == Lz && head[3].numel() == nl * H && head[5].numel() == F,
               "latent/output weight shapes do not match");
-  m.lat_w = pack(head[0]);
-  m.fl_w = pack(head[2]);
-  m.out_w = pack(head[4]);
+  m.lat_w = pack(head[0], bf16);
+  m.fl_w = pack(head[2], bf16);
+  m.out_w = pack(head[4], bf16);
   m.lat_b = head[1].data_ptr<float>();
   m.fl_b = head[3].data_ptr<float>();
   m.out_b = head[5].data_ptr<float>();
@@ -270,11 +284,12 @@ void over_tiles(const Model& M, int64_t B, int64_t tile, Fn fn) {
 // enc, dec: [weight_ih, bias_ih, weight_hh, bias_hh] per layer (PyTorch layouts);
 // head: [to_latent.weight, to_latent.bias, from_latent.weight, from_latent.bias, output.weight, output.bias].
 at::Tensor ae_forward(const at::Tensor& x, bool lstm, int64_t H, int64_t Lz, const std::vector<at::Tensor>& enc,
-                      const std::vector<at::Tensor>& dec, const std::vector<at::Tensor>& head, int64_t tile) {
+                      const std::vector<at::Tensor>& dec, const std::vector<at::Tensor>& head, int64_t tile,
+                      bool bf16) {
   check(x, "x");
   TORCH_CHECK(x.dim() == 3 && tile >= 1, "x must be (B, W, F) and tile >= 1");
   const int64_t B = x.size(0), W = x.size(1), F = x.size(2);
-  const Model M = make_model(lstm, W, F, H, Lz, enc, dec, head);
+  const Model M = make_model(lstm, W, F, H, Lz, enc, dec, head, bf16);
   auto y = at::empty({B, W, F}, x.options());
   if (B == 0) return y;
   const float* xp = x.data_ptr<float>();
@@ -291,7 +306,7 @@ at::Tensor ae_forward(const at::Tensor& x, bool lstm, int64_t H, int64_t Lz, con
 std::vector<at::Tensor> ae_score(const at::Tensor& x, const at::Tensor& center, const at::Tensor& scale,
                                  int64_t last_k, bool lstm, int64_t H, int64_t Lz, const std::vector<at::Tensor>& enc,
                                  const std::vector<at::Tensor>& dec, const std::vector<at::Tensor>& head,
-                                 int64_t tile) {
+                                 int64_t tile, bool bf16) {
   check(x, "x");
   check(center, "center");
   check(scale, "scale");
@@ -299,7 +314,7 @@ std::vector<at::Tensor> ae_score(const at::Tensor& x, const at::Tensor& center, 
   const int64_t B = x.size(0), W = x.size(1), F = x.size(2);
   TORCH_CHECK(center.numel() == F && scale.numel() == F, "center and scale must have F values");
   TORCH_CHECK(last_k >= 1 && last_k <= W, "last_k must be in [1, W]");
-  const Model M = make_model(lstm, W, F, H, Lz, enc, dec, head);
+  const Model M = make_model(lstm, W, F, H, Lz, enc, dec, head, bf16);
   auto score = at::empty({B}, x.options());
   auto contrib = at::empty({B, F}, x.options());
   if (B == 0) return {score, contrib};
@@ -330,11 +345,13 @@ std::vector<at::Tensor> ae_score(const at::Tensor& x, const at::Tensor& center, 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "anomalyd fused GRU/LSTM autoencoder inference (CPU, float32)";
+  m.doc() = "anomalyd fused GRU/LSTM autoencoder inference (CPU, float32; bfloat16 products on request)";
   m.def("ae_forward", &ae_forward, "x (B, W, F) -> reconstruction (B, W, F)",
         py::call_guard<py::gil_scoped_release>());
   m.def("ae_score", &ae_score, "raw x (B, W, F) -> (score (B,), contributions (B, F))",
         py::call_guard<py::gil_scoped_release>());
+  m.def("bf16_supported", &anomalyd_bf16::supported,
+        "whether this CPU runs the bfloat16 products (AVX512_BF16) that ae_forward/ae_score's bf16 asks for");
   m.def("window_add", &window_ring::window_add,
         "WindowBuffer.add's events applied in order; releases the GIL itself (see _window_ring.h)",
         py::arg("buf").noconvert(), py::arg("ring_ts"), py::arg("count").noconvert(),

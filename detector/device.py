@@ -25,7 +25,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``; reduced precision is used on GPU only."""
+    """The autocast dtype for ``precision`` on ``device``: GPU only (on the CPU, ``bfloat16`` is the fused kernels'
+    own bfloat16 matrix products where the CPU has AVX512_BF16, ``detector.engine.InferenceEngine``)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     return PRECISIONS[precision] if device.type == "cuda" else None

@@ -14,7 +14,7 @@ from .autoencoder import AutoencoderDetector
 from .base import Detector
 from .cuda_graphs import GraphedScorer, graphs_mode
 from .device import autocast_dtype, resolve_device
-from .fastpath import FusedAutoencoder, fused_available
+from .fastpath import FusedAutoencoder, bf16_available, fused_available
 from .scoring import WindowScores
 
 __all__ = ["InferenceEngine", "ModelScores", "EAGER_CPU_CHUNK", "WARM_UP_BATCHES"]
@@ -50,7 +50,9 @@ class InferenceEngine:
 
     On CPU, autoencoders run through the fused C++ forward of :mod:`detector.fastpath` when it is available
     (``fused=None``: as ``ANOMALYD_FUSED_RNN`` says, default auto; ``True`` requires it; ``False``: eager
-    PyTorch). The detectors themselves are not changed: their own ``score_windows`` stays eager.
+    PyTorch). The detectors themselves are not changed: their own ``score_windows`` stays eager. There,
+    ``precision="bfloat16"`` runs the fused kernels' matrix products in bfloat16 where the CPU has AVX512_BF16
+    (:attr:`bf16_products`); every other CPU case computes in float32.
 
     On a GPU, autoencoders are scored through CUDA graphs of the whole scoring step (:mod:`detector.cuda_graphs`),
     captured when a model is added (``cuda_graphs=None``: as ``ANOMALYD_CUDA_GRAPHS`` says, default auto: used
@@ -70,6 +72,12 @@ class InferenceEngine:
         elif fused and not fused_available(self.device):
             raise RuntimeError("fused=True but the fused RNN extension is unavailable (see the log)")
         self.fused = bool(fused)
+        self.bf16_products = False  # the fused kernels' matrix products in bfloat16 (CPU, precision bfloat16)
+        if self.device.type == "cpu" and precision == "bfloat16":
+            self.bf16_products = self.fused and bf16_available()
+            if not self.bf16_products:
+                log.warning("precision bfloat16 on the CPU needs the fused kernels and a CPU with AVX512_BF16 (%s); "
+                            "scoring in float32", "no AVX512_BF16 here" if self.fused else "fused kernels off")
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the engine's device is {self.device}")
         mode = graphs_mode() if cuda_graphs is None else ("on" if cuda_graphs else "off")
@@ -94,7 +102,7 @@ class InferenceEngine:
             detector.to(self.device)
             detector.model.eval()
             if self.fused and all(p.dtype == torch.float32 for p in detector.model.parameters()):
-                forward = FusedAutoencoder(detector.model)
+                forward = FusedAutoencoder(detector.model, bf16=self.bf16_products)
         return detector, forward
 
     def _graphed(self, name: str, det: Detector) -> GraphedScorer | None:

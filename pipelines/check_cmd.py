@@ -128,7 +128,11 @@ def fast_paths(daemon) -> str:
     def state(on: bool, switch: str) -> str:
         return "on" if on else f"off ({switch})"
 
-    parts = [f"models on {engine.device} in {engine.precision}"]
+    precision = engine.precision
+    if engine.device.type == "cpu" and precision != "float32":  # the CPU has no autocast: see InferenceEngine
+        precision = ("float32 with bfloat16 matrix products" if engine.bf16_products else
+                     f"float32 ({precision} on the CPU: bfloat16 products only, fused kernels and AVX512_BF16)")
+    parts = [f"models on {engine.device} in {precision}"]
     if engine.device.type == "cpu":
         parts.append(f"fused CPU kernels {state(engine.fused, 'ANOMALYD_FUSED_RNN, or no build')}")
     else:
