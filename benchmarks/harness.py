@@ -90,6 +90,10 @@ def prefill(bootstrap: str, topic: str, fleet: common.Fleet, n_events: int, firs
 # ---------------------------------------------------------------------------------------------- runs in processes
 def in_process(fn: Callable[[dict], dict], spec: dict, timeout_s: float = 600) -> dict:
     """Run ``fn(spec)`` in a fresh spawned process and return its result dict (or raise its error)."""
+    from pipelines.allocator import release_cuda_library_pages
+
+    if spec.get("device", "cpu") == "cpu":  # pages this process maps too stay in the child's resident set
+        release_cuda_library_pages()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, spec, queue))

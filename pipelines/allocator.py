@@ -1,4 +1,5 @@
-"""glibc malloc settings for the daemon's short-lived micro-batch arrays.
+"""Process memory: glibc malloc settings for the daemon's short-lived micro-batch arrays, and the pages of the
+CUDA libraries that a CPU-only daemon never reads.
 
 Every poll's due windows are a new (M, W, F) float32 array (10 MB for 5,000 windows at W=64, F=8) that lives
 until its micro-batch is scored. glibc hands out blocks above its mmap threshold (128 KiB, raised at run time
@@ -13,6 +14,13 @@ zeroed mmap pages, so their unused capacity stays out of the resident set.
 Operators keep control: nothing is changed when ``ANOMALYD_MALLOC_TUNING=0`` or when glibc's own
 ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` malloc settings are in the
 environment, and nothing where the C library has no ``mallopt`` (or, like musl, ignores it).
+
+PyPI's torch wheel for Linux is the CUDA build, and ``import torch`` loads every CUDA library it ships (cuBLAS,
+cuDNN, NVRTC, nvJitLink, ...), touching about 280 MiB of their pages (torch 2.15, CUDA 13) even when the models
+run on the CPU. :func:`release_cuda_library_pages` asks the kernel to reclaim those pages (``MADV_PAGEOUT`` of the
+libraries' read-only mappings: clean file pages, dropped, read back from the file should anything run them). The
+daemon calls it at start when its models are on the CPU; ``ANOMALYD_RELEASE_CUDA_PAGES=0`` keeps them. The CPU
+container image has none of these libraries (it installs the CPU wheel).
 """
 
 from __future__ import annotations
@@ -20,8 +28,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
+from pathlib import Path
 
-__all__ = ["keep_freed_memory", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["keep_freed_memory", "release_cuda_library_pages", "tune_process_memory", "MMAP_THRESHOLD",
+           "TRIM_THRESHOLD"]
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +59,43 @@ def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
     log.debug("malloc: mmap threshold %d MiB, trim threshold %d MiB: %s", MMAP_THRESHOLD >> 20,
               TRIM_THRESHOLD >> 20, "applied" if applied else "not supported")
     return applied
+
+
+_MADV_PAGEOUT = 21  # Linux 5.4+ (asm-generic/mman-common.h)
+_CUDA_LIBRARY = re.compile(r"/nvidia/|/lib(torch_cuda|cudart|cublas|cudnn|nvrtc|nvJitLink|cusparse|cufft|curand|"
+                           r"cusolver|cupti|nccl|nvshmem|cufile|nvToolsExt)[^/]*\.so")
+
+
+def release_cuda_library_pages(environ: dict[str, str] | None = None, maps: Path = Path("/proc/self/maps")) -> int:
+    """Advise the kernel to page out the read-only mappings of the CUDA libraries in this process; returns the
+    bytes of the mappings advised (0 when turned off, on another OS, or where the kernel refuses the advice)."""
+    env = os.environ if environ is None else environ
+    if env.get("ANOMALYD_RELEASE_CUDA_PAGES", "").strip().lower() in ("0", "off", "false", "no"):
+        return 0
+    try:
+        lines = maps.read_text().splitlines()
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    advised = 0
+    for line in lines:  # "start-end perms offset dev inode path"
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or "w" in fields[1] or not _CUDA_LIBRARY.search(fields[5]):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if madvise(start, end - start, _MADV_PAGEOUT) != 0:  # EINVAL before Linux 5.4: nothing to gain there
+            log.debug("madvise(MADV_PAGEOUT) refused for %s: errno %d", fields[5], ctypes.get_errno())
+            return advised
+        advised += end - start
+    if advised:
+        log.debug("CUDA libraries' read-only pages released: %d MiB of mappings", advised >> 20)
+    return advised
+
+
+def tune_process_memory(models_on_cpu: bool) -> None:
+    """What the daemon applies once at start: :func:`keep_freed_memory`, and with its models on the CPU
+    :func:`release_cuda_library_pages`."""
+    keep_freed_memory()
+    if models_on_cpu:
+        release_cuda_library_pages()

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from detector.engine import InferenceEngine
 
-from .allocator import keep_freed_memory
+from .allocator import tune_process_memory
 from .config import Config, check_model_files
 from .httpserver import HealthServer
 from .intake import Intake
@@ -203,7 +203,8 @@ class Daemon:
                 stack.callback(server.stop)
                 self.http_port = server.port
             self.metrics.set_state(up=True, ready=False)
-            keep_freed_memory()  # micro-batch arrays reuse freed heap instead of new zeroed pages
+            # micro-batch arrays reuse freed heap; on the CPU, the CUDA wheel's libraries leave the resident set
+            tune_process_memory(models_on_cpu=self.engine.device.type == "cpu")
             gc.freeze()  # start-up objects (torch, models, clients: ~200k) out of the collector's full passes
             crashed = True
             try:
@@ -328,13 +329,10 @@ class Daemon:
                 self.metrics.observe_scores(name, out.per_model_normalised[name])
             top_k = self.metrics.top_streams is not None
             streams = out.streams() if top_k or out.alerts else None  # names only where they are read
-            self.metrics.observe_scores(out.label, out.combined, (now_ms - out.ts) / 1000.0,
-                                        streams if top_k else None)
-            # each alert's latency from its stream's newest event in this batch
-            last_ts = dict(zip(streams, out.ts.tolist(), strict=True)) if out.alerts else {}
-            for a in out.alerts:
-                ref = last_ts.get(a.stream, a.started_at)
-                self.metrics.alert(out.label, a.status, (now_ms - ref) / 1000.0)
+            self.metrics.observe_scores(out.label, out.combined, (now_ms - out.ts) / 1000.0, streams if top_k else None)
+            last_ts = dict(zip(streams, out.ts.tolist(), strict=True)) if out.alerts else {}  # stream -> newest ts
+            for a in out.alerts:  # latency from the stream's newest event in this batch
+                self.metrics.alert(out.label, a.status, (now_ms - last_ts.get(a.stream, a.started_at)) / 1000.0)
             alerts.extend(out.alerts)
         if alerts:
             self.sinks.add(alerts)

@@ -24,3 +24,55 @@ def test_applied_on_glibc():
 ])
 def test_left_alone_when_the_operator_sets_malloc(env):
     assert keep_freed_memory(env) is False
+
+
+def test_cuda_pages_kept_when_turned_off_and_nothing_without_cuda_libraries(tmp_path):
+    from pipelines.allocator import release_cuda_library_pages
+
+    assert release_cuda_library_pages({"ANOMALYD_RELEASE_CUDA_PAGES": "0"}) == 0
+    maps = tmp_path / "maps"
+    maps.write_text("7f0000000000-7f0000100000 r-xp 00000000 08:01 1234 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+                    "7f0000200000-7f0000300000 rw-p 00000000 08:01 99 /opt/nvidia/cu13/lib/libcublas.so.13\n"
+                    "7f0000400000-7f0000500000 rw-p 00000000 00:00 0\n")
+    assert release_cuda_library_pages({}, maps) == 0  # libc is no CUDA library; a writable mapping is never advised
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="/proc and MADV_PAGEOUT are Linux's")
+def test_cuda_library_pages_released_after_import_torch_and_torch_still_runs():
+    """In a fresh process: with the CUDA wheel (PyPI's), the CUDA libraries' pages leave its resident set and the
+    CPU path still computes; with a CPU-only torch there is nothing to release. The kernel reclaims only pages
+    no other process maps, so this test runner, which imports torch too, releases its own pages first (as a
+    daemon alone in its container has nobody to share them with)."""
+    import subprocess
+    import sys
+
+    from pipelines.allocator import release_cuda_library_pages
+
+    release_cuda_library_pages({})
+
+    code = """
+import re, torch
+from pipelines.allocator import _CUDA_LIBRARY, release_cuda_library_pages
+def private_cuda_kib():
+    total, cuda = 0, False
+    for line in open('/proc/self/smaps'):
+        if re.match(r'^[0-9a-f]+-[0-9a-f]+ ', line):
+            fields = line.split(maxsplit=5)
+            cuda = len(fields) == 6 and 'w' not in fields[1] and bool(_CUDA_LIBRARY.search(fields[5]))
+        elif cuda and line.startswith('Private_Clean:'):
+            total += int(line.split()[1])
+    return total
+x = torch.randn(64, 64)
+want = (x @ x).sum().item()
+before = private_cuda_kib()
+advised = release_cuda_library_pages({})
+after = private_cuda_kib()
+assert (x @ x).sum().item() == want
+print(advised, before, after, torch.version.cuda is not None)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    advised, before, after, cuda_build = out.stdout.split()
+    if cuda_build == "True":
+        assert int(advised) > 0 and int(before) > 50 * 1024 and int(after) < int(before) // 10, out.stdout
+    else:
+        assert int(advised) == 0
