@@ -116,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                                    timestamp=np.full(m, harness.T0_MS, np.int64), key=keys[start:start + m],
                                    value=messages[start:start + m]))
 
+    full = daemon.cfg.processing.max_batch_windows
+
     def go(batches: list = batches) -> None:
-        for i, b in enumerate(batches):
+        for b in batches:
             daemon.process(b)
-            if i % 10 == 9:
+            if sum(r.pending_windows for r in daemon.routes) >= full:  # a full micro-batch, as the daemon flushes
                 daemon._take_pending()  # drop the due windows: intake only, no model call
 
     if args.decode_ab:
