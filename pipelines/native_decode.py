@@ -120,7 +120,9 @@ def decode_common(module: ModuleType, values: Sequence[bytes | None], max_bytes:
             continue
         index = columns(spec)
         f = len(index)
-        shapes = np.unique(layout[idx]).tolist()
+        lay = layout[idx]  # (M,) -1: an array of values, else the object layout's id
+        lo, hi = int(lay.min()), int(lay.max())
+        shapes = [lo] if lo == hi else np.unique(lay).tolist()  # one shape (the usual case) without a sort
         if rows is None and shapes == [-1] and (counts == f).all():  # arrays, all complete: the (K, F) block
             groups[spec] = (pos, streams, ts, flat.reshape(k, f))
             continue

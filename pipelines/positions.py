@@ -106,9 +106,11 @@ class Positions:
         """(N,) topic-partition id of each record."""
         topics = batch.topic
         if len(topics) and topics.count(topics[0]) == len(topics):  # one topic (the usual case): per partition
-            parts, inverse = np.unique(batch.partition, return_inverse=True)
-            ids = np.array([self.id_of((topics[0], p)) for p in parts.tolist()], dtype=np.int64)
-            return ids[inverse.reshape(-1)]
+            partition = np.asarray(batch.partition, dtype=np.int64)
+            lut = np.zeros(int(partition.max()) + 1, dtype=np.int64)  # partition -> id; no sort (np.unique's)
+            parts = np.flatnonzero(np.bincount(partition, minlength=len(lut)))
+            lut[parts] = [self.id_of((topics[0], p)) for p in parts.tolist()]
+            return lut[partition]
         return np.fromiter((self.id_of((t, int(p))) for t, p in zip(topics, batch.partition, strict=True)),
                            np.int64, len(batch))
 
