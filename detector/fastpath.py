@@ -356,8 +356,9 @@ def _rnn_weights(rnn: torch.nn.RNNBase, layers: int) -> list[torch.Tensor]:
 
 
 def self_check(module: ModuleType | None = None) -> str:
-    """The kernel against eager PyTorch on small GRU and LSTM models (whole register blocks and a remainder);
-    raises AssertionError on a mismatch. Returns the kernel's ``isa``."""
+    """The kernel against eager PyTorch on small GRU and LSTM models (whole register blocks and a remainder),
+    and where this CPU has AVX512_BF16 its bfloat16 products within bfloat16's rounding; raises AssertionError on
+    a mismatch. Returns the kernel's ``isa``."""
     from .models import build_model
 
     module = module or load_extension()
@@ -368,9 +369,14 @@ def self_check(module: ModuleType | None = None) -> str:
         for kind in ("gru", "lstm"):
             model = build_model(ModelConfig(kind=kind, n_features=8, window=12, hidden_size=64, latent_size=16))
             x = 3 * torch.randn(37, 12, 8)  # (B, W, F)
+            bf16 = hasattr(module, "bf16_supported") and module.bf16_supported()
             with torch.inference_mode():
-                got = FusedAutoencoder(model.eval(), tile=16, module=module)(x)
-                torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+                want = model.eval()(x)
+                torch.testing.assert_close(FusedAutoencoder(model, tile=16, module=module)(x), want, rtol=1e-5,
+                                           atol=1e-5)
+                if bf16:
+                    torch.testing.assert_close(FusedAutoencoder(model, tile=16, module=module, bf16=True)(x), want,
+                                               rtol=0.05, atol=0.02)
     return str(module.isa)
 
 
@@ -413,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fused RNN extension unavailable: {_STATE.get('error')}", file=sys.stderr)
         return 1
     if args.check:
-        print(f"checked against eager PyTorch: {self_check(module)} kernel, -march={_march()}")
+        print(f"checked against eager PyTorch: {self_check(module)} kernel, -march={_march()}"
+              + (", and its bfloat16 products (AVX512_BF16)" if bf16_available() else ""))
     print(f"fused RNN extension ready: {module.__file__}")
     return 0
 
