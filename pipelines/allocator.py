@@ -19,8 +19,10 @@ PyPI's torch wheel for Linux is the CUDA build, and ``import torch`` loads every
 cuDNN, NVRTC, nvJitLink, ...), touching about 280 MiB of their pages (torch 2.15, CUDA 13) even when the models
 run on the CPU. :func:`release_cuda_library_pages` asks the kernel to reclaim those pages (``MADV_PAGEOUT`` of the
 libraries' read-only mappings: clean file pages, dropped, read back from the file should anything run them). The
-daemon calls it at start when its models are on the CPU; ``ANOMALYD_RELEASE_CUDA_PAGES=0`` keeps them. The CPU
-container image has none of these libraries (it installs the CPU wheel).
+daemon calls it at start when its models are on the CPU; ``ANOMALYD_RELEASE_CUDA_PAGES=0`` keeps them. The kernel
+does this only for files the process owns or may write (a virtualenv of its own user; not the root-owned CUDA
+image run as another user) and only for pages no other process maps. The CPU container image has none of these
+libraries (it installs the CPU wheel).
 """
 
 from __future__ import annotations
@@ -79,9 +81,12 @@ def release_cuda_library_pages(environ: dict[str, str] | None = None, maps: Path
         return 0
     madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     advised = 0
+    permitted: dict[str, bool] = {}
     for line in lines:  # "start-end perms offset dev inode path"
         fields = line.split(maxsplit=5)
         if len(fields) < 6 or "w" in fields[1] or not _CUDA_LIBRARY.search(fields[5]):
+            continue
+        if permitted.setdefault(fields[5], _may_page_out(fields[5])) is False:
             continue
         start, end = (int(x, 16) for x in fields[0].split("-"))
         if madvise(start, end - start, _MADV_PAGEOUT) != 0:  # EINVAL before Linux 5.4: nothing to gain there
@@ -90,7 +95,19 @@ def release_cuda_library_pages(environ: dict[str, str] | None = None, maps: Path
         advised += end - start
     if advised:
         log.debug("CUDA libraries' read-only pages released: %d MiB of mappings", advised >> 20)
+    elif permitted:
+        log.debug("CUDA libraries' pages kept: the kernel pages out only files this process owns or may write")
     return advised
+
+
+def _may_page_out(path: str) -> bool:
+    """The kernel's rule for MADV_PAGEOUT of file pages: the caller owns the file (or is privileged) or could open
+    it for writing; otherwise it silently skips them (a root-owned image's libraries under another user)."""
+    try:
+        owner = os.stat(path).st_uid
+    except OSError:
+        return False
+    return os.geteuid() in (0, owner) or os.access(path, os.W_OK)
 
 
 def tune_process_memory(models_on_cpu: bool) -> None:

@@ -76,3 +76,37 @@ print(advised, before, after, torch.version.cuda is not None)
         assert int(advised) > 0 and int(before) > 50 * 1024 and int(after) < int(before) // 10, out.stdout
     else:
         assert int(advised) == 0
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="the kernel's MADV_PAGEOUT rule is Linux's")
+def test_page_out_is_asked_only_for_files_the_process_owns_or_may_write():
+    """Linux pages out file pages only for a caller that owns the file (or is privileged) or may write it, and
+    silently skips the rest; the release asks only for those (as another user, a root-owned library is skipped)."""
+    import os
+    import shutil
+    import tempfile
+
+    from pipelines.allocator import _may_page_out
+
+    folder = tempfile.mkdtemp(dir="/tmp")
+    try:
+        os.chmod(folder, 0o755)
+        mine = os.path.join(folder, "libmine.so")
+        open(mine, "wb").close()
+        assert _may_page_out(mine) and not _may_page_out(os.path.join(folder, "missing.so"))
+        if os.geteuid() != 0:
+            assert not _may_page_out("/bin/sh")  # root's, not writable
+            return
+        os.chown(mine, 65534, 65534)  # as the user "nobody" in a forked child: its own file yes, root's no
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                os._exit(0 if _may_page_out(mine) and not _may_page_out("/bin/sh") else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        shutil.rmtree(folder)
