@@ -16,7 +16,7 @@ Operators keep control: nothing is changed when ``ANOMALYD_MALLOC_TUNING=0`` or 
 environment, and nothing where the C library has no ``mallopt`` (or, like musl, ignores it).
 
 PyPI's torch wheel for Linux is the CUDA build, and ``import torch`` loads every CUDA library it ships (cuBLAS,
-cuDNN, NVRTC, nvJitLink, ...), touching about 280 MiB of their pages (torch 2.15, CUDA 13) even when the models
+cuDNN, NVRTC, nvJitLink, ...), touching 150-280 MiB of their pages (torch 2.15, CUDA 13) even when the models
 run on the CPU. :func:`release_cuda_library_pages` asks the kernel to reclaim those pages (``MADV_PAGEOUT`` of the
 libraries' read-only mappings: clean file pages, dropped, read back from the file should anything run them). The
 daemon calls it at start when its models are on the CPU; ``ANOMALYD_RELEASE_CUDA_PAGES=0`` keeps them. The kernel
@@ -86,7 +86,9 @@ def release_cuda_library_pages(environ: dict[str, str] | None = None, maps: Path
         fields = line.split(maxsplit=5)
         if len(fields) < 6 or "w" in fields[1] or not _CUDA_LIBRARY.search(fields[5]):
             continue
-        if permitted.setdefault(fields[5], _may_page_out(fields[5])) is False:
+        if fields[5] not in permitted:
+            permitted[fields[5]] = _may_page_out(fields[5])
+        if not permitted[fields[5]]:
             continue
         start, end = (int(x, 16) for x in fields[0].split("-"))
         if madvise(start, end - start, _MADV_PAGEOUT) != 0:  # EINVAL before Linux 5.4: nothing to gain there
