@@ -277,7 +277,11 @@ def fused_available(device: torch.device | str = "cpu") -> bool:
 def bf16_available() -> bool:
     """Whether the fused kernels can run their matrix products in bfloat16 here: the extension is available and
     this CPU has AVX512_BF16 (``models.precision: bfloat16`` on the CPU; see ``_bf16_mm.h``)."""
-    module = load_extension() if fused_mode() != "off" else None
+    return _has_bf16(load_extension() if fused_mode() != "off" else None)
+
+
+def _has_bf16(module: ModuleType | None) -> bool:
+    """Whether ``module`` (an extension, or None) runs bfloat16 products on this CPU (an older build lacks them)."""
     return bool(module is not None and hasattr(module, "bf16_supported") and module.bf16_supported())
 
 
@@ -304,7 +308,7 @@ class FusedAutoencoder:
         self._ext = module or load_extension()
         if self._ext is None:
             raise FusedUnavailable(f"fused RNN extension unavailable: {_STATE.get('error')}")
-        if bf16 and not (hasattr(self._ext, "bf16_supported") and self._ext.bf16_supported()):
+        if bf16 and not _has_bf16(self._ext):
             raise FusedUnavailable("bfloat16 products need a CPU with AVX512_BF16 (and an extension built with them)")
         self.bf16 = bool(bf16)
         params = list(model.parameters())
@@ -364,12 +368,12 @@ def self_check(module: ModuleType | None = None) -> str:
     module = module or load_extension()
     if module is None:
         raise FusedUnavailable(f"fused RNN extension unavailable: {_STATE.get('error')}")
+    bf16 = _has_bf16(module)
     with torch.random.fork_rng():
         torch.manual_seed(3)
         for kind in ("gru", "lstm"):
             model = build_model(ModelConfig(kind=kind, n_features=8, window=12, hidden_size=64, latent_size=16))
             x = 3 * torch.randn(37, 12, 8)  # (B, W, F)
-            bf16 = hasattr(module, "bf16_supported") and module.bf16_supported()
             with torch.inference_mode():
                 want = model.eval()(x)
                 torch.testing.assert_close(FusedAutoencoder(model, tile=16, module=module)(x), want, rtol=1e-5,
@@ -420,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.check:
         print(f"checked against eager PyTorch: {self_check(module)} kernel, -march={_march()}"
-              + (", and its bfloat16 products (AVX512_BF16)" if bf16_available() else ""))
+              + (", and its bfloat16 products (AVX512_BF16)" if _has_bf16(module) else ""))
     print(f"fused RNN extension ready: {module.__file__}")
     return 0
 
