@@ -35,16 +35,17 @@ inline uint32_t bits(float x) {
   return u >> 16;
 }
 
+// Pair p of a row of k floats: elements 2p (low half) and 2p+1 (high half; 0 past k), as bfloat16.
+inline uint32_t pair(const float* row, int64_t p, int64_t k) {
+  return bits(row[2 * p]) | (2 * p + 1 < k ? bits(row[2 * p + 1]) << 16 : 0u);
+}
+
 // W (n x k, row-major, PyTorch's layout) as pairs, columns padded to n_pad.
 inline std::vector<uint32_t> pack_pairs(const float* w, int64_t n, int64_t k, int64_t n_pad) {
   const int64_t k2 = (k + 1) / 2;
   std::vector<uint32_t> out(static_cast<size_t>(k2 * n_pad), 0u);
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t p = 0; p < k2; ++p) {
-      const uint32_t lo = bits(w[j * k + 2 * p]);
-      const uint32_t hi = 2 * p + 1 < k ? bits(w[j * k + 2 * p + 1]) : 0u;
-      out[p * n_pad + j] = lo | (hi << 16);
-    }
+    for (int64_t p = 0; p < k2; ++p) out[p * n_pad + j] = pair(w + j * k, p, k);
   return out;
 }
 
@@ -60,14 +61,14 @@ inline bool supported() {
 
 #ifdef ANOMALYD_HAVE_BF16_CODE
 // Row r of A (k floats) -> k2 pairs. 16 at a time with VCVTNEPS2BF16 (its 16 results, in order, are 8 pairs),
-// the rest by bits(): the same rounding, so a row's pairs do not depend on where the vector part ends.
+// the rest by pair(): the same rounding, so a row's pairs do not depend on where the vector part ends.
 ANOMALYD_BF16_TARGET inline void row_pairs(const float* a, int64_t k, uint32_t* out) {
   int64_t p = 0;
   for (; 2 * p + 16 <= k; p += 8) {
     const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(a + 2 * p));
     std::memcpy(out + p, &v, 32);
   }
-  for (; 2 * p < k; ++p) out[p] = bits(a[2 * p]) | (2 * p + 1 < k ? bits(a[2 * p + 1]) << 16 : 0u);
+  for (; 2 * p < k; ++p) out[p] = pair(a, p, k);
 }
 
 // C rows 0..R, 16-column vectors j0..j0+V (of n real columns): C[r, cols] = A2[r, :] . W2[:, cols].
