@@ -10,7 +10,9 @@ It then runs 2 processes x 1 thread side by side against 1 process x 2 threads (
 
 ``--bf16`` adds the fused forward with bfloat16 matrix products (``models.precision: bfloat16`` on the CPU, where
 the CPU has AVX512_BF16) as impl ``fused-bf16``, and the ``torch.mm`` bfloat16 peak; "% peak" stays relative to
-the float32 peak.
+the float32 peak. It also scores held-out readings of the benchmark fleet with the trained GRU and LSTM detectors
+through a float32 and a bfloat16 engine: how far the scores move, and how many windows change side of the
+threshold.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 
+import numpy as np
 import torch
 
+from detector.engine import InferenceEngine
 from detector.fastpath import FusedAutoencoder, bf16_available, executed_macs, load_extension
 from detector.models import ModelConfig, build_model, model_cost
 
@@ -123,6 +127,28 @@ def processes(seconds: float, impls: list[str], n_procs: int = 2) -> list[dict]:
     return rows
 
 
+def bf16_scores(steps: int = 800) -> list[dict]:
+    """Per kind: the trained benchmark detector (``common.trained_detector``, fitted on the fleet's first 1,500
+    steps) on the windows of steps 1,500 to 1,500 + ``steps`` of 4 streams, scored by a float32 and a
+    bfloat16-products engine: relative score change (median, 99th percentile, max) and threshold-side changes."""
+    fleet = common.Fleet(4, 8)
+    wins = np.concatenate([np.lib.stride_tricks.sliding_window_view(
+        fleet.values(np.arange(1500, 1500 + steps), np.full(steps, s)).astype(np.float32), WINDOW, axis=0
+    ).transpose(0, 2, 1) for s in range(4)])  # (B, W, F)
+    rows = []
+    for kind in ("gru", "lstm"):
+        det = common.trained_detector(kind, fleet, window=WINDOW, log=common.log)
+        (a := InferenceEngine("cpu", "float32")).swap({kind: det})
+        (b := InferenceEngine("cpu", "bfloat16")).swap({kind: det})
+        want, got = a.score({kind: wins})[kind], b.score({kind: wins})[kind]
+        rel = np.abs(got.raw.score - want.raw.score) / want.raw.score
+        rows.append({"kind": kind, "windows": len(wins), "median_rel": float(np.median(rel)),
+                     "p99_rel": float(np.quantile(rel, 0.99)), "max_rel": float(rel.max()),
+                     "over_float32": int(want.over.sum()), "over_bf16": int(got.over.sum()),
+                     "changed_side": int((want.over != got.over).sum())})
+    return rows
+
+
 def summary(rows: list[dict], procs: list[dict]) -> list[dict]:
     """Fused vs eager and GRU vs LSTM at F=8 H=64, per batch and thread count."""
     def get(kind, impl, b, th):
@@ -175,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{t} thread(s) {peak0[t]:.0f}/{peak1[t]:.0f}" for t in cfg["threads"]))
     if peak_bf16:
         print("torch.mm bfloat16 peak (GFLOP/s): " + ", ".join(f"{t} thread(s) {v:.0f}" for t, v in peak_bf16.items()))
+    agreement = bf16_scores() if args.bf16 else []
+    if agreement:
+        print(common.table(agreement, [("kind", "kind", ""), ("windows", "windows", ",d"),
+                                       ("median_rel", "median |d score|/score", ".4f"), ("p99_rel", "p99", ".4f"),
+                                       ("max_rel", "max", ".4f"), ("over_float32", "over f32", "d"),
+                                       ("over_bf16", "over bf16", "d"), ("changed_side", "changed side", "d")],
+                           "\nbfloat16 products against float32: trained detectors on held-out fleet readings"))
     print(common.table(rows, [("kind", "kind", ""), ("F", "F", "d"), ("H", "H", "d"), ("batch", "batch", "d"),
                               ("threads", "thr", "d"), ("impl", "impl", ""), ("windows_s", "windows/s", ",.0f"),
                               ("windows_cpu_s", "win/CPU-s", ",.0f"), ("mac_window", "MAC/win", ",d"),
@@ -193,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     common.write_json(args.json, "engine", {
         "quick": args.quick, "config": cfg, "window": WINDOW, "latent": LATENT, "fused_available": fused_ok,
         "matmul_peak_gflops": {"start": peak0, "end": peak1, "used": peak, "bfloat16": peak_bf16}, "rows": rows,
-        "summary": summ,
+        "summary": summ, "bf16_scores": agreement,
         "processes": procs, "seconds": time.perf_counter() - started})
     return 0
 

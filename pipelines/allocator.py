@@ -16,9 +16,10 @@ Operators keep control: nothing is changed when ``ANOMALYD_MALLOC_TUNING=0`` or 
 environment, and nothing where the C library has no ``mallopt`` (or, like musl, ignores it).
 
 PyPI's torch wheel for Linux is the CUDA build, and ``import torch`` loads every CUDA library it ships (cuBLAS,
-cuDNN, NVRTC, nvJitLink, ...), touching 150-280 MiB of their pages (torch 2.15, CUDA 13) even when the models
-run on the CPU. :func:`release_cuda_library_pages` asks the kernel to reclaim those pages (``MADV_PAGEOUT`` of the
-libraries' read-only mappings: clean file pages, dropped, read back from the file should anything run them). The
+cuDNN, NVRTC, nvJitLink, ...), touching their pages even when the models run on the CPU (with torch 2.15 and
+CUDA 13, the pipeline benchmark's CPU daemons were 0.27-0.3 GiB smaller once they were released).
+:func:`release_cuda_library_pages` asks the kernel to reclaim those pages (``MADV_PAGEOUT`` of the libraries'
+read-only mappings: clean file pages, dropped, read back from the file should anything run them). The
 daemon calls it at start when its models are on the CPU; ``ANOMALYD_RELEASE_CUDA_PAGES=0`` keeps them. The kernel
 does this only for files the process owns or may write (a virtualenv of its own user; not the root-owned CUDA
 image run as another user) and only for pages no other process maps. The CPU container image has none of these
