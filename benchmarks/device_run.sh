@@ -12,6 +12,7 @@
 #                      the loop thread's own work is here, with no scoring thread beside it
 #   neighbour          the same beside a thread of eager tiny-model forwards (--neighbour-ops, item 38)
 #   windows-numpy      the pipeline at 1,000 streams with the numpy WindowBuffer.add (item 39), against graphs-on
+#   poll-ahead-ab      confluent only, 1,000 streams: kafka.poll_ahead on and off in one run (item 48)
 #
 #   bash benchmarks/device_bundle.sh                           # here, once: .device-bundle (Java, Kafka, wheels)
 #   run(command="bash benchmarks/device_run.sh", carry=[".device-bundle"], timeout_s=600)
@@ -63,6 +64,7 @@ for name in ${STEPS:-pipeline pipeline-fp16 latency pipeline-pydecode}; do
     graphs-off) ANOMALYD_CUDA_GRAPHS=0 step graphs-off "${one_k[@]}" ;;
     intake) step intake intake --chunk 5000 --streams 1000 --overhead ;;
     windows-numpy) ANOMALYD_NATIVE_WINDOWS=0 step windows-numpy "${one_k[@]}" ;;
+    poll-ahead-ab) step poll-ahead-ab "${one_k[@]}" --clients confluent --poll-ahead-ab ;;
     neighbour) step neighbour intake --chunk 5000 --streams 1000 --neighbour-ops 0 --neighbour-ops 20 \
       --neighbour-call forward ;;
     *) echo "unknown step $name" >&2; exit 2 ;;

@@ -179,6 +179,7 @@ class TimedSource:
 
 def instrument(daemon: Any, phases: Phases) -> None:
     """Time the daemon's loop phases (instance attributes shadow the methods; the daemon is not changed)."""
+    daemon._poll = phases.wrap("daemon._poll", daemon._poll)  # the loop's poll, or its wait for a poll ahead
     daemon.process = phases.wrap("daemon.process", daemon.process)
     daemon.flush = phases.wrap("daemon.flush (score, alerts)", daemon.flush)
     daemon.engine.score = phases.wrap("engine.score", daemon.engine.score)
@@ -229,6 +230,7 @@ def daemon_config(tmp: Path, spec: Mapping[str, Any]) -> Path:
                   "group_id": f"bench-{uuid.uuid4().hex[:8]}", "topics": [spec["topic"]],
                   "dead_letter_topic": f"{spec['topic']}-dlq", "poll_timeout_ms": spec.get("poll_timeout_ms", 100),
                   "poll_max_records": spec.get("poll_max_records", 5000),
+                  "poll_ahead": spec.get("poll_ahead", True),
                   **{k: spec[k] for k in ("fetch_min_bytes", "fetch_max_wait_ms") if k in spec}},
         "models": {"dir": spec["models_dir"], "served": [{"name": n} for n in spec["models"]],
                    "device": spec.get("device", "cpu"), "precision": spec.get("precision", "float32"),

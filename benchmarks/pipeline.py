@@ -99,13 +99,16 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
                                            "ratio": pr["events_s"] / min(raw["events_s"], e_win)})
                             common.log(f"  {client} prototype loop, overlap={overlap}, threads={th}: "
                                        f"{pr['events_s']:,.0f} events/s")
-                    modes = [(bg, None) for bg in cfg["background"]]
+                    modes = [(bg, None, True) for bg in cfg["background"]]  # (background, GIL switch, ahead)
                     default_mode = modes[-1]  # the config default, listed last: the one memory is reported for
-                    modes += [(True, ms) for ms in cfg.get("switch_intervals_ms", [])]
-                    for stride, (background, switch_ms) in [(s, m) for s in cfg["strides"] for m in modes]:
+                    modes += [(True, ms, True) for ms in cfg.get("switch_intervals_ms", [])]
+                    if cfg.get("poll_ahead_ab") and client == "confluent":  # kafka.poll_ahead off, in the same run
+                        modes += [(True, None, False)]
+                    for stride, (background, switch_ms, ahead) in [(s, m) for s in cfg["strides"] for m in modes]:
                         runs = [harness.in_process(harness.daemon_rate, {**spec, "client": client, "stride": stride,
                                                                          "background": background,
                                                                          "switch_interval_ms": switch_ms,
+                                                                         "poll_ahead": ahead,
                                                                          "threads": threads,  # None: adaptive
                                                                          "n_events": n8 if stride == 8 else n})
                                 for _ in range(cfg.get("repeats", {}).get(stride, 1))]
@@ -114,7 +117,8 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
                         bs = d["metrics"].get("anomalyd_inference_batch_size", {})
                         row = {"streams": S, "events": n8 if stride == 8 else n, "client": client, "stride": stride,
                                "scoring": ("background" if background else "serial")
-                               + (f" gil {switch_ms:g}ms" if switch_ms else ""), "threads": n_threads,
+                               + (f" gil {switch_ms:g}ms" if switch_ms else "")
+                               + ("" if ahead else ", no poll ahead"), "threads": n_threads,
                                "adaptive": d["scoring_threads"],  # model_threads 0: {"last", "switches"}
                                "raw_events_s": raw["events_s"], "engine_windows_s": e_win, "engine_events_s": e_ev,
                                "anomalyd_events_s": d["events_s"],
@@ -137,7 +141,7 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
                                    f"{' (median of ' + str(len(runs)) + ')' if len(runs) > 1 else ''}, "
                                    f"ratio {row['ratio']:.2f}, "
                                    f"RSS {row['rss_mib']:.0f} MiB")
-                        if (background, switch_ms) == default_mode:
+                        if (background, switch_ms, ahead) == default_mode:
                             memory.append({"streams": S, "client": client, "stride": stride, "rss": d["rss"],
                                            "rss_start": d["rss_start"], "rss_models": d["rss_models"],
                                            "rss_seeded": d["rss_seeded"], "buffer_bytes": d["buffer_bytes"]})
@@ -194,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--values", choices=["array", "object"], default="array",
                    help="messages' values as an array in feature order (default) or an object by feature name "
                         "(anomalyd produce's format)")
+    p.add_argument("--poll-ahead-ab", action="store_true",
+                   help="also run each confluent case with kafka.poll_ahead off (background scoring), in the same run")
     p.add_argument("--consumer-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="a client setting for the raw loop's and the daemon's consumer, e.g. "
                         "fetch.queue.backoff.ms=1000 (confluent) or max_partition_fetch_bytes=1048576 (kafka-python)")
@@ -206,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--streams: choose from {sorted(cfg['events'])}")
     cfg["switch_intervals_ms"] = args.switch_interval_ms
     cfg["values"] = args.values
+    cfg["poll_ahead_ab"] = args.poll_ahead_ab
     if args.events:
         cfg["events"] = {s: args.events for s in cfg["events"]}
     if args.repeats:

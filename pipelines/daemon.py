@@ -33,6 +33,7 @@ from .intake import Intake
 from .kafka_io import KafkaDeliveryError, Producer, make_producer
 from .metrics import Metrics
 from .model_store import LoadedModel, ModelStore
+from .poll_ahead import PollAhead
 from .positions import Positions
 from .routes import RouteState
 from .routing import Router, RouteSpec
@@ -76,6 +77,8 @@ class Daemon:
         self._last_record = 0.0  # monotonic time of the last poll that returned records
         self._pool: ThreadPoolExecutor | None = None  # processing.score_in_background: the scoring thread
         self._inflight: tuple[Future, dict | None] | None = None  # micro-batch being scored, offsets it frees
+        self._ahead: PollAhead | None = None  # kafka.poll_ahead (confluent): the next poll on a helper thread
+        self._commit_later: dict[TopicPartition, tuple[int, str]] = {}  # made while that poll was in flight
         self._oldest_pending: float | None = None
         self._last_reload_check = time.monotonic()
         self.events_seen = 0
@@ -136,6 +139,7 @@ class Daemon:
         log.info("partitions revoked: %s", tps)
         if self._crashed:  # the consumer is being closed after an error: no commit after a crash
             return
+        self._commit_later = {}  # what it holds is uncommitted still, so in the commit below
         try:
             self._flush_and_commit(timeout_s=min(10.0, self.cfg.shutdown.grace_period_s), in_rebalance=True)
         except (SinkError, KafkaDeliveryError) as exc:
@@ -189,9 +193,12 @@ class Daemon:
             if self.cfg.processing.score_in_background:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="anomalyd-score")
                 stack.callback(self._pool.shutdown)
+            self._ahead = PollAhead() if k.poll_ahead and k.client == "confluent" else None
+            wrap = self._ahead.wrap if self._ahead else lambda callback: callback  # callbacks on this thread
             self.source = self._source_factory(
                 client=k.client, bootstrap_servers=k.bootstrap_servers, group_id=k.group_id, topics=k.topics,
-                pattern=k.topic_pattern, on_assign=self._on_assign, on_revoke=self._on_revoke, security=security,
+                pattern=k.topic_pattern, on_assign=wrap(self._on_assign), on_revoke=wrap(self._on_revoke),
+                security=security,
                 session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
                 auto_offset_reset=k.auto_offset_reset, fetch_min_bytes=k.fetch_min_bytes,
                 fetch_max_wait_ms=k.fetch_max_wait_ms)
@@ -211,9 +218,11 @@ class Daemon:
                 self._loop(count, deadline)
                 crashed = False
             finally:
+                self._crashed = crashed
+                if self._ahead is not None:
+                    self._ahead.close()  # a batch polled ahead is not processed, so not committed
                 self.metrics.set_state(up=False, ready=False)
                 if crashed:
-                    self._crashed = True
                     self.source.close()  # no commit after a crash
             code = self._shutdown()
             self.source.close()
@@ -228,11 +237,7 @@ class Daemon:
                 break
             if count is not None and self.events_seen >= count:
                 break
-            batch = self.source.poll(self.cfg.kafka.poll_max_records, self._poll_timeout_ms())
-            if self.scoring_threads and len(batch):  # an empty poll may only mean a fetch in flight
-                self.scoring_threads.polled(len(batch) >= self.cfg.kafka.poll_max_records)
-            if self.positions.needs_positioning:
-                batch = self.positions.position_new(self.source, batch)
+            batch = self._poll()
             if len(batch):
                 self.process(batch)
                 self._last_record = time.monotonic()
@@ -251,6 +256,24 @@ class Daemon:
                     self._lag_due = len(lag) < len(self.positions.assigned)  # try again in a second
                 except Exception as exc:  # lag is best effort; never stop the loop for it
                     log.debug("lag query failed: %s", exc)
+
+    def _poll(self) -> RecordBatch:
+        """The next batch, positioned; with poll ahead, after a full poll the one after it is started here."""
+        most = self.cfg.kafka.poll_max_records
+        if self._ahead is not None and self._ahead.in_flight:
+            batch = self._ahead.take()
+        else:
+            batch = self.source.poll(most, self._poll_timeout_ms())
+        if self.scoring_threads and len(batch):  # an empty poll may only mean a fetch in flight
+            self.scoring_threads.polled(len(batch) >= most)
+        if self.positions.needs_positioning:  # seeks, with no poll in flight
+            batch = self.positions.position_new(self.source, batch)
+        if self._commit_later:  # no poll in flight now
+            offsets, self._commit_later = self._commit_later, {}
+            self._commit(offsets)
+        if self._ahead is not None and len(batch) >= most and not self._stop.is_set():
+            self._ahead.submit(self.source.poll, most, self._poll_timeout_ms())  # a backlog: overlap processing
+        return batch
 
     def _maybe_flush(self, quiet: bool, now: float) -> None:
         """Flush when the micro-batch is full, its oldest window has waited max_delay_ms, or the topic is idle
@@ -386,6 +409,15 @@ class Daemon:
         return self.positions.commit_offsets(floors)
 
     def _commit(self, offsets: dict[TopicPartition, tuple[int, str]], in_rebalance: bool = False) -> None:
+        """Commit now; with poll ahead, on the helper inside its callback, or once its poll is back (poll_ahead.py)."""
+        if self._ahead is not None and self._ahead.serving:
+            self._ahead.on_polling_thread(self._commit_now, offsets, in_rebalance)
+        elif self._ahead is not None and self._ahead.in_flight:
+            self._commit_later.update(offsets)  # newer offsets of a partition replace older ones
+        else:
+            self._commit_now(offsets, in_rebalance)
+
+    def _commit_now(self, offsets: dict[TopicPartition, tuple[int, str]], in_rebalance: bool = False) -> None:
         self._last_commit, t0 = time.monotonic(), time.perf_counter()
         try:
             (self.source.commit_in_rebalance if in_rebalance else self.source.commit)(offsets)

@@ -241,7 +241,7 @@ def test_env_errors_name_the_variable(tmp_path):
         "environment variable ANOMALYD_ALERTS__K: alerts.k: must be <= alerts.n (4), got 5",
         "environment variable ANOMALYD_KAFKA__BOGUS: kafka.bogus: unknown key (known keys: bootstrap_servers, "
         "client, group_id, topics, topic_pattern, dead_letter_topic, max_message_bytes, "
-        "poll_max_records, poll_timeout_ms, commit_interval_ms, fetch_min_bytes, fetch_max_wait_ms, "
+        "poll_max_records, poll_timeout_ms, poll_ahead, commit_interval_ms, fetch_min_bytes, fetch_max_wait_ms, "
             "session_timeout_ms, heartbeat_interval_ms, "
         "auto_offset_reset, security)",
         "environment variable ANOMALYD_NOPE__X: nope: unknown key (known keys: kafka, models, routes, "
