@@ -352,7 +352,7 @@ def metric_summary(registry: Any) -> dict:
             count = sum(s.value for s in family.samples if s.name.endswith("_count"))
             total = sum(s.value for s in family.samples if s.name.endswith("_sum"))
             out[family.name] = {"buckets": sorted(merged.items()), "count": count, "sum": total}
-        elif family.name in ("anomalyd_alerts", "anomalyd_events", "anomalyd_windows_scored"):
+        elif family.name in ("anomalyd_alerts", "anomalyd_events", "anomalyd_windows_scored", "anomalyd_rebalances"):
             out[family.name] = {"|".join(f"{k}={v}" for k, v in sorted(s.labels.items())): s.value
                                 for s in family.samples if s.name.endswith("_total")}
     return out

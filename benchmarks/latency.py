@@ -182,6 +182,7 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
                        "alert_p99_ms": _ms(harness.quantile(alert_h, 0.99)),
                        "alert_p99_bucket_ms": _ms(_bucket(alert_h, 0.99)),
                        "mean_batch": _mean(m.get("anomalyd_inference_batch_size")),
+                       "rebalances": sum(m.get("anomalyd_rebalances", {}).values()),  # 1: the first join only
                        "cpu_s": {"daemon": out.get("cpu_s"), "producer": cpu_prod, "broker (while producing)":
                                  cpu_broker, "daemon threads": out.get("cpu_threads")},
                        "histograms": {"event_to_score": score_h, "event_to_alert": alert_h},
@@ -191,7 +192,7 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
                 rows.append(row)
                 common.log(f"  event->score p50 {row['score_p50_ms']} ms p99 {row['score_p99_ms']} ms; "
                            f"event->alert p50 {row['alert_p50_ms']} ms p99 {row['alert_p99_ms']} ms "
-                           f"({row['alerts']:.0f} alerts)")
+                           f"({row['alerts']:.0f} alerts, {row['rebalances']:.0f} assignment(s))")
                 common.log(f"  CPU seconds: {row['cpu_s']}")
                 common.log("  " + "; ".join(f"{k}: {v['calls']} calls, {v['total_s']:.2f} s, "
                                             f"max {1000 * v['max_s']:.0f} ms" for k, v in out["phases"].items()))
