@@ -104,6 +104,11 @@ class KafkaPythonSource:
         else:
             self._consumer.subscribe(topics=list(topics), listener=_Listener())
         self._coordinator = _finish_interrupted_joins(self._consumer)  # None: a kafka-python without them
+        # The first join must see the subscribed topics' partitions: a leader that assigns before the metadata has
+        # arrived assigns nothing, and the metadata that follows makes the group rebalance again, a poll that
+        # waits for the second join (up to 1 s) and a replay of every window (benchmarks/RESULTS.md, item 49).
+        # One blocking metadata request for every topic (which also resolves a pattern) before the first poll.
+        self._consumer.topics()
 
     def poll(self, max_records: int, timeout_ms: int) -> RecordBatch:
         if self._coordinator is not None and self._coordinator._join_task is not None:

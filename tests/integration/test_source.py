@@ -83,3 +83,26 @@ def test_rejoin_for_added_partitions_completes_between_short_polls(kafka_bootstr
         assert set(assigned[-1]) == want  # the daemon's rebalance callback saw it too
     finally:
         source.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_fresh_consumer_of_a_new_topic_joins_once(kafka_bootstrap: str, topic_name: str, client: str) -> None:
+    """The first join already sees every partition: no empty assignment and no second rebalance after it.
+
+    kafka-python joined before the topic's metadata had arrived in most tries: its leader assigned nothing, the
+    metadata that followed made it rebalance again, and the poll waiting for that join stalled the daemon for up
+    to a second (then every window was replayed). Three topics, each new, each with a new group."""
+    for i in range(3):
+        topic = f"{topic_name}-{i}"
+        create_topic(kafka_bootstrap, topic, partitions=4)
+        assigned: list[int] = []
+        source = make_source(client, bootstrap_servers=kafka_bootstrap, group_id=topic, topics=[topic], pattern=None,
+                             on_assign=lambda tps, got=assigned: got.append(len(tps)), on_revoke=lambda _tps: None)
+        try:
+            _poll_until_assigned(source, {(topic, p) for p in range(4)})
+            settle = time.monotonic() + 1.5  # a second join would follow within the metadata's round trip
+            while time.monotonic() < settle:
+                source.poll(100, 100)
+        finally:
+            source.close()
+        assert assigned == [4], f"try {i}: assignments of {assigned} partitions"
