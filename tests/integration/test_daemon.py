@@ -93,7 +93,8 @@ def _check_detection(truth, alerts):
 def test_end_to_end_every_anomaly_alerted_once(kafka_bootstrap, topic_name, models, tmp_path, client, background):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=2)
-    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client)
+    # polls of 100: most come back full, so confluent's next poll runs ahead (kafka.poll_ahead) as each is processed
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client, kafka__poll_max_records=100)
     cfg["processing"]["score_in_background"] = background
     truth, n = produce_with_anomalies(kafka_bootstrap, topic_name, 300, KINDS)
     daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
@@ -216,8 +217,9 @@ def test_kill_9_and_restart_misses_no_anomaly(kafka_bootstrap, topic_name, model
     create_topic(kafka_bootstrap, topic_name, partitions=2)
     group = f"g-{topic_name}"
     alerts_topic = f"{topic_name}-alerts"
-    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client,
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client, kafka__poll_max_records=50,
                       processing={"max_delay_ms": 20, "max_batch_windows": 64, "score_in_background": background})
+    # polls of 50: the restart catches up in full polls, so confluent polls ahead while it rebuilds and scores
     cfg_path = write_config(tmp_path / "c.yaml", cfg)
     proc = _start(cfg_path)
     # traffic only once the daemon has its partitions (a slow start on a busy machine must not let it all arrive
