@@ -78,7 +78,6 @@ class Daemon:
         self._pool: ThreadPoolExecutor | None = None  # processing.score_in_background: the scoring thread
         self._inflight: tuple[Future, dict | None] | None = None  # micro-batch being scored, offsets it frees
         self._ahead: PollAhead | None = None  # kafka.poll_ahead (confluent): the next poll on a helper thread
-        self._commit_later: dict[TopicPartition, tuple[int, str]] = {}  # made while that poll was in flight
         self._oldest_pending: float | None = None
         self._last_reload_check = time.monotonic()
         self.events_seen = 0
@@ -139,7 +138,8 @@ class Daemon:
         log.info("partitions revoked: %s", tps)
         if self._crashed:  # the consumer is being closed after an error: no commit after a crash
             return
-        self._commit_later = {}  # what it holds is uncommitted still, so in the commit below
+        if self._ahead is not None:
+            self._ahead.take_deferred()  # still uncommitted, so in the commit below
         try:
             self._flush_and_commit(timeout_s=min(10.0, self.cfg.shutdown.grace_period_s), in_rebalance=True)
         except (SinkError, KafkaDeliveryError) as exc:
@@ -268,8 +268,7 @@ class Daemon:
             self.scoring_threads.polled(len(batch) >= most)
         if self.positions.needs_positioning:  # seeks, with no poll in flight
             batch = self.positions.position_new(self.source, batch)
-        if self._commit_later:  # no poll in flight now
-            offsets, self._commit_later = self._commit_later, {}
+        if self._ahead is not None and (offsets := self._ahead.take_deferred()):  # no poll in flight now
             self._commit(offsets)
         if self._ahead is not None and len(batch) >= most and not self._stop.is_set():
             self._ahead.submit(self.source.poll, most, self._poll_timeout_ms())  # a backlog: overlap processing
@@ -409,11 +408,9 @@ class Daemon:
         return self.positions.commit_offsets(floors)
 
     def _commit(self, offsets: dict[TopicPartition, tuple[int, str]], in_rebalance: bool = False) -> None:
-        """Commit now; with poll ahead, on the helper inside its callback, or once its poll is back (poll_ahead.py)."""
-        if self._ahead is not None and self._ahead.serving:
-            self._ahead.on_polling_thread(self._commit_now, offsets, in_rebalance)
-        elif self._ahead is not None and self._ahead.in_flight:
-            self._commit_later.update(offsets)  # newer offsets of a partition replace older ones
+        """Commit now; with poll ahead, where librdkafka cannot hold it back for ever (PollAhead.commit)."""
+        if self._ahead is not None:
+            self._ahead.commit(self._commit_now, offsets, in_rebalance)
         else:
             self._commit_now(offsets, in_rebalance)
 

@@ -11,9 +11,10 @@ Nothing else changes: the client's rebalance callbacks, which librdkafka runs in
 thread, are handed to the loop thread and run there while the helper waits, so every piece of the daemon's
 state is still touched by one thread only; seeks and ``committed`` lookups happen while no poll is in flight.
 Commits need care: librdkafka holds a synchronous commit back while a rebalance callback is running, so a
-commit made on the loop thread while the helper sits in that callback would wait for ever. A commit inside a
-callback therefore runs on the helper as the callback returns (:meth:`on_polling_thread`: the loop is still
-waiting in :meth:`take` then), and the daemon makes its other commits only while no poll is in flight.
+commit made on the loop thread while the helper sits in that callback would wait for ever. :meth:`commit` runs
+a commit inside a handed-over callback on the helper as the callback returns (the loop is still waiting in
+:meth:`take` then), keeps one made while a poll is in flight until :meth:`take_deferred` (after the poll is
+back), and makes any other at once.
 A polled batch that the loop never takes (shutdown, a crash) is not processed and so not committed: the next
 owner reads it again. kafka-python's consumer is not thread-safe and keeps the serial loop.
 """
@@ -54,6 +55,7 @@ class PollAhead:
         self._work: queue.SimpleQueue[tuple[Callable[..., RecordBatch], tuple] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._serving: _Call | None = None  # the helper's callback the loop thread is running
+        self._deferred: dict = {}  # offsets to commit once no poll is in flight
 
     @property
     def in_flight(self) -> bool:
@@ -63,6 +65,20 @@ class PollAhead:
     def serving(self) -> bool:
         """Whether the loop thread is inside a callback that a poll on the helper handed over."""
         return self._serving is not None
+
+    def commit(self, commit_now: Callable[[dict, bool], None], offsets: dict, in_rebalance: bool = False) -> None:
+        """``commit_now(offsets, in_rebalance)`` where it cannot wait for ever (see the module's docstring)."""
+        if self._serving is not None:
+            self.on_polling_thread(commit_now, offsets, in_rebalance)
+        elif self._in_flight:
+            self._deferred.update(offsets)  # newer offsets of a partition replace older ones
+        else:
+            commit_now(offsets, in_rebalance)
+
+    def take_deferred(self) -> dict:
+        """The offsets :meth:`commit` kept while a poll was in flight (cleared): commit them with none in flight."""
+        offsets, self._deferred = self._deferred, {}
+        return offsets
 
     def on_polling_thread(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the thread the client called the current callback on: on the helper as that

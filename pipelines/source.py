@@ -6,6 +6,7 @@ explicit commits with metadata, rebalance callbacks run inside ``poll`` on the p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +24,8 @@ METADATA_MAX_AGE_MS = 30_000  # topic metadata every 30 s, not the clients' 5 mi
 # setting is in librdkafka 2.3 and later; benchmarks/RESULTS.md, item 23)
 FETCH_QUEUE_BACKOFF_MS = 50
 _JOIN_WAIT_MS = 1000  # the shortest kafka-python poll while a group join is in flight
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TopicPartition", "RecordBatch", "Source", "KafkaPythonSource", "ConfluentSource", "make_source"]
 
@@ -104,11 +107,7 @@ class KafkaPythonSource:
         else:
             self._consumer.subscribe(topics=list(topics), listener=_Listener())
         self._coordinator = _finish_interrupted_joins(self._consumer)  # None: a kafka-python without them
-        # The first join must see the subscribed topics' partitions: a leader that assigns before the metadata has
-        # arrived assigns nothing, and the metadata that follows makes the group rebalance again, a poll that
-        # waits for the second join (up to 1 s) and a replay of every window (benchmarks/RESULTS.md, item 49).
-        # One blocking metadata request for every topic (which also resolves a pattern) before the first poll.
-        self._consumer.topics()
+        _metadata_before_first_join(self._consumer)
 
     def poll(self, max_records: int, timeout_ms: int) -> RecordBatch:
         if self._coordinator is not None and self._coordinator._join_task is not None:
@@ -164,6 +163,27 @@ class KafkaPythonSource:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+
+def _metadata_before_first_join(consumer: Any, timeout_ms: int = 10_000) -> None:
+    """Fetch every topic's metadata (which also resolves a pattern) before the first poll joins the group.
+
+    A leader that assigns before the subscribed topics' metadata has arrived assigns nothing, and the metadata
+    that follows makes kafka-python rebalance again: a poll that waits for the second join (up to 1 s) and a
+    replay of every window (2 of 3 fresh consumers of new topics here; benchmarks/RESULTS.md, item 49). This is
+    what ``KafkaConsumer.topics()`` does, with a deadline (that one waits for ever); a kafka-python without these
+    internals, or a timeout, only leaves that extra rebalance possible."""
+    net, manager, cluster = (getattr(consumer, name, None) for name in ("_net", "_manager", "_cluster"))
+    if net is None or manager is None or not hasattr(cluster, "need_all_topic_metadata"):
+        return
+    stash = cluster.need_all_topic_metadata
+    cluster.need_all_topic_metadata = True
+    try:
+        net.run(manager.wait_for, cluster.request_update(), timeout_ms)
+    except Exception as exc:  # noqa: BLE001 - the first poll fetches metadata anyway
+        log.warning("topic metadata not fetched before joining the group (%s); the group may rebalance twice", exc)
+    finally:
+        cluster.need_all_topic_metadata = stash
 
 
 def _finish_interrupted_joins(consumer: Any) -> Any | None:

@@ -120,3 +120,40 @@ def test_work_a_handed_over_callback_asks_for_runs_on_the_polling_thread_as_it_r
     assert ran == [("callback", me), ("commit", "anomalyd-poll"), ("poll returns", "anomalyd-poll"),
                    ("commit", me), ("callback", me)]
     assert serving == [True, False]
+
+
+def test_commits_never_run_on_the_loop_thread_while_the_helper_polls():
+    """In a handed-over callback: on the helper as it returns; while a poll is in flight: kept (newest offsets per
+    partition) until take_deferred; otherwise at once."""
+    ahead = PollAhead()
+    made: list[tuple[dict, bool, str]] = []
+
+    def commit_now(offsets: dict, in_rebalance: bool) -> None:
+        made.append((offsets, in_rebalance, threading.current_thread().name))
+
+    on_revoke = ahead.wrap(lambda _tps: ahead.commit(commit_now, {("t", 0): (9, "")}, True))
+    release = threading.Event()
+
+    def poll(rebalance: bool) -> RecordBatch:
+        if rebalance:
+            on_revoke([("t", 0)])
+        release.wait(10)
+        return RecordBatch.empty()
+
+    me = threading.current_thread().name
+    try:
+        ahead.commit(commit_now, {("t", 0): (1, "")})
+        assert made == [({("t", 0): (1, "")}, False, me)]
+        ahead.submit(poll, False)
+        ahead.commit(commit_now, {("t", 0): (2, ""), ("t", 1): (5, "")})
+        ahead.commit(commit_now, {("t", 0): (3, "")})
+        assert len(made) == 1  # kept: the helper is polling
+        release.set()
+        ahead.take()
+        assert ahead.take_deferred() == {("t", 0): (3, ""), ("t", 1): (5, "")}
+        assert ahead.take_deferred() == {}
+        ahead.submit(poll, True)
+        ahead.take()
+    finally:
+        ahead.close()
+    assert made[1:] == [({("t", 0): (9, "")}, True, "anomalyd-poll")]
