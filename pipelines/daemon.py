@@ -374,13 +374,17 @@ class Daemon:
 
     # -- scoring on a second thread (processing.score_in_background) ---------------------------------------
     def _flush_in_background(self, timeout_s: float, commit: bool, windows: int) -> None:
-        """Wait for the micro-batch in flight (commit what it freed), then hand the pending one (``windows``
-        windows) to the scoring thread, which scores it, updates alert state and delivers its alerts while this
-        thread polls and decodes. Offsets are committed only after that delivery, as in the serial path."""
-        self._finish_background(timeout_s)
+        """Wait for the micro-batch in flight, hand the pending one (``windows`` windows) to the scoring thread,
+        which scores it, updates alert state and delivers its alerts while this thread polls and decodes, then
+        commit what the one before freed (so the scoring thread does not wait for that commit). Offsets are
+        committed only after delivery, as in the serial path."""
+        freed = self._wait_background()
         taken = self._take_pending()
         offsets = self._commit_offsets() if commit and self.positions.uncommitted else None
         self._inflight = (self._pool.submit(self._score_and_deliver, taken, windows, timeout_s), offsets)
+        if freed:
+            self.producer.flush(timeout_s)  # dead letters of those records
+            self._commit(freed)
 
     def _score_and_deliver(self, taken: list[tuple[RouteState, list]], windows: int, timeout_s: float) -> None:
         with self.scoring_threads.scoring(windows) if self.scoring_threads else nullcontext():
@@ -389,14 +393,19 @@ class Daemon:
 
     def _finish_background(self, timeout_s: float, in_rebalance: bool = False) -> None:
         """Wait for the micro-batch in flight; raises its SinkError (nothing committed), else commits."""
-        if self._inflight is None:
-            return
-        (future, offsets), self._inflight = self._inflight, None
-        with self.scoring_threads.loop_waiting() if self.scoring_threads else nullcontext():
-            future.result()
+        offsets = self._wait_background()
         if offsets:
             self.producer.flush(timeout_s)  # dead letters of those records
             self._commit(offsets, in_rebalance)
+
+    def _wait_background(self) -> dict | None:
+        """Wait for the micro-batch in flight; raises its SinkError, else returns the offsets it freed."""
+        if self._inflight is None:
+            return None
+        (future, offsets), self._inflight = self._inflight, None
+        with self.scoring_threads.loop_waiting() if self.scoring_threads else nullcontext():
+            future.result()
+        return offsets
 
     # -- commits ---------------------------------------------------------------------------------------
     def _commit_offsets(self) -> dict[TopicPartition, tuple[int, str]]:
