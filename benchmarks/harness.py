@@ -179,6 +179,7 @@ class TimedSource:
 
 def instrument(daemon: Any, phases: Phases) -> None:
     """Time the daemon's loop phases (instance attributes shadow the methods; the daemon is not changed)."""
+    daemon.bench_phases = phases  # read second by second by benchmarks.latency
     daemon._poll = phases.wrap("daemon._poll", daemon._poll)  # the loop's poll, or its wait for a poll ahead
     daemon.process = phases.wrap("daemon.process", daemon.process)
     daemon.flush = phases.wrap("daemon.flush (score, alerts)", daemon.flush)

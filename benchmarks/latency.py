@@ -35,6 +35,7 @@ def _live_daemon(spec: dict) -> dict:
     ready = spec.pop("ready")
     timeline: list[tuple[float, dict | None, dict | None]] = []
     threads: list[int | None] = []  # every second, the scoring thread's intra-op threads (None: fixed)
+    phases: list[dict[str, list]] = []  # every second, the loop's phases so far ({name: [calls, total s]})
 
     def watch(daemon) -> None:
         def loop() -> None:
@@ -48,11 +49,13 @@ def _live_daemon(spec: dict) -> dict:
                 timeline.append((round(time.monotonic() - t0, 1), m.get("anomalyd_event_to_score_seconds"),
                                  m.get("anomalyd_event_to_alert_seconds")))
                 threads.append(daemon.scoring_threads.threads if daemon.scoring_threads else None)
+                phases.append({"records polled": [daemon.source.n_polled, 0.0],
+                               **{k: [v[0], round(v[1], 4)] for k, v in daemon.bench_phases.stats.items()}})
 
         threading.Thread(target=loop, daemon=True).start()
 
     out = harness.daemon_rate({**spec, "before_run": watch})
-    return {**out, "timeline": timeline, "threads_timeline": threads}
+    return {**out, "timeline": timeline, "threads_timeline": threads, "phases_timeline": phases}
 
 
 def _produce_live(bootstrap: str, topic: str, fleet: common.Fleet, rate: float, seconds: float,
@@ -188,6 +191,7 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
                        "histograms": {"event_to_score": score_h, "event_to_alert": alert_h},
                        "steady_from_s": WARMUP_S, **_steady(out.get("timeline") or [], score_h, alert_h),
                        "timeline": out.get("timeline"),
+                       "phases_timeline": out.get("phases_timeline"),
                        "phases": out["phases"]}
                 rows.append(row)
                 common.log(f"  event->score p50 {row['score_p50_ms']} ms p99 {row['score_p99_ms']} ms; "
