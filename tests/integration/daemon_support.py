@@ -18,6 +18,7 @@ HISTORY = 1500
 INTERVAL_MS = 1000
 N_STREAMS = 4
 WINDOW = 16
+SLACK_MS = 2 * WINDOW * INTERVAL_MS  # how far from an injected anomaly's start a firing alert may start
 
 
 def fleet() -> SyntheticFleet:

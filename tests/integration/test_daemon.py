@@ -22,7 +22,7 @@ from pipelines.scoring_threads import ScoringThreads
 from pipelines.source import make_source
 
 from .daemon_support import (
-    INTERVAL_MS,
+    SLACK_MS,
     WINDOW,
     committed_offsets,
     config_dict,
@@ -36,7 +36,6 @@ from .daemon_support import (
 
 KINDS = ("spike", "level_shift", "correlation")
 ASSIGNED = r"partitions assigned: \[\("  # the daemon's log once it has partitions
-SLACK_MS = 2 * WINDOW * INTERVAL_MS
 FALSE_ALARM_BUDGET = 1  # firing alerts per run not explained by an injected anomaly
 
 
