@@ -382,9 +382,7 @@ class Daemon:
         taken = self._take_pending()
         offsets = self._commit_offsets() if commit and self.positions.uncommitted else None
         self._inflight = (self._pool.submit(self._score_and_deliver, taken, windows, timeout_s), offsets)
-        if freed:
-            self.producer.flush(timeout_s)  # dead letters of those records
-            self._commit(freed)
+        self._commit_delivered(freed, timeout_s)
 
     def _score_and_deliver(self, taken: list[tuple[RouteState, list]], windows: int, timeout_s: float) -> None:
         with self.scoring_threads.scoring(windows) if self.scoring_threads else nullcontext():
@@ -393,9 +391,12 @@ class Daemon:
 
     def _finish_background(self, timeout_s: float, in_rebalance: bool = False) -> None:
         """Wait for the micro-batch in flight; raises its SinkError (nothing committed), else commits."""
-        offsets = self._wait_background()
+        self._commit_delivered(self._wait_background(), timeout_s, in_rebalance)
+
+    def _commit_delivered(self, offsets: dict | None, timeout_s: float, in_rebalance: bool = False) -> None:
+        """Commit the offsets a scored micro-batch freed, once the dead letters of those records are delivered."""
         if offsets:
-            self.producer.flush(timeout_s)  # dead letters of those records
+            self.producer.flush(timeout_s)
             self._commit(offsets, in_rebalance)
 
     def _wait_background(self) -> dict | None:
