@@ -22,27 +22,23 @@ x86-64-v3, each checked against eager PyTorch) are loaded from the same folder, 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import json
 import logging
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from .filelock import exclusive_lock
 from .models import ModelConfig, SequenceAutoencoder, model_cost
+from .native_build import build_dir, compile_cached, compiler, import_built  # the build cache (shared)
 
 __all__ = ["FusedAutoencoder", "FusedUnavailable", "fused_available", "fused_mode", "load_extension", "bf16_available",
            "executed_macs", "compile_flags", "self_check", "prebuilt_candidates", "DEFAULT_TILE",
-           "PORTABLE_TARGETS", "compile_cached", "import_built", "env_mode", "window_kernel"]
+           "PORTABLE_TARGETS", "env_mode", "window_kernel"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +46,6 @@ SOURCE = Path(__file__).with_name("_fused_rnn.cpp")
 HEADERS = [Path(__file__).with_name(h) for h in ("_fused_gates.h", "_window_ring.h", "_bf16_mm.h")]  # in the key
 CFLAGS = ["-O3", "-ffast-math", "-fopenmp"]  # fast-math: libmvec expf/tanhf where not AVX-512; -march: compile_flags()
 DEFAULT_TILE = 16  # windows per cache tile: 8-24 measured alike, 32 5-15 % slower (W=64, H=64 and 128; RESULTS item 14)
-FAILED_RETRY_S = 24 * 3600  # a failed build is tried again after this long, or at once with another compiler
 _STATE: dict[str, object] = {}  # "module" or "error", once per process
 _V3 = frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"})  # abm: LZCNT
 PORTABLE_TARGETS: dict[str, frozenset[str]] = {  # -march levels of `build --portable`, best first: cpuinfo flags
@@ -110,11 +105,6 @@ def _cpu_id() -> str:
     return "\n".join(dict.fromkeys(lines))
 
 
-def _build_dir() -> Path:
-    root = Path(os.environ.get("ANOMALYD_CACHE") or Path.home() / ".cache" / "anomalyd").expanduser()
-    return root / "torch_extensions"
-
-
 def _name(march: str | None = None) -> str:
     """The build's name: a hash of source, flags, torch and Python, and of the CPU for a native build only (a
     portable level's build runs on every CPU with its flags, so an image can carry it)."""
@@ -140,7 +130,7 @@ def _load_prebuilt() -> ModuleType:
             log.info("fused RNN extension: the prebuilt %s kernel (%s)", target, module.__file__)
             return module
     raise RuntimeError(f"no prebuilt kernel for {candidates or 'this CPU (no portable x86-64 level)'} under "
-                       f"{_build_dir()} (python -m detector.fastpath build --portable makes them)")
+                       f"{build_dir()} (python -m detector.fastpath build --portable makes them)")
 
 
 def load_extension(build: bool = True) -> ModuleType | None:
@@ -149,7 +139,7 @@ def load_extension(build: bool = True) -> ModuleType | None:
     Without a C++ compiler, the best prebuilt portable kernel this CPU runs (``build --portable``). A failed
     build is remembered (``<name>.failed`` holds the compiler and the error), so that every process does not
     pay for it again: it is tried again when the source, flags, torch, CPU or compiler change, once the marker
-    is ``FAILED_RETRY_S`` old, or when the marker is deleted.
+    is ``native_build.FAILED_RETRY_S`` old, or when the marker is deleted.
     """
     if "module" in _STATE:
         return _STATE["module"]  # type: ignore[return-value]
@@ -157,12 +147,12 @@ def load_extension(build: bool = True) -> ModuleType | None:
         return None
     name = _name()
     try:
-        if _compiler() is None:
+        if compiler() is None:
             try:
                 module = _load_prebuilt()
             except RuntimeError as exc:
                 raise RuntimeError(f"no C++ compiler (c++ or $CXX) on PATH, and {exc}") from None
-        elif not build and not (_build_dir() / name / f"{name}.so").exists():
+        elif not build and not (build_dir() / name / f"{name}.so").exists():
             return None
         else:
             module = compile_cached(name, [SOURCE], compile_flags(), ["-fopenmp"], HEADERS)
@@ -173,77 +163,6 @@ def load_extension(build: bool = True) -> ModuleType | None:
         return None
     _STATE["module"] = module
     return module
-
-
-def _compiler() -> str | None:
-    """The C++ compiler a build uses ($CXX, else c++), resolved to its file; None when there is none."""
-    found = shutil.which(os.environ.get("CXX", "c++"))
-    return os.path.realpath(found) if found else None
-
-
-def _earlier_failure(failed: Path, compiler: str) -> str | None:
-    """The error of a failed build that still stands: with the same compiler, less than FAILED_RETRY_S ago."""
-    try:
-        record = json.loads(failed.read_text())
-        if record["compiler"] == compiler and time.time() - failed.stat().st_mtime < FAILED_RETRY_S:
-            return str(record["error"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no marker, or one this version did not write: build
-    return None
-
-
-def import_built(name: str) -> ModuleType | None:
-    """The extension ``name`` built earlier under the cache folder, imported without a compiler; None if absent."""
-    path = _build_dir() / name / f"{name}.so"
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def compile_cached(name: str, sources: list[Path], cflags: list[str], ldflags: list[str],
-                   headers: list[Path] | None = None) -> ModuleType:
-    """Compile (or find up to date) and import the C++ extension ``name`` under the cache folder, with
-    ``torch.utils.cpp_extension``. ``name`` is the build key: hash into it whatever the build depends on. The
-    sources and the ``headers`` they include are copied into the build folder first and compiled from there, so
-    that a checkout elsewhere with the same files (a worktree, a reinstall) finds the build up to date instead of
-    recompiling it. A failed build leaves ``<name>.failed`` (compiler and error), and is not tried again with the
-    same compiler for ``FAILED_RETRY_S``. Raises RuntimeError without a compiler or after a failure."""
-    from torch.utils.cpp_extension import load
-
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (c++ or $CXX) on PATH")
-    where = _build_dir() / name
-    failed = where.with_suffix(".failed")
-    if error := _earlier_failure(failed, compiler):
-        raise RuntimeError(f"a build with {compiler} failed less than {FAILED_RETRY_S // 3600} h ago (delete "
-                           f"{failed} to try again now): {error[-500:]}")
-    where.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(where.with_suffix(".lock")):
-        (where / "lock").unlink(missing_ok=True)  # torch's own lock file, stale if a builder was killed
-        staged = [_staged(path, where / "src") for path in sources]
-        for header in headers or []:
-            _staged(header, where / "src")  # beside the sources, where their #include "..." finds it
-        try:
-            module = load(name, [str(p) for p in staged], extra_cflags=cflags, extra_ldflags=ldflags,
-                          build_directory=str(where), verbose=False)
-        except Exception as exc:
-            failed.write_text(json.dumps({"compiler": compiler, "error": f"{type(exc).__name__}: {exc}"}))
-            raise
-        failed.unlink(missing_ok=True)
-        return module
-
-
-def _staged(path: Path, folder: Path) -> Path:
-    """``path`` copied into ``folder`` (rewritten only when its bytes differ, so ninja sees no change)."""
-    folder.mkdir(exist_ok=True)
-    copy, data = folder / path.name, path.read_bytes()
-    if not copy.exists() or copy.read_bytes() != data:
-        copy.write_bytes(data)
-    return copy
 
 
 def window_kernel(native: bool | None = None):

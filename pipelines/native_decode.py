@@ -7,7 +7,7 @@ arrays without the GIL, and hands every other message back to the Python decoder
 before (so results do not depend on whether the extension is present; ``tests/test_native_decode.py`` checks that
 on generated and hand-written messages, and ``tests/test_decode.py`` runs with and without it).
 
-Built like the fused kernels (``detector.fastpath.compile_cached``): on first use, into
+Built like the fused kernels (``detector.native_build.compile_cached``): on first use, into
 ``$ANOMALYD_CACHE/torch_extensions``, keyed by source, flags, torch and Python; portable code (no ``-march``), so
 a build made ahead of time (``python -m pipelines.native_decode build``, as the container image does) is loaded
 where there is no compiler. ``ANOMALYD_NATIVE_DECODE``: ``0``/``off`` never uses it, ``1``/``on`` requires it
@@ -64,7 +64,7 @@ def load() -> ModuleType | None:
     if required == "off":
         return None
     if "error" not in _STATE:
-        from detector.fastpath import compile_cached, import_built
+        from detector.native_build import compile_cached, import_built
 
         name = _name()
         try:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector import fastpath
+from detector import fastpath, native_build
 from detector.engine import InferenceEngine
 from detector.fastpath import FusedAutoencoder, executed_macs
 from detector.models import ModelConfig, build_model, model_cost
@@ -176,7 +176,7 @@ def test_a_failed_build_is_not_retried_with_the_same_compiler_until_the_marker_a
     assert out.startswith("None") and tried_b > tried  # another compiler: tried
     assert cxx_b in marker.read_text()
     marker.write_text(marker.read_text().replace(cxx_b, cxx_a))
-    aged = marker.stat().st_mtime - fastpath.FAILED_RETRY_S - 60
+    aged = marker.stat().st_mtime - native_build.FAILED_RETRY_S - 60
     os.utime(marker, (aged, aged))
     out, tried_c = load(cxx_a)
     assert out.startswith("None") and tried_c > tried_b  # an old marker: tried again
