@@ -109,25 +109,39 @@ def _warm_up(base: dict, bootstrap: str, fleet: common.Fleet, clients: list[str]
     for _ in range(WARM_ROUNDS):
         for client in clients:
             topic = harness.new_topic(bootstrap, "lat-warm", 4)
-            ready = mp.get_context("spawn").Event()
-            spec = {**base, "client": client, "topic": topic, "n_events": int(WARM_RATE * seconds), "ready": ready,
-                    "timeout_s": seconds + 120, "cooldown_s": 300}
-            out: dict = {}
-            th = threading.Thread(target=lambda o=out, s=spec: o.update(harness.in_process(_live_daemon, s)))
-            th.start()
-            if not ready.wait(180):
-                raise RuntimeError(f"the warm-up daemon ({client}) did not get its partitions in 180 s")
+            th, out = _start_live_daemon(base, client, topic, int(WARM_RATE * seconds), seconds)
             jit0 = common.jit_cpu_seconds(broker_pid) if broker_pid else float("nan")
             _produce_live(bootstrap, topic, fleet, WARM_RATE, seconds, first_step)
             jit = common.jit_cpu_seconds(broker_pid) - jit0 if broker_pid else float("nan")
-            th.join()
-            if not out:
-                raise RuntimeError(f"the warm-up daemon ({client}) returned no result")
+            _join(th, out, client)
             passes.append({"client": client, "seconds": seconds, "broker_jit_cpu_s": round(jit, 2)})
             common.log(f"  warm-up pass ({client}): the broker's JIT used {jit:.2f} CPU s in {seconds:g} s")
-        if all(p["broker_jit_cpu_s"] < JIT_QUIET * seconds for p in passes[-len(clients):]):
+        # an unknown JIT time (a broker this process did not start: NaN) counts as quiet
+        if not any(p["broker_jit_cpu_s"] >= JIT_QUIET * seconds for p in passes[-len(clients):]):
             break
     return passes
+
+
+def _start_live_daemon(base: dict, client: str, topic: str, n_events: int,
+                       seconds: float) -> tuple[threading.Thread, dict]:
+    """The daemon on ``topic`` in a process of its own, until ``n_events``; returns once it has its partitions,
+    with the thread that waits for it and the dict its result goes into (:func:`_join`)."""
+    ready = mp.get_context("spawn").Event()
+    spec = {**base, "client": client, "topic": topic, "n_events": n_events, "ready": ready,
+            "timeout_s": seconds + 120, "cooldown_s": 300}
+    out: dict = {}
+    th = threading.Thread(target=lambda: out.update(harness.in_process(_live_daemon, spec)))
+    th.start()
+    if not ready.wait(180):
+        raise RuntimeError(f"the live daemon ({client}) did not get its partitions in 180 s")
+    return th, out
+
+
+def _join(th: threading.Thread, out: dict, client: str) -> dict:
+    th.join()
+    if not out:
+        raise RuntimeError(f"the live daemon ({client}) returned no result")
+    return out
 
 
 def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_delay_ms: int = 20,
@@ -162,14 +176,7 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
                            f"{cfg['seconds']} s")
                 topic = harness.new_topic(bootstrap, "lat-live", 4)
                 n = int(rate * (WARMUP_S + cfg["seconds"]))
-                ready = mp.get_context("spawn").Event()
-                out: dict = {}
-                spec = {**base, "client": client, "topic": topic, "n_events": n, "ready": ready,
-                        "timeout_s": cfg["seconds"] + 120, "cooldown_s": 300}
-                th = threading.Thread(target=lambda o=out, s=spec: o.update(harness.in_process(_live_daemon, s)))
-                th.start()
-                if not ready.wait(180):
-                    raise RuntimeError("the live daemon did not get its partitions in 180 s")
+                th, out = _start_live_daemon(base, client, topic, n, cfg["seconds"])
                 broker_pid = kafka.status().pid
                 cpu0 = (time.process_time(), common.cpu_seconds(broker_pid) if broker_pid else None,
                         common.jit_cpu_seconds(broker_pid) if broker_pid else None)
@@ -177,9 +184,7 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
                 cpu_prod = time.process_time() - cpu0[0]
                 cpu_broker = common.cpu_seconds(broker_pid) - cpu0[1] if broker_pid else None
                 cpu_jit = common.jit_cpu_seconds(broker_pid) - cpu0[2] if broker_pid else None
-                th.join()
-                if not out:
-                    raise RuntimeError("the live daemon returned no result")
+                _join(th, out, client)
                 m = out["metrics"]
                 score_h = m["anomalyd_event_to_score_seconds"]
                 alert_h = m.get("anomalyd_event_to_alert_seconds", {"buckets": [], "count": 0})
