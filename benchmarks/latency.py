@@ -281,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fetch-min-bytes", type=int, default=None, help="kafka.fetch_min_bytes in the daemons")
     p.add_argument("--fetch-max-wait-ms", type=int, default=None, help="kafka.fetch_max_wait_ms in the daemons")
     p.add_argument("--max-delay-ms", type=int, default=20, help="processing.max_delay_ms in the daemons (default 20)")
-    p.add_argument("--warm-broker-s", type=float, default=20.0,
-                   help="seconds of an unmeasured live daemon per client through the fresh broker before any "
-                        "client is measured (0: none)")
+    p.add_argument("--warm-broker-s", type=float, default=None,
+                   help="seconds of each unmeasured live daemon per client and round through the fresh broker "
+                        "before any client is measured (default 20; --quick: 10; 0: none)")
     p.add_argument("--device", default="cpu", help="the daemons' models.device (default cpu; cuda on a GPU machine)")
     p.add_argument("--seconds", type=int, default=None,
                    help="measured seconds per client after the warm-up (default 60; --quick: 12)")
@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["clients"] = args.clients
     if args.seconds:
         cfg["seconds"] = args.seconds
+    if args.warm_broker_s is None:
+        args.warm_broker_s = 10.0 if args.quick else 20.0
     started = time.perf_counter()
     fetch = {k: v for k, v in (("fetch_min_bytes", args.fetch_min_bytes), ("fetch_max_wait_ms",
                                                                          args.fetch_max_wait_ms)) if v is not None}
