@@ -18,8 +18,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
+from functools import partial
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -38,6 +38,7 @@ from .positions import Positions
 from .routes import RouteState
 from .routing import Router, RouteSpec
 from .scoring_threads import ScoringThreads
+from .scoring_worker import ScoringWorker
 from .sinks import FanoutSink, SinkError, build_sinks
 from .source import RecordBatch, Source, TopicPartition, make_source
 
@@ -75,8 +76,7 @@ class Daemon:
         self._lag_due = False
         self._last_commit = 0.0  # monotonic time of the last commit attempt
         self._last_record = 0.0  # monotonic time of the last poll that returned records
-        self._pool: ThreadPoolExecutor | None = None  # processing.score_in_background: the scoring thread
-        self._inflight: tuple[Future, dict | None] | None = None  # micro-batch being scored, offsets it frees
+        self._worker: ScoringWorker | None = None  # processing.score_in_background: the scoring thread
         self._ahead: PollAhead | None = None  # kafka.poll_ahead (confluent): the next poll on a helper thread
         self._oldest_pending: float | None = None
         self._last_reload_check = time.monotonic()
@@ -191,8 +191,8 @@ class Daemon:
             self.sinks: FanoutSink = build_sinks(dataclasses.asdict(self.cfg.sinks), self.producer)
             stack.callback(self.sinks.close)
             if self.cfg.processing.score_in_background:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="anomalyd-score")
-                stack.callback(self._pool.shutdown)
+                self._worker = ScoringWorker(self.scoring_threads)
+                stack.callback(self._worker.close)
             self._ahead = PollAhead() if k.poll_ahead and k.client == "confluent" else None
             wrap = self._ahead.wrap if self._ahead else lambda callback: callback  # callbacks on this thread
             self.source = self._source_factory(
@@ -282,7 +282,7 @@ class Daemon:
         idle too (a busy topic looks idle while a fetch is slow to come back): the thread scores, and the commit
         follows once it is done."""
         p = self.cfg.processing
-        if self._inflight is not None and self._inflight[0].done():
+        if self._worker is not None and self._worker.done():
             self._finish_background(10.0)  # commits what the scoring thread delivered
         idle = quiet and bool(self.positions.uncommitted)  # after that commit, which may have been the idle one
         pending = sum(r.pending_windows for r in self.routes)
@@ -291,9 +291,9 @@ class Daemon:
         if not (full or waited >= p.max_delay_ms or idle):
             return
         commit = idle or (now - self._last_commit) * 1000 >= self.cfg.kafka.commit_interval_ms
-        if self._pool is None:
+        if self._worker is None:
             self._flush_and_commit(timeout_s=10.0, commit=commit)
-        elif self._inflight is None or full:
+        elif not self._worker.busy or full:
             self._flush_in_background(timeout_s=10.0, commit=commit, windows=pending)
 
     def _poll_timeout_ms(self) -> int:
@@ -304,7 +304,7 @@ class Daemon:
         if self._oldest_pending is None:
             return timeout
         left = self.cfg.processing.max_delay_ms - (time.monotonic() - self._oldest_pending) * 1000
-        if left <= 0 and self._inflight is not None:
+        if left <= 0 and self._worker is not None and self._worker.busy:
             return min(timeout, 5)
         return max(0, min(timeout, int(left)))
 
@@ -378,35 +378,26 @@ class Daemon:
         which scores it, updates alert state and delivers its alerts while this thread polls and decodes, then
         commit what the one before freed (so the scoring thread does not wait for that commit). Offsets are
         committed only after delivery, as in the serial path."""
-        freed = self._wait_background()
+        freed = self._worker.wait()
         taken = self._take_pending()
         offsets = self._commit_offsets() if commit and self.positions.uncommitted else None
-        self._inflight = (self._pool.submit(self._score_and_deliver, taken, windows, timeout_s), offsets)
+        self._worker.submit(partial(self._score_and_deliver, taken, timeout_s), windows, offsets)
         self._commit_delivered(freed, timeout_s)
 
-    def _score_and_deliver(self, taken: list[tuple[RouteState, list]], windows: int, timeout_s: float) -> None:
-        with self.scoring_threads.scoring(windows) if self.scoring_threads else nullcontext():
-            self._score(taken)
-            self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)
+    def _score_and_deliver(self, taken: list[tuple[RouteState, list]], timeout_s: float) -> None:
+        self._score(taken)
+        self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)
 
     def _finish_background(self, timeout_s: float, in_rebalance: bool = False) -> None:
         """Wait for the micro-batch in flight; raises its SinkError (nothing committed), else commits."""
-        self._commit_delivered(self._wait_background(), timeout_s, in_rebalance)
+        if self._worker is not None:
+            self._commit_delivered(self._worker.wait(), timeout_s, in_rebalance)
 
     def _commit_delivered(self, offsets: dict | None, timeout_s: float, in_rebalance: bool = False) -> None:
         """Commit the offsets a scored micro-batch freed, once the dead letters of those records are delivered."""
         if offsets:
             self.producer.flush(timeout_s)
             self._commit(offsets, in_rebalance)
-
-    def _wait_background(self) -> dict | None:
-        """Wait for the micro-batch in flight; raises its SinkError, else returns the offsets it freed."""
-        if self._inflight is None:
-            return None
-        (future, offsets), self._inflight = self._inflight, None
-        with self.scoring_threads.loop_waiting() if self.scoring_threads else nullcontext():
-            future.result()
-        return offsets
 
     # -- commits ---------------------------------------------------------------------------------------
     def _commit_offsets(self) -> dict[TopicPartition, tuple[int, str]]:
