@@ -20,6 +20,8 @@
 //     (positions int64 (K,), streams list[str] (K), ts int64 (K,), counts int64 (K,), flat float32 (sum counts),
 //      layout int32 (K,) (-1: an array), layouts list[tuple[str, ...] | None], slow list[int])
 // The parse itself runs without the GIL.
+//
+// message_columns(messages) turns a confluent-kafka poll into those columns in one pass (below).
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -349,10 +351,82 @@ py::tuple decode(py::list values, int64_t max_bytes, int64_t max_features) {
                         layout_names, slow_list);
 }
 
+PyObject* call_method(PyObject* obj, PyObject* name) {
+  PyObject* out = PyObject_CallMethodNoArgs(obj, name);
+  if (out == nullptr) throw py::error_already_set();
+  return out;
+}
+
+template <typename T>
+T as_integer(PyObject* v) {  // steals v
+  const long long x = PyLong_AsLongLong(v);
+  Py_DECREF(v);
+  if (x == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return static_cast<T>(x);
+}
+
+// message_columns(messages: list) -> (topics list[str], partitions int32 (N,), offsets int64 (N,),
+//                                     timestamps int64 (N,), keys list, values list[bytes])
+// One pass over a confluent-kafka poll: each message's topic(), partition(), offset(), timestamp()[1], key() and
+// value() (None -> b""), leaving out the messages whose error() is not None. Any objects with those methods do.
+py::tuple message_columns(const py::list& messages) {
+  static PyObject* const s_error = PyUnicode_InternFromString("error");
+  static PyObject* const s_topic = PyUnicode_InternFromString("topic");
+  static PyObject* const s_partition = PyUnicode_InternFromString("partition");
+  static PyObject* const s_offset = PyUnicode_InternFromString("offset");
+  static PyObject* const s_timestamp = PyUnicode_InternFromString("timestamp");
+  static PyObject* const s_key = PyUnicode_InternFromString("key");
+  static PyObject* const s_value = PyUnicode_InternFromString("value");
+  const Py_ssize_t n = PyList_GET_SIZE(messages.ptr());
+  py::list topics(n), keys(n), values(n);  // filled by PyList_SET_ITEM; cut to the kept messages at the end
+  std::vector<int32_t> partitions;
+  std::vector<int64_t> offsets, timestamps;
+  partitions.reserve(n);
+  offsets.reserve(n);
+  timestamps.reserve(n);
+  py::bytes empty("");
+  Py_ssize_t k = 0;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* m = PyList_GET_ITEM(messages.ptr(), i);
+    PyObject* err = call_method(m, s_error);
+    const bool failed = err != Py_None;
+    Py_DECREF(err);
+    if (failed) continue;
+    partitions.push_back(as_integer<int32_t>(call_method(m, s_partition)));
+    offsets.push_back(as_integer<int64_t>(call_method(m, s_offset)));
+    PyObject* ts = call_method(m, s_timestamp);  // (type, ms)
+    if (!PyTuple_Check(ts) || PyTuple_GET_SIZE(ts) < 2) {
+      Py_DECREF(ts);
+      throw py::type_error("message_columns: timestamp() must return a (type, ms) tuple");
+    }
+    PyObject* ms = PyTuple_GET_ITEM(ts, 1);
+    Py_INCREF(ms);
+    Py_DECREF(ts);
+    timestamps.push_back(as_integer<int64_t>(ms));
+    PyList_SET_ITEM(topics.ptr(), k, call_method(m, s_topic));
+    PyList_SET_ITEM(keys.ptr(), k, call_method(m, s_key));
+    PyObject* value = call_method(m, s_value);
+    if (value == Py_None) {
+      Py_DECREF(value);
+      value = empty.inc_ref().ptr();
+    }
+    PyList_SET_ITEM(values.ptr(), k, value);
+    ++k;
+  }
+  if (k < n) {  // the unset tail holds NULLs, which a slice deletion skips
+    for (PyObject* list : {topics.ptr(), keys.ptr(), values.ptr()}) {
+      if (PyList_SetSlice(list, k, n, nullptr) != 0) throw py::error_already_set();
+    }
+  }
+  return py::make_tuple(topics, to_array(partitions), to_array(offsets), to_array(timestamps), keys, values);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Native fast path of pipelines.decode.decode_batch";
   m.def("decode", &decode, py::arg("values"), py::arg("max_bytes"), py::arg("max_features"),
         "messages (list of bytes) -> (positions, streams, ts, counts, flat values, layout, layouts, slow)");
+  m.def("message_columns", &message_columns, py::arg("messages"),
+        "confluent-kafka messages -> (topics, partitions, offsets, timestamps, keys, values), failed ones left out");
 }

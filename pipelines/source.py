@@ -27,7 +27,8 @@ _JOIN_WAIT_MS = 1000  # the shortest kafka-python poll while a group join is in 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TopicPartition", "RecordBatch", "Source", "KafkaPythonSource", "ConfluentSource", "make_source"]
+__all__ = ["TopicPartition", "RecordBatch", "Source", "KafkaPythonSource", "ConfluentSource", "make_source",
+           "confluent_columns_py"]
 
 TopicPartition = tuple[str, int]
 RebalanceCallback = Callable[[list[TopicPartition]], None]
@@ -236,6 +237,7 @@ class ConfluentSource:
             **client_security_config("confluent", security), **extra,
         }
         self._consumer = Consumer(conf)
+        self._columns = _confluent_columns()
         subs = ["^" + pattern.lstrip("^")] if pattern else list(topics)  # librdkafka: a leading ^ marks a regex
 
         def _assign(consumer, parts):
@@ -260,18 +262,8 @@ class ConfluentSource:
         if first is None:
             return RecordBatch.empty()
         msgs = [first] + (self._consumer.consume(num_messages=max_records - 1, timeout=0) if max_records > 1 else [])
-        msgs = [m for m in msgs if m.error() is None]
-        if not msgs:
-            return RecordBatch.empty()
-        n = len(msgs)
-        return RecordBatch(
-            topic=[m.topic() for m in msgs],
-            partition=np.fromiter((m.partition() for m in msgs), np.int32, n),
-            offset=np.fromiter((m.offset() for m in msgs), np.int64, n),
-            timestamp=np.fromiter((m.timestamp()[1] for m in msgs), np.int64, n),
-            key=[m.key() for m in msgs],
-            value=[m.value() or b"" for m in msgs],
-        )
+        batch = RecordBatch(*self._columns(msgs))  # failed messages left out
+        return batch if len(batch) else RecordBatch.empty()
 
     def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
         if offsets:
@@ -315,3 +307,22 @@ def make_source(client: str, **kwargs: Any) -> Source:
     if client == "confluent":
         return ConfluentSource(**kwargs)
     raise ValueError(f"kafka.client must be 'kafka-python' or 'confluent', got {client!r}")
+
+
+def _confluent_columns() -> Callable[[list], tuple]:
+    """The columns of a confluent-kafka poll in one native pass (``message_columns`` of the native decoder's
+    extension: 0.3-0.5 us per message less than seven passes of Python, RESULTS item 52), else in Python."""
+    from .native_decode import load
+
+    return getattr(load(), "message_columns", None) or confluent_columns_py
+
+
+def confluent_columns_py(messages: list) -> tuple:
+    """``(topics, partitions int32, offsets int64, timestamps int64, keys, values)`` of the messages whose
+    ``error()`` is None, a None value as b"": what the native ``message_columns`` returns."""
+    kept = [m for m in messages if m.error() is None]
+    n = len(kept)
+    return ([m.topic() for m in kept], np.fromiter((m.partition() for m in kept), np.int32, n),
+            np.fromiter((m.offset() for m in kept), np.int64, n),
+            np.fromiter((m.timestamp()[1] for m in kept), np.int64, n),
+            [m.key() for m in kept], [m.value() or b"" for m in kept])
