@@ -311,7 +311,7 @@ def make_source(client: str, **kwargs: Any) -> Source:
 
 def _confluent_columns() -> Callable[[list], tuple]:
     """The columns of a confluent-kafka poll in one native pass (``message_columns`` of the native decoder's
-    extension: 0.3-0.5 us per message less than seven passes of Python, RESULTS item 52), else in Python."""
+    extension: 0.34-0.37 against 0.50 us per message in Python, benchmarks/RESULTS.md item 52), else in Python."""
     from .native_decode import load
 
     return getattr(load(), "message_columns", None) or confluent_columns_py
