@@ -5,7 +5,9 @@ per-message Python (type checks, lookups, list appends). The extension parses a 
 the common shapes ``{"stream": ..., "ts": <int>, "values": [numbers]}`` and ``"values": {name: number}`` into
 arrays without the GIL, and hands every other message back to the Python decoder, which accepts or rejects it as
 before (so results do not depend on whether the extension is present; ``tests/test_native_decode.py`` checks that
-on generated and hand-written messages, and ``tests/test_decode.py`` runs with and without it).
+on generated and hand-written messages, and ``tests/test_decode.py`` runs with and without it). The same
+extension's ``message_columns`` turns a confluent-kafka poll into its columns in one pass
+(``pipelines.source.ConfluentSource``).
 
 Built like the fused kernels (``detector.native_build.compile_cached``): on first use, into
 ``$ANOMALYD_CACHE/torch_extensions``, keyed by source, flags, torch and Python; portable code (no ``-march``), so
