@@ -26,7 +26,7 @@ FULL = {"clients": ["kafka-python", "confluent"], "streams": 1000, "probe_events
 QUICK = {"clients": ["kafka-python"], "streams": 1000, "probe_events": 20_000, "seconds": 12}
 SHIFT_EVENTS = 12
 WARMUP_S = 20.0  # live traffic before the measured seconds: the broker's JIT and the daemon's first batches
-WARM_RATE = 10_000  # events/s of the broker warm-up (--warm-broker-s), about the offered rate of these runs
+WARM_RATE = 14_000  # events/s of the broker warm-up (--warm-broker-s), about the offered rate of these runs
 WARM_ROUNDS = 3  # at most this many warm-up passes per client
 JIT_QUIET = 0.05  # cores: the broker's JIT threads below this in every pass of a round end the warm-up
 
