@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .source import RecordBatch
+from .thread_names import name_this_thread
 
 __all__ = ["PollAhead"]
 
@@ -154,6 +155,7 @@ class PollAhead:
             self._thread = None
 
     def _serve(self) -> None:
+        name_this_thread()  # "anomalyd-poll" in top -H, py-spy, benchmarks.cpu_sampler
         while (job := self._work.get()) is not None:
             poll, args = job
             try:

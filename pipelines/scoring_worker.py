@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
+from functools import partial
 
 from .scoring_threads import ScoringThreads
+from .thread_names import name_this_thread
 
 __all__ = ["ScoringWorker"]
 
@@ -21,7 +23,8 @@ class ScoringWorker:
     """``submit(job, windows, offsets)`` one micro-batch; ``wait()`` for it and take its offsets back."""
 
     def __init__(self, threads: ScoringThreads | None = None) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="anomalyd-score")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="anomalyd-score",
+                                        initializer=partial(name_this_thread, "anomalyd-score"))
         self._threads = threads  # the adaptive intra-op thread count, told when it scores and when the loop waits
         self._inflight: tuple[Future, dict | None] | None = None
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -157,3 +159,22 @@ def test_commits_never_run_on_the_loop_thread_while_the_helper_polls():
     finally:
         ahead.close()
     assert made[1:] == [({("t", 0): (9, "")}, True, "anomalyd-poll")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel thread names: Linux /proc")
+def test_the_helper_thread_carries_its_name_in_the_kernel():
+    """top -H, py-spy and benchmarks.cpu_sampler show "anomalyd-poll", not the process's name."""
+    ahead = PollAhead()
+    try:
+        ahead.submit(lambda: _kernel_name_batch())
+        batch = ahead.take()
+        assert batch.key == ["anomalyd-poll"]
+    finally:
+        ahead.close()
+
+
+def _kernel_name_batch() -> RecordBatch:
+    batch = RecordBatch.empty()
+    batch.key.append(Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip())
+    batch.value.append(b"x")
+    return batch

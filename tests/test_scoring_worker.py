@@ -3,8 +3,10 @@ its offsets handed back only once its job succeeded."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +80,13 @@ def test_the_adaptive_thread_count_sees_the_jobs_and_the_loops_waits():
         assert all(name.startswith("anomalyd-score") for name, _ in applied)
     finally:
         w.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel thread names: Linux /proc")
+def test_the_scoring_thread_carries_its_name_in_the_kernel(worker):
+    """top -H, py-spy and benchmarks.cpu_sampler show "anomalyd-score", not the process's name."""
+    names = []
+    worker.submit(lambda: names.append(Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text()),
+                  windows=1, offsets=None)
+    worker.wait()
+    assert names == ["anomalyd-score\n"]
