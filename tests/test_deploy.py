@@ -1,5 +1,5 @@
-"""Deployment artefacts under deploy/: Helm chart (real helm + kubernetes-validate), Prometheus rules (promtool),
-Grafana dashboard and provisioning, docker-compose (docker compose config), Dockerfile.
+"""Deployment artefacts under deploy/: Prometheus rules (promtool), Grafana dashboard and provisioning,
+docker-compose (docker compose config), Dockerfile. The Helm chart: tests/test_helm_chart.py.
 
 External tools (helm built by scripts/helm.sh, promtool, amtool, docker compose) are skipped when absent and
 required under CI=true.
@@ -11,9 +11,7 @@ import json
 import re
 import shlex
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,27 +20,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from pipelines.httpserver import HealthServer
 from pipelines.metrics import Metrics
+from tests.deploy_support import DEPLOY, ROOT, RULES, dockerfile
+from tests.deploy_support import run as _run
+from tests.deploy_support import tool as _tool
 from tests.integration.prometheus import dashboard_queries, unavailable
 
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
-CHART = DEPLOY / "helm" / "anomalyd"
-GPU_VALUES = CHART / "ci" / "gpu-servicemonitor-values.yaml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "anomalyd.json"
-RULES = DEPLOY / "prometheus" / "rules.yml"
-KUBERNETES_VERSION = "1.35.0"  # validated against kubernetes-validate's bundled 1.35 schemas
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # Operator CRDs: not in kubernetes-validate, checked by hand
-
-
-def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        unavailable(f"{name} not found")
-    return path
 
 
 # --- metric names: everything the artefacts query must exist --------------------------------------------------
@@ -185,15 +168,8 @@ def test_docker_compose_stack() -> None:
     assert int(services["anomalyd"]["stop_grace_period"].rstrip("s")) > grace
 
 
-def _dockerfile() -> tuple[list[list[str]], str]:
-    """Instructions of deploy/Dockerfile as [KEYWORD, rest] pairs (continuations joined), and the raw text."""
-    text = (DEPLOY / "Dockerfile").read_text()
-    logical = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")))
-    return [line.strip().split(None, 1) for line in logical.splitlines() if line.strip()], text
-
-
 def test_dockerfile_structure() -> None:
-    instructions, _ = _dockerfile()
+    instructions, _ = dockerfile()
     stages = [i for i, (kw, _) in enumerate(instructions) if kw == "FROM"]
     assert len(stages) >= 2, "multi-stage build"
     final = instructions[stages[-1]:]
@@ -216,7 +192,7 @@ def test_dockerfile_ships_prebuilt_fused_kernels_without_a_compiler() -> None:
     """The build stage compiles the portable kernels and the native decoder into ANOMALYD_CACHE under
     /opt/anomalyd; the runtime copies /opt/anomalyd, points ANOMALYD_CACHE at the same folder and has no compiler
     (tests/test_fastpath.py and tests/test_native_decode.py check that such a process loads them)."""
-    instructions, _ = _dockerfile()
+    instructions, _ = dockerfile()
     stages = [i for i, (kw, _) in enumerate(instructions) if kw == "FROM"]
     build, final = instructions[:stages[-1]], instructions[stages[-1]:]
 
@@ -235,7 +211,7 @@ def test_dockerfile_ships_prebuilt_fused_kernels_without_a_compiler() -> None:
 
 
 def test_dockerfile_healthcheck_probes_a_real_server() -> None:
-    instructions, _ = _dockerfile()
+    instructions, _ = dockerfile()
     (hc,) = [rest for kw, rest in instructions if kw == "HEALTHCHECK"]
     argv = json.loads(hc[hc.index("CMD") + 3:].strip())
     assert argv[0] == "python"
@@ -245,217 +221,3 @@ def test_dockerfile_healthcheck_probes_a_real_server() -> None:
         assert _run([sys.executable, *argv[1:]], env=env).returncode == 0
         alive["ok"] = False
         assert _run([sys.executable, *argv[1:]], env=env).returncode != 0
-
-
-# --- Helm ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def helm() -> str:
-    if shutil.which("go") is None and not list((Path.home() / ".cache/anomalyd/bin").glob("helm-*")):
-        unavailable("helm needs the Go toolchain to be built (scripts/helm.sh)")
-    proc = _run(["bash", str(ROOT / "scripts/helm.sh")])
-    if proc.returncode != 0:
-        unavailable(f"scripts/helm.sh failed:\n{proc.stderr[-2000:]}")
-    return proc.stdout.strip()
-
-
-VARIANTS = {"default": [], "gpu-servicemonitor": ["-f", str(GPU_VALUES)]}
-
-
-def _render(helm: str, *args: str) -> list[dict[str, Any]]:
-    proc = _run([helm, "template", "rel", str(CHART), "--namespace", "detect", "--kube-version", KUBERNETES_VERSION,
-                 *args])
-    assert proc.returncode == 0, proc.stderr
-    return [d for d in yaml.safe_load_all(proc.stdout) if d]
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_helm_lint_strict(helm: str, variant: str) -> None:
-    proc = _run([helm, "lint", "--strict", str(CHART), "--kube-version", KUBERNETES_VERSION, *VARIANTS[variant]])
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_helm_manifests_validate(helm: str, variant: str) -> None:
-    import kubernetes_validate
-
-    docs = _render(helm, *VARIANTS[variant])
-    kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "ConfigMap", "Service", "ServiceAccount", "PodDisruptionBudget"} <= kinds
-    for doc in docs:
-        if doc["kind"] in CRD_KINDS:
-            assert doc["apiVersion"] == "monitoring.coreos.com/v1"
-            continue
-        try:
-            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
-    assert (CRD_KINDS <= kinds) == (variant == "gpu-servicemonitor")
-
-
-def _by_kind(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {d["kind"]: d for d in docs}
-
-
-def _load_rendered_config(docs: dict[str, dict[str, Any]], tmp_path: Path) -> Any:
-    """The ConfigMap's config.yaml with the container's environment, checked by the daemon's own loader (when
-    importable); Secret-backed files and variables get stand-ins."""
-    text = docs["ConfigMap"]["data"]["config.yaml"]
-    example = yaml.safe_load((DEPLOY / "config.example.yaml").read_text())
-    cfg = yaml.safe_load(text)
-    key_paths = lambda d, p="": {f"{p}{k}" for k in d} | {
-        x for k, v in d.items() if isinstance(v, dict) and k != "labels" for x in key_paths(v, f"{p}{k}.")}
-    assert key_paths(cfg) == key_paths(example), "ConfigMap config must have the shape of config.example.yaml"
-    pair = {}
-    if cfg["kafka"]["security"]["ssl_certfile"]:  # the loader loads the pair: a real certificate and key
-        from pipelines.kafka_local_security import make_certificates
-
-        make_certificates(tmp_path / "tls", "127.0.0.1")
-        pair = {"ssl_certfile": tmp_path / "tls" / "client.crt", "ssl_keyfile": tmp_path / "tls" / "client.key"}
-    for key in ("sasl_password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-        mounted = cfg["kafka"]["security"][key]
-        if mounted:  # a Secret mount in the pod; a real file for the loader here
-            if key not in pair:
-                (tmp_path / key).write_text("stand-in")
-            text = text.replace(mounted, str(pair.get(key, tmp_path / key)))
-    (c,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e.get("value", "from-secret") for e in c["env"]}
-    path = tmp_path / "config.yaml"
-    path.write_text(text)
-    config = pytest.importorskip("pipelines.config")
-    return config.load_config(path, env=env)
-
-
-def test_helm_default_deployment(helm: str, tmp_path: Path) -> None:
-    docs = _by_kind(_render(helm))
-    pod = docs["Deployment"]["spec"]["template"]["spec"]
-    (c,) = pod["containers"]
-    config = yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])
-    assert c["ports"][0]["containerPort"] == config["http"]["port"]
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
-    assert pod["terminationGracePeriodSeconds"] == config["shutdown"]["grace_period_s"] + 10
-    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
-    sc = c["securityContext"]
-    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
-    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
-    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    assert mounts[config["models"]["dir"]]["readOnly"] and "/tmp" in mounts
-    assert docs["PersistentVolumeClaim"]["metadata"]["name"] == "rel-anomalyd-models"
-    svc = docs["Service"]["spec"]
-    assert svc["ports"][0]["targetPort"] == c["ports"][0]["name"]
-    assert svc["selector"].items() <= docs["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
-    loaded = _load_rendered_config(docs, tmp_path)
-    assert loaded.alerts.n == 5 and loaded.http.port == 9308
-
-
-def test_helm_gpu_servicemonitor_variant(helm: str, tmp_path: Path) -> None:
-    docs = _by_kind(_render(helm, "-f", str(GPU_VALUES)))
-    dep = docs["Deployment"]
-    pod = dep["spec"]["template"]["spec"]
-    (c,) = pod["containers"]
-    assert dep["spec"]["replicas"] == 3 and c["image"].endswith("-cuda")
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu" and pod["nodeSelector"]
-    assert pod["terminationGracePeriodSeconds"] == 45 + 10
-    assert "PersistentVolumeClaim" not in docs and not any(v["name"] == "models" for v in pod["volumes"])
-    env = {e["name"]: e for e in c["env"]}
-    assert env["ANOMALYD_KAFKA__SECURITY__SASL_USERNAME"]["valueFrom"]["secretKeyRef"]["name"] == "anomalyd-kafka"
-    secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
-    assert secrets == {"anomalyd-kafka", "kafka-ca", "anomalyd-kafka-client"}
-    config = yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])
-    assert config["kafka"]["security"]["sasl_password"] is None
-    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-    assert Path(config["kafka"]["security"]["sasl_password_file"]).parent == Path(mounts["kafka-credentials"])
-    assert Path(config["kafka"]["security"]["ssl_cafile"]).parent == Path(mounts["kafka-ca"])
-    client = next(v["secret"] for v in pod["volumes"] if v["name"] == "kafka-client")
-    for key, item in (("ssl_certfile", "tls.crt"), ("ssl_keyfile", "tls.key")):
-        path = Path(config["kafka"]["security"][key])
-        assert path.parent == Path(mounts["kafka-client"]) and path.name == item
-        assert {"key": item, "path": item} in client["items"]
-    # ServiceMonitor: selects the Service by its labels and scrapes its named port (shape checked by hand).
-    sm = docs["ServiceMonitor"]
-    svc = docs["Service"]
-    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
-    assert sm["spec"]["namespaceSelector"]["matchNames"] == ["detect"]
-    (endpoint,) = sm["spec"]["endpoints"]
-    assert endpoint["port"] == svc["spec"]["ports"][0]["name"] and endpoint["path"] == "/metrics"
-    # PrometheusRule: exactly the rules of deploy/prometheus/rules.yml.
-    assert docs["PrometheusRule"]["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
-    loaded = _load_rendered_config(docs, tmp_path)
-    assert loaded.kafka.security.protocol == "SASL_SSL" and loaded.kafka.security.sasl_username == "from-secret"
-    assert loaded.kafka.security.ssl_certfile and loaded.kafka.security.ssl_keyfile  # the loader's checks passed
-
-
-def test_helm_client_key_password_from_the_client_secret(helm: str, tmp_path: Path) -> None:
-    """An encrypted client key: its password is a file from the same Secret, never a value in the ConfigMap."""
-    docs = _by_kind(_render(helm, "--set", "config.kafka.security.protocol=SSL", "--set",
-                            "kafka.tls.clientSecret=client", "--set", "kafka.tls.clientKeyPasswordKey=password"))
-    security = yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])["kafka"]["security"]
-    pod = docs["Deployment"]["spec"]["template"]["spec"]
-    (client,) = [v["secret"] for v in pod["volumes"] if v["name"] == "kafka-client"]
-    assert client["secretName"] == "client" and {"key": "password", "path": "key-password"} in client["items"]
-    (c,) = pod["containers"]
-    mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "kafka-client")
-    assert security["ssl_key_password_file"] == f"{mount}/key-password" and security["ssl_key_password"] is None
-
-
-def test_helm_values_schema_rejects_bad_values(helm: str) -> None:
-    for bad in ("config.alerts.k=0", "models.source=nfs", "config.models.device=tpu", "unknownKey=1"):
-        proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set", bad])
-        assert proc.returncode != 0 and "schema" in proc.stderr, bad
-
-
-def _anomalyd_commands() -> dict[str, list[str]]:
-    """Every ``anomalyd`` command line the artefacts run: compose services, the image's CMD, the chart's args."""
-    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
-    commands = {name: svc["command"] for name, svc in services.items()
-                if svc.get("image", "").startswith("anomalyd") and "entrypoint" not in svc}
-    script = services["train"]["command"][0].replace("\\\n", " ").replace("$$kind", "gru").replace('"', "")
-    for i, line in enumerate(script.splitlines()):
-        if line.strip().startswith("anomalyd "):
-            commands[f"train script line {i + 1}"] = shlex.split(line)[1:]
-    instructions, _ = _dockerfile()
-    commands["Dockerfile CMD"] = json.loads(next(rest for kw, rest in instructions if kw == "CMD"))
-    deployment = (CHART / "templates" / "deployment.yaml").read_text()
-    commands["chart args"] = json.loads(re.search(r"args: (\[.*\])", deployment).group(1))
-    return commands
-
-
-def test_anomalyd_commands_parse_with_the_real_cli() -> None:
-    cli = pytest.importorskip("pipelines.cli")
-    commands = _anomalyd_commands()
-    assert {"anomalyd", "producer", "Dockerfile CMD", "chart args"} <= commands.keys()
-    assert sum(name.startswith("train script") for name in commands) == 2  # produce history, then train
-    for name, argv in commands.items():
-        try:
-            cli.build_parser().parse_args(argv)
-        except SystemExit:
-            pytest.fail(f"{name}: `anomalyd {' '.join(argv)}` is rejected by pipelines.cli")
-
-
-def test_helm_test_pod_checks_with_the_daemons_config_and_secrets(helm: str) -> None:
-    """`helm test` runs `anomalyd check --connect` with the daemon container's env, mounts and volumes, is not
-    selected by the daemon's Service, and runs beside a daemon pod when the models volume is ReadWriteOnce."""
-    secrets = ["--set", "kafka.credentials.existingSecret=kafka-login", "--set", "kafka.tls.caSecret=kafka-ca"]
-    docs = _by_kind(_render(helm, *secrets))
-    pod, daemon = docs["Pod"], docs["Deployment"]["spec"]["template"]
-    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test" and pod["spec"]["restartPolicy"] == "Never"
-    (check,), (run,) = pod["spec"]["containers"], daemon["spec"]["containers"]
-    assert check["args"] == ["check", "--config", "/etc/anomalyd/config.yaml", "--connect"]
-    assert check["image"] == run["image"] and check["env"] == run["env"]
-    assert check["volumeMounts"] == run["volumeMounts"] and pod["spec"]["volumes"] == daemon["spec"]["volumes"]
-    assert {m["mountPath"] for m in check["volumeMounts"]} >= {"/var/run/secrets/kafka", "/var/run/secrets/kafka-ca"}
-    selector = docs["Service"]["spec"]["selector"]
-    assert not selector.items() <= pod["metadata"]["labels"].items()
-    affinity = pod["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
-    assert affinity["labelSelector"]["matchLabels"] == selector
-    shared = _by_kind(_render(helm, "--set", "models.persistence.accessModes={ReadOnlyMany}"))["Pod"]
-    assert "affinity" not in shared["spec"]
-    assert "Pod" not in _by_kind(_render(helm, "--set", "helmTest.enabled=false"))
-    assert {"name": "ANOMALYD_LOG_FORMAT", "value": "text"} in run["env"]
-    json_logs = _by_kind(_render(helm, "--set", "logFormat=json"))["Deployment"]["spec"]["template"]["spec"]
-    assert {"name": "ANOMALYD_LOG_FORMAT", "value": "json"} in json_logs["containers"][0]["env"]
-    gpu = _by_kind(_render(helm, "-f", str(GPU_VALUES)))["Pod"]["spec"]["containers"][0]
-    assert {"name": "ANOMALYD_MODELS__DEVICE", "value": "cpu"} in gpu["env"]
-    assert "nvidia.com/gpu" not in gpu["resources"].get("limits", {})
