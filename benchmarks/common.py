@@ -21,6 +21,8 @@ from detector.autoencoder import AutoencoderDetector
 from detector.models import ModelConfig
 from detector.synthetic import SensorModel
 
+from .cpu_sampler import HZ, parse_stat, thread_ticks
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -245,23 +247,13 @@ def log(msg: str) -> None:
 
 def cpu_seconds(pid: int | str = "self") -> float:
     """User + system CPU seconds of a process so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return parse_stat(Path(f"/proc/{pid}/stat").read_text())[0] / HZ
 
 
 def jit_cpu_seconds(pid: int | str) -> float:
     """CPU seconds so far of a JVM's JIT compiler threads ("C1/C2 CompilerThread<n>"; Linux ``/proc``); threads
     that have exited are not counted, which can only make a difference of two readings smaller."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-        except OSError:  # the thread exited
-            continue
-        if "CompilerThre" in stat[stat.find("(") + 1:stat.rfind(")")]:
-            fields = stat.rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    return sum(ticks for ticks, name in thread_ticks(pid).values() if "CompilerThre" in name) / HZ
 
 
 def cpu_now(spec: Mapping[str, Any]) -> tuple[float, float]:

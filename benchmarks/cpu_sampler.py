@@ -19,17 +19,21 @@ import os
 import time
 from pathlib import Path
 
-_HZ = os.sysconf("SC_CLK_TCK")
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def parse_stat(text: str) -> tuple[int, str]:
+    """(user + system clock ticks, name) from the text of a ``/proc/<pid>[/task/<tid>]/stat`` file."""
+    fields = text.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12]), text[text.find("(") + 1:text.rfind(")")]
 
 
 def _ticks(stat_path: Path) -> tuple[int, str] | None:
-    """(user + system clock ticks, name) of a process or thread; None once it has gone."""
+    """:func:`parse_stat` of a process or thread; None once it has gone."""
     try:
-        text = stat_path.read_text()
+        return parse_stat(stat_path.read_text())
     except OSError:
         return None
-    fields = text.rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12]), text[text.find("(") + 1:text.rfind(")")]
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -40,7 +44,8 @@ def _processes() -> dict[int, tuple[int, str]]:
     return found
 
 
-def _threads(pid: int) -> dict[int, tuple[int, str]]:
+def thread_ticks(pid: int | str) -> dict[int, tuple[int, str]]:
+    """{thread id: (clock ticks, name)} of a process's live threads (empty once it has gone)."""
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -62,15 +67,15 @@ def sample(out: Path, interval: float = 1.0) -> None:
             host1, procs1, t1 = _host(), _processes(), time.monotonic()
             dt, d = t1 - t0, [b - a for a, b in zip(host0, host1, strict=False)]
             total = sum(d) or 1
-            busy = sorted(((procs1[p][0] - procs0[p][0]) / _HZ / dt, p, procs1[p][1])
+            busy = sorted(((procs1[p][0] - procs0[p][0]) / HZ / dt, p, procs1[p][1])
                           for p in procs1 if p in procs0)[::-1][:6]
             threads = {}
             for cores, pid, name in busy[:3]:
                 if cores < 0.3:
                     continue
-                now, before = _threads(pid), threads0.get(pid, {})
+                now, before = thread_ticks(pid), threads0.get(pid, {})
                 threads[f"{name}:{pid}"] = sorted(
-                    (round((now[t][0] - before[t][0]) / _HZ / dt, 2), now[t][1]) for t in now if t in before)[::-1][:6]
+                    (round((now[t][0] - before[t][0]) / HZ / dt, 2), now[t][1]) for t in now if t in before)[::-1][:6]
                 threads0[pid] = now
             f.write(json.dumps({"t": round(time.time(), 1), "user": round(d[0] / total, 2),
                                 "system": round(d[2] / total, 2), "idle": round(d[3] / total, 2),
