@@ -17,7 +17,7 @@ from .device import autocast_dtype, resolve_device
 from .fastpath import FusedAutoencoder, bf16_available, fused_available
 from .scoring import WindowScores
 
-__all__ = ["InferenceEngine", "ModelScores", "EAGER_CPU_CHUNK", "WARM_UP_BATCHES"]
+__all__ = ["InferenceEngine", "ModelScores", "EAGER_CPU_CHUNK", "SCORE_CEILING", "WARM_UP_BATCHES"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ WARM_UP_BATCHES = (1, 64, 512, 4096)
 """Batch sizes :meth:`InferenceEngine.warm_up` scores once per model. On a GPU the first forward pays cuDNN/cuBLAS
 set-up and lazy kernel loading: 0.27-0.33 s on an H200 (benchmarks/RESULTS.md, GPU section), which the first
 micro-batch of a fresh daemon would otherwise wait for."""
+
+SCORE_CEILING = 1e6
+"""Normalised scores are capped here (a million times the threshold). A window the model cannot reconstruct in
+float32 (a reading near the float32 limit overflows the scaled input or the squared error) scores NaN or +inf;
+it is anomalous, so it scores the ceiling: finite in alerts (strict JSON) and in the score histogram's sum."""
 
 
 @dataclass(frozen=True)
@@ -186,8 +191,11 @@ class InferenceEngine:
                 thr = det.threshold
                 if thr is None:
                     raise RuntimeError(f"model {name!r} has no calibrated threshold")
-                out[name] = ModelScores(raw=raw, normalised=thr.normalise(raw.score),
-                                        over=thr.is_anomalous(raw.score))
+                score = raw.score
+                if not np.isfinite(score).all():  # overflow (eager: NaN, fused: +inf): the most anomalous
+                    score = np.where(np.isnan(score), np.inf, score)
+                out[name] = ModelScores(raw=raw, normalised=np.minimum(thr.normalise(score), SCORE_CEILING),
+                                        over=thr.is_anomalous(score))
         return out
 
     def memory_bytes(self) -> int:

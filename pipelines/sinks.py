@@ -65,8 +65,9 @@ class KafkaAlertSink(Sink):
 
     def _produce(self, alert: Alert) -> None:
         headers = [("alert-id", alert.id.encode()), ("alert-status", alert.status.encode())]
+        value = alert.to_json()  # outside the try: an alert that cannot be serialised is a bug, not a retry
         try:
-            self.producer.produce(self.topic, alert.to_json(), key=alert.stream.encode(), headers=headers)
+            self.producer.produce(self.topic, value, key=alert.stream.encode(), headers=headers)
         except Exception:  # a producer that raises instead of reporting on flush
             self._resend = True
 

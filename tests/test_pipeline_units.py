@@ -66,6 +66,33 @@ def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys):
     assert '"anomalyd-error-reason": "bad_json"' in err
 
 
+def test_a_reading_at_the_float32_limit_fires_an_alert_that_serialises(trained, tmp_path, capsys):
+    """3e38 passes decoding (finite float32) but overflows the model: the window scores the ceiling and the
+    alert is strict JSON (the Kafka sink's ``to_json`` refuses NaN and infinities; it once stalled every commit)."""
+    from detector.engine import SCORE_CEILING
+    from pipelines.alerts import Alert
+
+    store = ModelStore(tmp_path / "models")
+    store.save("gru", trained["gru"])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["x"]}, "routes": [], "default_models": ["gru"]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    X = SensorModel(4, seed=1).normal(np.arange(120, dtype=np.float64))
+    X[70, 1] = 3e38
+    names = trained["gru"].feature_names
+    lines = [json.dumps({"stream": "pump-1", "ts": 1_700_000_000_000 + i * 1000,
+                         "values": dict(zip(names, row.tolist(), strict=True))}) for i, row in enumerate(X)]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    assert replay_files(tmp_path / "c.yaml", [tmp_path / "in.jsonl"]) == 0
+    alerts = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    firing = [a for a in alerts if a["status"] == "firing"]
+    assert len(firing) == 1 and firing[0]["peak_score"] == SCORE_CEILING
+    assert firing[0]["started_at"] <= 1_700_000_070_000
+    for a in alerts:
+        a.pop("event")
+        json.loads(Alert.from_dict(a).to_json())  # strict: raises on NaN or inf
+
+
 def test_replay_two_model_route_names_the_models_over_threshold(trained, tmp_path, capsys):
     """A route of two models (combine max): the firing alert lists the models whose score was over threshold in
     its incident (the route hands the alert tracker these lists for the windows over threshold only)."""

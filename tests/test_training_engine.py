@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from detector.engine import InferenceEngine
+from detector.engine import SCORE_CEILING, InferenceEngine
 from detector.models import ModelConfig
 from detector.scaling import Scaler
 from detector.training import TrainConfig, load_series, train_detector
@@ -102,6 +102,23 @@ def test_engine_warm_up_runs_each_model_once_per_batch_size_and_changes_nothing(
     after = engine.score({"gru": windows})["gru"]
     np.testing.assert_array_equal(after.raw.score, before.raw.score)
     assert {name: det.threshold.to_dict() for name, det in trained.items()} == thresholds
+
+
+@pytest.mark.parametrize("fused", [False, None], ids=["eager", "fused-if-built"])
+def test_engine_scores_a_float32_overflow_as_the_ceiling_not_nan(trained, synthetic, fused):
+    """A reading near the float32 limit overflows the scaled input (eager PyTorch then gives NaN, the fused
+    kernel +inf): the window is the most anomalous there is, with a finite normalised score, not an error."""
+    _, test = synthetic
+    engine = InferenceEngine(device="cpu", fused=fused)
+    engine.swap(trained)
+    windows = np.ascontiguousarray(
+        np.lib.stride_tricks.sliding_window_view(test.values[:40], 32, axis=0).transpose(0, 2, 1)).astype(np.float32)
+    windows[3, 20, :] = [3e38, -3e38, 3e38, 1.0]
+    for name in trained:
+        out = engine.score({name: windows})[name]
+        assert np.isfinite(out.normalised).all()
+        assert out.normalised[3] == SCORE_CEILING and out.over[3]
+        assert (out.normalised[:3] < SCORE_CEILING).all()
 
 
 def test_engine_bad_device():
