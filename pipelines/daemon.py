@@ -111,6 +111,8 @@ class Daemon:
         for name, lm in loaded.items():
             self.metrics.set_model_info(name, lm.version, lm.detector.kind, dev)
             self.metrics.set_threshold(name, 1.0)
+        for route in routes:
+            self.metrics.init_route(route.spec.label)
         self.intake.set_routes(self.routes)
 
     def _maybe_reload(self) -> None:
@@ -345,16 +347,7 @@ class Daemon:
                 continue
             if self.scoring_threads:
                 self.scoring_threads.add_model_seconds(sum(timings.values()))
-            now_ms = time.time() * 1000  # scores and alerts exist from now on
-            for name, seconds in timings.items():
-                self.metrics.observe_batch(name, dev, out.n, seconds)
-                self.metrics.observe_scores(name, out.per_model_normalised[name])
-            top_k = self.metrics.top_streams is not None
-            streams = out.streams() if top_k or out.alerts else None  # names only where they are read
-            self.metrics.observe_scores(out.label, out.combined, (now_ms - out.ts) / 1000.0, streams if top_k else None)
-            last_ts = dict(zip(streams, out.ts.tolist(), strict=True)) if out.alerts else {}  # stream -> newest ts
-            for a in out.alerts:  # latency from the stream's newest event in this batch
-                self.metrics.alert(out.label, a.status, (now_ms - last_ts.get(a.stream, a.started_at)) / 1000.0)
+            self.metrics.observe_scored(out, timings, dev)
             alerts.extend(out.alerts)
         if alerts:
             self.sinks.add(alerts)

@@ -16,9 +16,9 @@ labels except on the opt-in, K-bounded ``anomalyd_top_stream_score``. Outcomes: 
 | `anomalyd_inference_seconds` | histogram | model, device | forward-pass latency of one micro-batch |
 | `anomalyd_event_to_score_seconds` | histogram | - | event timestamp to its window's score |
 | `anomalyd_event_to_alert_seconds` | histogram | - | event timestamp to the alert it triggered |
-| `anomalyd_alerts_total` | counter | model, status | alerts emitted; status in firing, resolved |
+| `anomalyd_alerts_total` | counter | model, status | alerts emitted, by route (`model`: its model, `a+b` for several) |
 | `anomalyd_open_incidents` | gauge | - | incidents currently open |
-| `anomalyd_anomaly_score` | histogram | model | normalised anomaly scores (1.0 = calibrated threshold) |
+| `anomalyd_anomaly_score` | histogram | model | normalised scores (1.0 = threshold): per model; a route's `a+b` |
 | `anomalyd_threshold` | gauge | model | current alert threshold on the normalised score scale |
 | `anomalyd_consumer_lag` | gauge | topic, partition | end offset minus position of each assigned partition |
 | `anomalyd_assigned_partitions` | gauge | - | partitions currently assigned to this consumer |
@@ -47,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import (
@@ -60,6 +61,9 @@ from prometheus_client import (
 )
 
 from .collectors import BulkHistogram, TopStreams
+
+if TYPE_CHECKING:
+    from .routes import ScoredBatch
 
 OUTCOMES = ("scored", "warming", "dead_lettered", "late", "unrouted")
 """Values of the ``outcome`` label of ``anomalyd_events_total``."""
@@ -209,8 +213,11 @@ class Metrics:
             self._model_series[model] = (model, version, kind, device)
         self.model_info.labels(model=model, version=version, kind=kind, device=device).set(1)
         self.windows_scored.labels(model=model)
+
+    def init_route(self, label: str) -> None:
+        """Create a route's alert counters at 0 (``label``: its model, or ``a+b`` for a route of several)."""
         for status in ALERT_STATUSES:
-            self.alerts.labels(model=model, status=status)
+            self.alerts.labels(model=label, status=status)
 
     def remove_model_info(self, model: str) -> None:
         """Drop the ``model_info`` series of a model that is no longer served."""
@@ -235,6 +242,24 @@ class Metrics:
             self.event_to_score_seconds.observe_many(np.maximum(np.asarray(event_to_score_seconds), 0.0))
         if streams is not None and self.top_streams is not None:
             self.top_streams.observe(streams, scores)
+
+    def observe_scored(self, out: ScoredBatch, timings: Mapping[str, float], device: str) -> None:
+        """Record one route's scored micro-batch: per model its size and forward ``timings`` (seconds); the
+        combined scores under the route's label, with their event-to-score latency and the top-K streams; each
+        alert with its latency from its stream's newest event in the batch. A route of several models also
+        records each model's own scores; a one-model route's combined scores are that model's, recorded once."""
+        now_ms = time.time() * 1000  # scores and alerts exist from now on
+        several = len(out.per_model_normalised) > 1
+        for name, seconds in timings.items():
+            self.observe_batch(name, device, out.n, seconds)
+            if several:
+                self.observe_scores(name, out.per_model_normalised[name])
+        top_k = self.top_streams is not None
+        streams = out.streams() if top_k or out.alerts else None  # names only where they are read
+        self.observe_scores(out.label, out.combined, (now_ms - out.ts) / 1000.0, streams if top_k else None)
+        last_ts = dict(zip(streams, out.ts.tolist(), strict=True)) if out.alerts else {}  # stream -> newest ts
+        for a in out.alerts:
+            self.alert(out.label, a.status, (now_ms - last_ts.get(a.stream, a.started_at)) / 1000.0)
 
     def set_threshold(self, model: str, threshold: float) -> None:
         self.threshold.labels(model=model).set(threshold)

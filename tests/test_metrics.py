@@ -145,7 +145,9 @@ def test_model_info_replaced_on_reload(reg: CollectorRegistry, m: Metrics) -> No
     assert reg.get_sample_value("anomalyd_model_info",
                                 {"model": "gru", "version": "v2", "kind": "gru", "device": "cpu"}) == 1
     assert reg.get_sample_value("anomalyd_windows_scored_total", {"model": "gru"}) == 0  # pre-created
-    assert reg.get_sample_value("anomalyd_alerts_total", {"model": "lstm", "status": "firing"}) == 0
+    assert reg.get_sample_value("anomalyd_alerts_total", {"model": "lstm", "status": "firing"}) is None  # per route
+    m.init_route("gru+lstm")
+    assert reg.get_sample_value("anomalyd_alerts_total", {"model": "gru+lstm", "status": "resolved"}) == 0
     m.remove_model_info("lstm")
     assert reg.get_sample_value("anomalyd_model_info",
                                 {"model": "lstm", "version": "v7", "kind": "lstm", "device": "cpu"}) is None

@@ -153,6 +153,8 @@ def test_scoring_reports_top_streams_and_alert_latency_from_the_newest_event(tra
     assert reg.get_sample_value("anomalyd_top_stream_score", {"rank": "2", "stream": "pump-2"}) is not None
     count = reg.get_sample_value("anomalyd_event_to_alert_seconds_count")
     assert count == len(alerts) and reg.get_sample_value("anomalyd_event_to_alert_seconds_sum") < 30 * count
+    scored = reg.get_sample_value("anomalyd_windows_scored_total", {"model": "gru"})
+    assert scored > 0 and reg.get_sample_value("anomalyd_anomaly_score_count", {"model": "gru"}) == scored  # once
 
 
 def test_positions_replay_commit_and_revoke():
