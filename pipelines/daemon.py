@@ -188,9 +188,16 @@ class Daemon:
                     previous = signal.signal(sig, handler)
                     stack.callback(signal.signal, sig, previous)
             security = self.cfg.kafka.security.client_settings()
-            self.producer: Producer = make_producer(k.client, k.bootstrap_servers, security)
+            # Dead letters and alerts have a producer each: a flush reports the failures of every message of its
+            # producer, so one shared producer let the scoring thread's alert flush take a dead letter's failure
+            # (and the loop commit past it), or the loop's dead-letter flush take an alert's (and crash).
+            self.producer: Producer = make_producer(k.client, k.bootstrap_servers, security)  # dead letters
             stack.callback(self.producer.close)
-            self.sinks: FanoutSink = build_sinks(dataclasses.asdict(self.cfg.sinks), self.producer)
+            alerts_producer = make_producer(k.client, k.bootstrap_servers, security) if self.cfg.sinks.kafka.enabled \
+                else None
+            if alerts_producer is not None:
+                stack.callback(alerts_producer.close)
+            self.sinks: FanoutSink = build_sinks(dataclasses.asdict(self.cfg.sinks), alerts_producer)
             stack.callback(self.sinks.close)
             if self.cfg.processing.score_in_background:
                 self._worker = ScoringWorker(self.scoring_threads)
@@ -226,7 +233,12 @@ class Daemon:
                 self.metrics.set_state(up=False, ready=False)
                 if crashed:
                     self.source.close()  # no commit after a crash
-            code = self._shutdown()
+            try:
+                code = self._shutdown()
+            except BaseException:  # a refused dead letter: leave the group now, committing nothing (not even in
+                self._crashed = True  # the revoke callback that close runs, whose flush would find no error left)
+                self.source.close()
+                raise
             self.source.close()
         return code
 
