@@ -181,11 +181,15 @@ class Positions:
         return replay
 
     def advance(self, tp_idx: np.ndarray, offset: np.ndarray) -> None:
-        """Mark records as processed (committable once their windows are scored and alerts delivered)."""
+        """Mark records as processed (committable once their windows are scored and alerts delivered). Records of
+        a rebuild replay are already committed: a commit in mid-replay must not move the group's offset back."""
         last = np.r_[tp_idx[1:] != tp_idx[:-1], True]
         for i in np.flatnonzero(last).tolist():
             tp = self.tps[tp_idx[i]]
-            self.uncommitted[tp] = max(self.uncommitted.get(tp, 0), int(offset[i]) + 1)
+            nxt = int(offset[i]) + 1
+            if nxt < self._resume.get(tp, 0):
+                continue
+            self.uncommitted[tp] = max(self.uncommitted.get(tp, 0), nxt)
 
     def commit_offsets(self, floors: np.ndarray) -> dict[TopicPartition, tuple[int, str]]:
         """``{tp: (next offset, metadata)}`` for everything processed; ``floors`` (by tp id, -1 = none)."""

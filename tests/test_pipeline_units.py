@@ -179,6 +179,25 @@ def test_positions_replay_commit_and_revoke():
     assert pos._resume == {c: 50}
 
 
+def test_a_commit_in_mid_replay_never_moves_the_committed_offset_back():
+    from pipelines.positions import Positions
+
+    pos = Positions()
+    a, b = ("t", 0), ("t", 1)
+    ids = np.array([pos.id_of(a)] * 3 + [pos.id_of(b)])
+    pos.assign([a, b])
+    pos._resume[a] = 1000  # seeked back to 900 to rebuild windows; 1000 is committed
+    offsets = np.array([950, 951, 952, 7])
+    assert pos.replay_mask(ids, offsets).tolist() == [True, True, True, False]
+    pos.advance(ids, offsets)
+    assert pos.uncommitted == {b: 8}  # b is live and committable; a's replay is below its commit
+    assert set(pos.commit_offsets(np.array([900, -1]))) == {b}
+    tail, tail_ids = np.array([998, 999, 1000]), np.array([pos.id_of(a)] * 3)
+    assert pos.replay_mask(tail_ids, tail).tolist() == [True, True, False]  # the replay ends at 999
+    pos.advance(tail_ids, tail)
+    assert pos.uncommitted == {a: 1001, b: 8}
+
+
 def test_window_offsets_floor_covers_every_window_and_bounds_the_replay():
     rng = np.random.default_rng(7)
     w, n_streams = 8, 12
