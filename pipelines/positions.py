@@ -18,9 +18,24 @@ from detector.windows import sorted_groups
 
 from .source import RecordBatch, Source, TopicPartition
 
-__all__ = ["Positions", "WindowOffsets"]
+__all__ = ["MAX_REBUILD_RECORDS", "Positions", "WindowOffsets", "replay_start"]
 
 log = logging.getLogger("anomalyd")
+
+
+MAX_REBUILD_RECORDS = 2_000_000
+"""The longest rebuild replay per partition (records). A stream that has gone quiet keeps its window's offsets in
+every later commit's floor, which would otherwise make each restart replay everything since (or, once retention has
+deleted that offset, reset the position by ``auto_offset_reset``). Streams whose window begins further back restart
+with a partial window (their first windows wait to fill up)."""
+
+
+def replay_start(committed: int, floor: int, log_start: int, max_replay: int = MAX_REBUILD_RECORDS) -> int:
+    """Where a newly assigned partition starts: at the commit's rebuild ``floor`` (-1: none), but never below the
+    partition's first retained offset ``log_start`` nor ``max_replay`` records below the ``committed`` offset."""
+    if not 0 <= floor < committed:
+        return committed
+    return max(floor, log_start, committed - max_replay)
 
 
 def _rebuild_floor(metadata: str) -> int:
@@ -87,7 +102,8 @@ class WindowOffsets:
 
 
 class Positions:
-    def __init__(self) -> None:
+    def __init__(self, max_rebuild_records: int = MAX_REBUILD_RECORDS) -> None:
+        self.max_rebuild_records = max_rebuild_records
         self.ids: dict[TopicPartition, int] = {}  # small integer id per topic-partition ever seen
         self.tps: list[TopicPartition] = []
         self.assigned: set[TopicPartition] = set()
@@ -147,16 +163,17 @@ class Positions:
         for t, p, off in zip(batch.topic, batch.partition.tolist(), batch.offset.tolist(), strict=True):
             first.setdefault((t, p), off)
         starts: dict[TopicPartition, int] = {}
-        for tp, got in source.committed(tps).items():
+        committed = source.committed(tps)
+        floors = {tp: _rebuild_floor(got[1]) for tp, got in committed.items() if got is not None}
+        log_start = self._log_start(source, [tp for tp, f in floors.items() if 0 <= f < committed[tp][0]])
+        for tp, got in committed.items():
             if got is None:
                 if tp in first:
                     starts[tp] = first[tp]
                 continue
-            offset, meta = got
-            floor = _rebuild_floor(meta)
-            if 0 <= floor < offset:
-                self._resume[tp] = offset
-            starts[tp] = floor if 0 <= floor < offset else offset
+            starts[tp] = replay_start(got[0], floors[tp], log_start.get(tp, 0), self.max_rebuild_records)
+            if starts[tp] < got[0]:
+                self._resume[tp] = got[0]
         for tp, off in starts.items():
             source.seek(tp, off)
         if starts:
@@ -165,6 +182,18 @@ class Positions:
         moved = set(tps)
         keep = np.flatnonzero([(t, p) not in moved for t, p in zip(batch.topic, batch.partition.tolist(), strict=True)])
         return batch if len(keep) == len(batch) else batch.select(keep)
+
+    @staticmethod
+    def _log_start(source: Source, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """First retained offset of each partition to rebuild from; {} when the broker does not say (the seek
+        then goes to the floor, and a floor that retention removed resets the position by auto_offset_reset)."""
+        if not tps:
+            return {}
+        try:
+            return source.first_offsets(tps)
+        except Exception as exc:  # a timeout: rebuild as before rather than stop
+            log.warning("could not read the first retained offsets of %s: %s", tps, exc)
+            return {}
 
     # -- processing ----------------------------------------------------------------------------------------
     def replay_mask(self, tp_idx: np.ndarray, offset: np.ndarray) -> np.ndarray:

@@ -67,6 +67,8 @@ class Source(Protocol):
         """Commit from inside a rebalance callback (where kafka-python 3 allows no blocking call)."""
     def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]: ...
     def seek(self, tp: TopicPartition, offset: int) -> None: ...
+    def first_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The first offset each partition still holds (its log start, which retention moves up)."""
     def assignment(self) -> set[TopicPartition]: ...
     def lag(self) -> dict[TopicPartition, int]: ...
     def close(self) -> None: ...
@@ -147,6 +149,10 @@ class KafkaPythonSource:
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._consumer.seek(self._KTP(*tp), offset)
+
+    def first_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        got = self._consumer.beginning_offsets([self._KTP(t, p) for t, p in tps], timeout_ms=10_000)
+        return {(tp.topic, tp.partition): int(off) for tp, off in got.items()}
 
     def assignment(self) -> set[TopicPartition]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
@@ -278,6 +284,10 @@ class ConfluentSource:
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._consumer.seek(self._CTP(tp[0], tp[1], offset))
+
+    def first_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        return {(t, p): int(self._consumer.get_watermark_offsets(self._CTP(t, p), timeout=10, cached=False)[0])
+                for t, p in tps}
 
     def assignment(self) -> set[TopicPartition]:
         return {(p.topic, p.partition) for p in self._consumer.assignment()}

@@ -179,6 +179,16 @@ def test_positions_replay_commit_and_revoke():
     assert pos._resume == {c: 50}
 
 
+def test_the_rebuild_replay_starts_at_the_floor_within_retention_and_the_cap():
+    from pipelines.positions import replay_start
+
+    assert replay_start(committed=1000, floor=900, log_start=0, max_replay=500) == 900
+    assert replay_start(committed=1000, floor=900, log_start=950, max_replay=500) == 950  # retention removed 900
+    assert replay_start(committed=10_000_000, floor=3, log_start=0, max_replay=500) == 9_999_500  # a quiet stream
+    assert replay_start(committed=1000, floor=-1, log_start=0) == 1000  # no floor: resume at the commit
+    assert replay_start(committed=1000, floor=1000, log_start=0) == 1000
+
+
 def test_a_commit_in_mid_replay_never_moves_the_committed_offset_back():
     from pipelines.positions import Positions
 

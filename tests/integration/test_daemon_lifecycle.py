@@ -76,6 +76,36 @@ def test_restart_rebuilds_windows_without_blind_spot(kafka_bootstrap, topic_name
     assert second.events_seen > n - n // 2  # the replay itself
 
 
+def _delete_records_before(bootstrap: str, topic: str, offset: int) -> None:
+    """Move partition 0's log start to ``offset``, as retention does (confluent-kafka's admin client)."""
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.delete_records([TopicPartition(topic, 0, offset)], request_timeout=30).values():
+        future.result(timeout=30)
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_restart_after_retention_removed_the_rebuild_floor_resumes_at_the_commit(kafka_bootstrap, topic_name,
+                                                                                 models, tmp_path, client):
+    """The commit's rebuild floor is gone (retention): the replay starts at the log start instead. Seeking to the
+    floor itself would reset the position by auto_offset_reset, and with ``latest`` skip every uncommitted record."""
+    models_dir, names = models
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    n = _produce_clean(kafka_bootstrap, topic_name, 100)
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client, kafka__poll_max_records=50)
+    first = Daemon(load_config(write_config(tmp_path / "c1.yaml", cfg)))
+    assert first.run(count=n // 2, timeout=60) == 0
+    assert committed_offsets(kafka_bootstrap, f"g-{topic_name}", topic_name) == {0: n // 2}
+    _delete_records_before(kafka_bootstrap, topic_name, n // 2 - 10)  # inside the windows' floor, below the commit
+    cfg["kafka"]["auto_offset_reset"] = "latest"
+    second = Daemon(load_config(write_config(tmp_path / "c2.yaml", cfg)))
+    assert second.run(count=n - n // 2 + 10, timeout=60) == 0
+    assert second.events_seen == n - n // 2 + 10  # the 10 retained below the commit, then every uncommitted one
+    assert committed_offsets(kafka_bootstrap, f"g-{topic_name}", topic_name) == {0: n}
+
+
 def test_new_model_version_is_swapped_in_without_dropping_events(kafka_bootstrap, topic_name, models, tmp_path):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=1)
