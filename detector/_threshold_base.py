@@ -43,6 +43,35 @@ def _check_enough(x: np.ndarray, need: int, who: str) -> None:
         raise ValueError(f"{who}.fit needs at least {need} calibration scores, got {len(x)}")
 
 
+def _state_float(state: dict[str, Any], key: str, who: str) -> float:
+    """state[key] as a finite float; ValueError naming the field otherwise (KeyError when missing)."""
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+        raise ValueError(f"{who} state field {key!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _state_count(state: dict[str, Any], key: str, who: str) -> int:
+    """state[key] as a non-negative int; ValueError naming the field otherwise (KeyError when missing)."""
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{who} state field {key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _state_array(state: dict[str, Any], key: str, who: str, *, positive: bool = False) -> np.ndarray:
+    """state[key] as a finite 1-D float64 array (all > 0 if ``positive``); ValueError naming the field."""
+    value = state[key]
+    try:
+        x = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        x = None
+    if x is None or x.ndim != 1 or not np.isfinite(x).all() or (positive and (x <= 0).any()):
+        kind = "positive" if positive else "finite"
+        raise ValueError(f"{who} state field {key!r} must be a list of {kind} numbers, got {value!r:.80}")
+    return x
+
+
 class Threshold(ABC):
     """A calibrated decision boundary on scalar anomaly scores (higher score = more anomalous)."""
 

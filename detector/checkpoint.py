@@ -109,10 +109,17 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
     try:
         cfg = ModelConfig.from_dict(meta["model_config"])
+        if not isinstance(meta["scaler"], dict):
+            raise ValueError(f"scaler must be a dict with 'method', 'center' and 'scale', got {meta['scaler']!r:.80}")
         scaler = Scaler.from_dict(meta["scaler"])
         threshold = threshold_from_dict(meta["threshold"])
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{meta_path}: invalid metadata: {exc}") from None
+    last_k = meta.get("score_last_k")
+    if last_k is not None and (isinstance(last_k, bool) or not isinstance(last_k, int)
+                               or not 1 <= last_k <= cfg.window):
+        raise CheckpointError(f"{meta_path}: invalid metadata: score_last_k must be null or an integer in "
+                              f"1..{cfg.window} (the window), got {last_k!r}")
     names = meta["feature_names"]
     if not isinstance(names, list) or len(names) != cfg.n_features or scaler.n_features != cfg.n_features:
         raise CheckpointError(f"{meta_path}: feature names / scaler do not match n_features={cfg.n_features}")
@@ -137,5 +144,5 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     model.load_state_dict(state)
     return AutoencoderDetector(
         cfg, model=model, scaler=scaler, threshold=threshold, feature_names=list(names),
-        score_last_k=meta.get("score_last_k"), summary=meta.get("train_summary") or {}, device=device,
+        score_last_k=last_k, summary=meta.get("train_summary") or {}, device=device,
     )

@@ -15,6 +15,7 @@ import numpy as np
 __all__ = ["fit_gpd", "gpd_quantiles_beyond", "pot_quantile"]
 
 _GRID = 64  # grid points per side when bracketing roots of Grimshaw's equation
+_X_MAX = 1e100  # cap on the root bound x max(y): 2(mean-min)/min^2 overflows (or divides by 0) as min(y) -> 0
 
 
 def _w(xs: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -42,7 +43,9 @@ def _candidates(y: np.ndarray) -> np.ndarray:
     # |x| max(y) < 1e-4 is skipped: w is O(x^2) there (below rounding noise) and such roots mean gamma ~ 0.
     frac = np.concatenate([np.geomspace(1e-4, 0.5, _GRID // 2), 1.0 - np.geomspace(1e-12, 0.5, _GRID // 2)])
     left = -np.unique(frac)[::-1] / ymax  # (G,) ascending from just above -1/ymax towards 0
-    upper = 2.0 * (ymean - ymin) / ymin**2
+    with np.errstate(over="ignore", divide="ignore"):
+        upper = float(np.float64(2.0) * (ymean - ymin) / np.float64(ymin) / ymin)  # inf when min(y) ~ 0
+    upper = min(upper, _X_MAX / ymax)
     right = np.geomspace(min(1e-4 / ymax, 1e-3 * upper), upper, _GRID)  # (G,)
     found = []
     for grid in (left, right):
@@ -71,11 +74,20 @@ def fit_gpd(excesses: np.ndarray) -> tuple[float, float]:
     Grimshaw's procedure as in SPOT: each root x* of the likelihood equation gives
     gamma = mean(log(1 + x* y)), sigma = gamma / x*; among these, the exponential case (gamma = 0,
     sigma = mean(y)) and the boundary gamma = -1 (the likelihood is unbounded below it, so gamma >= -1 is
-    imposed) the best log-likelihood wins.  Falls back to the method of moments if not finite.
+    imposed) the best log-likelihood wins.  Falls back to the method of moments if not finite.  The fit runs on
+    y / 2^k with max(y / 2^k) in [0.5, 1) (exact rescaling; sigma scaled back), so excesses of any magnitude,
+    and ones as small as 1e-200 beside 1, neither overflow nor divide by zero.
     """
     y = np.asarray(excesses, dtype=np.float64)
-    if len(y) == 0 or not (y > 0).all():
-        raise ValueError("fit_gpd needs a non-empty array of strictly positive excesses")
+    if len(y) == 0 or not (y > 0).all() or not np.isfinite(y).all():
+        raise ValueError("fit_gpd needs a non-empty array of strictly positive, finite excesses")
+    scale = float(np.ldexp(1.0, int(np.frexp(y.max())[1])))  # a power of two
+    gamma, sigma = _fit_unit_gpd(y / scale)
+    return gamma, sigma * scale
+
+
+def _fit_unit_gpd(y: np.ndarray) -> tuple[float, float]:
+    """fit_gpd on excesses y (N,) scaled to max(y) in [0.5, 1) (some may have underflowed to 0)."""
     n, ymean = len(y), float(y.mean())
     best, best_ll = (0.0, ymean), -n * (np.log(ymean) + 1.0)  # exponential case
     if float(y.max() - y.min()) > 1e-12 * ymean:

@@ -47,9 +47,10 @@ class ModelConfig:
             raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {self.kind!r}")
         for name in ("n_features", "window", "hidden_size", "num_layers", "latent_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        drop = self.dropout
+        if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0.0 <= drop < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
     def to_dict(self) -> dict:
@@ -57,6 +58,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"ModelConfig must be a dict of fields, got {d!r:.80}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -23,7 +23,15 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ._threshold_base import NotFittedError as NotFittedError  # re-exported: callers catch it from here
-from ._threshold_base import Threshold, _as_scores, _check_enough, _eps
+from ._threshold_base import (
+    Threshold,
+    _as_scores,
+    _check_enough,
+    _eps,
+    _state_array,
+    _state_count,
+    _state_float,
+)
 from .gpd import _gpd_moments as _gpd_moments  # re-exported: tests use it from here
 from .gpd import fit_gpd, gpd_quantiles_beyond, pot_quantile
 
@@ -66,7 +74,7 @@ class QuantileThreshold(Threshold):
         return None if self._t is None else {"threshold": self._t}
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self._t = float(state["threshold"])
+        self._t = _state_float(state, "threshold", type(self).__name__)
 
 
 class SPOTThreshold(Threshold):
@@ -105,7 +113,12 @@ class SPOTThreshold(Threshold):
         return self
 
     def _calibrate(self, x: np.ndarray) -> None:
-        """Initial POT fit on (N,) (possibly drift-corrected) calibration values."""
+        """Initial POT fit on (N,) (possibly drift-corrected) calibration values.
+
+        Few calibration scores leave few peaks (1-2 of 21-60 scores at init_quantile 0.98): the tail fit then
+        overshoots the target false-alarm rate (median 3-10x ``risk`` with 30-60 exponential, log-normal or
+        chi-squared scores, 1.7-3x with 200-400). Neither a lower initial quantile (10 peaks) nor a 0.99-quantile
+        fallback did better there (benchmarks/RESULTS.md, Accuracy caveats): calibrate on more windows."""
         t = float(np.quantile(x, self.init_quantile))
         peaks = x[x > t] - t  # (P,)
         self._t, self._n, self._n_peaks, self._imputed, self._credit = t, len(x), len(peaks), 0, 0
@@ -229,11 +242,15 @@ class SPOTThreshold(Threshold):
         return {**state, "peaks": self._peaks.tolist()}
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        for k in self._FLOATS:
-            setattr(self, f"_{k}", float(state[k]))
-        for k in self._INTS:
-            setattr(self, f"_{k}", int(state[k]))
-        self._peaks = np.asarray(state["peaks"], dtype=np.float64)[-self.max_peaks :]
+        who = type(self).__name__
+        floats = {k: _state_float(state, k, who) for k in self._FLOATS}
+        ints = {k: _state_count(state, k, who) for k in self._INTS}
+        peaks = _state_array(state, "peaks", who, positive=True)
+        if floats["sigma"] < 0.0:
+            raise ValueError(f"{who} state field 'sigma' must be >= 0, got {floats['sigma']!r}")
+        for k, v in (floats | ints).items():
+            setattr(self, f"_{k}", v)
+        self._peaks = peaks[-self.max_peaks :]
 
 
 class DSPOTThreshold(SPOTThreshold):
@@ -261,7 +278,8 @@ class DSPOTThreshold(SPOTThreshold):
 
     def fit(self, scores: np.ndarray) -> DSPOTThreshold:
         x, d = _as_scores(scores, calibration=True), self.depth
-        _check_enough(x, d + MIN_SCORES, f"{type(self).__name__}(depth={d})")
+        who = f"{type(self).__name__}(depth={d})"
+        _check_enough(x, d + MIN_SCORES, who)
         cs = np.concatenate([[0.0], np.cumsum(x - x.mean())])  # (N+1,)
         means = x.mean() + (cs[d:-1] - cs[: len(x) - d]) / d  # (N-d,) mean of the d scores before x[d:]
         self._calibrate(x[d:] - means)
@@ -309,15 +327,19 @@ class DSPOTThreshold(SPOTThreshold):
         return None if state is None else {**state, "window": self._window.tolist()}
 
     def _load_state(self, state: dict[str, Any]) -> None:
+        who = f"{type(self).__name__}(depth={self.depth})"
+        window = _state_array(state, "window", who)
+        if len(window) != self.depth:
+            raise ValueError(f"{who} state field 'window' must hold depth={self.depth} scores, got {len(window)}")
         super()._load_state(state)
-        self._window = np.asarray(state["window"], dtype=np.float64)
+        self._window = window
 
 
 _KINDS: dict[str, type[Threshold]] = {c.kind: c for c in (QuantileThreshold, SPOTThreshold, DSPOTThreshold)}
 
 
 def _cls(kind: Any) -> type[Threshold]:
-    if kind not in _KINDS:
+    if not isinstance(kind, str) or kind not in _KINDS:
         raise ValueError(f"unknown threshold kind {kind!r}; expected one of {sorted(_KINDS)}")
     return _KINDS[kind]
 
@@ -328,8 +350,21 @@ def make_threshold(kind: str, **params: Any) -> Threshold:
 
 
 def threshold_from_dict(d: dict[str, Any]) -> Threshold:
-    """Rebuild a threshold (fitted or not) from Threshold.to_dict() output."""
-    thr = _cls(d.get("kind"))(**d.get("params", {}))
-    if d.get("state") is not None:
-        thr._load_state(d["state"])
+    """Rebuild a threshold (fitted or not) from Threshold.to_dict() output.
+
+    Raises ValueError naming the field when ``d`` is not such a dict, its state is malformed (DSPOT: a drift
+    window of other than ``depth`` scores) or the loaded threshold is not finite; KeyError for a missing field.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"threshold must be a dict with 'kind', 'params' and 'state', got {d!r:.80}")
+    params, state = d.get("params", {}), d.get("state")
+    if not isinstance(params, dict):
+        raise ValueError(f"threshold 'params' must be a dict, got {params!r:.80}")
+    if state is not None and not isinstance(state, dict):
+        raise ValueError(f"threshold 'state' must be a dict or null, got {state!r:.80}")
+    thr = _cls(d.get("kind"))(**params)
+    if state is not None:
+        thr._load_state(state)
+        if not np.isfinite(thr.threshold):
+            raise ValueError(f"threshold state gives a non-finite {thr.kind} threshold {thr.threshold!r}")
     return thr

@@ -74,16 +74,21 @@ def load_series(path: str | Path) -> tuple[np.ndarray, list[str]]:
 
 
 def _fill_missing(X: np.ndarray) -> np.ndarray:
-    """Carry the last value forward per feature (leading NaNs take the first valid value)."""
+    """(T, F) copy with NaNs filled per feature: the last valid value carried forward; leading NaNs take the
+    column's first valid value (never anything later, so validation rows do not leak into training rows);
+    an all-NaN column becomes 0.0.  Arrays that are not 2-D are returned as float32 copies, unfilled."""
     X = np.array(X, dtype=np.float32)
     mask = np.isnan(X)
-    if not mask.any():
+    if X.ndim != 2 or not mask.any():
         return X
-    idx = np.where(~mask, np.arange(X.shape[0])[:, None], 0)
-    np.maximum.accumulate(idx, axis=0, out=idx)
+    valid = ~mask
+    rows = np.arange(X.shape[0])[:, None]  # (T, 1)
+    idx = np.where(valid, rows, -1)  # (T, F) row of each valid value, -1 at NaNs
+    np.maximum.accumulate(idx, axis=0, out=idx)  # row of the last valid value at or before each row
+    idx = np.where(idx < 0, np.argmax(valid, axis=0)[None, :], idx)  # leading NaNs: first valid row (0 if none)
     X = X[idx, np.arange(X.shape[1])]
-    col_first = np.nanmean(np.where(np.isnan(X), np.nan, X), axis=0)
-    return np.where(np.isnan(X), np.nan_to_num(col_first), X)
+    X[:, ~valid.any(axis=0)] = 0.0
+    return X
 
 
 def _subsample(windows: np.ndarray, cap: int | None) -> np.ndarray:
@@ -206,5 +211,5 @@ def train_detector(
         "train_config": cfg.to_dict(),
     }
     say(f"trained {model_cfg.kind} in {train_seconds:.1f}s; threshold {detector.threshold.threshold:.5g} "
-        f"({cfg.threshold})")
+        f"({detector.threshold.kind})")  # the kind fitted: calibrate_threshold may have fallen back
     return detector

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from detector.autoencoder import AutoencoderDetector
 from detector.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from detector.thresholds import DSPOTThreshold
 
 
 @pytest.fixture
@@ -92,4 +94,74 @@ def test_bad_metadata_values(saved):
     bad = {**meta, "feature_names": ["only-one"]}
     (path / META_FILE).write_text(json.dumps(bad))
     with pytest.raises(CheckpointError, match="feature names"):
+        load_checkpoint(path)
+
+
+def _rewrite(path, mutate):
+    meta = json.loads((path / META_FILE).read_text())
+    mutate(meta)
+    (path / META_FILE).write_text(json.dumps(meta))
+
+
+@pytest.fixture
+def saved_dspot(trained, tmp_path):
+    """A checkpoint whose threshold is a fitted DSPOT(depth=20), score_last_k=3 (window 32)."""
+    det = trained["gru"]
+    thr = DSPOTThreshold(depth=20).fit(np.random.default_rng(0).exponential(size=1000))
+    det = AutoencoderDetector(det.model_cfg, model=det.model, scaler=det.scaler, threshold=thr,
+                              feature_names=det.feature_names, score_last_k=3)
+    return det, save_checkpoint(det, tmp_path / "dspot")
+
+
+@pytest.mark.parametrize("bad", [[], "spot", None, 7])
+def test_threshold_entry_that_is_not_a_dict_is_a_checkpoint_error(saved, bad):
+    _, path = saved
+    _rewrite(path, lambda m: m.__setitem__("threshold", bad))
+    with pytest.raises(CheckpointError, match=r"invalid metadata: threshold must be a dict"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("window", [[], [1.0] * 19, [1.0] * 21, [1.0] * 19 + [None]])
+def test_dspot_window_must_hold_depth_finite_scores(saved_dspot, window):
+    det, path = saved_dspot
+    assert load_checkpoint(path).threshold.threshold == det.threshold.threshold
+    _rewrite(path, lambda m: m["threshold"]["state"].__setitem__("window", window))
+    with pytest.raises(CheckpointError, match=r"invalid metadata: .*'window' must"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("field,value", [("z", float("nan")), ("t", None), ("peaks", "abc")])
+def test_threshold_state_must_be_finite(saved_dspot, field, value):
+    _, path = saved_dspot
+    _rewrite(path, lambda m: m["threshold"]["state"].__setitem__(field, value))
+    with pytest.raises(CheckpointError, match=rf"invalid metadata: .*'{field}' must be"):
+        load_checkpoint(path)
+
+
+def test_score_last_k_must_be_null_or_in_1_to_window(saved_dspot):
+    _, path = saved_dspot
+    for value in (None, 1, 32):
+        _rewrite(path, lambda m, v=value: m.__setitem__("score_last_k", v))
+        det = load_checkpoint(path)
+        assert det.score_last_k == value
+        assert np.isfinite(det.score_windows(np.zeros((2, 32, 4), np.float32)).score).all()
+    for value in (0, -1, 33, "x", 2.0, True):
+        _rewrite(path, lambda m, v=value: m.__setitem__("score_last_k", v))
+        with pytest.raises(CheckpointError, match=r"score_last_k must be null or an integer in 1\.\.32"):
+            load_checkpoint(path)
+
+
+@pytest.mark.parametrize("field,value", [("window", True), ("n_features", True), ("latent_size", True)])
+def test_model_config_bool_ints_are_a_checkpoint_error(saved, field, value):
+    _, path = saved
+    _rewrite(path, lambda m: m["model_config"].__setitem__(field, value))
+    with pytest.raises(CheckpointError, match=rf"invalid metadata: ModelConfig\.{field} must be a positive integer"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("key,bad", [("model_config", [1]), ("model_config", None), ("scaler", [1])])
+def test_config_and_scaler_that_are_not_dicts_are_named(saved, key, bad):
+    _, path = saved
+    _rewrite(path, lambda m: m.__setitem__(key, bad))
+    with pytest.raises(CheckpointError, match=r"invalid metadata: (ModelConfig|scaler) must be a dict"):
         load_checkpoint(path)

@@ -1,7 +1,11 @@
+import warnings
+
+import numpy as np
 import pytest
 import torch
 
 from detector.models import GRUAutoencoder, LSTMAutoencoder, ModelConfig, build_model, model_cost
+from detector.training import _fill_missing
 
 
 @pytest.mark.parametrize("kind,cls", [("gru", GRUAutoencoder), ("lstm", LSTMAutoencoder)])
@@ -39,3 +43,27 @@ def test_config_dict_round_trip_rejects_unknown_keys():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown"):
         ModelConfig.from_dict({**cfg.to_dict(), "heads": 4})
+
+
+@pytest.mark.parametrize("field", ["n_features", "window", "hidden_size", "num_layers", "latent_size", "dropout"])
+def test_config_rejects_booleans(field):
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field} must be"):
+        ModelConfig(**{field: True if field != "dropout" else False})
+
+
+def test_config_from_dict_needs_a_dict():
+    with pytest.raises(ValueError, match="ModelConfig must be a dict"):
+        ModelConfig.from_dict(None)  # type: ignore[arg-type]
+
+
+# The training data preparation (detector.training) has no test file of its own among these; it is tested here.
+def test_fill_missing_never_looks_ahead_and_zeroes_empty_columns():
+    nan = np.nan
+    X = np.array([[nan, nan, 1], [1, nan, nan], [5, nan, 3], [nan, nan, nan], [9, nan, nan]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an all-NaN column used to warn (mean of empty slice)
+        out = _fill_missing(X)
+    # leading NaNs take the first valid value (not a mean over later, validation, rows); then carry forward
+    expected = np.array([[1, 0, 1], [1, 0, 1], [5, 0, 3], [5, 0, 3], [9, 0, 3]], np.float32)
+    np.testing.assert_array_equal(out, expected)
+    assert out.dtype == np.float32 and np.isnan(X).sum() == 10  # the input is left alone

@@ -64,6 +64,22 @@ def test_fit_gpd_degenerate_and_moments_fallback() -> None:
         fit_gpd(np.array([1.0, 0.0]))
 
 
+@pytest.mark.parametrize("y", [[1e-200, 1.0, 2.0], [1e-170, 3e-170], [1e300, 1.5e300], [1e-320, 1.0, 3.0],
+                               [5e-324, 1e-300, 4e-300]])
+def test_fit_gpd_survives_tiny_and_huge_excesses(y: list[float]) -> None:
+    gamma, sigma = fit_gpd(np.array(y))  # the root bound 2(mean-min)/min^2 used to divide by 0 or overflow
+    assert np.isfinite(gamma) and gamma >= -1.0 - 1e-6
+    assert np.isfinite(sigma) and sigma > 0.0
+
+
+@pytest.mark.parametrize("c", [2.0**-700, 1e-170, 1e250])
+def test_fit_gpd_is_scale_equivariant(c: float) -> None:
+    y = _gpd_sample(np.random.default_rng(17), 0.3, 1.0, 500)
+    g0, s0 = fit_gpd(y)
+    g, s = fit_gpd(y * c)
+    assert g == pytest.approx(g0, rel=1e-6) and s == pytest.approx(s0 * c, rel=1e-6)
+
+
 def test_pot_quantile_formula_and_exponential_limit() -> None:
     # gamma = 0: t - sigma log(q n / N_t);   q n / N_t = 1e-3 * 1000 / 20 = 0.05
     assert pot_quantile(1.0, 0.0, 2.0, 1e-3, 1000, 20) == pytest.approx(1.0 - 2.0 * np.log(0.05))
@@ -222,6 +238,47 @@ def test_unfitted_threshold_raises_and_round_trips(kind: str) -> None:
             call()
     clone = threshold_from_dict(json.loads(json.dumps(thr.to_dict())))
     assert isinstance(clone, Threshold) and clone.to_dict() == thr.to_dict()
+
+
+@pytest.mark.parametrize("bad", [[], "spot", None, 3, {"kind": "spot", "params": []},
+                                 {"kind": "spot", "params": {}, "state": "x"}])
+def test_threshold_from_dict_rejects_non_dicts(bad: object) -> None:
+    with pytest.raises(ValueError, match="threshold.*must be a dict"):
+        threshold_from_dict(bad)  # type: ignore[arg-type]
+
+
+def _fitted_state(kind: str, **params: object) -> dict:
+    thr = make_threshold(kind, **params).fit(np.random.default_rng(16).exponential(size=1000))
+    return json.loads(json.dumps(thr.to_dict()))
+
+
+@pytest.mark.parametrize("window,n", [([], 0), ([1.0] * 19, 19), ([1.0] * 21, 21)])
+def test_dspot_state_window_must_hold_depth_scores(window: list, n: int) -> None:
+    d = _fitted_state("dspot", depth=20)
+    d["state"]["window"] = window
+    with pytest.raises(ValueError, match=rf"'window' must hold depth=20 scores, got {n}"):
+        threshold_from_dict(d)
+    d["state"]["window"] = [1.0] * 19 + [float("nan")]
+    with pytest.raises(ValueError, match="'window' must be a list of finite numbers"):
+        threshold_from_dict(d)
+
+
+@pytest.mark.parametrize("kind,field,value,match", [
+    ("spot", "z", float("nan"), "'z' must be a finite number"),
+    ("dspot", "t", float("inf"), "'t' must be a finite number"),
+    ("spot", "sigma", None, "'sigma' must be a finite number"),
+    ("spot", "sigma", -1.0, "'sigma' must be >= 0"),
+    ("spot", "n", -5, "'n' must be a non-negative integer"),
+    ("spot", "n_peaks", 2.5, "'n_peaks' must be a non-negative integer"),
+    ("spot", "peaks", "abc", "'peaks' must be a list of positive numbers"),
+    ("dspot", "peaks", [1.0, -1.0], "'peaks' must be a list of positive numbers"),
+    ("quantile", "threshold", float("nan"), "'threshold' must be a finite number"),
+])
+def test_threshold_state_fields_are_validated(kind: str, field: str, value: object, match: str) -> None:
+    d = _fitted_state(kind, **({"depth": 20} if kind == "dspot" else {}))
+    d["state"][field] = value
+    with pytest.raises(ValueError, match=match):
+        threshold_from_dict(d)
 
 
 def test_unknown_kind_is_named() -> None:
