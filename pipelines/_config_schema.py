@@ -5,7 +5,12 @@ A schema is a tree of dataclasses whose fields are typed ``str``, ``int``, ``flo
 ``le``, ``nonempty``). :func:`build` makes an instance from a mapping and records every problem in a :class:`Ctx`
 as ``<source>: <dotted.key>: <message>``, where the source is the environment variable that set the key (see
 :func:`apply_env`) or else the file. After each dataclass is built, its cross-key check from ``Ctx.checks`` (if
-any) runs and may report more problems or return a replacement. A field named ``source`` is never read from data.
+any) runs and may report more problems or return a replacement. A field named ``source`` or marked
+``internal`` in its metadata is never read from data.
+
+Environment values are parsed as YAML (``[a, b]``, ``4``, ``true``, ``{team: ops}``), except for keys typed ``str``
+or ``str | None``: those take the variable's text as it is, so ``ANOMALYD_KAFKA__GROUP_ID='grp #1'`` is
+``grp #1`` (YAML would read a comment), and an empty value unsets an optional string.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-__all__ = ["Check", "ConfigError", "Ctx", "apply_env", "build", "join_key", "rule_field", "yaml_problem"]
+__all__ = ["Check", "ConfigError", "Ctx", "apply_env", "build", "join_key", "rule_field", "where", "yaml_problem"]
 
 _BAD = object()  # a value that failed validation
 
@@ -55,12 +60,7 @@ class Ctx:
         self.bad: set[str] = set()
 
     def where(self, key: str) -> str:
-        k = key
-        while k:
-            if k in self.env_keys:
-                return f"environment variable {self.env_keys[k]}"
-            k = k[: max(k.rfind("."), k.rfind("["), 0)]
-        return self.source
+        return where(key, self.env_keys, self.source)
 
     def err(self, key: str, msg: str) -> None:
         self.errors.append(f"{self.where(key)}: {key or '(top level)'}: {msg}")
@@ -68,6 +68,22 @@ class Ctx:
 
     def is_bad(self, *keys: str) -> bool:
         return any(b == k or b.startswith((k + ".", k + "[")) for b in self.bad for k in keys)
+
+
+def where(key: str, env_keys: Mapping[str, str], source: str) -> str:
+    """Where ``key`` was set: ``environment variable NAME`` when it or a section above it came from the
+    environment (``env_keys``: dotted key -> variable), else ``source`` (the file)."""
+    k = key
+    while k:
+        if k in env_keys:
+            return f"environment variable {env_keys[k]}"
+        k = k[: max(k.rfind("."), k.rfind("["), 0)]
+    return source
+
+
+def internal(f: dataclasses.Field) -> bool:
+    """Whether a dataclass field is bookkeeping (``source``, or metadata ``internal``), never read from data."""
+    return f.name == "source" or bool(f.metadata.get("internal"))
 
 
 Check = Callable[[Any, Mapping, str, Ctx], Any]
@@ -95,9 +111,10 @@ def _parse_env_value(text: str) -> Any:
 
 
 def apply_env(raw: dict, env: Mapping[str, str], prefix: str, root: type, ctx: Ctx) -> None:
-    """Write ``<prefix><KEY>[__<SUBKEY>...]`` overrides (values parsed as YAML) into ``raw`` (shallow names first),
-    recording their dotted keys; a name without ``__`` counts only if it names a top-level field of ``root``."""
-    top = {f.name for f in dataclasses.fields(root)} - {"source"}
+    """Write ``<prefix><KEY>[__<SUBKEY>...]`` overrides (values parsed as YAML; :func:`build` takes the raw text
+    for string keys) into ``raw`` (shallow names first), recording their dotted keys and texts; a name without
+    ``__`` counts only if it names a top-level field of ``root``."""
+    top = {f.name for f in dataclasses.fields(root) if not internal(f)}
     items = []
     for name, text in env.items():
         parts = name[len(prefix):].lower().split("__")
@@ -128,7 +145,7 @@ def build(cls: type, data: Any, key: str, ctx: Ctx) -> Any:
         ctx.err(key, f"expected a mapping, got {_describe(data)}")
         return _BAD if any(map(_required, dataclasses.fields(cls))) else cls()
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not internal(f)}
     for k in data:
         if k not in fields:
             close = difflib.get_close_matches(str(k), fields, n=1)
@@ -156,6 +173,9 @@ def build(cls: type, data: Any, key: str, ctx: Ctx) -> Any:
 def _convert(tp: Any, v: Any, key: str, ctx: Ctx) -> Any:
     """``v`` checked against type ``tp`` (recursively); records an error and returns _BAD on mismatch."""
     origin, args = get_origin(tp), get_args(tp)
+    if key in ctx.env_raw and (tp is str or (origin in (Union, types.UnionType) and set(args) == {str, type(None)})):
+        text = ctx.env_raw[key]  # the variable's text, not YAML: 'grp #1' is not 'grp', '123' is a string
+        return None if text == "" and tp is not str else text
     if origin in (Union, types.UnionType):
         if v is None and type(None) in args:
             return None
@@ -183,8 +203,6 @@ def _convert(tp: Any, v: Any, key: str, ctx: Ctx) -> Any:
                 ctx.err(join_key(key, str(k)), f"key must be a string, got {_describe(k)}")
         out = {k: _convert(str, x, join_key(key, k), ctx) for k, x in v.items() if isinstance(k, str)}
         return {k: x for k, x in out.items() if x is not _BAD}
-    if tp is str and not isinstance(v, str) and key in ctx.env_raw and isinstance(v, int | float | bool):
-        return ctx.env_raw[key]  # ANOMALYD_KAFKA__GROUP_ID=123 means the string "123"
     if tp is float and isinstance(v, int) and not isinstance(v, bool):
         v = float(v)
     if type(v) is not tp or (tp is float and not math.isfinite(v)):

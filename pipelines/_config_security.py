@@ -51,6 +51,11 @@ def check_security(s: SecurityConfig, data: Mapping, key: str, ctx: Ctx) -> Secu
             ctx.err(mech_key, f"{s.sasl_mechanism} needs kafka.security.sasl_username")
         if s.sasl_password is None and s.sasl_password_file is None:
             ctx.err(mech_key, f"{s.sasl_mechanism} needs kafka.security.sasl_password or sasl_password_file")
+    credentials = [n for n in ("sasl_username", "sasl_password", "sasl_password_file") if getattr(s, n) is not None]
+    if credentials and not sasl and s.sasl_mechanism is None and not ctx.is_bad(join_key(key, "protocol")):
+        # the client would connect without them (a mechanism with a wrong protocol is reported above)
+        ctx.err(join_key(key, credentials[0]), f"SASL credentials ({', '.join(credentials)}) are used only with "
+                f"protocol SASL_PLAINTEXT or SASL_SSL and a sasl_mechanism; got protocol {s.protocol}")
     for name, path in (("ssl_cafile", s.ssl_cafile), ("ssl_certfile", s.ssl_certfile), ("ssl_keyfile", s.ssl_keyfile)):
         if path is not None and not Path(path).is_file():
             ctx.err(join_key(key, name), f"file {path} not found")
@@ -58,6 +63,8 @@ def check_security(s: SecurityConfig, data: Mapping, key: str, ctx: Ctx) -> Secu
         given, missing = ("ssl_certfile", "ssl_keyfile") if s.ssl_keyfile is None else ("ssl_keyfile", "ssl_certfile")
         ctx.err(join_key(key, given), f"a client certificate needs both ssl_certfile and ssl_keyfile; set {missing}")
     tls = s.protocol in ("SSL", "SASL_SSL")
+    if s.ssl_cafile is not None and not tls and not ctx.is_bad(join_key(key, "protocol")):
+        ctx.err(join_key(key, "ssl_cafile"), f"a CA file is used only with protocol SSL or SASL_SSL, got {s.protocol}")
     if s.ssl_certfile is not None and not tls and not ctx.is_bad(join_key(key, "protocol")):
         ctx.err(join_key(key, "ssl_certfile"), f"a client certificate needs protocol SSL or SASL_SSL, got {s.protocol}")
     if (s.ssl_key_password is not None or s.ssl_key_password_file is not None) and s.ssl_keyfile is None:

@@ -161,10 +161,10 @@ def check_command(config_path: str, connect: bool) -> int:
     try:
         lines, problems = _check_kafka(cfg)
     except KafkaAuthenticationError as exc:
-        raise ConfigError([f"{cfg.source}: kafka.security: {exc}"]) from exc
+        raise ConfigError([f"{cfg.where('kafka.security')}: kafka.security: {exc}"]) from exc
     am_lines, am_problems = _check_alertmanager(cfg)
     lines, problems = lines + am_lines, problems + am_problems
     print("\n".join(lines))
-    for problem in problems:
-        print(f"anomalyd: problem: {cfg.source}: {problem}")
+    for problem in problems:  # "<dotted.key>: <message>"
+        print(f"anomalyd: problem: {cfg.where(problem.split(':', 1)[0])}: {problem}")
     return 1 if problems else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -145,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalyd", description="Streaming anomaly detection on Kafka with GRU/LSTM autoencoders.",
         epilog="Quick start: `make demo`. Each command has --help.")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="DEBUG, INFO (default), WARNING or ERROR")
     parser.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("ANOMALYD_LOG_FORMAT", "text"),
                         help="json: one JSON object per log line, for log collectors (default: $ANOMALYD_LOG_FORMAT "
                              "or text)")
@@ -183,6 +185,7 @@ def _command_of(argv: list[str]) -> str | None:
 def _cmd_run(args) -> int:
     from .config import ConfigError, load_config
     from .daemon import Daemon
+    from .httpserver import BindError
     from .kafka_io import KafkaAuthenticationError
 
     cfg = load_config(args.config)
@@ -196,7 +199,10 @@ def _cmd_run(args) -> int:
     try:
         return daemon.run(timeout=args.timeout)
     except KafkaAuthenticationError as exc:  # a config problem: name the file and the key
-        raise ConfigError([f"{cfg.source}: kafka.security: {exc}"]) from exc
+        raise ConfigError([f"{cfg.where('kafka.security')}: kafka.security: {exc}"]) from exc
+    except BindError as exc:  # port taken (http.port) or not an address of this host (http.bind)
+        key = "http.port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "http.bind"
+        raise ConfigError([f"{cfg.where(key)}: {key}: {exc}"]) from exc
 
 
 def _cmd_check(args) -> int:
@@ -278,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a clear one-line error for operators; --log-level DEBUG shows the trace
         from .config import ConfigError
+        from .httpserver import BindError
         from .kafka_io import KafkaBootstrapError
 
-        if isinstance(exc, ConfigError | FileNotFoundError | ValueError | KafkaBootstrapError):
+        if isinstance(exc, ConfigError | FileNotFoundError | ValueError | KafkaBootstrapError | BindError):
             if args.log_format == "json":
                 logging.getLogger("anomalyd").error("anomalyd: error: %s", exc)
             else:

@@ -1,10 +1,11 @@
 """anomalyd configuration: frozen dataclasses mirroring ``deploy/config.example.yaml``, loader and validator.
 
 :func:`load_config` reads the YAML file, applies environment overrides ``ANOMALYD_<SECTION>__<KEY>[__<SUBKEY>]``
-(names case-insensitive, values parsed as YAML, e.g. ``ANOMALYD_KAFKA__TOPICS='[a, b]'``; lists are replaced
-whole, ``ANOMALYD_MODELS__SERVED='[{name: m, version: "3"}]'``; names without ``__`` are overrides only when
-they name a top-level key such as ``ANOMALYD_DEFAULT_MODELS``, so ``ANOMALYD_CONFIG`` and the like are left
-alone), then validates everything. All problems are collected into one :class:`ConfigError`, one line each:
+(names case-insensitive, values parsed as YAML, e.g. ``ANOMALYD_KAFKA__TOPICS='[a, b]'``, except for string keys,
+which take the text as it is, ``ANOMALYD_KAFKA__GROUP_ID='grp #1'``; lists are replaced whole,
+``ANOMALYD_MODELS__SERVED='[{name: m, version: "3"}]'``; names without ``__`` are overrides only when they name a
+top-level key such as ``ANOMALYD_DEFAULT_MODELS``, so ``ANOMALYD_CONFIG`` and the like are left alone), then
+validates everything. All problems are collected into one :class:`ConfigError`, one line each:
 ``<file or environment variable>: <dotted.key>: <message>``. Defaults equal the example file's values.
 The generic validation machinery lives in :mod:`pipelines._config_schema`; the cross-key checks are here.
 """
@@ -22,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ._config_schema import Check, ConfigError, Ctx, apply_env, build, join_key, rule_field, yaml_problem
+from ._config_schema import Check, ConfigError, Ctx, apply_env, build, join_key, rule_field, where, yaml_problem
 from ._config_security import SecurityConfig, check_security
 from .kafka_io import PASSWORD_KEYS
 from .source import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
@@ -30,6 +31,7 @@ from .source import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
 ENV_PREFIX = "ANOMALYD_"
 META_FILE = "model.json"
 SECRET_MASK = "***"
+RESERVED_ALERT_LABELS = ("alertname", "stream", "model")  # set on every alert by pipelines.sinks.AlertmanagerSink
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,8 @@ class ShutdownConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The whole configuration. ``source`` (file path, "<defaults>" or "<string>") is not compared."""
+    """The whole configuration. ``source`` (file path, "<defaults>" or "<string>") and ``env_keys`` (dotted key ->
+    the environment variable that set it) are not compared; :meth:`where` names the one that set a key."""
 
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -187,16 +190,26 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     source: str = field(default="<defaults>", compare=False, repr=False)
+    env_keys: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False, metadata={"internal": True})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, source: str = "<string>") -> Config:
         """Validate a parsed YAML document (no environment overrides); raises :class:`ConfigError`."""
         return _validate(d, Ctx(source, _CHECKS))
 
+    def where(self, key: str) -> str:
+        """What set the dotted ``key``, for error lines: ``environment variable NAME`` when it (or a section above
+        it) came from the environment, else the file, naming also the variables that set keys below it."""
+        found = where(key, self.env_keys, self.source)
+        below = sorted({v for k, v in self.env_keys.items() if k.startswith((key + ".", key + "["))})
+        if found != self.source or not below:
+            return found
+        return f"{self.source} and environment variable{'s' * (len(below) > 1)} {', '.join(below)}"
+
     def redacted_dict(self) -> dict[str, Any]:
         """Plain nested dict for printing/logging, with the SASL password and URL passwords masked."""
         d = dataclasses.asdict(self)
-        del d["source"]
+        del d["source"], d["env_keys"]
         for secret in PASSWORD_KEYS:
             if d["kafka"]["security"][secret] is not None:
                 d["kafka"]["security"][secret] = SECRET_MASK
@@ -232,16 +245,17 @@ def check_model_files(cfg: Config) -> None:
     pinned version directory, or (version null = newest) in at least one version directory."""
     root = Path(cfg.models.dir)
     if not root.is_dir():
-        raise ConfigError([f"{cfg.source}: models.dir: model directory {root} does not exist"])
+        raise ConfigError([f"{cfg.where('models.dir')}: models.dir: model directory {root} does not exist"])
     errors = []
     for i, m in enumerate(cfg.models.served):
-        where = f"{cfg.source}: models.served[{i}]"
+        key = f"models.served[{i}]"
+        here = f"{cfg.where(key)}: {key}"
         if m.version is not None:
             meta = root / m.name / m.version / META_FILE
             if not meta.is_file():
-                errors.append(f"{where}: model {m.name!r} version {m.version!r}: {meta} not found")
+                errors.append(f"{here}: model {m.name!r} version {m.version!r}: {meta} not found")
         elif not any((v / META_FILE).is_file() for v in _version_dirs(root / m.name)):
-            errors.append(f"{where}: model {m.name!r}: no version directory with a {META_FILE} under {root / m.name}")
+            errors.append(f"{here}: model {m.name!r}: no version directory with a {META_FILE} under {root / m.name}")
     if errors:
         raise ConfigError(errors)
 
@@ -273,10 +287,22 @@ def _check_kafka(c: KafkaConfig, data: Mapping, key: str, ctx: Ctx) -> KafkaConf
     for i, t in enumerate(c.topics):
         if not t:
             ctx.err(join_key(join_key(key, "topics"), i), "topic name must not be empty")
+    if c.client == "confluent":
+        _check_confluent_installed(join_key(key, "client"), ctx)
     if c.heartbeat_interval_ms >= c.session_timeout_ms and not ctx.is_bad(join_key(key, "heartbeat_interval_ms")):
         ctx.err(join_key(key, "heartbeat_interval_ms"), f"must be < kafka.session_timeout_ms ({c.session_timeout_ms}),"
                 f" got {c.heartbeat_interval_ms}")
     return c
+
+
+def _check_confluent_installed(key: str, ctx: Ctx) -> None:
+    """``kafka.client: confluent`` needs confluent_kafka: a config error now, not a traceback when `run` starts."""
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError as exc:
+        missing = exc.name == "confluent_kafka"
+        ctx.err(key, "confluent needs the confluent-kafka package (pip install 'anomalyd[fast]')" if missing else
+                f"confluent: the confluent-kafka package cannot be loaded: {exc}")
 
 
 def _check_models(c: ModelsConfig, data: Mapping, key: str, ctx: Ctx) -> ModelsConfig:
@@ -315,6 +341,9 @@ def _check_alertmanager(c: AlertmanagerSinkConfig, data: Mapping, key: str, ctx:
     for name in c.labels:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             ctx.err(join_key(join_key(key, "labels"), name), "invalid Prometheus label name")
+        elif name in RESERVED_ALERT_LABELS:
+            ctx.err(join_key(join_key(key, "labels"), name), f"reserved label name: anomalyd sets "
+                    f"{', '.join(RESERVED_ALERT_LABELS)} on every alert")
     return c
 
 
@@ -342,4 +371,4 @@ def _validate(raw: Any, ctx: Ctx) -> Config:
     cfg = build(Config, raw, "", ctx)
     if ctx.errors:
         raise ConfigError(ctx.errors)
-    return dataclasses.replace(cfg, source=ctx.source)
+    return dataclasses.replace(cfg, source=ctx.source, env_keys=dict(ctx.env_keys))

@@ -23,6 +23,19 @@ from prometheus_client.exposition import choose_encoder
 log = logging.getLogger(__name__)
 
 
+class BindError(OSError):
+    """The server cannot listen on ``bind:port`` (taken, not a local address, no permission); ``bind`` and ``port``
+    say which, ``errno`` and ``strerror`` are the socket error's. One line, for the CLI to report."""
+
+    def __init__(self, bind: str, port: int, exc: OSError) -> None:
+        host = f"[{bind}]" if ":" in bind else bind or "*"
+        super().__init__(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        self.bind, self.port = bind, port
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class HealthServer:
     """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``bind:port`` (``port=0`` picks a free port)."""
 
@@ -51,11 +64,15 @@ class HealthServer:
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     def start(self) -> HealthServer:
-        """Bind the socket and serve in a background thread. Raises ``OSError`` if the port is taken."""
+        """Bind the socket and serve in a background thread. Raises :class:`BindError` (an ``OSError``) if the port
+        is taken or ``bind`` is not an address of this host."""
         if self._server is not None:
             raise RuntimeError("HealthServer already started")
         server_cls = _IPv6Server if ":" in self.bind else _Server
-        self._server = server_cls((self.bind, self._requested_port), _handler_class(self))
+        try:
+            self._server = server_cls((self.bind, self._requested_port), _handler_class(self))
+        except OSError as exc:
+            raise BindError(self.bind, self._requested_port, exc) from exc
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"anomalyd-http-{self.port}", daemon=True)
         self._thread.start()

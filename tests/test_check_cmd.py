@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipelines.cli import main
+from pipelines.cli import build_parser, main
 from pipelines.model_store import ModelStore
 
 
@@ -87,3 +90,93 @@ def test_json_log_format_writes_one_object_per_line(tmp_path, trained):
     (error,) = [r for r in records if r["level"] == "ERROR"]
     assert error["logger"] == "anomalyd" and "models.served[0]" in error["message"], error
     assert error["time"].endswith("Z") and set(error) == {"time", "level", "logger", "message"}
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "config.example.yaml"
+
+
+def test_check_reports_what_run_would_reject_naming_the_variable(monkeypatch, capsys, tmp_path):
+    """A reserved Alertmanager label, the confluent client without its package, a models.dir from the
+    environment: exit 2 and one line naming the variable, where `check` used to pass or blame the file."""
+    monkeypatch.setitem(sys.modules, "confluent_kafka", None)  # as if confluent-kafka were not installed
+    for name, value, text in (
+            ("ANOMALYD_SINKS__ALERTMANAGER__LABELS", "{alertname: x}", "sinks.alertmanager.labels.alertname: reserved"),
+            ("ANOMALYD_KAFKA__CLIENT", "confluent", "kafka.client: confluent needs the confluent-kafka package"),
+            ("ANOMALYD_MODELS__DIR", str(tmp_path / "none"), f"models.dir: model directory {tmp_path / 'none'}")):
+        monkeypatch.setenv(name, value)
+        assert main(["check", "-c", str(EXAMPLE)]) == 2
+        err = capsys.readouterr().err
+        assert f"environment variable {name}: {text}" in err and "Traceback" not in err, err
+        monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize("name", ["alertname", "stream", "model", "severity", "team", "bad-label", "9x"])
+def test_alertmanager_labels_that_check_accepts_are_accepted_by_the_sink(name):
+    """`check` validates the config only: whatever it accepts, the Alertmanager sink built by `run` accepts."""
+    from pipelines.config import Config, ConfigError
+    from pipelines.sinks import AlertmanagerSink
+
+    try:
+        Config.from_dict({"sinks": {"alertmanager": {"labels": {name: "x"}}}})
+    except ConfigError as exc:
+        assert exc.errors[0].startswith(f"<string>: sinks.alertmanager.labels.{name}: "), exc.errors
+        with pytest.raises(ValueError):
+            AlertmanagerSink("http://am:9093", labels={name: "x"})
+    else:
+        AlertmanagerSink("http://am:9093", labels={name: "x"})
+
+
+class _Daemon:
+    """Stands in for pipelines.daemon.Daemon in `run`: serves HTTP as the real one does after connecting."""
+
+    def __init__(self, cfg, stop_event=None) -> None:
+        self.cfg = cfg
+
+    def run(self, timeout=None) -> int:
+        from prometheus_client import CollectorRegistry
+
+        from pipelines.httpserver import HealthServer
+
+        HealthServer(CollectorRegistry(), self.cfg.http.bind, self.cfg.http.port).start().stop()
+        return 0
+
+
+@pytest.fixture
+def restore_signals():
+    """`anomalyd run` installs its own SIGTERM/SIGINT handlers: give pytest its own back afterwards."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def test_run_with_the_http_port_taken_is_one_config_error(monkeypatch, capsys, restore_signals):
+    from pipelines import check_cmd, daemon
+
+    monkeypatch.setattr(daemon, "Daemon", _Daemon)
+    monkeypatch.setattr(check_cmd, "fast_paths", lambda d: "fast paths: -")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("ANOMALYD_HTTP__BIND", "127.0.0.1")
+        monkeypatch.setenv("ANOMALYD_HTTP__PORT", str(port))
+        assert main(["run", "-c", str(EXAMPLE)]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == ["anomalyd: error: invalid configuration (1 error):",
+                                            f"environment variable ANOMALYD_HTTP__PORT: http.port: cannot listen on "
+                                            f"127.0.0.1:{port}: Address already in use"], err
+    monkeypatch.setenv("ANOMALYD_HTTP__PORT", "0")
+    monkeypatch.setenv("ANOMALYD_HTTP__BIND", "192.0.2.1")  # not an address of this host
+    assert main(["run", "-c", str(EXAMPLE)]) == 2
+    err = capsys.readouterr().err
+    assert "environment variable ANOMALYD_HTTP__BIND: http.bind: cannot listen on 192.0.2.1:0" in err, err
+    monkeypatch.setenv("ANOMALYD_HTTP__BIND", "127.0.0.1")
+    assert main(["run", "-c", str(EXAMPLE)]) == 0  # the stand-in is fine otherwise
+
+
+def test_log_level_must_be_a_level(capsys):
+    assert build_parser().parse_args(["--log-level", "debug", "check", "-c", "x"]).log_level == "DEBUG"
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--log-level", "bogus", "check", "-c", "x"])
+    assert exit_.value.code == 2 and "invalid choice: 'BOGUS'" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,15 @@ def test_route_matching():
     ({"sinks": {"alertmanager": {"url": "alertmanager:9093"}}}, "sinks.alertmanager.url", "http:// or https://"),
     ({"sinks": {"alertmanager": {"labels": {"team-a": "x"}}}}, "sinks.alertmanager.labels.team-a", "label name"),
     ({"sinks": {"alertmanager": {"labels": {"team": 5}}}}, "sinks.alertmanager.labels.team", "expected str"),
+    ({"sinks": {"alertmanager": {"labels": {"stream": "x"}}}}, "sinks.alertmanager.labels.stream", "reserved label"),
+    ({"kafka": {"security": {"sasl_username": "u", "sasl_password": "p"}}}, "kafka.security.sasl_username",
+     "SASL credentials (sasl_username, sasl_password) are used only with protocol SASL_PLAINTEXT or SASL_SSL"),
+    ({"kafka": {"security": {"protocol": "SSL", "sasl_password_file": _FILE}}}, "kafka.security.sasl_password_file",
+     "and a sasl_mechanism; got protocol SSL"),
+    ({"kafka": {"security": {"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "u",
+                             "sasl_password": "p", "ssl_cafile": _FILE}}}, "kafka.security.ssl_cafile",
+     "a CA file is used only with protocol SSL or SASL_SSL, got SASL_PLAINTEXT"),
+    ({"kafka": {"security": {"ssl_cafile": _FILE}}}, "kafka.security.ssl_cafile", "got PLAINTEXT"),
 ])
 def test_error_kinds(d, key, text):
     assert text in one_error(d, key)
@@ -150,6 +160,12 @@ def test_sasl_mechanism_without_credentials():
     errors = errors_of({"kafka": {"security": {"protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512"}}})
     assert len(errors) == 2 and all(e.startswith("<string>: kafka.security.sasl_mechanism: ") for e in errors)
     assert "sasl_username" in errors[0] and "sasl_password" in errors[1]
+
+
+def test_confluent_client_needs_its_package(monkeypatch):  # with the variable named: tests/test_check_cmd.py
+    monkeypatch.setitem(sys.modules, "confluent_kafka", None)  # as if confluent-kafka were not installed
+    line = one_error({"kafka": {"client": "confluent"}}, "kafka.client")
+    assert line.endswith("confluent needs the confluent-kafka package (pip install 'anomalyd[fast]')"), line
 
 
 def test_sasl_mechanism_needs_sasl_protocol():
@@ -230,6 +246,36 @@ def test_env_overrides_without_file_and_whole_lists():
     assert cfg.models.served == [ServedModel("m1", "7")] and cfg.routes == []
     assert cfg.kafka.topics == [] and cfg.kafka.topic_pattern == "^sensors-.*"
     assert load_config(None, env={"ANOMALYD_KAFKA__TOPIC_PATTERN": ""}).kafka.topic_pattern is None
+
+
+def test_env_values_of_string_keys_are_taken_as_they_are():
+    """YAML would read 'grp #1' as 'grp' (a comment) and 'a: b' as a mapping; string keys take the text."""
+    env = {"ANOMALYD_KAFKA__GROUP_ID": "grp #1", "ANOMALYD_KAFKA__SECURITY__PROTOCOL": "SASL_SSL",
+           "ANOMALYD_KAFKA__SECURITY__SASL_MECHANISM": "PLAIN", "ANOMALYD_KAFKA__SECURITY__SASL_USERNAME": "svc: a",
+           "ANOMALYD_KAFKA__SECURITY__SASL_PASSWORD": "p#ss [1] ", "ANOMALYD_SINKS__ALERTMANAGER__LABELS__TEAM": "#ops",
+           "ANOMALYD_MODELS__DEVICE": "cpu", "ANOMALYD_KAFKA__TOPICS": "[a, b]  # YAML", "ANOMALYD_ALERTS__K": "4",
+           "ANOMALYD_KAFKA__TOPIC_PATTERN": ""}
+    cfg = load_config(EXAMPLE, env=env)
+    assert cfg.kafka.group_id == "grp #1" and cfg.kafka.topics == ["a", "b"] and cfg.alerts.k == 4
+    assert (cfg.kafka.security.sasl_username, cfg.kafka.security.sasl_password) == ("svc: a", "p#ss [1] ")
+    assert cfg.sinks.alertmanager.labels == {"team": "#ops"} and cfg.kafka.topic_pattern is None
+    assert errors_of(path=EXAMPLE, env={"ANOMALYD_KAFKA__GROUP_ID": ""}) == [
+        "environment variable ANOMALYD_KAFKA__GROUP_ID: kafka.group_id: must not be empty, got ''"]
+
+
+def test_later_errors_name_the_variable_that_set_the_value(tmp_path):
+    """check_model_files (models.dir: tests/test_check_cmd.py) and the CLI's kafka.security errors (Config.where)
+    name the variable, not the file."""
+    env = {"ANOMALYD_MODELS__DIR": str(tmp_path), "ANOMALYD_MODELS__SERVED": '[{name: m, version: "1"}]',
+           "ANOMALYD_ROUTES": "[]", "ANOMALYD_KAFKA__SECURITY__SASL_USERNAME": "u"}
+    cfg = load_config(write_yaml(tmp_path, {"kafka": {"security": {
+        "protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_password": "p"}}}), env=env)
+    with pytest.raises(ConfigError) as info:
+        check_model_files(cfg)
+    assert info.value.errors[0].startswith("environment variable ANOMALYD_MODELS__SERVED: models.served[0]: model")
+    env_var = "ANOMALYD_KAFKA__SECURITY__SASL_USERNAME"
+    assert cfg.where("kafka.security") == f"{cfg.source} and environment variable {env_var}"
+    assert cfg.where("alerts.k") == cfg.source and "env_keys" not in cfg.redacted_dict()
 
 
 def test_env_errors_name_the_variable(tmp_path):

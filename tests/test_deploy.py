@@ -168,6 +168,17 @@ def test_docker_compose_stack() -> None:
     assert int(services["anomalyd"]["stop_grace_period"].rstrip("s")) > grace
 
 
+def test_only_the_daemon_keeps_the_image_healthcheck() -> None:
+    """The image's HEALTHCHECK probes the daemon's /healthz: services running other commands of the image (train,
+    produce) serve no HTTP and would be marked unhealthy, so they turn it off."""
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    on_image = {name for name, svc in services.items() if svc.get("image", "").startswith("anomalyd")}
+    assert on_image >= {"anomalyd", "train", "producer"}
+    for name in on_image:
+        runs_daemon = services[name].get("command", [None])[0] == "run"
+        assert services[name].get("healthcheck", {}).get("disable", False) is not runs_daemon, name
+
+
 def test_dockerfile_structure() -> None:
     instructions, _ = dockerfile()
     stages = [i for i, (kw, _) in enumerate(instructions) if kw == "FROM"]

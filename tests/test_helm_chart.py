@@ -175,7 +175,8 @@ def test_helm_client_key_password_from_the_client_secret(helm: str, tmp_path: Pa
 
 
 def test_helm_values_schema_rejects_bad_values(helm: str) -> None:
-    for bad in ("config.alerts.k=0", "models.source=nfs", "config.models.device=tpu", "unknownKey=1"):
+    for bad in ("config.alerts.k=0", "models.source=nfs", "config.models.device=tpu", "unknownKey=1",
+                "config.http.bind="):  # the daemon rejects an empty http.bind
         proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set", bad])
         assert proc.returncode != 0 and "schema" in proc.stderr, bad
 
@@ -211,7 +212,8 @@ def test_anomalyd_commands_parse_with_the_real_cli() -> None:
 def test_helm_test_pod_checks_with_the_daemons_config_and_secrets(helm: str) -> None:
     """`helm test` runs `anomalyd check --connect` with the daemon container's env, mounts and volumes, is not
     selected by the daemon's Service, and runs beside a daemon pod when the models volume is ReadWriteOnce."""
-    secrets = ["--set", "kafka.credentials.existingSecret=kafka-login", "--set", "kafka.tls.caSecret=kafka-ca"]
+    secrets = ["--set", "kafka.credentials.existingSecret=kafka-login", "--set", "kafka.tls.caSecret=kafka-ca", "--set",
+               "config.kafka.security.protocol=SASL_SSL", "--set", "config.kafka.security.sasl_mechanism=PLAIN"]
     docs = _by_kind(_render(helm, *secrets))
     pod, daemon = docs["Pod"], docs["Deployment"]["spec"]["template"]
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test" and pod["spec"]["restartPolicy"] == "Never"
@@ -233,3 +235,38 @@ def test_helm_test_pod_checks_with_the_daemons_config_and_secrets(helm: str) -> 
     gpu = _by_kind(_render(helm, "-f", str(GPU_VALUES)))["Pod"]["spec"]["containers"][0]
     assert {"name": "ANOMALYD_MODELS__DEVICE", "value": "cpu"} in gpu["env"]
     assert "nvidia.com/gpu" not in gpu["resources"].get("limits", {})
+
+
+def test_helm_refuses_secrets_the_protocol_would_not_use(helm: str) -> None:
+    """A SASL Secret with protocol PLAINTEXT (or no mechanism) would render a config that never logs in; a CA or
+    client certificate without TLS one the daemon rejects: the chart fails, naming the values to set."""
+    for values, text in ((["kafka.credentials.existingSecret=login"], "config.kafka.security.protocol to SASL_SSL"),
+                         (["kafka.credentials.existingSecret=login", "config.kafka.security.protocol=SASL_SSL"],
+                          "config.kafka.security.sasl_mechanism to PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (it is null)"),
+                         (["kafka.tls.caSecret=ca"], "kafka.tls.caSecret=ca needs TLS"),
+                         (["kafka.tls.clientSecret=tls", "config.kafka.security.protocol=SASL_PLAINTEXT",
+                           "config.kafka.security.sasl_mechanism=PLAIN"], "kafka.tls.clientSecret=tls needs TLS")):
+        proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION,
+                     *(a for v in values for a in ("--set", v))])
+        assert proc.returncode != 0 and text in proc.stderr, (values, proc.stderr)
+
+
+def test_readme_helm_example_logs_in_with_its_secret(helm: str, tmp_path: Path) -> None:
+    """The README's `helm install` renders a config that the daemon accepts and that uses the Secret's login."""
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"^helm install anomalyd deploy/helm/anomalyd \\\n(?:.*\\\n)*.*$", readme, re.M).group(0)
+    sets = re.findall(r"--set (\S+)", command)
+    assert any(s.startswith("kafka.credentials.existingSecret=") for s in sets), command
+    loaded = _load_rendered_config(_by_kind(_render(helm, *(a for v in sets for a in ("--set", v)))), tmp_path)
+    security = loaded.kafka.security
+    assert security.protocol.startswith("SASL_") and security.sasl_mechanism and security.sasl_password_file
+
+
+def test_servicemonitor_labels_targets_for_the_down_alert_whatever_the_release_name(helm: str) -> None:
+    docs = _by_kind(_render(helm, "-f", str(GPU_VALUES), "--set", "fullnameOverride=detector", "--set",
+                            "nameOverride=sensors"))
+    sm, svc = docs["ServiceMonitor"], docs["Service"]
+    assert svc["metadata"]["name"] == "detector" and sm["spec"]["targetLabels"] == ["app.kubernetes.io/part-of"]
+    assert svc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "anomalyd"  # -> app_kubernetes_io_part_of
+    rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    assert 'up{app_kubernetes_io_part_of="anomalyd"} == 0' in rules["AnomalydDown"]["expr"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import urllib.error
@@ -12,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipelines.httpserver import HealthServer
+from pipelines.httpserver import BindError, HealthServer
 from pipelines.metrics import Metrics
 
 
@@ -131,3 +132,15 @@ def test_ipv6_loopback() -> None:
         assert _get(f"{srv.url}/healthz")[0] == 200
     finally:
         srv.stop()
+
+
+def test_bind_errors_are_one_line_naming_the_address() -> None:
+    """A taken port or a bind address that is not this host's: BindError (an OSError) saying which, for the CLI."""
+    with HealthServer(CollectorRegistry(), bind="127.0.0.1", port=0) as srv, pytest.raises(BindError) as taken:
+        port = srv.port
+        HealthServer(CollectorRegistry(), bind="127.0.0.1", port=port).start()
+    assert isinstance(taken.value, OSError) and taken.value.errno == errno.EADDRINUSE
+    assert str(taken.value) == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+    with pytest.raises(BindError) as foreign:
+        HealthServer(CollectorRegistry(), bind="192.0.2.1", port=0).start()  # TEST-NET-1: never local
+    assert (foreign.value.bind, foreign.value.port) == ("192.0.2.1", 0) and foreign.value.errno == errno.EADDRNOTAVAIL

@@ -28,6 +28,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/component: detector
+app.kubernetes.io/part-of: {{ .Chart.Name }}
 {{- end }}
 
 {{- define "anomalyd.serviceAccountName" -}}
@@ -49,8 +50,19 @@ app.kubernetes.io/component: detector
 {{- define "anomalyd.kafkaCaFile" -}}/var/run/secrets/kafka-ca/ca.crt{{- end }}
 {{- define "anomalyd.kafkaClientDir" -}}/var/run/secrets/kafka-client{{- end }}
 
-{{/* The daemon's config.yaml: .Values.config plus the paths of Secret-mounted files. */}}
+{{/* The daemon's config.yaml: .Values.config plus the paths of Secret-mounted files. Secrets that the configured
+protocol would not use fail the install (the daemon would otherwise connect without logging in, or reject them). */}}
 {{- define "anomalyd.config" -}}
+{{- $sec := .Values.config.kafka.security }}
+{{- $tls := or (eq $sec.protocol "SSL") (eq $sec.protocol "SASL_SSL") }}
+{{- if and .Values.kafka.credentials.existingSecret (or (not (hasPrefix "SASL_" $sec.protocol)) (not $sec.sasl_mechanism)) }}
+{{- fail (printf "kafka.credentials.existingSecret=%s needs a SASL login: set config.kafka.security.protocol to SASL_SSL or SASL_PLAINTEXT (it is %s) and config.kafka.security.sasl_mechanism to PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (it is %s)" .Values.kafka.credentials.existingSecret $sec.protocol (toString (default "null" $sec.sasl_mechanism))) }}
+{{- end }}
+{{- range $name := list "caSecret" "clientSecret" }}
+{{- if and (get $.Values.kafka.tls $name) (not $tls) }}
+{{- fail (printf "kafka.tls.%s=%s needs TLS: set config.kafka.security.protocol to SSL or SASL_SSL (it is %s)" $name (get $.Values.kafka.tls $name) $sec.protocol) }}
+{{- end }}
+{{- end }}
 {{- $cfg := deepCopy .Values.config }}
 {{- if .Values.kafka.credentials.existingSecret }}
 {{- $_ := set $cfg.kafka.security "sasl_password_file" (include "anomalyd.kafkaPasswordFile" .) }}
