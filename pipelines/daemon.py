@@ -187,6 +187,12 @@ class Daemon:
                                      (signal.SIGHUP, self.request_reload)):
                     previous = signal.signal(sig, handler)
                     stack.callback(signal.signal, sig, previous)
+            server = HealthServer(self.registry, self.cfg.http.bind, self.cfg.http.port, self.is_alive,
+                                  self.is_ready)
+            if self.cfg.http.port >= 0:  # first: a port that is taken stops the start before any Kafka client
+                server.start()
+                stack.callback(server.stop)
+                self.http_port = server.port
             security = self.cfg.kafka.security.client_settings()
             # Dead letters and alerts have a producer each: a flush reports the failures of every message of its
             # producer, so one shared producer let the scoring thread's alert flush take a dead letter's failure
@@ -212,12 +218,6 @@ class Daemon:
                 auto_offset_reset=k.auto_offset_reset, fetch_min_bytes=k.fetch_min_bytes,
                 fetch_max_wait_ms=k.fetch_max_wait_ms)
             self.metrics.init_topics(k.topics)
-            server = HealthServer(self.registry, self.cfg.http.bind, self.cfg.http.port, self.is_alive,
-                                  self.is_ready)
-            if self.cfg.http.port >= 0:
-                server.start()
-                stack.callback(server.stop)
-                self.http_port = server.port
             self.metrics.set_state(up=True, ready=False)
             # micro-batch arrays reuse freed heap; on the CPU, the CUDA wheel's libraries leave the resident set
             tune_process_memory(models_on_cpu=self.engine.device.type == "cpu")
