@@ -278,6 +278,7 @@ class Daemon:
             batch = self._ahead.take()
         else:
             batch = self.source.poll(most, self._poll_timeout_ms())
+        batch = self.positions.drop_unassigned(batch)
         if self.scoring_threads and len(batch):  # an empty poll may only mean a fetch in flight
             self.scoring_threads.polled(len(batch) >= most)
         if self.positions.needs_positioning:  # seeks, with no poll in flight

@@ -110,6 +110,7 @@ class Positions:
         self.uncommitted: dict[TopicPartition, int] = {}  # next offset to commit
         self._resume: dict[TopicPartition, int] = {}  # records below these offsets are a rebuild replay
         self._new: set[TopicPartition] = set()  # assigned, not yet positioned
+        self._revoked = False  # a revoke since the last drop_unassigned
 
     def id_of(self, tp: TopicPartition) -> int:
         i = self.ids.get(tp)
@@ -144,7 +145,19 @@ class Positions:
             self._resume.pop(tp, None)
         self.assigned -= tps
         self._new -= tps
+        self._revoked = True
         return [self.ids[tp] for tp in tps if tp in self.ids]
+
+    def drop_unassigned(self, batch: RecordBatch) -> RecordBatch:
+        """``batch`` without records of partitions revoked while it was polled (confluent returns what it had
+        fetched before the revoke): their state and last commit went with the partition, the next owner reads
+        them. Costs nothing unless a revoke happened since the last call."""
+        if not self._revoked:
+            return batch
+        self._revoked = False
+        assigned = self.assigned
+        keep = np.flatnonzero([(t, p) in assigned for t, p in zip(batch.topic, batch.partition.tolist(), strict=True)])
+        return batch if len(keep) == len(batch) else batch.select(keep)
 
     @property
     def needs_positioning(self) -> bool:

@@ -179,6 +179,19 @@ def test_positions_replay_commit_and_revoke():
     assert pos._resume == {c: 50}
 
 
+def test_records_of_a_partition_revoked_during_the_poll_are_dropped():
+    from pipelines.positions import Positions
+
+    pos = Positions()
+    pos.assign([("t", 0), ("t", 1)])
+    batch = RecordBatch(topic=["t"] * 4, partition=np.array([0, 1, 1, 0], np.int32), offset=np.arange(4),
+                        timestamp=np.zeros(4, np.int64), key=[None] * 4, value=[b"a", b"b", b"c", b"d"])
+    assert pos.drop_unassigned(batch) is batch  # no revoke: untouched
+    pos.revoke([("t", 1)])  # inside the poll that returned ``batch``
+    assert pos.drop_unassigned(batch).value == [b"a", b"d"]
+    assert pos.drop_unassigned(batch) is batch  # once per revoke
+
+
 def test_the_rebuild_replay_starts_at_the_floor_within_retention_and_the_cap():
     from pipelines.positions import replay_start
 
