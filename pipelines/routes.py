@@ -139,7 +139,22 @@ class RouteState:
             self.tracker.reset_streams(gone)
             self.offsets.reset(gone)
             self.stream_tp[gone] = -1
+            self._drop_pending(gone)
         return [self.stream_names[i] for i in gone.tolist()]
+
+    def _drop_pending(self, streams: np.ndarray) -> None:
+        """Drop these streams' windows still waiting to be scored (a revoke whose flush failed): the partition's
+        next owner scores them; here they would meet the reset alert state, or be scored twice if it came back."""
+        kept = []
+        for part in self._pending:
+            keep = ~np.isin(part[0], streams)
+            if keep.all():
+                kept.append(part)
+            elif keep.any():
+                i = np.flatnonzero(keep)
+                stream, windows, ts, topic, partition, offset = part
+                kept.append((stream[i], windows[i], ts[i], [topic[j] for j in i.tolist()], partition[i], offset[i]))
+        self._pending, self.pending_windows = kept, sum(len(p[0]) for p in kept)
 
     # -- scoring ---------------------------------------------------------------------------------------
     def flush(self, engine: InferenceEngine, timings: dict[str, float]) -> ScoredBatch | None:

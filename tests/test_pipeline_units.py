@@ -291,4 +291,14 @@ def test_routes_with_the_same_features_keep_their_own_streams(trained, tmp_path)
     pumps, fans = daemon.routes
     assert pumps.stream_names == ["pump-1"] and sorted(fans.stream_names) == ["fan-1", "fan-2"]
     assert pumps.buffer.n_events == 6 and fans.buffer.n_events == 9
+    # a revoke whose flush failed leaves windows pending: the revoked partition's go with its state
+    more = [json.dumps({"stream": s, "ts": 1_700_000_001_000 + i, "values": [float(i)] * len(names)}).encode()
+            for i, s in enumerate(["fan-1"] * 40 + ["fan-2"] * 40)]
+    daemon.process(RecordBatch(topic=["t"] * 80, partition=np.r_[np.zeros(40, np.int32), np.ones(40, np.int32)],
+                               offset=np.r_[np.arange(n, n + 40), np.arange(40)], timestamp=np.zeros(80, np.int64),
+                               key=[None] * 80, value=more))
+    assert fans.pending_windows > 0
+    fans.forget_partitions([daemon.positions.id_of(("t", 1))])  # fan-2's events came from partition 1
+    assert fans.pending_windows == sum(len(p[0]) for p in fans._pending) > 0
+    assert all((p[0] == fans.stream_index["fan-1"]).all() for p in fans._pending)
     assert daemon.registry.get_sample_value("anomalyd_events_total", {"topic": "t", "outcome": "unrouted"}) == 3
