@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["accept_mask", "sorted_groups"]
+__all__ = ["accept_mask", "accepted_events", "sorted_groups"]
 
 
 def sorted_groups(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,3 +46,13 @@ def accept_mask(t: np.ndarray, gid: np.ndarray, starts: np.ndarray, init: np.nda
     prev[1:] = run[:-1] - off[1:]
     prev[starts] = -1  # nothing earlier in the group
     return x >= np.maximum(prev, x0[gid])
+
+
+def accepted_events(stream: np.ndarray, ts: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """(N,) in input order, which events of a batch a window buffer accepted (not late), given ``prior`` (N,): each
+    event's stream's largest accepted timestamp before the batch."""
+    order = np.argsort(stream, kind="stable")
+    starts, gid = sorted_groups(stream[order])
+    out = np.empty(len(stream), dtype=bool)
+    out[order] = accept_mask(ts[order], gid, starts, prior[order][starts])
+    return out

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._segments import accept_mask, sorted_groups  # sorted_groups: pipelines.positions imports it from here
+from ._segments import accept_mask, accepted_events, sorted_groups  # noqa: F401 - the last two for pipelines
 
 _TS_MIN = np.iinfo(np.int64).min
 _ROT_TABLE_MAX_W = 256  # larger windows compute ring slots per call instead of a (W, W) table
@@ -300,6 +300,11 @@ class WindowBuffer:
             self._ring_ts[s, slots] = ts_arr
         self._count[s] = cnt
         self._last_ts[s] = ts_arr[-1]
+
+    def largest_ts(self, stream: np.ndarray) -> np.ndarray:
+        """(N,) each stream's largest accepted timestamp so far (int64 min before its first event)."""
+        stream = np.asarray(stream, dtype=np.int64)
+        return np.where(stream < self.capacity, self._last_ts[np.minimum(stream, self.capacity - 1)], _TS_MIN)
 
     def reset_streams(self, stream: np.ndarray) -> None:
         """Forget the given streams (e.g. partition revoked); they start afresh on their next event."""

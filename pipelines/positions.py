@@ -53,7 +53,8 @@ class WindowOffsets:
     (events ``1..W`` form block 0, ``W+1..2W`` block 1, ...). A window's oldest event is never older than the
     previous block's first event (the current one's when that block is complete), so replaying from there
     rebuilds the window; it costs at most ``W - 1`` extra events per stream and 24 bytes per stream instead of
-    ``8 W``. Late events (that the window buffer drops) are counted too, in the order they arrived.
+    ``8 W``. Only events the window buffer accepted are added (a late one is in no window, and replayed it could be
+    accepted where the event that made it late is no longer replayed).
     """
 
     def __init__(self, window: int, capacity: int = 1024) -> None:

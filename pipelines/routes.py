@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from detector.engine import InferenceEngine
-from detector.windows import WindowBatch, WindowBuffer
+from detector.windows import WindowBatch, WindowBuffer, accepted_events
 
 from .alerts import Alert, AlertTracker
 from .model_store import LoadedModel
@@ -105,8 +105,13 @@ class RouteState:
         """
         late0 = self.buffer.n_late
         self.stream_tp[stream] = tp_id
-        self.offsets.add(stream, offset)
+        prior = self.buffer.largest_ts(stream)  # (N,)
         wb = self.buffer.add(stream, ts, values)
+        if self.buffer.n_late > late0:  # the rebuild offsets count accepted events only: windows hold no late one
+            ok = accepted_events(stream, ts, prior)
+            self.offsets.add(stream[ok], offset[ok])
+        else:
+            self.offsets.add(stream, offset)
         keep = score[wb.event_index]
         n_keep = int(np.count_nonzero(keep))
         if n_keep:

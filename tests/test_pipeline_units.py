@@ -250,6 +250,25 @@ def test_window_offsets_floor_covers_every_window_and_bounds_the_replay():
     assert marks.floor(n_streams)[3] == offset
 
 
+def test_the_rebuild_floor_counts_accepted_events_only(trained, tmp_path):
+    """Late events are in no window: counted in the floor's blocks of W, they let the floor pass events that are
+    still in the window (a replay from there rebuilt a different window)."""
+    from pipelines.routes import RouteState
+    from pipelines.routing import RouteSpec
+
+    ModelStore(tmp_path).save("gru", trained["gru"])
+    route = RouteState(RouteSpec(("gru",)), [ModelStore(tmp_path).load("gru")], 1, {"k": 3, "n": 5, "m": 5})
+    w = route.buffer.window  # 32
+    ts = np.r_[np.arange(w) * 1000, 40_000, np.full(5, 100), 41_000 + np.arange(26) * 1000]  # 5 late events
+    n = len(ts)  # 64 = 2W events, 59 accepted
+    stream = np.repeat(route.stream_ids(["pump-1"]), n)
+    route.add(stream, ts.astype(np.int64), np.zeros((n, 4), np.float32), np.zeros(n, np.int64),
+              np.arange(n, dtype=np.int64), ["t"] * n, np.zeros(n, np.int32), np.zeros(n, bool))
+    accepted = np.r_[np.arange(w + 1), np.arange(w + 6, n)]
+    oldest_in_window = accepted[-w]  # offset 27
+    assert 0 <= route.rebuild_floor(1)[0] <= oldest_in_window
+
+
 @pytest.mark.parametrize("topics", [["a"] * 6, ["a", "b", "a", "b", "b", "a"]], ids=["one topic", "two topics"])
 def test_batch_ids_are_stable_per_topic_partition(topics):
     positions = Positions()
