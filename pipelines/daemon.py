@@ -21,12 +21,12 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
 
-import numpy as np
 from prometheus_client import CollectorRegistry
 
 from detector.engine import InferenceEngine
 
 from .allocator import tune_process_memory
+from .commits import Committer
 from .config import Config, check_model_files
 from .httpserver import HealthServer
 from .intake import Intake
@@ -70,11 +70,11 @@ class Daemon:
         self._reload = threading.Event()
         self._heartbeat = time.monotonic()
         self.positions = Positions()
+        self.commits = Committer(self.positions, self.metrics)
         self.intake = Intake(self.router, self.positions, self.metrics, cfg.kafka.dead_letter_topic,
                              cfg.kafka.max_message_bytes)
         self._crashed = False
         self._lag_due = False
-        self._last_commit = 0.0  # monotonic time of the last commit attempt
         self._last_record = 0.0  # monotonic time of the last poll that returned records
         self._worker: ScoringWorker | None = None  # processing.score_in_background: the scoring thread
         self._ahead: PollAhead | None = None  # kafka.poll_ahead (confluent): the next poll on a helper thread
@@ -217,6 +217,7 @@ class Daemon:
                 session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
                 auto_offset_reset=k.auto_offset_reset, fetch_min_bytes=k.fetch_min_bytes,
                 fetch_max_wait_ms=k.fetch_max_wait_ms)
+            self.commits.source, self.commits.ahead = self.source, self._ahead
             self.metrics.init_topics(k.topics)
             self.metrics.set_state(up=True, ready=False)
             # micro-batch arrays reuse freed heap; on the CPU, the CUDA wheel's libraries leave the resident set
@@ -284,7 +285,7 @@ class Daemon:
         if self.positions.needs_positioning:  # seeks, with no poll in flight
             batch = self.positions.position_new(self.source, batch)
         if self._ahead is not None and (offsets := self._ahead.take_deferred()):  # no poll in flight now
-            self._commit(offsets)
+            self.commits.commit(offsets)
         if self._ahead is not None and len(batch) >= most and not self._stop.is_set():
             self._ahead.submit(self.source.poll, most, self._poll_timeout_ms())  # a backlog: overlap processing
         return batch
@@ -305,7 +306,7 @@ class Daemon:
         full = pending >= p.max_batch_windows
         if not (full or waited >= p.max_delay_ms or idle):
             return
-        commit = idle or (now - self._last_commit) * 1000 >= self.cfg.kafka.commit_interval_ms
+        commit = idle or (now - self.commits.last_commit) * 1000 >= self.cfg.kafka.commit_interval_ms
         if self._worker is None:
             self._flush_and_commit(timeout_s=10.0, commit=commit)
         elif not self._worker.busy or full:
@@ -376,7 +377,7 @@ class Daemon:
         self.producer.flush(timeout_s)  # dead letters
         self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed
         if commit and self.positions.uncommitted:
-            self._commit(self._commit_offsets(), in_rebalance)
+            self.commits.commit(self.commits.offsets(self.routes), in_rebalance)
 
     # -- scoring on a second thread (processing.score_in_background) ---------------------------------------
     def _flush_in_background(self, timeout_s: float, commit: bool, windows: int) -> None:
@@ -386,7 +387,7 @@ class Daemon:
         committed only after delivery, as in the serial path."""
         freed = self._worker.wait()
         taken = self._take_pending()
-        offsets = self._commit_offsets() if commit and self.positions.uncommitted else None
+        offsets = self.commits.offsets(self.routes) if commit and self.positions.uncommitted else None
         self._worker.submit(partial(self._score_and_deliver, taken, timeout_s), windows, offsets)
         self._commit_delivered(freed, timeout_s)
 
@@ -403,32 +404,4 @@ class Daemon:
         """Commit the offsets a scored micro-batch freed, once the dead letters of those records are delivered."""
         if offsets:
             self.producer.flush(timeout_s)
-            self._commit(offsets, in_rebalance)
-
-    # -- commits ---------------------------------------------------------------------------------------
-    def _commit_offsets(self) -> dict[TopicPartition, tuple[int, str]]:
-        """``{tp: (next offset, metadata)}`` of everything processed so far, with the window-rebuild floors."""
-        floors = np.full(len(self.positions.tps), -1, dtype=np.int64)
-        for route in self.routes:
-            f = route.rebuild_floor(len(self.positions.tps))
-            floors = np.where((floors < 0) | ((f >= 0) & (f < floors)), f, floors)
-        return self.positions.commit_offsets(floors)
-
-    def _commit(self, offsets: dict[TopicPartition, tuple[int, str]], in_rebalance: bool = False) -> None:
-        """Commit now; with poll ahead, where librdkafka cannot hold it back for ever (PollAhead.commit)."""
-        if self._ahead is not None:
-            self._ahead.commit(self._commit_now, offsets, in_rebalance)
-        else:
-            self._commit_now(offsets, in_rebalance)
-
-    def _commit_now(self, offsets: dict[TopicPartition, tuple[int, str]], in_rebalance: bool = False) -> None:
-        self._last_commit, t0 = time.monotonic(), time.perf_counter()
-        try:
-            (self.source.commit_in_rebalance if in_rebalance else self.source.commit)(offsets)
-            for tp, (nxt, _meta) in offsets.items():  # records processed since stay uncommitted
-                if self.positions.uncommitted.get(tp) == nxt:
-                    del self.positions.uncommitted[tp]
-            self.metrics.observe_commit(time.perf_counter() - t0, ok=True)
-        except Exception as exc:  # e.g. a rebalance in progress: records will be redelivered
-            self.metrics.observe_commit(time.perf_counter() - t0, ok=False)
-            log.warning("offset commit failed (records will be redelivered): %s", exc)
+            self.commits.commit(offsets, in_rebalance)
