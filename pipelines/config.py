@@ -26,6 +26,7 @@ import yaml
 from ._config_schema import Check, ConfigError, Ctx, apply_env, build, join_key, rule_field, where, yaml_problem
 from ._config_security import SecurityConfig, check_security
 from .kafka_io import PASSWORD_KEYS
+from .positions import MAX_REBUILD_RECORDS
 from .source import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
 
 ENV_PREFIX = "ANOMALYD_"
@@ -54,6 +55,7 @@ class KafkaConfig:
     session_timeout_ms: int = rule_field(10000, ge=1)
     heartbeat_interval_ms: int = rule_field(3000, ge=1)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    max_rebuild_records: int = rule_field(MAX_REBUILD_RECORDS, ge=0)  # per partition, replayed to rebuild windows
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
 

@@ -69,7 +69,7 @@ class Daemon:
         self._stop = stop_event or threading.Event()
         self._reload = threading.Event()
         self._heartbeat = time.monotonic()
-        self.positions = Positions()
+        self.positions = Positions(cfg.kafka.max_rebuild_records)
         self.commits = Committer(self.positions, self.metrics)
         self.intake = Intake(self.router, self.positions, self.metrics, cfg.kafka.dead_letter_topic,
                              cfg.kafka.max_message_bytes)
