@@ -185,6 +185,10 @@ class AlertTracker:
         """Number of streams with an open incident."""
         return len(self._incidents)
 
+    def is_open(self, stream_idx: np.ndarray) -> np.ndarray:
+        """(N,) bool: which of these streams have an open incident."""
+        return np.fromiter((st in self._incidents for st in stream_idx.tolist()), bool, len(stream_idx))
+
     def reset_streams(self, stream_idx: Sequence[int] | np.ndarray) -> None:
         """Forget all state of these streams (e.g. their partition was revoked); emits nothing."""
         idx = np.asarray(stream_idx, dtype=np.int64).ravel()

@@ -106,6 +106,7 @@ class ProcessingConfig:
     max_delay_ms: int = rule_field(20, ge=0)
     score_in_background: bool = True  # score micro-batch k on a second thread while batch k+1 is polled
     model_threads: int = rule_field(0, ge=0)  # CPU inference threads; 0: adaptive, up to the container's CPUs
+    stream_idle_timeout_s: float = rule_field(86400.0, ge=0)  # forget a stream silent this long (0: never)
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ class Daemon:
         self._worker: ScoringWorker | None = None  # processing.score_in_background: the scoring thread
         self._ahead: PollAhead | None = None  # kafka.poll_ahead (confluent): the next poll on a helper thread
         self._oldest_pending: float | None = None
-        self._last_reload_check = time.monotonic()
+        self._last_reload_check = self._last_idle_check = time.monotonic()
         self.events_seen = 0
         self.http_port: int | None = None
         if self.engine.device.type == "cuda":
@@ -262,6 +262,8 @@ class Daemon:
             except SinkError as exc:  # sinks keep the alerts and retry; offsets wait (backpressure)
                 log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
             self.metrics.set_state(up=True, ready=self.is_ready())
+            if self._worker is None or not self._worker.busy:
+                self._maybe_forget_idle(now)
             self._maybe_reload()
             if now - last_lag > 15.0 or (self._lag_due and now - last_lag > 1.0):
                 last_lag = now
@@ -311,6 +313,18 @@ class Daemon:
             self._flush_and_commit(timeout_s=10.0, commit=commit)
         elif not self._worker.busy or full:
             self._flush_in_background(timeout_s=10.0, commit=commit, windows=pending)
+
+    def _maybe_forget_idle(self, now: float) -> None:
+        """Once a minute, forget streams idle for processing.stream_idle_timeout_s (never while the scoring thread
+        reads stream names and alert state)."""
+        idle_s = self.cfg.processing.stream_idle_timeout_s
+        if not idle_s or now - self._last_idle_check < 60.0:
+            return
+        self._last_idle_check = now
+        for route in self.routes:
+            if gone := route.forget_idle(idle_s, now):
+                self.sinks.forget_streams(gone)
+                log.info("route %s: forgot %d streams idle for %gs", route.spec.label, len(gone), idle_s)
 
     def _poll_timeout_ms(self) -> int:
         """kafka.poll_timeout_ms, cut to what is left of processing.max_delay_ms for the oldest pending window
@@ -366,7 +380,7 @@ class Daemon:
         if alerts:
             self.sinks.add(alerts)
         self.metrics.open_incidents.set(sum(r.tracker.open_incidents for r in self.routes))
-        self.metrics.set_buffers(sum(len(r.stream_names) for r in self.routes),
+        self.metrics.set_buffers(sum(len(r.stream_index) for r in self.routes),
                                  sum(r.buffer.memory_bytes() for r in self.routes))
         return alerts
 
@@ -386,6 +400,7 @@ class Daemon:
         commit what the one before freed (so the scoring thread does not wait for that commit). Offsets are
         committed only after delivery, as in the serial path."""
         freed = self._worker.wait()
+        self._maybe_forget_idle(time.monotonic())  # the scoring thread is idle: names and alert state are ours
         taken = self._take_pending()
         offsets = self.commits.offsets(self.routes) if commit and self.positions.uncommitted else None
         self._worker.submit(partial(self._score_and_deliver, taken, timeout_s), windows, offsets)

@@ -48,9 +48,11 @@ class RouteState:
         self.spec = spec
         self.tracker = AlertTracker(**alert_cfg)
         self.stride = stride
-        self.stream_index: dict[str, int] = {}
-        self.stream_names: list[str] = []
+        self.stream_index: dict[str, int] = {}  # the streams held, by name
+        self.stream_names: list[str] = []  # by id; "" for a free id (a stream forgotten, its id to be reused)
         self.stream_tp = np.full(1024, -1, dtype=np.int32)  # (S,) topic-partition id of each stream
+        self.last_seen = np.zeros(1024, dtype=np.float64)  # (S,) monotonic time of each stream's latest event
+        self._free: list[int] = []  # ids of forgotten streams
         self._pending: list[tuple] = []
         self.pending_windows = 0
         self.set_models(models)
@@ -88,13 +90,18 @@ class RouteState:
         for i, s in enumerate(streams):
             j = idx.get(s)
             if j is None:
-                j = idx[s] = len(self.stream_names)
-                self.stream_names.append(s)
+                if self._free:
+                    j = idx[s] = self._free.pop()
+                    self.stream_names[j] = s
+                else:
+                    j = idx[s] = len(self.stream_names)
+                    self.stream_names.append(s)
             out[i] = j
         n = len(self.stream_names)
         if n > len(self.stream_tp):
-            cap = max(n, 2 * len(self.stream_tp))
-            self.stream_tp = np.concatenate([self.stream_tp, np.full(cap - len(self.stream_tp), -1, np.int32)])
+            grow = max(n, 2 * len(self.stream_tp)) - len(self.stream_tp)
+            self.stream_tp = np.concatenate([self.stream_tp, np.full(grow, -1, np.int32)])
+            self.last_seen = np.concatenate([self.last_seen, np.zeros(grow)])
         return out
 
     def add(self, stream: np.ndarray, ts: np.ndarray, values: np.ndarray, tp_id: np.ndarray, offset: np.ndarray,
@@ -105,6 +112,7 @@ class RouteState:
         """
         late0 = self.buffer.n_late
         self.stream_tp[stream] = tp_id
+        self.last_seen[stream] = time.monotonic()
         prior = self.buffer.largest_ts(stream)  # (N,)
         wb = self.buffer.add(stream, ts, values)
         if self.buffer.n_late > late0:  # the rebuild offsets count accepted events only: windows hold no late one
@@ -136,16 +144,31 @@ class RouteState:
         return np.where(out == np.iinfo(np.int64).max, -1, out)
 
     def forget_partitions(self, tp_ids: list[int]) -> list[str]:
-        """Drop the window and alert state of streams on these partitions; returns their names."""
+        """Forget the streams of these partitions (window, alert state, name); returns their names."""
         n = len(self.stream_names)
-        gone = np.flatnonzero(np.isin(self.stream_tp[:n], tp_ids))
+        return self._forget(np.flatnonzero(np.isin(self.stream_tp[:n], tp_ids)))
+
+    def forget_idle(self, idle_s: float, now: float | None = None) -> list[str]:
+        """Forget the streams without an event for ``idle_s`` seconds and no open incident (whose resolution is
+        still to come); returns their names. Their ids are reused, so stream churn does not grow memory."""
+        n = len(self.stream_names)
+        now = time.monotonic() if now is None else now
+        idle = np.flatnonzero((self.last_seen[:n] < now - idle_s) & (self.stream_tp[:n] >= 0))
+        return self._forget(idle[~self.tracker.is_open(idle)])
+
+    def _forget(self, gone: np.ndarray) -> list[str]:
+        names = [self.stream_names[i] for i in gone.tolist()]
         if gone.size:
             self.buffer.reset_streams(gone)
             self.tracker.reset_streams(gone)
             self.offsets.reset(gone)
             self.stream_tp[gone] = -1
             self._drop_pending(gone)
-        return [self.stream_names[i] for i in gone.tolist()]
+            for i, name in zip(gone.tolist(), names, strict=True):
+                del self.stream_index[name]
+                self.stream_names[i] = ""
+            self._free.extend(gone.tolist()[::-1])  # the lowest id is reused first
+        return names
 
     def _drop_pending(self, streams: np.ndarray) -> None:
         """Drop these streams' windows still waiting to be scored (a revoke whose flush failed): the partition's

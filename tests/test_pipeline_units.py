@@ -155,6 +155,8 @@ def test_scoring_reports_top_streams_and_alert_latency_from_the_newest_event(tra
     assert count == len(alerts) and reg.get_sample_value("anomalyd_event_to_alert_seconds_sum") < 30 * count
     scored = reg.get_sample_value("anomalyd_windows_scored_total", {"model": "gru"})
     assert scored > 0 and reg.get_sample_value("anomalyd_anomaly_score_count", {"model": "gru"}) == scored  # once
+    daemon._maybe_forget_idle(time.monotonic() + 2 * 86400)  # processing.stream_idle_timeout_s: a day
+    assert set(daemon.routes[0].stream_index) == {"pump-1"}  # its incident is open: kept until it resolves
 
 
 def test_positions_replay_commit_and_revoke():
@@ -267,6 +269,35 @@ def test_the_rebuild_floor_counts_accepted_events_only(trained, tmp_path):
     accepted = np.r_[np.arange(w + 1), np.arange(w + 6, n)]
     oldest_in_window = accepted[-w]  # offset 27
     assert 0 <= route.rebuild_floor(1)[0] <= oldest_in_window
+
+
+def test_idle_streams_are_forgotten_unless_an_incident_is_open_and_their_ids_reused(trained, tmp_path):
+    import time
+
+    from pipelines.routes import RouteState
+    from pipelines.routing import RouteSpec
+
+    ModelStore(tmp_path).save("gru", trained["gru"])
+    route = RouteState(RouteSpec(("gru",)), [ModelStore(tmp_path).load("gru")], 1, {"k": 3, "n": 5, "m": 5})
+
+    def feed(names: list[str], t0: int) -> np.ndarray:
+        ids = route.stream_ids(names)
+        n = len(ids)
+        route.add(ids, np.full(n, t0, np.int64) + np.arange(n), np.zeros((n, 4), np.float32), np.zeros(n, np.int64),
+                  np.arange(n, dtype=np.int64), ["t"] * n, np.zeros(n, np.int32), np.zeros(n, bool))
+        return ids
+
+    quiet, stuck = feed(["quiet", "stuck"], 0).tolist()
+    route.tracker.observe(np.full(3, stuck), np.full(3, 5.0), np.ones(3, bool), np.arange(3), "t", np.zeros(3),
+                          np.arange(3), stream_names=route.stream_names)  # an incident opens on "stuck"
+    cut = time.monotonic()
+    (busy,) = feed(["busy"], 10).tolist()
+    assert route.forget_idle(1.0, now=cut + 1.0) == ["quiet"]  # "stuck" waits for its incident to resolve
+    assert set(route.stream_index) == {"stuck", "busy"} and route.buffer.n_streams == 2
+    assert route.stream_ids(["newcomer"]).tolist() == [quiet]  # the id is reused: churn does not grow memory
+    n_ids = len(route.stream_names)
+    assert route.stream_ids(["quiet"]).tolist() == [n_ids]  # back later: a new, empty stream
+    assert route.forget_idle(1.0, now=time.monotonic() + 2.0) == ["busy"]  # the newcomers were never fed
 
 
 @pytest.mark.parametrize("topics", [["a"] * 6, ["a", "b", "a", "b", "b", "a"]], ids=["one topic", "two topics"])
