@@ -185,9 +185,16 @@ class AlertTracker:
         """Number of streams with an open incident."""
         return len(self._incidents)
 
-    def is_open(self, stream_idx: np.ndarray) -> np.ndarray:
-        """(N,) bool: which of these streams have an open incident."""
-        return np.fromiter((st in self._incidents for st in stream_idx.tolist()), bool, len(stream_idx))
+    def resolve_streams(self, stream_idx: np.ndarray, ended_at: np.ndarray) -> list[Alert]:
+        """Close the open incidents of these streams (N,) at event times ``ended_at`` (N,) ms, e.g. streams gone
+        silent: their ``resolved`` alerts. Call :meth:`reset_streams` for the rest of their state."""
+        out = []
+        for st, end in zip(stream_idx.tolist(), ended_at.tolist(), strict=True):
+            inc = self._incidents.pop(st, None)
+            if inc is not None:
+                self._open[st] = False
+                out.append(self._alert(inc, RESOLVED, int(end)))
+        return out
 
     def reset_streams(self, stream_idx: Sequence[int] | np.ndarray) -> None:
         """Forget all state of these streams (e.g. their partition was revoked); emits nothing."""

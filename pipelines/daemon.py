@@ -315,16 +315,28 @@ class Daemon:
             self._flush_in_background(timeout_s=10.0, commit=commit, windows=pending)
 
     def _maybe_forget_idle(self, now: float) -> None:
-        """Once a minute, forget streams idle for processing.stream_idle_timeout_s (never while the scoring thread
-        reads stream names and alert state)."""
+        """Once a minute, forget streams idle for processing.stream_idle_timeout_s and resolve their incidents
+        (never while the scoring thread reads stream names and alert state)."""
         idle_s = self.cfg.processing.stream_idle_timeout_s
         if not idle_s or now - self._last_idle_check < 60.0:
             return
         self._last_idle_check = now
+        resolved = []
         for route in self.routes:
-            if gone := route.forget_idle(idle_s, now):
+            gone, alerts = route.forget_idle(idle_s, now)
+            if gone:
+                log.info("route %s: forgot %d streams silent for %gs (%d open incidents resolved)", route.spec.label,
+                         len(gone), idle_s, len(alerts))
+                for a in alerts:
+                    self.metrics.alert(route.spec.label, a.status)
+                self.sinks.add(alerts)
                 self.sinks.forget_streams(gone)
-                log.info("route %s: forgot %d streams idle for %gs", route.spec.label, len(gone), idle_s)
+                resolved += alerts
+        if resolved:  # now: a quiet topic may not flush for a long time
+            try:
+                self.sinks.flush(10.0, self.metrics.observe_sink_flush)
+            except SinkError as exc:  # kept and retried by the next flush
+                log.warning("alert delivery failed, will retry: %s", exc)
 
     def _poll_timeout_ms(self) -> int:
         """kafka.poll_timeout_ms, cut to what is left of processing.max_delay_ms for the oldest pending window

@@ -148,13 +148,15 @@ class RouteState:
         n = len(self.stream_names)
         return self._forget(np.flatnonzero(np.isin(self.stream_tp[:n], tp_ids)))
 
-    def forget_idle(self, idle_s: float, now: float | None = None) -> list[str]:
-        """Forget the streams without an event for ``idle_s`` seconds and no open incident (whose resolution is
-        still to come); returns their names. Their ids are reused, so stream churn does not grow memory."""
+    def forget_idle(self, idle_s: float, now: float | None = None) -> tuple[list[str], list[Alert]]:
+        """Forget the streams without an event for ``idle_s`` seconds: (their names, the ``resolved`` alerts of
+        their open incidents, ended at each stream's last event). Their ids are reused, so stream churn does not
+        grow memory, and an incident whose stream went silent does not stay open for ever."""
         n = len(self.stream_names)
         now = time.monotonic() if now is None else now
         idle = np.flatnonzero((self.last_seen[:n] < now - idle_s) & (self.stream_tp[:n] >= 0))
-        return self._forget(idle[~self.tracker.is_open(idle)])
+        alerts = self.tracker.resolve_streams(idle, self.buffer.largest_ts(idle)) if idle.size else []
+        return self._forget(idle), alerts
 
     def _forget(self, gone: np.ndarray) -> list[str]:
         names = [self.stream_names[i] for i in gone.tolist()]

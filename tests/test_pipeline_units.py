@@ -156,7 +156,8 @@ def test_scoring_reports_top_streams_and_alert_latency_from_the_newest_event(tra
     scored = reg.get_sample_value("anomalyd_windows_scored_total", {"model": "gru"})
     assert scored > 0 and reg.get_sample_value("anomalyd_anomaly_score_count", {"model": "gru"}) == scored  # once
     daemon._maybe_forget_idle(time.monotonic() + 2 * 86400)  # processing.stream_idle_timeout_s: a day
-    assert set(daemon.routes[0].stream_index) == {"pump-1"}  # its incident is open: kept until it resolves
+    assert daemon.routes[0].stream_index == {} and daemon.routes[0].tracker.open_incidents == 0
+    assert reg.get_sample_value("anomalyd_alerts_total", {"model": "gru", "status": "resolved"}) == 1  # pump-1's
 
 
 def test_positions_replay_commit_and_revoke():
@@ -271,7 +272,7 @@ def test_the_rebuild_floor_counts_accepted_events_only(trained, tmp_path):
     assert 0 <= route.rebuild_floor(1)[0] <= oldest_in_window
 
 
-def test_idle_streams_are_forgotten_unless_an_incident_is_open_and_their_ids_reused(trained, tmp_path):
+def test_silent_streams_are_forgotten_their_incidents_resolved_and_their_ids_reused(trained, tmp_path):
     import time
 
     from pipelines.routes import RouteState
@@ -287,17 +288,20 @@ def test_idle_streams_are_forgotten_unless_an_incident_is_open_and_their_ids_reu
                   np.arange(n, dtype=np.int64), ["t"] * n, np.zeros(n, np.int32), np.zeros(n, bool))
         return ids
 
-    quiet, stuck = feed(["quiet", "stuck"], 0).tolist()
-    route.tracker.observe(np.full(3, stuck), np.full(3, 5.0), np.ones(3, bool), np.arange(3), "t", np.zeros(3),
-                          np.arange(3), stream_names=route.stream_names)  # an incident opens on "stuck"
+    quiet, stuck = feed(["quiet", "stuck"], 5000).tolist()
+    (opened,) = route.tracker.observe(np.full(3, stuck), np.full(3, 5.0), np.ones(3, bool), np.arange(3), "t",
+                                      np.zeros(3), np.arange(3), stream_names=route.stream_names)
     cut = time.monotonic()
     (busy,) = feed(["busy"], 10).tolist()
-    assert route.forget_idle(1.0, now=cut + 1.0) == ["quiet"]  # "stuck" waits for its incident to resolve
-    assert set(route.stream_index) == {"stuck", "busy"} and route.buffer.n_streams == 2
+    gone, resolved = route.forget_idle(1.0, now=cut + 1.0)
+    assert gone == ["quiet", "stuck"] and set(route.stream_index) == {"busy"} and route.buffer.n_streams == 1
+    assert [(a.id, a.status, a.stream, a.ended_at) for a in resolved] == [(opened.id, "resolved", "stuck", 5001)]
+    assert route.tracker.open_incidents == 0
     assert route.stream_ids(["newcomer"]).tolist() == [quiet]  # the id is reused: churn does not grow memory
     n_ids = len(route.stream_names)
-    assert route.stream_ids(["quiet"]).tolist() == [n_ids]  # back later: a new, empty stream
-    assert route.forget_idle(1.0, now=time.monotonic() + 2.0) == ["busy"]  # the newcomers were never fed
+    assert route.stream_ids(["quiet"]).tolist() == [stuck]  # back later: a new, empty stream
+    assert len(route.stream_names) == n_ids
+    assert route.forget_idle(1.0, now=time.monotonic() + 2.0) == (["busy"], [])  # the newcomers were never fed
 
 
 @pytest.mark.parametrize("topics", [["a"] * 6, ["a", "b", "a", "b", "b", "a"]], ids=["one topic", "two topics"])
