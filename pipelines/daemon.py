@@ -88,11 +88,18 @@ class Daemon:
         self._load_models()
 
     # -- models ----------------------------------------------------------------------------------------
-    def _load_models(self) -> None:
+    def _read_models(self) -> dict[str, LoadedModel]:
+        """The served models, loaded; raises (CheckpointError, FileNotFoundError, a route's models that no longer
+        share window and features) before anything is swapped."""
         dev = str(self.engine.device)
-        loaded: dict[str, LoadedModel] = {}
-        for served in self.cfg.models.served:
-            loaded[served.name] = self.store.load(served.name, served.version, device=dev)
+        loaded = {s.name: self.store.load(s.name, s.version, device=dev) for s in self.cfg.models.served}
+        for spec in self.router.routes:
+            RouteState.check_models([loaded[name] for name in spec.models], spec.label)
+        return loaded
+
+    def _load_models(self, loaded: dict[str, LoadedModel] | None = None) -> None:
+        dev = str(self.engine.device)
+        loaded = self._read_models() if loaded is None else loaded
         self.engine.swap({name: lm.detector for name, lm in loaded.items()})
         old = {r.spec: r for r in self.routes}
         routes = []
@@ -123,15 +130,23 @@ class Daemon:
         self._last_reload_check = now
         forced = self._reload.is_set()
         self._reload.clear()
-        newest = {s.name: self.store.resolve(s.name, s.version) for s in self.cfg.models.served}
-        if forced or any(newest[n] != lm.version for n, lm in self._loaded.items()):
-            try:
-                self._finish_background(10.0)
-            except SinkError as exc:  # the sinks keep the alerts and retry; those offsets wait
-                log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
-            self.flush()  # score what is pending with the old models first
-            self._load_models()
-            log.info("models reloaded: %s", {n: lm.version for n, lm in self._loaded.items()})
+        try:
+            newest = {s.name: self.store.resolve(s.name, s.version) for s in self.cfg.models.served}
+            if not (forced or any(newest[n] != lm.version for n, lm in self._loaded.items())):
+                return
+            loaded = self._read_models()  # before anything changes: a version that fails to load changes nothing
+        except (OSError, ValueError) as exc:  # CheckpointError is a ValueError; the directory may be gone
+            self.metrics.model_reload_failures.inc()
+            log.error("model reload failed, still serving %s: %s", {n: lm.version for n, lm in self._loaded.items()},
+                      exc)
+            return
+        try:
+            self._finish_background(10.0)
+        except SinkError as exc:  # the sinks keep the alerts and retry; those offsets wait
+            log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
+        self.flush()  # score what is pending with the old models first
+        self._load_models(loaded)
+        log.info("models reloaded: %s", {n: lm.version for n, lm in self._loaded.items()})
 
     # -- rebalance (both callbacks run inside poll, where kafka-python 3 allows no blocking client calls) -----
     def _on_revoke(self, tps: list[TopicPartition]) -> None:

@@ -23,6 +23,7 @@ labels except on the opt-in, K-bounded ``anomalyd_top_stream_score``. Outcomes: 
 | `anomalyd_consumer_lag` | gauge | topic, partition | end offset minus position of each assigned partition |
 | `anomalyd_assigned_partitions` | gauge | - | partitions currently assigned to this consumer |
 | `anomalyd_rebalances_total` | counter | - | consumer-group rebalances (assignments) seen |
+| `anomalyd_model_reload_failures_total` | counter | - | new model versions that failed to load (old ones kept) |
 | `anomalyd_sink_flush_seconds` | histogram | sink | latency of one sink flush |
 | `anomalyd_sink_failures_total` | counter | sink | failed sink flushes |
 | `anomalyd_commit_seconds` | histogram | - | latency of one offset commit |
@@ -121,6 +122,9 @@ class Metrics:
                                   ["topic", "partition"], registry=r)
         self.assigned_partitions = Gauge("anomalyd_assigned_partitions", "Partitions currently assigned.", registry=r)
         self.rebalances = Counter("anomalyd_rebalances_total", "Consumer-group rebalances seen.", registry=r)
+        self.model_reload_failures = Counter("anomalyd_model_reload_failures_total",
+                                             "Model versions that could not be loaded; the old ones are kept.",
+                                             registry=r)
         self.sink_flush_seconds = Histogram("anomalyd_sink_flush_seconds", "Latency of one sink flush.",
                                             ["sink"], buckets=IO_BUCKETS, registry=r)
         self.sink_failures = Counter("anomalyd_sink_failures_total", "Failed sink flushes.", ["sink"], registry=r)

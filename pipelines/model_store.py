@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from detector.autoencoder import AutoencoderDetector
-from detector.checkpoint import META_FILE, load_checkpoint, save_checkpoint
+from detector.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
 
 __all__ = ["LoadedModel", "ModelStore", "new_version_name"]
 
@@ -39,11 +39,14 @@ class ModelStore:
         self.root = Path(root)
 
     def versions(self, name: str) -> list[str]:
-        """Complete versions of ``name`` (those with a metadata file), oldest first."""
+        """Complete versions of ``name`` (with weights and metadata files), oldest first. A version copied in by
+        hand (``cp -r``, ``kubectl cp``) has ``model.json`` before ``model.safetensors``: it counts once both are
+        there (a weights file still being written fails to load, and a reload then keeps the old version)."""
         d = self.root / name
         if not d.is_dir():
             return []
-        done = [p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / META_FILE).is_file()]
+        done = [p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")
+                and (p / META_FILE).is_file() and (p / WEIGHTS_FILE).is_file()]
         return sorted(done, key=_version_key)
 
     def resolve(self, name: str, version: str | None = None) -> str:

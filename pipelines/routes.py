@@ -58,14 +58,20 @@ class RouteState:
         self.set_models(models)
 
     # -- models ----------------------------------------------------------------------------------------
-    def set_models(self, models: list[LoadedModel]) -> None:
-        """Install (new versions of) the route's models; the buffer is kept when the shape is unchanged."""
+    @staticmethod
+    def check_models(models: list[LoadedModel], label: str) -> None:
+        """Models of one route must share window and features (ValueError naming the route)."""
         first = models[0].detector
         for m in models[1:]:
             d = m.detector
             if (d.window, d.n_features, d.feature_names) != (first.window, first.n_features, first.feature_names):
-                raise ValueError(f"route {self.spec.label!r}: models must share window and features; "
+                raise ValueError(f"route {label!r}: models must share window and features; "
                                  f"{m.name} differs from {models[0].name}")
+
+    def set_models(self, models: list[LoadedModel]) -> None:
+        """Install (new versions of) the route's models; the buffer is kept when the shape is unchanged."""
+        self.check_models(models, self.spec.label)
+        first = models[0].detector
         self.models = models
         self.feature_names = list(first.feature_names)
         shape = (first.window, first.n_features)

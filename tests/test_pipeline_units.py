@@ -30,6 +30,8 @@ def test_model_store_newest_version_and_pinning(trained, tmp_path):
     v1 = store.save("m", trained["gru"], version="v2").name
     v2 = store.save("m", trained["gru"], version="v10").name
     (tmp_path / "m" / ".v99.tmp").mkdir()  # incomplete writes are ignored
+    (tmp_path / "m" / "v98").mkdir()
+    (tmp_path / "m" / "v98" / "model.json").write_text("{}")  # copied in by hand, weights not there yet
     assert store.versions("m") == [v1, v2] and store.resolve("m") == "v10"
     assert store.load("m", "v2").version == "v2"
     with pytest.raises(FileNotFoundError, match="version 'v3' not found"):
@@ -39,6 +41,32 @@ def test_model_store_newest_version_and_pinning(trained, tmp_path):
     early = new_version_name(datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=UTC))
     late = new_version_name(datetime(2026, 1, 2, 3, 4, 5, 7000, tzinfo=UTC))
     assert early == "20260102T030405006Z" and early < late
+
+
+def test_a_model_version_that_fails_to_load_leaves_the_old_one_served(trained, tmp_path):
+    import shutil
+
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+
+    store = ModelStore(tmp_path / "models")
+    old = store.save("gru", trained["gru"], version="v1")
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [], "default_models": ["gru"], "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["t"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    daemon = Daemon(load_config(tmp_path / "c.yaml"))
+    new = tmp_path / "models" / "gru" / "v2"
+    new.mkdir()
+    shutil.copy(old / "model.json", new / "model.json")
+    (new / "model.safetensors").write_bytes((old / "model.safetensors").read_bytes()[:100])  # still being copied
+    daemon.request_reload()  # SIGHUP
+    daemon._maybe_reload()
+    assert daemon._loaded["gru"].version == "v1" and daemon.routes[0].version == "v1"
+    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 1
+    shutil.copy(old / "model.safetensors", new / "model.safetensors")  # the copy completes
+    daemon.request_reload()
+    daemon._maybe_reload()
+    assert daemon._loaded["gru"].version == "v2" and daemon.routes[0].version == "v2"
 
 
 def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys):
