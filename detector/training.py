@@ -19,7 +19,7 @@ from .models import ModelConfig, build_model
 from .scaling import Scaler
 from .thresholds import Threshold, make_threshold
 
-__all__ = ["TrainConfig", "train_detector", "calibrate_threshold", "load_series"]
+__all__ = ["TrainConfig", "train_detector", "calibrate_threshold", "enough_rows", "load_series"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,16 @@ def load_series(path: str | Path) -> tuple[np.ndarray, list[str]]:
     if not rows:
         raise ValueError(f"{path}: no data rows")
     return np.asarray(rows, dtype=np.float32), [header[i].strip() for i in keep]
+
+
+def _n_val(rows: int, window: int, val_fraction: float) -> int:
+    """Validation rows at the end of a series of ``rows``: a fraction, but at least W + 20 (20 windows)."""
+    return max(int(rows * val_fraction), window + 20)
+
+
+def enough_rows(rows: int, window: int, val_fraction: float = 0.2) -> bool:
+    """Whether a series of ``rows`` leaves W + 1 training rows beside its validation part."""
+    return rows - _n_val(rows, window, val_fraction) >= window + 1
 
 
 def _fill_missing(X: np.ndarray) -> np.ndarray:
@@ -125,8 +135,8 @@ def train_detector(
     for x in series:
         if x.ndim != 2 or x.shape[1] != model_cfg.n_features:
             raise ValueError(f"training data must be (T, {model_cfg.n_features}), got {x.shape}")
-        n_val = max(int(len(x) * cfg.val_fraction), W + 20)
-        if len(x) - n_val < W + 1:
+        n_val = _n_val(len(x), W, cfg.val_fraction)
+        if not enough_rows(len(x), W, cfg.val_fraction):
             raise ValueError(f"need at least {W + 1 + n_val} rows to train with window {W}, got {len(x)}")
         train_parts.append(x[:-n_val])
         val_parts.append(x[-n_val:])

@@ -49,7 +49,8 @@ def _add_train(sub) -> None:
     p.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers (with --kafka-topic)")
     p.add_argument("-c", "--config", default=None,
                    help="with --kafka-topic: take the brokers and credentials from this daemon config's kafka section")
-    p.add_argument("--from-ms", type=int, default=None, help="first event timestamp (ms) to use from the topic")
+    p.add_argument("--from-ms", type=int, default=None,
+                   help="first event time (ms, the message's ts) to use; the topic is read from its first record")
     p.add_argument("--to-ms", type=int, default=None, help="last event timestamp (ms) to use from the topic")
     p.add_argument("--streams", default="*", help="glob of stream ids to train on (with --kafka-topic)")
     p.add_argument("--features", default=None, help="comma-separated feature names (Kafka dict messages)")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from detector.models import ModelConfig
-from detector.training import TrainConfig, load_series, train_detector
+from detector.training import TrainConfig, enough_rows, load_series, train_detector
 
 from .decode import FeatureSpec, decode_batch
 from .kafka_io import client_security_config, kafka_python_bootstrap
@@ -21,12 +21,16 @@ from .model_store import ModelStore
 __all__ = ["train_command", "read_topic_series"]
 
 
-def _infer_features(values: list[bytes]) -> list[str]:
-    """Feature names from the first message that has any: dict keys in order, else f0..fN-1 (``value``: f0)."""
+def _infer_features(values: list[bytes], streams_glob: str = "*") -> list[str]:
+    """Feature names from the first message of a stream ``streams_glob`` takes that has any: dict keys in order,
+    else f0..fN-1 (``value``: f0)."""
     for raw in values:
         try:
             msg = json.loads(raw)
         except (ValueError, TypeError):
+            continue
+        stream = msg.get("stream") if isinstance(msg, dict) else None
+        if isinstance(stream, str) and not fnmatch.fnmatchcase(stream, streams_glob):
             continue
         if isinstance(msg, dict):
             vals = msg.get("values", [msg["value"]] if "value" in msg else None)
@@ -42,7 +46,12 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
                       security: Mapping[str, Any] | None = None) -> tuple[list[np.ndarray], list[str]]:
     """Events of ``topic`` with from_ms <= ts <= to_ms, decoded and validated exactly as the daemon does, grouped
     per stream id as (T, F) series in time order. Messages the daemon would dead-letter are skipped (counted).
-    ``security``: the config's ``kafka.security`` settings (read with kafka-python)."""
+    ``security``: the config's ``kafka.security`` settings (read with kafka-python).
+
+    ``ts`` is the event time (the message's own ``ts``), which need not follow the broker's timestamps (a replay
+    of history, a producer ahead of the clock): every partition is read from its first retained record to the
+    end offsets taken at the start. Reading stops early only after ``timeout_s`` without a record, and then
+    says which partitions it did not finish."""
     from kafka import KafkaConsumer, TopicPartition
 
     with kafka_python_bootstrap(bootstrap, security):
@@ -58,20 +67,23 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
             raise ValueError(f"topic {topic!r} does not exist or has no partitions")
         consumer.assign(parts)
         ends = consumer.end_offsets(parts)
-        starts = consumer.offsets_for_times({tp: from_ms for tp in parts}) if from_ms is not None else {}
-        for tp in parts:
-            got = starts.get(tp)
-            consumer.seek(tp, got.offset if got is not None else 0)
+        consumer.seek_to_beginning(*parts)  # the first retained record (seek(tp, 0) below it resets to latest)
         deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < ends[tp] for tp in parts) and time.monotonic() < deadline:
+        while behind := {tp.partition: (consumer.position(tp), ends[tp]) for tp in parts
+                         if consumer.position(tp) < ends[tp]}:
+            if time.monotonic() > deadline:
+                print(f"stopped reading {topic!r}: no record for {timeout_s:g}s; partitions not read to the end "
+                      f"(position, end): {behind}")
+                break
             for recs in consumer.poll(timeout_ms=500, max_records=10000).values():
+                deadline = time.monotonic() + timeout_s
                 for r in recs:
                     values.append(r.value or b"")
                     keys.append(r.key)
                     broker_ts.append(r.timestamp)
     finally:
         consumer.close()
-    names = feature_names or _infer_features(values)
+    names = feature_names or _infer_features(values, streams_glob)
     spec = FeatureSpec(tuple(names))
     decoded = decode_batch(values, keys, np.asarray(broker_ts, dtype=np.int64),
                            lambda stream: spec if fnmatch.fnmatchcase(stream, streams_glob) else None, 1 << 20)
@@ -108,6 +120,13 @@ def train_command(args) -> int:
             bootstrap, security = kafka.bootstrap_servers, kafka.security.client_settings()
         series, names = read_topic_series(bootstrap, args.kafka_topic, args.from_ms, args.to_ms, args.streams,
                                           feats, security=security)
+        short = [s for s in series if not enough_rows(len(s), args.window)]
+        if short:  # a stream that began just before --to-ms: too short to split, left out rather than fatal
+            series = [s for s in series if enough_rows(len(s), args.window)]
+            print(f"left out {len(short)} streams too short to train with window {args.window} "
+                  f"({max(len(s) for s in short)} rows at most)")
+            if not series:
+                raise ValueError(f"no stream has enough rows to train with window {args.window}")
     mcfg = ModelConfig(kind=args.kind, n_features=series[0].shape[1], window=args.window, hidden_size=args.hidden,
                        num_layers=args.layers, latent_size=args.latent, dropout=args.dropout)
     params = {"risk": args.risk} if args.threshold in ("spot", "dspot") else {"q": 1 - args.risk}

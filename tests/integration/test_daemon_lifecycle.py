@@ -170,6 +170,42 @@ def test_alertmanager_receives_firing_then_resolved_from_the_daemon(kafka_bootst
     assert not still, still  # ... and then resolved
 
 
+def test_train_selects_by_event_time_when_events_run_ahead_of_the_broker_clock(kafka_bootstrap, topic_name,
+                                                                                tmp_path):
+    """As ``anomalyd produce`` does: event time 100x faster than the broker's clock. Seeking by the broker's
+    timestamps to --from-ms skipped every event produced before the broker's clock reached it. Also: feature
+    names come from the streams trained on, and a stream too short to train on is left out, not fatal."""
+    import json
+
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    f = fleet()
+    data, _ = f.live(HISTORY, 300, [])  # (streams, steps, F)
+    t0 = int(time.time() * 1000)
+    producer = make_producer("kafka-python", kafka_bootstrap)
+    try:
+        producer.produce(topic_name, json.dumps({"stream": "fan-1", "ts": t0, "values": {"rpm": 1.0}}).encode())
+        for step in range(300):
+            for s, name in enumerate(f.names):
+                producer.produce(topic_name, json.dumps({"stream": name, "ts": t0 + step * 1000, "values": dict(
+                    zip(f.feature_names, data[s, step].tolist(), strict=True))}).encode())
+            producer.flush(10)
+            time.sleep(0.01)  # about 10 ms of broker time per 1,000 ms of event time
+        for step in range(295, 300):  # a stream that began just before the end: too short, left out
+            producer.produce(topic_name, json.dumps({"stream": "pump-late", "ts": t0 + step * 1000, "values": dict(
+                zip(f.feature_names, data[0, step].tolist(), strict=True))}).encode())
+        producer.flush(10)
+    finally:
+        producer.close()
+    code = cli_main(["train", "--kafka-topic", topic_name, "--bootstrap", kafka_bootstrap, "--from-ms", str(t0 + 2000),
+                     "--streams", "pump-*",  # the first message, fan-1's, has other features
+                     "--name", "m", "--models-dir", str(tmp_path), "--kind", "gru", "--window", "8", "--hidden", "8",
+                     "--epochs", "1", "--threshold", "quantile", "--device", "cpu"])
+    assert code == 0
+    summary = ModelStore(tmp_path).load("m").detector.summary
+    assert summary["n_series"] == N_STREAMS
+    assert summary["n_train_rows"] + summary["n_val_rows"] == N_STREAMS * 298  # steps 2..299 of every stream
+
+
 def test_train_from_a_kafka_topic_time_range(kafka_bootstrap, topic_name, tmp_path):
     create_topic(kafka_bootstrap, topic_name, partitions=2)
     _produce_clean(kafka_bootstrap, topic_name, 300)
