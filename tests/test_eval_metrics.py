@@ -118,3 +118,12 @@ def test_metric_input_checks() -> None:
         best_f1(np.zeros(3), np.zeros(4))
     with pytest.raises(ValueError, match="0/1"):
         best_f1(np.zeros(2), np.array([0, 2]))
+
+
+def test_an_infinite_score_is_the_highest_and_no_positives_mean_no_false_positives():
+    scores, labels = np.array([np.inf, 0.1, 0.2, 0.3]), np.array([1, 0, 0, 1])
+    got = best_f1(scores, labels)
+    assert (got.counts.tp, got.counts.fp, got.counts.fn) == (2, 0, 0)
+    assert average_precision(scores, labels) == 1.0
+    none = best_f1(np.array([0.5, 0.7]), np.array([0, 0]))
+    assert (none.counts.tp, none.counts.fp, none.counts.fn) == (0, 0, 0)

@@ -69,6 +69,7 @@ def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
         raise ValueError(f"scores {s.shape} and labels {y.shape} differ in length")
     if not np.isin(y, (0, 1)).all():
         raise ValueError("labels must be 0/1")
+    s = np.where(np.isposinf(s), np.finfo(np.float64).max, s)  # an infinite score is the highest, not dropped
     return np.where(np.isnan(s), -np.inf, s), y.astype(bool)
 
 
@@ -89,8 +90,8 @@ def best_f1(scores: np.ndarray, labels: np.ndarray) -> BestF1:
     s, y = _check(scores, labels)
     n_pos = int(y.sum())
     thr, tp, fp = _curve(s, y)
-    if thr.size == 0 or n_pos == 0:
-        return BestF1(Counts(0, int(np.isfinite(s).sum()) if n_pos == 0 else 0, n_pos), float("inf"))
+    if thr.size == 0 or n_pos == 0:  # threshold inf: nothing detected, so no false positive either
+        return BestF1(Counts(0, 0, n_pos), float("inf"))
     f1 = 2 * tp / np.maximum(2 * tp + fp + (n_pos - tp), 1)
     k = int(np.argmax(f1))
     return BestF1(Counts(int(tp[k]), int(fp[k]), int(n_pos - tp[k])), float(thr[k]))
