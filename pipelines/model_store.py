@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,7 +71,12 @@ class ModelStore:
         final = self.root / name / v
         if final.exists():
             raise FileExistsError(f"{final} already exists")
-        tmp = self.root / name / f".{v}.tmp"
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{v}.", suffix=".tmp", dir=self.root / name))  # one per save
         save_checkpoint(detector, tmp)
-        tmp.rename(final)
+        try:
+            tmp.rename(final)  # fails if another save of the same version got there first
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{final} already exists") from exc
         return final
