@@ -32,13 +32,13 @@ from .httpserver import HealthServer
 from .intake import Intake
 from .kafka_io import KafkaDeliveryError, Producer, make_producer
 from .metrics import Metrics
-from .model_store import LoadedModel, ModelStore
+from .model_store import LoadedModel
 from .poll_ahead import PollAhead
 from .positions import Positions
 from .routes import RouteState
-from .routing import Router, RouteSpec
 from .scoring_threads import ScoringThreads
 from .scoring_worker import ScoringWorker
+from .served_models import ServedModels
 from .sinks import FanoutSink, SinkError, build_sinks
 from .source import RecordBatch, Source, TopicPartition, make_source
 
@@ -57,21 +57,19 @@ class Daemon:
         self.cfg = cfg
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, top_k_streams=cfg.metrics.top_k_streams)
-        self.store = ModelStore(cfg.models.dir)
         self.engine = InferenceEngine(cfg.models.device, cfg.models.precision,
                                       max_batch=max(cfg.processing.max_batch_windows, 1024))
         self.scoring_threads = ScoringThreads.configure(  # the adaptive intra-op thread count; None: fixed
             self.engine.device, cfg.processing.model_threads, cfg.processing.score_in_background,
             self.metrics.inference_threads.set)
-        self.router = Router([RouteSpec(tuple(r.models), r.combine, r.match, r.regex) for r in cfg.routes],
-                             cfg.default_models)
+        self.models = ServedModels(cfg, self.engine, self.metrics)
         self._source_factory = source_factory or make_source
         self._stop = stop_event or threading.Event()
         self._reload = threading.Event()
         self._heartbeat = time.monotonic()
         self.positions = Positions(cfg.kafka.max_rebuild_records)
         self.commits = Committer(self.positions, self.metrics)
-        self.intake = Intake(self.router, self.positions, self.metrics, cfg.kafka.dead_letter_topic,
+        self.intake = Intake(self.models.router, self.positions, self.metrics, cfg.kafka.dead_letter_topic,
                              cfg.kafka.max_message_bytes)
         self._crashed = False
         self._lag_due = False
@@ -85,41 +83,11 @@ class Daemon:
         if self.engine.device.type == "cuda":
             self.metrics.track_gpu_memory(str(self.engine.device))
         self.routes: list[RouteState] = []
-        self._load_models()
+        self._install(self.models.read())
 
     # -- models ----------------------------------------------------------------------------------------
-    def _read_models(self) -> dict[str, LoadedModel]:
-        """The served models, loaded; raises (CheckpointError, FileNotFoundError, a route's models that no longer
-        share window and features) before anything is swapped."""
-        dev = str(self.engine.device)
-        loaded = {s.name: self.store.load(s.name, s.version, device=dev) for s in self.cfg.models.served}
-        for spec in self.router.routes:
-            RouteState.check_models([loaded[name] for name in spec.models], spec.label)
-        return loaded
-
-    def _load_models(self, loaded: dict[str, LoadedModel] | None = None) -> None:
-        dev = str(self.engine.device)
-        loaded = self._read_models() if loaded is None else loaded
-        self.engine.swap({name: lm.detector for name, lm in loaded.items()})
-        old = {r.spec: r for r in self.routes}
-        routes = []
-        for spec in self.router.routes:
-            models = [loaded[name] for name in spec.models]
-            if spec in old:
-                old[spec].set_models(models)
-                routes.append(old[spec])
-            else:
-                a = self.cfg.alerts
-                routes.append(RouteState(spec, models, self.cfg.processing.stride,
-                                         dict(k=a.k, n=a.n, m=a.m, cooldown_s=a.cooldown_s,
-                                              top_features=a.top_features)))
-        self.routes = routes
-        self._loaded = loaded
-        for name, lm in loaded.items():
-            self.metrics.set_model_info(name, lm.version, lm.detector.kind, dev)
-            self.metrics.set_threshold(name, 1.0)
-        for route in routes:
-            self.metrics.init_route(route.spec.label)
+    def _install(self, loaded: dict[str, LoadedModel]) -> None:
+        self.routes = self.models.install(loaded)
         self.intake.set_routes(self.routes)
 
     def _maybe_reload(self) -> None:
@@ -130,23 +98,16 @@ class Daemon:
         self._last_reload_check = now
         forced = self._reload.is_set()
         self._reload.clear()
-        try:
-            newest = {s.name: self.store.resolve(s.name, s.version) for s in self.cfg.models.served}
-            if not (forced or any(newest[n] != lm.version for n, lm in self._loaded.items())):
-                return
-            loaded = self._read_models()  # before anything changes: a version that fails to load changes nothing
-        except (OSError, ValueError) as exc:  # CheckpointError is a ValueError; the directory may be gone
-            self.metrics.model_reload_failures.inc()
-            log.error("model reload failed, still serving %s: %s", {n: lm.version for n, lm in self._loaded.items()},
-                      exc)
+        loaded = self.models.newer(forced)  # read before anything changes: a version that fails changes nothing
+        if loaded is None:
             return
         try:
             self._finish_background(10.0)
         except SinkError as exc:  # the sinks keep the alerts and retry; those offsets wait
             log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
         self.flush()  # score what is pending with the old models first
-        self._load_models(loaded)
-        log.info("models reloaded: %s", {n: lm.version for n, lm in self._loaded.items()})
+        self._install(loaded)
+        log.info("models reloaded: %s", self.models.versions())
 
     # -- rebalance (both callbacks run inside poll, where kafka-python 3 allows no blocking client calls) -----
     def _on_revoke(self, tps: list[TopicPartition]) -> None:

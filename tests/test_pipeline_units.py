@@ -61,12 +61,12 @@ def test_a_model_version_that_fails_to_load_leaves_the_old_one_served(trained, t
     (new / "model.safetensors").write_bytes((old / "model.safetensors").read_bytes()[:100])  # still being copied
     daemon.request_reload()  # SIGHUP
     daemon._maybe_reload()
-    assert daemon._loaded["gru"].version == "v1" and daemon.routes[0].version == "v1"
+    assert daemon.models.loaded["gru"].version == "v1" and daemon.routes[0].version == "v1"
     assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 1
     shutil.copy(old / "model.safetensors", new / "model.safetensors")  # the copy completes
     daemon.request_reload()
     daemon._maybe_reload()
-    assert daemon._loaded["gru"].version == "v2" and daemon.routes[0].version == "v2"
+    assert daemon.models.loaded["gru"].version == "v2" and daemon.routes[0].version == "v2"
 
 
 def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys):

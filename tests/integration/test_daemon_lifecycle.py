@@ -130,7 +130,7 @@ def test_new_model_version_is_swapped_in_without_dropping_events(kafka_bootstrap
     info = {s.labels["version"] for m in daemon.registry.collect() for s in m.samples
             if s.name == "anomalyd_model_info" and s.labels["model"] == names[0]}
     assert info == {new_path.name} and new_path.name != old_version
-    assert daemon._loaded[names[0]].version == new_path.name
+    assert daemon.models.loaded[names[0]].version == new_path.name
     assert _scored(daemon, topic_name) == n - N_STREAMS * (WINDOW - 1)  # nothing dropped across the swap
     new_path.rename(new_path.parent / f".removed-{new_path.name}")  # leave the shared store as it was
 

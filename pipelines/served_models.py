@@ -1,0 +1,80 @@
+"""The models the daemon serves: loaded from the store, checked against the routes, swapped in between batches.
+
+A new version is read completely, and checked against its routes, before anything changes: one that fails to load
+(half copied, corrupt, a route whose models no longer share window and features) leaves the old ones served.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from detector.engine import InferenceEngine
+
+from .config import Config
+from .metrics import Metrics
+from .model_store import LoadedModel, ModelStore
+from .routes import RouteState
+from .routing import Router, RouteSpec
+
+__all__ = ["ServedModels"]
+
+log = logging.getLogger("anomalyd")
+
+
+class ServedModels:
+    """``models.served`` of ``cfg`` on ``engine``, and the routes (:class:`RouteState`) that use them."""
+
+    def __init__(self, cfg: Config, engine: InferenceEngine, metrics: Metrics) -> None:
+        self.cfg, self.engine, self.metrics = cfg, engine, metrics
+        self.store = ModelStore(cfg.models.dir)
+        self.router = Router([RouteSpec(tuple(r.models), r.combine, r.match, r.regex) for r in cfg.routes],
+                             cfg.default_models)
+        self.loaded: dict[str, LoadedModel] = {}
+        self.routes: list[RouteState] = []
+
+    def read(self) -> dict[str, LoadedModel]:
+        """The served models, loaded and checked against their routes; raises before anything is swapped."""
+        dev = str(self.engine.device)
+        loaded = {s.name: self.store.load(s.name, s.version, device=dev) for s in self.cfg.models.served}
+        for spec in self.router.routes:
+            RouteState.check_models([loaded[name] for name in spec.models], spec.label)
+        return loaded
+
+    def newer(self, forced: bool) -> dict[str, LoadedModel] | None:
+        """The served models read again if a version changed (or ``forced``: SIGHUP); None when nothing changed
+        or the new versions fail to load (logged, counted in anomalyd_model_reload_failures_total)."""
+        try:
+            newest = {s.name: self.store.resolve(s.name, s.version) for s in self.cfg.models.served}
+            if not (forced or any(newest[n] != lm.version for n, lm in self.loaded.items())):
+                return None
+            return self.read()
+        except (OSError, ValueError) as exc:  # CheckpointError is a ValueError; the directory may be gone
+            self.metrics.model_reload_failures.inc()
+            log.error("model reload failed, still serving %s: %s", self.versions(), exc)
+            return None
+
+    def versions(self) -> dict[str, str]:
+        return {n: lm.version for n, lm in self.loaded.items()}
+
+    def install(self, loaded: dict[str, LoadedModel]) -> list[RouteState]:
+        """Swap ``loaded`` into the engine and the routes (a route keeps its windows when the shape is unchanged);
+        returns the routes."""
+        dev = str(self.engine.device)
+        self.engine.swap({name: lm.detector for name, lm in loaded.items()})
+        old = {r.spec: r for r in self.routes}
+        a, routes = self.cfg.alerts, []
+        for spec in self.router.routes:
+            models = [loaded[name] for name in spec.models]
+            if spec in old:
+                old[spec].set_models(models)
+                routes.append(old[spec])
+            else:
+                routes.append(RouteState(spec, models, self.cfg.processing.stride, dict(
+                    k=a.k, n=a.n, m=a.m, cooldown_s=a.cooldown_s, top_features=a.top_features)))
+        self.routes, self.loaded = routes, loaded
+        for name, lm in loaded.items():
+            self.metrics.set_model_info(name, lm.version, lm.detector.kind, dev)
+            self.metrics.set_threshold(name, 1.0)
+        for route in routes:
+            self.metrics.init_route(route.spec.label)
+        return routes
