@@ -180,11 +180,14 @@ class Parser {
     const char* d;
     if (!integer_part(d)) return false;
     if (p_ < end_ && is_digit(*p_)) return false;  // a leading zero
+    bool integer = true;  // JSON's -0 is the integer 0 to Python: +0.0, where -0.0 and -0e0 keep the sign
     if (eat('.')) {
+      integer = false;
       if (p_ >= end_ || !is_digit(*p_)) return false;
       while (p_ < end_ && is_digit(*p_)) ++p_;
     }
     if (p_ < end_ && (*p_ == 'e' || *p_ == 'E')) {
+      integer = false;
       ++p_;
       if (p_ < end_ && (*p_ == '+' || *p_ == '-')) ++p_;
       if (p_ >= end_ || !is_digit(*p_)) return false;
@@ -195,6 +198,7 @@ class Parser {
     if (r.ec != std::errc() || r.ptr != p_ || !std::isfinite(x)) return false;
     float f = static_cast<float>(x);
     if (!std::isfinite(f)) return false;  // beyond the float32 range: the Python decoder rejects it
+    if (integer && f == 0.0f) f = 0.0f;
     out = f;
     return true;
   }

@@ -117,7 +117,11 @@ def decode_common(module: ModuleType, values: Sequence[bytes | None], max_bytes:
             members.setdefault(spec, []).append(j)
     for spec, rows in members.items():
         idx = np.arange(k) if rows is None else np.array(rows, dtype=np.int64)  # (M,) rows of this spec
-        if spec is None:
+        if spec is None:  # counted, not decoded further; but a values name that is not UTF-8 is a dead letter
+            bad = np.array([lay >= 0 and layouts[lay] is None for lay in layout[idx].tolist()], dtype=bool)
+            if bad.any():
+                slow.extend(pos[idx[bad]].tolist())
+                idx = idx[~bad]
             unrouted.extend(zip(pos[idx].tolist(), [streams[j] for j in idx.tolist()], strict=True))
             continue
         index = columns(spec)

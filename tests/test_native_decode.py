@@ -130,7 +130,9 @@ def _same(a: DecodedBatch, b: DecodedBatch) -> None:
         assert ga.stream == gb.stream
         assert ga.ts.dtype == gb.ts.dtype == np.int64 and ga.ts.tolist() == gb.ts.tolist()
         assert ga.values.dtype == gb.values.dtype == np.float32 and ga.values.shape == gb.values.shape
-        np.testing.assert_array_equal(ga.values, gb.values)  # NaN == NaN here; exact otherwise
+        nan = np.isnan(ga.values)
+        assert (nan == np.isnan(gb.values)).all()
+        assert (ga.values.view(np.uint32)[~nan] == gb.values.view(np.uint32)[~nan]).all()  # bits: -0.0 is not 0.0
         assert ga.values.flags.c_contiguous
 
 
@@ -196,6 +198,17 @@ def test_numbers_round_as_the_python_decoder_rounds_them(module, monkeypatch):
     native, python = _both(values, monkeypatch=monkeypatch)
     _same(native, python)
     assert native.n_ok == len(values)
+
+
+def test_signed_zeros_and_an_unrouted_stream_with_a_name_that_is_not_utf8(module, monkeypatch):
+    """JSON's -0 is the integer 0 (+0.0) to Python, -0.0 keeps its sign; a values name that is not UTF-8 is a
+    dead letter even when no route takes the stream (the native path once counted it as unrouted)."""
+    values = [b'{"stream":"s2","ts":1,"values":[-0,-0.0]}', b'{"stream":"s2","ts":1,"values":{"temp":-0e0,"vib":-0}}',
+              b'{"stream":"nobody","ts":1,"values":{"\xff":1}}']
+    native, python = _both(values, monkeypatch=monkeypatch)
+    _same(native, python)
+    assert native.groups[SPEC2].values.view(np.uint32).tolist() == [[0, 0x80000000], [0x80000000, 0]]
+    assert [(pos, reason) for pos, reason, _ in native.rejected] == [(2, "bad_encoding")] and not native.unrouted
 
 
 def test_the_build_can_be_made_ahead_of_time_and_required(tmp_path):
