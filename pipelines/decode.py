@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -135,6 +136,18 @@ def _checked_float(text: str) -> float:
     x = float(text)
     if not math.isfinite(x):
         raise _NonFinite(f"number {text[:40]} overflows a double")
+    return x
+
+
+_MAX_DOUBLE = int(sys.float_info.max)
+
+
+def _checked_int(text: str) -> int:
+    """An integer literal; one beyond the double range is non_finite as its float spelling is (orjson refuses both
+    as JSON, so the classification must say which)."""
+    x = int(text)
+    if abs(x) > _MAX_DOUBLE:
+        raise _NonFinite(f"number {text[:40]}... overflows a double")
     return x
 
 
@@ -275,7 +288,7 @@ def _parse_error(raw: bytes) -> _Reject:
     except UnicodeDecodeError as exc:
         return _Reject("bad_encoding", f"not valid UTF-8: {exc}")
     try:
-        json.loads(text, parse_constant=_reject_constant, parse_float=_checked_float)
+        json.loads(text, parse_constant=_reject_constant, parse_float=_checked_float, parse_int=_checked_int)
     except _NonFinite as exc:
         return _Reject("non_finite", str(exc))
     except (ValueError, RecursionError) as exc:

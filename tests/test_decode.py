@@ -186,6 +186,13 @@ def test_every_reason_is_exercised():
     assert reasons == set(REASONS)
 
 
+def test_an_integer_beyond_the_double_range_is_non_finite():
+    """orjson refuses it as JSON, as it does 1e999: the classification says non_finite, not bad_json."""
+    for digits in (b"1" + b"0" * 309, b"-9" + b"0" * 310, b"18" + b"0" * 307):
+        got, detail = one_reason(b'{"stream": "uni-1", "value": ' + digits + b"}", max_bytes=1000)
+        assert got == "non_finite", detail
+
+
 def test_oversized_limit_is_inclusive():
     msg = b'{"stream": "uni-1", "value": 1.0}'
     assert dec([msg], max_bytes=len(msg)).n_ok == 1
