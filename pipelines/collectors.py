@@ -11,6 +11,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 __all__ = ["BulkHistogram", "TopStreams"]
 
@@ -58,7 +59,7 @@ class BulkHistogram(Collector):
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         with self._lock:
             series = [(k, np.cumsum(c), self._sums[k]) for k, c in self._counts.items()]
-        bounds = [repr(float(b)) for b in self._bounds] + ["+Inf"]
+        bounds = [floatToGoString(b) for b in self._bounds] + ["+Inf"]  # as prometheus_client writes le
         for key, cumulative, total in series:
             family.add_metric(list(key), list(zip(bounds, cumulative.tolist(), strict=True)), total)
         return [family]

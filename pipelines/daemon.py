@@ -127,7 +127,9 @@ class Daemon:
             gone = route.forget_partitions(ids)
             if gone:
                 self.sinks.forget_streams(gone)
+                self.metrics.forget_streams(gone)
         self.metrics.assigned_partitions.set(len(self.positions.assigned))
+        self.metrics.forget_partitions(tps)
 
     def _on_assign(self, tps: list[TopicPartition]) -> None:
         """Only bookkeeping; the loop positions the new partitions right after poll returns."""
@@ -307,6 +309,7 @@ class Daemon:
                     self.metrics.alert(route.spec.label, a.status)
                 self.sinks.add(alerts)
                 self.sinks.forget_streams(gone)
+                self.metrics.forget_streams(gone)
                 resolved += alerts
         if resolved:  # now: a quiet topic may not flush for a long time
             try:

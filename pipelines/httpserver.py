@@ -116,7 +116,13 @@ def _handler_class(owner: HealthServer) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                self._send(200, encoder(owner.registry), content_type)
+                try:
+                    body = encoder(owner.registry)
+                except Exception as exc:  # a collector that raises (a GPU gauge's callback): a 500, not a hang-up
+                    log.warning("metrics scrape failed: %r", exc)
+                    self._send(500, f"metrics collection failed: {exc!r}\n".encode())
+                    return
+                self._send(200, body, content_type)
             elif path == "/healthz":
                 self._probe(owner.is_alive, b"ok\n", b"not alive\n")
             elif path == "/readyz":
@@ -132,12 +138,17 @@ def _handler_class(owner: HealthServer) -> type[BaseHTTPRequestHandler]:
                 healthy, failed = False, f"check failed: {exc!r}\n".encode()
             self._send(200 if healthy else 503, ok if healthy else failed)
 
+        def do_HEAD(self) -> None:  # noqa: N802 - GET's status and headers, no body
+            self._head_only = True
+            self.do_GET()
+
         def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not getattr(self, "_head_only", False):
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (base-class signature)
             log.debug("%s %s", self.address_string(), format % args)

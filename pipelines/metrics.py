@@ -186,7 +186,7 @@ class Metrics:
 
     def set_consumer_lag(self, lags: Mapping[tuple[str, int], int]) -> None:
         """Replace the lags with ``{(topic, partition): lag}`` of the current assignment (revoked partitions
-        disappear) and set ``assigned_partitions`` to its size."""
+        disappear). ``assigned_partitions`` is the daemon's to set: a partition not fetched from yet has no lag."""
         current = {(t, str(p)): lag for (t, p), lag in lags.items()}
         with self._lock:
             for labels in self._lag_series - current.keys():
@@ -194,7 +194,6 @@ class Metrics:
             for (topic, partition), lag in current.items():
                 self.consumer_lag.labels(topic=topic, partition=partition).set(max(0, lag))
             self._lag_series = set(current)
-        self.assigned_partitions.set(len(current))
 
     def observe_commit(self, seconds: float, ok: bool = True) -> None:
         """Record one offset commit."""
@@ -264,6 +263,21 @@ class Metrics:
         last_ts = dict(zip(streams, out.ts.tolist(), strict=True)) if out.alerts else {}  # stream -> newest ts
         for a in out.alerts:
             self.alert(out.label, a.status, (now_ms - last_ts.get(a.stream, a.started_at)) / 1000.0)
+
+    def forget_partitions(self, tps: Iterable[tuple[str, int]]) -> None:
+        """Revoked partitions: their lag series go now, not at the next lag update."""
+        with self._lock:
+            for topic, partition in tps:
+                key = (topic, str(partition))
+                if key in self._lag_series:
+                    self.consumer_lag.remove(*key)
+                    self._lag_series.discard(key)
+
+    def forget_streams(self, streams: Sequence[str]) -> None:
+        """Streams no longer this daemon's (revoked, or silent): out of the top-K gauge."""
+        if self.top_streams is not None:
+            for stream in streams:
+                self.top_streams.forget(stream)
 
     def set_threshold(self, model: str, threshold: float) -> None:
         self.threshold.labels(model=model).set(threshold)

@@ -83,6 +83,19 @@ def test_a_raising_check_reports_unhealthy() -> None:
         assert _get(f"{srv.url}/healthz")[0] == 200
 
 
+def test_a_collector_that_raises_is_a_500_and_head_requests_are_answered() -> None:
+    from prometheus_client import Gauge
+
+    reg = CollectorRegistry()
+    Gauge("anomalyd_gpu_memory_bytes", "x", registry=reg).set_function(lambda: 1 / 0)  # a CUDA call that fails
+    with HealthServer(reg, bind="127.0.0.1", port=0) as srv:
+        status, _, body = _get(f"{srv.url}/metrics")
+        assert status == 500 and "ZeroDivisionError" in body
+        head = urllib.request.Request(f"{srv.url}/healthz", method="HEAD")
+        with urllib.request.urlopen(head, timeout=10) as resp:
+            assert resp.status == 200 and resp.headers["Content-Length"] == "3" and resp.read() == b""
+
+
 def test_concurrent_requests_are_served() -> None:
     release = threading.Event()
 

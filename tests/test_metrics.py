@@ -109,12 +109,15 @@ def test_consumer_lag_follows_the_assignment(reg: CollectorRegistry, m: Metrics)
     m.set_consumer_lag({("sensors", 0): 10, ("sensors", 1): 0, ("sensors", 2): -4})
     assert reg.get_sample_value("anomalyd_consumer_lag", {"topic": "sensors", "partition": "0"}) == 10
     assert reg.get_sample_value("anomalyd_consumer_lag", {"topic": "sensors", "partition": "2"}) == 0
-    assert reg.get_sample_value("anomalyd_assigned_partitions") == 3
+    m.assigned_partitions.set(4)  # the daemon's count: partition 3 is not fetched from yet, so it has no lag
+    m.set_consumer_lag({("sensors", 0): 9})
+    assert reg.get_sample_value("anomalyd_assigned_partitions") == 4  # a lag update does not undercount it
     m.rebalances.inc()
-    m.set_consumer_lag({("sensors", 1): 7})  # partitions 0 and 2 were revoked
+    m.forget_partitions([("sensors", 0), ("sensors", 2)])  # revoked: their series go at once
     assert reg.get_sample_value("anomalyd_consumer_lag", {"topic": "sensors", "partition": "0"}) is None
+    m.set_consumer_lag({("sensors", 1): 7})
     assert reg.get_sample_value("anomalyd_consumer_lag", {"topic": "sensors", "partition": "1"}) == 7
-    assert reg.get_sample_value("anomalyd_assigned_partitions") == 1
+    assert reg.get_sample_value("anomalyd_consumer_lag", {"topic": "sensors", "partition": "2"}) is None
     assert reg.get_sample_value("anomalyd_rebalances_total") == 1
 
 
@@ -192,7 +195,7 @@ def test_top_k_streams(reg: CollectorRegistry) -> None:
     assert top(1, "b") == 3.0 and top(2, "c") == 1.5 and top(1, "a") is None and top(3, "a") is None
     m.observe_scores("gru", [0.2, 9.0], streams=["b", "d"])  # b recovered, d is new and highest
     assert top(1, "d") == 9.0 and top(2, "c") == 1.5 and top(2, "b") is None
-    m.top_streams.forget("d")
+    m.forget_streams(["d"])  # revoked or silent
     assert top(1, "c") == 1.5
     with pytest.raises(ValueError):
         TopStreams(0, CollectorRegistry())

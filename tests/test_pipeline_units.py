@@ -186,6 +186,7 @@ def test_scoring_reports_top_streams_and_alert_latency_from_the_newest_event(tra
     daemon._maybe_forget_idle(time.monotonic() + 2 * 86400)  # processing.stream_idle_timeout_s: a day
     assert daemon.routes[0].stream_index == {} and daemon.routes[0].tracker.open_incidents == 0
     assert reg.get_sample_value("anomalyd_alerts_total", {"model": "gru", "status": "resolved"}) == 1  # pump-1's
+    assert reg.get_sample_value("anomalyd_top_stream_score", {"rank": "1", "stream": "pump-1"}) is None  # gone too
 
 
 def test_positions_replay_commit_and_revoke():
