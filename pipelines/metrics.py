@@ -24,6 +24,7 @@ labels except on the opt-in, K-bounded ``anomalyd_top_stream_score``. Outcomes: 
 | `anomalyd_assigned_partitions` | gauge | - | partitions currently assigned to this consumer |
 | `anomalyd_rebalances_total` | counter | - | consumer-group rebalances (assignments) seen |
 | `anomalyd_model_reload_failures_total` | counter | - | new model versions that failed to load (old ones kept) |
+| `anomalyd_inference_threads` | gauge | - | intra-op threads of CPU inference (adaptive unless fixed) |
 | `anomalyd_sink_flush_seconds` | histogram | sink | latency of one sink flush |
 | `anomalyd_sink_failures_total` | counter | sink | failed sink flushes |
 | `anomalyd_commit_seconds` | histogram | - | latency of one offset commit |
