@@ -293,10 +293,10 @@ class Daemon:
             self._flush_in_background(timeout_s=10.0, commit=commit, windows=pending)
 
     def _maybe_forget_idle(self, now: float) -> None:
-        """Once a minute, forget streams idle for processing.stream_idle_timeout_s and resolve their incidents
-        (never while the scoring thread reads stream names and alert state)."""
+        """Once a minute (or per timeout, if shorter), forget streams idle for processing.stream_idle_timeout_s and
+        resolve their incidents (never while the scoring thread reads stream names and alert state)."""
         idle_s = self.cfg.processing.stream_idle_timeout_s
-        if not idle_s or now - self._last_idle_check < 60.0:
+        if not idle_s or now - self._last_idle_check < min(60.0, idle_s):
             return
         self._last_idle_check = now
         resolved = []
