@@ -76,6 +76,43 @@ def test_restart_rebuilds_windows_without_blind_spot(kafka_bootstrap, topic_name
     assert second.events_seen > n - n // 2  # the replay itself
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["serial", "background"])
+def test_a_stream_gone_silent_is_forgotten_by_the_running_daemon(kafka_bootstrap, topic_name, models, tmp_path,
+                                                                 background):
+    import json
+
+    models_dir, names = models
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    _produce_clean(kafka_bootstrap, topic_name, 40)  # every stream
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, processing={
+        "max_delay_ms": 20, "max_batch_windows": 512, "score_in_background": background,
+        "stream_idle_timeout_s": 2})
+    daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    done = threading.Thread(target=daemon.run, kwargs={"timeout": 60})
+    done.start()
+    f = fleet()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(daemon.routes[0].stream_index) < N_STREAMS:
+            time.sleep(0.1)
+        assert len(daemon.routes[0].stream_index) == N_STREAMS
+        producer = make_producer("kafka-python", kafka_bootstrap)
+        try:  # pump-0 falls silent; the others keep sending
+            while time.monotonic() < deadline and "pump-0" in daemon.routes[0].stream_index:
+                for name in f.names[1:]:
+                    producer.produce(topic_name, json.dumps({"stream": name, "ts": int(time.time() * 1000),
+                                                             "values": [0.0] * 4}).encode())
+                producer.flush(10)
+                time.sleep(0.2)
+        finally:
+            producer.close()
+        kept = set(daemon.routes[0].stream_index)  # before the stop, whose revoke forgets every stream
+    finally:
+        daemon.request_stop()
+        done.join(timeout=30)
+    assert kept == set(f.names[1:])
+
+
 def _delete_records_before(bootstrap: str, topic: str, offset: int) -> None:
     """Move partition 0's log start to ``offset``, as retention does (confluent-kafka's admin client)."""
     from confluent_kafka import TopicPartition
