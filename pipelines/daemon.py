@@ -72,6 +72,7 @@ class Daemon:
         self.intake = Intake(self.models.router, self.positions, self.metrics, cfg.kafka.dead_letter_topic,
                              cfg.kafka.max_message_bytes)
         self._crashed = False
+        self._joined = False  # an assignment came, if an empty one: the group has taken this member in
         self._lag_due = False
         self._last_record = 0.0  # monotonic time of the last poll that returned records
         self._worker: ScoringWorker | None = None  # processing.score_in_background: the scoring thread
@@ -134,6 +135,7 @@ class Daemon:
     def _on_assign(self, tps: list[TopicPartition]) -> None:
         """Only bookkeeping; the loop positions the new partitions right after poll returns."""
         log.info("partitions assigned: %s", tps)
+        self._joined = True
         self.metrics.rebalances.inc()
         self.positions.assign(tps)
         self._lag_due = True  # report the new partitions' lag right after this poll
@@ -150,7 +152,9 @@ class Daemon:
         return time.monotonic() - self._heartbeat < max(60.0, 10 * self.cfg.processing.max_delay_ms / 1000)
 
     def is_ready(self) -> bool:
-        return bool(self.routes) and bool(self.positions.assigned)
+        """Models loaded and the consumer group joined: a replica beyond the partition count is ready and idle
+        (anomalyd_assigned_partitions 0), so it neither holds up a PodDisruptionBudget nor a rollout."""
+        return bool(self.routes) and self._joined
 
     def run(self, count: int | None = None, timeout: float | None = None) -> int:
         """Consume until stopped, ``count`` events seen, or ``timeout`` seconds passed. Returns an exit code.

@@ -36,7 +36,7 @@ labels except on the opt-in, K-bounded ``anomalyd_top_stream_score``. Outcomes: 
 | `anomalyd_gpu_memory_bytes` | gauge | device | CUDA memory allocated by tensors (read at scrape time) |
 | `anomalyd_top_stream_score` | gauge | rank, stream | latest score of the K top streams (K > 0) |
 | `anomalyd_up` | gauge | - | 1 while the daemon runs |
-| `anomalyd_ready` | gauge | - | 1 while the daemon is ready (models loaded, partitions assigned) |
+| `anomalyd_ready` | gauge | - | 1 while the daemon is ready (models loaded, consumer group joined) |
 | `process_*`, `python_*` | - | - | standard process, platform and GC metrics of prometheus-client |
 Per-window values (scores, event-to-score latencies) are :class:`BulkHistogram` s: one numpy call per batch.
 """

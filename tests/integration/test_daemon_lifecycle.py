@@ -113,6 +113,32 @@ def test_a_stream_gone_silent_is_forgotten_by_the_running_daemon(kafka_bootstrap
     assert kept == set(f.names[1:])
 
 
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_replica_beyond_the_partition_count_is_ready_and_idle(kafka_bootstrap, topic_name, models, tmp_path,
+                                                               client):
+    """Readiness is models loaded and the group joined: an idle replica (no partition) must not look unready, or a
+    PodDisruptionBudget and a rolling update wait on it for ever."""
+    models_dir, names = models
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client)
+    daemons = [Daemon(load_config(write_config(tmp_path / f"c{i}.yaml", cfg))) for i in range(2)]
+    threads = [threading.Thread(target=d.run, kwargs={"timeout": 60}) for d in daemons]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline and not (all(d.is_ready() for d in daemons)
+                                                   and sum(len(d.positions.assigned) for d in daemons) == 1):
+            time.sleep(0.2)
+        assert sorted(len(d.positions.assigned) for d in daemons) == [0, 1]
+        assert all(d.is_ready() for d in daemons)
+    finally:
+        for d in daemons:
+            d.request_stop()
+        for t in threads:
+            t.join(timeout=30)
+
+
 def _delete_records_before(bootstrap: str, topic: str, offset: int) -> None:
     """Move partition 0's log start to ``offset``, as retention does (confluent-kafka's admin client)."""
     from confluent_kafka import TopicPartition
