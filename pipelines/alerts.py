@@ -193,7 +193,7 @@ class AlertTracker:
             inc = self._incidents.pop(st, None)
             if inc is not None:
                 self._open[st] = False
-                out.append(self._alert(inc, RESOLVED, int(end)))
+                out.append(self._alert(inc, RESOLVED, max(int(end), inc.started_at)))  # end unknown: its start
         return out
 
     def reset_streams(self, stream_idx: Sequence[int] | np.ndarray) -> None:

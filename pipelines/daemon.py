@@ -131,6 +131,7 @@ class Daemon:
                 self.metrics.forget_streams(gone)
         self.metrics.assigned_partitions.set(len(self.positions.assigned))
         self.metrics.forget_partitions(tps)
+        self._set_stream_gauges()
 
     def _on_assign(self, tps: list[TopicPartition]) -> None:
         """Only bookkeeping; the loop positions the new partitions right after poll returns."""
@@ -315,6 +316,7 @@ class Daemon:
                 self.sinks.forget_streams(gone)
                 self.metrics.forget_streams(gone)
                 resolved += alerts
+                self._set_stream_gauges()
         if resolved:  # now: a quiet topic may not flush for a long time
             try:
                 self.sinks.flush(10.0, self.metrics.observe_sink_flush)
@@ -374,10 +376,14 @@ class Daemon:
             alerts.extend(out.alerts)
         if alerts:
             self.sinks.add(alerts)
+        self._set_stream_gauges()
+        return alerts
+
+    def _set_stream_gauges(self) -> None:
+        """Open incidents, streams held and their window bytes: after scoring, and after streams are forgotten."""
         self.metrics.open_incidents.set(sum(r.tracker.open_incidents for r in self.routes))
         self.metrics.set_buffers(sum(len(r.stream_index) for r in self.routes),
                                  sum(r.buffer.memory_bytes() for r in self.routes))
-        return alerts
 
     def _flush_and_commit(self, timeout_s: float = 30.0, in_rebalance: bool = False, commit: bool = True) -> None:
         """Score what is pending, deliver dead letters and alerts, then (``commit``) commit what is processed."""

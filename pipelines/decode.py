@@ -145,7 +145,10 @@ _MAX_DOUBLE = int(sys.float_info.max)
 def _checked_int(text: str) -> int:
     """An integer literal; one beyond the double range is non_finite as its float spelling is (orjson refuses both
     as JSON, so the classification must say which)."""
-    x = int(text)
+    try:
+        x = int(text)
+    except ValueError:  # more digits than Python converts (4,300): far beyond a double too
+        raise _NonFinite(f"number {text[:40]}... overflows a double") from None
     if abs(x) > _MAX_DOUBLE:
         raise _NonFinite(f"number {text[:40]}... overflows a double")
     return x

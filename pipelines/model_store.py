@@ -34,6 +34,18 @@ class LoadedModel:
     detector: AutoencoderDetector
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, for every thread, until set back)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 class ModelStore:
     """Read-only view of a model directory; ``save`` writes a new version atomically (rename into place)."""
 
@@ -73,6 +85,7 @@ class ModelStore:
             raise FileExistsError(f"{final} already exists")
         (self.root / name).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{v}.", suffix=".tmp", dir=self.root / name))  # one per save
+        tmp.chmod(0o777 & ~_umask())  # as mkdir would (mkdtemp's 0700 hid the version from a daemon of another uid)
         save_checkpoint(detector, tmp)
         try:
             tmp.rename(final)  # fails if another save of the same version got there first

@@ -98,6 +98,7 @@ class WindowOffsets:
         return np.where((prev >= 0) & ~full_block, prev, cur)
 
     def reset(self, streams: np.ndarray) -> None:
+        streams = streams[streams < len(self.count)]  # beyond the capacity: nothing recorded (a new buffer)
         self.marks[streams] = -1
         self.count[streams] = 0
 

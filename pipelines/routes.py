@@ -161,6 +161,8 @@ class RouteState:
         n = len(self.stream_names)
         now = time.monotonic() if now is None else now
         idle = np.flatnonzero((self.last_seen[:n] < now - idle_s) & (self.stream_tp[:n] >= 0))
+        if self._pending and idle.size:  # windows not scored yet (their offsets are to be committed): kept
+            idle = idle[~np.isin(idle, np.concatenate([part[0] for part in self._pending]))]
         alerts = self.tracker.resolve_streams(idle, self.buffer.largest_ts(idle)) if idle.size else []
         return self._forget(idle), alerts
 

@@ -48,7 +48,7 @@ class ServedModels:
             if not (forced or any(newest[n] != lm.version for n, lm in self.loaded.items())):
                 return None
             return self.read()
-        except (OSError, ValueError) as exc:  # CheckpointError is a ValueError; the directory may be gone
+        except (OSError, ValueError, RuntimeError) as exc:  # CheckpointError is a ValueError; CUDA out of memory
             self.metrics.model_reload_failures.inc()
             log.error("model reload failed, still serving %s: %s", self.versions(), exc)
             return None

@@ -38,6 +38,9 @@ def test_model_store_newest_version_and_pinning(trained, tmp_path):
         store.resolve("m", "v3")
     with pytest.raises(FileExistsError):
         store.save("m", trained["gru"], version="v10")
+    from pipelines.model_store import _umask
+
+    assert (tmp_path / "m" / "v10").stat().st_mode & 0o777 == 0o777 & ~_umask()  # as mkdir: another uid reads it
     early = new_version_name(datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=UTC))
     late = new_version_name(datetime(2026, 1, 2, 3, 4, 5, 7000, tzinfo=UTC))
     assert early == "20260102T030405006Z" and early < late
@@ -185,6 +188,7 @@ def test_scoring_reports_top_streams_and_alert_latency_from_the_newest_event(tra
     assert scored > 0 and reg.get_sample_value("anomalyd_anomaly_score_count", {"model": "gru"}) == scored  # once
     daemon._maybe_forget_idle(time.monotonic() + 2 * 86400)  # processing.stream_idle_timeout_s: a day
     assert daemon.routes[0].stream_index == {} and daemon.routes[0].tracker.open_incidents == 0
+    assert reg.get_sample_value("anomalyd_open_incidents") == reg.get_sample_value("anomalyd_streams_tracked") == 0
     assert reg.get_sample_value("anomalyd_alerts_total", {"model": "gru", "status": "resolved"}) == 1  # pump-1's
     assert reg.get_sample_value("anomalyd_top_stream_score", {"rank": "1", "stream": "pump-1"}) is None  # gone too
 
@@ -331,6 +335,13 @@ def test_silent_streams_are_forgotten_their_incidents_resolved_and_their_ids_reu
     assert route.stream_ids(["quiet"]).tolist() == [stuck]  # back later: a new, empty stream
     assert len(route.stream_names) == n_ids
     assert route.forget_idle(1.0, now=time.monotonic() + 2.0) == (["busy"], [])  # the newcomers were never fed
+    w = route.buffer.window
+    ids = route.stream_ids(["pending"] * w)
+    route.add(ids, np.arange(w, dtype=np.int64), np.zeros((w, 4), np.float32), np.zeros(w, np.int64),
+              np.arange(w, dtype=np.int64), ["t"] * w, np.zeros(w, np.int32), np.ones(w, bool))
+    assert route.pending_windows == 1
+    assert route.forget_idle(1.0, now=time.monotonic() + 2.0) == ([], [])  # its window is still to be scored
+    route.offsets.reset(np.array([0, 10_000]))  # an id beyond its capacity (new offsets after a reload): no error
 
 
 @pytest.mark.parametrize("topics", [["a"] * 6, ["a", "b", "a", "b", "b", "a"]], ids=["one topic", "two topics"])
