@@ -186,14 +186,19 @@ class AlertTracker:
         return len(self._incidents)
 
     def resolve_streams(self, stream_idx: np.ndarray, ended_at: np.ndarray) -> list[Alert]:
-        """Close the open incidents of these streams (N,) at event times ``ended_at`` (N,) ms, e.g. streams gone
-        silent: their ``resolved`` alerts. Call :meth:`reset_streams` for the rest of their state."""
+        """Close the open incidents of these streams (N,) at event times ``ended_at`` (N,) ms (none earlier than
+        the incident's start), e.g. streams gone silent: their ``resolved`` alerts. As a resolve by m normal
+        windows: the last-n bits are cleared and the cooldown starts."""
         out = []
         for st, end in zip(stream_idx.tolist(), ended_at.tolist(), strict=True):
             inc = self._incidents.pop(st, None)
             if inc is not None:
+                end = max(int(end), inc.started_at)  # an end not known (INT64_MIN): the start
                 self._open[st] = False
-                out.append(self._alert(inc, RESOLVED, max(int(end), inc.started_at)))  # end unknown: its start
+                self._bits[st] = 0
+                self._pending.pop(st, None)
+                self._cooldown_until[st] = end + self.cooldown_ms
+                out.append(self._alert(inc, RESOLVED, end))
         return out
 
     def reset_streams(self, stream_idx: Sequence[int] | np.ndarray) -> None:

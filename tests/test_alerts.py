@@ -311,3 +311,20 @@ def test_rejects_contributions_of_wrong_shape() -> None:
     with pytest.raises(ValueError, match="contributions shape"):
         one = np.array([0])
         tr.observe(one, one + 2.0, one == 0, one, "t", one, one, np.ones((1, 2)), FEATURES, stream_names=NAMES)
+
+
+def test_resolving_a_silent_stream_is_a_resolve_like_any_other() -> None:
+    """resolve_streams (a stream gone silent) clears the last-n bits and starts the cooldown, as m normal windows
+    do: a single over window after it neither opens an incident (k=2) nor finds missing pending hits."""
+    def obs(tr: AlertTracker, overs: list[bool], ts: list[int], off: list[int]) -> list[Alert]:
+        n = len(overs)
+        return tr.observe(np.zeros(n, int), np.where(overs, 2.0, 0.5), np.array(overs), np.array(ts), "t",
+                          np.zeros(n, int), np.array(off), stream_names=["s0"])
+
+    for cooldown_s in (60.0, 0.0):
+        tr = AlertTracker(k=2, n=3, m=5, cooldown_s=cooldown_s)
+        assert [a.status for a in obs(tr, [True] * 3, [0, 1000, 2000], [0, 1, 2])] == [FIRING]
+        assert [(a.status, a.ended_at) for a in tr.resolve_streams(np.array([0]), np.array([2000]))] == [
+            (RESOLVED, 2000)]
+        assert obs(tr, [False, True], [3000, 4000], [3, 4]) == [] and tr.open_incidents == 0
+    assert tr.resolve_streams(np.array([0]), np.array([np.iinfo(np.int64).min])) == []  # nothing open
