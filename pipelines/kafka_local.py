@@ -209,7 +209,9 @@ class LocalKafka:
         return libs
 
     def start(self, timeout_s: float = 90) -> str:
-        """Start the broker, or reuse ours already on this port; returns the bootstrap once it answers."""
+        """Start the broker, or reuse ours already on this port; returns the bootstrap once it answers. The jars
+        (a first run downloads them) and Java are found before ``timeout_s`` starts: it is the broker's."""
+        libs, java = self.ensure_jars(), find_java()
         deadline = time.monotonic() + timeout_s
         with exclusive_lock(self._run_dir / ".lock"):
             state = self._read_state()
@@ -228,7 +230,7 @@ class LocalKafka:
                 if port and _port_in_use(port):
                     raise KafkaSetupError(f"port {port} on {HOST} is used by another process (not a broker "
                                           f"started by LocalKafka); pick another, e.g. --port {free_port()}")
-            state = self._launch(self.ensure_jars(), find_java())
+            state = self._launch(libs, java)
             try:
                 self._wait_ready(state, deadline)
             except KafkaSetupError:

@@ -32,11 +32,12 @@ def _apt_install(candidates: list[str]) -> bool:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         return False
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=False)
+    subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-qq"], env=env, capture_output=True,
+                   check=False, timeout=900)
     for pkg in candidates:
         if subprocess.run(["apt-cache", "show", pkg], capture_output=True, check=False).returncode == 0:
             print(f"kafka_local: apt-get install {pkg}", file=sys.stderr)
-            cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", pkg]
+            cmd = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-qq", "--no-install-recommends", pkg]
             return subprocess.run(cmd, env=env, capture_output=True, check=False).returncode == 0
     return False
 

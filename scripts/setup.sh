@@ -6,11 +6,24 @@ cd "$(dirname "$0")/.."
 CACHE="${ANOMALYD_CACHE:-$HOME/.cache/anomalyd}"
 VENV="${ANOMALYD_VENV:-$CACHE/venv}"
 mkdir -p "$CACHE"
+# One setup at a time per cache (a developer's `make test` and CI's share it); a second waits for the first.
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$CACHE/.setup.lock"
+    flock 9
+fi
 
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "setup: creating virtualenv $VENV"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
+# A virtualenv is complete once marked: one whose creation failed (no python3-venv: ensurepip) or was killed is
+# made again rather than trusted because bin/python exists.
+if [ ! -f "$VENV/.created" ]; then
+    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+        touch "$VENV/.created"  # made before the marker existed
+    else
+        echo "setup: creating virtualenv $VENV"
+        rm -rf "$VENV"
+        python3 -m venv "$VENV" || { echo "setup: python3 -m venv failed (Debian: apt-get install python3-venv)" >&2; exit 1; }
+        "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
+        touch "$VENV/.created"
+    fi
 fi
 
 # Reinstall deps only when pyproject.toml changed.
@@ -42,8 +55,9 @@ docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: apt-get install ${need[*]}"
-        apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+        apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
+            "${need[@]}" >/dev/null
         # The Debian packages start services; the tests run their own instances on other ports.
         for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
             (systemctl stop "$svc" 2>/dev/null || service "$svc" stop 2>/dev/null || pkill -f "/usr/bin/$svc" 2>/dev/null) || true
@@ -51,6 +65,11 @@ if [ ${#need[@]} -gt 0 ]; then
     else
         echo "setup: missing ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2
     fi
+fi
+
+# Kafka's jars from Maven Central, now rather than inside the first test's broker start.
+if command -v java >/dev/null 2>&1 && command -v mvn >/dev/null 2>&1; then
+    scripts/kafka.sh jars >"$CACHE/kafka-jars.log" 2>&1 || echo "setup: Kafka jars not fetched: $(tail -1 "$CACHE/kafka-jars.log")"
 fi
 
 # The fused CPU kernels of detector/fastpath.py are compiled once per machine (cached under $CACHE); build them

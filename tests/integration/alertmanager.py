@@ -141,7 +141,7 @@ def alertmanager_or_skip() -> Iterator[AlertmanagerServer]:
         server = start_alertmanager()
     except (AlertmanagerSetupError, OSError, subprocess.SubprocessError) as exc:
         reason = f"Alertmanager could not start: {exc}"
-        if os.environ.get("CI") == "true":
+        if os.environ.get("CI", "").lower() == "true":
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
     try:
