@@ -40,6 +40,7 @@ from .kafka_local_setup import KafkaSetupError, find_java, find_maven
 KAFKA_VERSION = "4.1.2"  # also the default in scripts/kafka/pom.xml
 SCALA_VERSION = "2.13"
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
+MVN_TIMEOUT_S = 900  # a stalled jar download must not hold the lock every broker start waits on for ever
 DEFAULT_PORT = 19092
 HOST = "127.0.0.1"
 _Path = str | os.PathLike[str] | None
@@ -198,7 +199,11 @@ class LocalKafka:
             cmd = [mvn, "-q", "-B", "-f", str(pom), f"{DEPENDENCY_PLUGIN}:copy-dependencies",
                    "-DincludeScope=runtime", f"-Dkafka.version={KAFKA_VERSION}", f"-DoutputDirectory={tmp}"]
             print(f"kafka_local: fetching Kafka {KAFKA_VERSION} jars with Maven into {libs}", file=sys.stderr)
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=MVN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise KafkaSetupError(f"mvn did not fetch the jars in {MVN_TIMEOUT_S} s; check Maven Central") from None
             if res.returncode != 0 or not (tmp / f"kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar").is_file():
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise KafkaSetupError(f"mvn could not fetch the Kafka jars ({' '.join(cmd)}):\n"
