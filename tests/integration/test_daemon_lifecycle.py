@@ -86,7 +86,7 @@ def test_a_stream_gone_silent_is_forgotten_by_the_running_daemon(kafka_bootstrap
     _produce_clean(kafka_bootstrap, topic_name, 40)  # every stream
     cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, processing={
         "max_delay_ms": 20, "max_batch_windows": 512, "score_in_background": background,
-        "stream_idle_timeout_s": 2})
+        "stream_idle_timeout_s": 4})  # the others send every 0.2 s
     daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
     done = threading.Thread(target=daemon.run, kwargs={"timeout": 60})
     done.start()
