@@ -116,9 +116,10 @@ class SPOTThreshold(Threshold):
         """Initial POT fit on (N,) (possibly drift-corrected) calibration values.
 
         Few calibration scores leave few peaks (1-2 of 21-60 scores at init_quantile 0.98): the tail fit then
-        overshoots the target false-alarm rate (median 3-10x ``risk`` with 30-60 exponential, log-normal or
-        chi-squared scores, 1.7-3x with 200-400). Neither a lower initial quantile (10 peaks) nor a 0.99-quantile
-        fallback did better there (benchmarks/RESULTS.md, Accuracy caveats): calibrate on more windows."""
+        overshoots the target false-alarm rate (median 7-10x ``risk`` with 30-60 exponential, log-normal or
+        chi-squared scores, 1.7-3.3x with 200-400; ``python -m benchmarks.threshold_far``). A 0.99-quantile fallback
+        is worse; a lower initial quantile (10 peaks) helps the median somewhat (benchmarks/RESULTS.md, Accuracy
+        caveats). Calibrate on more windows."""
         t = float(np.quantile(x, self.init_quantile))
         peaks = x[x > t] - t  # (P,)
         self._t, self._n, self._n_peaks, self._imputed, self._credit = t, len(x), len(peaks), 0, 0
