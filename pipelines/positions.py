@@ -38,6 +38,14 @@ def replay_start(committed: int, floor: int, log_start: int, max_replay: int = M
     return max(floor, log_start, committed - max_replay)
 
 
+def _without(batch: RecordBatch, tps: set[TopicPartition]) -> RecordBatch:
+    """``batch`` without the records of partitions ``tps`` (itself when it has none)."""
+    if not tps:
+        return batch
+    keep = np.flatnonzero([(t, p) not in tps for t, p in zip(batch.topic, batch.partition.tolist(), strict=True)])
+    return batch if len(keep) == len(batch) else batch.select(keep)
+
+
 def _rebuild_floor(metadata: str) -> int:
     try:
         return int(json.loads(metadata).get("rebuild_from", -1)) if metadata else -1
@@ -157,9 +165,8 @@ class Positions:
         if not self._revoked:
             return batch
         self._revoked = False
-        assigned = self.assigned
-        keep = np.flatnonzero([(t, p) in assigned for t, p in zip(batch.topic, batch.partition.tolist(), strict=True)])
-        return batch if len(keep) == len(batch) else batch.select(keep)
+        return _without(batch, {(t, p) for t, p in zip(batch.topic, batch.partition.tolist(), strict=True)}
+                        - self.assigned)
 
     @property
     def needs_positioning(self) -> bool:
@@ -194,9 +201,7 @@ class Positions:
         if starts:
             log.info("positions after assignment: %s (replaying without scoring below %s)", starts,
                      {tp: o for tp, o in self._resume.items() if tp in starts})
-        moved = set(tps)
-        keep = np.flatnonzero([(t, p) not in moved for t, p in zip(batch.topic, batch.partition.tolist(), strict=True)])
-        return batch if len(keep) == len(batch) else batch.select(keep)
+        return _without(batch, set(tps))
 
     @staticmethod
     def _log_start(source: Source, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
