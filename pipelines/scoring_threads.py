@@ -34,6 +34,11 @@ So the scoring thread uses the fewest intra-op threads that keep it from setting
   at each count; a count not measured yet is assumed to scale linearly, which overestimates its time, so it
   errs towards keeping threads.
 
+A load near the boundary can make those two rules alternate: the smaller count looks enough by the model's
+time, then the loop waits for it (the rest of a micro-batch grows too), and the count goes up again. Each switch
+costs a period at the wrong count, so a rise that comes less than the hold after a fall doubles the hold (up to
+``MAX_HOLD_FACTOR`` times ``hold_s``), and a rise after a fall that lasted the hold halves it again.
+
 An idle topic counts as the model not running, and as caught up.
 """
 
@@ -57,6 +62,7 @@ WAIT_UP = 0.05  # the loop thread waited for the scoring thread this much of a p
 DOWN = 0.75  # a smaller count with which the model would run at most this much of a period is enough
 LIVE_UP = 0.5  # caught up: the model ran this much of a period, so due micro-batches often wait for it
 LIVE_DOWN = 0.4  # caught up: a smaller count is enough when the model would run at most this much
+MAX_HOLD_FACTOR = 64  # repeated flips stretch the hold to at most this many times hold_s
 
 
 class ScoringThreads:
@@ -71,7 +77,8 @@ class ScoringThreads:
         self.most = max(1, int(most))
         self.threads = 1
         self.switches = 0
-        self._period_s, self._hold_s = period_s, hold_s
+        self._period_s, self._base_hold_s = period_s, hold_s
+        self.hold_s = hold_s  # the current hold: stretched by flips, see the module docstring
         self._apply, self._clock, self._on_change = apply, clock, on_change
         self._applied: int | None = None  # applied on the scoring thread itself (OpenMP's count is per thread)
         self._cost: dict[int, float] = {}  # seconds per window at each thread count (moving average)
@@ -84,6 +91,7 @@ class ScoringThreads:
         self._polls = [0, 0]  # polls and full polls, ever (written by the loop thread only)
         self._polls_seen = (0, 0)
         self._raised_at = -math.inf
+        self._lowered_at = -math.inf
 
     @classmethod
     def configure(cls, device: torch.device, model_threads: int, background: bool,
@@ -155,7 +163,8 @@ class ScoringThreads:
             if k < self.most:
                 new = self.most
                 self._raised_at = now
-        elif k > 1 and self._cost.get(k) and now - self._raised_at >= self._hold_s:
+                self._stretch_hold(now)
+        elif k > 1 and self._cost.get(k) and now - self._raised_at >= self.hold_s:
             enough = LIVE_DOWN if caught_up else DOWN
             for fewer in range(1, k):
                 if model * self._cost_at(fewer) / self._cost[k] <= enough:
@@ -164,11 +173,21 @@ class ScoringThreads:
         log.debug("scoring thread: busy %.2f, model %.2f, loop waited %.2f, %s, %d intra-op threads (%.1f us/window): "
                   "%d", busy, model, waited, "caught up" if caught_up else "backlog", k, 1e6 * self._cost.get(k, 0.0),
                   new)
+        if new < k:
+            self._lowered_at = now
         if new != k:
             self.threads = new
             self.switches += 1
             if self._on_change is not None:
                 self._on_change(new)
+
+    def _stretch_hold(self, now: float) -> None:
+        """Going up at ``now``: double the hold if the last fall did not last it, else halve it (not below
+        ``hold_s``)."""
+        if now - self._lowered_at < self.hold_s:
+            self.hold_s = min(2 * self.hold_s, MAX_HOLD_FACTOR * self._base_hold_s)
+        else:
+            self.hold_s = max(self._base_hold_s, self.hold_s / 2)
 
     def _cost_at(self, k: int) -> float:
         """The model's measured seconds per window at ``k`` threads, else the largest measured count's, scaled

@@ -85,6 +85,44 @@ def test_going_back_to_one_uses_the_measured_cost_after_the_hold_and_only_if_the
     assert st.threads == 1
 
 
+def _flapping_load(st: ScoringThreads, clock: Clock, seconds: int) -> None:
+    """A load at the boundary: with 2 threads the model runs 0.4 of the time (0.72 predicted with 1: enough), but
+    with 1 the rest of each micro-batch makes the loop wait for it."""
+    for _ in range(seconds):
+        if st.threads == 2:
+            run_period(st, clock, model=0.4, per_window=COST)
+        else:
+            run_period(st, clock, model=0.72, busy=0.98, waited=0.1, per_window=COST)
+
+
+def test_a_fall_that_does_not_last_stretches_the_hold_so_a_boundary_load_does_not_flap():
+    st, clock, _, changes = make(hold_s=5.0)
+    _flapping_load(st, clock, 240)
+    # a fixed 5 s hold would switch twice every 6 s (about 80 times in 4 minutes); doubling holds of 5, 10, 20,
+    # 40, 80 and 160 s leave a handful
+    assert 4 <= st.switches <= 14, changes
+    assert st.hold_s >= 80.0
+
+
+def test_a_fall_that_lasts_the_hold_shrinks_it_back():
+    st, clock, _, changes = make(hold_s=5.0)
+    _flapping_load(st, clock, 60)
+    stretched = st.hold_s
+    assert stretched >= 20.0
+    while st.threads != 1:
+        run_period(st, clock, model=0.2, per_window=COST)
+    for _ in range(int(stretched) + 1):  # one thread is enough for longer than the hold
+        run_period(st, clock, model=0.36, per_window=COST)
+    run_period(st, clock, model=0.95, waited=0.5, per_window=COST)  # then a backlog
+    assert st.threads == 2 and st.hold_s == stretched / 2
+
+
+def test_the_hold_stretches_to_at_most_its_cap():
+    st, clock, _, _ = make(hold_s=2.0)
+    _flapping_load(st, clock, 1000)
+    assert st.hold_s == 128.0
+
+
 def test_an_unmeasured_count_is_assumed_to_scale_linearly():
     st, clock, _, changes = make(most=8, hold_s=0.0)
     run_period(st, clock, model=0.9, waited=0.5, per_window={1: 1e-4, 8: 1e-4})
