@@ -41,6 +41,74 @@ def _infer_features(values: list[bytes], streams_glob: str = "*") -> list[str]:
     raise ValueError("no message with values to take the feature names from; pass --features")
 
 
+class _Selection:
+    """The rows of the selected streams and time range, decoded a poll at a time so that memory follows what is
+    kept (F float32 values, a timestamp and a stream id per row), not the topic's raw messages."""
+
+    def __init__(self, from_ms: int | None, to_ms: int | None, streams_glob: str,
+                 feature_names: list[str] | None) -> None:
+        self._from_ms, self._to_ms, self._glob = from_ms, to_ms, streams_glob
+        self.names = feature_names
+        self._pending: list[tuple[bytes, bytes | None, int]] = []  # held until the feature names are known
+        self._streams: list[str] = []
+        self._ts: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self.n_rejected, self.first_rejection = 0, ""
+
+    def add(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
+        if self.names is None:
+            self._pending.extend(records)
+            try:
+                self.names = _infer_features([v for v, _, _ in records], self._glob)
+            except ValueError:
+                return
+            records, self._pending = self._pending, []
+        self._decode(records)
+
+    def finish(self) -> list[str]:
+        """The feature names; raises if they were neither given nor found."""
+        if self.names is None:
+            raise ValueError("no message with values to take the feature names from; pass --features")
+        return self.names
+
+    def _decode(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
+        if not records:
+            return
+        spec = FeatureSpec(tuple(self.names))
+        values, keys, broker_ts = zip(*records, strict=True)
+        decoded = decode_batch(list(values), list(keys), np.asarray(broker_ts, dtype=np.int64),
+                               lambda stream: spec if fnmatch.fnmatchcase(stream, self._glob) else None, 1 << 20)
+        if decoded.rejected:
+            self.first_rejection = self.first_rejection or decoded.rejected[0][1]
+            self.n_rejected += len(decoded.rejected)
+        group = decoded.groups.get(spec)
+        if group is None:
+            return
+        keep = np.ones(len(group), dtype=bool)
+        if self._from_ms is not None:
+            keep &= group.ts >= self._from_ms
+        if self._to_ms is not None:
+            keep &= group.ts <= self._to_ms
+        idx = np.flatnonzero(keep)
+        self._streams.extend(group.stream[i] for i in idx.tolist())
+        self._ts.append(group.ts[idx])
+        self._values.append(group.values[idx])
+
+    def series(self) -> list[np.ndarray]:
+        """(T, F) per stream, in event-time order (stable for equal times: topic order within a partition)."""
+        if not self._streams:
+            return []
+        ts, values = np.concatenate(self._ts), np.concatenate(self._values)
+        rows: dict[str, list[int]] = defaultdict(list)
+        for i, stream in enumerate(self._streams):
+            rows[stream].append(i)
+        out = []
+        for idx in rows.values():
+            idx = np.asarray(idx)
+            out.append(values[idx[np.argsort(ts[idx], kind="stable")]])  # (T, F) in time order
+        return out
+
+
 def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: int | None, streams_glob: str,
                       feature_names: list[str] | None, timeout_s: float = 30.0,
                       security: Mapping[str, Any] | None = None) -> tuple[list[np.ndarray], list[str]]:
@@ -50,17 +118,15 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
 
     ``ts`` is the event time (the message's own ``ts``), which need not follow the broker's timestamps (a replay
     of history, a producer ahead of the clock): every partition is read from its first retained record to the
-    end offsets taken at the start. Reading stops early only after ``timeout_s`` without a record, and then
-    says which partitions it did not finish."""
+    end offsets taken at the start, each poll decoded as it arrives, keeping only the selected rows. Reading
+    stops early only after ``timeout_s`` without a record, and then says which partitions it did not finish."""
     from kafka import KafkaConsumer, TopicPartition
 
     with kafka_python_bootstrap(bootstrap, security):
         consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                                  consumer_timeout_ms=int(timeout_s * 1000),
                                  **client_security_config("kafka-python", security))
-    values: list[bytes] = []
-    keys: list[bytes | None] = []
-    broker_ts: list[int] = []
+    selection = _Selection(from_ms, to_ms, streams_glob, feature_names)
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         if not parts:
@@ -77,30 +143,15 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
                 break
             for recs in consumer.poll(timeout_ms=500, max_records=10000).values():
                 deadline = time.monotonic() + timeout_s
-                for r in recs:
-                    values.append(r.value or b"")
-                    keys.append(r.key)
-                    broker_ts.append(r.timestamp)
+                selection.add([(r.value or b"", r.key, r.timestamp) for r in recs])
     finally:
         consumer.close()
-    names = feature_names or _infer_features(values, streams_glob)
-    spec = FeatureSpec(tuple(names))
-    decoded = decode_batch(values, keys, np.asarray(broker_ts, dtype=np.int64),
-                           lambda stream: spec if fnmatch.fnmatchcase(stream, streams_glob) else None, 1 << 20)
-    if decoded.rejected:
-        print(f"skipped {len(decoded.rejected)} messages that do not decode (first: {decoded.rejected[0][1]})")
-    group = decoded.groups.get(spec)
-    rows: dict[str, list[int]] = defaultdict(list)
-    if group is not None:
-        for i, (stream, ts) in enumerate(zip(group.stream, group.ts.tolist(), strict=True)):
-            if (from_ms is None or ts >= from_ms) and (to_ms is None or ts <= to_ms):
-                rows[stream].append(i)
-    if not rows:
+    names = selection.finish()
+    if selection.n_rejected:
+        print(f"skipped {selection.n_rejected} messages that do not decode (first: {selection.first_rejection})")
+    series = selection.series()
+    if not series:
         raise ValueError(f"no events of streams {streams_glob!r} in {topic!r} for the given time range")
-    series = []
-    for idx in rows.values():
-        idx = np.asarray(idx)
-        series.append(group.values[idx[np.argsort(group.ts[idx], kind="stable")]])  # (T, F) in time order
     return series, list(names)
 
 

@@ -1,0 +1,46 @@
+"""``anomalyd train --kafka-topic``'s selection (pipelines.train_cmd._Selection), fed polls as the consumer gives
+them: each poll is decoded on arrival and only the selected rows are kept."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipelines.train_cmd import _Selection
+
+
+def rec(stream: str, ts: int, values, broker_ts: int = 0) -> tuple[bytes, bytes | None, int]:
+    return json.dumps({"stream": stream, "ts": ts, "values": values}).encode(), stream.encode(), broker_ts
+
+
+def test_polls_are_filtered_by_stream_and_event_time_and_sorted_per_stream():
+    sel = _Selection(from_ms=1_000, to_ms=5_000, streams_glob="pump-*", feature_names=["a", "b"])
+    sel.add([rec("pump-1", 3_000, {"a": 3, "b": 30}), rec("fan-1", 2_000, {"a": 9, "b": 9}),
+             rec("pump-1", 999, {"a": -1, "b": -1}), rec("pump-2", 2_000, {"a": 5, "b": 50})])
+    sel.add([rec("pump-1", 2_000, {"a": 2, "b": 20}), rec("pump-1", 5_001, {"a": -1, "b": -1}), (b"{oops", None, 0),
+             rec("pump-1", 5_000, {"a": 4, "b": 40})])
+    assert sel.finish() == ["a", "b"]
+    assert sel.n_rejected == 1 and sel.first_rejection == "bad_json"
+    series = sorted(sel.series(), key=len)
+    assert [s.tolist() for s in series] == [[[5.0, 50.0]], [[2.0, 20.0], [3.0, 30.0], [4.0, 40.0]]]
+    assert all(s.dtype == np.float32 for s in series)
+
+
+def test_feature_names_come_from_the_first_matching_stream_even_in_a_later_poll():
+    sel = _Selection(None, None, "pump-*", None)
+    sel.add([rec("fan-1", 1, {"x": 1}), (b"[]", None, 0)])  # nothing to name the features from yet: held
+    sel.add([rec("pump-1", 2, {"a": 1, "b": 2})])
+    sel.add([rec("pump-1", 1, {"b": 4, "a": 3})])
+    assert sel.finish() == ["a", "b"]
+    assert [s.tolist() for s in sel.series()] == [[[3.0, 4.0], [1.0, 2.0]]]
+    assert sel.n_rejected == 1  # the held poll was decoded too, once the names were known
+
+
+def test_no_names_given_or_found_is_an_error_naming_the_option():
+    sel = _Selection(None, None, "*", None)
+    sel.add([(b"[1, 2]", None, 0)])
+    with pytest.raises(ValueError, match="--features"):
+        sel.finish()
+    assert _Selection(None, None, "*", ["a"]).series() == []
