@@ -35,7 +35,8 @@ def start_broker():
     """A fresh local broker on a free port: ``(LocalKafka, bootstrap)``; stop it with ``kafka.stop()``."""
     from pipelines.kafka_local import LocalKafka, free_port
 
-    kafka = LocalKafka(free_port(), heap="1g", full_jit=True)  # a broker as deployed, not tuned for start-up
+    kafka = LocalKafka(free_port(), heap="1g", full_jit=True,  # a broker as deployed, not tuned for start-up
+                       exit_with_parent=True)
     return kafka, kafka.start(timeout_s=180)
 
 

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -34,6 +33,7 @@ from string import Template
 
 from detector.filelock import exclusive_lock
 
+from .child_process import exit_with_parent, pid_alive, terminate
 from .kafka_local_security import make_certificates, scram_format_args, with_listeners
 from .kafka_local_setup import KafkaSetupError, find_java, find_maven
 
@@ -107,25 +107,6 @@ def _port_in_use(port: int) -> bool:
         return sock.connect_ex((HOST, port)) == 0
 
 
-def _pid_alive(pid: int) -> bool:
-    """True when process ``pid`` exists and is not a zombie (reaps it if it is our own exited child)."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _tail(path: str | Path, lines: int = 40) -> str:
     """The last ``lines`` lines of a text file ('' when unreadable)."""
     try:
@@ -140,8 +121,10 @@ class LocalKafka:
     def __init__(self, port: int = DEFAULT_PORT, controller_port: int | None = None,
                  cache_dir: _Path = None, data_dir: _Path = None, heap: str = "512m", full_jit: bool = False,
                  sasl_port: int | None = None, sasl_ssl_port: int | None = None, ssl_port: int | None = None,
-                 sasl_users: Mapping[str, str] | None = None, mtls_port: int | None = None) -> None:
+                 sasl_users: Mapping[str, str] | None = None, mtls_port: int | None = None,
+                 exit_with_parent: bool = False) -> None:
         self.port = int(port)
+        self.exit_with_parent = exit_with_parent  # the broker stops when this process does (tests, benchmarks)
         # more listeners: SASL_PLAINTEXT on sasl_port and SASL_SSL on sasl_ssl_port for these users (name ->
         # password) with PLAIN and SCRAM-SHA-256/512, SSL (no login) on ssl_port, SSL with a required client
         # certificate (client_certificate) on mtls_port; PLAINTEXT on port stays
@@ -239,7 +222,7 @@ class LocalKafka:
             try:
                 self._wait_ready(state, deadline)
             except KafkaSetupError:
-                self._terminate(state["pid"], grace_s=5)
+                terminate(state["pid"], grace_s=5)
                 self._state_file.unlink(missing_ok=True)  # the data dir stays, for its log
                 raise
             return self.bootstrap
@@ -252,7 +235,7 @@ class LocalKafka:
                 return False
             running = self._is_ours(state)
             if running:
-                self._terminate(state["pid"], grace_s=timeout_s)
+                terminate(state["pid"], grace_s=timeout_s)
             self._forget(state)
             return running
 
@@ -297,7 +280,8 @@ class LocalKafka:
                 raise KafkaSetupError(f"StorageTool format failed:\n{(fmt.stdout + fmt.stderr)[-3000:]}")
         with open(log_file, "ab") as log:
             proc = subprocess.Popen([*base, "kafka.Kafka", str(props)], stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True, cwd=data_dir)
+                                    stderr=subprocess.STDOUT, start_new_session=True, cwd=data_dir,
+                                    preexec_fn=exit_with_parent() if self.exit_with_parent else None)
         self.launched = True
         state = {"pid": proc.pid, "port": self.port, "controller_port": cport, "data_dir": str(data_dir),
                  "temp_data_dir": temp, "log_file": str(log_file), "properties": str(props),
@@ -312,7 +296,7 @@ class LocalKafka:
         """Poll until the broker answers ApiVersions (it serves requests only once unfenced: ready)."""
         pid, log_file = state["pid"], state["log_file"]
         while not api_versions_ok(HOST, self.port):
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 raise KafkaSetupError(f"the Kafka broker (pid {pid}) exited during startup; "
                                       f"log {log_file}:\n{_tail(log_file)}")
             if time.monotonic() > deadline:
@@ -323,27 +307,13 @@ class LocalKafka:
     def _is_ours(self, state: dict) -> bool:
         """True when the recorded pid is alive and is the kafka.Kafka JVM started with the recorded config."""
         pid = int(state["pid"])
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return False
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return sys.platform != "linux"  # no /proc to check elsewhere: trust the pid
         return b"kafka.Kafka" in cmdline and state["properties"].encode() in cmdline
-
-    @staticmethod
-    def _terminate(pid: int, grace_s: float) -> None:
-        """SIGTERM ``pid``, wait up to ``grace_s`` seconds for it to exit, then SIGKILL it."""
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                return
-            until = time.monotonic() + wait_s
-            while time.monotonic() < until:
-                if not _pid_alive(pid):
-                    return
-                time.sleep(0.1)
 
     def _forget(self, state: dict) -> None:
         """Drop a stopped broker's run state and, if it was temporary, its data dir."""

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.child_process import exit_with_parent
+
 PACKAGE = "prometheus-alertmanager"
 _CONFIG = """\
 route:
@@ -123,7 +125,8 @@ def start_alertmanager(timeout_s: float = 30.0, attempts: int = 2) -> Alertmanag
             "--cluster.listen-address=",
         ]
         with open(workdir / "alertmanager.log", "wb") as log:
-            process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                       preexec_fn=exit_with_parent())
         server = AlertmanagerServer(f"http://127.0.0.1:{port}", process, workdir)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and process.poll() is None:

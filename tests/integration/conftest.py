@@ -37,7 +37,7 @@ def service_unavailable(reason: str) -> None:
 def kafka_broker() -> Iterator[LocalKafka]:
     """A real single-node Kafka broker for the whole session, on $ANOMALYD_TEST_KAFKA_PORT or a free port."""
     port = int(os.environ.get("ANOMALYD_TEST_KAFKA_PORT") or free_port())
-    broker = LocalKafka(port=port)
+    broker = LocalKafka(port=port, exit_with_parent=True)  # not left running by a killed pytest
     try:
         broker.start(timeout_s=120)
     except KafkaSetupError as exc:

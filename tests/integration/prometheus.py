@@ -32,6 +32,8 @@ from typing import Any
 import pytest
 import yaml
 
+from pipelines.child_process import exit_with_parent
+
 READY_DEADLINE_S = 60.0
 GRAFANA_DEFAULTS = {  # Grafana's built-in variables, with values that suit a 1s-scrape test Prometheus
     "__rate_interval": "15s",
@@ -112,7 +114,7 @@ def start_prometheus(targets: Sequence[str] = (), rule_files: Sequence[Path] = (
                 proc = subprocess.Popen(
                     [binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
                      f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle", "--log.level=warn"],
-                    stdout=log, stderr=subprocess.STDOUT)
+                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=exit_with_parent())
             server = Prometheus(base_url, config, proc, log_path)
             deadline = time.monotonic() + READY_DEADLINE_S
             while proc.poll() is None and time.monotonic() < deadline and not _is_ready(base_url):

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from pipelines import native_decode
+from pipelines.child_process import exit_with_parent
 from pipelines.config import load_config
 from pipelines.daemon import Daemon
 from pipelines.kafka_io import make_producer
@@ -49,7 +50,8 @@ def _start(cmd_cfg, log_path=None) -> subprocess.Popen:
     log_path = log_path or cmd_cfg.with_suffix(f".{time.monotonic_ns()}.log")
     out = open(log_path, "w")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--log-level", "INFO", "run", "-c", str(cmd_cfg)],
-                            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+                            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
+                            preexec_fn=exit_with_parent(signal.SIGKILL))
     proc.log_path = log_path
     return proc
 

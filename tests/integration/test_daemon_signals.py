@@ -21,6 +21,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipelines.child_process import exit_with_parent
 from pipelines.kafka_io import make_producer
 from pipelines.kafka_local import create_topic
 from pipelines.model_store import ModelStore
@@ -109,7 +110,8 @@ def test_sighup_reloads_models_and_sigterm_then_exits_zero(kafka_bootstrap: str,
     log = tmp_path / "daemon.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--log-level", "INFO", "run", "-c",
-                                 str(cfg_path)], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+                                 str(cfg_path)], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
+                                 preexec_fn=exit_with_parent(signal.SIGKILL))
     try:
         port = _until("HTTP server", lambda: re.search(r"HTTP server listening on http://127\.0\.0\.1:(\d+)",
                                                        log.read_text()), proc, log).group(1)
@@ -177,7 +179,8 @@ def test_sigterm_during_start_up_exits_zero_without_joining_the_group(kafka_boot
     log = tmp_path / "daemon.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--log-level", "INFO", "run", "-c",
-                                 str(cfg_path)], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+                                 str(cfg_path)], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
+                                 preexec_fn=exit_with_parent(signal.SIGKILL))
     try:
         deadline = time.monotonic() + 60
         while not _catches(proc.pid, signal.SIGTERM) and proc.poll() is None and time.monotonic() < deadline:

@@ -42,7 +42,8 @@ USER, PASSWORD = "anomalyd", "s3cret-for-tests"
 @pytest.fixture(scope="module")
 def sasl_broker() -> Iterator[LocalKafka]:
     broker = LocalKafka(free_port(), sasl_port=free_port(), sasl_ssl_port=free_port(), ssl_port=free_port(),
-                        sasl_users={USER: PASSWORD, "other": "other-secret"}, mtls_port=free_port())
+                        sasl_users={USER: PASSWORD, "other": "other-secret"}, mtls_port=free_port(),
+                        exit_with_parent=True)
     try:
         broker.start(timeout_s=120)
     except KafkaSetupError as exc:
