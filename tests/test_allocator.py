@@ -73,9 +73,47 @@ print(advised, before, after, torch.version.cuda is not None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     advised, before, after, cuda_build = out.stdout.split()
     if cuda_build == "True":
-        assert int(advised) > 0 and int(before) > 50 * 1024 and int(after) < int(before) // 10, out.stdout
+        assert int(advised) > 0 and int(after) <= int(before), out.stdout
+        if int(before) > 50 * 1024:  # else another process on the machine (a daemon, a test run) maps them too:
+            assert int(after) < int(before) // 10, out.stdout  # shared pages stay (the next test covers that case)
     else:
         assert int(advised) == 0
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="/proc and MADV_PAGEOUT are Linux's")
+def test_the_release_pages_out_a_library_mapping_only_this_process_holds(tmp_path):
+    """The release on a file of its own under an ``nvidia/`` path, mapped and read by this process alone: its
+    resident pages go, whatever else runs on the machine."""
+    import mmap
+    import os
+    import re
+
+    from pipelines.allocator import release_cuda_library_pages
+
+    (tmp_path / "nvidia" / "lib").mkdir(parents=True)
+    path = tmp_path / "nvidia" / "lib" / "libstand-in.so.1"
+    with open(path, "wb") as f:
+        f.write(os.urandom(16 << 20))
+        f.flush()
+        os.fsync(f.fileno())  # clean pages, as a library's are
+
+    def resident_kib() -> int:
+        total, ours = 0, False
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                    ours = line.rstrip().endswith(str(path))
+                elif ours and line.startswith("Rss:"):
+                    total += int(line.split()[1])
+        return total
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        checksum = sum(mapped[i] for i in range(0, len(mapped), 4096))  # every page resident
+        before = resident_kib()
+        advised = release_cuda_library_pages({})
+        after = resident_kib()
+        assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == checksum  # read back from the file
+    assert before >= 15 * 1024 and advised >= 16 << 20 and after < before // 10, (before, advised, after)
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="the kernel's MADV_PAGEOUT rule is Linux's")
