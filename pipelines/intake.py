@@ -11,7 +11,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import native_decode
-from .decode import FeatureSpec, SpecCache, dead_letter_headers, decode_batch
+from .decode import (
+    DEAD_LETTER_MAX_VALUE_BYTES,
+    FeatureSpec,
+    SpecCache,
+    dead_letter_copy,
+    dead_letter_headers,
+    decode_batch,
+)
 from .kafka_io import Producer
 from .metrics import Metrics
 from .positions import Positions
@@ -63,9 +70,10 @@ class Intake:
         for pos, reason, detail in decoded.rejected:
             if replay[pos]:
                 continue
-            producer.produce(self.dead_letter_topic, batch.value[pos], batch.key[pos],
-                             dead_letter_headers(reason, detail, topic0[pos], int(batch.partition[pos]),
-                                                 int(batch.offset[pos])))
+            headers = dead_letter_headers(reason, detail, topic0[pos], int(batch.partition[pos]),
+                                          int(batch.offset[pos]))
+            producer.produce(self.dead_letter_topic, *dead_letter_copy(batch.value[pos], batch.key[pos], headers,
+                                                                       DEAD_LETTER_MAX_VALUE_BYTES))
             self.metrics.dead_letter(topic0[pos], reason)  # also counts events_total{outcome="dead_lettered"}
         for pos, _stream in decoded.unrouted:
             self.metrics.event(topic0[pos], "unrouted")

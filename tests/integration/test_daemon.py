@@ -192,6 +192,33 @@ def test_bad_input_goes_to_dead_letter_topic(kafka_bootstrap, topic_name, models
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_message_too_large_for_the_producer_is_dead_lettered_cut_not_a_crash(kafka_bootstrap, topic_name, models,
+                                                                               tmp_path, client):
+    """A 1.5 MB message on a topic that allows it is oversized for the daemon and too large for a dead letter
+    (the producers' 1 MB limit): the dead letter carries its first 900,000 bytes and its size, and the daemon
+    goes on (it used to stop, and stop again on the same record after every restart)."""
+    models_dir, names = models
+    create_topic(kafka_bootstrap, topic_name, partitions=1, config={"max.message.bytes": "3000000"})
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client)
+    good = [json.dumps({"stream": "pump-0", "ts": 1764180000000 + i * 1000, "values": [0.1, 0.2, 0.3, 0.4]}).encode()
+            for i in range(20)]
+    huge = b'{"stream": "pump-1", "pad": "' + b"x" * 1_500_000 + b'"}'
+    producer = make_producer("kafka-python", kafka_bootstrap, max_request_size=3_000_000)
+    for msg in [*good[:10], huge, *good[10:]]:
+        producer.produce(topic_name, msg, key=b"k" * 20_000 if msg is huge else None)
+    producer.flush(30)
+    producer.close()
+    daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    assert daemon.run(count=len(good) + 1, timeout=60) == 0
+    [dead] = read_topic(kafka_bootstrap, f"{topic_name}-dlq")
+    headers = dict(dead.headers)
+    assert headers["anomalyd-error-reason"] == b"oversized"
+    assert dead.value == huge[:900_000] and headers["anomalyd-original-value-bytes"] == str(len(huge)).encode()
+    assert dead.key == b"k" * 16_384 and headers["anomalyd-original-key-bytes"] == b"20000"
+    assert headers["anomalyd-source-offset"] == b"10"
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_sigterm_exits_zero_with_offsets_committed(kafka_bootstrap, topic_name, models, tmp_path, client):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=2)
