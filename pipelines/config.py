@@ -23,7 +23,18 @@ from typing import Any, Literal
 
 import yaml
 
-from ._config_schema import Check, ConfigError, Ctx, apply_env, build, join_key, rule_field, where, yaml_problem
+from ._config_schema import (
+    Check,
+    ConfigError,
+    Ctx,
+    apply_env,
+    build,
+    join_key,
+    load_yaml,
+    rule_field,
+    where,
+    yaml_problem,
+)
 from ._config_security import SecurityConfig, check_security
 from .kafka_io import PASSWORD_KEYS
 from .positions import MAX_REBUILD_RECORDS
@@ -230,9 +241,12 @@ def load_config(path: str | Path | None, env: Mapping[str, str] = os.environ) ->
     if path is not None:
         source = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            raw = load_yaml(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError([f"{source}: cannot read config file: {exc.strerror or exc}"]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{source}: cannot read config file: not UTF-8 (byte 0x{exc.object[exc.start]:02x} "
+                               f"at position {exc.start})"]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([f"{source}: invalid YAML{yaml_problem(exc)}"]) from None
     ctx = Ctx(source, _CHECKS)

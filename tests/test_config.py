@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines._config_schema import load_yaml
 from pipelines.config import (
     Config,
     ConfigError,
@@ -208,6 +209,21 @@ def test_unreadable_or_invalid_files(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing\n")
     assert load_config(empty, env={}) == Config()
+    bad.write_bytes(b"kafka:\n  topics: [\xff]\n")
+    assert errors_of(path=bad) == [f"{bad}: cannot read config file: not UTF-8 (byte 0xff at position 18)"]
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second ``processing:`` would replace the first section whole."""
+    path = tmp_path / "c.yaml"
+    path.write_text("processing:\n  stride: 1\n  max_delay_ms: 5\nprocessing:\n  stride: 8\n")
+    assert errors_of(path=path) == [f"{path}: invalid YAML at line 4, column 1: duplicate key 'processing' "
+                                    "(first at line 1)"]
+    path.write_text("processing:\n  stride: 1\n  stride: 8\n")
+    assert errors_of(path=path) == [f"{path}: invalid YAML at line 3, column 3: duplicate key 'stride' "
+                                    "(first at line 2)"]
+    base = "base: &b {stride: 1, max_delay_ms: 5}\n"  # merge keys may override what they merge
+    assert load_yaml(base + "processing:\n  <<: *b\n  stride: 8\n")["processing"] == {"stride": 8, "max_delay_ms": 5}
 
 
 # ---------------------------------------------------------------------------------------------- environment
