@@ -31,6 +31,7 @@ from .config import Config, check_model_files
 from .httpserver import HealthServer
 from .intake import Intake
 from .kafka_io import KafkaDeliveryError, Producer, make_producer
+from .kafka_probe import KafkaProbe
 from .metrics import Metrics
 from .model_store import LoadedModel
 from .poll_ahead import PollAhead
@@ -71,6 +72,7 @@ class Daemon:
         self.commits = Committer(self.positions, self.metrics)
         self.intake = Intake(self.models.router, self.positions, self.metrics, cfg.kafka.dead_letter_topic,
                              cfg.kafka.max_message_bytes)
+        self.kafka = KafkaProbe(self.metrics.kafka_reachable)  # while the topic is quiet: do the brokers answer?
         self._crashed = False
         self._joined = False  # an assignment came, if an empty one: the group has taken this member in
         self._lag_due = False
@@ -153,9 +155,10 @@ class Daemon:
         return time.monotonic() - self._heartbeat < max(60.0, 10 * self.cfg.processing.max_delay_ms / 1000)
 
     def is_ready(self) -> bool:
-        """Models loaded and the consumer group joined: a replica beyond the partition count is ready and idle
+        """Models loaded, the consumer group joined and, while the topic is quiet, the brokers answering
+        (:mod:`pipelines.kafka_probe`): a replica beyond the partition count is ready and idle
         (anomalyd_assigned_partitions 0), so it neither holds up a PodDisruptionBudget nor a rollout."""
-        return bool(self.routes) and self._joined
+        return bool(self.routes) and self._joined and self.kafka.ok
 
     def run(self, count: int | None = None, timeout: float | None = None) -> int:
         """Consume until stopped, ``count`` events seen, or ``timeout`` seconds passed. Returns an exit code.
@@ -239,6 +242,9 @@ class Daemon:
             if len(batch):
                 self.process(batch)
                 self._last_record = time.monotonic()
+                self.kafka.records()
+            else:
+                self.kafka.maybe(self.source, now, self._last_record)
             quiet_ms = (time.monotonic() - self._last_record) * 1000
             try:  # quiet: nothing for a whole poll timeout (an empty poll alone may only mean a fetch in flight)
                 self._maybe_flush(quiet=quiet_ms >= self.cfg.kafka.poll_timeout_ms, now=now)

@@ -145,6 +145,8 @@ class Metrics:
                                       ["device"], registry=r)
         self.up = Gauge("anomalyd_up", "1 while the daemon runs.", registry=r)
         self.ready = Gauge("anomalyd_ready", "1 while the daemon is ready to score.", registry=r)
+        self.kafka_reachable = Gauge("anomalyd_kafka_reachable", "0 while the leader of an assigned partition does "
+                                     "not answer (asked while the topic is quiet).", registry=r)
         self.top_streams = TopStreams(top_k_streams, r) if top_k_streams > 0 else None
         self._reasons: set[str] = set()
         self._lag_series: set[tuple[str, str]] = set()  # (topic, partition) label values of consumer_lag

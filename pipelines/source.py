@@ -71,6 +71,9 @@ class Source(Protocol):
         """The first offset each partition still holds (its log start, which retention moves up)."""
     def assignment(self) -> set[TopicPartition]: ...
     def lag(self) -> dict[TopicPartition, int]: ...
+    def reachable(self, timeout_s: float) -> bool | None:
+        """Whether the leader of an assigned partition answers (a ListOffsets round trip of at most ``timeout_s``);
+        None with nothing assigned."""
     def close(self) -> None: ...
 
 
@@ -156,6 +159,16 @@ class KafkaPythonSource:
 
     def assignment(self) -> set[TopicPartition]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def reachable(self, timeout_s: float) -> bool | None:
+        parts = sorted(self._consumer.assignment())[:1]
+        if not parts:
+            return None
+        try:
+            self._consumer.end_offsets(parts, timeout_ms=int(timeout_s * 1000))
+        except Exception:  # KafkaTimeoutError, a connection error: not reachable now
+            return False
+        return True
 
     def lag(self) -> dict[TopicPartition, int]:
         """Lag per assigned partition from the high watermarks of the latest fetch responses (never a broker
@@ -291,6 +304,17 @@ class ConfluentSource:
 
     def assignment(self) -> set[TopicPartition]:
         return {(p.topic, p.partition) for p in self._consumer.assignment()}
+
+    def reachable(self, timeout_s: float) -> bool | None:
+        parts = self._consumer.assignment()
+        if not parts:
+            return None
+        try:
+            self._consumer.get_watermark_offsets(min(parts, key=lambda p: (p.topic, p.partition)), timeout=timeout_s,
+                                                 cached=False)
+        except Exception:  # KafkaException(_TIMED_OUT, _TRANSPORT, ...): not reachable now
+            return False
+        return True
 
     def lag(self) -> dict[TopicPartition, int]:
         """Lag per assigned partition from librdkafka's cached high watermarks (updated by fetch responses;

@@ -1,0 +1,52 @@
+"""Whether the brokers still answer while the topic is quiet.
+
+A consumer whose brokers are gone only sees empty polls, as it does on a quiet topic, and nothing else in the
+loop notices: no commit is due and the lag keeps its last value. So while no record has come for
+``interval_s``, :class:`KafkaProbe` asks the leader of an assigned partition for its end offset (one round trip,
+at most ``timeout_s``) every ``interval_s``; records that arrive answer the question themselves. A probe that
+fails makes the daemon not ready (``anomalyd_ready`` 0, ``AnomalydNotReady``) and sets
+``anomalyd_kafka_reachable`` to 0 until a probe or a record says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Gauge
+
+from .source import Source
+
+__all__ = ["KafkaProbe"]
+
+log = logging.getLogger(__name__)
+
+
+class KafkaProbe:
+    """``probe.maybe(source, now, last_record)`` on the loop thread; ``probe.records()`` after a poll with records;
+    ``probe.ok`` for readiness."""
+
+    def __init__(self, gauge: Gauge, interval_s: float = 15.0, timeout_s: float = 2.0) -> None:
+        self.ok = True
+        self._gauge, self._interval_s, self._timeout_s = gauge, interval_s, timeout_s
+        self._last_probe = float("-inf")
+        gauge.set(1)
+
+    def records(self) -> None:
+        """A poll returned records: the brokers answer."""
+        if not self.ok:
+            self._set(True, "records arrive again")
+
+    def maybe(self, source: Source, now: float, last_record: float) -> None:
+        """Probe if neither a record nor a probe came in the last ``interval_s`` (monotonic seconds)."""
+        if now - max(last_record, self._last_probe) < self._interval_s:
+            return
+        self._last_probe = now
+        answered = source.reachable(self._timeout_s)
+        if answered is not None and answered != self.ok:
+            self._set(answered, "the partition leader answers again" if answered else
+                      f"the leader of an assigned partition did not answer in {self._timeout_s:g}s")
+
+    def _set(self, ok: bool, why: str) -> None:
+        self.ok = ok
+        self._gauge.set(int(ok))
+        (log.info if ok else log.warning)("Kafka %s: %s", "reachable" if ok else "unreachable", why)

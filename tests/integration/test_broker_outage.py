@@ -1,0 +1,71 @@
+"""A broker outage on a quiet topic makes the daemon not ready, and it recovers when the broker is back.
+
+A consumer whose brokers are gone sees only empty polls, as on a quiet topic; without the probe of
+pipelines/kafka_probe.py, /readyz, anomalyd_ready and every alert rule stayed green through the outage.
+The broker here is the test's own (stopped and started again on the same ports and data dir), not the session's.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from pipelines.config import load_config
+from pipelines.daemon import Daemon
+from pipelines.kafka_io import make_producer
+from pipelines.kafka_local import KafkaSetupError, LocalKafka, create_topic, free_port
+from pipelines.kafka_probe import KafkaProbe
+
+from .conftest import service_unavailable
+from .daemon_support import config_dict, write_config
+
+
+def _until(what: str, check, deadline_s: float, daemon_thread: threading.Thread) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not check():
+        assert daemon_thread.is_alive(), f"the daemon stopped while waiting for: {what}"
+        assert time.monotonic() < deadline, f"not within {deadline_s:g}s: {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_broker_outage_on_a_quiet_topic_makes_the_daemon_not_ready_until_it_is_back(daemon_models, topic_name,
+                                                                                      tmp_path, client):
+    broker = LocalKafka(free_port(), controller_port=free_port(), data_dir=tmp_path / "kafka", exit_with_parent=True)
+    try:
+        bootstrap = broker.start(timeout_s=120)
+    except KafkaSetupError as exc:
+        service_unavailable(f"local Kafka broker could not start: {exc}")
+    try:
+        models_dir, names = daemon_models
+        create_topic(bootstrap, topic_name, partitions=1)
+        producer = make_producer("kafka-python", bootstrap)
+        event = {"stream": "pump-0", "ts": 1764180000000, "values": [0.1] * 4}
+        producer.produce(topic_name, json.dumps(event).encode())
+        producer.flush(30)
+        producer.close()
+        cfg = config_dict(bootstrap, topic_name, models_dir, names, client=client)
+        daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+        daemon.kafka = KafkaProbe(daemon.metrics.kafka_reachable, interval_s=1.0, timeout_s=1.0)
+        thread = threading.Thread(target=daemon.run, kwargs={"timeout": 240}, daemon=True)
+        thread.start()
+        reachable = lambda: daemon.registry.get_sample_value("anomalyd_kafka_reachable")  # noqa: E731
+        _until("ready with the first record consumed", lambda: daemon.is_ready() and daemon.events_seen, 60, thread)
+        time.sleep(3)  # quiet: probes that the broker answers
+        assert daemon.is_ready() and reachable() == 1
+
+        broker.stop()
+        _until("not ready once the broker is gone", lambda: not daemon.is_ready(), 30, thread)
+        assert reachable() == 0 and daemon.registry.get_sample_value("anomalyd_ready") == 0
+
+        broker.start(timeout_s=120)
+        _until("ready again once the broker is back", daemon.is_ready, 90, thread)
+        assert reachable() == 1
+        daemon.request_stop()
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:
+        broker.stop()
