@@ -60,7 +60,9 @@ def load_series(path: str | Path) -> tuple[np.ndarray, list[str]]:
         return X.astype(np.float32), [f"f{i}" for i in range(X.shape[1])]
     with path.open(newline="") as fh:
         reader = csv.reader(fh)
-        header = next(reader)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: empty file (a header row of feature names, then data rows)")
         keep = [i for i, h in enumerate(header) if h.strip().lower() not in ("timestamp", "ts", "time")]
         rows = []
         for lineno, row in enumerate(reader, start=2):

@@ -288,14 +288,18 @@ def main(argv: list[str] | None = None) -> int:
         from .httpserver import BindError
         from .kafka_io import KafkaBootstrapError
 
-        if isinstance(exc, ConfigError | FileNotFoundError | ValueError | KafkaBootstrapError | BindError):
+        log = logging.getLogger("anomalyd")
+        if isinstance(exc, ConfigError | ValueError | KafkaBootstrapError | BindError | FileNotFoundError
+                      | IsADirectoryError | NotADirectoryError | PermissionError):
             if args.log_format == "json":
-                logging.getLogger("anomalyd").error("anomalyd: error: %s", exc)
+                log.error("anomalyd: error: %s", exc)
             else:
                 print(f"anomalyd: error: {exc}", file=sys.stderr)
-            logging.getLogger("anomalyd").debug("traceback", exc_info=True)
+            log.debug("traceback", exc_info=True)
             return 1 if isinstance(exc, KafkaBootstrapError) else 2  # 1: may work later; 2: fix the config
-        raise
+        # anything else is a bug or an outage: the trace, as one record (one JSON line with --log-format json)
+        log.critical("anomalyd: stopped by an unexpected error: %s: %s", type(exc).__name__, exc, exc_info=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -180,3 +180,24 @@ def test_log_level_must_be_a_level(capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["--log-level", "bogus", "check", "-c", "x"])
     assert exit_.value.code == 2 and "invalid choice: 'BOGUS'" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_is_one_json_record_with_its_trace_and_exit_1():
+    """A bug or an outage that no command turns into a clear error still ends in one JSON line under
+    ``--log-format json`` (the trace in its ``exception`` field), not a bare Python traceback."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, pipelines.cli as cli\n"
+            "def boom(args):\n    raise RuntimeError('the broker went away')\n"
+            "cli._cmd_replay = boom\n"
+            "sys.exit(cli.main(['--log-format', 'json', 'replay', '-c', 'x.yaml', 'y.jsonl']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ANOMALYD_LOG_FORMAT": ""})
+    assert proc.returncode == 1, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
+    (error,) = [r for r in records if r["level"] == "CRITICAL"]
+    assert error["message"] == "anomalyd: stopped by an unexpected error: RuntimeError: the broker went away"
+    assert "Traceback" in error["exception"] and "boom" in error["exception"]
