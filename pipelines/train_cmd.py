@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -155,7 +156,36 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
     return series, list(names)
 
 
+def _check_args(args) -> None:
+    """Refuse arguments that would train nothing, write outside ``--models-dir`` or fail only after training."""
+    problems = []
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--window", args.window, 2), ("--hidden", args.hidden, 1),
+                             ("--latent", args.latent, 1), ("--layers", args.layers, 1),
+                             ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            problems.append(f"{flag}: must be >= {low}, got {value}")
+    if not args.lr > 0:
+        problems.append(f"--lr: must be > 0, got {args.lr}")
+    if not 0 < args.risk < 1:
+        problems.append(f"--risk: must be between 0 and 1, got {args.risk}")
+    if not 0 <= args.dropout < 1:
+        problems.append(f"--dropout: must be in [0, 1), got {args.dropout}")
+    if args.last_k is not None and not 1 <= args.last_k <= args.window:
+        problems.append(f"--last-k: must be between 1 and --window ({args.window}), got {args.last_k}")
+    if args.name in ("", ".", "..") or "/" in args.name or "\\" in args.name:
+        problems.append(f"--name: must be a plain directory name (as models.served[].name), got {args.name!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    try:  # before the training, not after it
+        args.models_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--models-dir: cannot create {args.models_dir}: {exc.strerror or exc}") from None
+    if not os.access(args.models_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--models-dir: {args.models_dir} is not writable")
+
+
 def train_command(args) -> int:
+    _check_args(args)
     if args.data:
         loaded = [load_series(p) for p in args.data]
         series, names = [x for x, _ in loaded], loaded[0][1]

@@ -1,5 +1,6 @@
-"""``anomalyd train --kafka-topic``'s selection (pipelines.train_cmd._Selection), fed polls as the consumer gives
-them: each poll is decoded on arrival and only the selected rows are kept."""
+"""``anomalyd train`` (pipelines.train_cmd): its arguments, checked before any training, and ``--kafka-topic``'s
+selection (``_Selection``), fed polls as the consumer gives them: each poll is decoded on arrival and only the
+selected rows are kept."""
 
 from __future__ import annotations
 
@@ -44,3 +45,31 @@ def test_no_names_given_or_found_is_an_error_naming_the_option():
     with pytest.raises(ValueError, match="--features"):
         sel.finish()
     assert _Selection(None, None, "*", ["a"]).series() == []
+
+
+@pytest.mark.parametrize(("extra", "error"), [
+    (["--epochs", "0"], "--epochs: must be >= 1, got 0"),
+    (["--name", "../escape"], "--name: must be a plain directory name (as models.served[].name), got '../escape'"),
+    (["--risk", "1.5", "--window", "1"], "--window: must be >= 2, got 1; --risk: must be between 0 and 1, got 1.5"),
+    (["--last-k", "9", "--window", "8"], "--last-k: must be between 1 and --window (8), got 9"),
+])
+def test_arguments_that_would_train_nothing_or_write_elsewhere_are_refused_before_training(tmp_path, capsys, extra,
+                                                                                             error):
+    from pipelines.cli import main
+
+    data = tmp_path / "d.csv"
+    data.write_text("a,b\n" + "".join(f"{i},{i % 7}\n" for i in range(200)))
+    argv = ["train", "--data", str(data), "--name", "m", "--models-dir", str(tmp_path / "models"), *extra]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"anomalyd: error: {error}"
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "models" / "m").exists()
+
+
+def test_a_models_dir_that_cannot_be_created_is_refused_before_training(tmp_path, capsys):
+    from pipelines.cli import main
+
+    (tmp_path / "file").write_text("")
+    data = tmp_path / "d.csv"
+    data.write_text("a\n" + "".join(f"{i}\n" for i in range(200)))
+    assert main(["train", "--data", str(data), "--name", "m", "--models-dir", str(tmp_path / "file" / "m")]) == 2
+    assert f"--models-dir: cannot create {tmp_path / 'file' / 'm'}" in capsys.readouterr().err
