@@ -152,7 +152,9 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
         print(f"skipped {selection.n_rejected} messages that do not decode (first: {selection.first_rejection})")
     series = selection.series()
     if not series:
-        raise ValueError(f"no events of streams {streams_glob!r} in {topic!r} for the given time range")
+        skipped = (f" ({selection.n_rejected} messages skipped, the first as {selection.first_rejection}: check "
+                   f"--features {','.join(names)})") if selection.n_rejected else ""
+        raise ValueError(f"no events of streams {streams_glob!r} in {topic!r} for the given time range{skipped}")
     return series, list(names)
 
 
