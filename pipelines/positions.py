@@ -47,8 +47,10 @@ def _without(batch: RecordBatch, tps: set[TopicPartition]) -> RecordBatch:
 
 
 def _rebuild_floor(metadata: str) -> int:
+    """``rebuild_from`` of a commit's metadata, -1 if none. What follows the JSON object is ignored: confluent-kafka
+    writes metadata with a trailing NUL (and kafka-python's commits add one, see pipelines.source)."""
     try:
-        return int(json.loads(metadata).get("rebuild_from", -1)) if metadata else -1
+        return int(json.JSONDecoder().raw_decode(metadata.lstrip())[0].get("rebuild_from", -1)) if metadata else -1
     except (ValueError, AttributeError, TypeError):
         return -1
 

@@ -18,6 +18,7 @@ from .kafka_io import client_security_config, confluent_refusal, kafka_python_bo
 FETCH_MIN_BYTES = 65536  # kafka.fetch_min_bytes default: the broker answers a fetch once it has this much ...
 FETCH_MAX_WAIT_MS = 10  # ... or after this long (benchmarks/RESULTS.md, item 18)
 METADATA_MAX_AGE_MS = 30_000  # topic metadata every 30 s, not the clients' 5 min: new partitions are seen sooner
+METADATA_END = "\x00"  # after every commit's metadata, as confluent-kafka writes it (KafkaPythonSource._offsets)
 # librdkafka stops fetching a partition whose prefetch queue is over its thresholds (queued.min.messages, 100,000
 # messages) and looks again only after this long; its default, 1 s, left a consumer that drains 100,000 messages
 # in well under a second with nothing to read for up to a second at a time (librdkafka issue #2879; the
@@ -136,12 +137,17 @@ class KafkaPythonSource:
 
     def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
         if offsets:
-            self._consumer.commit({self._KTP(t, p): self._OAM(o, m, -1) for (t, p), (o, m) in offsets.items()})
+            self._consumer.commit(self._offsets(offsets))
 
     def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
         """Queued on the client's IO loop; it is sent before the group's new generation starts."""
         if offsets:
-            self._consumer.commit_async({self._KTP(t, p): self._OAM(o, m, -1) for (t, p), (o, m) in offsets.items()})
+            self._consumer.commit_async(self._offsets(offsets))
+
+    def _offsets(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> dict:
+        """With a NUL after the metadata, as confluent-kafka writes it: its reader takes metadata up to a NUL, and
+        read past the end of metadata without one (garbage or a UnicodeDecodeError) in a group that used both."""
+        return {self._KTP(t, p): self._OAM(o, m + METADATA_END, -1) for (t, p), (o, m) in offsets.items()}
 
     def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]:
         out: dict[TopicPartition, tuple[int, str] | None] = {}
@@ -292,7 +298,13 @@ class ConfluentSource:
         self.commit(offsets)  # librdkafka allows a synchronous commit in its rebalance callbacks
 
     def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]:
-        got = self._consumer.committed([self._CTP(t, p) for t, p in tps], timeout=10)
+        for attempt in range(3):
+            try:
+                got = self._consumer.committed([self._CTP(t, p) for t, p in tps], timeout=10)
+                break
+            except UnicodeDecodeError:  # metadata without a NUL, by an older anomalyd with kafka-python: it reads
+                if attempt == 2:  # past its end (pipelines.source.KafkaPythonSource._offsets); the bytes vary
+                    raise
         return {(p.topic, p.partition): (None if p.offset < 0 else (p.offset, p.metadata or "")) for p in got}
 
     def seek(self, tp: TopicPartition, offset: int) -> None:

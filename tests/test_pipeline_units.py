@@ -215,6 +215,18 @@ def test_positions_replay_commit_and_revoke():
     assert pos._resume == {c: 50}
 
 
+def test_the_rebuild_floor_is_read_whatever_follows_the_metadata_object():
+    """confluent-kafka writes a trailing NUL, and read metadata without one past its end: both must still give the
+    floor, and anything else none (the replay then starts at the commit)."""
+    from pipelines.positions import _rebuild_floor
+
+    for text, floor in (('{"rebuild_from": 1600}', 1600), ('{"rebuild_from": 1600}\x00', 1600),
+                        ('{"rebuild_from": 9408}umer', 9408), (' {"rebuild_from": 7} ', 7), ("", -1),
+                        ("\x00", -1), ("[1]", -1), ('{"other": 1}', -1), ("garbage", -1),
+                        ('{"rebuild_from": "x"}', -1)):
+        assert _rebuild_floor(text) == floor, text
+
+
 def test_records_of_a_partition_revoked_during_the_poll_are_dropped():
     from pipelines.positions import Positions
 
