@@ -186,9 +186,10 @@ class Producer(Protocol):
         ...
 
 
-def _delivery_error(errors: list[str], total: int) -> KafkaDeliveryError:
+def _delivery_error(errors: list[str], failed: int, total: int) -> KafkaDeliveryError:
+    """``failed`` of ``total`` messages were not delivered; ``errors`` says why (the first three shown)."""
     shown = "; ".join(errors[:3]) + (f"; ... ({len(errors) - 3} more)" if len(errors) > 3 else "")
-    return KafkaDeliveryError(f"{len(errors)} of {total} Kafka messages not delivered: {shown}")
+    return KafkaDeliveryError(f"{failed} of {total} Kafka messages not delivered: {shown}")
 
 
 class KafkaPythonProducer:
@@ -221,17 +222,18 @@ class KafkaPythonProducer:
         futures, errors = self._futures, self._errors
         self._futures, self._errors = [], []
         total = len(futures) + len(errors)
+        flush_error = None
         try:
             self._producer.flush(timeout=timeout_s)
         except Exception as exc:  # KafkaTimeoutError: some futures are not done; counted below
-            errors.append(f"flush: {type(exc).__name__}: {exc}")
+            flush_error = f"flush: {type(exc).__name__}: {exc}"
         for fut in futures:
             if not fut.is_done:
                 errors.append(f"not acknowledged within {timeout_s:g}s")
             elif fut.failed():
                 errors.append(f"{type(fut.exception).__name__}: {fut.exception}")
         if errors:
-            raise _delivery_error(errors, total)
+            raise _delivery_error(errors + ([flush_error] if flush_error else []), len(errors), total)
 
     def close(self, timeout_s: float = 5.0) -> None:
         self._producer.close(timeout=timeout_s)
@@ -280,10 +282,11 @@ class ConfluentProducer:
         left = self._producer.flush(timeout_s)
         errors, total = self._errors, self._count
         self._errors, self._count = [], 0
+        failed = len(errors) + left
         if left:
             errors.append(f"{left} messages still queued after {timeout_s:g}s")
         if errors:
-            raise _delivery_error(errors, total)
+            raise _delivery_error(errors, failed, total)
 
     def close(self, timeout_s: float = 5.0) -> None:
         if self._producer.flush(timeout_s):
