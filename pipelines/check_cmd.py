@@ -11,6 +11,7 @@ a Helm test or an init container before a rollout.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -144,12 +145,26 @@ def fast_paths(daemon) -> str:
     return "fast paths: " + "; ".join(parts)
 
 
+def _check_bind(cfg: Config) -> None:
+    """``http.bind`` is an address of this host, as ``run`` finds when it listens: bound here on a free port, not
+    ``http.port``, which the daemon being checked may hold."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(cfg.http.bind or None, 0, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.bind(address)
+    except OSError as exc:  # socket.gaierror included
+        raise ConfigError([f"{cfg.where('http.bind')}: http.bind: cannot listen on {cfg.http.bind!r}: "
+                           f"{exc.strerror or exc}"]) from None
+
+
 def check_command(config_path: str, connect: bool) -> int:
     """Print what was checked; the exit code as described in the module docstring."""
     from .daemon import Daemon
 
     cfg = load_config(config_path)  # ConfigError -> exit 2 in the CLI
     daemon = Daemon(cfg)  # checks the model files, loads every served model, builds the routes
+    _check_bind(cfg)
     print(f"config {cfg.source}: valid")
     for route in daemon.routes:
         models = ", ".join(f"{m.name} {m.version} ({m.detector.kind}, window {m.detector.window}, "

@@ -65,6 +65,21 @@ def test_an_override_from_the_environment_is_checked_too(tmp_path, trained, caps
     assert "ANOMALYD_PROCESSING__MAX_DELAY_MS" in capsys.readouterr().err
 
 
+def test_an_http_bind_address_run_could_not_listen_on_is_a_config_error(tmp_path, trained, capsys, monkeypatch):
+    """``run`` stops on it (BindError), so ``check`` must say so too; the port itself may be the checked daemon's."""
+    path = _config(tmp_path, trained)
+    monkeypatch.setenv("ANOMALYD_HTTP__BIND", "999.1.1.1")
+    assert main(["check", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "environment variable ANOMALYD_HTTP__BIND: http.bind: cannot listen on '999.1.1.1'" in err, err
+    monkeypatch.setenv("ANOMALYD_HTTP__BIND", "127.0.0.1")
+    with socket.socket() as taken:  # the configured port in use (by the daemon being checked): still valid
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setenv("ANOMALYD_HTTP__PORT", str(taken.getsockname()[1]))
+        assert main(["check", "-c", str(path)]) == 0
+
+
 def test_version_names_anomalyd_and_its_kafka_clients(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
