@@ -196,8 +196,8 @@ def decode_batch(
     for i in positions:  # every message, or those the native decoder left (any other shape, and every error)
         raw = values[i]
         try:
-            if raw is None:
-                raise _Reject("bad_json", "message has no value (tombstone)")
+            if raw is None or not len(raw):  # the sources hand a null value over as b""
+                raise _Reject("bad_json", "message has no value (empty, or a tombstone)")
             if len(raw) > max_bytes:
                 raise _Reject("oversized", f"{len(raw)} bytes > max_message_bytes {max_bytes}")
             try:

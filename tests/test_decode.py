@@ -181,6 +181,12 @@ def test_rejections(msg, key, reason):
     assert (got, bool(detail)) == (reason, True), detail
 
 
+def test_an_empty_message_or_a_tombstone_says_so():
+    """The sources hand a null value (a tombstone) over as b"": the detail names it, not a JSON parse error."""
+    for msg in (b"", None):
+        assert one_reason(msg) == ("bad_json", "message has no value (empty, or a tombstone)")
+
+
 def test_every_reason_is_exercised():
     reasons = {case[2] for case in test_rejections.pytestmark[0].args[1]}
     assert reasons == set(REASONS)
