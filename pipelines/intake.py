@@ -68,7 +68,8 @@ class Intake:
         self.metrics.decoded.labels(decoder="python").inc(len(batch) - decoded.n_native)
         topic0 = batch.topic
         for pos, reason, detail in decoded.rejected:
-            if replay[pos]:
+            if replay[pos]:  # dead-lettered when it was first read
+                self.metrics.event(topic0[pos], "replayed")
                 continue
             headers = dead_letter_headers(reason, detail, topic0[pos], int(batch.partition[pos]),
                                           int(batch.offset[pos]))
@@ -76,7 +77,7 @@ class Intake:
                                                                        DEAD_LETTER_MAX_VALUE_BYTES))
             self.metrics.dead_letter(topic0[pos], reason)  # also counts events_total{outcome="dead_lettered"}
         for pos, _stream in decoded.unrouted:
-            self.metrics.event(topic0[pos], "unrouted")
+            self.metrics.event(topic0[pos], "replayed" if replay[pos] else "unrouted")
         for features, group in decoded.groups.items():  # one group per route
             self._add_to_route(self._route[features], group, batch, tp_idx, replay)
         self.positions.advance(tp_idx, batch.offset)
@@ -104,11 +105,11 @@ class Intake:
                                 batch.partition[p], np.full(len(p), live))
             warming = route.buffer.n_warming - warm0
             topic = topics[0]
+            if not live:  # into the windows again, counted once as what it was when first read
+                self.metrics.event(topic, "replayed", len(p))
+                continue
             if late:
                 self.metrics.event(topic, "late", late)
-            if not live:
-                self.metrics.event(topic, "warming", len(p) - late)
-                continue
             if warming:
                 self.metrics.event(topic, "warming", warming)
             if len(p) - late - warming > 0:

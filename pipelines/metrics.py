@@ -67,7 +67,7 @@ from .collectors import BulkHistogram, TopStreams
 if TYPE_CHECKING:
     from .routes import ScoredBatch
 
-OUTCOMES = ("scored", "warming", "dead_lettered", "late", "unrouted")
+OUTCOMES = ("scored", "warming", "dead_lettered", "late", "unrouted", "replayed")  # replayed: a window rebuild
 """Values of the ``outcome`` label of ``anomalyd_events_total``."""
 ALERT_STATUSES = ("firing", "resolved")
 """Values of the ``status`` label of ``anomalyd_alerts_total``."""
