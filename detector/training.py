@@ -174,19 +174,26 @@ def train_detector(
         t0 = time.perf_counter()
         model.train()
         order = torch.from_numpy(rng.permutation(len(train_w)))
-        running = 0.0
+        running, counted, skipped = 0.0, 0, 0
         for i in range(0, len(order), cfg.batch_size):
             xb = train_w[order[i : i + cfg.batch_size]].to(device)  # (B, W, F)
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 loss = loss_fn(model(xb).float(), xb)
+            if not use_amp and not torch.isfinite(loss):  # a reading too large to square in float32: the gradient
+                skipped += 1  # norm is inf, so clipping zeroes the step anyway; skip it, say so, keep the loss finite
+                continue  # (AMP's scaler skips such steps itself)
             grad_scaler.scale(loss).backward()
             grad_scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             grad_scaler.step(opt)
             grad_scaler.update()
             running += loss.item() * len(xb)
-        train_loss = running / len(train_w)
+            counted += len(xb)
+        train_loss = running / counted if counted else float("inf")
+        if skipped:
+            say(f"skipped {skipped} training batches whose loss is not finite in float32 (the largest |value| "
+                f"after scaling: {float(train_w.abs().max()):.3g}); leave such readings out of the training data")
         vl = val_loss()
         history.append({"epoch": epoch, "loss": train_loss, "val_loss": vl, "seconds": time.perf_counter() - t0})
         say(f"epoch {epoch:3d}/{cfg.epochs}  loss {train_loss:.5f}  val_loss {vl:.5f}  "
@@ -208,6 +215,11 @@ def train_detector(
         score_last_k=cfg.score_last_k, device=device,
     )
     val_scores = detector.score_windows(val_windows).score
+    if not np.isfinite(val_scores).all():
+        bad_rows = np.abs(np.concatenate(val_parts)).max(axis=0)
+        raise ValueError(f"{int((~np.isfinite(val_scores)).sum())} of {len(val_scores)} validation windows score "
+                         f"beyond float32 (the largest |value| per feature: "
+                         f"{', '.join(f'{v:.3g}' for v in bad_rows)}); leave such readings out of the training data")
     detector.threshold = calibrate_threshold(val_scores, cfg.threshold, cfg.threshold_params, say)
     detector.summary = {
         "epochs_run": len(history),

@@ -36,6 +36,29 @@ def test_early_stopping_stops_before_max_epochs(synthetic):
     assert det.summary["epochs_run"] == 3
 
 
+def test_a_reading_too_large_to_square_skips_its_batches_not_the_weights(synthetic):
+    """One 1e30 in the training rows: its windows' loss is inf in float32 (the epoch's loss was reported as inf,
+    with no word of why); those batches are skipped, said so, and the weights and scores stay finite."""
+    train, _ = synthetic
+    spiked = train[:800].copy()
+    spiked[300, 0] = 1e30
+    lines: list[str] = []
+    det = train_detector(spiked, CFG, FAST, log=lines.append)
+    assert any(ln.startswith("skipped ") and "not finite in float32" in ln for ln in lines), lines
+    assert all("loss inf" not in ln for ln in lines), lines
+    assert all(np.isfinite(v.numpy()).all() for v in det.model.state_dict().values())
+    assert np.isfinite(det.score_windows(np.lib.stride_tricks.sliding_window_view(
+        train[:100], (16, 4))[:, 0]).score).all()
+
+
+def test_validation_windows_beyond_float32_are_a_clear_error(synthetic):
+    train, _ = synthetic
+    spiked = train[:800].copy()
+    spiked[-10, 2] = 1e30  # in the validation part
+    with pytest.raises(ValueError, match=r"validation windows score beyond float32 .* 1e\+30"):
+        train_detector(spiked, CFG, FAST, log=None)
+
+
 def test_load_series_csv_and_npy(tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text("timestamp,temp,vib\n1,1.5,0.1\n2,,0.2\n3,2.5,0.3\n")
