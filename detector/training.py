@@ -179,20 +179,25 @@ def train_detector(
             xb = train_w[order[i : i + cfg.batch_size]].to(device)  # (B, W, F)
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, enabled=use_amp):
-                loss = loss_fn(model(xb).float(), xb)
-            if not use_amp and not torch.isfinite(loss):  # a reading too large to square in float32: the gradient
-                skipped += 1  # norm is inf, so clipping zeroes the step anyway; skip it, say so, keep the loss finite
-                continue  # (AMP's scaler skips such steps itself)
+                out = model(xb).float()
+            loss, n = loss_fn(out, xb), len(xb)
+            if not bool(torch.isfinite(loss)):  # a reading too large to square in float32 makes the loss inf and the
+                per_window = (out - xb).square().mean(dim=(1, 2))  # clipped step zero: train on the other windows
+                finite = torch.isfinite(per_window)
+                skipped += int((~finite).sum())
+                if not bool(finite.any()):
+                    continue
+                loss, n = per_window[finite].mean(), int(finite.sum())
             grad_scaler.scale(loss).backward()
             grad_scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             grad_scaler.step(opt)
             grad_scaler.update()
-            running += loss.item() * len(xb)
-            counted += len(xb)
+            running += loss.item() * n
+            counted += n
         train_loss = running / counted if counted else float("inf")
         if skipped:
-            say(f"skipped {skipped} training batches whose loss is not finite in float32 (the largest |value| "
+            say(f"left out {skipped} training windows whose error is not finite in float32 (the largest |value| "
                 f"after scaling: {float(train_w.abs().max()):.3g}); leave such readings out of the training data")
         vl = val_loss()
         history.append({"epoch": epoch, "loss": train_loss, "val_loss": vl, "seconds": time.perf_counter() - t0})
