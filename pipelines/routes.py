@@ -7,6 +7,8 @@ micro-batch until the daemon flushes, when every model of the route scores them 
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ from .alerts import Alert, AlertTracker
 from .model_store import LoadedModel
 from .positions import WindowOffsets
 from .routing import RouteSpec
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RouteState", "ScoredBatch"]
 
@@ -53,6 +57,8 @@ class RouteState:
         self.stream_tp = np.full(1024, -1, dtype=np.int32)  # (S,) topic-partition id of each stream
         self.last_seen = np.zeros(1024, dtype=np.float64)  # (S,) monotonic time of each stream's latest event
         self._free: list[int] = []  # ids of forgotten streams
+        self._moved_since_log: set[int] = set()  # streams seen on another partition than before (_moved)
+        self._moved_logged_at = -math.inf
         self._pending: list[tuple] = []
         self.pending_windows = 0
         self.set_models(models)
@@ -110,6 +116,19 @@ class RouteState:
             self.last_seen = np.concatenate([self.last_seen, np.zeros(grow)])
         return out
 
+    def _moved(self, streams: np.ndarray) -> None:
+        """Streams whose events now come from another partition than before: the topic's partitions were added to
+        (the key's partition changed) or producers changed their keys. Events still unread on the old partition
+        fall behind the new ones and are dropped as late; say so, at most once a minute."""
+        self._moved_since_log.update(streams.tolist())
+        now = time.monotonic()
+        if now - self._moved_logged_at >= 60.0:
+            names = sorted(self.stream_names[i] for i in self._moved_since_log)
+            log.warning("route %s: %d streams now arrive on another partition (e.g. %s): their events still unread "
+                        "on the old one will be dropped as late; add partitions only with the consumer lag near 0",
+                        self.spec.label, len(names), ", ".join(names[:3]))
+            self._moved_logged_at, self._moved_since_log = now, set()
+
     def add(self, stream: np.ndarray, ts: np.ndarray, values: np.ndarray, tp_id: np.ndarray, offset: np.ndarray,
             topic: list[str], partition: np.ndarray, score: np.ndarray) -> tuple[int, int]:
         """Feed events (N,) in order; due windows of events with ``score`` True join the pending batch.
@@ -117,6 +136,10 @@ class RouteState:
         Returns (late events dropped, windows queued).
         """
         late0 = self.buffer.n_late
+        prev = self.stream_tp[stream]
+        moved = (prev >= 0) & (prev != tp_id)
+        if moved.any():
+            self._moved(stream[moved])
         self.stream_tp[stream] = tp_id
         self.last_seen[stream] = time.monotonic()
         prior = self.buffer.largest_ts(stream)  # (N,)

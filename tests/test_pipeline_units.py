@@ -408,3 +408,34 @@ def test_routes_with_the_same_features_keep_their_own_streams(trained, tmp_path)
     assert fans.pending_windows == sum(len(p[0]) for p in fans._pending) > 0
     assert all((p[0] == fans.stream_index["fan-1"]).all() for p in fans._pending)
     assert daemon.registry.get_sample_value("anomalyd_events_total", {"topic": "t", "outcome": "unrouted"}) == 3
+
+
+def test_a_stream_arriving_on_another_partition_is_reported_once_a_minute(trained, tmp_path, caplog, monkeypatch):
+    """Partitions added to a topic with a backlog move keys: the new partition's events of a stream come first, its
+    old partition's backlog then falls behind them and is dropped as late. That loss is said, not only counted."""
+    from pipelines import routes as routes_module
+    from pipelines.routes import RouteState
+    from pipelines.routing import RouteSpec
+
+    ModelStore(tmp_path).save("gru", trained["gru"])
+    route = RouteState(RouteSpec(("gru",)), [ModelStore(tmp_path).load("gru")], 1, {"k": 3, "n": 5, "m": 5})
+    clock = [1000.0]
+    monkeypatch.setattr(routes_module.time, "monotonic", lambda: clock[0])
+
+    def feed(names: list[str], ts: list[int], tp: int) -> int:
+        ids, n = route.stream_ids(names), len(names)
+        late, _ = route.add(ids, np.array(ts, np.int64), np.zeros((n, 4), np.float32), np.full(n, tp, np.int64),
+                            np.arange(n, dtype=np.int64), ["t"] * n, np.full(n, tp, np.int32), np.zeros(n, bool))
+        return late
+
+    assert feed(["a", "b"], [10, 10], tp=0) == 0
+    assert feed(["a"], [30], tp=1) == 0  # a's key now maps to partition 1 ...
+    assert feed(["a", "b"], [20, 20], tp=0) == 1  # ... and its backlog on partition 0 is late
+    moved = [r for r in caplog.records if "arrive on another partition" in r.getMessage()]
+    assert len(moved) == 1 and "1 streams" in moved[0].getMessage() and "(e.g. a)" in moved[0].getMessage()
+    feed(["b"], [40], tp=1)
+    assert len([r for r in caplog.records if "arrive on another partition" in r.getMessage()]) == 1  # within a minute
+    clock[0] += 61
+    feed(["b"], [41], tp=0)
+    last = [r for r in caplog.records if "arrive on another partition" in r.getMessage()][-1].getMessage()
+    assert "2 streams" in last and "(e.g. a, b)" in last  # a's return to 0, and b's moves, since the last line
