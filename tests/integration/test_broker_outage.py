@@ -57,13 +57,14 @@ def test_a_broker_outage_on_a_quiet_topic_makes_the_daemon_not_ready_until_it_is
         time.sleep(3)  # quiet: probes that the broker answers
         assert daemon.is_ready() and reachable() == 1
 
+        ready_gauge = lambda: daemon.registry.get_sample_value("anomalyd_ready")  # noqa: E731 - set by the loop
         broker.stop()
-        _until("not ready once the broker is gone", lambda: not daemon.is_ready(), 30, thread)
-        assert reachable() == 0 and daemon.registry.get_sample_value("anomalyd_ready") == 0
+        _until("not ready once the broker is gone", lambda: ready_gauge() == 0, 30, thread)
+        assert reachable() == 0 and not daemon.is_ready()
 
         broker.start(timeout_s=120)
-        _until("ready again once the broker is back", daemon.is_ready, 90, thread)
-        assert reachable() == 1
+        _until("ready again once the broker is back", lambda: ready_gauge() == 1, 90, thread)
+        assert reachable() == 1 and daemon.is_ready()
         daemon.request_stop()
         thread.join(60)
         assert not thread.is_alive()
