@@ -46,14 +46,22 @@ class RecordBatch:
     timestamp: np.ndarray  # (N,) int64 broker/producer timestamp, ms
     key: list[bytes | None]
     value: list[bytes]
+    # the headers of the record at a position, read only when asked (a dead letter keeps them); None: no headers
+    headers_of: Callable[[int], list[tuple[str, bytes]]] | None = None
 
     def __len__(self) -> int:
         return len(self.value)
 
+    def headers(self, i: int) -> list[tuple[str, bytes]]:
+        """The original headers of record ``i`` ([] when it has none)."""
+        return self.headers_of(i) if self.headers_of is not None else []
+
     def select(self, idx: np.ndarray) -> RecordBatch:
         """The records at positions ``idx`` (in that order)."""
+        of = self.headers_of
         return RecordBatch([self.topic[i] for i in idx], self.partition[idx], self.offset[idx], self.timestamp[idx],
-                           [self.key[i] for i in idx], [self.value[i] for i in idx])
+                           [self.key[i] for i in idx], [self.value[i] for i in idx],
+                           None if of is None else lambda i: of(int(idx[i])))
 
     @classmethod
     def empty(cls) -> RecordBatch:
@@ -133,6 +141,7 @@ class KafkaPythonSource:
             timestamp=np.fromiter((r.timestamp for r in records), np.int64, n),
             key=[r.key for r in records],
             value=[r.value if r.value is not None else b"" for r in records],
+            headers_of=lambda i: list(records[i].headers or []),
         )
 
     def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
@@ -287,7 +296,7 @@ class ConfluentSource:
         if first is None:
             return RecordBatch.empty()
         msgs = [first] + (self._consumer.consume(num_messages=max_records - 1, timeout=0) if max_records > 1 else [])
-        return RecordBatch(*self._columns(msgs))  # failed messages left out: empty columns when all failed
+        return RecordBatch(*self._columns(msgs), _ConfluentHeaders(msgs))  # failed messages left out of the columns
 
     def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
         if offsets:
@@ -352,6 +361,20 @@ def make_source(client: str, **kwargs: Any) -> Source:
     if client == "confluent":
         return ConfluentSource(**kwargs)
     raise ValueError(f"kafka.client must be 'kafka-python' or 'confluent', got {client!r}")
+
+
+class _ConfluentHeaders:
+    """``headers_of`` for a confluent-kafka poll: the messages' headers by column position. The columns leave
+    failed messages out, so the messages that made them are found on the first call only (a dead letter)."""
+
+    def __init__(self, messages: list) -> None:
+        self._messages: list | None = messages
+        self._kept: list = []
+
+    def __call__(self, i: int) -> list[tuple[str, bytes]]:
+        if self._messages is not None:
+            self._kept, self._messages = [m for m in self._messages if m.error() is None], None
+        return list(self._kept[i].headers() or [])
 
 
 def _confluent_columns() -> Callable[[list], tuple]:

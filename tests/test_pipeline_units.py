@@ -439,3 +439,15 @@ def test_a_stream_arriving_on_another_partition_is_reported_once_a_minute(traine
     feed(["b"], [41], tp=0)
     last = [r for r in caplog.records if "arrive on another partition" in r.getMessage()][-1].getMessage()
     assert "2 streams" in last and "(e.g. a, b)" in last  # a's return to 0, and b's moves, since the last line
+
+
+def test_a_selection_of_a_batch_keeps_each_records_headers():
+    """Records dropped from a poll (a revoked partition) must not shift the headers a dead letter copies."""
+    n = 5
+    batch = RecordBatch(topic=["t"] * n, partition=np.array([0, 1, 0, 1, 0], np.int32), offset=np.arange(n),
+                        timestamp=np.zeros(n, np.int64), key=[None] * n, value=[b"%d" % i for i in range(n)],
+                        headers_of=lambda i: [("i", b"%d" % i)])
+    kept = batch.select(np.array([1, 3]))
+    assert [kept.headers(i) for i in range(2)] == [[("i", b"1")], [("i", b"3")]]
+    assert kept.select(np.array([1])).headers(0) == [("i", b"3")]
+    assert RecordBatch.empty().select(np.array([], np.int64)).headers_of is None

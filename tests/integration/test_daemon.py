@@ -177,13 +177,18 @@ def test_bad_input_goes_to_dead_letter_topic(kafka_bootstrap, topic_name, models
     for i, msg in enumerate(good):
         producer.produce(topic_name, json.dumps(msg).encode())
         if i < len(bad):
-            producer.produce(topic_name, bad[i])
+            producer.produce(topic_name, bad[i], headers=[("trace-id", b"t-%d" % i)] if i % 2 else None)
     producer.flush(30)
     producer.close()
     daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
     assert daemon.run(count=len(good) + len(bad), timeout=60) == 0
     dlq = read_topic(kafka_bootstrap, f"{topic_name}-dlq")
     assert sorted(r.value for r in dlq) == sorted(bad)
+    for r in dlq:  # the original's headers come first, then anomalyd's
+        i = bad.index(r.value)
+        assert [k for k, _ in r.headers][: 2 if i % 2 else 1] == (["trace-id"] if i % 2 else []) + [
+            "anomalyd-error-reason"], r.headers
+        assert dict(r.headers).get("trace-id") == (b"t-%d" % i if i % 2 else None)
     reasons = {dict(r.headers)["anomalyd-error-reason"].decode() for r in dlq}
     assert {"bad_json", "not_an_object", "missing_stream", "bad_value_type", "unknown_feature", "non_finite",
             "bad_encoding", "oversized"} <= reasons
