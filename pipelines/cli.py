@@ -86,7 +86,10 @@ def _add_produce(sub) -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--anomalies", type=int, default=5)
     p.add_argument("--rate", type=float, default=1000.0, help="events per second (0 = as fast as possible)")
-    p.add_argument("--interval-ms", type=int, default=1000, help="event-time spacing of one stream's readings")
+    p.add_argument("--interval-ms", type=int, default=1000,
+                   help="event-time spacing of one stream's readings; event times start now and run ahead of the "
+                        "clock when --rate is faster, so a second run over the same streams before they have "
+                        "passed is dropped as late (use another --prefix)")
     p.add_argument("--truth", type=Path, default=None, help="write the ground truth JSON here")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_produce)
