@@ -11,7 +11,6 @@ a Helm test or an init container before a rollout.
 from __future__ import annotations
 
 import re
-import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -146,16 +145,17 @@ def fast_paths(daemon) -> str:
 
 
 def _check_bind(cfg: Config) -> None:
-    """``http.bind`` is an address of this host, as ``run`` finds when it listens: bound here on a free port, not
-    ``http.port``, which the daemon being checked may hold."""
+    """``http.bind`` is an address of this host, as ``run`` finds when it listens: its HTTP server started and
+    stopped here on a free port, not ``http.port``, which the daemon being checked may hold."""
+    from prometheus_client import CollectorRegistry
+
+    from .httpserver import BindError, HealthServer
+
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(cfg.http.bind or None, 0, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-        with socket.socket(family, kind, proto) as sock:
-            sock.bind(address)
-    except OSError as exc:  # socket.gaierror included
+        HealthServer(CollectorRegistry(), cfg.http.bind, 0).start().stop()
+    except BindError as exc:
         raise ConfigError([f"{cfg.where('http.bind')}: http.bind: cannot listen on {cfg.http.bind!r}: "
-                           f"{exc.strerror or exc}"]) from None
+                           f"{exc.__cause__.strerror or exc.__cause__ if exc.__cause__ else exc}"]) from None
 
 
 def check_command(config_path: str, connect: bool) -> int:

@@ -139,6 +139,7 @@ class Daemon:
         """Only bookkeeping; the loop positions the new partitions right after poll returns."""
         log.info("partitions assigned: %s", tps)
         self._joined = True
+        self.kafka.assigned()
         self.metrics.rebalances.inc()
         self.positions.assign(tps)
         self._lag_due = True  # report the new partitions' lag right after this poll

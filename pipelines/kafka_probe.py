@@ -3,9 +3,11 @@
 A consumer whose brokers are gone only sees empty polls, as it does on a quiet topic, and nothing else in the
 loop notices: no commit is due and the lag keeps its last value. So while no record has come for
 ``interval_s``, :class:`KafkaProbe` asks the leader of an assigned partition for its end offset (one round trip,
-at most ``timeout_s``) every ``interval_s``; records that arrive answer the question themselves. A probe that
-fails makes the daemon not ready (``anomalyd_ready`` 0, ``AnomalydNotReady``) and sets
-``anomalyd_kafka_reachable`` to 0 until a probe or a record says otherwise.
+at most ``timeout_s``) every ``interval_s``; records that arrive answer the question themselves, and so does a
+new assignment (the group coordinator answered). ``FAILURES`` probes in a row that fail (not one slow answer)
+make the daemon not ready (``anomalyd_ready`` 0, ``AnomalydNotReady``) and set ``anomalyd_kafka_reachable`` to 0
+until a probe, a record or an assignment says otherwise. With nothing assigned there is nothing to ask and
+nothing to wait for: an idle replica is ready.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ __all__ = ["KafkaProbe"]
 
 log = logging.getLogger(__name__)
 
+FAILURES = 2  # failed probes in a row before the brokers count as unreachable
+
 
 class KafkaProbe:
     """``probe.maybe(source, now, last_record)`` on the loop thread; ``probe.records()`` after a poll with records;
@@ -29,12 +33,16 @@ class KafkaProbe:
         self.ok = True
         self._gauge, self._interval_s, self._timeout_s = gauge, interval_s, timeout_s
         self._last_probe = float("-inf")
+        self._failed = 0  # failed probes in a row
         gauge.set(1)
 
     def records(self) -> None:
         """A poll returned records: the brokers answer."""
-        if not self.ok:
-            self._set(True, "records arrive again")
+        self._answered("records arrive again")
+
+    def assigned(self) -> None:
+        """The group assigned partitions (or none): the coordinator answers."""
+        self._answered("the consumer group answers again")
 
     def maybe(self, source: Source, now: float, last_record: float) -> None:
         """Probe if neither a record nor a probe came in the last ``interval_s`` (monotonic seconds)."""
@@ -42,9 +50,18 @@ class KafkaProbe:
             return
         self._last_probe = now
         answered = source.reachable(self._timeout_s)
-        if answered is not None and answered != self.ok:
-            self._set(answered, "the partition leader answers again" if answered else
-                      f"the leader of an assigned partition did not answer in {self._timeout_s:g}s")
+        if answered is None or answered:  # None: nothing assigned, nothing to ask (an idle replica is ready)
+            self._answered("the partition leader answers again")
+            return
+        self._failed += 1
+        if self._failed == FAILURES:
+            self._set(False, f"the leader of an assigned partition did not answer {FAILURES} times in a row "
+                             f"(within {self._timeout_s:g}s, every {self._interval_s:g}s)")
+
+    def _answered(self, why: str) -> None:
+        self._failed = 0
+        if not self.ok:
+            self._set(True, why)
 
     def _set(self, ok: bool, why: str) -> None:
         self.ok = ok

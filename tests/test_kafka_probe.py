@@ -1,0 +1,56 @@
+"""pipelines.kafka_probe.KafkaProbe's policy on a scripted clock and scripted answers (the real probe against a
+stopped broker: tests/integration/test_broker_outage.py)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from pipelines.kafka_probe import FAILURES, KafkaProbe
+
+
+class Answers:
+    """A source whose reachable() answers from a script (True, False, or None: nothing assigned)."""
+
+    def __init__(self, *answers: bool | None) -> None:
+        self.answers, self.asked = list(answers), 0
+
+    def reachable(self, timeout_s: float) -> bool | None:
+        self.asked += 1
+        return self.answers.pop(0)
+
+
+def make() -> tuple[KafkaProbe, CollectorRegistry]:
+    registry = CollectorRegistry()
+    return KafkaProbe(Gauge("anomalyd_kafka_reachable", "test", registry=registry), interval_s=15.0), registry
+
+
+def test_probes_only_after_a_quiet_interval_and_one_failure_is_not_an_outage():
+    probe, reg = make()
+    source = Answers(False, True, False, False)
+    probe.maybe(source, now=100.0, last_record=90.0)  # quiet for 10 s only
+    assert source.asked == 0
+    probe.maybe(source, now=106.0, last_record=90.0)
+    assert source.asked == 1 and probe.ok  # one slow answer
+    probe.maybe(source, now=110.0, last_record=90.0)
+    assert source.asked == 1  # the last probe was 4 s ago
+    for now in (121.0, 136.0):
+        probe.maybe(source, now=now, last_record=90.0)
+    assert probe.ok  # False, True: not in a row
+    probe.maybe(source, now=151.0, last_record=90.0)
+    assert not probe.ok and reg.get_sample_value("anomalyd_kafka_reachable") == 0 and FAILURES == 2
+
+
+def test_records_an_assignment_or_nothing_assigned_bring_it_back():
+    for back in ("records", "assigned", "nothing assigned", "a probe"):
+        probe, reg = make()
+        source = Answers(False, False, None if back == "nothing assigned" else True)
+        probe.maybe(source, now=100.0, last_record=0.0)
+        probe.maybe(source, now=115.0, last_record=0.0)
+        assert not probe.ok
+        if back == "records":
+            probe.records()
+        elif back == "assigned":
+            probe.assigned()
+        else:
+            probe.maybe(source, now=130.0, last_record=0.0)
+        assert probe.ok and reg.get_sample_value("anomalyd_kafka_reachable") == 1, back
