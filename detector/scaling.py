@@ -51,7 +51,8 @@ class Scaler:
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Scale an array whose last axis is features: (..., F) -> (..., F) float32."""
         center, scale = self._check()
-        return ((np.asarray(X, dtype=np.float32) - center) / scale).astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):  # a reading far outside the fitted range: inf, which callers handle
+            return ((np.asarray(X, dtype=np.float32) - center) / scale).astype(np.float32, copy=False)
 
     def inverse_transform(self, X: np.ndarray) -> np.ndarray:
         center, scale = self._check()

@@ -109,6 +109,19 @@ def _subsample(windows: np.ndarray, cap: int | None) -> np.ndarray:
     return windows[np.linspace(0, len(windows) - 1, cap).astype(np.int64)]
 
 
+def _finite_windows(windows: torch.Tensor, what: str, say: Callable[[str], None]) -> torch.Tensor:
+    """(N, W, F) scaled windows without those holding a value beyond float32 (a reading far outside the scaler's
+    range): one such window in a batch made every gradient NaN, and the model with it."""
+    finite = torch.isfinite(windows).flatten(1).all(1)
+    if bool(finite.all()):
+        return windows
+    say(f"left out {int((~finite).sum())} of {len(windows)} {what} windows with values beyond float32 after "
+        "scaling; leave such readings out of the training data")
+    if not bool(finite.any()):
+        raise ValueError(f"every {what} window has values beyond float32 after scaling")
+    return windows[finite]
+
+
 def calibrate_threshold(scores: np.ndarray, kind: str, params: dict, log: Callable[[str], None]) -> Threshold:
     """Fit the configured threshold on validation scores; too little data for a tail fit -> quantile."""
     try:
@@ -152,6 +165,7 @@ def train_detector(
         [sliding_windows(scaler.transform(x), W, cfg.train_stride) for x in train_parts]), cfg.max_windows)))
     val_windows = np.concatenate([sliding_windows(x, W) for x in val_parts])  # raw units, (N, W, F)
     val_w = torch.from_numpy(np.ascontiguousarray(_subsample(scaler.transform(val_windows), cfg.max_windows)))
+    train_w, val_w = _finite_windows(train_w, "training", say), _finite_windows(val_w, "validation", say)
     model = build_model(model_cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = cfg.amp and device.type == "cuda"
