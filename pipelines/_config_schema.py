@@ -228,22 +228,32 @@ def _check_rules(v: Any, rules: Mapping[str, Any], key: str, ctx: Ctx) -> bool:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently: a second
-    ``processing:`` section would replace the first one whole)."""
+    ``processing:`` section would replace the first one whole). Checked on the composed document, before any
+    construction: merging (``<<``) rewrites mapping nodes in place, and keys it brings in may be overridden."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, yaml.Node] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<": merged keys may be overridden
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.setdefault(key, key_node)
-            except TypeError:  # an unhashable key: the base class says so
-                break
-            if first is not key_node:
-                problem = f"duplicate key {key!r} (first at line {first.start_mark.line + 1})"
-                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
-        return super().construct_mapping(node, deep)
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_duplicates(node, set())
+        return super().construct_document(node)
+
+    def _refuse_duplicates(self, node: yaml.Node, seen: set[int]) -> None:
+        if id(node) in seen:  # an alias: its anchor was checked
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                self._refuse_duplicates(item, seen)
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = self.construct_object(key_node)
+                    if key in first:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (first at line {first[key].start_mark.line + 1})",
+                            key_node.start_mark)
+                    first[key] = key_node
+                self._refuse_duplicates(key_node, seen)
+                self._refuse_duplicates(value_node, seen)
 
 
 def load_yaml(text: str) -> Any:

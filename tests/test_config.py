@@ -224,6 +224,8 @@ def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
                                     "(first at line 2)"]
     base = "base: &b {stride: 1, max_delay_ms: 5}\n"  # merge keys may override what they merge
     assert load_yaml(base + "processing:\n  <<: *b\n  stride: 8\n")["processing"] == {"stride": 8, "max_delay_ms": 5}
+    nested = "defaults: {proc: &m {<<: {stride: 1}, stride: 2}}\nprocessing: {<<: *m}\n"  # merging rewrites nodes
+    assert load_yaml(nested) == yaml.safe_load(nested)
 
 
 # ---------------------------------------------------------------------------------------------- environment
