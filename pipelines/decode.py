@@ -48,9 +48,11 @@ HEADER_PARTITION = "anomalyd-source-partition"
 HEADER_OFFSET = "anomalyd-source-offset"
 HEADER_VALUE_BYTES = "anomalyd-original-value-bytes"  # only on a dead letter whose value was cut
 HEADER_KEY_BYTES = "anomalyd-original-key-bytes"  # only on a dead letter whose key was cut
+HEADER_HEADERS_BYTES = "anomalyd-original-headers-bytes"  # only on a dead letter whose original headers were left out
 MAX_DETAIL_CHARS = 500
 DEAD_LETTER_MAX_VALUE_BYTES = 900_000  # under the producers' and brokers' default 1 MB message limits
 DEAD_LETTER_MAX_KEY_BYTES = 16_384
+DEAD_LETTER_MAX_HEADER_BYTES = 16_384  # the original headers, names and values together
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -275,20 +277,26 @@ def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, of
     ]
 
 
-def dead_letter_copy(value: bytes, key: bytes | None, headers: list[tuple[str, bytes]], max_value_bytes: int
+def dead_letter_copy(value: bytes, key: bytes | None, original_headers: list[tuple[str, bytes]],
+                     headers: list[tuple[str, bytes]], max_value_bytes: int
                      ) -> tuple[bytes, bytes | None, list[tuple[str, bytes]]]:
-    """The dead letter's value, key and headers: the original bytes, cut to ``max_value_bytes`` (and the key to
-    DEAD_LETTER_MAX_KEY_BYTES) with the original sizes in headers, so that a message too large for the producer
-    (an ``oversized`` one, say) is dead-lettered instead of stopping the daemon on every restart. The whole
-    message stays in the source topic at the offset the headers name."""
-    headers = list(headers)
+    """The dead letter's value, key and headers: the original bytes, key and headers, then ``headers`` (anomalyd's).
+    The value is cut to ``max_value_bytes``, the key to DEAD_LETTER_MAX_KEY_BYTES, and original headers over
+    DEAD_LETTER_MAX_HEADER_BYTES are left out, each with the original size in a header, so that a message too large
+    for the producer (an ``oversized`` one, say) is dead-lettered instead of stopping the daemon on every restart.
+    The whole message stays in the source topic at the offset the headers name."""
+    size = sum(len(name) + len(v or b"") for name, v in original_headers)
+    if size > DEAD_LETTER_MAX_HEADER_BYTES:
+        out = [*headers, (HEADER_HEADERS_BYTES, str(size).encode("ascii"))]
+    else:
+        out = [*original_headers, *headers]
     if len(value) > max_value_bytes:
-        headers.append((HEADER_VALUE_BYTES, str(len(value)).encode("ascii")))
+        out.append((HEADER_VALUE_BYTES, str(len(value)).encode("ascii")))
         value = bytes(value[:max_value_bytes])
     if key is not None and len(key) > DEAD_LETTER_MAX_KEY_BYTES:
-        headers.append((HEADER_KEY_BYTES, str(len(key)).encode("ascii")))
+        out.append((HEADER_KEY_BYTES, str(len(key)).encode("ascii")))
         key = bytes(key[:DEAD_LETTER_MAX_KEY_BYTES])
-    return value, key, headers
+    return value, key, out
 
 
 # ---------------------------------------------------------------------------------------------- slow paths

@@ -71,10 +71,10 @@ class Intake:
             if replay[pos]:  # dead-lettered when it was first read
                 self.metrics.event(topic0[pos], "replayed")
                 continue
-            headers = batch.headers(pos) + dead_letter_headers(reason, detail, topic0[pos], int(batch.partition[pos]),
-                                                               int(batch.offset[pos]))  # the original's first
-            producer.produce(self.dead_letter_topic, *dead_letter_copy(batch.value[pos], batch.key[pos], headers,
-                                                                       DEAD_LETTER_MAX_VALUE_BYTES))
+            headers = dead_letter_headers(reason, detail, topic0[pos], int(batch.partition[pos]),
+                                          int(batch.offset[pos]))
+            producer.produce(self.dead_letter_topic, *dead_letter_copy(
+                batch.value[pos], batch.key[pos], batch.headers(pos), headers, DEAD_LETTER_MAX_VALUE_BYTES))
             self.metrics.dead_letter(topic0[pos], reason)  # also counts events_total{outcome="dead_lettered"}
         for pos, _stream in decoded.unrouted:
             self.metrics.event(topic0[pos], "replayed" if replay[pos] else "unrouted")
