@@ -57,7 +57,7 @@ class RouteState:
         self.stream_tp = np.full(1024, -1, dtype=np.int32)  # (S,) topic-partition id of each stream
         self.last_seen = np.zeros(1024, dtype=np.float64)  # (S,) monotonic time of each stream's latest event
         self._free: list[int] = []  # ids of forgotten streams
-        self._moved_since_log: set[int] = set()  # streams seen on another partition than before (_moved)
+        self._moved_count, self._moved_names = 0, set()  # arrivals on another partition than before (_moved)
         self._moved_logged_at = -math.inf
         self._pending: list[tuple] = []
         self.pending_windows = 0
@@ -118,16 +118,20 @@ class RouteState:
 
     def _moved(self, streams: np.ndarray) -> None:
         """Streams whose events now come from another partition than before: the topic's partitions were added to
-        (the key's partition changed) or producers changed their keys. Events still unread on the old partition
-        fall behind the new ones and are dropped as late; say so, at most once a minute."""
-        self._moved_since_log.update(streams.tolist())
+        (the key's partition changed), or producers key a stream's messages by something else than its id. Events
+        still unread on the old partition fall behind the new ones and are dropped as late; say so, at most once a
+        minute, with the number of such arrivals and a few of the streams (named now: an id may be reused)."""
+        self._moved_count += len(streams)
+        for i in streams[:3].tolist():
+            if len(self._moved_names) < 3:
+                self._moved_names.add(self.stream_names[i])
         now = time.monotonic()
         if now - self._moved_logged_at >= 60.0:
-            names = sorted(self.stream_names[i] for i in self._moved_since_log)
-            log.warning("route %s: %d streams now arrive on another partition (e.g. %s): their events still unread "
-                        "on the old one will be dropped as late; add partitions only with the consumer lag near 0",
-                        self.spec.label, len(names), ", ".join(names[:3]))
-            self._moved_logged_at, self._moved_since_log = now, set()
+            log.warning("route %s: %d events of streams that now arrive on another partition than before (e.g. %s): "
+                        "their events still unread on the old one are dropped as late; add partitions only with the "
+                        "consumer lag near 0, and key each message by its stream id", self.spec.label,
+                        self._moved_count, ", ".join(sorted(self._moved_names)))
+            self._moved_logged_at, self._moved_count, self._moved_names = now, 0, set()
 
     def add(self, stream: np.ndarray, ts: np.ndarray, values: np.ndarray, tp_id: np.ndarray, offset: np.ndarray,
             topic: list[str], partition: np.ndarray, score: np.ndarray) -> tuple[int, int]:
