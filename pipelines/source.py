@@ -311,9 +311,12 @@ class ConfluentSource:
             try:
                 got = self._consumer.committed([self._CTP(t, p) for t, p in tps], timeout=10)
                 break
-            except UnicodeDecodeError:  # metadata without a NUL, by an older anomalyd with kafka-python: it reads
-                if attempt == 2:  # past its end (pipelines.source.KafkaPythonSource._offsets); the bytes vary
-                    raise
+            except UnicodeDecodeError as exc:  # metadata without a NUL, by an older anomalyd with kafka-python: it
+                if attempt == 2:  # reads past its end (KafkaPythonSource._offsets); the bytes vary from read to read
+                    raise RuntimeError(
+                        f"confluent-kafka cannot read the committed offsets' metadata of {sorted(tps)} (written by an "
+                        "older anomalyd with kafka.client kafka-python): run this version once with kafka-python, "
+                        "which rewrites it at its first commit") from exc
         return {(p.topic, p.partition): (None if p.offset < 0 else (p.offset, p.metadata or "")) for p in got}
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
