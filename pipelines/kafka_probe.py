@@ -6,8 +6,9 @@ loop notices: no commit is due and the lag keeps its last value. So while no rec
 at most ``timeout_s``) every ``interval_s``; records that arrive answer the question themselves, and so does a
 new assignment (the group coordinator answered). ``FAILURES`` probes in a row that fail (not one slow answer)
 make the daemon not ready (``anomalyd_ready`` 0, ``AnomalydNotReady``) and set ``anomalyd_kafka_reachable`` to 0
-until a probe, a record or an assignment says otherwise. With nothing assigned there is nothing to ask and
-nothing to wait for: an idle replica is ready.
+until a probe, a record or an assignment says otherwise. With nothing assigned the probe asks about a subscribed
+topic instead: an outage that took a member's partitions (the session timed out) is still an outage, while an
+idle replica beyond the partition count is ready.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class KafkaProbe:
             return
         self._last_probe = now
         answered = source.reachable(self._timeout_s)
-        if answered is None or answered:  # None: nothing assigned, nothing to ask (an idle replica is ready)
+        if answered is None or answered:  # None: no partition known at all, nothing to ask
             self._answered("the partition leader answers again")
             return
         self._failed += 1

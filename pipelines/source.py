@@ -81,8 +81,9 @@ class Source(Protocol):
     def assignment(self) -> set[TopicPartition]: ...
     def lag(self) -> dict[TopicPartition, int]: ...
     def reachable(self, timeout_s: float) -> bool | None:
-        """Whether the leader of an assigned partition answers (a ListOffsets round trip of at most ``timeout_s``);
-        None with nothing assigned."""
+        """Whether the brokers answer: the leader of an assigned partition, else of a subscribed topic's first
+        partition (a ListOffsets round trip of at most ``timeout_s``; a member whose partitions an outage took is
+        not an idle one). None when no partition is known at all."""
     def close(self) -> None: ...
 
 
@@ -177,6 +178,10 @@ class KafkaPythonSource:
 
     def reachable(self, timeout_s: float) -> bool | None:
         parts = sorted(self._consumer.assignment())[:1]
+        if not parts:  # the subscribed topics' partitions from the cached metadata
+            known = [(t, min(ps)) for t in sorted(self._consumer.subscription() or ())
+                     if (ps := self._consumer.partitions_for_topic(t))]
+            parts = [self._KTP(*known[0])] if known else []
         if not parts:
             return None
         try:
@@ -192,8 +197,14 @@ class KafkaPythonSource:
         out = {}
         for tp in self._consumer.assignment():
             end = self._consumer.highwater(tp)
-            if end is not None:
-                out[(tp.topic, tp.partition)] = max(0, end - self._consumer.position(tp))
+            if end is None:
+                continue
+            try:  # the position it holds: with no timeout, position() waits on the coordinator (a broker outage
+                at = self._consumer.position(tp, timeout_ms=0)  # held the loop for over a minute)
+            except Exception:  # noqa: BLE001 - a partition just revoked, a timeout: left out this time
+                continue
+            if at is not None:
+                out[(tp.topic, tp.partition)] = max(0, end - at)
         return out
 
     def close(self) -> None:
@@ -273,6 +284,7 @@ class ConfluentSource:
         self._consumer = Consumer(conf)
         self._columns = _confluent_columns()
         subs = ["^" + pattern.lstrip("^")] if pattern else list(topics)  # librdkafka: a leading ^ marks a regex
+        self._topics = [] if pattern else sorted(topics)
 
         def _assign(consumer, parts):
             on_assign([(p.topic, p.partition) for p in parts])
@@ -331,11 +343,14 @@ class ConfluentSource:
 
     def reachable(self, timeout_s: float) -> bool | None:
         parts = self._consumer.assignment()
-        if not parts:
-            return None
         try:
-            self._consumer.get_watermark_offsets(min(parts, key=lambda p: (p.topic, p.partition)), timeout=timeout_s,
-                                                 cached=False)
+            if parts:
+                self._consumer.get_watermark_offsets(min(parts, key=lambda p: (p.topic, p.partition)),
+                                                     timeout=timeout_s, cached=False)
+            elif self._topics:  # nothing assigned: a metadata request for a subscribed topic
+                self._consumer.list_topics(self._topics[0], timeout=timeout_s)
+            else:  # a pattern: the whole metadata
+                self._consumer.list_topics(timeout=timeout_s)
         except Exception:  # KafkaException(_TIMED_OUT, _TRANSPORT, ...): not reachable now
             return False
         return True
