@@ -192,6 +192,10 @@ def _delivery_error(errors: list[str], failed: int, total: int) -> KafkaDelivery
     return KafkaDeliveryError(f"{failed} of {total} Kafka messages not delivered: {shown}")
 
 
+RECONNECT_BACKOFF_MAX_MS = 5000  # kafka-python's default, 30 s, kept a client away for up to 30 s after a broker
+# came back (its readiness and deliveries with it; librdkafka's is 10 s)
+
+
 class KafkaPythonProducer:
     """:class:`Producer` on kafka-python's ``KafkaProducer`` (acks=all); flush checks every send's future."""
 
@@ -205,6 +209,7 @@ class KafkaPythonProducer:
         config: dict[str, Any] = {
             "acks": "all", "linger_ms": 5, "max_block_ms": 10_000,
             "enable_idempotence": False, "max_in_flight_requests_per_connection": 1,
+            "reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS,
         }  # fmt: skip
         config.update(client_config)
         self._producer = KafkaProducer(bootstrap_servers=bootstrap_servers, **config)

@@ -46,8 +46,10 @@ class KafkaProbe:
         self._answered("the consumer group answers again")
 
     def maybe(self, source: Source, now: float, last_record: float) -> None:
-        """Probe if neither a record nor a probe came in the last ``interval_s`` (monotonic seconds)."""
-        if now - max(last_record, self._last_probe) < self._interval_s:
+        """Probe if neither a record nor a probe came in the last ``interval_s`` (monotonic seconds; a third of it
+        while the brokers count as unreachable or a probe has failed, so that their return shows soon)."""
+        every = self._interval_s if self.ok and not self._failed else self._interval_s / 3
+        if now - max(last_record, self._last_probe) < every:
             return
         self._last_probe = now
         answered = source.reachable(self._timeout_s)
@@ -56,8 +58,8 @@ class KafkaProbe:
             return
         self._failed += 1
         if self._failed == FAILURES:
-            self._set(False, f"the leader of an assigned partition did not answer {FAILURES} times in a row "
-                             f"(within {self._timeout_s:g}s, every {self._interval_s:g}s)")
+            self._set(False, f"a partition leader (of an assigned partition, else of a subscribed topic) did not "
+                             f"answer {FAILURES} times in a row (within {self._timeout_s:g}s each)")
 
     def _answered(self, why: str) -> None:
         self._failed = 0

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .kafka_io import client_security_config, confluent_refusal, kafka_python_bootstrap
+from .kafka_io import RECONNECT_BACKOFF_MAX_MS, client_security_config, confluent_refusal, kafka_python_bootstrap
 
 FETCH_MIN_BYTES = 65536  # kafka.fetch_min_bytes default: the broker answers a fetch once it has this much ...
 FETCH_MAX_WAIT_MS = 10  # ... or after this long (benchmarks/RESULTS.md, item 18)
@@ -107,7 +107,7 @@ class KafkaPythonSource:
                 auto_offset_reset=auto_offset_reset, session_timeout_ms=session_timeout_ms,
                 heartbeat_interval_ms=heartbeat_interval_ms, max_partition_fetch_bytes=max_partition_fetch_bytes,
                 fetch_max_bytes=64 << 20, fetch_min_bytes=fetch_min_bytes, fetch_max_wait_ms=fetch_max_wait_ms,
-                metadata_max_age_ms=metadata_max_age_ms,
+                metadata_max_age_ms=metadata_max_age_ms, reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
                 **client_security_config("kafka-python", security), **extra,
             )
 

@@ -54,3 +54,18 @@ def test_records_an_assignment_or_nothing_assigned_bring_it_back():
         else:
             probe.maybe(source, now=130.0, last_record=0.0)
         assert probe.ok and reg.get_sample_value("anomalyd_kafka_reachable") == 1, back
+
+
+def test_after_a_failed_probe_it_asks_three_times_as_often_until_an_answer():
+    probe, _ = make()
+    source = Answers(False, False, False, True, True)
+    probe.maybe(source, now=100.0, last_record=0.0)  # fails once: the next is due 5 s later, not 15
+    probe.maybe(source, now=104.0, last_record=0.0)
+    assert source.asked == 1
+    for now in (105.0, 110.0):
+        probe.maybe(source, now=now, last_record=0.0)
+    assert source.asked == 3 and not probe.ok
+    probe.maybe(source, now=115.0, last_record=0.0)  # the brokers are back: seen 5 s later at most
+    assert probe.ok and source.asked == 4
+    probe.maybe(source, now=120.0, last_record=0.0)  # answered: every 15 s again
+    assert source.asked == 4
