@@ -154,8 +154,9 @@ def _check_bind(cfg: Config) -> None:
     try:
         HealthServer(CollectorRegistry(), cfg.http.bind, 0).start().stop()
     except BindError as exc:
+        cause = exc.__cause__  # the socket's error (HealthServer.start raises BindError from it)
         raise ConfigError([f"{cfg.where('http.bind')}: http.bind: cannot listen on {cfg.http.bind!r}: "
-                           f"{exc.__cause__.strerror or exc.__cause__ if exc.__cause__ else exc}"]) from None
+                           f"{cause.strerror or cause}"]) from None
 
 
 def check_command(config_path: str, connect: bool) -> int:

@@ -322,6 +322,11 @@ def _check_confluent_installed(key: str, ctx: Ctx) -> None:
                 f"confluent: the confluent-kafka package cannot be loaded: {exc}")
 
 
+def is_plain_name(part: str) -> bool:
+    """Whether a model name or version is one directory below models.dir (no separator, not . or ..)."""
+    return part not in (".", "..") and "/" not in part and "\\" not in part
+
+
 def _check_models(c: ModelsConfig, data: Mapping, key: str, ctx: Ctx) -> ModelsConfig:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device):
         ctx.err(join_key(key, "device"), f"must be auto, cpu, cuda, cuda:<index> or mps; got {c.device!r}")
@@ -329,7 +334,7 @@ def _check_models(c: ModelsConfig, data: Mapping, key: str, ctx: Ctx) -> ModelsC
     for i, m in enumerate(c.served):
         sub = join_key(join_key(key, "served"), i)
         for what, part in (("name", m.name), ("version", m.version)):
-            if part is not None and (part in (".", "..") or "/" in part or "\\" in part):
+            if part is not None and not is_plain_name(part):
                 ctx.err(join_key(sub, what), f"must be a plain directory name, got {part!r}")
         if m.name in seen:
             ctx.err(join_key(sub, "name"), f"model {m.name!r} is served twice")

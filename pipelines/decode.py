@@ -278,10 +278,9 @@ def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, of
 
 
 def dead_letter_copy(value: bytes, key: bytes | None, original_headers: list[tuple[str, bytes]],
-                     headers: list[tuple[str, bytes]], max_value_bytes: int
-                     ) -> tuple[bytes, bytes | None, list[tuple[str, bytes]]]:
+                     headers: list[tuple[str, bytes]]) -> tuple[bytes, bytes | None, list[tuple[str, bytes]]]:
     """The dead letter's value, key and headers: the original bytes, key and headers, then ``headers`` (anomalyd's).
-    The value is cut to ``max_value_bytes``, the key to DEAD_LETTER_MAX_KEY_BYTES, and original headers over
+    The value is cut to DEAD_LETTER_MAX_VALUE_BYTES, the key to DEAD_LETTER_MAX_KEY_BYTES, and original headers over
     DEAD_LETTER_MAX_HEADER_BYTES are left out, each with the original size in a header, so that a message too large
     for the producer (an ``oversized`` one, say) is dead-lettered instead of stopping the daemon on every restart.
     The whole message stays in the source topic at the offset the headers name."""
@@ -290,9 +289,9 @@ def dead_letter_copy(value: bytes, key: bytes | None, original_headers: list[tup
         out = [*headers, (HEADER_HEADERS_BYTES, str(size).encode("ascii"))]
     else:
         out = [*original_headers, *headers]
-    if len(value) > max_value_bytes:
+    if len(value) > DEAD_LETTER_MAX_VALUE_BYTES:
         out.append((HEADER_VALUE_BYTES, str(len(value)).encode("ascii")))
-        value = bytes(value[:max_value_bytes])
+        value = bytes(value[:DEAD_LETTER_MAX_VALUE_BYTES])
     if key is not None and len(key) > DEAD_LETTER_MAX_KEY_BYTES:
         out.append((HEADER_KEY_BYTES, str(len(key)).encode("ascii")))
         key = bytes(key[:DEAD_LETTER_MAX_KEY_BYTES])

@@ -12,7 +12,6 @@ import numpy as np
 
 from . import native_decode
 from .decode import (
-    DEAD_LETTER_MAX_VALUE_BYTES,
     FeatureSpec,
     SpecCache,
     dead_letter_copy,
@@ -73,8 +72,8 @@ class Intake:
                 continue
             headers = dead_letter_headers(reason, detail, topic0[pos], int(batch.partition[pos]),
                                           int(batch.offset[pos]))
-            producer.produce(self.dead_letter_topic, *dead_letter_copy(
-                batch.value[pos], batch.key[pos], batch.headers(pos), headers, DEAD_LETTER_MAX_VALUE_BYTES))
+            producer.produce(self.dead_letter_topic,
+                             *dead_letter_copy(batch.value[pos], batch.key[pos], batch.headers(pos), headers))
             self.metrics.dead_letter(topic0[pos], reason)  # also counts events_total{outcome="dead_lettered"}
         for pos, _stream in decoded.unrouted:
             self.metrics.event(topic0[pos], "replayed" if replay[pos] else "unrouted")
@@ -105,7 +104,7 @@ class Intake:
                                 batch.partition[p], np.full(len(p), live))
             warming = route.buffer.n_warming - warm0
             topic = topics[0]
-            if not live:  # into the windows again, counted once as what it was when first read
+            if not live:  # read again to rebuild windows: its outcome was counted when it was first read
                 self.metrics.event(topic, "replayed", len(p))
                 continue
             if late:

@@ -177,7 +177,8 @@ class KafkaPythonSource:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
     def reachable(self, timeout_s: float) -> bool | None:
-        parts = sorted(self._consumer.assignment())[:1]
+        assigned = self._consumer.assignment()
+        parts = [min(assigned)] if assigned else []
         if not parts:  # the subscribed topics' partitions from the cached metadata
             known = [(t, min(ps)) for t in sorted(self._consumer.subscription() or ())
                      if (ps := self._consumer.partitions_for_topic(t))]

@@ -15,6 +15,7 @@ import numpy as np
 from detector.models import ModelConfig
 from detector.training import TrainConfig, enough_rows, load_series, train_detector
 
+from .config import is_plain_name, load_config
 from .decode import FeatureSpec, decode_batch
 from .kafka_io import client_security_config, kafka_python_bootstrap
 from .model_store import ModelStore
@@ -174,7 +175,7 @@ def _check_args(args) -> None:
         problems.append(f"--dropout: must be in [0, 1), got {args.dropout}")
     if args.last_k is not None and not 1 <= args.last_k <= args.window:
         problems.append(f"--last-k: must be between 1 and --window ({args.window}), got {args.last_k}")
-    if args.name in ("", ".", "..") or "/" in args.name or "\\" in args.name:
+    if not args.name or not is_plain_name(args.name):
         problems.append(f"--name: must be a plain directory name (as models.served[].name), got {args.name!r}")
     if problems:
         raise ValueError("; ".join(problems))
@@ -197,8 +198,6 @@ def train_command(args) -> int:
         feats = args.features.split(",") if args.features else None
         bootstrap, security = args.bootstrap, None
         if args.config:  # the daemon's brokers and credentials
-            from .config import load_config
-
             kafka = load_config(args.config).kafka
             bootstrap, security = kafka.bootstrap_servers, kafka.security.client_settings()
         series, names = read_topic_series(bootstrap, args.kafka_topic, args.from_ms, args.to_ms, args.streams,

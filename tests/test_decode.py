@@ -344,10 +344,10 @@ def test_dead_letter_copy_keeps_what_fits_the_producers_limit():
     from pipelines.decode import dead_letter_copy
 
     ours = dead_letter_headers("oversized", "big", "t", 0, 7)
-    value, key, headers = dead_letter_copy(b"v" * 10, b"k", [("trace", b"1")], ours, 900_000)
+    value, key, headers = dead_letter_copy(b"v" * 10, b"k", [("trace", b"1")], ours)
     assert (value, key, headers) == (b"v" * 10, b"k", [("trace", b"1"), *ours])  # the original's first
     big = [(f"h{i}", b"x" * 1000) for i in range(20)]  # 20 KB of original headers: left out, and said so
-    value, key, headers = dead_letter_copy(b"v" * 1_000_000, b"k" * 20_000, big, ours, 900_000)
+    value, key, headers = dead_letter_copy(b"v" * 1_000_000, b"k" * 20_000, big, ours)
     assert len(value) == 900_000 and key == b"k" * 16_384
     assert headers == [*ours, ("anomalyd-original-headers-bytes", b"20050"),
                        ("anomalyd-original-value-bytes", b"1000000"), ("anomalyd-original-key-bytes", b"20000")]
