@@ -159,6 +159,7 @@ class TimedSource:
         self.cpu_commit: tuple[float, float] | None = None
         self._poll = phases.wrap("source.poll", inner.poll)
         self._commit = phases.wrap("source.commit", inner.commit)
+        self.commit_async = phases.wrap("source.commit_async", inner.commit_async)
         self.lag = phases.wrap("source.lag", inner.lag)
 
     def poll(self, max_records: int, timeout_ms: int):

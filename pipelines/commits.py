@@ -2,13 +2,21 @@
 
 The floor is the lowest source offset still inside some stream's window on the partition; the member that gets
 the partition next seeks there and replays up to the committed offset (:mod:`pipelines.positions`).
+
+The loop's commits are asynchronous: a broker that hangs (a frozen process, a network that drops packets)
+held a synchronous commit, and with it the loop, its probe and its liveness, for 30 s (kafka-python) or until
+the broker woke up (confluent-kafka). One is in flight at a time; its answer arrives through a later poll and
+:meth:`Committer.collect` applies it. The commits in a rebalance and at shutdown stay synchronous: the
+partitions or the process go right after them.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 
@@ -23,6 +31,8 @@ __all__ = ["Committer", "Offsets"]
 log = logging.getLogger("anomalyd")
 
 Offsets = dict[TopicPartition, tuple[int, str]]  # {tp: (next offset, metadata)}
+ANSWER_WAIT_S = 30.0  # a commit unanswered this long is given up: the next one is sent (both go, in order)
+RETRY_AFTER_S = 5.0  # after a failed commit, the next one waits this long (a broker outage fails them at once)
 
 
 class Committer:
@@ -34,6 +44,10 @@ class Committer:
         self.source: Source | None = None  # set once the daemon has its consumer
         self.ahead: PollAhead | None = None
         self.last_commit = 0.0  # monotonic time of the last commit attempt
+        self._answers: queue.SimpleQueue[tuple[int, Offsets, float, BaseException | None]] = queue.SimpleQueue()
+        self._in_flight: tuple[int, float] | None = None  # (number, monotonic time sent) of the unanswered commit
+        self._sent = 0  # asynchronous commits sent
+        self._retry_at = 0.0  # monotonic time before which a failed commit is not tried again
 
     def offsets(self, routes: Sequence[RouteState]) -> Offsets:
         """Everything processed so far, with the window-rebuild floors of ``routes``."""
@@ -43,20 +57,68 @@ class Committer:
             floors = np.where((floors < 0) | ((f >= 0) & (f < floors)), f, floors)
         return self.positions.commit_offsets(floors)
 
-    def commit(self, offsets: Offsets, in_rebalance: bool = False) -> None:
+    def commit(self, offsets: Offsets, in_rebalance: bool = False, wait: bool = False) -> None:
+        """Commit ``offsets``: synchronously in a rebalance or with ``wait``, else sent unless a commit is still
+        in flight or a failed one is waiting to be retried (what is not committed now is in the next commit)."""
+        self.collect()
+        if not offsets:
+            return
+        if not (in_rebalance or wait):
+            now = time.monotonic()
+            if now < self._retry_at:
+                return
+            if self._in_flight is not None:
+                if now - self._in_flight[1] < ANSWER_WAIT_S:
+                    return
+                log.warning("offset commit sent %.0f s ago has no answer yet (are the brokers reachable?); sending "
+                            "the newer offsets after it", now - self._in_flight[1])
+                self._in_flight = None
+        send = self._commit_now if in_rebalance or wait else self._send
         if self.ahead is not None:
-            self.ahead.commit(self._commit_now, offsets, in_rebalance)
+            self.ahead.commit(send, offsets, in_rebalance)
         else:
-            self._commit_now(offsets, in_rebalance)
+            send(offsets, in_rebalance)
+
+    def collect(self) -> None:
+        """Apply the answers of asynchronous commits that have come (on the loop thread)."""
+        while True:
+            try:
+                number, offsets, seconds, error = self._answers.get_nowait()
+            except queue.Empty:
+                return
+            if self._in_flight is not None and self._in_flight[0] == number:
+                self._in_flight = None
+            self._finished(offsets, seconds, error)
+
+    def _send(self, offsets: Offsets, _in_rebalance: bool = False) -> None:
+        self._sent += 1
+        self.last_commit, t0 = time.monotonic(), time.perf_counter()
+        self._in_flight = (self._sent, self.last_commit)
+        try:
+            self.source.commit_async(offsets, partial(self._answered, self._sent, offsets, t0))
+        except Exception as exc:  # refused before sending (no coordinator, partitions just revoked)
+            self._in_flight = None
+            self._finished(offsets, time.perf_counter() - t0, exc)
+
+    def _answered(self, number: int, offsets: Offsets, t0: float, error: BaseException | None) -> None:
+        """The client's commit callback, on the polling thread (the helper's, with poll ahead): queued only."""
+        self._answers.put((number, offsets, time.perf_counter() - t0, error))
 
     def _commit_now(self, offsets: Offsets, in_rebalance: bool = False) -> None:
         self.last_commit, t0 = time.monotonic(), time.perf_counter()
         try:
             (self.source.commit_in_rebalance if in_rebalance else self.source.commit)(offsets)
-            for tp, (nxt, _meta) in offsets.items():  # records processed since stay uncommitted
-                if self.positions.uncommitted.get(tp) == nxt:
-                    del self.positions.uncommitted[tp]
-            self.metrics.observe_commit(time.perf_counter() - t0, ok=True)
         except Exception as exc:  # e.g. a rebalance in progress: records will be redelivered
-            self.metrics.observe_commit(time.perf_counter() - t0, ok=False)
-            log.warning("offset commit failed (records will be redelivered): %s", exc)
+            self._finished(offsets, time.perf_counter() - t0, exc)
+        else:
+            self._finished(offsets, time.perf_counter() - t0, None)
+
+    def _finished(self, offsets: Offsets, seconds: float, error: BaseException | None) -> None:
+        self.metrics.observe_commit(seconds, ok=error is None)
+        if error is not None:
+            self._retry_at = time.monotonic() + RETRY_AFTER_S
+            log.warning("offset commit failed (records will be redelivered): %s", error)
+            return
+        for tp, (nxt, _meta) in offsets.items():  # records processed since stay uncommitted
+            if self.positions.uncommitted.get(tp) == nxt:
+                del self.positions.uncommitted[tp]

@@ -60,7 +60,8 @@ class KafkaConfig:
     poll_max_records: int = rule_field(5000, ge=1)
     poll_timeout_ms: int = rule_field(100, ge=0)
     poll_ahead: bool = True  # confluent: after a full poll, the next one on a second thread (pipelines/poll_ahead.py)
-    commit_interval_ms: int = rule_field(1000, ge=0)  # commit at most this often while busy (0: every flush)
+    # commit at most this often while busy (0: every flush); one commit in flight at a time (pipelines/commits.py)
+    commit_interval_ms: int = rule_field(1000, ge=0)
     fetch_min_bytes: int = rule_field(FETCH_MIN_BYTES, ge=1)  # Kafka's fetch.min.bytes ...
     fetch_max_wait_ms: int = rule_field(FETCH_MAX_WAIT_MS, ge=0)  # ... and fetch.max.wait.ms
     session_timeout_ms: int = rule_field(10000, ge=1)

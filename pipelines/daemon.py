@@ -125,6 +125,25 @@ class Daemon:
             self._flush_and_commit(timeout_s=min(10.0, self.cfg.shutdown.grace_period_s), in_rebalance=True)
         except (SinkError, KafkaDeliveryError) as exc:
             log.warning("could not deliver alerts before giving up partitions (the next owner repeats them): %s", exc)
+        self._drop_partitions(tps)
+
+    def _on_lost(self, tps: list[TopicPartition]) -> None:
+        """The group session timed out (brokers out of reach, or a loop that stood still): another member may
+        own the partitions already, so nothing is committed (a commit would fail, or wait on the outage); their
+        windows and alert state go, and whoever owns them next replays from the last commit."""
+        log.warning("partitions lost (the group session timed out; the next owner replays them from the last "
+                    "commit): %s", tps)
+        if self._ahead is not None:
+            self._ahead.take_deferred()  # the other partitions' offsets are still uncommitted: in the next commit
+        if self._worker is not None:
+            try:  # its streams' state is about to go; what it freed is not committed
+                self._worker.wait()
+            except (SinkError, KafkaDeliveryError) as exc:
+                log.warning("alerts of the micro-batch in flight not delivered (the next owner repeats them): %s",
+                            exc)
+        self._drop_partitions(tps)
+
+    def _drop_partitions(self, tps: list[TopicPartition]) -> None:
         ids = self.positions.revoke(tps)
         for route in self.routes:
             gone = route.forget_partitions(ids)
@@ -200,6 +219,7 @@ class Daemon:
             self.source = self._source_factory(
                 client=k.client, bootstrap_servers=k.bootstrap_servers, group_id=k.group_id, topics=k.topics,
                 pattern=k.topic_pattern, on_assign=wrap(self._on_assign), on_revoke=wrap(self._on_revoke),
+                on_lost=wrap(self._on_lost),
                 security=security,
                 session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
                 auto_offset_reset=k.auto_offset_reset, fetch_min_bytes=k.fetch_min_bytes,
@@ -292,6 +312,7 @@ class Daemon:
         p = self.cfg.processing
         if self._worker is not None and self._worker.done():
             self._finish_background(10.0)  # commits what the scoring thread delivered
+        self.commits.collect()  # the answers of commits sent before
         idle = quiet and bool(self.positions.uncommitted)  # after that commit, which may have been the idle one
         pending = sum(r.pending_windows for r in self.routes)
         waited = (time.monotonic() - self._oldest_pending) * 1000 if self._oldest_pending else 0.0
@@ -345,7 +366,7 @@ class Daemon:
     def _shutdown(self) -> int:
         grace = self.cfg.shutdown.grace_period_s
         try:
-            self._flush_and_commit(timeout_s=grace)
+            self._flush_and_commit(timeout_s=grace, wait=True)
             return 0
         except SinkError as exc:
             log.error("shutdown: sinks failed, offsets not committed (alerts will be re-sent): %s", exc)
@@ -392,14 +413,16 @@ class Daemon:
         self.metrics.set_buffers(sum(len(r.stream_index) for r in self.routes),
                                  sum(r.buffer.memory_bytes() for r in self.routes))
 
-    def _flush_and_commit(self, timeout_s: float = 30.0, in_rebalance: bool = False, commit: bool = True) -> None:
-        """Score what is pending, deliver dead letters and alerts, then (``commit``) commit what is processed."""
+    def _flush_and_commit(self, timeout_s: float = 30.0, in_rebalance: bool = False, commit: bool = True,
+                          wait: bool = False) -> None:
+        """Score what is pending, deliver dead letters and alerts, then (``commit``) commit what is processed
+        (asynchronously unless ``in_rebalance`` or ``wait``: :mod:`pipelines.commits`)."""
         self._finish_background(timeout_s, in_rebalance)
         self.flush()
         self.producer.flush(timeout_s)  # dead letters
         self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed
         if commit and self.positions.uncommitted:
-            self.commits.commit(self.commits.offsets(self.routes), in_rebalance)
+            self.commits.commit(self.commits.offsets(self.routes), in_rebalance, wait)
 
     # -- scoring on a second thread (processing.score_in_background) ---------------------------------------
     def _flush_in_background(self, timeout_s: float, commit: bool, windows: int) -> None:

@@ -27,7 +27,7 @@ labels except on the opt-in, K-bounded ``anomalyd_top_stream_score``. Outcomes: 
 | `anomalyd_inference_threads` | gauge | - | intra-op threads of CPU inference (adaptive unless fixed) |
 | `anomalyd_sink_flush_seconds` | histogram | sink | latency of one sink flush |
 | `anomalyd_sink_failures_total` | counter | sink | failed sink flushes |
-| `anomalyd_commit_seconds` | histogram | - | latency of one offset commit |
+| `anomalyd_commit_seconds` | histogram | - | latency of one offset commit, from sending it to its answer |
 | `anomalyd_commit_failures_total` | counter | - | failed offset commits |
 | `anomalyd_model_info` | gauge | model, version, kind, device | 1 for each served model version |
 | `anomalyd_build_info` | gauge | version, python, torch | 1; versions of the daemon, Python and PyTorch |
@@ -129,7 +129,8 @@ class Metrics:
         self.sink_flush_seconds = Histogram("anomalyd_sink_flush_seconds", "Latency of one sink flush.",
                                             ["sink"], buckets=IO_BUCKETS, registry=r)
         self.sink_failures = Counter("anomalyd_sink_failures_total", "Failed sink flushes.", ["sink"], registry=r)
-        self.commit_seconds = Histogram("anomalyd_commit_seconds", "Latency of one offset commit.",
+        self.commit_seconds = Histogram("anomalyd_commit_seconds",
+                                        "Latency of one offset commit, from sending it to its answer.",
                                         buckets=IO_BUCKETS, registry=r)
         self.commit_failures = Counter("anomalyd_commit_failures_total", "Failed offset commits.", registry=r)
         self.model_info = Gauge("anomalyd_model_info", "1 for each served model version.",

@@ -7,6 +7,7 @@ explicit commits with metadata, rebalance callbacks run inside ``poll`` on the p
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,11 +30,12 @@ _JOIN_WAIT_MS = 1000  # the shortest kafka-python poll while a group join is in 
 log = logging.getLogger(__name__)
 
 __all__ = ["TopicPartition", "RecordBatch", "Source", "KafkaPythonSource", "ConfluentSource", "make_source",
-           "confluent_columns_py"]
+           "confluent_columns_py", "CommitDone", "KafkaCommitError"]
 
 TopicPartition = tuple[str, int]
 RebalanceCallback = Callable[[list[TopicPartition]], None]
 AssignCallback = RebalanceCallback
+CommitDone = Callable[[BaseException | None], None]  # a commit's outcome: None, or why it failed
 
 
 @dataclass
@@ -72,6 +74,10 @@ class Source(Protocol):
     def poll(self, max_records: int, timeout_ms: int) -> RecordBatch: ...
     def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
         """Synchronously commit ``{tp: (next offset, metadata)}``."""
+    def commit_async(self, offsets: Mapping[TopicPartition, tuple[int, str]], done: CommitDone) -> None:
+        """Send the commit and return; ``done(error or None)`` is called from a later ``poll`` (on the polling
+        thread), or never when the brokers never answer. A broker that hangs held a synchronous commit (and the
+        loop) for 30 s (kafka-python) or until it woke up (confluent-kafka)."""
     def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
         """Commit from inside a rebalance callback (where kafka-python 3 allows no blocking call)."""
     def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]: ...
@@ -87,11 +93,16 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+class KafkaCommitError(RuntimeError):
+    """An asynchronous commit that the group coordinator refused or that failed on the way (confluent-kafka)."""
+
+
 class KafkaPythonSource:
     """kafka-python ``KafkaConsumer``; rebalance callbacks via ``ConsumerRebalanceListener``."""
 
     def __init__(self, bootstrap_servers: str, group_id: str, topics: Sequence[str], pattern: str | None,
-                 on_assign: AssignCallback, on_revoke: RebalanceCallback, *, security: Mapping | None = None,
+                 on_assign: AssignCallback, on_revoke: RebalanceCallback, *, on_lost: RebalanceCallback | None = None,
+                 security: Mapping | None = None,
                  session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 3000,
                  auto_offset_reset: str = "earliest", max_partition_fetch_bytes: int = 4 << 20,
                  fetch_min_bytes: int = FETCH_MIN_BYTES, fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
@@ -117,6 +128,9 @@ class KafkaPythonSource:
 
             def on_partitions_assigned(self, assigned):  # noqa: N805
                 on_assign([(tp.topic, tp.partition) for tp in assigned])
+
+            def on_partitions_lost(self, lost):  # noqa: N805 - the member was evicted: nothing to commit
+                (on_lost or on_revoke)([(tp.topic, tp.partition) for tp in lost])
 
         if pattern:  # validated as a regex by the config
             self._consumer.subscribe(pattern=pattern, listener=_Listener())
@@ -148,6 +162,12 @@ class KafkaPythonSource:
     def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
         if offsets:
             self._consumer.commit(self._offsets(offsets))
+
+    def commit_async(self, offsets: Mapping[TopicPartition, tuple[int, str]], done: CommitDone) -> None:
+        def finished(_offsets: Any, response: Any) -> None:  # an OffsetCommitResponse, or the exception
+            done(response if isinstance(response, BaseException) else None)
+
+        self._consumer.commit_async(self._offsets(offsets), callback=finished)
 
     def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
         """Queued on the client's IO loop; it is sent before the group's new generation starts."""
@@ -262,7 +282,8 @@ class ConfluentSource:
     """confluent-kafka ``Consumer`` (librdkafka); same semantics as :class:`KafkaPythonSource`."""
 
     def __init__(self, bootstrap_servers: str, group_id: str, topics: Sequence[str], pattern: str | None,
-                 on_assign: AssignCallback, on_revoke: RebalanceCallback, *, security: Mapping | None = None,
+                 on_assign: AssignCallback, on_revoke: RebalanceCallback, *, on_lost: RebalanceCallback | None = None,
+                 security: Mapping | None = None,
                  session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 3000,
                  auto_offset_reset: str = "earliest", max_partition_fetch_bytes: int = 4 << 20,
                  fetch_min_bytes: int = FETCH_MIN_BYTES, fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
@@ -272,6 +293,8 @@ class ConfluentSource:
 
         self._CTP = CTP
         self._refused: Exception | None = None  # set by librdkafka's error callback, raised by the next poll
+        self._sent: list[tuple[frozenset, CommitDone]] = []  # asynchronous commits without an answer, oldest first
+        self._sent_lock = threading.Lock()  # on_commit runs on whichever thread polls
         self._where, self._security = bootstrap_servers, security
         conf = {
             "bootstrap.servers": bootstrap_servers, "group.id": group_id, "enable.auto.commit": False,
@@ -280,6 +303,7 @@ class ConfluentSource:
             "max.partition.fetch.bytes": max_partition_fetch_bytes, "fetch.min.bytes": fetch_min_bytes,
             "fetch.wait.max.ms": fetch_max_wait_ms, "topic.metadata.refresh.interval.ms": metadata_max_age_ms,
             "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS, "error_cb": self._on_error,
+            "on_commit": self._on_commit,
             **client_security_config("confluent", security), **extra,
         }
         self._consumer = Consumer(conf)
@@ -293,7 +317,10 @@ class ConfluentSource:
         def _revoke(consumer, parts):
             on_revoke([(p.topic, p.partition) for p in parts])
 
-        self._consumer.subscribe(subs, on_assign=_assign, on_revoke=_revoke)
+        def _lost(consumer, parts):  # the session timed out: nothing to commit
+            (on_lost or on_revoke)([(p.topic, p.partition) for p in parts])
+
+        self._consumer.subscribe(subs, on_assign=_assign, on_revoke=_revoke, on_lost=_lost)
 
     def _on_error(self, err: Any) -> None:
         """librdkafka's error callback (served inside poll). It retries every error for ever, a refused login and
@@ -315,6 +342,31 @@ class ConfluentSource:
         if offsets:
             parts = [self._CTP(t, p, o, metadata=m) for (t, p), (o, m) in offsets.items()]
             self._consumer.commit(offsets=parts, asynchronous=False)
+
+    def commit_async(self, offsets: Mapping[TopicPartition, tuple[int, str]], done: CommitDone) -> None:
+        """librdkafka answers every commit, a synchronous one too, through ``on_commit`` with the offsets it sent:
+        the first commit sent with the same offsets takes the answer."""
+        entry = (frozenset((t, p, o) for (t, p), (o, _m) in offsets.items()), done)
+        with self._sent_lock:  # before the commit: with poll ahead, the answer may come on the helper thread
+            self._sent.append(entry)
+        try:
+            self._consumer.commit(offsets=[self._CTP(t, p, o, metadata=m) for (t, p), (o, m) in offsets.items()],
+                                  asynchronous=True)
+        except BaseException:
+            with self._sent_lock:
+                self._sent.remove(entry)
+            raise
+
+    def _on_commit(self, err: Any, parts: list) -> None:
+        """librdkafka's commit callback (served inside poll): the error of the commit, else of a partition."""
+        key = frozenset((p.topic, p.partition, p.offset) for p in parts)
+        with self._sent_lock:
+            i = next((i for i, (sent, _) in enumerate(self._sent) if sent == key), None)
+            if i is None:  # a synchronous commit's answer
+                return
+            _, done = self._sent.pop(i)
+        failed = err if err is not None else next((p.error for p in parts if p.error is not None), None)
+        done(None if failed is None else KafkaCommitError(f"offset commit failed: {failed}"))
 
     def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
         self.commit(offsets)  # librdkafka allows a synchronous commit in its rebalance callbacks

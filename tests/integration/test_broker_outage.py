@@ -8,6 +8,8 @@ The broker here is the test's own (stopped and started again on the same ports a
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 
@@ -20,7 +22,7 @@ from pipelines.kafka_local import KafkaSetupError, LocalKafka, create_topic, fre
 from pipelines.kafka_probe import KafkaProbe
 
 from .conftest import service_unavailable
-from .daemon_support import config_dict, write_config
+from .daemon_support import committed_offsets, config_dict, write_config
 
 
 def _until(what: str, check, deadline_s: float, daemon_thread: threading.Thread) -> None:
@@ -77,4 +79,66 @@ def test_a_broker_outage_on_a_quiet_topic_makes_the_daemon_not_ready_until_it_is
         thread.join(60)
         assert not thread.is_alive()
     finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_hung_broker_does_not_stop_the_loop_and_the_commit_lands_once_it_answers(daemon_models, topic_name,
+                                                                                  tmp_path, client):
+    """A broker that stops answering without closing its connections (a frozen process here; a network that
+    drops packets alike) held a synchronous offset commit, and the loop with it: for 30 s (kafka-python), or until
+    the broker woke up (confluent-kafka). Meanwhile the probe could not run, so /readyz stayed green, and /healthz
+    went red after 60 s. The loop's commits are asynchronous now (pipelines/commits.py)."""
+    broker = LocalKafka(free_port(), controller_port=free_port(), data_dir=tmp_path / "kafka", exit_with_parent=True)
+    try:
+        bootstrap = broker.start(timeout_s=120)
+    except KafkaSetupError as exc:
+        service_unavailable(f"local Kafka broker could not start: {exc}")
+    pid = broker.status().pid
+    try:
+        models_dir, names = daemon_models
+        create_topic(bootstrap, topic_name, partitions=1)
+        producer = make_producer("kafka-python", bootstrap)
+
+        def produce(first: int, n: int) -> None:
+            for i in range(first, first + n):
+                event = {"stream": "pump-0", "ts": 1764180000000 + i * 1000, "values": [0.1] * 4}
+                producer.produce(topic_name, json.dumps(event).encode())
+            producer.flush(30)
+
+        produce(0, 10)
+        # the idle commit comes 3 s after the last record; none while busy (the first flush commits at once)
+        cfg = config_dict(bootstrap, topic_name, models_dir, names, client=client, kafka__poll_timeout_ms=3000,
+                          kafka__commit_interval_ms=600_000,
+                          sinks={"kafka": {"enabled": False}, "log": {"enabled": False}})  # the commit alone
+        daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+        daemon.kafka = KafkaProbe(daemon.metrics.kafka_reachable, interval_s=1.0, timeout_s=1.0)
+        thread = threading.Thread(target=daemon.run, kwargs={"timeout": 300}, daemon=True)
+        thread.start()
+        group = cfg["kafka"]["group_id"]
+        _until("the first records committed", lambda: committed_offsets(bootstrap, group, topic_name) == {0: 10},
+               60, thread)
+        produce(10, 10)
+        producer.close()
+        _until("the second records consumed", lambda: daemon.events_seen >= 20, 30, thread)
+        os.kill(pid, signal.SIGSTOP)  # before the idle commit of records 10-19
+        try:
+            frozen, longest, ready_seen = time.monotonic(), 0.0, []
+            while time.monotonic() - frozen < 40:
+                longest = max(longest, time.monotonic() - daemon._heartbeat)
+                ready_seen.append(daemon.registry.get_sample_value("anomalyd_ready"))
+                assert thread.is_alive() and daemon.is_alive()
+                time.sleep(0.2)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        print(f"{client}: the loop's longest pause while the broker was frozen: {longest:.1f} s")
+        assert longest < 15, f"the loop stood still for {longest:.1f} s while the broker was frozen"
+        assert 0 in ready_seen, "the probe never reported the frozen broker"
+        _until("records 10-19 committed once the broker answers",
+               lambda: committed_offsets(bootstrap, group, topic_name) == {0: 20}, 120, thread)
+        daemon.request_stop()
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:
+        os.kill(pid, signal.SIGCONT)
         broker.stop()

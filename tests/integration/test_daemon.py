@@ -118,7 +118,7 @@ def test_commits_are_spaced_while_busy_and_complete_at_the_end(kafka_bootstrap, 
                                                                client):
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=1)
-    _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 240, KINDS[:1])
+    _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 720, KINDS[:1])
     commits = {}
     for interval in (0, 600_000):
         group = f"g-{interval}-{topic_name}"
@@ -129,10 +129,13 @@ def test_commits_are_spaced_while_busy_and_complete_at_the_end(kafka_bootstrap, 
         assert daemon.run(count=n, timeout=120) == 0
         assert committed_offsets(kafka_bootstrap, group, topic_name) == end_offsets(kafka_bootstrap, topic_name)
         commits[interval] = daemon.registry.get_sample_value("anomalyd_commit_seconds_count")
-    assert commits[0] >= n // 32 // 2  # a commit after (nearly) every micro-batch
+    print(f"{client}: commits with kafka.commit_interval_ms 0 / 600000: {commits[0]:g} / {commits[600_000]:g}")
+    # interval 0: a commit after every micro-batch whose previous commit was answered (one is in flight at a
+    # time: pipelines/commits.py), many over the run's 90 micro-batches
+    assert commits[0] >= 8, commits
     # busy: only the first micro-batch and shutdown (plus one per moment the topic looked idle, when a slow
     # broker left a poll empty)
-    assert commits[600_000] <= max(3, commits[0] // 4), commits
+    assert commits[600_000] <= 3 and commits[600_000] < commits[0], commits
 
 
 def test_poll_waits_no_longer_than_the_oldest_pending_window_may(kafka_bootstrap, topic_name, models, tmp_path):
