@@ -7,7 +7,7 @@ arrays without the GIL, and hands every other message back to the Python decoder
 before (so results do not depend on whether the extension is present; ``tests/test_native_decode.py`` checks that
 on generated and hand-written messages, and ``tests/test_decode.py`` runs with and without it). The same
 extension's ``message_columns`` turns a confluent-kafka poll into its columns in one pass
-(``pipelines.source.ConfluentSource``).
+(``pipelines.source_confluent.ConfluentSource``).
 
 Built like the fused kernels (``detector.native_build.compile_cached``): on first use, into
 ``$ANOMALYD_CACHE/torch_extensions``, keyed by source, flags, torch and Python; portable code (no ``-march``), so

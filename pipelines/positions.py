@@ -48,7 +48,7 @@ def _without(batch: RecordBatch, tps: set[TopicPartition]) -> RecordBatch:
 
 def _rebuild_floor(metadata: str) -> int:
     """``rebuild_from`` of a commit's metadata, -1 if none. What follows the JSON object is ignored: confluent-kafka
-    writes metadata with a trailing NUL (and kafka-python's commits add one, see pipelines.source)."""
+    writes metadata with a trailing NUL (and kafka-python's commits add one, see pipelines.source_kafka_python)."""
     try:
         return int(json.JSONDecoder().raw_decode(metadata.lstrip())[0].get("rebuild_from", -1)) if metadata else -1
     except (ValueError, AttributeError, TypeError):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipelines import native_decode
-from pipelines.source import confluent_columns_py
+from pipelines.source_confluent import confluent_columns_py
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
                                 reason="no C++ compiler to build the native decoder")

@@ -1,0 +1,212 @@
+"""The confluent-kafka (librdkafka) consumer behind :class:`pipelines.source.Source`; a poll's columns in one
+native pass where the native decoder is built."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .kafka_io import client_security_config, confluent_refusal
+from .source import (
+    FETCH_MAX_WAIT_MS,
+    FETCH_MIN_BYTES,
+    METADATA_MAX_AGE_MS,
+    AssignCallback,
+    CommitDone,
+    KafkaCommitError,
+    RebalanceCallback,
+    RecordBatch,
+    TopicPartition,
+)
+
+# librdkafka stops fetching a partition whose prefetch queue is over its thresholds (queued.min.messages, 100,000
+# messages) and looks again only after this long; its default, 1 s, left a consumer that drains 100,000 messages
+# in well under a second with nothing to read for up to a second at a time (librdkafka issue #2879; the
+# setting is in librdkafka 2.3 and later; benchmarks/RESULTS.md, item 23)
+FETCH_QUEUE_BACKOFF_MS = 50
+
+__all__ = ["ConfluentSource", "confluent_columns_py"]
+
+
+class ConfluentSource:
+    """confluent-kafka ``Consumer`` (librdkafka); same semantics as :class:`KafkaPythonSource`."""
+
+    def __init__(self, bootstrap_servers: str, group_id: str, topics: Sequence[str], pattern: str | None,
+                 on_assign: AssignCallback, on_revoke: RebalanceCallback, *, on_lost: RebalanceCallback | None = None,
+                 security: Mapping | None = None,
+                 session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 3000,
+                 auto_offset_reset: str = "earliest", max_partition_fetch_bytes: int = 4 << 20,
+                 fetch_min_bytes: int = FETCH_MIN_BYTES, fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
+                 metadata_max_age_ms: int = METADATA_MAX_AGE_MS, **extra: Any) -> None:
+        from confluent_kafka import Consumer  # noqa: N817
+        from confluent_kafka import TopicPartition as CTP
+
+        self._CTP = CTP
+        self._refused: Exception | None = None  # set by librdkafka's error callback, raised by the next poll
+        self._sent: list[tuple[frozenset, CommitDone]] = []  # asynchronous commits without an answer, oldest first
+        self._sent_lock = threading.Lock()  # on_commit runs on whichever thread polls
+        self._where, self._security = bootstrap_servers, security
+        conf = {
+            "bootstrap.servers": bootstrap_servers, "group.id": group_id, "enable.auto.commit": False,
+            "enable.auto.offset.store": False, "auto.offset.reset": auto_offset_reset,
+            "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": heartbeat_interval_ms,
+            "max.partition.fetch.bytes": max_partition_fetch_bytes, "fetch.min.bytes": fetch_min_bytes,
+            "fetch.wait.max.ms": fetch_max_wait_ms, "topic.metadata.refresh.interval.ms": metadata_max_age_ms,
+            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS, "error_cb": self._on_error,
+            "on_commit": self._on_commit,
+            **client_security_config("confluent", security), **extra,
+        }
+        self._consumer = Consumer(conf)
+        self._columns = _confluent_columns()
+        subs = ["^" + pattern.lstrip("^")] if pattern else list(topics)  # librdkafka: a leading ^ marks a regex
+        self._topics = [] if pattern else sorted(topics)
+
+        def _assign(consumer, parts):
+            on_assign([(p.topic, p.partition) for p in parts])
+
+        def _revoke(consumer, parts):
+            on_revoke([(p.topic, p.partition) for p in parts])
+
+        def _lost(consumer, parts):  # the session timed out: nothing to commit
+            (on_lost or on_revoke)([(p.topic, p.partition) for p in parts])
+
+        self._consumer.subscribe(subs, on_assign=_assign, on_revoke=_revoke, on_lost=_lost)
+
+    def _on_error(self, err: Any) -> None:
+        """librdkafka's error callback (served inside poll). It retries every error for ever, a refused login and
+        a failed TLS handshake too; those are configuration problems, and the next poll raises them."""
+        self._refused = self._refused or confluent_refusal(err, self._where, self._security)
+
+    def poll(self, max_records: int, timeout_ms: int) -> RecordBatch:
+        # Wait for the first message only, then take what is already fetched: consume(n, timeout) would wait the
+        # whole timeout unless n messages arrive, which adds latency at low load.
+        first = self._consumer.poll(timeout_ms / 1000.0)
+        if self._refused is not None:
+            raise self._refused
+        if first is None:
+            return RecordBatch.empty()
+        msgs = [first] + (self._consumer.consume(num_messages=max_records - 1, timeout=0) if max_records > 1 else [])
+        return RecordBatch(*self._columns(msgs), _ConfluentHeaders(msgs))  # failed messages left out of the columns
+
+    def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
+        if offsets:
+            parts = [self._CTP(t, p, o, metadata=m) for (t, p), (o, m) in offsets.items()]
+            self._consumer.commit(offsets=parts, asynchronous=False)
+
+    def commit_async(self, offsets: Mapping[TopicPartition, tuple[int, str]], done: CommitDone) -> None:
+        """librdkafka answers every commit, a synchronous one too, through ``on_commit`` with the offsets it sent:
+        the first commit sent with the same offsets takes the answer."""
+        entry = (frozenset((t, p, o) for (t, p), (o, _m) in offsets.items()), done)
+        with self._sent_lock:  # before the commit: with poll ahead, the answer may come on the helper thread
+            self._sent.append(entry)
+        try:
+            self._consumer.commit(offsets=[self._CTP(t, p, o, metadata=m) for (t, p), (o, m) in offsets.items()],
+                                  asynchronous=True)
+        except BaseException:
+            with self._sent_lock:
+                self._sent.remove(entry)
+            raise
+
+    def _on_commit(self, err: Any, parts: list) -> None:
+        """librdkafka's commit callback (served inside poll): the error of the commit, else of a partition."""
+        key = frozenset((p.topic, p.partition, p.offset) for p in parts)
+        with self._sent_lock:
+            i = next((i for i, (sent, _) in enumerate(self._sent) if sent == key), None)
+            if i is None:  # a synchronous commit's answer
+                return
+            _, done = self._sent.pop(i)
+        failed = err if err is not None else next((p.error for p in parts if p.error is not None), None)
+        done(None if failed is None else KafkaCommitError(f"offset commit failed: {failed}"))
+
+    def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
+        self.commit(offsets)  # librdkafka allows a synchronous commit in its rebalance callbacks
+
+    def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]:
+        for attempt in range(3):
+            try:
+                got = self._consumer.committed([self._CTP(t, p) for t, p in tps], timeout=10)
+                break
+            except UnicodeDecodeError as exc:  # metadata without a NUL, by an older anomalyd with kafka-python: it
+                if attempt == 2:  # reads past its end (KafkaPythonSource._offsets); the bytes vary from read to read
+                    raise RuntimeError(
+                        f"confluent-kafka cannot read the committed offsets' metadata of {sorted(tps)} (written by an "
+                        "older anomalyd with kafka.client kafka-python): run this version once with kafka-python, "
+                        "which rewrites it at its first commit") from exc
+        return {(p.topic, p.partition): (None if p.offset < 0 else (p.offset, p.metadata or "")) for p in got}
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._consumer.seek(self._CTP(tp[0], tp[1], offset))
+
+    def first_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        return {(t, p): int(self._consumer.get_watermark_offsets(self._CTP(t, p), timeout=10, cached=False)[0])
+                for t, p in tps}
+
+    def assignment(self) -> set[TopicPartition]:
+        return {(p.topic, p.partition) for p in self._consumer.assignment()}
+
+    def reachable(self, timeout_s: float) -> bool | None:
+        parts = self._consumer.assignment()
+        try:
+            if parts:
+                self._consumer.get_watermark_offsets(min(parts, key=lambda p: (p.topic, p.partition)),
+                                                     timeout=timeout_s, cached=False)
+            elif self._topics:  # nothing assigned: a metadata request for a subscribed topic
+                self._consumer.list_topics(self._topics[0], timeout=timeout_s)
+            else:  # a pattern: the whole metadata
+                self._consumer.list_topics(timeout=timeout_s)
+        except Exception:  # KafkaException(_TIMED_OUT, _TRANSPORT, ...): not reachable now
+            return False
+        return True
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Lag per assigned partition from librdkafka's cached high watermarks (updated by fetch responses;
+        never a broker round trip); partitions not fetched from yet are left out."""
+        parts = self._consumer.assignment()
+        if not parts:
+            return {}
+        out = {}
+        for pos in self._consumer.position(parts):
+            _, high = self._consumer.get_watermark_offsets(pos, cached=True)
+            if high < 0:  # nothing fetched from this partition yet
+                continue
+            out[(pos.topic, pos.partition)] = max(0, high - pos.offset) if pos.offset >= 0 else high
+        return out
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class _ConfluentHeaders:
+    """``headers_of`` for a confluent-kafka poll: the messages' headers by column position. The columns leave
+    failed messages out, so the messages that made them are found on the first call only (a dead letter)."""
+
+    def __init__(self, messages: list) -> None:
+        self._messages: list | None = messages
+        self._kept: list = []
+
+    def __call__(self, i: int) -> list[tuple[str, bytes]]:
+        if self._messages is not None:
+            self._kept, self._messages = [m for m in self._messages if m.error() is None], None
+        return list(self._kept[i].headers() or [])
+
+
+def _confluent_columns() -> Callable[[list], tuple]:
+    """The columns of a confluent-kafka poll in one native pass (``message_columns`` of the native decoder's
+    extension: 0.34-0.37 against 0.50 us per message in Python, benchmarks/RESULTS.md item 52), else in Python."""
+    from .native_decode import load
+
+    return getattr(load(), "message_columns", None) or confluent_columns_py
+
+
+def confluent_columns_py(messages: list) -> tuple:
+    """``(topics, partitions int32, offsets int64, timestamps int64, keys, values)`` of the messages whose
+    ``error()`` is None, a None value as b"": what the native ``message_columns`` returns."""
+    kept = [m for m in messages if m.error() is None]
+    n = len(kept)
+    return ([m.topic() for m in kept], np.fromiter((m.partition() for m in kept), np.int32, n),
+            np.fromiter((m.offset() for m in kept), np.int64, n),
+            np.fromiter((m.timestamp()[1] for m in kept), np.int64, n),
+            [m.key() for m in kept], [m.value() or b"" for m in kept])
