@@ -6,7 +6,10 @@ seek-back only rebuild windows (replay: not scored, never dead-lettered again); 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -26,6 +29,13 @@ from .routing import Router
 from .source import RecordBatch
 
 __all__ = ["Intake"]
+
+log = logging.getLogger("anomalyd")
+
+# event times outside these epoch milliseconds (1973-03-03 .. 5138-11-16) are in another unit: seconds (1.7e9),
+# microseconds (1.7e15) or nanoseconds (1.7e18)
+_MS_LOW, _MS_HIGH = 100_000_000_000, 100_000_000_000_000
+UNIT_WARNING_EVERY_S = 600.0
 
 
 class _RouteFeatures(FeatureSpec):
@@ -50,6 +60,7 @@ class Intake:
         self._features: list[_RouteFeatures] = []  # per route
         self._route: dict[_RouteFeatures, RouteState] = {}
         self._spec_of = SpecCache(self._features_of)
+        self._unit_warned_at = -UNIT_WARNING_EVERY_S
 
     def set_routes(self, routes: Sequence[RouteState]) -> None:
         self.routes = routes
@@ -107,9 +118,32 @@ class Intake:
             if not live:  # read again to rebuild windows: its outcome was counted when it was first read
                 self.metrics.event(topic, "replayed", len(p))
                 continue
+            self._check_time_unit(topic, group.stream, part, group.ts[part])
             if late:
                 self.metrics.event(topic, "late", late)
             if warming:
                 self.metrics.event(topic, "warming", warming)
             if len(p) - late - warming > 0:
                 self.metrics.event(topic, "scored", len(p) - late - warming)
+
+    def _check_time_unit(self, topic: str, streams: list[str], part: np.ndarray, ts: np.ndarray) -> None:
+        """Say (every 10 minutes at most) when live event times are not epoch milliseconds: seconds were taken
+        for January 1970 without a word, which dates alerts wrong and makes every event->score latency huge."""
+        lo, hi = int(ts.min()), int(ts.max())
+        if _MS_LOW <= lo and hi < _MS_HIGH:
+            return
+        now = time.monotonic()
+        if now - self._unit_warned_at < UNIT_WARNING_EVERY_S:
+            return
+        self._unit_warned_at = now
+        i = int(np.argmin(ts)) if lo < _MS_LOW else int(np.argmax(ts))
+        value = int(ts[i])
+        unit = "seconds" if value < _MS_LOW else "microseconds or nanoseconds"
+        try:
+            as_ms = datetime.fromtimestamp(value / 1000, UTC).strftime("%Y-%m-%d")
+        except (OverflowError, OSError, ValueError):
+            as_ms = "beyond any calendar"
+        log.warning("topic %s: event times look like %s since the epoch (stream %s: ts %d, which as epoch "
+                    "milliseconds is %s). anomalyd reads \"ts\" as epoch milliseconds (or an ISO 8601 string): alert "
+                    "times and the event->score latency are wrong until the producers send milliseconds", topic, unit,
+                    streams[int(part[i])], value, as_ms)

@@ -454,3 +454,42 @@ def test_a_selection_of_a_batch_keeps_each_records_headers():
     assert [kept.headers(i) for i in range(2)] == [[("i", b"1")], [("i", b"3")]]
     assert kept.select(np.array([1])).headers(0) == [("i", b"3")]
     assert RecordBatch.empty().select(np.array([], np.int64)).headers_of is None
+
+
+def test_event_times_in_seconds_are_reported_not_taken_silently(trained, tmp_path, caplog):
+    """``ts`` is epoch milliseconds; seconds (or micro/nanoseconds) decode without error, so the intake says so,
+    naming the topic, a stream and the value, at most every 10 minutes."""
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+    from pipelines.replay import _StderrDeadLetters
+
+    ModelStore(tmp_path / "models").save("gru", trained["gru"])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [{"match": "pump-*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
+           "kafka": {"topics": ["t"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    daemon = Daemon(load_config(tmp_path / "c.yaml"))
+    daemon.producer = _StderrDeadLetters()
+    width = len(trained["gru"].feature_names)
+    offset = 0
+
+    def process(stream: str, times: list[int]) -> list[str]:
+        nonlocal offset
+        values = [json.dumps({"stream": stream, "ts": t, "values": [0.0] * width}).encode() for t in times]
+        n = len(values)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="anomalyd"):
+            daemon.process(RecordBatch(topic=["sensors"] * n, partition=np.zeros(n, np.int32),
+                                       offset=np.arange(offset, offset + n, dtype=np.int64),
+                                       timestamp=np.zeros(n, np.int64), key=[None] * n, value=values))
+        offset += n
+        return [r.getMessage() for r in caplog.records if "event times" in r.getMessage()]
+
+    assert process("pump-1", [1_764_180_000_000 + i * 1000 for i in range(5)]) == []  # milliseconds
+    said = process("pump-2", [1_764_180_000 + i for i in range(5)])
+    assert len(said) == 1 and "topic sensors" in said[0] and "like seconds" in said[0]
+    assert "pump-2: ts 1764180000," in said[0] and "1970-01-21" in said[0]
+    assert process("pump-3", [1_764_180_000 + i for i in range(5)]) == []  # not again within 10 minutes
+    daemon.intake._unit_warned_at -= 601
+    said = process("pump-4", [1_764_180_000_000_000_000 + i for i in range(5)])
+    assert len(said) == 1 and "microseconds or nanoseconds" in said[0] and "pump-4: ts 1764180000000000004" in said[0]
