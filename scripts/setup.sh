@@ -26,11 +26,11 @@ if [ ! -f "$VENV/.created" ]; then
     fi
 fi
 
-# Reinstall deps only when pyproject.toml changed.
-stamp="$VENV/.deps-$(sha1sum pyproject.toml | cut -c1-16)"
+# Reinstall deps only when pyproject.toml or the tested versions (scripts/constraints.txt) changed.
+stamp="$VENV/.deps-$(cat pyproject.toml scripts/constraints.txt | sha1sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     echo "setup: installing Python dependencies (first run downloads torch, a few minutes)"
-    "$VENV/bin/pip" install -q -e '.[dev]'
+    "$VENV/bin/pip" install -q -c scripts/constraints.txt -e '.[dev]'
     rm -f "$VENV"/.deps-*
     touch "$stamp"
 fi

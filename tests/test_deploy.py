@@ -199,6 +199,32 @@ def test_dockerfile_structure() -> None:
     assert "!pipelines/" in ignore and "!detector/" in ignore
 
 
+def test_the_tested_versions_fit_the_declared_ranges_and_pin_both_the_venv_and_the_image() -> None:
+    """scripts/constraints.txt pins what `make test` ran with; each pin must satisfy pyproject.toml's range for
+    that package, and both scripts/setup.sh and the image install with it."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    declared += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    pins = {}
+    for line in (ROOT / "scripts" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version.strip()
+    for req in declared:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} (pyproject.toml) has no tested version in scripts/constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {req}"
+    assert "-c scripts/constraints.txt" in (ROOT / "scripts" / "setup.sh").read_text()
+    instructions, text = dockerfile()
+    assert ["COPY", "scripts/constraints.txt ./"] in instructions and "pip install -c /tmp/constraints.txt" in text
+    assert "!scripts/constraints.txt" in (DEPLOY / "Dockerfile.dockerignore").read_text()
+
+
 def test_dockerfile_ships_prebuilt_fused_kernels_without_a_compiler() -> None:
     """The build stage compiles the portable kernels and the native decoder into ANOMALYD_CACHE under
     /opt/anomalyd; the runtime copies /opt/anomalyd, points ANOMALYD_CACHE at the same folder and has no compiler
