@@ -30,7 +30,7 @@ from .commits import Committer
 from .config import Config, check_model_files
 from .httpserver import HealthServer
 from .intake import Intake
-from .kafka_io import KafkaDeliveryError, Producer, make_producer
+from .kafka_io import KafkaDeliveryError, KafkaDeliveryPending, Producer, make_producer
 from .kafka_probe import KafkaProbe
 from .metrics import Metrics
 from .model_store import LoadedModel
@@ -46,6 +46,10 @@ from .source import RecordBatch, Source, TopicPartition, make_source
 __all__ = ["Daemon"]
 
 log = logging.getLogger("anomalyd")
+
+# deliveries that are kept and retried while their offsets wait (backpressure): alerts a sink could not deliver,
+# dead letters the brokers have not acknowledged yet (slow, or out of reach)
+_RETRIED = (SinkError, KafkaDeliveryPending)
 
 
 class Daemon:
@@ -106,8 +110,8 @@ class Daemon:
             return
         try:
             self._finish_background(10.0)
-        except SinkError as exc:  # the sinks keep the alerts and retry; those offsets wait
-            log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
+        except _RETRIED as exc:  # kept and retried; those offsets wait
+            log.warning("delivery not complete, offsets not committed, will retry: %s", exc)
         self.flush()  # score what is pending with the old models first
         self._install(loaded)
         log.info("models reloaded: %s", self.models.versions())
@@ -203,7 +207,8 @@ class Daemon:
             # Dead letters and alerts have a producer each: a flush reports the failures of every message of its
             # producer, so one shared producer let the scoring thread's alert flush take a dead letter's failure
             # (and the loop commit past it), or the loop's dead-letter flush take an alert's (and crash).
-            self.producer: Producer = make_producer(k.client, k.bootstrap_servers, security)  # dead letters
+            # dead letters: never given up while the brokers are away (flush says pending, the offsets wait)
+            self.producer: Producer = make_producer(k.client, k.bootstrap_servers, security, never_give_up=True)
             stack.callback(self.producer.close)
             alerts_producer = make_producer(k.client, k.bootstrap_servers, security) if self.cfg.sinks.kafka.enabled \
                 else None
@@ -269,8 +274,8 @@ class Daemon:
             quiet_ms = (time.monotonic() - self._last_record) * 1000
             try:  # quiet: nothing for a whole poll timeout (an empty poll alone may only mean a fetch in flight)
                 self._maybe_flush(quiet=quiet_ms >= self.cfg.kafka.poll_timeout_ms, now=now)
-            except SinkError as exc:  # sinks keep the alerts and retry; offsets wait (backpressure)
-                log.warning("alert delivery failed, offsets not committed, will retry: %s", exc)
+            except _RETRIED as exc:  # alerts and dead letters are kept and retried; offsets wait (backpressure)
+                log.warning("delivery not complete, offsets not committed, will retry: %s", exc)
             self.metrics.set_state(up=True, ready=self.is_ready())
             if self._worker is None or not self._worker.busy:
                 self._maybe_forget_idle(now)
@@ -368,8 +373,8 @@ class Daemon:
         try:
             self._flush_and_commit(timeout_s=grace, wait=True)
             return 0
-        except SinkError as exc:
-            log.error("shutdown: sinks failed, offsets not committed (alerts will be re-sent): %s", exc)
+        except _RETRIED as exc:
+            log.error("shutdown: delivery not complete, offsets not committed (the next run repeats it): %s", exc)
             return 1
 
     # -- processing ------------------------------------------------------------------------------------

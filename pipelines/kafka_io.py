@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,7 +64,12 @@ logging.getLogger("kafka.net.transport").addFilter(_ClosedTransportIOFilter())  
 
 
 class KafkaDeliveryError(RuntimeError):
-    """Some messages produced since the last flush were not acknowledged by the brokers."""
+    """Some messages produced since the last flush were refused, or failed for good."""
+
+
+class KafkaDeliveryPending(KafkaDeliveryError):
+    """Some messages were not acknowledged within the flush's timeout, and none failed: the brokers are slow or
+    out of reach. The producer keeps them and goes on trying; the next flush waits for them again."""
 
 
 class KafkaAuthenticationError(ValueError):
@@ -178,7 +184,8 @@ class Producer(Protocol):
     def produce(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None) -> None: ...
 
     def flush(self, timeout_s: float) -> None:
-        """Wait for every message since the last flush; raise KafkaDeliveryError if any failed."""
+        """Wait for every message since the last flush; raise KafkaDeliveryError if any failed, else
+        KafkaDeliveryPending if some are not acknowledged yet (kept for the next flush)."""
         ...
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -192,6 +199,23 @@ def _delivery_error(errors: list[str], failed: int, total: int) -> KafkaDelivery
     return KafkaDeliveryError(f"{failed} of {total} Kafka messages not delivered: {shown}")
 
 
+def _raise_failed(errors: list[str], pending: int, total: int, timeout_s: float) -> None:
+    """KafkaDeliveryError for ``errors`` (messages refused or failed for good), else KafkaDeliveryPending for
+    ``pending`` messages not acknowledged within ``timeout_s``; nothing when neither."""
+    if errors:
+        more = [f"{pending} more not acknowledged within {timeout_s:g}s"] if pending else []
+        raise _delivery_error(errors + more, len(errors), total)
+    if pending:
+        raise KafkaDeliveryPending(f"{pending} of {total} Kafka messages not acknowledged within {timeout_s:g}s "
+                                   "(brokers slow or out of reach; the producer keeps them and retries)")
+
+
+_NEVER_GIVE_UP = {  # client options of a producer that keeps trying while the brokers are away
+    "kafka-python": {"delivery_timeout_ms": 2**31 - 1},  # about 24 days
+    "confluent": {"message.timeout.ms": 0},  # librdkafka: no limit
+}
+
+
 RECONNECT_BACKOFF_MAX_MS = 5000  # kafka-python's default, 30 s, kept a client away for up to 30 s after a broker
 # came back (its readiness and deliveries with it; librdkafka's is 10 s)
 
@@ -199,7 +223,7 @@ RECONNECT_BACKOFF_MAX_MS = 5000  # kafka-python's default, 30 s, kept a client a
 class KafkaPythonProducer:
     """:class:`Producer` on kafka-python's ``KafkaProducer`` (acks=all); flush checks every send's future."""
 
-    def __init__(self, bootstrap_servers: str, **client_config: Any):
+    def __init__(self, bootstrap_servers: str, keep_unsent: bool = False, **client_config: Any):
         from kafka import KafkaProducer
 
         # Idempotence off: kafka-python 3.0.x turns any non-retriable batch error (e.g. a message too large
@@ -215,30 +239,45 @@ class KafkaPythonProducer:
         self._producer = KafkaProducer(bootstrap_servers=bootstrap_servers, **config)
         self._futures: list[Any] = []
         self._errors: list[str] = []  # send() failures raised synchronously
+        self._unsent: deque[tuple[str, bytes, bytes | None, list]] = deque()  # no topic metadata yet: sent later
+        self._keep_unsent = keep_unsent  # else a send without metadata fails (a sink that re-sends keeps its own)
 
     def produce(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None) -> None:
         """Queue one message; a failure is reported by the next :meth:`flush`."""
-        try:
-            self._futures.append(self._producer.send(topic, value=value, key=key, headers=list(headers or [])))
-        except Exception as exc:  # kafka-python raises e.g. KafkaTimeoutError, MessageSizeTooLargeError
-            self._errors.append(f"{topic}: {type(exc).__name__}: {exc}")
+        self._unsent.append((topic, value, key, list(headers or [])))
+        self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        """Hand the messages waiting to be sent to the client, in order. ``send`` waits up to max_block_ms for the
+        topic's metadata and raises KafkaTimeoutError when the brokers are out of reach: that message and those
+        after it wait for the next call (they are pending, not failed)."""
+        from kafka.errors import KafkaTimeoutError
+
+        while self._unsent:
+            topic, value, key, headers = self._unsent[0]
+            try:
+                self._futures.append(self._producer.send(topic, value=value, key=key, headers=headers))
+            except KafkaTimeoutError as exc:
+                if self._keep_unsent:
+                    return
+                self._errors.append(f"{topic}: {type(exc).__name__}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - refused for good, e.g. MessageSizeTooLargeError
+                self._errors.append(f"{topic}: {type(exc).__name__}: {exc}")
+            self._unsent.popleft()
 
     def flush(self, timeout_s: float) -> None:
+        self._send_unsent()
         futures, errors = self._futures, self._errors
         self._futures, self._errors = [], []
-        total = len(futures) + len(errors)
-        flush_error = None
+        total = len(futures) + len(errors) + len(self._unsent)
         try:
             self._producer.flush(timeout=timeout_s)
-        except Exception as exc:  # KafkaTimeoutError: some futures are not done; counted below
-            flush_error = f"flush: {type(exc).__name__}: {exc}"
-        for fut in futures:
-            if not fut.is_done:
-                errors.append(f"not acknowledged within {timeout_s:g}s")
-            elif fut.failed():
-                errors.append(f"{type(fut.exception).__name__}: {fut.exception}")
-        if errors:
-            raise _delivery_error(errors + ([flush_error] if flush_error else []), len(errors), total)
+        except Exception:  # noqa: BLE001 - KafkaTimeoutError: some futures are not done; counted below
+            pass
+        pending = [fut for fut in futures if not fut.is_done]
+        self._futures = pending  # still sent and retried by the client: the next flush waits for them
+        errors += [f"{type(f.exception).__name__}: {f.exception}" for f in futures if f.is_done and f.failed()]
+        _raise_failed(errors, len(pending) + len(self._unsent), total, timeout_s)
 
     def close(self, timeout_s: float = 5.0) -> None:
         self._producer.close(timeout=timeout_s)
@@ -286,12 +325,8 @@ class ConfluentProducer:
     def flush(self, timeout_s: float) -> None:
         left = self._producer.flush(timeout_s)
         errors, total = self._errors, self._count
-        self._errors, self._count = [], 0
-        failed = len(errors) + left
-        if left:
-            errors.append(f"{left} messages still queued after {timeout_s:g}s")
-        if errors:
-            raise _delivery_error(errors, failed, total)
+        self._errors, self._count = [], left  # still queued and retried by librdkafka: counted in the next flush
+        _raise_failed(errors, left, total, timeout_s)
 
     def close(self, timeout_s: float = 5.0) -> None:
         if self._producer.flush(timeout_s):
@@ -341,11 +376,17 @@ def read_password_file(path: str | Path) -> str:
 
 
 def make_producer(
-    client: str, bootstrap_servers: str, security: Mapping[str, Any] | None = None, **client_config: Any
+    client: str, bootstrap_servers: str, security: Mapping[str, Any] | None = None, *, never_give_up: bool = False,
+    **client_config: Any,
 ) -> Producer:
-    """A producer for ``client`` ("kafka-python" | "confluent") with the mapped security options."""
-    options = client_security_config(client, security) | client_config
+    """A producer for ``client`` ("kafka-python" | "confluent") with the mapped security options.
+
+    ``never_give_up`` (dead letters, which nothing else keeps): messages are retried for as long as the brokers
+    are away, and a flush meanwhile raises KafkaDeliveryPending; otherwise the clients' delivery timeouts apply
+    (a sink that re-sends its alerts must not pile copies up in the producer)."""
+    options = client_security_config(client, security) | (_NEVER_GIVE_UP[client] if never_give_up else {})
+    options |= client_config
     if client == "kafka-python":
         with kafka_python_bootstrap(bootstrap_servers, security):
-            return KafkaPythonProducer(bootstrap_servers, **options)
+            return KafkaPythonProducer(bootstrap_servers, keep_unsent=never_give_up, **options)
     return ConfluentProducer(bootstrap_servers, **options)

@@ -78,17 +78,20 @@ def test_a_kafka_python_client_that_cannot_connect_raises_one_clear_error() -> N
     assert "ECONNREFUSED" in text or "refused" in text.lower(), text
 
 
-def test_the_delivery_error_counts_the_messages_that_failed() -> None:
-    """Nothing listens: three messages still queued after the flush are "3 of 3", not one error line counted as one
-    message (kafka-python's flush timeout was counted as one more message: "N+1 of N")."""
-    from pipelines.kafka_io import KafkaDeliveryError, make_producer
+def test_messages_not_acknowledged_in_time_are_pending_and_kept_for_the_next_flush() -> None:
+    """Nothing listens: three messages still queued after the flush are "3 of 3" pending (not one error line
+    counted as one message), not failed; the next flush waits for them again with the one produced since."""
+    from pipelines.kafka_io import KafkaDeliveryPending, make_producer
     from pipelines.kafka_local import free_port
 
     producer = make_producer("confluent", f"127.0.0.1:{free_port()}")
     try:
         for i in range(3):
             producer.produce("t", b"%d" % i)
-        with pytest.raises(KafkaDeliveryError, match=r"^3 of 3 Kafka messages not delivered: 3 messages still queued"):
+        with pytest.raises(KafkaDeliveryPending, match=r"^3 of 3 Kafka messages not acknowledged within 0.5s"):
+            producer.flush(0.5)
+        producer.produce("t", b"3")
+        with pytest.raises(KafkaDeliveryPending, match=r"^4 of 4 Kafka messages not acknowledged"):
             producer.flush(0.5)
     finally:
         producer.close(0.1)
