@@ -79,6 +79,11 @@ class Committer:
         else:
             send(offsets, in_rebalance)
 
+    def new_generation(self) -> None:
+        """Partitions assigned: a commit that failed in the old generation (UNKNOWN_MEMBER_ID after a lost session,
+        say) does not hold the new generation's first commit back."""
+        self._retry_at = 0.0
+
     def collect(self) -> None:
         """Apply the answers of asynchronous commits that have come (on the loop thread)."""
         while True:

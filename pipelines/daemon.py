@@ -80,6 +80,7 @@ class Daemon:
         self._crashed = False
         self._joined = False  # an assignment came, if an empty one: the group has taken this member in
         self._lag_due = False
+        self._last_lag = 0.0  # monotonic time of the last lag report
         self._last_record = 0.0  # monotonic time of the last poll that returned records
         self._worker: ScoringWorker | None = None  # processing.score_in_background: the scoring thread
         self._ahead: PollAhead | None = None  # kafka.poll_ahead (confluent): the next poll on a helper thread
@@ -165,6 +166,7 @@ class Daemon:
         self.kafka.assigned()
         self.metrics.rebalances.inc()
         self.positions.assign(tps)
+        self.commits.new_generation()
         self._lag_due = True  # report the new partitions' lag right after this poll
         self.metrics.assigned_partitions.set(len(self.positions.assigned))
 
@@ -256,7 +258,6 @@ class Daemon:
         return code
 
     def _loop(self, count: int | None, deadline: float | None) -> None:
-        last_lag = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
             self._heartbeat = now
@@ -280,14 +281,6 @@ class Daemon:
             if self._worker is None or not self._worker.busy:
                 self._maybe_forget_idle(now)
             self._maybe_reload()
-            if now - last_lag > 15.0 or (self._lag_due and now - last_lag > 1.0):
-                last_lag = now
-                try:
-                    lag = self.source.lag()  # from the last fetch responses: partitions not fetched yet are missing
-                    self.metrics.set_consumer_lag(lag)
-                    self._lag_due = len(lag) < len(self.positions.assigned)  # try again in a second
-                except Exception as exc:  # lag is best effort; never stop the loop for it
-                    log.debug("lag query failed: %s", exc)
 
     def _poll(self) -> RecordBatch:
         """The next batch, positioned; with poll ahead, after a full poll the one after it is started here."""
@@ -303,9 +296,25 @@ class Daemon:
             batch = self.positions.position_new(self.source, batch)
         if self._ahead is not None and (offsets := self._ahead.take_deferred()):  # no poll in flight now
             self.commits.commit(offsets)
+        self._maybe_report_lag()  # no poll in flight now either
         if self._ahead is not None and len(batch) >= most and not self._stop.is_set():
             self._ahead.submit(self.source.poll, most, self._poll_timeout_ms())  # a backlog: overlap processing
         return batch
+
+    def _maybe_report_lag(self) -> None:
+        """Every 15 s (every second while a partition's lag is unknown), with no poll in flight: librdkafka blocks
+        ``assignment()`` while a rebalance callback runs, and a callback that a poll ahead hands to this thread
+        then waits for it for ever."""
+        now = time.monotonic()
+        if not (now - self._last_lag > 15.0 or (self._lag_due and now - self._last_lag > 1.0)):
+            return
+        self._last_lag = now
+        try:
+            lag = self.source.lag()  # from the last fetch responses: partitions not fetched yet are missing
+            self.metrics.set_consumer_lag(lag)
+            self._lag_due = len(lag) < len(self.positions.assigned)  # try again in a second
+        except Exception as exc:  # lag is best effort; never stop the loop for it
+            log.debug("lag query failed: %s", exc)
 
     def _maybe_flush(self, quiet: bool, now: float) -> None:
         """Flush when the micro-batch is full, its oldest window has waited max_delay_ms, or the topic is idle

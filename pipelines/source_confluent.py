@@ -93,16 +93,13 @@ class ConfluentSource:
 
     def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
         if offsets:
+            self._sent_and_answered(offsets, _answer_of_a_synchronous_commit)  # its answer comes to on_commit too
             parts = [self._CTP(t, p, o, metadata=m) for (t, p), (o, m) in offsets.items()]
             self._consumer.commit(offsets=parts, asynchronous=False)
 
     def commit_async(self, offsets: Mapping[TopicPartition, tuple[int, str]], done: CommitDone) -> None:
-        """librdkafka answers every commit, a synchronous one too, through ``on_commit`` with the offsets it sent:
-        the first commit sent with the same offsets takes the answer."""
-        entry = (frozenset((t, p, o) for (t, p), (o, _m) in offsets.items()), done)
-        with self._sent_lock:  # before the commit: with poll ahead, the answer may come on the helper thread
-            self._sent.append(entry)
-        try:
+        entry = self._sent_and_answered(offsets, done)  # before the commit: with poll ahead, the answer may come
+        try:  # on the helper thread
             self._consumer.commit(offsets=[self._CTP(t, p, o, metadata=m) for (t, p), (o, m) in offsets.items()],
                                   asynchronous=True)
         except BaseException:
@@ -110,12 +107,20 @@ class ConfluentSource:
                 self._sent.remove(entry)
             raise
 
+    def _sent_and_answered(self, offsets: Mapping[TopicPartition, tuple[int, str]], done: CommitDone) -> tuple:
+        """librdkafka answers every commit, a synchronous one too, through ``on_commit`` (served by a later poll)
+        with the offsets it sent, in the order sent: the oldest commit sent with those offsets takes an answer."""
+        entry = (frozenset((t, p, o) for (t, p), (o, _m) in offsets.items()), done)
+        with self._sent_lock:
+            self._sent.append(entry)
+        return entry
+
     def _on_commit(self, err: Any, parts: list) -> None:
         """librdkafka's commit callback (served inside poll): the error of the commit, else of a partition."""
         key = frozenset((p.topic, p.partition, p.offset) for p in parts)
         with self._sent_lock:
             i = next((i for i, (sent, _) in enumerate(self._sent) if sent == key), None)
-            if i is None:  # a synchronous commit's answer
+            if i is None:
                 return
             _, done = self._sent.pop(i)
         failed = err if err is not None else next((p.error for p in parts if p.error is not None), None)
@@ -210,3 +215,7 @@ def confluent_columns_py(messages: list) -> tuple:
             np.fromiter((m.offset() for m in kept), np.int64, n),
             np.fromiter((m.timestamp()[1] for m in kept), np.int64, n),
             [m.key() for m in kept], [m.value() or b"" for m in kept])
+
+
+def _answer_of_a_synchronous_commit(_error: BaseException | None) -> None:
+    """Its caller had the answer already (``commit`` returned or raised)."""

@@ -103,3 +103,14 @@ def test_shutdown_and_rebalance_commits_wait_for_the_answer(committer):
     c.commit(_processed(c, 10))  # in flight
     c.commit(_processed(c, 20), wait=True)
     assert client.synchronous == [{("t", 0): (20, "m")}] and c.positions.uncommitted == {}
+
+
+def test_a_new_assignment_ends_the_pause_after_a_failed_commit(committer):
+    c, client, _ = committer
+    c.commit(_processed(c, 10))
+    client.sent[0][1](RuntimeError("UNKNOWN_MEMBER_ID"))  # the old generation's commit, after a lost session
+    c.commit(_processed(c, 10))
+    assert len(client.sent) == 1
+    c.new_generation()
+    c.commit(_processed(c, 10))
+    assert len(client.sent) == 2

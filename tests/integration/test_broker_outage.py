@@ -22,7 +22,21 @@ from pipelines.kafka_local import KafkaSetupError, LocalKafka, create_topic, fre
 from pipelines.kafka_probe import KafkaProbe
 
 from .conftest import service_unavailable
-from .daemon_support import committed_offsets, config_dict, write_config
+from .daemon_support import committed_offsets, config_dict, end_offsets, produce_with_anomalies, write_config
+
+
+def _stopped(daemon: Daemon, thread: threading.Thread, timeout_s: float = 60) -> None:
+    """Stop the daemon; if it does not end in time, fail with every thread's stack (where it waits)."""
+    import sys
+    import traceback
+
+    daemon.request_stop()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        names = {t.ident: t.name for t in threading.enumerate()}
+        stacks = "\n".join(f"--- {names.get(tid, tid)}\n" + "".join(traceback.format_stack(frame)[-12:])
+                           for tid, frame in sys._current_frames().items())
+        pytest.fail(f"the daemon did not stop within {timeout_s:g}s:\n{stacks}")
 
 
 def _until(what: str, check, deadline_s: float, daemon_thread: threading.Thread) -> None:
@@ -75,9 +89,7 @@ def test_a_broker_outage_on_a_quiet_topic_makes_the_daemon_not_ready_until_it_is
         _until("ready again once the broker is back", lambda: ready_gauge() == 1, 60, thread)
         assert reachable() == 1 and daemon.is_ready()
         print(f"{client}: ready {time.monotonic() - back:.1f}s after the broker was back")
-        daemon.request_stop()
-        thread.join(60)
-        assert not thread.is_alive()
+        _stopped(daemon, thread)
     finally:
         broker.stop()
 
@@ -136,9 +148,47 @@ def test_a_hung_broker_does_not_stop_the_loop_and_the_commit_lands_once_it_answe
         assert 0 in ready_seen, "the probe never reported the frozen broker"
         _until("records 10-19 committed once the broker answers",
                lambda: committed_offsets(bootstrap, group, topic_name) == {0: 20}, 120, thread)
-        daemon.request_stop()
-        thread.join(60)
-        assert not thread.is_alive()
+        _stopped(daemon, thread)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        broker.stop()
+
+
+def test_partitions_lost_while_polling_ahead_through_a_backlog_are_replayed_and_committed(daemon_models, topic_name,
+                                                                                          tmp_path):
+    """confluent-kafka, polling ahead through a backlog, loses its partitions to a session timeout while the broker
+    is frozen. librdkafka blocks ``assignment()`` while a rebalance callback runs; the loop asked for the lag (which
+    calls it) while the helper's poll sat in the lost callback, waiting for the loop: both waited for ever (2 of 2
+    runs). The lag is now read with no poll in flight; the daemon rejoins, replays and commits everything."""
+    broker = LocalKafka(free_port(), controller_port=free_port(), data_dir=tmp_path / "kafka", exit_with_parent=True)
+    try:
+        bootstrap = broker.start(timeout_s=120)
+    except KafkaSetupError as exc:
+        service_unavailable(f"local Kafka broker could not start: {exc}")
+    pid = broker.status().pid
+    try:
+        models_dir, names = daemon_models
+        create_topic(bootstrap, topic_name, partitions=2)
+        create_topic(bootstrap, f"{topic_name}-alerts", partitions=1)
+        _, n = produce_with_anomalies(bootstrap, topic_name, 1500, ("spike", "level_shift"))
+        end = end_offsets(bootstrap, topic_name)
+        cfg = config_dict(bootstrap, topic_name, models_dir, names, client="confluent", kafka__session_timeout_ms=6000,
+                          kafka__poll_max_records=100, kafka__commit_interval_ms=0)
+        assert cfg["kafka"].get("poll_ahead", True)  # the default
+        daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+        thread = threading.Thread(target=daemon.run, kwargs={"timeout": 240}, daemon=True)
+        thread.start()
+        _until("a quarter of the backlog read", lambda: daemon.events_seen >= n // 4, 60, thread)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(15)  # past the session timeout
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        group = cfg["kafka"]["group_id"]
+        _until("everything committed after the lost partitions came back",
+               lambda: committed_offsets(bootstrap, group, topic_name) == end, 90, thread)
+        assert time.monotonic() - daemon._heartbeat < 10
+        _stopped(daemon, thread)
     finally:
         os.kill(pid, signal.SIGCONT)
         broker.stop()
