@@ -122,6 +122,7 @@ class Positions:
         self.uncommitted: dict[TopicPartition, int] = {}  # next offset to commit
         self._resume: dict[TopicPartition, int] = {}  # records below these offsets are a rebuild replay
         self._new: set[TopicPartition] = set()  # assigned, not yet positioned
+        self._first_dropped: dict[TopicPartition, int] = {}  # first record polled before a positioning that failed
         self._revoked = False  # a revoke since the last drop_unassigned
 
     def id_of(self, tp: TopicPartition) -> int:
@@ -155,6 +156,7 @@ class Positions:
         for tp in tps:
             self.uncommitted.pop(tp, None)
             self._resume.pop(tp, None)
+            self._first_dropped.pop(tp, None)
         self.assigned -= tps
         self._new -= tps
         self._revoked = True
@@ -183,11 +185,18 @@ class Positions:
         """
         tps = sorted(self._new)
         self._new.clear()
-        first: dict[TopicPartition, int] = {}
+        first = {tp: self._first_dropped.pop(tp) for tp in tps if tp in self._first_dropped}
         for t, p, off in zip(batch.topic, batch.partition.tolist(), batch.offset.tolist(), strict=True):
             first.setdefault((t, p), off)
         starts: dict[TopicPartition, int] = {}
-        committed = source.committed(tps)
+        try:
+            committed = source.committed(tps)
+        except Exception as exc:  # a timeout: the brokers are out of reach; position them after the next poll
+            self._new.update(tps)
+            self._first_dropped.update({tp: off for tp, off in first.items() if tp in self._new})
+            log.warning("could not read the committed offsets of the partitions just assigned %s (%s); trying again "
+                        "after the next poll", tps, exc)
+            return _without(batch, set(tps))
         floors = {tp: _rebuild_floor(got[1]) for tp, got in committed.items() if got is not None}
         log_start = self._log_start(source, [tp for tp, f in floors.items() if 0 <= f < committed[tp][0]])
         for tp, got in committed.items():

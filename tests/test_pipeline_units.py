@@ -215,6 +215,39 @@ def test_positions_replay_commit_and_revoke():
     assert pos._resume == {c: 50}
 
 
+def test_partitions_whose_committed_offsets_cannot_be_read_are_positioned_after_the_next_poll():
+    """Brokers out of reach right after an assignment: ``committed()`` times out. That stopped the daemon; now the
+    partitions' records are left out and positioning is tried again after the next poll, starting (with no commit)
+    at the first record polled before, not at the first of the later poll. The client here records seeks and
+    refuses once on cue (a broker cannot be made to time out on exactly that call)."""
+    from pipelines.positions import Positions
+
+    class _Client:
+        def __init__(self) -> None:
+            self.refuse, self.seeks = True, []
+
+        def committed(self, tps):
+            if self.refuse:
+                self.refuse = False
+                raise TimeoutError("KafkaTimeoutError: committed() within 10 s")
+            return {tp: None for tp in tps}
+
+        def seek(self, tp, offset):
+            self.seeks.append((tp, offset))
+
+    def batch(offsets):
+        n = len(offsets)
+        return RecordBatch(topic=["t"] * n, partition=np.zeros(n, np.int32), offset=np.asarray(offsets, np.int64),
+                           timestamp=np.zeros(n, np.int64), key=[None] * n, value=[b"{}"] * n)
+
+    pos, client = Positions(), _Client()
+    pos.assign([("t", 0)])
+    assert len(pos.position_new(client, batch([5, 6, 7]))) == 0 and pos.needs_positioning
+    assert client.seeks == []
+    assert len(pos.position_new(client, batch([8, 9]))) == 0 and not pos.needs_positioning
+    assert client.seeks == [(("t", 0), 5)]  # back to the first record polled, 5, not 8
+
+
 def test_the_rebuild_floor_is_read_whatever_follows_the_metadata_object():
     """confluent-kafka writes a trailing NUL, and read metadata without one past its end: both must still give the
     floor, and anything else none (the replay then starts at the commit)."""
