@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,36 @@ def kafka_broker() -> Iterator[LocalKafka]:
     yield broker
     if broker.launched:  # leave a broker someone else started on that port alone
         broker.stop()
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[LocalKafka]:
+    """A broker of the test's own (on free ports, data under tmp_path) that it may stop, restart or freeze; resumed
+    and stopped afterwards."""
+    broker = LocalKafka(free_port(), controller_port=free_port(), data_dir=tmp_path / "own-kafka",
+                        exit_with_parent=True)
+    try:
+        broker.start(timeout_s=120)
+    except KafkaSetupError as exc:
+        service_unavailable(f"local Kafka broker could not start: {exc}")
+    try:
+        yield broker
+    finally:
+        thaw(broker)
+        broker.stop()
+
+
+def freeze(broker: LocalKafka) -> None:
+    """SIGSTOP the broker: it keeps its connections open and answers nothing (a hung broker, a network that drops
+    packets)."""
+    os.kill(broker.status().pid, signal.SIGSTOP)
+
+
+def thaw(broker: LocalKafka) -> None:
+    """SIGCONT a frozen broker (nothing when it is not running)."""
+    pid = broker.status().pid
+    if pid:
+        os.kill(pid, signal.SIGCONT)
 
 
 @pytest.fixture(scope="session")

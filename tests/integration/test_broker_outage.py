@@ -2,14 +2,13 @@
 
 A consumer whose brokers are gone sees only empty polls, as on a quiet topic; without the probe of
 pipelines/kafka_probe.py, /readyz, anomalyd_ready and every alert rule stayed green through the outage.
-The broker here is the test's own (stopped and started again on the same ports and data dir), not the session's.
+The broker here is the test's own (``own_broker``: stopped and started again on the same ports and data dir, or
+frozen), not the session's.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 
@@ -18,10 +17,10 @@ import pytest
 from pipelines.config import load_config
 from pipelines.daemon import Daemon
 from pipelines.kafka_io import make_producer
-from pipelines.kafka_local import KafkaSetupError, LocalKafka, create_topic, free_port
+from pipelines.kafka_local import create_topic
 from pipelines.kafka_probe import KafkaProbe
 
-from .conftest import service_unavailable
+from .conftest import freeze, thaw
 from .daemon_support import committed_offsets, config_dict, end_offsets, produce_with_anomalies, write_config
 
 
@@ -49,146 +48,121 @@ def _until(what: str, check, deadline_s: float, daemon_thread: threading.Thread)
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_a_broker_outage_on_a_quiet_topic_makes_the_daemon_not_ready_until_it_is_back(daemon_models, topic_name,
-                                                                                      tmp_path, client):
-    broker = LocalKafka(free_port(), controller_port=free_port(), data_dir=tmp_path / "kafka", exit_with_parent=True)
-    try:
-        bootstrap = broker.start(timeout_s=120)
-    except KafkaSetupError as exc:
-        service_unavailable(f"local Kafka broker could not start: {exc}")
-    try:
-        models_dir, names = daemon_models
-        create_topic(bootstrap, topic_name, partitions=1)
-        producer = make_producer("kafka-python", bootstrap)
-        event = {"stream": "pump-0", "ts": 1764180000000, "values": [0.1] * 4}
-        producer.produce(topic_name, json.dumps(event).encode())
-        producer.flush(30)
-        producer.close()
-        cfg = config_dict(bootstrap, topic_name, models_dir, names, client=client)
-        daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
-        daemon.kafka = KafkaProbe(daemon.metrics.kafka_reachable, interval_s=1.0, timeout_s=1.0)
-        thread = threading.Thread(target=daemon.run, kwargs={"timeout": 240}, daemon=True)
-        thread.start()
-        reachable = lambda: daemon.registry.get_sample_value("anomalyd_kafka_reachable")  # noqa: E731
-        _until("ready with the first record consumed", lambda: daemon.is_ready() and daemon.events_seen, 60, thread)
-        time.sleep(3)  # quiet: probes that the broker answers
-        assert daemon.is_ready() and reachable() == 1
+                                                                                      tmp_path, client, own_broker):
+    broker, bootstrap = own_broker, own_broker.bootstrap
+    models_dir, names = daemon_models
+    create_topic(bootstrap, topic_name, partitions=1)
+    producer = make_producer("kafka-python", bootstrap)
+    event = {"stream": "pump-0", "ts": 1764180000000, "values": [0.1] * 4}
+    producer.produce(topic_name, json.dumps(event).encode())
+    producer.flush(30)
+    producer.close()
+    cfg = config_dict(bootstrap, topic_name, models_dir, names, client=client)
+    daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    daemon.kafka = KafkaProbe(daemon.metrics.kafka_reachable, interval_s=1.0, timeout_s=1.0)
+    thread = threading.Thread(target=daemon.run, kwargs={"timeout": 240}, daemon=True)
+    thread.start()
+    reachable = lambda: daemon.registry.get_sample_value("anomalyd_kafka_reachable")  # noqa: E731
+    _until("ready with the first record consumed", lambda: daemon.is_ready() and daemon.events_seen, 60, thread)
+    time.sleep(3)  # quiet: probes that the broker answers
+    assert daemon.is_ready() and reachable() == 1
 
-        ready_gauge = lambda: daemon.registry.get_sample_value("anomalyd_ready")  # noqa: E731 - set by the loop
-        broker.stop()
-        _until("not ready once the broker is gone", lambda: ready_gauge() == 0, 30, thread)
-        assert reachable() == 0 and not daemon.is_ready()
-        # past the session timeout (15 s): a client that drops the partitions leaves nothing assigned, which is
-        # still an outage, not an idle member
-        gone = time.monotonic()
-        while time.monotonic() - gone < 20:
-            assert ready_gauge() == 0 and thread.is_alive()
-            time.sleep(0.5)
+    ready_gauge = lambda: daemon.registry.get_sample_value("anomalyd_ready")  # noqa: E731 - set by the loop
+    broker.stop()
+    _until("not ready once the broker is gone", lambda: ready_gauge() == 0, 30, thread)
+    assert reachable() == 0 and not daemon.is_ready()
+    # past the session timeout (15 s): a client that drops the partitions leaves nothing assigned, which is
+    # still an outage, not an idle member
+    gone = time.monotonic()
+    while time.monotonic() - gone < 20:
+        assert ready_gauge() == 0 and thread.is_alive()
+        time.sleep(0.5)
 
-        broker.start(timeout_s=120)
-        back = time.monotonic()
-        _until("ready again once the broker is back", lambda: ready_gauge() == 1, 60, thread)
-        assert reachable() == 1 and daemon.is_ready()
-        print(f"{client}: ready {time.monotonic() - back:.1f}s after the broker was back")
-        _stopped(daemon, thread)
-    finally:
-        broker.stop()
+    broker.start(timeout_s=120)
+    back = time.monotonic()
+    _until("ready again once the broker is back", lambda: ready_gauge() == 1, 60, thread)
+    assert reachable() == 1 and daemon.is_ready()
+    print(f"{client}: ready {time.monotonic() - back:.1f}s after the broker was back")
+    _stopped(daemon, thread)
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_a_hung_broker_does_not_stop_the_loop_and_the_commit_lands_once_it_answers(daemon_models, topic_name,
-                                                                                  tmp_path, client):
+                                                                                  tmp_path, client, own_broker):
     """A broker that stops answering without closing its connections (a frozen process here; a network that
     drops packets alike) held a synchronous offset commit, and the loop with it: for 30 s (kafka-python), or until
     the broker woke up (confluent-kafka). Meanwhile the probe could not run, so /readyz stayed green, and /healthz
     went red after 60 s. The loop's commits are asynchronous now (pipelines/commits.py)."""
-    broker = LocalKafka(free_port(), controller_port=free_port(), data_dir=tmp_path / "kafka", exit_with_parent=True)
-    try:
-        bootstrap = broker.start(timeout_s=120)
-    except KafkaSetupError as exc:
-        service_unavailable(f"local Kafka broker could not start: {exc}")
-    pid = broker.status().pid
-    try:
-        models_dir, names = daemon_models
-        create_topic(bootstrap, topic_name, partitions=1)
-        producer = make_producer("kafka-python", bootstrap)
+    bootstrap = own_broker.bootstrap
+    models_dir, names = daemon_models
+    create_topic(bootstrap, topic_name, partitions=1)
+    producer = make_producer("kafka-python", bootstrap)
 
-        def produce(first: int, n: int) -> None:
-            for i in range(first, first + n):
-                event = {"stream": "pump-0", "ts": 1764180000000 + i * 1000, "values": [0.1] * 4}
-                producer.produce(topic_name, json.dumps(event).encode())
-            producer.flush(30)
+    def produce(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            event = {"stream": "pump-0", "ts": 1764180000000 + i * 1000, "values": [0.1] * 4}
+            producer.produce(topic_name, json.dumps(event).encode())
+        producer.flush(30)
 
-        produce(0, 10)
-        # the idle commit comes 3 s after the last record; none while busy (the first flush commits at once)
-        cfg = config_dict(bootstrap, topic_name, models_dir, names, client=client, kafka__poll_timeout_ms=3000,
-                          kafka__commit_interval_ms=600_000,
-                          sinks={"kafka": {"enabled": False}, "log": {"enabled": False}})  # the commit alone
-        daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
-        daemon.kafka = KafkaProbe(daemon.metrics.kafka_reachable, interval_s=1.0, timeout_s=1.0)
-        thread = threading.Thread(target=daemon.run, kwargs={"timeout": 300}, daemon=True)
-        thread.start()
-        group = cfg["kafka"]["group_id"]
-        _until("the first records committed", lambda: committed_offsets(bootstrap, group, topic_name) == {0: 10},
-               60, thread)
-        produce(10, 10)
-        producer.close()
-        _until("the second records consumed", lambda: daemon.events_seen >= 20, 30, thread)
-        os.kill(pid, signal.SIGSTOP)  # before the idle commit of records 10-19
-        try:
-            frozen, longest, ready_seen = time.monotonic(), 0.0, []
-            while time.monotonic() - frozen < 40:
-                longest = max(longest, time.monotonic() - daemon._heartbeat)
-                ready_seen.append(daemon.registry.get_sample_value("anomalyd_ready"))
-                assert thread.is_alive() and daemon.is_alive()
-                time.sleep(0.2)
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        print(f"{client}: the loop's longest pause while the broker was frozen: {longest:.1f} s")
-        assert longest < 15, f"the loop stood still for {longest:.1f} s while the broker was frozen"
-        assert 0 in ready_seen, "the probe never reported the frozen broker"
-        _until("records 10-19 committed once the broker answers",
-               lambda: committed_offsets(bootstrap, group, topic_name) == {0: 20}, 120, thread)
-        _stopped(daemon, thread)
+    produce(0, 10)
+    # the idle commit comes 3 s after the last record; none while busy (the first flush commits at once)
+    cfg = config_dict(bootstrap, topic_name, models_dir, names, client=client, kafka__poll_timeout_ms=3000,
+                      kafka__commit_interval_ms=600_000,
+                      sinks={"kafka": {"enabled": False}, "log": {"enabled": False}})  # the commit alone
+    daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    daemon.kafka = KafkaProbe(daemon.metrics.kafka_reachable, interval_s=1.0, timeout_s=1.0)
+    thread = threading.Thread(target=daemon.run, kwargs={"timeout": 300}, daemon=True)
+    thread.start()
+    group = cfg["kafka"]["group_id"]
+    _until("the first records committed", lambda: committed_offsets(bootstrap, group, topic_name) == {0: 10},
+           60, thread)
+    produce(10, 10)
+    producer.close()
+    _until("the second records consumed", lambda: daemon.events_seen >= 20, 30, thread)
+    freeze(own_broker)  # before the idle commit of records 10-19
+    try:
+        frozen, longest, ready_seen = time.monotonic(), 0.0, []
+        while time.monotonic() - frozen < 40:
+            longest = max(longest, time.monotonic() - daemon._heartbeat)
+            ready_seen.append(daemon.registry.get_sample_value("anomalyd_ready"))
+            assert thread.is_alive() and daemon.is_alive()
+            time.sleep(0.2)
     finally:
-        os.kill(pid, signal.SIGCONT)
-        broker.stop()
+        thaw(own_broker)
+    print(f"{client}: the loop's longest pause while the broker was frozen: {longest:.1f} s")
+    assert longest < 15, f"the loop stood still for {longest:.1f} s while the broker was frozen"
+    assert 0 in ready_seen, "the probe never reported the frozen broker"
+    _until("records 10-19 committed once the broker answers",
+           lambda: committed_offsets(bootstrap, group, topic_name) == {0: 20}, 120, thread)
+    _stopped(daemon, thread)
 
 
 def test_partitions_lost_while_polling_ahead_through_a_backlog_are_replayed_and_committed(daemon_models, topic_name,
-                                                                                          tmp_path):
+                                                                                          tmp_path, own_broker):
     """confluent-kafka, polling ahead through a backlog, loses its partitions to a session timeout while the broker
     is frozen. librdkafka blocks ``assignment()`` while a rebalance callback runs; the loop asked for the lag (which
     calls it) while the helper's poll sat in the lost callback, waiting for the loop: both waited for ever (2 of 2
     runs). The lag is now read with no poll in flight; the daemon rejoins, replays and commits everything."""
-    broker = LocalKafka(free_port(), controller_port=free_port(), data_dir=tmp_path / "kafka", exit_with_parent=True)
+    bootstrap = own_broker.bootstrap
+    models_dir, names = daemon_models
+    create_topic(bootstrap, topic_name, partitions=2)
+    create_topic(bootstrap, f"{topic_name}-alerts", partitions=1)
+    _, n = produce_with_anomalies(bootstrap, topic_name, 1500, ("spike", "level_shift"))
+    end = end_offsets(bootstrap, topic_name)
+    cfg = config_dict(bootstrap, topic_name, models_dir, names, client="confluent", kafka__session_timeout_ms=6000,
+                      kafka__poll_max_records=100, kafka__commit_interval_ms=0)
+    assert cfg["kafka"].get("poll_ahead", True)  # the default
+    daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    thread = threading.Thread(target=daemon.run, kwargs={"timeout": 240}, daemon=True)
+    thread.start()
+    _until("a quarter of the backlog read", lambda: daemon.events_seen >= n // 4, 60, thread)
+    freeze(own_broker)
     try:
-        bootstrap = broker.start(timeout_s=120)
-    except KafkaSetupError as exc:
-        service_unavailable(f"local Kafka broker could not start: {exc}")
-    pid = broker.status().pid
-    try:
-        models_dir, names = daemon_models
-        create_topic(bootstrap, topic_name, partitions=2)
-        create_topic(bootstrap, f"{topic_name}-alerts", partitions=1)
-        _, n = produce_with_anomalies(bootstrap, topic_name, 1500, ("spike", "level_shift"))
-        end = end_offsets(bootstrap, topic_name)
-        cfg = config_dict(bootstrap, topic_name, models_dir, names, client="confluent", kafka__session_timeout_ms=6000,
-                          kafka__poll_max_records=100, kafka__commit_interval_ms=0)
-        assert cfg["kafka"].get("poll_ahead", True)  # the default
-        daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
-        thread = threading.Thread(target=daemon.run, kwargs={"timeout": 240}, daemon=True)
-        thread.start()
-        _until("a quarter of the backlog read", lambda: daemon.events_seen >= n // 4, 60, thread)
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            time.sleep(15)  # past the session timeout
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        group = cfg["kafka"]["group_id"]
-        _until("everything committed after the lost partitions came back",
-               lambda: committed_offsets(bootstrap, group, topic_name) == end, 90, thread)
-        assert time.monotonic() - daemon._heartbeat < 10
-        _stopped(daemon, thread)
+        time.sleep(15)  # past the session timeout
     finally:
-        os.kill(pid, signal.SIGCONT)
-        broker.stop()
+        thaw(own_broker)
+    group = cfg["kafka"]["group_id"]
+    _until("everything committed after the lost partitions came back",
+           lambda: committed_offsets(bootstrap, group, topic_name) == end, 90, thread)
+    assert time.monotonic() - daemon._heartbeat < 10
+    _stopped(daemon, thread)

@@ -77,72 +77,60 @@ def test_a_refused_dead_letter_stops_the_daemon_uncommitted_while_alerts_flow(ka
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_a_dead_letter_the_brokers_cannot_take_yet_holds_the_commit_back_and_goes_out_later(
-        kafka_bootstrap, topic_name, models, tmp_path, client, monkeypatch):
+        kafka_bootstrap, topic_name, models, tmp_path, client, monkeypatch, own_broker):
     """Dead letters go to a second broker here, which is frozen (SIGSTOP) when the bad record comes: brokers out of
     reach, as in an outage or while a partition has no leader. A flush that timed out had stopped the daemon (exit
     1, and a restart loop for as long as the trouble lasted); now the producer keeps the dead letter and retries,
     the offsets wait, and once the broker answers the dead letter goes out and the records are committed."""
-    import os
-    import signal
     import threading
     import time
 
     from pipelines import daemon as daemon_module
-    from pipelines.kafka_local import KafkaSetupError, LocalKafka, free_port
 
-    from .conftest import service_unavailable
+    from .conftest import freeze, thaw
 
-    other = LocalKafka(free_port(), controller_port=free_port(), data_dir=tmp_path / "kafka", exit_with_parent=True)
-    try:
-        dead_letters_at = other.start(timeout_s=120)
-    except KafkaSetupError as exc:
-        service_unavailable(f"local Kafka broker could not start: {exc}")
-    pid = other.status().pid
+    dead_letters_at = own_broker.bootstrap
 
     def producer_for(client_name, bootstrap, security=None, *, never_give_up=False, **options):
         return make_producer(client_name, dead_letters_at if never_give_up else bootstrap, security,
                              never_give_up=never_give_up, **options)
 
     monkeypatch.setattr(daemon_module, "make_producer", producer_for)
-    try:
-        models_dir, names = models
-        dlq = f"{topic_name}-dlq"
-        create_topic(kafka_bootstrap, topic_name, partitions=1)
-        create_topic(dead_letters_at, dlq)
-        _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 60, ("level_shift",))
-        cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client,
-                          sinks={"kafka": {"enabled": False}, "log": {"enabled": False}})
-        daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
-        thread = threading.Thread(target=daemon.run, kwargs={"timeout": 240}, daemon=True)
-        thread.start()
-        group = f"g-{topic_name}"
-        deadline = time.monotonic() + 60
-        while committed_offsets(kafka_bootstrap, group, topic_name) != {0: n}:
-            assert thread.is_alive() and time.monotonic() < deadline, "the good records were not committed"
-            time.sleep(0.2)
-        os.kill(pid, signal.SIGSTOP)
-        _produce(kafka_bootstrap, topic_name, [b"{not json"])
-        deadline = time.monotonic() + 30
-        while daemon.registry.get_sample_value("anomalyd_dead_letters_total",
-                                               {"topic": topic_name, "reason": "bad_json"}) != 1:
-            assert thread.is_alive() and time.monotonic() < deadline, "the bad record was not dead-lettered"
-            time.sleep(0.2)
-        held = time.monotonic()
-        while time.monotonic() - held < 25:  # flushes of 10 s that find the dead letter unacknowledged
-            assert thread.is_alive(), "the daemon stopped on a dead letter the brokers had not acknowledged yet"
-            assert committed_offsets(kafka_bootstrap, group, topic_name) == {0: n}  # not past the bad record
-            time.sleep(1)
-        os.kill(pid, signal.SIGCONT)
-        deadline = time.monotonic() + 90
-        while committed_offsets(kafka_bootstrap, group, topic_name) != {0: n + 1}:
-            assert thread.is_alive() and time.monotonic() < deadline, "not committed once the dead letter went out"
-            time.sleep(0.5)
-        # at least once: a produce request that timed out while the broker was frozen may have been written
-        # before it froze, and kafka-python's producer (idempotence off, pipelines/kafka_io.py) sends it again
-        assert {r.value for r in read_topic(dead_letters_at, dlq)} == {b"{not json"}
-        daemon.request_stop()
-        thread.join(60)
-        assert not thread.is_alive()
-    finally:
-        os.kill(pid, signal.SIGCONT)
-        other.stop()
+    models_dir, names = models
+    dlq = f"{topic_name}-dlq"
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    create_topic(dead_letters_at, dlq)
+    _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 60, ("level_shift",))
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client,
+                      sinks={"kafka": {"enabled": False}, "log": {"enabled": False}})
+    daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    thread = threading.Thread(target=daemon.run, kwargs={"timeout": 240}, daemon=True)
+    thread.start()
+    group = f"g-{topic_name}"
+    deadline = time.monotonic() + 60
+    while committed_offsets(kafka_bootstrap, group, topic_name) != {0: n}:
+        assert thread.is_alive() and time.monotonic() < deadline, "the good records were not committed"
+        time.sleep(0.2)
+    freeze(own_broker)
+    _produce(kafka_bootstrap, topic_name, [b"{not json"])
+    deadline = time.monotonic() + 30
+    while daemon.registry.get_sample_value("anomalyd_dead_letters_total",
+                                           {"topic": topic_name, "reason": "bad_json"}) != 1:
+        assert thread.is_alive() and time.monotonic() < deadline, "the bad record was not dead-lettered"
+        time.sleep(0.2)
+    held = time.monotonic()
+    while time.monotonic() - held < 25:  # flushes of 10 s that find the dead letter unacknowledged
+        assert thread.is_alive(), "the daemon stopped on a dead letter the brokers had not acknowledged yet"
+        assert committed_offsets(kafka_bootstrap, group, topic_name) == {0: n}  # not past the bad record
+        time.sleep(1)
+    thaw(own_broker)
+    deadline = time.monotonic() + 90
+    while committed_offsets(kafka_bootstrap, group, topic_name) != {0: n + 1}:
+        assert thread.is_alive() and time.monotonic() < deadline, "not committed once the dead letter went out"
+        time.sleep(0.5)
+    # at least once: a produce request that timed out while the broker was frozen may have been written
+    # before it froze, and kafka-python's producer (idempotence off, pipelines/kafka_io.py) sends it again
+    assert {r.value for r in read_topic(dead_letters_at, dlq)} == {b"{not json"}
+    daemon.request_stop()
+    thread.join(60)
+    assert not thread.is_alive()
