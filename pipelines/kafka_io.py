@@ -257,11 +257,9 @@ class KafkaPythonProducer:
             topic, value, key, headers = self._unsent[0]
             try:
                 self._futures.append(self._producer.send(topic, value=value, key=key, headers=headers))
-            except KafkaTimeoutError as exc:
-                if self._keep_unsent:
-                    return
-                self._errors.append(f"{topic}: {type(exc).__name__}: {exc}")
             except Exception as exc:  # noqa: BLE001 - refused for good, e.g. MessageSizeTooLargeError
+                if self._keep_unsent and isinstance(exc, KafkaTimeoutError):
+                    return
                 self._errors.append(f"{topic}: {type(exc).__name__}: {exc}")
             self._unsent.popleft()
 
