@@ -7,7 +7,7 @@ The loop's commits are asynchronous: a broker that hangs (a frozen process, a ne
 held a synchronous commit, and with it the loop, its probe and its liveness, for 30 s (kafka-python) or until
 the broker woke up (confluent-kafka). One is in flight at a time; its answer arrives through a later poll and
 :meth:`Committer.collect` applies it. The commits in a rebalance and at shutdown stay synchronous: the
-partitions or the process go right after them.
+partitions or the process go right after them (the shutdown's within its grace period).
 """
 
 from __future__ import annotations
@@ -57,9 +57,11 @@ class Committer:
             floors = np.where((floors < 0) | ((f >= 0) & (f < floors)), f, floors)
         return self.positions.commit_offsets(floors)
 
-    def commit(self, offsets: Offsets, in_rebalance: bool = False, wait: bool = False) -> None:
-        """Commit ``offsets``: synchronously in a rebalance or with ``wait``, else sent unless a commit is still
-        in flight or a failed one is waiting to be retried (what is not committed now is in the next commit)."""
+    def commit(self, offsets: Offsets, in_rebalance: bool = False, wait: bool = False,
+               timeout_s: float | None = None) -> None:
+        """Commit ``offsets``: synchronously in a rebalance or with ``wait`` (that one given up after ``timeout_s``),
+        else sent unless a commit is still in flight or a failed one is waiting to be retried (what is not
+        committed now is in the next commit)."""
         self.collect()
         if not offsets:
             return
@@ -73,7 +75,7 @@ class Committer:
                 log.warning("offset commit sent %.0f s ago has no answer yet (are the brokers reachable?); sending "
                             "the newer offsets after it", now - self._in_flight[1])
                 self._in_flight = None
-        send = self._commit_now if in_rebalance or wait else self._send
+        send = partial(self._commit_now, timeout_s=timeout_s) if in_rebalance or wait else self._send
         if self.ahead is not None:
             self.ahead.commit(send, offsets, in_rebalance)
         else:
@@ -109,10 +111,13 @@ class Committer:
         """The client's commit callback, on the polling thread (the helper's, with poll ahead): queued only."""
         self._answers.put((number, offsets, time.perf_counter() - t0, error))
 
-    def _commit_now(self, offsets: Offsets, in_rebalance: bool = False) -> None:
+    def _commit_now(self, offsets: Offsets, in_rebalance: bool = False, timeout_s: float | None = None) -> None:
         self.last_commit, t0 = time.monotonic(), time.perf_counter()
         try:
-            (self.source.commit_in_rebalance if in_rebalance else self.source.commit)(offsets)
+            if in_rebalance:
+                self.source.commit_in_rebalance(offsets)
+            else:
+                self.source.commit(offsets, timeout_s)
         except Exception as exc:  # e.g. a rebalance in progress: records will be redelivered
             self._finished(offsets, time.perf_counter() - t0, exc)
         else:

@@ -77,7 +77,8 @@ class Daemon:
         self.intake = Intake(self.models.router, self.positions, self.metrics, cfg.kafka.dead_letter_topic,
                              cfg.kafka.max_message_bytes)
         self.kafka = KafkaProbe(self.metrics.kafka_reachable)  # while the topic is quiet: do the brokers answer?
-        self._crashed = False
+        self._leaving = False  # the consumer is being closed: its revoke callback commits nothing
+        self._shutdown_by: float | None = None  # monotonic deadline of the shutdown (shutdown.grace_period_s)
         self._joined = False  # an assignment came, if an empty one: the group has taken this member in
         self._lag_due = False
         self._last_lag = 0.0  # monotonic time of the last lag report
@@ -122,7 +123,7 @@ class Daemon:
         """Score pending windows, flush the sinks, commit, then drop the partitions' state. If delivery or the
         commit fails, the next owner re-reads from the last commit: duplicate alerts (same ids), never lost ones."""
         log.info("partitions revoked: %s", tps)
-        if self._crashed:  # the consumer is being closed after an error: no commit after a crash
+        if self._leaving:  # closing: after a crash (no commit after a crash), or after the shutdown's own commit
             return
         if self._ahead is not None:
             self._ahead.take_deferred()  # still uncommitted, so in the commit below
@@ -138,6 +139,8 @@ class Daemon:
         windows and alert state go, and whoever owns them next replays from the last commit."""
         log.warning("partitions lost (the group session timed out; the next owner replays them from the last "
                     "commit): %s", tps)
+        if self._leaving:  # closing: the state goes with the daemon (and close may run on a thread of its own)
+            return
         if self._ahead is not None:
             self._ahead.take_deferred()  # the other partitions' offsets are still uncommitted: in the next commit
         if self._worker is not None:
@@ -211,11 +214,11 @@ class Daemon:
             # (and the loop commit past it), or the loop's dead-letter flush take an alert's (and crash).
             # dead letters: never given up while the brokers are away (flush says pending, the offsets wait)
             self.producer: Producer = make_producer(k.client, k.bootstrap_servers, security, never_give_up=True)
-            stack.callback(self.producer.close)
+            stack.callback(lambda: self.producer.close(self._shutdown_left()))
             alerts_producer = make_producer(k.client, k.bootstrap_servers, security) if self.cfg.sinks.kafka.enabled \
                 else None
             if alerts_producer is not None:
-                stack.callback(alerts_producer.close)
+                stack.callback(lambda: alerts_producer.close(self._shutdown_left()))
             self.sinks: FanoutSink = build_sinks(dataclasses.asdict(self.cfg.sinks), alerts_producer)
             stack.callback(self.sinks.close)
             if self.cfg.processing.score_in_background:
@@ -242,19 +245,18 @@ class Daemon:
                 self._loop(count, deadline)
                 crashed = False
             finally:
-                self._crashed = crashed
+                self._shutdown_by = time.monotonic() + self.cfg.shutdown.grace_period_s
+                self._leaving = crashed
                 if self._ahead is not None:
                     self._ahead.close()  # a batch polled ahead is not processed, so not committed
                 self.metrics.set_state(up=False, ready=False)
                 if crashed:
-                    self.source.close()  # no commit after a crash
+                    self.source.close(self._shutdown_left())  # no commit after a crash
             try:
                 code = self._shutdown()
-            except BaseException:  # a refused dead letter: leave the group now, committing nothing (not even in
-                self._crashed = True  # the revoke callback that close runs, whose flush would find no error left)
-                self.source.close()
-                raise
-            self.source.close()
+            finally:  # the shutdown committed what it could (a refused dead letter: nothing); close commits nothing
+                self._leaving = True  # more, not even in the revoke callback that close runs
+                self.source.close(self._shutdown_left())
         return code
 
     def _loop(self, count: int | None, deadline: float | None) -> None:
@@ -378,13 +380,25 @@ class Daemon:
         return max(0, min(timeout, int(left)))
 
     def _shutdown(self) -> int:
-        grace = self.cfg.shutdown.grace_period_s
+        """Score, deliver and commit what is pending, within shutdown.grace_period_s. Exit code 1 when something
+        was not delivered or not committed: the next owner of those records repeats them."""
         try:
-            self._flush_and_commit(timeout_s=grace, wait=True)
-            return 0
+            self._flush_and_commit(timeout_s=self._shutdown_left(), wait=True)
         except _RETRIED as exc:
             log.error("shutdown: delivery not complete, offsets not committed (the next run repeats it): %s", exc)
             return 1
+        if self.positions.uncommitted:  # the commit failed, or found no answer in time (logged)
+            log.error("shutdown: offsets not committed (the next owner replays them): %s",
+                      sorted(self.positions.uncommitted.items()))
+            return 1
+        return 0
+
+    def _shutdown_left(self) -> float:
+        """What is left of the shutdown's grace period, at least a second (each step that waits for Kafka or a
+        sink gets it); the whole period before the shutdown began."""
+        if self._shutdown_by is None:
+            return max(1.0, self.cfg.shutdown.grace_period_s)
+        return max(1.0, self._shutdown_by - time.monotonic())
 
     # -- processing ------------------------------------------------------------------------------------
     def process(self, batch: RecordBatch) -> None:
@@ -430,13 +444,19 @@ class Daemon:
     def _flush_and_commit(self, timeout_s: float = 30.0, in_rebalance: bool = False, commit: bool = True,
                           wait: bool = False) -> None:
         """Score what is pending, deliver dead letters and alerts, then (``commit``) commit what is processed
-        (asynchronously unless ``in_rebalance`` or ``wait``: :mod:`pipelines.commits`)."""
+        (asynchronously unless ``in_rebalance`` or ``wait``: :mod:`pipelines.commits`); within ``timeout_s``, each
+        step that waits given what is left of it (at least a second)."""
+        by = time.monotonic() + timeout_s
+
+        def left() -> float:
+            return max(1.0, by - time.monotonic())
+
         self._finish_background(timeout_s, in_rebalance)
         self.flush()
-        self.producer.flush(timeout_s)  # dead letters
-        self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed
+        self.producer.flush(left())  # dead letters
+        self.sinks.flush(left(), self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed
         if commit and self.positions.uncommitted:
-            self.commits.commit(self.commits.offsets(self.routes), in_rebalance, wait)
+            self.commits.commit(self.commits.offsets(self.routes), in_rebalance, wait, left() if wait else None)
 
     # -- scoring on a second thread (processing.score_in_background) ---------------------------------------
     def _flush_in_background(self, timeout_s: float, commit: bool, windows: int) -> None:

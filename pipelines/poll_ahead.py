@@ -57,6 +57,7 @@ class PollAhead:
         self._thread: threading.Thread | None = None
         self._serving: _Call | None = None  # the helper's callback the loop thread is running
         self._deferred: dict = {}  # offsets to commit once no poll is in flight
+        self._closed = False
 
     @property
     def in_flight(self) -> bool:
@@ -91,7 +92,9 @@ class PollAhead:
 
     def wrap(self, callback: Callable[..., None]) -> Callable[..., None]:
         def on_loop_thread(*args: Any) -> None:
-            if threading.get_ident() == self._loop_thread:  # the loop's own poll, or close()
+            # the loop's own poll or close(); or, once this is closed, a close() the loop waits for on a thread of
+            # its own (ConfluentSource.close with a timeout): nobody would take the callback
+            if threading.get_ident() == self._loop_thread or self._closed:
                 callback(*args)
                 return
             call = _Call(callback, args)
@@ -147,8 +150,9 @@ class PollAhead:
             return 0
 
     def close(self) -> None:
-        """Drain, then end the helper thread."""
+        """Drain, then end the helper thread; callbacks run on the thread that calls them from now on."""
         self.drain()
+        self._closed = True
         if self._thread is not None:
             self._work.put(None)
             self._thread.join()

@@ -61,8 +61,9 @@ class RecordBatch:
 
 class Source(Protocol):
     def poll(self, max_records: int, timeout_ms: int) -> RecordBatch: ...
-    def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
-        """Synchronously commit ``{tp: (next offset, metadata)}``."""
+    def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]], timeout_s: float | None = None) -> None:
+        """Synchronously commit ``{tp: (next offset, metadata)}``; raises when it fails, or when no answer came
+        within ``timeout_s`` (None: the client's own limit, none at all for confluent-kafka)."""
     def commit_async(self, offsets: Mapping[TopicPartition, tuple[int, str]], done: CommitDone) -> None:
         """Send the commit and return; ``done(error or None)`` is called from a later ``poll`` (on the polling
         thread), or never when the brokers never answer. A broker that hangs held a synchronous commit (and the
@@ -79,7 +80,9 @@ class Source(Protocol):
         """Whether the brokers answer: the leader of an assigned partition, else of a subscribed topic's first
         partition (a ListOffsets round trip of at most ``timeout_s``; a member whose partitions an outage took is
         not an idle one). None when no partition is known at all."""
-    def close(self) -> None: ...
+    def close(self, timeout_s: float | None = None) -> None:
+        """Leave the group and release the client, giving up after ``timeout_s`` (brokers that do not answer);
+        commits nothing."""
 
 
 class KafkaCommitError(RuntimeError):

@@ -3,7 +3,9 @@ native pass where the native decoder is built."""
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +23,8 @@ from .source import (
     RecordBatch,
     TopicPartition,
 )
+
+log = logging.getLogger(__name__)
 
 # librdkafka stops fetching a partition whose prefetch queue is over its thresholds (queued.min.messages, 100,000
 # messages) and looks again only after this long; its default, 1 s, left a consumer that drains 100,000 messages
@@ -91,29 +95,45 @@ class ConfluentSource:
         msgs = [first] + (self._consumer.consume(num_messages=max_records - 1, timeout=0) if max_records > 1 else [])
         return RecordBatch(*self._columns(msgs), _ConfluentHeaders(msgs))  # failed messages left out of the columns
 
-    def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
-        if offsets:
-            self._sent_and_answered(offsets, _answer_of_a_synchronous_commit)  # its answer comes to on_commit too
-            parts = [self._CTP(t, p, o, metadata=m) for (t, p), (o, m) in offsets.items()]
-            self._consumer.commit(offsets=parts, asynchronous=False)
+    def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]], timeout_s: float | None = None) -> None:
+        """librdkafka's synchronous commit waits for its answer for ever (a broker that hangs held the shutdown
+        until it woke up); with ``timeout_s`` the commit is sent asynchronously and polls with every partition
+        paused serve callbacks, its answer among them, until it comes or the time is up."""
+        if not offsets:
+            return
+        if timeout_s is None:  # its answer is the return value (confluent-kafka never hands it to on_commit)
+            self._consumer.commit(offsets=self._parts(offsets), asynchronous=False)
+            return
+        answers: list[BaseException | None] = []
+        deadline = time.monotonic() + timeout_s
+        paused = self._consumer.assignment()
+        self._consumer.pause(paused)
+        try:
+            self.commit_async(offsets, answers.append)
+            while not answers and (left := deadline - time.monotonic()) > 0:
+                self._consumer.poll(min(left, 0.1))  # a message fetched before the pause is left uncommitted
+        finally:
+            self._consumer.resume(paused)
+        if not answers:
+            raise KafkaCommitError(f"offset commit not answered within {timeout_s:g}s (are the brokers reachable?)")
+        if answers[0] is not None:
+            raise answers[0]
 
     def commit_async(self, offsets: Mapping[TopicPartition, tuple[int, str]], done: CommitDone) -> None:
-        entry = self._sent_and_answered(offsets, done)  # before the commit: with poll ahead, the answer may come
-        try:  # on the helper thread
-            self._consumer.commit(offsets=[self._CTP(t, p, o, metadata=m) for (t, p), (o, m) in offsets.items()],
-                                  asynchronous=True)
+        """librdkafka answers an asynchronous commit through ``on_commit`` (served by a later poll) with the offsets
+        it sent, in the order sent: the oldest commit sent with those offsets takes an answer."""
+        entry = (frozenset((t, p, o) for (t, p), (o, _m) in offsets.items()), done)
+        with self._sent_lock:  # before the commit: with poll ahead, the answer may come on the helper thread
+            self._sent.append(entry)
+        try:
+            self._consumer.commit(offsets=self._parts(offsets), asynchronous=True)
         except BaseException:
             with self._sent_lock:
                 self._sent.remove(entry)
             raise
 
-    def _sent_and_answered(self, offsets: Mapping[TopicPartition, tuple[int, str]], done: CommitDone) -> tuple:
-        """librdkafka answers every commit, a synchronous one too, through ``on_commit`` (served by a later poll)
-        with the offsets it sent, in the order sent: the oldest commit sent with those offsets takes an answer."""
-        entry = (frozenset((t, p, o) for (t, p), (o, _m) in offsets.items()), done)
-        with self._sent_lock:
-            self._sent.append(entry)
-        return entry
+    def _parts(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> list:
+        return [self._CTP(t, p, o, metadata=m) for (t, p), (o, m) in offsets.items()]
 
     def _on_commit(self, err: Any, parts: list) -> None:
         """librdkafka's commit callback (served inside poll): the error of the commit, else of a partition."""
@@ -180,8 +200,18 @@ class ConfluentSource:
             out[(pos.topic, pos.partition)] = max(0, high - pos.offset) if pos.offset >= 0 else high
         return out
 
-    def close(self) -> None:
-        self._consumer.close()
+    def close(self, timeout_s: float | None = None) -> None:
+        """librdkafka's close has no timeout (it waits for brokers that hang to answer the group's leave): with
+        ``timeout_s`` it runs on a thread of its own, given up (and never touched again) when the time is up."""
+        if timeout_s is None:
+            self._consumer.close()
+            return
+        closing = threading.Thread(target=self._consumer.close, name="anomalyd-consumer-close", daemon=True)
+        closing.start()
+        closing.join(timeout_s)
+        if closing.is_alive():
+            log.warning("the Kafka consumer did not close within %gs (are the brokers reachable?); left behind, "
+                        "it goes with the process", timeout_s)
 
 
 class _ConfluentHeaders:
@@ -216,6 +246,3 @@ def confluent_columns_py(messages: list) -> tuple:
             np.fromiter((m.timestamp()[1] for m in kept), np.int64, n),
             [m.key() for m in kept], [m.value() or b"" for m in kept])
 
-
-def _answer_of_a_synchronous_commit(_error: BaseException | None) -> None:
-    """Its caller had the answer already (``commit`` returned or raised)."""

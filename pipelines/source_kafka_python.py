@@ -90,9 +90,9 @@ class KafkaPythonSource:
             headers_of=lambda i: list(records[i].headers or []),
         )
 
-    def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
-        if offsets:
-            self._consumer.commit(self._offsets(offsets))
+    def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]], timeout_s: float | None = None) -> None:
+        if offsets:  # without a timeout, kafka-python's request_timeout_ms (30 s)
+            self._consumer.commit(self._offsets(offsets), timeout_ms=_ms(timeout_s))
 
     def commit_async(self, offsets: Mapping[TopicPartition, tuple[int, str]], done: CommitDone) -> None:
         def finished(_offsets: Any, response: Any) -> None:  # an OffsetCommitResponse, or the exception
@@ -159,8 +159,12 @@ class KafkaPythonSource:
                 out[(tp.topic, tp.partition)] = max(0, end - at)
         return out
 
-    def close(self) -> None:
-        self._consumer.close(autocommit=False)
+    def close(self, timeout_s: float | None = None) -> None:
+        self._consumer.close(autocommit=False, timeout_ms=_ms(timeout_s))
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else max(1, int(seconds * 1000))
 
 
 def _metadata_before_first_join(consumer: Any, timeout_ms: int = 10_000) -> None:

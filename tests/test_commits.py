@@ -20,6 +20,7 @@ class _RecordingClient:
     def __init__(self) -> None:
         self.sent: list[tuple[dict, object]] = []  # (offsets, done)
         self.synchronous: list[dict] = []
+        self.timeouts: list[float | None] = []
         self.refuse: Exception | None = None
 
     def commit_async(self, offsets, done) -> None:
@@ -27,8 +28,9 @@ class _RecordingClient:
             raise self.refuse
         self.sent.append((dict(offsets), done))
 
-    def commit(self, offsets) -> None:
+    def commit(self, offsets, timeout_s=None) -> None:
         self.synchronous.append(dict(offsets))
+        self.timeouts.append(timeout_s)
 
 
 @pytest.fixture
@@ -101,8 +103,9 @@ def test_an_unanswered_commit_is_given_up_and_the_newer_offsets_sent(committer, 
 def test_shutdown_and_rebalance_commits_wait_for_the_answer(committer):
     c, client, _ = committer
     c.commit(_processed(c, 10))  # in flight
-    c.commit(_processed(c, 20), wait=True)
+    c.commit(_processed(c, 20), wait=True, timeout_s=4.0)  # the shutdown's, given what is left of its grace
     assert client.synchronous == [{("t", 0): (20, "m")}] and c.positions.uncommitted == {}
+    assert client.timeouts == [4.0]
 
 
 def test_a_new_assignment_ends_the_pause_after_a_failed_commit(committer):

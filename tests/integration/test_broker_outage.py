@@ -137,6 +137,51 @@ def test_a_hung_broker_does_not_stop_the_loop_and_the_commit_lands_once_it_answe
     _stopped(daemon, thread)
 
 
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_stop_while_the_broker_hangs_ends_within_the_grace_period(daemon_models, topic_name, tmp_path, client,
+                                                                     own_broker):
+    """The shutdown's commit and the consumer's close wait for a broker that hangs no longer than
+    shutdown.grace_period_s (and a second for each client closed after it): they waited 30 s (kafka-python) and
+    until the broker woke up (confluent-kafka: its synchronous commit and its close have no timeout), past the pod's
+    terminationGracePeriodSeconds. The records processed since the last commit are not committed: exit code 1."""
+    bootstrap, grace = own_broker.bootstrap, 5
+    models_dir, names = daemon_models
+    create_topic(bootstrap, topic_name, partitions=1)
+    producer = make_producer("kafka-python", bootstrap)
+
+    def produce(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            event = {"stream": "pump-0", "ts": 1764180000000 + i * 1000, "values": [0.1] * 4}
+            producer.produce(topic_name, json.dumps(event).encode())
+        producer.flush(30)
+
+    produce(0, 10)  # committed at the first flush; the next ten only by the shutdown
+    cfg = config_dict(bootstrap, topic_name, models_dir, names, client=client, kafka__poll_timeout_ms=3000,
+                      kafka__commit_interval_ms=600_000, shutdown={"grace_period_s": grace},
+                      sinks={"kafka": {"enabled": False}, "log": {"enabled": False}})
+    daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    exit_code: list[int] = []
+    thread = threading.Thread(target=lambda: exit_code.append(daemon.run(timeout=300)), daemon=True)
+    thread.start()
+    _until("the first records committed",
+           lambda: committed_offsets(bootstrap, cfg["kafka"]["group_id"], topic_name) == {0: 10}, 60, thread)
+    produce(10, 10)
+    producer.close()
+    _until("every record consumed", lambda: daemon.events_seen >= 20, 30, thread)
+    freeze(own_broker)
+    try:
+        asked = time.monotonic()
+        daemon.request_stop()
+        thread.join(grace + 30)
+        took = time.monotonic() - asked
+    finally:
+        thaw(own_broker)
+    print(f"{client}: stopped {took:.1f} s after it was asked to, with the broker frozen")
+    assert not thread.is_alive(), f"still not stopped {took:.0f} s after it was asked to"
+    assert took < grace + 8, f"stopped {took:.1f} s after it was asked to, grace period {grace} s"
+    assert exit_code == [1]
+
+
 def test_partitions_lost_while_polling_ahead_through_a_backlog_are_replayed_and_committed(daemon_models, topic_name,
                                                                                           tmp_path, own_broker):
     """confluent-kafka, polling ahead through a backlog, loses its partitions to a session timeout while the broker

@@ -42,7 +42,6 @@ def test_lag_follows_the_position(kafka_bootstrap: str, topic_name: str, client:
         source.close()
 
 
-
 def _poll_until_assigned(source: Source, want: set[tuple[str, int]]) -> None:
     """Poll for 1 ms, then work for 20 ms (the daemon's loop between polls), until ``want`` is assigned."""
     give_up = time.monotonic() + 30.0  # a join takes tens of ms, the metadata refresh 0.5 s; a hang guard
@@ -106,3 +105,34 @@ def test_a_fresh_consumer_of_a_new_topic_joins_once(kafka_bootstrap: str, topic_
         finally:
             source.close()
         assert assigned == [4], f"try {i}: assignments of {assigned} partitions"
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_commits_with_a_timeout_and_an_asynchronous_one_after_the_same_offsets_are_answered(
+        kafka_bootstrap: str, topic_name: str, client: str) -> None:
+    """A synchronous commit given a timeout lands (confluent-kafka: sent asynchronously, its answer served by polls
+    with the partitions paused), and an asynchronous commit of the same offsets after it is answered: confluent-kafka
+    hands a synchronous commit's answer to its caller only, so one registered for ``on_commit`` was never taken and
+    took the answer of the next commit of the same offsets, whose caller then waited for ever."""
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    producer = make_producer(client, kafka_bootstrap)
+    for i in range(10):
+        producer.produce(topic_name, f'{{"stream":"s","ts":{i},"values":[{i}]}}'.encode())
+    producer.flush(30)
+    producer.close()
+    source = make_source(client, bootstrap_servers=kafka_bootstrap, group_id=topic_name, topics=[topic_name],
+                         pattern=None, on_assign=lambda _tps: None, on_revoke=lambda _tps: None)
+    tp = (topic_name, 0)
+    try:
+        assert _poll_until(source, 10, 100) == 10
+        source.commit({tp: (4, "a")})
+        source.commit({tp: (7, "b")}, timeout_s=10)
+        assert source.committed([tp])[tp][0] == 7
+        answers: list[BaseException | None] = []
+        source.commit_async({tp: (7, "b")}, answers.append)
+        give_up = time.monotonic() + 30
+        while not answers and time.monotonic() < give_up:
+            source.poll(100, 100)
+        assert answers == [None]
+    finally:
+        source.close(timeout_s=10)
