@@ -211,7 +211,9 @@ def _raise_failed(errors: list[str], pending: int, total: int, timeout_s: float)
 
 
 _NEVER_GIVE_UP = {  # client options of a producer that keeps trying while the brokers are away
-    "kafka-python": {"delivery_timeout_ms": 2**31 - 1},  # about 24 days
+    # kafka-python: a send that finds no metadata for its topic is kept for the next flush after 1 s, not 10 s:
+    # the loop's thread sends (kafka-python's send waits up to max_block_ms for that metadata)
+    "kafka-python": {"delivery_timeout_ms": 2**31 - 1, "max_block_ms": 1000},  # about 24 days
     "confluent": {"message.timeout.ms": 0},  # librdkafka: no limit
 }
 
@@ -243,9 +245,12 @@ class KafkaPythonProducer:
         self._keep_unsent = keep_unsent  # else a send without metadata fails (a sink that re-sends keeps its own)
 
     def produce(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None) -> None:
-        """Queue one message; a failure is reported by the next :meth:`flush`."""
+        """Queue one message; a failure is reported by the next :meth:`flush`. Behind messages that found no topic
+        metadata (brokers out of reach) it waits with them for the next flush, so each costs no wait of its own."""
+        waiting = bool(self._unsent)
         self._unsent.append((topic, value, key, list(headers or [])))
-        self._send_unsent()
+        if not waiting:
+            self._send_unsent()
 
     def _send_unsent(self) -> None:
         """Hand the messages waiting to be sent to the client, in order. ``send`` waits up to max_block_ms for the
