@@ -243,6 +243,7 @@ class KafkaPythonProducer:
         self._errors: list[str] = []  # send() failures raised synchronously
         self._unsent: deque[tuple[str, bytes, bytes | None, list]] = deque()  # no topic metadata yet: sent later
         self._keep_unsent = keep_unsent  # else a send without metadata fails (a sink that re-sends keeps its own)
+        self._no_metadata: set[str] = set()  # topics a send found no metadata for, since the last flush
 
     def produce(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None) -> None:
         """Queue one message; a failure is reported by the next :meth:`flush`. Behind messages that found no topic
@@ -254,22 +255,30 @@ class KafkaPythonProducer:
 
     def _send_unsent(self) -> None:
         """Hand the messages waiting to be sent to the client, in order. ``send`` waits up to max_block_ms for the
-        topic's metadata and raises KafkaTimeoutError when the brokers are out of reach: that message and those
-        after it wait for the next call (they are pending, not failed)."""
+        topic's metadata and raises KafkaTimeoutError when the brokers are out of reach: with ``keep_unsent`` that
+        message and those after it wait for the next call (pending, not failed); otherwise it fails, and so do the
+        later messages for that topic until the next flush, without a wait each (an alert burst waited 10 s per
+        alert, on the scoring thread)."""
         from kafka.errors import KafkaTimeoutError
 
         while self._unsent:
             topic, value, key, headers = self._unsent[0]
             try:
+                if topic in self._no_metadata:
+                    raise KafkaTimeoutError(f"no metadata for topic {topic!r} (a send waited for it since the last "
+                                            "flush: brokers out of reach?)")
                 self._futures.append(self._producer.send(topic, value=value, key=key, headers=headers))
             except Exception as exc:  # noqa: BLE001 - refused for good, e.g. MessageSizeTooLargeError
-                if self._keep_unsent and isinstance(exc, KafkaTimeoutError):
-                    return
+                if isinstance(exc, KafkaTimeoutError):
+                    if self._keep_unsent:
+                        return
+                    self._no_metadata.add(topic)
                 self._errors.append(f"{topic}: {type(exc).__name__}: {exc}")
             self._unsent.popleft()
 
     def flush(self, timeout_s: float) -> None:
         self._send_unsent()
+        self._no_metadata.clear()  # the next send tries again
         futures, errors = self._futures, self._errors
         self._futures, self._errors = [], []
         total = len(futures) + len(errors) + len(self._unsent)

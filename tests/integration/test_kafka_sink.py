@@ -100,3 +100,25 @@ def test_broker_rejection_fails_flush_and_the_alert_is_resent(
         producer.close()
     (record,) = _read(kafka_bootstrap, topic_name, 1)
     assert Alert.from_dict(json.loads(record.value)) == alert
+
+
+def test_sends_that_find_no_metadata_wait_once_per_flush(own_broker, topic_name: str) -> None:
+    """kafka-python's send waits max_block_ms (10 s) for its topic's metadata. With the brokers out of reach (frozen
+    here) before the topic's first message, every alert of a burst waited that long, on the scoring thread that the
+    loop waits for (and again at each re-send); now the first waits and the others fail at once, until the flush
+    reports them all (the sink keeps them and re-sends them at its next flush)."""
+    from .conftest import freeze, thaw
+
+    producer = make_producer("kafka-python", own_broker.bootstrap)
+    freeze(own_broker)
+    try:
+        t0 = time.monotonic()
+        for i in range(5):
+            producer.produce(topic_name, b"alert %d" % i)
+        took = time.monotonic() - t0
+        with pytest.raises(KafkaDeliveryError, match="5 of 5 Kafka messages not delivered"):
+            producer.flush(1)
+    finally:
+        thaw(own_broker)
+    producer.close()
+    assert took < 25, f"5 sends took {took:.0f} s"
