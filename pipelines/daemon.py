@@ -77,7 +77,7 @@ class Daemon:
         self.intake = Intake(self.models.router, self.positions, self.metrics, cfg.kafka.dead_letter_topic,
                              cfg.kafka.max_message_bytes)
         self.kafka = KafkaProbe(self.metrics.kafka_reachable)  # while the topic is quiet: do the brokers answer?
-        self._leaving = False  # the consumer is being closed: its revoke callback commits nothing
+        self._leaving = False  # the loop has ended: rebalance callbacks do nothing (see run)
         self._shutdown_by: float | None = None  # monotonic deadline of the shutdown (shutdown.grace_period_s)
         self._joined = False  # an assignment came, if an empty one: the group has taken this member in
         self._lag_due = False
@@ -123,7 +123,7 @@ class Daemon:
         """Score pending windows, flush the sinks, commit, then drop the partitions' state. If delivery or the
         commit fails, the next owner re-reads from the last commit: duplicate alerts (same ids), never lost ones."""
         log.info("partitions revoked: %s", tps)
-        if self._leaving:  # closing: after a crash (no commit after a crash), or after the shutdown's own commit
+        if self._leaving:  # after a crash (no commit after a crash), or in the shutdown, which commits itself
             return
         if self._ahead is not None:
             self._ahead.take_deferred()  # still uncommitted, so in the commit below
@@ -139,7 +139,7 @@ class Daemon:
         windows and alert state go, and whoever owns them next replays from the last commit."""
         log.warning("partitions lost (the group session timed out; the next owner replays them from the last "
                     "commit): %s", tps)
-        if self._leaving:  # closing: the state goes with the daemon (and close may run on a thread of its own)
+        if self._leaving:  # the shutdown's commit is in flight, or a crash: the state goes with the daemon
             return
         if self._ahead is not None:
             self._ahead.take_deferred()  # the other partitions' offsets are still uncommitted: in the next commit
@@ -165,6 +165,8 @@ class Daemon:
     def _on_assign(self, tps: list[TopicPartition]) -> None:
         """Only bookkeeping; the loop positions the new partitions right after poll returns."""
         log.info("partitions assigned: %s", tps)
+        if self._leaving:
+            return
         self._joined = True
         self.kafka.assigned()
         self.metrics.rebalances.inc()
@@ -252,10 +254,14 @@ class Daemon:
                 self.metrics.set_state(up=False, ready=False)
                 if crashed:
                     self.source.close(self._shutdown_left())  # no commit after a crash
+            # From here the rebalance callbacks do nothing. librdkafka serves them inside the polls that wait for the
+            # shutdown's commit, and in close (on a thread of its own): a lost session had dropped the uncommitted
+            # offsets (exit 0 after a failed commit), a revoke had made an unbounded commit of its own, and after
+            # the shutdown (which commits what it can; a refused dead letter: nothing) nothing more is committed.
+            self._leaving = True
             try:
                 code = self._shutdown()
-            finally:  # the shutdown committed what it could (a refused dead letter: nothing); close commits nothing
-                self._leaving = True  # more, not even in the revoke callback that close runs
+            finally:
                 self.source.close(self._shutdown_left())
         return code
 
@@ -451,7 +457,7 @@ class Daemon:
         def left() -> float:
             return max(1.0, by - time.monotonic())
 
-        self._finish_background(timeout_s, in_rebalance)
+        self._finish_background(left(), in_rebalance)
         self.flush()
         self.producer.flush(left())  # dead letters
         self.sinks.flush(left(), self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed

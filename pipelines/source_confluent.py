@@ -111,7 +111,8 @@ class ConfluentSource:
         try:
             self.commit_async(offsets, answers.append)
             while not answers and (left := deadline - time.monotonic()) > 0:
-                self._consumer.poll(min(left, 0.1))  # a message fetched before the pause is left uncommitted
+                self._consumer.poll(min(left, 0.01))  # returns at its timeout (no message comes while paused;
+                # one fetched before the pause is left uncommitted), having served the answer
         finally:
             self._consumer.resume(paused)
         if not answers:
@@ -206,12 +207,27 @@ class ConfluentSource:
         if timeout_s is None:
             self._consumer.close()
             return
-        closing = threading.Thread(target=self._consumer.close, name="anomalyd-consumer-close", daemon=True)
+        failed: list[BaseException] = []
+
+        def close() -> None:
+            try:
+                self._consumer.close()
+            except BaseException as exc:  # noqa: BLE001 - raised below, or logged when given up
+                failed.append(exc)
+                if not done.is_set():
+                    return
+                log.warning("the Kafka consumer's close failed after it was given up: %s", exc)
+
+        done = threading.Event()  # set when the caller has stopped waiting
+        closing = threading.Thread(target=close, name="anomalyd-consumer-close", daemon=True)
         closing.start()
         closing.join(timeout_s)
+        done.set()
         if closing.is_alive():
             log.warning("the Kafka consumer did not close within %gs (are the brokers reachable?); left behind, "
                         "it goes with the process", timeout_s)
+        elif failed:
+            raise failed[0]
 
 
 class _ConfluentHeaders:
