@@ -459,8 +459,14 @@ class Daemon:
 
         self._finish_background(left(), in_rebalance)
         self.flush()
-        self.producer.flush(left())  # dead letters
+        waiting = None
+        try:
+            self.producer.flush(left())  # dead letters
+        except KafkaDeliveryPending as exc:  # the alerts still go out (a refused dead letter stops the daemon)
+            waiting = exc
         self.sinks.flush(left(), self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed
+        if waiting is not None:  # nothing is committed either
+            raise waiting
         if commit and self.positions.uncommitted:
             self.commits.commit(self.commits.offsets(self.routes), in_rebalance, wait, left() if wait else None)
 

@@ -72,11 +72,14 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 
 def produce_with_anomalies(bootstrap: str, topic: str, steps: int, kinds: tuple[str, ...],
-                           truth_path: Path | None = None, rate: float | None = None) -> tuple[list[dict], int]:
-    """Produce ``steps`` steps of every stream (continuing the training history) with one anomaly per kind."""
+                           truth_path: Path | None = None, rate: float | None = None,
+                           first_steps: int | None = None) -> tuple[list[dict], int]:
+    """Produce ``steps`` steps of every stream (continuing the training history) with one anomaly per kind; only
+    the ``first_steps`` of them if given (ending inside an anomaly: its incident stays open)."""
     f = fleet()
     plan = f.plan(HISTORY, steps, n_anomalies=len(kinds), length=25, kinds=kinds)
     data, truth = f.live(HISTORY, steps, plan)
+    data = data[:, :first_steps]
     t0 = int(time.time() * 1000) - (HISTORY + steps) * INTERVAL_MS  # event times end about now
     producer = make_producer("kafka-python", bootstrap)
     try:

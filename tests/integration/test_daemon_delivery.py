@@ -144,3 +144,58 @@ def test_a_dead_letter_the_brokers_cannot_take_yet_holds_the_commit_back_and_goe
     daemon.request_stop()
     thread.join(60)
     assert not thread.is_alive()
+
+
+def test_alerts_go_out_while_a_dead_letter_waits_for_the_brokers(kafka_bootstrap, topic_name, models, tmp_path,
+                                                                  monkeypatch, own_broker, alertmanager):
+    """Scoring on the loop thread (``processing.score_in_background: false``): a dead letter the brokers had not
+    acknowledged yet held the sinks' flush back, so Alertmanager got no alert for as long as the trouble lasted.
+    Now only the offsets wait. Dead letters go to a second broker, frozen, as above."""
+    import threading
+    import time
+    import uuid
+
+    from pipelines import daemon as daemon_module
+
+    from .conftest import freeze, thaw
+
+    def producer_for(client_name, bootstrap, security=None, *, never_give_up=False, **options):
+        return make_producer(client_name, own_broker.bootstrap if never_give_up else bootstrap, security,
+                             never_give_up=never_give_up, **options)
+
+    monkeypatch.setattr(daemon_module, "make_producer", producer_for)
+    models_dir, names = models
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    create_topic(own_broker.bootstrap, f"{topic_name}-dlq")
+    run = uuid.uuid4().hex[:12]
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client="kafka-python",
+                      processing__score_in_background=False, kafka__poll_max_records=20_000,  # few loop turns:
+                      # each waits 10 s for the dead letter
+                      sinks={"kafka": {"enabled": False}, "log": {"enabled": False},
+                             "alertmanager": {"enabled": True, "url": alertmanager.url, "labels": {"test_run": run}}})
+    daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    thread = threading.Thread(target=daemon.run, kwargs={"timeout": 240}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not daemon.is_ready():
+        assert thread.is_alive() and time.monotonic() < deadline, "the daemon did not become ready"
+        time.sleep(0.2)
+    freeze(own_broker)
+    try:
+        _produce(kafka_bootstrap, topic_name, [b"{not json"])
+        # ending inside the anomaly (steps 100-125): its incident stays open, so Alertmanager holds it as active
+        _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 200, ("level_shift",), first_steps=118)
+        deadline = time.monotonic() + 90
+        while not [a for a in alertmanager.alerts() if a["labels"].get("test_run") == run]:
+            assert thread.is_alive() and time.monotonic() < deadline, "no alert reached Alertmanager"
+            time.sleep(0.5)
+        assert committed_offsets(kafka_bootstrap, f"g-{topic_name}", topic_name) == {}  # the dead letter waits
+    finally:
+        thaw(own_broker)
+    deadline = time.monotonic() + 90
+    while committed_offsets(kafka_bootstrap, f"g-{topic_name}", topic_name) != {0: n + 1}:
+        assert thread.is_alive() and time.monotonic() < deadline, "not committed once the dead letter went out"
+        time.sleep(0.5)
+    daemon.request_stop()
+    thread.join(60)
+    assert not thread.is_alive()
