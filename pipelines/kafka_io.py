@@ -218,6 +218,12 @@ _NEVER_GIVE_UP = {  # client options of a producer that keeps trying while the b
 }
 
 
+# Messages a never-give-up kafka-python producer keeps because their topic has no metadata. Past this many, the
+# topic is taken to be missing (kafka-python reports an unknown topic only as a metadata timeout): brokers out
+# of reach bring no new records to dead-letter, while a consumer that keeps bringing them reads from live ones.
+# The flush then fails for good (the daemon stops uncommitted) instead of holding the offsets, and memory, for ever.
+MAX_UNSENT = 10_000
+
 RECONNECT_BACKOFF_MAX_MS = 5000  # kafka-python's default, 30 s, kept a client away for up to 30 s after a broker
 # came back (its readiness and deliveries with it; librdkafka's is 10 s)
 
@@ -289,10 +295,18 @@ class KafkaPythonProducer:
         pending = [fut for fut in futures if not fut.is_done]
         self._futures = pending  # still sent and retried by the client: the next flush waits for them
         errors += [f"{type(f.exception).__name__}: {f.exception}" for f in futures if f.is_done and f.failed()]
+        if len(self._unsent) > MAX_UNSENT:  # kept, but the daemon stops (no commit; the next run re-sends them)
+            topics = sorted({m[0] for m in self._unsent})
+            errors.append(f"{len(self._unsent)} messages found no metadata for {topics}: does the topic exist "
+                          "(auto.create.topics.enable off, or deleted)?")
         _raise_failed(errors, len(pending) + len(self._unsent), total, timeout_s)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        self._producer.close(timeout=timeout_s)
+        """Give the messages still queued ``timeout_s`` to go out (their failure is the flushes' to report)."""
+        try:
+            self._producer.close(timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - KafkaTimeoutError: kafka-python's close flushes, and raises
+            logging.getLogger("anomalyd").warning("Kafka producer closed with messages undelivered: %s", exc)
 
 
 class ConfluentProducer:

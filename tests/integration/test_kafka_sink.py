@@ -122,3 +122,49 @@ def test_sends_that_find_no_metadata_wait_once_per_flush(own_broker, topic_name:
         thaw(own_broker)
     producer.close()
     assert took < 25, f"5 sends took {took:.0f} s"
+
+
+def test_a_dead_letter_producer_gives_up_once_too_many_messages_found_no_metadata(own_broker, topic_name: str,
+                                                                                   monkeypatch) -> None:
+    """The dead-letter producer keeps messages whose topic has no metadata, for as long as the brokers are away.
+    kafka-python reports a topic that does not exist (auto-create off, or deleted) the same way, so the daemon held
+    its offsets, and the messages, for ever. Past MAX_UNSENT the flush fails for good: the daemon stops uncommitted.
+    No metadata here comes from a frozen broker."""
+    from pipelines import kafka_io
+    from pipelines.kafka_io import KafkaDeliveryPending
+
+    from .conftest import freeze, thaw
+
+    monkeypatch.setattr(kafka_io, "MAX_UNSENT", 20)
+    producer = make_producer("kafka-python", own_broker.bootstrap, never_give_up=True)
+    freeze(own_broker)
+    try:
+        for i in range(20):
+            producer.produce(topic_name, b"bad %d" % i)
+        with pytest.raises(KafkaDeliveryPending):
+            producer.flush(1)
+        producer.produce(topic_name, b"one more")
+        with pytest.raises(KafkaDeliveryError, match="21 messages found no metadata") as failed:
+            producer.flush(1)
+        assert not isinstance(failed.value, KafkaDeliveryPending)
+    finally:
+        thaw(own_broker)
+    producer.close(1)
+
+
+def test_closing_a_producer_with_messages_the_brokers_did_not_take_does_not_raise(own_broker, topic_name: str) -> None:
+    """kafka-python's close flushes, and raises KafkaTimeoutError when messages are left: the daemon's exit stack
+    closes its producers after a shutdown whose deliveries failed (exit code 1), and that raised a traceback out of
+    ``Daemon.run`` instead."""
+    from .conftest import freeze, thaw
+
+    create_topic(own_broker.bootstrap, topic_name)
+    producer = make_producer("kafka-python", own_broker.bootstrap, never_give_up=True)
+    producer.produce(topic_name, b"first")
+    producer.flush(30)  # the topic's metadata is known now
+    freeze(own_broker)
+    try:
+        producer.produce(topic_name, b"second")
+        producer.close(1)
+    finally:
+        thaw(own_broker)
