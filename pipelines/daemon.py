@@ -52,6 +52,11 @@ log = logging.getLogger("anomalyd")
 _RETRIED = (SinkError, KafkaDeliveryPending)
 
 
+def _left(by: float) -> float:
+    """Seconds left until the monotonic deadline ``by``, at least one (each step that waits gets that much)."""
+    return max(1.0, by - time.monotonic())
+
+
 class Daemon:
     """``Daemon(cfg).run(count=None, timeout=None)``; runnable to completion from a test (``count`` events)."""
 
@@ -404,7 +409,7 @@ class Daemon:
         sink gets it); the whole period before the shutdown began."""
         if self._shutdown_by is None:
             return max(1.0, self.cfg.shutdown.grace_period_s)
-        return max(1.0, self._shutdown_by - time.monotonic())
+        return _left(self._shutdown_by)
 
     # -- processing ------------------------------------------------------------------------------------
     def process(self, batch: RecordBatch) -> None:
@@ -453,22 +458,18 @@ class Daemon:
         (asynchronously unless ``in_rebalance`` or ``wait``: :mod:`pipelines.commits`); within ``timeout_s``, each
         step that waits given what is left of it (at least a second)."""
         by = time.monotonic() + timeout_s
-
-        def left() -> float:
-            return max(1.0, by - time.monotonic())
-
-        self._finish_background(left(), in_rebalance)
+        self._finish_background(_left(by), in_rebalance)
         self.flush()
         waiting = None
         try:
-            self.producer.flush(left())  # dead letters
+            self.producer.flush(_left(by))  # dead letters
         except KafkaDeliveryPending as exc:  # the alerts still go out (a refused dead letter stops the daemon)
             waiting = exc
-        self.sinks.flush(left(), self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed
+        self.sinks.flush(_left(by), self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed
         if waiting is not None:  # nothing is committed either
             raise waiting
         if commit and self.positions.uncommitted:
-            self.commits.commit(self.commits.offsets(self.routes), in_rebalance, wait, left() if wait else None)
+            self.commits.commit(self.commits.offsets(self.routes), in_rebalance, wait, _left(by) if wait else None)
 
     # -- scoring on a second thread (processing.score_in_background) ---------------------------------------
     def _flush_in_background(self, timeout_s: float, commit: bool, windows: int) -> None:

@@ -213,7 +213,7 @@ def _raise_failed(errors: list[str], pending: int, total: int, timeout_s: float)
 _NEVER_GIVE_UP = {  # client options of a producer that keeps trying while the brokers are away
     # kafka-python: a send that finds no metadata for its topic is kept for the next flush after 1 s, not 10 s:
     # the loop's thread sends (kafka-python's send waits up to max_block_ms for that metadata)
-    "kafka-python": {"delivery_timeout_ms": 2**31 - 1, "max_block_ms": 1000},  # about 24 days
+    "kafka-python": {"delivery_timeout_ms": 2**31 - 1, "max_block_ms": 1000},  # delivery: about 24 days
     "confluent": {"message.timeout.ms": 0},  # librdkafka: no limit
 }
 
@@ -269,10 +269,11 @@ class KafkaPythonProducer:
 
         while self._unsent:
             topic, value, key, headers = self._unsent[0]
+            if topic in self._no_metadata:  # a send waited for it since the last flush
+                self._errors.append(f"{topic}: KafkaTimeoutError: no metadata for the topic (brokers out of reach?)")
+                self._unsent.popleft()
+                continue
             try:
-                if topic in self._no_metadata:
-                    raise KafkaTimeoutError(f"no metadata for topic {topic!r} (a send waited for it since the last "
-                                            "flush: brokers out of reach?)")
                 self._futures.append(self._producer.send(topic, value=value, key=key, headers=headers))
             except Exception as exc:  # noqa: BLE001 - refused for good, e.g. MessageSizeTooLargeError
                 if isinstance(exc, KafkaTimeoutError):

@@ -261,4 +261,3 @@ def confluent_columns_py(messages: list) -> tuple:
             np.fromiter((m.offset() for m in kept), np.int64, n),
             np.fromiter((m.timestamp()[1] for m in kept), np.int64, n),
             [m.key() for m in kept], [m.value() or b"" for m in kept])
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from functools import partial
 
 import pytest
 
@@ -36,6 +37,14 @@ def _stopped(daemon: Daemon, thread: threading.Thread, timeout_s: float = 60) ->
         stacks = "\n".join(f"--- {names.get(tid, tid)}\n" + "".join(traceback.format_stack(frame)[-12:])
                            for tid, frame in sys._current_frames().items())
         pytest.fail(f"the daemon did not stop within {timeout_s:g}s:\n{stacks}")
+
+
+def _produce_pump_events(producer, topic: str, first: int, n: int) -> None:
+    """Events ``first`` .. ``first + n - 1`` of stream pump-0, one second apart, flushed."""
+    for i in range(first, first + n):
+        event = {"stream": "pump-0", "ts": 1764180000000 + i * 1000, "values": [0.1] * 4}
+        producer.produce(topic, json.dumps(event).encode())
+    producer.flush(30)
 
 
 def _until(what: str, check, deadline_s: float, daemon_thread: threading.Thread) -> None:
@@ -97,13 +106,7 @@ def test_a_hung_broker_does_not_stop_the_loop_and_the_commit_lands_once_it_answe
     models_dir, names = daemon_models
     create_topic(bootstrap, topic_name, partitions=1)
     producer = make_producer("kafka-python", bootstrap)
-
-    def produce(first: int, n: int) -> None:
-        for i in range(first, first + n):
-            event = {"stream": "pump-0", "ts": 1764180000000 + i * 1000, "values": [0.1] * 4}
-            producer.produce(topic_name, json.dumps(event).encode())
-        producer.flush(30)
-
+    produce = partial(_produce_pump_events, producer, topic_name)
     produce(0, 10)
     # the idle commit comes 3 s after the last record; none while busy (the first flush commits at once)
     cfg = config_dict(bootstrap, topic_name, models_dir, names, client=client, kafka__poll_timeout_ms=3000,
@@ -150,13 +153,7 @@ def test_a_stop_while_the_broker_hangs_ends_within_the_grace_period(daemon_model
     models_dir, names = daemon_models
     create_topic(bootstrap, topic_name, partitions=1)
     producer = make_producer("kafka-python", bootstrap)
-
-    def produce(first: int, n: int) -> None:
-        for i in range(first, first + n):
-            event = {"stream": "pump-0", "ts": 1764180000000 + i * 1000, "values": [0.1] * 4}
-            producer.produce(topic_name, json.dumps(event).encode())
-        producer.flush(30)
-
+    produce = partial(_produce_pump_events, producer, topic_name)
     produce(0, 10)  # committed at the first flush; the next ten only by the shutdown
     cfg = config_dict(bootstrap, topic_name, models_dir, names, client=client, kafka__poll_timeout_ms=3000,
                       kafka__commit_interval_ms=600_000, shutdown={"grace_period_s": grace},

@@ -23,16 +23,21 @@ def _poll_until(source: Source, total: int, max_records: int) -> int:
     return got
 
 
-@pytest.mark.parametrize("client", CLIENTS)
-def test_lag_follows_the_position(kafka_bootstrap: str, topic_name: str, client: str) -> None:
-    create_topic(kafka_bootstrap, topic_name, partitions=1)
-    producer = make_producer(client, kafka_bootstrap)
-    for i in range(300):
-        producer.produce(topic_name, f'{{"stream":"s","ts":{i},"values":[{i}]}}'.encode())
+def _source_of_a_filled_topic(bootstrap: str, topic: str, client: str, n: int) -> Source:
+    """A one-partition ``topic`` with ``n`` records, and a ``client`` source subscribed to it (group ``topic``)."""
+    create_topic(bootstrap, topic, partitions=1)
+    producer = make_producer(client, bootstrap)
+    for i in range(n):
+        producer.produce(topic, f'{{"stream":"s","ts":{i},"values":[{i}]}}'.encode())
     producer.flush(30)
     producer.close()
-    source = make_source(client, bootstrap_servers=kafka_bootstrap, group_id=topic_name, topics=[topic_name],
-                         pattern=None, on_assign=lambda _tps: None, on_revoke=lambda _tps: None)
+    return make_source(client, bootstrap_servers=bootstrap, group_id=topic, topics=[topic], pattern=None,
+                       on_assign=lambda _tps: None, on_revoke=lambda _tps: None)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_lag_follows_the_position(kafka_bootstrap: str, topic_name: str, client: str) -> None:
+    source = _source_of_a_filled_topic(kafka_bootstrap, topic_name, client, 300)
     try:
         assert _poll_until(source, 100, 50) == 100
         assert source.lag() == {(topic_name, 0): 200}
@@ -114,14 +119,7 @@ def test_commits_with_a_timeout_and_an_asynchronous_one_after_the_same_offsets_a
     with the partitions paused), and an asynchronous commit of the same offsets after it is answered: confluent-kafka
     hands a synchronous commit's answer to its caller only, so one registered for ``on_commit`` was never taken and
     took the answer of the next commit of the same offsets, whose caller then waited for ever."""
-    create_topic(kafka_bootstrap, topic_name, partitions=1)
-    producer = make_producer(client, kafka_bootstrap)
-    for i in range(10):
-        producer.produce(topic_name, f'{{"stream":"s","ts":{i},"values":[{i}]}}'.encode())
-    producer.flush(30)
-    producer.close()
-    source = make_source(client, bootstrap_servers=kafka_bootstrap, group_id=topic_name, topics=[topic_name],
-                         pattern=None, on_assign=lambda _tps: None, on_revoke=lambda _tps: None)
+    source = _source_of_a_filled_topic(kafka_bootstrap, topic_name, client, 10)
     tp = (topic_name, 0)
     try:
         assert _poll_until(source, 10, 100) == 10
