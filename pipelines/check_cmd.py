@@ -102,17 +102,16 @@ def _check_kafka(cfg: Config) -> tuple[list[str], list[str]]:
 def _check_alertmanager(cfg: Config) -> tuple[list[str], list[str]]:
     """(lines, problems) for ``sinks.alertmanager`` when enabled: its status API answers with a cluster status."""
     import json
-    import urllib.error
-    import urllib.request
+
+    from .alertmanager_http import AlertmanagerHTTP
 
     am = cfg.sinks.alertmanager
     if not am.enabled:
         return [], []
     shown = cfg.redacted_dict()["sinks"]["alertmanager"]["url"]
-    try:
-        with urllib.request.urlopen(am.url.rstrip("/") + "/api/v2/status", timeout=am.timeout_s) as response:
-            status = json.loads(response.read())
-    except (OSError, ValueError) as exc:  # URLError, HTTPError, refused, timeout, not JSON
+    try:  # as the sink asks: credentials as Basic auth, a redirect refused (the sink's POST would not survive it)
+        status = json.loads(AlertmanagerHTTP(am.url).open("/api/v2/status", am.timeout_s))
+    except (OSError, ValueError) as exc:  # URLError, HTTPError, redirect, refused, timeout, not JSON
         return [], [f"sinks.alertmanager.url: {shown}: no Alertmanager status: {type(exc).__name__}: {exc}"]
     version = status.get("versionInfo", {}).get("version", "?")
     cluster = status.get("cluster", {}).get("status", "?")

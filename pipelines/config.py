@@ -149,6 +149,9 @@ class AlertmanagerSinkConfig:
     timeout_s: float = rule_field(5.0, gt=0)
     max_retries: int = rule_field(5, ge=0)
     labels: dict[str, str] = rule_field({})
+    severity: str = rule_field("warning", nonempty=True)  # the alerts' severity label
+    resend_interval_s: float = rule_field(60.0, gt=0)  # a firing alert is re-posted this often (endsAt: 4x ahead)
+    generator_url: str | None = None  # the alerts' generatorURL (a link back, e.g. to the Grafana dashboard)
 
 
 @dataclass(frozen=True)

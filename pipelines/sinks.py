@@ -15,16 +15,17 @@ import re
 import sys
 import time
 import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
+from pipelines.alertmanager_http import AlertmanagerHTTP, RedirectRefused
 from pipelines.alerts import FIRING, RESOLVED, Alert
-from pipelines.kafka_io import KafkaDeliveryError, Producer
+from pipelines.kafka_io import KafkaDeliveryError, KafkaDeliveryPending, Producer
 
 ALERTNAME = "AnomalyDetected"
+MAX_FLUSH_BACKOFF_S = 30.0  # the longest wait between flushes that failed (a 401 was re-posted every 20 ms)
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _RESERVED_LABELS = ("alertname", "stream", "model")
 
@@ -88,14 +89,25 @@ class KafkaAlertSink(Sink):
             if self._resend:
                 raise KafkaDeliveryError("producer refused the messages")
             self.producer.flush(timeout_s)
+        except KafkaDeliveryPending as exc:  # still in flight, not failed: the next flush waits for them, no copy
+            raise SinkError(f"kafka topic {self.topic}: {len(self._unacked)} alerts not acknowledged yet: {exc}") \
+                from exc
         except KafkaDeliveryError as exc:
             self._resend = True
             raise SinkError(f"kafka topic {self.topic}: {len(self._unacked)} alerts not delivered: {exc}") from exc
         self._unacked.clear()
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_RFC3339_MS = (-62_135_596_800_000, 253_402_300_799_999)  # years 1 to 9999, what a datetime holds
+
+
 def _rfc3339(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Epoch milliseconds as RFC 3339, clamped to years 1-9999: an event time beyond them must not make an alert
+    impossible to post (it stayed queued and failed every later flush, so no alert went out and nothing was
+    committed)."""
+    ms = min(max(int(ms), _RFC3339_MS[0]), _RFC3339_MS[1])
+    return (_EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class AlertmanagerSink(Sink):
@@ -107,7 +119,10 @@ class AlertmanagerSink(Sink):
     every ``resend_interval_s`` until it resolves, so Alertmanager neither times out long incidents
     nor keeps alerts of a daemon that stopped.  5xx, 408, 429 and connection errors are retried with
     exponential backoff (``backoff_s * 2**i``, at most ``max_retries`` times, within flush's deadline);
-    other 4xx raise :class:`SinkError` at once with the response body.
+    other 4xx and redirects raise :class:`SinkError` at once with the response body.  After a failed flush,
+    the next ones fail at once, without a request, until a backoff has passed (``backoff_s`` doubled per
+    failed flush, at most MAX_FLUSH_BACKOFF_S): Alertmanager is not hammered while the loop keeps flushing.
+    ``user:password@`` in ``url`` is sent as HTTP Basic auth and masked in messages.
     """
 
     name = "alertmanager"
@@ -123,8 +138,8 @@ class AlertmanagerSink(Sink):
         severity: str = "warning",
         resend_interval_s: float = 60.0,
     ):
-        self.url = url.rstrip("/")
-        self.endpoint = self.url + "/api/v2/alerts"
+        self.http = AlertmanagerHTTP(url)
+        self.endpoint = self.http.shown + "/api/v2/alerts"  # for messages: the password masked
         self.timeout_s, self.max_retries, self.backoff_s = float(timeout_s), int(max_retries), float(backoff_s)
         self.generator_url, self.resend_interval_s = generator_url, float(resend_interval_s)
         labels = {str(k): str(v) for k, v in (labels or {}).items()}
@@ -134,6 +149,9 @@ class AlertmanagerSink(Sink):
         self.labels = {"severity": severity, **labels}
         self._pending: list[Alert] = []
         self._active: dict[str, tuple[Alert, float]] = {}  # firing id -> (alert, monotonic time last posted)
+        self._failed_flushes = 0  # in a row
+        self._retry_at = 0.0  # monotonic time before which a flush fails without a request
+        self._last_error = ""
 
     def labels_of(self, alert: Alert) -> dict[str, str]:
         """The Alertmanager label set of an alert (identical for its firing and resolved states)."""
@@ -184,8 +202,18 @@ class AlertmanagerSink(Sink):
         batch = self._pending + due
         if not batch:
             return
+        if now < self._retry_at:
+            raise SinkError(f"alertmanager {self.endpoint}: {len(batch)} alerts waiting, next attempt in "
+                            f"{self._retry_at - now:.1f} s; last error: {self._last_error}")
         now_ms = int(time.time() * 1000)
-        self._post([self.postable(a, now_ms) for a in batch], now + timeout_s)
+        try:
+            self._post([self.postable(a, now_ms) for a in batch], now + timeout_s)
+        except SinkError as exc:
+            self._failed_flushes += 1
+            wait = min(MAX_FLUSH_BACKOFF_S, self.backoff_s * 2 ** (self._failed_flushes - 1))
+            self._retry_at, self._last_error = time.monotonic() + wait, str(exc)
+            raise
+        self._failed_flushes, self._retry_at = 0, 0.0
         for alert in batch:
             if alert.status == FIRING:
                 self._active[alert.id] = (alert, now)
@@ -195,16 +223,14 @@ class AlertmanagerSink(Sink):
 
     def _post(self, payload: list[dict[str, Any]], deadline: float) -> None:
         body = json.dumps(payload).encode()
-        request = urllib.request.Request(
-            self.endpoint, data=body, method="POST", headers={"Content-Type": "application/json"}
-        )
         attempt = 0
         while True:
             timeout = max(0.05, min(self.timeout_s, deadline - time.monotonic()))
             try:
-                with urllib.request.urlopen(request, timeout=timeout) as response:
-                    response.read()
+                self.http.open("/api/v2/alerts", timeout, body)
                 return
+            except RedirectRefused as exc:
+                raise SinkError(f"alertmanager {self.endpoint}: {len(payload)} alerts not delivered: {exc}") from exc
             except urllib.error.HTTPError as exc:
                 detail = exc.read()[:1000].decode(errors="replace").strip()
                 last = f"HTTP {exc.code}: {detail}"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import io
 import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +19,7 @@ import pytest
 import yaml
 
 from pipelines.alerts import FIRING, RESOLVED, Alert
+from pipelines.config import Config
 from pipelines.kafka_io import ConfluentProducer, client_security_config, make_producer
 from pipelines.sinks import (
     AlertmanagerSink,
@@ -48,12 +52,24 @@ class Recorder:
         self.posts: list[tuple[str, list]] = []
         recorder = self
 
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header)
+
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server API
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                recorder.requests.append(("POST", self.path, self.headers["Authorization"]))
                 recorder.posts.append((self.path, json.loads(body)))
+                self._answer()
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server API (what a followed redirect turns a POST into)
+                recorder.requests.append(("GET", self.path, self.headers["Authorization"]))
+                self._answer()
+
+            def _answer(self) -> None:
                 status, text = recorder.script.pop(0) if recorder.script else (200, "")
                 self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("Location", "/elsewhere/api/v2/alerts")
                 self.send_header("Content-Length", str(len(text)))
                 self.end_headers()
                 self.wfile.write(text.encode())
@@ -144,8 +160,62 @@ def test_alertmanager_keeps_alerts_after_failure_and_delivers_later(recorder: Re
     sink.add([make_alert()])
     with pytest.raises(SinkError, match="after 3 attempts: HTTP 503: down"):
         sink.flush(10.0)
+    time.sleep(0.02)  # the backoff after a failed flush (backoff_s)
     sink.flush(10.0)
     assert len(recorder.posts) == 4 and recorder.posts[3][1][0]["annotations"]["alert_id"] == "a1b2"
+
+
+def test_alertmanager_failed_flushes_back_off_without_requests(recorder: Recorder) -> None:
+    recorder.script = [(401, "unauthorized")] * 3
+    sink = AlertmanagerSink(recorder.url, backoff_s=0.3)
+    sink.add([make_alert()])
+    with pytest.raises(SinkError, match="HTTP 401: unauthorized"):
+        sink.flush(5.0)
+    for _ in range(20):  # the loop flushes every few milliseconds: no request until the backoff has passed
+        with pytest.raises(SinkError, match=r"1 alerts waiting, next attempt in 0\.[0-3] s; last error: .*HTTP 401"):
+            sink.flush(5.0)
+    assert len(recorder.posts) == 1
+    time.sleep(0.31)
+    with pytest.raises(SinkError, match="HTTP 401"):
+        sink.flush(5.0)
+    assert len(recorder.posts) == 2
+    with pytest.raises(SinkError, match=r"next attempt in 0\.[3-6] s"):  # doubled
+        sink.flush(5.0)
+    time.sleep(0.61)
+    sink.add([make_alert(id="next")])
+    with pytest.raises(SinkError, match="HTTP 401"):
+        sink.flush(5.0)
+    time.sleep(1.21)
+    sink.flush(5.0)  # accepted: the backoff starts again from backoff_s
+    assert [len(body) for _, body in recorder.posts] == [1, 1, 2, 2]
+    sink.add([make_alert(id="third")])
+    sink.flush(5.0)
+    assert len(recorder.posts) == 5
+
+
+def test_alertmanager_refuses_a_redirect_instead_of_following_it_with_a_get(recorder: Recorder) -> None:
+    recorder.script = [(302, "")]
+    sink = AlertmanagerSink(recorder.url, backoff_s=0.01)
+    sink.add([make_alert()])
+    to = r"HTTP 302 redirect to http://127\.0\.0\.1:\d+/elsewhere/api/v2/alerts: set sinks\.alertmanager\.url"
+    with pytest.raises(SinkError, match=to):
+        sink.flush(5.0)
+    assert recorder.requests == [("POST", "/api/v2/alerts", None)]  # urllib followed it with a GET, answered 200
+
+
+def test_alertmanager_credentials_in_the_url_go_as_basic_auth_and_never_into_messages(recorder: Recorder) -> None:
+    url = recorder.url.replace("http://", "http://ops:s%40cret@") + "/am/"
+    recorder.script = [(403, "forbidden")]
+    sink = AlertmanagerSink(url, backoff_s=0.01)
+    sink.add([make_alert()])
+    with pytest.raises(SinkError) as err:
+        sink.flush(5.0)
+    assert "s@cret" not in str(err.value) and "s%40cret" not in str(err.value)
+    assert "http://ops:***@127.0.0.1:" in str(err.value) and "/am/api/v2/alerts" in str(err.value)
+    time.sleep(0.02)
+    sink.flush(5.0)
+    auth = "Basic " + base64.b64encode(b"ops:s@cret").decode()
+    assert recorder.requests == [("POST", "/am/api/v2/alerts", auth)] * 2
 
 
 def test_alertmanager_unreachable_raises_after_retries() -> None:
@@ -169,6 +239,13 @@ def test_alertmanager_resends_open_firing_until_resolved(recorder: Recorder) -> 
     assert len(recorder.posts) == 3
 
 
+def test_alertmanager_posts_an_alert_whose_event_time_is_beyond_year_9999(recorder: Recorder) -> None:
+    sink = AlertmanagerSink(recorder.url)
+    sink.add([make_alert(started_at=10**16)])  # year 318857: the decoder takes any int64 epoch milliseconds
+    sink.flush(5.0)
+    assert recorder.posts[0][1][0]["startsAt"] == "9999-12-31T23:59:59.999Z"
+
+
 def test_alertmanager_rejects_bad_label_names() -> None:
     with pytest.raises(ValueError, match="bad-name"):
         AlertmanagerSink("http://x", labels={"bad-name": "1"})
@@ -179,24 +256,30 @@ def test_alertmanager_rejects_bad_label_names() -> None:
 def test_fanout_flushes_all_and_names_the_failing_sink(recorder: Recorder) -> None:
     recorder.script = [(422, "bad alert")]
     out = io.StringIO()
-    sink = FanoutSink([AlertmanagerSink(recorder.url), LogSink(out)])
+    sink = FanoutSink([AlertmanagerSink(recorder.url, backoff_s=0.01), LogSink(out)])
     sink.add([make_alert()])
     with pytest.raises(SinkError, match=r"alertmanager: .*HTTP 422: bad alert") as err:
         sink.flush(5.0)
     assert "log:" not in str(err.value)
     assert json.loads(out.getvalue())["id"] == "a1b2"
+    time.sleep(0.02)
     sink.flush(5.0)  # the Alertmanager alert is still queued and now accepted
     assert len(recorder.posts) == 2
 
 
 def test_kafka_sink_keeps_alerts_when_the_broker_is_unreachable() -> None:
     producer = ConfluentProducer(f"127.0.0.1:{closed_port()}", **{"log_level": 0})
+    produced = []
+    real_produce = producer.produce
+    producer.produce = lambda *args, **kw: (produced.append(args[0]), real_produce(*args, **kw))  # counts
     sink = KafkaAlertSink(producer, "alerts")
     sink.add([make_alert()])
-    with pytest.raises(SinkError, match="kafka topic alerts: 1 alerts not delivered"):
+    with pytest.raises(SinkError, match="kafka topic alerts: 1 alerts not acknowledged yet"):
         sink.flush(0.3)
-    with pytest.raises(SinkError, match="1 alerts not delivered"):
-        sink.flush(0.1)
+    for _ in range(3):
+        with pytest.raises(SinkError, match="1 alerts not acknowledged yet"):
+            sink.flush(0.1)
+    assert produced == ["alerts"]  # still in the producer's queue: not produced again on each flush (copies)
     producer.close(0)
 
 
@@ -209,6 +292,12 @@ def test_build_sinks_from_example_config(recorder: Recorder) -> None:
         sinks = build_sinks(section, producer).sinks
         assert [s.name for s in sinks] == ["kafka", "alertmanager", "log"]
         assert sinks[0].topic == "anomalyd-alerts" and sinks[1].labels == {"severity": "warning", "a": "b"}
+        am = {"enabled": True, "url": recorder.url, "severity": "page", "resend_interval_s": 30,
+              "generator_url": "http://grafana/d/anomalyd"}  # fmt: skip
+        cfg = Config.from_dict({"sinks": {"alertmanager": am}})  # what the daemon hands build_sinks
+        (_, sink, _) = build_sinks(dataclasses.asdict(cfg.sinks), producer).sinks
+        assert (sink.labels["severity"], sink.resend_interval_s, sink.generator_url) == \
+            ("page", 30.0, "http://grafana/d/anomalyd")
         with pytest.raises(ValueError, match="no Kafka producer"):
             build_sinks(config)
         with pytest.raises(ValueError, match="unknown sinks"):

@@ -1,0 +1,69 @@
+"""HTTP to Alertmanager: credentials in the URL sent as Basic auth, redirects refused, the URL shown redacted.
+
+urllib neither uses a URL's ``user:password@`` (it tries to resolve it as part of the host name) nor keeps a
+POST a POST across a 301/302/303: it follows with a GET, which Alertmanager's ``/api/v2/alerts`` answers with
+200, so alerts would count as delivered while none was. A redirect is therefore an error that names where it
+points, and the address to configure is that one.
+"""
+
+from __future__ import annotations
+
+import base64
+import urllib.parse
+import urllib.request
+from typing import Any
+
+__all__ = ["AlertmanagerHTTP", "RedirectRefused"]
+
+
+class RedirectRefused(OSError):
+    """Alertmanager's URL answered with a redirect (3xx); configure the address it points to instead."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        fp.close()
+        raise RedirectRefused(f"HTTP {code} redirect to {_redacted(newurl)}: set sinks.alertmanager.url to the "
+                              f"address it points to (a redirected POST is re-sent as a GET by urllib)")
+
+
+def _redacted(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host += f":{parts.port}"
+    user = urllib.parse.unquote(parts.username or "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class AlertmanagerHTTP:
+    """Requests to the Alertmanager at ``url`` (``http[s]://[user:password@]host[:port][/prefix]``)."""
+
+    def __init__(self, url: str):
+        parts = urllib.parse.urlsplit(url.rstrip("/"))
+        self.headers: dict[str, str] = {}
+        if parts.username is not None or parts.password is not None:
+            user = urllib.parse.unquote(parts.username or "")
+            password = urllib.parse.unquote(parts.password or "")
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            self.headers["Authorization"] = f"Basic {token}"
+            host = parts.hostname or ""
+            if parts.port is not None:
+                host = f"[{host}]:{parts.port}" if ":" in host else f"{host}:{parts.port}"
+            parts = parts._replace(netloc=host)
+        self.base = urllib.parse.urlunsplit(parts)  # without the credentials
+        self.shown = _redacted(url.rstrip("/"))  # for messages and logs
+        self._opener = urllib.request.build_opener(_NoRedirect)
+
+    def open(self, path: str, timeout: float, body: bytes | None = None) -> bytes:
+        """GET (no body) or POST ``body`` as JSON to ``base + path``; the response body. Raises HTTPError for
+        4xx/5xx, :class:`RedirectRefused` for 3xx, other OSErrors for connection trouble."""
+        headers = dict(self.headers)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.base + path, data=body, headers=headers,
+                                         method="GET" if body is None else "POST")
+        with self._opener.open(request, timeout=timeout) as response:
+            return response.read()
