@@ -91,6 +91,7 @@ class Daemon:
         self._worker: ScoringWorker | None = None  # processing.score_in_background: the scoring thread
         self._ahead: PollAhead | None = None  # kafka.poll_ahead (confluent): the next poll on a helper thread
         self._oldest_pending: float | None = None
+        self._last_retry_warning = -1e9  # monotonic time of the loop's last delivery warning
         self._last_reload_check = self._last_idle_check = time.monotonic()
         self.events_seen = 0
         self.http_port: int | None = None
@@ -289,7 +290,7 @@ class Daemon:
             try:  # quiet: nothing for a whole poll timeout (an empty poll alone may only mean a fetch in flight)
                 self._maybe_flush(quiet=quiet_ms >= self.cfg.kafka.poll_timeout_ms, now=now)
             except _RETRIED as exc:  # alerts and dead letters are kept and retried; offsets wait (backpressure)
-                log.warning("delivery not complete, offsets not committed, will retry: %s", exc)
+                self._warn_retry(exc)
             self.metrics.set_state(up=True, ready=self.is_ready())
             if self._worker is None or not self._worker.busy:
                 self._maybe_forget_idle(now)
@@ -344,13 +345,27 @@ class Daemon:
         pending = sum(r.pending_windows for r in self.routes)
         waited = (time.monotonic() - self._oldest_pending) * 1000 if self._oldest_pending else 0.0
         full = pending >= p.max_batch_windows
-        if not (full or waited >= p.max_delay_ms or idle):
+        if not (full or waited >= p.max_delay_ms or idle or self._sinks_due(now)):
             return
         commit = idle or (now - self.commits.last_commit) * 1000 >= self.cfg.kafka.commit_interval_ms
         if self._worker is None:
             self._flush_and_commit(timeout_s=10.0, commit=commit)
         elif not self._worker.busy or full:
             self._flush_in_background(timeout_s=10.0, commit=commit, windows=pending)
+
+    def _warn_retry(self, exc: Exception) -> None:
+        """The loop's delivery warning, at most every 10 s (a sink backing off fails every loop turn at once)."""
+        now = time.monotonic()
+        if now - self._last_retry_warning >= 10.0:
+            self._last_retry_warning = now
+            log.warning("delivery not complete, offsets not committed, will retry: %s", exc)
+        else:
+            log.debug("delivery not complete, offsets not committed, will retry: %s", exc)
+
+    def _sinks_due(self, now: float) -> bool:
+        """A sink has work of its own (Alertmanager's re-post of open incidents), asked only while the scoring
+        thread, which flushes the sinks, is idle."""
+        return (self._worker is None or not self._worker.busy) and self.sinks.flush_due(now)
 
     def _maybe_forget_idle(self, now: float) -> None:
         """Once a minute (or per timeout, if shorter), forget streams idle for processing.stream_idle_timeout_s and

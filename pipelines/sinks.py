@@ -50,6 +50,11 @@ class Sink(ABC):
     def forget_streams(self, streams: Iterable[str]) -> None:  # noqa: B027 - optional hook
         """The daemon no longer owns these streams (partition revoked); drop any per-stream sink state."""
 
+    def flush_due(self, now: float) -> bool:
+        """Whether a :meth:`flush` has work of the sink's own at monotonic time ``now`` (a re-post), even with
+        nothing new added: the daemon flushes a quiet topic's sinks for it."""
+        return False
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (does not flush)."""
 
@@ -149,6 +154,7 @@ class AlertmanagerSink(Sink):
         self.labels = {"severity": severity, **labels}
         self._pending: list[Alert] = []
         self._active: dict[str, tuple[Alert, float]] = {}  # firing id -> (alert, monotonic time last posted)
+        self._last_flush = time.monotonic()  # of the last flush that posted, or found nothing to post
         self._failed_flushes = 0  # in a row
         self._retry_at = 0.0  # monotonic time before which a flush fails without a request
         self._last_error = ""
@@ -195,12 +201,20 @@ class AlertmanagerSink(Sink):
         gone = set(streams)
         self._active = {i: v for i, v in self._active.items() if v[0].stream not in gone}
 
+    def flush_due(self, now: float) -> bool:
+        """Firing alerts are due for their re-post (else Alertmanager resolves them at endsAt while the incident
+        is open: a quiet topic brought no flush), or alerts wait for a retry whose backoff has passed."""
+        if now < self._retry_at:
+            return False
+        return bool(self._pending) or (bool(self._active) and now - self._last_flush >= self.resend_interval_s)
+
     def flush(self, timeout_s: float) -> None:
         now = time.monotonic()
         queued = {a.id for a in self._pending}
         due = [a for a, sent in self._active.values() if now - sent >= self.resend_interval_s and a.id not in queued]
         batch = self._pending + due
         if not batch:
+            self._last_flush = now
             return
         if now < self._retry_at:
             raise SinkError(f"alertmanager {self.endpoint}: {len(batch)} alerts waiting, next attempt in "
@@ -213,7 +227,7 @@ class AlertmanagerSink(Sink):
             wait = min(MAX_FLUSH_BACKOFF_S, self.backoff_s * 2 ** (self._failed_flushes - 1))
             self._retry_at, self._last_error = time.monotonic() + wait, str(exc)
             raise
-        self._failed_flushes, self._retry_at = 0, 0.0
+        self._failed_flushes, self._retry_at, self._last_flush = 0, 0.0, now
         for alert in batch:
             if alert.status == FIRING:
                 self._active[alert.id] = (alert, now)
@@ -308,6 +322,9 @@ class FanoutSink(Sink):
         streams = list(streams)
         for sink in self.sinks:
             sink.forget_streams(streams)
+
+    def flush_due(self, now: float) -> bool:
+        return any(sink.flush_due(now) for sink in self.sinks)
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -246,6 +246,29 @@ def test_alertmanager_posts_an_alert_whose_event_time_is_beyond_year_9999(record
     assert recorder.posts[0][1][0]["startsAt"] == "9999-12-31T23:59:59.999Z"
 
 
+def test_alertmanager_asks_for_a_flush_when_open_incidents_are_due_for_their_re_post(recorder: Recorder) -> None:
+    sink = AlertmanagerSink(recorder.url, resend_interval_s=0.2, backoff_s=0.2)
+    now = time.monotonic
+    assert not sink.flush_due(now())  # nothing open
+    sink.add([make_alert()])
+    assert sink.flush_due(now())  # queued
+    sink.flush(5.0)
+    assert not sink.flush_due(now())
+    time.sleep(0.21)
+    assert sink.flush_due(now()) and FanoutSink([LogSink(io.StringIO()), sink]).flush_due(now())
+    recorder.script = [(400, "no")]
+    with pytest.raises(SinkError):
+        sink.flush(5.0)
+    assert not sink.flush_due(now())  # backing off
+    time.sleep(0.21)
+    assert sink.flush_due(now())
+    sink.flush(5.0)
+    sink.add([make_alert(RESOLVED, ended_at=1_700_000_060_000)])
+    sink.flush(5.0)
+    time.sleep(0.21)
+    assert not sink.flush_due(now())  # resolved: nothing to re-post
+
+
 def test_alertmanager_rejects_bad_label_names() -> None:
     with pytest.raises(ValueError, match="bad-name"):
         AlertmanagerSink("http://x", labels={"bad-name": "1"})

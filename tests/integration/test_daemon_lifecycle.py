@@ -245,6 +245,45 @@ def test_alertmanager_receives_firing_then_resolved_from_the_daemon(kafka_bootst
     assert not still, still  # ... and then resolved
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["serial", "background"])
+def test_an_open_incident_stays_active_in_alertmanager_while_the_topic_is_quiet(kafka_bootstrap, topic_name, models,
+                                                                                tmp_path, alertmanager, background):
+    """A firing alert's endsAt is 4 re-post intervals ahead and the re-posts came only with a flush, which a quiet
+    topic did not bring: Alertmanager resolved the incident while the daemon held it open (and it fired again
+    when data came back). The daemon now flushes the sinks for their re-posts."""
+    from datetime import datetime
+
+    models_dir, names = models
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    run = uuid.uuid4().hex[:12]
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, f"g-{topic_name}", f"{topic_name}-alerts",
+                      processing__score_in_background=background)
+    cfg["sinks"]["alertmanager"] = {"enabled": True, "url": alertmanager.url, "labels": {"test_run": run},
+                                    "resend_interval_s": 1}  # endsAt 4 s ahead
+    daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    runner = threading.Thread(target=daemon.run, kwargs={"timeout": 120})
+    runner.start()
+    try:
+        # ending inside the anomaly (steps 100-125): the incident stays open, and then nothing more comes
+        produce_with_anomalies(kafka_bootstrap, topic_name, 200, ("level_shift",), first_steps=118)
+
+        def ours() -> list[dict]:
+            return [a for a in alertmanager.alerts() if a["labels"].get("test_run") == run]
+
+        deadline = time.monotonic() + 90
+        while not ours():
+            assert runner.is_alive() and time.monotonic() < deadline, "no alert reached Alertmanager"
+            time.sleep(0.2)
+        first_end = datetime.fromisoformat(ours()[0]["endsAt"])
+        time.sleep(8)  # twice the endsAt margin, the topic quiet
+        held = ours()
+        assert [a["status"]["state"] for a in held] == ["active"], alertmanager.log_tail()
+        assert (datetime.fromisoformat(held[0]["endsAt"]) - first_end).total_seconds() >= 5  # re-posted
+    finally:
+        daemon.request_stop()
+        runner.join(timeout=30)
+
+
 def test_train_selects_by_event_time_when_events_run_ahead_of_the_broker_clock(kafka_bootstrap, topic_name,
                                                                                 tmp_path):
     """As ``anomalyd produce`` does: event time 100x faster than the broker's clock. Seeking by the broker's
