@@ -107,24 +107,37 @@ class Intake:
             if not len(part):
                 continue
             p = group.ok_index[part]  # ascending positions: the whole group / poll exactly when as many
-            ids = route.stream_ids(group.stream if len(part) == len(group.stream)
-                                   else list(map(group.stream.__getitem__, part.tolist())))
             topics = batch.topic if len(p) == len(batch.topic) else list(map(batch.topic.__getitem__, p.tolist()))
-            warm0 = route.buffer.n_warming
-            late, _ = route.add(ids, group.ts[part], group.values[part], tp_idx[p], batch.offset[p], topics,
-                                batch.partition[p], np.full(len(p), live))
-            warming = route.buffer.n_warming - warm0
-            topic = topics[0]
-            if not live:  # read again to rebuild windows: its outcome was counted when it was first read
-                self.metrics.event(topic, "replayed", len(p))
+            if len(set(topics)) == 1:
+                self._add_part(route, group, batch, tp_idx, part, p, topics, live)
                 continue
-            self._check_time_unit(topic, group.stream, part, group.ts[part])
-            if late:
-                self.metrics.event(topic, "late", late)
-            if warming:
-                self.metrics.event(topic, "warming", warming)
-            if len(p) - late - warming > 0:
-                self.metrics.event(topic, "scored", len(p) - late - warming)
+            # several topics: each one's outcomes under its own label (a stream lives on one partition of one topic,
+            # so splitting by topic keeps every stream's order)
+            names = np.asarray(topics, dtype=object)
+            for name in dict.fromkeys(topics):
+                mine = names == name
+                self._add_part(route, group, batch, tp_idx, part[mine], p[mine], [name] * int(mine.sum()), live)
+
+    def _add_part(self, route: RouteState, group, batch: RecordBatch, tp_idx: np.ndarray, part: np.ndarray,
+                  p: np.ndarray, topics: list[str], live: bool) -> None:
+        """Events ``part`` of ``group`` (poll positions ``p``), all of topic ``topics[0]``, into ``route``."""
+        ids = route.stream_ids(group.stream if len(part) == len(group.stream)
+                               else list(map(group.stream.__getitem__, part.tolist())))
+        warm0 = route.buffer.n_warming
+        late, _ = route.add(ids, group.ts[part], group.values[part], tp_idx[p], batch.offset[p], topics,
+                            batch.partition[p], np.full(len(p), live))
+        warming = route.buffer.n_warming - warm0
+        topic = topics[0]
+        if not live:  # read again to rebuild windows: its outcome was counted when it was first read
+            self.metrics.event(topic, "replayed", len(p))
+            return
+        self._check_time_unit(topic, group.stream, part, group.ts[part])
+        if late:
+            self.metrics.event(topic, "late", late)
+        if warming:
+            self.metrics.event(topic, "warming", warming)
+        if len(p) - late - warming > 0:
+            self.metrics.event(topic, "scored", len(p) - late - warming)
 
     def _check_time_unit(self, topic: str, streams: list[str], part: np.ndarray, ts: np.ndarray) -> None:
         """Say (every 10 minutes at most) when live event times are not epoch milliseconds: seconds were taken

@@ -441,6 +441,15 @@ def test_routes_with_the_same_features_keep_their_own_streams(trained, tmp_path)
     assert fans.pending_windows == sum(len(p[0]) for p in fans._pending) > 0
     assert all((p[0] == fans.stream_index["fan-1"]).all() for p in fans._pending)
     assert daemon.registry.get_sample_value("anomalyd_events_total", {"topic": "t", "outcome": "unrouted"}) == 3
+    # one poll, one route, two topics: each topic's events are counted under its own label (all went to the first)
+    mixed = [json.dumps({"stream": s, "ts": 1_700_000_002_000 + i, "values": [1.0] * len(names)}).encode()
+             for i, s in enumerate(["fan-3", "fan-4", "fan-4", "fan-4"])]
+    daemon.process(RecordBatch(topic=["a", "b", "b", "b"], partition=np.zeros(4, np.int32),
+                               offset=np.arange(4, dtype=np.int64), timestamp=np.zeros(4, np.int64), key=[None] * 4,
+                               value=mixed))
+    counted = {t: daemon.registry.get_sample_value("anomalyd_events_total", {"topic": t, "outcome": "warming"})
+               for t in ("a", "b")}
+    assert counted == {"a": 1, "b": 3}
 
 
 def test_a_stream_arriving_on_another_partition_is_reported_once_a_minute(trained, tmp_path, caplog, monkeypatch):
