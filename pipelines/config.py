@@ -383,7 +383,26 @@ def _check_config(c: Config, data: Mapping, key: str, ctx: Ctx) -> Config:
     for ref_key, name in refs:
         if name not in served:
             ctx.err(ref_key, f"model {name!r} is not in models.served ({', '.join(sorted(served))})")
+    _check_output_topics(c, ctx)
     return c
+
+
+def _check_output_topics(c: Config, ctx: Ctx) -> None:
+    """The topics the daemon writes must not be among those it reads: a dead letter read back is dead-lettered
+    again, for ever, and alerts read back are dead letters (not sensor readings)."""
+    outputs = [("kafka.dead_letter_topic", c.kafka.dead_letter_topic)]
+    if c.sinks.kafka.enabled:
+        outputs.append(("sinks.kafka.topic", c.sinks.kafka.topic))
+    pattern = c.kafka.topic_pattern
+    for key, topic in outputs:
+        if ctx.is_bad(key):
+            continue
+        if topic in c.kafka.topics:
+            ctx.err(key, f"{topic!r} is also an input topic (kafka.topics): what the daemon writes there it would "
+                    f"read back")
+        elif pattern is not None and not ctx.is_bad("kafka.topic_pattern") and re.match(pattern.lstrip("^"), topic):
+            ctx.err(key, f"{topic!r} matches the input kafka.topic_pattern {pattern!r}: what the daemon writes "
+                    f"there it would read back (exclude it, e.g. ^sensors-.* or a negative lookahead)")
 
 
 _CHECKS: dict[type, Check] = {
