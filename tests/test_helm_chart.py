@@ -107,6 +107,8 @@ def test_helm_default_deployment(helm: str, tmp_path: Path) -> None:
     assert c["ports"][0]["containerPort"] == config["http"]["port"]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
+    assert c["startupProbe"]["timeoutSeconds"] == 3  # the schema took probes.startup.timeoutSeconds, unrendered
+    assert c["resources"]["limits"]["cpu"] == "2"  # model_threads: 0 sizes the scoring threads by it
     assert pod["terminationGracePeriodSeconds"] == config["shutdown"]["grace_period_s"] + 10
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
     sc = c["securityContext"]
