@@ -123,14 +123,17 @@ def _finite_windows(windows: torch.Tensor, what: str, say: Callable[[str], None]
 
 
 def calibrate_threshold(scores: np.ndarray, kind: str, params: dict, log: Callable[[str], None]) -> Threshold:
-    """Fit the configured threshold on validation scores; too little data for a tail fit -> quantile."""
+    """Fit the configured threshold on validation scores; too little data for a tail fit -> the quantile of
+    the same risk (1 - risk, at least 0.5). Parameters the threshold refuses raise: that is no lack of data."""
+    threshold = make_threshold(kind, **params)
     try:
-        return make_threshold(kind, **params).fit(scores)
+        return threshold.fit(scores)
     except ValueError as exc:
         if kind == "quantile":
             raise
-        log(f"threshold {kind!r} could not be fitted ({exc}); using a 0.99 quantile threshold instead")
-        return make_threshold("quantile", q=0.99).fit(scores)
+        q = min(max(1.0 - float(params["risk"]), 0.5), 0.9999) if "risk" in params else 0.99
+        log(f"threshold {kind!r} could not be fitted ({exc}); using a {q:g} quantile threshold instead")
+        return make_threshold("quantile", q=q).fit(scores)
 
 
 def train_detector(
@@ -144,17 +147,20 @@ def train_detector(
     cfg = train_cfg or TrainConfig()
     say = log or (lambda _msg: None)
     series = X if isinstance(X, list | tuple) else [X]  # several streams: windows never cross streams
-    series = [_fill_missing(np.asarray(x, dtype=np.float32)) for x in series]
     W = model_cfg.window
     train_parts, val_parts = [], []
     for x in series:
+        x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != model_cfg.n_features:
             raise ValueError(f"training data must be (T, {model_cfg.n_features}), got {x.shape}")
         n_val = _n_val(len(x), W, cfg.val_fraction)
         if not enough_rows(len(x), W, cfg.val_fraction):
             raise ValueError(f"need at least {W + 1 + n_val} rows to train with window {W}, got {len(x)}")
-        train_parts.append(x[:-n_val])
-        val_parts.append(x[-n_val:])
+        # filled after the split, the validation part carrying the training part's last values forward: a
+        # feature that first reports in the validation part must not lend that value to training rows
+        train = _fill_missing(x[:-n_val])
+        train_parts.append(train)
+        val_parts.append(_fill_missing(np.concatenate([train[-1:], x[-n_val:]]))[1:])
     train_rows = np.concatenate(train_parts)
 
     torch.manual_seed(cfg.seed)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from detector.models import ModelConfig
+from detector.thresholds import make_threshold
 from detector.training import TrainConfig, enough_rows, load_series, train_detector
 
 from .config import is_plain_name, load_config
@@ -159,6 +160,10 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
     return series, list(names)
 
 
+def _threshold_params(args) -> dict:
+    return {"risk": args.risk} if args.threshold in ("spot", "dspot") else {"q": 1 - args.risk}
+
+
 def _check_args(args) -> None:
     """Refuse arguments that would train nothing, write outside ``--models-dir`` or fail only after training."""
     problems = []
@@ -171,6 +176,11 @@ def _check_args(args) -> None:
         problems.append(f"--lr: must be > 0, got {args.lr}")
     if not 0 < args.risk < 1:
         problems.append(f"--risk: must be between 0 and 1, got {args.risk}")
+    else:  # what the threshold itself refuses (SPOT: risk below 1 - its initial quantile), before training
+        try:
+            make_threshold(args.threshold, **_threshold_params(args))
+        except ValueError as exc:
+            problems.append(f"--risk: {exc}")
     if not 0 <= args.dropout < 1:
         problems.append(f"--dropout: must be in [0, 1), got {args.dropout}")
     if args.last_k is not None and not 1 <= args.last_k <= args.window:
@@ -211,9 +221,9 @@ def train_command(args) -> int:
                 raise ValueError(f"no stream has enough rows to train with window {args.window}")
     mcfg = ModelConfig(kind=args.kind, n_features=series[0].shape[1], window=args.window, hidden_size=args.hidden,
                        num_layers=args.layers, latent_size=args.latent, dropout=args.dropout)
-    params = {"risk": args.risk} if args.threshold in ("spot", "dspot") else {"q": 1 - args.risk}
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                       scaler=args.scaler, score_last_k=args.last_k, threshold=args.threshold, threshold_params=params)
+                       scaler=args.scaler, score_last_k=args.last_k, threshold=args.threshold,
+                       threshold_params=_threshold_params(args))
     print(f"training {args.kind} on {len(series)} series, {sum(len(s) for s in series)} rows, features {names}")
     det = train_detector(series, mcfg, tcfg, feature_names=names)
     path = ModelStore(args.models_dir).save(args.name, det)

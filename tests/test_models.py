@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from detector.models import GRUAutoencoder, LSTMAutoencoder, ModelConfig, build_model, model_cost
-from detector.training import _fill_missing
+from detector.training import TrainConfig, _fill_missing, calibrate_threshold, train_detector
 
 
 @pytest.mark.parametrize("kind,cls", [("gru", GRUAutoencoder), ("lstm", LSTMAutoencoder)])
@@ -67,3 +67,24 @@ def test_fill_missing_never_looks_ahead_and_zeroes_empty_columns():
     expected = np.array([[1, 0, 1], [1, 0, 1], [5, 0, 3], [5, 0, 3], [9, 0, 3]], np.float32)
     np.testing.assert_array_equal(out, expected)
     assert out.dtype == np.float32 and np.isnan(X).sum() == 10  # the input is left alone
+
+
+def test_a_feature_that_first_reports_in_the_validation_part_lends_no_value_to_training_rows():
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 2)).astype(np.float32)
+    X[:190, 1] = np.nan  # feature 1 reports only in the last rows: inside the validation part (the last 20 %)
+    X[190:, 1] = 17.0
+    det = train_detector(X, ModelConfig(kind="gru", n_features=2, window=8, hidden_size=4, latent_size=2),
+                         TrainConfig(epochs=1, threshold="quantile", threshold_params={"q": 0.9}), log=None)
+    assert det.scaler.center[1] == 0.0  # training rows held no value of it (was 17, copied from validation)
+
+
+def test_a_threshold_that_cannot_be_fitted_falls_back_to_the_quantile_of_the_same_risk():
+    scores = np.random.default_rng(1).exponential(size=150)
+    said = []
+    fallback = calibrate_threshold(scores, "dspot", {"risk": 1e-3}, said.append)  # DSPOT needs 220 scores here
+    assert fallback.kind == "quantile" and "0.999 quantile" in said[0]
+    assert fallback.threshold == pytest.approx(np.quantile(scores, 0.999))
+    with pytest.raises(ValueError, match="risk must be in"):  # parameters it refuses are no lack of data
+        calibrate_threshold(scores, "spot", {"risk": 0.05}, said.append)

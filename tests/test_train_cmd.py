@@ -52,6 +52,7 @@ def test_no_names_given_or_found_is_an_error_naming_the_option():
     (["--name", "../escape"], "--name: must be a plain directory name (as models.served[].name), got '../escape'"),
     (["--risk", "1.5", "--window", "1"], "--window: must be >= 2, got 1; --risk: must be between 0 and 1, got 1.5"),
     (["--last-k", "9", "--window", "8"], "--last-k: must be between 1 and --window (8), got 9"),
+    (["--threshold", "spot", "--risk", "0.05"], "--risk: risk must be in (0, 1 - init_quantile = 0.02), got 0.05"),
 ])
 def test_arguments_that_would_train_nothing_or_write_elsewhere_are_refused_before_training(tmp_path, capsys, extra,
                                                                                              error):
