@@ -7,7 +7,8 @@ over ``--fits`` fits, three ways:
 
 * ``spot``: the default (initial threshold at the 0.98 quantile: 1-2 peaks from 30-60 scores);
 * ``10 peaks``: the initial threshold lowered to leave about 10 peaks;
-* ``q0.99``: a plain 0.99 quantile, the fallback ``calibrate_threshold`` uses when a tail fit fails.
+* ``q0.99``: a plain 0.99 quantile (what ``calibrate_threshold`` fell back to when a tail fit failed, until the
+  eighteenth session; now the quantile of the same risk, 1 - risk).
 
 Seeded; numpy only. About 20 s.
 """
