@@ -3,14 +3,14 @@
 //
 // Per event i (stream s, timestamp t, values v (F,)):
 //   late      t < last_ts[s]: dropped (counted; its NaNs are not);
-//   accepted  last_ts[s] = t; each NaN of v takes the stream's previous accepted value of that feature (0 when
-//             there is none; counted); the event goes to ring slot count[s] % W (and its t to ring_ts); count[s]++;
+//   accepted  last_ts[s] = t; each NaN of v takes the stream's previous accepted value of that feature (fill[f]
+//             when there is none, 0 without fill; counted); the event goes to ring slot count[s] % W (and its t to ring_ts); count[s]++;
 //   due       count[s] >= W and (count[s] - W) % stride == 0: the window (the stream's last W events, oldest
 //             first) is copied into out[m] and out_idx[m] = i, m++. Otherwise, below W events, it is warming.
 // This is the numpy implementation's definition, event by event; tests/test_windows.py checks that both agree.
 //
 // window_add(buf (S, W, F) f32, ring_ts (S, W) i64 | None, count (S,) i64, last_ts (S,) i64, stream (N,) i64,
-//            ts (N,) i64, values (N, F) f32, stride, out (>= due, W, F) f32, out_idx (N,) i64)
+//            ts (N,) i64, values (N, F) f32, stride, out (>= due, W, F) f32, out_idx (N,) i64, fill (F,) f32 | None)
 //   -> (due windows m, late, missing values, warming), all arrays C-contiguous; stream indices < S. Bind every
 // argument with noconvert(): a converted (copied) array would take the writes meant for the buffer.
 
@@ -37,7 +37,7 @@ inline bool is_nan(float v) {
 }
 
 inline py::tuple window_add(f32 buf, py::object ring_ts_obj, i64 count, i64 last_ts, i64 stream, i64 ts,
-                            f32 values, int64_t stride, f32 out, i64 out_idx) {
+                            f32 values, int64_t stride, f32 out, i64 out_idx, py::object fill_obj) {
   if (buf.ndim() != 3 || values.ndim() != 2 || out.ndim() != 3) throw std::invalid_argument("bad array ranks");
   const int64_t S = buf.shape(0), W = buf.shape(1), F = buf.shape(2), N = stream.shape(0);
   if (values.shape(0) != N || values.shape(1) != F || ts.shape(0) != N || out_idx.shape(0) < N ||
@@ -50,6 +50,14 @@ inline py::tuple window_add(f32 buf, py::object ring_ts_obj, i64 count, i64 last
     if (ring_ts.ndim() != 2 || ring_ts.shape(0) < S || ring_ts.shape(1) != W)
       throw std::invalid_argument("ring_ts does not match the buffer");
     RT = ring_ts.mutable_data();
+  }
+  const float* FILL = nullptr;
+  f32 fill;
+  if (!fill_obj.is_none()) {
+    if (!f32::check_(fill_obj)) throw std::invalid_argument("fill must be a C-contiguous float32 array");
+    fill = fill_obj.cast<f32>();
+    if (fill.ndim() != 1 || fill.shape(0) != F) throw std::invalid_argument("fill must have one value per feature");
+    FILL = fill.data();
   }
   const int64_t* SI = stream.data();
   for (int64_t i = 0; i < N; ++i)
@@ -84,7 +92,7 @@ inline py::tuple window_add(f32 buf, py::object ring_ts_obj, i64 count, i64 last
         float v = src[f];
         if (is_nan(v)) {
           ++missing;
-          v = prev ? prev[f] : 0.0f;
+          v = prev ? prev[f] : (FILL ? FILL[f] : 0.0f);
         }
         dst[f] = v;
       }

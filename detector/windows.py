@@ -13,7 +13,8 @@ due, without a Python loop over events:
 * an event is *late* (dropped, counted in ``n_late``) iff its ``ts`` is below the stream's largest accepted
   ``ts`` (a segmented cumulative maximum; equal timestamps are accepted);
 * NaN values are forward filled per stream and feature from the last accepted value (an index
-  ``maximum.accumulate``); a NaN with no previous value for that stream is filled with ``0.0``. Every NaN
+  ``maximum.accumulate``); a NaN with no previous value for that stream takes the fill value (``set_fill``: the
+  models' centre; 0.0 by default). Every NaN
   of an accepted event counts once in ``n_missing`` (values, not events); NaNs of late events do not count;
 * after accepting an event, with ``c`` = the stream's accepted count, a window is due iff ``c >= W`` and
   ``(c - W) % stride == 0``. All windows are read *before* the batch is written: the window of the
@@ -82,11 +83,21 @@ class WindowBuffer:
         # (W, W) row p: ring slots of a window starting at slot p (None: computed per call for large W)
         self._rot = (ar[:, None] + ar[None, :]) % self._w if self._w <= _ROT_TABLE_MAX_W else None
         self._count = np.zeros(cap, dtype=np.int64)  # (S,) accepted events so far
+        self._fill = np.zeros(self._f, dtype=np.float32)  # (F,) a missing value with none before it: set_fill
         self._last_ts = np.full(cap, _TS_MIN, dtype=np.int64)  # (S,) largest accepted ts
         self.n_events = self.n_accepted = self.n_late = self.n_missing = self.n_warming = 0
         from .fastpath import window_kernel  # torch and the extension only when a buffer is made
 
         self._native = window_kernel(native)
+
+    def set_fill(self, values: np.ndarray) -> None:
+        """(F,) what a missing value (NaN) becomes when its stream has no earlier value of the feature: the
+        models' centre of the data (their scaler's), so a stream whose first readings lack a feature is no
+        anomaly at once (0.0 in raw units, far from a feature centred at 300, scored 170x the threshold)."""
+        fill = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+        if fill.shape != (self._f,) or not np.isfinite(fill).all():
+            raise ValueError(f"fill must be {self._f} finite values, got {values!r}")
+        self._fill = fill
 
     # ------------------------------------------------------------------ properties
     @property
@@ -195,7 +206,7 @@ class WindowBuffer:
         out = np.empty((n, self._w, self._f), dtype=np.float32)  # pages past the due windows are never touched
         idx = np.empty(n, dtype=np.int64)
         m, late, missing, warming = self._native(self._buf, self._ring_ts, self._count, self._last_ts, stream, ts,
-                                                 values, self._stride, out, idx)
+                                                 values, self._stride, out, idx, self._fill)
         self.n_accepted += n - late
         self.n_late += late
         self.n_missing += missing
@@ -274,7 +285,7 @@ class WindowBuffer:
 
         No windows are produced and no counters change. ``ts`` must be non-decreasing (with
         ``keep_timestamps=False`` only its last value is kept, as the stream's latest accepted ts). NaNs are
-        forward filled (0.0 when there is no previous value). Only the last ``W`` events are kept. ``count``
+        forward filled (the fill value when there is no previous value). Only the last ``W`` events are kept. ``count``
         is the stream's accepted count to record (default ``len(ts)``); pass the original ``stream_count`` to
         keep the stride phase. The next event may then complete a window.
         """
@@ -316,7 +327,7 @@ class WindowBuffer:
     # ------------------------------------------------------------------ helpers
     def _forward_fill(self, vals: np.ndarray, nan: np.ndarray, u: np.ndarray, c_before: np.ndarray,
                       starts: np.ndarray, gid: np.ndarray) -> np.ndarray:
-        """Replace NaNs by the previous value of the same stream and feature (0.0 when there is none).
+        """Replace NaNs by the previous value of the same stream and feature (the fill value when there is none).
 
         ``vals`` (A, F) grouped by stream (``starts`` (G,), ``gid`` (A,)); ``u`` (G,) streams,
         ``c_before`` (G,) their accepted counts before these events (the ring's newest value fills the
@@ -328,7 +339,7 @@ class WindowBuffer:
         j = src[r, f]
         g = gid[r]
         own = j >= starts[g]  # a non-NaN value of the same stream earlier in the batch
-        fill = np.zeros(r.shape[0], dtype=np.float32)  # (K,)
+        fill = self._fill[f]  # (K,) a copy
         fill[own] = vals[j[own], f[own]]
         ring = ~own & (c_before[g] > 0)  # take the stream's newest stored value
         if ring.any():

@@ -85,6 +85,9 @@ class RouteState:
             self.buffer = WindowBuffer(first.window, first.n_features, stride=self.stride, keep_timestamps=False)
             self.offsets = WindowOffsets(first.window)
             self._pending, self.pending_windows = [], 0
+        center = getattr(getattr(first, "scaler", None), "center", None)  # a stream's first missing values
+        if center is not None:
+            self.buffer.set_fill(center)
 
     @property
     def version(self) -> str:

@@ -450,6 +450,17 @@ def test_routes_with_the_same_features_keep_their_own_streams(trained, tmp_path)
     counted = {t: daemon.registry.get_sample_value("anomalyd_events_total", {"topic": t, "outcome": "warming"})
                for t in ("a", "b")}
     assert counted == {"a": 1, "b": 3}
+    # a new stream whose first readings lack a feature: the gap takes the model's centre of the data, not 0.0
+    center = trained["lstm"].scaler.center
+    W = fans.buffer.window
+    first = {n: 1.0 for n in names[1:]}  # names[0] missing (null) in its first event
+    gap = [json.dumps({"stream": "fan-5", "ts": 1_700_000_003_000 + i,
+                       "values": first | {names[0]: None if i == 0 else 2.0}}).encode() for i in range(W)]
+    fans.take_pending()
+    daemon.process(RecordBatch(topic=["t"] * W, partition=np.zeros(W, np.int32), offset=np.arange(W, dtype=np.int64),
+                               timestamp=np.zeros(W, np.int64), key=[None] * W, value=gap))
+    (window,) = fans.take_pending()[0][1]
+    assert window[0, 0] == pytest.approx(center[0]) and window[1, 0] == 2.0 and center[0] != 0.0
 
 
 def test_a_stream_arriving_on_another_partition_is_reported_once_a_minute(trained, tmp_path, caplog, monkeypatch):

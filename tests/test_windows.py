@@ -273,6 +273,20 @@ def test_nan_without_history_is_zero_and_counted() -> None:
     np.testing.assert_array_equal(out.windows[0], [[0.0, 1.0], [2.0, 1.0]])
 
 
+def test_nan_without_history_takes_the_fill_value_in_a_batch_and_in_a_seed() -> None:
+    buf = WindowBuffer(3, 2)
+    buf.set_fill(np.array([300.0, 5.0]))
+    out = buf.add(np.array([0, 0, 1, 0]), np.array([1, 2, 1, 3]),
+                  np.array([[np.nan, 1.0], [301.0, np.nan], [np.nan, np.nan], [np.nan, 2.0]]))
+    np.testing.assert_array_equal(out.windows[0], [[300.0, 1.0], [301.0, 1.0], [301.0, 2.0]])
+    assert buf.n_missing == 5
+    buf.seed(2, np.array([1, 2]), np.array([[np.nan, 7.0], [8.0, np.nan]]))
+    np.testing.assert_array_equal(buf.add(np.array([2]), np.array([3]), np.array([[9.0, 9.0]])).windows[0],
+                                  [[300.0, 7.0], [8.0, 7.0], [9.0, 9.0]])
+    with pytest.raises(ValueError, match="2 finite values"):
+        buf.set_fill(np.array([1.0, np.nan]))
+
+
 def test_equal_timestamp_is_accepted_and_older_dropped() -> None:
     buf = WindowBuffer(2, 1)
     buf.add(np.array([3]), np.array([10]), np.ones((1, 1)))
