@@ -17,7 +17,7 @@ import torch
 
 from . import common
 
-SOURCES = ("detector/_fused_rnn.cpp", "detector/_fused_gates.h", "detector/_window_ring.h")
+SOURCES = ("detector/_fused_rnn.cpp", "detector/_fused_gates.h", "detector/_window_ring.h", "detector/_bf16_mm.h")
 
 
 def _build(name: str, root: Path):
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--reps", type=int, default=6, help="alternating timings per batch; the best of each is kept")
+    p.add_argument("--score", action="store_true",
+                   help="time score() (scaling, forward, error over the last step) instead of the forward alone")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from detector.fastpath import FusedAutoencoder
@@ -72,15 +74,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{k}: largest difference from eager PyTorch {(f(x) - want).abs().max().item():.2e}")
         for b in args.batches:
             x = torch.randn(b, 64, args.features)
+            center, scale = torch.zeros(args.features), torch.ones(args.features)
             best = {"A": 0.0, "B": 0.0}
             for _ in range(args.reps):
                 for k, f in fused.items():
                     t, n = time.perf_counter(), 0
                     while time.perf_counter() - t < 0.4:
-                        f(x)
+                        f.score(x, center, scale, 1) if args.score else f(x)
                         n += b
                     best[k] = max(best[k], n / (time.perf_counter() - t))
-            print(f"{args.kind} F={args.features} H={args.hidden} batch {b}, {args.threads} thread(s): "
+            print(f"{'score' if args.score else 'forward'} {args.kind} F={args.features} H={args.hidden} batch {b}, "
+                  f"{args.threads} thread(s): "
                   f"A {best['A']:,.0f} windows/s, B {best['B']:,.0f}, B/A {best['B'] / best['A']:.2f}")
     return 0
 

@@ -25,6 +25,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -300,6 +301,17 @@ at::Tensor ae_forward(const at::Tensor& x, bool lstm, int64_t H, int64_t Lz, con
   return y;
 }
 
+// Whether n floats are all finite, by their bits: -ffast-math may fold std::isfinite to true.
+static bool all_finite(const float* v, int64_t n) {
+  uint32_t worst = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t u;
+    std::memcpy(&u, v + k, sizeof u);
+    worst |= ~u & 0x7f800000u ? 0u : 1u;  // exponent all ones: inf or NaN
+  }
+  return worst == 0;
+}
+
 // Raw windows x (B, W, F) -> (score (B,), contributions (B, F)): scaling (x - center) / scale, the autoencoder,
 // and the mean squared error over the last `last_k` steps (detector.scoring.reconstruction_error), per tile in
 // cache; the reconstruction is never materialised.
@@ -328,6 +340,11 @@ std::vector<at::Tensor> ae_score(const at::Tensor& x, const at::Tensor& center, 
     tile_forward(M, wk, xs, b, y);
     for (int64_t i = 0; i < b; ++i) {
       float* ct = ctp + (r0 + i) * F;
+      if (!all_finite(xs + i * W * F, W * F)) {  // a reading beyond float32 once scaled: NaN, the most anomalous
+        std::fill(ct, ct + F, std::numeric_limits<float>::quiet_NaN());  // (the gates would clamp it away)
+        scp[r0 + i] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
       std::fill(ct, ct + F, 0.0f);
       for (int64_t t = W - last_k; t < W; ++t) {
         const float *a = xs + (i * W + t) * F, *q = y + (i * W + t) * F;

@@ -20,6 +20,16 @@ from .thresholds import Threshold
 __all__ = ["AutoencoderDetector"]
 
 
+def _overflowed(score: torch.Tensor, contributions: torch.Tensor,
+                xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN score and contributions for windows with a scaled input beyond float32 (a reading that overflows once
+    scaled, e.g. a sentinel 3e38): the engine makes them the most anomalous. Left alone, the outcome depended on
+    the path: an eager model's state could turn NaN (or not, as weights and signs fell), and the fused gates
+    clamp NaN into an ordinary score. No branch on the data: a CUDA graph captures this."""
+    bad = ~torch.isfinite(xs).flatten(1).all(dim=1)  # (B,)
+    return score.masked_fill(bad, float("nan")), contributions.masked_fill(bad[:, None], float("nan"))
+
+
 class AutoencoderDetector(Detector):
     """Model + scaler + threshold + feature names + training summary.
 
@@ -94,13 +104,13 @@ class AutoencoderDetector(Detector):
         center, scale = self.scaling_tensors()
         dtype = autocast_dtype(precision, self.device)
         if isinstance(forward, FusedAutoencoder) and dtype is None and x.device.type == "cpu":
-            return forward.score(x.float(), center, scale, self.score_last_k)
+            return forward.score(x.float(), center, scale, self.score_last_k)  # marks such windows NaN itself
         xs = (x - center) / scale  # (B, W, F)
         ctx = (torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=autocast_cache) if dtype
                else nullcontext())
         with ctx:
             x_hat = (forward or self.model)(xs)  # (B, W, F)
-        return reconstruction_error(xs, x_hat, self.score_last_k)
+        return _overflowed(*reconstruction_error(xs, x_hat, self.score_last_k), xs)
 
     def score_windows(
         self, windows: np.ndarray, batch_size: int = 8192, precision: str = "float32",

@@ -89,6 +89,32 @@ def test_engine_uses_fused_forward_and_scores_like_the_detector(trained, synthet
         fastpath.fused_mode()
 
 
+def test_a_window_that_overflows_once_scaled_is_most_anomalous_on_both_paths(trained, synthetic):
+    """A reading finite in float32 but not once scaled, before the scored last steps: the eager model's state is
+    NaN from there, and the engine makes that the ceiling; the fused gates clamped NaN into an ordinary score."""
+    import copy
+
+    from detector.engine import SCORE_CEILING
+
+    _, test = synthetic
+    windows = np.ascontiguousarray(
+        np.lib.stride_tricks.sliding_window_view(test.values[:40], 32, axis=0).transpose(0, 2, 1))
+    windows[3, 2, :] = 3.0e38  # a sentinel value, step 2 of 32
+    models = {k: copy.deepcopy(d) for k, d in trained.items()}
+    for d in models.values():
+        d.score_last_k = 4
+    outs = []
+    for fused in (True, False):
+        engine = InferenceEngine(device="cpu", fused=fused)
+        engine.swap(models)
+        assert engine.fused == fused
+        outs.append(engine.score({k: windows for k in models}))
+    for kind in models:
+        for out in outs:
+            assert out[kind].over[3] and out[kind].normalised[3] == SCORE_CEILING
+        np.testing.assert_array_equal(outs[0][kind].over, outs[1][kind].over)
+
+
 def _run_fastpath(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "detector.fastpath", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=600)
