@@ -16,6 +16,30 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 
+def _at_least(low: float, kind: type = int):
+    """An argparse type: a number of ``kind`` >= ``low`` (an error naming the flag, before anything starts)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not value >= low:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    return parse
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a number > 0."""
+    value = _at_least(0.0, float)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run the streaming daemon", description=(
         "Consume sensor events from Kafka, score sliding windows with the configured models, emit alerts. "
@@ -79,14 +103,15 @@ def _add_produce(sub) -> None:
                        description="Rate-controlled synthetic generator; writes the injected anomalies to --truth.")
     p.add_argument("--bootstrap", default="127.0.0.1:9092")
     p.add_argument("--topic", default="sensors")
-    p.add_argument("--streams", type=int, default=8)
-    p.add_argument("--features", type=int, default=4)
+    p.add_argument("--streams", type=_at_least(1), default=8)
+    p.add_argument("--features", type=_at_least(1), default=4)
     p.add_argument("--prefix", default="pump")
-    p.add_argument("--start-step", type=int, default=3000, help="first step (steps before it are the history)")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--anomalies", type=int, default=5)
-    p.add_argument("--rate", type=float, default=1000.0, help="events per second (0 = as fast as possible)")
-    p.add_argument("--interval-ms", type=int, default=1000,
+    p.add_argument("--start-step", type=_at_least(0), default=3000, help="first step (steps before it are the history)")
+    p.add_argument("--steps", type=_at_least(1), default=600)
+    p.add_argument("--anomalies", type=_at_least(0), default=5)
+    p.add_argument("--rate", type=_at_least(0.0, float), default=1000.0,
+                   help="events per second (0 = as fast as possible)")
+    p.add_argument("--interval-ms", type=_at_least(1), default=1000,
                    help="event-time spacing of one stream's readings; event times start now and run ahead of the "
                         "clock when --rate is faster, so a second run over the same streams before they have "
                         "passed is dropped as late (use another --prefix)")
@@ -109,13 +134,13 @@ def _add_demo(sub) -> None:
         "Starts a local Kafka broker, generates history, trains GRU and LSTM models, runs the daemon against "
         "a live producer with injected anomalies, prints alerts as they fire and a final injected-vs-detected "
         "table, and serves metrics. Ctrl-C exits cleanly."))
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--duration", type=_positive, default=None, help="stop after this many seconds")
     p.add_argument("--port", type=int, default=19092, help="local Kafka port")
     p.add_argument("--http-port", type=int, default=9308, help="metrics/health port")
     p.add_argument("--workdir", type=Path, default=None, help="default: ~/.cache/anomalyd/demo")
-    p.add_argument("--streams", type=int, default=8)
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--rate", type=float, default=400.0)
+    p.add_argument("--streams", type=_at_least(1), default=8)
+    p.add_argument("--steps", type=_at_least(1), default=500)
+    p.add_argument("--rate", type=_positive, default=400.0, help="events per second")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -152,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Quick start: `make demo`. Each command has --help.")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="DEBUG, INFO (default), WARNING or ERROR")
-    parser.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("ANOMALYD_LOG_FORMAT", "text"),
+    fmt = os.environ.get("ANOMALYD_LOG_FORMAT", "text").strip().lower()
+    parser.add_argument("--log-format", choices=["text", "json"], default=fmt,
                         help="json: one JSON object per log line, for log collectors (default: $ANOMALYD_LOG_FORMAT "
                              "or text)")
     parser.add_argument("--version", action=_VersionAction)
@@ -277,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, lambda *_: _RUN_STOP.set())
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_format not in ("text", "json"):  # from ANOMALYD_LOG_FORMAT: argparse checks no default
+        parser.error(f"ANOMALYD_LOG_FORMAT: must be text or json, got {args.log_format!r}")
     handler = logging.StreamHandler()
     handler.setFormatter(_JsonFormatter() if args.log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -88,33 +88,39 @@ def run_demo(args) -> int:
     runner = threading.Thread(target=lambda: setattr(daemon, "exit_code", daemon.run()), name="daemon")
     say(f"[3/5] daemon running (config {cfg_path}); metrics on http://127.0.0.1:{args.http_port}/metrics")
     runner.start()
-    deadline = time.monotonic() + 90
-    while not daemon.is_ready() and runner.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.2)  # joining the consumer group takes a moment
-    if not daemon.is_ready():
-        say("  the daemon did not become ready within 90 s (no partitions assigned); see the log above")
+    producer = prod = previous = None
+    try:  # whatever happens from here, the daemon stops: its thread would keep the process alive
+        deadline = time.monotonic() + 90
+        while not daemon.is_ready() and runner.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)  # joining the consumer group takes a moment
+        if not daemon.is_ready():
+            say("  the daemon did not become ready within 90 s (no partitions assigned); see the log above")
 
-    plan = fleet.plan(HISTORY_STEPS, args.steps, n_anomalies=5, length=30)
-    data, truth = fleet.live(HISTORY_STEPS, args.steps, plan)
-    interval_ms = max(1, round(1000 * args.streams / args.rate))  # event time advances with wall time
-    t0_ms = int(time.time() * 1000) - HISTORY_STEPS * interval_ms + 1000
-    truth_path = work / "truth.json"
-    producer = make_producer("kafka-python", bootstrap)
-    say(f"[4/5] producing {args.steps} steps x {args.streams} streams at {args.rate:.0f} events/s "
-        f"with {len(plan)} injected anomalies ({', '.join(p.kind + '@' + p.stream for p in plan)})")
-    prod = threading.Thread(target=produce_live, name="producer", args=(producer, topic, fleet, data, HISTORY_STEPS,
-                            t0_ms, interval_ms, args.rate, truth, truth_path))
-    prod.start()
+        plan = fleet.plan(HISTORY_STEPS, args.steps, n_anomalies=5, length=30)
+        data, truth = fleet.live(HISTORY_STEPS, args.steps, plan)
+        interval_ms = max(1, round(1000 * args.streams / args.rate))  # event time advances with wall time
+        t0_ms = int(time.time() * 1000) - HISTORY_STEPS * interval_ms + 1000
+        truth_path = work / "truth.json"
+        producer = make_producer("kafka-python", bootstrap)
+        say(f"[4/5] producing {args.steps} steps x {args.streams} streams at {args.rate:.0f} events/s "
+            f"with {len(plan)} injected anomalies ({', '.join(p.kind + '@' + p.stream for p in plan)})")
+        prod = threading.Thread(target=produce_live, name="producer", args=(
+            producer, topic, fleet, data, HISTORY_STEPS, t0_ms, interval_ms, args.rate, truth, truth_path))
+        prod.start()
 
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
-    alerts = _watch_alerts(bootstrap, alerts_topic, prod, stop, args.duration, say,
-                           caught_up=lambda: daemon.events_seen >= len(fleet.names) * args.steps)
-    signal.signal(signal.SIGINT, previous)
-    daemon.request_stop()
-    runner.join(timeout=60)
-    prod.join(timeout=5)
-    producer.close()
+        stop = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+        alerts = _watch_alerts(bootstrap, alerts_topic, prod, stop, args.duration, say,
+                               caught_up=lambda: daemon.events_seen >= len(fleet.names) * args.steps)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        daemon.request_stop()
+        runner.join(timeout=60)
+        if prod is not None:
+            prod.join(timeout=5)
+        if producer is not None:
+            producer.close()
 
     say("[5/5] injected vs detected")
     rows = match_alerts(truth, alerts, slack_ms=2 * 32 * interval_ms)
