@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         # Before the heavy imports: a SIGTERM while starting up must still mean "stop cleanly" (exit 0).
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: _RUN_STOP.set())
+        # SIGHUP's default kills the process (exit 129): until the daemon takes it, a reload asked for while
+        # starting is already served, as the models are read then
+        signal.signal(signal.SIGHUP, lambda *_: None)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.log_format not in ("text", "json"):  # from ANOMALYD_LOG_FORMAT: argparse checks no default

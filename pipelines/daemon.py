@@ -121,7 +121,11 @@ class Daemon:
         except _RETRIED as exc:  # kept and retried; those offsets wait
             log.warning("delivery not complete, offsets not committed, will retry: %s", exc)
         self.flush()  # score what is pending with the old models first
-        self._install(loaded)
+        routes = self.models.install_or_keep(loaded)
+        if routes is None:
+            return
+        self.routes = routes
+        self.intake.set_routes(routes)
         log.info("models reloaded: %s", self.models.versions())
 
     # -- rebalance (both callbacks run inside poll, where kafka-python 3 allows no blocking client calls) -----

@@ -81,7 +81,10 @@ class RouteState:
         self.models = models
         self.feature_names = list(first.feature_names)
         shape = (first.window, first.n_features)
-        if getattr(self, "buffer", None) is None or (self.buffer.window, self.buffer.n_features) != shape:
+        same_columns = getattr(self, "_columns", None) == tuple(first.feature_names)
+        self._columns = tuple(first.feature_names)
+        if (getattr(self, "buffer", None) is None or (self.buffer.window, self.buffer.n_features) != shape
+                or not same_columns):  # windows held in other columns would mix the two orders
             self.buffer = WindowBuffer(first.window, first.n_features, stride=self.stride, keep_timestamps=False)
             self.offsets = WindowOffsets(first.window)
             self._pending, self.pending_windows = [], 0

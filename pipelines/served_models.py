@@ -47,10 +47,33 @@ class ServedModels:
             newest = {s.name: self.store.resolve(s.name, s.version) for s in self.cfg.models.served}
             if not (forced or any(newest[n] != lm.version for n, lm in self.loaded.items())):
                 return None
-            return self.read()
+            loaded = self.read()
+            self._check_same_features(loaded)
+            return loaded
         except (OSError, ValueError, RuntimeError) as exc:  # CheckpointError is a ValueError; CUDA out of memory
             self.metrics.model_reload_failures.inc()
             log.error("model reload failed, still serving %s: %s", self.versions(), exc)
+            return None
+
+    def _check_same_features(self, loaded: dict[str, LoadedModel]) -> None:
+        """A reload keeps each model's features: a version with others would dead-letter every message the
+        producers send now (and the windows held are in the old columns). Serving it takes a restart."""
+        for name, lm in loaded.items():
+            old = self.loaded.get(name)
+            if old is not None and list(lm.detector.feature_names) != list(old.detector.feature_names):
+                raise ValueError(f"{name}: version {lm.version} has features {list(lm.detector.feature_names)}, "
+                                 f"version {old.version} {list(old.detector.feature_names)}; a reload does not change "
+                                 f"features (restart the daemon to serve it, once the producers send them)")
+
+    def install_or_keep(self, loaded: dict[str, LoadedModel]) -> list[RouteState] | None:
+        """:meth:`install`, or None when the swap fails (e.g. CUDA out of memory while both versions are on the
+        device): logged and counted as a failed reload, the old models still served (the swap changes nothing
+        until it succeeds)."""
+        try:
+            return self.install(loaded)
+        except (OSError, ValueError, RuntimeError) as exc:
+            self.metrics.model_reload_failures.inc()
+            log.error("model reload failed while installing, still serving %s: %s", self.versions(), exc)
             return None
 
     def versions(self) -> dict[str, str]:

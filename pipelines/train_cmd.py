@@ -185,6 +185,13 @@ def _check_args(args) -> None:
         problems.append(f"--dropout: must be in [0, 1), got {args.dropout}")
     if args.last_k is not None and not 1 <= args.last_k <= args.window:
         problems.append(f"--last-k: must be between 1 and --window ({args.window}), got {args.last_k}")
+    if args.data:  # these select from a topic; a file is trained on whole, columns and rows
+        streams = None if args.streams == "*" else args.streams
+        given = [flag for flag, value in (("--features", args.features), ("--from-ms", args.from_ms),
+                                          ("--to-ms", args.to_ms), ("--streams", streams), ("--config", args.config))
+                 if value is not None]
+        if given:
+            problems.append(f"{', '.join(given)}: only with --kafka-topic (--data trains on whole files)")
     if not args.name or not is_plain_name(args.name):
         problems.append(f"--name: must be a plain directory name (as models.served[].name), got {args.name!r}")
     if problems:

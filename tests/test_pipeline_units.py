@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from detector.synthetic import SensorModel
@@ -70,6 +71,31 @@ def test_a_model_version_that_fails_to_load_leaves_the_old_one_served(trained, t
     daemon.request_reload()
     daemon._maybe_reload()
     assert daemon.models.loaded["gru"].version == "v2" and daemon.routes[0].version == "v2"
+    # a version with other features: every message would be dead-lettered; a reload refuses it (a restart serves it)
+    import copy
+
+    renamed = copy.deepcopy(trained["gru"])
+    renamed.feature_names = list(reversed(renamed.feature_names))
+    store.save("gru", renamed, version="v3")
+    daemon.request_reload()
+    daemon._maybe_reload()
+    assert daemon.models.loaded["gru"].version == "v2"
+    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 2
+    # a swap that fails (CUDA out of memory while both versions are on the device) leaves v2 served, counted
+    store.save("gru", trained["gru"], version="v4")
+
+    def out_of_memory(_models):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    real_swap, daemon.engine.swap = daemon.engine.swap, out_of_memory
+    daemon.request_reload()
+    daemon._maybe_reload()  # raised out of the loop: the daemon stopped
+    assert daemon.models.loaded["gru"].version == "v2" and daemon.routes[0].version == "v2"
+    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 3
+    daemon.engine.swap = real_swap
+    daemon.request_reload()
+    daemon._maybe_reload()
+    assert daemon.models.loaded["gru"].version == "v4" and daemon.routes[0].version == "v4"
 
 
 def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys):

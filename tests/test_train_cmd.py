@@ -53,6 +53,8 @@ def test_no_names_given_or_found_is_an_error_naming_the_option():
     (["--risk", "1.5", "--window", "1"], "--window: must be >= 2, got 1; --risk: must be between 0 and 1, got 1.5"),
     (["--last-k", "9", "--window", "8"], "--last-k: must be between 1 and --window (8), got 9"),
     (["--threshold", "spot", "--risk", "0.05"], "--risk: risk must be in (0, 1 - init_quantile = 0.02), got 0.05"),
+    (["--features", "a", "--to-ms", "160"],
+     "--features, --to-ms: only with --kafka-topic (--data trains on whole files)"),
 ])
 def test_arguments_that_would_train_nothing_or_write_elsewhere_are_refused_before_training(tmp_path, capsys, extra,
                                                                                              error):

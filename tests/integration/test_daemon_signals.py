@@ -172,7 +172,8 @@ def test_sigterm_during_start_up_exits_zero_without_joining_the_group(kafka_boot
                                                                        daemon_models: tuple[Path, list[str]],
                                                                        tmp_path: Path) -> None:
     """SIGTERM while the daemon still imports torch and loads its models (a rollout that replaces a pod at once):
-    exit 0 at once, and no consumer group join (which would rebalance the other members) on the way out."""
+    exit 0 at once, and no consumer group join (which would rebalance the other members) on the way out. A SIGHUP
+    before it does not end the process."""
     models_dir, names = daemon_models
     create_topic(kafka_bootstrap, topic_name, partitions=1)
     cfg_path = write_config(tmp_path / "c.yaml", config_dict(kafka_bootstrap, topic_name, models_dir, names))
@@ -186,6 +187,10 @@ def test_sigterm_during_start_up_exits_zero_without_joining_the_group(kafka_boot
         while not _catches(proc.pid, signal.SIGTERM) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)  # the handler is installed before the heavy imports: seconds before Kafka
         assert _catches(proc.pid, signal.SIGTERM), log.read_text()
+        assert _catches(proc.pid, signal.SIGHUP), log.read_text()  # its default ended the process (exit 129)
+        proc.send_signal(signal.SIGHUP)  # a reload asked for while starting: the models are read then anyway
+        time.sleep(0.5)
+        assert proc.poll() is None, log.read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log.read_text()
         text = log.read_text()
