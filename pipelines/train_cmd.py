@@ -16,7 +16,7 @@ from detector.models import ModelConfig
 from detector.thresholds import make_threshold
 from detector.training import TrainConfig, enough_rows, load_series, train_detector
 
-from .config import is_plain_name, load_config
+from .config import KafkaConfig, is_plain_name, load_config
 from .decode import FeatureSpec, decode_batch
 from .kafka_io import client_security_config, kafka_python_bootstrap
 from .model_store import ModelStore
@@ -49,8 +49,9 @@ class _Selection:
     kept (F float32 values, a timestamp and a stream id per row), not the topic's raw messages."""
 
     def __init__(self, from_ms: int | None, to_ms: int | None, streams_glob: str,
-                 feature_names: list[str] | None) -> None:
+                 feature_names: list[str] | None, max_message_bytes: int = KafkaConfig.max_message_bytes) -> None:
         self._from_ms, self._to_ms, self._glob = from_ms, to_ms, streams_glob
+        self._max_bytes = max_message_bytes  # the daemon's kafka.max_message_bytes: it dead-letters larger ones
         self.names = feature_names
         self._pending: list[tuple[bytes, bytes | None, int]] = []  # held until the feature names are known
         self._streams: list[str] = []
@@ -80,7 +81,8 @@ class _Selection:
         spec = FeatureSpec(tuple(self.names))
         values, keys, broker_ts = zip(*records, strict=True)
         decoded = decode_batch(list(values), list(keys), np.asarray(broker_ts, dtype=np.int64),
-                               lambda stream: spec if fnmatch.fnmatchcase(stream, self._glob) else None, 1 << 20)
+                               lambda stream: spec if fnmatch.fnmatchcase(stream, self._glob) else None,
+                               self._max_bytes)
         if decoded.rejected:
             self.first_rejection = self.first_rejection or decoded.rejected[0][1]
             self.n_rejected += len(decoded.rejected)
@@ -114,7 +116,8 @@ class _Selection:
 
 def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: int | None, streams_glob: str,
                       feature_names: list[str] | None, timeout_s: float = 30.0,
-                      security: Mapping[str, Any] | None = None) -> tuple[list[np.ndarray], list[str]]:
+                      security: Mapping[str, Any] | None = None,
+                      max_message_bytes: int = KafkaConfig.max_message_bytes) -> tuple[list[np.ndarray], list[str]]:
     """Events of ``topic`` with from_ms <= ts <= to_ms, decoded and validated exactly as the daemon does, grouped
     per stream id as (T, F) series in time order. Messages the daemon would dead-letter are skipped (counted).
     ``security``: the config's ``kafka.security`` settings (read with kafka-python).
@@ -129,7 +132,7 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
         consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                                  consumer_timeout_ms=int(timeout_s * 1000),
                                  **client_security_config("kafka-python", security))
-    selection = _Selection(from_ms, to_ms, streams_glob, feature_names)
+    selection = _Selection(from_ms, to_ms, streams_glob, feature_names, max_message_bytes)
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         if not parts:
@@ -213,12 +216,13 @@ def train_command(args) -> int:
             raise ValueError("all --data files must have the same feature columns")
     else:
         feats = args.features.split(",") if args.features else None
-        bootstrap, security = args.bootstrap, None
-        if args.config:  # the daemon's brokers and credentials
+        bootstrap, security, max_bytes = args.bootstrap, None, KafkaConfig.max_message_bytes
+        if args.config:  # the daemon's brokers, credentials and message size limit
             kafka = load_config(args.config).kafka
             bootstrap, security = kafka.bootstrap_servers, kafka.security.client_settings()
+            max_bytes = kafka.max_message_bytes
         series, names = read_topic_series(bootstrap, args.kafka_topic, args.from_ms, args.to_ms, args.streams,
-                                          feats, security=security)
+                                          feats, security=security, max_message_bytes=max_bytes)
         short = [s for s in series if not enough_rows(len(s), args.window)]
         if short:  # a stream that began just before --to-ms: too short to split, left out rather than fatal
             series = [s for s in series if enough_rows(len(s), args.window)]

@@ -29,6 +29,18 @@ def test_polls_are_filtered_by_stream_and_event_time_and_sorted_per_stream():
     assert all(s.dtype == np.float32 for s in series)
 
 
+def test_messages_the_daemon_would_dead_letter_as_oversized_are_not_trained_on():
+    big = (json.dumps({"stream": "pump-1", "ts": 1, "values": {"a": 1, "b": 2}, "note": "x" * 70_000}).encode(),
+           b"pump-1", 0)  # over the daemon's default 64 KiB
+    sel = _Selection(None, None, "*", ["a", "b"])
+    sel.add([big, rec("pump-1", 2, {"a": 3, "b": 4})])
+    assert sel.n_rejected == 1 and sel.first_rejection == "oversized"  # was read with a 1 MiB limit
+    assert [s.tolist() for s in sel.series()] == [[[3.0, 4.0]]]
+    roomy = _Selection(None, None, "*", ["a", "b"], max_message_bytes=1 << 20)  # a config's larger limit
+    roomy.add([big])
+    assert roomy.n_rejected == 0
+
+
 def test_feature_names_come_from_the_first_matching_stream_even_in_a_later_poll():
     sel = _Selection(None, None, "pump-*", None)
     sel.add([rec("fan-1", 1, {"x": 1}), (b"[]", None, 0)])  # nothing to name the features from yet: held
