@@ -98,7 +98,7 @@ class Daemon:
         if self.engine.device.type == "cuda":
             self.metrics.track_gpu_memory(str(self.engine.device))
         self.routes: list[RouteState] = []
-        self._install(self.models.read())
+        self._install(self.models.read(fallback=True))
 
     # -- models ----------------------------------------------------------------------------------------
     def _install(self, loaded: dict[str, LoadedModel]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import tempfile
@@ -13,6 +14,8 @@ from detector.autoencoder import AutoencoderDetector
 from detector.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
 
 __all__ = ["LoadedModel", "ModelStore", "new_version_name"]
+
+log = logging.getLogger("anomalyd")
 
 
 def _version_key(name: str) -> tuple:
@@ -73,10 +76,24 @@ class ModelStore:
             raise FileNotFoundError(f"model {name!r} has no versions under {self.root / name}")
         return versions[-1]
 
-    def load(self, name: str, version: str | None = None, device: str = "cpu") -> LoadedModel:
+    def load(self, name: str, version: str | None = None, device: str = "cpu", fallback: bool = False) -> LoadedModel:
+        """The version (newest unless pinned). ``fallback``: when the newest fails to load, the newest older one
+        that does, each failure logged (a daemon that starts serves the last good model instead of failing until
+        someone removes the bad one); the newest's error when none loads."""
         v = self.resolve(name, version)
-        path = self.root / name / v
-        return LoadedModel(name, v, path, load_checkpoint(path, device=device))
+        try:
+            return LoadedModel(name, v, self.root / name / v, load_checkpoint(self.root / name / v, device=device))
+        except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
+            if version is not None or not fallback:
+                raise
+            for older in reversed(self.versions(name)[:-1]):
+                log.error("model %s version %s does not load (%s); trying version %s", name, v, exc, older)
+                try:
+                    path = self.root / name / older
+                    return LoadedModel(name, older, path, load_checkpoint(path, device=device))
+                except (OSError, ValueError) as older_exc:
+                    v, exc = older, older_exc
+            raise
 
     def save(self, name: str, detector: AutoencoderDetector, version: str | None = None) -> Path:
         v = version or new_version_name()
@@ -86,7 +103,11 @@ class ModelStore:
         (self.root / name).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{v}.", suffix=".tmp", dir=self.root / name))  # one per save
         tmp.chmod(0o777 & ~_umask())  # as mkdir would (mkdtemp's 0700 hid the version from a daemon of another uid)
-        save_checkpoint(detector, tmp)
+        try:
+            save_checkpoint(detector, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # no hidden half-written directory left behind
+            raise
         try:
             tmp.rename(final)  # fails if another save of the same version got there first
         except OSError as exc:

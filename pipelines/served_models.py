@@ -32,10 +32,12 @@ class ServedModels:
         self.loaded: dict[str, LoadedModel] = {}
         self.routes: list[RouteState] = []
 
-    def read(self) -> dict[str, LoadedModel]:
-        """The served models, loaded and checked against their routes; raises before anything is swapped."""
+    def read(self, fallback: bool = False) -> dict[str, LoadedModel]:
+        """The served models, loaded and checked against their routes; raises before anything is swapped.
+        ``fallback`` (at start): a newest version that does not load gives way to the newest older one that does."""
         dev = str(self.engine.device)
-        loaded = {s.name: self.store.load(s.name, s.version, device=dev) for s in self.cfg.models.served}
+        loaded = {s.name: self.store.load(s.name, s.version, device=dev, fallback=fallback)
+                  for s in self.cfg.models.served}
         for spec in self.router.routes:
             RouteState.check_models([loaded[name] for name in spec.models], spec.label)
         return loaded

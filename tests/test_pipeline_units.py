@@ -98,6 +98,31 @@ def test_a_model_version_that_fails_to_load_leaves_the_old_one_served(trained, t
     assert daemon.models.loaded["gru"].version == "v4" and daemon.routes[0].version == "v4"
 
 
+def test_a_daemon_starts_on_the_newest_version_that_loads(trained, tmp_path, caplog):
+    """A corrupt newest version (a restart after a bad copy) no longer stops every start while a good older one is
+    there; pinned, it still does. And a save that fails leaves no hidden half-written directory behind."""
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+
+    store = ModelStore(tmp_path / "models")
+    store.save("gru", trained["gru"], version="v1")
+    bad = store.save("gru", trained["gru"], version="v2")
+    (bad / "model.safetensors").write_bytes(b"not weights")
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [], "default_models": ["gru"], "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["t"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    daemon = Daemon(load_config(tmp_path / "c.yaml"))
+    assert daemon.models.loaded["gru"].version == "v1"
+    assert "model gru version v2 does not load" in caplog.text
+    cfg["models"]["served"] = [{"name": "gru", "version": "v2"}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="safetensors"):
+        Daemon(load_config(tmp_path / "c.yaml"))
+    with pytest.raises(AttributeError):
+        store.save("gru", object(), version="v3")  # not a detector: the checkpoint cannot be written
+    assert sorted(p.name for p in (tmp_path / "models" / "gru").iterdir()) == ["v1", "v2"]
+
+
 def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys):
     store = ModelStore(tmp_path / "models")
     store.save("gru", trained["gru"])
