@@ -16,6 +16,8 @@ from .source import RecordBatch
 
 __all__ = ["replay_files"]
 
+_TOPIC = "replay"  # every file's messages: one topic partition, as one stream's events are in Kafka
+
 
 class _StderrDeadLetters:
     """Stands in for the dead-letter producer: one JSON line per rejected message on stderr."""
@@ -32,20 +34,29 @@ class _StderrDeadLetters:
 
 
 def replay_files(config_path: str | Path, inputs: list[Path], chunk: int = 5000) -> int:
+    """Replay ``inputs`` in order as one topic partition (a stream's events across files stay one stream, with
+    offsets that go on counting); a message without ``ts`` takes the replay's start time plus its line number
+    (ms), so that order holds. Exit code 1 when no message was taken (all dead-lettered or unrouted)."""
     daemon = Daemon(load_config(config_path))
     daemon.producer = _StderrDeadLetters()
     daemon.sinks = FanoutSink([LogSink(sys.stdout)])
     now = int(time.time() * 1000)
-    n_alerts = 0
+    n_alerts = offset = 0
     for path in inputs:
         lines = [ln.rstrip(b"\n") for ln in path.read_bytes().splitlines() if ln.strip()]
         for start in range(0, len(lines), chunk):
             part = lines[start:start + chunk]
             n = len(part)
-            daemon.process(RecordBatch(topic=[path.name] * n, partition=np.zeros(n, np.int32),
-                                       offset=np.arange(start, start + n, dtype=np.int64),
-                                       timestamp=np.full(n, now, np.int64), key=[None] * n, value=part))
+            daemon.process(RecordBatch(topic=[_TOPIC] * n, partition=np.zeros(n, np.int32),
+                                       offset=np.arange(offset, offset + n, dtype=np.int64),
+                                       timestamp=now + np.arange(offset, offset + n, dtype=np.int64),
+                                       key=[None] * n, value=part))
+            offset += n
             n_alerts += len(daemon.flush())
             daemon.sinks.flush(30.0)
-    print(f"replayed {daemon.events_seen} messages, {n_alerts} alerts", file=sys.stderr)
-    return 0
+    counts = {o: int(daemon.registry.get_sample_value("anomalyd_events_total", {"topic": _TOPIC, "outcome": o})
+                     or 0) for o in ("scored", "warming", "late", "unrouted", "dead_lettered")}
+    print(f"replayed {daemon.events_seen} messages, {n_alerts} alerts; "
+          + ", ".join(f"{o} {n}" for o, n in counts.items()), file=sys.stderr)
+    taken = counts["scored"] + counts["warming"] + counts["late"]
+    return 0 if taken or not daemon.events_seen else 1

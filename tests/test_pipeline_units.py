@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime
 
 import numpy as np
@@ -123,7 +124,7 @@ def test_a_daemon_starts_on_the_newest_version_that_loads(trained, tmp_path, cap
     assert sorted(p.name for p in (tmp_path / "models" / "gru").iterdir()) == ["v1", "v2"]
 
 
-def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys):
+def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys, caplog):
     store = ModelStore(tmp_path / "models")
     store.save("gru", trained["gru"])
     cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
@@ -146,6 +147,19 @@ def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys):
     assert 1_700_000_000_000 + 300_000 <= firing[0]["started_at"] <= 1_700_000_000_000 + 340_000
     assert firing[0]["top_features"][0]["feature"] == "s2"
     assert '"anomalyd-error-reason": "bad_json"' in err
+    # the same stream over two files, without ts: one stream, in order (each file was its own topic, and its
+    # events "moved partition"; every message without ts took one and the same time)
+    half = [json.dumps({"stream": "pump-2", "values": dict(zip(trained["gru"].feature_names, row.tolist(),
+                                                                strict=True))}) for row in X[:80]]
+    (tmp_path / "a.jsonl").write_text("\n".join(half[:40]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(half[40:]) + "\n")
+    with caplog.at_level(logging.WARNING):
+        assert replay_files(tmp_path / "c.yaml", [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]) == 0
+    err = capsys.readouterr().err
+    assert "another partition" not in caplog.text
+    assert "replayed 80 messages, 0 alerts; scored 49, warming 31, late 0, unrouted 0, dead_lettered 0" in err
+    (tmp_path / "bad.jsonl").write_text("{broken\n[1, 2]\n")
+    assert replay_files(tmp_path / "c.yaml", [tmp_path / "bad.jsonl"]) == 1  # nothing taken
 
 
 def test_a_reading_at_the_float32_limit_fires_an_alert_that_serialises(trained, tmp_path, capsys):
