@@ -70,7 +70,10 @@ class ModelStore:
         versions = self.versions(name)
         if version is not None:
             if version not in versions:
-                raise FileNotFoundError(f"model {name!r} version {version!r} not found under {self.root / name}")
+                d = self.root / name / version
+                missing = [f for f in (META_FILE, WEIGHTS_FILE) if not (d / f).is_file()] if d.is_dir() else None
+                what = f"has no {' or '.join(missing)} (still being copied?)" if missing else "not found"
+                raise FileNotFoundError(f"model {name!r} version {version!r} {what} under {self.root / name}")
             return version
         if not versions:
             raise FileNotFoundError(f"model {name!r} has no versions under {self.root / name}")

@@ -119,6 +119,11 @@ def test_a_daemon_starts_on_the_newest_version_that_loads(trained, tmp_path, cap
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match="safetensors"):
         Daemon(load_config(tmp_path / "c.yaml"))
+    (bad / "model.safetensors").unlink()  # pinned, and its weights not there (yet): said so, not "not found"
+    with pytest.raises(FileNotFoundError, match="version 'v2' has no model.safetensors"):
+        store.resolve("gru", "v2")
+    with pytest.raises(FileNotFoundError, match="version 'v9' not found"):
+        store.resolve("gru", "v9")
     with pytest.raises(AttributeError):
         store.save("gru", object(), version="v3")  # not a detector: the checkpoint cannot be written
     assert sorted(p.name for p in (tmp_path / "models" / "gru").iterdir()) == ["v1", "v2"]
