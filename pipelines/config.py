@@ -119,6 +119,9 @@ class ProcessingConfig:
     score_in_background: bool = True  # score micro-batch k on a second thread while batch k+1 is polled
     model_threads: int = rule_field(0, ge=0)  # CPU inference threads; 0: adaptive, up to the container's CPUs
     stream_idle_timeout_s: float = rule_field(86400.0, ge=0)  # forget a stream silent this long (0: never)
+    # dead-letter an event whose ts is further ahead of this host's clock (0: never): one garbage time (microseconds,
+    # a corrupt field) made every later event of its stream late, dropped, until the stream was forgotten
+    max_event_time_ahead_s: float = rule_field(86400.0, ge=0)
 
 
 @dataclass(frozen=True)

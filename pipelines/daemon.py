@@ -80,7 +80,7 @@ class Daemon:
         self.positions = Positions(cfg.kafka.max_rebuild_records)
         self.commits = Committer(self.positions, self.metrics)
         self.intake = Intake(self.models.router, self.positions, self.metrics, cfg.kafka.dead_letter_topic,
-                             cfg.kafka.max_message_bytes)
+                             cfg.kafka.max_message_bytes, cfg.processing.max_event_time_ahead_s)
         self.kafka = KafkaProbe(self.metrics.kafka_reachable)  # while the topic is quiet: do the brokers answer?
         self._leaving = False  # the loop has ended: rebalance callbacks do nothing (see run)
         self._shutdown_by: float | None = None  # monotonic deadline of the shutdown (shutdown.grace_period_s)

@@ -15,6 +15,8 @@ import numpy as np
 
 from . import native_decode
 from .decode import (
+    DecodedBatch,
+    DecodedGroup,
     FeatureSpec,
     SpecCache,
     dead_letter_copy,
@@ -52,10 +54,11 @@ class Intake:
     model (re)load, then ``add(batch, producer)`` per poll batch."""
 
     def __init__(self, router: Router, positions: Positions, metrics: Metrics, dead_letter_topic: str,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, max_ahead_s: float = 0.0) -> None:
         native_decode.load()  # built or found now, not in the first poll; ANOMALYD_NATIVE_DECODE=on: raises here
         self.router, self.positions, self.metrics = router, positions, metrics
         self.dead_letter_topic, self.max_message_bytes = dead_letter_topic, max_message_bytes
+        self.max_ahead_ms = int(max_ahead_s * 1000)  # 0: event times ahead of the clock are taken as they come
         self.routes: Sequence[RouteState] = []
         self._features: list[_RouteFeatures] = []  # per route
         self._route: dict[_RouteFeatures, RouteState] = {}
@@ -74,6 +77,8 @@ class Intake:
         tp_idx = self.positions.batch_ids(batch)
         replay = self.positions.replay_mask(tp_idx, batch.offset)
         decoded = decode_batch(batch.value, batch.key, batch.timestamp, self._spec_of, self.max_message_bytes)
+        if self.max_ahead_ms:
+            self._reject_far_ahead(decoded)
         self.metrics.decoded.labels(decoder="native").inc(decoded.n_native)
         self.metrics.decoded.labels(decoder="python").inc(len(batch) - decoded.n_native)
         topic0 = batch.topic
@@ -91,6 +96,34 @@ class Intake:
         for features, group in decoded.groups.items():  # one group per route
             self._add_to_route(self._route[features], group, batch, tp_idx, replay)
         self.positions.advance(tp_idx, batch.offset)
+
+    def _reject_far_ahead(self, decoded: DecodedBatch) -> None:
+        """Events whose ts is more than processing.max_event_time_ahead_s ahead of this host's clock become
+        rejections (reason bad_timestamp), in input order with the others. Records read again to rebuild windows
+        are rejected too, and counted as replayed: one this far ahead now was this far ahead when first read."""
+        limit = int(time.time() * 1000) + self.max_ahead_ms
+        added = False
+        for spec, group in list(decoded.groups.items()):
+            far = group.ts > limit
+            if not far.any():
+                continue
+            for i in np.flatnonzero(far).tolist():
+                ahead_s = (int(group.ts[i]) - limit) / 1000 + self.max_ahead_ms / 1000
+                unit = " (microseconds or nanoseconds? ts is epoch milliseconds)" if group.ts[i] >= _MS_HIGH else ""
+                decoded.rejected.append((int(group.ok_index[i]), "bad_timestamp",
+                                         f"ts {int(group.ts[i])} is {ahead_s:.0f} s ahead of this host's clock, more "
+                                         f"than processing.max_event_time_ahead_s ({self.max_ahead_ms / 1000:g})"
+                                         + unit))
+            added = True
+            keep = np.flatnonzero(~far)
+            if len(keep):
+                decoded.groups[spec] = DecodedGroup(spec, group.ok_index[keep],
+                                                    [group.stream[j] for j in keep.tolist()], group.ts[keep],
+                                                    group.values[keep])
+            else:
+                del decoded.groups[spec]
+        if added:
+            decoded.rejected.sort(key=lambda r: r[0])
 
     def _features_of(self, stream: str) -> _RouteFeatures | None:
         """The stream's route (its features), None when no route takes it; asked once per stream."""

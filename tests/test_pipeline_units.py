@@ -533,6 +533,36 @@ def test_routes_with_the_same_features_keep_their_own_streams(trained, tmp_path)
     assert window[0, 0] == pytest.approx(center[0]) and window[1, 0] == 2.0 and center[0] != 0.0
 
 
+def test_an_event_time_far_ahead_of_the_clock_is_dead_lettered_not_taken(trained, tmp_path, capsys):
+    """ts in microseconds (or corrupt): taken, it made every later event of its stream late, dropped."""
+    import time
+
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+    from pipelines.replay import _StderrDeadLetters
+
+    ModelStore(tmp_path / "models").save("gru", trained["gru"])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [{"match": "*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
+           "kafka": {"topics": ["t"]}, "processing": {"max_event_time_ahead_s": 3600}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    daemon = Daemon(load_config(tmp_path / "c.yaml"))
+    daemon.producer = _StderrDeadLetters()
+    now = int(time.time() * 1000)
+    names = trained["gru"].feature_names
+    times = [now - 2000, now * 1000, now - 1000, now + 600_000]  # the second in microseconds; the last 10 min ahead
+    values = [json.dumps({"stream": "pump-1", "ts": ts, "values": [1.0] * len(names)}).encode() for ts in times]
+    daemon.process(RecordBatch(topic=["t"] * 4, partition=np.zeros(4, np.int32), offset=np.arange(4, dtype=np.int64),
+                               timestamp=np.zeros(4, np.int64), key=[None] * 4, value=values))
+    (route,) = daemon.routes
+    assert route.buffer.n_events == 3 and route.buffer.n_late == 0  # the later events were taken
+    got = daemon.registry.get_sample_value
+    assert got("anomalyd_dead_letters_total", {"topic": "t", "reason": "bad_timestamp"}) == 1
+    err = capsys.readouterr().err
+    assert "ahead of this host's clock, more than processing.max_event_time_ahead_s (3600)" in err
+    assert "microseconds or nanoseconds? ts is epoch milliseconds" in err
+
+
 def test_a_stream_arriving_on_another_partition_is_reported_once_a_minute(trained, tmp_path, caplog, monkeypatch):
     """Partitions added to a topic with a backlog move keys: the new partition's events of a stream come first, its
     old partition's backlog then falls behind them and is dropped as late. That loss is said, not only counted."""
@@ -589,7 +619,7 @@ def test_event_times_in_seconds_are_reported_not_taken_silently(trained, tmp_pat
     ModelStore(tmp_path / "models").save("gru", trained["gru"])
     cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
            "routes": [{"match": "pump-*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
-           "kafka": {"topics": ["t"]}}
+           "kafka": {"topics": ["t"]}, "processing": {"max_event_time_ahead_s": 0}}  # micro/nanoseconds: taken
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     daemon = Daemon(load_config(tmp_path / "c.yaml"))
     daemon.producer = _StderrDeadLetters()
