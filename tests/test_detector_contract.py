@@ -45,3 +45,16 @@ def test_false_alarm_rate_on_clean_data_is_small(detector, synthetic):
     s = detector.score_series(train)
     rate = np.mean(detector.threshold.is_anomalous(s[~np.isnan(s)]))
     assert rate < 0.02
+
+
+def test_gaussian_baseline_floors_a_flat_windows_spread_relative_to_the_training_data():
+    """A feature flat over one window that then moves by one step: with an absolute floor of 1e-6 its z^2 was
+    about 1e12, and a threshold calibrated on such scores meant nothing (the SMD/ASD baseline's event F1)."""
+    rng = np.random.default_rng(0)
+    train = np.column_stack([rng.normal(size=600), np.repeat(rng.normal(size=20), 30)])  # feature 1: steps
+    det = GaussianDetector(window=8).fit(train)
+    window = np.zeros((1, 8, 2))
+    window[0, -1, 1] = train[:, 1].std()  # one training spread after a flat stretch
+    z2 = det.score_windows(window).contributions[0, 1]
+    assert z2 == pytest.approx(100.0, rel=1e-3)  # (1 / 0.1)^2: the floor is a tenth of the training spread
+    assert np.isfinite(det.threshold.threshold) and det.threshold.threshold < 1e4

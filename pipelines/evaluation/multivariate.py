@@ -149,7 +149,7 @@ def evaluate_entity(
     thr = float(det.threshold.threshold)
     y = entity.labels
     point, pa = best_f1(scores, y), best_f1_point_adjusted(scores, y)
-    ev = event_counts(scores >= thr, y)
+    ev = event_counts(det.threshold.is_anomalous(scores), y)  # the daemon's decision (score > threshold)
     metrics: dict[str, object] = {
         "f1": point.f1,
         "f1_point_adjusted": pa.f1,
