@@ -1,20 +1,17 @@
-"""Unit tests of the daemon's Kafka-free parts: routing, model store, route state, replay."""
+"""Unit tests of the daemon's Kafka-free parts: routing, positions, route state, intake (the model store and
+replay have files of their own)."""
 
 from __future__ import annotations
 
 import json
-import logging
-from datetime import UTC, datetime
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from detector.synthetic import SensorModel
-from pipelines.model_store import ModelStore, new_version_name
+from pipelines.model_store import ModelStore
 from pipelines.positions import Positions, WindowOffsets
-from pipelines.replay import replay_files
 from pipelines.routing import Router, RouteSpec
 from pipelines.source import RecordBatch
 
@@ -25,197 +22,6 @@ def test_router_glob_regex_first_match_and_default():
     assert r.route_of("fan-x") == 2  # the default route
     assert Router([RouteSpec(("a",), match="pump-*")]).route_of("valve-1") == -1
     assert RouteSpec(("gru", "lstm")).label == "gru+lstm"
-
-
-def test_model_store_newest_version_and_pinning(trained, tmp_path):
-    store = ModelStore(tmp_path)
-    v1 = store.save("m", trained["gru"], version="v2").name
-    v2 = store.save("m", trained["gru"], version="v10").name
-    (tmp_path / "m" / ".v99.tmp").mkdir()  # incomplete writes are ignored
-    (tmp_path / "m" / "v98").mkdir()
-    (tmp_path / "m" / "v98" / "model.json").write_text("{}")  # copied in by hand, weights not there yet
-    assert store.versions("m") == [v1, v2] and store.resolve("m") == "v10"
-    assert store.load("m", "v2").version == "v2"
-    with pytest.raises(FileNotFoundError, match="version 'v3' not found"):
-        store.resolve("m", "v3")
-    with pytest.raises(FileExistsError):
-        store.save("m", trained["gru"], version="v10")
-    from pipelines.model_store import _umask
-
-    assert (tmp_path / "m" / "v10").stat().st_mode & 0o777 == 0o777 & ~_umask()  # as mkdir: another uid reads it
-    early = new_version_name(datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=UTC))
-    late = new_version_name(datetime(2026, 1, 2, 3, 4, 5, 7000, tzinfo=UTC))
-    assert early == "20260102T030405006Z" and early < late
-
-
-def test_a_model_version_that_fails_to_load_leaves_the_old_one_served(trained, tmp_path):
-    import shutil
-
-    from pipelines.config import load_config
-    from pipelines.daemon import Daemon
-
-    store = ModelStore(tmp_path / "models")
-    old = store.save("gru", trained["gru"], version="v1")
-    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
-           "routes": [], "default_models": ["gru"], "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["t"]}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    daemon = Daemon(load_config(tmp_path / "c.yaml"))
-    new = tmp_path / "models" / "gru" / "v2"
-    new.mkdir()
-    shutil.copy(old / "model.json", new / "model.json")
-    (new / "model.safetensors").write_bytes((old / "model.safetensors").read_bytes()[:100])  # still being copied
-    daemon.request_reload()  # SIGHUP
-    daemon._maybe_reload()
-    assert daemon.models.loaded["gru"].version == "v1" and daemon.routes[0].version == "v1"
-    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 1
-    shutil.copy(old / "model.safetensors", new / "model.safetensors")  # the copy completes
-    daemon.request_reload()
-    daemon._maybe_reload()
-    assert daemon.models.loaded["gru"].version == "v2" and daemon.routes[0].version == "v2"
-    # a version with other features: every message would be dead-lettered; a reload refuses it (a restart serves it)
-    import copy
-
-    renamed = copy.deepcopy(trained["gru"])
-    renamed.feature_names = list(reversed(renamed.feature_names))
-    store.save("gru", renamed, version="v3")
-    daemon.request_reload()
-    daemon._maybe_reload()
-    assert daemon.models.loaded["gru"].version == "v2"
-    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 2
-    # a swap that fails (CUDA out of memory while both versions are on the device) leaves v2 served, counted
-    store.save("gru", trained["gru"], version="v4")
-
-    def out_of_memory(_models):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    real_swap, daemon.engine.swap = daemon.engine.swap, out_of_memory
-    daemon.request_reload()
-    daemon._maybe_reload()  # raised out of the loop: the daemon stopped
-    assert daemon.models.loaded["gru"].version == "v2" and daemon.routes[0].version == "v2"
-    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 3
-    daemon.engine.swap = real_swap
-    daemon.request_reload()
-    daemon._maybe_reload()
-    assert daemon.models.loaded["gru"].version == "v4" and daemon.routes[0].version == "v4"
-
-
-def test_a_daemon_starts_on_the_newest_version_that_loads(trained, tmp_path, caplog):
-    """A corrupt newest version (a restart after a bad copy) no longer stops every start while a good older one is
-    there; pinned, it still does. And a save that fails leaves no hidden half-written directory behind."""
-    from pipelines.config import load_config
-    from pipelines.daemon import Daemon
-
-    store = ModelStore(tmp_path / "models")
-    store.save("gru", trained["gru"], version="v1")
-    bad = store.save("gru", trained["gru"], version="v2")
-    (bad / "model.safetensors").write_bytes(b"not weights")
-    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
-           "routes": [], "default_models": ["gru"], "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["t"]}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    daemon = Daemon(load_config(tmp_path / "c.yaml"))
-    assert daemon.models.loaded["gru"].version == "v1"
-    assert "model gru version v2 does not load" in caplog.text
-    cfg["models"]["served"] = [{"name": "gru", "version": "v2"}]
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ValueError, match="safetensors"):
-        Daemon(load_config(tmp_path / "c.yaml"))
-    (bad / "model.safetensors").unlink()  # pinned, and its weights not there (yet): said so, not "not found"
-    with pytest.raises(FileNotFoundError, match="version 'v2' has no model.safetensors"):
-        store.resolve("gru", "v2")
-    with pytest.raises(FileNotFoundError, match="version 'v9' not found"):
-        store.resolve("gru", "v9")
-    with pytest.raises(AttributeError):
-        store.save("gru", object(), version="v3")  # not a detector: the checkpoint cannot be written
-    assert sorted(p.name for p in (tmp_path / "models" / "gru").iterdir()) == ["v1", "v2"]
-
-
-def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys, caplog):
-    store = ModelStore(tmp_path / "models")
-    store.save("gru", trained["gru"])
-    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
-           "routes": [{"match": "pump-*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
-           "kafka": {"topics": ["x"]}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    model = SensorModel(4, seed=1)
-    X = model.normal(np.arange(400, dtype=np.float64))
-    X[300:340, 2] += 8 * X[:, 2].std()  # a level shift
-    lines = [json.dumps({"stream": "pump-1", "ts": 1_700_000_000_000 + i * 1000,
-                         "values": dict(zip(trained["gru"].feature_names, row.tolist(), strict=True))})
-             for i, row in enumerate(X)]
-    lines.insert(10, "{broken")
-    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
-    assert replay_files(tmp_path / "c.yaml", [tmp_path / "in.jsonl"]) == 0
-    out, err = capsys.readouterr()
-    alerts = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
-    firing = [a for a in alerts if a["status"] == "firing"]
-    assert len(firing) == 1 and firing[0]["stream"] == "pump-1"
-    assert 1_700_000_000_000 + 300_000 <= firing[0]["started_at"] <= 1_700_000_000_000 + 340_000
-    assert firing[0]["top_features"][0]["feature"] == "s2"
-    assert '"anomalyd-error-reason": "bad_json"' in err
-    # the same stream over two files, without ts: one stream, in order (each file was its own topic, and its
-    # events "moved partition"; every message without ts took one and the same time)
-    half = [json.dumps({"stream": "pump-2", "values": dict(zip(trained["gru"].feature_names, row.tolist(),
-                                                                strict=True))}) for row in X[:80]]
-    (tmp_path / "a.jsonl").write_text("\n".join(half[:40]) + "\n")
-    (tmp_path / "b.jsonl").write_text("\n".join(half[40:]) + "\n")
-    with caplog.at_level(logging.WARNING):
-        assert replay_files(tmp_path / "c.yaml", [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]) == 0
-    err = capsys.readouterr().err
-    assert "another partition" not in caplog.text
-    assert "replayed 80 messages, 0 alerts; scored 49, warming 31, late 0, unrouted 0, dead_lettered 0" in err
-    (tmp_path / "bad.jsonl").write_text("{broken\n[1, 2]\n")
-    assert replay_files(tmp_path / "c.yaml", [tmp_path / "bad.jsonl"]) == 1  # nothing taken
-
-
-def test_a_reading_at_the_float32_limit_fires_an_alert_that_serialises(trained, tmp_path, capsys):
-    """3e38 passes decoding (finite float32) but overflows the model: the window scores the ceiling and the
-    alert is strict JSON (the Kafka sink's ``to_json`` refuses NaN and infinities; it once stalled every commit)."""
-    from detector.engine import SCORE_CEILING
-    from pipelines.alerts import Alert
-
-    store = ModelStore(tmp_path / "models")
-    store.save("gru", trained["gru"])
-    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
-           "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["x"]}, "routes": [], "default_models": ["gru"]}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    X = SensorModel(4, seed=1).normal(np.arange(120, dtype=np.float64))
-    X[70, 1] = 3e38
-    names = trained["gru"].feature_names
-    lines = [json.dumps({"stream": "pump-1", "ts": 1_700_000_000_000 + i * 1000,
-                         "values": dict(zip(names, row.tolist(), strict=True))}) for i, row in enumerate(X)]
-    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
-    assert replay_files(tmp_path / "c.yaml", [tmp_path / "in.jsonl"]) == 0
-    alerts = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
-    firing = [a for a in alerts if a["status"] == "firing"]
-    assert len(firing) == 1 and firing[0]["peak_score"] == SCORE_CEILING
-    assert firing[0]["started_at"] <= 1_700_000_070_000
-    for a in alerts:
-        a.pop("event")
-        json.loads(Alert.from_dict(a).to_json())  # strict: raises on NaN or inf
-
-
-def test_replay_two_model_route_names_the_models_over_threshold(trained, tmp_path, capsys):
-    """A route of two models (combine max): the firing alert lists the models whose score was over threshold in
-    its incident (the route hands the alert tracker these lists for the windows over threshold only)."""
-    store = ModelStore(tmp_path / "models")
-    for kind in ("gru", "lstm"):
-        store.save(kind, trained[kind])
-    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}, {"name": "lstm"}],
-                      "device": "cpu"},
-           "routes": [{"match": "pump-*", "models": ["gru", "lstm"], "combine": "max"}],
-           "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["x"]}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    X = SensorModel(4, seed=1).normal(np.arange(400, dtype=np.float64))
-    X[300:340, 2] += 8 * X[:, 2].std()  # a level shift
-    lines = [json.dumps({"stream": "pump-1", "ts": 1_700_000_000_000 + i * 1000,
-                         "values": dict(zip(trained["gru"].feature_names, row.tolist(), strict=True))})
-             for i, row in enumerate(X)]
-    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
-    assert replay_files(tmp_path / "c.yaml", [tmp_path / "in.jsonl"]) == 0
-    alerts = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
-    firing = [a for a in alerts if a["status"] == "firing"]
-    assert len(firing) == 1 and firing[0]["model"] == "gru+lstm"
-    assert firing[0]["models_over"] and set(firing[0]["models_over"]) <= {"gru", "lstm"}
 
 
 def test_scoring_reports_top_streams_and_alert_latency_from_the_newest_event(trained, tmp_path):

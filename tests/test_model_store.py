@@ -1,0 +1,114 @@
+"""The model store and the served models: versions, atomic saves, reloads that fail or are refused, starting on the
+newest version that loads."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+import torch
+import yaml
+
+from pipelines.model_store import ModelStore, new_version_name
+
+
+def test_model_store_newest_version_and_pinning(trained, tmp_path):
+    store = ModelStore(tmp_path)
+    v1 = store.save("m", trained["gru"], version="v2").name
+    v2 = store.save("m", trained["gru"], version="v10").name
+    (tmp_path / "m" / ".v99.tmp").mkdir()  # incomplete writes are ignored
+    (tmp_path / "m" / "v98").mkdir()
+    (tmp_path / "m" / "v98" / "model.json").write_text("{}")  # copied in by hand, weights not there yet
+    assert store.versions("m") == [v1, v2] and store.resolve("m") == "v10"
+    assert store.load("m", "v2").version == "v2"
+    with pytest.raises(FileNotFoundError, match="version 'v3' not found"):
+        store.resolve("m", "v3")
+    with pytest.raises(FileExistsError):
+        store.save("m", trained["gru"], version="v10")
+    from pipelines.model_store import _umask
+
+    assert (tmp_path / "m" / "v10").stat().st_mode & 0o777 == 0o777 & ~_umask()  # as mkdir: another uid reads it
+    early = new_version_name(datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=UTC))
+    late = new_version_name(datetime(2026, 1, 2, 3, 4, 5, 7000, tzinfo=UTC))
+    assert early == "20260102T030405006Z" and early < late
+
+
+def test_a_model_version_that_fails_to_load_leaves_the_old_one_served(trained, tmp_path):
+    import shutil
+
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+
+    store = ModelStore(tmp_path / "models")
+    old = store.save("gru", trained["gru"], version="v1")
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [], "default_models": ["gru"], "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["t"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    daemon = Daemon(load_config(tmp_path / "c.yaml"))
+    new = tmp_path / "models" / "gru" / "v2"
+    new.mkdir()
+    shutil.copy(old / "model.json", new / "model.json")
+    (new / "model.safetensors").write_bytes((old / "model.safetensors").read_bytes()[:100])  # still being copied
+    daemon.request_reload()  # SIGHUP
+    daemon._maybe_reload()
+    assert daemon.models.loaded["gru"].version == "v1" and daemon.routes[0].version == "v1"
+    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 1
+    shutil.copy(old / "model.safetensors", new / "model.safetensors")  # the copy completes
+    daemon.request_reload()
+    daemon._maybe_reload()
+    assert daemon.models.loaded["gru"].version == "v2" and daemon.routes[0].version == "v2"
+    # a version with other features: every message would be dead-lettered; a reload refuses it (a restart serves it)
+    import copy
+
+    renamed = copy.deepcopy(trained["gru"])
+    renamed.feature_names = list(reversed(renamed.feature_names))
+    store.save("gru", renamed, version="v3")
+    daemon.request_reload()
+    daemon._maybe_reload()
+    assert daemon.models.loaded["gru"].version == "v2"
+    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 2
+    # a swap that fails (CUDA out of memory while both versions are on the device) leaves v2 served, counted
+    store.save("gru", trained["gru"], version="v4")
+
+    def out_of_memory(_models):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    real_swap, daemon.engine.swap = daemon.engine.swap, out_of_memory
+    daemon.request_reload()
+    daemon._maybe_reload()  # raised out of the loop: the daemon stopped
+    assert daemon.models.loaded["gru"].version == "v2" and daemon.routes[0].version == "v2"
+    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 3
+    daemon.engine.swap = real_swap
+    daemon.request_reload()
+    daemon._maybe_reload()
+    assert daemon.models.loaded["gru"].version == "v4" and daemon.routes[0].version == "v4"
+
+
+def test_a_daemon_starts_on_the_newest_version_that_loads(trained, tmp_path, caplog):
+    """A corrupt newest version (a restart after a bad copy) no longer stops every start while a good older one is
+    there; pinned, it still does. And a save that fails leaves no hidden half-written directory behind."""
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+
+    store = ModelStore(tmp_path / "models")
+    store.save("gru", trained["gru"], version="v1")
+    bad = store.save("gru", trained["gru"], version="v2")
+    (bad / "model.safetensors").write_bytes(b"not weights")
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [], "default_models": ["gru"], "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["t"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    daemon = Daemon(load_config(tmp_path / "c.yaml"))
+    assert daemon.models.loaded["gru"].version == "v1"
+    assert "model gru version v2 does not load" in caplog.text
+    cfg["models"]["served"] = [{"name": "gru", "version": "v2"}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="safetensors"):
+        Daemon(load_config(tmp_path / "c.yaml"))
+    (bad / "model.safetensors").unlink()  # pinned, and its weights not there (yet): said so, not "not found"
+    with pytest.raises(FileNotFoundError, match="version 'v2' has no model.safetensors"):
+        store.resolve("gru", "v2")
+    with pytest.raises(FileNotFoundError, match="version 'v9' not found"):
+        store.resolve("gru", "v9")
+    with pytest.raises(AttributeError):
+        store.save("gru", object(), version="v3")  # not a detector: the checkpoint cannot be written
+    assert sorted(p.name for p in (tmp_path / "models" / "gru").iterdir()) == ["v1", "v2"]

@@ -1,0 +1,102 @@
+"""``anomalyd replay``: message files through the daemon's own detector path, without Kafka."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import yaml
+
+from detector.synthetic import SensorModel
+from pipelines.model_store import ModelStore
+from pipelines.replay import replay_files
+
+
+def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys, caplog):
+    store = ModelStore(tmp_path / "models")
+    store.save("gru", trained["gru"])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [{"match": "pump-*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
+           "kafka": {"topics": ["x"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    model = SensorModel(4, seed=1)
+    X = model.normal(np.arange(400, dtype=np.float64))
+    X[300:340, 2] += 8 * X[:, 2].std()  # a level shift
+    lines = [json.dumps({"stream": "pump-1", "ts": 1_700_000_000_000 + i * 1000,
+                         "values": dict(zip(trained["gru"].feature_names, row.tolist(), strict=True))})
+             for i, row in enumerate(X)]
+    lines.insert(10, "{broken")
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    assert replay_files(tmp_path / "c.yaml", [tmp_path / "in.jsonl"]) == 0
+    out, err = capsys.readouterr()
+    alerts = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    firing = [a for a in alerts if a["status"] == "firing"]
+    assert len(firing) == 1 and firing[0]["stream"] == "pump-1"
+    assert 1_700_000_000_000 + 300_000 <= firing[0]["started_at"] <= 1_700_000_000_000 + 340_000
+    assert firing[0]["top_features"][0]["feature"] == "s2"
+    assert '"anomalyd-error-reason": "bad_json"' in err
+    # the same stream over two files, without ts: one stream, in order (each file was its own topic, and its
+    # events "moved partition"; every message without ts took one and the same time)
+    half = [json.dumps({"stream": "pump-2", "values": dict(zip(trained["gru"].feature_names, row.tolist(),
+                                                                strict=True))}) for row in X[:80]]
+    (tmp_path / "a.jsonl").write_text("\n".join(half[:40]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(half[40:]) + "\n")
+    with caplog.at_level(logging.WARNING):
+        assert replay_files(tmp_path / "c.yaml", [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]) == 0
+    err = capsys.readouterr().err
+    assert "another partition" not in caplog.text
+    assert "replayed 80 messages, 0 alerts; scored 49, warming 31, late 0, unrouted 0, dead_lettered 0" in err
+    (tmp_path / "bad.jsonl").write_text("{broken\n[1, 2]\n")
+    assert replay_files(tmp_path / "c.yaml", [tmp_path / "bad.jsonl"]) == 1  # nothing taken
+
+
+def test_a_reading_at_the_float32_limit_fires_an_alert_that_serialises(trained, tmp_path, capsys):
+    """3e38 passes decoding (finite float32) but overflows the model: the window scores the ceiling and the
+    alert is strict JSON (the Kafka sink's ``to_json`` refuses NaN and infinities; it once stalled every commit)."""
+    from detector.engine import SCORE_CEILING
+    from pipelines.alerts import Alert
+
+    store = ModelStore(tmp_path / "models")
+    store.save("gru", trained["gru"])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["x"]}, "routes": [], "default_models": ["gru"]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    X = SensorModel(4, seed=1).normal(np.arange(120, dtype=np.float64))
+    X[70, 1] = 3e38
+    names = trained["gru"].feature_names
+    lines = [json.dumps({"stream": "pump-1", "ts": 1_700_000_000_000 + i * 1000,
+                         "values": dict(zip(names, row.tolist(), strict=True))}) for i, row in enumerate(X)]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    assert replay_files(tmp_path / "c.yaml", [tmp_path / "in.jsonl"]) == 0
+    alerts = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    firing = [a for a in alerts if a["status"] == "firing"]
+    assert len(firing) == 1 and firing[0]["peak_score"] == SCORE_CEILING
+    assert firing[0]["started_at"] <= 1_700_000_070_000
+    for a in alerts:
+        a.pop("event")
+        json.loads(Alert.from_dict(a).to_json())  # strict: raises on NaN or inf
+
+
+def test_replay_two_model_route_names_the_models_over_threshold(trained, tmp_path, capsys):
+    """A route of two models (combine max): the firing alert lists the models whose score was over threshold in
+    its incident (the route hands the alert tracker these lists for the windows over threshold only)."""
+    store = ModelStore(tmp_path / "models")
+    for kind in ("gru", "lstm"):
+        store.save(kind, trained[kind])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}, {"name": "lstm"}],
+                      "device": "cpu"},
+           "routes": [{"match": "pump-*", "models": ["gru", "lstm"], "combine": "max"}],
+           "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["x"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    X = SensorModel(4, seed=1).normal(np.arange(400, dtype=np.float64))
+    X[300:340, 2] += 8 * X[:, 2].std()  # a level shift
+    lines = [json.dumps({"stream": "pump-1", "ts": 1_700_000_000_000 + i * 1000,
+                         "values": dict(zip(trained["gru"].feature_names, row.tolist(), strict=True))})
+             for i, row in enumerate(X)]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    assert replay_files(tmp_path / "c.yaml", [tmp_path / "in.jsonl"]) == 0
+    alerts = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    firing = [a for a in alerts if a["status"] == "firing"]
+    assert len(firing) == 1 and firing[0]["model"] == "gru+lstm"
+    assert firing[0]["models_over"] and set(firing[0]["models_over"]) <= {"gru", "lstm"}
