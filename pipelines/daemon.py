@@ -412,6 +412,7 @@ class Daemon:
     def _shutdown(self) -> int:
         """Score, deliver and commit what is pending, within shutdown.grace_period_s. Exit code 1 when something
         was not delivered or not committed: the next owner of those records repeats them."""
+        self.sinks.retry_now()  # the last flush tries at once, whatever backoff a failed one started
         try:
             self._flush_and_commit(timeout_s=self._shutdown_left(), wait=True)
         except _RETRIED as exc:

@@ -55,6 +55,9 @@ class Sink(ABC):
         nothing new added: the daemon flushes a quiet topic's sinks for it."""
         return False
 
+    def retry_now(self) -> None:  # noqa: B027 - optional hook
+        """The next flush tries at once, whatever backoff a failure started (the shutdown's last flush)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (does not flush)."""
 
@@ -208,6 +211,9 @@ class AlertmanagerSink(Sink):
             return False
         return bool(self._pending) or (bool(self._active) and now - self._last_flush >= self.resend_interval_s)
 
+    def retry_now(self) -> None:
+        self._retry_at = 0.0
+
     def flush(self, timeout_s: float) -> None:
         now = time.monotonic()
         queued = {a.id for a in self._pending}
@@ -325,6 +331,10 @@ class FanoutSink(Sink):
 
     def flush_due(self, now: float) -> bool:
         return any(sink.flush_due(now) for sink in self.sinks)
+
+    def retry_now(self) -> None:
+        for sink in self.sinks:
+            sink.retry_now()
 
     def close(self) -> None:
         for sink in self.sinks:

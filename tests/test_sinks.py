@@ -191,6 +191,13 @@ def test_alertmanager_failed_flushes_back_off_without_requests(recorder: Recorde
     sink.add([make_alert(id="third")])
     sink.flush(5.0)
     assert len(recorder.posts) == 5
+    recorder.script = [(401, "unauthorized")]
+    sink.add([make_alert(id="fourth")])
+    with pytest.raises(SinkError, match="HTTP 401"):
+        sink.flush(5.0)
+    FanoutSink([sink]).retry_now()  # the shutdown's last flush: at once, whatever the backoff
+    sink.flush(5.0)
+    assert len(recorder.posts) == 7
 
 
 def test_alertmanager_refuses_a_redirect_instead_of_following_it_with_a_get(recorder: Recorder) -> None:
