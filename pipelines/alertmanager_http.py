@@ -13,7 +13,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-__all__ = ["AlertmanagerHTTP", "RedirectRefused"]
+__all__ = ["AlertmanagerHTTP", "RedirectRefused", "redacted"]
 
 
 class RedirectRefused(OSError):
@@ -23,19 +23,28 @@ class RedirectRefused(OSError):
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
         fp.close()
-        raise RedirectRefused(f"HTTP {code} redirect to {_redacted(newurl)}: set sinks.alertmanager.url to the "
+        raise RedirectRefused(f"HTTP {code} redirect to {redacted(newurl)}: set sinks.alertmanager.url to the "
                               f"address it points to (a redirected POST is re-sent as a GET by urllib)")
 
 
-def _redacted(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url
+def _host_port(parts: urllib.parse.SplitResult) -> str:
+    """``host[:port]`` of a URL without its credentials (an IPv6 address in brackets)."""
     host = parts.hostname or ""
-    if parts.port is not None:
-        host += f":{parts.port}"
-    user = urllib.parse.unquote(parts.username or "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if ":" in host:
+        host = f"[{host}]"
+    return host if parts.port is None else f"{host}:{parts.port}"
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password masked (the credentials as urllib parses them: up to the last ``@``)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None and parts.username is None:
+            return url
+        user = urllib.parse.unquote(parts.username or "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{_host_port(parts)}"))
+    except ValueError:  # not a URL urllib can take apart (a bad port): show nothing of it past the scheme
+        return url.split("://", 1)[0] + "://***"
 
 
 class AlertmanagerHTTP:
@@ -49,12 +58,9 @@ class AlertmanagerHTTP:
             password = urllib.parse.unquote(parts.password or "")
             token = base64.b64encode(f"{user}:{password}".encode()).decode()
             self.headers["Authorization"] = f"Basic {token}"
-            host = parts.hostname or ""
-            if parts.port is not None:
-                host = f"[{host}]:{parts.port}" if ":" in host else f"{host}:{parts.port}"
-            parts = parts._replace(netloc=host)
+            parts = parts._replace(netloc=_host_port(parts))
         self.base = urllib.parse.urlunsplit(parts)  # without the credentials
-        self.shown = _redacted(url.rstrip("/"))  # for messages and logs
+        self.shown = redacted(url.rstrip("/"))  # for messages and logs
         self._opener = urllib.request.build_opener(_NoRedirect)
 
     def open(self, path: str, timeout: float, body: bytes | None = None) -> bytes:

@@ -36,6 +36,7 @@ from ._config_schema import (
     yaml_problem,
 )
 from ._config_security import SecurityConfig, check_security
+from .alertmanager_http import redacted
 from .kafka_io import PASSWORD_KEYS
 from .positions import MAX_REBUILD_RECORDS
 from .source import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
@@ -119,7 +120,7 @@ class ProcessingConfig:
     score_in_background: bool = True  # score micro-batch k on a second thread while batch k+1 is polled
     model_threads: int = rule_field(0, ge=0)  # CPU inference threads; 0: adaptive, up to the container's CPUs
     stream_idle_timeout_s: float = rule_field(86400.0, ge=0)  # forget a stream silent this long (0: never)
-    # dead-letter an event whose ts is further ahead of this host's clock (0: never): one garbage time (microseconds,
+    # dead-letter an event whose ts is further ahead of its record's broker timestamp (0: never): one garbage time (µs,
     # a corrupt field) made every later event of its stream late, dropped, until the stream was forgotten
     max_event_time_ahead_s: float = rule_field(86400.0, ge=0)
 
@@ -235,7 +236,7 @@ class Config:
             if d["kafka"]["security"][secret] is not None:
                 d["kafka"]["security"][secret] = SECRET_MASK
         am = d["sinks"]["alertmanager"]
-        am["url"] = re.sub(r"(://[^/@:]*:)[^/@]*@", rf"\g<1>{SECRET_MASK}@", am["url"])
+        am["url"] = redacted(am["url"])  # as the sink parses the credentials (up to the last @)
         return d
 
 
@@ -405,7 +406,7 @@ def _check_output_topics(c: Config, ctx: Ctx) -> None:
                     f"read back")
         elif pattern is not None and not ctx.is_bad("kafka.topic_pattern") and re.match(pattern.lstrip("^"), topic):
             ctx.err(key, f"{topic!r} matches the input kafka.topic_pattern {pattern!r}: what the daemon writes "
-                    f"there it would read back (exclude it, e.g. ^sensors-.* or a negative lookahead)")
+                    f"there it would read back (rename it, or narrow the pattern)")
 
 
 _CHECKS: dict[type, Check] = {

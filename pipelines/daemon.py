@@ -137,6 +137,7 @@ class Daemon:
             return
         if self._ahead is not None:
             self._ahead.take_deferred()  # still uncommitted, so in the commit below
+        self.sinks.retry_now()  # the partitions' last flush here: at once, whatever backoff a failed one started
         try:
             self._flush_and_commit(timeout_s=min(10.0, self.cfg.shutdown.grace_period_s), in_rebalance=True)
         except (SinkError, KafkaDeliveryError) as exc:

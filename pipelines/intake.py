@@ -78,7 +78,7 @@ class Intake:
         replay = self.positions.replay_mask(tp_idx, batch.offset)
         decoded = decode_batch(batch.value, batch.key, batch.timestamp, self._spec_of, self.max_message_bytes)
         if self.max_ahead_ms:
-            self._reject_far_ahead(decoded)
+            self._reject_far_ahead(decoded, batch.timestamp)
         self.metrics.decoded.labels(decoder="native").inc(decoded.n_native)
         self.metrics.decoded.labels(decoder="python").inc(len(batch) - decoded.n_native)
         topic0 = batch.topic
@@ -97,23 +97,26 @@ class Intake:
             self._add_to_route(self._route[features], group, batch, tp_idx, replay)
         self.positions.advance(tp_idx, batch.offset)
 
-    def _reject_far_ahead(self, decoded: DecodedBatch) -> None:
-        """Events whose ts is more than processing.max_event_time_ahead_s ahead of this host's clock become
-        rejections (reason bad_timestamp), in input order with the others. Records read again to rebuild windows
-        are rejected too, and counted as replayed: one this far ahead now was this far ahead when first read."""
-        limit = int(time.time() * 1000) + self.max_ahead_ms
+    def _reject_far_ahead(self, decoded: DecodedBatch, broker_ts: np.ndarray) -> None:
+        """Events whose ts is more than processing.max_event_time_ahead_s ahead of their record's broker timestamp
+        (this host's clock where a record has none) become rejections (reason bad_timestamp), in input order with
+        the others. The broker's time, not the clock: a record read again to rebuild windows gets the answer it
+        got when first read (counted as replayed then), whenever that is."""
+        now = int(time.time() * 1000)
         added = False
         for spec, group in list(decoded.groups.items()):
-            far = group.ts > limit
+            ref = broker_ts[group.ok_index]  # (N,)
+            ref = np.where(ref > 0, ref, now)  # no broker timestamp (-1): the clock
+            far = group.ts - ref > self.max_ahead_ms
             if not far.any():
                 continue
             for i in np.flatnonzero(far).tolist():
-                ahead_s = (int(group.ts[i]) - limit) / 1000 + self.max_ahead_ms / 1000
+                ahead_s = (int(group.ts[i]) - int(ref[i])) / 1000
                 unit = " (microseconds or nanoseconds? ts is epoch milliseconds)" if group.ts[i] >= _MS_HIGH else ""
                 decoded.rejected.append((int(group.ok_index[i]), "bad_timestamp",
-                                         f"ts {int(group.ts[i])} is {ahead_s:.0f} s ahead of this host's clock, more "
-                                         f"than processing.max_event_time_ahead_s ({self.max_ahead_ms / 1000:g})"
-                                         + unit))
+                                         f"ts {int(group.ts[i])} is {ahead_s:.0f} s ahead of its record's broker "
+                                         f"timestamp, more than processing.max_event_time_ahead_s "
+                                         f"({self.max_ahead_ms / 1000:g})" + unit))
             added = True
             keep = np.flatnonzero(~far)
             if len(keep):

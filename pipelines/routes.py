@@ -88,9 +88,9 @@ class RouteState:
             self.buffer = WindowBuffer(first.window, first.n_features, stride=self.stride, keep_timestamps=False)
             self.offsets = WindowOffsets(first.window)
             self._pending, self.pending_windows = [], 0
-        center = getattr(getattr(first, "scaler", None), "center", None)  # a stream's first missing values
-        if center is not None:
-            self.buffer.set_fill(center)
+        centers = [c for m in models if (c := getattr(getattr(m.detector, "scaler", None), "center", None)) is not None]
+        if centers:  # a stream's first missing values: the models' centre of the data (their mean, for several)
+            self.buffer.set_fill(np.mean(np.stack(centers), axis=0))
 
     @property
     def version(self) -> str:

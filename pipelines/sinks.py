@@ -230,7 +230,7 @@ class AlertmanagerSink(Sink):
             self._post([self.postable(a, now_ms) for a in batch], now + timeout_s)
         except SinkError as exc:
             self._failed_flushes += 1
-            wait = min(MAX_FLUSH_BACKOFF_S, self.backoff_s * 2 ** (self._failed_flushes - 1))
+            wait = min(MAX_FLUSH_BACKOFF_S, self.backoff_s * 2 ** min(self._failed_flushes - 1, 30))
             self._retry_at, self._last_error = time.monotonic() + wait, str(exc)
             raise
         self._failed_flushes, self._retry_at, self._last_flush = 0, 0.0, now
@@ -254,7 +254,7 @@ class AlertmanagerSink(Sink):
             except urllib.error.HTTPError as exc:
                 detail = exc.read()[:1000].decode(errors="replace").strip()
                 last = f"HTTP {exc.code}: {detail}"
-                if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                if 300 <= exc.code < 500 and exc.code not in (408, 429):  # a 3xx urllib did not follow either
                     raise SinkError(f"alertmanager {self.endpoint} rejected {len(payload)} alerts: {last}") from exc
             except (OSError, http.client.HTTPException) as exc:  # URLError, refused, reset, timeout
                 last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"

@@ -365,8 +365,15 @@ def test_an_event_time_far_ahead_of_the_clock_is_dead_lettered_not_taken(trained
     got = daemon.registry.get_sample_value
     assert got("anomalyd_dead_letters_total", {"topic": "t", "reason": "bad_timestamp"}) == 1
     err = capsys.readouterr().err
-    assert "ahead of this host's clock, more than processing.max_event_time_ahead_s (3600)" in err
+    assert "ahead of its record's broker timestamp, more than processing.max_event_time_ahead_s (3600)" in err
     assert "microseconds or nanoseconds? ts is epoch milliseconds" in err
+    # measured from the record's broker timestamp, not the clock: a re-read (window rebuild) days later agrees
+    old = now - 10 * 86_400_000
+    late_values = [json.dumps({"stream": "pump-2", "ts": ts, "values": [1.0] * len(names)}).encode()
+                   for ts in (old, old + 7_200_000)]  # the second two hours ahead of its broker time
+    daemon.process(RecordBatch(topic=["t"] * 2, partition=np.zeros(2, np.int32), offset=np.arange(4, 6, dtype=np.int64),
+                               timestamp=np.full(2, old, np.int64), key=[None] * 2, value=late_values))
+    assert got("anomalyd_dead_letters_total", {"topic": "t", "reason": "bad_timestamp"}) == 2
 
 
 def test_a_stream_arriving_on_another_partition_is_reported_once_a_minute(trained, tmp_path, caplog, monkeypatch):

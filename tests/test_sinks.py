@@ -198,6 +198,12 @@ def test_alertmanager_failed_flushes_back_off_without_requests(recorder: Recorde
     FanoutSink([sink]).retry_now()  # the shutdown's last flush: at once, whatever the backoff
     sink.flush(5.0)
     assert len(recorder.posts) == 7
+    sink._failed_flushes = 2_000  # hours of outage: 2 ** 2000 overflowed a float, and the backoff ended
+    recorder.script = [(300, "")]  # a 3xx urllib does not follow (300, 304, no Location): refused, not retried
+    sink.add([make_alert(id="fifth")])
+    with pytest.raises(SinkError, match="HTTP 300"):
+        sink.flush(5.0)
+    assert len(recorder.posts) == 8 and not sink.flush_due(time.monotonic())  # backing off, 30 s
 
 
 def test_alertmanager_refuses_a_redirect_instead_of_following_it_with_a_get(recorder: Recorder) -> None:
@@ -223,6 +229,13 @@ def test_alertmanager_credentials_in_the_url_go_as_basic_auth_and_never_into_mes
     sink.flush(5.0)
     auth = "Basic " + base64.b64encode(b"ops:s@cret").decode()
     assert recorder.requests == [("POST", "/am/api/v2/alerts", auth)] * 2
+
+
+def test_an_ipv6_alertmanager_with_credentials_keeps_its_brackets() -> None:
+    from pipelines.alertmanager_http import AlertmanagerHTTP
+
+    http = AlertmanagerHTTP("http://ops:pw@[::1]/am")
+    assert (http.base, http.shown) == ("http://[::1]/am", "http://ops:***@[::1]/am")
 
 
 def test_alertmanager_unreachable_raises_after_retries() -> None:
