@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from detector.checkpoint import META_FILE, WEIGHTS_FILE
 from detector.engine import InferenceEngine
 
 from .config import Config
@@ -31,6 +32,7 @@ class ServedModels:
                              cfg.default_models)
         self.loaded: dict[str, LoadedModel] = {}
         self.routes: list[RouteState] = []
+        self._refused: dict[str, str] = {}  # the versions of a reload that failed: not read again until they change
 
     def read(self, fallback: bool = False) -> dict[str, LoadedModel]:
         """The served models, loaded and checked against their routes; raises before anything is swapped.
@@ -44,18 +46,40 @@ class ServedModels:
 
     def newer(self, forced: bool) -> dict[str, LoadedModel] | None:
         """The served models read again if a version changed (or ``forced``: SIGHUP); None when nothing changed
-        or the new versions fail to load (logged, counted in anomalyd_model_reload_failures_total)."""
+        or the new versions fail to load (logged, counted in anomalyd_model_reload_failures_total). Versions that
+        failed are tried again on SIGHUP or when another version appears, not at every watch interval."""
+        newest: dict[str, str] = {}
         try:
             newest = {s.name: self.store.resolve(s.name, s.version) for s in self.cfg.models.served}
+            if self._refused and self._refused == self._fingerprint(newest) and not forced:
+                return None
             if not (forced or any(newest[n] != lm.version for n, lm in self.loaded.items())):
                 return None
             loaded = self.read()
             self._check_same_features(loaded)
+            self._refused = {}
             return loaded
         except (OSError, ValueError, RuntimeError) as exc:  # CheckpointError is a ValueError; CUDA out of memory
+            self._refused = self._fingerprint(newest)
             self.metrics.model_reload_failures.inc()
-            log.error("model reload failed, still serving %s: %s", self.versions(), exc)
+            log.error("model reload failed, still serving %s (tried again on SIGHUP or a newer version): %s",
+                      self.versions(), exc)
             return None
+
+    def _fingerprint(self, versions: dict[str, str]) -> dict:
+        """Each version with its files' sizes and times: a version still being copied when it failed is tried again
+        once its files change."""
+        out: dict = {}
+        for name, version in versions.items():
+            stats = []
+            for f in (META_FILE, WEIGHTS_FILE):
+                try:
+                    st = (self.store.root / name / version / f).stat()
+                    stats.append((st.st_size, st.st_mtime_ns))
+                except OSError:
+                    stats.append(None)
+            out[name] = (version, tuple(stats))
+        return out
 
     def _check_same_features(self, loaded: dict[str, LoadedModel]) -> None:
         """A reload keeps each model's features: a version with others would dead-letter every message the

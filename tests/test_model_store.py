@@ -53,8 +53,11 @@ def test_a_model_version_that_fails_to_load_leaves_the_old_one_served(trained, t
     daemon._maybe_reload()
     assert daemon.models.loaded["gru"].version == "v1" and daemon.routes[0].version == "v1"
     assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 1
-    shutil.copy(old / "model.safetensors", new / "model.safetensors")  # the copy completes
-    daemon.request_reload()
+    daemon._last_reload_check -= 3600  # the watch interval passed: the same files are not tried (and counted) again
+    daemon._maybe_reload()
+    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 1
+    shutil.copy(old / "model.safetensors", new / "model.safetensors")  # the copy completes: tried at the next check
+    daemon._last_reload_check -= 3600
     daemon._maybe_reload()
     assert daemon.models.loaded["gru"].version == "v2" and daemon.routes[0].version == "v2"
     # a version with other features: every message would be dead-lettered; a reload refuses it (a restart serves it)
