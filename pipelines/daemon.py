@@ -101,9 +101,14 @@ class Daemon:
         self._install(self.models.read(fallback=True))
 
     # -- models ----------------------------------------------------------------------------------------
-    def _install(self, loaded: dict[str, LoadedModel]) -> None:
-        self.routes = self.models.install(loaded)
-        self.intake.set_routes(self.routes)
+    def _install(self, loaded: dict[str, LoadedModel], keep_on_failure: bool = False) -> bool:
+        """Swap ``loaded`` in; ``keep_on_failure`` (a reload): a failed swap keeps the old models (False)."""
+        routes = self.models.install_or_keep(loaded) if keep_on_failure else self.models.install(loaded)
+        if routes is None:
+            return False
+        self.routes = routes
+        self.intake.set_routes(routes)
+        return True
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -121,12 +126,8 @@ class Daemon:
         except _RETRIED as exc:  # kept and retried; those offsets wait
             log.warning("delivery not complete, offsets not committed, will retry: %s", exc)
         self.flush()  # score what is pending with the old models first
-        routes = self.models.install_or_keep(loaded)
-        if routes is None:
-            return
-        self.routes = routes
-        self.intake.set_routes(routes)
-        log.info("models reloaded: %s", self.models.versions())
+        if self._install(loaded, keep_on_failure=True):
+            log.info("models reloaded: %s", self.models.versions())
 
     # -- rebalance (both callbacks run inside poll, where kafka-python 3 allows no blocking client calls) -----
     def _on_revoke(self, tps: list[TopicPartition]) -> None:

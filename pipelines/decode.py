@@ -106,6 +106,11 @@ class DecodedGroup:
     def __len__(self) -> int:
         return len(self.stream)
 
+    def take(self, rows: np.ndarray) -> DecodedGroup:
+        """The group of these rows (int64 (K,)), in that order."""
+        return DecodedGroup(self.spec, self.ok_index[rows], [self.stream[j] for j in rows.tolist()], self.ts[rows],
+                            self.values[rows])
+
 
 @dataclass
 class DecodedBatch:
@@ -257,11 +262,9 @@ def _columns(spec: FeatureSpec) -> dict[str, int]:
 
 def _merged(a: DecodedGroup, b: DecodedGroup) -> DecodedGroup:
     """One group of the rows of ``a`` and ``b`` (each in input order), in input order."""
-    pos = np.concatenate([a.ok_index, b.ok_index])
-    order = np.argsort(pos, kind="stable")
-    streams = a.stream + b.stream
-    return DecodedGroup(a.spec, pos[order], [streams[j] for j in order.tolist()],
-                        np.concatenate([a.ts, b.ts])[order], np.concatenate([a.values, b.values])[order])
+    both = DecodedGroup(a.spec, np.concatenate([a.ok_index, b.ok_index]), a.stream + b.stream,
+                        np.concatenate([a.ts, b.ts]), np.concatenate([a.values, b.values]))
+    return both.take(np.argsort(both.ok_index, kind="stable"))
 
 
 def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:

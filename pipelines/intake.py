@@ -16,7 +16,6 @@ import numpy as np
 from . import native_decode
 from .decode import (
     DecodedBatch,
-    DecodedGroup,
     FeatureSpec,
     SpecCache,
     dead_letter_copy,
@@ -120,9 +119,7 @@ class Intake:
             added = True
             keep = np.flatnonzero(~far)
             if len(keep):
-                decoded.groups[spec] = DecodedGroup(spec, group.ok_index[keep],
-                                                    [group.stream[j] for j in keep.tolist()], group.ts[keep],
-                                                    group.values[keep])
+                decoded.groups[spec] = group.take(keep)
             else:
                 del decoded.groups[spec]
         if added:

@@ -84,19 +84,19 @@ class ModelStore:
         that does, each failure logged (a daemon that starts serves the last good model instead of failing until
         someone removes the bad one); the newest's error when none loads."""
         v = self.resolve(name, version)
-        try:
-            return LoadedModel(name, v, self.root / name / v, load_checkpoint(self.root / name / v, device=device))
-        except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
-            if version is not None or not fallback:
-                raise
-            for older in reversed(self.versions(name)[:-1]):
-                log.error("model %s version %s does not load (%s); trying version %s", name, v, exc, older)
-                try:
-                    path = self.root / name / older
-                    return LoadedModel(name, older, path, load_checkpoint(path, device=device))
-                except (OSError, ValueError) as older_exc:
-                    v, exc = older, older_exc
-            raise
+        candidates = [v] if version is not None or not fallback else self.versions(name)[::-1]  # newest first
+        first_error: Exception | None = None
+        for i, cand in enumerate(candidates):
+            try:
+                path = self.root / name / cand
+                return LoadedModel(name, cand, path, load_checkpoint(path, device=device))
+            except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
+                first_error = first_error or exc
+                if i + 1 < len(candidates):
+                    log.error("model %s version %s does not load (%s); trying version %s", name, cand, exc,
+                              candidates[i + 1])
+        assert first_error is not None
+        raise first_error
 
     def save(self, name: str, detector: AutoencoderDetector, version: str | None = None) -> Path:
         v = version or new_version_name()

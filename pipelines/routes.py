@@ -79,10 +79,9 @@ class RouteState:
         self.check_models(models, self.spec.label)
         first = models[0].detector
         self.models = models
+        same_columns = getattr(self, "feature_names", None) == list(first.feature_names)
         self.feature_names = list(first.feature_names)
         shape = (first.window, first.n_features)
-        same_columns = getattr(self, "_columns", None) == tuple(first.feature_names)
-        self._columns = tuple(first.feature_names)
         if (getattr(self, "buffer", None) is None or (self.buffer.window, self.buffer.n_features) != shape
                 or not same_columns):  # windows held in other columns would mix the two orders
             self.buffer = WindowBuffer(first.window, first.n_features, stride=self.stride, keep_timestamps=False)

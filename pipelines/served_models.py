@@ -32,7 +32,7 @@ class ServedModels:
                              cfg.default_models)
         self.loaded: dict[str, LoadedModel] = {}
         self.routes: list[RouteState] = []
-        self._refused: dict[str, str] = {}  # the versions of a reload that failed: not read again until they change
+        self._refused: dict = {}  # _fingerprint of the versions a reload failed on: not read again until it changes
 
     def read(self, fallback: bool = False) -> dict[str, LoadedModel]:
         """The served models, loaded and checked against their routes; raises before anything is swapped.
