@@ -58,3 +58,5 @@ def test_gaussian_baseline_floors_a_flat_windows_spread_relative_to_the_training
     z2 = det.score_windows(window).contributions[0, 1]
     assert z2 == pytest.approx(100.0, rel=1e-3)  # (1 / 0.1)^2: the floor is a tenth of the training spread
     assert np.isfinite(det.threshold.threshold) and det.threshold.threshold < 1e4
+    given = GaussianDetector(window=8, sd_floor=np.full(2, 1e-6)).fit(train)  # the old floor, as benchmarks pass it
+    assert given.score_windows(window).contributions[0, 1] > 1e10
