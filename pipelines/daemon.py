@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from functools import partial
 
 from prometheus_client import CollectorRegistry
 
@@ -28,9 +27,10 @@ from detector.engine import InferenceEngine
 from .allocator import tune_process_memory
 from .commits import Committer
 from .config import Config, check_model_files
+from .daemon_delivery import RETRIED, DeliveryStage, left
 from .httpserver import HealthServer
 from .intake import Intake
-from .kafka_io import KafkaDeliveryError, KafkaDeliveryPending, Producer, make_producer
+from .kafka_io import KafkaDeliveryError, Producer, make_producer
 from .kafka_probe import KafkaProbe
 from .metrics import Metrics
 from .model_store import LoadedModel
@@ -47,17 +47,7 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger("anomalyd")
 
-# deliveries that are kept and retried while their offsets wait (backpressure): alerts a sink could not deliver,
-# dead letters the brokers have not acknowledged yet (slow, or out of reach)
-_RETRIED = (SinkError, KafkaDeliveryPending)
-
-
-def _left(by: float) -> float:
-    """Seconds left until the monotonic deadline ``by``, at least one (each step that waits gets that much)."""
-    return max(1.0, by - time.monotonic())
-
-
-class Daemon:
+class Daemon(DeliveryStage):
     """``Daemon(cfg).run(count=None, timeout=None)``; runnable to completion from a test (``count`` events)."""
 
     def __init__(self, cfg: Config, registry: CollectorRegistry | None = None,
@@ -123,7 +113,7 @@ class Daemon:
             return
         try:
             self._finish_background(10.0)
-        except _RETRIED as exc:  # kept and retried; those offsets wait
+        except RETRIED as exc:  # kept and retried; those offsets wait
             log.warning("delivery not complete, offsets not committed, will retry: %s", exc)
         self.flush()  # score what is pending with the old models first
         if self._install(loaded, keep_on_failure=True):
@@ -295,7 +285,7 @@ class Daemon:
             quiet_ms = (time.monotonic() - self._last_record) * 1000
             try:  # quiet: nothing for a whole poll timeout (an empty poll alone may only mean a fetch in flight)
                 self._maybe_flush(quiet=quiet_ms >= self.cfg.kafka.poll_timeout_ms, now=now)
-            except _RETRIED as exc:  # alerts and dead letters are kept and retried; offsets wait (backpressure)
+            except RETRIED as exc:  # alerts and dead letters are kept and retried; offsets wait (backpressure)
                 self._warn_retry(exc)
             self.metrics.set_state(up=True, ready=self.is_ready())
             if self._worker is None or not self._worker.busy:
@@ -336,69 +326,6 @@ class Daemon:
         except Exception as exc:  # lag is best effort; never stop the loop for it
             log.debug("lag query failed: %s", exc)
 
-    def _maybe_flush(self, quiet: bool, now: float) -> None:
-        """Flush when the micro-batch is full, its oldest window has waited max_delay_ms, or the topic is idle
-        (``quiet`` with records still to commit).
-        With the scoring thread, a due batch that finds the thread busy keeps growing (the loop goes on polling)
-        until the thread is free, so neither thread waits for the other; only a full batch waits. That holds when
-        idle too (a busy topic looks idle while a fetch is slow to come back): the thread scores, and the commit
-        follows once it is done."""
-        p = self.cfg.processing
-        if self._worker is not None and self._worker.done():
-            self._finish_background(10.0)  # commits what the scoring thread delivered
-        self.commits.collect()  # the answers of commits sent before
-        idle = quiet and bool(self.positions.uncommitted)  # after that commit, which may have been the idle one
-        pending = sum(r.pending_windows for r in self.routes)
-        waited = (time.monotonic() - self._oldest_pending) * 1000 if self._oldest_pending else 0.0
-        full = pending >= p.max_batch_windows
-        if not (full or waited >= p.max_delay_ms or idle or self._sinks_due(now)):
-            return
-        commit = idle or (now - self.commits.last_commit) * 1000 >= self.cfg.kafka.commit_interval_ms
-        if self._worker is None:
-            self._flush_and_commit(timeout_s=10.0, commit=commit)
-        elif not self._worker.busy or full:
-            self._flush_in_background(timeout_s=10.0, commit=commit, windows=pending)
-
-    def _warn_retry(self, exc: Exception) -> None:
-        """The loop's delivery warning, at most every 10 s (a sink backing off fails every loop turn at once)."""
-        now = time.monotonic()
-        if now - self._last_retry_warning >= 10.0:
-            self._last_retry_warning = now
-            log.warning("delivery not complete, offsets not committed, will retry: %s", exc)
-        else:
-            log.debug("delivery not complete, offsets not committed, will retry: %s", exc)
-
-    def _sinks_due(self, now: float) -> bool:
-        """A sink has work of its own (Alertmanager's re-post of open incidents), asked only while the scoring
-        thread, which flushes the sinks, is idle."""
-        return (self._worker is None or not self._worker.busy) and self.sinks.flush_due(now)
-
-    def _maybe_forget_idle(self, now: float) -> None:
-        """Once a minute (or per timeout, if shorter), forget streams idle for processing.stream_idle_timeout_s and
-        resolve their incidents (never while the scoring thread reads stream names and alert state)."""
-        idle_s = self.cfg.processing.stream_idle_timeout_s
-        if not idle_s or now - self._last_idle_check < min(60.0, idle_s):
-            return
-        self._last_idle_check = now
-        resolved = []
-        for route in self.routes:
-            gone, alerts = route.forget_idle(idle_s, now)
-            if gone:
-                log.info("route %s: forgot %d streams silent for %gs (%d open incidents resolved)", route.spec.label,
-                         len(gone), idle_s, len(alerts))
-                for a in alerts:
-                    self.metrics.alert(route.spec.label, a.status)
-                self.sinks.add(alerts)
-                self.sinks.forget_streams(gone)
-                self.metrics.forget_streams(gone)
-                resolved += alerts
-                self._set_stream_gauges()
-        if resolved:  # now: a quiet topic may not flush for a long time
-            try:
-                self.sinks.flush(10.0, self.metrics.observe_sink_flush)
-            except SinkError as exc:  # kept and retried by the next flush
-                log.warning("alert delivery failed, will retry: %s", exc)
-
     def _poll_timeout_ms(self) -> int:
         """kafka.poll_timeout_ms, cut to what is left of processing.max_delay_ms for the oldest pending window
         (a quiet topic must not hold a due micro-batch back for a whole poll), and to 5 ms while a due batch
@@ -417,7 +344,7 @@ class Daemon:
         self.sinks.retry_now()  # the last flush tries at once, whatever backoff a failed one started
         try:
             self._flush_and_commit(timeout_s=self._shutdown_left(), wait=True)
-        except _RETRIED as exc:
+        except RETRIED as exc:
             log.error("shutdown: delivery not complete, offsets not committed (the next run repeats it): %s", exc)
             return 1
         if self.positions.uncommitted:  # the commit failed, or found no answer in time (logged)
@@ -431,92 +358,12 @@ class Daemon:
         sink gets it); the whole period before the shutdown began."""
         if self._shutdown_by is None:
             return max(1.0, self.cfg.shutdown.grace_period_s)
-        return _left(self._shutdown_by)
+        return left(self._shutdown_by)
 
-    # -- processing ------------------------------------------------------------------------------------
+    # -- processing: the scoring, delivery and commits that follow are in pipelines.daemon_delivery ------
     def process(self, batch: RecordBatch) -> None:
         """Decode a poll batch, route events into window buffers, queue due windows, dead-letter the bad."""
         self.events_seen += len(batch)
         self.intake.add(batch, self.producer)
         if self._oldest_pending is None and any(r.pending_windows for r in self.routes):
             self._oldest_pending = time.monotonic()
-
-    def flush(self) -> list:
-        """Score all pending windows, hand alerts to the sinks (not flushed). Returns the alerts."""
-        return self._score(self._take_pending())
-
-    def _take_pending(self) -> list[tuple[RouteState, list]]:
-        """Every route's pending micro-batch, taken on the loop thread."""
-        self._oldest_pending = None
-        return [(route, route.take_pending()) for route in self.routes]
-
-    def _score(self, taken: list[tuple[RouteState, list]]) -> list:
-        """Score taken micro-batches, update alert state and metrics, hand alerts to the sinks."""
-        alerts = []
-        dev = str(self.engine.device)
-        for route, parts in taken:
-            timings: dict[str, float] = {}
-            out = route.score(parts, self.engine, timings)
-            if out is None:
-                continue
-            if self.scoring_threads:
-                self.scoring_threads.add_model_seconds(sum(timings.values()))
-            self.metrics.observe_scored(out, timings, dev)
-            alerts.extend(out.alerts)
-        if alerts:
-            self.sinks.add(alerts)
-        self._set_stream_gauges()
-        return alerts
-
-    def _set_stream_gauges(self) -> None:
-        """Open incidents, streams held and their window bytes: after scoring, and after streams are forgotten."""
-        self.metrics.open_incidents.set(sum(r.tracker.open_incidents for r in self.routes))
-        self.metrics.set_buffers(sum(len(r.stream_index) for r in self.routes),
-                                 sum(r.buffer.memory_bytes() for r in self.routes))
-
-    def _flush_and_commit(self, timeout_s: float = 30.0, in_rebalance: bool = False, commit: bool = True,
-                          wait: bool = False) -> None:
-        """Score what is pending, deliver dead letters and alerts, then (``commit``) commit what is processed
-        (asynchronously unless ``in_rebalance`` or ``wait``: :mod:`pipelines.commits`); within ``timeout_s``, each
-        step that waits given what is left of it (at least a second)."""
-        by = time.monotonic() + timeout_s
-        self._finish_background(_left(by), in_rebalance)
-        self.flush()
-        waiting = None
-        try:
-            self.producer.flush(_left(by))  # dead letters
-        except KafkaDeliveryPending as exc:  # the alerts still go out (a refused dead letter stops the daemon)
-            waiting = exc
-        self.sinks.flush(_left(by), self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed
-        if waiting is not None:  # nothing is committed either
-            raise waiting
-        if commit and self.positions.uncommitted:
-            self.commits.commit(self.commits.offsets(self.routes), in_rebalance, wait, _left(by) if wait else None)
-
-    # -- scoring on a second thread (processing.score_in_background) ---------------------------------------
-    def _flush_in_background(self, timeout_s: float, commit: bool, windows: int) -> None:
-        """Wait for the micro-batch in flight, hand the pending one (``windows`` windows) to the scoring thread,
-        which scores it, updates alert state and delivers its alerts while this thread polls and decodes, then
-        commit what the one before freed (so the scoring thread does not wait for that commit). Offsets are
-        committed only after delivery, as in the serial path."""
-        freed = self._worker.wait()
-        self._maybe_forget_idle(time.monotonic())  # the scoring thread is idle: names and alert state are ours
-        taken = self._take_pending()
-        offsets = self.commits.offsets(self.routes) if commit and self.positions.uncommitted else None
-        self._worker.submit(partial(self._score_and_deliver, taken, timeout_s), windows, offsets)
-        self._commit_delivered(freed, timeout_s)
-
-    def _score_and_deliver(self, taken: list[tuple[RouteState, list]], timeout_s: float) -> None:
-        self._score(taken)
-        self.sinks.flush(timeout_s, self.metrics.observe_sink_flush)
-
-    def _finish_background(self, timeout_s: float, in_rebalance: bool = False) -> None:
-        """Wait for the micro-batch in flight; raises its SinkError (nothing committed), else commits."""
-        if self._worker is not None:
-            self._commit_delivered(self._worker.wait(), timeout_s, in_rebalance)
-
-    def _commit_delivered(self, offsets: dict | None, timeout_s: float, in_rebalance: bool = False) -> None:
-        """Commit the offsets a scored micro-batch freed, once the dead letters of those records are delivered."""
-        if offsets:
-            self.producer.flush(timeout_s)
-            self.commits.commit(offsets, in_rebalance)
