@@ -11,9 +11,16 @@ import torch
 from detector.models import ModelConfig
 from detector.synthetic import make_dataset
 from detector.training import TrainConfig, train_detector
+from tests.needs import need_cxx
 
 torch.set_num_threads(1)
 sys.modules.setdefault("triton", None)  # type: ignore[arg-type]  # as pipelines.cli.main: no triton exit report
+
+@pytest.fixture
+def cxx() -> None:
+    """The C++ compiler for the native extensions; ``pytestmark = pytest.mark.usefixtures("cxx")``."""
+    need_cxx()
+
 
 TINY_TRAIN = TrainConfig(epochs=20, lr=3e-3, batch_size=64, patience=4, max_windows=2500, seed=0,
                          device="cpu", threshold="spot", threshold_params={"risk": 1e-3})

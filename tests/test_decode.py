@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 
 from pipelines import decode, native_decode
 from pipelines.decode import REASONS, DecodedBatch, FeatureSpec, dead_letter_headers, decode_batch
+from tests.needs import need_cxx, unavailable
 
 TS = 1764180000123
 BROKER_TS = 1764180999000
@@ -28,15 +27,14 @@ def parser(request, monkeypatch):
     """Run every test with the native decoder (which leaves all but the common shape to orjson), with orjson
     alone and with the standard-library fallback alone."""
     if request.param == "native":
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            pytest.skip("no C++ compiler to build the native decoder")
+        need_cxx()
         assert native_decode.load() is not None, native_decode._STATE.get("error")
     else:
         monkeypatch.setattr(decode, "_native_decoder", lambda: None)
     if request.param == "stdlib":
         monkeypatch.setattr(decode, "_loads", decode._stdlib_loads)
     elif decode.orjson is None:
-        pytest.skip("orjson not installed")
+        unavailable("orjson not installed (a dependency of the project: pip install -e .)")
     return request.param
 
 

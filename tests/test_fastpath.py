@@ -1,7 +1,6 @@
 """The fused C++ forward (detector.fastpath) computes the same function as the eager GRU/LSTM autoencoders."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from detector.fastpath import FusedAutoencoder, executed_macs
 from detector.models import ModelConfig, build_model, model_cost
 from detector.scoring import reconstruction_error
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the extension")
+pytestmark = pytest.mark.usefixtures("cxx")
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])

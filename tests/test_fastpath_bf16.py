@@ -4,7 +4,6 @@ Where the CPU has AVX512_BF16 the numeric tests run; where it does not, they che
 """
 
 import logging
-import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from detector.engine import InferenceEngine
 from detector.fastpath import FusedAutoencoder, FusedUnavailable
 from detector.models import ModelConfig, build_model
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the extension")
+pytestmark = pytest.mark.usefixtures("cxx")
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:

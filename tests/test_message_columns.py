@@ -5,17 +5,13 @@ same methods, so that every case (errors, None key and value, a bad timestamp) c
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import pytest
 
 from pipelines import native_decode
 from pipelines.source_confluent import confluent_columns_py
 
-pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
-                                reason="no C++ compiler to build the native decoder")
+pytestmark = pytest.mark.usefixtures("cxx")
 
 
 class Message:

@@ -16,8 +16,7 @@ import pytest
 from pipelines import decode, native_decode
 from pipelines.decode import DecodedBatch, FeatureSpec, decode_batch
 
-pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
-                                reason="no C++ compiler to build the native decoder")
+pytestmark = pytest.mark.usefixtures("cxx")
 
 SPEC8 = FeatureSpec(tuple(f"f{j}" for j in range(8)))
 SPEC2 = FeatureSpec(("temp", "vib"))

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.kafka_local import KafkaSetupError, LocalKafka, free_port
+from tests.needs import unavailable
 
 _HERE = Path(__file__).resolve().parent
 
@@ -27,11 +28,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
 
 
-def service_unavailable(reason: str) -> None:
-    """Fail under CI=true (a missing service is a broken CI), skip elsewhere; never returns."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
+service_unavailable = unavailable  # a missing service fails under CI=true (a broken CI), is skipped elsewhere
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ Without a ``prometheus`` binary the tests are skipped, or fail under ``CI=true``
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -33,6 +32,7 @@ import pytest
 import yaml
 
 from pipelines.child_process import exit_with_parent
+from tests.needs import unavailable
 
 READY_DEADLINE_S = 60.0
 GRAFANA_DEFAULTS = {  # Grafana's built-in variables, with values that suit a 1s-scrape test Prometheus
@@ -43,13 +43,6 @@ GRAFANA_DEFAULTS = {  # Grafana's built-in variables, with values that suit a 1s
     "__range_s": "300",
     "__range_ms": "300000",
 }
-
-
-def unavailable(reason: str) -> None:
-    """Skip the test, or fail it under CI=true, where every integration dependency must be present."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: integration dependencies must be installed)")
-    pytest.skip(reason)
 
 
 @dataclass
