@@ -79,9 +79,7 @@ def test_average_precision_hand_value() -> None:
     scores = np.array([0.9, 0.8, 0.7, 0.6])
     labels = np.array([1, 0, 1, 0])
     assert average_precision(scores, labels) == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
-    assert average_precision(np.array([0.1, 0.2]), np.array([0, 0])) != average_precision(
-        np.array([0.1, 0.2]), np.array([0, 1])
-    )
+    assert average_precision(np.array([0.1, 0.2]), np.array([0, 1])) == pytest.approx(1.0)
     assert np.isnan(average_precision(np.array([0.1, 0.2]), np.array([0, 0])))
 
 

@@ -216,14 +216,15 @@ def test_the_rebuild_floor_counts_accepted_events_only(trained, tmp_path):
     ModelStore(tmp_path).save("gru", trained["gru"])
     route = RouteState(RouteSpec(("gru",)), [ModelStore(tmp_path).load("gru")], 1, {"k": 3, "n": 5, "m": 5})
     w = route.buffer.window  # 32
-    ts = np.r_[np.arange(w) * 1000, 40_000, np.full(5, 100), 41_000 + np.arange(26) * 1000]  # 5 late events
-    n = len(ts)  # 64 = 2W events, 59 accepted
+    ts = np.r_[np.arange(2 * w) * 1000, 70_000, np.full(5, 100), 71_000 + np.arange(26) * 1000]  # 5 late events
+    n = len(ts)  # 96 = 3W events, 91 accepted
     stream = np.repeat(route.stream_ids(["pump-1"]), n)
     route.add(stream, ts.astype(np.int64), np.zeros((n, 4), np.float32), np.zeros(n, np.int64),
               np.arange(n, dtype=np.int64), ["t"] * n, np.zeros(n, np.int32), np.zeros(n, bool))
-    accepted = np.r_[np.arange(w + 1), np.arange(w + 6, n)]
-    oldest_in_window = accepted[-w]  # offset 27
-    assert 0 <= route.rebuild_floor(1)[0] <= oldest_in_window
+    accepted = np.r_[np.arange(2 * w + 1), np.arange(2 * w + 6, n)]
+    floor = route.rebuild_floor(1)[0]
+    assert floor <= accepted[-w]  # offset 59: the whole window is replayed (counting the late events gave 64)
+    assert floor >= accepted[-(2 * w - 1)]  # offset 28: and at most W - 1 accepted events more
 
 
 def test_silent_streams_are_forgotten_their_incidents_resolved_and_their_ids_reused(trained, tmp_path):

@@ -1,0 +1,73 @@
+"""RouteState: a route's models combined (max / mean), the models named over threshold, and stride > 1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detector.engine import InferenceEngine
+from detector.synthetic import SensorModel
+from pipelines.model_store import ModelStore
+from pipelines.routes import RouteState
+from pipelines.routing import RouteSpec
+
+T0 = 1_700_000_000_000
+
+
+def _route(trained, tmp_path, kinds, combine="max", stride=1, alerts=None) -> RouteState:
+    store = ModelStore(tmp_path)
+    for kind in kinds:
+        store.save(kind, trained[kind])
+    return RouteState(RouteSpec(tuple(kinds), combine=combine), [store.load(kind) for kind in kinds], stride,
+                      alerts or {"k": 1, "n": 1, "m": 1000})
+
+
+def _feed(route: RouteState, X: np.ndarray, first_offset: int = 0) -> int:
+    """One stream's events (N, F) at 1 s steps, offsets from ``first_offset``; returns the windows queued."""
+    n = len(X)
+    offset = first_offset + np.arange(n, dtype=np.int64)
+    stream = np.repeat(route.stream_ids(["pump-1"]), n)
+    _late, queued = route.add(stream, T0 + offset * 1000, X.astype(np.float32), np.zeros(n, np.int64), offset,
+                              ["t"] * n, np.zeros(n, np.int32), np.ones(n, bool))
+    return queued
+
+
+@pytest.mark.parametrize("combine", ["max", "mean"])
+def test_a_route_of_two_models_combines_their_scores_and_names_exactly_the_models_over(trained, tmp_path, combine):
+    """The combined score is the max (or mean) of the models' normalised scores; the alert fires at the first
+    window whose combined score is over 1 and names exactly the models over threshold there."""
+    route = _route(trained, tmp_path, ("gru", "lstm"), combine)
+    X = SensorModel(4, seed=1).normal(np.arange(400, dtype=np.float64))
+    X[300:340, 2] += X[:, 2].std()  # a level shift of one spread: some windows are over for one model only
+    _feed(route, X)
+    engine = InferenceEngine("cpu")
+    engine.swap({m.name: m.detector for m in route.models})
+    handed = []  # what the route hands the alert tracker: the models over threshold, per window over
+    observe = route.tracker.observe
+    route.tracker.observe = lambda *a, **kw: handed.append(kw["models_over"]) or observe(*a, **kw)
+    out = route.score(route.take_pending(), engine, {})
+    norm = np.stack([out.per_model_normalised["gru"], out.per_model_normalised["lstm"]])  # (2, M)
+    expected = norm.max(axis=0) if combine == "max" else norm.mean(axis=0)
+    np.testing.assert_allclose(out.combined, expected, rtol=1e-6)
+    over = {j: [name for k, name in enumerate(("gru", "lstm")) if norm[k, j] > 1.0]
+            for j in np.flatnonzero(out.combined > 1.0).tolist()}
+    assert handed == [over]
+    assert any(len(names) == 1 for names in over.values())  # windows where one model only is over
+    first = min(over)
+    firing = [a for a in out.alerts if a.status == "firing"]
+    assert firing and firing[0].started_at == out.ts[first] and firing[0].models_over == over[first]
+    assert firing[0].model == "gru+lstm" and firing[0].threshold == 1.0
+
+
+def test_with_stride_every_kth_window_is_queued_and_the_rebuild_floor_still_covers_the_window(trained, tmp_path):
+    route = _route(trained, tmp_path, ("gru",), stride=4)
+    w = route.buffer.window  # 32
+    X = SensorModel(4, seed=2).normal(np.arange(3 * w + 7, dtype=np.float64))
+    queued = _feed(route, X[:50]) + _feed(route, X[50:], first_offset=50)  # two polls: the phase is kept
+    counts = np.arange(1, len(X) + 1)  # each event's count in its stream
+    assert queued == np.count_nonzero((counts >= w) & ((counts - w) % 4 == 0))
+    parts = route.take_pending()
+    ts = np.concatenate([p[2] for p in parts])
+    np.testing.assert_array_equal(ts, T0 + (np.flatnonzero((counts >= w) & ((counts - w) % 4 == 0))) * 1000)
+    floor = route.rebuild_floor(1)[0]
+    assert len(X) - (2 * w - 1) <= floor <= len(X) - w  # the window's oldest event, at most W - 1 more
