@@ -198,13 +198,19 @@ class Positions:
                         "after the next poll", tps, exc)
             return _without(batch, set(tps))
         floors = {tp: _rebuild_floor(got[1]) for tp, got in committed.items() if got is not None}
-        log_start = self._log_start(source, [tp for tp, f in floors.items() if 0 <= f < committed[tp][0]])
+        rebuild = [tp for tp, f in floors.items() if 0 <= f < committed[tp][0]]
+        log_start = self._log_start(source, rebuild)
+        if unknown := [tp for tp in rebuild if tp not in log_start]:
+            log.warning("no rebuild of the windows of %s: their first retained offsets are unknown (a seek below "
+                        "them would reset the position by auto_offset_reset); they start at the committed offset",
+                        unknown)
         for tp, got in committed.items():
             if got is None:
                 if tp in first:
                     starts[tp] = first[tp]
                 continue
-            starts[tp] = replay_start(got[0], floors[tp], log_start.get(tp, 0), self.max_rebuild_records)
+            # a log start not known: no rebuild (the floor may be gone, and auto_offset_reset latest skips the rest)
+            starts[tp] = replay_start(got[0], floors[tp], log_start.get(tp, got[0]), self.max_rebuild_records)
             if starts[tp] < got[0]:
                 self._resume[tp] = got[0]
         for tp, off in starts.items():
@@ -216,8 +222,8 @@ class Positions:
 
     @staticmethod
     def _log_start(source: Source, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-        """First retained offset of each partition to rebuild from; {} when the broker does not say (the seek
-        then goes to the floor, and a floor that retention removed resets the position by auto_offset_reset)."""
+        """First retained offset of each partition to rebuild from; a partition the brokers did not answer for is
+        left out (it starts at its committed offset, without a rebuild)."""
         if not tps:
             return {}
         try:

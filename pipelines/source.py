@@ -17,6 +17,7 @@ import numpy as np
 FETCH_MIN_BYTES = 65536  # kafka.fetch_min_bytes default: the broker answers a fetch once it has this much ...
 FETCH_MAX_WAIT_MS = 10  # ... or after this long (benchmarks/RESULTS.md, item 18)
 METADATA_MAX_AGE_MS = 30_000  # topic metadata every 30 s, not the clients' 5 min: new partitions are seen sooner
+LOOKUP_TIMEOUT_S = 10.0  # committed() and first_offsets(): all the partitions of one call within this
 METADATA_END = "\x00"  # after every commit's metadata, as confluent-kafka writes it (KafkaPythonSource._offsets)
 
 __all__ = ["TopicPartition", "RecordBatch", "Source", "make_source", "CommitDone", "KafkaCommitError"]
@@ -70,10 +71,13 @@ class Source(Protocol):
         loop) for 30 s (kafka-python) or until it woke up (confluent-kafka)."""
     def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
         """Commit from inside a rebalance callback (where kafka-python 3 allows no blocking call)."""
-    def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]: ...
+    def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]:
+        """The group's committed ``(offset, metadata)`` of each partition (None: no commit); raises when the brokers
+        give no answer within LOOKUP_TIMEOUT_S."""
     def seek(self, tp: TopicPartition, offset: int) -> None: ...
     def first_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        """The first offset each partition still holds (its log start, which retention moves up)."""
+        """The first offset each partition still holds (its log start, which retention moves up), within
+        LOOKUP_TIMEOUT_S; a partition the brokers did not answer for is left out (or all of them: an exception)."""
     def assignment(self) -> set[TopicPartition]: ...
     def lag(self) -> dict[TopicPartition, int]: ...
     def reachable(self, timeout_s: float) -> bool | None:

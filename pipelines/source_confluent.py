@@ -15,6 +15,7 @@ from .kafka_io import client_security_config, confluent_refusal
 from .source import (
     FETCH_MAX_WAIT_MS,
     FETCH_MIN_BYTES,
+    LOOKUP_TIMEOUT_S,
     METADATA_MAX_AGE_MS,
     AssignCallback,
     CommitDone,
@@ -153,7 +154,7 @@ class ConfluentSource:
     def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]:
         for attempt in range(3):
             try:
-                got = self._consumer.committed([self._CTP(t, p) for t, p in tps], timeout=10)
+                got = self._consumer.committed([self._CTP(t, p) for t, p in tps], timeout=LOOKUP_TIMEOUT_S)
                 break
             except UnicodeDecodeError as exc:  # metadata without a NUL, by an older anomalyd with kafka-python: it
                 if attempt == 2:  # reads past its end (KafkaPythonSource._offsets); the bytes vary from read to read
@@ -167,8 +168,18 @@ class ConfluentSource:
         self._consumer.seek(self._CTP(tp[0], tp[1], offset))
 
     def first_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        return {(t, p): int(self._consumer.get_watermark_offsets(self._CTP(t, p), timeout=10, cached=False)[0])
-                for t, p in tps}
+        """One ListOffsets round trip per partition, all within LOOKUP_TIMEOUT_S (each had 10 s of its own: N
+        partitions held the loop for up to N x 10 s); one that fails or times out is left out."""
+        out, deadline = {}, time.monotonic() + LOOKUP_TIMEOUT_S
+        for t, p in tps:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                out[(t, p)] = int(self._consumer.get_watermark_offsets(self._CTP(t, p), timeout=left, cached=False)[0])
+            except Exception as exc:  # KafkaException(_TIMED_OUT, ...): this partition's start stays unknown
+                log.debug("first offset of %s:%d not read: %s", t, p, exc)
+        return out
 
     def assignment(self) -> set[TopicPartition]:
         return {(p.topic, p.partition) for p in self._consumer.assignment()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from .kafka_io import RECONNECT_BACKOFF_MAX_MS, client_security_config, kafka_py
 from .source import (
     FETCH_MAX_WAIT_MS,
     FETCH_MIN_BYTES,
+    LOOKUP_TIMEOUT_S,
     METADATA_END,
     METADATA_MAX_AGE_MS,
     AssignCallback,
@@ -112,8 +114,10 @@ class KafkaPythonSource:
 
     def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]:
         out: dict[TopicPartition, tuple[int, str] | None] = {}
+        deadline = time.monotonic() + LOOKUP_TIMEOUT_S  # without one, a coordinator out of reach held the loop
         for t, p in tps:
-            oam = self._consumer.committed(self._KTP(t, p), metadata=True)
+            left_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            oam = self._consumer.committed(self._KTP(t, p), metadata=True, timeout_ms=left_ms)  # KafkaTimeoutError
             out[(t, p)] = None if oam is None or oam.offset < 0 else (oam.offset, oam.metadata or "")
         return out
 
@@ -121,7 +125,8 @@ class KafkaPythonSource:
         self._consumer.seek(self._KTP(*tp), offset)
 
     def first_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        got = self._consumer.beginning_offsets([self._KTP(t, p) for t, p in tps], timeout_ms=10_000)
+        got = self._consumer.beginning_offsets([self._KTP(t, p) for t, p in tps],
+                                               timeout_ms=int(LOOKUP_TIMEOUT_S * 1000))
         return {(tp.topic, tp.partition): int(off) for tp, off in got.items()}
 
     def assignment(self) -> set[TopicPartition]:

@@ -91,6 +91,35 @@ def test_positions_replay_commit_and_revoke():
     assert pos._resume == {c: 50}
 
 
+def test_a_partition_whose_log_start_is_unknown_starts_at_its_commit_without_a_rebuild():
+    """The seek back to a commit's rebuild floor needs the partition's first retained offset: a floor that retention
+    removed resets the position by auto_offset_reset, and with ``latest`` the records from the commit on were never
+    read (and committed past). Unknown (ListOffsets timed out for that partition): no rebuild, start at the commit.
+    The client here answers as a broker would and leaves partition 1's log start out on cue."""
+    from pipelines.positions import Positions
+
+    class _Client:
+        def __init__(self) -> None:
+            self.seeks = {}
+
+        def committed(self, tps):
+            return {tp: (100, json.dumps({"rebuild_from": 40})) for tp in tps}
+
+        def first_offsets(self, tps):
+            return {tp: 10 for tp in tps if tp != ("t", 1)}
+
+        def seek(self, tp, offset):
+            self.seeks[tp] = offset
+
+    pos, client = Positions(), _Client()
+    pos.assign([("t", 0), ("t", 1)])
+    empty = RecordBatch(topic=[], partition=np.zeros(0, np.int32), offset=np.zeros(0, np.int64),
+                        timestamp=np.zeros(0, np.int64), key=[], value=[])
+    pos.position_new(client, empty)
+    assert client.seeks == {("t", 0): 40, ("t", 1): 100}
+    assert pos._resume == {("t", 0): 100}  # partition 0 replays 40..99 without scoring; partition 1 replays nothing
+
+
 def test_partitions_whose_committed_offsets_cannot_be_read_are_positioned_after_the_next_poll():
     """Brokers out of reach right after an assignment: ``committed()`` times out. That stopped the daemon; now the
     partitions' records are left out and positioning is tried again after the next poll, starting (with no commit)
