@@ -65,9 +65,14 @@ class RouteState:
 
     # -- models ----------------------------------------------------------------------------------------
     @staticmethod
-    def check_models(models: list[LoadedModel], label: str) -> None:
-        """Models of one route must share window and features (ValueError naming the route)."""
+    def check_models(models: list[LoadedModel], label: str, stride: int = 1) -> None:
+        """Models of one route must share window and features, and the window must not be shorter than the stride
+        (ValueError naming the route)."""
         first = models[0].detector
+        if stride > first.window:
+            raise ValueError(f"route {label!r}: processing.stride {stride} is larger than the window of "
+                             f"{models[0].name} ({first.window}): the events between two scored windows would be in "
+                             "none; use a stride of at most the window")
         for m in models[1:]:
             d = m.detector
             if (d.window, d.n_features, d.feature_names) != (first.window, first.n_features, first.feature_names):
@@ -76,7 +81,7 @@ class RouteState:
 
     def set_models(self, models: list[LoadedModel]) -> None:
         """Install (new versions of) the route's models; the buffer is kept when the shape is unchanged."""
-        self.check_models(models, self.spec.label)
+        self.check_models(models, self.spec.label, self.stride)
         first = models[0].detector
         self.models = models
         same_columns = getattr(self, "feature_names", None) == list(first.feature_names)

@@ -41,7 +41,7 @@ class ServedModels:
         loaded = {s.name: self.store.load(s.name, s.version, device=dev, fallback=fallback)
                   for s in self.cfg.models.served}
         for spec in self.router.routes:
-            RouteState.check_models([loaded[name] for name in spec.models], spec.label)
+            RouteState.check_models([loaded[name] for name in spec.models], spec.label, self.cfg.processing.stride)
         return loaded
 
     def newer(self, forced: bool) -> dict[str, LoadedModel] | None:

@@ -65,6 +65,17 @@ def test_an_override_from_the_environment_is_checked_too(tmp_path, trained, caps
     assert "ANOMALYD_PROCESSING__MAX_DELAY_MS" in capsys.readouterr().err
 
 
+def test_a_stride_longer_than_the_window_is_refused_naming_the_route(tmp_path, trained, capsys, monkeypatch):
+    """Stride 33 with window 32: the event between two scored windows would be in none (never scored, committed)."""
+    path = _config(tmp_path, trained)
+    monkeypatch.setenv("ANOMALYD_PROCESSING__STRIDE", "33")
+    assert main(["check", "-c", str(path)]) == 2
+    assert "route 'm-gru+m-lstm': processing.stride 33 is larger than the window of m-gru (32)" in \
+        capsys.readouterr().err
+    monkeypatch.setenv("ANOMALYD_PROCESSING__STRIDE", "32")
+    assert main(["check", "-c", str(path)]) == 0
+
+
 def test_an_http_bind_address_run_could_not_listen_on_is_a_config_error(tmp_path, trained, capsys, monkeypatch):
     """``run`` stops on it (BindError), so ``check`` must say so too; the port itself may be the checked daemon's."""
     path = _config(tmp_path, trained)
