@@ -244,18 +244,21 @@ class Daemon(DeliveryStage):
             # micro-batch arrays reuse freed heap; on the CPU, the CUDA wheel's libraries leave the resident set
             tune_process_memory(models_on_cpu=self.engine.device.type == "cpu")
             gc.freeze()  # start-up objects (torch, models, clients: ~200k) out of the collector's full passes
-            crashed = True
+            crashed, failed = True, None
             try:
                 self._loop(count, deadline)
                 crashed = False
             finally:
                 self._shutdown_by = time.monotonic() + self.cfg.shutdown.grace_period_s
                 self._leaving = crashed
-                if self._ahead is not None:
-                    self._ahead.close()  # a batch polled ahead is not processed, so not committed
+                if self._ahead is not None:  # a batch polled ahead is not processed, so not committed
+                    failed = self._ahead.close()
                 self.metrics.set_state(up=False, ready=False)
-                if crashed:
+                if crashed or failed is not None:
+                    self._leaving = True
                     self.source.close(self._shutdown_left())  # no commit after a crash
+            if failed is not None:  # the last poll, or a rebalance callback in it (its windows taken, say, then
+                raise failed  # scoring failed): as a crash in the loop, whose shutdown had committed past them
             # From here the rebalance callbacks do nothing. librdkafka serves them inside the polls that wait for the
             # shutdown's commit, and in close (on a thread of its own): a lost session had dropped the uncommitted
             # offsets (exit 0 after a failed commit), a revoke had made an unbounded commit of its own, and after

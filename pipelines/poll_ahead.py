@@ -139,24 +139,27 @@ class PollAhead:
                 raise error
             return batch
 
-    def drain(self) -> int:
-        """Wait for the poll in flight and drop its batch (not processed, so not committed). Returns its size;
-        an error of that poll is dropped too (the loop is ending)."""
+    def drain(self) -> tuple[int, Exception | None]:
+        """Wait for the poll in flight and drop its batch (not processed, so not committed). Returns its size and
+        its error: that poll's, or that of a rebalance callback it handed over (which may have left the daemon's
+        state half changed: the caller treats it as a crash, and commits nothing)."""
         if not self._in_flight:
-            return 0
+            return 0, None
         try:
-            return len(self.take())
-        except Exception:  # noqa: BLE001 - the loop is already ending, for that error or another
-            return 0
+            return len(self.take()), None
+        except Exception as exc:  # noqa: BLE001 - returned: the loop is ending
+            return 0, exc
 
-    def close(self) -> None:
-        """Drain, then end the helper thread; callbacks run on the thread that calls them from now on."""
-        self.drain()
+    def close(self) -> Exception | None:
+        """Drain, then end the helper thread; callbacks run on the thread that calls them from now on. Returns the
+        drained poll's error (:meth:`drain`)."""
+        _, error = self.drain()
         self._closed = True
         if self._thread is not None:
             self._work.put(None)
             self._thread.join()
             self._thread = None
+        return error
 
     def _serve(self) -> None:
         name_this_thread()  # "anomalyd-poll" in top -H, py-spy, benchmarks.cpu_sampler

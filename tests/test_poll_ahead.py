@@ -84,13 +84,24 @@ def test_drain_drops_the_batch_in_flight_and_close_ends_the_thread():
     ahead = PollAhead()
     client = _Client(ahead)
     ahead.submit(client.poll, 4)
-    assert ahead.drain() == 4 and not ahead.in_flight
-    assert ahead.drain() == 0
+    assert ahead.drain() == (4, None) and not ahead.in_flight
+    assert ahead.drain() == (0, None)
     ahead.submit(lambda: (_ for _ in ()).throw(OSError("broker gone")))
-    assert ahead.drain() == 0  # the loop is ending: the error is dropped with the batch
+    size, error = ahead.drain()  # the loop is ending: the batch is dropped, the error returned (a crash)
+    assert size == 0 and isinstance(error, OSError)
     helper = [t for t in threading.enumerate() if t.name == "anomalyd-poll"]
-    ahead.close()
+    assert ahead.close() is None
     assert helper and not helper[0].is_alive()
+
+
+def test_close_returns_the_error_of_a_callback_the_drained_poll_handed_over():
+    """A revoke handed over by the poll that close() drains fails on the loop thread (its windows taken, then
+    scoring failed): close() returns that error, and the daemon treats it as a crash (no shutdown commit)."""
+    ahead = PollAhead()
+    client = _Client(ahead, fail_callback=True)
+    ahead.submit(client.poll, 4, True)
+    error = ahead.close()
+    assert isinstance(error, ValueError) and client.callback_threads == ["MainThread"]
 
 
 def test_work_a_handed_over_callback_asks_for_runs_on_the_polling_thread_as_it_returns():
