@@ -44,10 +44,11 @@ class Committer:
         self.source: Source | None = None  # set once the daemon has its consumer
         self.ahead: PollAhead | None = None
         self.last_commit = 0.0  # monotonic time of the last commit attempt
-        self._answers: queue.SimpleQueue[tuple[int, Offsets, float, BaseException | None]] = queue.SimpleQueue()
+        self._answers: queue.SimpleQueue[tuple[int, int, Offsets, float, BaseException | None]] = queue.SimpleQueue()
         self._in_flight: tuple[int, float] | None = None  # (number, monotonic time sent) of the unanswered commit
         self._sent = 0  # asynchronous commits sent
         self._retry_at = 0.0  # monotonic time before which a failed commit is not tried again
+        self._generation = 0  # assignments so far: an answer from an earlier one does not pause the commits
 
     def offsets(self, routes: Sequence[RouteState]) -> Offsets:
         """Everything processed so far, with the window-rebuild floors of ``routes``."""
@@ -83,33 +84,35 @@ class Committer:
 
     def new_generation(self) -> None:
         """Partitions assigned: a commit that failed in the old generation (UNKNOWN_MEMBER_ID after a lost session,
-        say) does not hold the new generation's first commit back."""
+        say), or whose failure is still to come, does not hold the new generation's first commit back."""
         self._retry_at = 0.0
+        self._in_flight = None
+        self._generation += 1
 
     def collect(self) -> None:
         """Apply the answers of asynchronous commits that have come (on the loop thread)."""
         while True:
             try:
-                number, offsets, seconds, error = self._answers.get_nowait()
+                generation, number, offsets, seconds, error = self._answers.get_nowait()
             except queue.Empty:
                 return
             if self._in_flight is not None and self._in_flight[0] == number:
                 self._in_flight = None
-            self._finished(offsets, seconds, error)
+            self._finished(offsets, seconds, error, pause=generation == self._generation)
 
     def _send(self, offsets: Offsets, _in_rebalance: bool = False) -> None:
         self._sent += 1
         self.last_commit, t0 = time.monotonic(), time.perf_counter()
         self._in_flight = (self._sent, self.last_commit)
         try:
-            self.source.commit_async(offsets, partial(self._answered, self._sent, offsets, t0))
+            self.source.commit_async(offsets, partial(self._answered, self._generation, self._sent, offsets, t0))
         except Exception as exc:  # refused before sending (no coordinator, partitions just revoked)
             self._in_flight = None
             self._finished(offsets, time.perf_counter() - t0, exc)
 
-    def _answered(self, number: int, offsets: Offsets, t0: float, error: BaseException | None) -> None:
+    def _answered(self, generation: int, number: int, offsets: Offsets, t0: float, error: BaseException | None) -> None:
         """The client's commit callback, on the polling thread (the helper's, with poll ahead): queued only."""
-        self._answers.put((number, offsets, time.perf_counter() - t0, error))
+        self._answers.put((generation, number, offsets, time.perf_counter() - t0, error))
 
     def _commit_now(self, offsets: Offsets, in_rebalance: bool = False, timeout_s: float | None = None) -> None:
         self.last_commit, t0 = time.monotonic(), time.perf_counter()
@@ -123,10 +126,12 @@ class Committer:
         else:
             self._finished(offsets, time.perf_counter() - t0, None)
 
-    def _finished(self, offsets: Offsets, seconds: float, error: BaseException | None) -> None:
+    def _finished(self, offsets: Offsets, seconds: float, error: BaseException | None, pause: bool = True) -> None:
+        """Count the commit; a failure pauses the next for RETRY_AFTER_S (``pause``: it is of this generation)."""
         self.metrics.observe_commit(seconds, ok=error is None)
         if error is not None:
-            self._retry_at = time.monotonic() + RETRY_AFTER_S
+            if pause:
+                self._retry_at = time.monotonic() + RETRY_AFTER_S
             log.warning("offset commit failed (records will be redelivered): %s", error)
             return
         for tp, (nxt, _meta) in offsets.items():  # records processed since stay uncommitted

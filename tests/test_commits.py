@@ -117,3 +117,15 @@ def test_a_new_assignment_ends_the_pause_after_a_failed_commit(committer):
     c.new_generation()
     c.commit(_processed(c, 10))
     assert len(client.sent) == 2
+
+
+def test_the_old_generations_late_failure_neither_pauses_nor_holds_back_the_new_ones_commits(committer):
+    c, client, _ = committer
+    c.commit(_processed(c, 10))  # in flight when the partitions are revoked and assigned again
+    c.new_generation()
+    c.commit(_processed(c, 20))  # not held back by the old one in flight
+    assert len(client.sent) == 2
+    client.sent[0][1](RuntimeError("ILLEGAL_GENERATION"))  # the old generation's commit fails late
+    client.sent[1][1](None)
+    c.commit(_processed(c, 30))  # no pause: sent at once
+    assert len(client.sent) == 3 and c.positions.uncommitted == {("t", 0): 30}
