@@ -27,6 +27,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <stdexcept>
 #include <vector>
 
 #include "_bf16_mm.h"
@@ -361,7 +362,25 @@ std::vector<at::Tensor> ae_score(const at::Tensor& x, const at::Tensor& center, 
   return {score, contrib};
 }
 
+// A build for another CPU (ANOMALYD_FUSED_MARCH, a cache shared between machines) must not run here: its first
+// call would die of SIGILL. Importing it fails instead, and anomalyd falls back to eager PyTorch.
+static void check_cpu_runs_build() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+#ifdef __AVX512F__
+  if (!__builtin_cpu_supports("avx512f")) throw std::runtime_error("built for AVX-512F, which this CPU lacks");
+#endif
+#ifdef __AVX2__
+  if (!__builtin_cpu_supports("avx2")) throw std::runtime_error("built for AVX2, which this CPU lacks");
+#endif
+#ifdef __FMA__
+  if (!__builtin_cpu_supports("fma")) throw std::runtime_error("built for FMA, which this CPU lacks");
+#endif
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  check_cpu_runs_build();
   m.doc() = "anomalyd fused GRU/LSTM autoencoder inference (CPU, float32; bfloat16 products on request)";
   m.def("ae_forward", &ae_forward, "x (B, W, F) -> reconstruction (B, W, F)",
         py::call_guard<py::gil_scoped_release>());

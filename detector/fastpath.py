@@ -133,6 +133,15 @@ def _load_prebuilt() -> ModuleType:
                        f"{build_dir()} (python -m detector.fastpath build --portable makes them)")
 
 
+def _check_cpu_runs(march: str) -> None:
+    """A portable level with instructions this CPU lacks is refused (its kernel would die of SIGILL at the first
+    call); the kernel itself refuses to import on a CPU without the instruction sets it was compiled for."""
+    need, flags = PORTABLE_TARGETS.get(march), _cpu_flags()
+    if need is not None and flags and not need <= flags:
+        raise RuntimeError(f"ANOMALYD_FUSED_MARCH={march} needs {', '.join(sorted(need - flags))}, which this CPU "
+                           "lacks")
+
+
 def load_extension(build: bool = True) -> ModuleType | None:
     """The compiled extension module, building it first if needed and ``build``; None when unavailable.
 
@@ -147,6 +156,7 @@ def load_extension(build: bool = True) -> ModuleType | None:
         return None
     name = _name()
     try:
+        _check_cpu_runs(_march())
         if compiler() is None:
             try:
                 module = _load_prebuilt()

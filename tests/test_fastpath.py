@@ -171,6 +171,15 @@ def test_march_is_validated(monkeypatch):
     assert "-march=x86-64-v3" in fastpath.compile_flags()
 
 
+def test_a_portable_level_this_cpu_lacks_is_refused_not_built(monkeypatch):
+    """x86-64-v4 on a CPU with AVX2 only: its kernel would die of SIGILL at the first call; eager PyTorch instead."""
+    monkeypatch.setattr(fastpath, "_STATE", {})
+    monkeypatch.setattr(fastpath, "_cpu_flags", lambda: set(fastpath.PORTABLE_TARGETS["x86-64-v3"]))
+    monkeypatch.setenv("ANOMALYD_FUSED_MARCH", "x86-64-v4")
+    assert fastpath.load_extension() is None
+    assert "x86-64-v4 needs avx512bw, avx512cd, avx512dq, avx512f, avx512vl" in fastpath._STATE["error"]
+
+
 def test_a_failed_build_is_not_retried_with_the_same_compiler_until_the_marker_ages(tmp_path):
     """A failed build leaves a marker naming the compiler, so that each process does not pay for the failure
     again; another compiler, or a marker FAILED_RETRY_S old, tries again. One process per load, as in use (torch
