@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +34,9 @@ __all__ = ["NativeDecodeUnavailable", "load", "mode", "decode_common", "MAX_FEAT
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_decode_fast.cpp")
-CFLAGS = ["-O2"]
+# the baseline instruction set, named: a compiler configured for a higher default (RHEL 9: x86-64-v2, RHEL 10: v3)
+# would otherwise make an image's prebuilt decoder die of SIGILL on older CPUs
+CFLAGS = ["-O2", *(["-march=x86-64"] if platform.machine() in ("x86_64", "AMD64") else [])]
 MAX_FEATURES = 256
 """Messages with more values than this go to the Python decoder (models are far narrower)."""
 _STATE: dict[str, object] = {}  # "module" or "error", once per process
