@@ -282,7 +282,31 @@ void over_tiles(const Model& M, int64_t B, int64_t tile, Fn fn) {
 
 }  // namespace
 
-// x (B, W, F) -> reconstruction (B, W, F).
+// Whether n floats are all finite, by their bits: -ffast-math may fold std::isfinite to true.
+static bool all_finite(const float* v, int64_t n) {
+  uint32_t worst = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t u;
+    std::memcpy(&u, v + k, sizeof u);
+    worst |= ~u & 0x7f800000u ? 0u : 1u;  // exponent all ones: inf or NaN
+  }
+  return worst == 0;
+}
+
+// Whether any of n floats is a NaN, by their bits (as all_finite).
+static bool any_nan(const float* v, int64_t n) {
+  uint32_t found = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t u;
+    std::memcpy(&u, v + k, sizeof u);
+    found |= (u & 0x7fffffffu) > 0x7f800000u ? 1u : 0u;  // exponent all ones, mantissa not zero
+  }
+  return found != 0;
+}
+
+// x (B, W, F) -> reconstruction (B, W, F); a window with a NaN reconstructs as NaN, as in the eager model (the
+// gates would clamp the NaN to finite values). An infinity is not matched (eager saturates the gates, the fused
+// GRU may give NaN): ae_score marks a window with one as NaN before the model, on both paths.
 // enc, dec: [weight_ih, bias_ih, weight_hh, bias_hh] per layer (PyTorch layouts);
 // head: [to_latent.weight, to_latent.bias, from_latent.weight, from_latent.bias, output.weight, output.bias].
 at::Tensor ae_forward(const at::Tensor& x, bool lstm, int64_t H, int64_t Lz, const std::vector<at::Tensor>& enc,
@@ -298,19 +322,11 @@ at::Tensor ae_forward(const at::Tensor& x, bool lstm, int64_t H, int64_t Lz, con
   float* yp = y.data_ptr<float>();
   over_tiles(M, B, tile, [&](Work& wk, int64_t r0, int64_t b) {
     tile_forward(M, wk, xp + r0 * W * F, b, yp + r0 * W * F);
+    for (int64_t i = r0; i < r0 + b; ++i)
+      if (any_nan(xp + i * W * F, W * F))
+        std::fill(yp + i * W * F, yp + (i + 1) * W * F, std::numeric_limits<float>::quiet_NaN());
   });
   return y;
-}
-
-// Whether n floats are all finite, by their bits: -ffast-math may fold std::isfinite to true.
-static bool all_finite(const float* v, int64_t n) {
-  uint32_t worst = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    uint32_t u;
-    std::memcpy(&u, v + k, sizeof u);
-    worst |= ~u & 0x7f800000u ? 0u : 1u;  // exponent all ones: inf or NaN
-  }
-  return worst == 0;
 }
 
 // Raw windows x (B, W, F) -> (score (B,), contributions (B, F)): scaling (x - center) / scale, the autoencoder,

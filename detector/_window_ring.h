@@ -41,7 +41,7 @@ inline py::tuple window_add(f32 buf, py::object ring_ts_obj, i64 count, i64 last
   if (buf.ndim() != 3 || values.ndim() != 2 || out.ndim() != 3) throw std::invalid_argument("bad array ranks");
   const int64_t S = buf.shape(0), W = buf.shape(1), F = buf.shape(2), N = stream.shape(0);
   if (values.shape(0) != N || values.shape(1) != F || ts.shape(0) != N || out_idx.shape(0) < N ||
-      count.shape(0) < S || last_ts.shape(0) < S || out.shape(1) != W || out.shape(2) != F || stride < 1)
+      count.shape(0) < S || last_ts.shape(0) < S || out.shape(1) != W || out.shape(2) != F || stride < 1 || W < 1)
     throw std::invalid_argument("array shapes do not match the buffer");
   int64_t* RT = nullptr;
   if (!ring_ts_obj.is_none()) {

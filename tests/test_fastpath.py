@@ -37,6 +37,20 @@ def test_fused_forward_matches_eager(kind, layers, W, F, H, L):
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_a_window_with_nan_reconstructs_as_nan_as_in_eager(kind):
+    """A window with a NaN reconstructs as NaN (the fused gates clamped it: finite numbers where the eager model
+    gives NaN), and the other windows as before."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind=kind, n_features=3, window=8, hidden_size=8, latent_size=2)).eval()
+    x = torch.randn(4, 8, 3)
+    x[1, 2, 0], x[2, 7, 2] = float("nan"), float("nan")
+    with torch.inference_mode():
+        want, got = model(x), FusedAutoencoder(model, tile=2)(x)
+    assert torch.isnan(want[1:3]).all() and torch.isnan(got[1:3]).all()
+    torch.testing.assert_close(got[[0, 3]], want[[0, 3]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
 @pytest.mark.parametrize("last_k", [None, 1, 5, 99])
 def test_fused_score_matches_scaling_forward_and_error(kind, last_k):
     torch.manual_seed(1)
