@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from ._config_schema import Ctx, join_key
-from .kafka_io import PASSWORD_KEYS, read_password_file
+from .kafka_security import PASSWORD_KEYS, read_password_file
 
 __all__ = ["SecurityConfig", "check_security"]
 
@@ -33,7 +33,7 @@ class SecurityConfig:
     ssl_key_password_file: str | None = None
 
     def client_settings(self) -> dict[str, str]:
-        """The settings for ``kafka_io.client_security_config`` (the effective passwords, not the files they were
+        """The settings for ``kafka_security.client_security_config`` (the effective passwords, not the files they were
         read from); unset ones left out."""
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.endswith("_file")}
         return {k: v for k, v in settings.items() if v is not None}

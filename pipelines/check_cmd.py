@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .config import Config, ConfigError, load_config
-from .kafka_io import (
+from .kafka_security import (
     KafkaAuthenticationError,
     KafkaBootstrapError,
     client_security_config,

@@ -218,7 +218,7 @@ def _cmd_run(args) -> int:
     from .config import ConfigError, load_config
     from .daemon import Daemon
     from .httpserver import BindError
-    from .kafka_io import KafkaAuthenticationError
+    from .kafka_security import KafkaAuthenticationError
 
     cfg = load_config(args.config)
     daemon = None if _RUN_STOP.is_set() else Daemon(cfg, stop_event=_RUN_STOP)  # loads the models
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a clear one-line error for operators; --log-level DEBUG shows the trace
         from .config import ConfigError
         from .httpserver import BindError
-        from .kafka_io import KafkaBootstrapError
+        from .kafka_security import KafkaBootstrapError
 
         log = logging.getLogger("anomalyd")
         if isinstance(exc, ConfigError | ValueError | KafkaBootstrapError | BindError | FileNotFoundError

@@ -37,7 +37,7 @@ from ._config_schema import (
 )
 from ._config_security import SecurityConfig, check_security
 from .alertmanager_http import redacted
-from .kafka_io import PASSWORD_KEYS
+from .kafka_security import PASSWORD_KEYS
 from .positions import MAX_REBUILD_RECORDS
 from .source import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .kafka_io import client_security_config, confluent_refusal
+from .kafka_security import client_security_config, confluent_refusal
 from .source import (
     FETCH_MAX_WAIT_MS,
     FETCH_MIN_BYTES,

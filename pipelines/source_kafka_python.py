@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .kafka_io import RECONNECT_BACKOFF_MAX_MS, client_security_config, kafka_python_bootstrap
+from .kafka_io import RECONNECT_BACKOFF_MAX_MS
+from .kafka_security import client_security_config, kafka_python_bootstrap
 from .source import (
     FETCH_MAX_WAIT_MS,
     FETCH_MIN_BYTES,

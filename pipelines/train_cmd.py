@@ -18,7 +18,7 @@ from detector.training import TrainConfig, enough_rows, load_series, train_detec
 
 from .config import KafkaConfig, is_plain_name, load_config
 from .decode import FeatureSpec, decode_batch
-from .kafka_io import client_security_config, kafka_python_bootstrap
+from .kafka_security import client_security_config, kafka_python_bootstrap
 from .model_store import ModelStore
 
 __all__ = ["train_command", "read_topic_series"]

@@ -65,8 +65,9 @@ def test_a_failed_read_on_an_open_transport_stays_an_error(caplog: pytest.LogCap
 def test_a_kafka_python_client_that_cannot_connect_raises_one_clear_error() -> None:
     """Nothing listens on the port: the bootstrap timeout names the address, the security settings (never the
     password) and what the attempts failed with, instead of kafka-python's bare "Unable to bootstrap"."""
-    from pipelines.kafka_io import KafkaBootstrapError, make_producer
+    from pipelines.kafka_io import make_producer
     from pipelines.kafka_local import free_port
+    from pipelines.kafka_security import KafkaBootstrapError
 
     address = f"127.0.0.1:{free_port()}"
     security = {"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "u",

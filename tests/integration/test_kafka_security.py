@@ -20,9 +20,10 @@ import pytest
 
 from pipelines.config import load_config
 from pipelines.daemon import Daemon
-from pipelines.kafka_io import KafkaAuthenticationError, KafkaBootstrapError, make_producer
+from pipelines.kafka_io import make_producer
 from pipelines.kafka_local import KafkaSetupError, LocalKafka, create_topic, free_port
 from pipelines.kafka_local_security import CLIENT_KEY_PASSWORD
+from pipelines.kafka_security import KafkaAuthenticationError, KafkaBootstrapError
 from pipelines.source import make_source
 
 from .conftest import service_unavailable
