@@ -16,7 +16,8 @@ from detector.models import ModelConfig
 from detector.thresholds import make_threshold
 from detector.training import TrainConfig, enough_rows, load_series, train_detector
 
-from .config import KafkaConfig, is_plain_name, load_config
+from ._config_checks import is_plain_name
+from .config import KafkaConfig, load_config
 from .decode import FeatureSpec, decode_batch
 from .kafka_security import client_security_config, kafka_python_bootstrap
 from .model_store import ModelStore

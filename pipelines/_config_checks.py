@@ -1,0 +1,135 @@
+"""Checks of the daemon's config (:mod:`pipelines.config`) across keys: one per section type, run by the schema
+(:mod:`pipelines._config_schema`) once a section is built; each reports a problem with ``ctx.err(key, message)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from ._config_schema import Ctx, join_key
+
+if TYPE_CHECKING:
+    from .config import AlertmanagerSinkConfig, AlertsConfig, Config, KafkaConfig, ModelsConfig, Route
+
+__all__ = ["RESERVED_ALERT_LABELS", "check_alertmanager", "check_alerts", "check_config", "check_kafka",
+           "check_models", "check_route", "is_plain_name"]
+
+RESERVED_ALERT_LABELS = ("alertname", "stream", "model")  # set on every alert by pipelines.sinks.AlertmanagerSink
+
+
+def _check_regex(pattern: str | None, key: str, ctx: Ctx) -> None:
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            ctx.err(key, f"invalid regex {pattern!r}: {exc}")
+
+
+def check_kafka(c: KafkaConfig, data: Mapping, key: str, ctx: Ctx) -> KafkaConfig:
+    _check_regex(c.topic_pattern, join_key(key, "topic_pattern"), ctx)
+    if c.topic_pattern is not None and "topics" not in data:
+        c = dataclasses.replace(c, topics=[])  # a pattern replaces the default topic list
+    if c.topic_pattern is not None and c.topics:
+        ctx.err(join_key(key, "topic_pattern"), "set kafka.topics or kafka.topic_pattern, not both (topics: [])")
+    elif not c.topics and c.topic_pattern is None and not ctx.is_bad(join_key(key, "topics")):
+        ctx.err(join_key(key, "topics"), "no topics to consume: set kafka.topics or kafka.topic_pattern")
+    for i, t in enumerate(c.topics):
+        if not t:
+            ctx.err(join_key(join_key(key, "topics"), i), "topic name must not be empty")
+    if c.client == "confluent":
+        _check_confluent_installed(join_key(key, "client"), ctx)
+    if c.heartbeat_interval_ms >= c.session_timeout_ms and not ctx.is_bad(join_key(key, "heartbeat_interval_ms")):
+        ctx.err(join_key(key, "heartbeat_interval_ms"), f"must be < kafka.session_timeout_ms ({c.session_timeout_ms}),"
+                f" got {c.heartbeat_interval_ms}")
+    return c
+
+
+def _check_confluent_installed(key: str, ctx: Ctx) -> None:
+    """``kafka.client: confluent`` needs confluent_kafka: a config error now, not a traceback when `run` starts."""
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError as exc:
+        missing = exc.name == "confluent_kafka"
+        ctx.err(key, "confluent needs the confluent-kafka package (pip install 'anomalyd[fast]')" if missing else
+                f"confluent: the confluent-kafka package cannot be loaded: {exc}")
+
+
+def is_plain_name(part: str) -> bool:
+    """Whether a model name or version is one directory below models.dir (no separator, not . or ..)."""
+    return part not in (".", "..") and "/" not in part and "\\" not in part
+
+
+def check_models(c: ModelsConfig, data: Mapping, key: str, ctx: Ctx) -> ModelsConfig:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device):
+        ctx.err(join_key(key, "device"), f"must be auto, cpu, cuda, cuda:<index> or mps; got {c.device!r}")
+    seen: set[str] = set()
+    for i, m in enumerate(c.served):
+        sub = join_key(join_key(key, "served"), i)
+        for what, part in (("name", m.name), ("version", m.version)):
+            if part is not None and not is_plain_name(part):
+                ctx.err(join_key(sub, what), f"must be a plain directory name, got {part!r}")
+        if m.name in seen:
+            ctx.err(join_key(sub, "name"), f"model {m.name!r} is served twice")
+        seen.add(m.name)
+    return c
+
+
+def check_route(r: Route, data: Mapping, key: str, ctx: Ctx) -> Route:
+    if (r.match is None) == (r.regex is None) and not ctx.is_bad(join_key(key, "match"), join_key(key, "regex")):
+        ctx.err(key, "set exactly one of match (glob) and regex")
+    _check_regex(r.regex, join_key(key, "regex"), ctx)
+    if len(set(r.models)) != len(r.models):
+        ctx.err(join_key(key, "models"), f"lists a model twice: {r.models}")
+    return r
+
+
+def check_alerts(a: AlertsConfig, data: Mapping, key: str, ctx: Ctx) -> AlertsConfig:
+    if a.k > a.n and not ctx.is_bad(join_key(key, "k"), join_key(key, "n")):
+        ctx.err(join_key(key, "k"), f"must be <= alerts.n ({a.n}), got {a.k}")
+    return a
+
+
+def check_alertmanager(c: AlertmanagerSinkConfig, data: Mapping, key: str, ctx: Ctx) -> AlertmanagerSinkConfig:
+    if not re.match(r"https?://[^/\s]+", c.url):
+        ctx.err(join_key(key, "url"), f"must be an http:// or https:// URL, got {c.url!r}")
+    for name in c.labels:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            ctx.err(join_key(join_key(key, "labels"), name), "invalid Prometheus label name")
+        elif name in RESERVED_ALERT_LABELS:
+            ctx.err(join_key(join_key(key, "labels"), name), f"reserved label name: anomalyd sets "
+                    f"{', '.join(RESERVED_ALERT_LABELS)} on every alert")
+    return c
+
+
+def check_config(c: Config, data: Mapping, key: str, ctx: Ctx) -> Config:
+    if ctx.is_bad("models.served"):
+        return c  # a served model was dropped; references to it would be reported twice
+    served = {m.name for m in c.models.served}
+    refs = [(join_key(join_key(f"routes[{i}]", "models"), j), name) for i, r in enumerate(c.routes)
+            for j, name in enumerate(r.models)]
+    refs += [(join_key("default_models", j), name) for j, name in enumerate(c.default_models)]
+    for ref_key, name in refs:
+        if name not in served:
+            ctx.err(ref_key, f"model {name!r} is not in models.served ({', '.join(sorted(served))})")
+    _check_output_topics(c, ctx)
+    return c
+
+
+def _check_output_topics(c: Config, ctx: Ctx) -> None:
+    """The topics the daemon writes must not be among those it reads: a dead letter read back is dead-lettered
+    again, for ever, and alerts read back are dead letters (not sensor readings)."""
+    outputs = [("kafka.dead_letter_topic", c.kafka.dead_letter_topic)]
+    if c.sinks.kafka.enabled:
+        outputs.append(("sinks.kafka.topic", c.sinks.kafka.topic))
+    pattern = c.kafka.topic_pattern
+    for key, topic in outputs:
+        if ctx.is_bad(key):
+            continue
+        if topic in c.kafka.topics:
+            ctx.err(key, f"{topic!r} is also an input topic (kafka.topics): what the daemon writes there it would "
+                    f"read back")
+        elif pattern is not None and not ctx.is_bad("kafka.topic_pattern") and re.match(pattern.lstrip("^"), topic):
+            ctx.err(key, f"{topic!r} matches the input kafka.topic_pattern {pattern!r}: what the daemon writes "
+                    f"there it would read back (rename it, or narrow the pattern)")
