@@ -10,7 +10,7 @@ Accepted formats (extra top-level keys are ignored)::
 null -> the broker timestamp. Missing ``stream`` -> the message key (UTF-8). A feature that is null, or absent
 from a ``values`` object, becomes NaN (the window buffer carries the last value forward). Everything else that
 cannot be decoded or validated is rejected with one of :data:`REASONS` (a bounded set, usable as a metric label)
-for the dead-letter topic; :func:`dead_letter_headers` builds that message's headers.
+for the dead-letter topic (:mod:`pipelines.dead_letters` builds those messages).
 
 Messages of the common shapes (``stream``, integer ``ts``, ``values`` array or object, nothing else) are parsed
 by the native decoder of :mod:`pipelines.native_decode` when it is built; every other message, and every error,
@@ -41,18 +41,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 REASONS = ("oversized", "bad_encoding", "bad_json", "not_an_object", "missing_stream", "bad_timestamp",
            "missing_values", "bad_value_type", "non_finite", "unknown_feature", "wrong_length")
 """Every reason a message can be rejected for."""
-HEADER_REASON = "anomalyd-error-reason"
-HEADER_DETAIL = "anomalyd-error-detail"
-HEADER_TOPIC = "anomalyd-source-topic"
-HEADER_PARTITION = "anomalyd-source-partition"
-HEADER_OFFSET = "anomalyd-source-offset"
-HEADER_VALUE_BYTES = "anomalyd-original-value-bytes"  # only on a dead letter whose value was cut
-HEADER_KEY_BYTES = "anomalyd-original-key-bytes"  # only on a dead letter whose key was cut
-HEADER_HEADERS_BYTES = "anomalyd-original-headers-bytes"  # only on a dead letter whose original headers were left out
-MAX_DETAIL_CHARS = 500
-DEAD_LETTER_MAX_VALUE_BYTES = 900_000  # under the producers' and brokers' default 1 MB message limits
-DEAD_LETTER_MAX_KEY_BYTES = 16_384
-DEAD_LETTER_MAX_HEADER_BYTES = 16_384  # the original headers, names and values together
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -265,40 +253,6 @@ def _merged(a: DecodedGroup, b: DecodedGroup) -> DecodedGroup:
     both = DecodedGroup(a.spec, np.concatenate([a.ok_index, b.ok_index]), a.stream + b.stream,
                         np.concatenate([a.ts, b.ts]), np.concatenate([a.values, b.values]))
     return both.take(np.argsort(both.ok_index, kind="stable"))
-
-
-def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
-    """Headers of a dead-lettered message: the reason, the detail (at most 500 characters) and the source."""
-    if len(detail) > MAX_DETAIL_CHARS:
-        detail = detail[: MAX_DETAIL_CHARS - 1] + "\u2026"
-    return [
-        (HEADER_REASON, reason.encode("utf-8")),
-        (HEADER_DETAIL, detail.encode("utf-8", "backslashreplace")),
-        (HEADER_TOPIC, topic.encode("utf-8")),
-        (HEADER_PARTITION, str(int(partition)).encode("ascii")),
-        (HEADER_OFFSET, str(int(offset)).encode("ascii")),
-    ]
-
-
-def dead_letter_copy(value: bytes, key: bytes | None, original_headers: list[tuple[str, bytes]],
-                     headers: list[tuple[str, bytes]]) -> tuple[bytes, bytes | None, list[tuple[str, bytes]]]:
-    """The dead letter's value, key and headers: the original bytes, key and headers, then ``headers`` (anomalyd's).
-    The value is cut to DEAD_LETTER_MAX_VALUE_BYTES, the key to DEAD_LETTER_MAX_KEY_BYTES, and original headers over
-    DEAD_LETTER_MAX_HEADER_BYTES are left out, each with the original size in a header, so that a message too large
-    for the producer (an ``oversized`` one, say) is dead-lettered instead of stopping the daemon on every restart.
-    The whole message stays in the source topic at the offset the headers name."""
-    size = sum(len(name) + len(v or b"") for name, v in original_headers)
-    if size > DEAD_LETTER_MAX_HEADER_BYTES:
-        out = [*headers, (HEADER_HEADERS_BYTES, str(size).encode("ascii"))]
-    else:
-        out = [*original_headers, *headers]
-    if len(value) > DEAD_LETTER_MAX_VALUE_BYTES:
-        out.append((HEADER_VALUE_BYTES, str(len(value)).encode("ascii")))
-        value = bytes(value[:DEAD_LETTER_MAX_VALUE_BYTES])
-    if key is not None and len(key) > DEAD_LETTER_MAX_KEY_BYTES:
-        out.append((HEADER_KEY_BYTES, str(len(key)).encode("ascii")))
-        key = bytes(key[:DEAD_LETTER_MAX_KEY_BYTES])
-    return value, key, out
 
 
 # ---------------------------------------------------------------------------------------------- slow paths

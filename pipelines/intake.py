@@ -14,14 +14,8 @@ from datetime import UTC, datetime
 import numpy as np
 
 from . import native_decode
-from .decode import (
-    DecodedBatch,
-    FeatureSpec,
-    SpecCache,
-    dead_letter_copy,
-    dead_letter_headers,
-    decode_batch,
-)
+from .dead_letters import dead_letter_copy, dead_letter_headers
+from .decode import DecodedBatch, FeatureSpec, SpecCache, decode_batch
 from .kafka_io import Producer
 from .metrics import Metrics
 from .positions import Positions

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pipelines import decode, native_decode
-from pipelines.decode import REASONS, DecodedBatch, FeatureSpec, dead_letter_headers, decode_batch
+from pipelines.dead_letters import dead_letter_headers
+from pipelines.decode import REASONS, DecodedBatch, FeatureSpec, decode_batch
 from tests.needs import need_cxx, unavailable
 
 TS = 1764180000123
@@ -339,7 +340,7 @@ def test_dead_letter_headers():
 
 
 def test_dead_letter_copy_keeps_what_fits_the_producers_limit():
-    from pipelines.decode import dead_letter_copy
+    from pipelines.dead_letters import dead_letter_copy
 
     ours = dead_letter_headers("oversized", "big", "t", 0, 7)
     value, key, headers = dead_letter_copy(b"v" * 10, b"k", [("trace", b"1")], ours)
