@@ -15,7 +15,8 @@ import argparse
 import numpy as np
 import torch
 
-from pipelines.alerts import FIRING, AlertTracker
+from pipelines.alert_message import FIRING
+from pipelines.alerts import AlertTracker
 from pipelines.evaluation.metrics import Counts, event_counts
 from pipelines.evaluation.multivariate import MultivariateSettings, fit_detector, load_entities, score_test
 

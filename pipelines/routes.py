@@ -18,7 +18,8 @@ import numpy as np
 from detector.engine import InferenceEngine
 from detector.windows import WindowBatch, WindowBuffer, accepted_events
 
-from .alerts import Alert, AlertTracker
+from .alert_message import Alert
+from .alerts import AlertTracker
 from .model_store import LoadedModel
 from .positions import WindowOffsets
 from .routing import RouteSpec

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
+from pipelines.alert_message import FIRING, RESOLVED, Alert
 from pipelines.alertmanager_http import AlertmanagerHTTP, RedirectRefused
-from pipelines.alerts import FIRING, RESOLVED, Alert
 from pipelines.kafka_io import KafkaDeliveryError, KafkaDeliveryPending, Producer
 
 ALERTNAME = "AnomalyDetected"

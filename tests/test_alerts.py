@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from pipelines.alerts import FIRING, RESOLVED, Alert, AlertTracker, alert_id
+from pipelines.alert_message import FIRING, RESOLVED, Alert, alert_id
+from pipelines.alerts import AlertTracker
 
 NAMES = [f"pump-{i}" for i in range(8)]
 FEATURES = ["temp", "pressure", "flow"]

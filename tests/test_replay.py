@@ -55,7 +55,7 @@ def test_a_reading_at_the_float32_limit_fires_an_alert_that_serialises(trained, 
     """3e38 passes decoding (finite float32) but overflows the model: the window scores the ceiling and the
     alert is strict JSON (the Kafka sink's ``to_json`` refuses NaN and infinities; it once stalled every commit)."""
     from detector.engine import SCORE_CEILING
-    from pipelines.alerts import Alert
+    from pipelines.alert_message import Alert
 
     store = ModelStore(tmp_path / "models")
     store.save("gru", trained["gru"])

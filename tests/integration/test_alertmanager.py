@@ -9,7 +9,8 @@ from datetime import datetime
 import numpy as np
 import pytest
 
-from pipelines.alerts import FIRING, RESOLVED, AlertTracker
+from pipelines.alert_message import FIRING, RESOLVED
+from pipelines.alerts import AlertTracker
 from pipelines.sinks import AlertmanagerSink, SinkError
 from tests.integration.alertmanager import AlertmanagerServer
 

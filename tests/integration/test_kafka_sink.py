@@ -10,7 +10,8 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.admin import ConfigResource, ConfigResourceType
 
-from pipelines.alerts import FIRING, RESOLVED, Alert, AlertTracker
+from pipelines.alert_message import FIRING, RESOLVED, Alert
+from pipelines.alerts import AlertTracker
 from pipelines.kafka_io import KafkaDeliveryError, make_producer
 from pipelines.kafka_local import create_topic
 from pipelines.sinks import KafkaAlertSink, SinkError
