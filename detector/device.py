@@ -18,7 +18,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> ``cuda`` when present, else ``cpu``; anything else is validated and returned."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # "Expected one of cpu, cuda, ... device type at start of device string: tpu"
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:<index> or mps, got {str(device)!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested but CUDA is not available on this machine")
     return dev

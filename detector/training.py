@@ -47,32 +47,70 @@ class TrainConfig:
 
 
 def load_series(path: str | Path) -> tuple[np.ndarray, list[str]]:
-    """Load (T, F) float32 training data from ``.npy`` or CSV with a header row.
+    """Load (T, F) float32 training data from ``.npy`` or CSV (UTF-8, with or without a BOM) with a header row.
 
-    CSV columns named ``timestamp``/``ts``/``time`` (any case) are skipped; the rest are the features.
+    CSV columns named ``timestamp``/``ts``/``time`` (any case) are skipped; the rest are the features, which must
+    have names, each once. Empty cells are missing values (NaN); infinities and rows whose cell count differs from
+    the header's are errors naming the file and line.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"training data file not found: {path}")
-    if path.suffix == ".npy":
+    if path.suffix.lower() == ".npy":
         X = np.load(path, allow_pickle=False)
         X = X.reshape(-1, 1) if X.ndim == 1 else X
+        if np.isinf(X).any():
+            raise ValueError(f"{path}: row {int(np.flatnonzero(np.isinf(X).any(axis=1))[0])} holds an infinity")
         return X.astype(np.float32), [f"f{i}" for i in range(X.shape[1])]
-    with path.open(newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path}: empty file (a header row of feature names, then data rows)")
-        keep = [i for i, h in enumerate(header) if h.strip().lower() not in ("timestamp", "ts", "time")]
-        rows = []
-        for lineno, row in enumerate(reader, start=2):
-            try:
-                rows.append([float(row[i]) if row[i].strip() else np.nan for i in keep])
-            except (ValueError, IndexError) as exc:
-                raise ValueError(f"{path}:{lineno}: cannot parse row {row!r}: {exc}") from None
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's BOM is not in a name
+            return _read_csv(path, csv.reader(fh))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start}); "
+                         "a .npy file needs the .npy suffix") from None
+
+
+def _read_csv(path: Path, reader) -> tuple[np.ndarray, list[str]]:
+    header = next(reader, None)
+    if header is None:
+        raise ValueError(f"{path}: empty file (a header row of feature names, then data rows)")
+    keep = [i for i, h in enumerate(header) if h.strip().lower() not in ("timestamp", "ts", "time")]
+    names = [header[i].strip() for i in keep]
+    if unnamed := [i + 1 for i in keep if not header[i].strip()]:
+        raise ValueError(f"{path}:1: column {unnamed[0]} has no name (a trailing comma?); the first row must name "
+                         "every column")
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"{path}:1: feature {twice[0]!r} is named twice in the header")
+    if all(_is_number(n) for n in names):
+        raise ValueError(f"{path}:1: the first row is numbers, not a header row of feature names")
+    rows, lines = [], []
+    for lineno, row in enumerate(reader, start=2):
+        if not row:
+            continue  # a blank line
+        if len(row) != len(header):
+            raise ValueError(f"{path}:{lineno}: {len(row)} cells, the header has {len(header)}")
+        try:
+            rows.append([float(row[i]) if row[i].strip() else np.nan for i in keep])
+        except ValueError as exc:
+            raise ValueError(f"{path}:{lineno}: cannot parse row {row!r}: {exc}") from None
+        lines.append(lineno)
     if not rows:
         raise ValueError(f"{path}: no data rows")
-    return np.asarray(rows, dtype=np.float32), [header[i].strip() for i in keep]
+    with np.errstate(over="ignore"):  # beyond float32: inf, reported below
+        X = np.asarray(rows, dtype=np.float32)
+    if np.isinf(X).any():  # inf, or beyond float32
+        lineno = lines[int(np.flatnonzero(np.isinf(X).any(axis=1))[0])]
+        raise ValueError(f"{path}:{lineno}: a value that is infinite or beyond float32 (leave a missing value's cell "
+                         "empty)")
+    return X, names
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _n_val(rows: int, window: int, val_fraction: float) -> int:

@@ -68,9 +68,13 @@ def _add_train(sub) -> None:
         "Train from CSV/NPY files (one series per file, e.g. one per stream) or from a Kafka topic time range, "
         "calibrate the threshold on the validation part, and write <models-dir>/<name>/<version>/."))
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", nargs="+", type=Path, help="CSV (header row; timestamp column skipped) or .npy files")
+    src.add_argument("--data", nargs="+", type=Path,
+                     help="CSV files (UTF-8; a header row naming each column once; a timestamp/ts/time column is "
+                          "skipped; empty cells are missing values; columns in any order, the first file's kept) "
+                          "or .npy files")
     src.add_argument("--kafka-topic", help="read training events from this topic")
-    p.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers (with --kafka-topic)")
+    p.add_argument("--bootstrap", default=None,
+                   help="Kafka bootstrap servers (with --kafka-topic and no --config; default 127.0.0.1:9092)")
     p.add_argument("-c", "--config", default=None,
                    help="with --kafka-topic: take the brokers and credentials from this daemon config's kafka section")
     p.add_argument("--from-ms", type=int, default=None,

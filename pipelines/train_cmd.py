@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from detector.device import resolve_device
 from detector.models import ModelConfig
 from detector.thresholds import make_threshold
 from detector.training import TrainConfig, enough_rows, load_series, train_detector
@@ -185,6 +186,10 @@ def _check_args(args) -> None:
             make_threshold(args.threshold, **_threshold_params(args))
         except ValueError as exc:
             problems.append(f"--risk: {exc}")
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:  # a name torch does not know was a traceback once training began
+        problems.append(f"--device: {exc}")
     if not 0 <= args.dropout < 1:
         problems.append(f"--dropout: must be in [0, 1), got {args.dropout}")
     if args.last_k is not None and not 1 <= args.last_k <= args.window:
@@ -192,10 +197,13 @@ def _check_args(args) -> None:
     if args.data:  # these select from a topic; a file is trained on whole, columns and rows
         streams = None if args.streams == "*" else args.streams
         given = [flag for flag, value in (("--features", args.features), ("--from-ms", args.from_ms),
-                                          ("--to-ms", args.to_ms), ("--streams", streams), ("--config", args.config))
+                                          ("--to-ms", args.to_ms), ("--streams", streams), ("--config", args.config),
+                                          ("--bootstrap", args.bootstrap))
                  if value is not None]
         if given:
             problems.append(f"{', '.join(given)}: only with --kafka-topic (--data trains on whole files)")
+    elif args.config and args.bootstrap is not None:  # it was ignored: the config's brokers were read
+        problems.append("--bootstrap: not with --config, whose kafka.bootstrap_servers (and credentials) are used")
     if not args.name or not is_plain_name(args.name):
         problems.append(f"--name: must be a plain directory name (as models.served[].name), got {args.name!r}")
     if problems:
@@ -208,16 +216,31 @@ def _check_args(args) -> None:
         raise ValueError(f"--models-dir: {args.models_dir} is not writable")
 
 
+def _load_data_files(paths: list[str], window: int) -> tuple[list[np.ndarray], list[str]]:
+    """The --data files' series, their columns in the first file's order (the same names in another order are
+    reordered); ValueError naming the file whose columns differ or that is too short to train on."""
+    series, names = [], None
+    for path in paths:
+        x, cols = load_series(path)
+        if names is None:
+            names = cols
+        elif cols != names:
+            if sorted(cols) != sorted(names):
+                raise ValueError(f"{path}: features {cols} are not those of {paths[0]}: {names}")
+            x = x[:, [cols.index(name) for name in names]]
+        if not enough_rows(len(x), window):
+            raise ValueError(f"{path}: {len(x)} rows, too few to train with window {window}")
+        series.append(x)
+    return series, names
+
+
 def train_command(args) -> int:
     _check_args(args)
     if args.data:
-        loaded = [load_series(p) for p in args.data]
-        series, names = [x for x, _ in loaded], loaded[0][1]
-        if any(n != names for _, n in loaded):
-            raise ValueError("all --data files must have the same feature columns")
+        series, names = _load_data_files(args.data, args.window)
     else:
         feats = args.features.split(",") if args.features else None
-        bootstrap, security, max_bytes = args.bootstrap, None, KafkaConfig.max_message_bytes
+        bootstrap, security, max_bytes = args.bootstrap or "127.0.0.1:9092", None, KafkaConfig.max_message_bytes
         if args.config:  # the daemon's brokers, credentials and message size limit
             kafka = load_config(args.config).kafka
             bootstrap, security = kafka.bootstrap_servers, kafka.security.client_settings()

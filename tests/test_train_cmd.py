@@ -67,6 +67,8 @@ def test_no_names_given_or_found_is_an_error_naming_the_option():
     (["--threshold", "spot", "--risk", "0.05"], "--risk: risk must be in (0, 1 - init_quantile = 0.02), got 0.05"),
     (["--features", "a", "--to-ms", "160"],
      "--features, --to-ms: only with --kafka-topic (--data trains on whole files)"),
+    (["--device", "tpu"], "--device: device must be auto, cpu, cuda, cuda:<index> or mps, got 'tpu'"),  # a traceback
+    (["--bootstrap", "k:9092"], "--bootstrap: only with --kafka-topic (--data trains on whole files)"),
 ])
 def test_arguments_that_would_train_nothing_or_write_elsewhere_are_refused_before_training(tmp_path, capsys, extra,
                                                                                              error):
@@ -78,6 +80,32 @@ def test_arguments_that_would_train_nothing_or_write_elsewhere_are_refused_befor
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == f"anomalyd: error: {error}"
     assert not (tmp_path / "escape").exists() and not (tmp_path / "models" / "m").exists()
+
+
+def test_bootstrap_beside_a_config_is_refused_not_ignored(tmp_path, capsys):
+    from pipelines.cli import main
+
+    argv = ["train", "--kafka-topic", "t", "-c", "deploy/config.example.yaml", "--bootstrap", "k:9092", "--name", "m",
+            "--models-dir", str(tmp_path)]
+    assert main(argv) == 2
+    assert "--bootstrap: not with --config, whose kafka.bootstrap_servers (and credentials) are used" in \
+        capsys.readouterr().err
+
+
+def test_data_files_with_the_same_columns_in_another_order_are_reordered_others_named(tmp_path):
+    from pipelines.train_cmd import _load_data_files
+
+    rows = "".join(f"{i},{i % 7},{i % 3}\n" for i in range(200))
+    (tmp_path / "a.csv").write_text("ts,temp,vib\n" + rows)
+    (tmp_path / "b.csv").write_text("ts,vib,temp\n" + rows)
+    series, names = _load_data_files([tmp_path / "a.csv", tmp_path / "b.csv"], 8)
+    assert names == ["temp", "vib"] and series[1][:, 0].tolist() == series[0][:, 1].tolist()
+    (tmp_path / "c.csv").write_text("ts,temp,flow\n" + rows)
+    with pytest.raises(ValueError, match=r"c.csv: features \['temp', 'flow'\] are not those of .*a.csv"):
+        _load_data_files([tmp_path / "a.csv", tmp_path / "c.csv"], 8)
+    (tmp_path / "d.csv").write_text("ts,temp,vib\n" + "".join(f"{i},1,2\n" for i in range(10)))
+    with pytest.raises(ValueError, match="d.csv: 10 rows, too few to train with window 8"):
+        _load_data_files([tmp_path / "a.csv", tmp_path / "d.csv"], 8)
 
 
 def test_a_models_dir_that_cannot_be_created_is_refused_before_training(tmp_path, capsys):

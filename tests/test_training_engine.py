@@ -79,6 +79,30 @@ def test_load_series_csv_and_npy(tmp_path):
         load_series(tmp_path / "bad.csv")
 
 
+@pytest.mark.parametrize("text,problem", [
+    ("timestamp,temp,temp\n1,1,2\n", "d.csv:1: feature 'temp' is named twice"),  # a model the daemon refuses
+    ("timestamp,temp,vib,\n1,1,2,\n", "d.csv:1: column 4 has no name"),
+    ("0,0.1,0.2\n1,0.3,0.4\n", "d.csv:1: the first row is numbers"),  # no header: a row taken for names
+    ("temp,vib\n1,2,3\n", "d.csv:2: 3 cells, the header has 2"),  # a cell silently dropped
+    ("temp,vib\n1,2\n\n3,1e39\n", "d.csv:4: a value that is infinite or beyond float32"),
+    ("temp,vib\n1,inf\n", "d.csv:2: a value that is infinite"),
+])
+def test_training_csv_problems_name_the_file_and_line(tmp_path, text, problem):
+    (tmp_path / "d.csv").write_text(text)
+    with pytest.raises(ValueError, match=problem):
+        load_series(tmp_path / "d.csv")
+
+
+def test_a_csv_with_a_bom_and_an_upper_case_npy_suffix_load(tmp_path):
+    """A spreadsheet's BOM was part of the first name ('\ufefftimestamp': the time column trained as a feature)."""
+    (tmp_path / "d.csv").write_bytes("timestamp,temp\n1,2\n".encode("utf-8-sig"))
+    X, names = load_series(tmp_path / "d.csv")
+    assert names == ["temp"] and X.tolist() == [[2.0]]
+    np.save(tmp_path / "d.npy", np.ones((4, 2), dtype=np.float32))
+    (tmp_path / "d.npy").rename(tmp_path / "D.NPY")
+    assert load_series(tmp_path / "D.NPY")[0].shape == (4, 2)
+
+
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(ValueError, match="need at least"):
         train_detector(np.zeros((20, 4), np.float32), CFG, FAST, log=None)
