@@ -32,6 +32,7 @@ from .httpserver import HealthServer
 from .intake import Intake
 from .kafka_io import KafkaDeliveryError, Producer, make_producer
 from .kafka_probe import KafkaProbe
+from .kafka_security import wait_for_a_broker
 from .metrics import Metrics
 from .model_store import LoadedModel
 from .poll_ahead import PollAhead
@@ -213,6 +214,9 @@ class Daemon(DeliveryStage):
                 stack.callback(server.stop)
                 self.http_port = server.port
             security = self.cfg.kafka.security.client_settings()
+            if k.client == "kafka-python" and not wait_for_a_broker(k.bootstrap_servers, self._stop):
+                log.info("stopped while waiting for Kafka at %s: nothing was consumed", k.bootstrap_servers)
+                return 0
             # Dead letters and alerts have a producer each: a flush reports the failures of every message of its
             # producer, so one shared producer let the scoring thread's alert flush take a dead letter's failure
             # (and the loop commit past it), or the loop's dead-letter flush take an alert's (and crash).

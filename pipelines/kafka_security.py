@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +20,7 @@ from typing import Any
 
 __all__ = ["CLIENTS", "PASSWORD_KEYS", "KafkaAuthenticationError", "KafkaBootstrapError", "client_security_config",
            "confluent_refusal", "describe_credentials", "kafka_python_bootstrap", "read_password_file",
-           "security_error"]
+           "security_error", "wait_for_a_broker"]
 
 CLIENTS = ("kafka-python", "confluent")
 
@@ -178,3 +181,37 @@ def read_password_file(path: str | Path) -> str:
     if not password:
         raise ValueError(f"password file {path} is empty")
     return password
+
+
+BOOTSTRAP_TIMEOUT_S = 30.0  # kafka-python's bootstrap_timeout_ms
+
+
+def wait_for_a_broker(bootstrap_servers: str, stop: threading.Event, timeout_s: float = BOOTSTRAP_TIMEOUT_S) -> bool:
+    """Wait until one of ``bootstrap_servers`` accepts a TCP connection, for at most ``timeout_s``: False when
+    ``stop`` is set first. kafka-python's constructors block in their bootstrap for up to 30 s, where a SIGTERM,
+    which only sets a flag, went unheard. Raises :class:`KafkaBootstrapError` when none accepts in time."""
+    addresses = [_host_port(s) for s in bootstrap_servers.split(",") if s.strip()]
+    deadline, last = time.monotonic() + timeout_s, None
+    while True:
+        for host, port in addresses:
+            try:
+                with socket.create_connection((host, port), timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                    return True
+            except OSError as exc:  # refused, unreachable, no such host
+                last = exc
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise KafkaBootstrapError(f"cannot connect to Kafka at {bootstrap_servers}: no broker accepted a "
+                                      f"connection within {timeout_s:g} s ({last})")
+        if stop.wait(min(0.5, left)):
+            return False
+
+
+def _host_port(server: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``host`` (port 9092), with or without a ``SCHEME://`` in front."""
+    server = server.strip().split("://", 1)[-1]
+    host, sep, port = server.rpartition(":")
+    if not sep or "]" in port:  # no port: the whole text is the host
+        host, port = server, "9092"
+    return host.strip("[]"), int(port)
+

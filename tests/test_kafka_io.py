@@ -79,6 +79,27 @@ def test_a_kafka_python_client_that_cannot_connect_raises_one_clear_error() -> N
     assert "ECONNREFUSED" in text or "refused" in text.lower(), text
 
 
+def test_waiting_for_a_broker_ends_on_a_connection_a_stop_or_the_deadline() -> None:
+    """Before kafka-python's bootstrap (which no signal interrupts): a SIGTERM (the stop flag) ends the wait."""
+    import threading
+
+    from pipelines.kafka_local import free_port
+    from pipelines.kafka_security import KafkaBootstrapError, _host_port, wait_for_a_broker
+
+    closed = f"127.0.0.1:{free_port()}"
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    assert wait_for_a_broker(closed, stop, timeout_s=120) is False  # stopped, not the deadline (an error)
+    with pytest.raises(KafkaBootstrapError, match=f"cannot connect to Kafka at {closed}: no broker accepted"):
+        wait_for_a_broker(closed, threading.Event(), timeout_s=0.2)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert wait_for_a_broker(f"{closed}, 127.0.0.1:{port}", threading.Event(), timeout_s=120) is True
+    assert _host_port("SASL_SSL://[::1]:9093") == ("::1", 9093) and _host_port("kafka") == ("kafka", 9092)
+
+
 def test_messages_not_acknowledged_in_time_are_pending_and_kept_for_the_next_flush() -> None:
     """Nothing listens: three messages still queued after the flush are "3 of 3" pending (not one error line
     counted as one message), not failed; the next flush waits for them again with the one produced since."""
@@ -96,3 +117,26 @@ def test_messages_not_acknowledged_in_time_are_pending_and_kept_for_the_next_flu
             producer.flush(0.5)
     finally:
         producer.close(0.1)
+
+
+def test_a_daemon_stopped_while_kafka_python_waits_for_the_brokers_exits_0(trained, tmp_path) -> None:
+    """SIGTERM (here the stop event it sets) while no broker answers: kafka-python's bootstrap held the daemon
+    for 30 s, then it exited 1 with a connection error; now it stops at once, 0 (nothing was consumed)."""
+    import threading
+
+    import yaml
+
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+    from pipelines.kafka_local import free_port
+    from pipelines.model_store import ModelStore
+
+    ModelStore(tmp_path / "models").save("gru", trained["gru"])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [], "default_models": ["gru"], "http": {"port": 0},
+           "kafka": {"topics": ["t"], "client": "kafka-python", "bootstrap_servers": f"127.0.0.1:{free_port()}"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    stop = threading.Event()
+    daemon = Daemon(load_config(tmp_path / "c.yaml"), stop_event=stop)
+    threading.Timer(0.3, stop.set).start()
+    assert daemon.run() == 0
