@@ -129,7 +129,7 @@ def _add_replay(sub) -> None:
         "Each input line is one message value (JSON); the files are read in order as one topic partition. Alerts "
         "are printed as JSON lines on stdout, rejected lines with their reason and a count per outcome on stderr; "
         "a message without ts takes the start time plus its line number (ms). Exit code 1 when no line was "
-        "taken (all rejected or unrouted)."))
+        "taken (none at all, or all rejected or unrouted)."))
     p.add_argument("-c", "--config", required=True)
     p.add_argument("inputs", nargs="+", type=Path, help="JSON-lines files of messages")
     p.set_defaults(func=_cmd_replay)

@@ -277,7 +277,8 @@ def check_model_files(cfg: Config) -> None:
     pinned version directory, or (version null = newest) in at least one version directory."""
     root = Path(cfg.models.dir)
     if not root.is_dir():
-        raise ConfigError([f"{cfg.where('models.dir')}: models.dir: model directory {root} does not exist"])
+        why = "is not a directory" if root.exists() else "does not exist"
+        raise ConfigError([f"{cfg.where('models.dir')}: models.dir: model directory {root} {why}"])
     errors = []
     for i, m in enumerate(cfg.models.served):
         key = f"models.served[{i}]"

@@ -76,7 +76,9 @@ class HealthServer:
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"anomalyd-http-{self.port}", daemon=True)
         self._thread.start()
-        log.info("HTTP server listening on %s (/metrics, /healthz, /readyz)", self.url)
+        everywhere = self.bind in ("0.0.0.0", "::", "")  # the URL is then this host's loopback address
+        log.info("HTTP server listening on %s (/metrics, /healthz, /readyz)%s", self.url,
+                 f"; bound to {self.bind or '0.0.0.0'}, all interfaces" if everywhere else "")
         return self
 
     def stop(self) -> None:

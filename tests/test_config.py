@@ -389,6 +389,9 @@ def test_check_model_files_missing_dir(tmp_path):
     cfg = Config.from_dict({"models": {"dir": str(tmp_path / "none")}})
     with pytest.raises(ConfigError, match=r"models\.dir: model directory .*none does not exist"):
         check_model_files(cfg)
+    (tmp_path / "none").write_text("")
+    with pytest.raises(ConfigError, match=r"models\.dir: model directory .*none is not a directory"):
+        check_model_files(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import threading
 import urllib.error
@@ -157,3 +158,15 @@ def test_bind_errors_are_one_line_naming_the_address() -> None:
     with pytest.raises(BindError) as foreign:
         HealthServer(CollectorRegistry(), bind="192.0.2.1", port=0).start()  # TEST-NET-1: never local
     assert (foreign.value.bind, foreign.value.port) == ("192.0.2.1", 0) and foreign.value.errno == errno.EADDRNOTAVAIL
+
+
+def test_the_start_log_names_the_bound_address_when_it_is_all_interfaces(caplog: pytest.LogCaptureFixture) -> None:
+    """Bound to 0.0.0.0 the log said only http://127.0.0.1:PORT, as if reachable from this host alone."""
+    with caplog.at_level(logging.INFO, logger="pipelines.httpserver"):
+        with HealthServer(CollectorRegistry(), bind="0.0.0.0", port=0) as srv:
+            port = srv.port
+        with HealthServer(CollectorRegistry(), bind="127.0.0.1", port=0) as srv:
+            local = srv.port
+    assert f"listening on http://127.0.0.1:{port} (/metrics, /healthz, /readyz); bound to 0.0.0.0, all interfaces" \
+        in caplog.text
+    assert f"listening on http://127.0.0.1:{local} (/metrics, /healthz, /readyz)\n" in caplog.text + "\n"

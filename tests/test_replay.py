@@ -36,6 +36,7 @@ def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys, 
     assert 1_700_000_000_000 + 300_000 <= firing[0]["started_at"] <= 1_700_000_000_000 + 340_000
     assert firing[0]["top_features"][0]["feature"] == "s2"
     assert '"anomalyd-error-reason": "bad_json"' in err
+    assert f'"input": "{tmp_path / "in.jsonl"}:11"' in err  # the file and line, not only the offset (10)
     # the same stream over two files, without ts: one stream, in order (each file was its own topic, and its
     # events "moved partition"; every message without ts took one and the same time)
     half = [json.dumps({"stream": "pump-2", "values": dict(zip(trained["gru"].feature_names, row.tolist(),
@@ -47,8 +48,12 @@ def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "another partition" not in caplog.text
     assert "replayed 80 messages, 0 alerts; scored 49, warming 31, late 0, unrouted 0, dead_lettered 0" in err
-    (tmp_path / "bad.jsonl").write_text("{broken\n[1, 2]\n")
+    (tmp_path / "bad.jsonl").write_text("{broken\n\n[1, 2]\n")
+    assert replay_files(tmp_path / "c.yaml", [tmp_path / "a.jsonl", tmp_path / "bad.jsonl"]) == 0
+    assert f'"input": "{tmp_path / "bad.jsonl"}:3"' in capsys.readouterr().err  # blank lines counted, files apart
     assert replay_files(tmp_path / "c.yaml", [tmp_path / "bad.jsonl"]) == 1  # nothing taken
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert replay_files(tmp_path / "c.yaml", [tmp_path / "empty.jsonl"]) == 1  # nothing at all: a wrong file?
 
 
 def test_a_reading_at_the_float32_limit_fires_an_alert_that_serialises(trained, tmp_path, capsys):
