@@ -120,6 +120,10 @@ def apply_env(raw: dict, env: Mapping[str, str], prefix: str, root: type, ctx: C
         parts = name[len(prefix):].lower().split("__")
         if name.upper().startswith(prefix) and (len(parts) > 1 or parts[0] in top):
             items.append((len(parts), name, parts, text))  # e.g. not ANOMALYD_CONFIG, ANOMALYD_CACHE
+        elif name.upper().startswith(prefix) and (key := _single_underscore_key(parts[0], root, top)):
+            ctx.env_keys[key] = name  # ANOMALYD_KAFKA_GROUP_ID: a typo that was silently not read
+            ctx.err(key, f"not read: a section and its key are separated by two underscores "
+                         f"({prefix}{key.replace('.', '__').upper()})")
     for _, name, parts, text in sorted(items):
         node, key = raw, ""
         for part in parts[:-1]:
@@ -130,6 +134,18 @@ def apply_env(raw: dict, env: Mapping[str, str], prefix: str, root: type, ctx: C
         key = join_key(key, parts[-1])
         node[parts[-1]] = _parse_env_value(text)
         ctx.env_keys[key], ctx.env_raw[key] = name, text
+
+
+def _single_underscore_key(name: str, root: type, top: set[str]) -> str | None:
+    """The dotted key that ``section_key`` (one underscore, not two) names in ``root``, else None (other variables
+    with the prefix, such as ANOMALYD_KAFKA_PORT, are someone else's)."""
+    hints = get_type_hints(root)
+    for section in top:
+        rest = name[len(section) + 1:]
+        if name.startswith(section + "_") and dataclasses.is_dataclass(hints.get(section)):
+            if rest in {f.name for f in dataclasses.fields(hints[section]) if not internal(f)}:
+                return join_key(section, rest)
+    return None
 
 
 def _required(f: dataclasses.Field) -> bool:
