@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .config import Config, ConfigError, load_config
+from .kafka_io import LIBRDKAFKA_LOG
 from .kafka_security import (
     KafkaAuthenticationError,
     KafkaBootstrapError,
@@ -55,7 +56,7 @@ def topic_partitions(client: str, bootstrap_servers: str, security: Mapping[str,
             refused.append(refusal)
 
     consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "anomalyd-check", "error_cb": on_error,
-                         **client_security_config("confluent", security)})
+                         "logger": LIBRDKAFKA_LOG, **client_security_config("confluent", security)})
     deadline = time.monotonic() + timeout_s
     try:
         while True:

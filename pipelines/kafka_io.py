@@ -10,6 +10,8 @@ extra).  :func:`make_producer` builds either from the config's ``kafka.client`` 
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -43,6 +45,36 @@ class _ClosedTransportIOFilter(logging.Filter):
 
 
 logging.getLogger("kafka.net.transport").addFilter(_ClosedTransportIOFilter())  # once, at import
+
+
+class _RepeatFilter(logging.Filter):
+    """Lets a message through once per ``window_s``, its numbers aside: librdkafka logs a refused connection to
+    each broker every reconnect (about 20 lines a second with the brokers away). The next one after the window
+    says how many were left out."""
+
+    def __init__(self, window_s: float = 30.0) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._seen: dict[str, tuple[float, int]] = {}  # message, digits masked -> (time let through, left out)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key, now = re.sub(r"\d+", "#", record.getMessage()), time.monotonic()
+        shown, left_out = self._seen.get(key, (-math.inf, 0))
+        if now - shown < self.window_s:
+            self._seen[key] = (shown, left_out + 1)
+            return False
+        if len(self._seen) > 1000:  # bounded: messages differ by more than their numbers
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if left_out:
+            record.msg = f"{record.getMessage()} (and {left_out} like it in the last {self.window_s:g} s)"
+            record.args = ()
+        return True
+
+
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+"""confluent-kafka clients log here (``"logger"`` in their config), not to stderr: JSON with --log-format json."""
+LIBRDKAFKA_LOG.addFilter(_RepeatFilter())
 
 
 class KafkaDeliveryError(RuntimeError):
@@ -192,7 +224,8 @@ class ConfluentProducer:
     def __init__(self, bootstrap_servers: str, **client_config: Any):
         from confluent_kafka import Producer as _Producer
 
-        config: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, "acks": "all", "linger.ms": 5}
+        config: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, "acks": "all", "linger.ms": 5,
+                                  "logger": LIBRDKAFKA_LOG}
         config.update(client_config)
         self._producer = _Producer(config)
         self._errors: list[str] = []

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .kafka_io import LIBRDKAFKA_LOG
 from .kafka_security import client_security_config, confluent_refusal
 from .source import (
     FETCH_MAX_WAIT_MS,
@@ -61,7 +62,7 @@ class ConfluentSource:
             "max.partition.fetch.bytes": max_partition_fetch_bytes, "fetch.min.bytes": fetch_min_bytes,
             "fetch.wait.max.ms": fetch_max_wait_ms, "topic.metadata.refresh.interval.ms": metadata_max_age_ms,
             "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS, "error_cb": self._on_error,
-            "on_commit": self._on_commit,
+            "on_commit": self._on_commit, "logger": LIBRDKAFKA_LOG,
             **client_security_config("confluent", security), **extra,
         }
         self._consumer = Consumer(conf)

@@ -140,3 +140,43 @@ def test_a_daemon_stopped_while_kafka_python_waits_for_the_brokers_exits_0(train
     daemon = Daemon(load_config(tmp_path / "c.yaml"), stop_event=stop)
     threading.Timer(0.3, stop.set).start()
     assert daemon.run() == 0
+
+
+def test_librdkafka_logs_through_python_logging_once_per_window(caplog: pytest.LogCaptureFixture, capfd) -> None:
+    """confluent-kafka's clients wrote librdkafka's lines to stderr themselves (not JSON under --log-format json),
+    a refused connection about 20 times a second; now they go to the "librdkafka" logger, repeats held back."""
+    import time
+
+    from confluent_kafka import Consumer
+
+    from pipelines.kafka_io import LIBRDKAFKA_LOG
+    from pipelines.kafka_local import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    consumer = Consumer({"bootstrap.servers": address, "group.id": "g", "logger": LIBRDKAFKA_LOG,
+                         "reconnect.backoff.ms": 10, "reconnect.backoff.max.ms": 10})
+    consumer.subscribe(["t"])
+    with caplog.at_level(logging.INFO, logger="librdkafka"):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(address in r.getMessage() for r in caplog.records):
+            consumer.poll(0.1)
+        for _ in range(20):  # a second more of reconnects, every 10 ms
+            consumer.poll(0.05)
+    consumer.close()
+    refused = [r for r in caplog.records if r.name == "librdkafka" and address in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelno == logging.ERROR  # the first; its repeats held back
+    assert "%3|" not in capfd.readouterr().err
+
+
+def test_the_repeat_filter_counts_what_it_held_back() -> None:
+    from pipelines.kafka_io import _RepeatFilter
+
+    f = _RepeatFilter(window_s=0.0)  # every message is due again at once: the count is of none left out
+    held = _RepeatFilter(window_s=3600.0)
+    records = [logging.LogRecord("librdkafka", logging.ERROR, "", 0, "refused after %dms", (n,), None)
+               for n in range(3)]
+    assert [held.filter(r) for r in records] == [True, False, False]
+    assert all(f.filter(r) for r in records) and records[0].getMessage() == "refused after 0ms"
+    held.window_s = 0.0
+    late = logging.LogRecord("librdkafka", logging.ERROR, "", 0, "refused after %dms", (7,), None)
+    assert held.filter(late) and late.getMessage() == "refused after 7ms (and 2 like it in the last 0 s)"
