@@ -67,6 +67,18 @@ def test_load_corpus_maps_windows_to_rows(nab_dir: Path) -> None:
     assert one.rows_per_day() == 288  # 5-minute grid
 
 
+@pytest.mark.parametrize("bad", ["nan", "", "x"])
+def test_a_value_that_is_not_a_finite_number_is_an_error_naming_the_file_and_line(nab_dir: Path, bad: str) -> None:
+    """One NaN in a file made every later score NaN: the file then scored as a silent detector (half the corpus
+    score gone, exit 0)."""
+    path = nab_dir / "data" / "synA" / "two.csv"
+    lines = path.read_text().splitlines()
+    lines[5] = lines[5].split(",")[0] + "," + bad
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=f"two.csv:6: value must be a finite number, got \\['{bad}'\\]"):
+        load_corpus(nab_dir)
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "gru", "lstm"])
 def test_streaming_detector_is_causal(kind: str) -> None:
     x = _series(400, 300, 0)

@@ -108,9 +108,16 @@ def _read_series(path: Path) -> tuple[list[str], np.ndarray]:
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["timestamp", "value"]:
             raise ValueError(f"{path}: expected header 'timestamp,value', got {header}")
-        rows = [r for r in reader if r]
-    timestamps = [r[0] for r in rows]
-    values = np.array([float(r[1]) for r in rows], dtype=np.float64)
+        rows = [(lineno, r) for lineno, r in enumerate(reader, start=2) if r]
+    timestamps, values = [], np.empty(len(rows), dtype=np.float64)
+    for i, (lineno, r) in enumerate(rows):
+        try:
+            values[i] = float(r[1])
+        except (ValueError, IndexError):
+            values[i] = np.nan
+        if not np.isfinite(values[i]):  # one NaN made every later score NaN: the file scored as if silent
+            raise ValueError(f"{path}:{lineno}: value must be a finite number, got {r[1:2] or r}")
+        timestamps.append(r[0])
     return timestamps, values
 
 
