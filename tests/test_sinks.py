@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.alerts import FIRING, RESOLVED, Alert
+from pipelines.alert_message import FIRING, RESOLVED, Alert
 from pipelines.config import Config
 from pipelines.kafka_io import ConfluentProducer, client_security_config, make_producer
 from pipelines.sinks import (
+    MAX_FLUSH_BACKOFF_S,
     AlertmanagerSink,
     FanoutSink,
     KafkaAlertSink,
@@ -88,6 +89,40 @@ def recorder() -> Iterator[Recorder]:
     yield rec
     rec.server.shutdown()
     rec.server.server_close()
+
+
+EPS = 2.0**-10  # a step of the fake clock, exact in binary like every time these tests set
+
+
+class Clock:
+    """The ``time`` module as pipelines.sinks sees it: ``monotonic``/``perf_counter`` return ``now``, which only the
+    test moves (and ``sleep``, so a retry's backoff takes no real time); ``time`` is the wall clock moved as much."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._wall = time.time() - self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    perf_counter = monotonic
+
+    def time(self) -> float:
+        return self._wall + self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """Replace the clock of pipelines.sinks (its only time source: ``import time``) with a :class:`Clock`."""
+    fake = Clock()
+    monkeypatch.setattr("pipelines.sinks.time", fake)
+    return fake
 
 
 def closed_port() -> int:
@@ -165,27 +200,41 @@ def test_alertmanager_keeps_alerts_after_failure_and_delivers_later(recorder: Re
     assert len(recorder.posts) == 4 and recorder.posts[3][1][0]["annotations"]["alert_id"] == "a1b2"
 
 
-def test_alertmanager_failed_flushes_back_off_without_requests(recorder: Recorder) -> None:
+def test_alertmanager_failed_flushes_back_off_without_requests(recorder: Recorder, clock: Clock) -> None:
     recorder.script = [(401, "unauthorized")] * 3
-    sink = AlertmanagerSink(recorder.url, backoff_s=0.3)
+    sink = AlertmanagerSink(recorder.url, backoff_s=0.25)
     sink.add([make_alert()])
     with pytest.raises(SinkError, match="HTTP 401: unauthorized"):
         sink.flush(5.0)
+    failed = clock.now
     for _ in range(20):  # the loop flushes every few milliseconds: no request until the backoff has passed
-        with pytest.raises(SinkError, match=r"1 alerts waiting, next attempt in 0\.[0-3] s; last error: .*HTTP 401"):
+        clock.advance(0.01)
+        with pytest.raises(SinkError, match=r"1 alerts waiting, next attempt in 0\.[0-2] s; last error: .*HTTP 401"):
             sink.flush(5.0)
+    clock.now = failed + 0.25 - EPS
+    with pytest.raises(SinkError, match=r"next attempt in 0\.0 s"):
+        sink.flush(5.0)
     assert len(recorder.posts) == 1
-    time.sleep(0.31)
+    clock.now = failed + 0.25  # backoff_s has passed
     with pytest.raises(SinkError, match="HTTP 401"):
         sink.flush(5.0)
     assert len(recorder.posts) == 2
-    with pytest.raises(SinkError, match=r"next attempt in 0\.[3-6] s"):  # doubled
+    failed = clock.now
+    with pytest.raises(SinkError, match=r"next attempt in 0\.5 s"):  # doubled
         sink.flush(5.0)
-    time.sleep(0.61)
+    clock.now = failed + 0.5 - EPS
+    with pytest.raises(SinkError, match=r"1 alerts waiting, next attempt in 0\.0 s"):
+        sink.flush(5.0)
+    clock.now = failed + 0.5
     sink.add([make_alert(id="next")])
     with pytest.raises(SinkError, match="HTTP 401"):
         sink.flush(5.0)
-    time.sleep(1.21)
+    failed = clock.now
+    clock.now = failed + 1.0 - EPS  # doubled again
+    with pytest.raises(SinkError, match=r"2 alerts waiting, next attempt in 0\.0 s"):
+        sink.flush(5.0)
+    assert len(recorder.posts) == 3
+    clock.now = failed + 1.0
     sink.flush(5.0)  # accepted: the backoff starts again from backoff_s
     assert [len(body) for _, body in recorder.posts] == [1, 1, 2, 2]
     sink.add([make_alert(id="third")])
@@ -195,6 +244,8 @@ def test_alertmanager_failed_flushes_back_off_without_requests(recorder: Recorde
     sink.add([make_alert(id="fourth")])
     with pytest.raises(SinkError, match="HTTP 401"):
         sink.flush(5.0)
+    with pytest.raises(SinkError, match=r"next attempt in 0\.2 s"):  # backoff_s again, not doubled from before
+        sink.flush(5.0)
     FanoutSink([sink]).retry_now()  # the shutdown's last flush: at once, whatever the backoff
     sink.flush(5.0)
     assert len(recorder.posts) == 7
@@ -203,7 +254,9 @@ def test_alertmanager_failed_flushes_back_off_without_requests(recorder: Recorde
     sink.add([make_alert(id="fifth")])
     with pytest.raises(SinkError, match="HTTP 300"):
         sink.flush(5.0)
-    assert len(recorder.posts) == 8 and not sink.flush_due(time.monotonic())  # backing off, 30 s
+    assert len(recorder.posts) == 8
+    assert not sink.flush_due(clock.now + MAX_FLUSH_BACKOFF_S - EPS)  # backing off, 30 s
+    assert sink.flush_due(clock.now + MAX_FLUSH_BACKOFF_S)
 
 
 def test_alertmanager_refuses_a_redirect_instead_of_following_it_with_a_get(recorder: Recorder) -> None:
@@ -266,27 +319,29 @@ def test_alertmanager_posts_an_alert_whose_event_time_is_beyond_year_9999(record
     assert recorder.posts[0][1][0]["startsAt"] == "9999-12-31T23:59:59.999Z"
 
 
-def test_alertmanager_asks_for_a_flush_when_open_incidents_are_due_for_their_re_post(recorder: Recorder) -> None:
-    sink = AlertmanagerSink(recorder.url, resend_interval_s=0.2, backoff_s=0.2)
-    now = time.monotonic
-    assert not sink.flush_due(now())  # nothing open
+def test_alertmanager_asks_for_a_flush_when_open_incidents_are_due_for_their_re_post(recorder: Recorder,
+                                                                                       clock: Clock) -> None:
+    sink = AlertmanagerSink(recorder.url, resend_interval_s=0.25, backoff_s=0.25)
+    assert not sink.flush_due(clock.now)  # nothing open
     sink.add([make_alert()])
-    assert sink.flush_due(now())  # queued
+    assert sink.flush_due(clock.now)  # queued
     sink.flush(5.0)
-    assert not sink.flush_due(now())
-    time.sleep(0.21)
-    assert sink.flush_due(now()) and FanoutSink([LogSink(io.StringIO()), sink]).flush_due(now())
+    posted = clock.now
+    assert not sink.flush_due(posted) and not sink.flush_due(posted + 0.25 - EPS)
+    clock.now = posted + 0.25
+    assert sink.flush_due(clock.now) and FanoutSink([LogSink(io.StringIO()), sink]).flush_due(clock.now)
     recorder.script = [(400, "no")]
     with pytest.raises(SinkError):
         sink.flush(5.0)
-    assert not sink.flush_due(now())  # backing off
-    time.sleep(0.21)
-    assert sink.flush_due(now())
+    assert not sink.flush_due(clock.now) and not sink.flush_due(clock.now + 0.25 - EPS)  # backing off
+    clock.advance(0.25)
+    assert sink.flush_due(clock.now)
     sink.flush(5.0)
+    assert len(recorder.posts) == 3
     sink.add([make_alert(RESOLVED, ended_at=1_700_000_060_000)])
     sink.flush(5.0)
-    time.sleep(0.21)
-    assert not sink.flush_due(now())  # resolved: nothing to re-post
+    clock.advance(60.0)
+    assert not sink.flush_due(clock.now)  # resolved: nothing to re-post
 
 
 def test_alertmanager_rejects_bad_label_names() -> None:

@@ -224,18 +224,41 @@ def test_alertmanager_receives_firing_then_resolved_from_the_daemon(kafka_bootst
     producer = threading.Thread(target=lambda: holder.update(r=produce_with_anomalies(
         kafka_bootstrap, topic_name, 200, ("level_shift",), rate=200.0)))
     producer.start()
-    seen_active = set()
-    while producer.is_alive():
-        for a in alertmanager.alerts():
-            if a["labels"].get("test_run") == run and a["status"]["state"] == "active":
-                seen_active.add(a["annotations"]["alert_id"])
-        time.sleep(0.1)
-    n = holder["r"][1]
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and committed_offsets(kafka_bootstrap, f"g-{topic_name}", topic_name) != {0: n}:
-        time.sleep(0.3)
-    daemon.request_stop()
-    runner.join(timeout=30)
+    seen_active: set[str] = set()
+    poll_errors: list[Exception] = []
+    done = threading.Event()
+
+    def watch_alertmanager() -> None:
+        """Alertmanager's active alerts of this run, until the daemon has committed every event: it may post the
+        firing alert (and resolve it) well after production ended, when it is behind."""
+        while not done.is_set():
+            try:
+                for a in alertmanager.alerts():
+                    if a["labels"].get("test_run") == run and a["status"]["state"] == "active":
+                        seen_active.add(a["annotations"]["alert_id"])
+            except OSError as exc:
+                poll_errors.append(exc)
+                return
+            done.wait(0.1)
+
+    watcher = threading.Thread(target=watch_alertmanager, daemon=True)
+    watcher.start()
+    try:
+        producer.join(timeout=120)
+        assert not producer.is_alive(), "production did not end"
+        n = holder["r"][1]
+        deadline = time.monotonic() + 120  # every alert is posted before its events' offsets are committed
+        while time.monotonic() < deadline and committed_offsets(kafka_bootstrap, f"g-{topic_name}",
+                                                                topic_name) != {0: n}:
+            assert watcher.is_alive(), poll_errors
+            time.sleep(0.3)
+    finally:
+        done.set()
+        watcher.join(timeout=30)
+        daemon.request_stop()
+        runner.join(timeout=30)
+    assert not poll_errors, poll_errors
+    assert committed_offsets(kafka_bootstrap, f"g-{topic_name}", topic_name) == {0: n}
     alerts = read_alerts(kafka_bootstrap, f"{topic_name}-alerts")
     firing = [a["id"] for a in alerts if a["status"] == "firing" and a["stream"] == holder["r"][0][0]["stream"]]
     resolved = [a["id"] for a in alerts if a["status"] == "resolved"]
@@ -251,7 +274,7 @@ def test_an_open_incident_stays_active_in_alertmanager_while_the_topic_is_quiet(
     """A firing alert's endsAt is 4 re-post intervals ahead and the re-posts came only with a flush, which a quiet
     topic did not bring: Alertmanager resolved the incident while the daemon held it open (and it fired again
     when data came back). The daemon now flushes the sinks for their re-posts."""
-    from datetime import datetime
+    from datetime import UTC, datetime, timedelta
 
     models_dir, names = models
     create_topic(kafka_bootstrap, topic_name, partitions=1)
@@ -275,10 +298,17 @@ def test_an_open_incident_stays_active_in_alertmanager_while_the_topic_is_quiet(
             assert runner.is_alive() and time.monotonic() < deadline, "no alert reached Alertmanager"
             time.sleep(0.2)
         first_end = datetime.fromisoformat(ours()[0]["endsAt"])
-        time.sleep(8)  # twice the endsAt margin, the topic quiet
-        held = ours()
-        assert [a["status"]["state"] for a in held] == ["active"], alertmanager.log_tail()
-        assert (datetime.fromisoformat(held[0]["endsAt"]) - first_end).total_seconds() >= 5  # re-posted
+        # the topic quiet: active at every look, past twice the endsAt margin (without a re-post it would resolve
+        # at first_end), until a re-post has moved endsAt on by 5 s
+        deadline = time.monotonic() + 60
+        while True:
+            held = ours()
+            assert [a["status"]["state"] for a in held] == ["active"], alertmanager.log_tail()
+            moved = (datetime.fromisoformat(held[0]["endsAt"]) - first_end).total_seconds()
+            if moved >= 5 and datetime.now(UTC) >= first_end + timedelta(seconds=4):
+                break
+            assert runner.is_alive() and time.monotonic() < deadline, f"endsAt moved {moved} s, not re-posted"
+            time.sleep(0.2)
     finally:
         daemon.request_stop()
         runner.join(timeout=30)

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -83,6 +84,10 @@ def _events(base: str, topic: str, outcome: str) -> float:
                if lab["topic"] == topic and lab["outcome"] == outcome)
 
 
+def _scored_at_least(base: str, topic: str, n: float) -> bool:
+    return _events(base, topic, "scored") >= n
+
+
 def _produce(bootstrap: str, topic: str, first_step: int, t0_ms: int) -> int:
     """STEPS clean steps of every stream from ``first_step`` (event times keep increasing across calls)."""
     f = fleet()
@@ -119,15 +124,23 @@ def test_sighup_reloads_models_and_sigterm_then_exits_zero(kafka_bootstrap: str,
         _until("/readyz 200", lambda: _get(f"{base}/readyz")[0] == 200, proc, log)
         assert _served_version(base, names[0]) == old_version
 
-        t0 = int(time.time() * 1000) - (HISTORY + 2 * STEPS) * INTERVAL_MS  # the second batch ends about now
+        t0 = int(time.time() * 1000) - (HISTORY + 4 * STEPS) * INTERVAL_MS  # the fourth batch ends about now
         n = _produce(kafka_bootstrap, topic_name, HISTORY, t0)
         warm = N_STREAMS * (WINDOW - 1)
         _until("first batch scored", lambda: _events(base, topic_name, "scored") >= n - warm, proc, log)
 
         new_version = store.save(names[0], store.load(names[0]).detector).name
         assert new_version != old_version and store.resolve(names[0]) == new_version
-        time.sleep(0.5)
-        assert _served_version(base, names[0]) == old_version  # nothing but SIGHUP may pick it up
+        # Nothing but SIGHUP may pick it up. The loop looks for new versions (if watch_interval_s has passed) at the
+        # end of each iteration, and reloads right there. The iteration that polled the second batch's last events
+        # ended with such a look, after the save; the third batch, produced once the second is scored, is polled
+        # in a later iteration: once it is scored, a reload that look made would be served already.
+        for first_step in (HISTORY + STEPS, HISTORY + 2 * STEPS):
+            scored = _events(base, topic_name, "scored")
+            want = scored + _produce(kafka_bootstrap, topic_name, first_step, t0)
+            _until(f"batch from step {first_step} scored", partial(_scored_at_least, base, topic_name, want), proc,
+                   log)
+        assert _served_version(base, names[0]) == old_version
         proc.send_signal(signal.SIGHUP)
         _until(f"model_info version {new_version}", lambda: _served_version(base, names[0]) == new_version,
                proc, log, 60)
@@ -137,8 +150,8 @@ def test_sighup_reloads_models_and_sigterm_then_exits_zero(kafka_bootstrap: str,
         assert proc.poll() is None, log.read_text()  # SIGHUP did not stop it ...
 
         before = _events(base, topic_name, "scored")
-        n2 = _produce(kafka_bootstrap, topic_name, HISTORY + STEPS, t0)  # ... it keeps consuming and scoring
-        _until("second batch scored", lambda: _events(base, topic_name, "scored") >= before + n2, proc, log)
+        n2 = _produce(kafka_bootstrap, topic_name, HISTORY + 3 * STEPS, t0)  # ... it keeps consuming and scoring
+        _until("fourth batch scored", lambda: _events(base, topic_name, "scored") >= before + n2, proc, log)
         assert _events(base, topic_name, "scored") == before + n2  # windows were full: every event scored once
         assert _served_version(base, names[0]) == new_version
 
