@@ -11,7 +11,7 @@ import logging
 from detector.checkpoint import META_FILE, WEIGHTS_FILE
 from detector.engine import InferenceEngine
 
-from .config import Config
+from .config import Config, ConfigError
 from .metrics import Metrics
 from .model_store import LoadedModel, ModelStore
 from .routes import RouteState
@@ -33,6 +33,8 @@ class ServedModels:
         self.loaded: dict[str, LoadedModel] = {}
         self.routes: list[RouteState] = []
         self._refused: dict = {}  # _fingerprint of the versions a reload failed on: not read again until it changes
+        if not self.router.routes:
+            log.warning("no routes and no default_models: every event is counted unrouted, nothing is scored")
 
     def read(self, fallback: bool = False) -> dict[str, LoadedModel]:
         """The served models, loaded and checked against their routes; raises before anything is swapped.
@@ -40,8 +42,14 @@ class ServedModels:
         dev = str(self.engine.device)
         loaded = {s.name: self.store.load(s.name, s.version, device=dev, fallback=fallback)
                   for s in self.cfg.models.served}
+        stride = self.cfg.processing.stride
         for spec in self.router.routes:
-            RouteState.check_models([loaded[name] for name in spec.models], spec.label, self.cfg.processing.stride)
+            models = [loaded[name] for name in spec.models]
+            RouteState.check_models(models, spec.label)
+            if stride > models[0].detector.window:  # as RouteState's own check, naming the key and what set it
+                raise ConfigError([f"{self.cfg.where('processing.stride')}: processing.stride: {stride} is larger "
+                                   f"than the window ({models[0].detector.window}) of route {spec.label!r}: the "
+                                   "events between two scored windows would be in none; use at most the window"])
         return loaded
 
     def newer(self, forced: bool) -> dict[str, LoadedModel] | None:

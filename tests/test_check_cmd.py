@@ -70,10 +70,19 @@ def test_a_stride_longer_than_the_window_is_refused_naming_the_route(tmp_path, t
     path = _config(tmp_path, trained)
     monkeypatch.setenv("ANOMALYD_PROCESSING__STRIDE", "33")
     assert main(["check", "-c", str(path)]) == 2
-    assert "route 'm-gru+m-lstm': processing.stride 33 is larger than the window of m-gru (32)" in \
-        capsys.readouterr().err
+    assert ("environment variable ANOMALYD_PROCESSING__STRIDE: processing.stride: 33 is larger than the window (32) "
+            "of route 'm-gru+m-lstm'") in capsys.readouterr().err
     monkeypatch.setenv("ANOMALYD_PROCESSING__STRIDE", "32")
     assert main(["check", "-c", str(path)]) == 0
+
+
+def test_a_config_that_routes_nothing_is_warned_about(tmp_path, trained, caplog):
+    path = _config(tmp_path, trained)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["routes"] = []
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["check", "-c", str(path)]) == 0
+    assert "no routes and no default_models: every event is counted unrouted, nothing is scored" in caplog.text
 
 
 def test_an_http_bind_address_run_could_not_listen_on_is_a_config_error(tmp_path, trained, capsys, monkeypatch):
