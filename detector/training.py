@@ -59,9 +59,15 @@ def load_series(path: str | Path) -> tuple[np.ndarray, list[str]]:
     if path.suffix.lower() == ".npy":
         X = np.load(path, allow_pickle=False)
         X = X.reshape(-1, 1) if X.ndim == 1 else X
+        try:
+            with np.errstate(over="ignore"):  # beyond float32: inf, reported below
+                X = X.astype(np.float32)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not numbers ({X.dtype}): {exc}") from None
         if np.isinf(X).any():
-            raise ValueError(f"{path}: row {int(np.flatnonzero(np.isinf(X).any(axis=1))[0])} holds an infinity")
-        return X.astype(np.float32), [f"f{i}" for i in range(X.shape[1])]
+            raise ValueError(f"{path}: row {int(np.flatnonzero(np.isinf(X).any(axis=1))[0])} holds a value that is "
+                             "infinite or beyond float32")
+        return X, [f"f{i}" for i in range(X.shape[1])]
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's BOM is not in a name
             return _read_csv(path, csv.reader(fh))
@@ -76,12 +82,15 @@ def _read_csv(path: Path, reader) -> tuple[np.ndarray, list[str]]:
         raise ValueError(f"{path}: empty file (a header row of feature names, then data rows)")
     keep = [i for i, h in enumerate(header) if h.strip().lower() not in ("timestamp", "ts", "time")]
     names = [header[i].strip() for i in keep]
+    if not names:
+        raise ValueError(f"{path}:1: no feature columns, only a time column")
     if unnamed := [i + 1 for i in keep if not header[i].strip()]:
-        raise ValueError(f"{path}:1: column {unnamed[0]} has no name (a trailing comma?); the first row must name "
-                         "every column")
+        raise ValueError(f"{path}:1: column {unnamed[0]} has no name (a trailing comma, or an unnamed index "
+                         "column?); the first row must name every column")
     if twice := sorted({n for n in names if names.count(n) > 1}):
         raise ValueError(f"{path}:1: feature {twice[0]!r} is named twice in the header")
-    if all(_is_number(n) for n in names):
+    numbered = [h.strip() for h in header] == [str(i) for i in range(len(header))]  # pandas' names: 0, 1, 2, ...
+    if all(_is_number(h) for h in header) and not numbered:
         raise ValueError(f"{path}:1: the first row is numbers, not a header row of feature names")
     rows, lines = [], []
     for lineno, row in enumerate(reader, start=2):

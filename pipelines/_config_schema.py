@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import math
 import operator
+import re
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import field
@@ -120,7 +121,8 @@ def apply_env(raw: dict, env: Mapping[str, str], prefix: str, root: type, ctx: C
         parts = name[len(prefix):].lower().split("__")
         if name.upper().startswith(prefix) and (len(parts) > 1 or parts[0] in top):
             items.append((len(parts), name, parts, text))  # e.g. not ANOMALYD_CONFIG, ANOMALYD_CACHE
-        elif name.upper().startswith(prefix) and (key := _single_underscore_key(parts[0], root, top)):
+        elif (name.upper().startswith(prefix) and not _SERVICE_LINK.match(text)
+              and (key := _single_underscore_key(parts[0], root, top))):
             ctx.env_keys[key] = name  # ANOMALYD_KAFKA_GROUP_ID: a typo that was silently not read
             ctx.err(key, f"not read: a section and its key are separated by two underscores "
                          f"({prefix}{key.replace('.', '__').upper()})")
@@ -134,6 +136,9 @@ def apply_env(raw: dict, env: Mapping[str, str], prefix: str, root: type, ctx: C
         key = join_key(key, parts[-1])
         node[parts[-1]] = _parse_env_value(text)
         ctx.env_keys[key], ctx.env_raw[key] = name, text
+
+
+_SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://")  # Kubernetes sets <SERVICE>_PORT=tcp://... (a Service anomalyd-http)
 
 
 def _single_underscore_key(name: str, root: type, top: set[str]) -> str | None:

@@ -128,8 +128,8 @@ def _add_replay(sub) -> None:
     p = sub.add_parser("replay", help="run files through the same detector path without Kafka", description=(
         "Each input line is one message value (JSON); the files are read in order as one topic partition. Alerts "
         "are printed as JSON lines on stdout, rejected lines with their reason and a count per outcome on stderr; "
-        "a message without ts takes the start time plus its line number (ms). Exit code 1 when no line was "
-        "taken (none at all, or all rejected or unrouted)."))
+        "a message without ts takes the start time plus its position among the messages (ms). Exit code 1 when "
+        "no line was taken (none at all, or all rejected or unrouted)."))
     p.add_argument("-c", "--config", required=True)
     p.add_argument("inputs", nargs="+", type=Path, help="JSON-lines files of messages")
     p.set_defaults(func=_cmd_replay)

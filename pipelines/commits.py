@@ -5,7 +5,8 @@ the partition next seeks there and replays up to the committed offset (:mod:`pip
 
 The loop's commits are asynchronous: a broker that hangs (a frozen process, a network that drops packets)
 held a synchronous commit, and with it the loop, its probe and its liveness, for 30 s (kafka-python) or until
-the broker woke up (confluent-kafka). One is in flight at a time; its answer arrives through a later poll and
+the broker woke up (confluent-kafka). One is in flight at a time (per group generation: after a new assignment the
+old one's answer is not waited for); its answer arrives through a later poll and
 :meth:`Committer.collect` applies it. The commits in a rebalance and at shutdown stay synchronous: the
 partitions or the process go right after them (the shutdown's within its grace period).
 """

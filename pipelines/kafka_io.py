@@ -20,6 +20,8 @@ from typing import Any, Protocol
 from .kafka_security import client_security_config, kafka_python_bootstrap
 
 Headers = list[tuple[str, bytes]]
+
+
 class _ClosedTransportIOFilter(logging.Filter):
     """Demote kafka-python's traceback for I/O on a connection it has already closed to DEBUG.
 
@@ -48,9 +50,10 @@ logging.getLogger("kafka.net.transport").addFilter(_ClosedTransportIOFilter())  
 
 
 class _RepeatFilter(logging.Filter):
-    """Lets a message through once per ``window_s``, its numbers aside: librdkafka logs a refused connection to
-    each broker every reconnect (about 20 lines a second with the brokers away). The next one after the window
-    says how many were left out."""
+    """Lets a message through once per ``window_s``, its durations aside (``after 3ms``): librdkafka logs a
+    refused connection to each broker every reconnect (about 20 lines a second with the brokers away). Messages
+    that differ otherwise (another broker, client or partition) are distinct. The next one let through says how
+    many were held back since the last."""
 
     def __init__(self, window_s: float = 30.0) -> None:
         super().__init__()
@@ -58,7 +61,7 @@ class _RepeatFilter(logging.Filter):
         self._seen: dict[str, tuple[float, int]] = {}  # message, digits masked -> (time let through, left out)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key, now = re.sub(r"\d+", "#", record.getMessage()), time.monotonic()
+        key, now = re.sub(r"\b\d+ ?ms\b", "#ms", record.getMessage()), time.monotonic()
         shown, left_out = self._seen.get(key, (-math.inf, 0))
         if now - shown < self.window_s:
             self._seen[key] = (shown, left_out + 1)
@@ -67,7 +70,7 @@ class _RepeatFilter(logging.Filter):
             self._seen.clear()
         self._seen[key] = (now, 0)
         if left_out:
-            record.msg = f"{record.getMessage()} (and {left_out} like it in the last {self.window_s:g} s)"
+            record.msg = f"{record.getMessage()} ({left_out} more like it held back since the last one shown)"
             record.args = ()
         return True
 

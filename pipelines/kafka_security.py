@@ -208,10 +208,13 @@ def wait_for_a_broker(bootstrap_servers: str, stop: threading.Event, timeout_s: 
 
 
 def _host_port(server: str) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or ``host`` (port 9092), with or without a ``SCHEME://`` in front."""
-    server = server.strip().split("://", 1)[-1]
-    host, sep, port = server.rpartition(":")
-    if not sep or "]" in port:  # no port: the whole text is the host
-        host, port = server, "9092"
-    return host.strip("[]"), int(port)
+    """``host:port``, ``[v6]:port``, a bare IPv6 address or ``host`` (port 9092), with or without ``SCHEME://``, as
+    kafka-python reads it."""
+    from kafka.cluster import get_ip_port_afi
+
+    try:
+        host, port, _family = get_ip_port_afi(server.strip().split("://", 1)[-1])
+        return host, int(port)
+    except ValueError:
+        raise ValueError(f"kafka.bootstrap_servers: cannot read {server.strip()!r} as host:port") from None
 

@@ -228,7 +228,7 @@ class Positions:
             return {}
         try:
             return source.first_offsets(tps)
-        except Exception as exc:  # a timeout: rebuild as before rather than stop
+        except Exception as exc:  # a timeout: these partitions start at their commits, without a rebuild
             log.warning("could not read the first retained offsets of %s: %s", tps, exc)
             return {}
 

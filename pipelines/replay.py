@@ -43,9 +43,9 @@ class _StderrDeadLetters:
 
 def replay_files(config_path: str | Path, inputs: list[Path], chunk: int = 5000) -> int:
     """Replay ``inputs`` in order as one topic partition (a stream's events across files stay one stream, with
-    offsets that go on counting); a message without ``ts`` takes the replay's start time plus its line number
-    (ms), so that order holds. Exit code 1 when no message was taken (none at all, or all dead-lettered or
-    unrouted)."""
+    offsets that go on counting); a message without ``ts`` takes the replay's start time plus its offset, its
+    position among the non-blank lines of all the files (ms), so that order holds. Exit code 1 when no message
+    was taken (none at all, or all dead-lettered or unrouted)."""
     daemon = Daemon(load_config(config_path))
     firsts: list[int] = []  # the first offset of each file's messages, and their line numbers in the file
     numbers: list[list[int]] = []

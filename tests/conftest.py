@@ -16,6 +16,7 @@ from tests.needs import need_cxx
 torch.set_num_threads(1)
 sys.modules.setdefault("triton", None)  # type: ignore[arg-type]  # as pipelines.cli.main: no triton exit report
 
+
 @pytest.fixture
 def cxx() -> None:
     """The C++ compiler for the native extensions; ``pytestmark = pytest.mark.usefixtures("cxx")``."""

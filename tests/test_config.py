@@ -323,9 +323,10 @@ def test_env_errors_name_the_variable(tmp_path):
 
 def test_a_section_and_key_joined_by_one_underscore_is_an_error_not_ignored(tmp_path):
     """ANOMALYD_KAFKA_BOOTSTRAP_SERVERS (one underscore) was silently not read; variables that name no key of the
-    section (ANOMALYD_KAFKA_PORT, the local broker's) are left alone."""
+    section (ANOMALYD_KAFKA_PORT, the local broker's) are left alone, and so are Kubernetes' service links
+    (ANOMALYD_HTTP_PORT=tcp://... for a Service named anomalyd-http)."""
     errors = errors_of(env={"ANOMALYD_KAFKA_BOOTSTRAP_SERVERS": "b:9092", "ANOMALYD_KAFKA_PORT": "19092",
-                            "ANOMALYD_CACHE": "/tmp/x"})
+                            "ANOMALYD_CACHE": "/tmp/x", "ANOMALYD_HTTP_PORT": "tcp://10.0.0.7:9308"})
     assert errors == ["environment variable ANOMALYD_KAFKA_BOOTSTRAP_SERVERS: kafka.bootstrap_servers: not read: a "
                       "section and its key are separated by two underscores (ANOMALYD_KAFKA__BOOTSTRAP_SERVERS)"]
 

@@ -98,6 +98,9 @@ def test_waiting_for_a_broker_ends_on_a_connection_a_stop_or_the_deadline() -> N
         port = listening.getsockname()[1]
         assert wait_for_a_broker(f"{closed}, 127.0.0.1:{port}", threading.Event(), timeout_s=120) is True
     assert _host_port("SASL_SSL://[::1]:9093") == ("::1", 9093) and _host_port("kafka") == ("kafka", 9092)
+    assert _host_port("::1") == ("::1", 9092) and _host_port(" 2001:db8::1") == ("2001:db8::1", 9092)  # bare IPv6
+    with pytest.raises(ValueError, match="kafka.bootstrap_servers: cannot read 'h:x' as host:port"):
+        _host_port("h:x")
 
 
 def test_messages_not_acknowledged_in_time_are_pending_and_kept_for_the_next_flush() -> None:
@@ -171,12 +174,17 @@ def test_librdkafka_logs_through_python_logging_once_per_window(caplog: pytest.L
 def test_the_repeat_filter_counts_what_it_held_back() -> None:
     from pipelines.kafka_io import _RepeatFilter
 
-    f = _RepeatFilter(window_s=0.0)  # every message is due again at once: the count is of none left out
+    def record(text: str) -> logging.LogRecord:
+        return logging.LogRecord("librdkafka", logging.ERROR, "", 0, text, (), None)
+
+    f = _RepeatFilter(window_s=0.0)  # every message is due again at once: the count is of none held back
     held = _RepeatFilter(window_s=3600.0)
-    records = [logging.LogRecord("librdkafka", logging.ERROR, "", 0, "refused after %dms", (n,), None)
-               for n in range(3)]
-    assert [held.filter(r) for r in records] == [True, False, False]
-    assert all(f.filter(r) for r in records) and records[0].getMessage() == "refused after 0ms"
+    records = [record(f"10.0.0.1:9092: refused (after {n}ms in state CONNECT)") for n in range(3)]
+    assert [held.filter(r) for r in records] == [True, False, False]  # only the duration differs
+    assert held.filter(record("10.0.0.2:9092: refused (after 0ms in state CONNECT)"))  # another broker: distinct
+    assert all(f.filter(r) for r in records) and records[0].getMessage().endswith("CONNECT)")
     held.window_s = 0.0
-    late = logging.LogRecord("librdkafka", logging.ERROR, "", 0, "refused after %dms", (7,), None)
-    assert held.filter(late) and late.getMessage() == "refused after 7ms (and 2 like it in the last 0 s)"
+    late = record("10.0.0.1:9092: refused (after 7ms in state CONNECT)")
+    assert held.filter(late)
+    assert late.getMessage() == ("10.0.0.1:9092: refused (after 7ms in state CONNECT) (2 more like it held back "
+                                 "since the last one shown)")

@@ -83,6 +83,8 @@ def test_load_series_csv_and_npy(tmp_path):
     ("timestamp,temp,temp\n1,1,2\n", "d.csv:1: feature 'temp' is named twice"),  # a model the daemon refuses
     ("timestamp,temp,vib,\n1,1,2,\n", "d.csv:1: column 4 has no name"),
     ("0,0.1,0.2\n1,0.3,0.4\n", "d.csv:1: the first row is numbers"),  # no header: a row taken for names
+    ("ts\n1\n", "d.csv:1: no feature columns, only a time column"),
+    (",temp\n0,1\n", "d.csv:1: column 1 has no name .*unnamed index column"),
     ("temp,vib\n1,2,3\n", "d.csv:2: 3 cells, the header has 2"),  # a cell silently dropped
     ("temp,vib\n1,2\n\n3,1e39\n", "d.csv:4: a value that is infinite or beyond float32"),
     ("temp,vib\n1,inf\n", "d.csv:2: a value that is infinite"),
@@ -101,6 +103,15 @@ def test_a_csv_with_a_bom_and_an_upper_case_npy_suffix_load(tmp_path):
     np.save(tmp_path / "d.npy", np.ones((4, 2), dtype=np.float32))
     (tmp_path / "d.npy").rename(tmp_path / "D.NPY")
     assert load_series(tmp_path / "D.NPY")[0].shape == (4, 2)
+    for header, names in (("timestamp,1,2", ["1", "2"]), ("0,1,2", ["0", "1", "2"])):  # numbered channels; pandas'
+        (tmp_path / "n.csv").write_text(f"{header}\n5,6,7\n")  # default column names
+        assert load_series(tmp_path / "n.csv")[1] == names
+    np.save(tmp_path / "big.npy", np.array([[1.0], [1e39]]))  # float64, beyond float32
+    with pytest.raises(ValueError, match="big.npy: row 1 holds a value that is infinite or beyond float32"):
+        load_series(tmp_path / "big.npy")
+    np.save(tmp_path / "s.npy", np.array([["1", "x"]]))
+    with pytest.raises(ValueError, match="s.npy: not numbers"):
+        load_series(tmp_path / "s.npy")
 
 
 def test_too_little_data_is_a_clear_error():
