@@ -13,7 +13,9 @@
 ``pipeline --device cuda`` runs there against a real broker; ``device_run.sh`` is one budgeted call there (the
 pipeline at 1,000 and 100,000 streams, float16, latency, the Python decoder's A/B).
 
-Every benchmark prints a table and writes JSON (default ``~/.cache/anomalyd/bench/<name>.json``, ``--json``
-to change it); ``--quick`` runs a reduced size in about a minute. Results and their discussion:
+``engine``, ``pipeline``, ``latency``, ``baseline`` and ``gpu`` print a table and write JSON (default
+``~/.cache/anomalyd/bench/<name>.json``, ``--json`` to change it); ``--quick`` runs a reduced size in about a
+minute. The A/B and check scripts (``intake``, ``kernel_ab``, ``threshold_far``, ``gpu_checks``, the accuracy
+ones) print, and write JSON only where given ``--json``. Results and their discussion:
 ``benchmarks/RESULTS.md``.
 """

@@ -73,9 +73,9 @@ def sweep(cfg: dict, fused_ok: bool, peak: dict[int, float], bf16: bool = False)
                                 continue
                             t0 = time.perf_counter()
                             with torch.inference_mode():
-                                big = eager and b >= 1024
+                                big = eager and b >= 1024  # one warm call always: a cold first call is slower
                                 t = common.measure(lambda fn=fn, x=x: fn(x), min_time=cfg["min_time"],
-                                                   min_calls=1 if big else 3, warmup=0 if big else 1)
+                                                   min_calls=1 if big else 3, warmup=1)
                             eager_s += time.perf_counter() - t0 if eager else 0.0
                             rate = b / t.median_s
                             gflops = 2 * macs * rate / 1e9

@@ -154,6 +154,7 @@ class TimedSource:
         self.n_first = 0
         self.n_polled = 0
         self.t_commit: float | None = None
+        self.rss_commit: int | None = None
         self._cpu_probe = cpu_probe
         self.cpu_first: tuple[float, float] | None = None
         self.cpu_commit: tuple[float, float] | None = None
@@ -170,10 +171,13 @@ class TimedSource:
         self.n_polled += len(batch)
         return batch
 
-    def commit(self, offsets) -> None:
-        self._commit(offsets)
+    def commit(self, offsets, timeout_s: float | None = None) -> None:
+        """The shutdown's synchronous commit (the end of the measured run): its time, CPU and resident set, the
+        daemon still whole (its clients close after it)."""
+        self._commit(offsets, timeout_s)
         self.t_commit = time.perf_counter()
         self.cpu_commit = self._cpu_probe() if self._cpu_probe else None
+        self.rss_commit = common.rss_bytes()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -308,7 +312,8 @@ def daemon_rate(spec: dict) -> dict:
         raise RuntimeError(f"daemon exit {code}, saw {daemon.events_seen} of {spec['n_events']} events")
     route = daemon.routes[0]
     out = {"events": daemon.events_seen, "events_s": (daemon.events_seen - src.n_first) / (src.t_commit - src.t_first),
-           "seconds": src.t_commit - src.t_first, "rss": common.rss_bytes(), "rss_start": rss0,
+           "seconds": src.t_commit - src.t_first, "rss": src.rss_commit, "rss_after_close": common.rss_bytes(),
+           "rss_start": rss0,
            "rss_models": rss_models, "rss_seeded": rss_seeded, "buffer_bytes": route.buffer.memory_bytes(),
            "streams": len(route.stream_names), "fused": daemon.engine.fused,
            "metrics": metric_summary(daemon.registry), "phases": phases.report(),

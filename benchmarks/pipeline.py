@@ -53,11 +53,13 @@ def models_dir(root: Path, kind: str, hidden: int = 64) -> tuple[str, list[str]]
 
 def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | None = None,
         device: str = "cpu", precision: str = "float32", hidden: int = 64) -> dict:
+    import torch
+
     from detector.device import inference_threads
 
     # torch threads of every process: --threads, else the daemon's own rule (processing.model_threads: 0; e and the
     # serial daemon use every CPU it allows, the scoring thread adapts)
-    n_threads = threads or inference_threads(0) or 1
+    n_threads = threads or inference_threads(0) or torch.get_num_threads()  # None: OMP_NUM_THREADS decides
     rows, memory, protos = [], [], []
     kafka, bootstrap = harness.start_broker()
     common.log(f"broker at {bootstrap}")
