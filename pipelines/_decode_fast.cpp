@@ -81,7 +81,7 @@ class Parser {
 
   // True when the whole message has the fast shape; appends its values to flat (the caller truncates on false).
   bool message(Parsed& out) {
-    bool seen_stream = false, seen_ts = false, seen_values = false;
+    bool seen_stream = false, seen_ts = false, seen_values = false, named = false;
     ws();
     if (!eat('{')) return false;
     ws();
@@ -99,7 +99,8 @@ class Parser {
         if (seen_ts || !integer(out.ts)) return false;
         seen_ts = true;
       } else if (key_len == 6 && std::memcmp(key, "values", 6) == 0) {
-        if (seen_values || !(p_ < end_ && *p_ == '{' ? object(out) : array(out.count))) return false;
+        named = p_ < end_ && *p_ == '{';
+        if (seen_values || !(named ? object(out) : array(out.count))) return false;
         seen_values = true;
       } else {
         return false;
@@ -113,7 +114,12 @@ class Parser {
       break;
     }
     ws();
-    return p_ == end_ && seen_stream && seen_ts && seen_values;
+    if (!(p_ == end_ && seen_stream && seen_ts && seen_values)) return false;
+    if (named) {  // interned only now: a message that fails after its values object takes no layout slot
+      out.layout = layouts_.intern(names_);
+      return out.layout >= 0;
+    }
+    return true;
   }
 
  private:
@@ -230,7 +236,8 @@ class Parser {
       return eat(']');
     }
   }
-  // {"name": number or null, ...}: values in message order, the names as the row's layout.
+  // {"name": number or null, ...}: values in message order, the names (names_) the row's layout once the whole
+  // message has the fast shape.
   bool object(Parsed& out) {
     if (!eat('{')) return false;
     ws();
@@ -251,9 +258,7 @@ class Parser {
         ws();
         continue;
       }
-      if (!eat('}')) return false;
-      out.layout = layouts_.intern(names_);
-      return out.layout >= 0;
+      return eat('}');
     }
   }
 };

@@ -162,6 +162,15 @@ def test_the_common_shape_is_decoded_natively_and_everything_else_is_handed_back
     assert 1 in slow  # over max_bytes: the Python decoder rejects it as oversized
 
 
+def test_messages_that_fail_after_their_values_take_no_layout_slot(module):
+    """The decoder keeps at most 256 distinct values-object layouts per batch; 256 messages that fail after their
+    values object (an extra key) used them all, and every later valid one went to the Python decoder."""
+    junk = [f'{{"stream":"s2","ts":1,"values":{{"k{i}":1}},"x":1}}'.encode() for i in range(300)]
+    valid = b'{"stream":"s2","ts":2,"values":{"vib":3.0,"temp":4.0}}'
+    groups, _, slow = native_decode.decode_common(module, [*junk, valid], 65536, LOOKUP.get, lambda s: s.index)
+    assert slow == list(range(300)) and groups[SPEC2][3].tolist() == [[4.0, 3.0]]
+
+
 def test_native_and_python_decoders_agree_on_generated_batches(module, monkeypatch):
     rng = random.Random(7)
     for _ in range(100):
