@@ -110,9 +110,12 @@ def check_config(c: Config, data: Mapping, key: str, ctx: Ctx) -> Config:
     refs = [(join_key(join_key(f"routes[{i}]", "models"), j), name) for i, r in enumerate(c.routes)
             for j, name in enumerate(r.models)]
     refs += [(join_key("default_models", j), name) for j, name in enumerate(c.default_models)]
+    default_route = "" if "routes" in (data or {}) else " (routes is not set: this is the default route, of the " \
+        "example config; set routes, or routes: [] with default_models)"
     for ref_key, name in refs:
         if name not in served:
-            ctx.err(ref_key, f"model {name!r} is not in models.served ({', '.join(sorted(served))})")
+            hint = default_route if ref_key.startswith("routes") else ""
+            ctx.err(ref_key, f"model {name!r} is not in models.served ({', '.join(sorted(served))}){hint}")
     _check_output_topics(c, ctx)
     return c
 

@@ -321,6 +321,17 @@ def test_env_errors_name_the_variable(tmp_path):
     ])
 
 
+def test_the_default_route_is_named_as_such_when_its_models_are_not_served():
+    """Without routes in the file, the example's route (models sensors-gru, sensors-lstm) applies: its error named
+    a key the file does not have, without a word why."""
+    errors = errors_of({"models": {"served": [{"name": "m"}]}})
+    assert errors[0] == ("<string>: routes[0].models[0]: model 'sensors-gru' is not in models.served (m) (routes is "
+                         "not set: this is the default route, of the example config; set routes, or routes: [] with "
+                         "default_models)")
+    assert "default route" not in errors_of({"models": {"served": [{"name": "m"}]},
+                                             "routes": [{"match": "*", "models": ["x"]}]})[0]
+
+
 def test_a_section_and_key_joined_by_one_underscore_is_an_error_not_ignored(tmp_path):
     """ANOMALYD_KAFKA_BOOTSTRAP_SERVERS (one underscore) was silently not read; variables that name no key of the
     section (ANOMALYD_KAFKA_PORT, the local broker's) are left alone, and so are Kubernetes' service links
