@@ -13,9 +13,9 @@
 ``pipeline --device cuda`` runs there against a real broker; ``device_run.sh`` is one budgeted call there (the
 pipeline at 1,000 and 100,000 streams, float16, latency, the Python decoder's A/B).
 
-``engine``, ``pipeline``, ``latency``, ``baseline`` and ``gpu`` print a table and write JSON (default
-``~/.cache/anomalyd/bench/<name>.json``, ``--json`` to change it); ``--quick`` runs a reduced size in about a
-minute. The A/B and check scripts (``intake``, ``kernel_ab``, ``threshold_far``, ``gpu_checks``, the accuracy
-ones) print, and write JSON only where given ``--json``. Results and their discussion:
+``engine``, ``pipeline``, ``latency``, ``baseline``, ``gpu`` and ``gpu_checks`` print a table and write JSON
+(default ``~/.cache/anomalyd/bench/<name>.json``, ``--json`` to change it); ``--quick`` runs a reduced size in
+about a minute. ``intake`` and ``threshold_far`` write JSON only when given ``--json``; ``kernel_ab`` and the
+accuracy scripts (``alert_rule``, ``error_weighting``, ``baseline_floor``) only print. Results and their discussion:
 ``benchmarks/RESULTS.md``.
 """

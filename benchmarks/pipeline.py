@@ -145,6 +145,7 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
                                    f"RSS {row['rss_mib']:.0f} MiB")
                         if (background, switch_ms, ahead) == default_mode:
                             memory.append({"streams": S, "client": client, "stride": stride, "rss": d["rss"],
+                                           "rss_after_close": d["rss_after_close"],
                                            "rss_start": d["rss_start"], "rss_models": d["rss_models"],
                                            "rss_seeded": d["rss_seeded"], "buffer_bytes": d["buffer_bytes"]})
     finally:

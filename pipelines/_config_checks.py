@@ -110,6 +110,8 @@ def check_config(c: Config, data: Mapping, key: str, ctx: Ctx) -> Config:
     refs = [(join_key(join_key(f"routes[{i}]", "models"), j), name) for i, r in enumerate(c.routes)
             for j, name in enumerate(r.models)]
     refs += [(join_key("default_models", j), name) for j, name in enumerate(c.default_models)]
+    if "routes" in ctx.bad:  # routes itself was bad (not a list): the default route stood in, its refs say nothing
+        refs = [(k, name) for k, name in refs if not k.startswith("routes")]
     default_route = "" if "routes" in (data or {}) else " (routes is not set: this is the default route, of the " \
         "example config; set routes, or routes: [] with default_models)"
     for ref_key, name in refs:

@@ -115,7 +115,7 @@ class Parser {
     }
     ws();
     if (!(p_ == end_ && seen_stream && seen_ts && seen_values)) return false;
-    if (named) {  // interned only now: a message that fails after its values object takes no layout slot
+    if (named) {  // interned only now: a message the parser refuses after its values object takes no layout slot
       out.layout = layouts_.intern(names_);
       return out.layout >= 0;
     }

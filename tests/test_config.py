@@ -330,6 +330,8 @@ def test_the_default_route_is_named_as_such_when_its_models_are_not_served():
                          "default_models)")
     assert "default route" not in errors_of({"models": {"served": [{"name": "m"}]},
                                              "routes": [{"match": "*", "models": ["x"]}]})[0]
+    assert errors_of({"models": {"served": [{"name": "m"}]}, "routes": 5}) == [  # not the default's models too
+        "<string>: routes: expected a list, got int 5"]
 
 
 def test_a_section_and_key_joined_by_one_underscore_is_an_error_not_ignored(tmp_path):
