@@ -196,6 +196,7 @@ def train_detector(
     series = X if isinstance(X, list | tuple) else [X]  # several streams: windows never cross streams
     W = model_cfg.window
     train_parts, val_parts = [], []
+    unreported = np.zeros(model_cfg.n_features, dtype=bool)  # (F,) features with no value in a training part
     for x in series:
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != model_cfg.n_features:
@@ -205,10 +206,15 @@ def train_detector(
             raise ValueError(f"need at least {W + 1 + n_val} rows to train with window {W}, got {len(x)}")
         # filled after the split, the validation part carrying the training part's last values forward: a
         # feature that first reports in the validation part must not lend that value to training rows
+        unreported |= np.isnan(x[:-n_val]).all(axis=0)
         train = _fill_missing(x[:-n_val])
         train_parts.append(train)
         val_parts.append(_fill_missing(np.concatenate([train[-1:], x[-n_val:]]))[1:])
     train_rows = np.concatenate(train_parts)
+    if unreported.any():  # filled with 0.0 there: the model learns a constant the feature may never have
+        names = feature_names or [f"f{j}" for j in range(model_cfg.n_features)]
+        say(f"warning: no values in the training part of a series for {', '.join(np.asarray(names)[unreported])}: "
+            "filled with 0")
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

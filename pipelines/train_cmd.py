@@ -230,8 +230,6 @@ def _load_data_files(paths: list[str], window: int) -> tuple[list[np.ndarray], l
             x = x[:, [cols.index(name) for name in names]]
         if not enough_rows(len(x), window):
             raise ValueError(f"{path}: {len(x)} rows, too few to train with window {window}")
-        if empty := [name for name, column in zip(names, x.T, strict=True) if np.isnan(column).all()]:
-            print(f"warning: {path}: no values for {', '.join(empty)} (filled with 0 for training)")
         series.append(x)
     return series, names
 

@@ -114,6 +114,19 @@ def test_a_csv_with_a_bom_and_an_upper_case_npy_suffix_load(tmp_path):
         load_series(tmp_path / "s.npy")
 
 
+def test_a_feature_without_values_in_a_training_part_is_warned_about(synthetic):
+    """Empty in the training rows, with values only in the validation tail: filled with 0 there, silently."""
+    train, _ = synthetic
+    x = train[:800].copy()
+    x[:700, 2] = np.nan  # the training part is the first 640 rows
+    lines: list[str] = []
+    train_detector(x, CFG, FAST, log=lines.append, feature_names=["a", "b", "c", "d"])
+    assert "warning: no values in the training part of a series for c: filled with 0" in lines
+    lines.clear()
+    train_detector(train[:800], CFG, FAST, log=lines.append)
+    assert not any("no values" in line for line in lines)
+
+
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(ValueError, match="need at least"):
         train_detector(np.zeros((20, 4), np.float32), CFG, FAST, log=None)
