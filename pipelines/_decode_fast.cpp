@@ -39,6 +39,7 @@ namespace py = pybind11;
 namespace {
 
 constexpr size_t MAX_LAYOUTS = 256;
+constexpr Py_ssize_t MAX_STREAM_BYTES = 256;  // as pipelines.decode.MAX_STREAM_BYTES
 
 struct Span {
   const char* p;
@@ -93,7 +94,9 @@ class Parser {
       if (!eat(':')) return false;
       ws();
       if (key_len == 6 && std::memcmp(key, "stream", 6) == 0) {
-        if (seen_stream || !string(out.stream, out.stream_len) || out.stream_len == 0) return false;
+        if (seen_stream || !string(out.stream, out.stream_len) || !plain_stream(out.stream, out.stream_len)) {
+          return false;  // the Python decoder names the problem
+        }
         seen_stream = true;
       } else if (key_len == 2 && std::memcmp(key, "ts", 2) == 0) {
         if (seen_ts || !integer(out.ts)) return false;
@@ -141,6 +144,16 @@ class Parser {
     return false;
   }
   // A string without escapes or control characters; its bytes (UTF-8 checked later, by the str conversion).
+  // A stream id the Python decoder takes as it is: 1 to MAX_STREAM_BYTES bytes, no DEL and no C1 control
+  // character (C2 80-9F; string() refuses C0 ones and escapes).
+  static bool plain_stream(const char* s, Py_ssize_t n) {
+    if (n == 0 || n > MAX_STREAM_BYTES) return false;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      const unsigned char c = static_cast<unsigned char>(s[i]);
+      if (c == 0x7f || (c == 0xc2 && i + 1 < n && static_cast<unsigned char>(s[i + 1]) <= 0x9f)) return false;
+    }
+    return true;
+  }
   bool string(const char*& s, Py_ssize_t& len) {
     if (!eat('"')) return false;
     s = p_;

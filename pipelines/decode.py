@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,11 +39,13 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     orjson = None
 
-REASONS = ("oversized", "bad_encoding", "bad_json", "not_an_object", "missing_stream", "bad_timestamp",
+REASONS = ("oversized", "bad_encoding", "bad_json", "not_an_object", "missing_stream", "bad_stream", "bad_timestamp",
            "missing_values", "bad_value_type", "non_finite", "unknown_feature", "wrong_length")
 """Every reason a message can be rejected for."""
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+MAX_STREAM_BYTES = 256  # a stream id's UTF-8 bytes; as native_decode's (every distinct id is held in memory)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # control characters: a newline in an id forged log lines
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 _NUMBER_TYPES = frozenset({float, int, type(None)})  # None -> NaN; bool is not int here (type(True) is bool)
@@ -66,18 +69,20 @@ class FeatureSpec:
 
 
 class SpecCache(dict):
-    """stream -> :class:`FeatureSpec` or None (unrouted), asked of ``lookup`` once per stream and kept (at most
-    ``limit`` streams). Pass one that lives across batches to :func:`decode_batch`: a known stream then costs
-    one dict lookup instead of a call per distinct stream in every batch (at 100,000 streams, every event)."""
+    """stream -> :class:`FeatureSpec` or None (unrouted), asked of ``lookup`` once per stream and kept. Pass one
+    that lives across batches to :func:`decode_batch`: a known stream then costs one dict lookup instead of a call
+    per distinct stream in every batch (at 100,000 streams, every event). At ``limit`` streams it starts afresh:
+    ids come and go (and a producer may send any number of them), the streams in use are looked up again."""
 
-    def __init__(self, lookup: Callable[[str], FeatureSpec | None], limit: int = 1_000_000) -> None:
+    def __init__(self, lookup: Callable[[str], FeatureSpec | None], limit: int = 200_000) -> None:
         super().__init__()
         self._lookup, self._limit = lookup, limit
 
     def __missing__(self, stream: str) -> FeatureSpec | None:
         spec = self._lookup(stream)
-        if len(self) < self._limit:
-            self[stream] = spec
+        if len(self) >= self._limit:
+            self.clear()
+        self[stream] = spec
         return spec
 
 
@@ -204,6 +209,8 @@ def decode_batch(
             stream = obj.get("stream")
             if type(stream) is not str or not stream:
                 stream = _stream_from_key(stream, keys[i])
+            if len(stream) > MAX_STREAM_BYTES // 4 or not stream.isprintable():  # else it cannot fail the checks
+                _check_stream(stream)
             ts = obj.get("ts")
             if type(ts) is not int or not _I64_MIN <= ts <= _I64_MAX:
                 ts = _broker_ts(bts[i]) if ts is None else _parse_ts(ts)
@@ -282,9 +289,23 @@ def _parse_error(raw: bytes) -> _Reject:
         return _Reject("bad_json", f"invalid JSON: {exc}")
     try:
         _loads(raw)
-    except (ValueError, RecursionError) as exc:
-        return _Reject("bad_json", f"invalid JSON: {exc}")
+    except (ValueError, RecursionError) as exc:  # orjson refuses a lone surrogate, as the standard module's path
+        reason = "bad_encoding" if "surrogate" in str(exc) else "bad_json"  # does (_check_stream)
+        return _Reject(reason, f"invalid JSON: {exc}")
     return _Reject("bad_json", "invalid JSON")  # pragma: no cover - the fast parser refused it before
+
+
+def _check_stream(stream: str) -> None:
+    """At most MAX_STREAM_BYTES of UTF-8 and no control character: ids are held in memory (every distinct one)
+    and written to logs, so a producer must not be able to grow the one without bound or forge lines in the other."""
+    try:
+        n = len(stream.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate: the standard json module takes "\ud800"; no sink can write it
+        raise _Reject("bad_encoding", f"stream id is not valid Unicode (a lone surrogate): {stream[:60]!r}") from None
+    if n > MAX_STREAM_BYTES:
+        raise _Reject("bad_stream", f"stream id of {n} bytes, at most {MAX_STREAM_BYTES}: {_short(stream)}")
+    if _CONTROL.search(stream):
+        raise _Reject("bad_stream", f"stream id with a control character: {stream[:60]!r}")
 
 
 def _stream_from_key(stream: object, key: bytes | None) -> str:

@@ -147,6 +147,11 @@ def test_null_and_absent_features_become_nan():
     ({"ts": TS, "value": 1.0}, b"", "missing_stream"),
     ({"stream": "", "ts": TS, "value": 1.0}, None, "missing_stream"),
     ({"stream": 17, "ts": TS, "value": 1.0}, None, "bad_value_type"),
+    ({"stream": "uni-1\nCRITICAL forged", "ts": TS, "value": 1.0}, None, "bad_stream"),  # a forged log line
+    ({"stream": "uni-\x7f", "ts": TS, "value": 1.0}, None, "bad_stream"),
+    ({"stream": "uni-\x85", "ts": TS, "value": 1.0}, None, "bad_stream"),  # NEL, a C1 control
+    ({"ts": TS, "value": 1.0}, b"uni-1\r\n", "bad_stream"),
+    (b'{"stream": "uni-\\ud800", "ts": 1764180000123, "value": 1.0}', None, "bad_encoding"),  # a lone surrogate
     ({"stream": "uni-1", "ts": True, "value": 1.0}, None, "bad_timestamp"),
     ({"stream": "uni-1", "ts": "2026-11-26T20:00:00", "value": 1.0}, None, "bad_timestamp"),
     ({"stream": "uni-1", "ts": "yesterday", "value": 1.0}, None, "bad_timestamp"),
@@ -178,6 +183,19 @@ def test_null_and_absent_features_become_nan():
 def test_rejections(msg, key, reason):
     got, detail = one_reason(msg, key, max_bytes=100)
     assert (got, bool(detail)) == (reason, True), detail
+
+
+def test_a_stream_id_longer_than_256_bytes_is_refused_and_256_taken():
+    """Every distinct id is kept (window state, the routing cache): 5,000 ids of 64 KiB grew a daemon by 844 MB."""
+    assert one_reason({"stream": "u" * 257, "ts": TS, "value": 1.0})[0] == "bad_stream"
+    assert one_reason({"stream": "é" * 129, "ts": TS, "value": 1.0})[0] == "bad_stream"  # 258 bytes of UTF-8
+    assert one_reason({"value": 1.0}, b"k" * 257)[0] == "bad_stream"
+    for stream in (b"u" * 257, b"uni-\x7f", "uni-\x85".encode()):  # raw, the native decoder's shape: handed over
+        msg = b'{"stream":"' + stream + b'","ts":1764180000123,"values":[1.0]}'
+        assert one_reason(msg, lookup=lambda s: SPEC1)[0] == "bad_stream"
+    out = dec([{"stream": "u" * 256, "ts": TS, "values": [1.0]}, {"stream": "é" * 128, "ts": TS, "values": [2.0]}],
+              lookup=lambda s: SPEC1)
+    assert out.n_ok == 2
 
 
 def test_an_empty_message_or_a_tombstone_says_so():
@@ -244,14 +262,18 @@ def test_spec_cache_asks_once_per_stream_across_batches():
         calls.append(stream)
         return LOOKUP.get(stream)
 
-    cache = decode.SpecCache(lookup, limit=2)
+    cache = decode.SpecCache(lookup, limit=3)
     msgs = [{"stream": "pump-17", "ts": 1, "values": [1, 2]}, {"stream": "nobody", "ts": 2, "value": 3}]
     for _ in range(3):
         out = dec(msgs + [{"stream": "uni-1", "ts": 3, "value": 4}], lookup=cache)
         assert out.groups[SPEC2].stream == ["pump-17"] and out.unrouted == [(1, "nobody")]
         assert out.groups[SPEC1].values.tolist() == [[4.0]]
-    assert calls == ["pump-17", "nobody", "uni-1", "uni-1", "uni-1"]  # the third stream is over the limit
-    assert dict(cache) == {"pump-17": SPEC2, "nobody": None}  # unrouted is remembered too
+    assert calls == ["pump-17", "nobody", "uni-1"]
+    assert dict(cache) == {"pump-17": SPEC2, "nobody": None, "uni-1": SPEC1}  # unrouted is remembered too
+    dec([{"stream": "uni-2", "ts": 4, "value": 5}], lookup=cache)  # a fourth: the cache starts afresh (bounded)
+    assert dict(cache) == {"uni-2": None}  # (routed nowhere)
+    dec(msgs, lookup=cache)
+    assert calls[-2:] == ["pump-17", "nobody"]
 
 
 def test_feature_spec():
