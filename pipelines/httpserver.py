@@ -37,12 +37,17 @@ class BindError(OSError):
 
 
 class HealthServer:
-    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``bind:port`` (``port=0`` picks a free port)."""
+    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``bind:port`` (``port=0`` picks a free port).
+
+    At most ``max_connections`` at a time (more are closed at once), each dropped after ``request_timeout_s``
+    without a request: a thread per idle connection (slowloris) had exhausted the process's threads."""
 
     def __init__(self, registry: CollectorRegistry, bind: str = "0.0.0.0", port: int = 9308,
                  is_alive: Callable[[], bool] = lambda: True,
-                 is_ready: Callable[[], bool] = lambda: True) -> None:
+                 is_ready: Callable[[], bool] = lambda: True, max_connections: int = 64,
+                 request_timeout_s: float = 10.0) -> None:
         self.registry = registry
+        self.max_connections, self.request_timeout_s = max_connections, request_timeout_s
         self.bind = bind
         self._requested_port = port
         self.is_alive = is_alive
@@ -70,7 +75,7 @@ class HealthServer:
             raise RuntimeError("HealthServer already started")
         server_cls = _IPv6Server if ":" in self.bind else _Server
         try:
-            self._server = server_cls((self.bind, self._requested_port), _handler_class(self))
+            self._server = server_cls((self.bind, self._requested_port), _handler_class(self), self.max_connections)
         except OSError as exc:
             raise BindError(self.bind, self._requested_port, exc) from exc
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -103,6 +108,26 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def __init__(self, address: tuple, handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):  # all taken: refuse this one rather than start a thread
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread, which releases the slot
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
 
 class _IPv6Server(_Server):
     address_family = socket.AF_INET6
@@ -113,6 +138,7 @@ def _handler_class(owner: HealthServer) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "anomalyd"
+        timeout = owner.request_timeout_s  # the socket's: a connection that sends nothing is dropped
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = self.path.split("?", 1)[0]

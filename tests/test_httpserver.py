@@ -170,3 +170,33 @@ def test_the_start_log_names_the_bound_address_when_it_is_all_interfaces(caplog:
     assert f"listening on http://127.0.0.1:{port} (/metrics, /healthz, /readyz); bound to 0.0.0.0, all interfaces" \
         in caplog.text
     assert f"listening on http://127.0.0.1:{local} (/metrics, /healthz, /readyz)\n" in caplog.text + "\n"
+
+
+def test_idle_connections_are_capped_and_dropped_so_requests_are_served_again() -> None:
+    """Connections that send half a request line and wait (slowloris) each held a thread for ever: 1,000 of them
+    made 1,000 threads. Now at most max_connections are served (more are closed at once) and an idle one is
+    dropped after request_timeout_s."""
+    import time
+
+    with HealthServer(CollectorRegistry(), bind="127.0.0.1", port=0, max_connections=4,
+                      request_timeout_s=0.5) as srv:
+        before = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
+        for s in idle:
+            s.sendall(b"GET /hea")
+        extra = socket.create_connection(("127.0.0.1", srv.port))
+        extra.settimeout(30)
+        assert extra.recv(1) == b""  # closed at once: all four slots are taken
+        assert threading.active_count() <= before + 4
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the idle four are dropped after 0.5 s; then a request gets in
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=5) as resp:
+                    assert resp.status == 200
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.05)
+        else:
+            raise AssertionError("no request served after the idle connections' timeout")
+        for s in (*idle, extra):
+            s.close()
