@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ._config_schema import Ctx, join_key
+from .alertmanager_http import redacted
 
 if TYPE_CHECKING:
     from .config import AlertmanagerSinkConfig, AlertsConfig, Config, KafkaConfig, ModelsConfig, Route
@@ -93,7 +95,10 @@ def check_alerts(a: AlertsConfig, data: Mapping, key: str, ctx: Ctx) -> AlertsCo
 
 def check_alertmanager(c: AlertmanagerSinkConfig, data: Mapping, key: str, ctx: Ctx) -> AlertmanagerSinkConfig:
     if not re.match(r"https?://[^/\s]+", c.url):
-        ctx.err(join_key(key, "url"), f"must be an http:// or https:// URL, got {c.url!r}")
+        ctx.err(join_key(key, "url"), f"must be an http:// or https:// URL, got {redacted(c.url)!r}")
+    elif "@" in c.url and "@" not in urllib.parse.urlsplit(c.url).netloc:
+        ctx.err(join_key(key, "url"), f"{redacted(c.url)!r}: the password holds a '/', '?' or '#', which end the "
+                "host part of a URL: percent-encode them (%2F, %3F, %23)")
     for name in c.labels:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             ctx.err(join_key(join_key(key, "labels"), name), "invalid Prometheus label name")

@@ -36,15 +36,22 @@ def _host_port(parts: urllib.parse.SplitResult) -> str:
 
 
 def redacted(url: str) -> str:
-    """``url`` with its password masked (the credentials as urllib parses them: up to the last ``@``)."""
+    """``url`` with its password masked (the credentials as urllib parses them: up to the last ``@``). Where an
+    ``@`` lies past what urllib takes for the host (a ``/``, ``?`` or ``#`` in the password; no scheme), all
+    before the last ``@`` is masked."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" not in rest:
+        return url
     try:
         parts = urllib.parse.urlsplit(url)
-        if parts.password is None and parts.username is None:
-            return url
-        user = urllib.parse.unquote(parts.username or "")
-        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{_host_port(parts)}"))
-    except ValueError:  # not a URL urllib can take apart (a bad port): show nothing of it past the scheme
-        return url.split("://", 1)[0] + "://***"
+        if "@" in parts.netloc:
+            user = urllib.parse.unquote(parts.username or "")
+            return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{_host_port(parts)}"))
+    except ValueError:  # not a URL urllib can take apart (a bad port)
+        pass
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
 
 
 class AlertmanagerHTTP:
