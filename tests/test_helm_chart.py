@@ -253,6 +253,19 @@ def test_helm_refuses_secrets_the_protocol_would_not_use(helm: str) -> None:
         assert proc.returncode != 0 and text in proc.stderr, (values, proc.stderr)
 
 
+def test_helm_refuses_passwords_it_would_write_into_the_configmap(helm: str) -> None:
+    """The chart renders config into a ConfigMap: a password or an Alertmanager URL with credentials set there is
+    refused, naming where it belongs (they had been rendered as they were)."""
+    for values, text in ((["config.kafka.security.sasl_password=hunter2"], "kafka.credentials.existingSecret"),
+                         (["config.kafka.security.ssl_key_password=keypw"], "kafka.tls.clientKeyPasswordKey"),
+                         (["config.sinks.alertmanager.url=http://am:s3cr3t@am:9093"],
+                          "ANOMALYD_SINKS__ALERTMANAGER__URL")):
+        proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION,
+                     *(a for v in values for a in ("--set", v))])
+        assert proc.returncode != 0 and text in proc.stderr and "ConfigMap" in proc.stderr, (values, proc.stderr)
+        assert "hunter2" not in proc.stderr and "s3cr3t" not in proc.stderr
+
+
 def test_readme_helm_example_logs_in_with_its_secret(helm: str, tmp_path: Path) -> None:
     """The README's `helm install` renders a config that the daemon accepts and that uses the Secret's login."""
     readme = (ROOT / "README.md").read_text()

@@ -79,6 +79,14 @@ protocol would not use fail the install (the daemon would otherwise connect with
 {{- $_ := set $cfg.kafka.security "ssl_key_password" nil }}
 {{- end }}
 {{- end }}
+{{- range $name, $how := dict "sasl_password" "put it in a Secret named by kafka.credentials.existingSecret" "ssl_key_password" "put it in the client Secret and name its key in kafka.tls.clientKeyPasswordKey" }}
+{{- if get $cfg.kafka.security $name }}
+{{- fail (printf "config.kafka.security.%s would be written into a ConfigMap, readable by anyone who can read the namespace's ConfigMaps: %s" $name $how) }}
+{{- end }}
+{{- end }}
+{{- if contains "@" (toString $cfg.sinks.alertmanager.url) }}
+{{- fail "config.sinks.alertmanager.url holds credentials, which would be written into a ConfigMap: give the URL from a Secret instead, with extraEnv: [{name: ANOMALYD_SINKS__ALERTMANAGER__URL, valueFrom: {secretKeyRef: {name: ..., key: url}}}]" }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
 
