@@ -46,11 +46,29 @@ def _earlier_failure(failed: Path, cxx: str) -> str | None:
     return None
 
 
+def _check_trusted(path: Path) -> None:
+    """Refuse to load code from ``path`` (and the folders from the cache root down to it) when another user could
+    have put it there: owned by someone other than this user or root, or writable by others (a shared cache).
+    RuntimeError naming the path; the callers then run without the extension."""
+    root = build_dir().parent
+    chain = [p for p in (path, *path.parents) if p == root or root in p.parents]
+    for p in chain:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue  # not built yet: the build creates it
+        if st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o002:
+            who = "writable by every user" if st.st_mode & 0o002 else f"owned by uid {st.st_uid}"
+            raise RuntimeError(f"not loading native code from {path}: {p} is {who} (ANOMALYD_CACHE must be this "
+                               "user's or root's, and not writable by others)")
+
+
 def import_built(name: str) -> ModuleType | None:
     """The extension ``name`` built earlier under the cache folder, imported without a compiler; None if absent."""
     path = build_dir() / name / f"{name}.so"
     if not path.exists():
         return None
+    _check_trusted(path)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -76,6 +94,7 @@ def compile_cached(name: str, sources: list[Path], cflags: list[str], ldflags: l
         raise RuntimeError(f"a build with {cxx} failed less than {FAILED_RETRY_S // 3600} h ago (delete "
                            f"{failed} to try again now): {error[-500:]}")
     where.mkdir(parents=True, exist_ok=True)
+    _check_trusted(where / f"{name}.so")  # torch imports a build it finds up to date, whoever made it
     with exclusive_lock(where.with_suffix(".lock")):
         (where / "lock").unlink(missing_ok=True)  # torch's own lock file, stale if a builder was killed
         staged = [_staged(path, where / "src") for path in sources]
