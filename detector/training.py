@@ -212,7 +212,8 @@ def train_detector(
         val_parts.append(_fill_missing(np.concatenate([train[-1:], x[-n_val:]]))[1:])
     train_rows = np.concatenate(train_parts)
     if unreported.any():  # filled with 0.0 there: the model learns a constant the feature may never have
-        names = feature_names or [f"f{j}" for j in range(model_cfg.n_features)]
+        names = feature_names if feature_names and len(feature_names) == model_cfg.n_features else \
+            [f"f{j}" for j in range(model_cfg.n_features)]
         say(f"warning: no values in the training part of a series for {', '.join(np.asarray(names)[unreported])}: "
             "filled with 0")
 

@@ -96,9 +96,12 @@ def check_alerts(a: AlertsConfig, data: Mapping, key: str, ctx: Ctx) -> AlertsCo
 def check_alertmanager(c: AlertmanagerSinkConfig, data: Mapping, key: str, ctx: Ctx) -> AlertmanagerSinkConfig:
     if not re.match(r"https?://[^/\s]+", c.url):
         ctx.err(join_key(key, "url"), f"must be an http:// or https:// URL, got {redacted(c.url)!r}")
-    elif "@" in c.url and "@" not in urllib.parse.urlsplit(c.url).netloc:
-        ctx.err(join_key(key, "url"), f"{redacted(c.url)!r}: the password holds a '/', '?' or '#', which end the "
-                "host part of a URL: percent-encode them (%2F, %3F, %23)")
+    else:
+        try:
+            urllib.parse.urlsplit(c.url).port  # noqa: B018 - raises on a bad port or IPv6 address
+        except ValueError:  # its text may quote a piece of the password
+            ctx.err(join_key(key, "url"), f"{redacted(c.url)!r} is not a URL urllib can take apart (a bad port or "
+                    "IPv6 address; percent-encode a '/', '?', '#' or '@' in the password: %2F, %3F, %23, %40)")
     for name in c.labels:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             ctx.err(join_key(join_key(key, "labels"), name), "invalid Prometheus label name")

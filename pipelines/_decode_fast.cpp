@@ -143,7 +143,6 @@ class Parser {
     }
     return false;
   }
-  // A string without escapes or control characters; its bytes (UTF-8 checked later, by the str conversion).
   // A stream id the Python decoder takes as it is: 1 to MAX_STREAM_BYTES bytes, no DEL and no C1 control
   // character (C2 80-9F; string() refuses C0 ones and escapes).
   static bool plain_stream(const char* s, Py_ssize_t n) {
@@ -154,6 +153,7 @@ class Parser {
     }
     return true;
   }
+  // A string without escapes or control characters; its bytes (UTF-8 checked later, by the str conversion).
   bool string(const char*& s, Py_ssize_t& len) {
     if (!eat('"')) return false;
     s = p_;

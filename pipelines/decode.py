@@ -74,7 +74,7 @@ class SpecCache(dict):
     per distinct stream in every batch (at 100,000 streams, every event). At ``limit`` streams it starts afresh:
     ids come and go (and a producer may send any number of them), the streams in use are looked up again."""
 
-    def __init__(self, lookup: Callable[[str], FeatureSpec | None], limit: int = 200_000) -> None:
+    def __init__(self, lookup: Callable[[str], FeatureSpec | None], limit: int = 500_000) -> None:
         super().__init__()
         self._lookup, self._limit = lookup, limit
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -39,8 +40,9 @@ class BindError(OSError):
 class HealthServer:
     """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``bind:port`` (``port=0`` picks a free port).
 
-    At most ``max_connections`` at a time (more are closed at once), each dropped after ``request_timeout_s``
-    without a request: a thread per idle connection (slowloris) had exhausted the process's threads."""
+    At most ``max_connections`` at a time, a socket read waiting at most ``request_timeout_s``: a thread per idle
+    connection (slowloris) had exhausted the process's threads. When all are taken, a new connection (the kubelet's
+    probe, say) takes the place of the oldest one that has not sent its request yet."""
 
     def __init__(self, registry: CollectorRegistry, bind: str = "0.0.0.0", port: int = 9308,
                  is_alive: Callable[[], bool] = lambda: True,
@@ -111,14 +113,21 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple, handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
         super().__init__(address, handler)
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        self._waiting: dict[socket.socket, float] = {}  # connections without a request yet: monotonic accept time
 
     def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):  # all taken: refuse this one rather than start a thread
-            self.shutdown_request(request)
-            return
+        if not self._slots.acquire(blocking=False):  # all taken: end the oldest that sent no request yet
+            self._drop_oldest_waiting()
+            if not self._slots.acquire(timeout=1.0):
+                self.shutdown_request(request)
+                return
+        with self._lock:
+            self._waiting[request] = time.monotonic()
         try:
             super().process_request(request, client_address)  # starts the thread, which releases the slot
         except BaseException:
+            self.request_read(request)
             self._slots.release()
             raise
 
@@ -126,7 +135,24 @@ class _Server(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.request_read(request)
             self._slots.release()
+
+    def request_read(self, request) -> None:
+        """The connection sent its request (or ended): no longer one to drop for a newcomer."""
+        with self._lock:
+            self._waiting.pop(request, None)
+
+    def _drop_oldest_waiting(self) -> None:
+        with self._lock:
+            if not self._waiting:
+                return
+            oldest = min(self._waiting, key=self._waiting.__getitem__)
+            del self._waiting[oldest]
+        try:
+            oldest.shutdown(socket.SHUT_RDWR)  # its thread's read fails, it ends and frees the slot
+        except OSError:
+            pass
 
 
 class _IPv6Server(_Server):
@@ -139,6 +165,11 @@ def _handler_class(owner: HealthServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "anomalyd"
         timeout = owner.request_timeout_s  # the socket's: a connection that sends nothing is dropped
+
+        def parse_request(self) -> bool:
+            ok = super().parse_request()  # reads the headers too
+            self.server.request_read(self.request)  # request line and headers read: not dropped for a newcomer
+            return ok
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = self.path.split("?", 1)[0]

@@ -190,10 +190,11 @@ def test_a_stream_id_longer_than_256_bytes_is_refused_and_256_taken():
     assert one_reason({"stream": "u" * 257, "ts": TS, "value": 1.0})[0] == "bad_stream"
     assert one_reason({"stream": "é" * 129, "ts": TS, "value": 1.0})[0] == "bad_stream"  # 258 bytes of UTF-8
     assert one_reason({"value": 1.0}, b"k" * 257)[0] == "bad_stream"
-    for stream in (b"u" * 257, b"uni-\x7f", "uni-\x85".encode()):  # raw, the native decoder's shape: handed over
+    for stream in (b"u" * 257, ("\u00e9" * 128 + "u").encode(), b"uni-\x7f", "uni-\x85".encode()):  # raw: native
         msg = b'{"stream":"' + stream + b'","ts":1764180000123,"values":[1.0]}'
         assert one_reason(msg, lookup=lambda s: SPEC1)[0] == "bad_stream"
-    out = dec([{"stream": "u" * 256, "ts": TS, "values": [1.0]}, {"stream": "é" * 128, "ts": TS, "values": [2.0]}],
+    out = dec([{"stream": "u" * 256, "ts": TS, "values": [1.0]},
+               ('{"stream":"' + "\u00e9" * 128 + '","ts":1764180000123,"values":[2.0]}').encode()],  # raw: native
               lookup=lambda s: SPEC1)
     assert out.n_ok == 2
 

@@ -264,6 +264,9 @@ def test_helm_refuses_passwords_it_would_write_into_the_configmap(helm: str) -> 
                      *(a for v in values for a in ("--set", v))])
         assert proc.returncode != 0 and text in proc.stderr and "ConfigMap" in proc.stderr, (values, proc.stderr)
         assert "hunter2" not in proc.stderr and "s3cr3t" not in proc.stderr
+    for values in (["config.sinks.alertmanager.url=http://am:9093/team@x"], ["config.sinks.alertmanager=null"]):
+        proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set", values[0]])
+        assert proc.returncode == 0, (values, proc.stderr)  # an '@' in the path is no password; no section at all
 
 
 def test_readme_helm_example_logs_in_with_its_secret(helm: str, tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ protocol would not use fail the install (the daemon would otherwise connect with
 {{- fail (printf "config.kafka.security.%s would be written into a ConfigMap, readable by anyone who can read the namespace's ConfigMaps: %s" $name $how) }}
 {{- end }}
 {{- end }}
-{{- if contains "@" (toString $cfg.sinks.alertmanager.url) }}
+{{- if regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@" (toString (dig "sinks" "alertmanager" "url" "" $cfg)) }}
 {{- fail "config.sinks.alertmanager.url holds credentials, which would be written into a ConfigMap: give the URL from a Secret instead, with extraEnv: [{name: ANOMALYD_SINKS__ALERTMANAGER__URL, valueFrom: {secretKeyRef: {name: ..., key: url}}}]" }}
 {{- end }}
 {{- toYaml $cfg }}
