@@ -78,7 +78,18 @@ class KafkaPythonSource:
             # A group join is in flight: wait for it here rather than let it finish between two polls, which
             # kafka-python answers with a fresh JoinGroup (another generation). Nothing is assigned meanwhile.
             timeout_ms = max(timeout_ms, _JOIN_WAIT_MS)
-        got = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        from kafka.errors import KafkaConnectionError
+
+        t0 = time.monotonic()
+        try:
+            got = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except KafkaConnectionError as exc:
+            # kafka-python 3.0.12 now and then raises a failed metadata refresh out of poll while the brokers are
+            # away; it crashed the daemon in an outage. The probe reports the outage; the next poll tries again,
+            # after what is left of this one's timeout (no busy loop).
+            log.debug("poll failed, brokers out of reach: %s", exc)
+            time.sleep(max(0.0, timeout_ms / 1000 - (time.monotonic() - t0)))
+            return RecordBatch.empty()
         if not got:
             return RecordBatch.empty()
         records = [r for recs in got.values() for r in recs]

@@ -188,3 +188,25 @@ def test_the_repeat_filter_counts_what_it_held_back() -> None:
     assert held.filter(late)
     assert late.getMessage() == ("10.0.0.1:9092: refused (after 7ms in state CONNECT) (2 more like it held back "
                                  "since the last one shown)")
+
+
+def test_a_connection_error_raised_out_of_a_kafka_python_poll_is_an_empty_poll() -> None:
+    """kafka-python 3.0.12 now and then raises a failed metadata refresh (ECONNREFUSED) out of poll while the
+    brokers are away; it ended the daemon's loop in an outage (seen in CI). The source waits out the poll's timeout
+    and returns nothing; the outage shows in the probe. The consumer here raises on cue (a broker cannot be made to
+    fail exactly inside that refresh)."""
+    from kafka.errors import KafkaConnectionError
+
+    from pipelines.source_kafka_python import KafkaPythonSource
+
+    class _Consumer:
+        def __init__(self) -> None:
+            self.polls = 0
+
+        def poll(self, timeout_ms, max_records):
+            self.polls += 1
+            raise KafkaConnectionError("111 ECONNREFUSED")
+
+    source = object.__new__(KafkaPythonSource)  # the client, not its bootstrap (which needs a broker)
+    source._coordinator, source._consumer = None, _Consumer()
+    assert len(source.poll(10, 50)) == 0 and source._consumer.polls == 1
