@@ -10,11 +10,10 @@ thread (the data is not in the repository; see ../shared/data/README.md).
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 
+from benchmarks import common
 from pipelines.alert_message import FIRING
 from pipelines.alerts import AlertTracker
 from pipelines.evaluation.metrics import Counts, event_counts
@@ -44,10 +43,7 @@ def incident_rows(normalised: np.ndarray, over: np.ndarray, k: int, n: int, m: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", help="an SMD/ASD-style directory: train/, test/, test_label/")
-    p.add_argument("--kind", choices=["gru", "lstm"], default="lstm")
-    args = p.parse_args(argv)
+    args = common.entity_args(__doc__, argv)
     torch.set_num_threads(1)
     s = MultivariateSettings()
     pooled: dict[str, Counts] = {}

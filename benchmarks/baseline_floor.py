@@ -9,10 +9,9 @@ training), the old absolute 1e-6, and c x the training spread + 1e-6 (a feature 
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
+from benchmarks import common
 from detector.gaussian import GaussianDetector
 from pipelines.evaluation.metrics import Counts, average_precision, event_counts
 from pipelines.evaluation.multivariate import MultivariateSettings, load_entities, score_test
@@ -27,9 +26,7 @@ def _floors(train: np.ndarray) -> dict[str, np.ndarray | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", help="an SMD/ASD-style directory: train/, test/, test_label/")
-    args = p.parse_args(argv)
+    args = common.entity_args(__doc__, argv, kind=False)
     s = MultivariateSettings()
     pooled: dict[str, Counts] = {}
     aps: dict[str, list[float]] = {}

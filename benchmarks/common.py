@@ -36,6 +36,15 @@ def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def entity_args(doc: str | None, argv: list[str] | None, kind: bool = True) -> argparse.Namespace:
+    """The accuracy scripts' command line: an SMD/ASD-style directory and (``kind``) the autoencoder kind."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="an SMD/ASD-style directory: train/, test/, test_label/")
+    if kind:
+        p.add_argument("--kind", choices=["gru", "lstm"], default="lstm")
+    return p.parse_args(argv)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ANOMALYD_CACHE") or Path.home() / ".cache" / "anomalyd").expanduser()
 

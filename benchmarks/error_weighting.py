@@ -17,12 +17,12 @@ dataset with one thread (the data is not in the repository; see ../shared/data/R
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import torch
 
+from benchmarks import common
 from detector.base import sliding_windows
 from detector.training import _n_val, calibrate_threshold
 from pipelines.evaluation.metrics import Counts, average_precision, best_f1, event_counts
@@ -43,10 +43,7 @@ def _variants(cv: np.ndarray, ct: np.ndarray) -> dict[str, tuple[np.ndarray, np.
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", help="an SMD/ASD-style directory: train/, test/, test_label/")
-    p.add_argument("--kind", choices=["gru", "lstm"], default="lstm")
-    args = p.parse_args(argv)
+    args = common.entity_args(__doc__, argv)
     torch.set_num_threads(1)
     s = MultivariateSettings()
     W = s.window
