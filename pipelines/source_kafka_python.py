@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from kafka.errors import KafkaConnectionError  # this module is imported only for kafka.client kafka-python
 
 from .kafka_io import RECONNECT_BACKOFF_MAX_MS
 from .kafka_security import client_security_config, kafka_python_bootstrap
@@ -78,8 +79,6 @@ class KafkaPythonSource:
             # A group join is in flight: wait for it here rather than let it finish between two polls, which
             # kafka-python answers with a fresh JoinGroup (another generation). Nothing is assigned meanwhile.
             timeout_ms = max(timeout_ms, _JOIN_WAIT_MS)
-        from kafka.errors import KafkaConnectionError
-
         t0 = time.monotonic()
         try:
             got = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
