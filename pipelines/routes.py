@@ -70,15 +70,23 @@ class RouteState:
         """Models of one route must share window and features, and the window must not be shorter than the stride
         (ValueError naming the route)."""
         first = models[0].detector
-        if stride > first.window:
-            raise ValueError(f"route {label!r}: processing.stride {stride} is larger than the window of "
-                             f"{models[0].name} ({first.window}): the events between two scored windows would be in "
-                             "none; use a stride of at most the window")
+        if problem := RouteState.stride_problem(models, label, stride):
+            raise ValueError(problem)
         for m in models[1:]:
             d = m.detector
             if (d.window, d.n_features, d.feature_names) != (first.window, first.n_features, first.feature_names):
                 raise ValueError(f"route {label!r}: models must share window and features; "
                                  f"{m.name} differs from {models[0].name}")
+
+    @staticmethod
+    def stride_problem(models: list[LoadedModel], label: str, stride: int) -> str | None:
+        """Why ``stride`` cannot serve the route's models, None when it can: longer than their window, it leaves
+        the events between two scored windows in none."""
+        window = models[0].detector.window
+        if stride <= window:
+            return None
+        return (f"processing.stride: {stride} is larger than the window ({window}) of route {label!r}: the events "
+                "between two scored windows would be in none; use at most the window")
 
     def set_models(self, models: list[LoadedModel]) -> None:
         """Install (new versions of) the route's models; the buffer is kept when the shape is unchanged."""

@@ -46,10 +46,8 @@ class ServedModels:
         for spec in self.router.routes:
             models = [loaded[name] for name in spec.models]
             RouteState.check_models(models, spec.label)
-            if stride > models[0].detector.window:  # as RouteState's own check, naming the key and what set it
-                raise ConfigError([f"{self.cfg.where('processing.stride')}: processing.stride: {stride} is larger "
-                                   f"than the window ({models[0].detector.window}) of route {spec.label!r}: the "
-                                   "events between two scored windows would be in none; use at most the window"])
+            if problem := RouteState.stride_problem(models, spec.label, stride):  # naming what set the key
+                raise ConfigError([f"{self.cfg.where('processing.stride')}: {problem}"])
         return loaded
 
     def newer(self, forced: bool) -> dict[str, LoadedModel] | None:
