@@ -127,6 +127,9 @@ class ProcessingConfig:
     score_in_background: bool = True  # score micro-batch k on a second thread while batch k+1 is polled
     model_threads: int = rule_field(0, ge=0)  # CPU inference threads; 0: adaptive, up to the container's CPUs
     stream_idle_timeout_s: float = rule_field(86400.0, ge=0)  # forget a stream silent this long (0: never)
+    # dead-letter the events of a new stream while this many are tracked (0: no limit): ids are memory (a window
+    # each), and a producer with a bug or an attacker sending ever new ids would grow it until the container dies
+    max_streams: int = rule_field(1_000_000, ge=0)
     # dead-letter an event whose ts is further ahead of its record's broker timestamp (0: never): one garbage time (µs,
     # a corrupt field) made every later event of its stream late, dropped, until the stream was forgotten
     max_event_time_ahead_s: float = rule_field(86400.0, ge=0)

@@ -71,7 +71,9 @@ class Daemon(DeliveryStage):
         self.positions = Positions(cfg.kafka.max_rebuild_records)
         self.commits = Committer(self.positions, self.metrics)
         self.intake = Intake(self.models.router, self.positions, self.metrics, cfg.kafka.dead_letter_topic,
-                             cfg.kafka.max_message_bytes, cfg.processing.max_event_time_ahead_s)
+                             cfg.kafka.max_message_bytes, cfg.processing.max_event_time_ahead_s,
+                             cfg.processing.max_streams)
+        self.metrics.streams_max.set(cfg.processing.max_streams)
         self.kafka = KafkaProbe(self.metrics.kafka_reachable)  # while the topic is quiet: do the brokers answer?
         self._leaving = False  # the loop has ended: rebalance callbacks do nothing (see run)
         self._shutdown_by: float | None = None  # monotonic deadline of the shutdown (shutdown.grace_period_s)

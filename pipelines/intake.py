@@ -23,7 +23,7 @@ from .routes import RouteState
 from .routing import Router
 from .source import RecordBatch
 
-__all__ = ["Intake"]
+__all__ = ["TOO_MANY_STREAMS", "Intake"]
 
 log = logging.getLogger("anomalyd")
 
@@ -31,6 +31,9 @@ log = logging.getLogger("anomalyd")
 # microseconds (1.7e15) or nanoseconds (1.7e18)
 _MS_LOW, _MS_HIGH = 100_000_000_000, 100_000_000_000_000
 UNIT_WARNING_EVERY_S = 600.0
+TOO_MANY_STREAMS = "too_many_streams"
+"""The dead-letter reason of an event of a new stream while ``processing.max_streams`` streams are tracked."""
+LIMIT_WARNING_EVERY_S = 60.0
 
 
 class _RouteFeatures(FeatureSpec):
@@ -47,11 +50,14 @@ class Intake:
     model (re)load, then ``add(batch, producer)`` per poll batch."""
 
     def __init__(self, router: Router, positions: Positions, metrics: Metrics, dead_letter_topic: str,
-                 max_message_bytes: int, max_ahead_s: float = 0.0) -> None:
+                 max_message_bytes: int, max_ahead_s: float = 0.0, max_streams: int = 0) -> None:
         native_decode.load()  # built or found now, not in the first poll; ANOMALYD_NATIVE_DECODE=on: raises here
         self.router, self.positions, self.metrics = router, positions, metrics
         self.dead_letter_topic, self.max_message_bytes = dead_letter_topic, max_message_bytes
         self.max_ahead_ms = int(max_ahead_s * 1000)  # 0: event times ahead of the clock are taken as they come
+        self.max_streams = max_streams  # 0: no limit
+        self._refused = (0, set[str]())  # events and a few streams refused since the last warning
+        self._limit_warned_at = -LIMIT_WARNING_EVERY_S
         self.routes: Sequence[RouteState] = []
         self._features: list[_RouteFeatures] = []  # per route
         self._route: dict[_RouteFeatures, RouteState] = {}
@@ -72,6 +78,8 @@ class Intake:
         decoded = decode_batch(batch.value, batch.key, batch.timestamp, self._spec_of, self.max_message_bytes)
         if self.max_ahead_ms:
             self._reject_far_ahead(decoded, batch.timestamp)
+        if self.max_streams:
+            self._refuse_new_streams(decoded)
         self.metrics.decoded.labels(decoder="native").inc(decoded.n_native)
         self.metrics.decoded.labels(decoder="python").inc(len(batch) - decoded.n_native)
         topic0 = batch.topic
@@ -118,6 +126,59 @@ class Intake:
                 del decoded.groups[spec]
         if added:
             decoded.rejected.sort(key=lambda r: r[0])
+
+    def _refuse_new_streams(self, decoded: DecodedBatch) -> None:
+        """The events of streams beyond processing.max_streams (counted over every route, the streams already held
+        first, then new ones in poll order) become rejections (reason too_many_streams), in input order with the
+        others: dead-lettered, so nothing is lost, and said at most once a minute. A stream is taken once there is
+        room again (streams forgotten after processing.stream_idle_timeout_s, or on a revoke)."""
+        room = self.max_streams - sum(len(r.stream_index) for r in self.routes)
+        if room >= sum(len(g) for g in decoded.groups.values()):  # fewer events than free places: nothing to check
+            return
+        taken: set[str] = set()
+        refused: set[str] = set()
+        n_refused = 0
+        detail = (f"{self.max_streams} streams are tracked (processing.max_streams): a new stream is taken once one is "
+                  "forgotten (processing.stream_idle_timeout_s) or the limit is raised")
+        for spec, group in list(decoded.groups.items()):
+            held = self._route[spec].stream_index
+            keep = np.ones(len(group), dtype=bool)
+            for i, stream in enumerate(group.stream):
+                if stream in held or stream in taken:
+                    continue
+                if stream not in refused and room > 0:
+                    taken.add(stream)
+                    room -= 1
+                    continue
+                refused.add(stream)
+                keep[i] = False
+                n_refused += 1
+                decoded.rejected.append((int(group.ok_index[i]), TOO_MANY_STREAMS, detail))
+            if keep.all():
+                continue
+            if keep.any():
+                decoded.groups[spec] = group.take(np.flatnonzero(keep))
+            else:
+                del decoded.groups[spec]
+        if refused:
+            decoded.rejected.sort(key=lambda r: r[0])
+            self._warn_limit(n_refused, refused)
+
+    def _warn_limit(self, n_events: int, streams: set[str]) -> None:
+        """Count refused events; say so, with the count since the last warning and a few streams, once a minute."""
+        n, names = self._refused
+        names.update(sorted(streams)[:max(0, 3 - len(names))])
+        self._refused = (n + n_events, names)
+        now = time.monotonic()
+        if now - self._limit_warned_at < LIMIT_WARNING_EVERY_S:
+            return
+        n, names = self._refused
+        log.warning("processing.max_streams (%d) streams are tracked: %d events of new streams (e.g. %s) went to the "
+                    "dead-letter topic (reason too_many_streams). Raise the limit (with the memory it needs: a window "
+                    "per stream), or forget silent streams sooner (processing.stream_idle_timeout_s); a producer "
+                    "sending ever new stream ids would grow it without end", self.max_streams, n,
+                    ", ".join(sorted(names)))
+        self._refused, self._limit_warned_at = (0, set()), now
 
     def _features_of(self, stream: str) -> _RouteFeatures | None:
         """The stream's route (its features), None when no route takes it; asked once per stream."""

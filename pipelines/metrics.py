@@ -32,6 +32,7 @@ labels except on the opt-in, K-bounded ``anomalyd_top_stream_score``. Outcomes: 
 | `anomalyd_model_info` | gauge | model, version, kind, device | 1 for each served model version |
 | `anomalyd_build_info` | gauge | version, python, torch | 1; versions of the daemon, Python and PyTorch |
 | `anomalyd_streams_tracked` | gauge | - | streams with a window buffer |
+| `anomalyd_streams_max` | gauge | - | streams tracked at most (`processing.max_streams`; 0: no limit) |
 | `anomalyd_window_buffer_bytes` | gauge | - | memory held by the window buffers |
 | `anomalyd_gpu_memory_bytes` | gauge | device | CUDA memory allocated by tensors (read at scrape time) |
 | `anomalyd_top_stream_score` | gauge | rank, stream | latest score of the K top streams (K > 0) |
@@ -138,6 +139,8 @@ class Metrics:
         self.build_info = Gauge("anomalyd_build_info", "Versions of anomalyd, Python and PyTorch.",
                                 ["version", "python", "torch"], registry=r)
         self.streams_tracked = Gauge("anomalyd_streams_tracked", "Streams with a window buffer.", registry=r)
+        self.streams_max = Gauge("anomalyd_streams_max",
+                                 "Streams tracked at most (processing.max_streams; 0: no limit).", registry=r)
         self.window_buffer_bytes = Gauge("anomalyd_window_buffer_bytes", "Memory held by the window buffers.",
                                          registry=r)
         self.inference_threads = Gauge("anomalyd_inference_threads", "Intra-op threads of CPU inference.",

@@ -83,6 +83,7 @@ def _populate(metrics: Metrics) -> None:
     metrics.observe_sink_flush("kafka", 0.003)
     metrics.observe_commit(0.002)
     metrics.set_buffers(3, 4096)
+    metrics.streams_max.set(1000)
 
 
 def test_every_dashboard_query_runs_on_real_prometheus(prometheus_server: Callable[..., Prometheus]) -> None:
