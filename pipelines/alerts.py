@@ -9,7 +9,9 @@ so the next incident needs k fresh over-threshold windows.
 
 The incident id is a hash of (stream, model label, topic/partition/offset of the incident's first
 anomalous window, i.e. the oldest over-threshold window among the last ``n`` when it opened), so
-replaying the same input produces the same ids and duplicates can be recognised downstream.
+replaying the same input produces the same ids and duplicates can be recognised downstream. Open incidents can be
+handed to the next owner of their partition (:meth:`AlertTracker.handover`, :meth:`AlertTracker.adopt`), which
+continues them under the same id.
 
 :class:`AlertTracker` sits on the hot path: :meth:`AlertTracker.observe` takes a whole micro-batch
 as arrays.  Idle streams (not open, no over-threshold bit among their last ``n`` results, nothing
@@ -73,6 +75,33 @@ class _Incident:
         for name in models_over:
             self.models_over.setdefault(name)
 
+    def state(self, top_k: int) -> dict:
+        """The incident as a JSON-able dict for the next owner of its partition (:meth:`AlertTracker.adopt`); the
+        per-feature shares of the ``top_k`` features only."""
+        return {"id": self.id, "stream": self.stream, "route": self.model, "version": self.model_version,
+                "threshold": self.threshold, "started": self.started_at, "topic": self.topic,
+                "partition": self.partition, "first": self.first_offset, "last": self.last_offset, "peak": self.peak,
+                "normal": self.normal_run, "over": list(self.models_over),
+                "shares": {f: round(v, 4) for f, v in self.top_features(top_k)},
+                "n": self.n_shares}
+
+    @classmethod
+    def from_state(cls, state: Mapping, feature_names: tuple[str, ...]) -> _Incident:
+        """The incident :meth:`state` described, its shares on ``feature_names`` (KeyError, TypeError or
+        ValueError for a malformed state)."""
+        inc = cls(id=str(state["id"]), stream=str(state["stream"]), model=str(state["route"]),
+                  model_version=str(state["version"]), threshold=float(state["threshold"]),
+                  feature_names=feature_names, started_at=int(state["started"]), topic=str(state["topic"]),
+                  partition=int(state["partition"]), first_offset=int(state["first"]), last_offset=int(state["last"]),
+                  peak=float(state["peak"]), normal_run=int(state["normal"]))
+        for name in state["over"]:
+            inc.models_over.setdefault(str(name))
+        n, shares = int(state["n"]), dict(state["shares"])
+        if n > 0 and feature_names:
+            inc.share_sum = np.array([float(shares.get(f, 0.0)) * n for f in feature_names])  # (F,)
+            inc.n_shares = n
+        return inc
+
     def top_features(self, k: int) -> list[tuple[str, float]]:
         if self.share_sum is None or self.n_shares == 0 or k <= 0:
             return []
@@ -128,6 +157,24 @@ class AlertTracker:
                 self._cooldown_until[st] = end + self.cooldown_ms
                 out.append(self._alert(inc, RESOLVED, end))
         return out
+
+    def handover(self) -> list[tuple[int, dict]]:
+        """``(stream index, state)`` of every open incident, for the next owner of its partition: the last commit
+        before a revoke or the shutdown carries them (:mod:`pipelines.positions`)."""
+        k = max(self.top_features, 3)
+        return [(st, inc.state(k)) for st, inc in self._incidents.items()]
+
+    def adopt(self, st: int, state: Mapping, feature_names: Sequence[str]) -> Alert:
+        """Continue an incident the partition's previous owner handed over (:meth:`handover`) as stream ``st``'s
+        open incident: it resolves after ``m`` normal windows, with its own id. Returns its ``firing`` alert (for
+        sinks that re-send active alerts; it was delivered by the previous owner). KeyError, TypeError or
+        ValueError for a malformed state, and nothing changes."""
+        inc = _Incident.from_state(state, tuple(feature_names))
+        self._grow(st + 1)
+        self._incidents[st] = inc
+        self._open[st], self._blocked[st], self._bits[st] = True, False, 0
+        self._pending.pop(st, None)
+        return self._alert(inc, FIRING, None)
 
     def reset_streams(self, stream_idx: Sequence[int] | np.ndarray) -> None:
         """Forget all state of these streams (e.g. their partition was revoked); emits nothing."""

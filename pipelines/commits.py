@@ -51,13 +51,18 @@ class Committer:
         self._retry_at = 0.0  # monotonic time before which a failed commit is not tried again
         self._generation = 0  # assignments so far: an answer from an earlier one does not pause the commits
 
-    def offsets(self, routes: Sequence[RouteState]) -> Offsets:
-        """Everything processed so far, with the window-rebuild floors of ``routes``."""
+    def offsets(self, routes: Sequence[RouteState], handover: bool = False) -> Offsets:
+        """Everything processed so far, with the window-rebuild floors of ``routes``; with ``handover`` (the last
+        commit before the partitions go, everything read scored and delivered), their open incidents too."""
         floors = np.full(len(self.positions.tps), -1, dtype=np.int64)
         for route in routes:
             f = route.rebuild_floor(len(self.positions.tps))
             floors = np.where((floors < 0) | ((f >= 0) & (f < floors)), f, floors)
-        return self.positions.commit_offsets(floors)
+        incidents: dict[int, list[dict]] = {}
+        for route in routes if handover else ():
+            for tp_id, states in route.handover().items():
+                incidents.setdefault(tp_id, []).extend(states)
+        return self.positions.commit_offsets(floors, incidents)
 
     def commit(self, offsets: Offsets, in_rebalance: bool = False, wait: bool = False,
                timeout_s: float | None = None) -> None:

@@ -313,6 +313,7 @@ class Daemon(DeliveryStage):
             self.scoring_threads.polled(len(batch) >= most)
         if self.positions.needs_positioning:  # seeks, with no poll in flight
             batch = self.positions.position_new(self.source, batch)
+            self._adopt_handed_over()
         if self._ahead is not None and (offsets := self._ahead.take_deferred()):  # no poll in flight now
             self.commits.commit(offsets)
         self._maybe_report_lag()  # no poll in flight now either

@@ -16,6 +16,7 @@ from detector.engine import InferenceEngine
 
 from .commits import Committer
 from .config import Config
+from .intake import Intake
 from .kafka_io import KafkaDeliveryPending, Producer
 from .metrics import Metrics
 from .positions import Positions
@@ -50,6 +51,7 @@ class DeliveryStage:
     commits: Committer
     producer: Producer  # dead letters
     sinks: FanoutSink
+    intake: Intake
     _worker: ScoringWorker | None
     _oldest_pending: float | None  # monotonic time the oldest window still pending was queued
     _last_retry_warning: float  # monotonic time of the loop's last delivery warning
@@ -142,8 +144,9 @@ class DeliveryStage:
         self.sinks.flush(left(by), self.metrics.observe_sink_flush)  # raises SinkError: nothing is committed
         if waiting is not None:  # nothing is committed either
             raise waiting
-        if commit and self.positions.uncommitted:
-            self.commits.commit(self.commits.offsets(self.routes), in_rebalance, wait, left(by) if wait else None)
+        if commit and (self.positions.uncommitted or in_rebalance or wait):  # the last commit: open incidents too
+            offsets = self.commits.offsets(self.routes, handover=in_rebalance or wait)
+            self.commits.commit(offsets, in_rebalance, wait, left(by) if wait else None)
 
     # -- scoring on a second thread (processing.score_in_background) ---------------------------------------
     def _flush_in_background(self, timeout_s: float, commit: bool, windows: int) -> None:
@@ -172,6 +175,39 @@ class DeliveryStage:
         if offsets:
             self.producer.flush(timeout_s)
             self.commits.commit(offsets, in_rebalance)
+
+    def _adopt_handed_over(self) -> None:
+        """Continue the open incidents that the previous owners of newly assigned partitions handed over in their
+        last commit (a clean shutdown or a revoke): each resolves here, with its own id, and is not fired again;
+        sinks that re-send active alerts (Alertmanager) keep it active. An incident whose stream now has another
+        route, or a state not understood, is left to be detected afresh (said)."""
+        handed = self.positions.take_handed_over()
+        if not handed:
+            return
+        try:
+            self._finish_background(10.0)  # the scoring thread reads alert state
+        except RETRIED as exc:  # kept and retried; those offsets wait
+            log.warning("delivery not complete, offsets not committed, will retry: %s", exc)
+        adopted, skipped = [], []
+        for tp, states in handed.items():
+            tp_id = self.positions.id_of(tp)
+            for state in states:
+                stream = state.get("stream")
+                r = self.intake.router.route_of(stream) if isinstance(stream, str) else -1
+                route = self.routes[r] if 0 <= r < len(self.routes) else None
+                try:
+                    if route is None or route.spec.label != state.get("route"):
+                        raise ValueError(f"stream {stream!r} is not routed to {state.get('route')!r} here")
+                    adopted.append(route.adopt(state, tp_id))
+                except (KeyError, TypeError, ValueError) as exc:
+                    skipped.append(f"{tp}: {exc}")
+        if adopted:
+            log.info("continuing %d open incidents handed over with partitions %s", len(adopted), sorted(handed))
+            self.sinks.adopt(adopted)
+            self._set_stream_gauges()
+        if skipped:
+            log.warning("%d open incidents handed over not continued (detected afresh if still anomalous): %s",
+                        len(skipped), "; ".join(skipped[:5]))
 
     def _maybe_forget_idle(self, now: float) -> None:
         """Once a minute (or per timeout, if shorter), forget streams idle for processing.stream_idle_timeout_s and

@@ -4,6 +4,11 @@ Each commit carries ``{"rebuild_from": N}`` in its metadata: the lowest source o
 stream's window on that partition. A member newly assigned the partition seeks to N and replays up to the
 committed offset into the window buffers without scoring (``replay_mask``), so detection resumes with full
 windows after a restart, a crash or a rebalance.
+
+The last commit before the partitions go (a revoke, the shutdown: everything read is scored and its alerts delivered)
+also carries the open incidents of the partition's streams, ``{"rebuild_from": N, "incidents": [...]}``, as many as
+fit in :data:`MAX_METADATA_BYTES`; the next owner continues them (:meth:`Positions.take_handed_over`), so an incident
+open across a rolling restart or a rebalance neither fires again nor loses its ``resolved`` alert.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from detector.windows import sorted_groups
 
 from .source import RecordBatch, Source, TopicPartition
 
-__all__ = ["MAX_REBUILD_RECORDS", "Positions", "WindowOffsets", "replay_start"]
+__all__ = ["MAX_METADATA_BYTES", "MAX_REBUILD_RECORDS", "Positions", "WindowOffsets", "replay_start"]
 
 log = logging.getLogger("anomalyd")
 
@@ -28,6 +33,11 @@ MAX_REBUILD_RECORDS = 2_000_000
 every later commit's floor, which would otherwise make each restart replay everything since (or, once retention has
 deleted that offset, reset the position by ``auto_offset_reset``). Streams whose window begins further back restart
 with a partial window (their first windows wait to fill up)."""
+
+
+MAX_METADATA_BYTES = 3500
+"""The most UTF-8 bytes of a commit's metadata anomalyd writes: brokers refuse a commit whose metadata is longer than
+their ``offset.metadata.max.bytes`` (4,096 by default). Incidents beyond it are not handed over (and said)."""
 
 
 def replay_start(committed: int, floor: int, log_start: int, max_replay: int = MAX_REBUILD_RECORDS) -> int:
@@ -46,13 +56,52 @@ def _without(batch: RecordBatch, tps: set[TopicPartition]) -> RecordBatch:
     return batch if len(keep) == len(batch) else batch.select(keep)
 
 
-def _rebuild_floor(metadata: str) -> int:
-    """``rebuild_from`` of a commit's metadata, -1 if none. What follows the JSON object is ignored: confluent-kafka
-    writes metadata with a trailing NUL (and kafka-python's commits add one, see pipelines.source_kafka_python)."""
+def _metadata_doc(metadata: str) -> dict:
+    """A commit's metadata as a dict, {} if it is none of ours. What follows the JSON object is ignored:
+    confluent-kafka writes metadata with a trailing NUL (and kafka-python's commits add one, see
+    pipelines.source_kafka_python)."""
     try:
-        return int(json.JSONDecoder().raw_decode(metadata.lstrip())[0].get("rebuild_from", -1)) if metadata else -1
-    except (ValueError, AttributeError, TypeError):
+        doc = json.JSONDecoder().raw_decode(metadata.lstrip())[0] if metadata else {}
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _rebuild_floor(metadata: str) -> int:
+    """``rebuild_from`` of a commit's metadata, -1 if none."""
+    try:
+        return int(_metadata_doc(metadata).get("rebuild_from", -1))
+    except (ValueError, TypeError):
         return -1
+
+
+def _handed_over(metadata: str) -> list[dict]:
+    """The open incidents a commit's metadata hands over ([] if none)."""
+    got = _metadata_doc(metadata).get("incidents", [])
+    return [i for i in got if isinstance(i, dict)] if isinstance(got, list) else []
+
+
+def _metadata(tp: TopicPartition, floor: int, incidents: list[dict] | None) -> str:
+    """A commit's metadata: the rebuild floor (-1: none) and as many of ``incidents`` as fit in MAX_METADATA_BYTES
+    (the rest said, not handed over: the next owner detects them afresh)."""
+    doc: dict = {"rebuild_from": floor} if floor >= 0 else {}
+    if not incidents:
+        return json.dumps(doc) if doc else ""
+    size = lambda d: len(json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode())  # noqa: E731
+    kept: list[dict] = []
+    room = MAX_METADATA_BYTES - size({**doc, "incidents": []})
+    for inc in sorted(incidents, key=lambda i: i["started"]):  # the oldest first: the longest-known incidents
+        cost = size(inc) + 1  # and its comma
+        if cost <= room:
+            kept.append(inc)
+            room -= cost
+    if len(kept) < len(incidents):
+        log.warning("%s: %d of %d open incidents handed over to the partition's next owner (the commit metadata's "
+                    "limit, %d bytes); it detects the others afresh (a second firing alert, another id)", tp,
+                    len(kept), len(incidents), MAX_METADATA_BYTES)
+    if kept:
+        doc["incidents"] = kept
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False) if doc else ""
 
 
 class WindowOffsets:
@@ -120,6 +169,8 @@ class Positions:
         self.tps: list[TopicPartition] = []
         self.assigned: set[TopicPartition] = set()
         self.uncommitted: dict[TopicPartition, int] = {}  # next offset to commit
+        self.processed: dict[TopicPartition, int] = {}  # next offset after what is processed (or committed before)
+        self.handed_over: dict[TopicPartition, list[dict]] = {}  # open incidents from the previous owner's commit
         self._resume: dict[TopicPartition, int] = {}  # records below these offsets are a rebuild replay
         self._new: set[TopicPartition] = set()  # assigned, not yet positioned
         self._first_dropped: dict[TopicPartition, int] = {}  # first record polled before a positioning that failed
@@ -155,6 +206,8 @@ class Positions:
         tps = set(tps)
         for tp in tps:
             self.uncommitted.pop(tp, None)
+            self.processed.pop(tp, None)
+            self.handed_over.pop(tp, None)
             self._resume.pop(tp, None)
             self._first_dropped.pop(tp, None)
         self.assigned -= tps
@@ -211,6 +264,9 @@ class Positions:
                 continue
             # a log start not known: no rebuild (the floor may be gone, and auto_offset_reset latest skips the rest)
             starts[tp] = replay_start(got[0], floors[tp], log_start.get(tp, got[0]), self.max_rebuild_records)
+            self.processed[tp] = got[0]
+            if incidents := _handed_over(got[1]):
+                self.handed_over[tp] = incidents
             if starts[tp] < got[0]:
                 self._resume[tp] = got[0]
         for tp, off in starts.items():
@@ -256,12 +312,26 @@ class Positions:
             if nxt < self._resume.get(tp, 0):
                 continue
             self.uncommitted[tp] = max(self.uncommitted.get(tp, 0), nxt)
+            self.processed[tp] = max(self.processed.get(tp, 0), nxt)
 
-    def commit_offsets(self, floors: np.ndarray) -> dict[TopicPartition, tuple[int, str]]:
-        """``{tp: (next offset, metadata)}`` for everything processed; ``floors`` (by tp id, -1 = none)."""
+    def take_handed_over(self) -> dict[TopicPartition, list[dict]]:
+        """The open incidents the previous owners of newly positioned partitions handed over (each once)."""
+        got, self.handed_over = self.handed_over, {}
+        return got
+
+    def commit_offsets(self, floors: np.ndarray, handover: dict[int, list[dict]] | None = None,
+                       ) -> dict[TopicPartition, tuple[int, str]]:
+        """``{tp: (next offset, metadata)}`` for everything processed; ``floors`` (by tp id, -1 = none). With
+        ``handover`` (tp id -> open incidents' states: only when everything read is scored and delivered, before
+        the partitions go), also the partitions with open incidents and nothing new to commit."""
+        todo = dict(self.uncommitted)
+        for i, states in (handover or {}).items():
+            tp = self.tps[i]
+            if states and tp not in todo and tp in self.processed and tp in self.assigned:
+                todo[tp] = self.processed[tp]
         out = {}
-        for tp, nxt in self.uncommitted.items():
+        for tp, nxt in todo.items():
             i = self.ids[tp]
             floor = int(floors[i]) if i < len(floors) else -1
-            out[tp] = (nxt, json.dumps({"rebuild_from": floor}) if floor >= 0 else "")
+            out[tp] = (nxt, _metadata(tp, floor, (handover or {}).get(i)))
         return out

@@ -212,6 +212,34 @@ class RouteState:
         alerts = self.tracker.resolve_streams(idle, self.buffer.largest_ts(idle)) if idle.size else []
         return self._forget(idle), alerts
 
+    def handover(self) -> dict[int, list[dict]]:
+        """The open incidents' states by topic-partition id, for the partitions' next owner (:meth:`adopt`)."""
+        out: dict[int, list[dict]] = {}
+        for st, state in self.tracker.handover():
+            tp = int(self.stream_tp[st])
+            if tp >= 0:
+                out.setdefault(tp, []).append(state)
+        return out
+
+    def adopt(self, state: dict, tp_id: int) -> Alert:
+        """Continue an open incident handed over with partition ``tp_id`` (:meth:`handover`): its stream is held
+        from now (forgotten if it stays silent, which resolves the incident) even before its first event here.
+        KeyError, TypeError or ValueError for a malformed state, and nothing changes."""
+        stream = state["stream"]
+        if not isinstance(stream, str) or not stream:
+            raise TypeError(f"stream {stream!r} is not a stream id")
+        known = stream in self.stream_index
+        (j,) = self.stream_ids([stream]).tolist()
+        try:
+            alert = self.tracker.adopt(j, state, self.feature_names)
+        except (KeyError, TypeError, ValueError):
+            if not known:
+                self._forget(np.array([j]))
+            raise
+        self.stream_tp[j] = tp_id
+        self.last_seen[j] = time.monotonic()
+        return alert
+
     def _forget(self, gone: np.ndarray) -> list[str]:
         names = [self.stream_names[i] for i in gone.tolist()]
         if gone.size:

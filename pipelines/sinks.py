@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -49,6 +50,10 @@ class Sink(ABC):
 
     def forget_streams(self, streams: Iterable[str]) -> None:  # noqa: B027 - optional hook
         """The daemon no longer owns these streams (partition revoked); drop any per-stream sink state."""
+
+    def adopt(self, alerts: Sequence[Alert]) -> None:  # noqa: B027 - optional hook
+        """These ``firing`` alerts were delivered by the previous owner of their partitions, and their incidents
+        continue here: a sink that re-sends active alerts takes them on (nothing is sent again otherwise)."""
 
     def flush_due(self, now: float) -> bool:
         """Whether a :meth:`flush` has work of the sink's own at monotonic time ``now`` (a re-post), even with
@@ -204,6 +209,14 @@ class AlertmanagerSink(Sink):
         gone = set(streams)
         self._active = {i: v for i, v in self._active.items() if v[0].stream not in gone}
 
+    def adopt(self, alerts: Sequence[Alert]) -> None:
+        """Re-post them at the next flush (the previous owner's last post ends within 4 re-post intervals), then
+        every ``resend_interval_s`` until they resolve."""
+        for alert in alerts:
+            self._active[alert.id] = (alert, -math.inf)
+        if alerts:
+            self._last_flush = -math.inf
+
     def flush_due(self, now: float) -> bool:
         """Firing alerts are due for their re-post (else Alertmanager resolves them at endsAt while the incident
         is open: a quiet topic brought no flush), or alerts wait for a retry whose backoff has passed."""
@@ -328,6 +341,10 @@ class FanoutSink(Sink):
         streams = list(streams)
         for sink in self.sinks:
             sink.forget_streams(streams)
+
+    def adopt(self, alerts: Sequence[Alert]) -> None:
+        for sink in self.sinks:
+            sink.adopt(alerts)
 
     def flush_due(self, now: float) -> bool:
         return any(sink.flush_due(now) for sink in self.sinks)

@@ -329,3 +329,45 @@ def test_resolving_a_silent_stream_is_a_resolve_like_any_other() -> None:
             (RESOLVED, 2000)]
         assert obs(tr, [False, True], [3000, 4000], [3, 4]) == [] and tr.open_incidents == 0
     assert tr.resolve_streams(np.array([0]), np.array([np.iinfo(np.int64).min])) == []  # nothing open
+
+
+def test_an_open_incident_handed_over_continues_with_its_id_and_resolves_once() -> None:
+    """The last commit before a partition goes carries its open incidents (as JSON); the next owner's tracker
+    continues each: the same id and start, no second firing while the anomaly goes on, then one resolved alert
+    whose peak, offsets and features are those an owner that never stopped would have reported."""
+    windows = series(2, "111" + "1" * 4 + "0" * 5, t0=5000, off0=200)
+    for i, w in enumerate(windows):  # the features that drive it change: pressure first, then temp
+        w.contrib = (0.0, 3.0, 1.0) if i < 3 else (4.0, 1.0, 0.0)
+    windows[5].score = 7.0
+    whole = AlertTracker(k=2, n=3, m=5, top_features=2)
+    expected = feed(whole, windows)
+    assert [a.status for a in expected] == [FIRING, RESOLVED]
+
+    first = AlertTracker(k=2, n=3, m=5, top_features=2)
+    (firing,) = feed(first, windows[:4])
+    (st, state), = first.handover()
+    assert st == 2
+    state = json.loads(json.dumps(state))  # through the commit metadata
+    second = AlertTracker(k=2, n=3, m=5, top_features=2)
+    adopted = second.adopt(9, state, FEATURES)  # a firing alert of the incident now (for Alertmanager's re-posts)
+    assert (adopted.status, adopted.id, adopted.started_at, adopted.stream) == (FIRING, firing.id, 5000, "pump-2")
+    assert adopted.source["last_offset"] == 203
+    assert second.open_incidents == 1
+    rest = [W(9, w.over, w.ts, w.offset, w.score, contrib=w.contrib) for w in windows[4:]]
+    got = feed(second, rest)
+    assert [a.status for a in got] == [RESOLVED]  # no firing again
+    assert got[0] == expected[1]  # id, start, end, peak 7.0, last offset, top features
+    assert second.open_incidents == 0
+
+
+def test_a_malformed_handed_over_state_changes_nothing() -> None:
+    tr = AlertTracker(k=2, n=3, m=5)
+    (firing,) = feed(AlertTracker(k=2, n=3, m=5), series(1, "11"))
+    donor = AlertTracker(k=2, n=3, m=5)
+    feed(donor, series(1, "11"))
+    (_, state), = donor.handover()
+    for broken in ({k: v for k, v in state.items() if k != "peak"}, {**state, "first": "x"}, {**state, "over": 3}):
+        with pytest.raises((KeyError, TypeError, ValueError)):
+            tr.adopt(1, broken, FEATURES)
+        assert tr.open_incidents == 0
+    assert tr.adopt(1, state, FEATURES).id == firing.id

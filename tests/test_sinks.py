@@ -444,3 +444,16 @@ def test_security_options_map_to_each_client(tmp_path: Path) -> None:
         client_security_config("confluent", {"sasl_pasword": "x"})
     with pytest.raises(ValueError, match="kafka.client"):
         client_security_config("librdkafka", {})
+
+
+def test_alertmanager_re_posts_an_adopted_alert_at_once_then_each_interval(recorder: Recorder, clock: Clock):
+    sink = AlertmanagerSink(recorder.url, resend_interval_s=60.0)
+    assert not sink.flush_due(clock.now)
+    sink.adopt([make_alert()])
+    assert sink.flush_due(clock.now)  # the previous owner's last post ends within 4 intervals: now
+    sink.flush(5.0)
+    assert [a["annotations"]["alert_id"] for _, posted in recorder.posts for a in posted] == ["a1b2"]
+    clock.advance(30)
+    assert not sink.flush_due(clock.now)
+    clock.advance(31)
+    assert sink.flush_due(clock.now)

@@ -73,17 +73,19 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 def produce_with_anomalies(bootstrap: str, topic: str, steps: int, kinds: tuple[str, ...],
                            truth_path: Path | None = None, rate: float | None = None,
-                           first_steps: int | None = None) -> tuple[list[dict], int]:
+                           first_steps: int | None = None, from_step: int = 0,
+                           t0_ms: int | None = None) -> tuple[list[dict], int]:
     """Produce ``steps`` steps of every stream (continuing the training history) with one anomaly per kind; only
-    the ``first_steps`` of them if given (ending inside an anomaly: its incident stays open)."""
+    the ``first_steps`` of them if given (ending inside an anomaly: its incident stays open), from ``from_step`` (the
+    rest of an earlier call's, with its ``t0_ms``: event times that go on where it stopped)."""
     f = fleet()
     plan = f.plan(HISTORY, steps, n_anomalies=len(kinds), length=25, kinds=kinds)
     data, truth = f.live(HISTORY, steps, plan)
-    data = data[:, :first_steps]
-    t0 = int(time.time() * 1000) - (HISTORY + steps) * INTERVAL_MS  # event times end about now
+    data = data[:, from_step:first_steps]
+    t0 = int(time.time() * 1000) - (HISTORY + steps) * INTERVAL_MS if t0_ms is None else t0_ms  # times end about now
     producer = make_producer("kafka-python", bootstrap)
     try:
-        n = produce_live(producer, topic, f, data, HISTORY, t0, INTERVAL_MS, rate, truth, truth_path)
+        n = produce_live(producer, topic, f, data, HISTORY + from_step, t0, INTERVAL_MS, rate, truth, truth_path)
     finally:
         producer.close()
     return truth, n

@@ -1,0 +1,106 @@
+"""Open incidents handed over with a partition: the last commit before it goes (a revoke, the shutdown) carries them in
+its metadata, and the next owner continues them (no second firing alert; its resolved alert keeps the id)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from pipelines.alert_message import FIRING
+from pipelines.positions import MAX_METADATA_BYTES, Positions
+from pipelines.source import RecordBatch
+
+A, B = ("t", 0), ("t", 1)
+
+
+def _state(i: int, stream: str | None = None) -> dict:
+    return {"id": f"{i:032x}", "stream": stream or f"pump-{i}", "route": "gru", "version": "1", "threshold": 2.5,
+            "started": 1_000 + i, "topic": "t", "partition": 0, "first": 10 + i, "last": 20 + i, "peak": 3.5,
+            "normal": 2, "over": ["gru"], "shares": {"s0": 0.75, "s1": 0.25}, "n": 4}
+
+
+def _processed(pos: Positions, tp, offsets: list[int]) -> None:
+    pos.advance(np.full(len(offsets), pos.id_of(tp)), np.array(offsets, np.int64))
+
+
+def test_the_last_commit_carries_open_incidents_even_of_a_partition_with_nothing_new():
+    pos = Positions()
+    pos.assign([A, B])
+    _processed(pos, A, [5, 6])
+    _processed(pos, B, [40])
+    del pos.uncommitted[B]  # B committed already, A not
+    floors = np.array([3, 30])
+    assert pos.commit_offsets(floors, {}) == {A: (7, json.dumps({"rebuild_from": 3}))}  # as any commit
+    handover = {pos.id_of(B): [_state(1)]}
+    got = pos.commit_offsets(floors, handover)
+    assert got[A] == (7, json.dumps({"rebuild_from": 3}))
+    offset, metadata = got[B]
+    assert offset == 41 and json.loads(metadata) == {"rebuild_from": 30, "incidents": [_state(1)]}
+    pos.revoke([B])
+    assert pos.commit_offsets(floors, handover) == {A: (7, json.dumps({"rebuild_from": 3}))}  # gone: not ours
+
+
+def test_incidents_beyond_what_a_broker_takes_in_metadata_are_left_to_be_detected_afresh(caplog):
+    pos = Positions()
+    pos.assign([A])
+    _processed(pos, A, [99])
+    many = [_state(i, stream="s" * 200 + str(i)) for i in range(40)]
+    with caplog.at_level(logging.WARNING, logger="anomalyd"):
+        (_, metadata), = pos.commit_offsets(np.array([50]), {0: many[::-1]}).values()
+    assert len(metadata.encode()) <= MAX_METADATA_BYTES < 4096  # the brokers' default offset.metadata.max.bytes
+    kept = json.loads(metadata)["incidents"]
+    assert 5 < len(kept) < 40 and kept == many[:len(kept)]  # the oldest first
+    assert f"{len(kept)} of 40 open incidents handed over" in caplog.text
+
+
+class _Client:
+    """Answers ``committed`` with what the previous owner committed, records seeks."""
+
+    def __init__(self, committed: dict) -> None:
+        self.answers, self.seeks = committed, {}
+
+    def committed(self, tps):
+        return {tp: self.answers.get(tp) for tp in tps}
+
+    def first_offsets(self, tps):
+        return {tp: 0 for tp in tps}
+
+    def seek(self, tp, offset):
+        self.seeks[tp] = offset
+
+
+def test_the_next_owner_reads_the_incidents_once_and_hands_them_over_again_unchanged():
+    empty = RecordBatch.empty()
+    metadata = json.dumps({"rebuild_from": 30, "incidents": [_state(1), "junk"]}) + "\x00"  # confluent's NUL
+    pos = Positions()
+    pos.assign([A, B])
+    pos.position_new(_Client({A: (41, metadata), B: (7, json.dumps({"rebuild_from": 3}))}), empty)
+    assert pos.take_handed_over() == {A: [_state(1)]} and pos.take_handed_over() == {}
+    # no record read since: its own last commit hands them over at the same offset
+    assert pos.commit_offsets(np.array([30, 3]), {pos.id_of(A): [_state(1)]})[A][0] == 41
+    pos.assign([B])
+    pos.position_new(_Client({B: (7, "not ours")}), empty)
+    assert pos.take_handed_over() == {}
+
+
+def test_a_route_adopts_a_handed_over_incident_and_holds_its_stream(trained, tmp_path):
+    from pipelines.model_store import ModelStore
+    from pipelines.routes import RouteState
+    from pipelines.routing import RouteSpec
+
+    ModelStore(tmp_path).save("gru", trained["gru"])
+    route = RouteState(RouteSpec(("gru",)), [ModelStore(tmp_path).load("gru")], 1, {"k": 3, "n": 5, "m": 5})
+    alert = route.adopt(_state(1), tp_id=3)
+    assert (alert.status, alert.stream, alert.id) == (FIRING, "pump-1", _state(1)["id"])
+    j = route.stream_index["pump-1"]
+    assert route.stream_tp[j] == 3 and route.tracker.open_incidents == 1
+    assert route.handover() == {3: [route.tracker.handover()[0][1]]}
+    assert route.handover()[3][0]["id"] == _state(1)["id"]
+    with pytest.raises(KeyError):
+        route.adopt({k: v for k, v in _state(2).items() if k != "n"}, tp_id=3)
+    assert "pump-2" not in route.stream_index  # nothing left behind
+    gone, resolved = route.forget_idle(0.0, now=float("inf"))  # silent for ever: forgotten, and resolved
+    assert gone == ["pump-1"] and [a.id for a in resolved] == [_state(1)["id"]]
