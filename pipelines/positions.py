@@ -87,7 +87,7 @@ def _metadata(tp: TopicPartition, floor: int, incidents: list[dict] | None) -> s
     doc: dict = {"rebuild_from": floor} if floor >= 0 else {}
     if not incidents:
         return json.dumps(doc) if doc else ""
-    size = lambda d: len(json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode())  # noqa: E731
+    size = lambda d: len(json.dumps(d, separators=(",", ":")))  # noqa: E731 - ASCII (escaped): bytes = characters
     kept: list[dict] = []
     room = MAX_METADATA_BYTES - size({**doc, "incidents": []})
     for inc in sorted(incidents, key=lambda i: i["started"]):  # the oldest first: the longest-known incidents
@@ -101,7 +101,7 @@ def _metadata(tp: TopicPartition, floor: int, incidents: list[dict] | None) -> s
                     len(kept), len(incidents), MAX_METADATA_BYTES)
     if kept:
         doc["incidents"] = kept
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False) if doc else ""
+    return json.dumps(doc, separators=(",", ":")) if doc else ""
 
 
 class WindowOffsets:
