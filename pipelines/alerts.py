@@ -61,6 +61,7 @@ class _Incident:
     partition: int
     first_offset: int
     last_offset: int
+    last_ts: int = 0  # event time of its latest window
     peak: float = float("-inf")
     share_sum: np.ndarray | None = None  # (F,)
     n_shares: int = 0
@@ -80,20 +81,22 @@ class _Incident:
         per-feature shares of the ``top_k`` features only."""
         return {"id": self.id, "stream": self.stream, "route": self.model, "version": self.model_version,
                 "threshold": self.threshold, "started": self.started_at, "topic": self.topic,
-                "partition": self.partition, "first": self.first_offset, "last": self.last_offset, "peak": self.peak,
+                "partition": self.partition, "first": self.first_offset, "last": self.last_offset,
+                "last_ts": self.last_ts, "peak": self.peak,
                 "normal": self.normal_run, "over": list(self.models_over),
                 "shares": {f: round(v, 4) for f, v in self.top_features(top_k)},
                 "n": self.n_shares}
 
     @classmethod
     def from_state(cls, state: Mapping, feature_names: tuple[str, ...]) -> _Incident:
-        """The incident :meth:`state` described, its shares on ``feature_names`` (KeyError, TypeError or
-        ValueError for a malformed state)."""
+        """The incident :meth:`state` described, its shares on ``feature_names`` (KeyError, TypeError,
+        ValueError or OverflowError for a malformed state)."""
         inc = cls(id=str(state["id"]), stream=str(state["stream"]), model=str(state["route"]),
                   model_version=str(state["version"]), threshold=float(state["threshold"]),
                   feature_names=feature_names, started_at=int(state["started"]), topic=str(state["topic"]),
                   partition=int(state["partition"]), first_offset=int(state["first"]), last_offset=int(state["last"]),
                   peak=float(state["peak"]), normal_run=int(state["normal"]))
+        inc.last_ts = max(int(state.get("last_ts", inc.started_at)), inc.started_at)
         for name in state["over"]:
             inc.models_over.setdefault(str(name))
         n, shares = int(state["n"]), dict(state["shares"])
@@ -150,7 +153,7 @@ class AlertTracker:
         for st, end in zip(stream_idx.tolist(), ended_at.tolist(), strict=True):
             inc = self._incidents.pop(st, None)
             if inc is not None:
-                end = max(int(end), inc.started_at)  # an end not known (INT64_MIN): the start
+                end = max(int(end), inc.last_ts, inc.started_at)  # an end not known (INT64_MIN): its last window
                 self._open[st] = False
                 self._bits[st] = 0
                 self._pending.pop(st, None)
@@ -164,11 +167,20 @@ class AlertTracker:
         k = max(self.top_features, 3)
         return [(st, inc.state(k)) for st, inc in self._incidents.items()]
 
+    def incident_of(self, st: int) -> _Incident | None:
+        """Stream ``st``'s open incident, None when it has none."""
+        return self._incidents.get(st)
+
+    def resolved(self, state: Mapping, feature_names: Sequence[str]) -> Alert:
+        """The ``resolved`` alert of a handed-over incident that is not continued (ended at its latest window)."""
+        inc = _Incident.from_state(state, tuple(feature_names))
+        return self._alert(inc, RESOLVED, inc.last_ts)
+
     def adopt(self, st: int, state: Mapping, feature_names: Sequence[str]) -> Alert:
         """Continue an incident the partition's previous owner handed over (:meth:`handover`) as stream ``st``'s
         open incident: it resolves after ``m`` normal windows, with its own id. Returns its ``firing`` alert (for
-        sinks that re-send active alerts; it was delivered by the previous owner). KeyError, TypeError or
-        ValueError for a malformed state, and nothing changes."""
+        sinks that re-send active alerts; it was delivered by the previous owner). KeyError, TypeError, ValueError or
+        OverflowError for a malformed state, and nothing changes."""
         inc = _Incident.from_state(state, tuple(feature_names))
         self._grow(st + 1)
         self._incidents[st] = inc
@@ -289,6 +301,7 @@ class AlertTracker:
             b = ((int(self._bits[st]) << 1) | int(o)) & self._mask
             inc = self._incidents.get(st)
             if inc is not None:
+                inc.last_ts = ts
                 if (tp_l[j], pa_l[j]) == (inc.topic, inc.partition):
                     inc.last_offset = of_l[j]
                 if o:
@@ -325,6 +338,7 @@ class AlertTracker:
                     self._pending.pop(st), stream_names[st], model, model_version, threshold, feature_names,
                     (tp_l[j], pa_l[j], of_l[j]),
                 )  # fmt: skip
+                inc.last_ts = ts
                 self._incidents[st] = inc
                 self._open[st] = True
                 alerts.append(self._alert(inc, FIRING, None))

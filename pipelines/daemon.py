@@ -29,7 +29,7 @@ from .commits import Committer
 from .config import Config, check_model_files
 from .daemon_delivery import RETRIED, DeliveryStage, left
 from .httpserver import HealthServer
-from .intake import Intake
+from .intake import TOO_MANY_STREAMS, Intake
 from .kafka_io import KafkaDeliveryError, Producer, make_producer
 from .kafka_probe import KafkaProbe
 from .kafka_security import wait_for_a_broker
@@ -245,7 +245,7 @@ class Daemon(DeliveryStage):
                 auto_offset_reset=k.auto_offset_reset, fetch_min_bytes=k.fetch_min_bytes,
                 fetch_max_wait_ms=k.fetch_max_wait_ms)
             self.commits.source, self.commits.ahead = self.source, self._ahead
-            self.metrics.init_topics(k.topics)
+            self.metrics.init_topics(k.topics, [TOO_MANY_STREAMS] if self.cfg.processing.max_streams else [])
             self.metrics.set_state(up=True, ready=False)
             # micro-batch arrays reuse freed heap; on the CPU, the CUDA wheel's libraries leave the resident set
             tune_process_memory(models_on_cpu=self.engine.device.type == "cpu")

@@ -188,7 +188,7 @@ class DeliveryStage:
             self._finish_background(10.0)  # the scoring thread reads alert state
         except RETRIED as exc:  # kept and retried; those offsets wait
             log.warning("delivery not complete, offsets not committed, will retry: %s", exc)
-        adopted, skipped = [], []
+        adopted, resolved, skipped = [], [], []
         for tp, states in handed.items():
             tp_id = self.positions.id_of(tp)
             for state in states:
@@ -198,12 +198,20 @@ class DeliveryStage:
                 try:
                     if route is None or route.spec.label != state.get("route"):
                         raise ValueError(f"stream {stream!r} is not routed to {state.get('route')!r} here")
-                    adopted.append(route.adopt(state, tp_id))
-                except (KeyError, TypeError, ValueError) as exc:
-                    skipped.append(f"{tp}: {exc}")
-        if adopted:
+                    alert, ended = route.adopt(state, tp_id)
+                except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                    skipped.append(f"{tp}: {type(exc).__name__}: {exc}")
+                    continue
+                adopted += [alert] if alert is not None else []
+                resolved += ended
+        if adopted or resolved:
             log.info("continuing %d open incidents handed over with partitions %s", len(adopted), sorted(handed))
+            if resolved:  # a stream whose key moved, with an incident handed over with each of two partitions
+                log.info("resolved %d handed-over incidents of streams that have a later one", len(resolved))
             self.sinks.adopt(adopted)
+            for a in resolved:
+                self.metrics.alert(a.model, a.status)
+            self.sinks.add(resolved)  # delivered with the next flush
             self._set_stream_gauges()
         if skipped:
             log.warning("%d open incidents handed over not continued (detected afresh if still anomalous): %s",

@@ -129,9 +129,10 @@ class Intake:
 
     def _refuse_new_streams(self, decoded: DecodedBatch) -> None:
         """The events of streams beyond processing.max_streams (counted over every route, the streams already held
-        first, then new ones in poll order) become rejections (reason too_many_streams), in input order with the
-        others: dead-lettered, so nothing is lost, and said at most once a minute. A stream is taken once there is
-        room again (streams forgotten after processing.stream_idle_timeout_s, or on a revoke)."""
+        first, then new ones route by route, each route's in poll order) become rejections (reason
+        too_many_streams), in input order with the others: dead-lettered, so nothing is lost, and said at most once
+        a minute. A stream is taken once there is room again (streams forgotten after
+        processing.stream_idle_timeout_s, or on a revoke)."""
         room = self.max_streams - sum(len(r.stream_index) for r in self.routes)
         if room >= sum(len(g) for g in decoded.groups.values()):  # fewer events than free places: nothing to check
             return

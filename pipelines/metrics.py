@@ -164,11 +164,17 @@ class Metrics:
             GCCollector(registry=r)
 
     # -- consumption -------------------------------------------------------------------------------------
-    def init_topics(self, topics: Iterable[str]) -> None:
-        """Create every ``events`` series of these topics at 0, so rates exist before the first event."""
+    def init_topics(self, topics: Iterable[str], dead_letter_reasons: Iterable[str] = ()) -> None:
+        """Create every ``events`` series of these topics at 0, so rates exist before the first event, and their
+        ``dead_letters`` series of these reasons (an alert on ``increase()`` misses a series' first count)."""
+        reasons = list(dead_letter_reasons)
+        with self._lock:
+            self._reasons.update(reasons)
         for topic in topics:
             for outcome in OUTCOMES:
                 self.events.labels(topic=topic, outcome=outcome)
+            for reason in reasons:
+                self.dead_letters.labels(topic=topic, reason=reason)
 
     def event(self, topic: str, outcome: str, n: int = 1) -> None:
         """Count ``n`` events of ``topic`` with ``outcome`` (one of :data:`OUTCOMES`; use :meth:`dead_letter`

@@ -171,6 +171,7 @@ class Positions:
         self.uncommitted: dict[TopicPartition, int] = {}  # next offset to commit
         self.processed: dict[TopicPartition, int] = {}  # next offset after what is processed (or committed before)
         self.handed_over: dict[TopicPartition, list[dict]] = {}  # open incidents from the previous owner's commit
+        self._carries: set[TopicPartition] = set()  # partitions whose last commit carries incidents
         self._resume: dict[TopicPartition, int] = {}  # records below these offsets are a rebuild replay
         self._new: set[TopicPartition] = set()  # assigned, not yet positioned
         self._first_dropped: dict[TopicPartition, int] = {}  # first record polled before a positioning that failed
@@ -208,6 +209,7 @@ class Positions:
             self.uncommitted.pop(tp, None)
             self.processed.pop(tp, None)
             self.handed_over.pop(tp, None)
+            self._carries.discard(tp)
             self._resume.pop(tp, None)
             self._first_dropped.pop(tp, None)
         self.assigned -= tps
@@ -267,6 +269,9 @@ class Positions:
             self.processed[tp] = got[0]
             if incidents := _handed_over(got[1]):
                 self.handed_over[tp] = incidents
+                self._carries.add(tp)
+                if starts[tp] == got[0]:  # no replay: commit again soon (see replay_mask)
+                    self.uncommitted.setdefault(tp, got[0])
             if starts[tp] < got[0]:
                 self._resume[tp] = got[0]
         for tp, off in starts.items():
@@ -300,6 +305,8 @@ class Positions:
             replay |= sel & (offset < resume_at)
             if sel.any() and offset[sel].max() >= resume_at - 1:
                 del self._resume[tp]
+                if tp in self._carries:  # the windows are rebuilt: the next commit takes the incidents out of the
+                    self.uncommitted.setdefault(tp, resume_at)  # metadata (this owner resolves them, or hands over)
         return replay
 
     def advance(self, tp_idx: np.ndarray, offset: np.ndarray) -> None:
@@ -331,7 +338,11 @@ class Positions:
                 todo[tp] = self.processed[tp]
         out = {}
         for tp, nxt in todo.items():
-            i = self.ids[tp]
+            i = self.id_of(tp)
             floor = int(floors[i]) if i < len(floors) else -1
-            out[tp] = (nxt, _metadata(tp, floor, (handover or {}).get(i)))
+            out[tp] = (nxt, meta := _metadata(tp, floor, (handover or {}).get(i)))
+            if '"incidents"' in meta:
+                self._carries.add(tp)
+            else:
+                self._carries.discard(tp)
         return out

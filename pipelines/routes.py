@@ -56,7 +56,7 @@ class RouteState:
         self.stream_index: dict[str, int] = {}  # the streams held, by name
         self.stream_names: list[str] = []  # by id; "" for a free id (a stream forgotten, its id to be reused)
         self.stream_tp = np.full(1024, -1, dtype=np.int32)  # (S,) topic-partition id of each stream
-        self.last_seen = np.zeros(1024, dtype=np.float64)  # (S,) monotonic time of each stream's latest event
+        self.last_seen = np.full(1024, np.nan)  # (S,) monotonic time of each stream's latest event (NaN: none)
         self._free: list[int] = []  # ids of forgotten streams
         self._moved_count, self._moved_names = 0, set()  # arrivals on another partition than before (_moved)
         self._moved_logged_at = -math.inf
@@ -132,7 +132,7 @@ class RouteState:
         if n > len(self.stream_tp):
             grow = max(n, 2 * len(self.stream_tp)) - len(self.stream_tp)
             self.stream_tp = np.concatenate([self.stream_tp, np.full(grow, -1, np.int32)])
-            self.last_seen = np.concatenate([self.last_seen, np.zeros(grow)])
+            self.last_seen = np.concatenate([self.last_seen, np.full(grow, np.nan)])
         return out
 
     def _moved(self, streams: np.ndarray) -> None:
@@ -164,7 +164,11 @@ class RouteState:
         if moved.any():
             self._moved(stream[moved])
         self.stream_tp[stream] = tp_id
-        self.last_seen[stream] = time.monotonic()
+        if score.all():
+            self.last_seen[stream] = time.monotonic()
+        else:  # records read again to rebuild windows: not news of a stream already held (adopted, say)
+            seen = score | np.isnan(self.last_seen[stream])
+            self.last_seen[stream[seen]] = time.monotonic()
         prior = self.buffer.largest_ts(stream)  # (N,)
         wb = self.buffer.add(stream, ts, values)
         if self.buffer.n_late > late0:  # the rebuild offsets count accepted events only: windows hold no late one
@@ -213,32 +217,49 @@ class RouteState:
         return self._forget(idle), alerts
 
     def handover(self) -> dict[int, list[dict]]:
-        """The open incidents' states by topic-partition id, for the partitions' next owner (:meth:`adopt`)."""
+        """The open incidents' states by topic-partition id, for the partitions' next owner (:meth:`adopt`), each
+        with ``idle_s``, how long its stream has been silent (its next owner forgets it no later than this one
+        would have)."""
         out: dict[int, list[dict]] = {}
+        now = time.monotonic()
         for st, state in self.tracker.handover():
             tp = int(self.stream_tp[st])
             if tp >= 0:
+                idle = now - self.last_seen[st]
+                state["idle_s"] = round(float(idle), 1) if idle > 0 else 0.0
                 out.setdefault(tp, []).append(state)
         return out
 
-    def adopt(self, state: dict, tp_id: int) -> Alert:
-        """Continue an open incident handed over with partition ``tp_id`` (:meth:`handover`): its stream is held
-        from now (forgotten if it stays silent, which resolves the incident) even before its first event here.
-        KeyError, TypeError or ValueError for a malformed state, and nothing changes."""
+    def adopt(self, state: dict, tp_id: int) -> tuple[Alert | None, list[Alert]]:
+        """Continue an open incident handed over with partition ``tp_id`` (:meth:`handover`). A stream new here is
+        held from now, as silent as it was (forgotten when it stays so, which resolves the incident), even before its
+        first event. Returns (its ``firing`` alert, None when it is not continued; ``resolved`` alerts): a stream
+        with an open incident already (one handed over with another partition: its key moved) keeps the one that
+        started later, and the other resolves now. Raises for a malformed state (KeyError, TypeError, ValueError,
+        OverflowError), and nothing changes."""
         stream = state["stream"]
         if not isinstance(stream, str) or not stream:
             raise TypeError(f"stream {stream!r} is not a stream id")
-        known = stream in self.stream_index
+        j = self.stream_index.get(stream)
+        resolved = []
+        if j is not None and (held := self.tracker.incident_of(j)) is not None:
+            incoming = self.tracker.resolved(state, self.feature_names)  # raises for a malformed state
+            if incoming.started_at <= held.started_at:
+                return None, [incoming]
+            resolved = self.tracker.resolve_streams(np.array([j]), np.array([held.last_ts]))
+        new = j is None
         (j,) = self.stream_ids([stream]).tolist()
         try:
             alert = self.tracker.adopt(j, state, self.feature_names)
-        except (KeyError, TypeError, ValueError):
-            if not known:
+        except (KeyError, TypeError, ValueError, OverflowError):
+            if new:
                 self._forget(np.array([j]))
             raise
-        self.stream_tp[j] = tp_id
-        self.last_seen[j] = time.monotonic()
-        return alert
+        if new:
+            idle_s = float(state.get("idle_s", 0.0))
+            self.stream_tp[j] = tp_id
+            self.last_seen[j] = time.monotonic() - (min(idle_s, 1e9) if idle_s > 0 else 0.0)  # NaN: 0
+        return alert, resolved
 
     def _forget(self, gone: np.ndarray) -> list[str]:
         names = [self.stream_names[i] for i in gone.tolist()]
@@ -247,6 +268,7 @@ class RouteState:
             self.tracker.reset_streams(gone)
             self.offsets.reset(gone)
             self.stream_tp[gone] = -1
+            self.last_seen[gone] = np.nan
             self._drop_pending(gone)
             for i, name in zip(gone.tolist(), names, strict=True):
                 del self.stream_index[name]

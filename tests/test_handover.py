@@ -87,21 +87,64 @@ def test_the_next_owner_reads_the_incidents_once_and_hands_them_over_again_uncha
     assert pos.take_handed_over() == {}
 
 
-def test_a_route_adopts_a_handed_over_incident_and_holds_its_stream(trained, tmp_path):
+@pytest.fixture
+def route(trained, tmp_path):
     from pipelines.model_store import ModelStore
     from pipelines.routes import RouteState
     from pipelines.routing import RouteSpec
 
     ModelStore(tmp_path).save("gru", trained["gru"])
-    route = RouteState(RouteSpec(("gru",)), [ModelStore(tmp_path).load("gru")], 1, {"k": 3, "n": 5, "m": 5})
-    alert = route.adopt(_state(1), tp_id=3)
-    assert (alert.status, alert.stream, alert.id) == (FIRING, "pump-1", _state(1)["id"])
+    return RouteState(RouteSpec(("gru",)), [ModelStore(tmp_path).load("gru")], 1, {"k": 3, "n": 5, "m": 5})
+
+
+def test_a_route_adopts_a_handed_over_incident_and_holds_its_stream_as_silent_as_it_was(route):
+    import time
+
+    alert, resolved = route.adopt({**_state(1), "idle_s": 100.0, "last_ts": 5_000}, tp_id=3)
+    assert (alert.status, alert.stream, alert.id, resolved) == (FIRING, "pump-1", _state(1)["id"], [])
     j = route.stream_index["pump-1"]
     assert route.stream_tp[j] == 3 and route.tracker.open_incidents == 1
-    assert route.handover() == {3: [route.tracker.handover()[0][1]]}
-    assert route.handover()[3][0]["id"] == _state(1)["id"]
-    with pytest.raises(KeyError):
-        route.adopt({k: v for k, v in _state(2).items() if k != "n"}, tp_id=3)
+    (state,) = route.handover()[3]
+    assert state["id"] == _state(1)["id"] and state["last_ts"] == 5_000 and 100 <= state["idle_s"] < 110
+    for broken in ({k: v for k, v in _state(2).items() if k != "n"}, {**_state(2), "started": 1e999}):
+        with pytest.raises((KeyError, OverflowError)):
+            route.adopt(broken, tp_id=3)
     assert "pump-2" not in route.stream_index  # nothing left behind
-    gone, resolved = route.forget_idle(0.0, now=float("inf"))  # silent for ever: forgotten, and resolved
-    assert gone == ["pump-1"] and [a.id for a in resolved] == [_state(1)["id"]]
+    # its records read again to rebuild its window are no news of it: still silent for 100 s
+    n = 3
+    route.add(np.full(n, j), np.arange(4_000, 4_000 + n, dtype=np.int64), np.zeros((n, 4), np.float32),
+              np.full(n, 3), np.arange(n, dtype=np.int64), ["t"] * n, np.zeros(n, np.int32), np.zeros(n, bool))
+    assert route.forget_idle(200.0, now=time.monotonic())[0] == []
+    gone, (end,) = route.forget_idle(90.0, now=time.monotonic())  # the next owner forgets it as this one would
+    assert gone == ["pump-1"] and (end.id, end.ended_at) == (_state(1)["id"], 5_000)  # at its last window
+
+
+def test_a_stream_with_incidents_handed_over_with_two_partitions_keeps_the_later_one(route):
+    """Its key moved to another partition: each owner had an incident open for it. Both ids resolve, once."""
+    older, newer = _state(1, stream="pump-x"), {**_state(2, stream="pump-x"), "started": 9_000, "last_ts": 9_500}
+    first, _ = route.adopt(newer, tp_id=1)
+    alert, resolved = route.adopt({**older, "last_ts": 3_000}, tp_id=0)
+    assert alert is None and [(a.id, a.status, a.ended_at) for a in resolved] == [(older["id"], "resolved", 3_000)]
+    assert route.tracker.open_incidents == 1 and route.handover()[1][0]["id"] == newer["id"]
+    route.forget_partitions([1])  # the other order: the incident held is the older one
+    route.adopt(older, tp_id=0)
+    alert, resolved = route.adopt(newer, tp_id=1)
+    assert alert.id == newer["id"] and [a.id for a in resolved] == [older["id"]]
+    assert route.tracker.open_incidents == 1
+
+
+def test_a_commit_that_handed_over_is_rewritten_once_the_new_owner_has_rebuilt_its_windows():
+    """Else its incidents stayed in the partition's metadata after they resolved here, and the partition's next
+    owner (after a crash, or a revoke with nothing new to commit) took them up again: a resolved incident fired."""
+    pos = Positions()
+    pos.assign([A, B])
+    handed = json.dumps({"rebuild_from": 30, "incidents": [_state(1)]})
+    pos.position_new(_Client({A: (41, handed), B: (7, json.dumps({"incidents": [_state(2)]}))}), RecordBatch.empty())
+    assert pos.uncommitted == {B: 7}  # no replay there: at once
+    ids = np.full(11, pos.id_of(A))
+    assert pos.replay_mask(ids, np.arange(30, 41)).all() and pos.uncommitted == {A: 41, B: 7}  # replay done
+    got = pos.commit_offsets(np.array([30, -1]))
+    assert got == {A: (41, json.dumps({"rebuild_from": 30})), B: (7, "")}
+    assert pos._carries == set()
+
+

@@ -38,6 +38,19 @@ def test_events_and_dead_letters(reg: CollectorRegistry, m: Metrics) -> None:
         m.event("sensors", "bogus")
 
 
+def test_a_dead_letter_reason_alerted_on_exists_at_zero_before_its_first_count(reg: CollectorRegistry,
+                                                                               m: Metrics) -> None:
+    """AnomalydStreamLimitReached uses increase(), which misses a series' first count (from absent to N)."""
+    got = lambda: reg.get_sample_value("anomalyd_dead_letters_total",  # noqa: E731
+                                       {"topic": "sensors", "reason": "too_many_streams"})
+    m.init_topics(["sensors"])
+    assert got() is None
+    m.init_topics(["sensors"], ["too_many_streams"])
+    assert got() == 0
+    m.dead_letter("sensors", "too_many_streams", 3)
+    assert got() == 3
+
+
 def test_dead_letter_reasons_are_bounded(reg: CollectorRegistry, m: Metrics) -> None:
     for i in range(MAX_DEAD_LETTER_REASONS + 5):
         m.dead_letter("t", f"reason{i}")
