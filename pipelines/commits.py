@@ -133,7 +133,9 @@ class Committer:
             self._finished(offsets, time.perf_counter() - t0, None)
 
     def _finished(self, offsets: Offsets, seconds: float, error: BaseException | None, pause: bool = True) -> None:
-        """Count the commit; a failure pauses the next for RETRY_AFTER_S (``pause``: it is of this generation)."""
+        """Count the commit; a failure pauses the next for RETRY_AFTER_S (``pause``: it is of this generation). A
+        success of an earlier generation leaves the offsets to commit alone: an entry equal to its offset is this
+        generation's (a partition assigned again and to be committed anew: see Positions.position_new)."""
         self.metrics.observe_commit(seconds, ok=error is None)
         if error is not None:
             if pause:
@@ -141,5 +143,5 @@ class Committer:
             log.warning("offset commit failed (records will be redelivered): %s", error)
             return
         for tp, (nxt, _meta) in offsets.items():  # records processed since stay uncommitted
-            if self.positions.uncommitted.get(tp) == nxt:
+            if pause and self.positions.uncommitted.get(tp) == nxt:
                 del self.positions.uncommitted[tp]

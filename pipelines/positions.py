@@ -172,6 +172,7 @@ class Positions:
         self.processed: dict[TopicPartition, int] = {}  # next offset after what is processed (or committed before)
         self.handed_over: dict[TopicPartition, list[dict]] = {}  # open incidents from the previous owner's commit
         self._carries: set[TopicPartition] = set()  # partitions whose last commit carries incidents
+        self._floor_read: dict[TopicPartition, int] = {}  # a commit's floor, until a record of ours is processed
         self._resume: dict[TopicPartition, int] = {}  # records below these offsets are a rebuild replay
         self._new: set[TopicPartition] = set()  # assigned, not yet positioned
         self._first_dropped: dict[TopicPartition, int] = {}  # first record polled before a positioning that failed
@@ -210,6 +211,7 @@ class Positions:
             self.processed.pop(tp, None)
             self.handed_over.pop(tp, None)
             self._carries.discard(tp)
+            self._floor_read.pop(tp, None)
             self._resume.pop(tp, None)
             self._first_dropped.pop(tp, None)
         self.assigned -= tps
@@ -267,11 +269,11 @@ class Positions:
             # a log start not known: no rebuild (the floor may be gone, and auto_offset_reset latest skips the rest)
             starts[tp] = replay_start(got[0], floors[tp], log_start.get(tp, got[0]), self.max_rebuild_records)
             self.processed[tp] = got[0]
-            if incidents := _handed_over(got[1]):
-                self.handed_over[tp] = incidents
+            if incidents := _handed_over(got[1]):  # continued here: the next commit takes them out of the metadata
+                self.handed_over[tp] = incidents  # (else, resolved here, they were taken up again after a crash)
                 self._carries.add(tp)
-                if starts[tp] == got[0]:  # no replay: commit again soon (see replay_mask)
-                    self.uncommitted.setdefault(tp, got[0])
+                self.uncommitted.setdefault(tp, got[0])
+                self._floor_read[tp] = floors[tp]  # in that commit: the windows here are not rebuilt yet
             if starts[tp] < got[0]:
                 self._resume[tp] = got[0]
         for tp, off in starts.items():
@@ -305,8 +307,6 @@ class Positions:
             replay |= sel & (offset < resume_at)
             if sel.any() and offset[sel].max() >= resume_at - 1:
                 del self._resume[tp]
-                if tp in self._carries:  # the windows are rebuilt: the next commit takes the incidents out of the
-                    self.uncommitted.setdefault(tp, resume_at)  # metadata (this owner resolves them, or hands over)
         return replay
 
     def advance(self, tp_idx: np.ndarray, offset: np.ndarray) -> None:
@@ -320,6 +320,7 @@ class Positions:
                 continue
             self.uncommitted[tp] = max(self.uncommitted.get(tp, 0), nxt)
             self.processed[tp] = max(self.processed.get(tp, 0), nxt)
+            self._floor_read.pop(tp, None)
 
     def take_handed_over(self) -> dict[TopicPartition, list[dict]]:
         """The open incidents the previous owners of newly positioned partitions handed over (each once)."""
@@ -332,14 +333,16 @@ class Positions:
         ``handover`` (tp id -> open incidents' states: only when everything read is scored and delivered, before
         the partitions go), also the partitions with open incidents and nothing new to commit."""
         todo = dict(self.uncommitted)
-        for i, states in (handover or {}).items():
-            tp = self.tps[i]
-            if states and tp not in todo and tp in self.processed and tp in self.assigned:
-                todo[tp] = self.processed[tp]
+        if handover is not None:  # and those whose last commit has incidents still (a rewrite that failed)
+            for tp in [self.tps[i] for i, states in handover.items() if states] + list(self._carries):
+                if tp not in todo and tp in self.processed and tp in self.assigned:
+                    todo[tp] = self.processed[tp]
         out = {}
         for tp, nxt in todo.items():
             i = self.id_of(tp)
             floor = int(floors[i]) if i < len(floors) else -1
+            if tp in self._floor_read:  # nothing of ours processed there yet: the floor of the commit it started at
+                floor = self._floor_read[tp]
             out[tp] = (nxt, meta := _metadata(tp, floor, (handover or {}).get(i)))
             if '"incidents"' in meta:
                 self._carries.add(tp)

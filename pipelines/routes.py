@@ -218,8 +218,8 @@ class RouteState:
 
     def handover(self) -> dict[int, list[dict]]:
         """The open incidents' states by topic-partition id, for the partitions' next owner (:meth:`adopt`), each
-        with ``idle_s``, how long its stream has been silent (its next owner forgets it no later than this one
-        would have)."""
+        with ``idle_s``, how long its stream has been silent (its next owner counts its silence on from there: the
+        time between the handover and the adoption is not counted)."""
         out: dict[int, list[dict]] = {}
         now = time.monotonic()
         for st, state in self.tracker.handover():
@@ -231,19 +231,23 @@ class RouteState:
         return out
 
     def adopt(self, state: dict, tp_id: int) -> tuple[Alert | None, list[Alert]]:
-        """Continue an open incident handed over with partition ``tp_id`` (:meth:`handover`). A stream new here is
-        held from now, as silent as it was (forgotten when it stays so, which resolves the incident), even before its
-        first event. Returns (its ``firing`` alert, None when it is not continued; ``resolved`` alerts): a stream
-        with an open incident already (one handed over with another partition: its key moved) keeps the one that
-        started later, and the other resolves now. Raises for a malformed state (KeyError, TypeError, ValueError,
-        OverflowError), and nothing changes."""
+        """Continue an open incident handed over with partition ``tp_id`` (:meth:`handover`). Its stream is held from
+        now, as silent as it was at the handover (forgotten when it stays so, which resolves the incident), even
+        before its first event. Returns (its ``firing`` alert, None when it is not continued; ``resolved`` alerts):
+        a stream with an open incident already (one handed over with another partition: its key moved) keeps the
+        one that started later, and the other resolves now. Raises for a malformed state (KeyError, TypeError,
+        ValueError, OverflowError), and nothing changes."""
         stream = state["stream"]
         if not isinstance(stream, str) or not stream:
             raise TypeError(f"stream {stream!r} is not a stream id")
+        idle_s = float(state.get("idle_s", 0.0))
+        idle_s = min(idle_s, 1e9) if idle_s > 0 else 0.0  # NaN: 0
         j = self.stream_index.get(stream)
         resolved = []
         if j is not None and (held := self.tracker.incident_of(j)) is not None:
             incoming = self.tracker.resolved(state, self.feature_names)  # raises for a malformed state
+            if incoming.id == held.id:  # the same incident, in two partitions' metadata
+                return None, []
             if incoming.started_at <= held.started_at:
                 return None, [incoming]
             resolved = self.tracker.resolve_streams(np.array([j]), np.array([held.last_ts]))
@@ -255,10 +259,9 @@ class RouteState:
             if new:
                 self._forget(np.array([j]))
             raise
-        if new:
-            idle_s = float(state.get("idle_s", 0.0))
+        if new or resolved:  # held from now, on the incident's partition (where the key moved, for two)
             self.stream_tp[j] = tp_id
-            self.last_seen[j] = time.monotonic() - (min(idle_s, 1e9) if idle_s > 0 else 0.0)  # NaN: 0
+            self.last_seen[j] = np.fmax(self.last_seen[j], time.monotonic() - idle_s)
         return alert, resolved
 
     def _forget(self, gone: np.ndarray) -> list[str]:

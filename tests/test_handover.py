@@ -133,18 +133,59 @@ def test_a_stream_with_incidents_handed_over_with_two_partitions_keeps_the_later
     assert route.tracker.open_incidents == 1
 
 
-def test_a_commit_that_handed_over_is_rewritten_once_the_new_owner_has_rebuilt_its_windows():
+def test_a_commit_that_handed_over_is_rewritten_at_the_new_owners_next_commit_keeping_its_floor():
     """Else its incidents stayed in the partition's metadata after they resolved here, and the partition's next
-    owner (after a crash, or a revoke with nothing new to commit) took them up again: a resolved incident fired."""
+    owner (after a crash, or a revoke with nothing new to commit) took them up again: a resolved incident fired.
+    Rewritten before the windows are rebuilt (or with no rebuild at all), it keeps the floor it was read with."""
     pos = Positions()
     pos.assign([A, B])
     handed = json.dumps({"rebuild_from": 30, "incidents": [_state(1)]})
     pos.position_new(_Client({A: (41, handed), B: (7, json.dumps({"incidents": [_state(2)]}))}), RecordBatch.empty())
-    assert pos.uncommitted == {B: 7}  # no replay there: at once
-    ids = np.full(11, pos.id_of(A))
-    assert pos.replay_mask(ids, np.arange(30, 41)).all() and pos.uncommitted == {A: 41, B: 7}  # replay done
-    got = pos.commit_offsets(np.array([30, -1]))
-    assert got == {A: (41, json.dumps({"rebuild_from": 30})), B: (7, "")}
-    assert pos._carries == set()
+    assert pos.uncommitted == {A: 41, B: 7}  # at the next commit, whether the windows are rebuilt or not
+    floors_here = np.array([-1, -1])  # no record read yet: no window holds anything
+    got = pos.commit_offsets(floors_here, {})
+    assert got == {A: (41, json.dumps({"rebuild_from": 30})), B: (7, "")} and pos._carries == set()
+    assert pos.replay_mask(np.full(11, pos.id_of(A)), np.arange(30, 41)).all()  # the replay, then a record of ours
+    _processed(pos, A, [41])
+    assert pos.commit_offsets(np.array([35, -1]), {})[A] == (42, json.dumps({"rebuild_from": 35}))  # its own now
 
 
+def test_an_answer_of_an_earlier_generation_does_not_cancel_the_rewrite():
+    """A quiet partition's commit of offset 41 still in flight when the group rebalances, and the partition comes
+    back: the rewrite to make is again (41, ...); the old answer, equal to it, must not take it away."""
+    from prometheus_client import CollectorRegistry
+
+    from pipelines.commits import Committer
+    from pipelines.metrics import Metrics
+
+    pos = Positions()
+    committer = Committer(pos, Metrics(CollectorRegistry(), process_metrics=False))
+    pos.assign([A])
+    pos.position_new(_Client({A: (41, json.dumps({"incidents": [_state(1)]}))}), RecordBatch.empty())
+    committer._answers.put((-1, 1, {A: (41, "")}, 0.01, None))  # generation -1: before the assignment
+    committer.collect()
+    assert pos.uncommitted == {A: 41}
+    committer._answers.put((committer._generation, 2, {A: (41, "")}, 0.01, None))
+    committer.collect()
+    assert pos.uncommitted == {}
+
+
+def test_the_same_incident_from_two_partitions_is_continued_once_and_a_bad_silence_changes_nothing(route):
+    state = _state(1, stream="pump-y")
+    first, _ = route.adopt(state, tp_id=0)
+    assert route.adopt(state, tp_id=1) == (None, [])  # not resolved by itself
+    assert route.tracker.open_incidents == 1 and route.stream_tp[route.stream_index["pump-y"]] == 0
+    for bad in ("x", None):
+        with pytest.raises((TypeError, ValueError)):
+            route.adopt({**_state(2, stream="pump-z"), "idle_s": bad}, tp_id=0)
+    assert "pump-z" not in route.stream_index and route.tracker.open_incidents == 1
+
+
+def test_the_later_incident_of_a_stream_takes_its_partition_and_silence(route):
+    import time
+
+    route.adopt({**_state(1, stream="pump-w"), "idle_s": 5000.0}, tp_id=0)
+    alert, resolved = route.adopt({**_state(2, stream="pump-w"), "started": 9_000, "idle_s": 1.0}, tp_id=1)
+    j = route.stream_index["pump-w"]
+    assert alert.id == _state(2)["id"] and len(resolved) == 1 and route.stream_tp[j] == 1
+    assert route.forget_idle(3600.0, now=time.monotonic())[0] == []  # silent for 1 s, not 5000
