@@ -179,6 +179,12 @@ class Daemon(DeliveryStage):
         self.commits.new_generation()
         self._lag_due = True  # report the new partitions' lag right after this poll
         self.metrics.assigned_partitions.set(len(self.positions.assigned))
+        if self.cfg.kafka.topic_pattern:  # the topics are known now: their series at 0 (kafka.topics: at start)
+            self.metrics.init_topics(sorted({t for t, _ in tps}), self._dead_letter_reasons())
+
+    def _dead_letter_reasons(self) -> list[str]:
+        """Dead-letter reasons whose series exist from the start (a rule alerts on their increase())."""
+        return [TOO_MANY_STREAMS] if self.cfg.processing.max_streams else []
 
     # -- the loop --------------------------------------------------------------------------------------
     def request_stop(self, *_args) -> None:
@@ -245,7 +251,7 @@ class Daemon(DeliveryStage):
                 auto_offset_reset=k.auto_offset_reset, fetch_min_bytes=k.fetch_min_bytes,
                 fetch_max_wait_ms=k.fetch_max_wait_ms)
             self.commits.source, self.commits.ahead = self.source, self._ahead
-            self.metrics.init_topics(k.topics, [TOO_MANY_STREAMS] if self.cfg.processing.max_streams else [])
+            self.metrics.init_topics(k.topics, self._dead_letter_reasons())
             self.metrics.set_state(up=True, ready=False)
             # micro-batch arrays reuse freed heap; on the CPU, the CUDA wheel's libraries leave the resident set
             tune_process_memory(models_on_cpu=self.engine.device.type == "cpu")

@@ -122,3 +122,22 @@ def test_the_limit_is_checked_in_the_config(tmp_path):
     with pytest.raises(ConfigError, match="processing.max_streams") as err:
         load_config(path)
     assert str(path) in str(err.value)
+
+
+def test_the_refusals_series_exists_at_zero_for_topics_of_a_pattern_once_assigned(trained, tmp_path):
+    """AnomalydStreamLimitReached uses increase(), which misses a series' first count; with kafka.topic_pattern the
+    topics are known only when their partitions are assigned."""
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+
+    ModelStore(tmp_path / "models").save("gru", trained["gru"])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [{"match": "*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
+           "kafka": {"topic_pattern": "^plant-.*"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    daemon = Daemon(load_config(tmp_path / "c.yaml"))
+    got = lambda: daemon.registry.get_sample_value("anomalyd_dead_letters_total",  # noqa: E731
+                                                   {"topic": "plant-1", "reason": "too_many_streams"})
+    assert got() is None
+    daemon._on_assign([("plant-1", 0), ("plant-1", 1)])
+    assert got() == 0
