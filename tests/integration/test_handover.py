@@ -85,3 +85,55 @@ def test_an_incident_open_at_a_restart_is_continued_not_fired_again(kafka_bootst
     assert resolved["started_at"] == fired["started_at"] and resolved["peak_score"] >= fired["peak_score"]
     still = [a for a in alertmanager.alerts() if a["annotations"].get("alert_id") == fired["id"]]
     assert not still, still  # Alertmanager had it active, and got it resolved by the second daemon
+
+
+def _run(daemon: Daemon) -> threading.Thread:
+    runner = threading.Thread(target=daemon.run, kwargs={"timeout": 180})
+    runner.start()
+    return runner
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_an_incident_open_at_a_rebalance_is_continued_by_whoever_gets_its_partition(kafka_bootstrap, topic_name,
+                                                                                     daemon_models, tmp_path, caplog,
+                                                                                     client):
+    """A second member joins while the first has an incident open: the revoke's commit hands it over, to the
+    other member or back to the first (an eager rebalance revokes every partition): one firing, one resolved."""
+    models_dir, names = daemon_models
+    create_topic(kafka_bootstrap, topic_name, partitions=2)
+    group = f"g-{topic_name}"
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, group, f"{topic_name}-alerts", client=client)
+    path = write_config(tmp_path / "c.yaml", cfg)
+    steps, t0 = 200, int(time.time() * 1000) - (HISTORY + 200) * INTERVAL_MS
+    truth, n1 = produce_with_anomalies(kafka_bootstrap, topic_name, steps, ("level_shift",), first_steps=118,
+                                       t0_ms=t0)
+    stream = truth[0]["stream"]
+    caplog.set_level(logging.INFO, logger="anomalyd")
+    first, second = Daemon(load_config(path)), Daemon(load_config(path))
+    runners = [_run(first)]
+    try:
+        deadline = time.monotonic() + 90
+        while sum(committed_offsets(kafka_bootstrap, group, topic_name).values()) < n1 or not [
+                a for a in read_alerts(kafka_bootstrap, f"{topic_name}-alerts") if a["stream"] == stream]:
+            assert runners[0].is_alive() and time.monotonic() < deadline, "the first member did not fire"
+            time.sleep(0.3)
+        runners.append(_run(second))  # the group rebalances: the first member's revoke hands its incident over
+        deadline = time.monotonic() + 90
+        while len(second.positions.assigned) == 0:
+            assert time.monotonic() < deadline, "the second member got no partition"
+            time.sleep(0.2)
+        _, n2 = produce_with_anomalies(kafka_bootstrap, topic_name, steps, ("level_shift",), from_step=118,
+                                       t0_ms=t0)
+        deadline = time.monotonic() + 120
+        while sum(committed_offsets(kafka_bootstrap, group, topic_name).values()) < n1 + n2:
+            assert all(r.is_alive() for r in runners) and time.monotonic() < deadline, "not caught up"
+            time.sleep(0.3)
+    finally:
+        for daemon in (first, second):
+            daemon.request_stop()
+        for runner in runners:
+            runner.join(timeout=30)
+    assert "continuing 1 open incidents handed over" in caplog.text
+    ours = [(a["status"], a["id"]) for a in read_alerts(kafka_bootstrap, f"{topic_name}-alerts")
+            if a["stream"] == stream]
+    assert [s for s, _ in ours] == ["firing", "resolved"] and ours[0][1] == ours[1][1], ours
