@@ -288,3 +288,32 @@ def test_servicemonitor_labels_targets_for_the_down_alert_whatever_the_release_n
     assert svc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "anomalyd"  # -> app_kubernetes_io_part_of
     rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
     assert 'up{app_kubernetes_io_part_of="anomalyd"} == 0' in rules["AnomalydDown"]["expr"]
+
+
+def test_helm_network_policy_admits_the_metrics_port_and_limits_egress_when_asked(helm: str, tmp_path: Path) -> None:
+    import kubernetes_validate
+
+    assert "NetworkPolicy" not in _by_kind(_render(helm))  # off by default: it needs a CNI that enforces it
+    scrapers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    brokers = [{"to": [{"ipBlock": {"cidr": "10.0.0.0/16"}}], "ports": [{"port": 9092, "protocol": "TCP"}]}]
+    values = tmp_path / "np.yaml"
+    for egress in ([], brokers):
+        values.write_text(yaml.safe_dump({"networkPolicy": {"enabled": True, "metricsFrom": scrapers,
+                                                            "egress": egress}}))
+        docs = _by_kind(_render(helm, "-f", str(values)))
+        policy = docs["NetworkPolicy"]
+        kubernetes_validate.validate(policy, KUBERNETES_VERSION, strict=True)
+        spec = policy["spec"]
+        pod = docs["Deployment"]["spec"]["template"]
+        assert spec["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        (c,) = pod["spec"]["containers"]
+        (rule,) = spec["ingress"]
+        assert [p["port"] for p in rule["ports"]] == [c["ports"][0]["name"]] and rule["from"] == scrapers
+        if egress:
+            assert spec["policyTypes"] == ["Ingress", "Egress"]
+            dns, *rest = spec["egress"]
+            assert {p["port"] for p in dns["ports"]} == {53} and rest == brokers
+        else:  # egress left open: the brokers' addresses are the operator's to name
+            assert spec["policyTypes"] == ["Ingress"] and "egress" not in spec
+    check = [d for d in _render(helm, "-f", str(values)) if d["kind"] == "Pod"]
+    assert check and not (spec["podSelector"]["matchLabels"].items() <= check[0]["metadata"]["labels"].items())
