@@ -46,7 +46,7 @@ from ._config_schema import (
 from ._config_security import SecurityConfig, check_security
 from .alertmanager_http import redacted
 from .kafka_security import PASSWORD_KEYS
-from .positions import MAX_REBUILD_RECORDS
+from .positions import MAX_METADATA_BYTES, MAX_REBUILD_RECORDS
 from .source import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
 
 ENV_PREFIX = "ANOMALYD_"
@@ -76,6 +76,9 @@ class KafkaConfig:
     heartbeat_interval_ms: int = rule_field(3000, ge=1)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     max_rebuild_records: int = rule_field(MAX_REBUILD_RECORDS, ge=0)  # per partition, replayed to rebuild windows
+    # a commit's metadata at most (the floor, and open incidents handed over; the brokers' offset.metadata.max.bytes
+    # is 4,096 by default, and a commit over it is refused): lower it with theirs; below 200, no incident fits
+    commit_metadata_max_bytes: int = rule_field(MAX_METADATA_BYTES, ge=64)
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
 

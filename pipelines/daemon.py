@@ -68,7 +68,7 @@ class Daemon(DeliveryStage):
         self._stop = stop_event or threading.Event()
         self._reload = threading.Event()
         self._heartbeat = time.monotonic()
-        self.positions = Positions(cfg.kafka.max_rebuild_records)
+        self.positions = Positions(cfg.kafka.max_rebuild_records, cfg.kafka.commit_metadata_max_bytes)
         self.commits = Committer(self.positions, self.metrics)
         self.intake = Intake(self.models.router, self.positions, self.metrics, cfg.kafka.dead_letter_topic,
                              cfg.kafka.max_message_bytes, cfg.processing.max_event_time_ahead_s,

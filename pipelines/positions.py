@@ -36,8 +36,9 @@ with a partial window (their first windows wait to fill up)."""
 
 
 MAX_METADATA_BYTES = 3500
-"""The most UTF-8 bytes of a commit's metadata anomalyd writes: brokers refuse a commit whose metadata is longer than
-their ``offset.metadata.max.bytes`` (4,096 by default). Incidents beyond it are not handed over (and said)."""
+"""The most bytes of a commit's metadata anomalyd writes by default (``kafka.commit_metadata_max_bytes``): brokers
+refuse a commit whose metadata is longer than their ``offset.metadata.max.bytes`` (4,096 by default). Incidents beyond
+it are not handed over (and said)."""
 
 
 def replay_start(committed: int, floor: int, log_start: int, max_replay: int = MAX_REBUILD_RECORDS) -> int:
@@ -81,15 +82,15 @@ def _handed_over(metadata: str) -> list[dict]:
     return [i for i in got if isinstance(i, dict)] if isinstance(got, list) else []
 
 
-def _metadata(tp: TopicPartition, floor: int, incidents: list[dict] | None) -> str:
-    """A commit's metadata: the rebuild floor (-1: none) and as many of ``incidents`` as fit in MAX_METADATA_BYTES
-    (the rest said, not handed over: the next owner detects them afresh)."""
+def _metadata(tp: TopicPartition, floor: int, incidents: list[dict] | None, limit: int = MAX_METADATA_BYTES) -> str:
+    """A commit's metadata: the rebuild floor (-1: none) and as many of ``incidents`` as fit in ``limit`` bytes (the
+    rest said, not handed over: the next owner detects them afresh)."""
     doc: dict = {"rebuild_from": floor} if floor >= 0 else {}
     if not incidents:
         return json.dumps(doc) if doc else ""
     size = lambda d: len(json.dumps(d, separators=(",", ":")))  # noqa: E731 - ASCII (escaped): bytes = characters
     kept: list[dict] = []
-    room = MAX_METADATA_BYTES - size({**doc, "incidents": []})
+    room = limit - size({**doc, "incidents": []})
     for inc in sorted(incidents, key=lambda i: i["started"]):  # the oldest first: the longest-known incidents
         cost = size(inc) + 1  # and its comma
         if cost <= room:
@@ -98,7 +99,7 @@ def _metadata(tp: TopicPartition, floor: int, incidents: list[dict] | None) -> s
     if len(kept) < len(incidents):
         log.warning("%s: %d of %d open incidents handed over to the partition's next owner (the commit metadata's "
                     "limit, %d bytes); it detects the others afresh (a second firing alert, another id)", tp,
-                    len(kept), len(incidents), MAX_METADATA_BYTES)
+                    len(kept), len(incidents), limit)
     if kept:
         doc["incidents"] = kept
     return json.dumps(doc, separators=(",", ":")) if doc else ""
@@ -163,8 +164,9 @@ class WindowOffsets:
 
 
 class Positions:
-    def __init__(self, max_rebuild_records: int = MAX_REBUILD_RECORDS) -> None:
-        self.max_rebuild_records = max_rebuild_records
+    def __init__(self, max_rebuild_records: int = MAX_REBUILD_RECORDS,
+                 max_metadata_bytes: int = MAX_METADATA_BYTES) -> None:
+        self.max_rebuild_records, self.max_metadata_bytes = max_rebuild_records, max_metadata_bytes
         self.ids: dict[TopicPartition, int] = {}  # small integer id per topic-partition ever seen
         self.tps: list[TopicPartition] = []
         self.assigned: set[TopicPartition] = set()
@@ -343,7 +345,7 @@ class Positions:
             floor = int(floors[i]) if i < len(floors) else -1
             if tp in self._floor_read:  # nothing of ours processed there yet: the floor of the commit it started at
                 floor = self._floor_read[tp]
-            out[tp] = (nxt, meta := _metadata(tp, floor, (handover or {}).get(i)))
+            out[tp] = (nxt, meta := _metadata(tp, floor, (handover or {}).get(i), self.max_metadata_bytes))
             if '"incidents"' in meta:
                 self._carries.add(tp)
             else:

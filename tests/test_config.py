@@ -312,7 +312,7 @@ def test_env_errors_name_the_variable(tmp_path):
         "client, group_id, topics, topic_pattern, dead_letter_topic, max_message_bytes, "
         "poll_max_records, poll_timeout_ms, poll_ahead, commit_interval_ms, fetch_min_bytes, fetch_max_wait_ms, "
             "session_timeout_ms, heartbeat_interval_ms, "
-        "auto_offset_reset, max_rebuild_records, security)",
+        "auto_offset_reset, max_rebuild_records, commit_metadata_max_bytes, security)",
         "environment variable ANOMALYD_NOPE__X: nope: unknown key (known keys: kafka, models, routes, "
         "default_models, processing, alerts, sinks, http, metrics, shutdown)",
         "environment variable ANOMALYD_HTTP__PORT: http.port: expected int, got list [1]",

@@ -189,3 +189,16 @@ def test_the_later_incident_of_a_stream_takes_its_partition_and_silence(route):
     j = route.stream_index["pump-w"]
     assert alert.id == _state(2)["id"] and len(resolved) == 1 and route.stream_tp[j] == 1
     assert route.forget_idle(3600.0, now=time.monotonic())[0] == []  # silent for 1 s, not 5000
+
+
+def test_the_metadata_limit_follows_the_brokers_when_the_operator_lowers_it(tmp_path):
+    from pipelines.config import load_config
+
+    pos = Positions(max_metadata_bytes=600)
+    pos.assign([A])
+    _processed(pos, A, [99])
+    (_, metadata), = pos.commit_offsets(np.array([50]), {0: [_state(i) for i in range(10)]}).values()
+    assert len(metadata) <= 600 and 0 < len(json.loads(metadata)["incidents"]) < 10
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({"kafka": {"topics": ["t"], "commit_metadata_max_bytes": 1000}}))
+    assert load_config(path).kafka.commit_metadata_max_bytes == 1000
