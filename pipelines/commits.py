@@ -13,6 +13,7 @@ partitions or the process go right after them (the shutdown's within its grace p
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import time
@@ -27,13 +28,29 @@ from .positions import Positions
 from .routes import RouteState
 from .source import Source, TopicPartition
 
-__all__ = ["Committer", "Offsets"]
+__all__ = ["Committer", "Offsets", "without_incidents"]
 
 log = logging.getLogger("anomalyd")
 
 Offsets = dict[TopicPartition, tuple[int, str]]  # {tp: (next offset, metadata)}
 ANSWER_WAIT_S = 30.0  # a commit unanswered this long is given up: the next one is sent (both go, in order)
 RETRY_AFTER_S = 5.0  # after a failed commit, the next one waits this long (a broker outage fails them at once)
+
+
+def _metadata_too_large(exc: BaseException) -> bool:
+    """The brokers' answer to metadata over their offset.metadata.max.bytes (kafka-python's OffsetMetadataTooLargeError,
+    librdkafka's OFFSET_METADATA_TOO_LARGE)."""
+    return "METADATATOOLARGE" in str(exc).upper().replace("_", "") or "METADATATOOLARGE" in type(exc).__name__.upper()
+
+
+def without_incidents(offsets: Offsets) -> Offsets:
+    """``offsets`` with only the rebuild floor in each metadata (the open incidents left out)."""
+    out = {}
+    for tp, (nxt, meta) in offsets.items():
+        doc = json.loads(meta) if meta.startswith("{") and '"incidents"' in meta else None
+        out[tp] = (nxt, meta) if doc is None else (nxt, json.dumps({"rebuild_from": doc["rebuild_from"]})
+                                                   if "rebuild_from" in doc else "")
+    return out
 
 
 class Committer:
@@ -123,14 +140,23 @@ class Committer:
     def _commit_now(self, offsets: Offsets, in_rebalance: bool = False, timeout_s: float | None = None) -> None:
         self.last_commit, t0 = time.monotonic(), time.perf_counter()
         try:
-            if in_rebalance:
-                self.source.commit_in_rebalance(offsets)
-            else:
-                self.source.commit(offsets, timeout_s)
-        except Exception as exc:  # e.g. a rebalance in progress: records will be redelivered
-            self._finished(offsets, time.perf_counter() - t0, exc)
+            self._commit_sync(offsets, in_rebalance, timeout_s)
+        except Exception as exc:
+            if not _metadata_too_large(exc) or (floors := without_incidents(offsets)) == offsets:
+                self._finished(offsets, time.perf_counter() - t0, exc)  # e.g. a rebalance: records are redelivered
+                return
+            log.warning("the brokers refused open incidents in the commit's metadata (%s): committing without them "
+                        "(the next owner detects them afresh); lower kafka.commit_metadata_max_bytes to the brokers' "
+                        "offset.metadata.max.bytes", exc)
+            self._commit_now(floors, in_rebalance, timeout_s)
+            return
+        self._finished(offsets, time.perf_counter() - t0, None)
+
+    def _commit_sync(self, offsets: Offsets, in_rebalance: bool, timeout_s: float | None) -> None:
+        if in_rebalance:
+            self.source.commit_in_rebalance(offsets)
         else:
-            self._finished(offsets, time.perf_counter() - t0, None)
+            self.source.commit(offsets, timeout_s)
 
     def _finished(self, offsets: Offsets, seconds: float, error: BaseException | None, pause: bool = True) -> None:
         """Count the commit; a failure pauses the next for RETRY_AFTER_S (``pause``: it is of this generation). A

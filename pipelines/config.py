@@ -77,7 +77,7 @@ class KafkaConfig:
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     max_rebuild_records: int = rule_field(MAX_REBUILD_RECORDS, ge=0)  # per partition, replayed to rebuild windows
     # a commit's metadata at most (the floor, and open incidents handed over; the brokers' offset.metadata.max.bytes
-    # is 4,096 by default, and a commit over it is refused): lower it with theirs; below 200, no incident fits
+    # is 4,096 by default, and a commit over it is refused): lower it with theirs; below about 450, no incident fits
     commit_metadata_max_bytes: int = rule_field(MAX_METADATA_BYTES, ge=64)
     security: SecurityConfig = field(default_factory=SecurityConfig)
 

@@ -79,7 +79,7 @@ class Intake:
         if self.max_ahead_ms:
             self._reject_far_ahead(decoded, batch.timestamp)
         if self.max_streams:
-            self._refuse_new_streams(decoded)
+            self._refuse_new_streams(decoded, replay)
         self.metrics.decoded.labels(decoder="native").inc(decoded.n_native)
         self.metrics.decoded.labels(decoder="python").inc(len(batch) - decoded.n_native)
         topic0 = batch.topic
@@ -127,7 +127,7 @@ class Intake:
         if added:
             decoded.rejected.sort(key=lambda r: r[0])
 
-    def _refuse_new_streams(self, decoded: DecodedBatch) -> None:
+    def _refuse_new_streams(self, decoded: DecodedBatch, replay: np.ndarray) -> None:
         """The events of streams beyond processing.max_streams (counted over every route, the streams already held
         first, then new ones route by route, each route's in poll order) become rejections (reason
         too_many_streams), in input order with the others: dead-lettered, so nothing is lost, and said at most once
@@ -153,8 +153,9 @@ class Intake:
                     continue
                 refused.add(stream)
                 keep[i] = False
-                n_refused += 1
-                decoded.rejected.append((int(group.ok_index[i]), TOO_MANY_STREAMS, detail))
+                pos = int(group.ok_index[i])
+                n_refused += not replay[pos]  # a replayed record is not dead-lettered again
+                decoded.rejected.append((pos, TOO_MANY_STREAMS, detail))
             if keep.all():
                 continue
             if keep.any():
@@ -163,7 +164,8 @@ class Intake:
                 del decoded.groups[spec]
         if refused:
             decoded.rejected.sort(key=lambda r: r[0])
-            self._warn_limit(n_refused, refused)
+            if n_refused:
+                self._warn_limit(n_refused, refused)
 
     def _warn_limit(self, n_events: int, streams: set[str]) -> None:
         """Count refused events; say so, with the count since the last warning and a few streams, once a minute."""

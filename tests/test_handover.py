@@ -202,3 +202,42 @@ def test_the_metadata_limit_follows_the_brokers_when_the_operator_lowers_it(tmp_
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps({"kafka": {"topics": ["t"], "commit_metadata_max_bytes": 1000}}))
     assert load_config(path).kafka.commit_metadata_max_bytes == 1000
+
+
+class _SmallMetadataBrokers:
+    """Commits as brokers whose offset.metadata.max.bytes is 200 do: a commit with longer metadata is refused whole,
+    with kafka-python's error."""
+
+    def __init__(self) -> None:
+        self.committed: dict = {}
+
+    def commit(self, offsets, timeout_s=None):
+        from kafka.errors import OffsetMetadataTooLargeError
+
+        if any(len(meta) > 200 for _, meta in offsets.values()):
+            raise OffsetMetadataTooLargeError("offset commit refused")
+        self.committed.update(offsets)
+
+    commit_in_rebalance = commit
+
+
+@pytest.mark.parametrize("in_rebalance", [False, True])
+def test_a_handover_the_brokers_refuse_as_too_large_is_committed_without_the_incidents(in_rebalance, caplog):
+    """kafka.commit_metadata_max_bytes above the brokers' limit: the last commit was refused whole, so the shutdown
+    exited 1 and the next owner read everything since the commit before again (duplicate alerts)."""
+    from prometheus_client import CollectorRegistry
+
+    from pipelines.commits import Committer
+    from pipelines.metrics import Metrics
+
+    pos = Positions()
+    committer = Committer(pos, Metrics(CollectorRegistry(), process_metrics=False))
+    committer.source = brokers = _SmallMetadataBrokers()
+    pos.assign([A, B])
+    _processed(pos, A, [99])
+    _processed(pos, B, [7])
+    offsets = pos.commit_offsets(np.array([50, 3]), {0: [_state(1)]})
+    with caplog.at_level(logging.WARNING, logger="anomalyd"):
+        committer.commit(offsets, in_rebalance=in_rebalance, wait=not in_rebalance, timeout_s=5.0)
+    assert brokers.committed == {A: (100, json.dumps({"rebuild_from": 50})), B: (8, json.dumps({"rebuild_from": 3}))}
+    assert pos.uncommitted == {} and "refused open incidents in the commit's metadata" in caplog.text

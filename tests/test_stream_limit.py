@@ -100,9 +100,10 @@ def test_a_limit_with_room_for_every_event_checks_nothing_and_zero_means_no_limi
     assert sorted(daemon.routes[0].stream_index) == ["x", "y", "z"] and daemon.producer.sent == []
 
 
-def test_records_read_again_to_rebuild_windows_are_not_dead_lettered_twice(make_daemon):
+def test_records_read_again_to_rebuild_windows_are_not_dead_lettered_twice(make_daemon, caplog):
     """A replayed record (below the commit, read again after a restart) of a stream beyond the limit was handled
-    when first read: counted as replayed, not sent to the dead-letter topic again."""
+    when first read: counted as replayed, not sent to the dead-letter topic again (nor said to be)."""
+    caplog.set_level(logging.WARNING, logger="anomalyd")
     daemon = make_daemon(max_streams=1)
     daemon.positions._resume[("t", 0)] = 3  # as after a seek back below committed offset 3
     daemon.process(_batch(["a", "b", "b", "b", "c"], 0, make_daemon.width))
@@ -110,6 +111,7 @@ def test_records_read_again_to_rebuild_windows_are_not_dead_lettered_twice(make_
     assert [(s, r) for s, r, _ in daemon.producer.sent] == [("b", "too_many_streams"), ("c", "too_many_streams")]
     assert got("anomalyd_events_total", {"topic": "t", "outcome": "replayed"}) == 3  # a, b, b: below the commit
     assert list(daemon.routes[0].stream_index) == ["a"]
+    assert "2 events of new streams (e.g. b, c) went to the dead-letter topic" in caplog.text
 
 
 def test_the_limit_is_checked_in_the_config(tmp_path):
