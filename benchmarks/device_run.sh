@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmarks of one call on the lent GPU machine (its 15 minutes allow one call of about 9). Each step gets
-# what is left of the budget (first argument, default 540 s) and writes $OUT/<step>.json and .log, so a step cut
-# short still leaves the ones before it. STEPS picks and orders them (default: the ninth session's set):
+# what is left of the budget (first argument, default 540 s) and writes <step>.json and .log, packed after every
+# step into $OUT/results.tgz (a call brings back at most 8 files), so a step cut short still leaves the ones before
+# it. STEPS picks and orders them (default: the ninth session's set):
 #   pipeline           the pipeline through a real broker at 1,000 and 100,000 streams
 #   pipeline-fp16      the daemon in float16 (1,000 streams)
 #   latency            event->alert latency at half capacity
@@ -23,8 +24,9 @@ set -uo pipefail
 budget=${1:-540}
 device=${DEVICE:-cuda}
 extra=${EXTRA:-}
-out=${OUT:-/tmp/anomalyd-device-out}
-mkdir -p "$out"
+dest=${OUT:-/tmp/anomalyd-device-out}
+out=$(mktemp -d)  # the steps' files, packed into $dest/results.tgz after each step
+mkdir -p "$dest"
 export PYTHONUNBUFFERED=1
 py=python3
 if [[ "$device" == cuda ]]; then
@@ -50,6 +52,7 @@ step() {  # step NAME MODULE ARGS...: python -m benchmarks.MODULE ARGS --json $o
   echo "== $name (${left} s left)"
   # shellcheck disable=SC2086  # EXTRA is a list of words
   timeout -k 5 "$left" "$py" -m "benchmarks.$module" "$@" $extra --json "$out/$name.json" 2>&1 | tee "$out/$name.log"
+  tar -C "$out" -czf "$dest/results.tgz" .
 }
 
 one_k=(pipeline --device "$device" --scoring background --repeats 1 --streams 1000 --events 400000)
