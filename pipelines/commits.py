@@ -13,7 +13,6 @@ partitions or the process go right after them (the shutdown's within its grace p
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import time
@@ -24,11 +23,11 @@ import numpy as np
 
 from .metrics import Metrics
 from .poll_ahead import PollAhead
-from .positions import Positions
+from .positions import Positions, without_incidents
 from .routes import RouteState
 from .source import Source, TopicPartition
 
-__all__ = ["Committer", "Offsets", "without_incidents"]
+__all__ = ["Committer", "Offsets"]
 
 log = logging.getLogger("anomalyd")
 
@@ -41,16 +40,6 @@ def _metadata_too_large(exc: BaseException) -> bool:
     """The brokers' answer to metadata over their offset.metadata.max.bytes (kafka-python's OffsetMetadataTooLargeError,
     librdkafka's OFFSET_METADATA_TOO_LARGE)."""
     return "METADATATOOLARGE" in str(exc).upper().replace("_", "") or "METADATATOOLARGE" in type(exc).__name__.upper()
-
-
-def without_incidents(offsets: Offsets) -> Offsets:
-    """``offsets`` with only the rebuild floor in each metadata (the open incidents left out)."""
-    out = {}
-    for tp, (nxt, meta) in offsets.items():
-        doc = json.loads(meta) if meta.startswith("{") and '"incidents"' in meta else None
-        out[tp] = (nxt, meta) if doc is None else (nxt, json.dumps({"rebuild_from": doc["rebuild_from"]})
-                                                   if "rebuild_from" in doc else "")
-    return out
 
 
 class Committer:

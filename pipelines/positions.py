@@ -23,7 +23,8 @@ from detector.windows import sorted_groups
 
 from .source import RecordBatch, Source, TopicPartition
 
-__all__ = ["MAX_METADATA_BYTES", "MAX_REBUILD_RECORDS", "Positions", "WindowOffsets", "replay_start"]
+__all__ = ["MAX_METADATA_BYTES", "MAX_REBUILD_RECORDS", "Positions", "WindowOffsets", "replay_start",
+           "without_incidents"]
 
 log = logging.getLogger("anomalyd")
 
@@ -103,6 +104,15 @@ def _metadata(tp: TopicPartition, floor: int, incidents: list[dict] | None, limi
     if kept:
         doc["incidents"] = kept
     return json.dumps(doc, separators=(",", ":")) if doc else ""
+
+
+def without_incidents(offsets: dict[TopicPartition, tuple[int, str]]) -> dict[TopicPartition, tuple[int, str]]:
+    """``{tp: (next offset, metadata)}`` with only the rebuild floor in each metadata (open incidents left out)."""
+    out = {}
+    for tp, (nxt, meta) in offsets.items():
+        doc = _metadata_doc(meta)
+        out[tp] = (nxt, _metadata(tp, _rebuild_floor(meta), None)) if "incidents" in doc else (nxt, meta)
+    return out
 
 
 class WindowOffsets:
@@ -333,19 +343,20 @@ class Positions:
                        ) -> dict[TopicPartition, tuple[int, str]]:
         """``{tp: (next offset, metadata)}`` for everything processed; ``floors`` (by tp id, -1 = none). With
         ``handover`` (tp id -> open incidents' states: only when everything read is scored and delivered, before
-        the partitions go), also the partitions with open incidents and nothing new to commit."""
+        the partitions go), also the partitions with open incidents and nothing new to commit; and always those
+        whose last commit still carries incidents (a rewrite that failed)."""
         todo = dict(self.uncommitted)
-        if handover is not None:  # and those whose last commit has incidents still (a rewrite that failed)
-            for tp in [self.tps[i] for i, states in handover.items() if states] + list(self._carries):
-                if tp not in todo and tp in self.processed and tp in self.assigned:
-                    todo[tp] = self.processed[tp]
+        handover = handover or {}
+        for tp in [self.tps[i] for i, states in handover.items() if states] + list(self._carries):
+            if tp not in todo and tp in self.processed and tp in self.assigned:
+                todo[tp] = self.processed[tp]
         out = {}
         for tp, nxt in todo.items():
             i = self.id_of(tp)
             floor = int(floors[i]) if i < len(floors) else -1
             if tp in self._floor_read:  # nothing of ours processed there yet: the floor of the commit it started at
                 floor = self._floor_read[tp]
-            out[tp] = (nxt, meta := _metadata(tp, floor, (handover or {}).get(i), self.max_metadata_bytes))
+            out[tp] = (nxt, meta := _metadata(tp, floor, handover.get(i), self.max_metadata_bytes))
             if '"incidents"' in meta:
                 self._carries.add(tp)
             else:
