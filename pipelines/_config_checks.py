@@ -108,6 +108,11 @@ def check_alertmanager(c: AlertmanagerSinkConfig, data: Mapping, key: str, ctx: 
         elif name in RESERVED_ALERT_LABELS:
             ctx.err(join_key(join_key(key, "labels"), name), f"reserved label name: anomalyd sets "
                     f"{', '.join(RESERVED_ALERT_LABELS)} on every alert")
+    gen = c.generator_url
+    if gen and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+[^\s\x00-\x1f\x7f]*", gen):
+        # Alertmanager refuses the whole post of alerts whose generatorURL is not an absolute URI: none would go out
+        ctx.err(join_key(key, "generator_url"), f"must be an absolute URL (https://grafana.example.com/d/...), without "
+                f"spaces, got {gen!r}")
     return c
 
 

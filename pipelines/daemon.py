@@ -199,8 +199,10 @@ class Daemon(DeliveryStage):
     def is_ready(self) -> bool:
         """Models loaded, the consumer group joined and, while the topic is quiet, the brokers answering
         (:mod:`pipelines.kafka_probe`): a replica beyond the partition count is ready and idle
-        (anomalyd_assigned_partitions 0), so it neither holds up a PodDisruptionBudget nor a rollout."""
-        return bool(self.routes) and self._joined and self.kafka.ok
+        (anomalyd_assigned_partitions 0), so it neither holds up a PodDisruptionBudget nor a rollout. Not once a stop
+        is asked for or the loop has ended (the shutdown's grace period, a crash)."""
+        return (bool(self.routes) and self._joined and self.kafka.ok and not self._stop.is_set()
+                and self._shutdown_by is None)
 
     def run(self, count: int | None = None, timeout: float | None = None) -> int:
         """Consume until stopped, ``count`` events seen, or ``timeout`` seconds passed. Returns an exit code.
@@ -209,6 +211,7 @@ class Daemon(DeliveryStage):
         rebalance (:attr:`events_seen`)."""
         k = self.cfg.kafka
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._shutdown_by = None
         with ExitStack() as stack:
             if threading.current_thread() is threading.main_thread():
                 for sig, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
@@ -236,6 +239,7 @@ class Daemon(DeliveryStage):
             if alerts_producer is not None:
                 stack.callback(lambda: alerts_producer.close(self._shutdown_left()))
             self.sinks: FanoutSink = build_sinks(dataclasses.asdict(self.cfg.sinks), alerts_producer)
+            self.metrics.init_sinks([sink.name for sink in self.sinks.sinks])
             stack.callback(self.sinks.close)
             if self.cfg.processing.score_in_background:
                 self._worker = ScoringWorker(self.scoring_threads)

@@ -304,6 +304,12 @@ class Metrics:
             self.event_to_alert_seconds.observe(max(0.0, event_to_alert_seconds))
 
     # -- sinks, state, resources ---------------------------------------------------------------------------
+    def init_sinks(self, sinks: Sequence[str]) -> None:
+        """The sinks' flush series exist from the start, at 0 (a first failure is then an increase)."""
+        for sink in sinks:
+            self.sink_flush_seconds.labels(sink=sink)
+            self.sink_failures.labels(sink=sink)
+
     def observe_sink_flush(self, sink: str, seconds: float, ok: bool = True) -> None:
         """Record one flush of ``sink``."""
         self.sink_flush_seconds.labels(sink=sink).observe(seconds)

@@ -27,6 +27,7 @@ from pipelines.kafka_io import KafkaDeliveryError, KafkaDeliveryPending, Produce
 
 ALERTNAME = "AnomalyDetected"
 MAX_FLUSH_BACKOFF_S = 30.0  # the longest wait between flushes that failed (a 401 was re-posted every 20 ms)
+MAX_ALERTS_PER_POST = 500  # a request of about 0.3 MB; a backlog goes in several
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _RESERVED_LABELS = ("alertname", "stream", "model")
 
@@ -54,6 +55,10 @@ class Sink(ABC):
     def adopt(self, alerts: Sequence[Alert]) -> None:  # noqa: B027 - optional hook
         """These ``firing`` alerts were delivered by the previous owner of their partitions, and their incidents
         continue here: a sink that re-sends active alerts takes them on (nothing is sent again otherwise)."""
+
+    def queued(self, now: float) -> int:
+        """How many alerts a :meth:`flush` at monotonic time ``now`` would deliver (0: it has nothing to do)."""
+        return 0
 
     def flush_due(self, now: float) -> bool:
         """Whether a :meth:`flush` has work of the sink's own at monotonic time ``now`` (a re-post), even with
@@ -90,6 +95,9 @@ class KafkaAlertSink(Sink):
         if not self._resend:
             for alert in alerts:
                 self._produce(alert)
+
+    def queued(self, now: float) -> int:
+        return len(self._unacked)
 
     def flush(self, timeout_s: float) -> None:
         if not self._unacked:
@@ -188,14 +196,17 @@ class AlertmanagerSink(Sink):
             "alert_id": alert.id,
             "model_version": alert.model_version,
         }
+        # Event time ahead of this host's clock (a producer's clock, or local time sent as UTC) starts no later than
+        # now: a resolve must end at or before now, or Alertmanager keeps the firing alert's later endsAt.
+        starts = min(alert.started_at, now_ms - 1)
         if alert.status == RESOLVED:  # Alertmanager requires endsAt > startsAt; clamp to now
-            ends = max(min(alert.ended_at if alert.ended_at is not None else now_ms, now_ms), alert.started_at + 1)
+            ends = max(min(alert.ended_at if alert.ended_at is not None else now_ms, now_ms), starts + 1)
         else:
-            ends = max(now_ms, alert.started_at) + int(4000 * self.resend_interval_s)
+            ends = now_ms + int(4000 * self.resend_interval_s)
         out = {
             "labels": self.labels_of(alert),
             "annotations": annotations,
-            "startsAt": _rfc3339(alert.started_at),
+            "startsAt": _rfc3339(starts),
             "endsAt": _rfc3339(ends),
         }
         if self.generator_url:
@@ -206,8 +217,12 @@ class AlertmanagerSink(Sink):
         self._pending.extend(alerts)
 
     def forget_streams(self, streams: Iterable[str]) -> None:
+        """Stop re-posting their firing alerts, and drop those not posted yet (Alertmanager down at a revoke): the
+        partition's next owner posts them, and a late post from here would re-open what it resolves. Their
+        ``resolved`` alerts still go."""
         gone = set(streams)
         self._active = {i: v for i, v in self._active.items() if v[0].stream not in gone}
+        self._pending = [a for a in self._pending if a.status != FIRING or a.stream not in gone]
 
     def adopt(self, alerts: Sequence[Alert]) -> None:
         """Re-post them at the next flush (the previous owner's last post ends within 4 re-post intervals), then
@@ -227,32 +242,61 @@ class AlertmanagerSink(Sink):
     def retry_now(self) -> None:
         self._retry_at = 0.0
 
-    def flush(self, timeout_s: float) -> None:
-        now = time.monotonic()
+    def queued(self, now: float) -> int:
+        return len(self._batch(now)) if now >= self._retry_at else len(self._pending)
+
+    def _batch(self, now: float) -> list[Alert]:
+        """What a flush at monotonic ``now`` posts: the pending alerts, then the firing ones due for a re-post."""
         queued = {a.id for a in self._pending}
         due = [a for a, sent in self._active.values() if now - sent >= self.resend_interval_s and a.id not in queued]
-        batch = self._pending + due
+        return self._pending + due
+
+    def _shadowed(self, batch: list[Alert]) -> set[str]:
+        """Ids of ``resolved`` alerts not to post: another incident of the same stream and model is firing (one
+        handed over with each of two partitions), and both have one label set, so the resolve would end it."""
+        firing: dict[tuple[str, str], set[str]] = {}
+        for a in [a for a, _ in self._active.values()] + batch:
+            ids = firing.setdefault((a.stream, a.model), set())
+            if a.status == FIRING:
+                ids.add(a.id)
+            else:
+                ids.discard(a.id)
+        return {a.id for a in batch if a.status == RESOLVED and firing[a.stream, a.model] - {a.id}}
+
+    def flush(self, timeout_s: float) -> None:
+        now = time.monotonic()
+        batch = self._batch(now)
         if not batch:
             self._last_flush = now
             return
         if now < self._retry_at:
             raise SinkError(f"alertmanager {self.endpoint}: {len(batch)} alerts waiting, next attempt in "
                             f"{self._retry_at - now:.1f} s; last error: {self._last_error}")
-        now_ms = int(time.time() * 1000)
-        try:
-            self._post([self.postable(a, now_ms) for a in batch], now + timeout_s)
+        now_ms, shadowed = int(time.time() * 1000), self._shadowed(batch)
+        posted = 0
+        try:  # in parts: a backlog after an outage is not one request of many megabytes
+            for i in range(0, len(batch), MAX_ALERTS_PER_POST):
+                part = batch[i : i + MAX_ALERTS_PER_POST]
+                payload = [self.postable(a, now_ms) for a in part if a.id not in shadowed]
+                if payload:
+                    self._post(payload, now + timeout_s)
+                self._delivered(part, now)
+                posted += len(part)
         except SinkError as exc:
             self._failed_flushes += 1
             wait = min(MAX_FLUSH_BACKOFF_S, self.backoff_s * 2 ** min(self._failed_flushes - 1, 30))
             self._retry_at, self._last_error = time.monotonic() + wait, str(exc)
             raise
+        finally:
+            del self._pending[: min(posted, len(self._pending))]  # the batch starts with the pending alerts
         self._failed_flushes, self._retry_at, self._last_flush = 0, 0.0, now
-        for alert in batch:
+
+    def _delivered(self, alerts: list[Alert], now: float) -> None:
+        for alert in alerts:
             if alert.status == FIRING:
                 self._active[alert.id] = (alert, now)
             else:
                 self._active.pop(alert.id, None)
-        self._pending.clear()
 
     def _post(self, payload: list[dict[str, Any]], deadline: float) -> None:
         body = json.dumps(payload).encode()
@@ -319,10 +363,12 @@ class FanoutSink(Sink):
                 self._add_errors.append(f"{sink.name}: add failed: {type(exc).__name__}: {exc}")
 
     def flush(self, timeout_s: float, observe: Callable[[str, float, bool], None] | None = None) -> None:
-        """Flush every sink within ``timeout_s``; ``observe(sink name, seconds, ok)`` is told about each flush."""
+        """Flush every sink within ``timeout_s``; ``observe(sink name, seconds, ok)`` is told about each flush that
+        had alerts to deliver (the many with nothing to do would hide the real ones' time in its histogram)."""
         deadline = time.monotonic() + timeout_s
         errors, self._add_errors = self._add_errors, []
         for sink in self.sinks:
+            busy = sink.queued(time.monotonic()) > 0
             t0 = time.perf_counter()
             ok = False
             try:
@@ -332,7 +378,7 @@ class FanoutSink(Sink):
                 errors.append(f"{sink.name}: {exc}")
             except Exception as exc:
                 errors.append(f"{sink.name}: {type(exc).__name__}: {exc}")
-            if observe is not None:
+            if observe is not None and (busy or not ok):
                 observe(sink.name, time.perf_counter() - t0, ok)
         if errors:
             raise SinkError("alert sinks failed: " + "; ".join(errors))

@@ -331,6 +331,17 @@ def test_an_alertmanager_url_urllib_cannot_take_apart_is_refused_without_showing
     assert error in line and "'pa'" not in line and "pw" not in line and "s3cret" not in line
 
 
+@pytest.mark.parametrize("url", ["grafana.example.com/d/x", "https://g.example.com/d/a b", "/d/x", "https:///d/x"])
+def test_a_generator_url_alertmanager_would_refuse_is_refused_here(url):
+    """Alertmanager answers 400 to a post with a generatorURL that is not an absolute URI: no alert went out, and
+    nothing was committed."""
+    (line,) = errors_of({"sinks": {"alertmanager": {"enabled": True, "generator_url": url}}})
+    assert line.startswith("<string>: sinks.alertmanager.generator_url: must be an absolute URL"), line
+    for fine in ("https://grafana.example.com/d/anomalyd?orgId=1&var-model=All", "http://grafana:3000", None, ""):
+        cfg = Config.from_dict({"sinks": {"alertmanager": {"enabled": True, "generator_url": fine}}})
+        assert cfg.sinks.alertmanager.generator_url == fine
+
+
 def test_the_default_route_is_named_as_such_when_its_models_are_not_served():
     """Without routes in the file, the example's route (models sensors-gru, sensors-lstm) applies: its error named
     a key the file does not have, without a word why."""

@@ -51,6 +51,12 @@ def test_a_dead_letter_reason_alerted_on_exists_at_zero_before_its_first_count(r
     assert got() == 3
 
 
+def test_sink_series_exist_at_zero_before_the_first_flush(reg: CollectorRegistry, m: Metrics) -> None:
+    m.init_sinks(["kafka", "alertmanager"])
+    assert reg.get_sample_value("anomalyd_sink_failures_total", {"sink": "alertmanager"}) == 0
+    assert reg.get_sample_value("anomalyd_sink_flush_seconds_count", {"sink": "kafka"}) == 0
+
+
 def test_dead_letter_reasons_are_bounded(reg: CollectorRegistry, m: Metrics) -> None:
     for i in range(MAX_DEAD_LETTER_REASONS + 5):
         m.dead_letter("t", f"reason{i}")

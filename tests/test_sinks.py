@@ -312,11 +312,33 @@ def test_alertmanager_resends_open_firing_until_resolved(recorder: Recorder) -> 
     assert len(recorder.posts) == 3
 
 
-def test_alertmanager_posts_an_alert_whose_event_time_is_beyond_year_9999(recorder: Recorder) -> None:
+def test_alertmanager_posts_alerts_whose_event_time_is_beyond_what_a_date_holds(recorder: Recorder) -> None:
     sink = AlertmanagerSink(recorder.url)
-    sink.add([make_alert(started_at=10**16)])  # year 318857: the decoder takes any int64 epoch milliseconds
+    sink.add([make_alert(started_at=-10**16)])  # year -314912: the decoder takes any int64 epoch milliseconds
+    sink.add([make_alert(id="later", stream="pump-2", started_at=10**16)])  # year 318857: starts now (next test)
     sink.flush(5.0)
-    assert recorder.posts[0][1][0]["startsAt"] == "9999-12-31T23:59:59.999Z"
+    (early, late) = recorder.posts[0][1]
+    assert early["startsAt"] == "0001-01-01T00:00:00.000Z"
+    assert abs(_ms(late["startsAt"]) - time.time() * 1000) < 60_000
+
+
+def _ms(rfc3339: str) -> int:
+    return round(datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def test_alertmanager_resolves_an_incident_whose_event_time_is_ahead_of_this_clock(recorder: Recorder) -> None:
+    """A producer an hour ahead (local time sent as UTC): the resolve must end by now, or Alertmanager keeps the
+    firing alert's later endsAt and the alert fires on until then."""
+    sink = AlertmanagerSink(recorder.url, resend_interval_s=60.0)
+    ahead = int(time.time() * 1000) + 3_600_000
+    sink.add([make_alert(started_at=ahead)])
+    sink.flush(5.0)
+    sink.add([make_alert(RESOLVED, started_at=ahead, ended_at=ahead + 60_000)])
+    sink.flush(5.0)
+    now = time.time() * 1000
+    (firing,), (resolved,) = recorder.posts[0][1], recorder.posts[1][1]
+    assert _ms(firing["startsAt"]) <= now and _ms(firing["endsAt"]) > now
+    assert _ms(resolved["startsAt"]) < _ms(resolved["endsAt"]) <= now
 
 
 def test_alertmanager_asks_for_a_flush_when_open_incidents_are_due_for_their_re_post(recorder: Recorder,
@@ -457,3 +479,70 @@ def test_alertmanager_re_posts_an_adopted_alert_at_once_then_each_interval(recor
     assert not sink.flush_due(clock.now)
     clock.advance(31)
     assert sink.flush_due(clock.now)
+
+
+def test_alertmanager_drops_unposted_firing_alerts_of_streams_it_no_longer_owns(recorder: Recorder,
+                                                                                clock: Clock) -> None:
+    """Alertmanager down at a revoke: the firing alert queued for the stream must not go out later, when the
+    partition's new owner may have resolved it (it would fire again and be re-posted for as long as this runs)."""
+    sink = AlertmanagerSink(recorder.url, backoff_s=0.25, max_retries=0)
+    sink.add([make_alert(), make_alert(id="kept", stream="pump-2"),
+              make_alert(RESOLVED, id="done", stream="pump-1", ended_at=1_700_000_060_000)])
+    recorder.script = [(503, "down")]
+    with pytest.raises(SinkError):
+        sink.flush(5.0)
+    sink.forget_streams(["pump-1"])
+    clock.advance(1.0)
+    sink.flush(5.0)
+    assert [(a["annotations"]["alert_id"], a["labels"]["stream"]) for a in recorder.posts[-1][1]] == \
+        [("kept", "pump-2"), ("done", "pump-1")]  # its resolve still goes
+    clock.advance(120.0)
+    sink.flush(5.0)
+    assert [a["annotations"]["alert_id"] for a in recorder.posts[-1][1]] == ["kept"]  # only pump-2 re-posted
+
+
+def test_alertmanager_posts_a_backlog_in_parts_and_keeps_what_was_not_posted(recorder: Recorder,
+                                                                             clock: Clock) -> None:
+    from pipelines.sinks import MAX_ALERTS_PER_POST
+
+    n = 2 * MAX_ALERTS_PER_POST + 7
+    sink = AlertmanagerSink(recorder.url, backoff_s=0.25, max_retries=0, resend_interval_s=3600.0)
+    sink.add([make_alert(id=f"i{j}", stream=f"s{j}") for j in range(n)])
+    recorder.script = [(200, ""), (503, "busy")]
+    with pytest.raises(SinkError):
+        sink.flush(5.0)
+    assert [len(p) for _, p in recorder.posts] == [MAX_ALERTS_PER_POST, MAX_ALERTS_PER_POST]
+    clock.advance(1.0)
+    sink.flush(5.0)  # the part that failed and the rest, not the part Alertmanager took
+    assert [len(p) for _, p in recorder.posts[2:]] == [MAX_ALERTS_PER_POST, 7]
+    ids = [a["annotations"]["alert_id"] for _, p in (recorder.posts[0], *recorder.posts[2:]) for a in p]
+    assert ids == [f"i{j}" for j in range(n)]
+    clock.advance(1.0)
+    assert sink.queued(clock.now) == 0
+
+
+def test_alertmanager_does_not_post_a_resolve_that_would_end_another_incident_of_the_stream(
+        recorder: Recorder) -> None:
+    """Two incidents of one stream (handed over with two partitions when its key moved): both have one label set in
+    Alertmanager, so the older one's resolve is not posted while the later one fires; it is posted to the others."""
+    sink = AlertmanagerSink(recorder.url, resend_interval_s=0.0)
+    sink.adopt([make_alert(id="later", started_at=1_700_000_100_000)])
+    sink.add([make_alert(RESOLVED, id="older", ended_at=1_700_000_090_000)])
+    sink.flush(5.0)
+    assert [(a["annotations"]["alert_id"], a["endsAt"] > a["startsAt"]) for a in recorder.posts[0][1]] == \
+        [("later", True)]
+    sink.add([make_alert(RESOLVED, id="later", started_at=1_700_000_100_000, ended_at=1_700_000_200_000)])
+    sink.flush(5.0)
+    assert [a["annotations"]["alert_id"] for a in recorder.posts[1][1]] == ["later"]
+
+
+def test_fanout_times_only_the_flushes_that_had_alerts_to_deliver(recorder: Recorder) -> None:
+    seen: list[tuple[str, bool]] = []
+    am = AlertmanagerSink(recorder.url, resend_interval_s=3600.0)
+    fan = FanoutSink([LogSink(io.StringIO()), am])
+    fan.flush(5.0, lambda name, _s, ok: seen.append((name, ok)))
+    assert seen == []  # nothing to do: no sample, else the histogram's quantiles read the no-ops
+    fan.add([make_alert()])
+    fan.flush(5.0, lambda name, _s, ok: seen.append((name, ok)))
+    fan.flush(5.0, lambda name, _s, ok: seen.append((name, ok)))
+    assert seen == [("alertmanager", True)]

@@ -59,3 +59,44 @@ def test_rejected_alert_raises_with_alertmanagers_reason(alertmanager: Alertmana
     sink.add(tracker.observe([0], [2.0], [True], [int(time.time() * 1000)], "t", [0], [5], stream_names=["s"]))
     with pytest.raises(SinkError, match=r"HTTP 400: .*invalid"):
         sink.flush(20.0)
+
+
+def _mine(alertmanager: AlertmanagerServer, run: str) -> list[dict]:
+    return [a for a in alertmanager.alerts() if a["labels"].get("test_run") == run]
+
+
+def test_an_incident_whose_event_time_is_ahead_of_this_clock_resolves(alertmanager: AlertmanagerServer) -> None:
+    """A producer an hour ahead (local time sent as UTC): the resolve ends the alert now, not in an hour."""
+    run = uuid.uuid4().hex[:12]
+    sink = AlertmanagerSink(alertmanager.url, labels={"test_run": run}, backoff_s=0.05)
+    tracker = AlertTracker(k=1, n=1, m=1)
+    ahead = int(time.time() * 1000) + 3_600_000
+    firing, resolved = tracker.observe([0, 0], [3.0, 0.2], [True, False], [ahead, ahead + 30_000], "sensors", [1, 1],
+                                       [41, 42], model="sensors-gru", stream_names=["pump-7"])
+    sink.add([firing])
+    sink.flush(20.0)
+    assert [a["status"]["state"] for a in _mine(alertmanager, run)] == ["active"], alertmanager.log_tail()
+    sink.add([resolved])
+    sink.flush(20.0)
+    assert _mine(alertmanager, run) == []
+
+
+def test_the_resolve_of_an_older_incident_leaves_the_streams_later_one_firing(
+        alertmanager: AlertmanagerServer) -> None:
+    """A stream with an incident handed over with each of two partitions (its key moved): the older resolves, the
+    later continues; both have one label set in Alertmanager."""
+    run = uuid.uuid4().hex[:12]
+    sink = AlertmanagerSink(alertmanager.url, labels={"test_run": run}, backoff_s=0.05)
+    now = int(time.time() * 1000)
+    older = AlertTracker(k=1, n=1, m=1).observe([0, 0], [3.0, 0.2], [True, False], [now - 90_000, now - 80_000],
+                                               "sensors", [1, 1], [41, 42], model="m", stream_names=["pump-7"])
+    later = AlertTracker(k=1, n=1, m=1).observe([0], [3.0], [True], [now - 60_000], "sensors", [2], [7], model="m",
+                                               stream_names=["pump-7"])
+    sink.add([older[0]])
+    sink.flush(20.0)
+    sink.adopt(later)  # re-posted at the next flush
+    sink.flush(20.0)
+    sink.add([older[1]])
+    sink.flush(20.0)
+    held = _mine(alertmanager, run)
+    assert [(a["status"]["state"], a["annotations"]["alert_id"]) for a in held] == [("active", later[0].id)]

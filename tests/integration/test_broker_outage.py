@@ -92,7 +92,10 @@ def test_a_broker_outage_on_a_quiet_topic_makes_the_daemon_not_ready_until_it_is
     _until("ready again once the broker is back", lambda: ready_gauge() == 1, 60, thread)
     assert reachable() == 1 and daemon.is_ready()
     print(f"{client}: ready {time.monotonic() - back:.1f}s after the broker was back")
+    daemon.request_stop()
+    assert not daemon.is_ready()  # from the stop on, while the shutdown drains: a Service sends no new work
     _stopped(daemon, thread)
+    assert not daemon.is_ready()
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
