@@ -8,7 +8,10 @@ once and derives every variant from the same per-feature errors (B, F):
 * ``norm_mean``: each feature's error divided by its mean validation error plus the median of those means (a
   floor, so a feature reconstructed almost perfectly in training does not dominate), then the mean;
 * ``norm_max``: the same, the largest feature instead of the mean;
-* ``norm_mean_fl01``: divided by the mean validation error, floored at a tenth of their median.
+* ``norm_mean_fl01``: divided by the mean validation error, floored at a tenth of their median;
+* ``clip_mean``: divided by the larger of its mean validation error and the median of those means, then the
+  mean: features reconstructed worse than the median one are scaled down to it, the others are left as they are
+  (no feature gains weight, so one nearly constant in training does not dominate when it drifts).
 
 Each variant's threshold is SPOT (risk 1e-3) fitted on its own validation scores, as training does. Prints per
 entity and pooled: event F1 at that threshold (TP / FP / FN events), mean AUC-PR, mean best F1. About 3 min per
@@ -33,12 +36,13 @@ def _variants(cv: np.ndarray, ct: np.ndarray) -> dict[str, tuple[np.ndarray, np.
     """Validation and test scores of each variant from per-feature errors (N, F) and (T, F)."""
     mu = cv.mean(axis=0)  # (F,)
     floor = max(float(np.median(mu)), 1e-6)
-    w_floor, w_fl01 = 1.0 / (mu + floor), 1.0 / np.maximum(mu, 0.1 * floor)
+    w_floor, w_fl01, w_clip = 1.0 / (mu + floor), 1.0 / np.maximum(mu, 0.1 * floor), 1.0 / np.maximum(mu, floor)
     return {
         "mean": (cv.mean(1), ct.mean(1)),
         "norm_mean": ((cv * w_floor).mean(1), (ct * w_floor).mean(1)),
         "norm_max": ((cv * w_floor).max(1), (ct * w_floor).max(1)),
         "norm_mean_fl01": ((cv * w_fl01).mean(1), (ct * w_fl01).mean(1)),
+        "clip_mean": ((cv * w_clip).mean(1), (ct * w_clip).mean(1)),
     }
 
 
