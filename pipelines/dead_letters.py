@@ -21,7 +21,8 @@ HEADER_HEADERS_BYTES = "anomalyd-original-headers-bytes"  # only on a dead lette
 MAX_DETAIL_CHARS = 500
 DEAD_LETTER_MAX_VALUE_BYTES = 900_000  # under the producers' and brokers' default 1 MB message limits
 DEAD_LETTER_MAX_KEY_BYTES = 16_384
-DEAD_LETTER_MAX_HEADER_BYTES = 16_384  # the original headers, names and values together
+DEAD_LETTER_MAX_HEADER_BYTES = 16_384  # the original headers, names and values together, with their framing
+_HEADER_FRAMING_BYTES = 10  # a header's two length varints, at most 5 bytes each
 
 
 def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
@@ -44,8 +45,8 @@ def dead_letter_copy(value: bytes, key: bytes | None, original_headers: list[tup
     DEAD_LETTER_MAX_HEADER_BYTES are left out, each with the original size in a header, so that a message too large
     for the producer (an ``oversized`` one, say) is dead-lettered instead of stopping the daemon on every restart.
     The whole message stays in the source topic at the offset the headers name."""
-    size = sum(len(name) + len(v or b"") for name, v in original_headers)
-    if size > DEAD_LETTER_MAX_HEADER_BYTES:
+    size = sum(len(name.encode("utf-8", "surrogateescape")) + len(v or b"") for name, v in original_headers)
+    if size + _HEADER_FRAMING_BYTES * len(original_headers) > DEAD_LETTER_MAX_HEADER_BYTES:  # names' UTF-8 bytes
         out = [*headers, (HEADER_HEADERS_BYTES, str(size).encode("ascii"))]
     else:
         out = [*original_headers, *headers]

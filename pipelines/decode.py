@@ -159,8 +159,16 @@ def _checked_int(text: str) -> int:
 
 
 def _stdlib_loads(raw: bytes) -> object:
-    """The parser used without orjson (NaN/Infinity literals refused; overflowing floats caught later)."""
-    return json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
+    """The parser used without orjson, refusing what orjson refuses: NaN/Infinity literals, numbers beyond a double
+    (non_finite) and, in any string or key, a lone surrogate (bad_encoding), which the standard module takes."""
+    obj = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant, parse_float=_checked_float,
+                     parse_int=_checked_int)
+    if b"\\u" in raw:  # only an escape can spell a lone surrogate in valid UTF-8
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a lone surrogate in a string (not valid Unicode)") from None
+    return obj
 
 
 _loads: Callable[[bytes], object] = orjson.loads if orjson is not None else _stdlib_loads
@@ -336,8 +344,8 @@ def _parse_ts(ts: object) -> int:
         if dt.tzinfo is None:
             raise _Reject("bad_timestamp", f"timestamp {_short(ts)} has no timezone (add Z or an offset)")
         return (dt - _EPOCH) // _MS
-    if type(ts) is float and math.isfinite(ts) and _I64_MIN <= ts < _I64_MAX:
-        return int(ts)
+    if type(ts) is float and math.isfinite(ts) and _I64_MIN < ts < _I64_MAX:  # orjson reads an integer beyond
+        return int(ts)  # int64 as a float: -2**63 - 1 rounds to -2**63, refused as the standard module's int is
     if type(ts) in (int, float):
         raise _Reject("bad_timestamp", f"timestamp {_short(ts)} is out of range")
     raise _Reject("bad_timestamp", f"ts must be epoch milliseconds or an ISO 8601 string, got {_json_type(ts)}")

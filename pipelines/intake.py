@@ -108,7 +108,8 @@ class Intake:
         for spec, group in list(decoded.groups.items()):
             ref = broker_ts[group.ok_index]  # (N,)
             ref = np.where(ref > 0, ref, now)  # no broker timestamp (-1): the clock
-            far = group.ts - ref > self.max_ahead_ms
+            # without wrapping: ts - ref overflows int64 for a ts near its minimum (dead-lettered as "ahead")
+            far = group.ts > np.minimum(ref, np.iinfo(np.int64).max - self.max_ahead_ms) + self.max_ahead_ms
             if not far.any():
                 continue
             for i in np.flatnonzero(far).tolist():

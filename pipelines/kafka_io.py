@@ -166,7 +166,8 @@ class KafkaPythonProducer:
         """Queue one message; a failure is reported by the next :meth:`flush`. Behind messages that found no topic
         metadata (brokers out of reach) it waits with them for the next flush, so each costs no wait of its own."""
         waiting = bool(self._unsent)
-        self._unsent.append((topic, value, key, list(headers or [])))
+        # a header without a value (its consumer gives None) goes as an empty one: kafka-python's send refuses None
+        self._unsent.append((topic, value, key, [(k, b"" if v is None else v) for k, v in headers or ()]))
         if not waiting:
             self._send_unsent()
 

@@ -97,7 +97,7 @@ class KafkaPythonSource:
             topic=[r.topic for r in records],
             partition=np.fromiter((r.partition for r in records), np.int32, n),
             offset=np.fromiter((r.offset for r in records), np.int64, n),
-            timestamp=np.fromiter((r.timestamp for r in records), np.int64, n),
+            timestamp=np.fromiter((-1 if r.timestamp is None else r.timestamp for r in records), np.int64, n),  # v0
             key=[r.key for r in records],
             value=[r.value if r.value is not None else b"" for r in records],
             headers_of=lambda i: list(records[i].headers or []),

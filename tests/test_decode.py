@@ -373,3 +373,26 @@ def test_dead_letter_copy_keeps_what_fits_the_producers_limit():
     assert len(value) == 900_000 and key == b"k" * 16_384
     assert headers == [*ours, ("anomalyd-original-headers-bytes", b"20050"),
                        ("anomalyd-original-value-bytes", b"1000000"), ("anomalyd-original-key-bytes", b"20000")]
+    # counted in bytes on the wire: 4,000 four-byte names with empty values (a producer's 64 KB, not 4,000 "chars")
+    emoji = [("\U0001f600", b"")] * 4000
+    assert dead_letter_copy(b"v", None, emoji, ours)[2] == [*ours, ("anomalyd-original-headers-bytes", b"16000")]
+    framed = [("h", b"")] * 1500  # 1,500 bytes of names, and 1,500 headers' framing: over 16 KiB
+    assert dead_letter_copy(b"v", None, framed, ours)[2][-1] == ("anomalyd-original-headers-bytes", b"1500")
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (b'{"stream": "pump-17", "x": "\\ud800", "values": [1, 2]}', "bad_encoding"),  # lone surrogate, ignored key
+    (b'{"stream": "pump-17", "x": "\\udc00", "values": [1, 2]}', "bad_encoding"),
+    (b'{"stream": "pump-17", "values": {"\\ud800": 1}}', "bad_encoding"),
+    (b'{"stream": "pump-17", "values": ["\\ud800", 2]}', "bad_encoding"),
+    (b'{"stream": "pump-17", "x": 1e400, "values": [1, 2]}', "non_finite"),  # ignored key, beyond a double
+    (b'{"stream": "pump-17", "x": ' + b"9" * 400 + b', "values": [1, 2]}', "non_finite"),
+    (b'{"stream": "pump-17", "ts": 1e400, "values": [1, 2]}', "non_finite"),
+    (b'{"stream": "pump-17", "ts": -9223372036854775809, "values": [1, 2]}', "bad_timestamp"),  # below int64
+])
+def test_every_parser_refuses_the_same_messages_for_the_same_reason(raw, reason):
+    """The standard module took lone surrogates and numbers beyond a double where orjson refuses them, and orjson's
+    float for an integer below int64 rounded into range: one message, two outcomes by what was installed."""
+    assert one_reason(raw)[0] == reason
+    assert dec([b'{"stream": "pump-17", "x": "\\ud83d\\ude00 \\\\ud800", "values": [1, 2]}']).n_ok == 1  # a pair;
+    # an escaped backslash before "ud800" is text

@@ -409,6 +409,13 @@ def test_an_event_time_far_ahead_of_the_clock_is_dead_lettered_not_taken(trained
     daemon.process(RecordBatch(topic=["t"] * 2, partition=np.zeros(2, np.int32), offset=np.arange(4, 6, dtype=np.int64),
                                timestamp=np.full(2, old, np.int64), key=[None] * 2, value=late_values))
     assert got("anomalyd_dead_letters_total", {"topic": "t", "reason": "bad_timestamp"}) == 2
+    # the oldest time an int64 holds is not "ahead" (ts - broker time wrapped around to a large positive number)
+    ancient = [json.dumps({"stream": "pump-3", "ts": ts, "values": [1.0] * len(names)}).encode()
+               for ts in (-(2**63), -(2**63) + 1)]
+    daemon.process(RecordBatch(topic=["t"] * 2, partition=np.zeros(2, np.int32), offset=np.arange(6, 8, dtype=np.int64),
+                               timestamp=np.full(2, now, np.int64), key=[None] * 2, value=ancient))
+    assert got("anomalyd_dead_letters_total", {"topic": "t", "reason": "bad_timestamp"}) == 2
+    assert "-9223372036854775808 is" not in capsys.readouterr().err
 
 
 def test_a_stream_arriving_on_another_partition_is_reported_once_a_minute(trained, tmp_path, caplog, monkeypatch):

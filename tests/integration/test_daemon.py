@@ -206,6 +206,26 @@ def test_bad_input_goes_to_dead_letter_topic(kafka_bootstrap, topic_name, models
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_bad_message_with_a_null_header_is_dead_lettered_not_a_crash(kafka_bootstrap, topic_name, models, tmp_path,
+                                                                       client):
+    """Kafka headers may have no value; kafka-python's consumer gives it as None, which its producer refuses: the
+    dead letter failed, and the daemon stopped (exit 1) on that record after every restart."""
+    models_dir, names = models
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, client=client)
+    producer = make_producer("confluent", kafka_bootstrap)  # kafka-python's producer cannot send a null header
+    producer.produce(topic_name, b"{not json", headers=[("tenant", None), ("trace-id", b"t-1")])
+    producer.flush(30)
+    producer.close()
+    daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    assert daemon.run(count=1, timeout=60) == 0
+    [dead] = read_topic(kafka_bootstrap, f"{topic_name}-dlq")
+    assert dead.value == b"{not json"
+    assert [(k, v or b"") for k, v in dead.headers][:3] == [("tenant", b""), ("trace-id", b"t-1"),
+                                                            ("anomalyd-error-reason", b"bad_json")]
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_a_message_too_large_for_the_producer_is_dead_lettered_cut_not_a_crash(kafka_bootstrap, topic_name, models,
                                                                                tmp_path, client):
     """A 1.5 MB message on a topic that allows it is oversized for the daemon and too large for a dead letter
