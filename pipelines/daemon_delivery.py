@@ -14,6 +14,8 @@ from functools import partial
 
 from detector.engine import InferenceEngine
 
+from .alert_message import Alert
+from .alerts import AlertTracker
 from .commits import Committer
 from .config import Config
 from .intake import Intake
@@ -180,7 +182,8 @@ class DeliveryStage:
         """Continue the open incidents that the previous owners of newly assigned partitions handed over in their
         last commit (a clean shutdown or a revoke): each resolves here, with its own id, and is not fired again;
         sinks that re-send active alerts (Alertmanager) keep it active. An incident whose stream now has another
-        route, or a state not understood, is left to be detected afresh (said)."""
+        route is resolved now (its ``resolved`` alert goes out: its id does not stay open on the alerts topic), and
+        detected afresh if it goes on; a state not understood is skipped (said)."""
         handed = self.positions.take_handed_over()
         if not handed:
             return
@@ -188,7 +191,7 @@ class DeliveryStage:
             self._finish_background(10.0)  # the scoring thread reads alert state
         except RETRIED as exc:  # kept and retried; those offsets wait
             log.warning("delivery not complete, offsets not committed, will retry: %s", exc)
-        adopted, resolved, skipped = [], [], []
+        adopted, resolved, skipped, rerouted = [], [], [], []
         for tp, states in handed.items():
             tp_id = self.positions.id_of(tp)
             for state in states:
@@ -197,7 +200,9 @@ class DeliveryStage:
                 route = self.routes[r] if 0 <= r < len(self.routes) else None
                 try:
                     if route is None or route.spec.label != state.get("route"):
-                        raise ValueError(f"stream {stream!r} is not routed to {state.get('route')!r} here")
+                        resolved.append(_resolved_elsewhere(state, self.cfg.alerts.top_features))
+                        rerouted.append(f"{stream!r} (was {state.get('route')!r})")
+                        continue
                     alert, ended = route.adopt(state, tp_id)
                 except (KeyError, TypeError, ValueError, OverflowError) as exc:
                     skipped.append(f"{tp}: {type(exc).__name__}: {exc}")
@@ -206,8 +211,12 @@ class DeliveryStage:
                 resolved += ended
         if adopted or resolved:
             log.info("continuing %d open incidents handed over with partitions %s", len(adopted), sorted(handed))
-            if resolved:  # a stream whose key moved, with an incident handed over with each of two partitions
-                log.info("resolved %d handed-over incidents of streams that have a later one", len(resolved))
+            if rerouted:
+                log.info("resolved %d handed-over incidents of streams routed elsewhere here (detected afresh if they "
+                         "go on): %s", len(rerouted), ", ".join(rerouted[:5]))
+            if len(resolved) > len(rerouted):  # a stream whose key moved: an incident handed over with each of two
+                log.info("resolved %d handed-over incidents of streams that have a later one",  # partitions
+                         len(resolved) - len(rerouted))
             self.sinks.adopt(adopted)
             for a in resolved:
                 self.metrics.alert(a.model, a.status)
@@ -242,3 +251,11 @@ class DeliveryStage:
                 self.sinks.flush(10.0, self.metrics.observe_sink_flush)
             except SinkError as exc:  # kept and retried by the next flush
                 log.warning("alert delivery failed, will retry: %s", exc)
+
+
+def _resolved_elsewhere(state: dict, top_features: int) -> Alert:
+    """The ``resolved`` alert of a handed-over incident whose stream this config routes elsewhere, ended at its
+    latest window; its features are those the state names (its route's models are not served here, say)."""
+    shares = state.get("shares")
+    names = tuple(str(f) for f in shares) if isinstance(shares, dict) else ()
+    return AlertTracker(top_features=top_features).resolved(state, names)

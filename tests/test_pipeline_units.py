@@ -501,3 +501,37 @@ def test_event_times_in_seconds_are_reported_not_taken_silently(trained, tmp_pat
     daemon.intake._unit_warned_at -= 601
     said = process("pump-4", [1_764_180_000_000_000_000 + i for i in range(5)])
     assert len(said) == 1 and "microseconds or nanoseconds" in said[0] and "pump-4: ts 1764180000000000004" in said[0]
+
+
+def test_a_handed_over_incident_of_a_stream_routed_elsewhere_here_is_resolved_with_its_id(trained, tmp_path):
+    """The previous owner ran another config (the stream's route renamed, say): the incident is not continued, and
+    its resolved alert goes out, so that its id does not stay open for ever on the alerts topic."""
+    import io
+
+    from pipelines.alerts import AlertTracker
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+    from pipelines.replay import _StderrDeadLetters
+    from pipelines.sinks import FanoutSink, LogSink
+
+    ModelStore(tmp_path / "models").save("gru", trained["gru"])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [{"match": "pump-*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
+           "kafka": {"topics": ["t"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    daemon = Daemon(load_config(tmp_path / "c.yaml"))
+    out = io.StringIO()
+    daemon.producer, daemon.sinks = _StderrDeadLetters(), FanoutSink([LogSink(out)])
+    old = AlertTracker(k=1, n=1, m=5)
+    (firing,) = old.observe([0], [4.0], [True], [1_700_000_000_000], "t", [0], [17], contributions=[[3.0, 1.0]],
+                            feature_names=["temp", "flow"], model="old-route", stream_names=["pump-1"])
+    ((_, state),) = old.handover()
+    daemon.positions.handed_over = {("t", 0): [state]}
+    daemon._adopt_handed_over()
+    (line,) = [json.loads(s) for s in out.getvalue().splitlines()]
+    assert (line["id"], line["status"], line["stream"], line["model"]) == (firing.id, "resolved", "pump-1",
+                                                                           "old-route")
+    assert line["ended_at"] == 1_700_000_000_000 and line["top_features"][0]["feature"] == "temp"
+    got = daemon.registry.get_sample_value("anomalyd_alerts_total", {"model": "old-route", "status": "resolved"})
+    assert got == 1
+    assert daemon.routes[0].tracker.open_incidents == 0  # not continued here
