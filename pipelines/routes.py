@@ -164,15 +164,17 @@ class RouteState:
         if moved.any():
             self._moved(stream[moved])
         self.stream_tp[stream] = tp_id
-        if score.all():
+        prior = self.buffer.largest_ts(stream)  # (N,)
+        wb = self.buffer.add(stream, ts, values)
+        ok = None if self.buffer.n_late == late0 else accepted_events(stream, ts, prior)  # None: every event
+        # A stream is seen by its accepted events: one whose clock stepped back (every event late, none scored)
+        # goes silent, and is forgotten (its incident resolved) after stream_idle_timeout_s, then starts afresh.
+        if ok is None and score.all():
             self.last_seen[stream] = time.monotonic()
         else:  # records read again to rebuild windows: not news of a stream already held (adopted, say)
             seen = score | np.isnan(self.last_seen[stream])
-            self.last_seen[stream[seen]] = time.monotonic()
-        prior = self.buffer.largest_ts(stream)  # (N,)
-        wb = self.buffer.add(stream, ts, values)
-        if self.buffer.n_late > late0:  # the rebuild offsets count accepted events only: windows hold no late one
-            ok = accepted_events(stream, ts, prior)
+            self.last_seen[stream[seen if ok is None else seen & ok]] = time.monotonic()
+        if ok is not None:  # the rebuild offsets count accepted events only: windows hold no late one
             self.offsets.add(stream[ok], offset[ok])
         else:
             self.offsets.add(stream, offset)

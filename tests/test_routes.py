@@ -71,3 +71,26 @@ def test_with_stride_every_kth_window_is_queued_and_the_rebuild_floor_still_cove
     np.testing.assert_array_equal(ts, T0 + (np.flatnonzero((counts >= w) & ((counts - w) % 4 == 0))) * 1000)
     floor = route.rebuild_floor(1)[0]
     assert len(X) - (2 * w - 1) <= floor <= len(X) - w  # the window's oldest event, at most W - 1 more
+
+
+def test_a_stream_whose_clock_stepped_back_goes_silent_and_its_incident_resolves(trained, tmp_path):
+    """Every event late (a producer's clock set back): nothing is scored, so the incident never saw its m normal
+    windows, and each late event kept the stream 'seen', so it was never forgotten either: open for ever."""
+    route = _route(trained, tmp_path, ("gru",), alerts={"k": 1, "n": 1, "m": 5})
+    X = SensorModel(4, seed=1).normal(np.arange(200, dtype=np.float64))
+    X[150:, 2] += 10 * X[:, 2].std()  # anomalous from row 150 to the end
+    _feed(route, X)
+    engine = InferenceEngine("cpu")
+    engine.swap({m.name: m.detector for m in route.models})
+    route.score(route.take_pending(), engine, {})
+    assert route.tracker.open_incidents == 1
+    seen = float(route.last_seen[0])
+    n = 50  # normal readings stamped an hour before the last: all late
+    stream = np.repeat(route.stream_ids(["pump-1"]), n)
+    offset = 200 + np.arange(n, dtype=np.int64)
+    late, queued = route.add(stream, T0 - 3_600_000 + offset * 1000, X[:n].astype(np.float32),
+                             np.zeros(n, np.int64), offset, ["t"] * n, np.zeros(n, np.int32), np.ones(n, bool))
+    assert (late, queued) == (n, 0)
+    assert route.last_seen[0] == seen  # not news of the stream: no reading of it was taken
+    gone, alerts = route.forget_idle(60.0, now=seen + 61.0)
+    assert gone == ["pump-1"] and [a.status for a in alerts] == ["resolved"]
