@@ -133,12 +133,18 @@ class SPOTThreshold(Threshold):
         """Refit the GPD on the kept peaks and recompute z (never below t + eps)."""
         assert self._t is not None
         self._pending = self._since = 0
+        floor = self._t + _eps(self._level())
         if len(self._peaks) == 0:
-            self._gamma, self._sigma, self._z = 0.0, 0.0, self._t + _eps(self._t)
+            self._gamma, self._sigma, self._z = 0.0, 0.0, floor
             return
         self._gamma, self._sigma = fit_gpd(self._peaks)
         z = pot_quantile(self._t, self._gamma, self._sigma, self.risk, self._n, self._n_peaks)
-        self._z = max(z, self._t + _eps(self._t))
+        self._z = max(z, floor)
+
+    def _level(self) -> float:
+        """The size of the scores compared with ``z``, which its margin above ``t`` is relative to."""
+        assert self._t is not None
+        return self._t
 
     def _walk(self, alarm: np.ndarray) -> tuple[np.ndarray, int]:
         """False-alarm budget over observations flagged alarm (L,), in order: returns which alarms are learnt
@@ -283,9 +289,14 @@ class DSPOTThreshold(SPOTThreshold):
         _check_enough(x, d + MIN_SCORES, who)
         cs = np.concatenate([[0.0], np.cumsum(x - x.mean())])  # (N+1,)
         means = x.mean() + (cs[d:-1] - cs[: len(x) - d]) / d  # (N-d,) mean of the d scores before x[d:]
-        self._calibrate(x[d:] - means)
         self._window = x[-d:].copy()
+        self._calibrate(x[d:] - means)
         return self
+
+    def _level(self) -> float:
+        """The raw scores' level: drift-corrected ones are near 0, while the rounding between two scoring paths is
+        relative to the raw score."""
+        return max(abs(super()._level()), abs(float(self._window.mean())) if len(self._window) else 0.0)
 
     @property
     def threshold(self) -> float:

@@ -170,14 +170,28 @@ def _finite_windows(windows: torch.Tensor, what: str, say: Callable[[str], None]
 
 
 def calibrate_threshold(scores: np.ndarray, kind: str, params: dict, log: Callable[[str], None]) -> Threshold:
-    """Fit the configured threshold on validation scores; too little data for a tail fit -> the quantile of
-    the same risk (1 - risk, at least 0.5). Parameters the threshold refuses raise: that is no lack of data."""
+    """Fit the configured threshold on validation scores. Too little data for it: DSPOT (which needs ``depth``
+    scores more) gives way to SPOT of the same parameters, and a tail fit to the quantile of the same risk
+    (1 - risk, at least 0.5), which is further from the risk on few scores. Parameters the threshold refuses
+    raise: that is no lack of data. Scores without any spread are said: the threshold is then just above them."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) and np.isfinite(scores).all() and scores.min() == scores.max():
+        log(f"warning: every validation window scores {scores[0]:.6g}, so any change will be over the threshold; "
+            "train on data in which the stream varies as it does in normal operation")
     threshold = make_threshold(kind, **params)
     try:
         return threshold.fit(scores)
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:  # OverflowError: a tail fit on excesses spanning many decades
         if kind == "quantile":
             raise
+        if kind == "dspot":
+            try:
+                spot = make_threshold("spot", **{k: v for k, v in params.items() if k != "depth"}).fit(scores)
+            except (ValueError, OverflowError):
+                pass
+            else:
+                log(f"threshold 'dspot' could not be fitted ({exc}); using 'spot' with the same risk instead")
+                return spot
         q = min(max(1.0 - float(params["risk"]), 0.5), 0.9999) if "risk" in params else 0.99
         log(f"threshold {kind!r} could not be fitted ({exc}); using a {q:g} quantile threshold instead")
         return make_threshold("quantile", q=q).fit(scores)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from detector.models import GRUAutoencoder, LSTMAutoencoder, ModelConfig, build_model, model_cost
+from detector.thresholds import SPOTThreshold
 from detector.training import TrainConfig, _fill_missing, calibrate_threshold, train_detector
 
 
@@ -80,11 +81,33 @@ def test_a_feature_that_first_reports_in_the_validation_part_lends_no_value_to_t
     assert det.scaler.center[1] == 0.0  # training rows held no value of it (was 17, copied from validation)
 
 
-def test_a_threshold_that_cannot_be_fitted_falls_back_to_the_quantile_of_the_same_risk():
+def test_a_threshold_that_cannot_be_fitted_falls_back_to_spot_then_to_the_quantile_of_the_same_risk():
     scores = np.random.default_rng(1).exponential(size=150)
     said = []
-    fallback = calibrate_threshold(scores, "dspot", {"risk": 1e-3}, said.append)  # DSPOT needs 220 scores here
-    assert fallback.kind == "quantile" and "0.999 quantile" in said[0]
-    assert fallback.threshold == pytest.approx(np.quantile(scores, 0.999))
+    fallback = calibrate_threshold(scores, "dspot", {"risk": 1e-3, "depth": 200}, said.append)  # needs 220 here
+    assert fallback.kind == "spot" and "using 'spot' with the same risk" in said[0]  # closer to its risk than the
+    assert fallback.threshold == SPOTThreshold(risk=1e-3).fit(scores).threshold  # quantile on few scores (RESULTS)
     with pytest.raises(ValueError, match="risk must be in"):  # parameters it refuses are no lack of data
         calibrate_threshold(scores, "spot", {"risk": 0.05}, said.append)
+
+
+def test_a_tail_fit_that_overflows_falls_back_instead_of_failing_the_training():
+    rng = np.random.default_rng(0)  # excesses spanning 100 decades: r ** -gamma overflows a double
+    scores = np.concatenate([np.zeros(4900), 10.0 ** rng.uniform(-100, 0, size=100)])
+    said = []
+    thr = calibrate_threshold(scores, "spot", {"risk": 1e-5}, said.append)
+    assert thr.kind == "quantile" and "0.9999 quantile" in said[0]  # 1 - risk, at most 0.9999
+    assert thr.threshold == pytest.approx(np.quantile(scores, 0.9999))
+
+
+@pytest.mark.parametrize(("kind", "params"), [("quantile", {"q": 0.99}), ("spot", {"risk": 1e-3}),
+                                              ("dspot", {"risk": 1e-3, "depth": 20})])
+def test_scores_without_spread_leave_room_for_float32_rounding_and_are_said(kind, params):
+    """A sensor flat in validation: every window scores c. The daemon scores the same window with the fused kernel
+    (calibration ran eager PyTorch), about 1e-7 relative apart; a margin of 1e-9 made every normal window over."""
+    c = 0.0300195134
+    said = []
+    thr = calibrate_threshold(np.full(500, c), kind, params, said.append)
+    assert "every validation window scores 0.0300195" in said[0]
+    assert not thr.is_anomalous(np.array([c * (1 + 1e-6), c * (1 - 1e-6)])).any()
+    assert thr.is_anomalous(np.array([c * 1.01])).all()

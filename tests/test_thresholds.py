@@ -308,7 +308,7 @@ def test_dspot_needs_depth_plus_minimum() -> None:
 def test_constant_scores_give_value_plus_epsilon(kind: str, value: float) -> None:
     thr = make_threshold(kind).fit(np.full(1000, value))
     assert np.isfinite(thr.threshold)
-    assert value < thr.threshold < value + 1e-6
+    assert value < thr.threshold <= value + 1e-4 * max(value, 1e-5)  # room for float32 rounding, no more
     assert thr.update(np.array([value, value, value + 1.0])).tolist() == [False, False, True]
     assert np.isfinite(thr.normalise(np.array([value]))).all()
 
