@@ -87,8 +87,8 @@ def read_metadata(directory: str | Path) -> dict:
         raise CheckpointError(f"{path}: missing checkpoint metadata file")
     try:
         meta = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise CheckpointError(f"{path}: not valid JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an anomalyd checkpoint (format field is not {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -96,7 +96,7 @@ def read_metadata(directory: str | Path) -> dict:
             f"{path}: unsupported checkpoint format_version {meta.get('format_version')!r} "
             f"(this anomalyd reads version {FORMAT_VERSION})"
         )
-    for key in ("model_config", "feature_names", "scaler", "threshold"):
+    for key in ("model_config", "feature_names", "scaler", "threshold", "score_last_k"):
         if key not in meta:
             raise CheckpointError(f"{path}: missing key {key!r}")
     return meta
@@ -113,9 +113,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
             raise ValueError(f"scaler must be a dict with 'method', 'center' and 'scale', got {meta['scaler']!r:.80}")
         scaler = Scaler.from_dict(meta["scaler"])
         threshold = threshold_from_dict(meta["threshold"])
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:  # OverflowError: an int field of Infinity
         raise CheckpointError(f"{meta_path}: invalid metadata: {exc}") from None
-    last_k = meta.get("score_last_k")
+    last_k = meta["score_last_k"]
     if last_k is not None and (isinstance(last_k, bool) or not isinstance(last_k, int)
                                or not 1 <= last_k <= cfg.window):
         raise CheckpointError(f"{meta_path}: invalid metadata: score_last_k must be null or an integer in "
@@ -123,14 +123,16 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     names = meta["feature_names"]
     if not isinstance(names, list) or len(names) != cfg.n_features or scaler.n_features != cfg.n_features:
         raise CheckpointError(f"{meta_path}: feature names / scaler do not match n_features={cfg.n_features}")
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise CheckpointError(f"{meta_path}: feature names must be distinct non-empty strings, got {names!r:.200}")
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path}: missing weights file")
     try:
         state = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{weights_path}: not a valid safetensors file ({exc})") from None
-    model = build_model(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with torch.device("meta"):  # shapes only: a corrupt size in the metadata must not allocate (gigabytes) first
+        expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if set(expected) != set(got):
         missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
@@ -139,8 +141,12 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     bad = [f"{k}: file {got[k]} vs model {expected[k]}" for k in expected if got[k] != expected[k]]
     if bad:
         raise CheckpointError(f"{weights_path}: wrong tensor shapes for config {cfg}: " + "; ".join(bad))
+    if any(v.dtype != torch.float32 for v in state.values()):
+        kinds = sorted({str(v.dtype) for v in state.values()} - {"torch.float32"})
+        raise CheckpointError(f"{weights_path}: weights must be float32, found {', '.join(kinds)}")
     if any(not torch.isfinite(v).all() for v in state.values()):
         raise CheckpointError(f"{weights_path}: weights contain NaN or inf")
+    model = build_model(cfg)
     model.load_state_dict(state)
     return AutoencoderDetector(
         cfg, model=model, scaler=scaler, threshold=threshold, feature_names=list(names),

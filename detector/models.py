@@ -61,9 +61,11 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ValueError(f"ModelConfig must be a dict of fields, got {d!r:.80}")
         known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        unknown, missing = set(d) - known, known - set(d)
         if unknown:
             raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
+        if missing:  # a default would stand in silently: the window, which no weight's shape shows, say
+            raise ValueError(f"ModelConfig keys missing: {sorted(missing)}")
         return cls(**d)
 
 

@@ -255,6 +255,8 @@ class SPOTThreshold(Threshold):
         peaks = _state_array(state, "peaks", who, positive=True)
         if floats["sigma"] < 0.0:
             raise ValueError(f"{who} state field 'sigma' must be >= 0, got {floats['sigma']!r}")
+        if floats["z"] <= floats["t"]:  # every score over t would alarm, the first peaks included
+            raise ValueError(f"{who} state field 'z' must be above 't' ({floats['t']!r}), got {floats['z']!r}")
         for k, v in (floats | ints).items():
             setattr(self, f"_{k}", v)
         self._peaks = peaks[-self.max_peaks :]

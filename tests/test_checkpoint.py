@@ -165,3 +165,55 @@ def test_config_and_scaler_that_are_not_dicts_are_named(saved, key, bad):
     _rewrite(path, lambda m: m.__setitem__(key, bad))
     with pytest.raises(CheckpointError, match=r"invalid metadata: (ModelConfig|scaler) must be a dict"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("field", ["window", "dropout"])
+def test_a_model_config_field_left_out_is_named_not_defaulted(saved, field):
+    """The window shows in no weight's shape: without the field the model served windows of 64 (the default)."""
+    _, path = saved
+    _rewrite(path, lambda m: m["model_config"].pop(field))
+    with pytest.raises(CheckpointError, match=rf"invalid metadata: ModelConfig keys missing: \['{field}'\]"):
+        load_checkpoint(path)
+    _rewrite(path, lambda m: m.pop("score_last_k"))
+    with pytest.raises(CheckpointError, match=r"missing key 'score_last_k'"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(("mutate", "error"), [
+    (lambda m: m["threshold"]["params"].__setitem__("max_peaks", float("inf")), "invalid metadata: cannot convert"),
+    (lambda m: m["threshold"]["params"].__setitem__("refit_every", float("inf")), "invalid metadata: cannot convert"),
+    (lambda m: m["threshold"]["state"].__setitem__("z", m["threshold"]["state"]["t"] - 100.0), "'z' must be above"),
+    (lambda m: m.__setitem__("feature_names", ["a", "a", "b", "c"]), "feature names must be distinct"),
+    (lambda m: m.__setitem__("feature_names", [1, None, "b", "c"]), "feature names must be distinct"),
+])
+def test_metadata_that_would_crash_or_mislead_the_daemon_is_a_checkpoint_error(saved, mutate, error):
+    """Each used to load (every score over the threshold, features named twice), or to raise an error that is no
+    CheckpointError, which the model store's fallback to an older version does not catch: the daemon crashed."""
+    _, path = saved
+    _rewrite(path, mutate)
+    with pytest.raises(CheckpointError, match=error):
+        load_checkpoint(path)
+
+
+def test_a_size_in_the_metadata_is_checked_against_the_weights_before_anything_is_allocated(saved):
+    _, path = saved
+    _rewrite(path, lambda m: m["model_config"].__setitem__("hidden_size", 10**7))  # about 1.6e15 bytes
+    with pytest.raises(CheckpointError, match=r"wrong tensor shapes"):
+        load_checkpoint(path)
+
+
+def test_weights_of_another_dtype_are_refused(saved):
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved
+    state = load_file(str(path / WEIGHTS_FILE))
+    save_file({k: v.to(torch.float64) for k, v in state.items()}, str(path / WEIGHTS_FILE))
+    with pytest.raises(CheckpointError, match=r"weights must be float32, found torch\.float64"):
+        load_checkpoint(path)
+
+
+def test_metadata_nested_beyond_the_parsers_depth_is_a_checkpoint_error(saved):
+    _, path = saved
+    (path / META_FILE).write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(CheckpointError, match=r"not valid JSON \(RecursionError"):
+        load_checkpoint(path)
