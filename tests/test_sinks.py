@@ -546,3 +546,37 @@ def test_fanout_times_only_the_flushes_that_had_alerts_to_deliver(recorder: Reco
     fan.flush(5.0, lambda name, _s, ok: seen.append((name, ok)))
     fan.flush(5.0, lambda name, _s, ok: seen.append((name, ok)))
     assert seen == [("alertmanager", True)]
+
+
+def test_a_host_name_lookup_that_does_not_answer_does_not_hold_a_flush_past_its_deadline(
+        recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """urllib's timeout covers the socket, not getaddrinfo: a resolver that did not answer held the flush (and a
+    revoke's or the shutdown's deadline with it) for as long as the lookup took."""
+    import socket as socket_module
+
+    released = threading.Event()
+    real = socket_module.getaddrinfo
+
+    def stuck(host, *args, **kwargs):
+        if host == "alertmanager.stuck.test":
+            released.wait(60)  # a resolver that does not answer (until the test ends)
+            raise socket_module.gaierror(-3, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket_module, "getaddrinfo", stuck)
+    sink = AlertmanagerSink("http://alertmanager.stuck.test:9093", timeout_s=0.5, max_retries=0)
+    sink.add([make_alert()])
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(SinkError, match=r"no answer within 0\.5 s \(still under way"):
+            sink.flush(1.0)
+        assert time.monotonic() - t0 < 30  # about 1 s; the lookup itself would take 60
+        sink.retry_now()
+        with pytest.raises(SinkError, match=r"waiting behind an earlier request"):
+            sink.flush(1.0)
+    finally:
+        released.set()
+    ok = AlertmanagerSink(recorder.url)  # another sink's requests are not behind that one
+    ok.add([make_alert()])
+    ok.flush(5.0)
+    assert len(recorder.posts) == 1
