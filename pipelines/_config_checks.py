@@ -108,12 +108,44 @@ def check_alertmanager(c: AlertmanagerSinkConfig, data: Mapping, key: str, ctx: 
         elif name in RESERVED_ALERT_LABELS:
             ctx.err(join_key(join_key(key, "labels"), name), f"reserved label name: anomalyd sets "
                     f"{', '.join(RESERVED_ALERT_LABELS)} on every alert")
-    gen = c.generator_url
-    if gen and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+[^\s\x00-\x1f\x7f]*", gen):
-        # Alertmanager refuses the whole post of alerts whose generatorURL is not an absolute URI: none would go out
-        ctx.err(join_key(key, "generator_url"), f"must be an absolute URL (https://grafana.example.com/d/...), without "
-                f"spaces, got {gen!r}")
+    if c.generator_url and (problem := _request_uri_problem(c.generator_url)):
+        # Alertmanager refuses the whole post of alerts whose generatorURL it cannot parse: none would go out
+        ctx.err(join_key(key, "generator_url"), f"Alertmanager would refuse it ({problem}): use an absolute URL "
+                f"such as https://grafana.example.com/d/anomalyd, got {c.generator_url!r}")
     return c
+
+
+_HOST_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=<>\"\u0080-\U0010ffff]*")  # what Go's net/url takes in a host
+
+
+def _request_uri_problem(url: str) -> str | None:
+    """Why Go's ``url.ParseRequestURI`` (Alertmanager's check of a ``uri``) refuses ``url``, or None."""
+    if re.search(r"[\x00-\x1f\x7f]", url):
+        return "a control character"
+    if url == "*":
+        return None
+    if url.startswith(":"):
+        return "no scheme before ':'"
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", url)
+    rest = url[scheme.end():] if scheme else url
+    if not rest.startswith("/"):
+        return None if scheme else "neither an absolute URL nor a path from /"  # scheme:opaque is taken as it is
+    rest = rest.split("?", 1)[0]  # the query is not checked
+    authority = ""
+    if scheme and rest.startswith("//"):
+        authority, _, path = rest[2:].partition("/")
+        rest = "/" + path
+    if re.search(r"%(?![0-9A-Fa-f]{2})", rest):
+        return "a '%' not followed by two hex digits"
+    host = authority.rsplit("@", 1)[-1]
+    if host.startswith("["):
+        return None if re.fullmatch(r"\[[0-9A-Fa-f:.%A-Za-z]+\](:\d*)?", host) else "a bad [IPv6] host"
+    name, _, port = host.partition(":")
+    if not port.isdigit() and port:
+        return f"a port that is not a number: {port!r}"
+    if not _HOST_CHARS.fullmatch(re.sub(r"%(25|[89A-Fa-f][0-9A-Fa-f])", "", name)):  # other escapes: refused
+        return f"a character not allowed in a host name: {name!r}"
+    return None
 
 
 def check_config(c: Config, data: Mapping, key: str, ctx: Ctx) -> Config:

@@ -17,7 +17,8 @@ HEADER_PARTITION = "anomalyd-source-partition"
 HEADER_OFFSET = "anomalyd-source-offset"
 HEADER_VALUE_BYTES = "anomalyd-original-value-bytes"  # only on a dead letter whose value was cut
 HEADER_KEY_BYTES = "anomalyd-original-key-bytes"  # only on a dead letter whose key was cut
-HEADER_HEADERS_BYTES = "anomalyd-original-headers-bytes"  # only on a dead letter whose original headers were left out
+HEADER_HEADERS_BYTES = "anomalyd-original-headers-bytes"  # only on a dead letter whose original headers were left
+# out: their size on the wire, at most (the lengths' varints counted at 5 bytes each)
 MAX_DETAIL_CHARS = 500
 DEAD_LETTER_MAX_VALUE_BYTES = 900_000  # under the producers' and brokers' default 1 MB message limits
 DEAD_LETTER_MAX_KEY_BYTES = 16_384
@@ -45,8 +46,9 @@ def dead_letter_copy(value: bytes, key: bytes | None, original_headers: list[tup
     DEAD_LETTER_MAX_HEADER_BYTES are left out, each with the original size in a header, so that a message too large
     for the producer (an ``oversized`` one, say) is dead-lettered instead of stopping the daemon on every restart.
     The whole message stays in the source topic at the offset the headers name."""
-    size = sum(len(name.encode("utf-8", "surrogateescape")) + len(v or b"") for name, v in original_headers)
-    if size + _HEADER_FRAMING_BYTES * len(original_headers) > DEAD_LETTER_MAX_HEADER_BYTES:  # names' UTF-8 bytes
+    size = sum(len(name.encode("utf-8", "surrogateescape")) + len(v or b"") + _HEADER_FRAMING_BYTES
+               for name, v in original_headers)  # on the wire, at most: names' UTF-8, values, two lengths each
+    if size > DEAD_LETTER_MAX_HEADER_BYTES:
         out = [*headers, (HEADER_HEADERS_BYTES, str(size).encode("ascii"))]
     else:
         out = [*original_headers, *headers]

@@ -25,7 +25,7 @@ labels except on the opt-in, K-bounded ``anomalyd_top_stream_score``. Outcomes: 
 | `anomalyd_rebalances_total` | counter | - | consumer-group rebalances (assignments) seen |
 | `anomalyd_model_reload_failures_total` | counter | - | new model versions that failed to load (old ones kept) |
 | `anomalyd_inference_threads` | gauge | - | intra-op threads of CPU inference (adaptive unless fixed) |
-| `anomalyd_sink_flush_seconds` | histogram | sink | latency of one sink flush |
+| `anomalyd_sink_flush_seconds` | histogram | sink | latency of one sink flush that had alerts to deliver (or failed) |
 | `anomalyd_sink_failures_total` | counter | sink | failed sink flushes |
 | `anomalyd_commit_seconds` | histogram | - | latency of one offset commit, from sending it to its answer |
 | `anomalyd_commit_failures_total` | counter | - | failed offset commits |
@@ -127,8 +127,9 @@ class Metrics:
         self.model_reload_failures = Counter("anomalyd_model_reload_failures_total",
                                              "Model versions that could not be loaded; the old ones are kept.",
                                              registry=r)
-        self.sink_flush_seconds = Histogram("anomalyd_sink_flush_seconds", "Latency of one sink flush.",
-                                            ["sink"], buckets=IO_BUCKETS, registry=r)
+        self.sink_flush_seconds = Histogram("anomalyd_sink_flush_seconds",
+                                            "Latency of one sink flush with alerts to deliver.", ["sink"],
+                                            buckets=IO_BUCKETS, registry=r)
         self.sink_failures = Counter("anomalyd_sink_failures_total", "Failed sink flushes.", ["sink"], registry=r)
         self.commit_seconds = Histogram("anomalyd_commit_seconds",
                                         "Latency of one offset commit, from sending it to its answer.",

@@ -49,15 +49,17 @@ class Sink(ABC):
     def flush(self, timeout_s: float) -> None:
         """Deliver everything queued within ``timeout_s`` seconds or raise :class:`SinkError`."""
 
-    def forget_streams(self, streams: Iterable[str]) -> None:  # noqa: B027 - optional hook
-        """The daemon no longer owns these streams (partition revoked); drop any per-stream sink state."""
+    def forget_streams(self, streams: Iterable[str], moved: bool = False) -> None:  # noqa: B027 - optional hook
+        """The daemon no longer tracks these streams: idle (their incidents resolved), or ``moved`` with their
+        partitions to another owner (revoked or lost); drop any per-stream sink state."""
 
     def adopt(self, alerts: Sequence[Alert]) -> None:  # noqa: B027 - optional hook
         """These ``firing`` alerts were delivered by the previous owner of their partitions, and their incidents
         continue here: a sink that re-sends active alerts takes them on (nothing is sent again otherwise)."""
 
     def queued(self, now: float) -> int:
-        """How many alerts a :meth:`flush` at monotonic time ``now`` would deliver (0: it has nothing to do)."""
+        """About how many alerts a :meth:`flush` at monotonic time ``now`` would deliver; 0 exactly when it has
+        nothing to do. Cheap: asked before every flush."""
         return 0
 
     def flush_due(self, now: float) -> bool:
@@ -170,6 +172,7 @@ class AlertmanagerSink(Sink):
         self.labels = {"severity": severity, **labels}
         self._pending: list[Alert] = []
         self._active: dict[str, tuple[Alert, float]] = {}  # firing id -> (alert, monotonic time last posted)
+        self._firing: dict[tuple[str, str], set[str]] = {}  # (stream, model) -> ids in _active: one label set
         self._last_flush = time.monotonic()  # of the last flush that posted, or found nothing to post
         self._failed_flushes = 0  # in a row
         self._retry_at = 0.0  # monotonic time before which a flush fails without a request
@@ -216,19 +219,20 @@ class AlertmanagerSink(Sink):
     def add(self, alerts: Sequence[Alert]) -> None:
         self._pending.extend(alerts)
 
-    def forget_streams(self, streams: Iterable[str]) -> None:
-        """Stop re-posting their firing alerts, and drop those not posted yet (Alertmanager down at a revoke): the
-        partition's next owner posts them, and a late post from here would re-open what it resolves. Their
-        ``resolved`` alerts still go."""
+    def forget_streams(self, streams: Iterable[str], moved: bool = False) -> None:
+        """Stop re-posting their firing alerts. Those of streams ``moved`` to another owner that were not posted yet
+        (Alertmanager down at a revoke) are dropped too: the next owner posts them, and a late post from here would
+        re-open what it resolves. Their ``resolved`` alerts still go, as do all of a stream forgotten as idle."""
         gone = set(streams)
         self._active = {i: v for i, v in self._active.items() if v[0].stream not in gone}
-        self._pending = [a for a in self._pending if a.status != FIRING or a.stream not in gone]
+        self._firing = {k: ids for k, ids in self._firing.items() if k[0] not in gone}
+        if moved:
+            self._pending = [a for a in self._pending if a.status != FIRING or a.stream not in gone]
 
     def adopt(self, alerts: Sequence[Alert]) -> None:
         """Re-post them at the next flush (the previous owner's last post ends within 4 re-post intervals), then
         every ``resend_interval_s`` until they resolve."""
-        for alert in alerts:
-            self._active[alert.id] = (alert, -math.inf)
+        self._delivered(alerts, -math.inf)
         if alerts:
             self._last_flush = -math.inf
 
@@ -243,29 +247,33 @@ class AlertmanagerSink(Sink):
         self._retry_at = 0.0
 
     def queued(self, now: float) -> int:
-        return len(self._batch(now)) if now >= self._retry_at else len(self._pending)
-
-    def _batch(self, now: float) -> list[Alert]:
-        """What a flush at monotonic ``now`` posts: the pending alerts, then the firing ones due for a re-post."""
-        queued = {a.id for a in self._pending}
-        due = [a for a, sent in self._active.values() if now - sent >= self.resend_interval_s and a.id not in queued]
-        return self._pending + due
+        due = len(self._active) if now >= self._retry_at and now - self._last_flush >= self.resend_interval_s else 0
+        return len(self._pending) + due
 
     def _shadowed(self, batch: list[Alert]) -> set[str]:
-        """Ids of ``resolved`` alerts not to post: another incident of the same stream and model is firing (one
-        handed over with each of two partitions), and both have one label set, so the resolve would end it."""
-        firing: dict[tuple[str, str], set[str]] = {}
-        for a in [a for a, _ in self._active.values()] + batch:
-            ids = firing.setdefault((a.stream, a.model), set())
+        """Ids of ``resolved`` alerts not to post: another incident of the same stream and model is firing at that
+        point of the batch (one handed over with each of two partitions), and both have one label set, so the
+        resolve would end it. A resolve followed by a new incident of the stream is posted (the new one pages)."""
+        firing: dict[tuple[str, str], set[str]] = {}  # the keys the batch touches, as of each alert in turn
+        shadowed = set()
+        for a in batch:
+            key = (a.stream, a.model)
+            ids = firing.get(key)
+            if ids is None:
+                ids = firing[key] = set(self._firing.get(key, ()))
             if a.status == FIRING:
                 ids.add(a.id)
             else:
                 ids.discard(a.id)
-        return {a.id for a in batch if a.status == RESOLVED and firing[a.stream, a.model] - {a.id}}
+                if ids:
+                    shadowed.add(a.id)
+        return shadowed
 
     def flush(self, timeout_s: float) -> None:
         now = time.monotonic()
-        batch = self._batch(now)
+        queued = {a.id for a in self._pending}
+        due = [a for a, sent in self._active.values() if now - sent >= self.resend_interval_s and a.id not in queued]
+        batch = self._pending + due  # the pending alerts, then the firing ones due for a re-post
         if not batch:
             self._last_flush = now
             return
@@ -291,12 +299,16 @@ class AlertmanagerSink(Sink):
             del self._pending[: min(posted, len(self._pending))]  # the batch starts with the pending alerts
         self._failed_flushes, self._retry_at, self._last_flush = 0, 0.0, now
 
-    def _delivered(self, alerts: list[Alert], now: float) -> None:
+    def _delivered(self, alerts: Sequence[Alert], now: float) -> None:
         for alert in alerts:
+            key = (alert.stream, alert.model)
             if alert.status == FIRING:
                 self._active[alert.id] = (alert, now)
-            else:
-                self._active.pop(alert.id, None)
+                self._firing.setdefault(key, set()).add(alert.id)
+            elif self._active.pop(alert.id, None) is not None and (ids := self._firing.get(key)) is not None:
+                ids.discard(alert.id)
+                if not ids:
+                    del self._firing[key]
 
     def _post(self, payload: list[dict[str, Any]], deadline: float) -> None:
         body = json.dumps(payload).encode()
@@ -383,10 +395,10 @@ class FanoutSink(Sink):
         if errors:
             raise SinkError("alert sinks failed: " + "; ".join(errors))
 
-    def forget_streams(self, streams: Iterable[str]) -> None:
+    def forget_streams(self, streams: Iterable[str], moved: bool = False) -> None:
         streams = list(streams)
         for sink in self.sinks:
-            sink.forget_streams(streams)
+            sink.forget_streams(streams, moved)
 
     def adopt(self, alerts: Sequence[Alert]) -> None:
         for sink in self.sinks:

@@ -331,13 +331,20 @@ def test_an_alertmanager_url_urllib_cannot_take_apart_is_refused_without_showing
     assert error in line and "'pa'" not in line and "pw" not in line and "s3cret" not in line
 
 
-@pytest.mark.parametrize("url", ["grafana.example.com/d/x", "https://g.example.com/d/a b", "/d/x", "https:///d/x"])
-def test_a_generator_url_alertmanager_would_refuse_is_refused_here(url):
-    """Alertmanager answers 400 to a post with a generatorURL that is not an absolute URI: no alert went out, and
-    nothing was committed."""
+@pytest.mark.parametrize(("url", "why"), [
+    ("grafana.example.com/d/x", "neither an absolute URL nor a path from /"),
+    ("https://g.example.com/d/%zz", "a '%' not followed by two hex digits"),
+    ("https://ex^ample.com/d", "a character not allowed in a host name: 'ex^ample.com'"),
+    ("https://g.example.com:30a/d", "a port that is not a number: '30a'"),
+    ("https://g.example.com/d/\tx", "a control character"),
+])
+def test_a_generator_url_alertmanager_would_refuse_is_refused_here(url, why):
+    """Alertmanager answers 400 to a post with a generatorURL that Go's url.ParseRequestURI refuses: no alert went
+    out, and nothing was committed. What it takes is taken, however little use (a path, a space)."""
     (line,) = errors_of({"sinks": {"alertmanager": {"enabled": True, "generator_url": url}}})
-    assert line.startswith("<string>: sinks.alertmanager.generator_url: must be an absolute URL"), line
-    for fine in ("https://grafana.example.com/d/anomalyd?orgId=1&var-model=All", "http://grafana:3000", None, ""):
+    assert line.startswith(f"<string>: sinks.alertmanager.generator_url: Alertmanager would refuse it ({why})"), line
+    for fine in ("https://grafana.example.com/d/anomalyd?orgId=1&var-model=All", "http://grafana:3000", None, "",
+                 "/d/anomalyd", "https:///d/x", "https://g.example.com/d/a b", "http://[::1]:3000/d"):
         cfg = Config.from_dict({"sinks": {"alertmanager": {"enabled": True, "generator_url": fine}}})
         assert cfg.sinks.alertmanager.generator_url == fine
 

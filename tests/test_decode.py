@@ -371,13 +371,13 @@ def test_dead_letter_copy_keeps_what_fits_the_producers_limit():
     big = [(f"h{i}", b"x" * 1000) for i in range(20)]  # 20 KB of original headers: left out, and said so
     value, key, headers = dead_letter_copy(b"v" * 1_000_000, b"k" * 20_000, big, ours)
     assert len(value) == 900_000 and key == b"k" * 16_384
-    assert headers == [*ours, ("anomalyd-original-headers-bytes", b"20050"),
+    assert headers == [*ours, ("anomalyd-original-headers-bytes", b"20250"),  # 20,050 and 20 headers' framing
                        ("anomalyd-original-value-bytes", b"1000000"), ("anomalyd-original-key-bytes", b"20000")]
     # counted in bytes on the wire: 4,000 four-byte names with empty values (a producer's 64 KB, not 4,000 "chars")
     emoji = [("\U0001f600", b"")] * 4000
-    assert dead_letter_copy(b"v", None, emoji, ours)[2] == [*ours, ("anomalyd-original-headers-bytes", b"16000")]
+    assert dead_letter_copy(b"v", None, emoji, ours)[2] == [*ours, ("anomalyd-original-headers-bytes", b"56000")]
     framed = [("h", b"")] * 1500  # 1,500 bytes of names, and 1,500 headers' framing: over 16 KiB
-    assert dead_letter_copy(b"v", None, framed, ours)[2][-1] == ("anomalyd-original-headers-bytes", b"1500")
+    assert dead_letter_copy(b"v", None, framed, ours)[2][-1] == ("anomalyd-original-headers-bytes", b"16500")
 
 
 @pytest.mark.parametrize(("raw", "reason"), [

@@ -418,6 +418,27 @@ def test_an_event_time_far_ahead_of_the_clock_is_dead_lettered_not_taken(trained
     assert "-9223372036854775808 is" not in capsys.readouterr().err
 
 
+def test_a_limit_on_event_time_ahead_beyond_int64_milliseconds_is_no_limit_not_a_crash(trained, tmp_path):
+    """1e16 s as "never": the limit plus a broker time overflowed int64 on every poll."""
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+    from pipelines.replay import _StderrDeadLetters
+
+    ModelStore(tmp_path / "models").save("gru", trained["gru"])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [{"match": "*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
+           "kafka": {"topics": ["t"]}, "processing": {"max_event_time_ahead_s": 1e16}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    daemon = Daemon(load_config(tmp_path / "c.yaml"))
+    daemon.producer = _StderrDeadLetters()
+    names = trained["gru"].feature_names
+    values = [json.dumps({"stream": "pump-1", "ts": ts, "values": [1.0] * len(names)}).encode()
+              for ts in (1_700_000_000_000, 2**62)]
+    daemon.process(RecordBatch(topic=["t"] * 2, partition=np.zeros(2, np.int32), offset=np.arange(2, dtype=np.int64),
+                               timestamp=np.full(2, 1_700_000_000_000, np.int64), key=[None] * 2, value=values))
+    assert daemon.routes[0].buffer.n_events == 2
+
+
 def test_a_stream_arriving_on_another_partition_is_reported_once_a_minute(trained, tmp_path, caplog, monkeypatch):
     """Partitions added to a topic with a backlog move keys: the new partition's events of a stream come first, its
     old partition's backlog then falls behind them and is dropped as late. That loss is said, not only counted."""

@@ -491,7 +491,7 @@ def test_alertmanager_drops_unposted_firing_alerts_of_streams_it_no_longer_owns(
     recorder.script = [(503, "down")]
     with pytest.raises(SinkError):
         sink.flush(5.0)
-    sink.forget_streams(["pump-1"])
+    sink.forget_streams(["pump-1"], moved=True)
     clock.advance(1.0)
     sink.flush(5.0)
     assert [(a["annotations"]["alert_id"], a["labels"]["stream"]) for a in recorder.posts[-1][1]] == \
@@ -499,6 +499,36 @@ def test_alertmanager_drops_unposted_firing_alerts_of_streams_it_no_longer_owns(
     clock.advance(120.0)
     sink.flush(5.0)
     assert [a["annotations"]["alert_id"] for a in recorder.posts[-1][1]] == ["kept"]  # only pump-2 re-posted
+
+
+def test_alertmanager_still_posts_the_firing_alert_of_a_stream_forgotten_as_idle(recorder: Recorder,
+                                                                                 clock: Clock) -> None:
+    """Idle, the stream has no next owner: its firing alert, queued while Alertmanager was down, goes before its
+    resolve (only the resolve went, so the incident never paged)."""
+    sink = AlertmanagerSink(recorder.url, backoff_s=0.25, max_retries=0)
+    sink.add([make_alert()])
+    recorder.script = [(503, "down")]
+    with pytest.raises(SinkError):
+        sink.flush(5.0)
+    sink.add([make_alert(RESOLVED, ended_at=1_700_000_060_000)])
+    sink.forget_streams(["pump-1"])
+    clock.advance(1.0)
+    sink.flush(5.0)
+    assert [a["endsAt"] > a["startsAt"] for a in recorder.posts[-1][1]] == [True, True]
+    assert [a["annotations"]["alert_id"] for a in recorder.posts[-1][1]] == ["a1b2", "a1b2"]
+
+
+def test_alertmanager_posts_the_resolve_of_an_incident_followed_by_a_new_one_of_the_stream(recorder: Recorder) -> None:
+    """Resolved, then a new incident, in one flush (a backlog after an outage): without the resolve Alertmanager
+    would merge the new incident into the old one, and the new one would not page."""
+    sink = AlertmanagerSink(recorder.url, resend_interval_s=3600.0)
+    sink.add([make_alert(id="first")])
+    sink.flush(5.0)
+    sink.add([make_alert(RESOLVED, id="first", ended_at=1_700_000_060_000),
+              make_alert(id="second", started_at=1_700_000_120_000)])
+    sink.flush(5.0)
+    assert [(a["annotations"]["alert_id"], a["endsAt"] < a["startsAt"].replace("2023", "3023"))
+            for a in recorder.posts[-1][1]] == [("first", True), ("second", True)]
 
 
 def test_alertmanager_posts_a_backlog_in_parts_and_keeps_what_was_not_posted(recorder: Recorder,
