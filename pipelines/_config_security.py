@@ -40,6 +40,8 @@ class SecurityConfig:
 
 
 def check_security(s: SecurityConfig, data: Mapping, key: str, ctx: Ctx) -> SecurityConfig:
+    if s.sasl_username is not None and s.sasl_username.endswith("\n"):  # from a Secret made with --from-file, as
+        s = dataclasses.replace(s, sasl_username=s.sasl_username.rstrip("\r\n"))  # the password file's newline
     sasl = s.protocol.startswith("SASL_")
     mech_key = join_key(key, "sasl_mechanism")
     if sasl and s.sasl_mechanism is None and not ctx.is_bad(mech_key):

@@ -392,6 +392,17 @@ def test_password_file_is_read_and_redacted(tmp_path):
         "k": 3, "n": 5, "m": 10, "cooldown_s": 60.0, "top_features": 3}
 
 
+def test_a_user_name_from_a_secret_file_loses_its_trailing_newline_as_the_password_does(tmp_path):
+    """kubectl create secret --from-file=username=...: the chart passes the name in an environment variable, with
+    the file's newline, which no broker takes as part of the name."""
+    secret = tmp_path / "password"
+    secret.write_text("hunter2\n")
+    env = {"ANOMALYD_KAFKA__SECURITY__PROTOCOL": "SASL_SSL", "ANOMALYD_KAFKA__SECURITY__SASL_MECHANISM": "PLAIN",
+           "ANOMALYD_KAFKA__SECURITY__SASL_USERNAME": "alice\n",
+           "ANOMALYD_KAFKA__SECURITY__SASL_PASSWORD_FILE": str(secret)}
+    assert load_config(None, env=env).kafka.security.sasl_username == "alice"
+
+
 def test_password_file_errors(tmp_path):
     sec = {"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "svc",
            "sasl_password_file": str(tmp_path / "missing")}

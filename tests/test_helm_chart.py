@@ -320,3 +320,59 @@ def test_helm_network_policy_admits_the_metrics_port_and_limits_egress_when_aske
     values.write_text(yaml.safe_dump({"networkPolicy": {"enabled": True, "egress": brokers,
                                                         "dns": [{"ports": [{"port": 5353, "protocol": "UDP"}]}]}}))
     assert _by_kind(_render(helm, "-f", str(values)))["NetworkPolicy"]["spec"]["egress"][0]["ports"][0]["port"] == 5353
+    values.write_text(yaml.safe_dump({"networkPolicy": {"enabled": True, "egress": brokers, "dns": []}}))
+    assert _by_kind(_render(helm, "-f", str(values)))["NetworkPolicy"]["spec"]["egress"] == brokers  # no DNS rule
+
+
+def _rendered_config(docs: list[dict[str, Any]], tmp_path: Path):
+    """The daemon's config as the chart renders it, loaded by the daemon's own loader."""
+    from pipelines.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(_by_kind(docs)["ConfigMap"]["data"]["config.yaml"])
+    return load_config(path, env={})
+
+
+@pytest.mark.parametrize("bad", [
+    "config.alerts.k=6", "config.kafka.heartbeat_interval_ms=20000", "config.kafka.session_timeout_ms=2000",
+    "config.sinks.alertmanager.url=alertmanager:9093", "config.sinks.alertmanager.labels.team-name=ops",
+    "config.sinks.alertmanager.labels.stream=x", "config.models.served[0].name=../x", "config.kafka.topics[0]=",
+])
+def test_helm_refuses_what_the_daemon_would_refuse_at_every_start(helm: str, bad: str, tmp_path: Path) -> None:
+    """Each rendered, installed, and every pod then exited 2 (CrashLoopBackOff) on its config."""
+    proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set", bad])
+    assert proc.returncode != 0 and ("schema" in proc.stderr or "must be" in proc.stderr), (bad, proc.stderr)
+
+
+def test_a_topic_pattern_replaces_the_charts_default_topics(helm: str, tmp_path: Path) -> None:
+    """values.yaml names a topic; a pattern set on top of it made the daemon refuse both."""
+    cfg = _rendered_config(_render(helm, "--set", "config.kafka.topic_pattern=^sensors-.*"), tmp_path)
+    assert (cfg.kafka.topic_pattern, cfg.kafka.topics) == ("^sensors-.*", [])
+    assert _rendered_config(_render(helm), tmp_path).kafka.topics == ["sensors"]
+
+
+def test_a_recreate_strategy_renders_a_deployment_kubernetes_takes(helm: str) -> None:
+    """The chart's default rollingUpdate was merged into it: the API server refuses rollingUpdate with Recreate."""
+    import kubernetes_validate
+
+    deployment = _by_kind(_render(helm, "--set", "strategy.type=Recreate"))["Deployment"]
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    assert _by_kind(_render(helm))["Deployment"]["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0,
+                                                                                         "maxUnavailable": 1}
+
+
+def test_the_user_name_may_come_from_the_config_when_the_secret_has_none(helm: str, tmp_path: Path) -> None:
+    """A Strimzi KafkaUser Secret holds the password, not the user name: usernameKey "" leaves the name to the
+    config (the env var from a missing key kept the pod in CreateContainerConfigError)."""
+    sasl = ["--set", "kafka.credentials.existingSecret=kafka-user", "--set", "config.kafka.security.protocol=SASL_SSL",
+            "--set", "config.kafka.security.sasl_mechanism=SCRAM-SHA-512"]
+    docs = _render(helm, *sasl, "--set", "kafka.credentials.usernameKey=", "--set",
+                   "config.kafka.security.sasl_username=my-user")
+    (c,) = _by_kind(docs)["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert "ANOMALYD_KAFKA__SECURITY__SASL_USERNAME" not in {e["name"] for e in c["env"]}
+    assert yaml.safe_load(_by_kind(docs)["ConfigMap"]["data"]["config.yaml"])["kafka"]["security"][
+        "sasl_username"] == "my-user"
+    (c,) = _by_kind(_render(helm, *sasl))["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert {"name": "ANOMALYD_KAFKA__SECURITY__SASL_USERNAME",
+            "valueFrom": {"secretKeyRef": {"name": "kafka-user", "key": "username"}}} in c["env"]

@@ -64,6 +64,17 @@ protocol would not use fail the install (the daemon would otherwise connect with
 {{- end }}
 {{- end }}
 {{- $cfg := deepCopy .Values.config }}
+{{- if $cfg.kafka.topic_pattern }}{{/* a pattern replaces the chart's default topics (the daemon refuses both) */}}
+{{- $_ := unset $cfg.kafka "topics" }}
+{{- end }}
+{{- /* what the daemon checks across keys, refused here too rather than by every pod's start (exit 2) */}}
+{{- $alerts := default dict $cfg.alerts }}
+{{- if gt (int (default 3 $alerts.k)) (int (default 5 $alerts.n)) }}
+{{- fail (printf "config.alerts.k (%v) must be <= config.alerts.n (%v)" (default 3 $alerts.k) (default 5 $alerts.n)) }}
+{{- end }}
+{{- if ge (int (default 3000 $cfg.kafka.heartbeat_interval_ms)) (int (default 10000 $cfg.kafka.session_timeout_ms)) }}
+{{- fail (printf "config.kafka.heartbeat_interval_ms (%v) must be < config.kafka.session_timeout_ms (%v)" (default 3000 $cfg.kafka.heartbeat_interval_ms) (default 10000 $cfg.kafka.session_timeout_ms)) }}
+{{- end }}
 {{- if .Values.kafka.credentials.existingSecret }}
 {{- $_ := set $cfg.kafka.security "sasl_password_file" (include "anomalyd.kafkaPasswordFile" .) }}
 {{- $_ := set $cfg.kafka.security "sasl_password" nil }}
@@ -98,7 +109,7 @@ protocol would not use fail the install (the daemon would otherwise connect with
   value: {{ .Values.logFormat | quote }}
 - name: XDG_CACHE_HOME
   value: /tmp/.cache
-{{- if .Values.kafka.credentials.existingSecret }}
+{{- if and .Values.kafka.credentials.existingSecret .Values.kafka.credentials.usernameKey }}
 - name: ANOMALYD_KAFKA__SECURITY__SASL_USERNAME
   valueFrom:
     secretKeyRef:
