@@ -59,6 +59,8 @@ def load_series(path: str | Path) -> tuple[np.ndarray, list[str]]:
     if path.suffix.lower() == ".npy":
         X = np.load(path, allow_pickle=False)
         X = X.reshape(-1, 1) if X.ndim == 1 else X
+        if X.ndim != 2:
+            raise ValueError(f"{path}: an array of shape {X.shape}; training data is (rows, features), or (rows,)")
         try:
             with np.errstate(over="ignore"):  # beyond float32: inf, reported below
                 X = X.astype(np.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -54,11 +55,20 @@ def _train_models(fleet: SyntheticFleet, models_dir: Path, say) -> list[str]:
     return names
 
 
+_DEMO_MARK = ".anomalyd-demo"  # in the models directory the demo made, which a later demo replaces
+
+
 def run_demo(args) -> int:
     say = print
     work = args.workdir or cache_root() / "demo"
-    shutil.rmtree(work / "models", ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+    models = work / "models"
+    if args.workdir and models.exists() and not (models / _DEMO_MARK).exists():  # someone else's models
+        say(f"anomalyd demo: {models} exists and was not made by the demo; not replacing it (choose another "
+            f"--workdir)", file=sys.stderr)
+        return 2
+    shutil.rmtree(models, ignore_errors=True)  # the last demo's models
+    models.mkdir(parents=True)
+    (models / _DEMO_MARK).touch()
     say(f"[1/5] starting a local Kafka broker on 127.0.0.1:{args.port}")
     kafka = LocalKafka(port=args.port)
     bootstrap = kafka.start()

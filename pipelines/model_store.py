@@ -19,7 +19,9 @@ log = logging.getLogger("anomalyd")
 
 
 def _version_key(name: str) -> tuple:
-    """Natural sort: ``v2`` < ``v10``, ``20261126T2000Z`` by time."""
+    """Natural sort: ``v2`` < ``v10``, ``20261126T2000Z`` by time. The time after a date's ``T`` is read left to
+    right (``T2000`` is 20:00, as ``T200000000``, after ``T100000000``), whatever its precision."""
+    name = re.sub(r"(\d{8}T)(\d{1,9})(?!\d)", lambda m: m.group(1) + m.group(2).ljust(9, "0"), name)
     return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
 
 

@@ -59,7 +59,8 @@ def replay_files(config_path: str | Path, inputs: list[Path], chunk: int = 5000)
     now = int(time.time() * 1000)
     n_alerts = offset = 0
     for path in inputs:
-        numbered = [(i, ln) for i, ln in enumerate(path.read_bytes().splitlines(), start=1) if ln.strip()]
+        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a BOM (Windows editors): not part of line 1's JSON
+        numbered = [(i, ln) for i, ln in enumerate(data.splitlines(), start=1) if ln.strip()]
         firsts.append(offset)
         numbers.append([i for i, _ in numbered])
         lines = [ln for _, ln in numbered]

@@ -20,6 +20,7 @@ from detector.training import TrainConfig, enough_rows, load_series, train_detec
 from ._config_checks import is_plain_name
 from .config import KafkaConfig, load_config
 from .decode import FeatureSpec, decode_batch
+from .intake import _MS_LOW
 from .kafka_security import client_security_config, kafka_python_bootstrap
 from .model_store import ModelStore
 
@@ -60,6 +61,7 @@ class _Selection:
         self._ts: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
         self.n_rejected, self.first_rejection = 0, ""
+        self.outside: tuple[int, int] | None = None  # (earliest, latest) ts of the events the range left out
 
     def add(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
         if self.names is None:
@@ -97,9 +99,23 @@ class _Selection:
         if self._to_ms is not None:
             keep &= group.ts <= self._to_ms
         idx = np.flatnonzero(keep)
+        if len(idx) < len(group):
+            out = group.ts[~keep]
+            lo, hi = int(out.min()), int(out.max())
+            self.outside = (lo, hi) if self.outside is None else (min(lo, self.outside[0]), max(hi, self.outside[1]))
         self._streams.extend(group.stream[i] for i in idx.tolist())
         self._ts.append(group.ts[idx])
         self._values.append(group.values[idx])
+
+    def nothing_selected(self, topic: str) -> str:
+        """Why no event was selected from ``topic``, with what would help: the features, the events' times."""
+        why = (f" ({self.n_rejected} messages skipped, the first as {self.first_rejection}: check --features "
+               f"{','.join(self.names or [])})") if self.n_rejected else ""
+        if self.outside is not None:  # the range missed them: say where they are (in seconds, say)
+            lo, hi = self.outside
+            unit = " (times that look like seconds: ts is epoch milliseconds)" if hi < _MS_LOW else ""
+            why += f"; the events' ts run from {lo} to {hi}{unit}"
+        return f"no events of streams {self._glob!r} in {topic!r} for the given time range{why}"
 
     def series(self) -> list[np.ndarray]:
         """(T, F) per stream, in event-time order (stable for equal times: topic order within a partition)."""
@@ -159,9 +175,7 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
         print(f"skipped {selection.n_rejected} messages that do not decode (first: {selection.first_rejection})")
     series = selection.series()
     if not series:
-        skipped = (f" ({selection.n_rejected} messages skipped, the first as {selection.first_rejection}: check "
-                   f"--features {','.join(names)})") if selection.n_rejected else ""
-        raise ValueError(f"no events of streams {streams_glob!r} in {topic!r} for the given time range{skipped}")
+        raise ValueError(selection.nothing_selected(topic))
     return series, list(names)
 
 

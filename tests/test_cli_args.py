@@ -34,3 +34,13 @@ def test_a_log_format_from_the_environment_is_checked_and_case_insensitive(monke
     from pipelines.cli import build_parser
 
     assert build_parser().parse_args(["check", "-c", "x.yaml"]).log_format == "json"
+
+
+def test_the_demo_does_not_replace_models_it_did_not_make(tmp_path, capsys):
+    """--workdir pointed at a real models directory: the demo deleted DIR/models before anything else."""
+    kept = tmp_path / "models" / "sensors-gru" / "20261126T100000000Z"
+    kept.mkdir(parents=True)
+    (kept / "model.json").write_text("{}")
+    assert main(["demo", "--workdir", str(tmp_path)]) == 2
+    assert "was not made by the demo; not replacing it" in capsys.readouterr().err
+    assert (kept / "model.json").read_text() == "{}"

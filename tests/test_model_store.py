@@ -33,6 +33,17 @@ def test_model_store_newest_version_and_pinning(trained, tmp_path):
     assert early == "20260102T030405006Z" and early < late
 
 
+def test_versions_named_by_time_sort_by_time_whatever_their_precision():
+    """train's versions (milliseconds) beside hand-named ones (minutes, seconds): read as numbers, T100000000
+    (10:00) came after T2000 (20:00), and the daemon served the older model as the newest."""
+    from pipelines.model_store import _version_key
+
+    names = ["20261126T100000000Z", "20261126T2000Z", "20261126T200000Z", "20261126T0930Z", "20261125T235959999Z",
+             "20261126T2001Z", "v2", "v10"]
+    assert sorted(names, key=_version_key) == ["20261125T235959999Z", "20261126T0930Z", "20261126T100000000Z",
+                                               "20261126T2000Z", "20261126T200000Z", "20261126T2001Z", "v2", "v10"]
+
+
 def test_a_model_version_that_fails_to_load_leaves_the_old_one_served(trained, tmp_path):
     import shutil
 

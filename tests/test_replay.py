@@ -54,6 +54,10 @@ def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys, 
     assert replay_files(tmp_path / "c.yaml", [tmp_path / "bad.jsonl"]) == 1  # nothing taken
     (tmp_path / "empty.jsonl").write_text("\n")
     assert replay_files(tmp_path / "c.yaml", [tmp_path / "empty.jsonl"]) == 1  # nothing at all: a wrong file?
+    (tmp_path / "bom.jsonl").write_text("\n".join(half[:40]) + "\n", encoding="utf-8-sig")  # a Windows editor's
+    assert replay_files(tmp_path / "c.yaml", [tmp_path / "bom.jsonl"]) == 0
+    assert "replayed 40 messages, 0 alerts; scored 9, warming 31, late 0, unrouted 0, dead_lettered 0" in \
+        capsys.readouterr().err  # the first line was dead-lettered: "Unexpected UTF-8 BOM"
 
 
 def test_a_reading_at_the_float32_limit_fires_an_alert_that_serialises(trained, tmp_path, capsys):

@@ -116,3 +116,16 @@ def test_a_models_dir_that_cannot_be_created_is_refused_before_training(tmp_path
     data.write_text("a\n" + "".join(f"{i}\n" for i in range(200)))
     assert main(["train", "--data", str(data), "--name", "m", "--models-dir", str(tmp_path / "file" / "m")]) == 2
     assert f"--models-dir: cannot create {tmp_path / 'file' / 'm'}" in capsys.readouterr().err
+
+
+def test_a_time_range_that_selects_nothing_says_where_the_events_are_and_their_unit():
+    """Events stamped in seconds and a range in milliseconds: "no events for the given time range", no more."""
+    sel = _Selection(from_ms=1_764_100_000_000, to_ms=1_764_200_000_000, streams_glob="*", feature_names=["a"])
+    sel.add([rec("pump-1", 1_764_150_000 + i, [1.0]) for i in range(100)])
+    assert sel.series() == []
+    assert sel.nothing_selected("sensors") == (
+        "no events of streams '*' in 'sensors' for the given time range; the events' ts run from 1764150000 to "
+        "1764150099 (times that look like seconds: ts is epoch milliseconds)")
+    sel = _Selection(from_ms=0, to_ms=10, streams_glob="*", feature_names=["a"])
+    sel.add([rec("pump-1", 1_764_150_000_000, [1.0])])
+    assert sel.nothing_selected("sensors").endswith("; the events' ts run from 1764150000000 to 1764150000000")

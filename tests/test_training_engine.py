@@ -74,6 +74,10 @@ def test_load_series_csv_and_npy(tmp_path):
     np.save(tmp_path / "d.npy", np.ones((5, 3), dtype=np.float32))
     X, names = load_series(tmp_path / "d.npy")
     assert X.shape == (5, 3) and names == ["f0", "f1", "f2"]
+    for shape in ((), (2, 3, 4)):  # a scalar ended in an IndexError traceback (exit 1), not an error naming the file
+        np.save(tmp_path / "odd.npy", np.ones(shape, dtype=np.float32))
+        with pytest.raises(ValueError, match=r"odd\.npy: an array of shape .*training data is \(rows, features\)"):
+            load_series(tmp_path / "odd.npy")
     (tmp_path / "bad.csv").write_text("a,b\n1,x\n")
     with pytest.raises(ValueError, match="bad.csv:2"):
         load_series(tmp_path / "bad.csv")
@@ -205,5 +209,8 @@ def test_engine_bad_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             InferenceEngine(device="cuda")
+    if not torch.backends.mps.is_available():  # was a RuntimeError at the first tensor: `check` crashed, exit 1
+        with pytest.raises(ValueError, match=r"MPS \(Apple silicon\) is not available"):
+            InferenceEngine(device="mps")
     with pytest.raises(ValueError, match="precision"):
         InferenceEngine(device="cpu", precision="int4")
