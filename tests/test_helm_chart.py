@@ -337,6 +337,7 @@ def _rendered_config(docs: list[dict[str, Any]], tmp_path: Path):
     "config.alerts.k=6", "config.kafka.heartbeat_interval_ms=20000", "config.kafka.session_timeout_ms=2000",
     "config.sinks.alertmanager.url=alertmanager:9093", "config.sinks.alertmanager.labels.team-name=ops",
     "config.sinks.alertmanager.labels.stream=x", "config.models.served[0].name=../x", "config.kafka.topics[0]=",
+    "models.persistence.accessModes[0]=ReadWriteOncePod",  # helm test's pod and the training Job could not mount it
 ])
 def test_helm_refuses_what_the_daemon_would_refuse_at_every_start(helm: str, bad: str, tmp_path: Path) -> None:
     """Each rendered, installed, and every pod then exited 2 (CrashLoopBackOff) on its config."""
