@@ -4,7 +4,8 @@ Offline it validates the config (file and ``ANOMALYD_*`` overrides), loads every
 routes, exactly as the daemon's constructor does. ``--connect`` then logs in to Kafka with the configured client
 and security settings, looks up the topics, and asks an enabled Alertmanager sink for its status. Exit codes as
 ``run``: 0 ok, 2 a config problem (a bad key, a model, refused credentials, an untrusted broker), 1 a problem
-that may go away (Kafka unreachable, an input topic missing, Alertmanager not answering). Meant for a CI step,
+that may go away (Kafka unreachable, an input topic missing, an output topic missing where the brokers do not
+create topics, Alertmanager not answering). Meant for a CI step,
 a Helm test or an init container before a rollout.
 """
 
@@ -26,7 +27,7 @@ from .kafka_security import (
     kafka_python_bootstrap,
 )
 
-__all__ = ["check_command", "fast_paths", "topic_partitions"]
+__all__ = ["brokers_create_topics", "check_command", "fast_paths", "topic_partitions"]
 
 _TIMEOUT_S = 15.0
 
@@ -93,11 +94,43 @@ def _check_kafka(cfg: Config) -> tuple[list[str], list[str]]:
     outputs = [("kafka.dead_letter_topic", k.dead_letter_topic)]
     if cfg.sinks.kafka.enabled:
         outputs.append(("sinks.kafka.topic", cfg.sinks.kafka.topic))
+    creates = None  # whether the brokers create a topic on its first write, asked once one is missing
     for key, topic in outputs:
-        state = f"{topics[topic]} partitions" if topic in topics else \
-            "not found: created on first write only if the brokers auto-create topics"
-        lines.append(f"  {key} {topic}: {state}")
+        if topic in topics:
+            lines.append(f"  {key} {topic}: {topics[topic]} partitions")
+            continue
+        creates = brokers_create_topics(k.bootstrap_servers, k.security.client_settings()) if creates is None \
+            else creates
+        if creates is False:  # a dead letter the brokers refuse stops the daemon, again on every restart
+            problems.append(f"{key}: topic {topic!r} not found at {k.bootstrap_servers}, and the brokers do not "
+                            "create topics (auto.create.topics.enable=false): create it")
+        else:
+            why = "the brokers create it on its first write" if creates is True else \
+                f"created on its first write only if the brokers create topics ({creates})"
+            lines.append(f"  {key} {topic}: not found: {why}")
     return lines, problems
+
+
+def brokers_create_topics(bootstrap_servers: str, security: Mapping[str, Any] | None,
+                          timeout_s: float = _TIMEOUT_S) -> bool | str:
+    """Whether the brokers create a topic on its first write (``auto.create.topics.enable`` of one of them); when
+    that cannot be read (no DescribeConfigs permission, say), why, as a string."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    try:
+        with kafka_python_bootstrap(bootstrap_servers, security):
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout_s * 1000),
+                                     **client_security_config("kafka-python", security))
+        try:
+            broker = str(admin.describe_cluster()["brokers"][0]["broker_id"])
+            got = admin.describe_configs([ConfigResource(ConfigResourceType.BROKER, broker,
+                                                         configs=["auto.create.topics.enable"])], config_filter="all")
+        finally:
+            admin.close()
+        return str(got["broker"][broker]["auto.create.topics.enable"]["value"]).lower() == "true"
+    except Exception as exc:  # noqa: BLE001 - an answer we cannot use is said, not a failed check
+        return f"not readable here: {type(exc).__name__}: {exc}"[:200]
 
 
 def _check_alertmanager(cfg: Config) -> tuple[list[str], list[str]]:

@@ -122,8 +122,9 @@ class LocalKafka:
                  cache_dir: _Path = None, data_dir: _Path = None, heap: str = "512m", full_jit: bool = False,
                  sasl_port: int | None = None, sasl_ssl_port: int | None = None, ssl_port: int | None = None,
                  sasl_users: Mapping[str, str] | None = None, mtls_port: int | None = None,
-                 exit_with_parent: bool = False) -> None:
+                 exit_with_parent: bool = False, overrides: Mapping[str, str] | None = None) -> None:
         self.port = int(port)
+        self.overrides = dict(overrides or {})  # broker settings in place of server.properties' (tests: another one)
         self.exit_with_parent = exit_with_parent  # the broker stops when this process does (tests, benchmarks)
         # more listeners: SASL_PLAINTEXT on sasl_port and SASL_SSL on sasl_ssl_port for these users (name ->
         # password) with PLAIN and SCRAM-SHA-256/512, SSL (no login) on ssl_port, SSL with a required client
@@ -263,10 +264,11 @@ class LocalKafka:
                 ca_pem, broker_pem = make_certificates(data_dir / "tls", HOST)
             except RuntimeError as exc:
                 raise KafkaSetupError(str(exc)) from exc
-        props.write_text(with_listeners(template.substitute(host=HOST, port=self.port, controller_port=cport,
-                                                            log_dirs=data_dir / "kafka-logs"), HOST, self.sasl_users,
-                                        self.sasl_port, self.sasl_ssl_port, broker_pem, self.ssl_port, self.mtls_port,
-                                        ca_pem))
+        text = with_listeners(template.substitute(host=HOST, port=self.port, controller_port=cport,
+                                                  log_dirs=data_dir / "kafka-logs"), HOST, self.sasl_users,
+                              self.sasl_port, self.sasl_ssl_port, broker_pem, self.ssl_port, self.mtls_port, ca_pem)
+        kept = [ln for ln in text.splitlines() if ln.split("=", 1)[0].strip() not in self.overrides]
+        props.write_text("\n".join([*kept, *(f"{k}={v}" for k, v in self.overrides.items())]) + "\n")
         shutil.copyfile(FILES_DIR / "log4j2.properties", log4j)
         jit = [] if self.full_jit else ["-XX:TieredStopAtLevel=1"]  # C1 only: a faster start for tests and demos
         base = [java, f"-Xmx{self.heap}", *jit, "-Djava.awt.headless=true",

@@ -198,7 +198,8 @@ def test_check_connect_logs_in_and_finds_the_topics(sasl_broker, topic_name, dae
     proc = _anomalyd("check", path, "--connect")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"input topic {topic_name}: 3 partitions" in proc.stdout, proc.stdout
-    assert f"kafka.dead_letter_topic {topic_name}-dlq: not found" in proc.stdout, proc.stdout
+    assert f"kafka.dead_letter_topic {topic_name}-dlq: not found: the brokers create it on its first write" in \
+        proc.stdout, proc.stdout
 
     cfg["kafka"]["topics"] = [f"{topic_name}-missing"]
     proc = _anomalyd("check", write_config(path, cfg), "--connect")
@@ -211,6 +212,34 @@ def test_check_connect_logs_in_and_finds_the_topics(sasl_broker, topic_name, dae
     proc = _anomalyd("check", write_config(path, cfg), "--connect")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"1 topics ['{topic_name}']" in proc.stdout, proc.stdout
+
+
+def test_check_connect_fails_on_a_missing_output_topic_where_the_brokers_do_not_create_topics(
+        topic_name, daemon_models, tmp_path):
+    """With auto.create.topics.enable=false the first dead letter is refused, which stops the daemon (uncommitted)
+    on that record after every restart: check (and helm test) passed, saying only "not found"."""
+    models_dir, names = daemon_models
+    broker = LocalKafka(free_port(), controller_port=free_port(), data_dir=tmp_path / "kafka", exit_with_parent=True,
+                        overrides={"auto.create.topics.enable": "false"})
+    try:
+        broker.start(timeout_s=120)
+    except KafkaSetupError as exc:
+        service_unavailable(f"local Kafka broker could not start: {exc}")
+    try:
+        create_topic(broker.bootstrap, topic_name)
+        cfg = config_dict(broker.bootstrap, topic_name, models_dir, names)
+        path = write_config(tmp_path / "c.yaml", cfg)
+        proc = _anomalyd("check", path, "--connect")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert (f"kafka.dead_letter_topic: topic '{topic_name}-dlq' not found at {broker.bootstrap}, and the brokers "
+                "do not create topics (auto.create.topics.enable=false): create it") in proc.stdout, proc.stdout
+        for out in (f"{topic_name}-dlq", f"{topic_name}-alerts"):
+            create_topic(broker.bootstrap, out)
+        proc = _anomalyd("check", path, "--connect")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"kafka.dead_letter_topic {topic_name}-dlq: 1 partitions" in proc.stdout, proc.stdout
+    finally:
+        broker.stop()
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
