@@ -137,11 +137,15 @@ def _request_uri_problem(url: str) -> str | None:
         rest = "/" + path
     if re.search(r"%(?![0-9A-Fa-f]{2})", rest):
         return "a '%' not followed by two hex digits"
-    host = authority.rsplit("@", 1)[-1]
+    userinfo, at, host = authority.rpartition("@")
+    if at and not re.fullmatch(r"[A-Za-z0-9\-._:~!$&'()*+,;=%@]*", userinfo):
+        return "a character not allowed before '@'"
     if host.startswith("["):
-        return None if re.fullmatch(r"\[[0-9A-Fa-f:.%A-Za-z]+\](:\d*)?", host) else "a bad [IPv6] host"
-    name, _, port = host.partition(":")
-    if not port.isdigit() and port:
+        return None if re.fullmatch(r"\[[0-9A-Fa-f:.%A-Za-z]+\](:[0-9]*)?", host) else "a bad [IPv6] host"
+    name, colon, port = host.rpartition(":")
+    name = name if colon else port
+    port = port if colon else ""
+    if port and not re.fullmatch(r"[0-9]+", port):
         return f"a port that is not a number: {port!r}"
     if not _HOST_CHARS.fullmatch(re.sub(r"%(25|[89A-Fa-f][0-9A-Fa-f])", "", name)):  # other escapes: refused
         return f"a character not allowed in a host name: {name!r}"

@@ -9,6 +9,7 @@ points, and the address to configure is that one.
 from __future__ import annotations
 
 import base64
+import http.client
 import queue
 import threading
 import urllib.parse
@@ -16,6 +17,7 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from typing import Any
 
 __all__ = ["AlertmanagerHTTP", "RedirectRefused", "redacted"]
@@ -73,51 +75,100 @@ class AlertmanagerHTTP:
             parts = parts._replace(netloc=_host_port(parts))
         self.base = urllib.parse.urlunsplit(parts)  # without the credentials
         self.shown = redacted(url.rstrip("/"))  # for messages and logs
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        self._sending = threading.Event()  # set once the request under way is given up (its caller's time ran out)
+        given_up = lambda: self._sending.is_set()  # noqa: E731 - the request now on the request thread's
+        self._opener = urllib.request.build_opener(_NoRedirect, _Handler(given_up), _TLSHandler(given_up))
         self._requests = _RequestThread()
 
     def open(self, path: str, timeout: float, body: bytes | None = None) -> bytes:
         """GET (no body) or POST ``body`` as JSON to ``base + path``; the response body, within ``timeout`` seconds
         in all. Raises HTTPError for 4xx/5xx, :class:`RedirectRefused` for 3xx, other OSErrors for connection
-        trouble (TimeoutError when no answer came in time)."""
+        trouble (TimeoutError when no answer came in time: a request given up is never sent after that)."""
         headers = dict(self.headers)
         if body is not None:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(self.base + path, data=body, headers=headers,
                                          method="GET" if body is None else "POST")
 
+        abandoned = threading.Event()  # this request's
+
         def send() -> bytes:
+            self._sending = abandoned  # requests run one at a time, on the request thread
             with self._opener.open(request, timeout=timeout) as response:
                 return response.read()
 
-        return self._requests.call(send, timeout)
+        return self._requests.call(send, timeout, abandoned)
+
+
+class _AbandonableHTTP(http.client.HTTPConnection):
+    """A connection that sends nothing once its request is given up: the check comes after the host name's lookup
+    and the connect (and TLS), which may take longer than the caller waited, and before the request is written.
+    A post sent late (firing alerts of a partition revoked meanwhile) would re-open what the next owner resolved."""
+
+    def __init__(self, *args: Any, given_up: Callable[[], bool], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._given_up = given_up
+
+    def connect(self) -> None:
+        super().connect()
+        if self._given_up():
+            self.close()
+            raise TimeoutError("given up before it was sent: its caller's time ran out")
+
+
+class _AbandonableHTTPS(_AbandonableHTTP, http.client.HTTPSConnection):
+    pass
+
+
+class _Handler(urllib.request.HTTPHandler):
+    def __init__(self, given_up: Callable[[], bool]) -> None:
+        super().__init__()
+        self._given_up = given_up
+
+    def http_open(self, req: Any) -> Any:
+        return self.do_open(partial(_AbandonableHTTP, given_up=self._given_up), req)
+
+
+class _TLSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, given_up: Callable[[], bool]) -> None:
+        super().__init__()
+        self._given_up = given_up
+
+    def https_open(self, req: Any) -> Any:
+        return self.do_open(partial(_AbandonableHTTPS, given_up=self._given_up), req, context=self._context)
 
 
 class _RequestThread:
     """Requests made on a thread of their own, one at a time and in order, waited for ``timeout`` at most:
     urllib's timeout covers the socket, not the host name's lookup, which a resolver that does not answer holds
     for tens of seconds (past a revoke's 10 s and the shutdown's grace period). A request still waiting when its
-    time is up is not sent; one already under way ends on its thread (its answer is not waited for), and the
-    requests after it wait for it."""
+    time is up is not sent; one already under way is given up (``abandoned``: it sends nothing after that) and
+    ends on its thread, and the requests after it wait for it."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[Callable[[], bytes], Future]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def call(self, send: Callable[[], bytes], timeout: float) -> bytes:
+    def call(self, send: Callable[[], bytes], timeout: float, abandoned: threading.Event) -> bytes:
         done: Future = Future()
         self._queue.put((send, done))
         with self._lock:
-            if self._thread is None:  # a daemon thread: one stuck in a lookup must not hold up the exit
-                self._thread = threading.Thread(target=self._run, name="alertmanager-http", daemon=True)
-                self._thread.start()
+            if self._thread is None or not self._thread.is_alive():  # a daemon thread: one stuck in a lookup
+                thread = threading.Thread(target=self._run, name="alertmanager-http", daemon=True)  # must not
+                thread.start()  # hold up the exit
+                self._thread = thread
         try:
-            return done.result(timeout + 0.5)  # the socket's own timeout first, where it applies
+            return done.result(timeout)  # the socket's own timeouts are ``timeout`` each: all of it, not more
         except FutureTimeout:
-            why = ("waiting behind an earlier request that has not ended" if done.cancel() else
-                   "still under way: a host name lookup, or a reply, that does not end")
-            raise TimeoutError(f"no answer within {timeout:.1f} s ({why})") from None
+            if done.cancel():
+                raise TimeoutError(f"no answer within {timeout:.1f} s (waiting behind an earlier request that has "
+                                   "not ended)") from None
+            abandoned.set()
+            if done.done():  # it ended just now
+                return done.result()
+            raise TimeoutError(f"no answer within {timeout:.1f} s (still under way: a host name lookup, or a reply, "
+                               "that does not end; given up, it sends nothing now)") from None
 
     def _run(self) -> None:
         while True:

@@ -56,7 +56,7 @@ class Intake:
         self.dead_letter_topic, self.max_message_bytes = dead_letter_topic, max_message_bytes
         # 0: event times ahead of the clock are taken as they come; at most 2**62 ms (146 million years), so that
         # a broker time plus it stays an int64
-        self.max_ahead_ms = min(int(max_ahead_s * 1000), 2**62)
+        self.max_ahead_ms = int(min(max_ahead_s * 1000, 2**62))
         self.max_streams = max_streams  # 0: no limit
         self._refused = (0, set[str]())  # events and a few streams refused since the last warning
         self._limit_warned_at = -LIMIT_WARNING_EVERY_S

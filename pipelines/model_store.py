@@ -20,9 +20,10 @@ log = logging.getLogger("anomalyd")
 
 def _version_key(name: str) -> tuple:
     """Natural sort: ``v2`` < ``v10``, ``20261126T2000Z`` by time. The time after a date's ``T`` is read left to
-    right (``T2000`` is 20:00, as ``T200000000``, after ``T100000000``), whatever its precision."""
-    name = re.sub(r"(\d{8}T)(\d{1,9})(?!\d)", lambda m: m.group(1) + m.group(2).ljust(9, "0"), name)
-    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
+    right (``T2000`` is 20:00, as ``T200000000``, after ``T100000000``), whatever its precision (up to 30 digits)."""
+    timed = re.sub(r"(\d{8}T)(\d+)", lambda m: m.group(1) + m.group(2).ljust(30, "0"), name)
+    key = tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", timed) if part)
+    return (*key, name)  # the same time at two precisions: ordered by name, not by the directory's listing
 
 
 def new_version_name(now: datetime | None = None) -> str:

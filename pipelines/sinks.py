@@ -46,8 +46,9 @@ class Sink(ABC):
         """Queue alerts for delivery (never raises for delivery problems; flush reports them)."""
 
     @abstractmethod
-    def flush(self, timeout_s: float) -> None:
-        """Deliver everything queued within ``timeout_s`` seconds or raise :class:`SinkError`."""
+    def flush(self, timeout_s: float) -> int:
+        """Deliver everything queued within ``timeout_s`` seconds or raise :class:`SinkError`; returns how many
+        alerts it delivered (0: it had nothing to do)."""
 
     def forget_streams(self, streams: Iterable[str], moved: bool = False) -> None:  # noqa: B027 - optional hook
         """The daemon no longer tracks these streams: idle (their incidents resolved), or ``moved`` with their
@@ -56,11 +57,6 @@ class Sink(ABC):
     def adopt(self, alerts: Sequence[Alert]) -> None:  # noqa: B027 - optional hook
         """These ``firing`` alerts were delivered by the previous owner of their partitions, and their incidents
         continue here: a sink that re-sends active alerts takes them on (nothing is sent again otherwise)."""
-
-    def queued(self, now: float) -> int:
-        """About how many alerts a :meth:`flush` at monotonic time ``now`` would deliver; 0 exactly when it has
-        nothing to do. Cheap: asked before every flush."""
-        return 0
 
     def flush_due(self, now: float) -> bool:
         """Whether a :meth:`flush` has work of the sink's own at monotonic time ``now`` (a re-post), even with
@@ -98,12 +94,9 @@ class KafkaAlertSink(Sink):
             for alert in alerts:
                 self._produce(alert)
 
-    def queued(self, now: float) -> int:
-        return len(self._unacked)
-
-    def flush(self, timeout_s: float) -> None:
+    def flush(self, timeout_s: float) -> int:
         if not self._unacked:
-            return
+            return 0
         if self._resend:
             self._resend = False
             for alert in self._unacked:
@@ -118,7 +111,9 @@ class KafkaAlertSink(Sink):
         except KafkaDeliveryError as exc:
             self._resend = True
             raise SinkError(f"kafka topic {self.topic}: {len(self._unacked)} alerts not delivered: {exc}") from exc
+        delivered = len(self._unacked)
         self._unacked.clear()
+        return delivered
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -246,10 +241,6 @@ class AlertmanagerSink(Sink):
     def retry_now(self) -> None:
         self._retry_at = 0.0
 
-    def queued(self, now: float) -> int:
-        due = len(self._active) if now >= self._retry_at and now - self._last_flush >= self.resend_interval_s else 0
-        return len(self._pending) + due
-
     def _shadowed(self, batch: list[Alert]) -> set[str]:
         """Ids of ``resolved`` alerts not to post: another incident of the same stream and model is firing at that
         point of the batch (one handed over with each of two partitions), and both have one label set, so the
@@ -269,14 +260,14 @@ class AlertmanagerSink(Sink):
                     shadowed.add(a.id)
         return shadowed
 
-    def flush(self, timeout_s: float) -> None:
+    def flush(self, timeout_s: float) -> int:
         now = time.monotonic()
         queued = {a.id for a in self._pending}
         due = [a for a, sent in self._active.values() if now - sent >= self.resend_interval_s and a.id not in queued]
         batch = self._pending + due  # the pending alerts, then the firing ones due for a re-post
         if not batch:
             self._last_flush = now
-            return
+            return 0
         if now < self._retry_at:
             raise SinkError(f"alertmanager {self.endpoint}: {len(batch)} alerts waiting, next attempt in "
                             f"{self._retry_at - now:.1f} s; last error: {self._last_error}")
@@ -298,6 +289,7 @@ class AlertmanagerSink(Sink):
         finally:
             del self._pending[: min(posted, len(self._pending))]  # the batch starts with the pending alerts
         self._failed_flushes, self._retry_at, self._last_flush = 0, 0.0, now
+        return posted
 
     def _delivered(self, alerts: Sequence[Alert], now: float) -> None:
         for alert in alerts:
@@ -353,9 +345,10 @@ class LogSink(Sink):
             else:
                 (self.stream or sys.stderr).write(line + "\n")
 
-    def flush(self, timeout_s: float) -> None:
+    def flush(self, timeout_s: float) -> int:
         if not isinstance(self.stream, logging.Logger):
             (self.stream or sys.stderr).flush()
+        return 0  # written by add
 
 
 class FanoutSink(Sink):
@@ -374,26 +367,28 @@ class FanoutSink(Sink):
             except Exception as exc:
                 self._add_errors.append(f"{sink.name}: add failed: {type(exc).__name__}: {exc}")
 
-    def flush(self, timeout_s: float, observe: Callable[[str, float, bool], None] | None = None) -> None:
+    def flush(self, timeout_s: float, observe: Callable[[str, float, bool], None] | None = None) -> int:
         """Flush every sink within ``timeout_s``; ``observe(sink name, seconds, ok)`` is told about each flush that
-        had alerts to deliver (the many with nothing to do would hide the real ones' time in its histogram)."""
+        delivered alerts or failed (the many with nothing to do would hide the real ones' time in its histogram).
+        Returns the alerts delivered, summed over the sinks."""
         deadline = time.monotonic() + timeout_s
         errors, self._add_errors = self._add_errors, []
+        total = 0
         for sink in self.sinks:
-            busy = sink.queued(time.monotonic()) > 0
             t0 = time.perf_counter()
-            ok = False
+            delivered, ok = 0, False
             try:
-                sink.flush(max(0.0, deadline - time.monotonic()))
-                ok = True
+                delivered, ok = sink.flush(max(0.0, deadline - time.monotonic())), True
             except SinkError as exc:
                 errors.append(f"{sink.name}: {exc}")
             except Exception as exc:
                 errors.append(f"{sink.name}: {type(exc).__name__}: {exc}")
-            if observe is not None and (busy or not ok):
+            total += delivered or 0
+            if observe is not None and (delivered or not ok):
                 observe(sink.name, time.perf_counter() - t0, ok)
         if errors:
             raise SinkError("alert sinks failed: " + "; ".join(errors))
+        return total
 
     def forget_streams(self, streams: Iterable[str], moved: bool = False) -> None:
         streams = list(streams)

@@ -396,3 +396,8 @@ def test_every_parser_refuses_the_same_messages_for_the_same_reason(raw, reason)
     assert one_reason(raw)[0] == reason
     assert dec([b'{"stream": "pump-17", "x": "\\ud83d\\ude00 \\\\ud800", "values": [1, 2]}']).n_ok == 1  # a pair;
     # an escaped backslash before "ud800" is text
+
+
+def test_a_long_mantissa_with_a_two_digit_exponent_is_beyond_a_double_for_every_parser():
+    raw = b'{"stream": "pump-17", "x": ' + b"9" * 250 + b'e99, "values": [1, 2]}'
+    assert one_reason(raw)[0] == "non_finite"

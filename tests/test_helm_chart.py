@@ -374,6 +374,9 @@ def test_the_user_name_may_come_from_the_config_when_the_secret_has_none(helm: s
     assert "ANOMALYD_KAFKA__SECURITY__SASL_USERNAME" not in {e["name"] for e in c["env"]}
     assert yaml.safe_load(_by_kind(docs)["ConfigMap"]["data"]["config.yaml"])["kafka"]["security"][
         "sasl_username"] == "my-user"
+    proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, *sasl, "--set",
+                 "kafka.credentials.usernameKey="])  # no name from anywhere: every pod would exit 2
+    assert proc.returncode != 0 and "set config.kafka.security.sasl_username" in proc.stderr, proc.stderr
     (c,) = _by_kind(_render(helm, *sasl))["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert {"name": "ANOMALYD_KAFKA__SECURITY__SASL_USERNAME",
             "valueFrom": {"secretKeyRef": {"name": "kafka-user", "key": "username"}}} in c["env"]

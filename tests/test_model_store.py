@@ -38,10 +38,11 @@ def test_versions_named_by_time_sort_by_time_whatever_their_precision():
     (10:00) came after T2000 (20:00), and the daemon served the older model as the newest."""
     from pipelines.model_store import _version_key
 
-    names = ["20261126T100000000Z", "20261126T2000Z", "20261126T200000Z", "20261126T0930Z", "20261125T235959999Z",
-             "20261126T2001Z", "v2", "v10"]
-    assert sorted(names, key=_version_key) == ["20261125T235959999Z", "20261126T0930Z", "20261126T100000000Z",
-                                               "20261126T2000Z", "20261126T200000Z", "20261126T2001Z", "v2", "v10"]
+    names = ["20261126T100000000Z", "20261126T200000Z", "20261126T2000Z", "20261126T0930Z", "20261125T235959999Z",
+             "20261126T2001Z", "v2", "v10", "20261126T100000000000Z", "v20261126T10", "v20261126T1"]
+    assert sorted(names, key=_version_key) == [
+        "20261125T235959999Z", "20261126T0930Z", "20261126T100000000000Z", "20261126T100000000Z", "20261126T200000Z",
+        "20261126T2000Z", "20261126T2001Z", "v2", "v10", "v20261126T1", "v20261126T10"]
 
 
 def test_a_model_version_that_fails_to_load_leaves_the_old_one_served(trained, tmp_path):

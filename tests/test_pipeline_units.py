@@ -418,8 +418,9 @@ def test_an_event_time_far_ahead_of_the_clock_is_dead_lettered_not_taken(trained
     assert "-9223372036854775808 is" not in capsys.readouterr().err
 
 
-def test_a_limit_on_event_time_ahead_beyond_int64_milliseconds_is_no_limit_not_a_crash(trained, tmp_path):
-    """1e16 s as "never": the limit plus a broker time overflowed int64 on every poll."""
+@pytest.mark.parametrize("limit_s", [1e16, 1e306])
+def test_a_limit_on_event_time_ahead_beyond_int64_milliseconds_is_no_limit_not_a_crash(trained, tmp_path, limit_s):
+    """1e16 s as "never": the limit plus a broker time overflowed int64 on every poll (1e306: int(inf) at start)."""
     from pipelines.config import load_config
     from pipelines.daemon import Daemon
     from pipelines.replay import _StderrDeadLetters
@@ -427,7 +428,7 @@ def test_a_limit_on_event_time_ahead_beyond_int64_milliseconds_is_no_limit_not_a
     ModelStore(tmp_path / "models").save("gru", trained["gru"])
     cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
            "routes": [{"match": "*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
-           "kafka": {"topics": ["t"]}, "processing": {"max_event_time_ahead_s": 1e16}}
+           "kafka": {"topics": ["t"]}, "processing": {"max_event_time_ahead_s": limit_s}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     daemon = Daemon(load_config(tmp_path / "c.yaml"))
     daemon.producer = _StderrDeadLetters()

@@ -58,6 +58,9 @@ protocol would not use fail the install (the daemon would otherwise connect with
 {{- if and .Values.kafka.credentials.existingSecret (or (not (hasPrefix "SASL_" $sec.protocol)) (not $sec.sasl_mechanism)) }}
 {{- fail (printf "kafka.credentials.existingSecret=%s needs a SASL login: set config.kafka.security.protocol to SASL_SSL or SASL_PLAINTEXT (it is %s) and config.kafka.security.sasl_mechanism to PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (it is %s)" .Values.kafka.credentials.existingSecret $sec.protocol (toString (default "null" $sec.sasl_mechanism))) }}
 {{- end }}
+{{- if and .Values.kafka.credentials.existingSecret (not .Values.kafka.credentials.usernameKey) (not $sec.sasl_username) }}
+{{- fail "kafka.credentials.usernameKey is empty (the user name is not in the Secret): set config.kafka.security.sasl_username" }}
+{{- end }}
 {{- range $name := list "caSecret" "clientSecret" }}
 {{- if and (get $.Values.kafka.tls $name) (not $tls) }}
 {{- fail (printf "kafka.tls.%s=%s needs TLS: set config.kafka.security.protocol to SSL or SASL_SSL (it is %s)" $name (get $.Values.kafka.tls $name) $sec.protocol) }}
