@@ -60,15 +60,11 @@ class Committer:
     def offsets(self, routes: Sequence[RouteState], handover: bool = False) -> Offsets:
         """Everything processed so far, with the window-rebuild floors of ``routes``; with ``handover`` (the last
         commit before the partitions go, everything read scored and delivered), their open incidents too."""
-        floors = np.full(len(self.positions.tps), -1, dtype=np.int64)
-        for route in routes:
-            f = route.rebuild_floor(len(self.positions.tps))
-            floors = np.where((floors < 0) | ((f >= 0) & (f < floors)), f, floors)
-        incidents: dict[int, list[dict]] = {}
-        for route in routes if handover else ():
-            for tp_id, states in route.handover().items():
-                incidents.setdefault(tp_id, []).extend(states)
-        return self.positions.commit_offsets(floors, incidents)
+        return self.positions.commit_offsets(_floors(self.positions, routes), _incidents(routes) if handover else {})
+
+    def beyond_handover(self, routes: Sequence[RouteState]) -> dict[int, list[dict]]:
+        """The open incidents of ``routes`` that a handover commit now could not carry (tp id -> states)."""
+        return self.positions.beyond_metadata(_floors(self.positions, routes), _incidents(routes))
 
     def commit(self, offsets: Offsets, in_rebalance: bool = False, wait: bool = False,
                timeout_s: float | None = None) -> None:
@@ -160,3 +156,21 @@ class Committer:
         for tp, (nxt, _meta) in offsets.items():  # records processed since stay uncommitted
             if pause and self.positions.uncommitted.get(tp) == nxt:
                 del self.positions.uncommitted[tp]
+
+
+def _floors(positions: Positions, routes: Sequence[RouteState]) -> np.ndarray:
+    """(n_tp,) the lowest window-rebuild floor of ``routes`` per topic-partition id (-1: none)."""
+    floors = np.full(len(positions.tps), -1, dtype=np.int64)
+    for route in routes:
+        f = route.rebuild_floor(len(positions.tps))
+        floors = np.where((floors < 0) | ((f >= 0) & (f < floors)), f, floors)
+    return floors
+
+
+def _incidents(routes: Sequence[RouteState]) -> dict[int, list[dict]]:
+    """The open incidents' states of ``routes`` by topic-partition id."""
+    incidents: dict[int, list[dict]] = {}
+    for route in routes:
+        for tp_id, states in route.handover().items():
+            incidents.setdefault(tp_id, []).extend(states)
+    return incidents

@@ -12,6 +12,8 @@ import logging
 import time
 from functools import partial
 
+import numpy as np
+
 from detector.engine import InferenceEngine
 
 from .alert_message import Alert
@@ -138,6 +140,8 @@ class DeliveryStage:
         by = time.monotonic() + timeout_s
         self._finish_background(left(by), in_rebalance)
         self.flush()
+        if commit and (in_rebalance or wait):  # the handover: what it cannot carry resolves now, delivered below
+            self._resolve_beyond_handover()
         waiting = None
         try:
             self.producer.flush(left(by))  # dead letters
@@ -177,6 +181,32 @@ class DeliveryStage:
         if offsets:
             self.producer.flush(timeout_s)
             self.commits.commit(offsets, in_rebalance)
+
+    def _resolve_beyond_handover(self) -> None:
+        """Resolve the open incidents that the handover commit's metadata cannot carry (``kafka.commit_metadata_max_
+        bytes``; about 8 per partition): the next owner cannot continue them, and their ids would stay open for
+        ever on the alerts topic. Their ``resolved`` alerts end at their latest window; the next owner detects
+        them afresh if they go on."""
+        beyond = self.commits.beyond_handover(self.routes)
+        if not beyond:
+            return
+        by_route: dict[str, list[dict]] = {}
+        for states in beyond.values():
+            for state in states:
+                by_route.setdefault(state["route"], []).append(state)
+        resolved = []
+        for route in self.routes:
+            states = [s for s in by_route.get(route.spec.label, ()) if s["stream"] in route.stream_index]
+            if states:
+                idx = np.array([route.stream_index[s["stream"]] for s in states], dtype=np.int64)
+                resolved += route.tracker.resolve_streams(idx, np.array([s["last_ts"] for s in states], np.int64))
+        for alert in resolved:
+            self.metrics.alert(alert.model, alert.status)
+        self.sinks.add(resolved)
+        log.warning("resolved %d open incidents that the commit metadata handing partitions %s over could not "
+                    "carry (kafka.commit_metadata_max_bytes); their next owner detects them afresh if they go on",
+                    len(resolved), sorted({str(self.positions.tps[i]) for i in beyond}))
+        self._set_stream_gauges()
 
     def _adopt_handed_over(self) -> None:
         """Continue the open incidents that the previous owners of newly assigned partitions handed over in their

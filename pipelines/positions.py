@@ -83,20 +83,29 @@ def _handed_over(metadata: str) -> list[dict]:
     return [i for i in got if isinstance(i, dict)] if isinstance(got, list) else []
 
 
-def _metadata(tp: TopicPartition, floor: int, incidents: list[dict] | None, limit: int = MAX_METADATA_BYTES) -> str:
-    """A commit's metadata: the rebuild floor (-1: none) and as many of ``incidents`` as fit in ``limit`` bytes (the
-    rest said, not handed over: the next owner detects them afresh)."""
+def _fitting(floor: int, incidents: list[dict], limit: int) -> list[dict]:
+    """As many of ``incidents`` as fit in a commit's metadata of ``limit`` bytes beside the rebuild floor, the
+    oldest first (the longest-known incidents)."""
     doc: dict = {"rebuild_from": floor} if floor >= 0 else {}
-    if not incidents:
-        return json.dumps(doc) if doc else ""
     size = lambda d: len(json.dumps(d, separators=(",", ":")))  # noqa: E731 - ASCII (escaped): bytes = characters
     kept: list[dict] = []
     room = limit - size({**doc, "incidents": []})
-    for inc in sorted(incidents, key=lambda i: i["started"]):  # the oldest first: the longest-known incidents
+    for inc in sorted(incidents, key=lambda i: i["started"]):
         cost = size(inc) + 1  # and its comma
         if cost <= room:
             kept.append(inc)
             room -= cost
+    return kept
+
+
+def _metadata(tp: TopicPartition, floor: int, incidents: list[dict] | None, limit: int = MAX_METADATA_BYTES) -> str:
+    """A commit's metadata: the rebuild floor (-1: none) and as many of ``incidents`` as fit in ``limit`` bytes (the
+    rest said, not handed over: the next owner detects them afresh; the daemon resolves those first,
+    :meth:`Positions.beyond_metadata`)."""
+    doc: dict = {"rebuild_from": floor} if floor >= 0 else {}
+    if not incidents:
+        return json.dumps(doc) if doc else ""
+    kept = _fitting(floor, incidents, limit)
     if len(kept) < len(incidents):
         log.warning("%s: %d of %d open incidents handed over to the partition's next owner (the commit metadata's "
                     "limit, %d bytes); it detects the others afresh (a second firing alert, another id)", tp,
@@ -339,6 +348,23 @@ class Positions:
         got, self.handed_over = self.handed_over, {}
         return got
 
+    def _floor(self, tp: TopicPartition, floors: np.ndarray) -> int:
+        """The rebuild floor to commit for ``tp``: from ``floors`` (by tp id), or where nothing of ours was processed
+        there yet, the floor of the commit it started at."""
+        if tp in self._floor_read:
+            return self._floor_read[tp]
+        i = self.id_of(tp)
+        return int(floors[i]) if i < len(floors) else -1
+
+    def beyond_metadata(self, floors: np.ndarray, handover: dict[int, list[dict]]) -> dict[int, list[dict]]:
+        """Of ``handover`` (tp id -> open incidents' states), those a commit's metadata cannot carry."""
+        out = {}
+        for i, states in handover.items():
+            kept = _fitting(self._floor(self.tps[i], floors), states, self.max_metadata_bytes)
+            if len(kept) < len(states):
+                out[i] = [s for s in states if not any(s is k for k in kept)]
+        return out
+
     def commit_offsets(self, floors: np.ndarray, handover: dict[int, list[dict]] | None = None,
                        ) -> dict[TopicPartition, tuple[int, str]]:
         """``{tp: (next offset, metadata)}`` for everything processed; ``floors`` (by tp id, -1 = none). With
@@ -353,10 +379,7 @@ class Positions:
         out = {}
         for tp, nxt in todo.items():
             i = self.id_of(tp)
-            floor = int(floors[i]) if i < len(floors) else -1
-            if tp in self._floor_read:  # nothing of ours processed there yet: the floor of the commit it started at
-                floor = self._floor_read[tp]
-            out[tp] = (nxt, meta := _metadata(tp, floor, handover.get(i), self.max_metadata_bytes))
+            out[tp] = (nxt, meta := _metadata(tp, self._floor(tp, floors), handover.get(i), self.max_metadata_bytes))
             if '"incidents"' in meta:
                 self._carries.add(tp)
             else:
