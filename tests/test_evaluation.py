@@ -278,6 +278,22 @@ def test_raw_error_cache(tmp_path: Path) -> None:
     assert not other.cache_hit
 
 
+def test_the_raw_error_cache_misses_on_another_machine_or_code(tmp_path: Path, monkeypatch) -> None:
+    """Raw errors differ in their last bits between CPUs (the maths libraries' code paths), and with the code: a
+    cache made elsewhere, or before a change, was used as if it were this machine's and this code's."""
+    from pipelines.evaluation import nab_detector
+
+    x = _series(300, 200, 4)
+    cfg = NabDetectorConfig(kind="gru", **TINY)
+    NabStreamingDetector(cfg, raw_cache=tmp_path).score_stream(x, 45)
+    here = nab_detector._machine_and_code()
+    assert "torch " in here
+    monkeypatch.setattr(nab_detector, "_machine_and_code", lambda: here + "|another CPU")
+    elsewhere = NabStreamingDetector(cfg, raw_cache=tmp_path)
+    elsewhere.score_stream(x, 45)
+    assert not elsewhere.cache_hit
+
+
 def test_anomalyd_evaluate_is_wired(nab_dir: Path, tmp_path: Path) -> None:
     from pipelines import cli as anomalyd
     out = tmp_path / "g.json"

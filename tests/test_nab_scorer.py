@@ -25,7 +25,7 @@ STD = DEFAULT_PROFILES["standard"]
 
 def sig(y: float) -> float:
     """The scaled sigmoid written out by hand."""
-    return -1.0 if y > 3 else 2.0 / (1.0 + math.exp(5.0 * y)) - 1.0
+    return -1.0 if y >= 3 else 2.0 / (1.0 + math.exp(5.0 * y)) - 1.0
 
 
 def one_hot(n: int, rows: dict[int, float]) -> np.ndarray:
@@ -41,6 +41,7 @@ def test_scaled_sigmoid_reference_points() -> None:
     assert float(scaled_sigmoid(-0.5)) == pytest.approx(0.84828, abs=1e-5)
     assert float(scaled_sigmoid(1.0)) == pytest.approx(-0.98661, abs=1e-5)
     assert float(scaled_sigmoid(3.0001)) == -1.0
+    assert float(scaled_sigmoid(3.0)) == -1.0  # NAB's sweeper.py: -1 from 3 on (2 / (1 + e^15) - 1 is -0.99999994)
 
 
 def test_probation_length() -> None:
@@ -90,6 +91,18 @@ def test_only_best_detection_per_window_counts() -> None:
 def test_probationary_rows_are_ignored() -> None:
     scores = one_hot(100, {3: 1.0, 50: 1.0})  # row 3 < 15: not scored, not an FP
     assert score_corpus({"a.csv": scores}, {"a.csv": [(50, 59)]})["standard"].raw == pytest.approx(1.0)
+
+
+def test_a_window_inside_the_probation_is_not_scored_not_a_miss() -> None:
+    """NAB's sweeper labels probationary rows "probationary", so such a window never enters the score: counted as a
+    miss, it lowered the score of every detector (and the null and perfect ones) by the miss's weight."""
+    scores = one_hot(100, {50: 1.0})
+    both = score_corpus({"a.csv": scores}, {"a.csv": [(2, 5), (50, 59)]})["standard"]  # (2, 5) < 15 rows
+    alone = score_corpus({"a.csv": scores}, {"a.csv": [(50, 59)]})["standard"]
+    assert (both.raw, both.null_raw, both.perfect_raw, both.score) == (alone.raw, alone.null_raw, alone.perfect_raw,
+                                                                      alone.score)
+    with pytest.raises(ValueError, match="every labelled window lies in the probationary rows"):
+        score_corpus({"a.csv": scores}, {"a.csv": [(2, 5)]})
 
 
 def test_sweep_trades_a_window_against_false_positives() -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,11 +140,24 @@ def parse_overrides(items: list[str] | None) -> dict[str, object]:
     return out
 
 
+def _machine_and_code() -> str:
+    """What else the raw errors depend on, for the cache's key: this module's and the models' code, torch, and the
+    CPU (its maths libraries take other paths on other CPUs, and a file's errors differ in the last bits)."""
+    cpu = ""
+    try:
+        cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    code = Path(sys.modules[ModelConfig.__module__].__file__).read_bytes() + Path(__file__).read_bytes()
+    return f"|torch {torch.__version__}|{cpu}|{hashlib.sha1(code).hexdigest()}"
+
+
 class NabStreamingDetector:
     """One causal pass over a univariate series; create a fresh one per file.
 
-    ``raw_cache``: a directory where raw errors are stored under a hash of the series, the probation length
-    and the settings in ``RAW_ERROR_FIELDS``, so post-processing variants can be compared without retraining.
+    ``raw_cache``: a directory where raw errors are stored under a hash of the series, the probation length, the
+    settings in ``RAW_ERROR_FIELDS``, the code, torch and the CPU, so post-processing variants can be compared
+    without retraining.
     """
 
     def __init__(self, cfg: NabDetectorConfig | None = None, raw_cache: str | Path | None = None) -> None:
@@ -185,7 +199,7 @@ class NabStreamingDetector:
             return self.raw_errors(x, probation, cfg)
         key = {f: getattr(cfg, f) for f in RAW_ERROR_FIELDS}
         key.update({f: getattr(cfg, f) for f in RAW_ERROR_FIELDS_NEW if getattr(cfg, f) != getattr(_DEFAULTS, f)})
-        settings = json.dumps(key, sort_keys=True)
+        settings = json.dumps(key, sort_keys=True) + _machine_and_code()
         digest = hashlib.sha1(settings.encode() + x.tobytes() + str(probation).encode()).hexdigest()[:20]
         path = self.raw_cache / f"{cfg.kind}-{digest}.npy"
         if path.is_file():

@@ -94,11 +94,11 @@ def probation_length(n_rows: int, fraction: float = PROBATION_FRACTION) -> int:
 
 
 def scaled_sigmoid(y: np.ndarray | float) -> np.ndarray:
-    """NAB's scaled sigmoid ``2 / (1 + exp(5 y)) - 1``, and exactly -1 for ``y > 3``."""
+    """NAB's scaled sigmoid ``2 / (1 + exp(5 y)) - 1``, and exactly -1 from ``y >= 3`` (NAB's ``sweeper.py``)."""
     y = np.asarray(y, dtype=np.float64)
     with np.errstate(over="ignore"):
         s = 2.0 / (1.0 + np.exp(5.0 * y)) - 1.0
-    return np.where(y > 3.0, -1.0, s)
+    return np.where(y >= 3.0, -1.0, s)
 
 
 def row_values(
@@ -226,10 +226,14 @@ def score_corpus(
         all_vals = np.concatenate([r[1] for r in per_file_rows.values()])
         all_wids = np.concatenate([r[2] for r in per_file_rows.values()])
         all_scores = np.concatenate([r[0] for r in per_file_rows.values()])
-        threshold, raw = sweep_threshold(all_scores, all_vals, all_wids, n_windows_total, profile.fn)
+        # A window with no row after the probation is not scored at all, as in NAB's sweeper (not a miss)
+        n_scored = int(np.unique(all_wids[all_wids >= 0]).size)
+        if n_scored == 0:
+            raise ValueError("every labelled window lies in the probationary rows; the NAB score is undefined")
+        threshold, raw = sweep_threshold(all_scores, all_vals, all_wids, n_scored, profile.fn)
         null_scores = np.full_like(all_scores, 0.5)  # NAB's null detector
-        _, null_raw = sweep_threshold(null_scores, all_vals, all_wids, n_windows_total, profile.fn)
-        perfect_raw = profile.tp * n_windows_total
+        _, null_raw = sweep_threshold(null_scores, all_vals, all_wids, n_scored, profile.fn)
+        perfect_raw = profile.tp * n_scored
         if perfect_raw <= null_raw:
             raise ValueError(f"profile {pname}: the null detector scores as well as a perfect one")
         result = ProfileResult(
