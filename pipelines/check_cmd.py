@@ -120,7 +120,8 @@ def brokers_create_topics(bootstrap_servers: str, security: Mapping[str, Any] | 
 
     try:
         with kafka_python_bootstrap(bootstrap_servers, security):
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout_s * 1000),
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, bootstrap_timeout_ms=int(timeout_s * 1000),
+                                     request_timeout_ms=int(timeout_s * 500),  # two requests within timeout_s
                                      **client_security_config("kafka-python", security))
         try:
             broker = str(admin.describe_cluster()["brokers"][0]["broker_id"])
@@ -128,7 +129,10 @@ def brokers_create_topics(bootstrap_servers: str, security: Mapping[str, Any] | 
                                                          configs=["auto.create.topics.enable"])], config_filter="all")
         finally:
             admin.close()
-        return str(got["broker"][broker]["auto.create.topics.enable"]["value"]).lower() == "true"
+        entry = got.get("broker", {}).get(broker, {}).get("auto.create.topics.enable")
+        if entry is None:  # kafka-python drops the error code of a refused DescribeConfigs: an empty answer
+            return "no DescribeConfigs permission on the cluster, or no answer"
+        return str(entry["value"]).lower() == "true"
     except Exception as exc:  # noqa: BLE001 - an answer we cannot use is said, not a failed check
         return f"not readable here: {type(exc).__name__}: {exc}"[:200]
 

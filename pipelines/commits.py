@@ -57,14 +57,20 @@ class Committer:
         self._retry_at = 0.0  # monotonic time before which a failed commit is not tried again
         self._generation = 0  # assignments so far: an answer from an earlier one does not pause the commits
 
-    def offsets(self, routes: Sequence[RouteState], handover: bool = False) -> Offsets:
+    def offsets(self, routes: Sequence[RouteState], handover: dict[int, list[dict]] | None = None) -> Offsets:
         """Everything processed so far, with the window-rebuild floors of ``routes``; with ``handover`` (the last
-        commit before the partitions go, everything read scored and delivered), their open incidents too."""
-        return self.positions.commit_offsets(_floors(self.positions, routes), _incidents(routes) if handover else {})
+        commit before the partitions go, everything read scored and delivered: tp id -> the open incidents' states,
+        :meth:`handover`), those incidents too."""
+        return self.positions.commit_offsets(_floors(self.positions, routes), handover or {})
 
-    def beyond_handover(self, routes: Sequence[RouteState]) -> dict[int, list[dict]]:
-        """The open incidents of ``routes`` that a handover commit now could not carry (tp id -> states)."""
-        return self.positions.beyond_metadata(_floors(self.positions, routes), _incidents(routes))
+    def handover(self, routes: Sequence[RouteState]) -> tuple[dict[int, list[dict]], dict[int, list[dict]]]:
+        """The open incidents of ``routes`` by tp id, taken once (their states hold how long each stream has been
+        silent, which changes their size): (those a handover commit carries, those it cannot)."""
+        incidents = _incidents(routes)
+        beyond = self.positions.beyond_metadata(_floors(self.positions, routes), incidents)
+        for i, left in beyond.items():
+            incidents[i] = [s for s in incidents[i] if not any(s is x for x in left)]
+        return incidents, beyond
 
     def commit(self, offsets: Offsets, in_rebalance: bool = False, wait: bool = False,
                timeout_s: float | None = None) -> None:

@@ -140,8 +140,9 @@ class DeliveryStage:
         by = time.monotonic() + timeout_s
         self._finish_background(left(by), in_rebalance)
         self.flush()
+        handover = None
         if commit and (in_rebalance or wait):  # the handover: what it cannot carry resolves now, delivered below
-            self._resolve_beyond_handover()
+            handover = self._handover()
         waiting = None
         try:
             self.producer.flush(left(by))  # dead letters
@@ -151,7 +152,7 @@ class DeliveryStage:
         if waiting is not None:  # nothing is committed either
             raise waiting
         if commit and (self.positions.uncommitted or in_rebalance or wait):  # the last commit: open incidents too
-            offsets = self.commits.offsets(self.routes, handover=in_rebalance or wait)
+            offsets = self.commits.offsets(self.routes, handover)
             self.commits.commit(offsets, in_rebalance, wait, left(by) if wait else None)
 
     # -- scoring on a second thread (processing.score_in_background) ---------------------------------------
@@ -182,14 +183,20 @@ class DeliveryStage:
             self.producer.flush(timeout_s)
             self.commits.commit(offsets, in_rebalance)
 
-    def _resolve_beyond_handover(self) -> None:
-        """Resolve the open incidents that the handover commit's metadata cannot carry (``kafka.commit_metadata_max_
-        bytes``; about 8 per partition): the next owner cannot continue them, and their ids would stay open for
-        ever on the alerts topic. Their ``resolved`` alerts end at their latest window; the next owner detects
-        them afresh if they go on."""
-        beyond = self.commits.beyond_handover(self.routes)
-        if not beyond:
-            return
+    def _handover(self) -> dict[int, list[dict]]:
+        """The open incidents to hand over with the partitions (tp id -> states). Those the handover commit's metadata
+        cannot carry (``kafka.commit_metadata_max_bytes``; about 8 per partition) resolve now: the next owner cannot
+        continue them, and their ids would stay open for ever on the alerts topic. Their ``resolved`` alerts end at
+        their latest window and go with this flush (if it fails, nothing is committed and they are dropped with
+        the partitions: the next owner repeats what was not committed); the next owner detects the incidents
+        afresh if they go on. If the commit itself then fails, the next owner repeats them: the same incident may
+        fire again after its resolve."""
+        handover, beyond = self.commits.handover(self.routes)
+        if beyond:
+            self._resolve_beyond(beyond)
+        return handover
+
+    def _resolve_beyond(self, beyond: dict[int, list[dict]]) -> None:
         by_route: dict[str, list[dict]] = {}
         for states in beyond.values():
             for state in states:
@@ -205,7 +212,7 @@ class DeliveryStage:
         self.sinks.add(resolved)
         log.warning("resolved %d open incidents that the commit metadata handing partitions %s over could not "
                     "carry (kafka.commit_metadata_max_bytes); their next owner detects them afresh if they go on",
-                    len(resolved), sorted({str(self.positions.tps[i]) for i in beyond}))
+                    len(resolved), ", ".join(sorted(f"{t}/{p}" for t, p in (self.positions.tps[i] for i in beyond))))
         self._set_stream_gauges()
 
     def _adopt_handed_over(self) -> None:

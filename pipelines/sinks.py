@@ -94,6 +94,14 @@ class KafkaAlertSink(Sink):
             for alert in alerts:
                 self._produce(alert)
 
+    def forget_streams(self, streams: Iterable[str], moved: bool = False) -> None:
+        """Alerts of streams ``moved`` to another owner that the brokers have not acknowledged are not produced again:
+        their records were not committed, so the next owner repeats them (those already handed to the producer may
+        still arrive: twice, as after any failed commit)."""
+        if moved and self._unacked:
+            gone = set(streams)
+            self._unacked = [a for a in self._unacked if a.stream not in gone]
+
     def flush(self, timeout_s: float) -> int:
         if not self._unacked:
             return 0
@@ -215,14 +223,15 @@ class AlertmanagerSink(Sink):
         self._pending.extend(alerts)
 
     def forget_streams(self, streams: Iterable[str], moved: bool = False) -> None:
-        """Stop re-posting their firing alerts. Those of streams ``moved`` to another owner that were not posted yet
-        (Alertmanager down at a revoke) are dropped too: the next owner posts them, and a late post from here would
-        re-open what it resolves. Their ``resolved`` alerts still go, as do all of a stream forgotten as idle."""
+        """Stop re-posting their firing alerts. The alerts of streams ``moved`` to another owner that were not posted
+        yet (Alertmanager down at a revoke) are dropped too: their records were not committed (a commit waits for
+        delivery), so the next owner repeats them, and a late post from here would re-open what it resolves, or
+        resolve what it keeps open. Those of a stream forgotten as idle still go."""
         gone = set(streams)
         self._active = {i: v for i, v in self._active.items() if v[0].stream not in gone}
         self._firing = {k: ids for k, ids in self._firing.items() if k[0] not in gone}
         if moved:
-            self._pending = [a for a in self._pending if a.status != FIRING or a.stream not in gone]
+            self._pending = [a for a in self._pending if a.stream not in gone]
 
     def adopt(self, alerts: Sequence[Alert]) -> None:
         """Re-post them at the next flush (the previous owner's last post ends within 4 re-post intervals), then

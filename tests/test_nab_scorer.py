@@ -94,13 +94,15 @@ def test_probationary_rows_are_ignored() -> None:
 
 
 def test_a_window_inside_the_probation_is_not_scored_not_a_miss() -> None:
-    """NAB's sweeper labels probationary rows "probationary", so such a window never enters the score: counted as a
-    miss, it lowered the score of every detector (and the null and perfect ones) by the miss's weight."""
+    """NAB's sweeper labels probationary rows "probationary", so such a window never enters the raw scores: counted
+    as a miss, it lowered every detector's raw score and the null detector's by the miss's weight. NAB's
+    normalisation (runner.normalize) still counts it in the perfect score."""
     scores = one_hot(100, {50: 1.0})
     both = score_corpus({"a.csv": scores}, {"a.csv": [(2, 5), (50, 59)]})["standard"]  # (2, 5) < 15 rows
     alone = score_corpus({"a.csv": scores}, {"a.csv": [(50, 59)]})["standard"]
-    assert (both.raw, both.null_raw, both.perfect_raw, both.score) == (alone.raw, alone.null_raw, alone.perfect_raw,
-                                                                      alone.score)
+    assert (both.raw, both.null_raw) == (alone.raw, alone.null_raw)
+    assert (both.perfect_raw, alone.perfect_raw) == (2 * STD.tp, STD.tp)
+    assert both.score == pytest.approx(100 * (both.raw - both.null_raw) / (2 * STD.tp - both.null_raw))
     with pytest.raises(ValueError, match="every labelled window lies in the probationary rows"):
         score_corpus({"a.csv": scores}, {"a.csv": [(2, 5)]})
 

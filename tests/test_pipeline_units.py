@@ -585,14 +585,15 @@ def test_open_incidents_a_handover_cannot_carry_are_resolved_before_it(trained, 
     fired = route.tracker.observe(ids, np.full(6, 4.0), np.ones(6, bool), t0 + 1000 * np.arange(6), "t", np.zeros(6),
                                   10 + np.arange(6), model=route.spec.label, stream_names=route.stream_names)
     assert len(fired) == 6 and route.tracker.open_incidents == 6
-    (beyond,) = daemon.commits.beyond_handover(daemon.routes).values()
+    (beyond,) = daemon.commits.handover(daemon.routes)[1].values()
     assert 0 < len(beyond) < 6
     with caplog.at_level("WARNING", logger="anomalyd"):
-        daemon._resolve_beyond_handover()
+        (carried,) = daemon._handover().values()
     resolved = [json.loads(line) for line in out.getvalue().splitlines()]
     assert sorted(a["stream"] for a in resolved) == sorted(s["stream"] for s in beyond)  # the newest: the oldest
     assert all(a["status"] == "resolved" for a in resolved)  # are handed over
     assert {a["id"] for a in resolved} <= {a.id for a in fired}
-    assert route.tracker.open_incidents == 6 - len(beyond)
-    assert daemon.commits.beyond_handover(daemon.routes) == {}  # the rest fit: nothing left out, nothing said there
-    assert f"resolved {len(beyond)} open incidents that the commit metadata" in caplog.text
+    assert route.tracker.open_incidents == 6 - len(beyond) == len(carried)
+    assert daemon.commits.handover(daemon.routes)[1] == {}  # the rest fit: nothing left out, nothing said there
+    assert f"resolved {len(beyond)} open incidents that the commit metadata handing partitions t/0 over" in \
+        caplog.text

@@ -400,6 +400,11 @@ def test_kafka_sink_keeps_alerts_when_the_broker_is_unreachable() -> None:
         with pytest.raises(SinkError, match="1 alerts not acknowledged yet"):
             sink.flush(0.1)
     assert produced == ["alerts"]  # still in the producer's queue: not produced again on each flush (copies)
+    sink.forget_streams(["pump-1"])  # idle: still to be delivered
+    with pytest.raises(SinkError, match="1 alerts not acknowledged yet"):
+        sink.flush(0.1)
+    sink.forget_streams(["pump-1"], moved=True)  # revoked: not committed, the next owner repeats it
+    assert sink.flush(0.1) == 0
     producer.close(0)
 
 
@@ -483,8 +488,9 @@ def test_alertmanager_re_posts_an_adopted_alert_at_once_then_each_interval(recor
 
 def test_alertmanager_drops_unposted_firing_alerts_of_streams_it_no_longer_owns(recorder: Recorder,
                                                                                 clock: Clock) -> None:
-    """Alertmanager down at a revoke: the firing alert queued for the stream must not go out later, when the
-    partition's new owner may have resolved it (it would fire again and be re-posted for as long as this runs)."""
+    """Alertmanager down at a revoke: the alerts queued for the stream must not go out later, when the partition's
+    new owner may have resolved it (it would fire again and be re-posted for as long as this runs), or re-fired it
+    under the same id (a late resolve would end it). Their records were not committed: the next owner repeats them."""
     sink = AlertmanagerSink(recorder.url, backoff_s=0.25, max_retries=0)
     sink.add([make_alert(), make_alert(id="kept", stream="pump-2"),
               make_alert(RESOLVED, id="done", stream="pump-1", ended_at=1_700_000_060_000)])
@@ -495,7 +501,7 @@ def test_alertmanager_drops_unposted_firing_alerts_of_streams_it_no_longer_owns(
     clock.advance(1.0)
     sink.flush(5.0)
     assert [(a["annotations"]["alert_id"], a["labels"]["stream"]) for a in recorder.posts[-1][1]] == \
-        [("kept", "pump-2"), ("done", "pump-1")]  # its resolve still goes
+        [("kept", "pump-2")]  # nor its resolve: not committed, the next owner repeats both
     clock.advance(120.0)
     sink.flush(5.0)
     assert [a["annotations"]["alert_id"] for a in recorder.posts[-1][1]] == ["kept"]  # only pump-2 re-posted

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -143,9 +144,10 @@ def parse_overrides(items: list[str] | None) -> dict[str, object]:
 def _machine_and_code() -> str:
     """What else the raw errors depend on, for the cache's key: this module's and the models' code, torch, and the
     CPU (its maths libraries take other paths on other CPUs, and a file's errors differ in the last bits)."""
-    cpu = ""
-    try:
-        cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "")
+    cpu = platform.machine()
+    try:  # x86: "model name"; ARM: the implementer and part
+        cpu += "".join(ln for ln in Path("/proc/cpuinfo").read_text().splitlines()[:40]
+                       if ln.startswith(("model name", "CPU implementer", "CPU part")))
     except OSError:
         pass
     code = Path(sys.modules[ModelConfig.__module__].__file__).read_bytes() + Path(__file__).read_bytes()

@@ -226,14 +226,15 @@ def score_corpus(
         all_vals = np.concatenate([r[1] for r in per_file_rows.values()])
         all_wids = np.concatenate([r[2] for r in per_file_rows.values()])
         all_scores = np.concatenate([r[0] for r in per_file_rows.values()])
-        # A window with no row after the probation is not scored at all, as in NAB's sweeper (not a miss)
+        # A window with no row after the probation is no miss, as in NAB's sweeper; NAB's normalisation still counts
+        # it in the perfect detector's score (runner.normalize: every labelled window)
         n_scored = int(np.unique(all_wids[all_wids >= 0]).size)
         if n_scored == 0:
             raise ValueError("every labelled window lies in the probationary rows; the NAB score is undefined")
         threshold, raw = sweep_threshold(all_scores, all_vals, all_wids, n_scored, profile.fn)
         null_scores = np.full_like(all_scores, 0.5)  # NAB's null detector
         _, null_raw = sweep_threshold(null_scores, all_vals, all_wids, n_scored, profile.fn)
-        perfect_raw = profile.tp * n_scored
+        perfect_raw = profile.tp * n_windows_total
         if perfect_raw <= null_raw:
             raise ValueError(f"profile {pname}: the null detector scores as well as a perfect one")
         result = ProfileResult(
