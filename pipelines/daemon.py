@@ -161,7 +161,7 @@ class Daemon(DeliveryStage):
         for route in self.routes:
             gone = route.forget_partitions(ids)
             if gone:
-                self.sinks.forget_streams(gone, moved=True)
+                self.sinks.forget_streams(gone, revoked=tps)
                 self.metrics.forget_streams(gone)
         self.metrics.assigned_partitions.set(len(self.positions.assigned))
         self.metrics.forget_partitions(tps)

@@ -187,10 +187,9 @@ class DeliveryStage:
         """The open incidents to hand over with the partitions (tp id -> states). Those the handover commit's metadata
         cannot carry (``kafka.commit_metadata_max_bytes``; about 8 per partition) resolve now: the next owner cannot
         continue them, and their ids would stay open for ever on the alerts topic. Their ``resolved`` alerts end at
-        their latest window and go with this flush (if it fails, nothing is committed and they are dropped with
-        the partitions: the next owner repeats what was not committed); the next owner detects the incidents
-        afresh if they go on. If the commit itself then fails, the next owner repeats them: the same incident may
-        fire again after its resolve."""
+        their latest window and go with this flush (if it fails, they stay queued and go with a later one); the
+        next owner detects the incidents afresh if they go on. If the handover is not committed, the next owner
+        repeats the records: the same incident may fire again after its resolve."""
         handover, beyond = self.commits.handover(self.routes)
         if beyond:
             self._resolve_beyond(beyond)

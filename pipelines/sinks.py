@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
@@ -50,9 +50,10 @@ class Sink(ABC):
         """Deliver everything queued within ``timeout_s`` seconds or raise :class:`SinkError`; returns how many
         alerts it delivered (0: it had nothing to do)."""
 
-    def forget_streams(self, streams: Iterable[str], moved: bool = False) -> None:  # noqa: B027 - optional hook
-        """The daemon no longer tracks these streams: idle (their incidents resolved), or ``moved`` with their
-        partitions to another owner (revoked or lost); drop any per-stream sink state."""
+    def forget_streams(self, streams: Iterable[str],  # noqa: B027 - optional hook
+                       revoked: Collection[tuple[str, int]] = ()) -> None:
+        """The daemon no longer tracks these streams: idle (their incidents resolved), or gone with the ``revoked``
+        partitions (topic, partition) to another owner; drop any per-stream sink state."""
 
     def adopt(self, alerts: Sequence[Alert]) -> None:  # noqa: B027 - optional hook
         """These ``firing`` alerts were delivered by the previous owner of their partitions, and their incidents
@@ -93,14 +94,6 @@ class KafkaAlertSink(Sink):
         if not self._resend:
             for alert in alerts:
                 self._produce(alert)
-
-    def forget_streams(self, streams: Iterable[str], moved: bool = False) -> None:
-        """Alerts of streams ``moved`` to another owner that the brokers have not acknowledged are not produced again:
-        their records were not committed, so the next owner repeats them (those already handed to the producer may
-        still arrive: twice, as after any failed commit)."""
-        if moved and self._unacked:
-            gone = set(streams)
-            self._unacked = [a for a in self._unacked if a.stream not in gone]
 
     def flush(self, timeout_s: float) -> int:
         if not self._unacked:
@@ -176,6 +169,7 @@ class AlertmanagerSink(Sink):
         self._pending: list[Alert] = []
         self._active: dict[str, tuple[Alert, float]] = {}  # firing id -> (alert, monotonic time last posted)
         self._firing: dict[tuple[str, str], set[str]] = {}  # (stream, model) -> ids in _active: one label set
+        self._post_once: set[str] = set()  # firing ids of streams forgotten before their post: not re-posted
         self._last_flush = time.monotonic()  # of the last flush that posted, or found nothing to post
         self._failed_flushes = 0  # in a row
         self._retry_at = 0.0  # monotonic time before which a flush fails without a request
@@ -222,20 +216,26 @@ class AlertmanagerSink(Sink):
     def add(self, alerts: Sequence[Alert]) -> None:
         self._pending.extend(alerts)
 
-    def forget_streams(self, streams: Iterable[str], moved: bool = False) -> None:
-        """Stop re-posting their firing alerts. The alerts of streams ``moved`` to another owner that were not posted
-        yet (Alertmanager down at a revoke) are dropped too: their records were not committed (a commit waits for
-        delivery), so the next owner repeats them, and a late post from here would re-open what it resolves, or
-        resolve what it keeps open. Those of a stream forgotten as idle still go."""
+    def forget_streams(self, streams: Iterable[str], revoked: Collection[tuple[str, int]] = ()) -> None:
+        """Stop re-posting their firing alerts. Firing alerts not posted yet (Alertmanager down at a revoke) whose
+        records lie on a ``revoked`` partition are dropped too: those records were not committed (a commit waits
+        for delivery), so the partition's next owner repeats them, and a late post from here would re-open what it
+        resolves. ``resolved`` alerts still go (the next owner may not know the incident), as does everything of
+        a partition kept (a stream whose key moved) and of a stream forgotten as idle."""
         gone = set(streams)
         self._active = {i: v for i, v in self._active.items() if v[0].stream not in gone}
         self._firing = {k: ids for k, ids in self._firing.items() if k[0] not in gone}
-        if moved:
-            self._pending = [a for a in self._pending if a.stream not in gone]
+        if revoked:
+            left = set(revoked)
+            self._pending = [a for a in self._pending
+                             if a.status != FIRING or (a.source.get("topic"), a.source.get("partition")) not in left]
+        # those still to post are posted once, not kept active: nothing here resolves them any more
+        self._post_once.update(a.id for a in self._pending if a.status == FIRING and a.stream in gone)
 
     def adopt(self, alerts: Sequence[Alert]) -> None:
         """Re-post them at the next flush (the previous owner's last post ends within 4 re-post intervals), then
         every ``resend_interval_s`` until they resolve."""
+        self._post_once.difference_update(a.id for a in alerts)  # ours again
         self._delivered(alerts, -math.inf)
         if alerts:
             self._last_flush = -math.inf
@@ -303,7 +303,9 @@ class AlertmanagerSink(Sink):
     def _delivered(self, alerts: Sequence[Alert], now: float) -> None:
         for alert in alerts:
             key = (alert.stream, alert.model)
-            if alert.status == FIRING:
+            if alert.status == FIRING and alert.id in self._post_once:
+                self._post_once.discard(alert.id)
+            elif alert.status == FIRING:
                 self._active[alert.id] = (alert, now)
                 self._firing.setdefault(key, set()).add(alert.id)
             elif self._active.pop(alert.id, None) is not None and (ids := self._firing.get(key)) is not None:
@@ -399,10 +401,10 @@ class FanoutSink(Sink):
             raise SinkError("alert sinks failed: " + "; ".join(errors))
         return total
 
-    def forget_streams(self, streams: Iterable[str], moved: bool = False) -> None:
+    def forget_streams(self, streams: Iterable[str], revoked: Collection[tuple[str, int]] = ()) -> None:
         streams = list(streams)
         for sink in self.sinks:
-            sink.forget_streams(streams, moved)
+            sink.forget_streams(streams, revoked)
 
     def adopt(self, alerts: Sequence[Alert]) -> None:
         for sink in self.sinks:

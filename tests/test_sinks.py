@@ -400,11 +400,6 @@ def test_kafka_sink_keeps_alerts_when_the_broker_is_unreachable() -> None:
         with pytest.raises(SinkError, match="1 alerts not acknowledged yet"):
             sink.flush(0.1)
     assert produced == ["alerts"]  # still in the producer's queue: not produced again on each flush (copies)
-    sink.forget_streams(["pump-1"])  # idle: still to be delivered
-    with pytest.raises(SinkError, match="1 alerts not acknowledged yet"):
-        sink.flush(0.1)
-    sink.forget_streams(["pump-1"], moved=True)  # revoked: not committed, the next owner repeats it
-    assert sink.flush(0.1) == 0
     producer.close(0)
 
 
@@ -488,20 +483,23 @@ def test_alertmanager_re_posts_an_adopted_alert_at_once_then_each_interval(recor
 
 def test_alertmanager_drops_unposted_firing_alerts_of_streams_it_no_longer_owns(recorder: Recorder,
                                                                                 clock: Clock) -> None:
-    """Alertmanager down at a revoke: the alerts queued for the stream must not go out later, when the partition's
-    new owner may have resolved it (it would fire again and be re-posted for as long as this runs), or re-fired it
-    under the same id (a late resolve would end it). Their records were not committed: the next owner repeats them."""
+    """Alertmanager down at a revoke: a firing alert from the revoked partition's records must not go out later,
+    when the partition's new owner may have resolved it (it would fire again and be re-posted for as long as this
+    runs); those records were not committed, so the new owner repeats it. A resolve still goes (the new owner may
+    not know the incident), and so does an alert from a partition kept (its stream's key moved)."""
+    src = lambda p: {"topic": "sensors", "partition": p, "first_offset": 10, "last_offset": 20}  # noqa: E731
     sink = AlertmanagerSink(recorder.url, backoff_s=0.25, max_retries=0)
-    sink.add([make_alert(), make_alert(id="kept", stream="pump-2"),
-              make_alert(RESOLVED, id="done", stream="pump-1", ended_at=1_700_000_060_000)])
+    sink.add([make_alert(source=src(2)), make_alert(id="kept", stream="pump-2", source=src(3)),
+              make_alert(RESOLVED, id="done", stream="pump-1", ended_at=1_700_000_060_000, source=src(2)),
+              make_alert(id="moved-key", stream="pump-3", source=src(0))])
     recorder.script = [(503, "down")]
     with pytest.raises(SinkError):
         sink.flush(5.0)
-    sink.forget_streams(["pump-1"], moved=True)
+    sink.forget_streams(["pump-1", "pump-3"], revoked=[("sensors", 2), ("sensors", 1)])  # pump-3 now keyed to 1
     clock.advance(1.0)
     sink.flush(5.0)
     assert [(a["annotations"]["alert_id"], a["labels"]["stream"]) for a in recorder.posts[-1][1]] == \
-        [("kept", "pump-2")]  # nor its resolve: not committed, the next owner repeats both
+        [("kept", "pump-2"), ("done", "pump-1"), ("moved-key", "pump-3")]
     clock.advance(120.0)
     sink.flush(5.0)
     assert [a["annotations"]["alert_id"] for a in recorder.posts[-1][1]] == ["kept"]  # only pump-2 re-posted
