@@ -66,11 +66,7 @@ class Committer:
     def handover(self, routes: Sequence[RouteState]) -> tuple[dict[int, list[dict]], dict[int, list[dict]]]:
         """The open incidents of ``routes`` by tp id, taken once (their states hold how long each stream has been
         silent, which changes their size): (those a handover commit carries, those it cannot)."""
-        incidents = _incidents(routes)
-        beyond = self.positions.beyond_metadata(_floors(self.positions, routes), incidents)
-        for i, left in beyond.items():
-            incidents[i] = [s for s in incidents[i] if not any(s is x for x in left)]
-        return incidents, beyond
+        return self.positions.split_handover(_floors(self.positions, routes), _incidents(routes))
 
     def commit(self, offsets: Offsets, in_rebalance: bool = False, wait: bool = False,
                timeout_s: float | None = None) -> None:

@@ -101,7 +101,7 @@ def _fitting(floor: int, incidents: list[dict], limit: int) -> list[dict]:
 def _metadata(tp: TopicPartition, floor: int, incidents: list[dict] | None, limit: int = MAX_METADATA_BYTES) -> str:
     """A commit's metadata: the rebuild floor (-1: none) and as many of ``incidents`` as fit in ``limit`` bytes (the
     rest said, not handed over: the next owner detects them afresh; the daemon resolves those first,
-    :meth:`Positions.beyond_metadata`)."""
+    :meth:`Positions.split_handover`)."""
     doc: dict = {"rebuild_from": floor} if floor >= 0 else {}
     if not incidents:
         return json.dumps(doc) if doc else ""
@@ -356,14 +356,17 @@ class Positions:
         i = self.id_of(tp)
         return int(floors[i]) if i < len(floors) else -1
 
-    def beyond_metadata(self, floors: np.ndarray, handover: dict[int, list[dict]]) -> dict[int, list[dict]]:
-        """Of ``handover`` (tp id -> open incidents' states), those a commit's metadata cannot carry."""
-        out = {}
+    def split_handover(self, floors: np.ndarray, handover: dict[int, list[dict]],
+                       ) -> tuple[dict[int, list[dict]], dict[int, list[dict]]]:
+        """``handover`` (tp id -> open incidents' states) split into (those a commit's metadata carries, those it
+        cannot: only the partitions with some)."""
+        carried, beyond = {}, {}
         for i, states in handover.items():
-            kept = _fitting(self._floor(self.tps[i], floors), states, self.max_metadata_bytes)
-            if len(kept) < len(states):
-                out[i] = [s for s in states if not any(s is k for k in kept)]
-        return out
+            carried[i] = _fitting(self._floor(self.tps[i], floors), states, self.max_metadata_bytes)
+            if len(carried[i]) < len(states):
+                kept = {id(s) for s in carried[i]}
+                beyond[i] = [s for s in states if id(s) not in kept]
+        return carried, beyond
 
     def commit_offsets(self, floors: np.ndarray, handover: dict[int, list[dict]] | None = None,
                        ) -> dict[TopicPartition, tuple[int, str]]:
