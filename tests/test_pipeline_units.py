@@ -378,17 +378,7 @@ def test_an_event_time_far_ahead_of_the_clock_is_dead_lettered_not_taken(trained
     """ts in microseconds (or corrupt): taken, it made every later event of its stream late, dropped."""
     import time
 
-    from pipelines.config import load_config
-    from pipelines.daemon import Daemon
-    from pipelines.replay import _StderrDeadLetters
-
-    ModelStore(tmp_path / "models").save("gru", trained["gru"])
-    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
-           "routes": [{"match": "*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
-           "kafka": {"topics": ["t"]}, "processing": {"max_event_time_ahead_s": 3600}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    daemon = Daemon(load_config(tmp_path / "c.yaml"))
-    daemon.producer = _StderrDeadLetters()
+    daemon = _gru_daemon(trained, tmp_path, processing={"max_event_time_ahead_s": 3600})
     now = int(time.time() * 1000)
     names = trained["gru"].feature_names
     times = [now - 2000, now * 1000, now - 1000, now + 600_000]  # the second in microseconds; the last 10 min ahead
@@ -421,17 +411,7 @@ def test_an_event_time_far_ahead_of_the_clock_is_dead_lettered_not_taken(trained
 @pytest.mark.parametrize("limit_s", [1e16, 1e306])
 def test_a_limit_on_event_time_ahead_beyond_int64_milliseconds_is_no_limit_not_a_crash(trained, tmp_path, limit_s):
     """1e16 s as "never": the limit plus a broker time overflowed int64 on every poll (1e306: int(inf) at start)."""
-    from pipelines.config import load_config
-    from pipelines.daemon import Daemon
-    from pipelines.replay import _StderrDeadLetters
-
-    ModelStore(tmp_path / "models").save("gru", trained["gru"])
-    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
-           "routes": [{"match": "*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
-           "kafka": {"topics": ["t"]}, "processing": {"max_event_time_ahead_s": limit_s}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    daemon = Daemon(load_config(tmp_path / "c.yaml"))
-    daemon.producer = _StderrDeadLetters()
+    daemon = _gru_daemon(trained, tmp_path, processing={"max_event_time_ahead_s": limit_s})
     names = trained["gru"].feature_names
     values = [json.dumps({"stream": "pump-1", "ts": ts, "values": [1.0] * len(names)}).encode()
               for ts in (1_700_000_000_000, 2**62)]
@@ -489,17 +469,8 @@ def test_a_selection_of_a_batch_keeps_each_records_headers():
 def test_event_times_in_seconds_are_reported_not_taken_silently(trained, tmp_path, caplog):
     """``ts`` is epoch milliseconds; seconds (or micro/nanoseconds) decode without error, so the intake says so,
     naming the topic, a stream and the value, at most every 10 minutes."""
-    from pipelines.config import load_config
-    from pipelines.daemon import Daemon
-    from pipelines.replay import _StderrDeadLetters
-
-    ModelStore(tmp_path / "models").save("gru", trained["gru"])
-    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
-           "routes": [{"match": "pump-*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
-           "kafka": {"topics": ["t"]}, "processing": {"max_event_time_ahead_s": 0}}  # micro/nanoseconds: taken
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    daemon = Daemon(load_config(tmp_path / "c.yaml"))
-    daemon.producer = _StderrDeadLetters()
+    daemon = _gru_daemon(trained, tmp_path, "pump-*",
+                         processing={"max_event_time_ahead_s": 0})  # micro/nanoseconds: taken
     width = len(trained["gru"].feature_names)
     offset = 0
 
@@ -531,19 +502,11 @@ def test_a_handed_over_incident_of_a_stream_routed_elsewhere_here_is_resolved_wi
     import io
 
     from pipelines.alerts import AlertTracker
-    from pipelines.config import load_config
-    from pipelines.daemon import Daemon
-    from pipelines.replay import _StderrDeadLetters
     from pipelines.sinks import FanoutSink, LogSink
 
-    ModelStore(tmp_path / "models").save("gru", trained["gru"])
-    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
-           "routes": [{"match": "pump-*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
-           "kafka": {"topics": ["t"]}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    daemon = Daemon(load_config(tmp_path / "c.yaml"))
+    daemon = _gru_daemon(trained, tmp_path, "pump-*")
     out = io.StringIO()
-    daemon.producer, daemon.sinks = _StderrDeadLetters(), FanoutSink([LogSink(out)])
+    daemon.sinks = FanoutSink([LogSink(out)])
     old = AlertTracker(k=1, n=1, m=5)
     (firing,) = old.observe([0], [4.0], [True], [1_700_000_000_000], "t", [0], [17], contributions=[[3.0, 1.0]],
                             feature_names=["temp", "flow"], model="old-route", stream_names=["pump-1"])
@@ -564,19 +527,12 @@ def test_open_incidents_a_handover_cannot_carry_are_resolved_before_it(trained, 
     the next owner, under new ids, and their own ids stayed open for ever on the alerts topic."""
     import io
 
-    from pipelines.config import load_config
-    from pipelines.daemon import Daemon
-    from pipelines.replay import _StderrDeadLetters
     from pipelines.sinks import FanoutSink, LogSink
 
-    ModelStore(tmp_path / "models").save("gru", trained["gru"])
-    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
-           "routes": [{"match": "pump-*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
-           "kafka": {"topics": ["t"], "commit_metadata_max_bytes": 800}, "alerts": {"k": 1, "n": 1}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    daemon = Daemon(load_config(tmp_path / "c.yaml"))
+    daemon = _gru_daemon(trained, tmp_path, "pump-*", kafka={"commit_metadata_max_bytes": 800},
+                         alerts={"k": 1, "n": 1})
     out = io.StringIO()
-    daemon.producer, daemon.sinks = _StderrDeadLetters(), FanoutSink([LogSink(out)])
+    daemon.sinks = FanoutSink([LogSink(out)])
     (route,) = daemon.routes
     names = [f"pump-{i}" for i in range(6)]
     ids = route.stream_ids(names)
@@ -597,3 +553,22 @@ def test_open_incidents_a_handover_cannot_carry_are_resolved_before_it(trained, 
     assert daemon.commits.handover(daemon.routes)[1] == {}  # the rest fit: nothing left out, nothing said there
     assert f"resolved {len(beyond)} open incidents that the commit metadata handing partitions t/0 over" in \
         caplog.text
+
+
+def _gru_daemon(trained, tmp_path, match: str = "*", **sections):
+    """A Daemon (no Kafka client until it runs) serving the trained GRU on the streams matching ``match``, its dead
+    letters written to stderr; ``sections`` are merged into the config's sections (kafka, processing, alerts)."""
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+    from pipelines.replay import _StderrDeadLetters
+
+    ModelStore(tmp_path / "models").save("gru", trained["gru"])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [{"match": match, "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
+           "kafka": {"topics": ["t"]}}
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    daemon = Daemon(load_config(tmp_path / "c.yaml"))
+    daemon.producer = _StderrDeadLetters()
+    return daemon
