@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class DaemonCrash(RuntimeError):
+    """A ValueError or OSError out of a running daemon: a bug or an outage, reported with its trace (exit 1), where
+    the same error types at start-up are taken as the operator's to fix (exit 2)."""
+
+
 _RUN_STOP = threading.Event()  # set by SIGTERM/SIGINT from the very start of `anomalyd run`
 
 
@@ -222,7 +227,7 @@ def _cmd_run(args) -> int:
     from .config import ConfigError, load_config
     from .daemon import Daemon
     from .httpserver import BindError
-    from .kafka_security import KafkaAuthenticationError
+    from .kafka_security import KafkaAuthenticationError, KafkaBootstrapError
 
     cfg = load_config(args.config)
     daemon = None if _RUN_STOP.is_set() else Daemon(cfg, stop_event=_RUN_STOP)  # loads the models
@@ -239,6 +244,10 @@ def _cmd_run(args) -> int:
     except BindError as exc:  # port taken (http.port) or not an address of this host (http.bind)
         key = "http.port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "http.bind"
         raise ConfigError([f"{cfg.where(key)}: {key}: {exc}"]) from exc
+    except (ConfigError, KafkaBootstrapError):
+        raise
+    except (ValueError, OSError) as exc:  # once running, not the config's fault: main's trace and exit 1, not 2
+        raise DaemonCrash(str(exc)) from exc
 
 
 def _cmd_check(args) -> int:
@@ -338,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             log.debug("traceback", exc_info=True)
             return 1 if isinstance(exc, KafkaBootstrapError) else 2  # 1: may work later; 2: fix the config
         # anything else is a bug or an outage: the trace, as one record (one JSON line with --log-format json)
-        log.critical("anomalyd: stopped by an unexpected error: %s: %s", type(exc).__name__, exc, exc_info=True)
+        cause = exc.__cause__ if isinstance(exc, DaemonCrash) and exc.__cause__ is not None else exc
+        log.critical("anomalyd: stopped by an unexpected error: %s: %s", type(cause).__name__, cause, exc_info=cause)
         return 1
 
 

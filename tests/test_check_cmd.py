@@ -210,6 +210,27 @@ def test_run_with_the_http_port_taken_is_one_config_error(monkeypatch, capsys, r
     assert main(["run", "-c", str(EXAMPLE)]) == 0  # the stand-in is fine otherwise
 
 
+@pytest.mark.parametrize("error", [ValueError("a bug's ValueError"), FileNotFoundError(2, "gone", "/x")])
+def test_an_error_out_of_the_running_daemon_is_a_crash_with_its_trace(error, monkeypatch, capsys, caplog,
+                                                                       restore_signals):
+    """Once the daemon runs, a ValueError or an OSError is no longer the config's to fix: exit 1 with the trace,
+    not exit 2 with one line that reads as a configuration error."""
+    from pipelines import check_cmd, daemon
+
+    class Crashing(_Daemon):
+        def run(self, timeout=None) -> int:
+            raise error
+
+    monkeypatch.setattr(daemon, "Daemon", Crashing)
+    monkeypatch.setattr(check_cmd, "fast_paths", lambda d: "fast paths: -")
+    monkeypatch.setenv("ANOMALYD_HTTP__PORT", "0")
+    assert main(["run", "-c", str(EXAMPLE)]) == 1
+    assert "anomalyd: error:" not in capsys.readouterr().err
+    (record,) = [r for r in caplog.records if r.levelname == "CRITICAL"]
+    assert record.getMessage() == f"anomalyd: stopped by an unexpected error: {type(error).__name__}: {error}"
+    assert record.exc_info[1] is error
+
+
 def test_log_level_must_be_a_level(capsys):
     assert build_parser().parse_args(["--log-level", "debug", "check", "-c", "x"]).log_level == "DEBUG"
     with pytest.raises(SystemExit) as exit_:
