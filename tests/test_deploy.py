@@ -44,7 +44,8 @@ def _metric_names(expr: str) -> set[str]:
 
 def test_dashboard_and_rules_only_use_exposed_metrics() -> None:
     exposed = _exposed_names()
-    exprs = [e for _, e in dashboard_queries(DASHBOARD, {"datasource": "p", "model": ".*", "instance": ".*"})]
+    variables = {"datasource": "p", "model": ".*", "job": ".*", "instance": ".*"}
+    exprs = [e for _, e in dashboard_queries(DASHBOARD, variables)]
     exprs += [r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
     unknown = {n for e in exprs for n in _metric_names(e)} - exposed
     assert unknown == set(), f"queried but not exposed by pipelines.metrics: {sorted(unknown)}"
@@ -78,7 +79,7 @@ def test_dashboard_structure() -> None:
             assert len({t["refId"] for t in p["targets"]}) == len(p["targets"]), p["title"]
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    for name in ("model", "instance"):
+    for name in ("model", "job", "instance"):
         assert variables[name]["type"] == "query" and variables[name]["datasource"]["uid"] == "${datasource}"
     titles = " | ".join(p["title"].lower() for p in panels)
     for word in ("throughput", "lag", "end-to-end", "inference latency", "batch size", "alerts", "open incidents",
@@ -88,12 +89,33 @@ def test_dashboard_structure() -> None:
 
 
 def test_dashboard_queries_substitute_every_variable() -> None:
-    queries = dashboard_queries(DASHBOARD, {"datasource": "p", "model": "(gru|lstm)", "instance": ".*"})
+    queries = dashboard_queries(DASHBOARD, {"datasource": "p", "model": "(gru|lstm)", "job": ".*", "instance": ".*"})
     assert len(queries) >= 25
     assert all("$" not in expr and "[[" not in expr for _, expr in queries)
     assert any('model=~"(gru|lstm)"' in expr and "[15s]" in expr for _, expr in queries)
     with pytest.raises(ValueError, match=r"\$model"):
-        dashboard_queries(DASHBOARD, {"datasource": "p", "instance": ".*"})
+        dashboard_queries(DASHBOARD, {"datasource": "p", "job": ".*", "instance": ".*"})
+
+
+def test_process_panels_show_only_anomalyd_processes(tmp_path) -> None:
+    """The CPU and memory panel reads process_* metrics, which every target exports: with "All" instances
+    (allValue .*) it must still show anomalyd's processes only, not Prometheus' or Alertmanager's."""
+    promtool = _tool("promtool")
+    variables = {"datasource": "p", "model": ".*", "job": ".*", "instance": ".*", "__rate_interval": "5m"}
+    queries = [e for _, e in dashboard_queries(DASHBOARD, variables) if "process_" in e]
+    assert len(queries) == 2, queries
+    targets = (("anomalyd", "a:9308"), ("prometheus", "localhost:9090"), ("other-anomalyd", "b:9308"))
+    metrics = (("process_cpu_seconds_total", "0+30x10"), ("process_resident_memory_bytes", "1e8x10"))
+    series = [(f'{name}{{job="{job}", instance="{inst}"}}', values)
+              for job, inst in targets for name, values in metrics]
+    series.append(('anomalyd_build_info{job="anomalyd", instance="a:9308", version="1"}', "1x10"))
+    test = {"evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": [{"series": s, "values": v} for s, v in series],
+        "promql_expr_test": [{"expr": f"count({q})", "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1}]}
+                             for q in queries]}]}
+    (tmp_path / "t.yml").write_text(yaml.safe_dump(test))
+    proc = _run([promtool, "test", "rules", "t.yml"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_grafana_provisioning_matches_compose() -> None:
@@ -118,8 +140,9 @@ def test_promtool_check_and_unit_test_rules() -> None:
 
 def test_alert_rules_cover_the_issue() -> None:
     rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
-    for name in ("AnomalydDown", "AnomalydAbsent", "AnomalydNotReady", "AnomalydConsumerLagGrowing", "AnomalydDeadLetterRateHigh",
-                 "AnomalydNoEventsScored", "AnomalydInferenceLatencyHigh", "AnomalydOpenIncidents"):
+    for name in ("AnomalydDown", "AnomalydAbsent", "AnomalydNotReady", "AnomalydConsumerLagGrowing",
+                 "AnomalydDeadLetterRateHigh", "AnomalydNoEventsScored", "AnomalydInferenceLatencyHigh",
+                 "AnomalydOpenIncidents"):
         assert rules[name]["labels"]["severity"] in {"critical", "warning", "info"}
         assert rules[name]["annotations"]["summary"] and rules[name]["annotations"]["description"]
 

@@ -93,7 +93,7 @@ def test_every_dashboard_query_runs_on_real_prometheus(prometheus_server: Callab
     with HealthServer(reg, bind="127.0.0.1", port=0) as http:
         server = prometheus_server(targets=[f"127.0.0.1:{http.port}"])
         wait_for(server.base_url, "count_over_time(anomalyd_up[1m]) >= 3")  # rates need several scrapes
-        variables = {"datasource": "prometheus", "model": ".*", "instance": ".*", "__rate_interval": "1m"}
+        variables = {"datasource": "prometheus", "model": ".*", "job": ".*", "instance": ".*", "__rate_interval": "1m"}
         empty = []
         for title, expr in dashboard_queries(DASHBOARD, variables):
             try:
