@@ -132,6 +132,8 @@ def test_helm_gpu_servicemonitor_variant(helm: str, tmp_path: Path) -> None:
     assert dep["spec"]["replicas"] == 3 and c["image"].endswith("-cuda")
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu" and pod["nodeSelector"]
+    assert pod["runtimeClassName"] == "nvidia" and "runtimeClassName" not in _by_kind(_render(helm))["Deployment"][
+        "spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 45 + 10
     assert "PersistentVolumeClaim" not in docs and not any(v["name"] == "models" for v in pod["volumes"])
     env = {e["name"]: e for e in c["env"]}
@@ -343,6 +345,17 @@ def test_helm_refuses_what_the_daemon_would_refuse_at_every_start(helm: str, bad
     """Each rendered, installed, and every pod then exited 2 (CrashLoopBackOff) on its config."""
     proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set", bad])
     assert proc.returncode != 0 and ("schema" in proc.stderr or "must be" in proc.stderr), (bad, proc.stderr)
+
+
+def test_replicas_need_a_models_claim_every_node_can_mount(helm: str) -> None:
+    """A second replica on another node cannot mount the chart's ReadWriteOnce claim: it waited in
+    ContainerCreating for ever, unseen by the alerts (no endpoint, no target)."""
+    proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set", "replicaCount=2"])
+    assert proc.returncode != 0 and "replicaCount=2 with a ReadWriteOnce models claim" in proc.stderr, proc.stderr
+    for ok in (["models.persistence.accessModes[0]=ReadWriteMany"], ["models.existingClaim=shared-models"],
+               ["models.source=image"]):
+        deployment = _by_kind(_render(helm, "--set", "replicaCount=2", *[a for s in ok for a in ("--set", s)]))
+        assert deployment["Deployment"]["spec"]["replicas"] == 2
 
 
 def test_a_topic_pattern_replaces_the_charts_default_topics(helm: str, tmp_path: Path) -> None:
