@@ -16,7 +16,10 @@ fi
 # made again rather than trusted because bin/python exists.
 if [ ! -f "$VENV/.created" ]; then
     if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
-        touch "$VENV/.created"  # made before the marker existed
+        # made before the marker existed, or killed before it: the editable install below builds without
+        # isolation, with this venv's setuptools (pyproject.toml's build-system needs 77 or later)
+        "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
+        touch "$VENV/.created"
     else
         echo "setup: creating virtualenv $VENV"
         rm -rf "$VENV"
