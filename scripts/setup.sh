@@ -61,9 +61,13 @@ if [ ${#need[@]} -gt 0 ]; then
         apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
         DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
             "${need[@]}" >/dev/null
-        # The Debian packages start services; the tests run their own instances on other ports.
+        # The Debian packages start services, enabled at boot on the ports docker-compose publishes (9090, 9093);
+        # the tests run their own instances on other ports. Stopped and disabled; the fallback kills only the
+        # service's own command line (/usr/bin/prometheus matched exactly, not prometheus-alertmanager).
         for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
-            (systemctl stop "$svc" 2>/dev/null || service "$svc" stop 2>/dev/null || pkill -f "/usr/bin/$svc" 2>/dev/null) || true
+            (systemctl disable --now "$svc" 2>/dev/null \
+                || { service "$svc" stop && { update-rc.d "$svc" disable || true; }; } 2>/dev/null \
+                || pkill -f "^/usr/bin/$svc( |\$)" 2>/dev/null) || true
         done
     else
         echo "setup: missing ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2
