@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,10 @@ from detector.training import TrainConfig, train_detector
 from tests.needs import need_cxx
 
 torch.set_num_threads(1)
+# Child processes (`python -m pipelines.cli ...`, whatever their working directory) import this checkout's code: the
+# cache's shared virtualenv has its editable install pointed at whichever checkout ran scripts/setup.sh last.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join([_ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 sys.modules.setdefault("triton", None)  # type: ignore[arg-type]  # as pipelines.cli.main: no triton exit report
 
 
