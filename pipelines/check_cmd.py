@@ -1,7 +1,8 @@
 """``anomalyd check``: everything ``anomalyd run`` checks at start, without running; optionally Kafka too.
 
 Offline it validates the config (file and ``ANOMALYD_*`` overrides), loads every served model and builds the
-routes, exactly as the daemon's constructor does. ``--connect`` then logs in to Kafka with the configured client
+routes, exactly as the daemon's constructor does; a newest version that does not load (``run`` would serve an
+older one) is a problem here. ``--connect`` then logs in to Kafka with the configured client
 and security settings, looks up the topics, and asks an enabled Alertmanager sink for its status. Exit codes as
 ``run``: 0 ok, 2 a config problem (a bad key, a model, refused credentials, an untrusted broker), 1 a problem
 that may go away (Kafka unreachable, an input topic missing, an output topic missing where the brokers do not
@@ -196,12 +197,29 @@ def _check_bind(cfg: Config) -> None:
                            f"{cause.strerror or cause}"]) from None
 
 
+def _check_newest_versions(cfg: Config, daemon: Any) -> None:
+    """``run`` starts on an older version when the newest does not load (logged); a check before a rollout is
+    there to catch exactly that, so it is a problem here (ConfigError, exit 2)."""
+    errors = []
+    for i, served in enumerate(cfg.models.served):
+        newest = daemon.models.store.resolve(served.name, served.version)
+        loaded = daemon.models.loaded[served.name].version
+        if loaded != newest:
+            key = f"models.served[{i}]"
+            errors.append(f"{cfg.where(key)}: {key}: model {served.name!r}: the newest version {newest} does not load "
+                          f"(the error is logged above); `run` would serve version {loaded}: replace or remove "
+                          f"{daemon.models.store.root / served.name / newest}, or pin a version")
+    if errors:
+        raise ConfigError(errors)
+
+
 def check_command(config_path: str, connect: bool) -> int:
     """Print what was checked; the exit code as described in the module docstring."""
     from .daemon import Daemon
 
     cfg = load_config(config_path)  # ConfigError -> exit 2 in the CLI
     daemon = Daemon(cfg)  # checks the model files, loads every served model, builds the routes
+    _check_newest_versions(cfg, daemon)
     _check_bind(cfg)
     print(f"config {cfg.source}: valid")
     for route in daemon.routes:

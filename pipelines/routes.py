@@ -74,9 +74,13 @@ class RouteState:
             raise ValueError(problem)
         for m in models[1:]:
             d = m.detector
-            if (d.window, d.n_features, d.feature_names) != (first.window, first.n_features, first.feature_names):
-                raise ValueError(f"route {label!r}: models must share window and features; "
-                                 f"{m.name} differs from {models[0].name}")
+            if d.window != first.window:
+                raise ValueError(f"route {label!r}: models must share window and features; {m.name} has window "
+                                 f"{d.window}, {models[0].name} {first.window} (train both with the same --window)")
+            if list(d.feature_names) != list(first.feature_names):
+                raise ValueError(f"route {label!r}: models must share window and features; {m.name} has features "
+                                 f"{list(d.feature_names)}, {models[0].name} {list(first.feature_names)} (the same "
+                                 "names in the same order: CSV columns, or the first message's keys)")
 
     @staticmethod
     def stride_problem(models: list[LoadedModel], label: str, stride: int) -> str | None:

@@ -43,9 +43,13 @@ class ServedModels:
         loaded = {s.name: self.store.load(s.name, s.version, device=dev, fallback=fallback)
                   for s in self.cfg.models.served}
         stride = self.cfg.processing.stride
-        for spec in self.router.routes:
+        for i, spec in enumerate(self.router.routes):
             models = [loaded[name] for name in spec.models]
-            RouteState.check_models(models, spec.label)
+            key = f"routes[{i}].models" if i < len(self.cfg.routes) else "default_models"
+            try:
+                RouteState.check_models(models, spec.label)
+            except ValueError as exc:  # naming what set the key
+                raise ConfigError([f"{self.cfg.where(key)}: {key}: {exc}"]) from exc
             if problem := RouteState.stride_problem(models, spec.label, stride):  # naming what set the key
                 raise ConfigError([f"{self.cfg.where('processing.stride')}: {problem}"])
         return loaded

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import sys
@@ -57,6 +58,23 @@ def test_a_pinned_version_that_is_missing_is_a_config_error_naming_the_key(tmp_p
     assert main(["check", "-c", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"{path}: models.served[0]: model 'm-gru' version '20990101T000000000Z'" in err, err
+
+
+def test_a_newest_version_that_does_not_load_fails_the_check_though_run_would_start(tmp_path, trained, capsys):
+    """`run` falls back to the newest older version that loads; `check`, meant for before a rollout, says so."""
+    path = _config(tmp_path, trained)
+    good = tmp_path / "models" / "m-lstm" / "20261127T000000000Z"
+    broken = good.with_name("20991231T000000000Z")
+    shutil.copytree(good, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    assert main(["check", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert (f"{path}: models.served[1]: model 'm-lstm': the newest version 20991231T000000000Z does not load (the "
+            f"error is logged above); `run` would serve version 20261127T000000000Z: replace or remove {broken}") in err
+    pinned = yaml.safe_load(path.read_text())
+    pinned["models"]["served"][1]["version"] = "20261127T000000000Z"
+    path.write_text(yaml.safe_dump(pinned))
+    assert main(["check", "-c", str(path)]) == 0
 
 
 def test_an_override_from_the_environment_is_checked_too(tmp_path, trained, capsys, monkeypatch):

@@ -94,3 +94,37 @@ def test_a_stream_whose_clock_stepped_back_goes_silent_and_its_incident_resolves
     assert route.last_seen[0] == seen  # not news of the stream: no reading of it was taken
     gone, alerts = route.forget_idle(60.0, now=seen + 61.0)
     assert gone == ["pump-1"] and [a.status for a in alerts] == ["resolved"]
+
+
+@pytest.mark.parametrize("as_default", [False, True], ids=["routes", "default_models"])
+def test_models_of_one_route_that_differ_are_a_config_error_naming_the_key_and_the_difference(trained, tmp_path,
+                                                                                              as_default):
+    """The same features in another order would mix columns: refused at start, naming the file, the key and what
+    differs (it named neither file, key nor which of window and features)."""
+    import copy
+
+    import yaml
+
+    from pipelines.config import ConfigError, load_config
+    from pipelines.daemon import Daemon
+
+    store = ModelStore(tmp_path / "models")
+    store.save("gru", trained["gru"])
+    reordered = copy.deepcopy(trained["lstm"])
+    reordered.feature_names = list(reversed(reordered.feature_names))
+    store.save("lstm", reordered)
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}, {"name": "lstm"}],
+                      "device": "cpu"}, "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["t"]}}
+    if as_default:
+        cfg |= {"routes": [{"match": "pump-*", "models": ["gru"]}], "default_models": ["gru", "lstm"]}
+    else:
+        cfg["routes"] = [{"match": "*", "models": ["gru", "lstm"]}]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError) as err:
+        Daemon(load_config(path))
+    (line,) = err.value.errors
+    key = "default_models" if as_default else "routes[0].models"
+    names = trained["gru"].feature_names
+    assert line.startswith(f"{path}: {key}: route "), line
+    assert f"lstm has features {list(reversed(names))}, gru {list(names)}" in line, line
