@@ -34,7 +34,8 @@ def check_kafka(c: KafkaConfig, data: Mapping, key: str, ctx: Ctx) -> KafkaConfi
     if c.topic_pattern is not None and "topics" not in data:
         c = dataclasses.replace(c, topics=[])  # a pattern replaces the default topic list
     if c.topic_pattern is not None and c.topics:
-        ctx.err(join_key(key, "topic_pattern"), "set kafka.topics or kafka.topic_pattern, not both (topics: [])")
+        ctx.err(join_key(key, "topic_pattern"), "set kafka.topics or kafka.topic_pattern, not both (topics: [])",
+                because=join_key(key, "topics"))
     elif not c.topics and c.topic_pattern is None and not ctx.is_bad(join_key(key, "topics")):
         ctx.err(join_key(key, "topics"), "no topics to consume: set kafka.topics or kafka.topic_pattern")
     for i, t in enumerate(c.topics):
@@ -44,7 +45,7 @@ def check_kafka(c: KafkaConfig, data: Mapping, key: str, ctx: Ctx) -> KafkaConfi
         _check_confluent_installed(join_key(key, "client"), ctx)
     if c.heartbeat_interval_ms >= c.session_timeout_ms and not ctx.is_bad(join_key(key, "heartbeat_interval_ms")):
         ctx.err(join_key(key, "heartbeat_interval_ms"), f"must be < kafka.session_timeout_ms ({c.session_timeout_ms}),"
-                f" got {c.heartbeat_interval_ms}")
+                f" got {c.heartbeat_interval_ms}", because=join_key(key, "session_timeout_ms"))
     return c
 
 
@@ -89,7 +90,7 @@ def check_route(r: Route, data: Mapping, key: str, ctx: Ctx) -> Route:
 
 def check_alerts(a: AlertsConfig, data: Mapping, key: str, ctx: Ctx) -> AlertsConfig:
     if a.k > a.n and not ctx.is_bad(join_key(key, "k"), join_key(key, "n")):
-        ctx.err(join_key(key, "k"), f"must be <= alerts.n ({a.n}), got {a.k}")
+        ctx.err(join_key(key, "k"), f"must be <= alerts.n ({a.n}), got {a.k}", because=join_key(key, "n"))
     return a
 
 
@@ -183,7 +184,7 @@ def _check_output_topics(c: Config, ctx: Ctx) -> None:
             continue
         if topic in c.kafka.topics:
             ctx.err(key, f"{topic!r} is also an input topic (kafka.topics): what the daemon writes there it would "
-                    f"read back")
+                    f"read back", because="kafka.topics")
         elif pattern is not None and not ctx.is_bad("kafka.topic_pattern") and re.match(pattern.lstrip("^"), topic):
             ctx.err(key, f"{topic!r} matches the input kafka.topic_pattern {pattern!r}: what the daemon writes "
-                    f"there it would read back (rename it, or narrow the pattern)")
+                    f"there it would read back (rename it, or narrow the pattern)", because="kafka.topic_pattern")

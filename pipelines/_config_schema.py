@@ -63,8 +63,14 @@ class Ctx:
     def where(self, key: str) -> str:
         return where(key, self.env_keys, self.source)
 
-    def err(self, key: str, msg: str) -> None:
-        self.errors.append(f"{self.where(key)}: {key or '(top level)'}: {msg}")
+    def err(self, key: str, msg: str, because: str | None = None) -> None:
+        """``because``: another key whose value makes ``key``'s wrong, named with its variable when it came from the
+        environment and ``key`` did not (a protocol from the environment, a mechanism left out of the file)."""
+        line = f"{self.where(key)}: {key or '(top level)'}: {msg}"
+        other = self.where(because) if because is not None else ""
+        if other.startswith("environment variable") and other != self.where(key):
+            line += f" ({because} from {other})"
+        self.errors.append(line)
         self.bad.add(key)
 
     def is_bad(self, *keys: str) -> bool:

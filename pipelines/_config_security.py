@@ -45,10 +45,12 @@ def check_security(s: SecurityConfig, data: Mapping, key: str, ctx: Ctx) -> Secu
     sasl = s.protocol.startswith("SASL_")
     mech_key = join_key(key, "sasl_mechanism")
     if sasl and s.sasl_mechanism is None and not ctx.is_bad(mech_key):
-        ctx.err(mech_key, f"protocol {s.protocol} needs a sasl_mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)")
+        ctx.err(mech_key, f"protocol {s.protocol} needs a sasl_mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)",
+                because=join_key(key, "protocol"))
     if s.sasl_mechanism is not None:
         if not sasl and not ctx.is_bad(join_key(key, "protocol")):
-            ctx.err(mech_key, f"{s.sasl_mechanism} needs protocol SASL_PLAINTEXT or SASL_SSL, got {s.protocol}")
+            ctx.err(mech_key, f"{s.sasl_mechanism} needs protocol SASL_PLAINTEXT or SASL_SSL, got {s.protocol}",
+                    because=join_key(key, "protocol"))
         if not s.sasl_username:
             ctx.err(mech_key, f"{s.sasl_mechanism} needs kafka.security.sasl_username")
         if s.sasl_password is None and s.sasl_password_file is None:
@@ -57,7 +59,8 @@ def check_security(s: SecurityConfig, data: Mapping, key: str, ctx: Ctx) -> Secu
     if credentials and not sasl and s.sasl_mechanism is None and not ctx.is_bad(join_key(key, "protocol")):
         # the client would connect without them (a mechanism with a wrong protocol is reported above)
         ctx.err(join_key(key, credentials[0]), f"SASL credentials ({', '.join(credentials)}) are used only with "
-                f"protocol SASL_PLAINTEXT or SASL_SSL and a sasl_mechanism; got protocol {s.protocol}")
+                f"protocol SASL_PLAINTEXT or SASL_SSL and a sasl_mechanism; got protocol {s.protocol}",
+                because=join_key(key, "protocol"))
     for name, path in (("ssl_cafile", s.ssl_cafile), ("ssl_certfile", s.ssl_certfile), ("ssl_keyfile", s.ssl_keyfile)):
         if path is not None and not Path(path).is_file():
             ctx.err(join_key(key, name), f"file {path} not found")
@@ -66,9 +69,11 @@ def check_security(s: SecurityConfig, data: Mapping, key: str, ctx: Ctx) -> Secu
         ctx.err(join_key(key, given), f"a client certificate needs both ssl_certfile and ssl_keyfile; set {missing}")
     tls = s.protocol in ("SSL", "SASL_SSL")
     if s.ssl_cafile is not None and not tls and not ctx.is_bad(join_key(key, "protocol")):
-        ctx.err(join_key(key, "ssl_cafile"), f"a CA file is used only with protocol SSL or SASL_SSL, got {s.protocol}")
+        ctx.err(join_key(key, "ssl_cafile"), f"a CA file is used only with protocol SSL or SASL_SSL, got {s.protocol}",
+                because=join_key(key, "protocol"))
     if s.ssl_certfile is not None and not tls and not ctx.is_bad(join_key(key, "protocol")):
-        ctx.err(join_key(key, "ssl_certfile"), f"a client certificate needs protocol SSL or SASL_SSL, got {s.protocol}")
+        ctx.err(join_key(key, "ssl_certfile"), f"a client certificate needs protocol SSL or SASL_SSL, got {s.protocol}",
+                because=join_key(key, "protocol"))
     if (s.ssl_key_password is not None or s.ssl_key_password_file is not None) and s.ssl_keyfile is None:
         name = "ssl_key_password" if s.ssl_key_password is not None else "ssl_key_password_file"
         ctx.err(join_key(key, name), "a key password needs the key: set ssl_keyfile")

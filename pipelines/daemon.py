@@ -26,7 +26,7 @@ from detector.engine import InferenceEngine
 
 from .allocator import tune_process_memory
 from .commits import Committer
-from .config import Config, check_model_files
+from .config import Config, ConfigError, check_model_files
 from .daemon_delivery import RETRIED, DeliveryStage, left
 from .httpserver import HealthServer
 from .intake import TOO_MANY_STREAMS, Intake
@@ -58,8 +58,11 @@ class Daemon(DeliveryStage):
         self.cfg = cfg
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, top_k_streams=cfg.metrics.top_k_streams)
-        self.engine = InferenceEngine(cfg.models.device, cfg.models.precision,
-                                      max_batch=max(cfg.processing.max_batch_windows, 1024))
+        try:
+            self.engine = InferenceEngine(cfg.models.device, cfg.models.precision,
+                                          max_batch=max(cfg.processing.max_batch_windows, 1024))
+        except ValueError as exc:  # a device this machine does not have (cuda without CUDA, mps off macOS)
+            raise ConfigError([f"{cfg.where('models.device')}: models.device: {exc}"]) from exc
         self.scoring_threads = ScoringThreads.configure(  # the adaptive intra-op thread count; None: fixed
             self.engine.device, cfg.processing.model_threads, cfg.processing.score_in_background,
             self.metrics.inference_threads.set)

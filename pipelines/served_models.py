@@ -40,8 +40,13 @@ class ServedModels:
         """The served models, loaded and checked against their routes; raises before anything is swapped.
         ``fallback`` (at start): a newest version that does not load gives way to the newest older one that does."""
         dev = str(self.engine.device)
-        loaded = {s.name: self.store.load(s.name, s.version, device=dev, fallback=fallback)
-                  for s in self.cfg.models.served}
+        loaded = {}
+        for i, s in enumerate(self.cfg.models.served):
+            try:
+                loaded[s.name] = self.store.load(s.name, s.version, device=dev, fallback=fallback)
+            except ValueError as exc:  # CheckpointError: naming what set the key (OSError: the path says enough)
+                key = f"models.served[{i}]"
+                raise ConfigError([f"{self.cfg.where(key)}: {key}: model {s.name!r}: {exc}"]) from exc
         stride = self.cfg.processing.stride
         for i, spec in enumerate(self.router.routes):
             models = [loaded[name] for name in spec.models]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipelines.cli import build_parser, main
@@ -75,6 +76,22 @@ def test_a_newest_version_that_does_not_load_fails_the_check_though_run_would_st
     pinned["models"]["served"][1]["version"] = "20261127T000000000Z"
     path.write_text(yaml.safe_dump(pinned))
     assert main(["check", "-c", str(path)]) == 0
+
+
+def test_a_pinned_version_that_does_not_load_and_a_missing_device_name_their_keys(tmp_path, trained, capsys,
+                                                                                   monkeypatch):
+    path = _config(tmp_path, trained, version="20261127T000000000Z")
+    weights = tmp_path / "models" / "m-gru" / "20261127T000000000Z" / "model.safetensors"
+    weights.write_bytes(b"not weights")
+    assert main(["check", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: models.served[0]: model 'm-gru': {weights}: not a valid safetensors file" in err, err
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("ANOMALYD_MODELS__DEVICE", "cuda")
+        assert main(["check", "-c", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert ("environment variable ANOMALYD_MODELS__DEVICE: models.device: device 'cuda' requested but CUDA is "
+                "not available") in err, err
 
 
 def test_an_override_from_the_environment_is_checked_too(tmp_path, trained, capsys, monkeypatch):

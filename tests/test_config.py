@@ -321,6 +321,25 @@ def test_env_errors_name_the_variable(tmp_path):
     ])
 
 
+def test_a_cross_key_error_caused_by_the_environment_names_its_variable(tmp_path):
+    """A key left out of the file is wrong because of another key set from the environment: the error line named
+    only the file, which the operator then searched in vain."""
+    path = write_yaml(tmp_path, {"alerts": {"k": 4}, "kafka": {"security": {"protocol": "PLAINTEXT"}}})
+    errors = errors_of(path=path, env={"ANOMALYD_KAFKA__SECURITY__PROTOCOL": "SASL_SSL", "ANOMALYD_ALERTS__N": "3",
+                                       "ANOMALYD_KAFKA__TOPIC_PATTERN": "^anomalyd-.*"})
+    assert sorted(errors) == sorted([
+        f"{path}: kafka.security.sasl_mechanism: protocol SASL_SSL needs a sasl_mechanism (PLAIN, SCRAM-SHA-256, "
+        "SCRAM-SHA-512) (kafka.security.protocol from environment variable ANOMALYD_KAFKA__SECURITY__PROTOCOL)",
+        f"{path}: alerts.k: must be <= alerts.n (3), got 4 (alerts.n from environment variable ANOMALYD_ALERTS__N)",
+        f"{path}: kafka.dead_letter_topic: 'anomalyd-dead-letter' matches the input kafka.topic_pattern "
+        "'^anomalyd-.*': what the daemon writes there it would read back (rename it, or narrow the pattern) "
+        "(kafka.topic_pattern from environment variable ANOMALYD_KAFKA__TOPIC_PATTERN)",
+        f"{path}: sinks.kafka.topic: 'anomalyd-alerts' matches the input kafka.topic_pattern '^anomalyd-.*': what "
+        "the daemon writes there it would read back (rename it, or narrow the pattern) (kafka.topic_pattern from "
+        "environment variable ANOMALYD_KAFKA__TOPIC_PATTERN)",
+    ]), errors
+
+
 @pytest.mark.parametrize(("url", "error"), [
     ("http://u:pa/ss@am:9093", "'http://***@am:9093' is not a URL urllib can take apart"),  # a piece: 'pa'
     ("http://u:pw@[::1/x", "'http://***@[::1/x' is not a URL urllib can take apart"),  # was a traceback
