@@ -138,7 +138,15 @@ class DeliveryStage:
         (asynchronously unless ``in_rebalance`` or ``wait``: :mod:`pipelines.commits`); within ``timeout_s``, each
         step that waits given what is left of it (at least a second)."""
         by = time.monotonic() + timeout_s
-        self._finish_background(left(by), in_rebalance)
+        try:
+            self._finish_background(left(by), in_rebalance)
+        except RETRIED:
+            if not (in_rebalance or wait):
+                raise
+            # The last flush (a revoke, the shutdown) goes on: the failed micro-batch's alerts are still queued in
+            # the sinks and its dead letters in the producer, both tried again below, at once (its failure may
+            # have started a backoff after the caller's retry_now), and its offsets are in the last commit.
+            self.sinks.retry_now()
         self.flush()
         handover = None
         if commit and (in_rebalance or wait):  # the handover: what it cannot carry resolves now, delivered below
