@@ -135,8 +135,11 @@ class Daemon(DeliveryStage):
         if self._ahead is not None:
             self._ahead.take_deferred()  # still uncommitted, so in the commit below
         self.sinks.retry_now()  # the partitions' last flush here: at once, whatever backoff a failed one started
+        budget = min(10.0, self.cfg.shutdown.grace_period_s)
+        if self.cfg.kafka.client == "kafka-python":  # its listeners block its heartbeats: done within the session
+            budget = min(budget, self.cfg.kafka.session_timeout_ms / 2000)
         try:
-            self._flush_and_commit(timeout_s=min(10.0, self.cfg.shutdown.grace_period_s), in_rebalance=True)
+            self._flush_and_commit(timeout_s=budget, in_rebalance=True)
         except (SinkError, KafkaDeliveryError) as exc:
             log.warning("could not deliver alerts before giving up partitions (the next owner repeats them): %s", exc)
         self._drop_partitions(tps)

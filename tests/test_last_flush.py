@@ -125,3 +125,17 @@ def test_a_revoke_delivers_what_a_failed_micro_batch_kept_and_commits_the_handov
     finally:
         if daemon._worker is not None:
             daemon._worker.close()
+
+
+@pytest.mark.parametrize(("client", "budget"), [("kafka-python", 2.0), ("confluent", 10.0)])
+def test_a_revoke_under_kafka_python_ends_well_within_the_session(trained, tmp_path, client, budget):
+    """kafka-python runs the revoke listener on its IO thread, where it holds back the heartbeats: a revoke longer
+    than kafka.session_timeout_ms got the member expelled and its revoke commit refused (the handover lost)."""
+    daemon = _gru_daemon(trained, tmp_path, kafka={"client": client, "session_timeout_ms": 4000,
+                                                   "heartbeat_interval_ms": 1000})
+    daemon.sinks = FanoutSink([_OutageSink(fail=0)])
+    asked: list[float] = []
+    daemon._flush_and_commit = lambda timeout_s, **_: asked.append(timeout_s)
+    daemon._on_assign([TP])
+    daemon._on_revoke([TP])
+    assert asked == [budget]
