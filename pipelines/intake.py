@@ -217,7 +217,7 @@ class Intake:
         """Events ``part`` of ``group`` (poll positions ``p``), all of topic ``topics[0]``, into ``route``."""
         ids = route.stream_ids(group.stream if len(part) == len(group.stream)
                                else list(map(group.stream.__getitem__, part.tolist())))
-        warm0 = route.buffer.n_warming
+        warm0, missing0 = route.buffer.n_warming, route.buffer.n_missing
         late, _ = route.add(ids, group.ts[part], group.values[part], tp_idx[p], batch.offset[p], topics,
                             batch.partition[p], np.full(len(p), live))
         warming = route.buffer.n_warming - warm0
@@ -230,6 +230,8 @@ class Intake:
             self.metrics.event(topic, "late", late)
         if warming:
             self.metrics.event(topic, "warming", warming)
+        if missing := route.buffer.n_missing - missing0:
+            self.metrics.missing_values.labels(topic=topic).inc(missing)
         if len(p) - late - warming > 0:
             self.metrics.event(topic, "scored", len(p) - late - warming)
 

@@ -10,6 +10,7 @@ labels except on the opt-in, K-bounded ``anomalyd_top_stream_score``. Outcomes: 
 |---|---|---|---|
 | `anomalyd_events_total` | counter | topic, outcome | events consumed, by outcome (`OUTCOMES`) |
 | `anomalyd_dead_letters_total` | counter | topic, reason | events sent to the dead-letter topic, by reason |
+| `anomalyd_missing_values_total` | counter | topic | feature values missing (null, absent), carried forward |
 | `anomalyd_decoded_messages_total` | counter | decoder | messages decoded natively (the fast shapes) or in Python |
 | `anomalyd_windows_scored_total` | counter | model | windows scored by a model |
 | `anomalyd_inference_batch_size` | histogram | model, device | windows per micro-batch (buckets 2^0..2^16) |
@@ -96,6 +97,9 @@ class Metrics:
                               ["topic", "outcome"], registry=r)
         self.dead_letters = Counter("anomalyd_dead_letters_total", "Events dead-lettered, by reason.",
                                     ["topic", "reason"], registry=r)
+        self.missing_values = Counter("anomalyd_missing_values_total", "Feature values missing (null or absent) in "
+                                      "events taken into windows; the stream's last value is carried forward.",
+                                      ["topic"], registry=r)
         self.decoded = Counter("anomalyd_decoded_messages_total", "Messages decoded, by decoder (native or python).",
                                ["decoder"], registry=r)
         for decoder in ("native", "python"):
@@ -172,6 +176,7 @@ class Metrics:
         with self._lock:
             self._reasons.update(reasons)
         for topic in topics:
+            self.missing_values.labels(topic=topic)
             for outcome in OUTCOMES:
                 self.events.labels(topic=topic, outcome=outcome)
             for reason in reasons:

@@ -572,3 +572,19 @@ def _gru_daemon(trained, tmp_path, match: str = "*", **sections):
     daemon = Daemon(load_config(tmp_path / "c.yaml"))
     daemon.producer = _StderrDeadLetters()
     return daemon
+
+
+def test_missing_feature_values_of_live_events_are_counted_per_topic(trained, tmp_path):
+    """README: a null or absent feature is carried forward and counted; the count was internal only."""
+    daemon = _gru_daemon(trained, tmp_path)
+    names = trained["gru"].feature_names
+    rows = [[1.0] * len(names) for _ in range(6)]
+    rows[2][0] = rows[4][1] = rows[4][2] = None
+    values = [json.dumps({"stream": "pump-1", "ts": 1_700_000_000_000 + i, "values": row}).encode()
+              for i, row in enumerate(rows)]
+    values.append(json.dumps({"stream": "pump-1", "ts": 1_700_000_000_010,  # absent: a named value left out
+                              "values": {n: 1.0 for n in names[1:]}}).encode())
+    n = len(values)
+    daemon.process(RecordBatch(topic=["t"] * n, partition=np.zeros(n, np.int32), offset=np.arange(n, dtype=np.int64),
+                               timestamp=np.zeros(n, np.int64), key=[None] * n, value=values))
+    assert daemon.registry.get_sample_value("anomalyd_missing_values_total", {"topic": "t"}) == 4
