@@ -43,7 +43,9 @@ def _positive(text: str) -> float:
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run the streaming daemon", description=(
         "Consume sensor events from Kafka, score sliding windows with the configured models, emit alerts. "
-        "SIGTERM/SIGINT: finish the batch, flush, commit, exit 0. SIGHUP: reload models."))
+        "SIGTERM/SIGINT: finish the batch, flush, commit, exit 0 (1 when alerts or dead letters could not be "
+        "delivered, or the commit failed, within shutdown.grace_period_s). SIGHUP: reload models. Exit 2: a config "
+        "problem (named with its file and key); 1: a crash, or Kafka unreachable at start (kafka-python)."))
     p.add_argument("-c", "--config", required=True, help="YAML config (see deploy/config.example.yaml)")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     p.set_defaults(func=_cmd_run)
@@ -55,8 +57,10 @@ def _add_check(sub) -> None:
         "Validates the config (with ANOMALYD_* overrides), loads every served model and builds the routes, as "
         "`anomalyd run` does at start, and prints them. --connect also logs in to Kafka with the configured "
         "client and security settings, looks up the topics and asks an enabled Alertmanager sink for its status. "
-        "Exit 0: ok; 2: a config problem (key, model, credentials, certificate); 1: Kafka unreachable, an input "
-        "topic missing or Alertmanager not answering."))
+        "Exit 0: ok; 2: a config problem (key, model, a newest model version that does not load, Kafka "
+        "credentials, certificate); 1: Kafka unreachable, an input topic missing, a dead-letter or alerts topic "
+        "missing where the brokers do not create topics, or Alertmanager not answering or refusing the request "
+        "(HTTP 401/403 included)."))
     p.add_argument("-c", "--config", required=True, help="YAML config (see deploy/config.example.yaml)")
     p.add_argument("--connect", action="store_true",
                    help="also log in to Kafka, look up the topics and ask Alertmanager (when enabled)")
@@ -94,7 +98,9 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threshold", choices=["quantile", "spot", "dspot"], default="spot")
-    p.add_argument("--risk", type=float, default=1e-3, help="target false-alarm rate per window (spot/dspot)")
+    p.add_argument("--risk", type=float, default=1e-3,
+                   help="spot/dspot: target false-alarm rate per window; quantile: the threshold is the (1 - risk) "
+                        "quantile of the validation scores")
     p.add_argument("--scaler", choices=["robust", "standard"], default="robust")
     p.add_argument("--last-k", type=int, default=None, help="score the last k steps (default: whole window)")
     p.add_argument("--device", default="auto")
@@ -181,12 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalyd", description="Streaming anomaly detection on Kafka with GRU/LSTM autoencoders.",
         epilog="Quick start: `make demo`. Each command has --help.")
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="DEBUG, INFO (default), WARNING or ERROR")
-    fmt = os.environ.get("ANOMALYD_LOG_FORMAT", "text").strip().lower()
-    parser.add_argument("--log-format", choices=["text", "json"], default=fmt,
-                        help="json: one JSON object per log line, for log collectors (default: $ANOMALYD_LOG_FORMAT "
-                             "or text)")
+    _add_log_options(parser, "INFO", os.environ.get("ANOMALYD_LOG_FORMAT", "text").strip().lower())
     parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
@@ -201,7 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_evaluate_parser(sub)
+    _log_options_after_commands(parser)
     return parser
+
+
+def _add_log_options(parser: argparse.ArgumentParser, level: str, fmt: str) -> None:
+    parser.add_argument("--log-level", default=level, type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="DEBUG, INFO (default), WARNING or ERROR")
+    parser.add_argument("--log-format", choices=["text", "json"], default=fmt,
+                        help="json: one JSON object per log line, for log collectors (default: $ANOMALYD_LOG_FORMAT "
+                             "or text)")
+
+
+def _log_options_after_commands(parser: argparse.ArgumentParser) -> None:
+    """--log-level and --log-format after the command too (``anomalyd run -c c.yaml --log-format json``, as a
+    Kubernetes ``args:`` list appends them); given there, they win over the same options given before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _add_log_options(command, argparse.SUPPRESS, argparse.SUPPRESS)
+                _log_options_after_commands(command)
 
 
 class DaemonCrash(RuntimeError):

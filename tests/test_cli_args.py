@@ -36,6 +36,23 @@ def test_a_log_format_from_the_environment_is_checked_and_case_insensitive(monke
     assert build_parser().parse_args(["check", "-c", "x.yaml"]).log_format == "json"
 
 
+@pytest.mark.parametrize("argv", [
+    ["--log-format", "json", "--log-level", "debug", "run", "-c", "c.yaml"],
+    ["run", "-c", "c.yaml", "--log-format", "json", "--log-level", "debug"],  # a Kubernetes args: list appended to
+    ["--log-format", "text", "run", "-c", "c.yaml", "--log-format", "json", "--log-level", "debug"],  # after wins
+    ["evaluate", "nab", "--data", "d", "--output", "o", "--log-level", "DEBUG", "--log-format", "json"],
+])
+def test_the_log_options_are_taken_before_or_after_the_command(argv, monkeypatch):
+    from pipelines.cli import build_parser
+
+    monkeypatch.delenv("ANOMALYD_LOG_FORMAT", raising=False)
+    args = build_parser().parse_args(argv)
+    assert (args.log_format, args.log_level) == ("json", "DEBUG")
+    plain = build_parser().parse_args(argv[argv.index("run"):argv.index("c.yaml") + 1] if "run" in argv else
+                                      ["evaluate", "nab", "--data", "d", "--output", "o"])
+    assert (plain.log_format, plain.log_level) == ("text", "INFO")
+
+
 def test_the_demo_does_not_replace_models_it_did_not_make(tmp_path, capsys):
     """--workdir pointed at a real models directory: the demo deleted DIR/models before anything else."""
     kept = tmp_path / "models" / "sensors-gru" / "20261126T100000000Z"
