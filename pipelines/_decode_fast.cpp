@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <vector>
 
 namespace py = pybind11;
@@ -39,6 +40,7 @@ namespace py = pybind11;
 namespace {
 
 constexpr size_t MAX_LAYOUTS = 256;
+constexpr size_t MAX_LAYOUT_BYTES = size_t{1} << 20;  // the names of a batch's layouts, in all
 constexpr Py_ssize_t MAX_STREAM_BYTES = 256;  // as pipelines.decode.MAX_STREAM_BYTES
 
 struct Span {
@@ -55,18 +57,53 @@ struct Parsed {
   int32_t layout = -1;
 };
 
-// The distinct name sequences of the batch's values objects.
+// Seeds the layout hash once per process, so that no producer can aim its messages at one bucket.
+const uint64_t LAYOUT_SEED = 0x9e3779b97f4a7c15ULL ^ reinterpret_cast<uintptr_t>(&MAX_LAYOUTS) ^
+                             static_cast<uint64_t>(std::random_device{}());
+
+// The distinct name sequences of the batch's values objects (at most MAX_LAYOUTS, MAX_LAYOUT_BYTES of names). Each
+// is compared in full only with those of equal hash: comparing every message with every layout let a producer
+// whose messages share 255 long names and differ in the last one make each cost 256 full comparisons (10x the
+// Python decoder's time); the byte budget bounds the names turned into Python strings per batch.
 struct Layouts {
   std::vector<std::vector<Span>> seen;
+  std::vector<uint64_t> hashes;
+  size_t bytes = 0;  // of the names in seen: each becomes a Python str per batch
   int32_t last = -1;
 
-  int32_t intern(const std::vector<Span>& names) {
-    if (last >= 0 && seen[last] == names) return last;
-    for (size_t i = 0; i < seen.size(); ++i) {
-      if (seen[i] == names) return last = static_cast<int32_t>(i);
+  static uint64_t mix(uint64_t h, uint64_t w) {
+    h = (h ^ w) * 0xff51afd7ed558ccdULL;
+    return h ^ (h >> 32);
+  }
+
+  static uint64_t hash(const std::vector<Span>& names) {
+    uint64_t h = LAYOUT_SEED;  // eight bytes at a time; each name's length ends it
+    for (const Span& s : names) {
+      Py_ssize_t i = 0;
+      for (; i + 8 <= s.n; i += 8) {
+        uint64_t w;
+        std::memcpy(&w, s.p + i, 8);
+        h = mix(h, w);
+      }
+      uint64_t tail = 0;
+      std::memcpy(&tail, s.p + i, static_cast<size_t>(s.n - i));
+      h = mix(mix(h, tail), static_cast<uint64_t>(s.n));
     }
-    if (seen.size() == MAX_LAYOUTS) return -1;
+    return h;
+  }
+
+  int32_t intern(const std::vector<Span>& names) {
+    if (last >= 0 && seen[last] == names) return last;  // the usual case: the message before's layout
+    const uint64_t h = hash(names);
+    for (size_t i = 0; i < seen.size(); ++i) {
+      if (hashes[i] == h && seen[i] == names) return last = static_cast<int32_t>(i);
+    }
+    size_t n = 0;
+    for (const Span& s : names) n += static_cast<size_t>(s.n);
+    if (seen.size() == MAX_LAYOUTS || bytes + n > MAX_LAYOUT_BYTES) return -1;  // the Python decoder takes it
+    bytes += n;
     seen.push_back(names);
+    hashes.push_back(h);
     return last = static_cast<int32_t>(seen.size() - 1);
   }
 };

@@ -101,6 +101,7 @@ class ModelsConfig:
     device: str = "auto"
     precision: Literal["float32", "float16", "bfloat16"] = "float32"
     watch_interval_s: float = rule_field(30.0, gt=0)
+    wait_for_models_s: float = rule_field(0.0, ge=0)  # at start; 0: a served model without a version is exit 2
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -171,6 +171,26 @@ def test_messages_that_fail_after_their_values_take_no_layout_slot(module):
     assert slow == list(range(300)) and groups[SPEC2][3].tolist() == [[4.0, 3.0]]
 
 
+def test_layouts_of_long_names_past_the_batchs_budget_go_to_the_python_decoder(module, monkeypatch):
+    """Messages sharing 255 long names and differing in the last: each was compared in full with every layout kept
+    so far (10x the Python decoder's time). Layouts hold at most 1 MiB of names per batch; the rest go to Python,
+    with the same results."""
+    shared = [f"{'n' * 247}{j:03d}" for j in range(255)]
+    spec = FeatureSpec(tuple(shared) + tuple(f"z{i}" for i in range(40)))
+    body = ",".join(f'"{name}":1' for name in shared)
+    values = [f'{{"stream":"s","ts":1,"values":{{{body},"z{i}":{i}}}}}'.encode() for i in range(40)]
+    lookup = {"s": spec}.get
+    _, _, slow = native_decode.decode_common(module, values, 1 << 20, lookup, lambda s: s.index)
+    assert (1 << 20) // (255 * 250 + len("z0")) == 16 and slow == list(range(16, 40))
+    args = (values, [b"s"] * 40, np.zeros(40, np.int64), lookup, 1 << 20)
+    native = decode_batch(*args)
+    monkeypatch.setattr(decode, "_native_decoder", lambda: None)
+    _same(native, decode_batch(*args))
+    assert native.n_native == 16
+    last = native.groups[spec].values[:, -40:]  # (40, 40): each message's own z column, the others missing
+    assert (np.nan_to_num(last, nan=-1.0) == np.where(np.eye(40, dtype=bool), np.arange(40.0)[:, None], -1.0)).all()
+
+
 def test_native_and_python_decoders_agree_on_generated_batches(module, monkeypatch):
     rng = random.Random(7)
     for _ in range(100):
