@@ -167,8 +167,9 @@ def _stdlib_loads(raw: bytes) -> object:
         # may be there: parsed again, checking each number (hooks for every message cost it 1.4x)
         json.loads(text, parse_constant=_reject_constant, parse_float=_checked_float, parse_int=_checked_int)
     if _SURROGATE_ESCAPE.search(raw):  # only an escape can spell a lone surrogate in valid UTF-8
-        try:
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        try:  # every pair kept (a key given twice drops its first value from obj, but orjson refuses it too)
+            everything = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=lambda pairs: pairs)
+            json.dumps(everything, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("a lone surrogate in a string (not valid Unicode)") from None
     return obj

@@ -385,6 +385,8 @@ def test_dead_letter_copy_keeps_what_fits_the_producers_limit():
     (b'{"stream": "pump-17", "x": "\\udc00", "values": [1, 2]}', "bad_encoding"),
     (b'{"stream": "pump-17", "values": {"\\ud800": 1}}', "bad_encoding"),
     (b'{"stream": "pump-17", "values": ["\\ud800", 2]}', "bad_encoding"),
+    (b'{"stream": "\\ud800", "stream": "pump-17", "values": [1, 2]}', "bad_encoding"),  # overwritten by its twin
+    (b'{"stream": "pump-17", "x": ["\\udc00"], "x": 0, "values": [1, 2]}', "bad_encoding"),
     (b'{"stream": "pump-17", "x": 1e400, "values": [1, 2]}', "non_finite"),  # ignored key, beyond a double
     (b'{"stream": "pump-17", "x": ' + b"9" * 400 + b', "values": [1, 2]}', "non_finite"),
     (b'{"stream": "pump-17", "ts": 1e400, "values": [1, 2]}', "non_finite"),
