@@ -87,10 +87,16 @@ class RouteState:
         """Why ``stride`` cannot serve the route's models, None when it can: longer than their window, it leaves
         the events between two scored windows in none."""
         window = models[0].detector.window
-        if stride <= window:
-            return None
-        return (f"processing.stride: {stride} is larger than the window ({window}) of route {label!r}: the events "
-                "between two scored windows would be in none; use at most the window")
+        if stride > window:
+            return (f"processing.stride: {stride} is larger than the window ({window}) of route {label!r}: the "
+                    "events between two scored windows would be in none; use at most the window")
+        for m in models:  # a score covers the window's last score_last_k steps only
+            k = m.detector.score_last_k
+            if k is not None and stride > k:
+                return (f"processing.stride: {stride} is larger than the {k} last steps of each window that model "
+                        f"{m.name} scores (trained with --last-k {k}) in route {label!r}: the events between those "
+                        f"steps would be scored by none; use at most {k}")
+        return None
 
     def set_models(self, models: list[LoadedModel]) -> None:
         """Install (new versions of) the route's models; the buffer is kept when the shape is unchanged."""

@@ -111,6 +111,24 @@ def test_a_stride_longer_than_the_window_is_refused_naming_the_route(tmp_path, t
     assert main(["check", "-c", str(path)]) == 0
 
 
+def test_a_stride_longer_than_the_steps_a_model_scores_is_refused(tmp_path, trained, capsys, monkeypatch):
+    """A model trained with --last-k 4 scores the last 4 steps of each window: at stride 8, half the events were in
+    no scored steps at all."""
+    import copy
+
+    path = _config(tmp_path, trained)
+    last4 = copy.deepcopy(trained["lstm"])
+    last4.score_last_k = 4
+    ModelStore(tmp_path / "models").save("m-lstm", last4, version="20261128T000000000Z")
+    monkeypatch.setenv("ANOMALYD_PROCESSING__STRIDE", "8")
+    assert main(["check", "-c", str(path)]) == 2
+    assert ("environment variable ANOMALYD_PROCESSING__STRIDE: processing.stride: 8 is larger than the 4 last steps "
+            "of each window that model m-lstm scores (trained with --last-k 4) in route 'm-gru+m-lstm'"
+            ) in capsys.readouterr().err
+    monkeypatch.setenv("ANOMALYD_PROCESSING__STRIDE", "4")
+    assert main(["check", "-c", str(path)]) == 0
+
+
 def test_a_config_that_routes_nothing_is_warned_about(tmp_path, trained, caplog):
     path = _config(tmp_path, trained)
     cfg = yaml.safe_load(path.read_text())
