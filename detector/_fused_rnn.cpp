@@ -409,7 +409,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("buf").noconvert(), py::arg("ring_ts"), py::arg("count").noconvert(),
         py::arg("last_ts").noconvert(), py::arg("stream").noconvert(), py::arg("ts").noconvert(),
         py::arg("values").noconvert(), py::arg("stride"), py::arg("out").noconvert(),
-        py::arg("out_idx").noconvert(), py::arg("fill") = py::none());
+        py::arg("out_idx").noconvert(), py::arg("fill") = py::none(), py::arg("phase") = py::none());
 #if defined(__AVX512F__)
   m.attr("isa") = "avx512";
 #elif defined(__AVX2__)

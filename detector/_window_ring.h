@@ -5,12 +5,13 @@
 //   late      t < last_ts[s]: dropped (counted; its NaNs are not);
 //   accepted  last_ts[s] = t; each NaN of v takes the stream's previous accepted value of that feature (fill[f]
 //             when there is none, 0 without fill; counted); the event goes to ring slot count[s] % W (and its t to ring_ts); count[s]++;
-//   due       count[s] >= W and (count[s] - W) % stride == 0: the window (the stream's last W events, oldest
+//   due       count[s] >= W and (count[s] - W - phase[s]) % stride == 0: the window (the stream's last W events, oldest
 //             first) is copied into out[m] and out_idx[m] = i, m++. Otherwise, below W events, it is warming.
 // This is the numpy implementation's definition, event by event; tests/test_windows.py checks that both agree.
 //
 // window_add(buf (S, W, F) f32, ring_ts (S, W) i64 | None, count (S,) i64, last_ts (S,) i64, stream (N,) i64,
-//            ts (N,) i64, values (N, F) f32, stride, out (>= due, W, F) f32, out_idx (N,) i64, fill (F,) f32 | None)
+//            ts (N,) i64, values (N, F) f32, stride, out (>= due, W, F) f32, out_idx (N,) i64, fill (F,) f32 | None,
+//            phase (S,) i64 | None (each in [0, stride); None: all 0))
 //   -> (due windows m, late, missing values, warming), all arrays C-contiguous; stream indices < S. Bind every
 // argument with noconvert(): a converted (copied) array would take the writes meant for the buffer.
 
@@ -37,7 +38,8 @@ inline bool is_nan(float v) {
 }
 
 inline py::tuple window_add(f32 buf, py::object ring_ts_obj, i64 count, i64 last_ts, i64 stream, i64 ts,
-                            f32 values, int64_t stride, f32 out, i64 out_idx, py::object fill_obj) {
+                            f32 values, int64_t stride, f32 out, i64 out_idx, py::object fill_obj,
+                            py::object phase_obj) {
   if (buf.ndim() != 3 || values.ndim() != 2 || out.ndim() != 3) throw std::invalid_argument("bad array ranks");
   const int64_t S = buf.shape(0), W = buf.shape(1), F = buf.shape(2), N = stream.shape(0);
   if (values.shape(0) != N || values.shape(1) != F || ts.shape(0) != N || out_idx.shape(0) < N ||
@@ -50,6 +52,14 @@ inline py::tuple window_add(f32 buf, py::object ring_ts_obj, i64 count, i64 last
     if (ring_ts.ndim() != 2 || ring_ts.shape(0) < S || ring_ts.shape(1) != W)
       throw std::invalid_argument("ring_ts does not match the buffer");
     RT = ring_ts.mutable_data();
+  }
+  const int64_t* PH = nullptr;
+  i64 phase;
+  if (!phase_obj.is_none()) {
+    if (!i64::check_(phase_obj)) throw std::invalid_argument("phase must be a C-contiguous int64 array");
+    phase = phase_obj.cast<i64>();
+    if (phase.ndim() != 1 || phase.shape(0) < S) throw std::invalid_argument("phase does not match the buffer");
+    PH = phase.data();
   }
   const float* FILL = nullptr;
   f32 fill;
@@ -103,7 +113,7 @@ inline py::tuple window_add(f32 buf, py::object ring_ts_obj, i64 count, i64 last
         ++warming;
         continue;
       }
-      if ((c1 - W) % stride != 0) continue;
+      if ((c1 - W - (PH ? PH[s] : 0)) % stride != 0) continue;  // a negative remainder: not yet due
       if (m >= cap) {  // the caller sized out for every event: cannot happen
         overflow = true;
         break;

@@ -83,6 +83,7 @@ class WindowBuffer:
         # (W, W) row p: ring slots of a window starting at slot p (None: computed per call for large W)
         self._rot = (ar[:, None] + ar[None, :]) % self._w if self._w <= _ROT_TABLE_MAX_W else None
         self._count = np.zeros(cap, dtype=np.int64)  # (S,) accepted events so far
+        self._phase = np.zeros(cap, dtype=np.int64)  # (S,) due at count - W = phase (mod stride): align_next
         self._fill = np.zeros(self._f, dtype=np.float32)  # (F,) a missing value with none before it: set_fill
         self._last_ts = np.full(cap, _TS_MIN, dtype=np.int64)  # (S,) largest accepted ts
         self.n_events = self.n_accepted = self.n_late = self.n_missing = self.n_warming = 0
@@ -179,7 +180,7 @@ class WindowBuffer:
 
         due = c >= w
         if self._stride > 1:
-            due &= (c - w) % self._stride == 0
+            due &= (c - w - self._phase[s]) % self._stride == 0
         idx = np.flatnonzero(due)  # (M,) due events, grouped order
         idx = idx[np.argsort(order[idx])]  # output (input) order
         wins = self._windows(vals, s[idx], c[idx], rank[idx], starts[gid[idx]])  # (M, W, F)
@@ -206,7 +207,7 @@ class WindowBuffer:
         out = np.empty((n, self._w, self._f), dtype=np.float32)  # pages past the due windows are never touched
         idx = np.empty(n, dtype=np.int64)
         m, late, missing, warming = self._native(self._buf, self._ring_ts, self._count, self._last_ts, stream, ts,
-                                                 values, self._stride, out, idx, self._fill)
+                                                 values, self._stride, out, idx, self._fill, self._phase)
         self.n_accepted += n - late
         self.n_late += late
         self.n_missing += missing
@@ -312,6 +313,17 @@ class WindowBuffer:
         self._count[s] = cnt
         self._last_ts[s] = ts_arr[-1]
 
+    def align_next(self, stream: np.ndarray) -> None:
+        """With a stride, make the next accepted event of each of these streams close a due window (or its first
+        full one, when it has fewer than W events), and every stride-th after it. After a rebuild, the stream's
+        count starts at wherever the replay began: the phase the old owner kept is lost, and with a stride over
+        W / 2 the events it had read but not yet scored in any window could fall in none."""
+        if self._stride == 1:
+            return
+        stream = self._check_streams(stream)
+        self._ensure_capacity(int(stream.max()) + 1 if stream.size else 0)
+        self._phase[stream] = (np.maximum(self._count[stream] + 1, self._w) - self._w) % self._stride
+
     def largest_ts(self, stream: np.ndarray) -> np.ndarray:
         """(N,) each stream's largest accepted timestamp so far (int64 min before its first event)."""
         stream = np.asarray(stream, dtype=np.int64)
@@ -322,6 +334,7 @@ class WindowBuffer:
         stream = self._check_streams(stream)
         stream = stream[stream < self.capacity]
         self._count[stream] = 0
+        self._phase[stream] = 0
         self._last_ts[stream] = _TS_MIN
 
     # ------------------------------------------------------------------ helpers
@@ -382,6 +395,7 @@ class WindowBuffer:
         if self._ring_ts is not None:
             self._ring_ts = _grown(self._ring_ts, new)
         self._count = np.concatenate([self._count, np.zeros(new - cap, dtype=np.int64)])
+        self._phase = np.concatenate([self._phase, np.zeros(new - cap, dtype=np.int64)])
         self._last_ts = np.concatenate([self._last_ts, np.full(new - cap, _TS_MIN, dtype=np.int64)])
 
     def _empty_batch(self) -> WindowBatch:

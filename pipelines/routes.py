@@ -57,6 +57,7 @@ class RouteState:
         self.stream_names: list[str] = []  # by id; "" for a free id (a stream forgotten, its id to be reused)
         self.stream_tp = np.full(1024, -1, dtype=np.int32)  # (S,) topic-partition id of each stream
         self.last_seen = np.full(1024, np.nan)  # (S,) monotonic time of each stream's latest event (NaN: none)
+        self._rebuilt = np.zeros(1024, dtype=bool)  # (S,) records read again since its last live one (stride > 1)
         self._free: list[int] = []  # ids of forgotten streams
         self._moved_count, self._moved_names = 0, set()  # arrivals on another partition than before (_moved)
         self._moved_logged_at = -math.inf
@@ -143,6 +144,7 @@ class RouteState:
             grow = max(n, 2 * len(self.stream_tp)) - len(self.stream_tp)
             self.stream_tp = np.concatenate([self.stream_tp, np.full(grow, -1, np.int32)])
             self.last_seen = np.concatenate([self.last_seen, np.full(grow, np.nan)])
+            self._rebuilt = np.concatenate([self._rebuilt, np.zeros(grow, dtype=bool)])
         return out
 
     def _moved(self, streams: np.ndarray) -> None:
@@ -175,7 +177,15 @@ class RouteState:
             self._moved(stream[moved])
         self.stream_tp[stream] = tp_id
         prior = self.buffer.largest_ts(stream)  # (N,)
+        if self.stride > 1:  # a rebuilt stream's first live event closes a window: none read before is left out
+            live = stream[score]
+            if live.size and (rebuilt := live[self._rebuilt[live]]).size:
+                rebuilt = np.unique(rebuilt)
+                self.buffer.align_next(rebuilt)
+                self._rebuilt[rebuilt] = False
         wb = self.buffer.add(stream, ts, values)
+        if self.stride > 1 and not score.all():
+            self._rebuilt[stream[~score]] = True
         ok = None if self.buffer.n_late == late0 else accepted_events(stream, ts, prior)  # None: every event
         # A stream is seen by its accepted events: one whose clock stepped back (every event late, none scored)
         # goes silent, and is forgotten (its incident resolved) after stream_idle_timeout_s, then starts afresh.
@@ -284,6 +294,7 @@ class RouteState:
             self.offsets.reset(gone)
             self.stream_tp[gone] = -1
             self.last_seen[gone] = np.nan
+            self._rebuilt[gone] = False
             self._drop_pending(gone)
             for i, name in zip(gone.tolist(), names, strict=True):
                 del self.stream_index[name]

@@ -128,3 +128,42 @@ def test_models_of_one_route_that_differ_are_a_config_error_naming_the_key_and_t
     names = trained["gru"].feature_names
     assert line.startswith(f"{path}: {key}: route "), line
     assert f"lstm has features {list(reversed(names))}, gru {list(names)}" in line, line
+
+
+def _add(route: RouteState, X: np.ndarray, streams: np.ndarray, offsets: np.ndarray, live: bool) -> None:
+    n = len(offsets)
+    ids = route.stream_ids([f"pump-{i}" for i in streams[offsets].tolist()])
+    route.add(ids, T0 + offsets * 1000, X[offsets].astype(np.float32), np.zeros(n, np.int64), offsets, ["t"] * n,
+              np.zeros(n, np.int32), np.full(n, live))
+
+
+@pytest.mark.parametrize("stride", [20, 32])
+def test_after_a_handover_with_a_long_stride_every_event_is_still_in_a_scored_window(trained, tmp_path, stride):
+    """The new owner replays from the partition's rebuild floor: its stream counts, so its stride's phase, start
+    there. With a stride over W / 2, events the old owner had read (and committed) but not yet scored in a window
+    could fall in none of the new owner's windows either."""
+    w = 32
+    X = SensorModel(4, seed=2).normal(np.arange(300, dtype=np.float64))
+    # pump-1 sparse: the partition's floor is its block's start, far behind pump-0's window
+    streams = (np.random.default_rng(7).random(len(X)) < 0.3).astype(np.int64)
+    gaps = {}
+    for handover in range(3 * w, 3 * w + 4 * stride, 3):
+        old = _route(trained, tmp_path / "old", ("gru",), stride=stride)
+        _add(old, X, streams, np.arange(handover), live=True)
+        floor = int(old.rebuild_floor(1)[0])
+        new = _route(trained, tmp_path / "new", ("gru",), stride=stride)
+        _add(new, X, streams, np.arange(floor, handover), live=False)  # read again to rebuild windows: not scored
+        _add(new, X, streams, np.arange(handover, len(X)), live=True)
+        # (stream, offset of the window's last event) of every window either owner scored
+        scored = [(route.stream_names[i], int(o)) for route in (old, new) for part in route.take_pending()
+                  for i, o in zip(part[0].tolist(), part[5].tolist(), strict=True)]
+        for stream in (0, 1):
+            own = np.flatnonzero(streams == stream)  # the stream's offsets, in order
+            ends = [int(np.searchsorted(own, o)) for name, o in scored if name == f"pump-{stream}"]
+            covered = np.zeros(len(own), dtype=bool)
+            for end in ends:
+                covered[end - w + 1:end + 1] = True
+            missed = np.flatnonzero(~covered[w - 1:max(ends) + 1]) + w - 1
+            if missed.size:
+                gaps[(handover, stream)] = own[missed].tolist()
+    assert gaps == {}

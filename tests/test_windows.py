@@ -394,3 +394,22 @@ def test_add_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="stream"):
         buf.add(np.array([0.0]), np.array([1]), np.zeros((1, 2)))
     assert buf.n_events == 0
+
+
+def test_align_next_makes_the_next_accepted_event_due_and_every_stride_th_after_it() -> None:
+    buf = WindowBuffer(4, 1, stride=3)
+
+    def due_counts(n: int, first_ts: int) -> list[int]:
+        s = np.array([5] * n)
+        before = int(buf.stream_count(np.array([5]))[0])
+        wb = buf.add(s, np.arange(first_ts, first_ts + n), np.zeros((n, 1), np.float32))
+        return [before + int(i) + 1 for i in wb.event_index]  # the count each due event reached
+
+    assert due_counts(10, 0) == [4, 7, 10]
+    buf.align_next(np.array([5]))
+    buf.add(np.array([5]), np.array([0]), np.zeros((1, 1), np.float32))  # late: dropped, not the next accepted one
+    assert due_counts(6, 10) == [11, 14]  # (11 - 4) % 3 == 1: the phase moved by 1
+    buf.align_next(np.array([7]))  # fewer than W events: its first full window is due
+    assert buf.add(np.array([7] * 5), np.arange(5), np.zeros((5, 1), np.float32)).event_index.tolist() == [3]
+    buf.reset_streams(np.array([5]))  # a stream forgotten starts afresh, its phase too
+    assert due_counts(7, 0) == [4, 7]
