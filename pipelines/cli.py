@@ -248,8 +248,15 @@ def _cmd_run(args) -> int:
     from .daemon import Daemon
     from .httpserver import BindError
     from .kafka_security import KafkaAuthenticationError, KafkaBootstrapError
+    from .model_wait import wait_for_model_files
 
     cfg = load_config(args.config)
+    try:  # models.wait_for_models_s: not ready (rather than exit 2) until the served models have versions
+        if not wait_for_model_files(cfg, _RUN_STOP):
+            logging.getLogger("anomalyd").info("stop requested while waiting for models: exiting")
+            return 0
+    except BindError as exc:
+        raise _bind_error(cfg, exc) from exc
     daemon = None if _RUN_STOP.is_set() else Daemon(cfg, stop_event=_RUN_STOP)  # loads the models
     if daemon is None or _RUN_STOP.is_set():  # SIGTERM while starting: nothing consumed, nothing to commit
         logging.getLogger("anomalyd").info("stop requested during start-up: exiting before connecting to Kafka")
@@ -261,13 +268,20 @@ def _cmd_run(args) -> int:
         return daemon.run(timeout=args.timeout)
     except KafkaAuthenticationError as exc:  # a config problem: name the file and the key
         raise ConfigError([f"{cfg.where('kafka.security')}: kafka.security: {exc}"]) from exc
-    except BindError as exc:  # port taken (http.port) or not an address of this host (http.bind)
-        key = "http.port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "http.bind"
-        raise ConfigError([f"{cfg.where(key)}: {key}: {exc}"]) from exc
+    except BindError as exc:
+        raise _bind_error(cfg, exc) from exc
     except (ConfigError, KafkaBootstrapError):
         raise
     except (ValueError, OSError) as exc:  # once running, not the config's fault: main's trace and exit 1, not 2
         raise DaemonCrash(str(exc)) from exc
+
+
+def _bind_error(cfg, exc: OSError) -> Exception:
+    """The config error of an HTTP port that is taken (http.port) or an http.bind that is not this host's."""
+    from .config import ConfigError
+
+    key = "http.port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "http.bind"
+    return ConfigError([f"{cfg.where(key)}: {key}: {exc}"])
 
 
 def _cmd_check(args) -> int:

@@ -54,9 +54,7 @@ def wait_for_model_files(cfg: Config, stop: threading.Event, poll_s: float = 2.0
         raise missing
     metrics = Metrics(CollectorRegistry())
     metrics.set_state(up=True, ready=False)
-    server = None
-    if cfg.http.port >= 0:
-        server = HealthServer(metrics.registry, cfg.http.bind, cfg.http.port, is_ready=lambda: False).start()
+    server = HealthServer(metrics.registry, cfg.http.bind, cfg.http.port, is_ready=lambda: False).start()
     deadline = time.monotonic() + cfg.models.wait_for_models_s
     said = -float("inf")
     try:
@@ -75,5 +73,4 @@ def wait_for_model_files(cfg: Config, stop: threading.Event, poll_s: float = 2.0
                 log.info("models found under %s: starting", cfg.models.dir)
                 return True
     finally:
-        if server is not None:
-            server.stop()  # the daemon's own server takes the port next
+        server.stop()  # the daemon's own server takes the port next

@@ -284,6 +284,28 @@ def test_an_error_out_of_the_running_daemon_is_a_crash_with_its_trace(error, mon
     assert record.exc_info[1] is error
 
 
+def test_run_waits_for_its_models_when_asked_and_a_sigterm_ends_the_wait(monkeypatch, capsys, caplog,
+                                                                          restore_signals):
+    import threading
+
+    from pipelines import cli
+
+    monkeypatch.setenv("ANOMALYD_HTTP__PORT", "0")
+    assert main(["run", "-c", str(EXAMPLE)]) == 2  # models.dir does not exist: at once, without a wait
+    assert "models.dir: model directory /var/lib/anomalyd/models does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("ANOMALYD_MODELS__WAIT_FOR_MODELS_S", "600")
+    timer = threading.Timer(1.0, cli._RUN_STOP.set)  # as SIGTERM does
+    timer.start()
+    try:
+        with caplog.at_level("INFO", logger="anomalyd"):
+            assert main(["run", "-c", str(EXAMPLE)]) == 0
+    finally:
+        timer.join()
+        cli._RUN_STOP.clear()
+    assert "waiting for models (models.wait_for_models_s, 600 s left" in caplog.text
+    assert "stop requested while waiting for models" in caplog.text
+
+
 def test_log_level_must_be_a_level(capsys):
     assert build_parser().parse_args(["--log-level", "debug", "check", "-c", "x"]).log_level == "DEBUG"
     with pytest.raises(SystemExit) as exit_:
