@@ -16,10 +16,7 @@ fi
 # made again rather than trusted because bin/python exists.
 if [ ! -f "$VENV/.created" ]; then
     if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
-        # made before the marker existed, or killed before it: the editable install below builds without
-        # isolation, with this venv's setuptools (pyproject.toml's build-system needs 77 or later)
-        "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
-        touch "$VENV/.created"
+        touch "$VENV/.created"  # made before the marker existed (its setuptools is checked below)
     else
         echo "setup: creating virtualenv $VENV"
         rm -rf "$VENV"
@@ -43,6 +40,9 @@ import pathlib, sys, pipelines
 sys.exit(0 if pathlib.Path(pipelines.__file__).resolve().parent.parent == pathlib.Path(sys.argv[1]).resolve() else 1)
 PY
 then
+    # built without isolation, with this venv's setuptools: pyproject.toml's build-system needs 77 or later
+    "$VENV/bin/python" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' \
+        || "$VENV/bin/pip" install -q --upgrade 'setuptools>=77'
     "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . >"$CACHE/editable-install.log" 2>&1 || { cat "$CACHE/editable-install.log"; exit 1; }
 fi
 
@@ -63,11 +63,12 @@ if [ ${#need[@]} -gt 0 ]; then
             "${need[@]}" >/dev/null
         # The Debian packages start services, enabled at boot on the ports docker-compose publishes (9090, 9093);
         # the tests run their own instances on other ports. Stopped and disabled; the fallback kills only the
-        # service's own command line (/usr/bin/prometheus matched exactly, not prometheus-alertmanager).
+        # service (its user, prometheus, and /usr/bin/prometheus matched exactly, not prometheus-alertmanager): the
+        # tests' own instances run under the user who runs the tests.
         for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
             (systemctl disable --now "$svc" 2>/dev/null \
                 || { service "$svc" stop && { update-rc.d "$svc" disable || true; }; } 2>/dev/null \
-                || pkill -f "^/usr/bin/$svc( |\$)" 2>/dev/null) || true
+                || pkill -u prometheus -f "^/usr/bin/$svc( |\$)" 2>/dev/null) || true
         done
     else
         echo "setup: missing ${need[*]}; install them with: sudo apt-get install ${need[*]}" >&2

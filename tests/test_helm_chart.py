@@ -352,8 +352,10 @@ def test_replicas_need_a_models_claim_every_node_can_mount(helm: str) -> None:
     ContainerCreating for ever, unseen by the alerts (no endpoint, no target)."""
     proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set", "replicaCount=2"])
     assert proc.returncode != 0 and "replicaCount=2 with a ReadWriteOnce models claim" in proc.stderr, proc.stderr
+    one_node = ("affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey="
+                "kubernetes.io/hostname")
     for ok in (["models.persistence.accessModes[0]=ReadWriteMany"], ["models.existingClaim=shared-models"],
-               ["models.source=image"]):
+               ["models.source=image"], [one_node]):
         deployment = _by_kind(_render(helm, "--set", "replicaCount=2", *[a for s in ok for a in ("--set", s)]))
         assert deployment["Deployment"]["spec"]["replicas"] == 2
 
