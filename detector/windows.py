@@ -288,7 +288,8 @@ class WindowBuffer:
         ``keep_timestamps=False`` only its last value is kept, as the stream's latest accepted ts). NaNs are
         forward filled (the fill value when there is no previous value). Only the last ``W`` events are kept. ``count``
         is the stream's accepted count to record (default ``len(ts)``); pass the original ``stream_count`` to
-        keep the stride phase. The next event may then complete a window.
+        keep the stride phase counted from the stream's first event (one set by ``align_next`` is not kept). The
+        next event may then complete a window.
         """
         s = int(self._check_streams(np.asarray([stream]))[0])
         _, ts_arr, vals = self._check_batch(np.zeros(np.shape(ts)[:1], dtype=np.int64), ts, values)

@@ -43,6 +43,16 @@ def check_kafka(c: KafkaConfig, data: Mapping, key: str, ctx: Ctx) -> KafkaConfi
             ctx.err(join_key(join_key(key, "topics"), i), "topic name must not be empty")
     if c.client == "confluent":
         _check_confluent_installed(join_key(key, "client"), ctx)
+    if not ctx.is_bad(join_key(key, "bootstrap_servers")):
+        from .kafka_security import host_port  # kafka-python's reading, which librdkafka shares
+
+        for server in filter(str.strip, c.bootstrap_servers.split(",")):
+            try:
+                host_port(server)
+            except ValueError:
+                ctx.err(join_key(key, "bootstrap_servers"), f"cannot read {server.strip()!r} as host:port (a "
+                        "comma-separated list of host:port, [IPv6]:port or host)")
+                break
     if c.heartbeat_interval_ms >= c.session_timeout_ms and not ctx.is_bad(join_key(key, "heartbeat_interval_ms")):
         ctx.err(join_key(key, "heartbeat_interval_ms"), f"must be < kafka.session_timeout_ms ({c.session_timeout_ms}),"
                 f" got {c.heartbeat_interval_ms}", because=join_key(key, "session_timeout_ms"))

@@ -22,6 +22,7 @@ from contextlib import ExitStack
 
 from prometheus_client import CollectorRegistry
 
+from detector.device import resolve_device
 from detector.engine import InferenceEngine
 
 from .allocator import tune_process_memory
@@ -59,10 +60,16 @@ class Daemon(DeliveryStage):
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, top_k_streams=cfg.metrics.top_k_streams)
         try:
-            self.engine = InferenceEngine(cfg.models.device, cfg.models.precision,
-                                          max_batch=max(cfg.processing.max_batch_windows, 1024))
+            resolve_device(cfg.models.device)
         except ValueError as exc:  # a device this machine does not have (cuda without CUDA, mps off macOS)
             raise ConfigError([f"{cfg.where('models.device')}: models.device: {exc}"]) from exc
+        self.engine = InferenceEngine(cfg.models.device, cfg.models.precision,
+                                      max_batch=max(cfg.processing.max_batch_windows, 1024))
+        # What a loop flush gives delivery (a micro-batch's alerts, on the scoring thread too), and a revoke its
+        # last flush: kafka-python runs its rebalance listener on its IO thread, which sends no heartbeat meanwhile,
+        # so the listener (waiting for the micro-batch in flight, then its own flush) must end within the session.
+        k = cfg.kafka
+        self.delivery_s = 10.0 if k.client != "kafka-python" else min(10.0, k.session_timeout_ms / 3000)
         self.scoring_threads = ScoringThreads.configure(  # the adaptive intra-op thread count; None: fixed
             self.engine.device, cfg.processing.model_threads, cfg.processing.score_in_background,
             self.metrics.inference_threads.set)
@@ -135,11 +142,8 @@ class Daemon(DeliveryStage):
         if self._ahead is not None:
             self._ahead.take_deferred()  # still uncommitted, so in the commit below
         self.sinks.retry_now()  # the partitions' last flush here: at once, whatever backoff a failed one started
-        budget = min(10.0, self.cfg.shutdown.grace_period_s)
-        if self.cfg.kafka.client == "kafka-python":  # its listeners block its heartbeats: done within the session
-            budget = min(budget, self.cfg.kafka.session_timeout_ms / 2000)
-        try:
-            self._flush_and_commit(timeout_s=budget, in_rebalance=True)
+        try:  # it waits for the micro-batch in flight first: that one's delivery has delivery_s too
+            self._flush_and_commit(timeout_s=min(self.delivery_s, self.cfg.shutdown.grace_period_s), in_rebalance=True)
         except (SinkError, KafkaDeliveryError) as exc:
             log.warning("could not deliver alerts before giving up partitions (the next owner repeats them): %s", exc)
         self._drop_partitions(tps)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CLIENTS", "PASSWORD_KEYS", "KafkaAuthenticationError", "KafkaBootstrapError", "client_security_config",
-           "confluent_refusal", "describe_credentials", "kafka_python_bootstrap", "read_password_file",
+           "confluent_refusal", "describe_credentials", "host_port", "kafka_python_bootstrap", "read_password_file",
            "security_error", "wait_for_a_broker"]
 
 CLIENTS = ("kafka-python", "confluent")
@@ -190,7 +190,7 @@ def wait_for_a_broker(bootstrap_servers: str, stop: threading.Event, timeout_s: 
     """Wait until one of ``bootstrap_servers`` accepts a TCP connection, for at most ``timeout_s``: False when
     ``stop`` is set first. kafka-python's constructors block in their bootstrap for up to 30 s, where a SIGTERM,
     which only sets a flag, went unheard. Raises :class:`KafkaBootstrapError` when none accepts in time."""
-    addresses = [_host_port(s) for s in bootstrap_servers.split(",") if s.strip()]
+    addresses = [host_port(s) for s in bootstrap_servers.split(",") if s.strip()]
     deadline, last = time.monotonic() + timeout_s, None
     while True:
         for host, port in addresses:
@@ -207,7 +207,7 @@ def wait_for_a_broker(bootstrap_servers: str, stop: threading.Event, timeout_s: 
             return False
 
 
-def _host_port(server: str) -> tuple[str, int]:
+def host_port(server: str) -> tuple[str, int]:
     """``host:port``, ``[v6]:port``, a bare IPv6 address or ``host`` (port 9092), with or without ``SCHEME://``, as
     kafka-python reads it."""
     from kafka.cluster import get_ip_port_afi

@@ -77,8 +77,9 @@ class ServedModels:
         except (OSError, ValueError, RuntimeError) as exc:  # CheckpointError is a ValueError; CUDA out of memory
             self._refused = self._fingerprint(newest)
             self.metrics.model_reload_failures.inc()
+            why = "; ".join(exc.errors) if isinstance(exc, ConfigError) else exc  # one line, not a config report
             log.error("model reload failed, still serving %s (tried again on SIGHUP or a newer version): %s",
-                      self.versions(), exc)
+                      self.versions(), why)
             return None
 
     def _fingerprint(self, versions: dict[str, str]) -> dict:

@@ -321,6 +321,16 @@ def test_env_errors_name_the_variable(tmp_path):
     ])
 
 
+def test_bootstrap_servers_that_are_not_host_port_are_refused_at_load():
+    """The daemon found it only in its first connection (kafka-python), after start: a crash with a trace."""
+    for fine in ("a:9092,,b:9093", "[::1]:9092", "SASL_SSL://k:9093", "kafka"):
+        Config.from_dict({"kafka": {"bootstrap_servers": fine}})
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict({"kafka": {"bootstrap_servers": "a:9092, kafka:notaport"}})
+    assert err.value.errors == ["<string>: kafka.bootstrap_servers: cannot read 'kafka:notaport' as host:port (a "
+                                "comma-separated list of host:port, [IPv6]:port or host)"]
+
+
 def test_a_cross_key_error_caused_by_the_environment_names_its_variable(tmp_path):
     """A key left out of the file is wrong because of another key set from the environment: the error line named
     only the file, which the operator then searched in vain."""
