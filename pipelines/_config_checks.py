@@ -44,14 +44,15 @@ def check_kafka(c: KafkaConfig, data: Mapping, key: str, ctx: Ctx) -> KafkaConfi
     if c.client == "confluent":
         _check_confluent_installed(join_key(key, "client"), ctx)
     if not ctx.is_bad(join_key(key, "bootstrap_servers")):
-        from .kafka_security import host_port  # kafka-python's reading, which librdkafka shares
+        from .kafka_security import host_port  # as kafka-python reads it (librdkafka differs in corners only)
 
         for server in filter(str.strip, c.bootstrap_servers.split(",")):
             try:
-                host_port(server)
+                if not 0 < host_port(server)[1] < 65536:
+                    raise ValueError(server)
             except ValueError:
                 ctx.err(join_key(key, "bootstrap_servers"), f"cannot read {server.strip()!r} as host:port (a "
-                        "comma-separated list of host:port, [IPv6]:port or host)")
+                        "comma-separated list of host:port, [IPv6]:port or host; ports 1-65535)")
                 break
     if c.heartbeat_interval_ms >= c.session_timeout_ms and not ctx.is_bad(join_key(key, "heartbeat_interval_ms")):
         ctx.err(join_key(key, "heartbeat_interval_ms"), f"must be < kafka.session_timeout_ms ({c.session_timeout_ms}),"

@@ -248,16 +248,18 @@ def _cmd_run(args) -> int:
     from .daemon import Daemon
     from .httpserver import BindError
     from .kafka_security import KafkaAuthenticationError, KafkaBootstrapError
-    from .model_wait import wait_for_model_files
+    from .model_wait import models_awaited
 
     cfg = load_config(args.config)
-    try:  # models.wait_for_models_s: not ready (rather than exit 2) until the served models have versions
-        if not wait_for_model_files(cfg, _RUN_STOP):
-            logging.getLogger("anomalyd").info("stop requested while waiting for models: exiting")
-            return 0
+    try:  # models.wait_for_models_s: alive and not ready (rather than exit 2) until the served models load
+        with models_awaited(cfg, _RUN_STOP) as started:
+            if started is None:
+                logging.getLogger("anomalyd").info("stop requested while waiting for models: exiting")
+                return 0
+            cfg = started
+            daemon = None if _RUN_STOP.is_set() else Daemon(cfg, stop_event=_RUN_STOP)  # loads the models
     except BindError as exc:
         raise _bind_error(cfg, exc) from exc
-    daemon = None if _RUN_STOP.is_set() else Daemon(cfg, stop_event=_RUN_STOP)  # loads the models
     if daemon is None or _RUN_STOP.is_set():  # SIGTERM while starting: nothing consumed, nothing to commit
         logging.getLogger("anomalyd").info("stop requested during start-up: exiting before connecting to Kafka")
         return 0

@@ -65,11 +65,13 @@ class Daemon(DeliveryStage):
             raise ConfigError([f"{cfg.where('models.device')}: models.device: {exc}"]) from exc
         self.engine = InferenceEngine(cfg.models.device, cfg.models.precision,
                                       max_batch=max(cfg.processing.max_batch_windows, 1024))
-        # What a loop flush gives delivery (a micro-batch's alerts, on the scoring thread too), and a revoke its
-        # last flush: kafka-python runs its rebalance listener on its IO thread, which sends no heartbeat meanwhile,
-        # so the listener (waiting for the micro-batch in flight, then its own flush) must end within the session.
+        # A revoke's last flush: kafka-python runs its rebalance listener on its IO thread, which sends no heartbeat
+        # meanwhile, so the listener's own flush and commit take at most a third of the session (the micro-batch in
+        # flight, which it waits for first, keeps its 10 s: a shorter delivery failed every post of a slow sink).
         k = cfg.kafka
-        self.delivery_s = 10.0 if k.client != "kafka-python" else min(10.0, k.session_timeout_ms / 3000)
+        self._revoke_s = min(10.0, cfg.shutdown.grace_period_s)
+        if k.client == "kafka-python":
+            self._revoke_s = min(self._revoke_s, k.session_timeout_ms / 3000)
         self.scoring_threads = ScoringThreads.configure(  # the adaptive intra-op thread count; None: fixed
             self.engine.device, cfg.processing.model_threads, cfg.processing.score_in_background,
             self.metrics.inference_threads.set)
@@ -142,8 +144,8 @@ class Daemon(DeliveryStage):
         if self._ahead is not None:
             self._ahead.take_deferred()  # still uncommitted, so in the commit below
         self.sinks.retry_now()  # the partitions' last flush here: at once, whatever backoff a failed one started
-        try:  # it waits for the micro-batch in flight first: that one's delivery has delivery_s too
-            self._flush_and_commit(timeout_s=min(self.delivery_s, self.cfg.shutdown.grace_period_s), in_rebalance=True)
+        try:
+            self._flush_and_commit(timeout_s=self._revoke_s, in_rebalance=True)
         except (SinkError, KafkaDeliveryError) as exc:
             log.warning("could not deliver alerts before giving up partitions (the next owner repeats them): %s", exc)
         self._drop_partitions(tps)

@@ -56,7 +56,6 @@ class DeliveryStage:
     producer: Producer  # dead letters
     sinks: FanoutSink
     intake: Intake
-    delivery_s: float  # what a flush gives delivery (10 s; with kafka-python a third of the session)
     _worker: ScoringWorker | None
     _oldest_pending: float | None  # monotonic time the oldest window still pending was queued
     _last_retry_warning: float  # monotonic time of the loop's last delivery warning
@@ -71,7 +70,7 @@ class DeliveryStage:
         follows once it is done."""
         p = self.cfg.processing
         if self._worker is not None and self._worker.done():
-            self._finish_background(self.delivery_s)  # commits what the scoring thread delivered
+            self._finish_background(10.0)  # commits what the scoring thread delivered
         self.commits.collect()  # the answers of commits sent before
         idle = quiet and bool(self.positions.uncommitted)  # after that commit, which may have been the idle one
         pending = sum(r.pending_windows for r in self.routes)
@@ -81,9 +80,9 @@ class DeliveryStage:
             return
         commit = idle or (now - self.commits.last_commit) * 1000 >= self.cfg.kafka.commit_interval_ms
         if self._worker is None:
-            self._flush_and_commit(timeout_s=self.delivery_s, commit=commit)
+            self._flush_and_commit(timeout_s=10.0, commit=commit)
         elif not self._worker.busy or full:
-            self._flush_in_background(timeout_s=self.delivery_s, commit=commit, windows=pending)
+            self._flush_in_background(timeout_s=10.0, commit=commit, windows=pending)
 
     def _warn_retry(self, exc: Exception) -> None:
         """The loop's delivery warning, at most every 10 s (a sink backing off fails every loop turn at once)."""

@@ -1,16 +1,20 @@
 """``models.wait_for_models_s``: at start, wait for the served models' first versions instead of exiting.
 
 A Deployment installed before its models were trained into the volume would otherwise exit 2 and restart in a
-crash loop (whose back-off then delays the start once they are there). While waiting, the HTTP port serves
-``/healthz`` (alive), ``/readyz`` (not ready) and ``/metrics`` (``anomalyd_up 1``, ``anomalyd_ready 0``: the
-``AnomalydNotReady`` alert), and the log says every minute what is missing.
+crash loop (whose back-off then delays the start once they are there). While waiting, and on until the daemon is
+built (the models loaded), the HTTP port serves ``/healthz`` (alive), ``/readyz`` (not ready) and ``/metrics``
+(``anomalyd_up 1``, ``anomalyd_ready 0``: the ``AnomalydNotReady`` alert), and the log says every minute what is
+missing; the daemon's own server then takes the same port.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry
 
@@ -19,7 +23,7 @@ from .httpserver import HealthServer
 from .metrics import Metrics
 from .model_store import ModelStore
 
-__all__ = ["wait_for_model_files"]
+__all__ = ["models_awaited"]
 
 log = logging.getLogger("anomalyd")
 
@@ -27,8 +31,9 @@ _LOG_EVERY_S = 60.0
 
 
 def _missing(cfg: Config) -> ConfigError | None:
-    """What keeps the daemon from loading its models: a version directory without its model.json, or with it but
-    not yet its weights (a copy in progress); None when every served model has a complete version."""
+    """What keeps the daemon from loading its models: no version directory with a model.json, a version without
+    its weights yet, or one that does not load (its weights still being written); None when every served model's
+    version loads."""
     try:
         check_model_files(cfg)
     except ConfigError as exc:
@@ -36,41 +41,53 @@ def _missing(cfg: Config) -> ConfigError | None:
     store = ModelStore(cfg.models.dir)
     errors = []
     for i, served in enumerate(cfg.models.served):
+        key = f"models.served[{i}]"
         try:
-            store.resolve(served.name, served.version)
-        except FileNotFoundError as exc:
-            errors.append(f"{cfg.where(f'models.served[{i}]')}: models.served[{i}]: {exc}")
+            store.load(served.name, served.version, fallback=True)  # on the CPU: only to see that it loads
+        except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
+            errors.append(f"{cfg.where(key)}: {key}: model {served.name!r}: {exc}")
     return ConfigError(errors) if errors else None
 
 
-def wait_for_model_files(cfg: Config, stop: threading.Event, poll_s: float = 2.0) -> bool:
-    """True once every served model has a version under ``models.dir`` (at once when it has); False when ``stop``
-    is set first. Raises :class:`ConfigError` naming what is missing when ``models.wait_for_models_s`` is 0 or has
-    passed, and :class:`pipelines.httpserver.BindError` when the HTTP port cannot be had."""
-    missing = _missing(cfg)
+@contextmanager
+def models_awaited(cfg: Config, stop: threading.Event, poll_s: float = 2.0) -> Iterator[Config | None]:
+    """Yields the config to build the daemon with once every served model has a version that loads (at once when
+    they have, or when ``models.wait_for_models_s`` is 0: the daemon then names what is missing), None when
+    ``stop`` is set first. Raises :class:`ConfigError` naming what is missing once the wait has passed, and
+    :class:`pipelines.httpserver.BindError` when the HTTP port cannot be had. A waiting server answers until the
+    body (building the daemon, loading its models) is done; with ``http.port`` 0 the config yielded names the
+    port it had, for the daemon's server."""
+    missing = _missing(cfg) if cfg.models.wait_for_models_s > 0 else None
     if missing is None:
-        return True
-    if cfg.models.wait_for_models_s <= 0:
-        raise missing
+        yield cfg
+        return
     metrics = Metrics(CollectorRegistry())
     metrics.set_state(up=True, ready=False)
     server = HealthServer(metrics.registry, cfg.http.bind, cfg.http.port, is_ready=lambda: False).start()
-    deadline = time.monotonic() + cfg.models.wait_for_models_s
-    said = -float("inf")
     try:
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                raise missing
-            if now - said >= _LOG_EVERY_S:
-                said = now
-                log.warning("waiting for models (models.wait_for_models_s, %.0f s left; not ready meanwhile): %s",
-                            deadline - now, "; ".join(missing.errors))
-            if stop.wait(min(poll_s, deadline - now)):
-                return False
-            missing = _missing(cfg)
-            if missing is None:
-                log.info("models found under %s: starting", cfg.models.dir)
-                return True
+        if _wait(cfg, missing, stop, poll_s):
+            yield dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, port=server.port))
+        else:
+            yield None
     finally:
         server.stop()  # the daemon's own server takes the port next
+
+
+def _wait(cfg: Config, missing: ConfigError, stop: threading.Event, poll_s: float) -> bool:
+    deadline = time.monotonic() + cfg.models.wait_for_models_s
+    said = -float("inf")
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            raise missing
+        if now - said >= _LOG_EVERY_S:
+            said = now
+            log.warning("waiting for models (models.wait_for_models_s, %.0f s left; not ready meanwhile): %s",
+                        deadline - now, "; ".join(missing.errors))
+        if stop.wait(min(poll_s, deadline - now)):
+            return False
+        found = _missing(cfg)
+        if found is None:
+            log.info("models found under %s: starting", cfg.models.dir)
+            return True
+        missing = found

@@ -239,11 +239,10 @@ def restore_signals():
 
 
 def test_run_with_the_http_port_taken_is_one_config_error(monkeypatch, capsys, restore_signals):
-    from pipelines import check_cmd, daemon, model_wait
+    from pipelines import check_cmd, daemon
 
     monkeypatch.setattr(daemon, "Daemon", _Daemon)
     monkeypatch.setattr(check_cmd, "fast_paths", lambda d: "fast paths: -")
-    monkeypatch.setattr(model_wait, "wait_for_model_files", lambda cfg, stop: True)  # the stand-in has no models
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -269,7 +268,7 @@ def test_an_error_out_of_the_running_daemon_is_a_crash_with_its_trace(error, mon
                                                                        restore_signals):
     """Once the daemon runs, a ValueError or an OSError is no longer the config's to fix: exit 1 with the trace,
     not exit 2 with one line that reads as a configuration error."""
-    from pipelines import check_cmd, daemon, model_wait
+    from pipelines import check_cmd, daemon
 
     class Crashing(_Daemon):
         def run(self, timeout=None) -> int:
@@ -277,7 +276,6 @@ def test_an_error_out_of_the_running_daemon_is_a_crash_with_its_trace(error, mon
 
     monkeypatch.setattr(daemon, "Daemon", Crashing)
     monkeypatch.setattr(check_cmd, "fast_paths", lambda d: "fast paths: -")
-    monkeypatch.setattr(model_wait, "wait_for_model_files", lambda cfg, stop: True)
     monkeypatch.setenv("ANOMALYD_HTTP__PORT", "0")
     assert main(["run", "-c", str(EXAMPLE)]) == 1
     assert "anomalyd: error:" not in capsys.readouterr().err

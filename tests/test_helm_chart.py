@@ -352,12 +352,24 @@ def test_replicas_need_a_models_claim_every_node_can_mount(helm: str) -> None:
     ContainerCreating for ever, unseen by the alerts (no endpoint, no target)."""
     proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set", "replicaCount=2"])
     assert proc.returncode != 0 and "replicaCount=2 with a ReadWriteOnce models claim" in proc.stderr, proc.stderr
-    one_node = ("affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey="
-                "kubernetes.io/hostname")
+    term = "affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0]"
+    one_node = [f"{term}.topologyKey=kubernetes.io/hostname",
+                f"{term}.labelSelector.matchLabels.app\\.kubernetes\\.io/name=anomalyd"]
+    for loose in ([f"{term}.topologyKey=topology.kubernetes.io/zone", one_node[1]], one_node[:1],
+                  ["affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight=1"]):
+        proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set",
+                     "replicaCount=2", *[a for s in loose for a in ("--set", s)]])
+        assert proc.returncode != 0 and "ReadWriteOnce models claim" in proc.stderr, loose  # not one node for sure
     for ok in (["models.persistence.accessModes[0]=ReadWriteMany"], ["models.existingClaim=shared-models"],
-               ["models.source=image"], [one_node]):
+               ["models.source=image"], one_node):
         deployment = _by_kind(_render(helm, "--set", "replicaCount=2", *[a for s in ok for a in ("--set", s)]))
         assert deployment["Deployment"]["spec"]["replicas"] == 2
+
+
+def test_the_pod_waits_for_models_in_a_claim_but_not_for_models_in_the_image(helm: str, tmp_path: Path) -> None:
+    assert _rendered_config(_render(helm), tmp_path).models.wait_for_models_s == 3600
+    image = _rendered_config(_render(helm, "--set", "models.source=image"), tmp_path)
+    assert image.models.wait_for_models_s == 0
 
 
 def test_a_topic_pattern_replaces_the_charts_default_topics(helm: str, tmp_path: Path) -> None:

@@ -131,8 +131,9 @@ def test_a_revoke_delivers_what_a_failed_micro_batch_kept_and_commits_the_handov
 def test_under_kafka_python_a_revoke_and_the_flush_it_waits_for_fit_in_the_session(trained, tmp_path, client,
                                                                                     budget):
     """kafka-python runs the revoke listener on its IO thread, where it holds back the heartbeats: a revoke longer
-    than kafka.session_timeout_ms got the member expelled and its revoke commit refused (the handover lost). The
-    listener first waits for the micro-batch in flight, whose delivery had 10 s whatever the session."""
+    than kafka.session_timeout_ms got the member expelled and its revoke commit refused (the handover lost). Its own
+    flush takes a third of the session; the micro-batch in flight, which it waits for first, keeps its 10 s (a
+    shorter delivery failed every post of an Alertmanager slower than that, for ever)."""
     daemon = _gru_daemon(trained, tmp_path, kafka={"client": client, "session_timeout_ms": 6000,
                                                    "heartbeat_interval_ms": 1000},
                          processing={"score_in_background": True, "max_delay_ms": 0}, alerts={"k": 1, "n": 1})
@@ -154,6 +155,6 @@ def test_under_kafka_python_a_revoke_and_the_flush_it_waits_for_fit_in_the_sessi
         daemon._maybe_flush(quiet=False, now=time.monotonic())  # the micro-batch goes to the scoring thread
         assert daemon._worker.busy
         daemon._on_revoke([TP])  # waits for it, then flushes and commits itself
-        assert given and budget - 0.5 < given[0] <= budget and max(given) <= budget, given
+        assert len(given) >= 2 and 9.5 < given[0] <= 10.0 and max(given[1:]) <= budget, given
     finally:
         daemon._worker.close()

@@ -14,7 +14,7 @@ import pytest
 
 from pipelines.config import Config, ConfigError
 from pipelines.model_store import ModelStore
-from pipelines.model_wait import wait_for_model_files
+from pipelines.model_wait import models_awaited
 
 
 def _config(tmp_path, wait_s: float, port: int = 0) -> Config:
@@ -39,16 +39,28 @@ def _get(url: str) -> tuple[int, str]:
         return exc.code, ""
 
 
-def test_without_a_wait_a_missing_model_is_the_config_error_at_once(tmp_path):
-    with pytest.raises(ConfigError, match="model 'gru': no version directory with a model.json"):
-        wait_for_model_files(_config(tmp_path, 0), threading.Event())
+def _wait(cfg: Config, stop: threading.Event, poll_s: float = 0.05) -> Config | None:
+    with models_awaited(cfg, stop, poll_s) as started:
+        return started
 
 
-def test_waiting_it_is_alive_and_not_ready_and_starts_once_a_version_is_complete(trained, tmp_path):
+def test_without_a_wait_the_config_is_handed_on_as_it_is(tmp_path):
+    cfg = _config(tmp_path, 0)
+    assert _wait(cfg, threading.Event()) is cfg  # the daemon then names what is missing (exit 2)
+
+
+def test_waiting_it_is_alive_and_not_ready_until_a_version_loads_and_the_daemon_is_built(trained, tmp_path):
     port = _free_port()
     cfg = _config(tmp_path, 60, port)
     result: list = []
-    waiter = threading.Thread(target=lambda: result.append(wait_for_model_files(cfg, threading.Event(), 0.05)))
+    built = threading.Event()
+
+    def run() -> None:
+        with models_awaited(cfg, threading.Event(), 0.05) as started:
+            result.append(started)
+            built.wait(30)  # the daemon's construction (its models' load): the port still answers
+
+    waiter = threading.Thread(target=run)
     waiter.start()
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -61,25 +73,39 @@ def test_waiting_it_is_alive_and_not_ready_and_starts_once_a_version_is_complete
     assert _get(base + "/healthz")[0] == 200 and _get(base + "/readyz")[0] == 503
     metrics = _get(base + "/metrics")[1]
     assert "anomalyd_up 1.0" in metrics and "anomalyd_ready 0.0" in metrics
-    # a version copied in by hand: model.json first, the weights later; not complete until both are there
+    # a version copied in by hand: model.json first, then the weights, written a part at a time
     done = ModelStore(tmp_path / "staging").save("gru", trained["gru"], version="v1")
-    partial = tmp_path / "models" / "gru" / "v1"
-    partial.mkdir(parents=True)
-    shutil.copy(done / "model.json", partial / "model.json")
+    copy = tmp_path / "models" / "gru" / "v1"
+    copy.mkdir(parents=True)
+    shutil.copy(done / "model.json", copy / "model.json")
+    weights = (done / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     time.sleep(0.3)
-    assert waiter.is_alive() and not result
-    shutil.copy(done / "model.safetensors", partial / "model.safetensors")
+    assert not result  # not a version that loads yet
+    (copy / "model.safetensors").write_bytes(weights)
+    deadline = time.monotonic() + 30
+    while not result and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert result and result[0].http.port == port and result[0].models == cfg.models
+    assert _get(base + "/healthz")[0] == 200  # still answering while the daemon is built
+    built.set()
     waiter.join(30)
-    assert result == [True]
-    with pytest.raises(OSError):  # the port is free again for the daemon's own server
+    with pytest.raises(OSError):  # then free for the daemon's own server
         _get(base + "/healthz")
+
+
+def test_with_port_0_the_daemon_gets_the_port_the_wait_had(trained, tmp_path):
+    cfg = _config(tmp_path, 60, 0)
+    threading.Timer(0.3, lambda: ModelStore(tmp_path / "models").save("gru", trained["gru"])).start()
+    started = _wait(cfg, threading.Event())
+    assert started is not None and started.http.port > 0
 
 
 def test_a_stop_ends_the_wait_and_an_elapsed_wait_is_the_config_error(tmp_path):
     stop = threading.Event()
     threading.Timer(0.2, stop.set).start()
-    assert wait_for_model_files(_config(tmp_path, 60), stop, 0.05) is False
+    assert _wait(_config(tmp_path, 60), stop) is None
     started = time.monotonic()
     with pytest.raises(ConfigError, match="model 'gru'"):
-        wait_for_model_files(_config(tmp_path, 0.3), threading.Event(), 0.05)
+        _wait(_config(tmp_path, 0.3), threading.Event())
     assert time.monotonic() - started >= 0.3

@@ -67,6 +67,9 @@ protocol would not use fail the install (the daemon would otherwise connect with
 {{- end }}
 {{- end }}
 {{- $cfg := deepCopy .Values.config }}
+{{- if and (eq .Values.models.source "image") $cfg.models }}{{/* models baked into the image cannot appear later */}}
+{{- $_ := set $cfg.models "wait_for_models_s" 0 }}
+{{- end }}
 {{- if $cfg.kafka.topic_pattern }}{{/* a pattern replaces the chart's default topics (the daemon refuses both) */}}
 {{- $_ := unset $cfg.kafka "topics" }}
 {{- end }}
