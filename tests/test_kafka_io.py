@@ -84,7 +84,7 @@ def test_waiting_for_a_broker_ends_on_a_connection_a_stop_or_the_deadline() -> N
     import threading
 
     from pipelines.kafka_local import free_port
-    from pipelines.kafka_security import KafkaBootstrapError, _host_port, wait_for_a_broker
+    from pipelines.kafka_security import KafkaBootstrapError, host_port, wait_for_a_broker
 
     closed = f"127.0.0.1:{free_port()}"
     stop = threading.Event()
@@ -97,10 +97,10 @@ def test_waiting_for_a_broker_ends_on_a_connection_a_stop_or_the_deadline() -> N
         listening.listen()
         port = listening.getsockname()[1]
         assert wait_for_a_broker(f"{closed}, 127.0.0.1:{port}", threading.Event(), timeout_s=120) is True
-    assert _host_port("SASL_SSL://[::1]:9093") == ("::1", 9093) and _host_port("kafka") == ("kafka", 9092)
-    assert _host_port("::1") == ("::1", 9092) and _host_port(" 2001:db8::1") == ("2001:db8::1", 9092)  # bare IPv6
+    assert host_port("SASL_SSL://[::1]:9093") == ("::1", 9093) and host_port("kafka") == ("kafka", 9092)
+    assert host_port("::1") == ("::1", 9092) and host_port(" 2001:db8::1") == ("2001:db8::1", 9092)  # bare IPv6
     with pytest.raises(ValueError, match="kafka.bootstrap_servers: cannot read 'h:x' as host:port"):
-        _host_port("h:x")
+        host_port("h:x")
 
 
 def test_messages_not_acknowledged_in_time_are_pending_and_kept_for_the_next_flush() -> None:
