@@ -30,10 +30,10 @@ log = logging.getLogger("anomalyd")
 _LOG_EVERY_S = 60.0
 
 
-def _missing(cfg: Config) -> ConfigError | None:
+def _missing(cfg: Config, load: bool) -> ConfigError | None:
     """What keeps the daemon from loading its models: no version directory with a model.json, a version without
-    its weights yet, or one that does not load (its weights still being written); None when every served model's
-    version loads."""
+    its weights yet, or (``load``) none of a model's versions loads (its weights still being written, say); None
+    when every served model has a version (that loads)."""
     try:
         check_model_files(cfg)
     except ConfigError as exc:
@@ -43,10 +43,27 @@ def _missing(cfg: Config) -> ConfigError | None:
     for i, served in enumerate(cfg.models.served):
         key = f"models.served[{i}]"
         try:
-            store.load(served.name, served.version, fallback=True)  # on the CPU: only to see that it loads
+            versions = [store.resolve(served.name, served.version)]
+            if load and served.version is None:  # newest first, as the daemon falls back at start
+                versions = store.versions(served.name)[::-1]
+            if load:
+                _loads(store, served.name, versions)
         except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
             errors.append(f"{cfg.where(key)}: {key}: model {served.name!r}: {exc}")
     return ConfigError(errors) if errors else None
+
+
+def _loads(store: ModelStore, name: str, versions: list[str]) -> None:
+    """Load (on the CPU) the first of ``versions`` that loads; raise the first one's error when none does."""
+    first: Exception | None = None
+    for version in versions:
+        try:
+            store.load(name, version)
+            return
+        except (OSError, ValueError) as exc:
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 @contextmanager
@@ -57,7 +74,8 @@ def models_awaited(cfg: Config, stop: threading.Event, poll_s: float = 2.0) -> I
     :class:`pipelines.httpserver.BindError` when the HTTP port cannot be had. A waiting server answers until the
     body (building the daemon, loading its models) is done; with ``http.port`` 0 the config yielded names the
     port it had, for the daemon's server."""
-    missing = _missing(cfg) if cfg.models.wait_for_models_s > 0 else None
+    # at once: the files only (the daemon loads them); once it has waited, a version must load (a copy in progress)
+    missing = _missing(cfg, load=False) if cfg.models.wait_for_models_s > 0 else None
     if missing is None:
         yield cfg
         return
@@ -86,7 +104,7 @@ def _wait(cfg: Config, missing: ConfigError, stop: threading.Event, poll_s: floa
                         deadline - now, "; ".join(missing.errors))
         if stop.wait(min(poll_s, deadline - now)):
             return False
-        found = _missing(cfg)
+        found = _missing(cfg, load=True)
         if found is None:
             log.info("models found under %s: starting", cfg.models.dir)
             return True

@@ -353,9 +353,10 @@ def test_replicas_need_a_models_claim_every_node_can_mount(helm: str) -> None:
     proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set", "replicaCount=2"])
     assert proc.returncode != 0 and "replicaCount=2 with a ReadWriteOnce models claim" in proc.stderr, proc.stderr
     term = "affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0]"
-    one_node = [f"{term}.topologyKey=kubernetes.io/hostname",
-                f"{term}.labelSelector.matchLabels.app\\.kubernetes\\.io/name=anomalyd"]
-    for loose in ([f"{term}.topologyKey=topology.kubernetes.io/zone", one_node[1]], one_node[:1],
+    labels = f"{term}.labelSelector.matchLabels.app\\.kubernetes\\.io"
+    one_node = [f"{term}.topologyKey=kubernetes.io/hostname", f"{labels}/name=anomalyd", f"{labels}/instance=rel"]
+    for loose in ([f"{term}.topologyKey=topology.kubernetes.io/zone", *one_node[1:]], one_node[:1],
+                  [*one_node[:1], f"{labels}/name=redis", one_node[2]], [*one_node, f"{term}.namespaces[0]=other"],
                   ["affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight=1"]):
         proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set",
                      "replicaCount=2", *[a for s in loose for a in ("--set", s)]])
@@ -364,6 +365,11 @@ def test_replicas_need_a_models_claim_every_node_can_mount(helm: str) -> None:
                ["models.source=image"], one_node):
         deployment = _by_kind(_render(helm, "--set", "replicaCount=2", *[a for s in ok for a in ("--set", s)]))
         assert deployment["Deployment"]["spec"]["replicas"] == 2
+
+
+def test_a_null_pod_affinity_renders(helm: str, tmp_path: Path) -> None:
+    (tmp_path / "v.yaml").write_text("affinity:\n  podAffinity:\n")  # a placeholder left empty
+    assert _by_kind(_render(helm, "-f", str(tmp_path / "v.yaml")))["PersistentVolumeClaim"]
 
 
 def test_the_pod_waits_for_models_in_a_claim_but_not_for_models_in_the_image(helm: str, tmp_path: Path) -> None:

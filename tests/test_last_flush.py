@@ -128,12 +128,11 @@ def test_a_revoke_delivers_what_a_failed_micro_batch_kept_and_commits_the_handov
 
 
 @pytest.mark.parametrize(("client", "budget"), [("kafka-python", 2.0), ("confluent", 10.0)])
-def test_under_kafka_python_a_revoke_and_the_flush_it_waits_for_fit_in_the_session(trained, tmp_path, client,
-                                                                                    budget):
+def test_under_kafka_python_a_revokes_own_flush_takes_a_third_of_the_session(trained, tmp_path, client, budget):
     """kafka-python runs the revoke listener on its IO thread, where it holds back the heartbeats: a revoke longer
     than kafka.session_timeout_ms got the member expelled and its revoke commit refused (the handover lost). Its own
-    flush takes a third of the session; the micro-batch in flight, which it waits for first, keeps its 10 s (a
-    shorter delivery failed every post of an Alertmanager slower than that, for ever)."""
+    flush takes a third of the session. The micro-batch in flight, which it waits for first, keeps its 10 s (a
+    shorter delivery failed every post of an Alertmanager slower than that, for ever): the README says so."""
     daemon = _gru_daemon(trained, tmp_path, kafka={"client": client, "session_timeout_ms": 6000,
                                                    "heartbeat_interval_ms": 1000},
                          processing={"score_in_background": True, "max_delay_ms": 0}, alerts={"k": 1, "n": 1})
