@@ -17,6 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry
+from safetensors import safe_open
+
+from detector.checkpoint import WEIGHTS_FILE
 
 from .config import Config, ConfigError, check_model_files
 from .httpserver import HealthServer
@@ -32,8 +35,8 @@ _LOG_EVERY_S = 60.0
 
 def _missing(cfg: Config, load: bool) -> ConfigError | None:
     """What keeps the daemon from loading its models: no version directory with a model.json, a version without
-    its weights yet, or (``load``) none of a model's versions loads (its weights still being written, say); None
-    when every served model has a version (that loads)."""
+    its weights yet, or none of a model's versions whose weights file is whole (its header read; ``load``: the
+    version loads), as when the weights are still being written; None when every served model has one."""
     try:
         check_model_files(cfg)
     except ConfigError as exc:
@@ -44,26 +47,33 @@ def _missing(cfg: Config, load: bool) -> ConfigError | None:
         key = f"models.served[{i}]"
         try:
             versions = [store.resolve(served.name, served.version)]
-            if load and served.version is None:  # newest first, as the daemon falls back at start
+            if served.version is None:  # newest first, as the daemon falls back at start
                 versions = store.versions(served.name)[::-1]
-            if load:
-                _loads(store, served.name, versions)
+            _usable(store, served.name, versions, load)
         except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
             errors.append(f"{cfg.where(key)}: {key}: model {served.name!r}: {exc}")
     return ConfigError(errors) if errors else None
 
 
-def _loads(store: ModelStore, name: str, versions: list[str]) -> None:
-    """Load (on the CPU) the first of ``versions`` that loads; raise the first one's error when none does."""
+def _usable(store: ModelStore, name: str, versions: list[str], load: bool) -> None:
+    """Return at the first of ``versions`` whose weights file is whole (``load``: that loads, on the CPU); raise
+    the first one's error when none is."""
     first: Exception | None = None
     for version in versions:
         try:
-            store.load(name, version)
+            if load:
+                store.load(name, version)
+            else:  # the header and the length it promises: a file still being written falls short
+                path = store.root / name / version / WEIGHTS_FILE
+                try:
+                    with safe_open(str(path), "pt"):
+                        pass
+                except Exception as exc:  # safetensors' SafetensorError: neither an OSError nor a ValueError
+                    raise ValueError(f"{path}: {exc}") from exc
             return
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
             first = first or exc
-    if first is not None:
-        raise first
+    raise first or FileNotFoundError(f"model {name!r} has no versions under {store.root / name}")
 
 
 @contextmanager
@@ -74,7 +84,7 @@ def models_awaited(cfg: Config, stop: threading.Event, poll_s: float = 2.0) -> I
     :class:`pipelines.httpserver.BindError` when the HTTP port cannot be had. A waiting server answers until the
     body (building the daemon, loading its models) is done; with ``http.port`` 0 the config yielded names the
     port it had, for the daemon's server."""
-    # at once: the files only (the daemon loads them); once it has waited, a version must load (a copy in progress)
+    # at once: whole files (the daemon then loads them); once it has waited, a version must load
     missing = _missing(cfg, load=False) if cfg.models.wait_for_models_s > 0 else None
     if missing is None:
         yield cfg

@@ -357,6 +357,7 @@ def test_replicas_need_a_models_claim_every_node_can_mount(helm: str) -> None:
     one_node = [f"{term}.topologyKey=kubernetes.io/hostname", f"{labels}/name=anomalyd", f"{labels}/instance=rel"]
     for loose in ([f"{term}.topologyKey=topology.kubernetes.io/zone", *one_node[1:]], one_node[:1],
                   [*one_node[:1], f"{labels}/name=redis", one_node[2]], [*one_node, f"{term}.namespaces[0]=other"],
+                  [*one_node, f"{term}.matchLabelKeys[0]=pod-template-hash"],
                   ["affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight=1"]):
         proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set",
                      "replicaCount=2", *[a for s in loose for a in ("--set", s)]])
@@ -365,6 +366,21 @@ def test_replicas_need_a_models_claim_every_node_can_mount(helm: str) -> None:
                ["models.source=image"], one_node):
         deployment = _by_kind(_render(helm, "--set", "replicaCount=2", *[a for s in ok for a in ("--set", s)]))
         assert deployment["Deployment"]["spec"]["replicas"] == 2
+
+
+def test_an_empty_namespace_selector_is_every_namespace(helm: str, tmp_path: Path) -> None:
+    """``namespaceSelector: {}`` selects pods in every namespace: a same-named release elsewhere, on another node."""
+    ours = {"app.kubernetes.io/name": "anomalyd", "app.kubernetes.io/instance": "rel"}
+    term = {"topologyKey": "kubernetes.io/hostname", "namespaceSelector": {}, "labelSelector": {"matchLabels": ours}}
+    values = {"replicaCount": 2,
+              "affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}}
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump(values))
+    proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION,
+                 "-f", str(tmp_path / "v.yaml")])
+    assert proc.returncode != 0 and "ReadWriteOnce models claim" in proc.stderr, proc.stderr
+    del term["namespaceSelector"]
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump(values))
+    assert _by_kind(_render(helm, "-f", str(tmp_path / "v.yaml")))["Deployment"]["spec"]["replicas"] == 2
 
 
 def test_a_null_pod_affinity_renders(helm: str, tmp_path: Path) -> None:

@@ -109,3 +109,34 @@ def test_a_stop_ends_the_wait_and_an_elapsed_wait_is_the_config_error(tmp_path):
     with pytest.raises(ConfigError, match="model 'gru'"):
         _wait(_config(tmp_path, 0.3), threading.Event())
     assert time.monotonic() - started >= 0.3
+
+
+def test_a_version_still_being_copied_at_start_is_waited_for_not_a_crash(trained, tmp_path):
+    """Both files there at start, the weights half written: the daemon failed to load it (exit 2, a crash loop)."""
+    done = ModelStore(tmp_path / "staging").save("gru", trained["gru"], version="v1")
+    copy = tmp_path / "models" / "gru" / "v1"
+    copy.mkdir(parents=True)
+    shutil.copy(done / "model.json", copy / "model.json")
+    weights = (done / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    threading.Timer(0.5, lambda: (copy / "model.safetensors").write_bytes(weights)).start()
+    started = time.monotonic()
+    assert _wait(_config(tmp_path, 60), threading.Event()) is not None
+    assert time.monotonic() - started >= 0.4  # it waited for the copy
+
+
+def test_a_newest_version_that_does_not_load_gives_way_to_an_older_one_quietly(trained, tmp_path, caplog):
+    """As the daemon falls back at start; the wait logged an error per poll for it."""
+    store = ModelStore(tmp_path / "models")
+    store.save("gru", trained["gru"], version="v1")
+    bad = store.save("gru", trained["gru"], version="v2")
+    (bad / "model.safetensors").write_bytes(b"broken")
+    (tmp_path / "models" / "other").mkdir()  # a second served model, missing at first: the wait goes on
+    cfg = Config.from_dict({"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}, {"name": "other"}],
+                                       "wait_for_models_s": 60},
+                            "routes": [{"match": "*", "models": ["gru", "other"]}],
+                            "http": {"bind": "127.0.0.1", "port": 0}})
+    threading.Timer(0.5, lambda: store.save("other", trained["gru"], version="v1")).start()
+    with caplog.at_level("INFO", logger="anomalyd"):
+        assert _wait(cfg, threading.Event()) is not None
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
