@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,18 @@ def _wait(cfg: Config, stop: threading.Event, poll_s: float = 0.05) -> Config | 
         return started
 
 
+def _half_copied(trained, tmp_path) -> tuple[Path, bytes]:
+    """Version v1 of model gru copied in by hand, model.json first: its weights written half so far. Returns the
+    version's directory and the whole weights."""
+    done = ModelStore(tmp_path / "staging").save("gru", trained["gru"], version="v1")
+    copy = tmp_path / "models" / "gru" / "v1"
+    copy.mkdir(parents=True)
+    shutil.copy(done / "model.json", copy / "model.json")
+    weights = (done / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    return copy, weights
+
+
 def test_without_a_wait_the_config_is_handed_on_as_it_is(tmp_path):
     cfg = _config(tmp_path, 0)
     assert _wait(cfg, threading.Event()) is cfg  # the daemon then names what is missing (exit 2)
@@ -74,12 +87,7 @@ def test_waiting_it_is_alive_and_not_ready_until_a_version_loads_and_the_daemon_
     metrics = _get(base + "/metrics")[1]
     assert "anomalyd_up 1.0" in metrics and "anomalyd_ready 0.0" in metrics
     # a version copied in by hand: model.json first, then the weights, written a part at a time
-    done = ModelStore(tmp_path / "staging").save("gru", trained["gru"], version="v1")
-    copy = tmp_path / "models" / "gru" / "v1"
-    copy.mkdir(parents=True)
-    shutil.copy(done / "model.json", copy / "model.json")
-    weights = (done / "model.safetensors").read_bytes()
-    (copy / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    copy, weights = _half_copied(trained, tmp_path)
     time.sleep(0.3)
     assert not result  # not a version that loads yet
     (copy / "model.safetensors").write_bytes(weights)
@@ -113,12 +121,7 @@ def test_a_stop_ends_the_wait_and_an_elapsed_wait_is_the_config_error(tmp_path):
 
 def test_a_version_still_being_copied_at_start_is_waited_for_not_a_crash(trained, tmp_path):
     """Both files there at start, the weights half written: the daemon failed to load it (exit 2, a crash loop)."""
-    done = ModelStore(tmp_path / "staging").save("gru", trained["gru"], version="v1")
-    copy = tmp_path / "models" / "gru" / "v1"
-    copy.mkdir(parents=True)
-    shutil.copy(done / "model.json", copy / "model.json")
-    weights = (done / "model.safetensors").read_bytes()
-    (copy / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    copy, weights = _half_copied(trained, tmp_path)
     threading.Timer(0.5, lambda: (copy / "model.safetensors").write_bytes(weights)).start()
     started = time.monotonic()
     assert _wait(_config(tmp_path, 60), threading.Event()) is not None
