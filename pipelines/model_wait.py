@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from prometheus_client import CollectorRegistry
 from safetensors import safe_open
 
-from detector.checkpoint import WEIGHTS_FILE
+from detector.checkpoint import WEIGHTS_FILE, read_metadata
 
 from .config import Config, ConfigError, check_model_files
 from .httpserver import HealthServer
@@ -35,8 +35,10 @@ _LOG_EVERY_S = 60.0
 
 def _missing(cfg: Config, load: bool) -> ConfigError | None:
     """What keeps the daemon from loading its models: no version directory with a model.json, a version without
-    its weights yet, or none of a model's versions whose weights file is whole (its header read; ``load``: the
-    version loads), as when the weights are still being written; None when every served model has one."""
+    its weights yet, or none of a model's versions whose files are whole (model.json read, the weights' header and
+    length; ``load``: the version loads), as when they are still being written; None when every served model has
+    one. At start (not ``load``) a version whose files are whole but whose model does not load (wrong shapes, NaN
+    weights) passes: the daemon then names it (exit 2)."""
     try:
         check_model_files(cfg)
     except ConfigError as exc:
@@ -63,7 +65,8 @@ def _usable(store: ModelStore, name: str, versions: list[str], load: bool) -> No
         try:
             if load:
                 store.load(name, version)
-            else:  # the header and the length it promises: a file still being written falls short
+            else:  # model.json whole, and the weights' header and the length it promises (a copy in progress)
+                read_metadata(store.root / name / version)
                 path = store.root / name / version / WEIGHTS_FILE
                 try:
                     with safe_open(str(path), "pt"):
@@ -78,8 +81,9 @@ def _usable(store: ModelStore, name: str, versions: list[str], load: bool) -> No
 
 @contextmanager
 def models_awaited(cfg: Config, stop: threading.Event, poll_s: float = 2.0) -> Iterator[Config | None]:
-    """Yields the config to build the daemon with once every served model has a version that loads (at once when
-    they have, or when ``models.wait_for_models_s`` is 0: the daemon then names what is missing), None when
+    """Yields the config to build the daemon with once every served model has a whole version (one that loads,
+    once it has waited; at once when they have, or when ``models.wait_for_models_s`` is 0: the daemon then names
+    what is missing or does not load), None when
     ``stop`` is set first. Raises :class:`ConfigError` naming what is missing once the wait has passed, and
     :class:`pipelines.httpserver.BindError` when the HTTP port cannot be had. A waiting server answers until the
     body (building the daemon, loading its models) is done; with ``http.port`` 0 the config yielded names the

@@ -119,10 +119,15 @@ def test_a_stop_ends_the_wait_and_an_elapsed_wait_is_the_config_error(tmp_path):
     assert time.monotonic() - started >= 0.3
 
 
-def test_a_version_still_being_copied_at_start_is_waited_for_not_a_crash(trained, tmp_path):
-    """Both files there at start, the weights half written: the daemon failed to load it (exit 2, a crash loop)."""
+@pytest.mark.parametrize("half", ["model.safetensors", "model.json"])
+def test_a_version_still_being_copied_at_start_is_waited_for_not_a_crash(trained, tmp_path, half):
+    """Both files there at start, one half written (cp -r copies in listing order): the daemon failed to load it
+    (exit 2, a crash loop)."""
     copy, weights = _half_copied(trained, tmp_path)
-    threading.Timer(0.5, lambda: (copy / "model.safetensors").write_bytes(weights)).start()
+    whole = {"model.safetensors": weights, "model.json": (copy / "model.json").read_bytes()}
+    (copy / "model.safetensors").write_bytes(weights)
+    (copy / half).write_bytes(whole[half][: len(whole[half]) // 2])
+    threading.Timer(0.5, lambda: (copy / half).write_bytes(whole[half])).start()
     started = time.monotonic()
     assert _wait(_config(tmp_path, 60), threading.Event()) is not None
     assert time.monotonic() - started >= 0.4  # it waited for the copy
