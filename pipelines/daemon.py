@@ -68,10 +68,8 @@ class Daemon(DeliveryStage):
         # A revoke's last flush: kafka-python runs its rebalance listener on its IO thread, which sends no heartbeat
         # meanwhile, so the listener's own flush and commit take at most a third of the session (the micro-batch in
         # flight, which it waits for first, keeps its 10 s: a shorter delivery failed every post of a slow sink).
-        k = cfg.kafka
-        self._revoke_s = min(10.0, cfg.shutdown.grace_period_s)
-        if k.client == "kafka-python":
-            self._revoke_s = min(self._revoke_s, k.session_timeout_ms / 3000)
+        third = cfg.kafka.session_timeout_ms / 3000 if cfg.kafka.client == "kafka-python" else 10.0
+        self._revoke_s = min(10.0, cfg.shutdown.grace_period_s, third)
         self.scoring_threads = ScoringThreads.configure(  # the adaptive intra-op thread count; None: fixed
             self.engine.device, cfg.processing.model_threads, cfg.processing.score_in_background,
             self.metrics.inference_threads.set)
