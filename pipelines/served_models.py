@@ -69,6 +69,8 @@ class ServedModels:
             if self._refused and self._refused == self._fingerprint(newest) and not forced:
                 return None
             if not (forced or any(newest[n] != lm.version for n, lm in self.loaded.items())):
+                self._refused = {}  # the refused version is gone: the newest is the one served
+                self._count_refused()
                 return None
             loaded = self.read()
             self._check_same_features(loaded)
@@ -80,6 +82,7 @@ class ServedModels:
             why = "; ".join(exc.errors) if isinstance(exc, ConfigError) else exc  # one line, not a config report
             log.error("model reload failed, still serving %s (tried again on SIGHUP or a newer version): %s",
                       self.versions(), why)
+            self._count_refused()
             return None
 
     def _fingerprint(self, versions: dict[str, str]) -> dict:
@@ -116,7 +119,19 @@ class ServedModels:
         except (OSError, ValueError, RuntimeError) as exc:
             self.metrics.model_reload_failures.inc()
             log.error("model reload failed while installing, still serving %s: %s", self.versions(), exc)
+            self._count_refused()
             return None
+
+    def _count_refused(self) -> None:
+        """``anomalyd_model_versions_refused``: served models whose newest version is not the one served (it did not
+        load, at start or in a reload), a lasting signal where the failures counter moves once."""
+        behind = 0
+        for s in self.cfg.models.served:
+            try:
+                behind += self.store.resolve(s.name, s.version) != self.loaded[s.name].version
+            except (OSError, KeyError):  # the versions went away: what is served is all there is
+                pass
+        self.metrics.model_versions_refused.set(behind)
 
     def versions(self) -> dict[str, str]:
         return {n: lm.version for n, lm in self.loaded.items()}
@@ -142,4 +157,5 @@ class ServedModels:
             self.metrics.set_threshold(name, 1.0)
         for route in routes:
             self.metrics.init_route(route.spec.label)
+        self._count_refused()  # at start, the newest of a model may have given way to an older one
         return routes

@@ -197,7 +197,7 @@ def test_metric_names_follow_conventions(reg: CollectorRegistry) -> None:
     unitless = {"anomalyd_inference_batch_size", "anomalyd_anomaly_score"}  # counts and ratios
     types = dict(line.split()[2:4] for line in generate_latest(reg).decode().splitlines()
                  if line.startswith("# TYPE anomalyd_") and not line.split()[2].endswith("_created"))
-    assert len(types) == 32
+    assert len(types) == 33
     for name, kind in types.items():
         assert kind != "counter" or name.endswith("_total"), name
         assert kind != "histogram" or name.endswith("_seconds") or name in unitless, name

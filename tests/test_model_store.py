@@ -63,15 +63,17 @@ def test_a_model_version_that_fails_to_load_leaves_the_old_one_served(trained, t
     (new / "model.safetensors").write_bytes((old / "model.safetensors").read_bytes()[:100])  # still being copied
     daemon.request_reload()  # SIGHUP
     daemon._maybe_reload()
+    refused = lambda: daemon.registry.get_sample_value("anomalyd_model_versions_refused")  # noqa: E731
     assert daemon.models.loaded["gru"].version == "v1" and daemon.routes[0].version == "v1"
-    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 1
+    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 1 and refused() == 1
     daemon._last_reload_check -= 3600  # the watch interval passed: the same files are not tried (and counted) again
     daemon._maybe_reload()
     assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 1
+    assert refused() == 1  # the counter moved once; the gauge stays up while v2 is refused
     shutil.copy(old / "model.safetensors", new / "model.safetensors")  # the copy completes: tried at the next check
     daemon._last_reload_check -= 3600
     daemon._maybe_reload()
-    assert daemon.models.loaded["gru"].version == "v2" and daemon.routes[0].version == "v2"
+    assert daemon.models.loaded["gru"].version == "v2" and daemon.routes[0].version == "v2" and refused() == 0
     # a version with other features: every message would be dead-lettered; a reload refuses it (a restart serves it)
     import copy
 
@@ -81,7 +83,11 @@ def test_a_model_version_that_fails_to_load_leaves_the_old_one_served(trained, t
     daemon.request_reload()
     daemon._maybe_reload()
     assert daemon.models.loaded["gru"].version == "v2"
-    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 2
+    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 2 and refused() == 1
+    shutil.rmtree(tmp_path / "models" / "gru" / "v3")  # taken away: v2 is the newest again
+    daemon._last_reload_check -= 3600
+    daemon._maybe_reload()
+    assert daemon.models.loaded["gru"].version == "v2" and refused() == 0
     # a swap that fails (CUDA out of memory while both versions are on the device) leaves v2 served, counted
     store.save("gru", trained["gru"], version="v4")
 
@@ -115,6 +121,7 @@ def test_a_daemon_starts_on_the_newest_version_that_loads(trained, tmp_path, cap
     daemon = Daemon(load_config(tmp_path / "c.yaml"))
     assert daemon.models.loaded["gru"].version == "v1"
     assert "model gru version v2 does not load" in caplog.text
+    assert daemon.registry.get_sample_value("anomalyd_model_versions_refused") == 1
     cfg["models"]["served"] = [{"name": "gru", "version": "v2"}]
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match="safetensors"):
