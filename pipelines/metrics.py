@@ -25,7 +25,7 @@ labels except on the opt-in, K-bounded ``anomalyd_top_stream_score``. Outcomes: 
 | `anomalyd_assigned_partitions` | gauge | - | partitions currently assigned to this consumer |
 | `anomalyd_rebalances_total` | counter | - | consumer-group rebalances (assignments) seen |
 | `anomalyd_model_reload_failures_total` | counter | - | new model versions that failed to load (old ones kept) |
-| `anomalyd_model_versions_refused` | gauge | - | served models not on their newest version (it does not load) |
+| `anomalyd_model_versions_refused` | gauge | - | served models not on their newest version (not loaded, or refused) |
 | `anomalyd_inference_threads` | gauge | - | intra-op threads of CPU inference (adaptive unless fixed) |
 | `anomalyd_sink_flush_seconds` | histogram | sink | latency of one sink flush that had alerts to deliver (or failed) |
 | `anomalyd_sink_failures_total` | counter | sink | failed sink flushes |

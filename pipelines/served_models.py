@@ -33,6 +33,7 @@ class ServedModels:
         self.loaded: dict[str, LoadedModel] = {}
         self.routes: list[RouteState] = []
         self._refused: dict = {}  # _fingerprint of the versions a reload failed on: not read again until it changes
+        self._wanted: dict[str, str] = {}  # the newest versions as the last read found them
         if not self.router.routes:
             log.warning("no routes and no default_models: every event is counted unrouted, nothing is scored")
 
@@ -40,6 +41,12 @@ class ServedModels:
         """The served models, loaded and checked against their routes; raises before anything is swapped.
         ``fallback`` (at start): a newest version that does not load gives way to the newest older one that does."""
         dev = str(self.engine.device)
+        self._wanted = {}
+        for s in self.cfg.models.served:
+            try:
+                self._wanted[s.name] = self.store.resolve(s.name, s.version)
+            except OSError:
+                pass
         loaded = {}
         for i, s in enumerate(self.cfg.models.served):
             try:
@@ -70,7 +77,7 @@ class ServedModels:
                 return None
             if not (forced or any(newest[n] != lm.version for n, lm in self.loaded.items())):
                 self._refused = {}  # the refused version is gone: the newest is the one served
-                self._count_refused()
+                self.metrics.model_versions_refused.set(0)
                 return None
             loaded = self.read()
             self._check_same_features(loaded)
@@ -82,7 +89,7 @@ class ServedModels:
             why = "; ".join(exc.errors) if isinstance(exc, ConfigError) else exc  # one line, not a config report
             log.error("model reload failed, still serving %s (tried again on SIGHUP or a newer version): %s",
                       self.versions(), why)
-            self._count_refused()
+            self._count_refused(newest)
             return None
 
     def _fingerprint(self, versions: dict[str, str]) -> dict:
@@ -119,18 +126,14 @@ class ServedModels:
         except (OSError, ValueError, RuntimeError) as exc:
             self.metrics.model_reload_failures.inc()
             log.error("model reload failed while installing, still serving %s: %s", self.versions(), exc)
-            self._count_refused()
+            self._count_refused(self._wanted)
             return None
 
-    def _count_refused(self) -> None:
-        """``anomalyd_model_versions_refused``: served models whose newest version is not the one served (it did not
-        load, at start or in a reload), a lasting signal where the failures counter moves once."""
-        behind = 0
-        for s in self.cfg.models.served:
-            try:
-                behind += self.store.resolve(s.name, s.version) != self.loaded[s.name].version
-            except (OSError, KeyError):  # the versions went away: what is served is all there is
-                pass
+    def _count_refused(self, wanted: dict[str, str]) -> None:
+        """``anomalyd_model_versions_refused``: served models whose newest version (``wanted``, as the read or the
+        reload found it: one saved since is not refused yet) is not the one served, as it did not load or was refused
+        (other features); a lasting signal where the failures counter moves once."""
+        behind = sum(name in wanted and wanted[name] != lm.version for name, lm in self.loaded.items())
         self.metrics.model_versions_refused.set(behind)
 
     def versions(self) -> dict[str, str]:
@@ -157,5 +160,5 @@ class ServedModels:
             self.metrics.set_threshold(name, 1.0)
         for route in routes:
             self.metrics.init_route(route.spec.label)
-        self._count_refused()  # at start, the newest of a model may have given way to an older one
+        self._count_refused(self._wanted)  # at start, the newest of a model may have given way to an older one
         return routes

@@ -98,11 +98,21 @@ def test_a_model_version_that_fails_to_load_leaves_the_old_one_served(trained, t
     daemon.request_reload()
     daemon._maybe_reload()  # raised out of the loop: the daemon stopped
     assert daemon.models.loaded["gru"].version == "v2" and daemon.routes[0].version == "v2"
-    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 3
+    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 3 and refused() == 1
     daemon.engine.swap = real_swap
     daemon.request_reload()
     daemon._maybe_reload()
-    assert daemon.models.loaded["gru"].version == "v4" and daemon.routes[0].version == "v4"
+    assert daemon.models.loaded["gru"].version == "v4" and daemon.routes[0].version == "v4" and refused() == 0
+
+    def swap_while_training(models):  # a version saved while a reload swaps in v5: newer, not refused
+        store.save("gru", trained["gru"], version="v6")
+        real_swap(models)
+
+    store.save("gru", trained["gru"], version="v5")
+    daemon.engine.swap = swap_while_training
+    daemon.request_reload()
+    daemon._maybe_reload()
+    assert daemon.models.loaded["gru"].version == "v5" and refused() == 0
 
 
 def test_a_daemon_starts_on_the_newest_version_that_loads(trained, tmp_path, caplog):
