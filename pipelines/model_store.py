@@ -6,9 +6,11 @@ import logging
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from detector.autoencoder import AutoencoderDetector
 from detector.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
@@ -16,6 +18,8 @@ from detector.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_c
 __all__ = ["LoadedModel", "ModelStore", "new_version_name"]
 
 log = logging.getLogger("anomalyd")
+
+T = TypeVar("T")
 
 
 def _version_key(name: str) -> tuple:
@@ -86,16 +90,23 @@ class ModelStore:
         """The version (newest unless pinned). ``fallback``: when the newest fails to load, the newest older one
         that does, each failure logged (a daemon that starts serves the last good model instead of failing until
         someone removes the bad one); the newest's error when none loads."""
+        v, detector = self.first_usable(name, version, fallback, lambda path: load_checkpoint(path, device=device))
+        return LoadedModel(name, v, self.root / name / v, detector)
+
+    def first_usable(self, name: str, version: str | None, fallback: bool, use: Callable[[Path], T],
+                     say: bool = True) -> tuple[str, T]:
+        """(version, ``use`` of its directory) for the version (newest unless pinned); ``fallback``: when ``use``
+        fails on the newest (OSError, ValueError), the newest older one it does not fail on, each failure logged
+        unless not ``say``; the newest's error when it fails on all."""
         v = self.resolve(name, version)
         candidates = [v] if version is not None or not fallback else self.versions(name)[::-1]  # newest first
         first_error: Exception | None = None
         for i, cand in enumerate(candidates):
             try:
-                path = self.root / name / cand
-                return LoadedModel(name, cand, path, load_checkpoint(path, device=device))
+                return cand, use(self.root / name / cand)
             except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
                 first_error = first_error or exc
-                if i + 1 < len(candidates):
+                if say and i + 1 < len(candidates):
                     log.error("model %s version %s does not load (%s); trying version %s", name, cand, exc,
                               candidates[i + 1])
         assert first_error is not None

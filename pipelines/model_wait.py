@@ -15,11 +15,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from safetensors import safe_open
 
-from detector.checkpoint import WEIGHTS_FILE, read_metadata
+from detector.checkpoint import WEIGHTS_FILE, load_checkpoint, read_metadata
 
 from .config import Config, ConfigError, check_model_files
 from .httpserver import HealthServer
@@ -47,36 +48,22 @@ def _missing(cfg: Config, load: bool) -> ConfigError | None:
     errors = []
     for i, served in enumerate(cfg.models.served):
         key = f"models.served[{i}]"
-        try:
-            versions = [store.resolve(served.name, served.version)]
-            if served.version is None:  # newest first, as the daemon falls back at start
-                versions = store.versions(served.name)[::-1]
-            _usable(store, served.name, versions, load)
+        try:  # newest first, as the daemon falls back at start; on the CPU, quietly (every poll)
+            store.first_usable(served.name, served.version, True, load_checkpoint if load else _whole, say=False)
         except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
             errors.append(f"{cfg.where(key)}: {key}: model {served.name!r}: {exc}")
     return ConfigError(errors) if errors else None
 
 
-def _usable(store: ModelStore, name: str, versions: list[str], load: bool) -> None:
-    """Return at the first of ``versions`` whose weights file is whole (``load``: that loads, on the CPU); raise
-    the first one's error when none is."""
-    first: Exception | None = None
-    for version in versions:
-        try:
-            if load:
-                store.load(name, version)
-            else:  # model.json whole, and the weights' header and the length it promises (a copy in progress)
-                read_metadata(store.root / name / version)
-                path = store.root / name / version / WEIGHTS_FILE
-                try:
-                    with safe_open(str(path), "pt"):
-                        pass
-                except Exception as exc:  # safetensors' SafetensorError: neither an OSError nor a ValueError
-                    raise ValueError(f"{path}: {exc}") from exc
-            return
-        except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
-            first = first or exc
-    raise first or FileNotFoundError(f"model {name!r} has no versions under {store.root / name}")
+def _whole(version_dir: Path) -> None:
+    """model.json whole, and the weights' header and the length it promises (a copy in progress falls short)."""
+    read_metadata(version_dir)
+    path = version_dir / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except Exception as exc:  # safetensors' SafetensorError: neither an OSError nor a ValueError
+        raise ValueError(f"{path}: {exc}") from exc
 
 
 @contextmanager
