@@ -200,11 +200,10 @@ def _check_bind(cfg: Config) -> None:
 def _check_newest_versions(cfg: Config, daemon: Any) -> None:
     """``run`` starts on an older version when the newest does not load (logged); a check before a rollout is
     there to catch exactly that, so it is a problem here (ConfigError, exit 2)."""
-    errors = []
+    errors, behind = [], daemon.models.behind()
     for i, served in enumerate(cfg.models.served):
-        newest = daemon.models.store.resolve(served.name, served.version)
-        loaded = daemon.models.loaded[served.name].version
-        if loaded != newest:
+        if served.name in behind:
+            newest, loaded = behind[served.name]
             key = f"models.served[{i}]"
             errors.append(f"{cfg.where(key)}: {key}: model {served.name!r}: the newest version {newest} does not load "
                           f"(the error is logged above); `run` would serve version {loaded}: replace or remove "

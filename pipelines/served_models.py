@@ -129,12 +129,17 @@ class ServedModels:
             self._count_refused(self._wanted)
             return None
 
+    def behind(self, wanted: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
+        """Served models not on their newest version, as it did not load or was refused (other features): name ->
+        (newest, served), the newest as ``wanted`` says (default: as the last read found them; one saved since is
+        not refused yet)."""
+        wanted = self._wanted if wanted is None else wanted
+        return {name: (wanted[name], lm.version) for name, lm in self.loaded.items()
+                if name in wanted and wanted[name] != lm.version}
+
     def _count_refused(self, wanted: dict[str, str]) -> None:
-        """``anomalyd_model_versions_refused``: served models whose newest version (``wanted``, as the read or the
-        reload found it: one saved since is not refused yet) is not the one served, as it did not load or was refused
-        (other features); a lasting signal where the failures counter moves once."""
-        behind = sum(name in wanted and wanted[name] != lm.version for name, lm in self.loaded.items())
-        self.metrics.model_versions_refused.set(behind)
+        """``anomalyd_model_versions_refused``: a lasting signal where the failures counter moves once."""
+        self.metrics.model_versions_refused.set(len(self.behind(wanted)))
 
     def versions(self) -> dict[str, str]:
         return {n: lm.version for n, lm in self.loaded.items()}
