@@ -135,14 +135,14 @@ def test_promtool_check_and_unit_test_rules() -> None:
                 ["check", "config", "prometheus.yml"]):
         proc = _run([promtool, *cmd], cwd=DEPLOY / "prometheus")
         assert proc.returncode == 0, f"promtool {' '.join(cmd)}:\n{proc.stdout}{proc.stderr}"
-    assert "SUCCESS: 14 rules found" in _run([promtool, "check", "rules", str(RULES)]).stdout
+    assert "SUCCESS: 15 rules found" in _run([promtool, "check", "rules", str(RULES)]).stdout
 
 
 def test_alert_rules_cover_the_issue() -> None:
     rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
     for name in ("AnomalydDown", "AnomalydAbsent", "AnomalydNotReady", "AnomalydConsumerLagGrowing",
-                 "AnomalydDeadLetterRateHigh", "AnomalydNoEventsScored", "AnomalydInferenceLatencyHigh",
-                 "AnomalydOpenIncidents"):
+                 "AnomalydDeadLetterRateHigh", "AnomalydNoEventsScored", "AnomalydWindowsNeverFill",
+                 "AnomalydInferenceLatencyHigh", "AnomalydOpenIncidents"):
         assert rules[name]["labels"]["severity"] in {"critical", "warning", "info"}
         assert rules[name]["annotations"]["summary"] and rules[name]["annotations"]["description"]
 
