@@ -44,7 +44,7 @@ def _metric_names(expr: str) -> set[str]:
 
 def test_dashboard_and_rules_only_use_exposed_metrics() -> None:
     exposed = _exposed_names()
-    variables = {"datasource": "p", "model": ".*", "job": ".*", "instance": ".*"}
+    variables = {"datasource": "p", "model": ".*", "namespace": ".*", "job": ".*", "instance": ".*"}
     exprs = [e for _, e in dashboard_queries(DASHBOARD, variables)]
     exprs += [r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
     unknown = {n for e in exprs for n in _metric_names(e)} - exposed
@@ -79,7 +79,7 @@ def test_dashboard_structure() -> None:
             assert len({t["refId"] for t in p["targets"]}) == len(p["targets"]), p["title"]
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    for name in ("model", "job", "instance"):
+    for name in ("namespace", "model", "job", "instance"):
         assert variables[name]["type"] == "query" and variables[name]["datasource"]["uid"] == "${datasource}"
     titles = " | ".join(p["title"].lower() for p in panels)
     for word in ("throughput", "lag", "end-to-end", "inference latency", "batch size", "alerts", "open incidents",
@@ -89,19 +89,22 @@ def test_dashboard_structure() -> None:
 
 
 def test_dashboard_queries_substitute_every_variable() -> None:
-    queries = dashboard_queries(DASHBOARD, {"datasource": "p", "model": "(gru|lstm)", "job": ".*", "instance": ".*"})
+    variables = {"datasource": "p", "model": "(gru|lstm)", "namespace": ".*", "job": ".*", "instance": ".*"}
+    queries = dashboard_queries(DASHBOARD, variables)
     assert len(queries) >= 25
     assert all("$" not in expr and "[[" not in expr for _, expr in queries)
     assert any('model=~"(gru|lstm)"' in expr and "[15s]" in expr for _, expr in queries)
+    assert all('namespace=~".*", job=~".*"' in expr for _, expr in queries)  # every panel follows the namespace
     with pytest.raises(ValueError, match=r"\$model"):
-        dashboard_queries(DASHBOARD, {"datasource": "p", "job": ".*", "instance": ".*"})
+        dashboard_queries(DASHBOARD, {"datasource": "p", "namespace": ".*", "job": ".*", "instance": ".*"})
 
 
 def test_process_panels_show_only_anomalyd_processes(tmp_path) -> None:
     """The CPU and memory panel reads process_* metrics, which every target exports: with "All" instances
     (allValue .*) it must still show anomalyd's processes only, not Prometheus' or Alertmanager's."""
     promtool = _tool("promtool")
-    variables = {"datasource": "p", "model": ".*", "job": ".*", "instance": ".*", "__rate_interval": "5m"}
+    variables = {"datasource": "p", "model": ".*", "namespace": ".*", "job": ".*", "instance": ".*",
+                 "__rate_interval": "5m"}
     queries = [e for _, e in dashboard_queries(DASHBOARD, variables) if "process_" in e]
     assert len(queries) == 2, queries
     targets = (("anomalyd", "a:9308"), ("prometheus", "localhost:9090"), ("other-anomalyd", "b:9308"))

@@ -41,7 +41,8 @@ def test_every_dashboard_panel_has_data_from_a_live_daemon(kafka_bootstrap, topi
         produce_with_anomalies(kafka_bootstrap, topic_name, 400, ("spike", "level_shift"), rate=200.0)
         wait_for(server.base_url, "count_over_time(anomalyd_up[1m]) >= 5")
         wait_for(server.base_url, 'anomalyd_alerts_total{status="firing"} > 0')
-        variables = {"datasource": "prometheus", "model": ".*", "job": ".*", "instance": ".*", "__rate_interval": "1m"}
+        variables = {"datasource": "prometheus", "model": ".*", "namespace": ".*", "job": ".*", "instance": ".*",
+                     "__rate_interval": "1m"}
         empty = []
         for title, expr in dashboard_queries(DASHBOARD, variables):
             if not query(server.base_url, expr):
