@@ -74,36 +74,56 @@ class ModelStore:
         return sorted(done, key=_version_key)
 
     def resolve(self, name: str, version: str | None = None) -> str:
-        versions = self.versions(name)
+        """The version (newest unless pinned); FileNotFoundError naming what is missing."""
+        return self._resolve(name, version, self.versions(name))
+
+    def _resolve(self, name: str, version: str | None, listed: list[str]) -> str:
         if version is not None:
-            if version not in versions:
+            if version not in listed:
                 d = self.root / name / version
-                missing = [f for f in (META_FILE, WEIGHTS_FILE) if not (d / f).is_file()] if d.is_dir() else None
+                missing = self._missing_files(d) if d.is_dir() else None
                 what = f"has no {' or '.join(missing)} (still being copied?)" if missing else "not found"
                 raise FileNotFoundError(f"model {name!r} version {version!r} {what} under {self.root / name}")
             return version
-        if not versions:
-            raise FileNotFoundError(f"model {name!r} has no versions under {self.root / name}")
-        return versions[-1]
+        if not listed:
+            d = self.root / name
+            partial = sorted((p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")
+                              and self._missing_files(p)), key=_version_key) if d.is_dir() else []
+            why = "; ".join(f"{v} has no {' or '.join(self._missing_files(d / v))}" for v in partial[-3:])
+            raise FileNotFoundError(f"model {name!r} has no versions under {d}"
+                                    + (f" ({why}: still being copied?)" if why else ""))
+        return listed[-1]
+
+    @staticmethod
+    def _missing_files(version_dir: Path) -> list[str]:
+        return [f for f in (META_FILE, WEIGHTS_FILE) if not (version_dir / f).is_file()]
 
     def load(self, name: str, version: str | None = None, device: str = "cpu", fallback: bool = False) -> LoadedModel:
         """The version (newest unless pinned). ``fallback``: when the newest fails to load, the newest older one
         that does, each failure logged (a daemon that starts serves the last good model instead of failing until
         someone removes the bad one); the newest's error when none loads."""
-        v, detector = self.first_usable(name, version, fallback, lambda path: load_checkpoint(path, device=device))
-        return LoadedModel(name, v, self.root / name / v, detector)
+        return self.load_newest(name, version, device, fallback)[1]
+
+    def load_newest(self, name: str, version: str | None = None, device: str = "cpu",
+                    fallback: bool = False) -> tuple[str, LoadedModel]:
+        """(the newest version, or the pinned one; :meth:`load`'s model), both from one listing of the versions:
+        the model is that version, or with ``fallback`` an older one when it does not load."""
+        newest, v, detector = self.first_usable(name, version, fallback,
+                                                lambda path: load_checkpoint(path, device=device))
+        return newest, LoadedModel(name, v, self.root / name / v, detector)
 
     def first_usable(self, name: str, version: str | None, fallback: bool, use: Callable[[Path], T],
-                     say: bool = True) -> tuple[str, T]:
-        """(version, ``use`` of its directory) for the version (newest unless pinned); ``fallback``: when ``use``
-        fails on the newest (OSError, ValueError), the newest older one it does not fail on, each failure logged
-        unless not ``say``; the newest's error when it fails on all."""
-        v = self.resolve(name, version)
-        candidates = [v] if version is not None or not fallback else self.versions(name)[::-1]  # newest first
+                     say: bool = True) -> tuple[str, str, T]:
+        """(newest version, version used, ``use`` of its directory) for the version (newest unless pinned);
+        ``fallback``: when ``use`` fails on the newest (OSError, ValueError), the newest older one it does not fail
+        on, each failure logged unless not ``say``; the newest's error when it fails on all."""
+        listed = self.versions(name)
+        v = self._resolve(name, version, listed)
+        candidates = [v] if version is not None or not fallback else listed[::-1]  # newest first
         first_error: Exception | None = None
         for i, cand in enumerate(candidates):
             try:
-                return cand, use(self.root / name / cand)
+                return v, cand, use(self.root / name / cand)
             except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
                 first_error = first_error or exc
                 if say and i + 1 < len(candidates):

@@ -32,107 +32,140 @@ class ServedModels:
                              cfg.default_models)
         self.loaded: dict[str, LoadedModel] = {}
         self.routes: list[RouteState] = []
-        self._refused: dict = {}  # _fingerprint of the versions a reload failed on: not read again until it changes
+        self._refused: dict[str, tuple] = {}  # name -> _fingerprint of its newest version, refused in a reload:
+        # not read again until its files change (or SIGHUP)
+        self._changing: dict[str, tuple] = {}  # name -> _fingerprint of the versions the last newer() returned
         self._wanted: dict[str, str] = {}  # the newest versions as the last read found them
         if not self.router.routes:
             log.warning("no routes and no default_models: every event is counted unrouted, nothing is scored")
 
     def read(self, fallback: bool = False) -> dict[str, LoadedModel]:
-        """The served models, loaded and checked against their routes; raises before anything is swapped.
-        ``fallback`` (at start): a newest version that does not load gives way to the newest older one that does."""
+        """The served models, loaded and checked against their routes (at start); raises :class:`ConfigError`
+        naming the key before anything is swapped. ``fallback``: a newest version that does not load gives way to
+        the newest older one that does."""
         dev = str(self.engine.device)
-        self._wanted = {}
-        for s in self.cfg.models.served:
-            try:
-                self._wanted[s.name] = self.store.resolve(s.name, s.version)
-            except OSError:
-                pass
-        loaded = {}
+        self._wanted, loaded = {}, {}
         for i, s in enumerate(self.cfg.models.served):
-            try:
-                loaded[s.name] = self.store.load(s.name, s.version, device=dev, fallback=fallback)
-            except ValueError as exc:  # CheckpointError: naming what set the key (OSError: the path says enough)
-                key = f"models.served[{i}]"
+            key = f"models.served[{i}]"
+            try:  # the newest and the model from one listing: a version saved meanwhile is not counted as refused
+                self._wanted[s.name], loaded[s.name] = self.store.load_newest(s.name, s.version, dev, fallback)
+            except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
                 raise ConfigError([f"{self.cfg.where(key)}: {key}: model {s.name!r}: {exc}"]) from exc
-        stride = self.cfg.processing.stride
-        for i, spec in enumerate(self.router.routes):
-            models = [loaded[name] for name in spec.models]
-            key = f"routes[{i}].models" if i < len(self.cfg.routes) else "default_models"
-            try:
-                RouteState.check_models(models, spec.label)
-            except ValueError as exc:  # naming what set the key
-                raise ConfigError([f"{self.cfg.where(key)}: {key}: {exc}"]) from exc
-            if problem := RouteState.stride_problem(models, spec.label, stride):  # naming what set the key
-                raise ConfigError([f"{self.cfg.where('processing.stride')}: {problem}"])
+        problems = [why for i, spec in enumerate(self.router.routes) if (why := self._route_problem(i, spec, loaded))]
+        if problems:
+            raise ConfigError(problems)
         return loaded
 
-    def newer(self, forced: bool) -> dict[str, LoadedModel] | None:
-        """The served models read again if a version changed (or ``forced``: SIGHUP); None when nothing changed
-        or the new versions fail to load (logged, counted in anomalyd_model_reload_failures_total). Versions that
-        failed are tried again on SIGHUP or when another version appears, not at every watch interval."""
-        newest: dict[str, str] = {}
+    def _route_problem(self, i: int, spec: RouteSpec, loaded: dict[str, LoadedModel]) -> str | None:
+        """Why the route's models in ``loaded`` cannot serve it together (window, features, stride), naming the
+        key that set it; None when they can."""
+        models = [loaded[name] for name in spec.models]
+        key = f"routes[{i}].models" if i < len(self.cfg.routes) else "default_models"
         try:
-            newest = {s.name: self.store.resolve(s.name, s.version) for s in self.cfg.models.served}
-            if self._refused and self._refused == self._fingerprint(newest) and not forced:
-                return None
-            if not (forced or any(newest[n] != lm.version for n, lm in self.loaded.items())):
-                self._refused = {}  # the refused version is gone: the newest is the one served
-                self.metrics.model_versions_refused.set(0)
-                return None
-            loaded = self.read()
-            self._check_same_features(loaded)
-            self._refused = {}
-            return loaded
-        except (OSError, ValueError, RuntimeError) as exc:  # CheckpointError is a ValueError; CUDA out of memory
-            self._refused = self._fingerprint(newest)
+            RouteState.check_models(models, spec.label)
+        except ValueError as exc:
+            return f"{self.cfg.where(key)}: {key}: {exc}"
+        if problem := RouteState.stride_problem(models, spec.label, self.cfg.processing.stride):
+            return f"{self.cfg.where('processing.stride')}: {problem}"
+        return None
+
+    def newer(self, forced: bool) -> dict[str, LoadedModel] | None:
+        """The served models with each one's newest version where it changed (``forced``, SIGHUP: each read
+        again), or None when none changed. Each model on its own: a version that does not load, has other
+        features, or does not fit its route beside the other models keeps that model on its version (logged,
+        counted in anomalyd_model_reload_failures_total and anomalyd_model_versions_refused) and the others
+        reload. A refused version is tried again on SIGHUP or once its files change, not at every watch interval."""
+        dev = str(self.engine.device)
+        wanted: dict[str, str] = {}
+        candidate, changed, failed = dict(self.loaded), {}, {}
+        for s in self.cfg.models.served:
+            try:
+                newest = self.store.resolve(s.name, s.version)
+            except OSError as exc:  # versions taken away: the loaded one is still served
+                self._refuse(s.name, ("", str(exc)), exc, failed, forced)
+                continue
+            wanted[s.name] = newest
+            if newest == self.loaded[s.name].version and not forced:
+                self._refused.pop(s.name, None)  # a refused version is gone: the newest is the one served
+                continue
+            seen = self._fingerprint(s.name, newest)  # before the load: a copy that completes meanwhile changes it
+            if self._refused.get(s.name) == seen and not forced:
+                continue
+            try:
+                lm = self.store.load(s.name, newest, device=dev)
+                self._check_same_features(lm)
+            except (OSError, ValueError, RuntimeError) as exc:  # CheckpointError is a ValueError; CUDA OOM
+                self._refuse(s.name, seen, exc, failed, forced)
+                continue
+            candidate[s.name], changed[s.name] = lm, seen
+        for _ in range(len(changed) + 1):  # a route whose models no longer fit together keeps its changed ones
+            bad = [(spec, why) for i, spec in enumerate(self.router.routes)
+                   if (why := self._route_problem(i, spec, candidate))]
+            for spec, why in bad:
+                for name in [n for n in spec.models if n in changed]:
+                    candidate[name] = self.loaded[name]
+                    self._refuse(name, changed.pop(name), ConfigError([why]), failed, forced)
+            if not bad:
+                break
+        self._wanted = wanted
+        if failed:
             self.metrics.model_reload_failures.inc()
-            why = "; ".join(exc.errors) if isinstance(exc, ConfigError) else exc  # one line, not a config report
-            log.error("model reload failed, still serving %s (tried again on SIGHUP or a newer version): %s",
-                      self.versions(), why)
-            self._count_refused(newest)
+            log.error("model reload refused (tried again on SIGHUP or when its files change): %s; serving %s",
+                      "; ".join(f"{name}: {why}" for name, why in failed.items()),
+                      {n: lm.version for n, lm in candidate.items()})
+        self._changing = changed
+        if not changed:
+            self._count_refused(wanted)
             return None
+        for name in changed:
+            self._refused.pop(name, None)
+        return candidate
 
-    def _fingerprint(self, versions: dict[str, str]) -> dict:
-        """Each version with its files' sizes and times: a version still being copied when it failed is tried again
-        once its files change."""
-        out: dict = {}
-        for name, version in versions.items():
-            stats = []
-            for f in (META_FILE, WEIGHTS_FILE):
-                try:
-                    st = (self.store.root / name / version / f).stat()
-                    stats.append((st.st_size, st.st_mtime_ns))
-                except OSError:
-                    stats.append(None)
-            out[name] = (version, tuple(stats))
-        return out
+    def _refuse(self, name: str, fingerprint: tuple, exc: Exception, failed: dict, forced: bool) -> None:
+        """Note ``name``'s newest version as refused (``failed``: logged and counted once) unless it was refused
+        before with the same files and this is no SIGHUP."""
+        if self._refused.get(name) != fingerprint or forced:
+            failed[name] = "; ".join(exc.errors) if isinstance(exc, ConfigError) else str(exc)  # one line
+        self._refused[name] = fingerprint
 
-    def _check_same_features(self, loaded: dict[str, LoadedModel]) -> None:
+    def _fingerprint(self, name: str, version: str) -> tuple:
+        """The version with its files' sizes and times: one still being copied when it failed is tried again once
+        its files change."""
+        stats = []
+        for f in (META_FILE, WEIGHTS_FILE):
+            try:
+                st = (self.store.root / name / version / f).stat()
+                stats.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append(None)
+        return version, tuple(stats)
+
+    def _check_same_features(self, lm: LoadedModel) -> None:
         """A reload keeps each model's features: a version with others would dead-letter every message the
         producers send now (and the windows held are in the old columns). Serving it takes a restart."""
-        for name, lm in loaded.items():
-            old = self.loaded.get(name)
-            if old is not None and list(lm.detector.feature_names) != list(old.detector.feature_names):
-                raise ValueError(f"{name}: version {lm.version} has features {list(lm.detector.feature_names)}, "
-                                 f"version {old.version} {list(old.detector.feature_names)}; a reload does not change "
-                                 f"features (restart the daemon to serve it, once the producers send them)")
+        old = self.loaded.get(lm.name)
+        if old is not None and list(lm.detector.feature_names) != list(old.detector.feature_names):
+            raise ValueError(f"version {lm.version} has features {list(lm.detector.feature_names)}, version "
+                             f"{old.version} {list(old.detector.feature_names)}; a reload does not change features "
+                             f"(restart the daemon to serve it, once the producers send them)")
 
     def install_or_keep(self, loaded: dict[str, LoadedModel]) -> list[RouteState] | None:
         """:meth:`install`, or None when the swap fails (e.g. CUDA out of memory while both versions are on the
         device): logged and counted as a failed reload, the old models still served (the swap changes nothing
-        until it succeeds)."""
+        until it succeeds), and the new versions refused until SIGHUP or their files change."""
         try:
             return self.install(loaded)
         except (OSError, ValueError, RuntimeError) as exc:
             self.metrics.model_reload_failures.inc()
             log.error("model reload failed while installing, still serving %s: %s", self.versions(), exc)
+            self._refused.update(self._changing)
             self._count_refused(self._wanted)
             return None
 
     def behind(self, wanted: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
-        """Served models not on their newest version, as it did not load or was refused (other features): name ->
-        (newest, served), the newest as ``wanted`` says (default: as the last read found them; one saved since is
-        not refused yet)."""
+        """Served models not on their newest version, as it did not load or was refused (other features, its
+        route): name -> (newest, served), the newest as ``wanted`` says (default: as the last read found them;
+        one saved since is not refused yet)."""
         wanted = self._wanted if wanted is None else wanted
         return {name: (wanted[name], lm.version) for name, lm in self.loaded.items()
                 if name in wanted and wanted[name] != lm.version}

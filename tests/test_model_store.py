@@ -99,6 +99,9 @@ def test_a_model_version_that_fails_to_load_leaves_the_old_one_served(trained, t
     daemon._maybe_reload()  # raised out of the loop: the daemon stopped
     assert daemon.models.loaded["gru"].version == "v2" and daemon.routes[0].version == "v2"
     assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 3 and refused() == 1
+    daemon._last_reload_check -= 3600  # not swapped again at every watch interval (loading v4 onto a full device)
+    daemon._maybe_reload()
+    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 3 and refused() == 1
     daemon.engine.swap = real_swap
     daemon.request_reload()
     daemon._maybe_reload()
@@ -144,3 +147,120 @@ def test_a_daemon_starts_on_the_newest_version_that_loads(trained, tmp_path, cap
     with pytest.raises(AttributeError):
         store.save("gru", object(), version="v3")  # not a detector: the checkpoint cannot be written
     assert sorted(p.name for p in (tmp_path / "models" / "gru").iterdir()) == ["v1", "v2"]
+
+
+def _daemon(tmp_path, served, routes, default, stride=1):
+    from pipelines.config import load_config
+    from pipelines.daemon import Daemon
+
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": served, "device": "cpu"}, "routes": routes,
+           "default_models": default, "processing": {"stride": stride}, "sinks": {"kafka": {"enabled": False}},
+           "kafka": {"topics": ["t"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    return Daemon(load_config(tmp_path / "c.yaml"))
+
+
+def test_each_model_reloads_on_its_own(trained, tmp_path, caplog):
+    """One model's bad version kept every other model on its old version until it was fixed; a model whose versions
+    were all taken away failed every reload (counted at each watch interval) and hid the other's refusal."""
+    import copy
+    import shutil
+
+    store = ModelStore(tmp_path / "models")
+    for name, kind in (("a", "gru"), ("b", "lstm")):
+        store.save(name, trained[kind], version="v1")
+    daemon = _daemon(tmp_path, [{"name": "a"}, {"name": "b"}], [{"match": "a-*", "models": ["a"]}], ["b"], stride=2)
+    failures = lambda: daemon.registry.get_sample_value("anomalyd_model_reload_failures_total")  # noqa: E731
+    refused = lambda: daemon.registry.get_sample_value("anomalyd_model_versions_refused")  # noqa: E731
+    bad = store.save("a", trained["gru"], version="v2")
+    (bad / "model.safetensors").write_bytes(b"not weights")
+    store.save("b", trained["lstm"], version="v2")
+    daemon.request_reload()
+    daemon._maybe_reload()
+    assert daemon.models.versions() == {"a": "v1", "b": "v2"} and failures() == 1 and refused() == 1
+    assert {r.spec.models: r.version for r in daemon.routes} == {("a",): "v1", ("b",): "v2"}
+    assert "a: " in caplog.text and "safetensors" in caplog.text
+    daemon._last_reload_check -= 3600
+    daemon._maybe_reload()
+    assert failures() == 1 and refused() == 1  # a's v2 is not tried again until its files change
+    for v in ("v1", "v2"):
+        shutil.rmtree(tmp_path / "models" / "b" / v)  # all of b's versions taken away: b v2 still served
+    for _ in range(2):
+        daemon._last_reload_check -= 3600
+        daemon._maybe_reload()
+        assert daemon.models.versions() == {"a": "v1", "b": "v2"} and failures() == 2 and refused() == 1
+    store.save("b", trained["lstm"], version="v3")
+    short = copy.deepcopy(trained["gru"])
+    short.score_last_k = 1  # stride 2 would leave every other event unscored: its route refuses it, b reloads
+    store.save("a", short, version="v3")
+    daemon._last_reload_check -= 3600
+    daemon._maybe_reload()
+    assert daemon.models.versions() == {"a": "v1", "b": "v3"} and failures() == 3 and refused() == 1
+    assert "processing.stride: 2 is larger than the 1 last steps" in caplog.text
+    store.save("a", trained["gru"], version="v4")
+    daemon._last_reload_check -= 3600
+    daemon._maybe_reload()
+    assert daemon.models.versions() == {"a": "v4", "b": "v3"} and failures() == 3 and refused() == 0
+
+
+def test_a_refused_copy_is_tried_again_once_it_completes(trained, tmp_path, monkeypatch):
+    """The refused files were looked at after the failed load: a copy that completed meanwhile was taken as the
+    refused one, and never tried again until SIGHUP."""
+    import pipelines.model_store as model_store
+
+    store = ModelStore(tmp_path / "models")
+    good = store.save("gru", trained["gru"], version="v1")
+    daemon = _daemon(tmp_path, [{"name": "gru"}], [], ["gru"])
+    new = tmp_path / "models" / "gru" / "v2"
+    new.mkdir()
+    (new / "model.json").write_bytes((good / "model.json").read_bytes())
+    (new / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:100])
+    real = model_store.load_checkpoint
+
+    def load_while_the_copy_completes(path, **kw):
+        try:
+            return real(path, **kw)
+        finally:
+            (new / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
+
+    monkeypatch.setattr(model_store, "load_checkpoint", load_while_the_copy_completes)
+    daemon._last_reload_check -= 3600
+    daemon._maybe_reload()
+    assert daemon.models.versions() == {"gru": "v1"}
+    daemon._last_reload_check -= 3600
+    daemon._maybe_reload()
+    assert daemon.models.versions() == {"gru": "v2"}
+    assert daemon.registry.get_sample_value("anomalyd_model_versions_refused") == 0
+
+
+def test_a_version_saved_while_starting_is_not_counted_refused(trained, tmp_path, monkeypatch):
+    """The newest was listed before the load listed the versions again: a version saved in between was served and
+    counted as refused (and `anomalyd check` asked to remove the good older one)."""
+    from pipelines.check_cmd import _check_newest_versions
+
+    store = ModelStore(tmp_path / "models")
+    store.save("gru", trained["gru"], version="v1")
+    real, calls = ModelStore.versions, []
+
+    def versions_then_save(self, name):
+        out = real(self, name)
+        if not calls:
+            calls.append(name)
+            store.save("gru", trained["gru"], version="v2")  # a train Job saves right after the first listing
+        return out
+
+    monkeypatch.setattr(ModelStore, "versions", versions_then_save)
+    daemon = _daemon(tmp_path, [{"name": "gru"}], [], ["gru"])
+    assert daemon.registry.get_sample_value("anomalyd_model_versions_refused") == 0
+    assert daemon.models.behind() == {}
+    _check_newest_versions(daemon.cfg, daemon)  # no ConfigError
+
+
+def test_a_version_without_its_weights_at_start_is_named(trained, tmp_path):
+    from pipelines.config import ConfigError
+
+    store = ModelStore(tmp_path / "models")
+    only = store.save("gru", trained["gru"], version="v1")
+    (only / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"models.served\[0\]: model 'gru': .*v1 has no model.safetensors"):
+        _daemon(tmp_path, [{"name": "gru"}], [], ["gru"])
