@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import http.client
+import io
 import queue
 import threading
+import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -94,10 +97,33 @@ class AlertmanagerHTTP:
 
         def send() -> bytes:
             self._sending = abandoned  # requests run one at a time, on the request thread
-            with self._opener.open(request, timeout=timeout) as response:
-                return response.read()
+            started = time.monotonic()
+            try:
+                with self._opener.open(request, timeout=timeout) as response:
+                    return response.read()
+            except urllib.error.HTTPError as exc:  # its body (the reason) read here, within the request's time
+                reason = _error_body(exc, started + timeout, abandoned)
+                raise urllib.error.HTTPError(exc.url, exc.code, exc.msg, exc.hdrs, io.BytesIO(reason)) from None
 
         return self._requests.call(send, timeout, abandoned)
+
+
+def _error_body(exc: urllib.error.HTTPError, deadline: float, abandoned: threading.Event, limit: int = 1000) -> bytes:
+    """Up to ``limit`` bytes of an error reply's body until ``deadline``: what came of one that trickles, breaks
+    off or is cut short (a body read in full, on the caller's thread, had held a flush past its deadline, and a
+    failed read had escaped the retries)."""
+    out = b""
+    try:
+        while len(out) < limit and time.monotonic() < deadline and not abandoned.is_set():
+            chunk = exc.fp.read1(limit - len(out))
+            if not chunk:
+                break
+            out += chunk
+    except (OSError, http.client.HTTPException, AttributeError, ValueError):  # reset, incomplete, no body
+        pass
+    finally:
+        exc.close()
+    return out
 
 
 class _AbandonableHTTP(http.client.HTTPConnection):

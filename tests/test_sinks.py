@@ -10,7 +10,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -616,3 +616,73 @@ def test_a_host_name_lookup_that_does_not_answer_does_not_hold_a_flush_past_its_
     sink.retry_now()
     sink.flush(5.0)  # behind the given-up request: once this is answered, that one has ended
     assert len(recorder.posts) == 1  # this one; the one given up sent nothing when its lookup answered
+
+
+def _raw_http_server(reply: Callable[[socket.socket], None]) -> tuple[str, socket.socket, list[int]]:
+    """A server that writes ``reply`` by hand on each connection (bodies cut short or trickling, which
+    http.server cannot send); (url, listening socket, [requests])."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    requests = [0]
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                reply(conn)
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            requests[0] += 1
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}", srv, requests
+
+
+def test_a_5xx_whose_body_breaks_off_is_retried_and_backs_off() -> None:
+    """The reason was read outside the retries: a body cut short (IncompleteRead) escaped them after one
+    request, and started no backoff (the loop then posted again at every turn)."""
+    url, srv, requests = _raw_http_server(
+        lambda c: c.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 1000\r\n\r\nshort"))
+    with srv:
+        sink = AlertmanagerSink(url, max_retries=2, backoff_s=0.01)
+        sink.add([make_alert()])
+        with pytest.raises(SinkError, match="after 3 attempts: HTTP 503: short"):
+            sink.flush(10.0)
+        assert requests[0] == 3
+        with pytest.raises(SinkError, match="1 alerts waiting, next attempt in"):
+            sink.flush(10.0)  # backing off: no request
+        assert requests[0] == 3
+
+
+def test_a_5xx_whose_body_trickles_gives_up_at_the_flush_deadline() -> None:
+    """The reason was read in full on the caller's thread: a body sent a byte at a time held the flush (a
+    revoke's, the shutdown's) for as long as it lasted, whatever its deadline."""
+    stop = threading.Event()
+
+    def trickle(c: socket.socket) -> None:
+        c.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2000\r\n\r\n")
+        for _ in range(2000):
+            if stop.wait(0.05):
+                return
+            c.sendall(b"x")
+
+    url, srv, _ = _raw_http_server(trickle)
+    with srv:
+        sink = AlertmanagerSink(url, timeout_s=0.5, max_retries=0)
+        sink.add([make_alert()])
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(SinkError, match="alerts not delivered"):
+                sink.flush(1.0)
+            assert time.monotonic() - t0 < 30  # about 1 s; the whole body would take 100
+        finally:
+            stop.set()
