@@ -104,6 +104,15 @@ class Threshold(ABC):
     def _load_state(self, state: dict[str, Any]) -> None:
         """Restore the state produced by _state()."""
 
+    @property
+    def fitted(self) -> bool:
+        """Whether the threshold has been calibrated (by ``fit`` or a loaded fitted state)."""
+        try:
+            self.threshold  # noqa: B018  # raises NotFittedError before fit()
+        except NotFittedError:
+            return False
+        return True
+
     def is_anomalous(self, scores: np.ndarray) -> np.ndarray:
         """(N,) bool: score > current threshold. No state change."""
         return _as_scores(scores, calibration=False) > self.threshold

@@ -53,6 +53,9 @@ def save_checkpoint(detector: AutoencoderDetector, directory: str | Path) -> Pat
     """Write ``detector`` to ``directory`` (created). Files are written to temp names then renamed."""
     if detector.scaler is None or detector.threshold is None:
         raise ValueError("only a fitted detector (scaler and threshold) can be checkpointed")
+    if not detector.threshold.fitted:  # it would load, then raise NotFittedError at every scoring call
+        raise ValueError(f"the detector's {detector.threshold.kind} threshold is not fitted: call fit(scores) on it "
+                         "before checkpointing")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in detector.model.state_dict().items()}
@@ -115,6 +118,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         threshold = threshold_from_dict(meta["threshold"])
     except (TypeError, ValueError, KeyError, OverflowError) as exc:  # OverflowError: an int field of Infinity
         raise CheckpointError(f"{meta_path}: invalid metadata: {exc}") from None
+    if not threshold.fitted:  # loading would succeed, then every scoring call raise: no fallback to an older one
+        raise CheckpointError(f"{meta_path}: invalid metadata: the {threshold.kind} threshold is not fitted "
+                              "(its state is null)")
     last_k = meta["score_last_k"]
     if last_k is not None and (isinstance(last_k, bool) or not isinstance(last_k, int)
                                or not 1 <= last_k <= cfg.window):

@@ -8,7 +8,7 @@ import torch
 
 from detector.autoencoder import AutoencoderDetector
 from detector.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from detector.thresholds import DSPOTThreshold
+from detector.thresholds import DSPOTThreshold, SPOTThreshold
 
 
 @pytest.fixture
@@ -216,4 +216,18 @@ def test_metadata_nested_beyond_the_parsers_depth_is_a_checkpoint_error(saved):
     _, path = saved
     (path / META_FILE).write_text("[" * 200_000 + "]" * 200_000)
     with pytest.raises(CheckpointError, match=r"not valid JSON \(RecursionError"):
+        load_checkpoint(path)
+
+
+def test_an_unfitted_threshold_is_refused_at_save_and_at_load(saved, tmp_path):
+    """Such a checkpoint loaded, then every scoring call raised NotFittedError: the daemon's fallback to an older
+    version, which follows a failed load, never happened."""
+    det, path = saved
+    unfitted = AutoencoderDetector(det.model_cfg, model=det.model, scaler=det.scaler, threshold=SPOTThreshold(),
+                                   feature_names=det.feature_names)
+    with pytest.raises(ValueError, match="spot threshold is not fitted"):
+        save_checkpoint(unfitted, tmp_path / "unfitted")
+    assert not (tmp_path / "unfitted" / META_FILE).exists()
+    _rewrite(path, lambda m: m["threshold"].__setitem__("state", None))
+    with pytest.raises(CheckpointError, match=r"invalid metadata: the spot threshold is not fitted"):
         load_checkpoint(path)
