@@ -17,7 +17,23 @@ from .scaling import Scaler
 from .scoring import WindowScores, reconstruction_error
 from .thresholds import Threshold
 
-__all__ = ["AutoencoderDetector"]
+__all__ = ["AutoencoderDetector", "check_scoring_settings"]
+
+
+def check_scoring_settings(model_cfg: ModelConfig, feature_names: list[str] | None,
+                           score_last_k: int | None) -> None:
+    """ValueError for what ``load_checkpoint`` refuses: feature names that are not ``n_features`` distinct
+    non-empty strings, or a ``score_last_k`` that is not None or an integer in 1..window (9 of a window of 4
+    silently scored the whole window). Checked before anything is trained or saved."""
+    if feature_names is not None:
+        if len(feature_names) != model_cfg.n_features:
+            raise ValueError(f"{len(feature_names)} feature names for {model_cfg.n_features} features")
+        if not all(isinstance(n, str) and n for n in feature_names) or len(set(feature_names)) != len(feature_names):
+            raise ValueError(f"feature names must be distinct non-empty strings, got {list(feature_names)!r:.200}")
+    if score_last_k is not None and (isinstance(score_last_k, bool) or not isinstance(score_last_k, int)
+                                     or not 1 <= score_last_k <= model_cfg.window):
+        raise ValueError(f"score_last_k must be None or an integer in 1..{model_cfg.window} (the window), "
+                         f"got {score_last_k!r}")
 
 
 def _overflowed(score: torch.Tensor, contributions: torch.Tensor,
@@ -59,9 +75,8 @@ class AutoencoderDetector(Detector):
         self.model = (model if model is not None else build_model(model_cfg)).to(self.device).eval()
         self.scaler = scaler
         self.threshold = threshold
-        self.feature_names = feature_names or [f"f{i}" for i in range(model_cfg.n_features)]
-        if len(self.feature_names) != self.n_features:
-            raise ValueError(f"{len(self.feature_names)} feature names for {self.n_features} features")
+        check_scoring_settings(model_cfg, feature_names or None, score_last_k)
+        self.feature_names = list(feature_names or [f"f{i}" for i in range(model_cfg.n_features)])
         self.score_last_k = score_last_k
         self.summary = summary or {}
         self._scale_t: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .autoencoder import AutoencoderDetector
+from .autoencoder import AutoencoderDetector, check_scoring_settings
 from .base import sliding_windows
 from .device import resolve_device
 from .models import ModelConfig, build_model
@@ -208,6 +208,7 @@ def train_detector(
 ) -> AutoencoderDetector:
     """Train on (T, F) normal data, or a list of such series (one per stream); calibrate the threshold."""
     cfg = train_cfg or TrainConfig()
+    check_scoring_settings(model_cfg, feature_names or None, cfg.score_last_k)  # before training, not after it
     say = log or (lambda _msg: None)
     series = X if isinstance(X, list | tuple) else [X]  # several streams: windows never cross streams
     W = model_cfg.window
@@ -228,8 +229,7 @@ def train_detector(
         val_parts.append(_fill_missing(np.concatenate([train[-1:], x[-n_val:]]))[1:])
     train_rows = np.concatenate(train_parts)
     if unreported.any():  # filled with 0.0 there: the model learns a constant the feature may never have
-        names = feature_names if feature_names and len(feature_names) == model_cfg.n_features else \
-            [f"f{j}" for j in range(model_cfg.n_features)]
+        names = feature_names or [f"f{j}" for j in range(model_cfg.n_features)]
         say(f"warning: no values in the training part of a series for {', '.join(np.asarray(names)[unreported])}: "
             "filled with 0")
 

@@ -231,3 +231,18 @@ def test_an_unfitted_threshold_is_refused_at_save_and_at_load(saved, tmp_path):
     _rewrite(path, lambda m: m["threshold"].__setitem__("state", None))
     with pytest.raises(CheckpointError, match=r"invalid metadata: the spot threshold is not fitted"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize(("kwargs", "problem"), [
+    ({"feature_names": ["a", "a", "b", "c"]}, "feature names must be distinct non-empty strings"),
+    ({"feature_names": ["", "b", "c", "d"]}, "feature names must be distinct non-empty strings"),
+    ({"feature_names": ["a", "b", "c", None]}, "feature names must be distinct non-empty strings"),
+    ({"score_last_k": 0}, r"score_last_k must be None or an integer in 1\.\.32"),
+    ({"score_last_k": 33}, r"score_last_k must be None or an integer in 1\.\.32"),
+    ({"score_last_k": True}, r"score_last_k must be None or an integer in 1\.\.32"),
+])
+def test_a_detector_the_loader_would_refuse_cannot_be_made_so_is_never_saved(saved, kwargs, problem):
+    det, _ = saved
+    with pytest.raises(ValueError, match=problem):
+        AutoencoderDetector(det.model_cfg, model=det.model, scaler=det.scaler, threshold=det.threshold,
+                            **{"feature_names": det.feature_names, **kwargs})

@@ -136,6 +136,23 @@ def test_too_little_data_is_a_clear_error():
         train_detector(np.zeros((20, 4), np.float32), CFG, FAST, log=None)
 
 
+@pytest.mark.parametrize(("names", "last_k", "problem"), [
+    (["a", "a", "b", "c"], None, "feature names must be distinct non-empty strings"),
+    (["a", "", "b", "c"], None, "feature names must be distinct non-empty strings"),
+    (["a", "b", "c"], None, "3 feature names for 4 features"),
+    (None, 0, r"score_last_k must be None or an integer in 1\.\.16"),
+    (None, 17, r"score_last_k must be None or an integer in 1\.\.16"),
+])
+def test_what_a_checkpoint_could_not_load_is_refused_before_training(names, last_k, problem):
+    """Each trained, and was saved as a version the daemon's loader refuses (17 of a window of 16: the whole
+    window was scored, silently)."""
+    cfg = TrainConfig(**{**FAST.to_dict(), "score_last_k": last_k})
+    lines: list[str] = []
+    with pytest.raises(ValueError, match=problem):
+        train_detector(np.zeros((20, 4), np.float32), CFG, cfg, feature_names=names, log=lines.append)
+    assert lines == []  # refused before the data, let alone an epoch
+
+
 @pytest.mark.parametrize("method", ["robust", "standard"])
 def test_scaler(method):
     rng = np.random.default_rng(0)
