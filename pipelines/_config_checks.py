@@ -16,9 +16,13 @@ if TYPE_CHECKING:
     from .config import AlertmanagerSinkConfig, AlertsConfig, Config, KafkaConfig, ModelsConfig, Route
 
 __all__ = ["RESERVED_ALERT_LABELS", "check_alertmanager", "check_alerts", "check_config", "check_kafka",
-           "check_models", "check_route", "is_plain_name"]
+           "check_models", "check_route", "check_topic_name", "is_plain_name"]
 
 RESERVED_ALERT_LABELS = ("alertname", "stream", "model")  # set on every alert by pipelines.sinks.AlertmanagerSink
+_FETCH_WAIT_BELOW = {  # kafka.fetch_max_wait_ms must be below this, per client
+    "kafka-python": (30000, "its request_timeout_ms: it refuses more"),
+    "confluent": (59000, "librdkafka's socket.timeout.ms, 60000, less a second: a longer wait times out its fetches"),
+}
 
 
 def _check_regex(pattern: str | None, key: str, ctx: Ctx) -> None:
@@ -39,25 +43,47 @@ def check_kafka(c: KafkaConfig, data: Mapping, key: str, ctx: Ctx) -> KafkaConfi
     elif not c.topics and c.topic_pattern is None and not ctx.is_bad(join_key(key, "topics")):
         ctx.err(join_key(key, "topics"), "no topics to consume: set kafka.topics or kafka.topic_pattern")
     for i, t in enumerate(c.topics):
-        if not t:
-            ctx.err(join_key(join_key(key, "topics"), i), "topic name must not be empty")
+        check_topic_name(t, join_key(join_key(key, "topics"), i), ctx)
+    check_topic_name(c.dead_letter_topic, join_key(key, "dead_letter_topic"), ctx)
     if c.client == "confluent":
         _check_confluent_installed(join_key(key, "client"), ctx)
+    most, why = _FETCH_WAIT_BELOW[c.client]
+    if c.fetch_max_wait_ms >= most and not ctx.is_bad(join_key(key, "fetch_max_wait_ms")):
+        ctx.err(join_key(key, "fetch_max_wait_ms"), f"must be < {most} with kafka.client {c.client} ({why}), "
+                f"got {c.fetch_max_wait_ms}", because=join_key(key, "client"))
     if not ctx.is_bad(join_key(key, "bootstrap_servers")):
-        from .kafka_security import host_port  # as kafka-python reads it (librdkafka differs in corners only)
-
-        for server in filter(str.strip, c.bootstrap_servers.split(",")):
-            try:
-                if not 0 < host_port(server)[1] < 65536:
-                    raise ValueError(server)
-            except ValueError:
-                ctx.err(join_key(key, "bootstrap_servers"), f"cannot read {server.strip()!r} as host:port (a "
-                        "comma-separated list of host:port, [IPv6]:port or host; ports 1-65535)")
-                break
+        _check_bootstrap_servers(c.bootstrap_servers, join_key(key, "bootstrap_servers"), ctx)
     if c.heartbeat_interval_ms >= c.session_timeout_ms and not ctx.is_bad(join_key(key, "heartbeat_interval_ms")):
         ctx.err(join_key(key, "heartbeat_interval_ms"), f"must be < kafka.session_timeout_ms ({c.session_timeout_ms}),"
                 f" got {c.heartbeat_interval_ms}", because=join_key(key, "session_timeout_ms"))
     return c
+
+
+def _check_bootstrap_servers(servers: str, key: str, ctx: Ctx) -> None:
+    from .kafka_security import host_port  # as kafka-python reads it (librdkafka differs in corners only)
+
+    hint = "a comma-separated list of host:port, [IPv6]:port or host; ports 1-65535"
+    if not any(map(str.strip, servers.split(","))):
+        ctx.err(key, f"no broker in {servers!r} ({hint})")
+    for server in filter(str.strip, servers.split(",")):
+        try:
+            if not 0 < host_port(server)[1] < 65536:
+                raise ValueError(server)
+        except ValueError:
+            ctx.err(key, f"cannot read {server.strip()!r} as host:port ({hint})")
+            break
+
+
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def check_topic_name(topic: str, key: str, ctx: Ctx) -> None:
+    """Kafka's rule for a topic name: 1 to 249 of ASCII letters, digits, '.', '_', '-'; not '.' or '..'."""
+    if not topic:
+        ctx.err(key, "topic name must not be empty")
+    elif not _TOPIC_NAME.fullmatch(topic) or topic in (".", ".."):
+        ctx.err(key, f"not a legal Kafka topic name: {topic!r} (1 to 249 of the letters a-z and A-Z, the digits, "
+                "'.', '_' and '-'; not '.' or '..')")
 
 
 def _check_confluent_installed(key: str, ctx: Ctx) -> None:
@@ -171,6 +197,8 @@ def check_config(c: Config, data: Mapping, key: str, ctx: Ctx) -> Config:
     refs = [(join_key(join_key(f"routes[{i}]", "models"), j), name) for i, r in enumerate(c.routes)
             for j, name in enumerate(r.models)]
     refs += [(join_key("default_models", j), name) for j, name in enumerate(c.default_models)]
+    if len(set(c.default_models)) != len(c.default_models):  # as for a route's models
+        ctx.err("default_models", f"lists a model twice: {c.default_models}")
     if "routes" in ctx.bad:  # routes itself was bad (not a list): the default route stood in, its refs say nothing
         refs = [(k, name) for k, name in refs if not k.startswith("routes")]
     default_route = "" if "routes" in (data or {}) else " (routes is not set: this is the default route, of the " \
@@ -179,6 +207,7 @@ def check_config(c: Config, data: Mapping, key: str, ctx: Ctx) -> Config:
         if name not in served:
             hint = default_route if ref_key.startswith("routes") else ""
             ctx.err(ref_key, f"model {name!r} is not in models.served ({', '.join(sorted(served))}){hint}")
+    check_topic_name(c.sinks.kafka.topic, "sinks.kafka.topic", ctx)
     _check_output_topics(c, ctx)
     return c
 

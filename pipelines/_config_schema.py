@@ -10,7 +10,8 @@ any) runs and may report more problems or return a replacement. A field named ``
 
 Environment values are parsed as YAML (``[a, b]``, ``4``, ``true``, ``{team: ops}``), except for keys typed ``str``
 or ``str | None``: those take the variable's text as it is, so ``ANOMALYD_KAFKA__GROUP_ID='grp #1'`` is
-``grp #1`` (YAML would read a comment), and an empty value unsets an optional string.
+``grp #1`` (YAML would read a comment), and an empty value unsets an optional string; and keys typed ``int`` or
+``float``: those take decimal text only (YAML 1.1 reads ``010`` as 8 and ``1:30`` as 90).
 """
 
 from __future__ import annotations
@@ -133,15 +134,37 @@ def apply_env(raw: dict, env: Mapping[str, str], prefix: str, root: type, ctx: C
             ctx.err(key, f"not read: a section and its key are separated by two underscores "
                          f"({prefix}{key.replace('.', '__').upper()})")
     for _, name, parts, text in sorted(items):
-        node, key = raw, ""
+        if "" in parts:  # ANOMALYD___ALERTS, ANOMALYD_ALERTS__, ANOMALYD_ALERTS____K: no key of the file's
+            ctx.errors.append(f"environment variable {name}: an empty key name (a leading, trailing or tripled "
+                              f"underscore: {prefix}<SECTION>__<KEY>)")
+            continue
+        node, key, tp = raw, "", root
         for part in parts[:-1]:
             key = join_key(key, part)
+            tp = _field_type(tp, part)
+            if node.get(part) is not None and not isinstance(node[part], dict) and _is_mapping_type(tp):
+                # the file's value, or a shallower variable's, would be dropped unseen
+                ctx.err(key, f"expected a mapping, got {_describe(node[part], key)} ({name} sets a key below it)")
             if not isinstance(node.get(part), dict):
                 node[part], ctx.env_keys[key] = {}, name
             node = node[part]
         key = join_key(key, parts[-1])
         node[parts[-1]] = _parse_env_value(text)
         ctx.env_keys[key], ctx.env_raw[key] = name, text
+
+
+def _field_type(tp: Any, name: str) -> Any:
+    """The type of field ``name`` of dataclass ``tp`` (``X | None`` unwrapped), or None when unknown."""
+    if not dataclasses.is_dataclass(tp) or name not in {f.name for f in dataclasses.fields(tp)}:
+        return None
+    ftp = get_type_hints(tp)[name]
+    if get_origin(ftp) in (Union, types.UnionType):
+        ftp = next((a for a in get_args(ftp) if a is not type(None)), None)
+    return ftp
+
+
+def _is_mapping_type(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp) or get_origin(tp) is dict
 
 
 _SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://")  # Kubernetes sets <SERVICE>_PORT=tcp://... (a Service anomalyd-http)
@@ -203,6 +226,8 @@ def _convert(tp: Any, v: Any, key: str, ctx: Ctx) -> Any:
     if key in ctx.env_raw and (tp is str or (origin in (Union, types.UnionType) and set(args) == {str, type(None)})):
         text = ctx.env_raw[key]  # the variable's text, not YAML: 'grp #1' is not 'grp', '123' is a string
         return None if text == "" and tp is not str else text
+    if key in ctx.env_raw and tp in (int, float):
+        return _env_number(tp, ctx.env_raw[key], key, ctx)
     if origin in (Union, types.UnionType):
         if v is None and type(None) in args:
             return None
@@ -237,6 +262,21 @@ def _convert(tp: Any, v: Any, key: str, ctx: Ctx) -> Any:
         ctx.err(key, f"expected {'a finite ' if tp is float else ''}{tp.__name__}, got {_describe(v, key)}{hint}")
         return _BAD
     return v
+
+
+_ENV_NUMBER = {int: re.compile(r"[+-]?[0-9]+"), float: re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")}
+
+
+def _env_number(tp: type, text: str, key: str, ctx: Ctx) -> Any:
+    """A number from an environment variable's text, decimal only: YAML 1.1 would read ``010`` as 8 (octal) and
+    ``1:30`` as 90 (base 60)."""
+    if _ENV_NUMBER[tp].fullmatch(text.strip()):
+        v = tp(text.strip())
+        if math.isfinite(v):
+            return v
+    what = "a decimal integer such as 30" if tp is int else "a decimal number such as 2.5 or 1e3"
+    ctx.err(key, f"expected {what}, got {text!r}")
+    return _BAD
 
 
 _RULES = {"ge": (operator.ge, "must be >= {}"), "gt": (operator.gt, "must be > {}"),

@@ -79,10 +79,26 @@ def check_security(s: SecurityConfig, data: Mapping, key: str, ctx: Ctx) -> Secu
         ctx.err(join_key(key, name), "a key password needs the key: set ssl_keyfile")
     for name in PASSWORD_KEYS:
         s = _password_from_file(s, name, key, ctx)
+    if s.ssl_cafile is not None and tls and not ctx.is_bad(join_key(key, "ssl_cafile")):
+        _check_ca_file(s.ssl_cafile, join_key(key, "ssl_cafile"), ctx)
     names = ("ssl_certfile", "ssl_keyfile", "ssl_key_password", "ssl_key_password_file")
     if s.ssl_certfile is not None and s.ssl_keyfile is not None and not ctx.is_bad(*(join_key(key, n) for n in names)):
         _check_client_certificate(s, key, ctx)
     return s
+
+
+def _check_ca_file(path: str, key: str, ctx: Ctx) -> None:
+    """Load the CA file with OpenSSL, as both clients will: one that is not PEM certificates is a config error
+    naming the key, not a failed connection."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        ctx.err(key, f"cannot load {path} as CA certificates: {exc.reason or exc} (it must hold PEM certificates, "
+                "-----BEGIN CERTIFICATE-----)")
+    except OSError as exc:
+        ctx.err(key, f"cannot read {path}: {exc.strerror or exc}")
 
 
 def _check_client_certificate(s: SecurityConfig, key: str, ctx: Ctx) -> None:

@@ -52,6 +52,7 @@ from .source import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
 ENV_PREFIX = "ANOMALYD_"
 META_FILE = "model.json"
 SECRET_MASK = "***"
+MAX_SECONDS = 1e9  # the most any *_s key takes (31 years): more overflows the int and timeout conversions it feeds
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,18 @@ class KafkaConfig:
     topic_pattern: str | None = None
     dead_letter_topic: str = rule_field("anomalyd-dead-letter", nonempty=True)
     max_message_bytes: int = rule_field(65536, ge=1)
-    poll_max_records: int = rule_field(5000, ge=1)
-    poll_timeout_ms: int = rule_field(100, ge=0)
+    poll_max_records: int = rule_field(5000, ge=1, le=1_000_000)  # confluent's consume() takes at most 1,000,000
+    # a poll waits at most this long: the liveness check (/healthz) and a stop wait for it on a quiet topic
+    poll_timeout_ms: int = rule_field(100, ge=0, le=10_000)
     poll_ahead: bool = True  # confluent: after a full poll, the next one on a second thread (pipelines/poll_ahead.py)
     # commit at most this often while busy (0: every flush); one commit in flight at a time (pipelines/commits.py)
     commit_interval_ms: int = rule_field(1000, ge=0)
-    fetch_min_bytes: int = rule_field(FETCH_MIN_BYTES, ge=1)  # Kafka's fetch.min.bytes ...
-    fetch_max_wait_ms: int = rule_field(FETCH_MAX_WAIT_MS, ge=0)  # ... and fetch.max.wait.ms
-    session_timeout_ms: int = rule_field(10000, ge=1)
-    heartbeat_interval_ms: int = rule_field(3000, ge=1)
+    # the upper bounds are librdkafka's (it refuses more; the fetch wait is bounded per client by check_kafka), and
+    # max.poll.interval.ms (300,000, both clients' default) must be at least the session timeout
+    fetch_min_bytes: int = rule_field(FETCH_MIN_BYTES, ge=1, le=100_000_000)  # Kafka's fetch.min.bytes ...
+    fetch_max_wait_ms: int = rule_field(FETCH_MAX_WAIT_MS, ge=0, le=300_000)  # ... and fetch.max.wait.ms
+    session_timeout_ms: int = rule_field(10000, ge=1, le=300_000)
+    heartbeat_interval_ms: int = rule_field(3000, ge=1, le=3_600_000)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     max_rebuild_records: int = rule_field(MAX_REBUILD_RECORDS, ge=0)  # per partition, replayed to rebuild windows
     # a commit's metadata at most (the floor, and open incidents handed over; the brokers' offset.metadata.max.bytes
@@ -100,8 +104,9 @@ class ModelsConfig:
     )
     device: str = "auto"
     precision: Literal["float32", "float16", "bfloat16"] = "float32"
-    watch_interval_s: float = rule_field(30.0, gt=0)
-    wait_for_models_s: float = rule_field(0.0, ge=0)  # at start; 0: a served model without a version is exit 2
+    watch_interval_s: float = rule_field(30.0, gt=0, le=MAX_SECONDS)
+    # at start; 0: a served model without a version is exit 2
+    wait_for_models_s: float = rule_field(0.0, ge=0, le=MAX_SECONDS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,13 +135,14 @@ class ProcessingConfig:
     max_delay_ms: int = rule_field(20, ge=0)
     score_in_background: bool = True  # score micro-batch k on a second thread while batch k+1 is polled
     model_threads: int = rule_field(0, ge=0)  # CPU inference threads; 0: adaptive, up to the container's CPUs
-    stream_idle_timeout_s: float = rule_field(86400.0, ge=0)  # forget a stream silent this long (0: never)
+    # forget a stream silent this long (0: never)
+    stream_idle_timeout_s: float = rule_field(86400.0, ge=0, le=MAX_SECONDS)
     # dead-letter the events of a new stream while this many are tracked (0: no limit): ids are memory (a window
     # each), and a producer with a bug or an attacker sending ever new ids would grow it until the container dies
     max_streams: int = rule_field(1_000_000, ge=0)
     # dead-letter an event whose ts is further ahead of its record's broker timestamp (0: never): one garbage time (µs,
     # a corrupt field) made every later event of its stream late, dropped, until the stream was forgotten
-    max_event_time_ahead_s: float = rule_field(86400.0, ge=0)
+    max_event_time_ahead_s: float = rule_field(86400.0, ge=0, le=MAX_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,7 @@ class AlertsConfig:
     k: int = rule_field(3, ge=1)
     n: int = rule_field(5, ge=1, le=64)
     m: int = rule_field(10, ge=1)
-    cooldown_s: float = rule_field(60.0, ge=0)
+    cooldown_s: float = rule_field(60.0, ge=0, le=MAX_SECONDS)
     top_features: int = rule_field(3, ge=0)
 
 
@@ -164,11 +170,12 @@ class AlertmanagerSinkConfig:
 
     enabled: bool = False
     url: str = "http://alertmanager:9093"
-    timeout_s: float = rule_field(5.0, gt=0)
+    timeout_s: float = rule_field(5.0, gt=0, le=MAX_SECONDS)
     max_retries: int = rule_field(5, ge=0)
     labels: dict[str, str] = rule_field({})
     severity: str = rule_field("warning", nonempty=True)  # the alerts' severity label
-    resend_interval_s: float = rule_field(60.0, gt=0)  # a firing alert is re-posted this often (endsAt: 4x ahead)
+    # a firing alert is re-posted this often (endsAt: 4x ahead)
+    resend_interval_s: float = rule_field(60.0, gt=0, le=MAX_SECONDS)
     generator_url: str | None = None  # the alerts' generatorURL (a link back, e.g. to the Grafana dashboard)
 
 
@@ -207,7 +214,7 @@ class MetricsConfig:
 class ShutdownConfig:
     """``shutdown``: how long to drain in-flight work on SIGTERM."""
 
-    grace_period_s: float = rule_field(20.0, ge=0)
+    grace_period_s: float = rule_field(20.0, ge=0, le=MAX_SECONDS)
 
 
 @dataclass(frozen=True)

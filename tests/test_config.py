@@ -157,6 +157,15 @@ def test_route_matching():
                              "sasl_password": "p", "ssl_cafile": _FILE}}}, "kafka.security.ssl_cafile",
      "a CA file is used only with protocol SSL or SASL_SSL, got SASL_PLAINTEXT"),
     ({"kafka": {"security": {"ssl_cafile": _FILE}}}, "kafka.security.ssl_cafile", "got PLAINTEXT"),
+    ({"kafka": {"security": {"protocol": "SSL", "ssl_cafile": _FILE}}}, "kafka.security.ssl_cafile",
+     "as CA certificates: NO_CERTIFICATE_OR_CRL_FOUND (it must hold PEM certificates"),  # was a failed connection
+    ({"default_models": ["sensors-gru", "sensors-gru"]}, "default_models", "lists a model twice"),  # as a route
+    ({"kafka": {"bootstrap_servers": ","}}, "kafka.bootstrap_servers", "no broker in ','"),
+    ({"kafka": {"bootstrap_servers": " "}}, "kafka.bootstrap_servers", "no broker in ' '"),
+    ({"kafka": {"poll_timeout_ms": 10001}}, "kafka.poll_timeout_ms", "must be <= 10000"),  # /healthz: 60 s
+    ({"alerts": {"cooldown_s": 1e16}}, "alerts.cooldown_s", "must be <= 1000000000.0"),  # OverflowError in scoring
+    ({"models": {"watch_interval_s": 1e300}}, "models.watch_interval_s", "must be <= 1000000000.0"),
+    ({"shutdown": {"grace_period_s": 1e10}}, "shutdown.grace_period_s", "must be <= 1000000000.0"),
 ])
 def test_error_kinds(d, key, text):
     assert text in one_error(d, key)
@@ -315,7 +324,7 @@ def test_env_errors_name_the_variable(tmp_path):
         "auto_offset_reset, max_rebuild_records, commit_metadata_max_bytes, security)",
         "environment variable ANOMALYD_NOPE__X: nope: unknown key (known keys: kafka, models, routes, "
         "default_models, processing, alerts, sinks, http, metrics, shutdown)",
-        "environment variable ANOMALYD_HTTP__PORT: http.port: expected int, got list [1]",
+        "environment variable ANOMALYD_HTTP__PORT: http.port: expected a decimal integer such as 30, got '[1]'",
         "environment variable ANOMALYD_MODELS__SERVED__0__VERSION: models.served: expected a list, "
         "got dict {'0': {'version': 2}}",
     ])
@@ -520,3 +529,118 @@ def test_the_client_certificate_and_key_are_loaded_at_start(client_tls):
         assert text in line and "cannot load" in line and "pw-7f3k" not in line, line
     line = one_error({"kafka": {"security": {"ssl_key_password": "x"}}}, "kafka.security.ssl_key_password")
     assert "set ssl_keyfile" in line
+
+
+# ---------------------------------------------------------------------------------------------- Kafka limits
+
+
+_CLIENT_MAXIMA = {"session_timeout_ms": 300_000, "heartbeat_interval_ms": 3_600_000, "fetch_max_wait_ms": 300_000,
+                  "fetch_min_bytes": 100_000_000, "poll_max_records": 1_000_000}
+
+
+@pytest.mark.parametrize("name", sorted(_CLIENT_MAXIMA))
+def test_kafka_numbers_the_clients_refuse_are_refused_at_load(name):
+    """librdkafka refused them when `run` built its consumer (a traceback, exit 1), consume() a poll of more than
+    1,000,000 records; session_timeout_ms over max.poll.interval.ms (300,000) too."""
+    most = _CLIENT_MAXIMA[name]
+    kafka = {"client": "confluent", "session_timeout_ms": 300_000, name: most + 1}
+    errors = errors_of({"kafka": kafka})
+    assert errors[0] == f"<string>: kafka.{name}: must be <= {most}, got {most + 1}", errors
+
+
+def test_the_kafka_maxima_are_what_the_clients_take():
+    """At the bounds the real clients build their consumers (no broker needed); one more and they refuse."""
+    confluent_kafka = pytest.importorskip("confluent_kafka")
+    conf = {"bootstrap.servers": "127.0.0.1:1", "group.id": "g", "session.timeout.ms": 300_000,
+            "heartbeat.interval.ms": 3_600_000, "fetch.wait.max.ms": 300_000, "fetch.min.bytes": 100_000_000,
+            "logger": __import__("logging").getLogger("test-librdkafka")}
+    consumer = confluent_kafka.Consumer(conf)
+    try:
+        assert consumer.consume(num_messages=1_000_000, timeout=0) == []
+        with pytest.raises(ValueError):
+            consumer.consume(num_messages=1_000_001, timeout=0)
+    finally:
+        consumer.close()
+    for name in ("session.timeout.ms", "heartbeat.interval.ms", "fetch.wait.max.ms", "fetch.min.bytes"):
+        with pytest.raises(confluent_kafka.KafkaException):
+            confluent_kafka.Consumer(conf | {name: conf[name] + 1})
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaConfigurationError
+
+    with pytest.raises(KafkaConfigurationError):
+        KafkaConsumer(bootstrap_servers="127.0.0.1:1", fetch_max_wait_ms=30000, api_version=(2, 5, 0))
+    KafkaConsumer(bootstrap_servers="127.0.0.1:1", fetch_max_wait_ms=29999, api_version=(2, 5, 0)).close()
+
+
+def test_the_fetch_wait_is_bounded_by_the_client(tmp_path):
+    """kafka-python refuses a fetch wait of its request timeout (30 s) or more; librdkafka's fetches time out past
+    its socket timeout (60 s). The client set from the environment is named."""
+    line = one_error({"kafka": {"fetch_max_wait_ms": 30000}}, "kafka.fetch_max_wait_ms")
+    assert line.endswith("must be < 30000 with kafka.client kafka-python (its request_timeout_ms: it refuses more), "
+                         "got 30000"), line
+    assert Config.from_dict({"kafka": {"fetch_max_wait_ms": 29999}}).kafka.fetch_max_wait_ms == 29999
+    path = write_yaml(tmp_path, {"kafka": {"fetch_max_wait_ms": 59000}})
+    (line,) = errors_of(path=path, env={"ANOMALYD_KAFKA__CLIENT": "confluent"})
+    assert line.startswith(f"{path}: kafka.fetch_max_wait_ms: must be < 59000 with kafka.client confluent")
+    assert line.endswith("(kafka.client from environment variable ANOMALYD_KAFKA__CLIENT)"), line
+    assert load_config(path, env={"ANOMALYD_KAFKA__CLIENT": "confluent",
+                                  "ANOMALYD_KAFKA__FETCH_MAX_WAIT_MS": "58999"}).kafka.fetch_max_wait_ms == 58999
+
+
+@pytest.mark.parametrize("topic", ["", ".", "..", "a b", "sensors/1", "x" * 250, "tópico", "a,b"])
+def test_topic_names_kafka_refuses_are_refused_at_load(topic):
+    for key, d in (("kafka.topics[0]", {"kafka": {"topics": [topic]}}),
+                   ("kafka.dead_letter_topic", {"kafka": {"dead_letter_topic": topic}}),
+                   ("sinks.kafka.topic", {"sinks": {"kafka": {"topic": topic}}})):
+        line = one_error(d, key)
+        assert ("must not be empty" if not topic else f"not a legal Kafka topic name: {topic!r}") in line, line
+    assert Config.from_dict({"kafka": {"topics": ["a.b_c-D9", "x" * 249, "..."]}}).kafka.topics[1] == "x" * 249
+
+
+# ---------------------------------------------------------------------------------------------- environment, more
+
+
+@pytest.mark.parametrize(("var", "text", "want"), [
+    ("ANOMALYD_ALERTS__K", "010", "010"), ("ANOMALYD_ALERTS__COOLDOWN_S", "1:30", "1:30"),
+    ("ANOMALYD_ALERTS__K", "0x10", "0x10"), ("ANOMALYD_ALERTS__K", "true", "true"),
+    ("ANOMALYD_ALERTS__COOLDOWN_S", ".inf", ".inf"), ("ANOMALYD_ALERTS__COOLDOWN_S", "1e999", "1e999"),
+])
+def test_numbers_from_the_environment_are_decimal_text(var, text, want):
+    """YAML 1.1 read 010 as 8 (octal) and 1:30 as 90 (base 60), silently."""
+    if text == "010":
+        assert load_config(None, env={var: text, "ANOMALYD_ALERTS__N": "20"}).alerts.k == 10
+        return
+    key = var.removeprefix("ANOMALYD_").lower().replace("__", ".")
+    (line,) = errors_of(env={var: text})
+    assert line.startswith(f"environment variable {var}: {key}: expected a decimal ") and line.endswith(f"{want!r}")
+
+
+def test_numbers_from_the_environment():
+    env = {"ANOMALYD_ALERTS__COOLDOWN_S": "1e3", "ANOMALYD_ALERTS__M": " +7 ", "ANOMALYD_MODELS__WATCH_INTERVAL_S": "2"}
+    cfg = load_config(None, env=env)
+    assert (cfg.alerts.cooldown_s, cfg.alerts.m, cfg.models.watch_interval_s) == (1000.0, 7, 2.0)
+
+
+def test_a_file_value_that_is_not_a_mapping_is_not_dropped_by_a_variable_below_it(tmp_path):
+    """`sinks: {alertmanager: true}` and ANOMALYD_SINKS__ALERTMANAGER__URL made a valid config, the sink off."""
+    path = tmp_path / "anomalyd.yaml"
+    path.write_text("sinks: {alertmanager: true}\nkafka: [a]\n")
+    env = {"ANOMALYD_SINKS__ALERTMANAGER__URL": "http://am:9093", "ANOMALYD_KAFKA__GROUP_ID": "g"}
+    assert sorted(errors_of(path=path, env=env)) == [
+        f"{path}: kafka: expected a mapping, got list ['a'] (ANOMALYD_KAFKA__GROUP_ID sets a key below it)",
+        f"{path}: sinks.alertmanager: expected a mapping, got bool True (ANOMALYD_SINKS__ALERTMANAGER__URL sets a "
+        "key below it)"]
+    env = {"ANOMALYD_SINKS__ALERTMANAGER": "on", "ANOMALYD_SINKS__ALERTMANAGER__ENABLED": "true"}
+    assert errors_of(env=env) == [
+        "environment variable ANOMALYD_SINKS__ALERTMANAGER: sinks.alertmanager: expected a mapping, got bool True "
+        "(ANOMALYD_SINKS__ALERTMANAGER__ENABLED sets a key below it)"]
+    path.write_text("sinks:\n  alertmanager:\n")  # empty: the defaults, then the variable
+    assert load_config(path, env={"ANOMALYD_SINKS__ALERTMANAGER__ENABLED": "true"}).sinks.alertmanager.enabled
+
+
+@pytest.mark.parametrize("var", ["ANOMALYD___ALERTS", "ANOMALYD_ALERTS__", "ANOMALYD_ALERTS____K"])
+def test_a_variable_with_an_empty_key_name_is_named(var):
+    """ANOMALYD___ALERTS was blamed on the file: '(top level): unknown key'."""
+    assert errors_of(path=EXAMPLE, env={var: "x"}) == [
+        f"environment variable {var}: an empty key name (a leading, trailing or tripled underscore: "
+        "ANOMALYD_<SECTION>__<KEY>)"]
