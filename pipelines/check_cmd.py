@@ -152,8 +152,15 @@ def _check_alertmanager(cfg: Config) -> tuple[list[str], list[str]]:
         status = json.loads(AlertmanagerHTTP(am.url).open("/api/v2/status", am.timeout_s))
     except (OSError, ValueError) as exc:  # URLError, HTTPError, redirect, refused, timeout, not JSON
         return [], [f"sinks.alertmanager.url: {shown}: no Alertmanager status: {type(exc).__name__}: {exc}"]
-    version = status.get("versionInfo", {}).get("version", "?")
-    cluster = status.get("cluster", {}).get("status", "?")
+    if not isinstance(status, dict):  # a proxy's or another service's JSON at that URL
+        return [], [f"sinks.alertmanager.url: {shown}: no Alertmanager status: /api/v2/status answered "
+                    f"{type(status).__name__} JSON, not an object"]
+
+    def part(name: str, key: str) -> str:
+        value = status.get(name)
+        return str(value.get(key, "?")) if isinstance(value, dict) else "?"
+
+    version, cluster = part("versionInfo", "version"), part("cluster", "status")
     return [f"alertmanager {shown}: version {version}, cluster {cluster}"], []
 
 

@@ -332,3 +332,43 @@ def test_an_unexpected_error_is_one_json_record_with_its_trace_and_exit_1():
     (error,) = [r for r in records if r["level"] == "CRITICAL"]
     assert error["message"] == "anomalyd: stopped by an unexpected error: RuntimeError: the broker went away"
     assert "Traceback" in error["exception"] and "boom" in error["exception"]
+
+
+@pytest.mark.parametrize(("body", "line"), [
+    (b"[]", "no Alertmanager status: /api/v2/status answered list JSON, not an object"),
+    (b'"ok"', "no Alertmanager status: /api/v2/status answered str JSON, not an object"),
+    (b'{"versionInfo": "0.27", "cluster": null}', "version ?, cluster ?"),
+    (b'{"versionInfo": {"version": "0.27.0"}, "cluster": {"status": "ready"}}', "version 0.27.0, cluster ready"),
+])
+def test_an_alertmanager_status_that_is_not_an_object_is_a_problem_not_a_crash(body, line):
+    """check --connect crashed with AttributeError on a status that was JSON but not an object (a proxy's)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from pipelines.check_cmd import _check_alertmanager
+    from pipelines.config import Config
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = Config.from_dict({"sinks": {"alertmanager": {"enabled": True, "url": url}}})
+        lines, problems = _check_alertmanager(cfg)
+    finally:
+        server.shutdown()
+        server.server_close()
+    if "no Alertmanager status" in line:
+        assert (lines, problems) == ([], [f"sinks.alertmanager.url: {url}: {line}"])
+    else:
+        assert (lines, problems) == ([f"alertmanager {url}: {line}"], [])
