@@ -3,6 +3,9 @@ process, timed alternately (this shared machine's drift then hits both alike).
 
     python -m benchmarks.kernel_ab --base d7274f3~1 --kind gru --hidden 64      # item 14 of RESULTS.md
     python -m benchmarks.kernel_ab --base 6ad6478~1 --kind lstm                 # item 20
+
+A base before e7aec8d (bfloat16 products) has ae_forward/ae_score without their last argument, ``bf16``, which
+``FusedAutoencoder`` now passes: such a module is called through :class:`Float32Only`, which drops it (float32).
 """
 
 from __future__ import annotations
@@ -27,6 +30,41 @@ def _build(name: str, root: Path):
 
     return load(name, [str(root / "_fused_rnn.cpp")], extra_cflags=fastpath.compile_flags(),
                 extra_ldflags=["-fopenmp"], build_directory=str(root), verbose=False)
+
+
+class Float32Only:
+    """A kernel module built before e7aec8d, as ``FusedAutoencoder`` calls one now: its ``ae_forward`` and
+    ``ae_score`` take the arguments of the current ones but the trailing ``bf16`` (False: float32 products, all
+    such a kernel has); every other attribute is the module's own. ``bf16_supported`` says False."""
+
+    def __init__(self, module) -> None:
+        self._module = module
+
+    @staticmethod
+    def bf16_supported() -> bool:
+        return False
+
+    def ae_forward(self, *args):
+        return self._module.ae_forward(*self._float32(args))
+
+    def ae_score(self, *args):
+        return self._module.ae_score(*self._float32(args))
+
+    @staticmethod
+    def _float32(args: tuple) -> tuple:
+        *rest, bf16 = args
+        if bf16:
+            raise ValueError("this kernel predates the bfloat16 products (e7aec8d): float32 only")
+        return tuple(rest)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+def adapt(module):
+    """``module`` as ``FusedAutoencoder`` calls it: as it is when it has the bfloat16 products' argument (it
+    reports ``bf16_supported``, added with it in e7aec8d), else through :class:`Float32Only`."""
+    return module if hasattr(module, "bf16_supported") else Float32Only(module)
 
 
 def _checkout(rev: str, dest: Path) -> None:
@@ -62,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             src = common.REPO / path
             if src.exists():
                 (b_dir / src.name).write_bytes(src.read_bytes())
-        mods = {"A": _build("kernel_ab_a", a_dir), "B": _build("kernel_ab_b", b_dir)}
+        mods = {"A": adapt(_build("kernel_ab_a", a_dir)), "B": adapt(_build("kernel_ab_b", b_dir))}
         torch.manual_seed(0)
         model = build_model(ModelConfig(kind=args.kind, n_features=args.features, window=64,
                                         hidden_size=args.hidden, latent_size=16)).eval()
