@@ -3,6 +3,9 @@
 # what is left of the budget (first argument, default 540 s) and writes <step>.json and .log, packed after every
 # step into $OUT/results.tgz (a call brings back at most 8 files), so a step cut short still leaves the ones before
 # it. STEPS picks and orders them (default: the ninth session's set):
+#   gpu                benchmarks.gpu (no Kafka): the engine sweep, copies, InferenceEngine.score and the scoring
+#                      half of the pipeline from memory (its own budget: 240 s, --quick 60 s)
+#   gpu-quick          the same with --quick (one F and H, 1,000 streams; about a minute)
 #   pipeline           the pipeline through a real broker at 1,000 and 100,000 streams
 #   pipeline-fp16      the daemon in float16 (1,000 streams)
 #   latency            event->alert latency at half capacity
@@ -18,6 +21,7 @@
 #   bash benchmarks/device_bundle.sh                           # here, once: .device-bundle (Java, Kafka, wheels)
 #   run(command="bash benchmarks/device_run.sh", carry=[".device-bundle"], timeout_s=600)
 #   run(command="STEPS='gpu-checks graphs-on graphs-off graphs-on' bash benchmarks/device_run.sh", ...)
+#   run(command="STEPS='gpu pipeline' bash benchmarks/device_run.sh", ...)   # the GPU sweep, then the pipeline
 #
 # DEVICE=cpu EXTRA=--quick bash benchmarks/device_run.sh 120   # a dry run of the steps on this machine
 set -uo pipefail
@@ -62,6 +66,8 @@ for name in ${STEPS:-pipeline pipeline-fp16 latency pipeline-pydecode}; do
     pipeline-fp16) step pipeline-fp16 "${one_k[@]}" --precision float16 --repeats 3 ;;
     latency) step latency latency --device "$device" --seconds 30 --warm-broker-s 10 ;;
     pipeline-pydecode) ANOMALYD_NATIVE_DECODE=0 step pipeline-pydecode "${one_k[@]}" ;;
+    gpu) step gpu gpu --device "$device" ;;
+    gpu-quick) step gpu-quick gpu --device "$device" --quick ;;
     gpu-checks) step gpu-checks gpu_checks --device "$device" ;;
     graphs-on) ANOMALYD_CUDA_GRAPHS=auto step graphs-on "${one_k[@]}" ;;
     graphs-off) ANOMALYD_CUDA_GRAPHS=0 step graphs-off "${one_k[@]}" ;;
