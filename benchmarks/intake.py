@@ -10,11 +10,13 @@ start-up objects, before and after ``gc.freeze()``.
     python -m benchmarks.intake --chunk 5000 --streams 1000 --score-overhead  # the scoring step beside the model
     python -m benchmarks.intake --chunk 5000 --streams 1000 --score-overhead --models gru,lstm --top-k 10
     python -m benchmarks.intake --chunk 5000 --streams 1000 --neighbour-ops 0 --neighbour-ops 10 --neighbour-ops 50
+
+Every mode writes its numbers to ``--json`` (default ``~/.cache/anomalyd/bench/intake.json``), with the garbage
+collection's; ``--quick``: 10,000 events (or 1 per stream if more) unless ``--events`` says otherwise.
 """
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import gc
 import pstats
@@ -32,10 +34,11 @@ from .pipeline import models_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser("intake", __doc__)
     p.add_argument("--chunk", type=int, default=80, help="records per poll batch (default 80)")
     p.add_argument("--streams", type=int, default=1000)
-    p.add_argument("--events", type=int, default=None, help="events (default: 60,000, or 3 per stream if more)")
+    p.add_argument("--events", type=int, default=None,
+                   help="events (default: 60,000, or 3 per stream if more; --quick: 10,000, or 1 per stream)")
     p.add_argument("--stride", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="run under cProfile and print the top functions")
     p.add_argument("--decode-ab", action="store_true",
@@ -62,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="gru", choices=["gru", "lstm", "gru,lstm"],
                    help="the route's models (default gru; gru,lstm: two models combined, as in the demo)")
     p.add_argument("--top-k", type=int, default=0, help="metrics.top_k_streams (default 0: the gauge off)")
-    p.add_argument("--json", type=Path, default=None,
-                   help="also write the numbers of --overhead, --neighbour-ops or --score-overhead to this file")
     p.add_argument("--malloc", choices=["daemon", "default"], default="daemon",
                    help="daemon: glibc malloc settings as Daemon.run applies them (pipelines.allocator); default: "
                         "glibc's own")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.source import RecordBatch
 
     fleet = common.Fleet(args.streams, harness.FEATURES)
-    n_events = args.events or max(60_000, 3 * args.streams)
+    n_events = args.events or (max(10_000, args.streams) if args.quick else max(60_000, 3 * args.streams))
     pairs = 4 if args.overhead else 4 * len(args.neighbour_ops) if args.neighbour_ops else 1
     # --overhead: every pair's process gets new events
     messages, keys, _ = _data(fleet, n_events * pairs, by_name=args.values == "object")
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     frozen_ms = (time.perf_counter() - t) * 1000
     print(f"full garbage collection: {full_ms:.1f} ms with {tracked:,} tracked objects; {frozen_ms:.3f} ms after "
           "gc.freeze()")
+    args.facts = {"quick": args.quick, "streams": args.streams, "chunk": args.chunk, "stride": args.stride,
+                  "events": n_events, "values": args.values, "models": args.models, "malloc": args.malloc,
+                  "gc": {"full_ms": full_ms, "tracked_objects": tracked, "frozen_ms": frozen_ms}}
 
     batches = []
     for start in range(0, n_events * pairs, args.chunk):
@@ -125,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                 daemon._take_pending()  # drop the due windows: intake only, no model call
 
     if args.decode_ab:
-        return _decode_ab(daemon, batches)
+        return _decode_ab(daemon, batches, args)
     if args.native_ab:
-        return _native_ab(daemon, batches)
+        return _native_ab(daemon, batches, args)
     if args.overhead:
         return _overhead(daemon, batches, pairs, go, args)
     if args.neighbour_ops:
@@ -146,7 +150,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{dt / n_events * 1e6:.1f} us/event{' (under cProfile)' if prof else ''}")
     if prof:
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(20)
+    _write(args, {"mode": "intake", "events_s": n_events / dt, "us_per_event": dt / n_events * 1e6,
+                  "profiled": bool(prof)})
     return 0
+
+
+def _write(args, payload: dict) -> None:
+    """The mode's numbers, with the run's facts (``args.facts``: sizes, garbage collection), to ``--json``."""
+    common.write_json(args.json, "intake", {**args.facts, **payload})
 
 
 def _overhead(daemon, batches: list, pairs: int, go, args) -> int:
@@ -172,9 +183,8 @@ def _overhead(daemon, batches: list, pairs: int, go, args) -> int:
         print(f"pair {rep + 1}: decode_batch {dec:.2f} us/event, Daemon.process {proc:.2f} us/event, "
               f"intake beyond decoding {proc - dec:.2f} us/event")
     print(f"intake beyond decoding, median of {pairs}: {sorted(diffs)[len(diffs) // 2]:.2f} us/event")
-    if args.json:
-        common.write_json(args.json, "intake", {"mode": "overhead", "streams": args.streams, "chunk": args.chunk,
-                                                "stride": args.stride, "pairs_us_per_event": pairs_us})
+    _write(args, {"mode": "overhead", "pairs_us_per_event": pairs_us,
+                  "median_us_per_event": sorted(diffs)[len(diffs) // 2]})
     return 0
 
 
@@ -216,10 +226,7 @@ def _neighbour_ab(batches: list, args, go) -> int:
                   f"{us:.2f} us/event")
     for n_ops, us in results.items():
         print(f"{n_ops} calls per burst: median {sorted(us)[len(us) // 2]:.2f} us/event over 4 rounds")
-    if args.json:
-        common.write_json(args.json, "intake", {"mode": "neighbour", "call": args.neighbour_call,
-                                                "streams": args.streams, "chunk": args.chunk, "stride": args.stride,
-                                                "us_per_event": results})
+    _write(args, {"mode": "neighbour", "call": args.neighbour_call, "us_per_event": results})
     return 0
 
 
@@ -266,11 +273,8 @@ def _score_overhead(daemon, batches: list, args) -> int:
           f"in all, model {model / windows * 1e6:.2f}, beside the model {(total - model) / windows * 1e6:.2f}")
     if prof:
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
-    if args.json:
-        common.write_json(args.json, "intake", {"mode": "score-overhead", "streams": args.streams, "chunk": args.chunk,
-                                                "models": args.models, "top_k": args.top_k,
-                                                "windows": windows, "us_per_window": total / windows * 1e6,
-                                                "model_us_per_window": model / windows * 1e6})
+    _write(args, {"mode": "score-overhead", "top_k": args.top_k, "windows": windows,
+                  "us_per_window": total / windows * 1e6, "model_us_per_window": model / windows * 1e6})
     return 0
 
 
@@ -295,7 +299,7 @@ def _score_timed(daemon, taken: list) -> float:
     return spent
 
 
-def _native_ab(daemon, batches: list) -> int:
+def _native_ab(daemon, batches: list, args) -> int:
     from pipelines import decode
     from pipelines.decode import SpecCache
 
@@ -306,38 +310,44 @@ def _native_ab(daemon, batches: list) -> int:
     kept = SpecCache(daemon.intake._features_of)
     chooser = decode._native_decoder
     try:
-        _decode_pairs(batches, {name: (lambda m=module: setattr(decode, "_native_decoder", lambda: m), kept)
-                                for name, module in (("native", native), ("python", None))})
+        pairs = _decode_pairs(batches, {name: (lambda m=module: setattr(decode, "_native_decoder", lambda: m), kept)
+                                        for name, module in (("native", native), ("python", None))})
     finally:
         decode._native_decoder = chooser
+    _write(args, {"mode": "native-ab", "pairs_us_per_event": pairs})
     return 0
 
 
-def _decode_ab(daemon, batches: list) -> int:
+def _decode_ab(daemon, batches: list, args) -> int:
     from pipelines.decode import SpecCache, decode_batch
 
     intake = daemon.intake
     kept = SpecCache(intake._features_of)
     for b in batches:  # warm the router's cache and the SpecCache
         decode_batch(b.value, b.key, b.timestamp, kept, 65536)
-    _decode_pairs(batches, {"lookup per batch": (lambda: None, intake._features_of), "SpecCache": (lambda: None, kept)})
+    pairs = _decode_pairs(batches, {"lookup per batch": (lambda: None, intake._features_of),
+                                    "SpecCache": (lambda: None, kept)})
+    _write(args, {"mode": "decode-ab", "pairs_us_per_event": pairs})
     return 0
 
 
-def _decode_pairs(batches: list, variants: dict) -> None:
+def _decode_pairs(batches: list, variants: dict) -> list[dict]:
     """``decode_batch`` over all ``batches`` with each variant in turn, 4 rounds: {name: (set-up, lookup)}, the
-    set-up called before each timed pass."""
+    set-up called before each timed pass. Returns each round's us/event by variant."""
     from pipelines.decode import decode_batch
 
     n = sum(len(b) for b in batches)
+    rounds = []
     for rep in range(4):
+        rounds.append({})
         for name, (set_up, lookup) in variants.items():
             set_up()
             t = time.perf_counter()
             for b in batches:
                 decode_batch(b.value, b.key, b.timestamp, lookup, 65536)
-            print(f"pair {rep + 1}: decode_batch, {name}: {(time.perf_counter() - t) / n * 1e6:.2f} us/event")
-
+            rounds[-1][name] = (time.perf_counter() - t) / n * 1e6
+            print(f"pair {rep + 1}: decode_batch, {name}: {rounds[-1][name]:.2f} us/event")
+    return rounds
 
 if __name__ == "__main__":
     raise SystemExit(main())
