@@ -194,7 +194,8 @@ def instrument(daemon: Any, phases: Phases) -> None:
 
 
 def raw_rate(spec: dict) -> dict:
-    """(a) The same client and decoder as the daemon, no detection: poll + ``decode_batch`` until N events."""
+    """(a) The same client and decoder as the daemon, no detection: poll + ``decode_batch`` until N events (every
+    one of which must decode: a record that does not is no event of a)."""
     from pipelines import native_decode
     from pipelines.allocator import keep_freed_memory
     from pipelines.decode import FeatureSpec, SpecCache, decode_batch
@@ -226,6 +227,8 @@ def raw_rate(spec: dict) -> dict:
         src.close()
     if n < spec["n_events"]:
         raise RuntimeError(f"raw consumer read {n} of {spec['n_events']} events before its timeout")
+    if ok != n:  # a = events decoded per second: a record that did not decode must not count in it
+        raise RuntimeError(f"raw consumer decoded {ok} of the {n} events it read")
     return {"events": n, "decoded": ok, "events_s": (n - n_first) / (t_end - t_first), "rss": common.rss_bytes(),
             "cpu": common.cpu_used(cpu_first, cpu_end, t_end - t_first, n - n_first)}
 
@@ -275,7 +278,8 @@ def seed_windows(daemon: Any, fleet: common.Fleet, first_step: int, stride: int)
 
 
 def daemon_rate(spec: dict) -> dict:
-    """(b) anomalyd end to end: ``Daemon.run(count=N)`` with warm window buffers; rate, memory, histograms."""
+    """(b) anomalyd end to end: ``Daemon.run(count=N)`` with warm window buffers; rate, memory, histograms. The
+    events it counts must have been scored (:func:`check_scored`, else ``RuntimeError``)."""
     import torch
 
     from pipelines.config import load_config
@@ -311,18 +315,60 @@ def daemon_rate(spec: dict) -> dict:
     if code != 0 or daemon.events_seen < spec["n_events"] or src.t_first is None or src.t_commit is None:
         raise RuntimeError(f"daemon exit {code}, saw {daemon.events_seen} of {spec['n_events']} events")
     route = daemon.routes[0]
+    metrics = metric_summary(daemon.registry)
+    scoring = check_scored(metrics, daemon.events_seen, spec["stride"], spec["models"])  # raises when they were not
     out = {"events": daemon.events_seen, "events_s": (daemon.events_seen - src.n_first) / (src.t_commit - src.t_first),
            "seconds": src.t_commit - src.t_first, "rss": src.rss_commit, "rss_after_close": common.rss_bytes(),
            "rss_start": rss0,
            "rss_models": rss_models, "rss_seeded": rss_seeded, "buffer_bytes": route.buffer.memory_bytes(),
            "streams": len(route.stream_names), "fused": daemon.engine.fused,
-           "metrics": metric_summary(daemon.registry), "phases": phases.report(),
+           "metrics": metrics, "scoring": scoring, "phases": phases.report(),
            "threads": torch.get_num_threads(), "cpu_s": cpu_s, "cpu_threads": cpu_threads,
            "scoring_threads": None if daemon.scoring_threads is None else  # model_threads 0: adaptive (last, switches)
            {"last": daemon.scoring_threads.threads, "switches": daemon.scoring_threads.switches},
            "cpu": common.cpu_used(src.cpu_first, src.cpu_commit, src.t_commit - src.t_first,
                            daemon.events_seen - src.n_first)}
     return out
+
+
+SCORED_AT_LEAST = 0.99  # of the events a daemon run read, with outcome "scored"
+WINDOWS_WITHIN = 0.05  # relative difference of each model's windows scored from the scored events / stride
+
+
+def check_scored(metrics: Mapping[str, Any], events: int, stride: int, models: list[str]) -> dict:
+    """That a daemon run's rate (b) counts events it scored: ``anomalyd_events_total{outcome="scored"}`` at least
+    ``SCORED_AT_LEAST`` of the ``events`` it read (and not more), and each model's ``anomalyd_windows_scored_total``
+    within ``WINDOWS_WITHIN`` of those events / ``stride``. Raises ``RuntimeError`` naming the outcomes otherwise:
+    records replayed to rebuild windows, unrouted, dead-lettered, late or still warming are read (and counted in
+    ``events_seen``) without being scored, and must not pass for throughput. ``metrics``: :func:`metric_summary`'s.
+    Returns the counts."""
+    outcomes: dict[str, float] = {}
+    for key, value in metrics.get("anomalyd_events", {}).items():
+        outcome = _labels(key).get("outcome", "")
+        outcomes[outcome] = outcomes.get(outcome, 0.0) + value
+    windows = {model: 0.0 for model in models}
+    for key, value in metrics.get("anomalyd_windows_scored", {}).items():
+        model = _labels(key).get("model", "")
+        if model in windows:
+            windows[model] += value
+    scored = outcomes.get("scored", 0.0)
+    expected = scored / stride
+    problems = []
+    if not SCORED_AT_LEAST * events <= scored <= events:
+        problems.append(f"{scored:,.0f} of the {events:,} events read were scored (outcomes: "
+                        + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(outcomes.items()) if v) + ")")
+    for model, n in windows.items():
+        if abs(n - expected) > WINDOWS_WITHIN * max(expected, 1.0):
+            problems.append(f"model {model} scored {n:,.0f} windows, {expected:,.0f} expected (scored events / "
+                            f"stride {stride})")
+    if problems:
+        raise RuntimeError("the daemon's rate would count events it did not score: " + "; ".join(problems))
+    return {"scored_events": scored, "outcomes": outcomes, "windows_scored": windows, "windows_expected": expected}
+
+
+def _labels(key: str) -> dict[str, str]:
+    """``metric_summary``'s counter key ``"k1=v1|k2=v2"`` -> {k1: v1, k2: v2}."""
+    return dict(part.split("=", 1) for part in key.split("|") if "=" in part)
 
 
 def engine_rate(spec: dict) -> dict:
