@@ -19,32 +19,97 @@ from detector.training import TrainConfig, enough_rows, load_series, train_detec
 
 from ._config_checks import is_plain_name
 from .config import KafkaConfig, load_config
-from .decode import FeatureSpec, decode_batch
+from .decode import FeatureSpec, _broker_ts, _parse_ts, _Reject, decode_batch
 from .intake import _MS_LOW
 from .kafka_security import client_security_config, kafka_python_bootstrap
 from .model_store import ModelStore
 
-__all__ = ["train_command", "read_topic_series"]
+__all__ = ["train_command", "read_topic_series", "parse_features"]
 
 
-def _infer_features(values: list[bytes], streams_glob: str = "*") -> list[str]:
-    """Feature names from the first message of a stream ``streams_glob`` takes that has any: dict keys in order,
-    else f0..fN-1 (``value``: f0)."""
-    for raw in values:
+def parse_features(text: str) -> list[str]:
+    """``--features``' comma-separated names, each stripped; ValueError naming --features unless they are distinct
+    and non-empty (the daemon's loader refuses a model whose names are not: the version would never be served)."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise ValueError(f"--features: an empty name in {text!r} (comma-separated names: none between two commas "
+                         "or at either end)")
+    if problem := _names_problem(names):
+        raise ValueError(f"--features: {problem}, got {text!r}")
+    return names
+
+
+def _names_problem(names: list[str]) -> str | None:
+    """What makes ``names`` unusable as a model's feature names (empty or blank, or one named twice), or None."""
+    if not all(name.strip() for name in names):
+        return "feature names must be non-empty"
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        return f"feature {twice[0]!r} is named twice"
+    return None
+
+
+def _check_selection(from_ms: int | None, to_ms: int | None, feature_names: list[str] | None) -> None:
+    """ValueError, before the topic is read, for a time range that selects nothing or unusable feature names."""
+    if from_ms is not None and to_ms is not None and from_ms > to_ms:
+        raise ValueError(f"--from-ms: {from_ms} is after --to-ms {to_ms}: the range selects nothing")
+    if feature_names is not None and (problem := _names_problem(feature_names)):
+        raise ValueError(f"--features: {problem}, got {feature_names!r:.200}")
+
+
+def _in_range(ts: int, from_ms: int | None, to_ms: int | None) -> bool:
+    return (from_ms is None or ts >= from_ms) and (to_ms is None or ts <= to_ms)
+
+
+def _event_ts(msg: dict, broker_ts: int) -> int | None:
+    """The message's event time as the daemon reads it (its ``ts``, else the broker's); None when it has none."""
+    ts = msg.get("ts")
+    if type(ts) is int and -(2**63) <= ts < 2**63:
+        return ts
+    try:
+        return _broker_ts(broker_ts) if ts is None else _parse_ts(ts)
+    except _Reject:
+        return None
+
+
+def _stream_of(msg: dict, key: bytes | None) -> str | None:
+    """The message's stream id as the daemon reads it (``stream``, else the key); None when it has none."""
+    stream = msg.get("stream")
+    if isinstance(stream, str) and stream:
+        return stream
+    if stream is not None and not isinstance(stream, str) or not key:
+        return None
+    try:
+        return bytes(key).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _infer_features(records: list[tuple[bytes, bytes | None, int]], streams_glob: str = "*",
+                    from_ms: int | None = None, to_ms: int | None = None) -> list[str] | None:
+    """Feature names from the first message of a stream ``streams_glob`` takes, within from_ms..to_ms, that has
+    any: dict keys in order, else f0..fN-1 (``value``: f0); None when no message has. ValueError naming --features
+    when the names found are not usable (an empty key)."""
+    for raw, key, broker_ts in records:
         try:
             msg = json.loads(raw)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             continue
-        stream = msg.get("stream") if isinstance(msg, dict) else None
-        if isinstance(stream, str) and not fnmatch.fnmatchcase(stream, streams_glob):
+        if not isinstance(msg, dict):
             continue
-        if isinstance(msg, dict):
-            vals = msg.get("values", [msg["value"]] if "value" in msg else None)
-            if isinstance(vals, dict) and vals:
-                return list(vals)
-            if isinstance(vals, list) and vals:
-                return [f"f{i}" for i in range(len(vals))]
-    raise ValueError("no message with values to take the feature names from; pass --features")
+        stream, ts = _stream_of(msg, key), _event_ts(msg, broker_ts)
+        if stream is None or not fnmatch.fnmatchcase(stream, streams_glob) or ts is None \
+                or not _in_range(ts, from_ms, to_ms):
+            continue
+        vals = msg.get("values", [msg["value"]] if "value" in msg else None)
+        if isinstance(vals, dict) and vals:
+            names = list(vals)
+            if problem := _names_problem(names):
+                raise ValueError(f"the values of the first selected message (stream {stream!r}, ts {ts}) are keyed "
+                                 f"{names!r:.200}: {problem}; pass --features")
+            return names
+        if isinstance(vals, list) and vals:
+            return [f"f{i}" for i in range(len(vals))]
+    return None
 
 
 class _Selection:
@@ -66,9 +131,8 @@ class _Selection:
     def add(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
         if self.names is None:
             self._pending.extend(records)
-            try:
-                self.names = _infer_features([v for v, _, _ in records], self._glob)
-            except ValueError:
+            self.names = _infer_features(records, self._glob, self._from_ms, self._to_ms)
+            if self.names is None:
                 return
             records, self._pending = self._pending, []
         self._decode(records)
@@ -146,6 +210,7 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
     stops early only after ``timeout_s`` without a record, and then says which partitions it did not finish."""
     from kafka import KafkaConsumer, TopicPartition
 
+    _check_selection(from_ms, to_ms, feature_names)
     with kafka_python_bootstrap(bootstrap, security):
         consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                                  consumer_timeout_ms=int(timeout_s * 1000),
@@ -216,8 +281,8 @@ def _check_args(args) -> None:
                  if value is not None]
         if given:
             problems.append(f"{', '.join(given)}: only with --kafka-topic (--data trains on whole files)")
-    elif args.config and args.bootstrap is not None:  # it was ignored: the config's brokers were read
-        problems.append("--bootstrap: not with --config, whose kafka.bootstrap_servers (and credentials) are used")
+    else:
+        problems.extend(_selection_problems(args))
     if not args.name or not is_plain_name(args.name):
         problems.append(f"--name: must be a plain directory name (as models.served[].name), got {args.name!r}")
     if problems:
@@ -228,6 +293,20 @@ def _check_args(args) -> None:
         raise ValueError(f"--models-dir: cannot create {args.models_dir}: {exc.strerror or exc}") from None
     if not os.access(args.models_dir, os.W_OK | os.X_OK):
         raise ValueError(f"--models-dir: {args.models_dir} is not writable")
+
+
+def _selection_problems(args) -> list[str]:
+    """--kafka-topic's arguments that would select nothing, save a version the daemon cannot load, or be ignored."""
+    problems = []
+    if args.config and args.bootstrap is not None:  # it was ignored: the config's brokers were read
+        problems.append("--bootstrap: not with --config, whose kafka.bootstrap_servers (and credentials) are used")
+    try:
+        _check_selection(args.from_ms, args.to_ms, None)
+        if args.features is not None:
+            parse_features(args.features)
+    except ValueError as exc:
+        problems.append(str(exc))
+    return problems
 
 
 def _load_data_files(paths: list[str], window: int) -> tuple[list[np.ndarray], list[str]]:
@@ -253,7 +332,7 @@ def train_command(args) -> int:
     if args.data:
         series, names = _load_data_files(args.data, args.window)
     else:
-        feats = args.features.split(",") if args.features else None
+        feats = parse_features(args.features) if args.features is not None else None
         bootstrap, security, max_bytes = args.bootstrap or "127.0.0.1:9092", None, KafkaConfig.max_message_bytes
         if args.config:  # the daemon's brokers, credentials and message size limit
             kafka = load_config(args.config).kafka

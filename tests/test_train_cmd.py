@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.train_cmd import _Selection
+from pipelines.train_cmd import _Selection, parse_features, read_topic_series
 
 
 def rec(stream: str, ts: int, values, broker_ts: int = 0) -> tuple[bytes, bytes | None, int]:
@@ -129,3 +129,58 @@ def test_a_time_range_that_selects_nothing_says_where_the_events_are_and_their_u
     sel = _Selection(from_ms=0, to_ms=10, streams_glob="*", feature_names=["a"])
     sel.add([rec("pump-1", 1_764_150_000_000, [1.0])])
     assert sel.nothing_selected("sensors").endswith("; the events' ts run from 1764150000000 to 1764150000000")
+
+
+def test_features_are_stripped_and_must_be_distinct_and_non_empty():
+    """``a, b`` selected nothing (no message has a key " b"); ``a,,b`` trained and saved a version the daemon's
+    loader refuses; so would ``a,a`` have, had the decoder not refused it after the topic was read."""
+    assert parse_features("a, b ,c") == ["a", "b", "c"]
+    with pytest.raises(ValueError, match=r"--features: an empty name in 'a,,b'"):
+        parse_features("a,,b")
+    with pytest.raises(ValueError, match=r"--features: an empty name in ' '"):
+        parse_features(" ")
+    with pytest.raises(ValueError, match=r"--features: feature 'a' is named twice, got 'a, a'"):
+        parse_features("a, a")
+
+
+@pytest.mark.parametrize(("extra", "error"), [
+    (["--features", "a,,b"], "--features: an empty name in 'a,,b' (comma-separated names: none between two commas "
+                             "or at either end)"),
+    (["--features", ""], "--features: an empty name in '' (comma-separated names: none between two commas "
+                         "or at either end)"),
+    (["--features", "a,b,a"], "--features: feature 'a' is named twice, got 'a,b,a'"),
+    (["--from-ms", "200", "--to-ms", "100"], "--from-ms: 200 is after --to-ms 100: the range selects nothing"),
+])
+def test_topic_arguments_that_select_nothing_or_name_features_badly_are_refused_before_reading(tmp_path, capsys,
+                                                                                               extra, error):
+    from pipelines.cli import main
+
+    argv = ["train", "--kafka-topic", "t", "--bootstrap", "127.0.0.1:1", "--name", "m", "--models-dir",
+            str(tmp_path / "models"), *extra]
+    assert main(argv) == 2  # no broker at 127.0.0.1:1: refused before it is asked
+    assert capsys.readouterr().err.strip() == f"anomalyd: error: {error}"
+    with pytest.raises(ValueError, match=r"--from-ms: 200 is after --to-ms 100"):
+        read_topic_series("127.0.0.1:1", "t", 200, 100, "*", None, timeout_s=0.1)
+    with pytest.raises(ValueError, match=r"--features: feature names must be non-empty"):
+        read_topic_series("127.0.0.1:1", "t", None, None, "*", ["a", ""], timeout_s=0.1)
+
+
+def test_names_found_with_an_empty_key_are_refused_naming_the_option():
+    sel = _Selection(None, None, "*", None)
+    with pytest.raises(ValueError, match=r"keyed \['', 'b'\]: feature names must be non-empty; pass --features"):
+        sel.add([rec("pump-1", 1, {"": 1, "b": 2})])
+
+
+def test_feature_names_come_from_a_message_in_the_time_range():
+    """The topic's first messages, before --from-ms, had one feature fewer: every selected message was then
+    skipped as unknown_feature, and the range said to hold no events."""
+    sel = _Selection(from_ms=100, to_ms=200, streams_glob="*", feature_names=None)
+    sel.add([rec("pump-1", ts, {"a": 1, "b": 2}) for ts in (1, 2, 300)])
+    sel.add([rec("pump-1", ts, {"a": 1, "b": 2, "c": 3}) for ts in (100, 150, 200)])
+    assert sel.finish() == ["a", "b", "c"]
+    assert [s.shape for s in sel.series()] == [(3, 3)]
+    keyed = _Selection(from_ms=100, to_ms=None, streams_glob="pump-*", feature_names=None)
+    keyed.add([(json.dumps({"values": {"x": 1}}).encode(), b"fan-1", 150),  # stream from the key, broker time
+               (json.dumps({"values": {"a": 1}}).encode(), b"pump-1", 50),
+               (json.dumps({"values": {"b": 1}}).encode(), b"pump-1", 150)])
+    assert keyed.finish() == ["b"]
