@@ -15,8 +15,8 @@ from .alertmanager_http import redacted
 if TYPE_CHECKING:
     from .config import AlertmanagerSinkConfig, AlertsConfig, Config, KafkaConfig, ModelsConfig, Route
 
-__all__ = ["RESERVED_ALERT_LABELS", "check_alertmanager", "check_alerts", "check_config", "check_kafka",
-           "check_models", "check_route", "check_topic_name", "is_plain_name"]
+__all__ = ["RESERVED_ALERT_LABELS", "bootstrap_servers_problem", "check_alertmanager", "check_alerts", "check_config",
+           "check_kafka", "check_models", "check_route", "check_topic_name", "is_plain_name"]
 
 RESERVED_ALERT_LABELS = ("alertname", "stream", "model")  # set on every alert by pipelines.sinks.AlertmanagerSink
 _FETCH_WAIT_BELOW = {  # kafka.fetch_max_wait_ms must be below this, per client
@@ -60,18 +60,24 @@ def check_kafka(c: KafkaConfig, data: Mapping, key: str, ctx: Ctx) -> KafkaConfi
 
 
 def _check_bootstrap_servers(servers: str, key: str, ctx: Ctx) -> None:
+    if problem := bootstrap_servers_problem(servers):
+        ctx.err(key, problem)
+
+
+def bootstrap_servers_problem(servers: str) -> str | None:
+    """Why a bootstrap servers list is not one (no broker in it, or one that is not host:port), or None."""
     from .kafka_security import host_port  # as kafka-python reads it (librdkafka differs in corners only)
 
     hint = "a comma-separated list of host:port, [IPv6]:port or host; ports 1-65535"
     if not any(map(str.strip, servers.split(","))):
-        ctx.err(key, f"no broker in {servers!r} ({hint})")
+        return f"no broker in {servers!r} ({hint})"
     for server in filter(str.strip, servers.split(",")):
         try:
             if not 0 < host_port(server)[1] < 65536:
                 raise ValueError(server)
         except ValueError:
-            ctx.err(key, f"cannot read {server.strip()!r} as host:port ({hint})")
-            break
+            return f"cannot read {server.strip()!r} as host:port ({hint})"
+    return None
 
 
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")

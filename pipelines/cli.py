@@ -40,6 +40,15 @@ def _positive(text: str) -> float:
     return value
 
 
+def _bootstrap(text: str) -> str:
+    """An argparse type: a comma-separated list of Kafka brokers, host:port (as kafka.bootstrap_servers)."""
+    from ._config_checks import bootstrap_servers_problem
+
+    if problem := bootstrap_servers_problem(text):
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run the streaming daemon", description=(
         "Consume sensor events from Kafka, score sliding windows with the configured models, emit alerts. "
@@ -47,7 +56,7 @@ def _add_run(sub) -> None:
         "delivered, or the commit failed, within shutdown.grace_period_s). SIGHUP: reload models. Exit 2: a config "
         "problem (named with its file and key); 1: a crash, or Kafka unreachable at start (kafka-python)."))
     p.add_argument("-c", "--config", required=True, help="YAML config (see deploy/config.example.yaml)")
-    p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--timeout", type=_positive, default=None, help="stop after this many seconds")
     p.set_defaults(func=_cmd_run)
 
 
@@ -77,7 +86,7 @@ def _add_train(sub) -> None:
                           "skipped; empty cells are missing values; columns in any order, the first file's kept) "
                           "or .npy files")
     src.add_argument("--kafka-topic", help="read training events from this topic")
-    p.add_argument("--bootstrap", default=None,
+    p.add_argument("--bootstrap", type=_bootstrap, default=None,
                    help="Kafka bootstrap servers (with --kafka-topic and no --config; default 127.0.0.1:9092)")
     p.add_argument("-c", "--config", default=None,
                    help="with --kafka-topic: take the brokers and credentials from this daemon config's kafka section")
@@ -111,10 +120,10 @@ def _add_train(sub) -> None:
 def _add_produce(sub) -> None:
     p = sub.add_parser("produce", help="send synthetic multi-sensor streams with injected anomalies to Kafka",
                        description="Rate-controlled synthetic generator; writes the injected anomalies to --truth.")
-    p.add_argument("--bootstrap", default="127.0.0.1:9092")
+    p.add_argument("--bootstrap", type=_bootstrap, default="127.0.0.1:9092")
     p.add_argument("--topic", default="sensors")
     p.add_argument("--streams", type=_at_least(1), default=8)
-    p.add_argument("--features", type=_at_least(1), default=4)
+    p.add_argument("--features", type=_at_least(2), default=4)
     p.add_argument("--prefix", default="pump")
     p.add_argument("--start-step", type=_at_least(0), default=3000, help="first step (steps before it are the history)")
     p.add_argument("--steps", type=_at_least(1), default=600)

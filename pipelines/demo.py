@@ -58,6 +58,12 @@ def _train_models(fleet: SyntheticFleet, models_dir: Path, say) -> list[str]:
 _DEMO_MARK = ".anomalyd-demo"  # in the models directory the demo made, which a later demo replaces
 
 
+def demo_config(path: Path):
+    """The demo's config file as written, without the user's ANOMALYD_* overrides (a group id, a topic or models
+    directory of theirs would point the demo at their own Kafka topics or models)."""
+    return load_config(path, env={})
+
+
 def run_demo(args) -> int:
     say = print
     work = args.workdir or cache_root() / "demo"
@@ -94,7 +100,7 @@ def run_demo(args) -> int:
     }
     cfg_path = work / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    daemon = Daemon(load_config(cfg_path))
+    daemon = Daemon(demo_config(cfg_path))
     runner = threading.Thread(target=lambda: setattr(daemon, "exit_code", daemon.run()), name="daemon")
     say(f"[3/5] daemon running (config {cfg_path}); metrics on http://127.0.0.1:{args.http_port}/metrics")
     runner.start()

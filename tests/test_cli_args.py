@@ -16,6 +16,13 @@ from pipelines.cli import main
     (["demo", "--rate", "0"], "argument --rate: must be > 0, got 0"),  # a ZeroDivisionError once the broker ran
     (["demo", "--streams", "0"], "argument --streams: must be >= 1, got 0"),
     (["demo", "--duration", "-5"], "argument --duration: must be >= 0.0, got -5"),
+    (["run", "-c", "c.yaml", "--timeout", "nan"], "argument --timeout: must be >= 0.0, got nan"),  # were taken
+    (["run", "-c", "c.yaml", "--timeout", "-1"], "argument --timeout: must be >= 0.0, got -1"),
+    (["produce", "--features", "1"], "argument --features: must be >= 2, got 1"),  # a ValueError once connected
+    (["produce", "--bootstrap", "a:b"], "argument --bootstrap: cannot read 'a:b' as host:port"),  # int() error
+    (["produce", "--bootstrap", ","], "argument --bootstrap: no broker in ','"),
+    (["train", "--kafka-topic", "t", "--bootstrap", "k:0", "--name", "m", "--models-dir", "d"],
+     "argument --bootstrap: cannot read 'k:0' as host:port"),
 ])
 def test_bad_flags_are_refused_before_anything_starts(argv, error, capsys):
     with pytest.raises(SystemExit) as exited:
@@ -61,3 +68,15 @@ def test_the_demo_does_not_replace_models_it_did_not_make(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path)]) == 2
     assert "was not made by the demo; not replacing it" in capsys.readouterr().err
     assert (kept / "model.json").read_text() == "{}"
+
+
+def test_the_demo_reads_its_own_config_without_the_users_overrides(tmp_path, monkeypatch):
+    """ANOMALYD_* variables of the user's shell (their group id, their models) changed what the demo ran."""
+    from pipelines.demo import demo_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("kafka: {group_id: demo-1}\n")
+    monkeypatch.setenv("ANOMALYD_KAFKA__GROUP_ID", "theirs")
+    monkeypatch.setenv("ANOMALYD_ALERTS__K", "x")
+    cfg = demo_config(path)
+    assert cfg.kafka.group_id == "demo-1" and cfg.env_keys == {}
