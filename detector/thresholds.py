@@ -3,7 +3,8 @@
 A threshold is calibrated by ``fit`` on validation scores, answers ``is_anomalous``/``normalise`` without
 changing state, and adapts in streaming through ``update`` (decide each score in order, then learn from it).
 
-* ``QuantileThreshold`` -- the ``q``-quantile of the calibration scores; never adapts.
+* ``QuantileThreshold`` -- the ``q``-quantile of the calibration scores (a margin above it when no score exceeds
+  it); never adapts.
 * ``SPOTThreshold`` -- peaks-over-threshold (Siffer et al., KDD 2017): excesses over an initial threshold
   ``t`` (the ``init_quantile`` of calibration) follow a generalised Pareto distribution (GPD, fitted by
   :mod:`detector.gpd`); the threshold ``z`` is the score exceeded with probability ``risk``.  Streaming adds
@@ -54,7 +55,7 @@ class QuantileThreshold(Threshold):
         x = _as_scores(scores, calibration=True)
         _check_enough(x, MIN_SCORES, type(self).__name__)
         self._t = float(np.quantile(x, self.q))
-        if x.min() == x.max():
+        if not (x > self._t).any():  # tied scores fill the top (all equal, or enough of the largest), as SPOT
             self._t += _eps(self._t)
         return self
 

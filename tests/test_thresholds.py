@@ -128,6 +128,16 @@ def test_quantile_threshold_is_np_quantile_and_static() -> None:
     assert thr.threshold == np.quantile(x, 0.99)  # update does not adapt
 
 
+@pytest.mark.parametrize("kind", ["quantile", "spot"])
+def test_tied_scores_at_the_top_leave_a_margin_for_another_scoring_path(kind: str) -> None:
+    """Not all equal, but the largest fill the top quantile: the quantile threshold was that largest score, and the
+    same window scored by another path (1e-7 relatively higher: the fused kernel, another batch) was anomalous."""
+    x = np.r_[0.1, np.full(299, 0.5)]
+    thr = make_threshold(kind).fit(x)
+    assert 0.5 * (1 + 1e-7) < thr.threshold <= 0.5 * (1 + 1e-4)
+    assert thr.is_anomalous(np.array([0.5, 0.5 * (1 + 1e-7), 0.6])).tolist() == [False, False, True]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_normalise_is_one_at_threshold(kind: str) -> None:
     thr = make_threshold(kind).fit(np.random.default_rng(7).exponential(size=5000))
