@@ -204,6 +204,8 @@ class SPOTThreshold(Threshold):
         x = _as_scores(scores, calibration=False)
         if self._t is None:
             raise self._not_fitted()
+        if self._due():  # only a loaded state (a step refits when one falls due): DSPOT's step would make no progress
+            self._refit()  # on a first score that alarms
         out = np.zeros(len(x), dtype=bool)  # (N,)
         i, look = 0, _LOOKAHEAD
         while i < len(x):

@@ -138,6 +138,17 @@ def test_tied_scores_at_the_top_leave_a_margin_for_another_scoring_path(kind: st
     assert thr.is_anomalous(np.array([0.5, 0.5 * (1 + 1e-7), 0.6])).tolist() == [False, False, True]
 
 
+@pytest.mark.parametrize("kind", ["spot", "dspot"])
+def test_a_loaded_state_with_a_refit_due_refits_and_carries_on(kind: str) -> None:
+    """Every step refits when one falls due, so only a loaded state has one due; DSPOT then made no progress on a
+    first score that alarms (AssertionError)."""
+    state = _fitted_state(kind, refit_every=5)
+    state["state"].update(pending=5, since=10**6)
+    thr = threshold_from_dict(state)
+    assert thr.update(np.array([1e6, 0.5])).tolist() == [True, False]
+    assert thr._pending < thr.refit_every
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_normalise_is_one_at_threshold(kind: str) -> None:
     thr = make_threshold(kind).fit(np.random.default_rng(7).exponential(size=5000))
