@@ -27,12 +27,12 @@ Where the fused extension of :mod:`detector.fastpath` can be had, ``add`` instea
 (``_window_ring.h``): the same definition applied event by event, without the GIL, about 3x faster at 1,000
 streams (``tests/test_windows.py`` runs every test against both; ``ANOMALYD_NATIVE_WINDOWS=0``: numpy only).
 
-Memory (``memory_bytes()``), per stream slot: ``W * F * 4`` B of values, 16 B of counters and, unless
-``keep_timestamps=False``, ``W * 8`` B of ring timestamps (used only by ``last_events``); plus 32 KiB for
-the rotation table at ``W=64``. At ``W=64, F=8``: 2,064 B per slot without timestamps (2,576 B with), i.e.
-197 MiB (246 MiB) at capacity 100,000 and 258 MiB (322 MiB) at 131,072. Arrays come from ``np.zeros``: slots
-never written are not resident. Capacity doubles as larger stream indices appear (old and new arrays then
-briefly coexist). There are no per-stream Python objects.
+Memory (``memory_bytes()``), per stream slot: ``W * F * 4`` B of values, 24 B of counters (count, largest ts,
+stride phase) and, unless ``keep_timestamps=False``, ``W * 8`` B of ring timestamps (used only by
+``last_events``); plus 32 KiB for the rotation table at ``W=64``. At ``W=64, F=8``: 2,072 B per slot without
+timestamps (2,584 B with), i.e. 198 MiB (246 MiB) at capacity 100,000 and 259 MiB (323 MiB) at 131,072. Arrays
+come from ``np.zeros``: slots never written are not resident. Capacity doubles as larger stream indices appear (old
+and new arrays then briefly coexist). There are no per-stream Python objects.
 """
 
 from __future__ import annotations
@@ -130,8 +130,8 @@ class WindowBuffer:
 
     def memory_bytes(self) -> int:
         """Bytes held by the buffer's arrays (allocated size; untouched zero pages are not resident)."""
-        extra = sum(a.nbytes for a in (self._ring_ts, self._rot) if a is not None)
-        return int(self._buf.nbytes + self._count.nbytes + self._last_ts.nbytes + extra)
+        arrays = (self._buf, self._count, self._last_ts, self._phase, self._fill, self._ring_ts, self._rot)
+        return int(sum(a.nbytes for a in arrays if a is not None))
 
     # ------------------------------------------------------------------ main entry
     def add(self, stream: np.ndarray, ts: np.ndarray, values: np.ndarray) -> WindowBatch:
@@ -327,7 +327,7 @@ class WindowBuffer:
 
     def largest_ts(self, stream: np.ndarray) -> np.ndarray:
         """(N,) each stream's largest accepted timestamp so far (int64 min before its first event)."""
-        stream = np.asarray(stream, dtype=np.int64)
+        stream = self._check_streams(stream)  # a negative index read another stream's (from the end)
         return np.where(stream < self.capacity, self._last_ts[np.minimum(stream, self.capacity - 1)], _TS_MIN)
 
     def reset_streams(self, stream: np.ndarray) -> None:

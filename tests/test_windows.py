@@ -160,7 +160,7 @@ def test_without_rotation_table_matches_reference(w: int, f: int, stride: int, s
     """Windows longer than _ROT_TABLE_MAX_W compute ring slots per call; force that path on small windows."""
     monkeypatch.setattr(windows_module, "_ROT_TABLE_MAX_W", 0)
     buf = WindowBuffer(w, f, stride=stride, initial_capacity=2)
-    assert buf.memory_bytes() == 2 * (w * f * 4 + w * 8 + 16)  # no (W, W) table
+    assert buf.memory_bytes() == 2 * (w * f * 4 + w * 8 + 24) + f * 4  # no (W, W) table
     ref = _RefBuffer(w, f, stride)
     for n_streams, stream, ts, values in _random_schedule(w, f, seed):
         _assert_same(buf.add(stream, ts, values), ref.add(stream, ts, values), w, f)
@@ -224,13 +224,16 @@ def test_without_timestamps_last_events_raises_and_seed_works() -> None:
 def test_memory_per_stream_is_one_float32_ring(keep_ts: bool) -> None:
     w, f, cap = 64, 8, 100_000
     buf = WindowBuffer(w, f, initial_capacity=cap, keep_timestamps=keep_ts)
-    ring, counters, ts_ring, table = w * f * 4, 2 * 8, w * 8 if keep_ts else 0, w * w * 8
-    assert buf.memory_bytes() == cap * (ring + counters + ts_ring) + table
+    # counters: count, largest ts and stride phase (the phase was left out); fill: F float32 for the buffer
+    ring, counters, ts_ring, table, fill = w * f * 4, 3 * 8, w * 8 if keep_ts else 0, w * w * 8, f * 4
+    assert buf.memory_bytes() == cap * (ring + counters + ts_ring) + table + fill
+    arrays = [buf._buf, buf._count, buf._last_ts, buf._phase, buf._fill, buf._rot] + [buf._ring_ts] * keep_ts
+    assert buf.memory_bytes() == sum(a.nbytes for a in arrays)
     if not keep_ts:
         assert ring == 2048 and buf.memory_bytes() / cap <= 2048 + 32  # one (W, F) float32 ring + counters
     buf.add(np.array([cap]), np.array([0]), np.zeros((1, f)))  # grows to 2 * cap
     assert buf.capacity == 2 * cap
-    assert buf.memory_bytes() == 2 * cap * (ring + counters + ts_ring) + table
+    assert buf.memory_bytes() == 2 * cap * (ring + counters + ts_ring) + table + fill
 
 
 def test_long_single_stream_batches_more_than_2w() -> None:
@@ -394,6 +397,17 @@ def test_add_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="stream"):
         buf.add(np.array([0.0]), np.array([1]), np.zeros((1, 2)))
     assert buf.n_events == 0
+
+
+def test_largest_ts_rejects_negative_indices_as_every_accessor_does() -> None:
+    """-1 read the last slot's timestamp (another stream's) instead of being refused."""
+    buf = WindowBuffer(2, 1, initial_capacity=4)
+    buf.add(np.array([3]), np.array([77]), np.zeros((1, 1)))
+    assert buf.largest_ts(np.array([3, 0, 9])).tolist() == [77, np.iinfo(np.int64).min, np.iinfo(np.int64).min]
+    with pytest.raises(ValueError, match=">= 0"):
+        buf.largest_ts(np.array([-1]))
+    with pytest.raises(ValueError, match="stream"):
+        buf.largest_ts(np.array([0.5]))
 
 
 def test_align_next_makes_the_next_accepted_event_due_and_every_stride_th_after_it() -> None:
