@@ -17,28 +17,26 @@ inline float sigm(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 // gate pass was about a fifth of the forward). exp: n = round(x / ln 2), r = x - n ln 2 in two parts, Cephes'
 // degree-5 polynomial, scaled by 2^n (about 1 ulp on |r| <= ln2 / 2); 1 / y: rcp14 and one Newton step
 // (relative error about 1e-8); tanh(x) = 2 sigmoid(2x) - 1 (absolute error about 1e-7).
-inline __m512 vexp(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+inline __m512 vexp_neg(__m512 x) {  // exp(-x)
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(87.0f));
+  const __m512 magic = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer (ties even)
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(-1.44269504088896341f), magic), magic);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // -(the reduced argument): -x - n ln2 = -r
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(-1.9875691500e-4f);  // the polynomial in -r: odd powers' signs flipped
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(-8.3334519073e-3f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(-1.6666665459e-1f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_sub_ps(_mm512_set1_ps(1.0f), r));
   return _mm512_scalef_ps(y, n);
 }
 inline __m512 vrecip(__m512 d) {
   const __m512 e = _mm512_rcp14_ps(d);
   return _mm512_mul_ps(e, _mm512_fnmadd_ps(d, e, _mm512_set1_ps(2.0f)));  // e (2 - d e)
 }
-inline __m512 vsigm(__m512 x) {
-  return vrecip(_mm512_add_ps(_mm512_set1_ps(1.0f), vexp(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-}
+inline __m512 vsigm(__m512 x) { return vrecip(_mm512_add_ps(_mm512_set1_ps(1.0f), vexp_neg(x))); }
 inline __m512 vtanh(__m512 x) {
   const __m512 s = vsigm(_mm512_add_ps(x, x));
   return _mm512_fmsub_ps(s, _mm512_set1_ps(2.0f), _mm512_set1_ps(1.0f));
