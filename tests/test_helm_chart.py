@@ -180,7 +180,8 @@ def test_helm_client_key_password_from_the_client_secret(helm: str, tmp_path: Pa
 
 def test_helm_values_schema_rejects_bad_values(helm: str) -> None:
     for bad in ("config.alerts.k=0", "models.source=nfs", "config.models.device=tpu", "unknownKey=1",
-                "config.http.bind="):  # the daemon rejects an empty http.bind
+                "config.http.bind=",  # the daemon rejects an empty http.bind
+                "config.kafka.poll_timeout_ms=60000", "config.alerts.cooldown_s=1e16"):  # past the daemon's maxima
         proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set", bad])
         assert proc.returncode != 0 and "schema" in proc.stderr, bad
 
