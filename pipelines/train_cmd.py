@@ -19,7 +19,7 @@ from detector.training import TrainConfig, enough_rows, load_series, train_detec
 
 from ._config_checks import is_plain_name
 from .config import KafkaConfig, load_config
-from .decode import FeatureSpec, _broker_ts, _parse_ts, _Reject, decode_batch
+from .decode import DecodedBatch, FeatureSpec, _broker_ts, _parse_ts, _Reject, decode_batch
 from .intake import _MS_LOW
 from .kafka_security import client_security_config, kafka_python_bootstrap
 from .model_store import ModelStore
@@ -84,32 +84,30 @@ def _stream_of(msg: dict, key: bytes | None) -> str | None:
         return None
 
 
-def _infer_features(records: list[tuple[bytes, bytes | None, int]], streams_glob: str = "*",
-                    from_ms: int | None = None, to_ms: int | None = None) -> list[str] | None:
-    """Feature names from the first message of a stream ``streams_glob`` takes, within from_ms..to_ms, that has
-    any: dict keys in order, else f0..fN-1 (``value``: f0); None when no message has. ValueError naming --features
-    when the names found are not usable (an empty key)."""
-    for raw, key, broker_ts in records:
-        try:
-            msg = json.loads(raw)
-        except (ValueError, TypeError, RecursionError):
-            continue
-        if not isinstance(msg, dict):
-            continue
-        stream, ts = _stream_of(msg, key), _event_ts(msg, broker_ts)
-        if stream is None or not fnmatch.fnmatchcase(stream, streams_glob) or ts is None \
-                or not _in_range(ts, from_ms, to_ms):
-            continue
-        vals = msg.get("values", [msg["value"]] if "value" in msg else None)
-        if isinstance(vals, dict) and vals:
-            names = list(vals)
-            if problem := _names_problem(names):
-                raise ValueError(f"the values of the first selected message (stream {stream!r}, ts {ts}) are keyed "
-                                 f"{names!r:.200}: {problem}; pass --features")
-            return names
-        if isinstance(vals, list) and vals:
-            return [f"f{i}" for i in range(len(vals))]
-    return None
+def _probe(record: tuple[bytes, bytes | None, int], streams_glob: str,
+           max_bytes: int) -> tuple[str, int, list[str] | None] | None:
+    """A message of a stream ``streams_glob`` takes, read as the daemon reads it: its stream id, its event time and
+    the feature names its values give (dict keys in order, else f0..fN-1, ``value``: f0; None when it has none).
+    None for another stream's message or one the daemon dead-letters whatever the features (oversized, not a JSON
+    object, no stream id or no time)."""
+    raw, key, broker_ts = record
+    if not raw or len(raw) > max_bytes:
+        return None
+    try:
+        msg = json.loads(raw)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if not isinstance(msg, dict):
+        return None
+    stream, ts = _stream_of(msg, key), _event_ts(msg, broker_ts)
+    if stream is None or ts is None or not fnmatch.fnmatchcase(stream, streams_glob):
+        return None
+    vals = msg.get("values", [msg["value"]] if "value" in msg else None)
+    if isinstance(vals, dict) and vals:
+        return stream, ts, list(vals)
+    if isinstance(vals, list) and vals:
+        return stream, ts, [f"f{i}" for i in range(len(vals))]
+    return stream, ts, None
 
 
 class _Selection:
@@ -130,18 +128,55 @@ class _Selection:
 
     def add(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
         if self.names is None:
-            self._pending.extend(records)
-            self.names = _infer_features(records, self._glob, self._from_ms, self._to_ms)
+            self._hold(records)
             if self.names is None:
                 return
             records, self._pending = self._pending, []
         self._decode(records)
 
-    def finish(self) -> list[str]:
-        """The feature names; raises if they were neither given nor found."""
+    def _hold(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
+        """While the feature names are unknown: keep the selected messages (stream and event time) until they are
+        known, taking them from the first that has values (then the rest of the poll is kept whole, to be decoded
+        with them). Of the others, the ones the daemon dead-letters are counted and the selected streams' events
+        outside the range noted, as :meth:`_decode` does: memory follows the selection, not the topic."""
+        others = []
+        for i, record in enumerate(records):
+            probe = _probe(record, self._glob, self._max_bytes)
+            if probe is None or not _in_range(probe[1], self._from_ms, self._to_ms):
+                if probe is not None and probe[2] is not None:
+                    self._note_outside(probe[1], probe[1])
+                others.append(record)
+                continue
+            stream, ts, names = probe
+            if names is not None:
+                if problem := _names_problem(names):
+                    raise ValueError(f"the values of the first selected message (stream {stream!r}, ts {ts}) are "
+                                     f"keyed {names!r:.200}: {problem}; pass --features")
+                self.names = names
+                self._pending.extend(records[i:])
+                break
+            self._pending.append(record)  # selected, without values: decoded (and rejected) once names are known
+        if others:  # no features needed to tell what the daemon dead-letters before it reads the values
+            values, keys, broker_ts = zip(*others, strict=True)
+            self._count_rejected(decode_batch(list(values), list(keys), np.asarray(broker_ts, dtype=np.int64),
+                                              lambda stream: None, self._max_bytes))
+
+    def finish(self, topic: str) -> list[str]:
+        """The feature names; raises if they were neither given nor found: with :meth:`nothing_selected`'s hint
+        when events of the selected streams were read but none within the time range (a range in seconds)."""
         if self.names is None:
+            if self.outside is not None:
+                raise ValueError(self.nothing_selected(topic))
             raise ValueError("no message with values to take the feature names from; pass --features")
         return self.names
+
+    def _note_outside(self, lo: int, hi: int) -> None:
+        self.outside = (lo, hi) if self.outside is None else (min(lo, self.outside[0]), max(hi, self.outside[1]))
+
+    def _count_rejected(self, decoded: DecodedBatch) -> None:
+        if decoded.rejected:
+            self.first_rejection = self.first_rejection or decoded.rejected[0][1]
+            self.n_rejected += len(decoded.rejected)
 
     def _decode(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
         if not records:
@@ -151,9 +186,7 @@ class _Selection:
         decoded = decode_batch(list(values), list(keys), np.asarray(broker_ts, dtype=np.int64),
                                lambda stream: spec if fnmatch.fnmatchcase(stream, self._glob) else None,
                                self._max_bytes)
-        if decoded.rejected:
-            self.first_rejection = self.first_rejection or decoded.rejected[0][1]
-            self.n_rejected += len(decoded.rejected)
+        self._count_rejected(decoded)
         group = decoded.groups.get(spec)
         if group is None:
             return
@@ -165,16 +198,16 @@ class _Selection:
         idx = np.flatnonzero(keep)
         if len(idx) < len(group):
             out = group.ts[~keep]
-            lo, hi = int(out.min()), int(out.max())
-            self.outside = (lo, hi) if self.outside is None else (min(lo, self.outside[0]), max(hi, self.outside[1]))
+            self._note_outside(int(out.min()), int(out.max()))
         self._streams.extend(group.stream[i] for i in idx.tolist())
         self._ts.append(group.ts[idx])
         self._values.append(group.values[idx])
 
     def nothing_selected(self, topic: str) -> str:
         """Why no event was selected from ``topic``, with what would help: the features, the events' times."""
-        why = (f" ({self.n_rejected} messages skipped, the first as {self.first_rejection}: check --features "
-               f"{','.join(self.names or [])})") if self.n_rejected else ""
+        check = f": check --features {','.join(self.names)}" if self.names else ""
+        why = f" ({self.n_rejected} messages skipped, the first as {self.first_rejection}{check})" \
+            if self.n_rejected else ""
         if self.outside is not None:  # the range missed them: say where they are (in seconds, say)
             lo, hi = self.outside
             unit = " (times that look like seconds: ts is epoch milliseconds)" if hi < _MS_LOW else ""
@@ -235,7 +268,7 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
                 selection.add([(r.value or b"", r.key, r.timestamp) for r in recs])
     finally:
         consumer.close()
-    names = selection.finish()
+    names = selection.finish(topic)
     if selection.n_rejected:
         print(f"skipped {selection.n_rejected} messages that do not decode (first: {selection.first_rejection})")
     series = selection.series()

@@ -22,7 +22,7 @@ def test_polls_are_filtered_by_stream_and_event_time_and_sorted_per_stream():
              rec("pump-1", 999, {"a": -1, "b": -1}), rec("pump-2", 2_000, {"a": 5, "b": 50})])
     sel.add([rec("pump-1", 2_000, {"a": 2, "b": 20}), rec("pump-1", 5_001, {"a": -1, "b": -1}), (b"{oops", None, 0),
              rec("pump-1", 5_000, {"a": 4, "b": 40})])
-    assert sel.finish() == ["a", "b"]
+    assert sel.finish("t") == ["a", "b"]
     assert sel.n_rejected == 1 and sel.first_rejection == "bad_json"
     series = sorted(sel.series(), key=len)
     assert [s.tolist() for s in series] == [[[5.0, 50.0]], [[2.0, 20.0], [3.0, 30.0], [4.0, 40.0]]]
@@ -46,7 +46,7 @@ def test_feature_names_come_from_the_first_matching_stream_even_in_a_later_poll(
     sel.add([rec("fan-1", 1, {"x": 1}), (b"[]", None, 0)])  # nothing to name the features from yet: held
     sel.add([rec("pump-1", 2, {"a": 1, "b": 2})])
     sel.add([rec("pump-1", 1, {"b": 4, "a": 3})])
-    assert sel.finish() == ["a", "b"]
+    assert sel.finish("t") == ["a", "b"]
     assert [s.tolist() for s in sel.series()] == [[[3.0, 4.0], [1.0, 2.0]]]
     assert sel.n_rejected == 1  # the held poll was decoded too, once the names were known
 
@@ -55,7 +55,7 @@ def test_no_names_given_or_found_is_an_error_naming_the_option():
     sel = _Selection(None, None, "*", None)
     sel.add([(b"[1, 2]", None, 0)])
     with pytest.raises(ValueError, match="--features"):
-        sel.finish()
+        sel.finish("t")
     assert _Selection(None, None, "*", ["a"]).series() == []
 
 
@@ -177,10 +177,36 @@ def test_feature_names_come_from_a_message_in_the_time_range():
     sel = _Selection(from_ms=100, to_ms=200, streams_glob="*", feature_names=None)
     sel.add([rec("pump-1", ts, {"a": 1, "b": 2}) for ts in (1, 2, 300)])
     sel.add([rec("pump-1", ts, {"a": 1, "b": 2, "c": 3}) for ts in (100, 150, 200)])
-    assert sel.finish() == ["a", "b", "c"]
+    assert sel.finish("t") == ["a", "b", "c"]
     assert [s.shape for s in sel.series()] == [(3, 3)]
     keyed = _Selection(from_ms=100, to_ms=None, streams_glob="pump-*", feature_names=None)
     keyed.add([(json.dumps({"values": {"x": 1}}).encode(), b"fan-1", 150),  # stream from the key, broker time
                (json.dumps({"values": {"a": 1}}).encode(), b"pump-1", 50),
                (json.dumps({"values": {"b": 1}}).encode(), b"pump-1", 150)])
-    assert keyed.finish() == ["b"]
+    assert keyed.finish("t") == ["b"]
+
+
+def test_while_the_names_are_unknown_only_selected_messages_are_held_and_a_range_that_misses_says_where():
+    """A range in seconds over events in milliseconds, no --features: every raw message of the topic was held in
+    memory waiting for names that never came, then "no message with values ... pass --features" although they had
+    values. Now only the selection's messages are held, and the error says where the events' ts are."""
+    sel = _Selection(from_ms=1_764_150_000, to_ms=1_764_160_000, streams_glob="pump-*", feature_names=None)
+    for poll in range(3):
+        sel.add([rec("pump-1", 1_764_150_000_000 + poll * 100 + i, {"a": 1.0, "b": 2.0}) for i in range(100)]
+                + [rec("fan-1", 1_764_150_000, {"x": 1.0}), (b"{oops", None, 0)])
+    assert sel._pending == []
+    assert sel.n_rejected == 3 and sel.first_rejection == "bad_json"  # counted as they would be with the names
+    with pytest.raises(ValueError) as err:
+        sel.finish("sensors")
+    assert str(err.value) == ("no events of streams 'pump-*' in 'sensors' for the given time range (3 messages "
+                              "skipped, the first as bad_json); the events' ts run from 1764150000000 to "
+                              "1764150000299")
+    # a right range near the topic's end: what comes before it is not held, what is in it is trained on
+    late = _Selection(from_ms=1_000, to_ms=None, streams_glob="*", feature_names=None)
+    late.add([rec("pump-1", ts, {"a": ts}) for ts in range(0, 1_000, 10)])
+    late.add([rec("pump-1", 1_000, None), rec("pump-1", 999, None)])  # a selected one without values: held
+    assert late._pending == [rec("pump-1", 1_000, None)] and late.names is None
+    late.add([rec("pump-1", 995, {"a": 0}), rec("pump-1", 1_001, {"a": 1}), rec("pump-1", 1_002, {"a": 2})])
+    assert late.finish("sensors") == ["a"]
+    assert [s.tolist() for s in late.series()] == [[[1.0], [2.0]]]
+    assert late.n_rejected == 1 and late.first_rejection == "missing_values"  # the held one, decoded with the names
