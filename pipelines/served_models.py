@@ -32,8 +32,8 @@ class ServedModels:
                              cfg.default_models)
         self.loaded: dict[str, LoadedModel] = {}
         self.routes: list[RouteState] = []
-        self._refused: dict[str, tuple] = {}  # name -> _fingerprint of its newest version, refused in a reload:
-        # not read again until its files change (or SIGHUP)
+        self._refused: dict[str, tuple] = {}  # name -> _fingerprint of its newest version refused in a reload
+        # (with the other models' newest versions when its route refused it): not read again until that changes
         self._changing: dict[str, tuple] = {}  # name -> _fingerprint of the versions the last newer() returned
         self._wanted: dict[str, str] = {}  # the newest versions as the last read found them
         if not self.router.routes:
@@ -74,39 +74,32 @@ class ServedModels:
         again), or None when none changed. Each model on its own: a version that does not load, has other
         features, or does not fit its route beside the other models keeps that model on its version (logged,
         counted in anomalyd_model_reload_failures_total and anomalyd_model_versions_refused) and the others
-        reload. A refused version is tried again on SIGHUP or once its files change, not at every watch interval."""
-        dev = str(self.engine.device)
+        reload. A refused version is tried again on SIGHUP or once its files change, not at every watch interval;
+        one refused by its route also when another model's newest version changes (the route's models may be
+        retrained one after the other, to a new window)."""
+        failed: dict[str, str] = {}
         wanted: dict[str, str] = {}
-        candidate, changed, failed = dict(self.loaded), {}, {}
         for s in self.cfg.models.served:
             try:
-                newest = self.store.resolve(s.name, s.version)
+                wanted[s.name] = self.store.resolve(s.name, s.version)
             except OSError as exc:  # versions taken away: the loaded one is still served
-                self._refuse(s.name, ("", str(exc)), exc, failed, forced)
+                self._refuse(s.name, ("", "unresolved"), exc, failed, forced)  # (once: not each copy's progress)
+        candidate, changed = dict(self.loaded), {}
+        for name, newest in wanted.items():
+            if newest == self.loaded[name].version and not forced:
+                self._refused.pop(name, None)  # a refused version is gone: the newest is the one served
                 continue
-            wanted[s.name] = newest
-            if newest == self.loaded[s.name].version and not forced:
-                self._refused.pop(s.name, None)  # a refused version is gone: the newest is the one served
-                continue
-            seen = self._fingerprint(s.name, newest)  # before the load: a copy that completes meanwhile changes it
-            if self._refused.get(s.name) == seen and not forced:
+            seen = self._fingerprint(name, newest)  # before the load: a copy that completes meanwhile changes it
+            if self._refused.get(name) in (seen, (seen, self._peers(name, wanted))) and not forced:
                 continue
             try:
-                lm = self.store.load(s.name, newest, device=dev)
+                lm = self.store.load(name, newest, device=str(self.engine.device))
                 self._check_same_features(lm)
             except (OSError, ValueError, RuntimeError) as exc:  # CheckpointError is a ValueError; CUDA OOM
-                self._refuse(s.name, seen, exc, failed, forced)
+                self._refuse(name, seen, exc, failed, forced)
                 continue
-            candidate[s.name], changed[s.name] = lm, seen
-        for _ in range(len(changed) + 1):  # a route whose models no longer fit together keeps its changed ones
-            bad = [(spec, why) for i, spec in enumerate(self.router.routes)
-                   if (why := self._route_problem(i, spec, candidate))]
-            for spec, why in bad:
-                for name in [n for n in spec.models if n in changed]:
-                    candidate[name] = self.loaded[name]
-                    self._refuse(name, changed.pop(name), ConfigError([why]), failed, forced)
-            if not bad:
-                break
+            candidate[name], changed[name] = lm, seen
+        self._fit_routes(candidate, changed, wanted, failed, forced)
         self._wanted = wanted
         if failed:
             self.metrics.model_reload_failures.inc()
@@ -121,12 +114,38 @@ class ServedModels:
             self._refused.pop(name, None)
         return candidate
 
-    def _refuse(self, name: str, fingerprint: tuple, exc: Exception, failed: dict, forced: bool) -> None:
-        """Note ``name``'s newest version as refused (``failed``: logged and counted once) unless it was refused
-        before with the same files and this is no SIGHUP."""
-        if self._refused.get(name) != fingerprint or forced:
+    def _fit_routes(self, candidate: dict[str, LoadedModel], changed: dict[str, tuple], wanted: dict[str, str],
+                    failed: dict[str, str], forced: bool) -> None:
+        """Keep on their versions the fewest changed models that make every route fit (window, features, stride):
+        one when putting that one back is enough, else the route's changed ones."""
+        for _ in range(len(changed) + 1):
+            bad = next(((i, spec, why) for i, spec in enumerate(self.router.routes)
+                        if (why := self._route_problem(i, spec, candidate))), None)
+            if bad is None:
+                return
+            i, spec, why = bad
+            here = [n for n in spec.models if n in changed]
+            one = next((n for n in here if self._route_problem(i, spec, {**candidate, n: self.loaded[n]}) is None),
+                       None)
+            for name in [one] if one is not None else here:
+                candidate[name] = self.loaded[name]
+                seen = changed.pop(name)
+                if seen[0] != self.loaded[name].version:  # SIGHUP reads the served versions again: not refused
+                    self._refuse(name, (seen, self._peers(name, wanted)), ConfigError([why]), failed, forced)
+            if not here:
+                return  # the served models fit (checked at start): not reached
+
+    @staticmethod
+    def _peers(name: str, wanted: dict[str, str]) -> tuple:
+        return tuple(sorted((n, v) for n, v in wanted.items() if n != name))
+
+    def _refuse(self, name: str, key: tuple, exc: Exception, failed: dict, forced: bool) -> None:
+        """Note ``name``'s newest version as refused under ``key`` (its files, and for a route's refusal the other
+        models' newest versions; ``failed``: logged and counted once) unless it was refused before under the same
+        key and this is no SIGHUP."""
+        if self._refused.get(name) != key or forced:
             failed[name] = "; ".join(exc.errors) if isinstance(exc, ConfigError) else str(exc)  # one line
-        self._refused[name] = fingerprint
+        self._refused[name] = key
 
     def _fingerprint(self, name: str, version: str) -> tuple:
         """The version with its files' sizes and times: one still being copied when it failed is tried again once

@@ -264,3 +264,63 @@ def test_a_version_without_its_weights_at_start_is_named(trained, tmp_path):
     (only / "model.safetensors").unlink()
     with pytest.raises(ConfigError, match=r"models.served\[0\]: model 'gru': .*v1 has no model.safetensors"):
         _daemon(tmp_path, [{"name": "gru"}], [], ["gru"])
+
+
+def _rewindowed(det, window: int):
+    """``det`` as if trained for ``window`` (an RNN's weights do not depend on the window)."""
+    import copy
+    import dataclasses
+
+    out = copy.deepcopy(det)
+    out.model_cfg = dataclasses.replace(det.model_cfg, window=window)
+    out.window = window
+    return out
+
+
+def test_a_route_whose_models_change_window_one_after_the_other_reloads_once_both_are_there(trained, tmp_path):
+    """Per-model refusals kept a route's first retrained model refused (its files unchanged) when the second one
+    arrived, and refused the second beside the first: both stayed on their old window until SIGHUP."""
+    store = ModelStore(tmp_path / "models")
+    store.save("a", trained["gru"], version="v1")
+    store.save("b", trained["lstm"], version="v1")
+    daemon = _daemon(tmp_path, [{"name": "a"}, {"name": "b"}], [], ["a", "b"])
+    refused = lambda: daemon.registry.get_sample_value("anomalyd_model_versions_refused")  # noqa: E731
+
+    def tick() -> dict[str, str]:
+        daemon._last_reload_check -= 3600
+        daemon._maybe_reload()
+        return daemon.models.versions()
+
+    store.save("a", _rewindowed(trained["gru"], 16), version="v2")
+    assert tick() == {"a": "v1", "b": "v1"} and refused() == 1
+    assert tick() == {"a": "v1", "b": "v1"}
+    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 1  # not tried again
+    store.save("b", _rewindowed(trained["lstm"], 16), version="v2")
+    assert tick() == {"a": "v2", "b": "v2"} and refused() == 0
+    assert daemon.routes[0].models[0].detector.window == 16
+
+
+def test_a_routes_good_new_version_is_not_held_back_by_a_bad_one(trained, tmp_path):
+    """Both of a route's changed models were refused when one did not fit: the good one waited for SIGHUP, even
+    after the bad one was taken away."""
+    import shutil
+
+    store = ModelStore(tmp_path / "models")
+    store.save("a", trained["gru"], version="v1")
+    store.save("b", trained["lstm"], version="v1")
+    daemon = _daemon(tmp_path, [{"name": "a"}, {"name": "b"}], [], ["a", "b"])
+    store.save("a", _rewindowed(trained["gru"], 16), version="v2")
+    store.save("b", trained["lstm"], version="v2")
+    daemon.request_reload()
+    daemon._maybe_reload()
+    assert daemon.models.versions() == {"a": "v1", "b": "v2"}
+    assert daemon.registry.get_sample_value("anomalyd_model_versions_refused") == 1
+    shutil.rmtree(tmp_path / "models" / "a" / "v2")
+    daemon._last_reload_check -= 3600
+    daemon._maybe_reload()
+    assert daemon.models.versions() == {"a": "v1", "b": "v2"}
+    assert daemon.registry.get_sample_value("anomalyd_model_versions_refused") == 0
+    store.save("a", _rewindowed(trained["gru"], 16), version="v3")
+    daemon.request_reload()  # SIGHUP reads b v2 again too: only a, whose version changes, is named refused
+    daemon._maybe_reload()
+    assert daemon.models.versions() == {"a": "v1", "b": "v2"} and set(daemon.models._refused) == {"a"}
