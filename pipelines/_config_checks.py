@@ -19,9 +19,10 @@ __all__ = ["RESERVED_ALERT_LABELS", "bootstrap_servers_problem", "check_alertman
            "check_kafka", "check_models", "check_route", "check_topic_name", "is_plain_name"]
 
 RESERVED_ALERT_LABELS = ("alertname", "stream", "model")  # set on every alert by pipelines.sinks.AlertmanagerSink
-_FETCH_WAIT_BELOW = {  # kafka.fetch_max_wait_ms must be below this, per client
-    "kafka-python": (30000, "its request_timeout_ms: it refuses more"),
-    "confluent": (59000, "librdkafka's socket.timeout.ms, 60000, less a second: a longer wait times out its fetches"),
+_FETCH_WAIT_MOST = {  # the most kafka.fetch_max_wait_ms may be, per client
+    "kafka-python": (29999, "below its request_timeout_ms, 30000: it refuses more"),
+    "confluent": (59000, "librdkafka's socket.timeout.ms, 60000, less a second: it warns of more, and a longer wait "
+                         "times out its fetches"),
 }
 
 
@@ -47,9 +48,9 @@ def check_kafka(c: KafkaConfig, data: Mapping, key: str, ctx: Ctx) -> KafkaConfi
     check_topic_name(c.dead_letter_topic, join_key(key, "dead_letter_topic"), ctx)
     if c.client == "confluent":
         _check_confluent_installed(join_key(key, "client"), ctx)
-    most, why = _FETCH_WAIT_BELOW[c.client]
-    if c.fetch_max_wait_ms >= most and not ctx.is_bad(join_key(key, "fetch_max_wait_ms")):
-        ctx.err(join_key(key, "fetch_max_wait_ms"), f"must be < {most} with kafka.client {c.client} ({why}), "
+    most, why = _FETCH_WAIT_MOST[c.client]  # a bad client stood in for by the default: its limit says nothing
+    if c.fetch_max_wait_ms > most and not ctx.is_bad(join_key(key, "fetch_max_wait_ms"), join_key(key, "client")):
+        ctx.err(join_key(key, "fetch_max_wait_ms"), f"must be <= {most} with kafka.client {c.client} ({why}), "
                 f"got {c.fetch_max_wait_ms}", because=join_key(key, "client"))
     if not ctx.is_bad(join_key(key, "bootstrap_servers")):
         _check_bootstrap_servers(c.bootstrap_servers, join_key(key, "bootstrap_servers"), ctx)

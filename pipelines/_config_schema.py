@@ -11,7 +11,9 @@ any) runs and may report more problems or return a replacement. A field named ``
 Environment values are parsed as YAML (``[a, b]``, ``4``, ``true``, ``{team: ops}``), except for keys typed ``str``
 or ``str | None``: those take the variable's text as it is, so ``ANOMALYD_KAFKA__GROUP_ID='grp #1'`` is
 ``grp #1`` (YAML would read a comment), and an empty value unsets an optional string; and keys typed ``int`` or
-``float``: those take decimal text only (YAML 1.1 reads ``010`` as 8 and ``1:30`` as 90).
+``float``: those take decimal text only (YAML 1.1 reads ``010`` as 8 and ``1:30`` as 90). Numbers inside a mapping
+or list from a variable are read as decimal text too (``ANOMALYD_ALERTS='{k: 010, n: 20}'`` has k 10; ``1:30`` and
+``0x10`` there are strings, refused by a number key).
 """
 
 from __future__ import annotations
@@ -113,8 +115,8 @@ def _describe(v: Any, key: str = "") -> str:
 
 def _parse_env_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return yaml.load(text, Loader=_EnvLoader)  # noqa: S506 - a SafeLoader subclass
+    except (yaml.YAMLError, ValueError):  # ValueError: an explicit tag that does not fit (!!int x)
         return text
 
 
@@ -147,6 +149,7 @@ def apply_env(raw: dict, env: Mapping[str, str], prefix: str, root: type, ctx: C
                 ctx.err(key, f"expected a mapping, got {_describe(node[part], key)} ({name} sets a key below it)")
             if not isinstance(node.get(part), dict):
                 node[part], ctx.env_keys[key] = {}, name
+                ctx.env_raw.pop(key, None)  # a shallower variable's text is no longer the value: not taken as it is
             node = node[part]
         key = join_key(key, parts[-1])
         node[parts[-1]] = _parse_env_value(text)
@@ -277,6 +280,31 @@ def _env_number(tp: type, text: str, key: str, ctx: Ctx) -> Any:
     what = "a decimal integer such as 30" if tp is int else "a decimal number such as 2.5 or 1e3"
     ctx.err(key, f"expected {what}, got {text!r}")
     return _BAD
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
+class _EnvLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads plain numbers as decimal text only, as a number key's own variable is read
+    (:func:`_env_number`): in ``ANOMALYD_ALERTS='{k: 010, n: 20}'`` k is 10, not YAML 1.1's octal 8, and ``1:30``
+    or ``0x10`` is a string (refused by a number key), not 90 or 16."""
+
+    yaml_implicit_resolvers = {c: [(t, r) for t, r in rs if t not in (_INT, _FLOAT)]
+                               for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def _construct_decimal(tp: type, loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    text = loader.construct_scalar(node)
+    if _ENV_NUMBER[tp].fullmatch(text):
+        return tp(text)
+    return yaml.SafeLoader.yaml_constructors[_INT if tp is int else _FLOAT](loader, node)  # an explicit !!int 0x10
+
+
+for _tag, _tp, _first in ((_INT, int, "+-0123456789"), (_FLOAT, float, "+-.0123456789")):  # int first: 10 is both
+    _EnvLoader.add_implicit_resolver(_tag, re.compile(rf"(?:{_ENV_NUMBER[_tp].pattern})\Z"), list(_first))
+    _EnvLoader.add_constructor(_tag, lambda loader, node, tp=_tp: _construct_decimal(tp, loader, node))
+del _tag, _tp, _first
 
 
 _RULES = {"ge": (operator.ge, "must be >= {}"), "gt": (operator.gt, "must be > {}"),

@@ -72,8 +72,9 @@ class KafkaConfig:
     poll_ahead: bool = True  # confluent: after a full poll, the next one on a second thread (pipelines/poll_ahead.py)
     # commit at most this often while busy (0: every flush); one commit in flight at a time (pipelines/commits.py)
     commit_interval_ms: int = rule_field(1000, ge=0)
-    # the upper bounds are librdkafka's (it refuses more; the fetch wait is bounded per client by check_kafka), and
-    # max.poll.interval.ms (300,000, both clients' default) must be at least the session timeout
+    # the upper bounds are librdkafka's: it refuses more (the fetch wait is bounded per client by check_kafka). The
+    # session timeout's is librdkafka's too: it refuses one over its max.poll.interval.ms (300,000 by default, which
+    # the daemon leaves); kafka-python takes more, but the one limit holds for both so a config works with either
     fetch_min_bytes: int = rule_field(FETCH_MIN_BYTES, ge=1, le=100_000_000)  # Kafka's fetch.min.bytes ...
     fetch_max_wait_ms: int = rule_field(FETCH_MAX_WAIT_MS, ge=0, le=300_000)  # ... and fetch.max.wait.ms
     session_timeout_ms: int = rule_field(10000, ge=1, le=300_000)
