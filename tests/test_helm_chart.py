@@ -6,6 +6,7 @@ helm is built by scripts/helm.sh (needs Go); skipped when it cannot be had, requ
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shlex
@@ -79,18 +80,19 @@ def _load_rendered_config(docs: dict[str, dict[str, Any]], tmp_path: Path) -> An
     key_paths = lambda d, p="": {f"{p}{k}" for k in d} | {
         x for k, v in d.items() if isinstance(v, dict) and k != "labels" for x in key_paths(v, f"{p}{k}.")}
     assert key_paths(cfg) == key_paths(example), "ConfigMap config must have the shape of config.example.yaml"
-    pair = {}
-    if cfg["kafka"]["security"]["ssl_certfile"]:  # the loader loads the pair: a real certificate and key
-        from pipelines.kafka_local_security import make_certificates
+    pem = {}
+    if cfg["kafka"]["security"]["ssl_certfile"] or cfg["kafka"]["security"]["ssl_cafile"]:
+        from pipelines.kafka_local_security import make_certificates  # the loader loads the CA and the pair: PEM
 
         make_certificates(tmp_path / "tls", "127.0.0.1")
-        pair = {"ssl_certfile": tmp_path / "tls" / "client.crt", "ssl_keyfile": tmp_path / "tls" / "client.key"}
+        pem = {"ssl_cafile": tmp_path / "tls" / "ca.pem", "ssl_certfile": tmp_path / "tls" / "client.crt",
+               "ssl_keyfile": tmp_path / "tls" / "client.key"}
     for key in ("sasl_password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile"):
         mounted = cfg["kafka"]["security"][key]
         if mounted:  # a Secret mount in the pod; a real file for the loader here
-            if key not in pair:
+            if key not in pem:
                 (tmp_path / key).write_text("stand-in")
-            text = text.replace(mounted, str(pair.get(key, tmp_path / key)))
+            text = text.replace(mounted, str(pem.get(key, tmp_path / key)))
     (c,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value", "from-secret") for e in c["env"]}
     path = tmp_path / "config.yaml"
@@ -336,16 +338,68 @@ def _rendered_config(docs: list[dict[str, Any]], tmp_path: Path):
     return load_config(path, env={})
 
 
+@pytest.fixture(scope="module")
+def chart_config(helm: str) -> dict[str, Any]:
+    """The daemon's config as the chart renders it by default."""
+    return yaml.safe_load(_by_kind(_render(helm))["ConfigMap"]["data"]["config.yaml"])
+
+
+def _with_set(config: dict[str, Any], assignment: str) -> None:
+    """Apply one ``config.<key>=<value>`` of helm's --set to the rendered config (an int, a {list} or a string)."""
+    path, _, text = assignment.partition("=")
+    value: Any = text.replace("\\,", ",")
+    if text.startswith("{") and text.endswith("}"):
+        value = text[1:-1].split(",")
+    elif re.fullmatch(r"-?[0-9]+", text):
+        value = int(text)
+    keys = [int(k[1:-1]) if k.startswith("[") else k for k in re.findall(r"\[[0-9]+\]|[^.\[]+", path)][1:]
+    node = config
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = value
+
+
 @pytest.mark.parametrize("bad", [
     "config.alerts.k=6", "config.kafka.heartbeat_interval_ms=20000", "config.kafka.session_timeout_ms=2000",
     "config.sinks.alertmanager.url=alertmanager:9093", "config.sinks.alertmanager.labels.team-name=ops",
     "config.sinks.alertmanager.labels.stream=x", "config.models.served[0].name=../x", "config.kafka.topics[0]=",
     "models.persistence.accessModes[0]=ReadWriteOncePod",  # helm test's pod and the training Job could not mount it
+    "config.kafka.fetch_max_wait_ms=30000",  # kafka-python, the chart's client, refuses it
+    "config.kafka.client=confluent,config.kafka.fetch_max_wait_ms=59001",  # librdkafka's fetches would time out
+    "config.kafka.topics[0]=a b", "config.kafka.topics[0]=..", "config.kafka.topics[0]=" + "x" * 250,
+    "config.kafka.dead_letter_topic=.", "config.kafka.dead_letter_topic=dead/letters",
+    "config.sinks.kafka.topic=tópico",
+    "config.default_models={sensors-gru,sensors-gru}", "config.routes[0].models={sensors-gru,sensors-gru}",
+    "config.kafka.bootstrap_servers=\\,", "config.kafka.bootstrap_servers= ",
 ])
-def test_helm_refuses_what_the_daemon_would_refuse_at_every_start(helm: str, bad: str, tmp_path: Path) -> None:
-    """Each rendered, installed, and every pod then exited 2 (CrashLoopBackOff) on its config."""
+def test_helm_refuses_what_the_daemon_would_refuse_at_every_start(helm: str, bad: str,
+                                                                  chart_config: dict[str, Any]) -> None:
+    """Each rendered, installed, and every pod then exited 2 (CrashLoopBackOff) on its config; the daemon's loader
+    refuses it too (the chart refuses no more than that)."""
     proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set", bad])
     assert proc.returncode != 0 and ("schema" in proc.stderr or "must be" in proc.stderr), (bad, proc.stderr)
+    if bad.startswith("config."):
+        from pipelines.config import Config, ConfigError
+
+        config = copy.deepcopy(chart_config)
+        for assignment in re.split(r"(?<!\\),(?![^{]*})", bad):
+            _with_set(config, assignment)
+        with pytest.raises(ConfigError) as refused:
+            Config.from_dict(config)
+        assert len(refused.value.errors) == 1, refused.value.errors  # for that value alone
+
+
+def test_helm_takes_what_the_daemon_takes_at_its_limits(helm: str, tmp_path: Path) -> None:
+    """The bounds the chart refuses past are the daemon's: at them it renders a config the daemon loads."""
+    for sets, key, want in (
+            (["config.kafka.fetch_max_wait_ms=29999"], "fetch_max_wait_ms", 29999),
+            (["config.kafka.client=confluent", "config.kafka.fetch_max_wait_ms=59000"], "fetch_max_wait_ms", 59000),
+            (["config.kafka.topics[0]=" + "x" * 249], "topics", ["x" * 249]),
+            (["config.kafka.dead_letter_topic=a.b_c-D9"], "dead_letter_topic", "a.b_c-D9"),
+            (["config.kafka.bootstrap_servers=kafka:9092\\, "], "bootstrap_servers", "kafka:9092, ")):
+        cfg = _rendered_config(_render(helm, *(a for s in sets for a in ("--set", s))), tmp_path)
+        assert getattr(cfg.kafka, key) == want, sets
+    assert _rendered_config(_render(helm, "--set", "config.sinks.kafka.topic=..."), tmp_path).sinks.kafka.topic == "..."
 
 
 def test_replicas_need_a_models_claim_every_node_can_mount(helm: str) -> None:

@@ -81,6 +81,11 @@ protocol would not use fail the install (the daemon would otherwise connect with
 {{- if ge (int (default 3000 $cfg.kafka.heartbeat_interval_ms)) (int (default 10000 $cfg.kafka.session_timeout_ms)) }}
 {{- fail (printf "config.kafka.heartbeat_interval_ms (%v) must be < config.kafka.session_timeout_ms (%v)" (default 3000 $cfg.kafka.heartbeat_interval_ms) (default 10000 $cfg.kafka.session_timeout_ms)) }}
 {{- end }}
+{{- $client := default "kafka-python" $cfg.kafka.client }}{{/* the fetch wait is bounded per client, below the schema's 300000 */}}
+{{- $fetchMost := get (dict "kafka-python" 29999 "confluent" 59000) $client }}
+{{- if and $fetchMost (gt (int (default 10 $cfg.kafka.fetch_max_wait_ms)) (int $fetchMost)) }}
+{{- fail (printf "config.kafka.fetch_max_wait_ms (%v) must be <= %v with config.kafka.client %s (%s)" $cfg.kafka.fetch_max_wait_ms $fetchMost $client (ternary "kafka-python refuses its request_timeout_ms, 30000, or more" "librdkafka's fetches time out past its socket.timeout.ms, 60000, less a second" (eq $client "kafka-python"))) }}
+{{- end }}
 {{- if .Values.kafka.credentials.existingSecret }}
 {{- $_ := set $cfg.kafka.security "sasl_password_file" (include "anomalyd.kafkaPasswordFile" .) }}
 {{- $_ := set $cfg.kafka.security "sasl_password" nil }}
