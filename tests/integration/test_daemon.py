@@ -151,7 +151,7 @@ def test_poll_waits_no_longer_than_the_oldest_pending_window_may(kafka_bootstrap
     create_topic(kafka_bootstrap, topic_name, partitions=1)
     _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 120, KINDS[:1])
     cfg = config_dict(kafka_bootstrap, topic_name, models_dir, names, kafka__poll_max_records=32,
-                      kafka__poll_timeout_ms=30_000, processing={"max_delay_ms": 40, "max_batch_windows": 4096})
+                      kafka__poll_timeout_ms=10_000, processing={"max_delay_ms": 40, "max_batch_windows": 4096})
     polls: list[tuple[int, bool]] = []  # (timeout_ms, windows pending when poll was called)
 
     def source_factory(**kwargs):
@@ -169,7 +169,7 @@ def test_poll_waits_no_longer_than_the_oldest_pending_window_may(kafka_bootstrap
     assert daemon.run(count=n, timeout=120) == 0
     pending = [t for t, p in polls if p]
     assert pending and max(pending) <= 40, polls
-    assert 30_000 in [t for t, p in polls if not p]  # nothing pending: the configured timeout
+    assert 10_000 in [t for t, p in polls if not p]  # nothing pending: the configured timeout
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
