@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import common, harness
+from . import common, daemon_metrics, harness
 from .pipeline import models_dir
 
 FULL = {"clients": ["kafka-python", "confluent"], "streams": 1000, "probe_events": 100_000, "seconds": 60}
@@ -47,7 +47,7 @@ def _live_daemon(spec: dict) -> dict:
             t0 = time.monotonic()
             while daemon.is_ready() or not timeline:
                 time.sleep(1.0)
-                m = harness.metric_summary(daemon.registry)
+                m = daemon_metrics.metric_summary(daemon.registry)
                 timeline.append((round(time.monotonic() - t0, 1), m.get("anomalyd_event_to_score_seconds"),
                                  m.get("anomalyd_event_to_alert_seconds")))
                 threads.append(daemon.scoring_threads.threads if daemon.scoring_threads else None)
@@ -198,11 +198,11 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
                        "scoring_threads": out.get("scoring_threads"), "threads_timeline": out["threads_timeline"],
                        "achieved_rate_s": prod["achieved_rate"],
                        "events": n, "windows": score_h["count"], "alerts": alert_h["count"],
-                       "score_p50_ms": _ms(harness.quantile(score_h, 0.5)),
-                       "score_p99_ms": _ms(harness.quantile(score_h, 0.99)),
+                       "score_p50_ms": _ms(daemon_metrics.quantile(score_h, 0.5)),
+                       "score_p99_ms": _ms(daemon_metrics.quantile(score_h, 0.99)),
                        "score_p99_bucket_ms": _ms(_bucket(score_h, 0.99)),
-                       "alert_p50_ms": _ms(harness.quantile(alert_h, 0.5)),
-                       "alert_p99_ms": _ms(harness.quantile(alert_h, 0.99)),
+                       "alert_p50_ms": _ms(daemon_metrics.quantile(alert_h, 0.5)),
+                       "alert_p99_ms": _ms(daemon_metrics.quantile(alert_h, 0.99)),
                        "alert_p99_bucket_ms": _ms(_bucket(alert_h, 0.99)),
                        "mean_batch": _mean(m.get("anomalyd_inference_batch_size")),
                        "rebalances": sum(m.get("anomalyd_rebalances", {}).values()),  # 1: the first join only
@@ -247,10 +247,10 @@ def _steady(timeline: list, score_h: dict, alert_h: dict) -> dict:
         over = h["count"] - next((c for le, c in h["buckets"] if le >= 0.2), 0.0) if h else 0.0
         slow.append((t, over - (prev or 0.0)))
         prev = over
-    return {"steady_score_p50_ms": _ms(harness.quantile(score, 0.5)),
-            "steady_score_p99_ms": _ms(harness.quantile(score, 0.99)),
-            "steady_alert_p50_ms": _ms(harness.quantile(alert, 0.5)),
-            "steady_alert_p99_ms": _ms(harness.quantile(alert, 0.99)),
+    return {"steady_score_p50_ms": _ms(daemon_metrics.quantile(score, 0.5)),
+            "steady_score_p99_ms": _ms(daemon_metrics.quantile(score, 0.99)),
+            "steady_alert_p50_ms": _ms(daemon_metrics.quantile(alert, 0.5)),
+            "steady_alert_p99_ms": _ms(daemon_metrics.quantile(alert, 0.99)),
             "steady_alert_p99_bucket_ms": _ms(_bucket(alert, 0.99)), "steady_alerts": alert["count"],
             "over_200ms_per_second": slow}
 

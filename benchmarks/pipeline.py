@@ -17,7 +17,7 @@ a fresh process and all in this run:
   (``max_batch_windows`` = 4096); the faster of the two is used (the stricter ratio);
 
 for kafka-python and confluent-kafka. A run fails rather than report an a whose records did not all decode, or
-a b whose events were not scored (``harness.check_scored``: replayed, unrouted, dead-lettered records, or windows
+a b whose events were not scored (``daemon_metrics.check_scored``: replayed, unrouted, dead-lettered records, or windows
 left unscored). Reported: events/s, the ratio b / min(a, e) (e in events/s = windows/s x
 stride), the cores that (a) and (b) kept busy together with the broker (CPU seconds of the process and of the
 broker JVM over the measured interval, per second: near the host's CPU count, the run was CPU-bound), the daemon's
@@ -135,7 +135,7 @@ def run(cfg: dict, kind: str, threads: int | None, consumer_settings: dict | Non
                                "cpu": d["cpu"], "raw_cpu": raw["cpu"],
                                "fused": d["fused"], "engine_all_batches": eng["windows_s"],
                                "seconds": d["seconds"], "phases": d["phases"],
-                               "scoring_check": d["scoring"],  # harness.check_scored: b counts scored events only
+                               "scoring_check": d["scoring"],  # daemon_metrics.check_scored: b counts scored events
                                "alerts": sum(d["metrics"].get("anomalyd_alerts", {}).values())}
                         rows.append(row)
                         adapt = d["scoring_threads"]

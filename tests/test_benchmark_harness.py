@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from benchmarks import common, harness
-from benchmarks.harness import Phases, TimedSource, check_scored
+from benchmarks.daemon_metrics import check_scored
+from benchmarks.harness import Phases, TimedSource
 from pipelines.source import Source
 
 
