@@ -236,6 +236,10 @@ def _convert(tp: Any, v: Any, key: str, ctx: Ctx) -> Any:
             return None
         (tp,) = [a for a in args if a is not type(None)]
         origin, args = get_origin(tp), get_args(tp)
+    if isinstance(v, _EnvNumber):  # a number's text from a variable's mapping or list: the key's type reads it
+        if tp in (int, float):
+            return _env_number(tp, str(v), key, ctx)
+        v = str(v)
     if dataclasses.is_dataclass(tp):
         return build(tp, v, key, ctx)
     if origin is Literal:
@@ -283,15 +287,25 @@ def _env_number(tp: type, text: str, key: str, ctx: Ctx) -> Any:
 
 
 _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_NUMBER = "tag:anomalyd,2026:env-number"
+
+
+class _EnvNumber(str):
+    """A plain scalar that YAML would read as a number, in a mapping or list from a variable: a number key reads
+    its text as decimal (:func:`_env_number`), a string key as the text it is (``{zone: 09}``: ``09``)."""
 
 
 class _EnvLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that reads plain numbers as decimal text only, as a number key's own variable is read
-    (:func:`_env_number`): in ``ANOMALYD_ALERTS='{k: 010, n: 20}'`` k is 10, not YAML 1.1's octal 8, and ``1:30``
-    or ``0x10`` is a string (refused by a number key), not 90 or 16."""
+    """``yaml.SafeLoader`` whose plain numbers stay text (:class:`_EnvNumber`) until a key's type reads them, as a
+    number key's own variable is read: in ``ANOMALYD_ALERTS='{k: 010, n: 20}'`` k is 10, not YAML 1.1's octal 8,
+    ``1:30`` or ``0x10`` is refused by a number key, not 90 or 16, and a label ``09`` stays ``09``."""
 
-    yaml_implicit_resolvers = {c: [(t, r) for t, r in rs if t not in (_INT, _FLOAT)]
+    yaml_implicit_resolvers = {c: [(_NUMBER if t in (_INT, _FLOAT) else t, r) for t, r in rs]
                                for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+_EnvLoader.add_implicit_resolver(_NUMBER, re.compile(rf"(?:{_ENV_NUMBER[float].pattern})\Z"), list("+-.0123456789"))
+_EnvLoader.add_constructor(_NUMBER, lambda loader, node: _EnvNumber(loader.construct_scalar(node)))
 
 
 def _construct_decimal(tp: type, loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
@@ -301,10 +315,9 @@ def _construct_decimal(tp: type, loader: yaml.SafeLoader, node: yaml.ScalarNode)
     return yaml.SafeLoader.yaml_constructors[_INT if tp is int else _FLOAT](loader, node)  # an explicit !!int 0x10
 
 
-for _tag, _tp, _first in ((_INT, int, "+-0123456789"), (_FLOAT, float, "+-.0123456789")):  # int first: 10 is both
-    _EnvLoader.add_implicit_resolver(_tag, re.compile(rf"(?:{_ENV_NUMBER[_tp].pattern})\Z"), list(_first))
+for _tag, _tp in ((_INT, int), (_FLOAT, float)):  # explicit tags: !!int 010 is 10
     _EnvLoader.add_constructor(_tag, lambda loader, node, tp=_tp: _construct_decimal(tp, loader, node))
-del _tag, _tp, _first
+del _tag, _tp
 
 
 _RULES = {"ge": (operator.ge, "must be >= {}"), "gt": (operator.gt, "must be > {}"),

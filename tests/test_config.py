@@ -326,7 +326,7 @@ def test_env_errors_name_the_variable(tmp_path):
         "default_models, processing, alerts, sinks, http, metrics, shutdown)",
         "environment variable ANOMALYD_HTTP__PORT: http.port: expected a decimal integer such as 30, got '[1]'",
         "environment variable ANOMALYD_MODELS__SERVED__0__VERSION: models.served: expected a list, "
-        "got dict {'0': {'version': 2}}",
+        "got dict {'0': {'version': '2'}}",
     ])
 
 

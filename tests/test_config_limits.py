@@ -140,17 +140,27 @@ def test_numbers_in_a_mapping_or_list_from_a_variable_are_decimal_text():
     assert (cfg.alerts.k, cfg.alerts.n, cfg.alerts.cooldown_s) == (10, 20, 1000.0)
     assert cfg.sinks.alertmanager.max_retries == 10
     assert sorted(errors_of(env={"ANOMALYD_ALERTS": "{cooldown_s: 1:30, m: 0x10}"})) == [
-        "environment variable ANOMALYD_ALERTS: alerts.cooldown_s: expected a finite float, got str '1:30'",
-        "environment variable ANOMALYD_ALERTS: alerts.m: expected int, got str '0x10'"]
+        "environment variable ANOMALYD_ALERTS: alerts.cooldown_s: expected a decimal number such as 2.5 or 1e3, "
+        "got '1:30'",
+        "environment variable ANOMALYD_ALERTS: alerts.m: expected a decimal integer such as 30, got '0x10'"]
     served = load_config(None, env={"ANOMALYD_MODELS__SERVED": '[{name: m, version: "010"}]',
                                     "ANOMALYD_ROUTES": "[{match: '*', models: [m]}]"}).models.served
     assert served[0].version == "010"  # a quoted string stays one
+
+
+def test_number_like_text_in_a_variables_mapping_stays_text_for_string_keys():
+    """Every number-looking scalar of a variable's mapping had become a number: a label zone: 09 (a string to
+    YAML 1.1, and in the file) was refused as int 9, and shift: 0800 as 800."""
+    cfg = load_config(None, env={"ANOMALYD_SINKS__ALERTMANAGER__LABELS": "{team: ops, zone: 09, shift: 0800, n: 10}",
+                                 "ANOMALYD_KAFKA__TOPICS": "[sensors, 2026]"})
+    assert cfg.sinks.alertmanager.labels == {"team": "ops", "zone": "09", "shift": "0800", "n": "10"}
+    assert cfg.kafka.topics == ["sensors", "2026"]
 
 
 def test_a_variable_below_a_number_or_string_key_is_not_dropped():
     """ANOMALYD_ALERTS__K=4 with ANOMALYD_ALERTS__K__X=1 loaded with k 4: the first variable's text was taken, the
     second one silently not read."""
     assert errors_of(env={"ANOMALYD_ALERTS__K": "4", "ANOMALYD_ALERTS__K__X": "1"}) == [
-        "environment variable ANOMALYD_ALERTS__K__X: alerts.k: expected int, got dict {'x': 1}"]
+        "environment variable ANOMALYD_ALERTS__K__X: alerts.k: expected int, got dict {'x': '1'}"]
     assert errors_of(env={"ANOMALYD_KAFKA__GROUP_ID": "g", "ANOMALYD_KAFKA__GROUP_ID__X": "1"}) == [
-        "environment variable ANOMALYD_KAFKA__GROUP_ID__X: kafka.group_id: expected str, got dict {'x': 1}"]
+        "environment variable ANOMALYD_KAFKA__GROUP_ID__X: kafka.group_id: expected str, got dict {'x': '1'}"]
