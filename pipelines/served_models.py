@@ -75,8 +75,8 @@ class ServedModels:
         features, or does not fit its route beside the other models keeps that model on its version (logged,
         counted in anomalyd_model_reload_failures_total and anomalyd_model_versions_refused) and the others
         reload. A refused version is tried again on SIGHUP or once its files change, not at every watch interval;
-        one refused by its route also when another model's newest version changes (the route's models may be
-        retrained one after the other, to a new window)."""
+        one refused by its route also when the newest version of another model of the route changes (the route's
+        models may be retrained one after the other, to a new window)."""
         failed: dict[str, str] = {}
         wanted: dict[str, str] = {}
         for s in self.cfg.models.served:
@@ -135,9 +135,11 @@ class ServedModels:
             if not here:
                 return  # the served models fit (checked at start): not reached
 
-    @staticmethod
-    def _peers(name: str, wanted: dict[str, str]) -> tuple:
-        return tuple(sorted((n, v) for n, v in wanted.items() if n != name))
+    def _peers(self, name: str, wanted: dict[str, str]) -> tuple:
+        """The newest versions, with their files, of the models that share a route with ``name``: a version its
+        route refused is tried again when one of them changes (a copy completing too), not for another route's."""
+        mates = {n for spec in self.router.routes if name in spec.models for n in spec.models} - {name}
+        return tuple(sorted((n, self._fingerprint(n, wanted[n])) for n in mates if n in wanted))
 
     def _refuse(self, name: str, key: tuple, exc: Exception, failed: dict, forced: bool) -> None:
         """Note ``name``'s newest version as refused under ``key`` (its files, and for a route's refusal the other

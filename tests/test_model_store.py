@@ -281,23 +281,30 @@ def test_a_route_whose_models_change_window_one_after_the_other_reloads_once_bot
     """Per-model refusals kept a route's first retrained model refused (its files unchanged) when the second one
     arrived, and refused the second beside the first: both stayed on their old window until SIGHUP."""
     store = ModelStore(tmp_path / "models")
-    store.save("a", trained["gru"], version="v1")
-    store.save("b", trained["lstm"], version="v1")
-    daemon = _daemon(tmp_path, [{"name": "a"}, {"name": "b"}], [], ["a", "b"])
+    for name, kind in (("a", "gru"), ("b", "lstm"), ("c", "gru")):
+        store.save(name, trained[kind], version="v1")
+    daemon = _daemon(tmp_path, [{"name": "a"}, {"name": "b"}, {"name": "c"}], [{"match": "c-*", "models": ["c"]}],
+                     ["a", "b"])
     refused = lambda: daemon.registry.get_sample_value("anomalyd_model_versions_refused")  # noqa: E731
+    failures = lambda: daemon.registry.get_sample_value("anomalyd_model_reload_failures_total")  # noqa: E731
 
     def tick() -> dict[str, str]:
         daemon._last_reload_check -= 3600
         daemon._maybe_reload()
-        return daemon.models.versions()
+        return {n: v for n, v in daemon.models.versions().items() if n != "c"}
 
     store.save("a", _rewindowed(trained["gru"], 16), version="v2")
     assert tick() == {"a": "v1", "b": "v1"} and refused() == 1
+    assert tick() == {"a": "v1", "b": "v1"} and failures() == 1  # not tried again
+    store.save("c", trained["gru"], version="v2")  # another route's model: a's v2 is not tried (and counted) again
+    assert tick() == {"a": "v1", "b": "v1"} and failures() == 1 and daemon.models.versions()["c"] == "v2"
+    new = store.save("b", _rewindowed(trained["lstm"], 16), version="v2")
+    whole = (new / "model.safetensors").read_bytes()
+    (new / "model.safetensors").write_bytes(whole[:200])  # still being copied: b v2 does not load yet
     assert tick() == {"a": "v1", "b": "v1"}
-    assert daemon.registry.get_sample_value("anomalyd_model_reload_failures_total") == 1  # not tried again
-    store.save("b", _rewindowed(trained["lstm"], 16), version="v2")
+    (new / "model.safetensors").write_bytes(whole)  # the copy completes: both swap at the next tick
     assert tick() == {"a": "v2", "b": "v2"} and refused() == 0
-    assert daemon.routes[0].models[0].detector.window == 16
+    assert {r.spec.models: r.models[0].detector.window for r in daemon.routes} == {("c",): 32, ("a", "b"): 16}
 
 
 def test_a_routes_good_new_version_is_not_held_back_by_a_bad_one(trained, tmp_path):
