@@ -19,7 +19,7 @@ from detector.training import TrainConfig, enough_rows, load_series, train_detec
 
 from ._config_checks import is_plain_name
 from .config import KafkaConfig, load_config
-from .decode import DecodedBatch, FeatureSpec, _broker_ts, _parse_ts, _Reject, decode_batch
+from .decode import DecodedBatch, FeatureSpec, _broker_ts, _check_stream, _parse_ts, _Reject, decode_batch
 from .intake import _MS_LOW
 from .kafka_security import client_security_config, kafka_python_bootstrap
 from .model_store import ModelStore
@@ -101,6 +101,10 @@ def _probe(record: tuple[bytes, bytes | None, int], streams_glob: str,
         return None
     stream, ts = _stream_of(msg, key), _event_ts(msg, broker_ts)
     if stream is None or ts is None or not fnmatch.fnmatchcase(stream, streams_glob):
+        return None
+    try:
+        _check_stream(stream)  # a control character, too long: dead-lettered, so it names no features
+    except _Reject:
         return None
     vals = msg.get("values", [msg["value"]] if "value" in msg else None)
     if isinstance(vals, dict) and vals:

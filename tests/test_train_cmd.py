@@ -210,3 +210,7 @@ def test_while_the_names_are_unknown_only_selected_messages_are_held_and_a_range
     assert late.finish("sensors") == ["a"]
     assert [s.tolist() for s in late.series()] == [[[1.0], [2.0]]]
     assert late.n_rejected == 1 and late.first_rejection == "missing_values"  # the held one, decoded with the names
+    # a stream id the daemon dead-letters (a control character) names no features
+    odd = _Selection(from_ms=None, to_ms=None, streams_glob="*", feature_names=None)
+    odd.add([rec("bad\nid", 1, {"x": 1.0}), rec("pump-1", 2, {"a": 1.0}), rec("pump-1", 3, {"a": 2.0})])
+    assert odd.finish("sensors") == ["a"] and [s.tolist() for s in odd.series()] == [[[1.0], [2.0]]]
