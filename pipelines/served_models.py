@@ -33,7 +33,8 @@ class ServedModels:
         self.loaded: dict[str, LoadedModel] = {}
         self.routes: list[RouteState] = []
         self._refused: dict[str, tuple] = {}  # name -> _fingerprint of its newest version refused in a reload
-        # (with the other models' newest versions when its route refused it): not read again until that changes
+        # (with _peers, its route mates' newest versions and files, when its route refused it): not read again
+        # until that changes
         self._changing: dict[str, tuple] = {}  # name -> _fingerprint of the versions the last newer() returned
         self._wanted: dict[str, str] = {}  # the newest versions as the last read found them
         if not self.router.routes:
@@ -136,10 +137,14 @@ class ServedModels:
                 return  # the served models fit (checked at start): not reached
 
     def _peers(self, name: str, wanted: dict[str, str]) -> tuple:
-        """The newest versions, with their files, of the models that share a route with ``name``: a version its
-        route refused is tried again when one of them changes (a copy completing too), not for another route's."""
-        mates = {n for spec in self.router.routes if name in spec.models for n in spec.models} - {name}
-        return tuple(sorted((n, self._fingerprint(n, wanted[n])) for n in mates if n in wanted))
+        """The newest versions, with their files, of the models that ``name``'s routes reach (through routes that
+        share models: a+b and b+c put a's refusal on c too, as b may have gone back for c): a version its route
+        refused is tried again when one of them changes (a copy completing too), not for an unconnected route's."""
+        group, grown = {name}, True
+        while grown:
+            more = {n for spec in self.router.routes if group & set(spec.models) for n in spec.models} - group
+            group, grown = group | more, bool(more)
+        return tuple(sorted((n, self._fingerprint(n, wanted[n])) for n in group - {name} if n in wanted))
 
     def _refuse(self, name: str, key: tuple, exc: Exception, failed: dict, forced: bool) -> None:
         """Note ``name``'s newest version as refused under ``key`` (its files, and for a route's refusal the other

@@ -331,3 +331,25 @@ def test_a_routes_good_new_version_is_not_held_back_by_a_bad_one(trained, tmp_pa
     daemon.request_reload()  # SIGHUP reads b v2 again too: only a, whose version changes, is named refused
     daemon._maybe_reload()
     assert daemon.models.versions() == {"a": "v1", "b": "v2"} and set(daemon.models._refused) == {"a"}
+
+
+def test_routes_that_share_a_model_reload_together_once_all_are_retrained(trained, tmp_path):
+    """Routes a+b and b+c, retrained to a new window a and b first, then c: a was refused because b went back for
+    route b+c, and a's refusal waited for its direct mate b only, so all three stayed on the old window until SIGHUP."""
+    store = ModelStore(tmp_path / "models")
+    for name in "abc":
+        store.save(name, trained["gru"], version="v1")
+    daemon = _daemon(tmp_path, [{"name": n} for n in "abc"],
+                     [{"match": "x-*", "models": ["a", "b"]}, {"match": "y-*", "models": ["b", "c"]}], [])
+
+    def tick() -> dict[str, str]:
+        daemon._last_reload_check -= 3600
+        daemon._maybe_reload()
+        return daemon.models.versions()
+
+    for name in "ab":
+        store.save(name, _rewindowed(trained["gru"], 16), version="v2")
+    assert tick() == {"a": "v1", "b": "v1", "c": "v1"}
+    store.save("c", _rewindowed(trained["gru"], 16), version="v2")
+    assert tick() == {"a": "v2", "b": "v2", "c": "v2"}
+    assert daemon.registry.get_sample_value("anomalyd_model_versions_refused") == 0
