@@ -260,7 +260,7 @@ def _convert(tp: Any, v: Any, key: str, ctx: Ctx) -> Any:
         for k in v:
             if not isinstance(k, str):
                 ctx.err(join_key(key, str(k)), f"key must be a string, got {_describe(k)}")
-        out = {k: _convert(str, x, join_key(key, k), ctx) for k, x in v.items() if isinstance(k, str)}
+        out = {str(k): _convert(str, x, join_key(key, k), ctx) for k, x in v.items() if isinstance(k, str)}
         return {k: x for k, x in out.items() if x is not _BAD}
     if tp is float and isinstance(v, int) and not isinstance(v, bool):
         v = float(v)
