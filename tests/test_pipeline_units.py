@@ -409,15 +409,24 @@ def test_an_event_time_far_ahead_of_the_clock_is_dead_lettered_not_taken(trained
 
 
 @pytest.mark.parametrize("limit_s", [1e16, 1e306])
-def test_a_limit_on_event_time_ahead_beyond_int64_milliseconds_is_no_limit_not_a_crash(trained, tmp_path, limit_s):
-    """1e16 s as "never": the limit plus a broker time overflowed int64 on every poll (1e306: int(inf) at start)."""
-    daemon = _gru_daemon(trained, tmp_path, processing={"max_event_time_ahead_s": limit_s})
+def test_a_limit_on_event_time_ahead_beyond_what_the_config_takes_is_refused_at_load(trained, tmp_path, limit_s):
+    """1e16 s as "never" had overflowed int64 on every poll (the limit plus a broker time; 1e306: int(inf) at
+    start). The config takes at most 1e9 s now (31 years), and says so at load."""
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"processing.max_event_time_ahead_s: must be <= 1000000000"):
+        _gru_daemon(trained, tmp_path, processing={"max_event_time_ahead_s": limit_s})
+
+
+def test_the_largest_limit_on_event_time_ahead_is_no_crash(trained, tmp_path):
+    """At the config's largest limit (1e9 s) an event time near int64's end is ahead, refused, not a crash."""
+    daemon = _gru_daemon(trained, tmp_path, processing={"max_event_time_ahead_s": 1e9})
     names = trained["gru"].feature_names
     values = [json.dumps({"stream": "pump-1", "ts": ts, "values": [1.0] * len(names)}).encode()
               for ts in (1_700_000_000_000, 2**62)]
     daemon.process(RecordBatch(topic=["t"] * 2, partition=np.zeros(2, np.int32), offset=np.arange(2, dtype=np.int64),
                                timestamp=np.full(2, 1_700_000_000_000, np.int64), key=[None] * 2, value=values))
-    assert daemon.routes[0].buffer.n_events == 2
+    assert daemon.routes[0].buffer.n_events == 1
 
 
 def test_a_stream_arriving_on_another_partition_is_reported_once_a_minute(trained, tmp_path, caplog, monkeypatch):
