@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .autoencoder import AutoencoderDetector
+from .autoencoder import AutoencoderDetector, check_scoring_settings
 from .models import ModelConfig, build_model
 from .scaling import Scaler
 from .thresholds import threshold_from_dict
@@ -129,8 +129,10 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     names = meta["feature_names"]
     if not isinstance(names, list) or len(names) != cfg.n_features or scaler.n_features != cfg.n_features:
         raise CheckpointError(f"{meta_path}: feature names / scaler do not match n_features={cfg.n_features}")
-    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-        raise CheckpointError(f"{meta_path}: feature names must be distinct non-empty strings, got {names!r:.200}")
+    try:  # distinct non-empty strings, as a detector is built with
+        check_scoring_settings(cfg, names, None)
+    except ValueError as exc:
+        raise CheckpointError(f"{meta_path}: {exc}") from None
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path}: missing weights file")
     try:

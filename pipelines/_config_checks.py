@@ -53,16 +53,12 @@ def check_kafka(c: KafkaConfig, data: Mapping, key: str, ctx: Ctx) -> KafkaConfi
         ctx.err(join_key(key, "fetch_max_wait_ms"), f"must be <= {most} with kafka.client {c.client} ({why}), "
                 f"got {c.fetch_max_wait_ms}", because=join_key(key, "client"))
     if not ctx.is_bad(join_key(key, "bootstrap_servers")):
-        _check_bootstrap_servers(c.bootstrap_servers, join_key(key, "bootstrap_servers"), ctx)
+        if problem := bootstrap_servers_problem(c.bootstrap_servers):
+            ctx.err(join_key(key, "bootstrap_servers"), problem)
     if c.heartbeat_interval_ms >= c.session_timeout_ms and not ctx.is_bad(join_key(key, "heartbeat_interval_ms")):
         ctx.err(join_key(key, "heartbeat_interval_ms"), f"must be < kafka.session_timeout_ms ({c.session_timeout_ms}),"
                 f" got {c.heartbeat_interval_ms}", because=join_key(key, "session_timeout_ms"))
     return c
-
-
-def _check_bootstrap_servers(servers: str, key: str, ctx: Ctx) -> None:
-    if problem := bootstrap_servers_problem(servers):
-        ctx.err(key, problem)
 
 
 def bootstrap_servers_problem(servers: str) -> str | None:

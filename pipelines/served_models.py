@@ -109,7 +109,7 @@ class ServedModels:
                       {n: lm.version for n, lm in candidate.items()})
         self._changing = changed
         if not changed:
-            self._count_refused(wanted)
+            self._count_refused()
             return None
         for name in changed:
             self._refused.pop(name, None)
@@ -126,6 +126,8 @@ class ServedModels:
                 return
             i, spec, why = bad
             here = [n for n in spec.models if n in changed]
+            if not here:
+                return  # the served models fit (checked at start): not reached
             one = next((n for n in here if self._route_problem(i, spec, {**candidate, n: self.loaded[n]}) is None),
                        None)
             for name in [one] if one is not None else here:
@@ -133,8 +135,6 @@ class ServedModels:
                 seen = changed.pop(name)
                 if seen[0] != self.loaded[name].version:  # SIGHUP reads the served versions again: not refused
                     self._refuse(name, (seen, self._peers(name, wanted)), ConfigError([why]), failed, forced)
-            if not here:
-                return  # the served models fit (checked at start): not reached
 
     def _peers(self, name: str, wanted: dict[str, str]) -> tuple:
         """The newest versions, with their files, of the models that ``name``'s routes reach (through routes that
@@ -147,8 +147,8 @@ class ServedModels:
         return tuple(sorted((n, self._fingerprint(n, wanted[n])) for n in group - {name} if n in wanted))
 
     def _refuse(self, name: str, key: tuple, exc: Exception, failed: dict, forced: bool) -> None:
-        """Note ``name``'s newest version as refused under ``key`` (its files, and for a route's refusal the other
-        models' newest versions; ``failed``: logged and counted once) unless it was refused before under the same
+        """Note ``name``'s newest version as refused under ``key`` (its files, and for a route's refusal its
+        :meth:`_peers`; ``failed``: logged and counted once) unless it was refused before under the same
         key and this is no SIGHUP."""
         if self._refused.get(name) != key or forced:
             failed[name] = "; ".join(exc.errors) if isinstance(exc, ConfigError) else str(exc)  # one line
@@ -185,20 +185,19 @@ class ServedModels:
             self.metrics.model_reload_failures.inc()
             log.error("model reload failed while installing, still serving %s: %s", self.versions(), exc)
             self._refused.update(self._changing)
-            self._count_refused(self._wanted)
+            self._count_refused()
             return None
 
-    def behind(self, wanted: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
+    def behind(self) -> dict[str, tuple[str, str]]:
         """Served models not on their newest version, as it did not load or was refused (other features, its
-        route): name -> (newest, served), the newest as ``wanted`` says (default: as the last read found them;
-        one saved since is not refused yet)."""
-        wanted = self._wanted if wanted is None else wanted
-        return {name: (wanted[name], lm.version) for name, lm in self.loaded.items()
-                if name in wanted and wanted[name] != lm.version}
+        route): name -> (newest, served), the newest as the last read found it (one saved since is not refused
+        yet)."""
+        return {name: (self._wanted[name], lm.version) for name, lm in self.loaded.items()
+                if name in self._wanted and self._wanted[name] != lm.version}
 
-    def _count_refused(self, wanted: dict[str, str]) -> None:
+    def _count_refused(self) -> None:
         """``anomalyd_model_versions_refused``: a lasting signal where the failures counter moves once."""
-        self.metrics.model_versions_refused.set(len(self.behind(wanted)))
+        self.metrics.model_versions_refused.set(len(self.behind()))
 
     def versions(self) -> dict[str, str]:
         return {n: lm.version for n, lm in self.loaded.items()}
@@ -224,5 +223,5 @@ class ServedModels:
             self.metrics.set_threshold(name, 1.0)
         for route in routes:
             self.metrics.init_route(route.spec.label)
-        self._count_refused(self._wanted)  # at start, the newest of a model may have given way to an older one
+        self._count_refused()  # at start, the newest of a model may have given way to an older one
         return routes
