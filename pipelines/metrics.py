@@ -40,6 +40,7 @@ labels except on the opt-in, K-bounded ``anomalyd_top_stream_score``. Outcomes: 
 | `anomalyd_top_stream_score` | gauge | rank, stream | latest score of the K top streams (K > 0) |
 | `anomalyd_up` | gauge | - | 1 while the daemon runs |
 | `anomalyd_ready` | gauge | - | 1 while the daemon is ready (models loaded, consumer group joined) |
+| `anomalyd_kafka_reachable` | gauge | - | 0 once the brokers have not answered two probes in a row (not ready then) |
 | `process_*`, `python_*` | - | - | standard process, platform and GC metrics of prometheus-client |
 Per-window values (scores, event-to-score latencies) are :class:`BulkHistogram` s: one numpy call per batch.
 """
