@@ -31,7 +31,7 @@ from .config import Config, ConfigError, check_model_files
 from .daemon_delivery import RETRIED, DeliveryStage, left
 from .httpserver import HealthServer
 from .intake import TOO_MANY_STREAMS, Intake
-from .kafka_io import KafkaDeliveryError, Producer, make_producer
+from .kafka_io import Producer, make_producer
 from .kafka_probe import KafkaProbe
 from .kafka_security import wait_for_a_broker
 from .metrics import Metrics
@@ -42,7 +42,7 @@ from .routes import RouteState
 from .scoring_threads import ScoringThreads
 from .scoring_worker import ScoringWorker
 from .served_models import ServedModels
-from .sinks import FanoutSink, SinkError, build_sinks
+from .sinks import FanoutSink, build_sinks
 from .source import RecordBatch, Source, TopicPartition, make_source
 
 __all__ = ["Daemon"]
@@ -142,10 +142,11 @@ class Daemon(DeliveryStage):
         if self._ahead is not None:
             self._ahead.take_deferred()  # still uncommitted, so in the commit below
         self.sinks.retry_now()  # the partitions' last flush here: at once, whatever backoff a failed one started
-        try:
+        try:  # a dead letter the brokers refused is no delivery to retry: it stops the daemon, as in the loop
             self._flush_and_commit(timeout_s=self._revoke_s, in_rebalance=True)
-        except (SinkError, KafkaDeliveryError) as exc:
-            log.warning("could not deliver alerts before giving up partitions (the next owner repeats them): %s", exc)
+        except RETRIED as exc:
+            log.warning("could not deliver alerts or dead letters before giving up partitions (the next owner "
+                        "repeats them): %s", exc)
         self._drop_partitions(tps)
 
     def _on_lost(self, tps: list[TopicPartition]) -> None:
@@ -161,9 +162,9 @@ class Daemon(DeliveryStage):
         if self._worker is not None:
             try:  # its streams' state is about to go; what it freed is not committed
                 self._worker.wait()
-            except (SinkError, KafkaDeliveryError) as exc:
-                log.warning("alerts of the micro-batch in flight not delivered (the next owner repeats them): %s",
-                            exc)
+            except RETRIED as exc:
+                log.warning("alerts or dead letters of the micro-batch in flight not delivered (the next owner "
+                            "repeats them): %s", exc)
         self._drop_partitions(tps)
 
     def _drop_partitions(self, tps: list[TopicPartition]) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from detector.synthetic import SensorModel
+from pipelines.kafka_io import KafkaDeliveryError
 from pipelines.scoring_worker import ScoringWorker
 from pipelines.sinks import FanoutSink, Sink, SinkError
 from pipelines.source import RecordBatch
@@ -157,3 +158,40 @@ def test_under_kafka_python_a_revokes_own_flush_takes_a_third_of_the_session(tra
         assert len(given) >= 2 and 9.5 < given[0] <= 10.0 and max(given[1:]) <= budget, given
     finally:
         daemon._worker.close()
+
+
+class _RefusingProducer:
+    """A dead-letter producer whose brokers refuse every message for good (as MSG_SIZE_TOO_LARGE): its flush
+    raises the refusal once and forgets it, as the Kafka producers of pipelines.kafka_io do."""
+
+    def __init__(self) -> None:
+        self.refused: list[str] = []
+
+    def produce(self, topic, value, key=None, headers=None) -> None:
+        self.refused.append(f"{topic}: MSG_SIZE_TOO_LARGE")
+
+    def flush(self, timeout_s: float) -> None:
+        refused, self.refused = self.refused, []
+        if refused:
+            raise KafkaDeliveryError(f"{len(refused)} Kafka messages not delivered: {refused[0]}")
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        pass
+
+
+def test_a_dead_letter_refused_in_a_revoke_stops_the_daemon_uncommitted(trained, tmp_path):
+    """A refused dead letter stops the daemon with no commit (README), in a revoke as in the loop: the revoke
+    had logged it as undelivered alerts and gone on, and the shutdown after it then exited 0."""
+    daemon = _gru_daemon(trained, tmp_path)
+    client = _Client()
+    daemon.source = daemon.commits.source = client
+    daemon.producer = _RefusingProducer()
+    daemon.sinks = FanoutSink([_OutageSink(fail=0)])
+    daemon._on_assign([TP])
+    daemon.positions.position_new(client, RecordBatch.empty())
+    batch = _level_shift()
+    batch.value[-1] = b"{not json"  # a dead letter
+    daemon.process(batch)
+    with pytest.raises(KafkaDeliveryError, match="MSG_SIZE_TOO_LARGE"):
+        daemon._on_revoke([TP])  # kafka-python re-raises it from poll as a KafkaError, confluent-kafka as itself
+    assert not client.rebalance_commits and not client.commits
