@@ -8,7 +8,8 @@ held a synchronous commit, and with it the loop, its probe and its liveness, for
 the broker woke up (confluent-kafka). One is in flight at a time (per group generation: after a new assignment the
 old one's answer is not waited for); its answer arrives through a later poll and
 :meth:`Committer.collect` applies it. The commits in a rebalance and at shutdown stay synchronous: the
-partitions or the process go right after them (the shutdown's within its grace period).
+partitions or the process go right after them (the shutdown's within its grace period). Except kafka-python's in a
+rebalance, where it allows no blocking call: sent there, its answer (from a later poll) is counted and logged.
 """
 
 from __future__ import annotations
@@ -70,9 +71,9 @@ class Committer:
 
     def commit(self, offsets: Offsets, in_rebalance: bool = False, wait: bool = False,
                timeout_s: float | None = None) -> None:
-        """Commit ``offsets``: synchronously in a rebalance or with ``wait`` (that one given up after ``timeout_s``),
-        else sent unless a commit is still in flight or a failed one is waiting to be retried (what is not
-        committed now is in the next commit)."""
+        """Commit ``offsets``: synchronously in a rebalance (kafka-python: sent) or with ``wait`` (that one given
+        up after ``timeout_s``), else sent unless a commit is still in flight or a failed one is waiting to be
+        retried (what is not committed now is in the next commit)."""
         self.collect()
         if not offsets:
             return
@@ -127,7 +128,11 @@ class Committer:
     def _commit_now(self, offsets: Offsets, in_rebalance: bool = False, timeout_s: float | None = None) -> None:
         self.last_commit, t0 = time.monotonic(), time.perf_counter()
         try:
-            self._commit_sync(offsets, in_rebalance, timeout_s)
+            if in_rebalance:
+                if self.source.commit_in_rebalance(offsets, partial(self._rebalance_answered, offsets, t0)):
+                    return  # kafka-python: sent; the answer comes through a later poll
+            else:
+                self.source.commit(offsets, timeout_s)
         except Exception as exc:
             if not _metadata_too_large(exc) or (floors := without_incidents(offsets)) == offsets:
                 self._finished(offsets, time.perf_counter() - t0, exc)  # e.g. a rebalance: records are redelivered
@@ -139,11 +144,19 @@ class Committer:
             return
         self._finished(offsets, time.perf_counter() - t0, None)
 
-    def _commit_sync(self, offsets: Offsets, in_rebalance: bool, timeout_s: float | None) -> None:
-        if in_rebalance:
-            self.source.commit_in_rebalance(offsets)
-        else:
-            self.source.commit(offsets, timeout_s)
+    def _rebalance_answered(self, offsets: Offsets, t0: float, error: BaseException | None) -> None:
+        """The answer to a rebalance commit that was only sent (kafka-python), from a later poll: the partitions
+        are gone, so it is counted and logged only; metadata too large is sent again without the incidents."""
+        if error is not None and _metadata_too_large(error) and (floors := without_incidents(offsets)) != offsets:
+            log.warning("the brokers refused open incidents in the rebalance commit's metadata (%s): committing "
+                        "without them (the next owner detects them afresh); lower kafka.commit_metadata_max_bytes "
+                        "to the brokers' offset.metadata.max.bytes", error)
+            self.source.commit_in_rebalance(floors, partial(self._rebalance_answered, floors, time.perf_counter()))
+            return
+        self.metrics.observe_commit(time.perf_counter() - t0, ok=error is None)
+        if error is not None:
+            log.warning("offset commit of the partitions given up failed (their next owner replays from the commit "
+                        "before): %s", error)
 
     def _finished(self, offsets: Offsets, seconds: float, error: BaseException | None, pause: bool = True) -> None:
         """Count the commit; a failure pauses the next for RETRY_AFTER_S (``pause``: it is of this generation). A

@@ -69,8 +69,10 @@ class Source(Protocol):
         """Send the commit and return; ``done(error or None)`` is called from a later ``poll`` (on the polling
         thread), or never when the brokers never answer. A broker that hangs held a synchronous commit (and the
         loop) for 30 s (kafka-python) or until it woke up (confluent-kafka)."""
-    def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
-        """Commit from inside a rebalance callback (where kafka-python 3 allows no blocking call)."""
+    def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]], answered: CommitDone) -> bool:
+        """Commit from inside a rebalance callback (where kafka-python 3 allows no blocking call): False when
+        done (confluent-kafka, synchronously; raises when it fails), True when only sent, its answer then given
+        to ``answered(error or None)`` from a later ``poll`` (kafka-python)."""
     def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]:
         """The group's committed ``(offset, metadata)`` of each partition (None: no commit); raises when the brokers
         give no answer within LOOKUP_TIMEOUT_S."""

@@ -113,10 +113,13 @@ class KafkaPythonSource:
 
         self._consumer.commit_async(self._offsets(offsets), callback=finished)
 
-    def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
-        """Queued on the client's IO loop; it is sent before the group's new generation starts."""
-        if offsets:
-            self._consumer.commit_async(self._offsets(offsets))
+    def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]], answered: CommitDone) -> bool:
+        """Queued on the client's IO loop, sent before the group's new generation starts; its answer comes through
+        a later poll (without a callback, kafka-python's default one dropped a refusal unseen)."""
+        if not offsets:
+            return False
+        self.commit_async(offsets, answered)
+        return True
 
     def _offsets(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> dict:
         """With a NUL after the metadata, as confluent-kafka writes it: its reader takes metadata up to a NUL, and

@@ -63,8 +63,9 @@ class _Client:
         self.commits.append(dict(offsets))
         done(None)
 
-    def commit_in_rebalance(self, offsets) -> None:
+    def commit_in_rebalance(self, offsets, answered) -> bool:
         self.rebalance_commits.append(dict(offsets))
+        return False  # done, as confluent-kafka's
 
 
 def _level_shift() -> RecordBatch:

@@ -134,3 +134,50 @@ def test_commits_with_a_timeout_and_an_asynchronous_one_after_the_same_offsets_a
         assert answers == [None]
     finally:
         source.close(timeout_s=10)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_rebalance_commit_refused_as_too_large_is_sent_again_without_the_incidents(
+        kafka_bootstrap: str, topic_name: str, client: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The brokers refuse metadata over offset.metadata.max.bytes (4096 by default). kafka-python's rebalance
+    commit is only sent (no blocking call in its callbacks): without a callback its refusal went unseen, nothing
+    was committed and the next owner replayed everything since the commit before; confluent-kafka's is synchronous."""
+    import json
+    import logging
+
+    from prometheus_client import CollectorRegistry
+
+    from pipelines.commits import Committer
+    from pipelines.metrics import Metrics
+    from pipelines.positions import Positions
+
+    tp = (topic_name, 0)
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    incidents = [{"stream": f"s{i}", "opened": "x" * 100} for i in range(60)]  # about 7 kB
+    big = json.dumps({"rebuild_from": 3, "incidents": incidents})
+    registry = CollectorRegistry()
+    committer = Committer(Positions(), Metrics(registry, process_metrics=False))
+    first = make_source(client, bootstrap_servers=kafka_bootstrap, group_id=topic_name, topics=[topic_name],
+                        pattern=None, on_assign=lambda _tps: None,
+                        on_revoke=lambda tps: committer.commit({tp: (5, big)} if tps else {}, in_rebalance=True))
+    committer.source = first
+    second = None
+    try:
+        _poll_until_assigned(first, {tp})
+        second = make_source(client, bootstrap_servers=kafka_bootstrap, group_id=topic_name, topics=[topic_name],
+                             pattern=None, on_assign=lambda _tps: None, on_revoke=lambda _tps: None)
+        with caplog.at_level(logging.WARNING, logger="anomalyd"):
+            give_up = time.monotonic() + 60.0
+            while time.monotonic() < give_up:  # both poll through the rebalance; the answers come in later polls
+                first.poll(100, 50)
+                second.poll(100, 50)
+                if committer.metrics.registry.get_sample_value("anomalyd_commit_seconds_count"):
+                    break
+        offset, metadata = second.committed([tp])[tp]
+        assert offset == 5 and json.loads(metadata.rstrip("\0")) == {"rebuild_from": 3}, metadata
+        assert "refused open incidents" in caplog.text
+        assert registry.get_sample_value("anomalyd_commit_failures_total") == 0
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
