@@ -27,6 +27,7 @@ from .source import (
 )
 
 log = logging.getLogger(__name__)
+ERROR_LOG_EVERY_S = 60.0  # a consumer error of one kind is logged at most this often
 
 # librdkafka stops fetching a partition whose prefetch queue is over its thresholds (queued.min.messages, 100,000
 # messages) and looks again only after this long; its default, 1 s, left a consumer that drains 100,000 messages
@@ -52,6 +53,7 @@ class ConfluentSource:
 
         self._CTP = CTP
         self._refused: Exception | None = None  # set by librdkafka's error callback, raised by the next poll
+        self._errors_logged: dict[int, float] = {}  # error code -> monotonic time last logged
         self._sent: list[tuple[frozenset, CommitDone]] = []  # asynchronous commits without an answer, oldest first
         self._sent_lock = threading.Lock()  # on_commit runs on whichever thread polls
         self._where, self._security = bootstrap_servers, security
@@ -95,7 +97,21 @@ class ConfluentSource:
         if first is None:
             return RecordBatch.empty()
         msgs = [first] + (self._consumer.consume(num_messages=max_records - 1, timeout=0) if max_records > 1 else [])
-        return RecordBatch(*self._columns(msgs), _ConfluentHeaders(msgs))  # failed messages left out of the columns
+        columns = self._columns(msgs)  # failed messages left out
+        if len(columns[1]) < len(msgs):
+            self._report_errors(msgs)
+        return RecordBatch(*columns, _ConfluentHeaders(msgs))
+
+    def _report_errors(self, msgs: list) -> None:
+        """Log the consumer errors librdkafka hands over as messages (a subscribed topic that does not exist, a
+        missing READ ACL, a poll interval exceeded), each kind once per ERROR_LOG_EVERY_S: the member joins with
+        nothing assigned otherwise, and looks like an idle spare replica."""
+        now = time.monotonic()
+        for m in msgs:
+            err = m.error()
+            if err is not None and now - self._errors_logged.get(err.code(), -ERROR_LOG_EVERY_S) >= ERROR_LOG_EVERY_S:
+                self._errors_logged[err.code()] = now
+                log.warning("Kafka consumer error (%s): %s", err.name(), err.str())
 
     def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]], timeout_s: float | None = None) -> None:
         """librdkafka's synchronous commit waits for its answer for ever (a broker that hangs held the shutdown

@@ -181,3 +181,21 @@ def test_a_rebalance_commit_refused_as_too_large_is_sent_again_without_the_incid
         first.close()
         if second is not None:
             second.close()
+
+
+def test_a_subscribed_topic_that_does_not_exist_is_logged(kafka_bootstrap: str, topic_name: str,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """librdkafka reports it once, as an errored message of a poll; the columns leave such messages out, and the
+    member, joined with nothing assigned, looked like an idle spare replica with nothing in its log."""
+    import logging
+
+    source = make_source("confluent", bootstrap_servers=kafka_bootstrap, group_id=topic_name, topics=[topic_name],
+                         pattern=None, on_assign=lambda _tps: None, on_revoke=lambda _tps: None)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipelines.source_confluent"):
+            give_up = time.monotonic() + 30.0
+            while "UNKNOWN_TOPIC_OR_PART" not in caplog.text and time.monotonic() < give_up:
+                assert len(source.poll(100, 200)) == 0
+        assert "Kafka consumer error (UNKNOWN_TOPIC_OR_PART)" in caplog.text and topic_name in caplog.text
+    finally:
+        source.close()
