@@ -166,7 +166,8 @@ class Committer:
         if error is not None:
             if pause:
                 self._retry_at = time.monotonic() + RETRY_AFTER_S
-            log.warning("offset commit failed (records will be redelivered): %s", error)
+            log.warning("offset commit failed (the next commit includes these offsets; records since the last "
+                        "commit are replayed only if none succeeds before the partitions go): %s", error)
             return
         for tp, (nxt, _meta) in offsets.items():  # records processed since stay uncommitted
             if pause and self.positions.uncommitted.get(tp) == nxt:
