@@ -196,3 +196,44 @@ def test_a_dead_letter_refused_in_a_revoke_stops_the_daemon_uncommitted(trained,
     with pytest.raises(KafkaDeliveryError, match="MSG_SIZE_TOO_LARGE"):
         daemon._on_revoke([TP])  # kafka-python re-raises it from poll as a KafkaError, confluent-kafka as itself
     assert not client.rebalance_commits and not client.commits
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["serial", "background"])
+def test_a_revoke_with_the_sink_still_down_commits_nothing_and_drops_the_partitions(trained, tmp_path, background):
+    """At-least-once across owners: alerts still undelivered when the partitions go are the next owner's to repeat,
+    so nothing is committed past them, and the partitions' windows and alert state go."""
+    daemon, sink, client = _failed_micro_batch(trained, tmp_path, background)
+    sink.fail = 99  # the outage goes on
+    try:
+        daemon._on_revoke([TP])
+        assert not client.rebalance_commits and not client.commits
+        assert TP not in daemon.positions.assigned and not daemon.positions.uncommitted
+        assert all(not route.stream_index and route.pending_windows == 0 for route in daemon.routes)
+    finally:
+        if daemon._worker is not None:
+            daemon._worker.close()
+
+
+def test_a_lost_session_commits_nothing_waits_for_the_micro_batch_in_flight_and_drops_the_partitions(trained,
+                                                                                                        tmp_path):
+    """Another member may own the partitions already: no commit (not even the micro-batch in flight's, which is
+    waited for, so its thread does not score streams whose state goes), and their state goes."""
+    daemon = _gru_daemon(trained, tmp_path, processing={"score_in_background": True, "max_delay_ms": 0},
+                         alerts={"k": 1, "n": 1})
+    sink, client = _OutageSink(fail=0), _Client()
+    daemon.sinks = FanoutSink([sink])
+    daemon.source = daemon.commits.source = client
+    daemon._worker = ScoringWorker()
+    try:
+        daemon._on_assign([TP])
+        daemon.positions.position_new(client, RecordBatch.empty())
+        daemon.process(_level_shift())
+        daemon._maybe_flush(quiet=False, now=time.monotonic())  # the micro-batch goes to the scoring thread
+        assert daemon._worker.busy
+        daemon._on_lost([TP])
+        assert not daemon._worker.busy and sink.delivered  # waited for: its alerts went out
+        assert not client.rebalance_commits and not client.commits
+        assert TP not in daemon.positions.assigned and not daemon.positions.uncommitted
+        assert all(not route.stream_index and route.pending_windows == 0 for route in daemon.routes)
+    finally:
+        daemon._worker.close()
