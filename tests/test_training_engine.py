@@ -231,3 +231,15 @@ def test_engine_bad_device():
             InferenceEngine(device="mps")
     with pytest.raises(ValueError, match="precision"):
         InferenceEngine(device="cpu", precision="int4")
+
+
+def test_several_series_are_split_and_windowed_each_on_its_own(synthetic):
+    """One series per stream: each keeps its own validation tail (a fifth, at least W + 20 rows) and no window
+    crosses from one series into the next. Together as one series they would give 90 validation rows and 345
+    training windows."""
+    train, _ = synthetic
+    detector = train_detector([train[:300], train[300:450]], CFG,
+                              TrainConfig(epochs=1, max_windows=None, seed=0, device="cpu"), log=None)
+    s = detector.summary
+    assert (s["n_series"], s["n_val_rows"], s["n_train_rows"]) == (2, 60 + 36, 240 + 114)
+    assert s["n_train_windows"] == (240 - 16 + 1) + (114 - 16 + 1)
