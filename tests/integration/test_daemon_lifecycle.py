@@ -191,23 +191,48 @@ def test_new_model_version_is_swapped_in_without_dropping_events(kafka_bootstrap
     daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
     runner = threading.Thread(target=daemon.run, kwargs={"timeout": 90})
     runner.start()
-    producer = threading.Thread(target=_produce_clean, args=(kafka_bootstrap, topic_name, 200, 200.0))
-    producer.start()
-    time.sleep(1.5)
-    new_path = store.save(names[0], store.load(names[0]).detector)  # a new version appears mid-stream
-    producer.join(timeout=60)
     n = 200 * N_STREAMS
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and committed_offsets(kafka_bootstrap, f"g-{topic_name}", topic_name) != {0: n}:
-        time.sleep(0.3)
-    daemon.request_stop()
-    runner.join(timeout=30)
-    info = {s.labels["version"] for m in daemon.registry.collect() for s in m.samples
-            if s.name == "anomalyd_model_info" and s.labels["model"] == names[0]}
-    assert info == {new_path.name} and new_path.name != old_version
-    assert daemon.models.loaded[names[0]].version == new_path.name
-    assert _scored(daemon, topic_name) == n - N_STREAMS * (WINDOW - 1)  # nothing dropped across the swap
-    new_path.rename(new_path.parent / f".removed-{new_path.name}")  # leave the shared store as it was
+    new_path = None
+    try:
+        deadline = time.monotonic() + 60
+        while not daemon.is_ready():
+            assert runner.is_alive() and time.monotonic() < deadline, "the daemon did not become ready"
+            time.sleep(0.1)
+        producer = threading.Thread(target=_produce_clean, args=(kafka_bootstrap, topic_name, 200, 100.0))
+        producer.start()
+        # the old version has scored some of the stream, and some of it is still to come
+        deadline = time.monotonic() + 60
+        while not (_scored(daemon, topic_name) > 0 and 0 < daemon.events_seen < n):
+            assert daemon.events_seen < n, "every event was consumed before the old version scored any"
+            assert runner.is_alive() and time.monotonic() < deadline, "the old version scored nothing"
+            time.sleep(0.02)
+        seen_before = daemon.events_seen
+        new_path = store.save(names[0], store.load(names[0]).detector)  # a new version appears mid-stream
+        deadline = time.monotonic() + 60
+        while daemon.models.loaded[names[0]].version != new_path.name:
+            assert runner.is_alive() and time.monotonic() < deadline, "the new version was not swapped in"
+            time.sleep(0.02)
+        seen_at_swap = daemon.events_seen
+        print(f"events seen: {seen_before} when the new version was saved, {seen_at_swap} when it was in, of {n}")
+        producer.join(timeout=60)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and committed_offsets(kafka_bootstrap, f"g-{topic_name}",
+                                                                topic_name) != {0: n}:
+            time.sleep(0.3)
+        daemon.request_stop()
+        runner.join(timeout=60)
+        info = {s.labels["version"] for m in daemon.registry.collect() for s in m.samples
+                if s.name == "anomalyd_model_info" and s.labels["model"] == names[0]}
+        assert info == {new_path.name} and new_path.name != old_version
+        assert daemon.models.loaded[names[0]].version == new_path.name
+        # events scored by both versions: some before the new one was saved, some after it was swapped in
+        assert 0 < seen_before <= seen_at_swap < n, (seen_before, seen_at_swap, n)
+        assert _scored(daemon, topic_name) == n - N_STREAMS * (WINDOW - 1)  # nothing dropped across the swap
+    finally:  # on a failed assert too: no daemon left running, and the session-shared store as it was
+        daemon.request_stop()
+        runner.join(timeout=60)
+        if new_path is not None:
+            new_path.rename(new_path.parent / f".removed-{new_path.name}")
 
 
 def test_alertmanager_receives_firing_then_resolved_from_the_daemon(kafka_bootstrap, topic_name, models, tmp_path,
