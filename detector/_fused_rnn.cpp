@@ -253,7 +253,7 @@ void tile_forward(const Model& M, Work& wk, const float* in, int64_t b, float* y
   for (int64_t i = 0; i < b; ++i)
     for (int64_t j = 0; j < Lz; ++j) z[i * Lz + j] += M.lat_b[j];
   mm(b, z, Lz, M.fl_w, h0, nl * H);  // h0 = tanh(from_latent(z))  (b, layers*H)
-  for (int64_t i = 0; i < b * nl * H; ++i) h0[i] = std::tanh(h0[i] + M.fl_b[i % (nl * H)]);
+  for (int64_t i = 0; i < b; ++i) anomalyd_gates::tanh_bias(h0 + i * nl * H, M.fl_b, nl * H);
   const float* din = z;
   float* out = wk.s0.get();
   for (int64_t l = 0; l < nl; ++l) {  // decoder: layer 0 reads z at every step
