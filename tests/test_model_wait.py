@@ -45,6 +45,18 @@ def _wait(cfg: Config, stop: threading.Event, poll_s: float = 0.05) -> Config | 
         return started
 
 
+class _CountedEvent(threading.Event):
+    """A stop event that counts the waits on it: the waiter looks for its models after each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        return super().wait(timeout)
+
+
 def _half_copied(trained, tmp_path) -> tuple[Path, bytes]:
     """Version v1 of model gru copied in by hand, model.json first: its weights written half so far. Returns the
     version's directory and the whole weights."""
@@ -66,10 +78,10 @@ def test_waiting_it_is_alive_and_not_ready_until_a_version_loads_and_the_daemon_
     port = _free_port()
     cfg = _config(tmp_path, 60, port)
     result: list = []
-    built = threading.Event()
+    built, stop = threading.Event(), _CountedEvent()
 
     def run() -> None:
-        with models_awaited(cfg, threading.Event(), 0.05) as started:
+        with models_awaited(cfg, stop, 0.05) as started:
             result.append(started)
             built.wait(30)  # the daemon's construction (its models' load): the port still answers
 
@@ -88,8 +100,13 @@ def test_waiting_it_is_alive_and_not_ready_until_a_version_loads_and_the_daemon_
     assert "anomalyd_up 1.0" in metrics and "anomalyd_ready 0.0" in metrics
     # a version copied in by hand: model.json first, then the weights, written a part at a time
     copy, weights = _half_copied(trained, tmp_path)
-    time.sleep(0.3)
+    # the waiter looks for its models after each wait on stop: by the third wait since now, two looks saw the copy
+    polled = stop.waits
+    deadline = time.monotonic() + 30
+    while stop.waits < polled + 3 and not result and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not result  # not a version that loads yet
+    assert stop.waits >= polled + 3, "the waiter did not look for its models twice since the half copy"
     (copy / "model.safetensors").write_bytes(weights)
     deadline = time.monotonic() + 30
     while not result and time.monotonic() < deadline:
