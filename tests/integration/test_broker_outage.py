@@ -71,31 +71,35 @@ def test_a_broker_outage_on_a_quiet_topic_makes_the_daemon_not_ready_until_it_is
     daemon.kafka = KafkaProbe(daemon.metrics.kafka_reachable, interval_s=1.0, timeout_s=1.0)
     thread = threading.Thread(target=daemon.run, kwargs={"timeout": 240}, daemon=True)
     thread.start()
-    reachable = lambda: daemon.registry.get_sample_value("anomalyd_kafka_reachable")  # noqa: E731
-    _until("ready with the first record consumed", lambda: daemon.is_ready() and daemon.events_seen, 60, thread)
-    time.sleep(3)  # quiet: probes that the broker answers
-    assert daemon.is_ready() and reachable() == 1
+    try:
+        reachable = lambda: daemon.registry.get_sample_value("anomalyd_kafka_reachable")  # noqa: E731
+        _until("ready with the first record consumed", lambda: daemon.is_ready() and daemon.events_seen, 60, thread)
+        time.sleep(3)  # quiet: probes that the broker answers
+        assert daemon.is_ready() and reachable() == 1
 
-    ready_gauge = lambda: daemon.registry.get_sample_value("anomalyd_ready")  # noqa: E731 - set by the loop
-    broker.stop()
-    _until("not ready once the broker is gone", lambda: ready_gauge() == 0, 30, thread)
-    assert reachable() == 0 and not daemon.is_ready()
-    # past the session timeout (15 s): a client that drops the partitions leaves nothing assigned, which is
-    # still an outage, not an idle member
-    gone = time.monotonic()
-    while time.monotonic() - gone < 20:
-        assert ready_gauge() == 0 and thread.is_alive()
-        time.sleep(0.5)
+        ready_gauge = lambda: daemon.registry.get_sample_value("anomalyd_ready")  # noqa: E731 - set by the loop
+        broker.stop()
+        _until("not ready once the broker is gone", lambda: ready_gauge() == 0, 30, thread)
+        assert reachable() == 0 and not daemon.is_ready()
+        # past the session timeout (15 s): a client that drops the partitions leaves nothing assigned, which is
+        # still an outage, not an idle member
+        gone = time.monotonic()
+        while time.monotonic() - gone < 20:
+            assert ready_gauge() == 0 and thread.is_alive()
+            time.sleep(0.5)
 
-    broker.start(timeout_s=120)
-    back = time.monotonic()
-    _until("ready again once the broker is back", lambda: ready_gauge() == 1, 60, thread)
-    assert reachable() == 1 and daemon.is_ready()
-    print(f"{client}: ready {time.monotonic() - back:.1f}s after the broker was back")
-    daemon.request_stop()
-    assert not daemon.is_ready()  # from the stop on, while the shutdown drains: a Service sends no new work
-    _stopped(daemon, thread)
-    assert not daemon.is_ready()
+        broker.start(timeout_s=120)
+        back = time.monotonic()
+        _until("ready again once the broker is back", lambda: ready_gauge() == 1, 60, thread)
+        assert reachable() == 1 and daemon.is_ready()
+        print(f"{client}: ready {time.monotonic() - back:.1f}s after the broker was back")
+        daemon.request_stop()
+        assert not daemon.is_ready()  # from the stop on, while the shutdown drains: a Service sends no new work
+        _stopped(daemon, thread)
+        assert not daemon.is_ready()
+    finally:  # on a failed assert too: no daemon left polling while later tests run
+        daemon.request_stop()
+        thread.join(60)
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
@@ -119,28 +123,32 @@ def test_a_hung_broker_does_not_stop_the_loop_and_the_commit_lands_once_it_answe
     daemon.kafka = KafkaProbe(daemon.metrics.kafka_reachable, interval_s=1.0, timeout_s=1.0)
     thread = threading.Thread(target=daemon.run, kwargs={"timeout": 300}, daemon=True)
     thread.start()
-    group = cfg["kafka"]["group_id"]
-    _until("the first records committed", lambda: committed_offsets(bootstrap, group, topic_name) == {0: 10},
-           60, thread)
-    produce(10, 10)
-    producer.close()
-    _until("the second records consumed", lambda: daemon.events_seen >= 20, 30, thread)
-    freeze(own_broker)  # before the idle commit of records 10-19
     try:
-        frozen, longest, ready_seen = time.monotonic(), 0.0, []
-        while time.monotonic() - frozen < 40:
-            longest = max(longest, time.monotonic() - daemon._heartbeat)
-            ready_seen.append(daemon.registry.get_sample_value("anomalyd_ready"))
-            assert thread.is_alive() and daemon.is_alive()
-            time.sleep(0.2)
-    finally:
-        thaw(own_broker)
-    print(f"{client}: the loop's longest pause while the broker was frozen: {longest:.1f} s")
-    assert longest < 15, f"the loop stood still for {longest:.1f} s while the broker was frozen"
-    assert 0 in ready_seen, "the probe never reported the frozen broker"
-    _until("records 10-19 committed once the broker answers",
-           lambda: committed_offsets(bootstrap, group, topic_name) == {0: 20}, 120, thread)
-    _stopped(daemon, thread)
+        group = cfg["kafka"]["group_id"]
+        _until("the first records committed", lambda: committed_offsets(bootstrap, group, topic_name) == {0: 10},
+               60, thread)
+        produce(10, 10)
+        producer.close()
+        _until("the second records consumed", lambda: daemon.events_seen >= 20, 30, thread)
+        freeze(own_broker)  # before the idle commit of records 10-19
+        try:
+            frozen, longest, ready_seen = time.monotonic(), 0.0, []
+            while time.monotonic() - frozen < 40:
+                longest = max(longest, time.monotonic() - daemon._heartbeat)
+                ready_seen.append(daemon.registry.get_sample_value("anomalyd_ready"))
+                assert thread.is_alive() and daemon.is_alive()
+                time.sleep(0.2)
+        finally:
+            thaw(own_broker)
+        print(f"{client}: the loop's longest pause while the broker was frozen: {longest:.1f} s")
+        assert longest < 15, f"the loop stood still for {longest:.1f} s while the broker was frozen"
+        assert 0 in ready_seen, "the probe never reported the frozen broker"
+        _until("records 10-19 committed once the broker answers",
+               lambda: committed_offsets(bootstrap, group, topic_name) == {0: 20}, 120, thread)
+        _stopped(daemon, thread)
+    finally:  # on a failed assert too: no daemon left polling while later tests run
+        daemon.request_stop()
+        thread.join(60)
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
@@ -165,23 +173,27 @@ def test_a_stop_while_the_broker_hangs_ends_within_the_grace_period(daemon_model
     exit_code: list[int] = []
     thread = threading.Thread(target=lambda: exit_code.append(daemon.run(timeout=300)), daemon=True)
     thread.start()
-    _until("the first records committed",
-           lambda: committed_offsets(bootstrap, cfg["kafka"]["group_id"], topic_name) == {0: 10}, 60, thread)
-    produce(10, 10)
-    producer.close()
-    _until("every record consumed", lambda: daemon.events_seen >= 20, 30, thread)
-    freeze(own_broker)
     try:
-        asked = time.monotonic()
+        _until("the first records committed",
+               lambda: committed_offsets(bootstrap, cfg["kafka"]["group_id"], topic_name) == {0: 10}, 60, thread)
+        produce(10, 10)
+        producer.close()
+        _until("every record consumed", lambda: daemon.events_seen >= 20, 30, thread)
+        freeze(own_broker)
+        try:
+            asked = time.monotonic()
+            daemon.request_stop()
+            thread.join(grace + 30)
+            took = time.monotonic() - asked
+        finally:
+            thaw(own_broker)
+        print(f"{client}: stopped {took:.1f} s after it was asked to, with the broker frozen")
+        assert not thread.is_alive(), f"still not stopped {took:.0f} s after it was asked to"
+        assert took < grace + 8, f"stopped {took:.1f} s after it was asked to, grace period {grace} s"
+        assert exit_code == [1]
+    finally:  # on a failed assert too: no daemon left polling while later tests run
         daemon.request_stop()
-        thread.join(grace + 30)
-        took = time.monotonic() - asked
-    finally:
-        thaw(own_broker)
-    print(f"{client}: stopped {took:.1f} s after it was asked to, with the broker frozen")
-    assert not thread.is_alive(), f"still not stopped {took:.0f} s after it was asked to"
-    assert took < grace + 8, f"stopped {took:.1f} s after it was asked to, grace period {grace} s"
-    assert exit_code == [1]
+        thread.join(60)
 
 
 def test_partitions_lost_while_polling_ahead_through_a_backlog_are_replayed_and_committed(daemon_models, topic_name,
@@ -202,14 +214,18 @@ def test_partitions_lost_while_polling_ahead_through_a_backlog_are_replayed_and_
     daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
     thread = threading.Thread(target=daemon.run, kwargs={"timeout": 240}, daemon=True)
     thread.start()
-    _until("a quarter of the backlog read", lambda: daemon.events_seen >= n // 4, 60, thread)
-    freeze(own_broker)
     try:
-        time.sleep(15)  # past the session timeout
-    finally:
-        thaw(own_broker)
-    group = cfg["kafka"]["group_id"]
-    _until("everything committed after the lost partitions came back",
-           lambda: committed_offsets(bootstrap, group, topic_name) == end, 90, thread)
-    assert time.monotonic() - daemon._heartbeat < 10
-    _stopped(daemon, thread)
+        _until("a quarter of the backlog read", lambda: daemon.events_seen >= n // 4, 60, thread)
+        freeze(own_broker)
+        try:
+            time.sleep(15)  # past the session timeout
+        finally:
+            thaw(own_broker)
+        group = cfg["kafka"]["group_id"]
+        _until("everything committed after the lost partitions came back",
+               lambda: committed_offsets(bootstrap, group, topic_name) == end, 90, thread)
+        assert time.monotonic() - daemon._heartbeat < 10
+        _stopped(daemon, thread)
+    finally:  # on a failed assert too: no daemon left polling while later tests run
+        daemon.request_stop()
+        thread.join(60)
