@@ -109,41 +109,46 @@ def test_a_dead_letter_the_brokers_cannot_take_yet_holds_the_commit_back_and_goe
     daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
     thread = threading.Thread(target=daemon.run, kwargs={"timeout": 240}, daemon=True)
     thread.start()
-    group = f"g-{topic_name}"
-    deadline = time.monotonic() + 60
-    while committed_offsets(kafka_bootstrap, group, topic_name) != {0: n}:
-        assert thread.is_alive() and time.monotonic() < deadline, "the good records were not committed"
-        time.sleep(0.2)
-    freeze(own_broker)
-    bad = [b"{not json %d" % i for i in range(BAD)]
-    _produce(kafka_bootstrap, topic_name, bad)
-    deadline, longest = time.monotonic() + 30, 0.0
-    while daemon.registry.get_sample_value("anomalyd_dead_letters_total",
-                                           {"topic": topic_name, "reason": "bad_json"}) != BAD:
-        assert thread.is_alive() and time.monotonic() < deadline, "the bad records were not dead-lettered"
-        longest = max(longest, time.monotonic() - daemon._heartbeat)
-        time.sleep(0.2)
-    held = time.monotonic()
-    while time.monotonic() - held < 25:  # flushes that find the dead letters unacknowledged
-        assert thread.is_alive(), "the daemon stopped on a dead letter the brokers had not acknowledged yet"
-        assert committed_offsets(kafka_bootstrap, group, topic_name) == {0: n}  # not past the bad records
-        longest = max(longest, time.monotonic() - daemon._heartbeat)
-        time.sleep(0.5)
-    thaw(own_broker)
-    print(f"{client}: the loop's longest pause while dead letters could not go out: {longest:.1f} s")
-    # kafka-python's send waits max_block_ms for the topic's metadata: 10 s for each dead letter (its /healthz
-    # failed after six), and again for the first one at each flush
-    assert longest < 20, f"the loop stood still for {longest:.1f} s"
-    deadline = time.monotonic() + 90
-    while committed_offsets(kafka_bootstrap, group, topic_name) != {0: n + BAD}:
-        assert thread.is_alive() and time.monotonic() < deadline, "not committed once the dead letter went out"
-        time.sleep(0.5)
-    # at least once: a produce request that timed out while the broker was frozen may have been written
-    # before it froze, and kafka-python's producer (idempotence off, pipelines/kafka_io.py) sends it again
-    assert {r.value for r in read_topic(dead_letters_at, dlq)} == set(bad)
-    daemon.request_stop()
-    thread.join(60)
-    assert not thread.is_alive()
+    try:
+        group = f"g-{topic_name}"
+        deadline = time.monotonic() + 60
+        while committed_offsets(kafka_bootstrap, group, topic_name) != {0: n}:
+            assert thread.is_alive() and time.monotonic() < deadline, "the good records were not committed"
+            time.sleep(0.2)
+        freeze(own_broker)
+        bad = [b"{not json %d" % i for i in range(BAD)]
+        _produce(kafka_bootstrap, topic_name, bad)
+        deadline, longest = time.monotonic() + 30, 0.0
+        while daemon.registry.get_sample_value("anomalyd_dead_letters_total",
+                                               {"topic": topic_name, "reason": "bad_json"}) != BAD:
+            assert thread.is_alive() and time.monotonic() < deadline, "the bad records were not dead-lettered"
+            longest = max(longest, time.monotonic() - daemon._heartbeat)
+            time.sleep(0.2)
+        held = time.monotonic()
+        while time.monotonic() - held < 25:  # flushes that find the dead letters unacknowledged
+            assert thread.is_alive(), "the daemon stopped on a dead letter the brokers had not acknowledged yet"
+            assert committed_offsets(kafka_bootstrap, group, topic_name) == {0: n}  # not past the bad records
+            longest = max(longest, time.monotonic() - daemon._heartbeat)
+            time.sleep(0.5)
+        thaw(own_broker)
+        print(f"{client}: the loop's longest pause while dead letters could not go out: {longest:.1f} s")
+        # kafka-python's send waits max_block_ms for the topic's metadata: 10 s for each dead letter (its /healthz
+        # failed after six), and again for the first one at each flush
+        assert longest < 20, f"the loop stood still for {longest:.1f} s"
+        deadline = time.monotonic() + 90
+        while committed_offsets(kafka_bootstrap, group, topic_name) != {0: n + BAD}:
+            assert thread.is_alive() and time.monotonic() < deadline, "not committed once the dead letter went out"
+            time.sleep(0.5)
+        # at least once: a produce request that timed out while the broker was frozen may have been written
+        # before it froze, and kafka-python's producer (idempotence off, pipelines/kafka_io.py) sends it again
+        assert {r.value for r in read_topic(dead_letters_at, dlq)} == set(bad)
+        daemon.request_stop()
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:  # on a failed assert too: no daemon left polling while later tests run
+        thaw(own_broker)  # frozen still if an assert failed while it was
+        daemon.request_stop()
+        thread.join(60)
 
 
 def test_alerts_go_out_while_a_dead_letter_waits_for_the_brokers(kafka_bootstrap, topic_name, models, tmp_path,
@@ -176,26 +181,30 @@ def test_alerts_go_out_while_a_dead_letter_waits_for_the_brokers(kafka_bootstrap
     daemon = Daemon(load_config(write_config(tmp_path / "c.yaml", cfg)))
     thread = threading.Thread(target=daemon.run, kwargs={"timeout": 240}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while not daemon.is_ready():
-        assert thread.is_alive() and time.monotonic() < deadline, "the daemon did not become ready"
-        time.sleep(0.2)
-    freeze(own_broker)
     try:
-        _produce(kafka_bootstrap, topic_name, [b"{not json"])
-        # ending inside the anomaly (steps 100-125): its incident stays open, so Alertmanager holds it as active
-        _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 200, ("level_shift",), first_steps=118)
+        deadline = time.monotonic() + 60
+        while not daemon.is_ready():
+            assert thread.is_alive() and time.monotonic() < deadline, "the daemon did not become ready"
+            time.sleep(0.2)
+        freeze(own_broker)
+        try:
+            _produce(kafka_bootstrap, topic_name, [b"{not json"])
+            # ending inside the anomaly (steps 100-125): its incident stays open, so Alertmanager holds it as active
+            _, n = produce_with_anomalies(kafka_bootstrap, topic_name, 200, ("level_shift",), first_steps=118)
+            deadline = time.monotonic() + 90
+            while not [a for a in alertmanager.alerts() if a["labels"].get("test_run") == run]:
+                assert thread.is_alive() and time.monotonic() < deadline, "no alert reached Alertmanager"
+                time.sleep(0.5)
+            assert committed_offsets(kafka_bootstrap, f"g-{topic_name}", topic_name) == {}  # the dead letter waits
+        finally:
+            thaw(own_broker)
         deadline = time.monotonic() + 90
-        while not [a for a in alertmanager.alerts() if a["labels"].get("test_run") == run]:
-            assert thread.is_alive() and time.monotonic() < deadline, "no alert reached Alertmanager"
+        while committed_offsets(kafka_bootstrap, f"g-{topic_name}", topic_name) != {0: n + 1}:
+            assert thread.is_alive() and time.monotonic() < deadline, "not committed once the dead letter went out"
             time.sleep(0.5)
-        assert committed_offsets(kafka_bootstrap, f"g-{topic_name}", topic_name) == {}  # the dead letter waits
-    finally:
-        thaw(own_broker)
-    deadline = time.monotonic() + 90
-    while committed_offsets(kafka_bootstrap, f"g-{topic_name}", topic_name) != {0: n + 1}:
-        assert thread.is_alive() and time.monotonic() < deadline, "not committed once the dead letter went out"
-        time.sleep(0.5)
-    daemon.request_stop()
-    thread.join(60)
-    assert not thread.is_alive()
+        daemon.request_stop()
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:  # on a failed assert too: no daemon left polling while later tests run
+        daemon.request_stop()
+        thread.join(60)
