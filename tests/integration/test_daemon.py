@@ -333,7 +333,9 @@ def test_rebalance_two_members_share_partitions(kafka_bootstrap, topic_name, mod
         truth, _ = produce_with_anomalies(kafka_bootstrap, topic_name, 300, KINDS)
         ends = end_offsets(kafka_bootstrap, topic_name)
         half = {p: off // 2 for p, off in ends.items()}
-        _wait_committed(kafka_bootstrap, group, topic_name, half, 180)
+        got = _wait_committed(kafka_bootstrap, group, topic_name, half, 180)
+        # every partition half done, b's too, before b is stopped: both members processed their share
+        assert all(got.get(p, -1) >= off for p, off in half.items()), (got, half, _log(a), _log(b))
         b.send_signal(signal.SIGTERM)  # hands its partitions over to a
         assert b.wait(timeout=30) == 0
         assert _wait_committed(kafka_bootstrap, group, topic_name, ends, 180) == ends
