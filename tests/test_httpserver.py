@@ -172,25 +172,47 @@ def test_the_start_log_names_the_bound_address_when_it_is_all_interfaces(caplog:
     assert f"listening on http://127.0.0.1:{local} (/metrics, /healthz, /readyz)\n" in caplog.text + "\n"
 
 
+def _closed_by_server(s: socket.socket, wait_s: float) -> bool:
+    """Whether the server ends the connection within ``wait_s`` (an end of stream or a reset), sending nothing."""
+    s.settimeout(max(wait_s, 0.01))
+    try:
+        data = s.recv(1024)
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+    assert data == b"", data  # half a request line: no response is due
+    return True
+
+
 def test_idle_connections_are_capped_and_give_way_to_a_request() -> None:
     """Connections that send half a request line and wait (slowloris) each held a thread for ever: 1,000 of them
     made 1,000 threads. Now at most max_connections are open, and a new one (the kubelet's probe) takes the place of
     the oldest that has not sent its request."""
     import time
 
-    with HealthServer(CollectorRegistry(), bind="127.0.0.1", port=0, max_connections=4,
+    cap, n = 4, 10
+    with HealthServer(CollectorRegistry(), bind="127.0.0.1", port=0, max_connections=cap,
                       request_timeout_s=60) as srv:
         before = threading.active_count()
         idle = []
-        for _ in range(10):
-            s = socket.create_connection(("127.0.0.1", srv.port))
-            s.sendall(b"GET /hea")
-            idle.append(s)
-        deadline = time.monotonic() + 30
-        while threading.active_count() > before + 4 and time.monotonic() < deadline:
-            time.sleep(0.05)  # the dropped ones' threads end
-        assert threading.active_count() <= before + 4, threading.active_count() - before
-        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=10) as resp:
-            assert resp.status == 200  # in at once: it took an idle connection's place (their timeout is 60 s)
-        for s in idle:
-            s.close()
+        try:
+            for _ in range(n):
+                s = socket.create_connection(("127.0.0.1", srv.port))
+                s.sendall(b"GET /hea")
+                idle.append(s)
+            # the server ends the oldest beyond the cap (their own timeout is 60 s), and only those
+            deadline = time.monotonic() + 30
+            kept = [i for i, s in enumerate(idle[:n - cap]) if not _closed_by_server(s, deadline - time.monotonic())]
+            assert kept == [], f"connections {kept} of {n} still open, max_connections {cap}"
+            assert not any(_closed_by_server(s, 0.2) for s in idle[n - cap:]), "a connection within the cap ended"
+            while threading.active_count() > before + cap and time.monotonic() < deadline:
+                time.sleep(0.05)  # the dropped ones' threads end
+            assert threading.active_count() <= before + cap, threading.active_count() - before
+            with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=10) as resp:
+                assert resp.status == 200  # it took the oldest idle connection's place
+            assert _closed_by_server(idle[n - cap], 30), "the request did not take the oldest idle connection's place"
+            assert not any(_closed_by_server(s, 0.2) for s in idle[n - cap + 1:])
+        finally:
+            for s in idle:
+                s.close()
