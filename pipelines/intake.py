@@ -247,12 +247,13 @@ class Intake:
         self._unit_warned_at = now
         i = int(np.argmin(ts)) if lo < _MS_LOW else int(np.argmax(ts))
         value = int(ts[i])
-        unit = "seconds" if value < _MS_LOW else "microseconds or nanoseconds"
+        unit = ("seconds since the epoch" if 0 < value < _MS_LOW else "microseconds or nanoseconds since the "
+                "epoch" if value >= _MS_HIGH else "no time at all (zero or negative)")
         try:
             as_ms = datetime.fromtimestamp(value / 1000, UTC).strftime("%Y-%m-%d")
         except (OverflowError, OSError, ValueError):
             as_ms = "beyond any calendar"
-        log.warning("topic %s: event times look like %s since the epoch (stream %s: ts %d, which as epoch "
+        log.warning("topic %s: event times look like %s (stream %s: ts %d, which as epoch "
                     "milliseconds is %s). anomalyd reads \"ts\" as epoch milliseconds (or an ISO 8601 string): alert "
                     "times and the event->score latency are wrong until the producers send milliseconds", topic, unit,
                     streams[int(part[i])], value, as_ms)

@@ -503,6 +503,9 @@ def test_event_times_in_seconds_are_reported_not_taken_silently(trained, tmp_pat
     daemon.intake._unit_warned_at -= 601
     said = process("pump-4", [1_764_180_000_000_000_000 + i for i in range(5)])
     assert len(said) == 1 and "microseconds or nanoseconds" in said[0] and "pump-4: ts 1764180000000000004" in said[0]
+    daemon.intake._unit_warned_at -= 601
+    said = process("pump-5", [-5, 0, 1, 2, 3])  # not seconds: no time at all
+    assert len(said) == 1 and "look like no time at all (zero or negative)" in said[0] and "pump-5: ts -5," in said[0]
 
 
 def test_a_handed_over_incident_of_a_stream_routed_elsewhere_here_is_resolved_with_its_id(trained, tmp_path):
