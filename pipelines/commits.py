@@ -9,7 +9,7 @@ the broker woke up (confluent-kafka). One is in flight at a time (per group gene
 old one's answer is not waited for); its answer arrives through a later poll and
 :meth:`Committer.collect` applies it. The commits in a rebalance and at shutdown stay synchronous: the
 partitions or the process go right after them (the shutdown's within its grace period). Except kafka-python's in a
-rebalance, where it allows no blocking call: sent there, its answer (from a later poll) is counted and logged.
+rebalance, where it allows no blocking call: only sent there (:meth:`Committer._send_in_rebalance`).
 """
 
 from __future__ import annotations
@@ -127,10 +127,12 @@ class Committer:
 
     def _commit_now(self, offsets: Offsets, in_rebalance: bool = False, timeout_s: float | None = None) -> None:
         self.last_commit, t0 = time.monotonic(), time.perf_counter()
+        if in_rebalance and self.source.rebalance_commit_answered_later:
+            self._send_in_rebalance(offsets, t0)
+            return
         try:
             if in_rebalance:
-                if self.source.commit_in_rebalance(offsets, partial(self._rebalance_answered, offsets, t0)):
-                    return  # kafka-python: sent; the answer comes through a later poll
+                self.source.commit_in_rebalance(offsets, lambda _error: None)  # synchronous: it raises
             else:
                 self.source.commit(offsets, timeout_s)
         except Exception as exc:
@@ -144,14 +146,26 @@ class Committer:
             return
         self._finished(offsets, time.perf_counter() - t0, None)
 
-    def _rebalance_answered(self, offsets: Offsets, t0: float, error: BaseException | None) -> None:
-        """The answer to a rebalance commit that was only sent (kafka-python), from a later poll: the partitions
-        are gone, so it is counted and logged only; metadata too large is sent again without the incidents."""
-        if error is not None and _metadata_too_large(error) and (floors := without_incidents(offsets)) != offsets:
-            log.warning("the brokers refused open incidents in the rebalance commit's metadata (%s): committing "
-                        "without them (the next owner detects them afresh); lower kafka.commit_metadata_max_bytes "
-                        "to the brokers' offset.metadata.max.bytes", error)
-            self.source.commit_in_rebalance(floors, partial(self._rebalance_answered, floors, time.perf_counter()))
+    def _send_in_rebalance(self, offsets: Offsets, t0: float) -> None:
+        """A rebalance commit that is only sent (kafka-python). Its answer comes from a later poll, when the group
+        may be in its next generation, where a commit sent again could overwrite the partitions' new owner's: so
+        nothing is sent again. Offsets with open incidents go first without them, in order on one connection: if
+        the brokers refuse the incidents' metadata as too large, those offsets stand (the synchronous fallback)."""
+        floors = without_incidents(offsets)
+        sends = [(floors, False), (offsets, True)] if floors != offsets else [(offsets, False)]
+        for sent, after_floors in sends:
+            try:
+                self.source.commit_in_rebalance(sent, partial(self._rebalance_answered, t0, after_floors))
+            except Exception as exc:  # refused before sending (no coordinator)
+                self._rebalance_answered(t0, False, exc)
+
+    def _rebalance_answered(self, t0: float, after_floors: bool, error: BaseException | None) -> None:
+        """The answer to a rebalance commit that was only sent: the partitions are gone, so it is counted and
+        logged only."""
+        if error is not None and after_floors and _metadata_too_large(error):
+            log.warning("the brokers refused open incidents in the rebalance commit's metadata (%s): the offsets went "
+                        "without them just before (the next owner detects them afresh); lower "
+                        "kafka.commit_metadata_max_bytes to the brokers' offset.metadata.max.bytes", error)
             return
         self.metrics.observe_commit(time.perf_counter() - t0, ok=error is None)
         if error is not None:

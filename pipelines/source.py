@@ -69,10 +69,11 @@ class Source(Protocol):
         """Send the commit and return; ``done(error or None)`` is called from a later ``poll`` (on the polling
         thread), or never when the brokers never answer. A broker that hangs held a synchronous commit (and the
         loop) for 30 s (kafka-python) or until it woke up (confluent-kafka)."""
-    def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]], answered: CommitDone) -> bool:
-        """Commit from inside a rebalance callback (where kafka-python 3 allows no blocking call): False when
-        done (confluent-kafka, synchronously; raises when it fails), True when only sent, its answer then given
-        to ``answered(error or None)`` from a later ``poll`` (kafka-python)."""
+    rebalance_commit_answered_later: bool  # commit_in_rebalance only sends; its answer comes from a later poll
+    def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]], answered: CommitDone) -> None:
+        """Commit from inside a rebalance callback: synchronously (raises when it fails; confluent-kafka), or,
+        with ``rebalance_commit_answered_later`` (kafka-python 3 allows no blocking call there), only sent, its
+        answer given to ``answered(error or None)`` from a later ``poll``."""
     def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]:
         """The group's committed ``(offset, metadata)`` of each partition (None: no commit); raises when the brokers
         give no answer within LOOKUP_TIMEOUT_S."""

@@ -165,9 +165,10 @@ class ConfluentSource:
         failed = err if err is not None else next((p.error for p in parts if p.error is not None), None)
         done(None if failed is None else KafkaCommitError(f"offset commit failed: {failed}"))
 
-    def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]], answered: CommitDone) -> bool:
-        self.commit(offsets)  # librdkafka allows a synchronous commit in its rebalance callbacks
-        return False
+    rebalance_commit_answered_later = False  # librdkafka allows a synchronous commit in its rebalance callbacks
+
+    def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]], answered: CommitDone) -> None:
+        self.commit(offsets)
 
     def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]:
         for attempt in range(3):

@@ -113,13 +113,13 @@ class KafkaPythonSource:
 
         self._consumer.commit_async(self._offsets(offsets), callback=finished)
 
-    def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]], answered: CommitDone) -> bool:
+    rebalance_commit_answered_later = True  # kafka-python 3 allows no blocking client call in its callbacks
+
+    def commit_in_rebalance(self, offsets: Mapping[TopicPartition, tuple[int, str]], answered: CommitDone) -> None:
         """Queued on the client's IO loop, sent before the group's new generation starts; its answer comes through
         a later poll (without a callback, kafka-python's default one dropped a refusal unseen)."""
-        if not offsets:
-            return False
-        self.commit_async(offsets, answered)
-        return True
+        if offsets:
+            self.commit_async(offsets, answered)
 
     def _offsets(self, offsets: Mapping[TopicPartition, tuple[int, str]]) -> dict:
         """With a NUL after the metadata, as confluent-kafka writes it: its reader takes metadata up to a NUL, and

@@ -129,3 +129,36 @@ def test_the_old_generations_late_failure_neither_pauses_nor_holds_back_the_new_
     client.sent[1][1](None)
     c.commit(_processed(c, 30))  # no pause: sent at once
     assert len(client.sent) == 3 and c.positions.uncommitted == {("t", 0): 30}
+
+
+class _SendOnlyInRebalance(_RecordingClient):
+    """A rebalance commit as kafka-python makes it: only sent; the test answers it as a later poll would."""
+
+    rebalance_commit_answered_later = True
+
+    def commit_in_rebalance(self, offsets, answered) -> None:
+        self.commit_async(offsets, answered)
+
+
+def test_a_rebalance_commit_that_is_only_sent_goes_without_the_incidents_first_and_is_never_sent_again(caplog):
+    """kafka-python answers a rebalance commit from a later poll, when the group may be in its next generation:
+    sent again then, it could overwrite the partitions' new owner's commit. So the offsets go without the open
+    incidents first, then with them; a refusal of the second as too large leaves the first standing."""
+    from kafka.errors import OffsetMetadataTooLargeError
+
+    metrics = Metrics(CollectorRegistry())
+    c = Committer(Positions(), metrics)
+    c.source = client = _SendOnlyInRebalance()
+    handover = {("t", 0): (10, '{"rebuild_from": 3, "incidents": [{"id": "a"}]}'), ("t", 1): (7, "")}
+    c.commit(handover, in_rebalance=True)
+    assert [s[0] for s in client.sent] == [{("t", 0): (10, '{"rebuild_from": 3}'), ("t", 1): (7, "")}, handover]
+    with caplog.at_level("WARNING", logger="anomalyd"):
+        client.sent[0][1](None)
+        client.sent[1][1](OffsetMetadataTooLargeError("offset metadata too large"))
+    assert len(client.sent) == 2 and not client.synchronous  # nothing sent again
+    assert "went without them just before" in caplog.text
+    assert metrics.registry.get_sample_value("anomalyd_commit_seconds_count") == 1
+    assert metrics.registry.get_sample_value("anomalyd_commit_failures_total") == 0
+    c.commit({("t", 0): (12, "")}, in_rebalance=True)  # without incidents: one send; its failure is counted
+    client.sent[2][1](RuntimeError("UNKNOWN_MEMBER_ID"))
+    assert len(client.sent) == 3 and metrics.registry.get_sample_value("anomalyd_commit_failures_total") == 1

@@ -218,9 +218,10 @@ class _SmallMetadataBrokers:
             raise OffsetMetadataTooLargeError("offset commit refused")
         self.committed.update(offsets)
 
-    def commit_in_rebalance(self, offsets, answered) -> bool:
+    rebalance_commit_answered_later = False  # synchronous, as confluent-kafka's
+
+    def commit_in_rebalance(self, offsets, answered) -> None:
         self.commit(offsets)
-        return False  # done, as confluent-kafka's
 
 
 @pytest.mark.parametrize("in_rebalance", [False, True])

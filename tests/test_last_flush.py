@@ -63,9 +63,10 @@ class _Client:
         self.commits.append(dict(offsets))
         done(None)
 
-    def commit_in_rebalance(self, offsets, answered) -> bool:
+    rebalance_commit_answered_later = False  # synchronous, as confluent-kafka's
+
+    def commit_in_rebalance(self, offsets, answered) -> None:
         self.rebalance_commits.append(dict(offsets))
-        return False  # done, as confluent-kafka's
 
 
 def _level_shift() -> RecordBatch:
