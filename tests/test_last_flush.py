@@ -81,6 +81,21 @@ def _level_shift() -> RecordBatch:
                        key=[None] * EVENTS, value=values)
 
 
+def _micro_batch_in_flight(daemon, sink: Sink) -> _Client:
+    """``daemon`` (scoring in the background, max_delay_ms 0) with a level shift's micro-batch on its scoring
+    thread, delivering to ``sink``; returns its client."""
+    client = _Client()
+    daemon.sinks = FanoutSink([sink])
+    daemon.source = daemon.commits.source = client
+    daemon._worker = ScoringWorker()
+    daemon._on_assign([TP])
+    daemon.positions.position_new(client, RecordBatch.empty())
+    daemon.process(_level_shift())
+    daemon._maybe_flush(quiet=False, now=time.monotonic())  # the micro-batch goes to the scoring thread
+    assert daemon._worker.busy
+    return client
+
+
 def _failed_micro_batch(trained, tmp_path, background: bool):
     """A daemon whose micro-batch failed to deliver its alerts (kept in the sink) while the loop went on."""
     daemon = _gru_daemon(trained, tmp_path, processing={"score_in_background": background},
@@ -146,16 +161,8 @@ def test_under_kafka_python_a_revokes_own_flush_takes_a_third_of_the_session(tra
             given.append(timeout_s)
             return super().flush(timeout_s)
 
-    client_ = _Client()
-    daemon.sinks = FanoutSink([Recording(fail=0)])
-    daemon.source = daemon.commits.source = client_
-    daemon._worker = ScoringWorker()
     try:
-        daemon._on_assign([TP])
-        daemon.positions.position_new(client_, RecordBatch.empty())
-        daemon.process(_level_shift())
-        daemon._maybe_flush(quiet=False, now=time.monotonic())  # the micro-batch goes to the scoring thread
-        assert daemon._worker.busy
+        _micro_batch_in_flight(daemon, Recording(fail=0))
         daemon._on_revoke([TP])  # waits for it, then flushes and commits itself
         assert len(given) >= 2 and 9.5 < given[0] <= 10.0 and max(given[1:]) <= budget, given
     finally:
@@ -221,16 +228,9 @@ def test_a_lost_session_commits_nothing_waits_for_the_micro_batch_in_flight_and_
     waited for, so its thread does not score streams whose state goes), and their state goes."""
     daemon = _gru_daemon(trained, tmp_path, processing={"score_in_background": True, "max_delay_ms": 0},
                          alerts={"k": 1, "n": 1})
-    sink, client = _OutageSink(fail=0), _Client()
-    daemon.sinks = FanoutSink([sink])
-    daemon.source = daemon.commits.source = client
-    daemon._worker = ScoringWorker()
+    sink = _OutageSink(fail=0)
     try:
-        daemon._on_assign([TP])
-        daemon.positions.position_new(client, RecordBatch.empty())
-        daemon.process(_level_shift())
-        daemon._maybe_flush(quiet=False, now=time.monotonic())  # the micro-batch goes to the scoring thread
-        assert daemon._worker.busy
+        client = _micro_batch_in_flight(daemon, sink)
         daemon._on_lost([TP])
         assert not daemon._worker.busy and sink.delivered  # waited for: its alerts went out
         assert not client.rebalance_commits and not client.commits
