@@ -291,6 +291,8 @@ def test_servicemonitor_labels_targets_for_the_down_alert_whatever_the_release_n
     sm, svc = docs["ServiceMonitor"], docs["Service"]
     assert svc["metadata"]["name"] == "detector" and sm["spec"]["targetLabels"] == ["app.kubernetes.io/part-of"]
     assert svc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "anomalyd"  # -> app_kubernetes_io_part_of
+    pod = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]  # scraped by annotation, labels mapped
+    assert pod["app.kubernetes.io/part-of"] == "anomalyd"
     rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
     assert 'up{app_kubernetes_io_part_of="anomalyd"} == 0' in rules["AnomalydDown"]["expr"]
 

@@ -137,7 +137,7 @@ def test_commits_with_a_timeout_and_an_asynchronous_one_after_the_same_offsets_a
 
 
 @pytest.mark.parametrize("client", CLIENTS)
-def test_a_rebalance_commit_refused_as_too_large_is_sent_again_without_the_incidents(
+def test_a_rebalance_commit_refused_as_too_large_leaves_the_offsets_committed_without_the_incidents(
         kafka_bootstrap: str, topic_name: str, client: str, caplog: pytest.LogCaptureFixture) -> None:
     """The brokers refuse metadata over offset.metadata.max.bytes (4096 by default). kafka-python's rebalance
     commit is only sent (no blocking call in its callbacks): without a callback its refusal went unseen, nothing
