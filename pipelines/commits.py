@@ -26,7 +26,7 @@ from .metrics import Metrics
 from .poll_ahead import PollAhead
 from .positions import Positions, without_incidents
 from .routes import RouteState
-from .source import Source, TopicPartition
+from .source import CommitDone, Source, TopicPartition
 
 __all__ = ["Committer", "Offsets"]
 
@@ -150,23 +150,34 @@ class Committer:
         """A rebalance commit that is only sent (kafka-python). Its answer comes from a later poll, when the group
         may be in its next generation, where a commit sent again could overwrite the partitions' new owner's: so
         nothing is sent again. Offsets with open incidents go first without them, in order on one connection: if
-        the brokers refuse the incidents' metadata as too large, those offsets stand (the synchronous fallback)."""
+        the brokers refuse the incidents' metadata as too large, those offsets stand (the synchronous fallback).
+        Both answers are awaited in whatever order they are handed over (kafka-python's is last first)."""
         floors = without_incidents(offsets)
-        sends = [(floors, False), (offsets, True)] if floors != offsets else [(offsets, False)]
-        for sent, after_floors in sends:
-            try:
-                self.source.commit_in_rebalance(sent, partial(self._rebalance_answered, t0, after_floors))
-            except Exception as exc:  # refused before sending (no coordinator)
-                self._rebalance_answered(t0, False, exc)
+        sends = {"alone": offsets} if floors == offsets else {"floors": floors, "with incidents": offsets}
+        answers: dict[str, BaseException | None] = {}  # kafka-python hands answers over last first
+        for which, sent in sends.items():
+            self._send_one_in_rebalance(sent, partial(self._rebalance_answered, t0, len(sends), answers, which))
 
-    def _rebalance_answered(self, t0: float, after_floors: bool, error: BaseException | None) -> None:
-        """The answer to a rebalance commit that was only sent: the partitions are gone, so it is counted and
-        logged only."""
-        if error is not None and after_floors and _metadata_too_large(error):
-            log.warning("the brokers refused open incidents in the rebalance commit's metadata (%s): the offsets went "
-                        "without them just before (the next owner detects them afresh); lower "
-                        "kafka.commit_metadata_max_bytes to the brokers' offset.metadata.max.bytes", error)
+    def _send_one_in_rebalance(self, offsets: Offsets, answered: CommitDone) -> None:
+        try:
+            self.source.commit_in_rebalance(offsets, answered)
+        except Exception as exc:  # refused before sending (no coordinator)
+            answered(exc)
+
+    def _rebalance_answered(self, t0: float, expected: int, answers: dict[str, BaseException | None], which: str,
+                            error: BaseException | None) -> None:
+        """An answer to a rebalance commit that was only sent; once all ``expected`` have come, counted once and
+        logged only (the partitions are gone)."""
+        answers[which] = error
+        if len(answers) < expected:
             return
+        error = answers.get("with incidents", answers.get("alone"))
+        if error is not None and answers.get("floors", error) is None:  # the offsets stand, without the incidents
+            log.warning("the open incidents were not handed over with the partitions given up (%s): their offsets "
+                        "went without them just before (the next owner detects them afresh)%s", error,
+                        "; lower kafka.commit_metadata_max_bytes to the brokers' offset.metadata.max.bytes"
+                        if _metadata_too_large(error) else "")
+            error = None
         self.metrics.observe_commit(time.perf_counter() - t0, ok=error is None)
         if error is not None:
             log.warning("offset commit of the partitions given up failed (their next owner replays from the commit "

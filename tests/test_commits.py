@@ -152,13 +152,19 @@ def test_a_rebalance_commit_that_is_only_sent_goes_without_the_incidents_first_a
     handover = {("t", 0): (10, '{"rebuild_from": 3, "incidents": [{"id": "a"}]}'), ("t", 1): (7, "")}
     c.commit(handover, in_rebalance=True)
     assert [s[0] for s in client.sent] == [{("t", 0): (10, '{"rebuild_from": 3}'), ("t", 1): (7, "")}, handover]
-    with caplog.at_level("WARNING", logger="anomalyd"):
-        client.sent[0][1](None)
+    with caplog.at_level("WARNING", logger="anomalyd"):  # kafka-python hands the answers over last first
         client.sent[1][1](OffsetMetadataTooLargeError("offset metadata too large"))
+        assert metrics.registry.get_sample_value("anomalyd_commit_seconds_count") == 0  # the pair's other to come
+        client.sent[0][1](None)
     assert len(client.sent) == 2 and not client.synchronous  # nothing sent again
-    assert "went without them just before" in caplog.text
-    assert metrics.registry.get_sample_value("anomalyd_commit_seconds_count") == 1
+    assert "went without them just before" in caplog.text and "commit_metadata_max_bytes" in caplog.text
+    assert metrics.registry.get_sample_value("anomalyd_commit_seconds_count") == 1  # the pair, once
     assert metrics.registry.get_sample_value("anomalyd_commit_failures_total") == 0
     c.commit({("t", 0): (12, "")}, in_rebalance=True)  # without incidents: one send; its failure is counted
     client.sent[2][1](RuntimeError("UNKNOWN_MEMBER_ID"))
     assert len(client.sent) == 3 and metrics.registry.get_sample_value("anomalyd_commit_failures_total") == 1
+    c.commit(handover, in_rebalance=True)  # both refused (expelled): one failure for the pair
+    client.sent[3][1](RuntimeError("UNKNOWN_MEMBER_ID"))
+    client.sent[4][1](RuntimeError("UNKNOWN_MEMBER_ID"))
+    assert metrics.registry.get_sample_value("anomalyd_commit_seconds_count") == 3
+    assert metrics.registry.get_sample_value("anomalyd_commit_failures_total") == 2

@@ -172,11 +172,11 @@ def test_a_rebalance_commit_refused_as_too_large_leaves_the_offsets_committed_wi
             while time.monotonic() < give_up:  # both poll through the rebalance; the answers come in later polls
                 first.poll(100, 50)
                 second.poll(100, 50)
-                if registry.get_sample_value("anomalyd_commit_seconds_count") and "refused open" in caplog.text:
+                if registry.get_sample_value("anomalyd_commit_seconds_count") and "commit_metadata_max" in caplog.text:
                     break
         offset, metadata = second.committed([tp])[tp]
         assert offset == 5 and json.loads(metadata.rstrip("\0")) == {"rebuild_from": 3}, metadata
-        assert "refused open incidents" in caplog.text
+        assert "kafka.commit_metadata_max_bytes to the brokers' offset.metadata.max.bytes" in caplog.text
         assert registry.get_sample_value("anomalyd_commit_failures_total") == 0
     finally:
         first.close()
