@@ -150,6 +150,8 @@ def test_null_and_absent_features_become_nan():
     ({"stream": "uni-1\nCRITICAL forged", "ts": TS, "value": 1.0}, None, "bad_stream"),  # a forged log line
     ({"stream": "uni-\x7f", "ts": TS, "value": 1.0}, None, "bad_stream"),
     ({"stream": "uni-\x85", "ts": TS, "value": 1.0}, None, "bad_stream"),  # NEL, a C1 control
+    ({"stream": "uni-1\u2028CRITICAL forged", "ts": TS, "value": 1.0}, None, "bad_stream"),  # a line separator
+    ({"stream": "uni-\u202e1", "ts": TS, "value": 1.0}, None, "bad_stream"),  # a bidirectional override
     ({"ts": TS, "value": 1.0}, b"uni-1\r\n", "bad_stream"),
     (b'{"stream": "uni-\\ud800", "ts": 1764180000123, "value": 1.0}', None, "bad_encoding"),  # a lone surrogate
     ({"stream": "uni-1", "ts": True, "value": 1.0}, None, "bad_timestamp"),

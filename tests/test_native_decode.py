@@ -107,6 +107,9 @@ UNUSUAL = [
     b'{"stream":"","ts":1,"values":[1,2,3,4,5,6,7,8]}',
     b'{"stream":"\xff8","ts":1,"values":[1,2,3,4,5,6,7,8]}',  # not UTF-8
     b'{"stream":"s\t8","ts":1,"values":[1,2,3,4,5,6,7,8]}',  # a raw control character
+    '{"stream":"s8\u2028","ts":1,"values":[1,2,3,4,5,6,7,8]}'.encode(),  # a line separator, raw
+    '{"stream":"s8\u202e","ts":1,"values":[1,2,3,4,5,6,7,8]}'.encode(),  # a bidirectional override, raw
+    '{"stream":"s8\u2069","ts":1,"values":[1,2,3,4,5,6,7,8]}'.encode(),
     b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,8]}x',  # trailing bytes
     b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,8]',  # truncated
     b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,8]}{}',
