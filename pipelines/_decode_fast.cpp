@@ -182,12 +182,13 @@ class Parser {
   }
   // A stream id the Python decoder takes as it is: 1 to MAX_STREAM_BYTES bytes, no DEL, no C1 control
   // character (C2 80-9F; string() refuses C0 ones and escapes), no line or paragraph separator and no
-  // bidirectional control (E2 80 8E-8F, E2 80 A8-AE, E2 81 A6-A9): the others are left to the Python decoder.
+  // bidirectional control (D8 9C, E2 80 8E-8F, E2 80 A8-AE, E2 81 A6-A9): those go to the Python decoder.
   static bool plain_stream(const char* s, Py_ssize_t n) {
     if (n == 0 || n > MAX_STREAM_BYTES) return false;
     for (Py_ssize_t i = 0; i < n; ++i) {
       const unsigned char c = static_cast<unsigned char>(s[i]);
       if (c == 0x7f || (c == 0xc2 && i + 1 < n && static_cast<unsigned char>(s[i + 1]) <= 0x9f)) return false;
+      if (c == 0xd8 && i + 1 < n && static_cast<unsigned char>(s[i + 1]) == 0x9c) return false;  // U+061C
       if (c == 0xe2 && i + 2 < n) {
         const unsigned char b1 = static_cast<unsigned char>(s[i + 1]), b2 = static_cast<unsigned char>(s[i + 2]);
         if ((b1 == 0x80 && (b2 == 0x8e || b2 == 0x8f || (b2 >= 0xa8 && b2 <= 0xae))) ||

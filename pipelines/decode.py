@@ -47,7 +47,7 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 MAX_STREAM_BYTES = 256  # a stream id's UTF-8 bytes; as native_decode's (every distinct id is held in memory)
 # control characters (a newline in an id forged log lines), and the line and paragraph separators and bidirectional
 # controls that some log viewers take as line breaks or use to reorder what follows
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 _NUMBER_TYPES = frozenset({float, int, type(None)})  # None -> NaN; bool is not int here (type(True) is bool)
@@ -326,7 +326,8 @@ def _check_stream(stream: str) -> None:
     if n > MAX_STREAM_BYTES:
         raise _Reject("bad_stream", f"stream id of {n} bytes, at most {MAX_STREAM_BYTES}: {_short(stream)}")
     if _CONTROL.search(stream):
-        raise _Reject("bad_stream", f"stream id with a control character: {stream[:60]!r}")
+        raise _Reject("bad_stream", f"stream id with a control, line-separator or bidirectional character: "
+                                    f"{stream[:60]!r}")
 
 
 def _stream_from_key(stream: object, key: bytes | None) -> str:

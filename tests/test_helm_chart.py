@@ -293,6 +293,11 @@ def test_servicemonitor_labels_targets_for_the_down_alert_whatever_the_release_n
     assert svc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "anomalyd"  # -> app_kubernetes_io_part_of
     pod = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]  # scraped by annotation, labels mapped
     assert pod["app.kubernetes.io/part-of"] == "anomalyd"
+    proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION,
+                 "--set", "podLabels.app\\.kubernetes\\.io/part-of=fleet"])  # the operator's own label: once
+    deployment = next(d for d in proc.stdout.split("\n---") if "\nkind: Deployment" in d)
+    assert deployment.count("app.kubernetes.io/part-of:") == 2, deployment  # the Deployment's own, the pods' one
+    assert "app.kubernetes.io/part-of: fleet" in deployment
     rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
     assert 'up{app_kubernetes_io_part_of="anomalyd"} == 0' in rules["AnomalydDown"]["expr"]
 

@@ -110,6 +110,7 @@ UNUSUAL = [
     '{"stream":"s8\u2028","ts":1,"values":[1,2,3,4,5,6,7,8]}'.encode(),  # a line separator, raw
     '{"stream":"s8\u202e","ts":1,"values":[1,2,3,4,5,6,7,8]}'.encode(),  # a bidirectional override, raw
     '{"stream":"s8\u2069","ts":1,"values":[1,2,3,4,5,6,7,8]}'.encode(),
+    '{"stream":"s8\u061c","ts":1,"values":[1,2,3,4,5,6,7,8]}'.encode(),  # the Arabic letter mark, a bidi control
     b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,8]}x',  # trailing bytes
     b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,8]',  # truncated
     b'{"stream":"s8","ts":1,"values":[1,2,3,4,5,6,7,8]}{}',
