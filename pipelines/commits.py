@@ -172,16 +172,16 @@ class Committer:
         if len(answers) < expected:
             return
         error = answers.get("with incidents", answers.get("alone"))
+        hint = ("; lower kafka.commit_metadata_max_bytes to the brokers' offset.metadata.max.bytes"
+                if error is not None and _metadata_too_large(error) else "")
         if error is not None and answers.get("floors", error) is None:  # the offsets stand, without the incidents
             log.warning("the open incidents were not handed over with the partitions given up (%s): their offsets "
-                        "went without them just before (the next owner detects them afresh)%s", error,
-                        "; lower kafka.commit_metadata_max_bytes to the brokers' offset.metadata.max.bytes"
-                        if _metadata_too_large(error) else "")
+                        "went without them just before (the next owner detects them afresh)%s", error, hint)
             error = None
         self.metrics.observe_commit(time.perf_counter() - t0, ok=error is None)
         if error is not None:
             log.warning("offset commit of the partitions given up failed (their next owner replays from the commit "
-                        "before): %s", error)
+                        "before): %s%s", error, hint)
 
     def _finished(self, offsets: Offsets, seconds: float, error: BaseException | None, pause: bool = True) -> None:
         """Count the commit; a failure pauses the next for RETRY_AFTER_S (``pause``: it is of this generation). A
