@@ -153,7 +153,7 @@ class Committer:
         the brokers refuse the incidents' metadata as too large, those offsets stand (the synchronous fallback).
         Both answers are awaited in whatever order they are handed over (kafka-python's is last first)."""
         floors = without_incidents(offsets)
-        sends = {"alone": offsets} if floors == offsets else {"floors": floors, "with incidents": offsets}
+        sends = {"offsets": offsets} if floors == offsets else {"floors": floors, "offsets": offsets}
         answers: dict[str, BaseException | None] = {}  # kafka-python hands answers over last first
         for which, sent in sends.items():
             self._send_one_in_rebalance(sent, partial(self._rebalance_answered, t0, len(sends), answers, which))
@@ -171,7 +171,7 @@ class Committer:
         answers[which] = error
         if len(answers) < expected:
             return
-        error = answers.get("with incidents", answers.get("alone"))
+        error = answers["offsets"]
         hint = ("; lower kafka.commit_metadata_max_bytes to the brokers' offset.metadata.max.bytes"
                 if error is not None and _metadata_too_large(error) else "")
         if error is not None and answers.get("floors", error) is None:  # the offsets stand, without the incidents
