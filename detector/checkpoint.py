@@ -27,7 +27,7 @@ from .scaling import Scaler
 from .thresholds import threshold_from_dict
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "WEIGHTS_FILE", "META_FILE", "CheckpointError", "save_checkpoint",
-           "load_checkpoint", "read_metadata"]
+           "load_checkpoint", "read_metadata", "sync_path"]
 
 FORMAT = "anomalyd-checkpoint"
 FORMAT_VERSION = 1
@@ -37,6 +37,16 @@ META_FILE = "model.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def sync_path(path: str | Path) -> None:
+    """Flush ``path`` (a file, or a directory's entries: a rename in it) to the disk, so that a power loss after
+    this returns cannot leave the name pointing at an empty or half-written file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _json_safe(obj):
@@ -50,7 +60,8 @@ def _json_safe(obj):
 
 
 def save_checkpoint(detector: AutoencoderDetector, directory: str | Path) -> Path:
-    """Write ``detector`` to ``directory`` (created). Files are written to temp names then renamed."""
+    """Write ``detector`` to ``directory`` (created). Files are written to temp names, flushed to the disk, then
+    renamed (and the directory flushed), so that a crash leaves either the old files or the new ones."""
     if detector.scaler is None or detector.threshold is None:
         raise ValueError("only a fitted detector (scaler and threshold) can be checkpointed")
     if not detector.threshold.fitted:  # it would load, then raise NotFittedError at every scoring call
@@ -75,8 +86,11 @@ def save_checkpoint(detector: AutoencoderDetector, directory: str | Path) -> Pat
     weights_tmp, meta_tmp = directory / (WEIGHTS_FILE + ".tmp"), directory / (META_FILE + ".tmp")
     save_file(tensors, str(weights_tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     meta_tmp.write_text(json.dumps(meta, indent=2, allow_nan=False))
+    sync_path(weights_tmp)
+    sync_path(meta_tmp)
     os.replace(weights_tmp, directory / WEIGHTS_FILE)
     os.replace(meta_tmp, directory / META_FILE)
+    sync_path(directory)
     return directory
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from detector.autoencoder import AutoencoderDetector
-from detector.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from detector.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint, sync_path
 
 __all__ = ["LoadedModel", "ModelStore", "new_version_name"]
 
@@ -150,4 +150,5 @@ class ModelStore:
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise FileExistsError(f"{final} already exists") from exc
+        sync_path(final.parent)  # the rename itself survives a power loss: the version is listed after a reboot
         return final

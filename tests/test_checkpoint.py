@@ -246,3 +246,26 @@ def test_a_detector_the_loader_would_refuse_cannot_be_made_so_is_never_saved(sav
     with pytest.raises(ValueError, match=problem):
         AutoencoderDetector(det.model_cfg, model=det.model, scaler=det.scaler, threshold=det.threshold,
                             **{"feature_names": det.feature_names, **kwargs})
+
+
+def test_files_reach_the_disk_before_their_names_and_the_names_after(trained, tmp_path, monkeypatch):
+    """A power loss must leave the old checkpoint or the new one, never a name over an empty file: each temp file
+    is fsynced before its rename, and the directory (holding the renames) after them."""
+    import os
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = save_checkpoint(trained["gru"], tmp_path / "ckpt")
+    weights, meta = str(out / WEIGHTS_FILE), str(out / META_FILE)
+    assert events == [("fsync", weights + ".tmp"), ("fsync", meta + ".tmp"), ("replace", weights),
+                      ("replace", meta), ("fsync", str(out))]

@@ -353,3 +353,19 @@ def test_routes_that_share_a_model_reload_together_once_all_are_retrained(traine
     store.save("c", _rewindowed(trained["gru"], 16), version="v2")
     assert tick() == {"a": "v2", "b": "v2", "c": "v2"}
     assert daemon.registry.get_sample_value("anomalyd_model_versions_refused") == 0
+
+
+def test_a_saved_version_is_on_the_disk_after_its_rename(trained, tmp_path, monkeypatch):
+    """The version directory's rename is flushed (the model's directory fsynced after it), so that a version the
+    trainer reported saved is still listed after a power loss."""
+    import os
+
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), sorted(p.name for p in (tmp_path / "m").iterdir())))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ModelStore(tmp_path).save("m", trained["gru"], version="v1")
+    assert synced[-1] == (str(tmp_path / "m"), ["v1"])  # last: the model's directory, once the version is named
