@@ -227,7 +227,9 @@ def _convert(tp: Any, v: Any, key: str, ctx: Ctx) -> Any:
     """``v`` checked against type ``tp`` (recursively); records an error and returns _BAD on mismatch."""
     origin, args = get_origin(tp), get_args(tp)
     if key in ctx.env_raw and (tp is str or (origin in (Union, types.UnionType) and set(args) == {str, type(None)})):
-        text = ctx.env_raw[key]  # the variable's text, not YAML: 'grp #1' is not 'grp', '123' is a string
+        # the variable's text, not YAML: 'grp #1' is not 'grp', '123' is a string; without the line breaks that end
+        # it, as a value from a Kubernetes Secret made with --from-file ends in the file's last newline
+        text = ctx.env_raw[key].rstrip("\r\n")
         return None if text == "" and tp is not str else text
     if key in ctx.env_raw and tp in (int, float):
         return _env_number(tp, ctx.env_raw[key], key, ctx)

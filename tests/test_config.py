@@ -281,10 +281,11 @@ def test_env_overrides_without_file_and_whole_lists():
 
 
 def test_env_values_of_string_keys_are_taken_as_they_are():
-    """YAML would read 'grp #1' as 'grp' (a comment) and 'a: b' as a mapping; string keys take the text."""
+    """YAML would read 'grp #1' as 'grp' (a comment) and 'a: b' as a mapping; string keys take the text, less the
+    line breaks that end it (a Kubernetes Secret from --from-file), and keep its spaces."""
     env = {"ANOMALYD_KAFKA__GROUP_ID": "grp #1", "ANOMALYD_KAFKA__SECURITY__PROTOCOL": "SASL_SSL",
-           "ANOMALYD_KAFKA__SECURITY__SASL_MECHANISM": "PLAIN", "ANOMALYD_KAFKA__SECURITY__SASL_USERNAME": "svc: a",
-           "ANOMALYD_KAFKA__SECURITY__SASL_PASSWORD": "p#ss [1] ", "ANOMALYD_SINKS__ALERTMANAGER__LABELS__TEAM": "#ops",
+           "ANOMALYD_KAFKA__SECURITY__SASL_MECHANISM": "PLAIN", "ANOMALYD_KAFKA__SECURITY__SASL_USERNAME": "svc: a\n",
+           "ANOMALYD_KAFKA__SECURITY__SASL_PASSWORD": "p#ss [1] \r\n", "ANOMALYD_SINKS__ALERTMANAGER__LABELS__TEAM": "#ops",
            "ANOMALYD_MODELS__DEVICE": "cpu", "ANOMALYD_KAFKA__TOPICS": "[a, b]  # YAML", "ANOMALYD_ALERTS__K": "4",
            "ANOMALYD_KAFKA__TOPIC_PATTERN": ""}
     cfg = load_config(EXAMPLE, env=env)
@@ -292,6 +293,8 @@ def test_env_values_of_string_keys_are_taken_as_they_are():
     assert (cfg.kafka.security.sasl_username, cfg.kafka.security.sasl_password) == ("svc: a", "p#ss [1] ")
     assert cfg.sinks.alertmanager.labels == {"team": "#ops"} and cfg.kafka.topic_pattern is None
     assert errors_of(path=EXAMPLE, env={"ANOMALYD_KAFKA__GROUP_ID": ""}) == [
+        "environment variable ANOMALYD_KAFKA__GROUP_ID: kafka.group_id: must not be empty, got ''"]
+    assert errors_of(path=EXAMPLE, env={"ANOMALYD_KAFKA__GROUP_ID": "\n"}) == [
         "environment variable ANOMALYD_KAFKA__GROUP_ID: kafka.group_id: must not be empty, got ''"]
 
 
