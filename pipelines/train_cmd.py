@@ -330,6 +330,11 @@ def _check_args(args) -> None:
         raise ValueError(f"--models-dir: cannot create {args.models_dir}: {exc.strerror or exc}") from None
     if not os.access(args.models_dir, os.W_OK | os.X_OK):
         raise ValueError(f"--models-dir: {args.models_dir} is not writable")
+    model_dir = args.models_dir / args.name
+    if model_dir.exists() and not model_dir.is_dir():  # the save, after the training, would fail on it
+        raise ValueError(f"--name: {model_dir} exists and is not a directory")
+    if model_dir.is_dir() and not os.access(model_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--name: {model_dir} is not writable")
 
 
 def _selection_problems(args) -> list[str]:

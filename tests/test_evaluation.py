@@ -173,6 +173,8 @@ def test_parse_overrides() -> None:
     assert got == {"hold": 200, "diff_channel": False, "spatial_margin": None, "lr": 0.01}
     with pytest.raises(ValueError, match="bad setting"):
         parse_overrides(["nope=1"])
+    with pytest.raises(ValueError, match="chosen with --model"):  # it made every model, the baseline too, one kind
+        parse_overrides(["kind=gaussian"])
 
 
 def _write_entities(root: Path) -> None:
@@ -234,6 +236,36 @@ def test_cli_nab_and_multivariate(nab_dir: Path, tmp_path: Path) -> None:
 def test_cli_reports_bad_input(tmp_path: Path) -> None:
     assert main(["evaluate", "nab", "--data", str(tmp_path), "--output", str(tmp_path / "x.json")]) == 2
     assert main(["evaluate", "nab", "--data", str(tmp_path), "--model", "cnn", "--output", "x.json"]) == 2
+
+
+@pytest.mark.parametrize("where", ["output is a directory", "report under a file"])
+def test_outputs_that_cannot_be_written_are_refused_before_the_run(nab_dir: Path, tmp_path: Path, where: str,
+                                                                     monkeypatch, capsys) -> None:
+    """A full NAB or SMD run takes hours: an --output that is a directory, or a --report under a file, failed only
+    when the results were written, and lost them."""
+    from pipelines.evaluation import nab
+
+    monkeypatch.setattr(nab, "run_corpus", lambda *a, **k: pytest.fail("the run started"))
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("")
+    out, report = (tmp_path / "dir", None) if where == "output is a directory" else (
+        tmp_path / "x.json", tmp_path / "file" / "r.md")
+    argv = ["evaluate", "nab", "--data", str(nab_dir), "--model", "gaussian", "--output", str(out), "--quiet"]
+    assert main(argv + (["--report", str(report)] if report else [])) == 2
+    assert str(tmp_path / ("dir" if report is None else "file")) in capsys.readouterr().err
+
+
+def test_anomalyd_evaluate_errors_follow_the_log_format(tmp_path: Path) -> None:
+    """README: with --log-format json every line is JSON, the final error included; evaluate printed text."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "--log-format", "json", "evaluate", "multivariate",
+                           "--data", str(tmp_path / "none"), "--output", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and err and all(json.loads(line)["level"] for line in err), proc.stderr
+    assert "none" in json.loads(err[-1])["message"]
 
 
 def test_comparison_table() -> None:

@@ -116,6 +116,10 @@ def test_a_models_dir_that_cannot_be_created_is_refused_before_training(tmp_path
     data.write_text("a\n" + "".join(f"{i}\n" for i in range(200)))
     assert main(["train", "--data", str(data), "--name", "m", "--models-dir", str(tmp_path / "file" / "m")]) == 2
     assert f"--models-dir: cannot create {tmp_path / 'file' / 'm'}" in capsys.readouterr().err
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m").write_text("")  # the model's own directory a file: the save, after training, failed
+    assert main(["train", "--data", str(data), "--name", "m", "--models-dir", str(tmp_path / "models")]) == 2
+    assert f"--name: {tmp_path / 'models' / 'm'} exists and is not a directory" in capsys.readouterr().err
 
 
 def test_a_time_range_that_selects_nothing_says_where_the_events_are_and_their_unit():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,6 +80,24 @@ def _jsonable(obj: object) -> object:
     return obj
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse ``--output`` / ``--report`` paths that could not be written before the run, not after its hours."""
+    for flag, text in (("--output", args.output), ("--report", args.report)):
+        if not text:
+            continue
+        path = Path(text)
+        if path.is_dir():
+            raise IsADirectoryError(f"{flag} {text}: is a directory, not a file to write")
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:  # the first part that exists is created under
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise NotADirectoryError(f"{flag} {text}: {ancestor} is not a directory")
+        target = path if path.exists() else ancestor
+        if not os.access(target, os.W_OK):
+            raise PermissionError(f"{flag} {text}: {target} is not writable")
+
+
 def _write_outputs(args: argparse.Namespace, models: list[str], summaries: dict, report: str, seconds: float) -> None:
     out = dict(summaries[models[0]])
     out.update({"model": models[0], "models": summaries, "seconds": seconds, "report_markdown": report})
@@ -104,6 +123,7 @@ def run_nab(args: argparse.Namespace, log) -> int:
     t_start = time.perf_counter()
     models = _models(args.model, not args.no_baseline)
     overrides = parse_overrides(args.settings)
+    _check_outputs(args)
     corpus = load_corpus(args.data)
     if args.files:
         corpus = [f for f in corpus if args.files in f.name]
@@ -164,6 +184,7 @@ def run_multivariate(args: argparse.Namespace, log) -> int:
 
     t_start = time.perf_counter()
     models = _models(args.model, not args.no_baseline)
+    _check_outputs(args)
     names = [e.strip() for e in args.entities.split(",")] if args.entities else None
     entities = load_entities(args.data, names)
     s = MultivariateSettings(device=args.device)
@@ -192,22 +213,24 @@ def run_multivariate(args: argparse.Namespace, log) -> int:
 
 
 def main_evaluate(args: argparse.Namespace) -> int:
-    """Run ``evaluate nab`` or ``evaluate multivariate``; returns a process exit code."""
+    """Run ``evaluate nab`` or ``evaluate multivariate``; returns a process exit code. Bad input raises
+    (``ValueError``, ``FileNotFoundError``, ...), which ``anomalyd``'s main reports in the chosen log format."""
     torch.set_num_threads(max(1, args.threads))
     log = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    try:
-        if args.evaluate_command == "nab":
-            return run_nab(args, log)
-        return run_multivariate(args, log)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"anomalyd evaluate: error: {exc}", file=sys.stderr)
-        return 2
+    if args.evaluate_command == "nab":
+        return run_nab(args, log)
+    return run_multivariate(args, log)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.evaluation.cli``: evaluate alone, bad input reported as one line and exit 2."""
     parser = argparse.ArgumentParser(prog="anomalyd")
     add_evaluate_parser(parser.add_subparsers(dest="command", required=True))
-    return main_evaluate(parser.parse_args(argv))
+    try:
+        return main_evaluate(parser.parse_args(argv))
+    except (OSError, ValueError) as exc:
+        print(f"anomalyd evaluate: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

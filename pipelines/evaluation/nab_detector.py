@@ -122,8 +122,9 @@ def parse_overrides(items: list[str] | None) -> dict[str, object]:
     for item in items or []:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise ValueError(f"bad setting {item!r}; expected key=value with key in {sorted(fields)}")
+        if not sep or key not in fields or key == "kind":  # kind: each of --model's, the baseline too
+            raise ValueError(f"bad setting {item!r}; expected key=value with key in {sorted(set(fields) - {'kind'})}"
+                             + (" (the model kind is chosen with --model)" if key == "kind" else ""))
         default = getattr(NabDetectorConfig(), key)
         low = text.strip().lower()
         if low in ("none", "null"):
