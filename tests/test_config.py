@@ -285,7 +285,8 @@ def test_env_values_of_string_keys_are_taken_as_they_are():
     line breaks that end it (a Kubernetes Secret from --from-file), and keep its spaces."""
     env = {"ANOMALYD_KAFKA__GROUP_ID": "grp #1", "ANOMALYD_KAFKA__SECURITY__PROTOCOL": "SASL_SSL",
            "ANOMALYD_KAFKA__SECURITY__SASL_MECHANISM": "PLAIN", "ANOMALYD_KAFKA__SECURITY__SASL_USERNAME": "svc: a\n",
-           "ANOMALYD_KAFKA__SECURITY__SASL_PASSWORD": "p#ss [1] \r\n", "ANOMALYD_SINKS__ALERTMANAGER__LABELS__TEAM": "#ops",
+           "ANOMALYD_KAFKA__SECURITY__SASL_PASSWORD": "p#ss [1] \r\n",
+           "ANOMALYD_SINKS__ALERTMANAGER__LABELS__TEAM": "#ops",
            "ANOMALYD_MODELS__DEVICE": "cpu", "ANOMALYD_KAFKA__TOPICS": "[a, b]  # YAML", "ANOMALYD_ALERTS__K": "4",
            "ANOMALYD_KAFKA__TOPIC_PATTERN": ""}
     cfg = load_config(EXAMPLE, env=env)
