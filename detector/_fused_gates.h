@@ -10,7 +10,12 @@
 
 namespace anomalyd_gates {
 
-inline float sigm(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+// The scalar gates (AVX-512's remainder columns, every column of the AVX2 build) clamp their arguments as the vector
+// ones do: built with -ffast-math, the vectorised libm calls (libmvec) gave NaN past about |x| = 88, where the
+// gates saturate, so that one far-out reading (a sentinel such as -9999) made a GRU's reconstruction NaN.
+inline float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+inline float sigm(float x) { return 1.0f / (1.0f + std::exp(-clampf(x, -87.0f, 87.0f))); }
+inline float tanhc(float x) { return std::tanh(clampf(x, -15.0f, 15.0f)); }  // tanh(15) is 1.0f
 
 #ifdef __AVX512F__
 // Gate math 16 lanes at a time, inlined (libmvec's expf/tanhf are calls with their own special-case paths; the
@@ -108,7 +113,7 @@ inline void gru_gates(const float* g, const float* q, const float* bh, float* hi
   for (; j < H; ++j) {
     const float rg = sigm(g[j] + q[j] + bh[j]);
     const float zg = sigm(g[H + j] + q[H + j] + bh[H + j]);
-    const float ng = std::tanh(g[2 * H + j] + rg * (q[2 * H + j] + bh[2 * H + j]));
+    const float ng = tanhc(g[2 * H + j] + rg * (q[2 * H + j] + bh[2 * H + j]));
     hi[j] = ng + zg * (hi[j] - ng);
   }
 }
@@ -123,11 +128,11 @@ inline void lstm_gates(const float* g, const float* q, float* ci, float* hi, int
   for (; j < H; ++j) {
     const float ig = sigm(g[j] + q[j]);
     const float fg = sigm(g[H + j] + q[H + j]);
-    const float gg = std::tanh(g[2 * H + j] + q[2 * H + j]);
+    const float gg = tanhc(g[2 * H + j] + q[2 * H + j]);
     const float og = sigm(g[3 * H + j] + q[3 * H + j]);
     const float cn = fg * ci[j] + ig * gg;
     ci[j] = cn;
-    hi[j] = og * std::tanh(cn);
+    hi[j] = og * tanhc(cn);
   }
 }
 
@@ -149,7 +154,7 @@ inline void tanh_bias(float* x, const float* b, int64_t n) {
     _mm512_storeu_ps(x + j, v[0]);
   }
 #endif
-  for (; j < n; ++j) x[j] = std::tanh(x[j] + b[j]);
+  for (; j < n; ++j) x[j] = tanhc(x[j] + b[j]);
 }
 
 }  // namespace anomalyd_gates

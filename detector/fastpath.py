@@ -38,7 +38,7 @@ from .native_build import build_dir, compile_cached, compiler, import_built  # t
 
 __all__ = ["FusedAutoencoder", "FusedUnavailable", "fused_available", "fused_mode", "load_extension", "bf16_available",
            "executed_macs", "compile_flags", "self_check", "prebuilt_candidates", "DEFAULT_TILE",
-           "PORTABLE_TARGETS", "env_mode", "window_kernel"]
+           "PORTABLE_TARGETS", "env_mode", "window_kernel", "saturating_windows"]
 
 log = logging.getLogger(__name__)
 
@@ -289,9 +289,9 @@ def _rnn_weights(rnn: torch.nn.RNNBase, layers: int) -> list[torch.Tensor]:
 
 
 def self_check(module: ModuleType | None = None) -> str:
-    """The kernel against eager PyTorch on small GRU and LSTM models (whole register blocks and a remainder),
-    and where this CPU has AVX512_BF16 its bfloat16 products within bfloat16's rounding; raises AssertionError on
-    a mismatch. Returns the kernel's ``isa``."""
+    """The kernel against eager PyTorch on small GRU and LSTM models (whole register blocks and a remainder, and
+    inputs far enough out to saturate every gate), and where this CPU has AVX512_BF16 its bfloat16 products within
+    bfloat16's rounding; raises AssertionError on a mismatch. Returns the kernel's ``isa``."""
     from .models import build_model
 
     module = module or load_extension()
@@ -310,7 +310,25 @@ def self_check(module: ModuleType | None = None) -> str:
                 if bf16:
                     torch.testing.assert_close(FusedAutoencoder(model, tile=16, module=module, bf16=True)(x), want,
                                                rtol=0.05, atol=0.02)
+            saturating = build_model(ModelConfig(kind=kind, n_features=3, window=6, hidden_size=24, latent_size=4))
+            x = saturating_windows(12, 6, 3)
+            with torch.inference_mode():  # H=24: 16 vector columns and 8 scalar ones on AVX-512
+                torch.testing.assert_close(FusedAutoencoder(saturating, module=module)(x), saturating.eval()(x),
+                                           rtol=1e-4, atol=1e-4)
     return str(module.isa)
+
+
+def saturating_windows(batch: int, window: int, features: int) -> torch.Tensor:
+    """``(B, W, F)`` windows of ``randn`` with one reading, and one whole feature, per window far out (1e2 to 3e7,
+    signs alternating): every gate saturates, where a kernel's gate maths must stay finite as PyTorch's does."""
+    x = torch.randn(batch, window, features)  # (B, W, F)
+    for i in range(batch):
+        mag = (1e2, 1e3, 1e4, 1e5, 1e6, 3e7)[i % 6] * (-1) ** i
+        if i % 2:
+            x[i, i % window, i % features] = mag  # one reading
+        else:
+            x[i, :, i % features] = mag  # a whole feature
+    return x
 
 
 def _build_portable() -> int:

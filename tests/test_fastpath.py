@@ -37,6 +37,19 @@ def test_fused_forward_matches_eager(kind, layers, W, F, H, L):
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("H", [4, 8, 24, 64])  # on AVX-512: scalar columns only, 8 of them, 16 + 8, whole vectors
+def test_far_out_readings_saturate_the_gates_as_in_eager(kind, H):
+    """A reading 1e2 to 3e7 away from the scaler's centre (a sentinel such as -9999) saturates every gate: the
+    scalar gate columns gave NaN past about 88 (libm's vector calls under -ffast-math), and the score went to the
+    ceiling with no feature named."""
+    torch.manual_seed(H)
+    model = build_model(ModelConfig(kind=kind, n_features=3, window=6, hidden_size=H, latent_size=4)).eval()
+    x = fastpath.saturating_windows(12, 6, 3)  # (B, W, F)
+    with torch.inference_mode():
+        torch.testing.assert_close(FusedAutoencoder(model)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_a_window_with_nan_reconstructs_as_nan_as_in_eager(kind):
     """A window with a NaN reconstructs as NaN (the fused gates clamped it: finite numbers where the eager model
     gives NaN), and the other windows as before."""
