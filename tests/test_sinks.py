@@ -54,6 +54,7 @@ class Recorder:
         recorder = self
 
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header)
+        self.delay_s = 0.0  # before each answer: a remote Alertmanager's round trip
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server API
@@ -67,6 +68,7 @@ class Recorder:
                 self._answer()
 
             def _answer(self) -> None:
+                time.sleep(recorder.delay_s)
                 status, text = recorder.script.pop(0) if recorder.script else (200, "")
                 self.send_response(status)
                 if 300 <= status < 400:
@@ -400,6 +402,23 @@ def test_kafka_sink_keeps_alerts_when_the_broker_is_unreachable() -> None:
         with pytest.raises(SinkError, match="1 alerts not acknowledged yet"):
             sink.flush(0.1)
     assert produced == ["alerts"]  # still in the producer's queue: not produced again on each flush (copies)
+    producer.close(0)
+
+
+def test_a_stalled_alerts_topic_does_not_hold_back_the_alertmanager_post(recorder: Recorder) -> None:
+    """The Kafka sink's flush waits for acknowledgements until the deadline when its brokers do not answer; flushed
+    first, it left a healthy Alertmanager nothing of the deadline: no page went out, and Alertmanager backed off."""
+    producer = ConfluentProducer(f"127.0.0.1:{closed_port()}", **{"log_level": 0})
+    sinks = build_sinks({"kafka": {"enabled": True}, "alertmanager": {"enabled": True, "url": recorder.url},
+                         "log": {"enabled": False}}, producer)
+    assert [s.name for s in sinks.sinks] == ["kafka", "alertmanager"]
+    recorder.delay_s = 0.2  # healthy, but further away than the 50 ms a post is given at the deadline
+    sinks.add([make_alert()])
+    seen: list[tuple[str, bool]] = []
+    with pytest.raises(SinkError, match="kafka: kafka topic anomalyd-alerts: 1 alerts not acknowledged") as err:
+        sinks.flush(0.5, lambda name, _s, ok: seen.append((name, ok)))
+    assert "alertmanager" not in str(err.value) and ("alertmanager", True) in seen
+    assert len(recorder.posts) == 1
     producer.close(0)
 
 
