@@ -97,6 +97,12 @@ class KafkaAlertSink(Sink):
             for alert in alerts:
                 self._produce(alert)
 
+    def forget_streams(self, streams: Iterable[str], revoked: Collection[tuple[str, int]] = ()) -> None:
+        """Firing alerts not acknowledged yet whose records lie on a ``revoked`` partition are not produced again
+        (as :meth:`AlertmanagerSink.forget_streams`): the next owner repeats those records and may resolve the
+        incident before a late copy from here would re-open it on the topic. Those in the producer's queue go."""
+        self._unacked = _without_firing_of(self._unacked, revoked)
+
     def flush(self, timeout_s: float) -> int:
         if not self._unacked:
             return 0
@@ -117,6 +123,14 @@ class KafkaAlertSink(Sink):
         delivered = len(self._unacked)
         self._unacked.clear()
         return delivered
+
+
+def _without_firing_of(alerts: list[Alert], revoked: Collection[tuple[str, int]]) -> list[Alert]:
+    """``alerts`` less the firing ones whose records lie on a ``revoked`` (topic, partition)."""
+    if not revoked:
+        return alerts
+    gone = set(revoked)
+    return [a for a in alerts if a.status != FIRING or (a.source.get("topic"), a.source.get("partition")) not in gone]
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -227,10 +241,7 @@ class AlertmanagerSink(Sink):
         gone = set(streams)
         self._active = {i: v for i, v in self._active.items() if v[0].stream not in gone}
         self._firing = {k: ids for k, ids in self._firing.items() if k[0] not in gone}
-        if revoked:
-            left = set(revoked)
-            self._pending = [a for a in self._pending
-                             if a.status != FIRING or (a.source.get("topic"), a.source.get("partition")) not in left]
+        self._pending = _without_firing_of(self._pending, revoked)
         # those still to post are posted once, not kept active: nothing here resolves them any more
         self._post_once.update(a.id for a in self._pending if a.status == FIRING and a.stream in gone)
 

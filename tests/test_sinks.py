@@ -20,7 +20,7 @@ import yaml
 
 from pipelines.alert_message import FIRING, RESOLVED, Alert
 from pipelines.config import Config
-from pipelines.kafka_io import ConfluentProducer, client_security_config, make_producer
+from pipelines.kafka_io import ConfluentProducer, KafkaDeliveryError, client_security_config, make_producer
 from pipelines.sinks import (
     MAX_FLUSH_BACKOFF_S,
     AlertmanagerSink,
@@ -485,6 +485,41 @@ def test_security_options_map_to_each_client(tmp_path: Path) -> None:
         client_security_config("confluent", {"sasl_pasword": "x"})
     with pytest.raises(ValueError, match="kafka.client"):
         client_security_config("librdkafka", {})
+
+
+class _RefusingProducer:
+    """The alerts topic's partition as a list; while ``refuse`` is set, a flush fails every message for good (a
+    leader gone in a broker's restart), as a producer's KafkaDeliveryError says."""
+
+    def __init__(self) -> None:
+        self.refuse, self.batch, self.topic_log = False, [], []
+
+    def produce(self, topic: str, value: bytes, key: bytes | None = None, headers=None) -> None:
+        self.batch.append(json.loads(value))
+
+    def flush(self, timeout_s: float) -> None:
+        batch, self.batch = self.batch, []
+        if self.refuse:
+            raise KafkaDeliveryError(f"{len(batch)} of {len(batch)} Kafka messages not delivered: NotLeader")
+        self.topic_log += [(a["id"], a["status"]) for a in batch]
+
+
+def test_kafka_sink_does_not_produce_again_the_firing_alerts_of_a_revoked_partition() -> None:
+    """The revoke's last flush failed: the next owner repeats the records and may resolve the incident, which a
+    late copy of the firing alert from here would re-open on the topic for good. A resolve still goes, and so does
+    an alert of a partition kept."""
+    src = lambda p: {"topic": "sensors", "partition": p, "first_offset": 10, "last_offset": 20}  # noqa: E731
+    producer = _RefusingProducer()
+    sink = KafkaAlertSink(producer, "alerts")
+    producer.refuse = True
+    sink.add([make_alert(source=src(2)), make_alert(id="kept", stream="pump-2", source=src(3)),
+              make_alert(RESOLVED, id="done", stream="pump-3", ended_at=1_700_000_060_000, source=src(2))])
+    with pytest.raises(SinkError, match="3 alerts not delivered"):
+        sink.flush(1.0)
+    sink.forget_streams(["pump-1", "pump-3"], revoked=[("sensors", 2)])
+    producer.refuse = False
+    assert sink.flush(1.0) == 2
+    assert producer.topic_log == [("kept", FIRING), ("done", RESOLVED)]
 
 
 def test_alertmanager_re_posts_an_adopted_alert_at_once_then_each_interval(recorder: Recorder, clock: Clock):
