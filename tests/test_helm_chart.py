@@ -183,7 +183,8 @@ def test_helm_client_key_password_from_the_client_secret(helm: str, tmp_path: Pa
 def test_helm_values_schema_rejects_bad_values(helm: str) -> None:
     for bad in ("config.alerts.k=0", "models.source=nfs", "config.models.device=tpu", "unknownKey=1",
                 "config.http.bind=",  # the daemon rejects an empty http.bind
-                "config.kafka.poll_timeout_ms=60000", "config.alerts.cooldown_s=1e16"):  # past the daemon's maxima
+                "config.kafka.poll_timeout_ms=60000", "config.alerts.cooldown_s=1e16",  # past the daemon's maxima
+                "serviceMonitor.interval=", "serviceMonitor.scrapeTimeout=1.5s", "serviceMonitor.scrapeTimeout=5s1m"):
         proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set", bad])
         assert proc.returncode != 0 and "schema" in proc.stderr, bad
 
@@ -300,6 +301,48 @@ def test_servicemonitor_labels_targets_for_the_down_alert_whatever_the_release_n
     assert "app.kubernetes.io/part-of: fleet" in deployment
     rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
     assert 'up{app_kubernetes_io_part_of="anomalyd"} == 0' in rules["AnomalydDown"]["expr"]
+
+
+def _servicemonitor_render(helm: str, *sets: str) -> Any:
+    return _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--set",
+                 "serviceMonitor.enabled=true", *(a for s in sets for a in ("--set", s))])
+
+
+def _servicemonitor_endpoint(helm: str, *sets: str) -> dict[str, Any]:
+    proc = _servicemonitor_render(helm, *sets)
+    assert proc.returncode == 0, (sets, proc.stderr)
+    (sm,) = [d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] == "ServiceMonitor"]
+    (endpoint,) = sm["spec"]["endpoints"]
+    return endpoint
+
+
+def test_servicemonitor_leaves_the_scrape_timeout_to_prometheus_by_default(helm: str) -> None:
+    """The default scrapeTimeout was 10s: with interval 5s the Prometheus Operator refused the ServiceMonitor
+    ("scrapeTimeout greater than scrapeInterval") and nothing was scraped. Unset, Prometheus caps its own at the
+    interval."""
+    endpoint = _servicemonitor_endpoint(helm, "serviceMonitor.interval=5s")
+    assert endpoint["interval"] == "5s" and "scrapeTimeout" not in endpoint, endpoint
+    assert "scrapeTimeout" not in _servicemonitor_endpoint(helm)
+
+
+def test_servicemonitor_refuses_a_scrape_timeout_longer_than_its_interval(helm: str) -> None:
+    for interval, timeout in (("5s", "10s"), ("500ms", "501ms"), ("1m", "60001ms"), ("1h30s", "1h31s"),
+                              ("1d", "1w")):
+        proc = _servicemonitor_render(helm, f"serviceMonitor.interval={interval}",
+                                      f"serviceMonitor.scrapeTimeout={timeout}")
+        text = f"serviceMonitor.scrapeTimeout={timeout} is longer than serviceMonitor.interval={interval}"
+        assert proc.returncode != 0 and text in proc.stderr, (interval, timeout, proc.stderr)
+    proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--skip-schema-validation",
+                 "--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.scrapeTimeout=1.5s"])
+    assert proc.returncode != 0 and "scrapeTimeout=1.5s is not a Prometheus duration" in proc.stderr, proc.stderr
+
+
+def test_servicemonitor_renders_a_scrape_timeout_within_its_interval(helm: str) -> None:
+    for interval, timeout in (("5s", "4s"), ("5s", "5s"), ("1m", "59999ms"), ("1h30s", "1h29s"), ("1m", "10s"),
+                              ("010s", "9s"), ("2h", "1h59m59s999ms")):
+        endpoint = _servicemonitor_endpoint(helm, f"serviceMonitor.interval={interval}",
+                                            f"serviceMonitor.scrapeTimeout={timeout}")
+        assert (endpoint["interval"], endpoint["scrapeTimeout"]) == (interval, timeout), endpoint
 
 
 def test_helm_network_policy_admits_the_metrics_port_and_limits_egress_when_asked(helm: str, tmp_path: Path) -> None:
