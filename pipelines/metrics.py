@@ -28,7 +28,7 @@ labels except on the opt-in, K-bounded ``anomalyd_top_stream_score``. Outcomes: 
 | `anomalyd_model_versions_refused` | gauge | - | served models not on their newest version (not loaded, or refused) |
 | `anomalyd_inference_threads` | gauge | - | intra-op threads of CPU inference (adaptive unless fixed) |
 | `anomalyd_sink_flush_seconds` | histogram | sink | latency of one sink flush that had alerts to deliver (or failed) |
-| `anomalyd_sink_failures_total` | counter | sink | failed sink flushes |
+| `anomalyd_sink_failures_total` | counter | sink | failed sink flushes (not a backoff's refusals) |
 | `anomalyd_commit_seconds` | histogram | - | latency of one offset commit, from sending it to its answer |
 | `anomalyd_commit_failures_total` | counter | - | failed offset commits |
 | `anomalyd_model_info` | gauge | model, version, kind, device | 1 for each served model version |

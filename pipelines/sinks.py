@@ -36,6 +36,10 @@ class SinkError(RuntimeError):
     """Alerts could not be delivered (after retries); the caller must not commit their offsets."""
 
 
+class SinkBackingOff(SinkError):
+    """A flush refused without a request: a backoff after a failed one has not passed (not a failure of its own)."""
+
+
 class Sink(ABC):
     """Somewhere alerts go; ``name`` identifies it in errors."""
 
@@ -291,7 +295,7 @@ class AlertmanagerSink(Sink):
             self._last_flush = now
             return 0
         if now < self._retry_at:
-            raise SinkError(f"alertmanager {self.endpoint}: {len(batch)} alerts waiting, next attempt in "
+            raise SinkBackingOff(f"alertmanager {self.endpoint}: {len(batch)} alerts waiting, next attempt in "
                             f"{self._retry_at - now:.1f} s; last error: {self._last_error}")
         now_ms, shadowed = int(time.time() * 1000), self._shadowed(batch)
         posted = 0
@@ -393,7 +397,9 @@ class FanoutSink(Sink):
 
     def flush(self, timeout_s: float, observe: Callable[[str, float, bool], None] | None = None) -> int:
         """Flush every sink within ``timeout_s``; ``observe(sink name, seconds, ok)`` is told about each flush that
-        delivered alerts or failed (the many with nothing to do would hide the real ones' time in its histogram).
+        delivered alerts or failed (the many with nothing to do would hide the real ones' time in its histogram; a
+        refusal in a backoff, at each of the loop's turns, would count turns, not failures, and hide the failed
+        requests' time).
         Returns the alerts delivered, summed over the sinks. Those that deliver only in their flush (Alertmanager's
         post) go first: a Kafka producer's flush waits for acknowledgements while its messages travel anyway, and
         when the alerts topic stalled it took the whole deadline, so that a healthy Alertmanager was never posted
@@ -403,15 +409,16 @@ class FanoutSink(Sink):
         total = 0
         for sink in sorted(self.sinks, key=lambda s: s.background_delivery):  # stable: the given order otherwise
             t0 = time.perf_counter()
-            delivered, ok = 0, False
+            delivered, ok, tried = 0, False, True
             try:
                 delivered, ok = sink.flush(max(0.0, deadline - time.monotonic())), True
             except SinkError as exc:
                 errors.append(f"{sink.name}: {exc}")
+                tried = not isinstance(exc, SinkBackingOff)
             except Exception as exc:
                 errors.append(f"{sink.name}: {type(exc).__name__}: {exc}")
             total += delivered or 0
-            if observe is not None and (delivered or not ok):
+            if observe is not None and tried and (delivered or not ok):
                 observe(sink.name, time.perf_counter() - t0, ok)
         if errors:
             raise SinkError("alert sinks failed: " + "; ".join(errors))

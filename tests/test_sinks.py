@@ -261,6 +261,24 @@ def test_alertmanager_failed_flushes_back_off_without_requests(recorder: Recorde
     assert sink.flush_due(clock.now + MAX_FLUSH_BACKOFF_S)
 
 
+def test_refusals_in_a_backoff_are_not_counted_as_failed_flushes(recorder: Recorder, clock: Clock) -> None:
+    """The loop flushes at every turn: each refusal without a request counted as a failed flush (60 for one
+    request) and put a time of 0 s in the flush histogram, hiding the real requests' timeouts."""
+    recorder.script = [(503, "down")] * 2
+    sinks = FanoutSink([AlertmanagerSink(recorder.url, backoff_s=0.25, max_retries=0)])
+    sinks.add([make_alert()])
+    seen: list[tuple[str, bool]] = []
+    for _ in range(20):
+        with pytest.raises(SinkError):  # still an error: the daemon commits nothing
+            sinks.flush(5.0, lambda name, _s, ok: seen.append((name, ok)))
+        clock.advance(0.01)
+    assert len(recorder.posts) == 1 and seen == [("alertmanager", False)]
+    clock.advance(0.25)
+    with pytest.raises(SinkError, match="HTTP 503"):
+        sinks.flush(5.0, lambda name, _s, ok: seen.append((name, ok)))
+    assert len(recorder.posts) == 2 and seen == [("alertmanager", False)] * 2
+
+
 def test_alertmanager_refuses_a_redirect_instead_of_following_it_with_a_get(recorder: Recorder) -> None:
     recorder.script = [(302, "")]
     sink = AlertmanagerSink(recorder.url, backoff_s=0.01)
