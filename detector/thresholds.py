@@ -260,6 +260,19 @@ class SPOTThreshold(Threshold):
             raise ValueError(f"{who} state field 'sigma' must be >= 0, got {floats['sigma']!r}")
         if floats["z"] <= floats["t"]:  # every score over t would alarm, the first peaks included
             raise ValueError(f"{who} state field 'z' must be above 't' ({floats['t']!r}), got {floats['z']!r}")
+        # As fit and _learn keep them (n_peaks 0 beside peaks divided by zero): calibration leaves a score <= t, each
+        # learnt peak counts in n too, the latest are kept; pending/since count learnt peaks/scores since a refit.
+        n, n_peaks, pending, since = ints["n"], ints["n_peaks"], ints["pending"], ints["since"]
+        for field, value, most, bound in (
+            ("n_peaks", n_peaks, n - 1, f"be below 'n' ({n})"),
+            ("pending", pending, n_peaks, f"be at most 'n_peaks' ({n_peaks})"),
+            ("pending", pending, since, f"be at most 'since' ({since})"),
+            ("imputed", ints["imputed"], n_peaks, f"be at most 'n_peaks' ({n_peaks})"),
+            ("peaks", len(peaks), n_peaks, f"hold at most 'n_peaks' ({n_peaks}) excesses"),
+            ("n_peaks", n_peaks, n_peaks if len(peaks) else 0, "be 0 with 'peaks' empty"),
+        ):
+            if value > most:
+                raise ValueError(f"{who} state field {field!r} must {bound}, got {value}")
         for k, v in (floats | ints).items():
             setattr(self, f"_{k}", v)
         self._peaks = peaks[-self.max_peaks :]

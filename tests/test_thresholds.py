@@ -302,6 +302,56 @@ def test_threshold_state_fields_are_validated(kind: str, field: str, value: obje
         threshold_from_dict(d)
 
 
+@pytest.mark.parametrize("kind", ["spot", "dspot"])
+def test_states_the_code_makes_load_after_fit_and_long_updates(kind: str) -> None:
+    """Every state fit and update leave (constant calibration scores: no peaks; few kept peaks; refits each few
+    scores; bursts of alarms, imputed peaks) passes the count checks of loading and round-trips exactly."""
+    rng = np.random.default_rng(21)
+    params = {"refit_every": 3, "max_peaks": 12, "risk": 1e-2, **({"depth": 5} if kind == "dspot" else {})}
+
+    def round_trip(thr: Threshold) -> Threshold:
+        clone = threshold_from_dict(json.loads(json.dumps(thr.to_dict(), allow_nan=False)))
+        assert clone.to_dict() == thr.to_dict()
+        return clone
+
+    flat = make_threshold(kind, **params).fit(np.full(100, 3.0))
+    assert flat.to_dict()["state"]["n_peaks"] == 0 and round_trip(flat).threshold == flat.threshold
+    thr = make_threshold(kind, **params).fit(rng.exponential(size=300))
+    round_trip(thr)
+    for i in range(40):
+        s = rng.exponential(size=int(rng.integers(1, 1500))) + 1e-3 * i
+        if i % 3 == 0:
+            start = int(rng.integers(0, len(s)))
+            s[start : start + int(rng.integers(1, 300))] += (8.0, 60.0, 1e6)[i % 9 // 3]
+        thr.update(s)
+        clone = round_trip(thr)
+    state = thr.to_dict()["state"]
+    assert state["imputed"] > 0 and state["n_peaks"] > 10 * len(state["peaks"])  # alarms imputed, peaks evicted
+    s = rng.exponential(size=2000)
+    np.testing.assert_array_equal(clone.update(s), thr.update(s))
+
+
+@pytest.mark.parametrize("kind", ["spot", "dspot"])
+@pytest.mark.parametrize("fields,match", [
+    ({"n_peaks": 0, "pending": 50, "since": 10_000}, r"'pending' must be at most 'n_peaks' \(0\), got 50"),
+    ({"n_peaks": 0}, r"'peaks' must hold at most 'n_peaks' \(0\) excesses, got \d+"),
+    ({"n_peaks": 5}, r"'peaks' must hold at most 'n_peaks' \(5\) excesses, got \d+"),
+    ({"peaks": []}, r"'n_peaks' must be 0 with 'peaks' empty, got \d+"),
+    ({"n": 20, "n_peaks": 20}, r"'n_peaks' must be below 'n' \(20\), got 20"),
+    ({"n": 0}, r"'n_peaks' must be below 'n' \(0\), got \d+"),
+    ({"pending": 15, "since": 14}, r"'pending' must be at most 'since' \(14\), got 15"),
+    ({"pending": 10_000, "since": 10_000}, r"'pending' must be at most 'n_peaks' \(\d+\), got 10000"),
+    ({"imputed": 10_000}, r"'imputed' must be at most 'n_peaks' \(\d+\), got 10000"),
+])
+def test_threshold_states_with_inconsistent_counts_are_refused(kind: str, fields: dict, match: str) -> None:
+    """n_peaks 0 beside kept peaks was accepted, and the next update divided by zero in the refit it fell due for:
+    the counts fit and update keep consistent are checked at load, naming the field."""
+    d = _fitted_state(kind, **({"depth": 20} if kind == "dspot" else {}))
+    d["state"].update(fields)
+    with pytest.raises(ValueError, match=rf"{type(make_threshold(kind)).__name__}.* state field {match}"):
+        threshold_from_dict(d)
+
+
 def test_unknown_kind_is_named() -> None:
     with pytest.raises(ValueError, match="'bogus'"):
         make_threshold("bogus")
