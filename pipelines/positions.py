@@ -197,6 +197,7 @@ class Positions:
         self._resume: dict[TopicPartition, int] = {}  # records below these offsets are a rebuild replay
         self._new: set[TopicPartition] = set()  # assigned, not yet positioned
         self._first_dropped: dict[TopicPartition, int] = {}  # first record polled before a positioning that failed
+        self._read_from: dict[TopicPartition, int] = {}  # where reading started here without a commit (kept on revoke)
         self._revoked = False  # a revoke since the last drop_unassigned
 
     def id_of(self, tp: TopicPartition) -> int:
@@ -258,8 +259,10 @@ class Positions:
         """Seek newly assigned partitions (after poll returned) and drop their records from ``batch``.
 
         With rebuild metadata in the last commit: seek to the floor and replay up to the committed offset.
-        Otherwise start at the committed offset or, without a commit, at the first record this poll returned.
-        Records of these partitions in ``batch`` are read again after the seek.
+        Otherwise start at the committed offset or, without a commit, at the first record this poll returned; a
+        partition read here before and given back without a commit (its revoke could not deliver) starts where
+        that reading started, if still retained: the poll may return records fetched before the revoke, beyond
+        what was read and never delivered. Records of these partitions in ``batch`` are read again after the seek.
         """
         tps = sorted(self._new)
         self._new.clear()
@@ -277,16 +280,22 @@ class Positions:
             return _without(batch, set(tps))
         floors = {tp: _rebuild_floor(got[1]) for tp, got in committed.items() if got is not None}
         rebuild = [tp for tp, f in floors.items() if 0 <= f < committed[tp][0]]
-        log_start = self._log_start(source, rebuild)
+        read_again = [tp for tp, got in committed.items() if got is None and tp in self._read_from]
+        log_start = self._log_start(source, rebuild + read_again)
         if unknown := [tp for tp in rebuild if tp not in log_start]:
             log.warning("no rebuild of the windows of %s: their first retained offsets are unknown (a seek below "
                         "them would reset the position by auto_offset_reset); they start at the committed offset",
                         unknown)
         for tp, got in committed.items():
             if got is None:
-                if tp in first:
-                    starts[tp] = first[tp]
+                options = [first[tp]] if tp in first else []
+                if tp in log_start and tp in read_again:  # the start of a reading never committed, if retained
+                    options.append(max(self._read_from[tp], log_start[tp]))
+                if options:
+                    starts[tp] = min(options)
+                    self._read_from[tp] = min(starts[tp], self._read_from.get(tp, starts[tp]))
                 continue
+            self._read_from.pop(tp, None)  # the group's commit says where from now
             # a log start not known: no rebuild (the floor may be gone, and auto_offset_reset latest skips the rest)
             starts[tp] = replay_start(got[0], floors[tp], log_start.get(tp, got[0]), self.max_rebuild_records)
             self.processed[tp] = got[0]

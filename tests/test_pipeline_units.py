@@ -158,6 +158,47 @@ def test_partitions_whose_committed_offsets_cannot_be_read_are_positioned_after_
     assert client.seeks == [(("t", 0), 5)]  # back to the first record polled, 5, not 8
 
 
+def test_a_partition_given_back_without_a_commit_is_read_again_from_where_its_reading_started():
+    """Read here from 0 to 99, revoked with nothing committed (the revoke could not deliver), assigned straight
+    back: the poll may return records confluent fetched before the revoke (100..), and starting at the first of
+    them skipped 0..99 for good. From where the reading started instead, unless retention has removed it."""
+    from pipelines.positions import Positions
+
+    class _Client:
+        def __init__(self) -> None:
+            self.seeks, self.log_start, self.commit = [], 0, None
+
+        def committed(self, tps):
+            return {tp: self.commit for tp in tps}
+
+        def first_offsets(self, tps):
+            return dict.fromkeys(tps, self.log_start)
+
+        def seek(self, tp, offset):
+            self.seeks.append(offset)
+
+    def batch(lo, hi):
+        n = hi - lo
+        return RecordBatch(topic=["t"] * n, partition=np.zeros(n, np.int32), offset=np.arange(lo, hi, dtype=np.int64),
+                           timestamp=np.zeros(n, np.int64), key=[None] * n, value=[b"{}"] * n)
+
+    pos, client, tp = Positions(), _Client(), ("t", 0)
+    pos.assign([tp])
+    pos.position_new(client, batch(0, 20))  # the first time: at the first record polled
+    pos.advance(np.full(100, pos.id_of(tp)), np.arange(100))
+    for stale, log_start in ((100, 0), (100, 30), (150, 160)):
+        pos.revoke([tp])
+        client.log_start = log_start
+        pos.assign([tp])
+        pos.position_new(client, batch(stale, stale + 20))
+    assert client.seeks == [0, 0, 30, 150]  # from 0 while retained; 150: the first record polled, if lower
+    pos.revoke([tp])
+    client.commit = (170, "")
+    pos.assign([tp])
+    pos.position_new(client, batch(200, 210))
+    assert client.seeks[-1] == 170 and tp not in pos._read_from  # a commit: from there
+
+
 def test_the_rebuild_floor_is_read_whatever_follows_the_metadata_object():
     """confluent-kafka writes a trailing NUL, and read metadata without one past its end: both must still give the
     floor, and anything else none (the replay then starts at the commit)."""
