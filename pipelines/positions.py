@@ -21,7 +21,7 @@ import numpy as np
 
 from detector.windows import sorted_groups
 
-from .source import RecordBatch, Source, TopicPartition
+from .source import CommittedUnreadable, RecordBatch, Source, TopicPartition
 
 __all__ = ["MAX_METADATA_BYTES", "MAX_REBUILD_RECORDS", "Positions", "WindowOffsets", "replay_start",
            "without_incidents"]
@@ -272,6 +272,8 @@ class Positions:
         starts: dict[TopicPartition, int] = {}
         try:
             committed = source.committed(tps)
+        except CommittedUnreadable:  # asking again cannot help: the daemon stops, nothing committed
+            raise
         except Exception as exc:  # a timeout: the brokers are out of reach; position them after the next poll
             self._new.update(tps)
             self._first_dropped.update({tp: off for tp, off in first.items() if tp in self._new})

@@ -20,7 +20,8 @@ METADATA_MAX_AGE_MS = 30_000  # topic metadata every 30 s, not the clients' 5 mi
 LOOKUP_TIMEOUT_S = 10.0  # committed() and first_offsets(): all the partitions of one call within this
 METADATA_END = "\x00"  # after every commit's metadata, as confluent-kafka writes it (KafkaPythonSource._offsets)
 
-__all__ = ["TopicPartition", "RecordBatch", "Source", "make_source", "CommitDone", "KafkaCommitError"]
+__all__ = ["TopicPartition", "RecordBatch", "Source", "make_source", "CommitDone", "KafkaCommitError",
+           "CommittedUnreadable"]
 
 TopicPartition = tuple[str, int]
 RebalanceCallback = Callable[[list[TopicPartition]], None]
@@ -76,7 +77,8 @@ class Source(Protocol):
         answer given to ``answered(error or None)`` from a later ``poll``."""
     def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, tuple[int, str] | None]:
         """The group's committed ``(offset, metadata)`` of each partition (None: no commit); raises when the brokers
-        give no answer within LOOKUP_TIMEOUT_S."""
+        give no answer within LOOKUP_TIMEOUT_S (tried again after the next poll), and :class:`CommittedUnreadable`
+        when asking again cannot help."""
     def seek(self, tp: TopicPartition, offset: int) -> None: ...
     def first_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         """The first offset each partition still holds (its log start, which retention moves up), within
@@ -94,6 +96,12 @@ class Source(Protocol):
 
 class KafkaCommitError(RuntimeError):
     """An asynchronous commit that the group coordinator refused or that failed on the way (confluent-kafka)."""
+
+
+class CommittedUnreadable(RuntimeError):
+    """The committed offsets cannot be read, and asking again will not help (the group's or topic's READ ACL is
+    missing, metadata this client cannot decode): the daemon stops, nothing committed, the message says why.
+    Asking again after every poll had left the partitions unread for ever behind a warning."""
 
 
 def make_source(client: str, **kwargs: Any) -> Source:

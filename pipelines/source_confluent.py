@@ -20,6 +20,7 @@ from .source import (
     METADATA_MAX_AGE_MS,
     AssignCallback,
     CommitDone,
+    CommittedUnreadable,
     KafkaCommitError,
     RebalanceCallback,
     RecordBatch,
@@ -36,6 +37,14 @@ ERROR_LOG_EVERY_S = 60.0  # a consumer error of one kind is logged at most this 
 FETCH_QUEUE_BACKOFF_MS = 50
 
 __all__ = ["ConfluentSource", "confluent_columns_py"]
+
+REFUSED_LOOKUPS = ("GROUP_AUTHORIZATION_FAILED", "TOPIC_AUTHORIZATION_FAILED", "CLUSTER_AUTHORIZATION_FAILED")
+
+
+def _error_name(exc: BaseException) -> str | None:
+    """The librdkafka error's name of a KafkaException (``GROUP_AUTHORIZATION_FAILED``), else None."""
+    err = exc.args[0] if exc.args else None
+    return err.name() if callable(getattr(err, "name", None)) else None
 
 
 class ConfluentSource:
@@ -177,10 +186,15 @@ class ConfluentSource:
                 break
             except UnicodeDecodeError as exc:  # metadata without a NUL, by an older anomalyd with kafka-python: it
                 if attempt == 2:  # reads past its end (KafkaPythonSource._offsets); the bytes vary from read to read
-                    raise RuntimeError(
+                    raise CommittedUnreadable(
                         f"confluent-kafka cannot read the committed offsets' metadata of {sorted(tps)} (written by an "
                         "older anomalyd with kafka.client kafka-python): run this version once with kafka-python, "
                         "which rewrites it at its first commit") from exc
+            except Exception as exc:  # KafkaException: a missing ACL is not asked again
+                if (name := _error_name(exc)) in REFUSED_LOOKUPS:
+                    raise CommittedUnreadable(f"the committed offsets of {sorted(tps)} cannot be read: {name}: "
+                                              f"{exc.args[0].str()}") from exc
+                raise
         return {(p.topic, p.partition): (None if p.offset < 0 else (p.offset, p.metadata or "")) for p in got}
 
     def seek(self, tp: TopicPartition, offset: int) -> None:

@@ -8,7 +8,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from kafka.errors import KafkaConnectionError  # this module is imported only for kafka.client kafka-python
+from kafka.errors import (  # this module is imported only for kafka.client kafka-python
+    GroupAuthorizationFailedError,
+    KafkaConnectionError,
+    TopicAuthorizationFailedError,
+)
 
 from .kafka_io import RECONNECT_BACKOFF_MAX_MS
 from .kafka_security import client_security_config, kafka_python_bootstrap
@@ -20,6 +24,7 @@ from .source import (
     METADATA_MAX_AGE_MS,
     AssignCallback,
     CommitDone,
+    CommittedUnreadable,
     RebalanceCallback,
     RecordBatch,
     TopicPartition,
@@ -131,7 +136,11 @@ class KafkaPythonSource:
         deadline = time.monotonic() + LOOKUP_TIMEOUT_S  # without one, a coordinator out of reach held the loop
         for t, p in tps:
             left_ms = max(1, int((deadline - time.monotonic()) * 1000))
-            oam = self._consumer.committed(self._KTP(t, p), metadata=True, timeout_ms=left_ms)  # KafkaTimeoutError
+            try:
+                oam = self._consumer.committed(self._KTP(t, p), metadata=True, timeout_ms=left_ms)  # KafkaTimeoutError
+            except (GroupAuthorizationFailedError, TopicAuthorizationFailedError) as exc:  # a missing ACL
+                raise CommittedUnreadable(f"the committed offsets of {sorted(tps)} cannot be read: "
+                                          f"{type(exc).__name__}: {exc}") from exc
             out[(t, p)] = None if oam is None or oam.offset < 0 else (oam.offset, oam.metadata or "")
         return out
 

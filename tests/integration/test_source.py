@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.kafka_io import make_producer
 from pipelines.kafka_local import create_topic
-from pipelines.source import Source, make_source
+from pipelines.source import RecordBatch, Source, make_source
 
 CLIENTS = ["kafka-python", "confluent"]
 _GIVE_UP_S = 60.0  # a hang guard only
@@ -200,3 +200,53 @@ def test_a_subscribed_topic_that_does_not_exist_is_logged(kafka_bootstrap: str, 
         assert "Kafka consumer error (UNKNOWN_TOPIC_OR_PART)" in caplog.text and topic_name in caplog.text
     finally:
         source.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_committed_offsets_refused_for_a_missing_acl_are_not_asked_again(kafka_bootstrap: str, topic_name: str,
+                                                                         client: str) -> None:
+    """A group or topic READ ACL missing: the partitions' committed offsets were asked again after every poll, for
+    ever, the partitions never read, behind a warning. Now CommittedUnreadable stops the daemon; a timeout is still
+    asked again. (This broker has no authorizer: the client's own refusal stands in for its answer.)"""
+    from pipelines.positions import Positions
+    from pipelines.source import CommittedUnreadable
+
+    source = _source_of_a_filled_topic(kafka_bootstrap, topic_name, client, 1)
+    if client == "kafka-python":
+        from kafka.errors import GroupAuthorizationFailedError, KafkaTimeoutError
+
+        refusal, timeout = GroupAuthorizationFailedError("group anomalyd"), KafkaTimeoutError("10 s")
+    else:
+        from confluent_kafka import KafkaError, KafkaException
+
+        refusal, timeout = (KafkaException(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED)),
+                            KafkaException(KafkaError(KafkaError._TIMED_OUT)))
+    consumer = source._consumer
+
+    class Refusing:  # the client, whose committed() raises ``error`` (confluent's methods cannot be replaced)
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def committed(self, *_args, **_kw):
+            raise self.error
+
+        def __getattr__(self, name: str):
+            return getattr(consumer, name)
+
+    try:
+        for error, raised in ((refusal, CommittedUnreadable), (timeout, type(timeout))):
+            source._consumer = Refusing(error)
+            with pytest.raises(raised) as info:
+                source.committed([(topic_name, 0)])
+            positions = Positions()
+            positions.assign([(topic_name, 0)])
+            if raised is CommittedUnreadable:
+                assert "AUTHORIZATION" in str(info.value).upper()  # the client's reason, named
+                with pytest.raises(CommittedUnreadable):
+                    positions.position_new(source, RecordBatch.empty())
+            else:
+                positions.position_new(source, RecordBatch.empty())
+                assert positions.needs_positioning  # asked again after the next poll
+    finally:
+        source._consumer = consumer
+        source.close(5)
