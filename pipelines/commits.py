@@ -52,6 +52,7 @@ class Committer:
         self.source: Source | None = None  # set once the daemon has its consumer
         self.ahead: PollAhead | None = None
         self.last_commit = 0.0  # monotonic time of the last commit attempt
+        self.last_error: BaseException | None = None  # of the last commit answered (None: it succeeded)
         self._answers: queue.SimpleQueue[tuple[int, int, Offsets, float, BaseException | None]] = queue.SimpleQueue()
         self._in_flight: tuple[int, float] | None = None  # (number, monotonic time sent) of the unanswered commit
         self._sent = 0  # asynchronous commits sent
@@ -188,6 +189,7 @@ class Committer:
         success of an earlier generation leaves the offsets to commit alone: an entry equal to its offset is this
         generation's (a partition assigned again and to be committed anew: see Positions.position_new)."""
         self.metrics.observe_commit(seconds, ok=error is None)
+        self.last_error = error
         if error is not None:
             if pause:
                 self._retry_at = time.monotonic() + RETRY_AFTER_S

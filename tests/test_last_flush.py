@@ -238,3 +238,26 @@ def test_a_lost_session_commits_nothing_waits_for_the_micro_batch_in_flight_and_
         assert all(not route.stream_index and route.pending_windows == 0 for route in daemon.routes)
     finally:
         daemon._worker.close()
+
+
+def test_a_shutdown_whose_handover_commit_fails_exits_1_though_every_offset_was_committed(trained, tmp_path):
+    """The loop's commits covered every record, then the shutdown's own commit, the one that hands the open
+    incident over, was refused: logged, and exit code 0, as if the incident had gone to the next owner."""
+
+    class RefusingShutdownCommit(_Client):
+        def commit(self, offsets, timeout_s=None) -> None:  # the shutdown's synchronous commit
+            raise RuntimeError("COORDINATOR_NOT_AVAILABLE")
+
+    daemon = _gru_daemon(trained, tmp_path, processing={"score_in_background": False}, alerts={"k": 1, "n": 1})
+    client = RefusingShutdownCommit()
+    daemon.sinks = FanoutSink([_OutageSink(fail=0)])
+    daemon.source = daemon.commits.source = client
+    daemon._on_assign([TP])
+    daemon.positions.position_new(client, RecordBatch.empty())
+    daemon.process(_level_shift())
+    daemon._flush_and_commit(timeout_s=10.0)  # the loop's commit, asynchronous: every record
+    daemon.commits.collect()
+    assert client.commits[-1][TP][0] == EVENTS and not daemon.positions.uncommitted
+    assert sum(r.tracker.open_incidents for r in daemon.routes) == 1
+    daemon._shutdown_by = time.monotonic() + 5
+    assert daemon._shutdown() == 1
