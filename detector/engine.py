@@ -17,7 +17,8 @@ from .device import autocast_dtype, resolve_device
 from .fastpath import FusedAutoencoder, bf16_available, fused_available
 from .scoring import WindowScores
 
-__all__ = ["InferenceEngine", "ModelScores", "EAGER_CPU_CHUNK", "SCORE_CEILING", "WARM_UP_BATCHES"]
+__all__ = ["InferenceEngine", "ModelScores", "EAGER_CPU_CHUNK", "SCORE_CEILING", "WARM_UP_BATCHES",
+           "REDUCED_PRECISION_MARGIN"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,13 @@ WARM_UP_BATCHES = (1, 64, 512, 4096)
 """Batch sizes :meth:`InferenceEngine.warm_up` scores once per model. On a GPU the first forward pays cuDNN/cuBLAS
 set-up and lazy kernel loading: 0.27-0.33 s on an H200 (benchmarks/RESULTS.md, GPU section), which the first
 micro-batch of a fresh daemon would otherwise wait for."""
+
+REDUCED_PRECISION_MARGIN = 1e-2
+"""Scoring with bfloat16 or float16 products (``precision`` other than float32, where it takes effect), a window is
+over its model's threshold only when its score is this much (relative) above it, and normalised scores are
+divided by ``1 + margin``: those roundings move a window's score by up to a few tenths of a percent (about 2 % at
+most on trained models, benchmarks/RESULTS.md item 42), and a threshold calibrated on scores without any spread
+(a flat sensor) lies only 1e-4 above them, so that every window of that flat sensor alarmed."""
 
 SCORE_CEILING = 1e6
 """Normalised scores are capped here (a million times the threshold). A window the model cannot reconstruct in
@@ -83,6 +91,8 @@ class InferenceEngine:
             if not self.bf16_products:
                 log.warning("precision bfloat16 on the CPU needs the fused kernels and a CPU with AVX512_BF16 (%s); "
                             "scoring in float32", "no AVX512_BF16 here" if self.fused else "fused kernels off")
+        reduced = self.bf16_products or (self.device.type == "cuda" and precision != "float32")
+        self.margin = REDUCED_PRECISION_MARGIN if reduced else 0.0  # see REDUCED_PRECISION_MARGIN
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the engine's device is {self.device}")
         mode = graphs_mode() if cuda_graphs is None else ("on" if cuda_graphs else "off")
@@ -194,6 +204,8 @@ class InferenceEngine:
                 score = raw.score
                 if not np.isfinite(score).all():  # overflow (eager: NaN, fused: +inf): the most anomalous
                     score = np.where(np.isnan(score), np.inf, score)
+                if self.margin:
+                    score = score / (1.0 + self.margin)
                 out[name] = ModelScores(raw=raw, normalised=np.minimum(thr.normalise(score), SCORE_CEILING),
                                         over=thr.is_anomalous(score))
         return out
