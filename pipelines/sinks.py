@@ -296,7 +296,7 @@ class AlertmanagerSink(Sink):
             return 0
         if now < self._retry_at:
             raise SinkBackingOff(f"alertmanager {self.endpoint}: {len(batch)} alerts waiting, next attempt in "
-                            f"{self._retry_at - now:.1f} s; last error: {self._last_error}")
+                                 f"{self._retry_at - now:.1f} s; last error: {self._last_error}")
         now_ms, shadowed = int(time.time() * 1000), self._shadowed(batch)
         posted = 0
         try:  # in parts: a backlog after an outage is not one request of many megabytes
