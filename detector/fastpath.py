@@ -23,22 +23,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import platform
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from .models import ModelConfig, SequenceAutoencoder, model_cost
+from .models import ModelConfig, SequenceAutoencoder, build_model, model_cost
 from .native_build import build_dir, compile_cached, compiler, import_built  # the build cache (shared)
 
 __all__ = ["FusedAutoencoder", "FusedUnavailable", "fused_available", "fused_mode", "load_extension", "bf16_available",
            "executed_macs", "compile_flags", "self_check", "prebuilt_candidates", "DEFAULT_TILE",
-           "PORTABLE_TARGETS", "env_mode", "window_kernel", "saturating_windows"]
+           "PORTABLE_TARGETS", "env_mode", "window_kernel", "saturating_windows", "bf16_speedup"]
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +211,30 @@ def bf16_available() -> bool:
     return _has_bf16(load_extension() if fused_mode() != "off" else None)
 
 
+def bf16_speedup(batch: int = 256, reps: int = 3) -> float:
+    """Windows/s of the fused GRU forward (W=64, F=8, H=64) with bfloat16 products over float32's, this CPU, one
+    thread, best of ``reps`` alternating runs (about 0.1 s). AVX512_BF16 is not always faster: 1.35-1.75x on an AMD
+    Zen 4, 0.62-0.68x on an Intel Xeon without AMX (benchmarks/RESULTS.md, item 42)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(kind="gru", n_features=8, window=64, hidden_size=64, latent_size=16))
+        x = torch.randn(batch, 64, 8)  # (B, W, F)
+    forwards = {bf16: FusedAutoencoder(model, bf16=bf16) for bf16 in (False, True)}
+    best = dict.fromkeys(forwards, math.inf)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for _ in range(reps):
+                for bf16, forward in forwards.items():
+                    t0 = time.perf_counter()
+                    forward(x)
+                    best[bf16] = min(best[bf16], time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return best[False] / best[True]
+
+
 def _has_bf16(module: ModuleType | None) -> bool:
     """Whether ``module`` (an extension, or None) runs bfloat16 products on this CPU (an older build lacks them)."""
     return bool(module is not None and hasattr(module, "bf16_supported") and module.bf16_supported())
@@ -228,8 +254,9 @@ class FusedAutoencoder:
     Holds references (not copies) to the model's parameters, so in-place weight updates are seen; build a
     new one after moving the model to another device or dtype. No autograd.
 
-    ``bf16``: the matrix products round their inputs to bfloat16 and accumulate in float32 (about 1.5-2x faster
-    where the CPU has AVX512_BF16, see :func:`bf16_available`; scores then differ from float32 by a few 0.1 %).
+    ``bf16``: the matrix products round their inputs to bfloat16 and accumulate in float32 (1.35-1.75x faster on
+    an AMD Zen 4, slower on an Intel Xeon without AMX: :func:`bf16_speedup`; needs AVX512_BF16,
+    :func:`bf16_available`; scores then differ from float32 by a few 0.1 %).
     """
 
     def __init__(self, model: SequenceAutoencoder, tile: int = DEFAULT_TILE, module: ModuleType | None = None,
@@ -292,8 +319,6 @@ def self_check(module: ModuleType | None = None) -> str:
     """The kernel against eager PyTorch on small GRU and LSTM models (whole register blocks and a remainder, and
     inputs far enough out to saturate every gate), and where this CPU has AVX512_BF16 its bfloat16 products within
     bfloat16's rounding; raises AssertionError on a mismatch. Returns the kernel's ``isa``."""
-    from .models import build_model
-
     module = module or load_extension()
     if module is None:
         raise FusedUnavailable(f"fused RNN extension unavailable: {_STATE.get('error')}")
