@@ -42,6 +42,27 @@ def test_the_shutdown_commit_goes_through_with_its_timeout() -> None:
     assert calls == [({("t", 0): (5, "")}, 4.0)] and timed.t_commit is not None and timed.rss_commit > 0
 
 
+def test_b_is_timed_from_the_poll_after_the_warm_up_share_over_the_events_from_there() -> None:
+    """The clock starts when the first batch after ``warm_events`` arrives, and ``n_first`` is what came before
+    it: that batch's processing is timed and its events counted (the first batch's were not counted, though timed)."""
+    from pipelines.source import RecordBatch
+
+    class _Inner:
+        def poll(self, max_records, timeout_ms):
+            n = 100
+            return RecordBatch(["t"] * n, np.zeros(n, np.int32), np.arange(n, dtype=np.int64), np.zeros(n, np.int64),
+                               [None] * n, [b"{}"] * n)
+
+        commit = commit_async = lag = poll
+
+    timed = TimedSource(_Inner(), Phases(), warm_events=250)
+    for polled in range(1, 6):
+        timed.poll(5000, 100)
+        assert (timed.t_first is None) == (polled < 4), polled  # 300 >= 250 before the fourth batch
+    assert timed.n_first == 300 and timed.n_polled == 500  # b = (events processed - 300) / (t_commit - t_first)
+    assert 0 < harness.WARM_FRACTION < 0.5
+
+
 # ---------------------------------------------------------------------------------------------- b counts scored events
 def _summary(outcomes: dict[str, float], windows: dict[str, float]) -> dict:
     """metric_summary's shape for the two counters check_scored reads."""
