@@ -52,7 +52,7 @@ class Committer:
         self.source: Source | None = None  # set once the daemon has its consumer
         self.ahead: PollAhead | None = None
         self.last_commit = 0.0  # monotonic time of the last commit attempt
-        self.last_error: BaseException | None = None  # of the last commit answered (None: it succeeded)
+        self.sync_error: BaseException | None = None  # of the last synchronous commit (None: it succeeded)
         self._answers: queue.SimpleQueue[tuple[int, int, Offsets, float, BaseException | None]] = queue.SimpleQueue()
         self._in_flight: tuple[int, float] | None = None  # (number, monotonic time sent) of the unanswered commit
         self._sent = 0  # asynchronous commits sent
@@ -138,6 +138,7 @@ class Committer:
                 self.source.commit(offsets, timeout_s)
         except Exception as exc:
             if not _metadata_too_large(exc) or (floors := without_incidents(offsets)) == offsets:
+                self.sync_error = exc
                 self._finished(offsets, time.perf_counter() - t0, exc)  # e.g. a rebalance: records are redelivered
                 return
             log.warning("the brokers refused open incidents in the commit's metadata (%s): committing without them "
@@ -145,6 +146,7 @@ class Committer:
                         "offset.metadata.max.bytes", exc)
             self._commit_now(floors, in_rebalance, timeout_s)
             return
+        self.sync_error = None
         self._finished(offsets, time.perf_counter() - t0, None)
 
     def _send_in_rebalance(self, offsets: Offsets, t0: float) -> None:
@@ -189,7 +191,6 @@ class Committer:
         success of an earlier generation leaves the offsets to commit alone: an entry equal to its offset is this
         generation's (a partition assigned again and to be committed anew: see Positions.position_new)."""
         self.metrics.observe_commit(seconds, ok=error is None)
-        self.last_error = error
         if error is not None:
             if pause:
                 self._retry_at = time.monotonic() + RETRY_AFTER_S

@@ -373,16 +373,16 @@ class Daemon(DeliveryStage):
         """Score, deliver and commit what is pending, within shutdown.grace_period_s. Exit code 1 when something
         was not delivered or not committed: the next owner of those records repeats them."""
         self.sinks.retry_now()  # the last flush tries at once, whatever backoff a failed one started
-        self.commits.last_error = None
+        self.commits.sync_error = None  # this shutdown's own commit's, not an earlier answer's
         try:
             self._flush_and_commit(timeout_s=self._shutdown_left(), wait=True)
         except RETRIED as exc:
             log.error("shutdown: delivery not complete, offsets not committed (the next run repeats it): %s", exc)
             return 1
-        if self.positions.uncommitted or self.commits.last_error is not None:  # failed, or no answer in time
+        if self.positions.uncommitted or self.commits.sync_error is not None:  # failed, or no answer in time
             log.error("shutdown: the last commit failed (the next owner replays the offsets not committed, %s, and "
                       "detects the open incidents afresh): %s", sorted(self.positions.uncommitted.items()),
-                      self.commits.last_error or "no answer in time")
+                      self.commits.sync_error or "no answer in time")
             return 1
         return 0
 

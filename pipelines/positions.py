@@ -198,6 +198,7 @@ class Positions:
         self._new: set[TopicPartition] = set()  # assigned, not yet positioned
         self._first_dropped: dict[TopicPartition, int] = {}  # first record polled before a positioning that failed
         self._read_from: dict[TopicPartition, int] = {}  # where reading started here without a commit (kept on revoke)
+        self._unstarted: set[TopicPartition] = set()  # positioned without a commit, no record processed yet
         self._revoked = False  # a revoke since the last drop_unassigned
 
     def id_of(self, tp: TopicPartition) -> int:
@@ -236,6 +237,7 @@ class Positions:
             self._floor_read.pop(tp, None)
             self._resume.pop(tp, None)
             self._first_dropped.pop(tp, None)
+            self._unstarted.discard(tp)
         self.assigned -= tps
         self._new -= tps
         self._revoked = True
@@ -296,6 +298,8 @@ class Positions:
                 if options:
                     starts[tp] = min(options)
                     self._read_from[tp] = min(starts[tp], self._read_from.get(tp, starts[tp]))
+                else:  # no record of it in this poll: where reading starts is known from its first one processed
+                    self._unstarted.add(tp)
                 continue
             self._read_from.pop(tp, None)  # the group's commit says where from now
             # a log start not known: no rebuild (the floor may be gone, and auto_offset_reset latest skips the rest)
@@ -344,6 +348,11 @@ class Positions:
     def advance(self, tp_idx: np.ndarray, offset: np.ndarray) -> None:
         """Mark records as processed (committable once their windows are scored and alerts delivered). Records of
         a rebuild replay are already committed: a commit in mid-replay must not move the group's offset back."""
+        if self._unstarted:  # offsets come in order within a partition: the first of its first run is its lowest
+            for i in np.flatnonzero(np.r_[True, tp_idx[1:] != tp_idx[:-1]]).tolist():
+                if (tp := self.tps[tp_idx[i]]) in self._unstarted:
+                    self._unstarted.discard(tp)
+                    self._read_from.setdefault(tp, int(offset[i]))
         last = np.r_[tp_idx[1:] != tp_idx[:-1], True]
         for i in np.flatnonzero(last).tolist():
             tp = self.tps[tp_idx[i]]

@@ -261,3 +261,28 @@ def test_a_shutdown_whose_handover_commit_fails_exits_1_though_every_offset_was_
     assert sum(r.tracker.open_incidents for r in daemon.routes) == 1
     daemon._shutdown_by = time.monotonic() + 5
     assert daemon._shutdown() == 1
+
+
+def test_an_earlier_commits_failed_answer_does_not_fail_a_clean_shutdown(trained, tmp_path):
+    """The shutdown is judged by its own commit: an answer of an earlier asynchronous commit (an older generation's,
+    since superseded), collected during the shutdown, had it exit 1 with nothing of its own to commit."""
+    from pipelines.source import KafkaCommitError
+
+    daemon = _gru_daemon(trained, tmp_path, processing={"score_in_background": False}, alerts={"k": 1, "n": 1})
+    client = _Client()
+    daemon.sinks = FanoutSink([_OutageSink(fail=0)])
+    daemon.source = daemon.commits.source = client
+    daemon._on_assign([TP])
+    daemon.positions.position_new(client, RecordBatch.empty())
+    normal = _level_shift()
+    normal = RecordBatch(*(column[:140] for column in (normal.topic, normal.partition, normal.offset,
+                                                       normal.timestamp, normal.key, normal.value)))
+    daemon.process(normal)  # normal readings only: no incident open
+    daemon._flush_and_commit(timeout_s=10.0)
+    daemon.commits.collect()
+    assert not daemon.positions.uncommitted and sum(r.tracker.open_incidents for r in daemon.routes) == 0
+    daemon.commits._answers.put((daemon.commits._generation - 1, 0, {TP: (10, "")}, 0.01,
+                                 KafkaCommitError("offset commit failed: REBALANCE_IN_PROGRESS")))
+    commits = len(client.commits)
+    daemon._shutdown_by = time.monotonic() + 5
+    assert daemon._shutdown() == 0 and len(client.commits) == commits  # nothing of its own to commit

@@ -198,6 +198,16 @@ def test_a_partition_given_back_without_a_commit_is_read_again_from_where_its_re
     pos.position_new(client, batch(200, 210))
     assert client.seeks[-1] == 170 and tp not in pos._read_from  # a commit: from there
 
+    # the usual case: the poll that assigns a partition has no record of it; its reading starts at the first read
+    pos, client, client.seeks = Positions(), _Client(), []
+    pos.assign([tp])
+    pos.position_new(client, RecordBatch.empty())
+    pos.advance(np.full(100, pos.id_of(tp)), np.arange(40, 140))  # from auto_offset_reset's position, 40
+    pos.revoke([tp])
+    pos.assign([tp])
+    pos.position_new(client, batch(140, 160))
+    assert client.seeks == [40]
+
 
 def test_the_rebuild_floor_is_read_whatever_follows_the_metadata_object():
     """confluent-kafka writes a trailing NUL, and read metadata without one past its end: both must still give the
