@@ -137,6 +137,7 @@ class ModelStore:
         final = self.root / name / v
         if final.exists():
             raise FileExistsError(f"{final} already exists")
+        new_model = not (self.root / name).exists()
         (self.root / name).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{v}.", suffix=".tmp", dir=self.root / name))  # one per save
         tmp.chmod(0o777 & ~_umask())  # as mkdir would (mkdtemp's 0700 hid the version from a daemon of another uid)
@@ -151,4 +152,6 @@ class ModelStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise FileExistsError(f"{final} already exists") from exc
         sync_path(final.parent)  # the rename itself survives a power loss: the version is listed after a reboot
+        if new_model:
+            sync_path(self.root)  # and the model's directory, made by this save
         return final

@@ -238,21 +238,23 @@ def test_cli_reports_bad_input(tmp_path: Path) -> None:
     assert main(["evaluate", "nab", "--data", str(tmp_path), "--model", "cnn", "--output", "x.json"]) == 2
 
 
-@pytest.mark.parametrize("where", ["output is a directory", "report under a file"])
-def test_outputs_that_cannot_be_written_are_refused_before_the_run(nab_dir: Path, tmp_path: Path, where: str,
-                                                                     monkeypatch, capsys) -> None:
-    """A full NAB or SMD run takes hours: an --output that is a directory, or a --report under a file, failed only
-    when the results were written, and lost them."""
+@pytest.mark.parametrize("flag,where,named", [("--output", "dir", "dir"), ("--report", "file/r.md", "file"),
+                                              ("--scores-dir", "file/scores", "file"), ("--plots", "file", "file")])
+def test_outputs_that_cannot_be_written_are_refused_before_the_run(nab_dir: Path, tmp_path: Path, flag: str,
+                                                                     where: str, named: str, monkeypatch,
+                                                                     capsys) -> None:
+    """A full NAB or SMD run takes hours: an --output that is a directory, or a --report, --scores-dir or --plots
+    under a file, failed only when the results were written, and lost them."""
     from pipelines.evaluation import nab
 
     monkeypatch.setattr(nab, "run_corpus", lambda *a, **k: pytest.fail("the run started"))
     (tmp_path / "dir").mkdir()
     (tmp_path / "file").write_text("")
-    out, report = (tmp_path / "dir", None) if where == "output is a directory" else (
-        tmp_path / "x.json", tmp_path / "file" / "r.md")
-    argv = ["evaluate", "nab", "--data", str(nab_dir), "--model", "gaussian", "--output", str(out), "--quiet"]
-    assert main(argv + (["--report", str(report)] if report else [])) == 2
-    assert str(tmp_path / ("dir" if report is None else "file")) in capsys.readouterr().err
+    argv = ["evaluate", "nab", "--data", str(nab_dir), "--model", "gaussian", "--quiet"]
+    argv += ["--output", str(tmp_path / "x.json")] if flag != "--output" else []
+    assert main([*argv, flag, str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and str(tmp_path / named) in err  # new directories for them: test_cli_nab_and_multivariate
 
 
 def test_anomalyd_evaluate_errors_follow_the_log_format(tmp_path: Path) -> None:

@@ -241,3 +241,18 @@ def test_a_failed_build_is_not_retried_with_the_same_compiler_until_the_marker_a
     os.utime(marker, (aged, aged))
     out, tried_c = load(cxx_a)
     assert out.startswith("None") and tried_c > tried_b  # an old marker: tried again
+
+
+def test_the_kernels_own_checks_leave_every_gpu_alone(monkeypatch):
+    """self_check and bf16_speedup seed and restore the CPU's generator only: torch.random.fork_rng() saves every
+    visible GPU's RNG state (a CUDA context each) and torch.manual_seed seeds them. Here torch.cuda's RNG calls are
+    recorders, with two GPUs said to be visible (this machine has none)."""
+    touched = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": touched.append(("get", device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": touched.append(("set", device)))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: touched.append(("seed", seed)))
+    fastpath.self_check()
+    if fastpath.bf16_available():
+        fastpath.bf16_speedup(batch=8, reps=1)
+    assert touched == []

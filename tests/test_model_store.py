@@ -368,4 +368,7 @@ def test_a_saved_version_is_on_the_disk_after_its_rename(trained, tmp_path, monk
 
     monkeypatch.setattr(os, "fsync", fsync)
     ModelStore(tmp_path).save("m", trained["gru"], version="v1")
-    assert synced[-1] == (str(tmp_path / "m"), ["v1"])  # last: the model's directory, once the version is named
+    assert synced[-2] == (str(tmp_path / "m"), ["v1"])  # the model's directory, once the version is named
+    assert synced[-1][0] == str(tmp_path)  # the models' root: the model's directory is new
+    ModelStore(tmp_path).save("m", trained["gru"], version="v2")
+    assert synced[-1] == (str(tmp_path / "m"), ["v1", "v2"])  # not new: the root unchanged

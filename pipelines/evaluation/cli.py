@@ -81,19 +81,22 @@ def _jsonable(obj: object) -> object:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    """Refuse ``--output`` / ``--report`` paths that could not be written before the run, not after its hours."""
-    for flag, text in (("--output", args.output), ("--report", args.report)):
+    """Refuse output paths that could not be written before the run, not after its hours: ``--output`` and
+    ``--report`` files, ``--scores-dir`` and ``--plots`` directories."""
+    paths = [("--output", args.output, False), ("--report", args.report, False),
+             ("--scores-dir", getattr(args, "scores_dir", None), True), ("--plots", args.plots, True)]
+    for flag, text, directory in paths:
         if not text:
             continue
-        path = Path(text)
-        if path.is_dir():
-            raise IsADirectoryError(f"{flag} {text}: is a directory, not a file to write")
-        ancestor = path.parent
-        while not ancestor.exists() and ancestor != ancestor.parent:  # the first part that exists is created under
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise NotADirectoryError(f"{flag} {text}: {ancestor} is not a directory")
-        target = path if path.exists() else ancestor
+        path = target = Path(text)
+        if path.exists() and path.is_dir() != directory:
+            what = ("a directory", "a file") if path.is_dir() else ("a file", "a directory")
+            raise (IsADirectoryError if path.is_dir() else NotADirectoryError)(f"{flag} {text}: is {what[0]}, "
+                                                                                f"not {what[1]} to write")
+        while not target.exists() and target != target.parent:  # the first part that exists is created under
+            target = target.parent
+        if target != path and not target.is_dir():
+            raise NotADirectoryError(f"{flag} {text}: {target} is not a directory")
         if not os.access(target, os.W_OK):
             raise PermissionError(f"{flag} {text}: {target} is not writable")
 
