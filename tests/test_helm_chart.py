@@ -335,6 +335,11 @@ def test_servicemonitor_refuses_a_scrape_timeout_longer_than_its_interval(helm: 
     proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--skip-schema-validation",
                  "--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.scrapeTimeout=1.5s"])
     assert proc.returncode != 0 and "scrapeTimeout=1.5s is not a Prometheus duration" in proc.stderr, proc.stderr
+    overflow = "99999999999999999999s"  # Sprig's atoi reads it as 0: the timeout rendered as within 15s
+    proc = _run([helm, "template", "rel", str(CHART), "--kube-version", KUBERNETES_VERSION, "--skip-schema-validation",
+                 "--set", "serviceMonitor.enabled=true", "--set", f"serviceMonitor.scrapeTimeout={overflow}"])
+    assert proc.returncode != 0 and f"scrapeTimeout={overflow} is not a Prometheus duration" in proc.stderr
+    assert _servicemonitor_render(helm, f"serviceMonitor.scrapeTimeout={overflow}").returncode != 0  # the schema
 
 
 def test_servicemonitor_renders_a_scrape_timeout_within_its_interval(helm: str) -> None:
