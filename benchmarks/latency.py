@@ -228,7 +228,7 @@ def run(cfg: dict, kind: str, threads: int | None, background: bool = True, max_
                 rows.append(row)
                 common.log(f"  event->score p50 {row['score_p50_ms']} ms p99 {row['score_p99_ms']} ms; "
                            f"event->alert p50 {row['alert_p50_ms']} ms p99 {row['alert_p99_ms']} ms "
-                           f"({row['alerts']:.0f} alerts, {row['rebalances']:.0f} assignment(s))")
+                           f"({row['alert_messages']:.0f} alert messages, {row['rebalances']:.0f} assignment(s))")
                 common.log(f"  CPU seconds: {row['cpu_s']}")
                 common.log("  " + "; ".join(f"{k}: {v['calls']} calls, {v['total_s']:.2f} s, "
                                             f"max {1000 * v['max_s']:.0f} ms" for k, v in out["phases"].items()))
