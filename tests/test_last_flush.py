@@ -240,6 +240,20 @@ def test_a_lost_session_commits_nothing_waits_for_the_micro_batch_in_flight_and_
         daemon._worker.close()
 
 
+def _committed(trained, tmp_path, client: _Client, batch: RecordBatch):
+    """A serial daemon (alerts k=1 of n=1) on ``client`` that processed ``batch`` and committed it, asynchronously,
+    as its loop does."""
+    daemon = _gru_daemon(trained, tmp_path, processing={"score_in_background": False}, alerts={"k": 1, "n": 1})
+    daemon.sinks = FanoutSink([_OutageSink(fail=0)])
+    daemon.source = daemon.commits.source = client
+    daemon._on_assign([TP])
+    daemon.positions.position_new(client, RecordBatch.empty())
+    daemon.process(batch)
+    daemon._flush_and_commit(timeout_s=10.0)
+    daemon.commits.collect()
+    return daemon
+
+
 def test_a_shutdown_whose_handover_commit_fails_exits_1_though_every_offset_was_committed(trained, tmp_path):
     """The loop's commits covered every record, then the shutdown's own commit, the one that hands the open
     incident over, was refused: logged, and exit code 0, as if the incident had gone to the next owner."""
@@ -248,15 +262,8 @@ def test_a_shutdown_whose_handover_commit_fails_exits_1_though_every_offset_was_
         def commit(self, offsets, timeout_s=None) -> None:  # the shutdown's synchronous commit
             raise RuntimeError("COORDINATOR_NOT_AVAILABLE")
 
-    daemon = _gru_daemon(trained, tmp_path, processing={"score_in_background": False}, alerts={"k": 1, "n": 1})
     client = RefusingShutdownCommit()
-    daemon.sinks = FanoutSink([_OutageSink(fail=0)])
-    daemon.source = daemon.commits.source = client
-    daemon._on_assign([TP])
-    daemon.positions.position_new(client, RecordBatch.empty())
-    daemon.process(_level_shift())
-    daemon._flush_and_commit(timeout_s=10.0)  # the loop's commit, asynchronous: every record
-    daemon.commits.collect()
+    daemon = _committed(trained, tmp_path, client, _level_shift())
     assert client.commits[-1][TP][0] == EVENTS and not daemon.positions.uncommitted
     assert sum(r.tracker.open_incidents for r in daemon.routes) == 1
     daemon._shutdown_by = time.monotonic() + 5
@@ -268,18 +275,10 @@ def test_an_earlier_commits_failed_answer_does_not_fail_a_clean_shutdown(trained
     since superseded), collected during the shutdown, had it exit 1 with nothing of its own to commit."""
     from pipelines.source import KafkaCommitError
 
-    daemon = _gru_daemon(trained, tmp_path, processing={"score_in_background": False}, alerts={"k": 1, "n": 1})
-    client = _Client()
-    daemon.sinks = FanoutSink([_OutageSink(fail=0)])
-    daemon.source = daemon.commits.source = client
-    daemon._on_assign([TP])
-    daemon.positions.position_new(client, RecordBatch.empty())
-    normal = _level_shift()
+    client, normal = _Client(), _level_shift()
     normal = RecordBatch(*(column[:140] for column in (normal.topic, normal.partition, normal.offset,
                                                        normal.timestamp, normal.key, normal.value)))
-    daemon.process(normal)  # normal readings only: no incident open
-    daemon._flush_and_commit(timeout_s=10.0)
-    daemon.commits.collect()
+    daemon = _committed(trained, tmp_path, client, normal)  # normal readings only: no incident open
     assert not daemon.positions.uncommitted and sum(r.tracker.open_incidents for r in daemon.routes) == 0
     daemon.commits._answers.put((daemon.commits._generation - 1, 0, {TP: (10, "")}, 0.01,
                                  KafkaCommitError("offset commit failed: REBALANCE_IN_PROGRESS")))
