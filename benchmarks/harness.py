@@ -236,6 +236,8 @@ def raw_rate(spec: dict) -> dict:
         src.close()
     if n < spec["n_events"]:
         raise RuntimeError(f"raw consumer read {n} of {spec['n_events']} events before its timeout")
+    if t_first is None:
+        raise RuntimeError(f"no poll after the first {WARM_FRACTION:.0%} of {n} events: too few events to time")
     if ok != n:  # a = events decoded per second: a record that did not decode must not count in it
         raise RuntimeError(f"raw consumer decoded {ok} of the {n} events it read")
     return {"events": n, "decoded": ok, "events_s": (n - n_first) / (t_end - t_first), "rss": common.rss_bytes(),
@@ -286,6 +288,22 @@ def seed_windows(daemon: Any, fleet: common.Fleet, first_step: int, stride: int)
         route.buffer.add(ids[rep], T0_MS + steps * INTERVAL_MS, fleet.values(steps, rep))
 
 
+def _mark_processed(daemon: Any, src: TimedSource) -> dict[str, int]:
+    """``{"events": n}``: the events the daemon had processed when it began the first batch after the warm-up
+    mark (``src.t_first``), filled in then. Polled counts would include the records of a poll that assigns a
+    partition, which are dropped and read again."""
+    mark: dict[str, int] = {}
+    process = daemon.process
+
+    def process_marked(batch: Any) -> None:
+        if not mark and src.t_first is not None:
+            mark["events"] = daemon.events_seen
+        process(batch)
+
+    daemon.process = process_marked
+    return mark
+
+
 def daemon_rate(spec: dict) -> dict:
     """(b) anomalyd end to end: ``Daemon.run(count=N)`` with warm window buffers; rate, memory, histograms. The
     events it counts must have been scored (:func:`check_scored`, else ``RuntimeError``)."""
@@ -311,6 +329,7 @@ def daemon_rate(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         daemon = Daemon(load_config(daemon_config(Path(tmp), spec)), source_factory=factory)
         instrument(daemon, phases)
+        processed_before = _mark_processed(daemon, holder["src"])
         rss_models = common.rss_bytes()
         seed_windows(daemon, fleet, spec["first_step"], spec["stride"])
         rss_seeded = common.rss_bytes()
@@ -322,12 +341,16 @@ def daemon_rate(spec: dict) -> dict:
         threads1 = common.thread_cpu_seconds()
         cpu_threads = {k: v - threads0.get(k, 0.0) for k, v in threads1.items() if v - threads0.get(k, 0.0) >= 0.05}
     src = holder["src"]
-    if code != 0 or daemon.events_seen < spec["n_events"] or src.t_first is None or src.t_commit is None:
+    if code != 0 or daemon.events_seen < spec["n_events"] or src.t_commit is None:
         raise RuntimeError(f"daemon exit {code}, saw {daemon.events_seen} of {spec['n_events']} events")
+    if src.t_first is None or "events" not in processed_before:
+        raise RuntimeError(f"no poll after the first {WARM_FRACTION:.0%} of {daemon.events_seen} events: too few "
+                           "events to time")
+    n_first = processed_before["events"]
     route = daemon.routes[0]
     metrics = metric_summary(daemon.registry)
     scoring = check_scored(metrics, daemon.events_seen, spec["stride"], spec["models"])  # raises when they were not
-    out = {"events": daemon.events_seen, "events_s": (daemon.events_seen - src.n_first) / (src.t_commit - src.t_first),
+    out = {"events": daemon.events_seen, "events_s": (daemon.events_seen - n_first) / (src.t_commit - src.t_first),
            "seconds": src.t_commit - src.t_first, "rss": src.rss_commit, "rss_after_close": common.rss_bytes(),
            "rss_start": rss0,
            "rss_models": rss_models, "rss_seeded": rss_seeded, "buffer_bytes": route.buffer.memory_bytes(),
@@ -337,7 +360,7 @@ def daemon_rate(spec: dict) -> dict:
            "scoring_threads": None if daemon.scoring_threads is None else  # model_threads 0: adaptive (last, switches)
            {"last": daemon.scoring_threads.threads, "switches": daemon.scoring_threads.switches},
            "cpu": common.cpu_used(src.cpu_first, src.cpu_commit, src.t_commit - src.t_first,
-                           daemon.events_seen - src.n_first)}
+                           daemon.events_seen - n_first)}
     return out
 
 

@@ -352,7 +352,7 @@ class Positions:
             for i in np.flatnonzero(np.r_[True, tp_idx[1:] != tp_idx[:-1]]).tolist():
                 if (tp := self.tps[tp_idx[i]]) in self._unstarted:
                     self._unstarted.discard(tp)
-                    self._read_from.setdefault(tp, int(offset[i]))
+                    self._read_from[tp] = min(int(offset[i]), self._read_from.get(tp, int(offset[i])))
         last = np.r_[tp_idx[1:] != tp_idx[:-1], True]
         for i in np.flatnonzero(last).tolist():
             tp = self.tps[tp_idx[i]]

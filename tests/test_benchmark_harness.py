@@ -139,6 +139,28 @@ def test_the_daemons_own_counters_pass_and_unrouted_events_fail(tmp_path: Path, 
         check_scored(harness.metric_summary(daemon.registry), daemon.events_seen, stride, ["tiny"])
 
 
+def test_b_counts_the_events_processed_from_the_first_batch_after_the_mark(tmp_path: Path) -> None:
+    """The events before the mark are those the daemon had processed when it took the first batch polled after it
+    (records of a poll that assigns a partition are polled twice: dropped, then read again)."""
+    from benchmarks.baseline import _data
+
+    daemon = _memory_daemon(tmp_path, 1)
+    fleet = common.Fleet(200, harness.FEATURES)
+    harness.seed_windows(daemon, fleet, harness.WINDOW + 8, 1)
+    messages, keys, _ = _data(fleet, 3000)
+
+    class _Marked:  # the TimedSource as far as the count reads it
+        t_first = None
+
+    src = _Marked()
+    mark = harness._mark_processed(daemon, src)
+    _feed(daemon, messages[:2000], keys[:2000])
+    assert mark == {}
+    src.t_first = 1.0  # the poll after the mark returned a batch
+    _feed(daemon, messages[2000:], keys[2000:])
+    assert mark == {"events": 2000} and daemon.events_seen == 3000
+
+
 # ---------------------------------------------------------------------------------------------- kernel_ab's old bases
 class _OldKernel:
     """A kernel module as built before e7aec8d: ae_forward/ae_score without bf16, no bf16_supported."""

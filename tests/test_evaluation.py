@@ -239,7 +239,8 @@ def test_cli_reports_bad_input(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("flag,where,named", [("--output", "dir", "dir"), ("--report", "file/r.md", "file"),
-                                              ("--scores-dir", "file/scores", "file"), ("--plots", "file", "file")])
+                                              ("--scores-dir", "file/scores", "file"), ("--plots", "file", "file"),
+                                              ("--output", "dangling", "gone")])
 def test_outputs_that_cannot_be_written_are_refused_before_the_run(nab_dir: Path, tmp_path: Path, flag: str,
                                                                      where: str, named: str, monkeypatch,
                                                                      capsys) -> None:
@@ -250,6 +251,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_run(nab_dir: Path
     monkeypatch.setattr(nab, "run_corpus", lambda *a, **k: pytest.fail("the run started"))
     (tmp_path / "dir").mkdir()
     (tmp_path / "file").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone" / "x.json")
     argv = ["evaluate", "nab", "--data", str(nab_dir), "--model", "gaussian", "--quiet"]
     argv += ["--output", str(tmp_path / "x.json")] if flag != "--output" else []
     assert main([*argv, flag, str(tmp_path / where)]) == 2

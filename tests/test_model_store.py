@@ -356,19 +356,23 @@ def test_routes_that_share_a_model_reload_together_once_all_are_retrained(traine
 
 
 def test_a_saved_version_is_on_the_disk_after_its_rename(trained, tmp_path, monkeypatch):
-    """The version directory's rename is flushed (the model's directory fsynced after it), so that a version the
-    trainer reported saved is still listed after a power loss."""
+    """The version directory's rename is flushed (the model's directory fsynced after it), and so is every
+    directory the save made (the model's, a new models root) in its parent, so that a version the trainer reported
+    saved is still listed after a power loss; the root always (a failed save may have made the model's)."""
     import os
 
     synced, real_fsync = [], os.fsync
 
     def fsync(fd):
-        synced.append((os.readlink(f"/proc/self/fd/{fd}"), sorted(p.name for p in (tmp_path / "m").iterdir())))
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    ModelStore(tmp_path).save("m", trained["gru"], version="v1")
-    assert synced[-2] == (str(tmp_path / "m"), ["v1"])  # the model's directory, once the version is named
-    assert synced[-1][0] == str(tmp_path)  # the models' root: the model's directory is new
-    ModelStore(tmp_path).save("m", trained["gru"], version="v2")
-    assert synced[-1] == (str(tmp_path / "m"), ["v1", "v2"])  # not new: the root unchanged
+    root = tmp_path / "models" / "deep"
+    ModelStore(root).save("m", trained["gru"], version="v1")
+    first = synced[synced.index(str(root / "m")):]  # after the checkpoint's own files: from the rename on
+    assert first[0] == str(root / "m") and set(first) == {str(root / "m"), str(root), str(tmp_path / "models"),
+                                                          str(tmp_path)}
+    synced.clear()
+    ModelStore(root).save("m", trained["gru"], version="v2")
+    assert synced[synced.index(str(root / "m")):] == [str(root / "m"), str(root)]

@@ -208,6 +208,14 @@ def test_a_partition_given_back_without_a_commit_is_read_again_from_where_its_re
     pos.position_new(client, batch(140, 160))
     assert client.seeks == [40]
 
+    # given back again while the log start cannot be read: no seek; reading then starts lower (0), which counts
+    client.first_offsets = lambda tps: {}
+    pos.revoke([tp])
+    pos.assign([tp])
+    pos.position_new(client, RecordBatch.empty())
+    pos.advance(np.full(10, pos.id_of(tp)), np.arange(10))
+    assert pos._read_from[tp] == 0
+
 
 def test_the_rebuild_floor_is_read_whatever_follows_the_metadata_object():
     """confluent-kafka writes a trailing NUL, and read metadata without one past its end: both must still give the

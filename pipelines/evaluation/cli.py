@@ -89,6 +89,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
         if not text:
             continue
         path = target = Path(text)
+        if path.is_symlink() and not path.exists():
+            raise FileNotFoundError(f"{flag} {text}: a symbolic link to {os.readlink(path)}, which does not exist")
         if path.exists() and path.is_dir() != directory:
             what = ("a directory", "a file") if path.is_dir() else ("a file", "a directory")
             raise (IsADirectoryError if path.is_dir() else NotADirectoryError)(f"{flag} {text}: is {what[0]}, "
