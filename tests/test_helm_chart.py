@@ -434,6 +434,7 @@ def _with_set(config: dict[str, Any], assignment: str) -> None:
     "config.sinks.kafka.topic=tópico",
     "config.default_models={sensors-gru,sensors-gru}", "config.routes[0].models={sensors-gru,sensors-gru}",
     "config.kafka.bootstrap_servers=\\,", "config.kafka.bootstrap_servers= ",
+    "config.models.served[1].name=sensors-gru",  # the schema's uniqueItems saw the entries, not their names
 ])
 def test_helm_refuses_what_the_daemon_would_refuse_at_every_start(helm: str, bad: str,
                                                                   chart_config: dict[str, Any]) -> None:
@@ -547,3 +548,30 @@ def test_the_user_name_may_come_from_the_config_when_the_secret_has_none(helm: s
     (c,) = _by_kind(_render(helm, *sasl))["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert {"name": "ANOMALYD_KAFKA__SECURITY__SASL_USERNAME",
             "valueFrom": {"secretKeyRef": {"name": "kafka-user", "key": "username"}}} in c["env"]
+
+
+def test_every_label_value_is_a_valid_one_with_a_long_name_override(helm: str) -> None:
+    """Label values are at most 63 characters: "-check" after a name already cut to 63 made the `helm test` pod's
+    label and the NetworkPolicy's selector value longer, which the API server refuses."""
+    import re
+
+    docs = _render(helm, "--set", f"nameOverride={'n' * 61}", "--set", "networkPolicy.enabled=true")
+    values: list[str] = []
+
+    def collect(node: Any, key: str = "") -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("labels", "matchLabels") and isinstance(v, dict):
+                    values.extend(str(x) for x in v.values())
+                elif k == "values" and key == "matchExpressions" and isinstance(v, list):
+                    values.extend(str(x) for x in v)
+                collect(v, k if k != "values" else key)
+        elif isinstance(node, list):
+            for item in node:
+                collect(item, key)
+
+    for doc in docs:
+        collect(doc)
+    assert any(v.endswith("-check") for v in values) and len(values) > 20
+    bad = [v for v in values if len(v) > 63 or not re.fullmatch(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?", v)]
+    assert bad == []

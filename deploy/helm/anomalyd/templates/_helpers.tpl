@@ -3,6 +3,11 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The `helm test` pod's app.kubernetes.io/name: the name cut so that "-check" keeps it a label value (63). */}}
+{{- define "anomalyd.checkName" -}}
+{{- printf "%s-check" (include "anomalyd.name" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
 {{/* Fully qualified app name: <release>-<chart> unless the release name already contains the chart name. */}}
 {{- define "anomalyd.fullname" -}}
 {{- if .Values.fullnameOverride }}
@@ -80,6 +85,13 @@ protocol would not use fail the install (the daemon would otherwise connect with
 {{- end }}
 {{- if ge (int (default 3000 $cfg.kafka.heartbeat_interval_ms)) (int (default 10000 $cfg.kafka.session_timeout_ms)) }}
 {{- fail (printf "config.kafka.heartbeat_interval_ms (%v) must be < config.kafka.session_timeout_ms (%v)" (default 3000 $cfg.kafka.heartbeat_interval_ms) (default 10000 $cfg.kafka.session_timeout_ms)) }}
+{{- end }}
+{{- $served := list }}{{/* a model served twice (the schema's uniqueItems sees whole entries, not names) */}}
+{{- range (default list (default dict $cfg.models).served) }}
+{{- if has .name $served }}
+{{- fail (printf "config.models.served: model %q is served twice: each name must be served once" .name) }}
+{{- end }}
+{{- $served = append $served .name }}
 {{- end }}
 {{- $client := default "kafka-python" $cfg.kafka.client }}{{/* the fetch wait is bounded per client, below the schema's 300000 */}}
 {{- $fetchMost := get (dict "kafka-python" 29999 "confluent" 59000) $client }}
