@@ -288,15 +288,16 @@ def seed_windows(daemon: Any, fleet: common.Fleet, first_step: int, stride: int)
         route.buffer.add(ids[rep], T0_MS + steps * INTERVAL_MS, fleet.values(steps, rep))
 
 
-def _mark_processed(daemon: Any, src: TimedSource) -> dict[str, int]:
+def _mark_processed(daemon: Any, source: Callable[[], TimedSource | None]) -> dict[str, int]:
     """``{"events": n}``: the events the daemon had processed when it began the first batch after the warm-up
-    mark (``src.t_first``), filled in then. Polled counts would include the records of a poll that assigns a
-    partition, which are dropped and read again."""
+    mark (``t_first`` of the TimedSource ``source()`` returns, once the daemon's run made it), filled in then.
+    Polled counts would include the records of a poll that assigns a partition, which are dropped and read again."""
     mark: dict[str, int] = {}
     process = daemon.process
 
     def process_marked(batch: Any) -> None:
-        if not mark and src.t_first is not None:
+        src = source()
+        if not mark and src is not None and src.t_first is not None:
             mark["events"] = daemon.events_seen
         process(batch)
 
@@ -329,7 +330,7 @@ def daemon_rate(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         daemon = Daemon(load_config(daemon_config(Path(tmp), spec)), source_factory=factory)
         instrument(daemon, phases)
-        processed_before = _mark_processed(daemon, holder["src"])
+        processed_before = _mark_processed(daemon, lambda: holder.get("src"))  # the source comes with run()
         rss_models = common.rss_bytes()
         seed_windows(daemon, fleet, spec["first_step"], spec["stride"])
         rss_seeded = common.rss_bytes()

@@ -153,7 +153,7 @@ def test_b_counts_the_events_processed_from_the_first_batch_after_the_mark(tmp_p
         t_first = None
 
     src = _Marked()
-    mark = harness._mark_processed(daemon, src)
+    mark = harness._mark_processed(daemon, lambda: src)
     _feed(daemon, messages[:2000], keys[:2000])
     assert mark == {}
     src.t_first = 1.0  # the poll after the mark returned a batch
