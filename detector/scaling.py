@@ -24,20 +24,27 @@ class Scaler:
         self.center: np.ndarray | None = None  # (F,)
         self.scale: np.ndarray | None = None  # (F,)
 
-    def fit(self, X: np.ndarray) -> Scaler:
+    def fit(self, X: np.ndarray, missing_ok: bool = False) -> Scaler:
+        """Fit on (T, F) rows. ``missing_ok``: NaN marks a value not reported (a feature one series lacks), and
+        each feature is fitted on its reported values; one reported nowhere gets center 0 and scale 1."""
         X = np.asarray(X, dtype=np.float64)  # (T, F)
         if X.ndim != 2 or X.shape[0] < 2:
             raise ValueError(f"Scaler.fit needs a (T, F) array with T >= 2, got shape {X.shape}")
-        if not np.isfinite(X).all():
+        missing = np.isnan(X) if missing_ok else np.zeros(X.shape, dtype=bool)
+        if not np.isfinite(X[~missing]).all():
             raise ValueError("Scaler.fit: training data contains NaN or inf")
-        std = X.std(axis=0)
+        if missing.any():
+            X = np.where(missing.all(axis=0), 0.0, X)  # a feature reported nowhere: center 0, scale 1
+        mean, median, pct = (np.nanmean, np.nanmedian, np.nanpercentile) if missing.any() else (
+            np.mean, np.median, np.percentile)
+        std = np.sqrt(mean((X - mean(X, axis=0)) ** 2, axis=0))
         if self.method == "robust":
-            center = np.median(X, axis=0)
-            q75, q25 = np.percentile(X, [75, 25], axis=0)
+            center = median(X, axis=0)
+            q75, q25 = pct(X, [75, 25], axis=0)
             scale = q75 - q25
             scale = np.where(scale > 1e-12, scale, std)
         else:
-            center = X.mean(axis=0)
+            center = mean(X, axis=0)
             scale = std
         self.center = center.astype(np.float32)
         self.scale = np.where(scale > 1e-12, scale, 1.0).astype(np.float32)

@@ -137,7 +137,8 @@ def enough_rows(rows: int, window: int, val_fraction: float = 0.2) -> bool:
 def _fill_missing(X: np.ndarray) -> np.ndarray:
     """(T, F) copy with NaNs filled per feature: the last valid value carried forward; leading NaNs take the
     column's first valid value (never anything later, so validation rows do not leak into training rows);
-    an all-NaN column becomes 0.0.  Arrays that are not 2-D are returned as float32 copies, unfilled."""
+    an all-NaN column stays NaN (:func:`train_detector` fills it with the scaler's centre, as the daemon fills a
+    feature a stream has not reported).  Arrays that are not 2-D are returned as float32 copies, unfilled."""
     X = np.array(X, dtype=np.float32)
     mask = np.isnan(X)
     if X.ndim != 2 or not mask.any():
@@ -147,9 +148,7 @@ def _fill_missing(X: np.ndarray) -> np.ndarray:
     idx = np.where(valid, rows, -1)  # (T, F) row of each valid value, -1 at NaNs
     np.maximum.accumulate(idx, axis=0, out=idx)  # row of the last valid value at or before each row
     idx = np.where(idx < 0, np.argmax(valid, axis=0)[None, :], idx)  # leading NaNs: first valid row (0 if none)
-    X = X[idx, np.arange(X.shape[1])]
-    X[:, ~valid.any(axis=0)] = 0.0
-    return X
+    return X[idx, np.arange(X.shape[1])]  # an all-NaN column: its row 0, NaN
 
 
 def _subsample(windows: np.ndarray, cap: int | None) -> np.ndarray:
@@ -228,15 +227,20 @@ def train_detector(
         train_parts.append(train)
         val_parts.append(_fill_missing(np.concatenate([train[-1:], x[-n_val:]]))[1:])
     train_rows = np.concatenate(train_parts)
-    if unreported.any():  # filled with 0.0 there: the model learns a constant the feature may never have
+    if unreported.any():  # the model learns a constant there, which the feature may never have
         names = feature_names or [f"f{j}" for j in range(model_cfg.n_features)]
         say(f"warning: no values in the training part of a series for {', '.join(np.asarray(names)[unreported])}: "
-            "filled with 0")
+            "filled with the scaler's centre (of the other series' values; 0 when none has any), as the daemon fills "
+            "a feature a stream has not reported")
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = resolve_device(cfg.device)
-    scaler = Scaler(cfg.scaler).fit(train_rows)
+    scaler = Scaler(cfg.scaler).fit(train_rows, missing_ok=True)  # a feature one series lacks: fitted on the others
+    # the daemon's fill for a feature a stream never reported: the scaler's centre (0 had made the validation
+    # windows of such a series score far over the rest, and raised the pooled threshold for every stream)
+    train_parts = [np.where(np.isnan(x), scaler.center, x) for x in train_parts]
+    val_parts = [np.where(np.isnan(x), scaler.center, x) for x in val_parts]
     train_w = torch.from_numpy(np.ascontiguousarray(_subsample(np.concatenate(
         [sliding_windows(scaler.transform(x), W, cfg.train_stride) for x in train_parts]), cfg.max_windows)))
     val_windows = np.concatenate([sliding_windows(x, W) for x in val_parts])  # raw units, (N, W, F)

@@ -58,14 +58,15 @@ def test_config_from_dict_needs_a_dict():
 
 
 # The training data preparation (detector.training) has no test file of its own among these; it is tested here.
-def test_fill_missing_never_looks_ahead_and_zeroes_empty_columns():
+def test_fill_missing_never_looks_ahead_and_leaves_empty_columns_empty():
     nan = np.nan
     X = np.array([[nan, nan, 1], [1, nan, nan], [5, nan, 3], [nan, nan, nan], [9, nan, nan]], np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an all-NaN column used to warn (mean of empty slice)
         out = _fill_missing(X)
-    # leading NaNs take the first valid value (not a mean over later, validation, rows); then carry forward
-    expected = np.array([[1, 0, 1], [1, 0, 1], [5, 0, 3], [5, 0, 3], [9, 0, 3]], np.float32)
+    # leading NaNs take the first valid value (not a mean over later, validation, rows); then carry forward; an
+    # empty column stays empty (training fills it with the scaler's centre, as the daemon does)
+    expected = np.array([[1, nan, 1], [1, nan, 1], [5, nan, 3], [5, nan, 3], [9, nan, 3]], np.float32)
     np.testing.assert_array_equal(out, expected)
     assert out.dtype == np.float32 and np.isnan(X).sum() == 10  # the input is left alone
 

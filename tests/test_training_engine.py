@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
+import torch
 
+from detector.base import sliding_windows
 from detector.engine import SCORE_CEILING, InferenceEngine
 from detector.models import ModelConfig
 from detector.scaling import Scaler
@@ -119,16 +121,44 @@ def test_a_csv_with_a_bom_and_an_upper_case_npy_suffix_load(tmp_path):
 
 
 def test_a_feature_without_values_in_a_training_part_is_warned_about(synthetic):
-    """Empty in the training rows, with values only in the validation tail: filled with 0 there, silently."""
+    """Empty in the training rows, with values only in the validation tail: filled there, and said."""
     train, _ = synthetic
     x = train[:800].copy()
     x[:700, 2] = np.nan  # the training part is the first 640 rows
     lines: list[str] = []
     train_detector(x, CFG, FAST, log=lines.append, feature_names=["a", "b", "c", "d"])
-    assert "warning: no values in the training part of a series for c: filled with 0" in lines
+    assert any(line.startswith("warning: no values in the training part of a series for c: filled with the "
+                               "scaler's centre") for line in lines), lines
     lines.clear()
     train_detector(train[:800], CFG, FAST, log=lines.append)
     assert not any("no values" in line for line in lines)
+
+
+def test_a_feature_one_series_lacks_is_filled_as_the_daemon_fills_it():
+    """Series A has no sensor 2 (series B reads it, near 300). Training filled A's with 0, the daemon fills a
+    feature a stream never reported with the scaler's centre: A's validation windows scored far over B's, the
+    pooled threshold rose about 2,000x over B's normal scores, and served A scored nothing like calibrated A."""
+    from detector.windows import WindowBuffer
+
+    torch.set_num_threads(1)
+    rng, t = np.random.default_rng(0), np.arange(800)
+
+    def stream(phase: float) -> np.ndarray:
+        x = np.stack([np.sin(t / 7 + phase), np.cos(t / 11 + phase), 300 + 5 * np.sin(t / 5 + phase)], 1)
+        return (x + 0.05 * rng.standard_normal(x.shape)).astype(np.float32)
+
+    a, b = stream(0.0)[:400], np.concatenate([stream(1.0)] * 3)
+    a[:, 2] = np.nan
+    cfg = ModelConfig(kind="gru", n_features=3, window=12, hidden_size=16, latent_size=4)
+    det = train_detector([a, b], cfg, TrainConfig(epochs=8, device="cpu", threshold="quantile",
+                                                  threshold_params={"q": 0.99}), log=None)
+    assert abs(det.scaler.center[2] - 300) < 10  # B's values only
+    buffer = WindowBuffer(12, 3, native=False)
+    buffer.set_fill(det.scaler.center)  # as the daemon's route does
+    served = det.score_windows(buffer.add(np.zeros(len(a), np.int64), np.arange(len(a), dtype=np.int64), a).windows)
+    b_val = det.score_windows(sliding_windows(b[-480:], 12)).score
+    assert det.threshold.threshold < 50 * np.median(b_val)  # 2,000x with the 0 fill
+    assert np.mean(served.score > det.threshold.threshold) < 0.2  # A, served, is as normal as calibrated
 
 
 def test_too_little_data_is_a_clear_error():
