@@ -61,6 +61,7 @@ class ConfluentSource:
         from confluent_kafka import TopicPartition as CTP
 
         self._CTP = CTP
+        self._sought: dict[TopicPartition, int] = {}  # the last offset sought per partition (lag's fallback)
         self._refused: Exception | None = None  # set by librdkafka's error callback, raised by the next poll
         self._errors_logged: dict[int, float] = {}  # error code -> monotonic time last logged
         self._sent: list[tuple[frozenset, CommitDone]] = []  # asynchronous commits without an answer, oldest first
@@ -199,6 +200,7 @@ class ConfluentSource:
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._consumer.seek(self._CTP(tp[0], tp[1], offset))
+        self._sought[tp] = offset  # for lag() until a message of the partition is consumed
 
     def first_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         """One ListOffsets round trip per partition, all within LOOKUP_TIMEOUT_S (each had 10 s of its own: N
@@ -240,9 +242,13 @@ class ConfluentSource:
         out = {}
         for pos in self._consumer.position(parts):
             _, high = self._consumer.get_watermark_offsets(pos, cached=True)
-            if high < 0:  # nothing fetched from this partition yet
-                continue
-            out[(pos.topic, pos.partition)] = max(0, high - pos.offset) if pos.offset >= 0 else high
+            tp = (pos.topic, pos.partition)
+            # librdkafka's position stays invalid (-1001) until a message of the partition is consumed, a seek
+            # included: reported as the whole log, a caught-up partition showed its high watermark as lag after
+            # every restart (AnomalydNoEventsScored on an idle topic). Then the offset sought, else left out.
+            at = pos.offset if pos.offset >= 0 else self._sought.get(tp, -1)
+            if high >= 0 and at >= 0:  # high < 0: nothing fetched from this partition yet
+                out[tp] = max(0, high - at)
         return out
 
     def close(self, timeout_s: float | None = None) -> None:

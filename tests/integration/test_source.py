@@ -47,6 +47,32 @@ def test_lag_follows_the_position(kafka_bootstrap: str, topic_name: str, client:
         source.close()
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_caught_up_partition_has_no_lag_after_a_restart(kafka_bootstrap: str, topic_name: str,
+                                                          client: str) -> None:
+    """librdkafka's position stays invalid until a message of the partition is consumed, a seek included: the lag
+    of a caught-up partition was its whole log (300 here) after every restart, until new records came."""
+    first = _source_of_a_filled_topic(kafka_bootstrap, topic_name, client, 300)
+    tp = (topic_name, 0)
+    try:
+        assert _poll_until(first, 300, 1000) == 300
+        first.commit({tp: (300, "")})
+    finally:
+        first.close()
+    source = make_source(client, bootstrap_servers=kafka_bootstrap, group_id=topic_name, topics=[topic_name],
+                         pattern=None, on_assign=lambda _tps: None, on_revoke=lambda _tps: None)
+    try:
+        _poll_until_assigned(source, {tp})
+        assert source.committed([tp])[tp][0] == 300
+        source.seek(tp, 300)  # as Positions.position_new does
+        give_up = time.monotonic() + _GIVE_UP_S
+        while tp not in source.lag() and time.monotonic() < give_up:  # until a fetch brought the high watermark
+            assert len(source.poll(100, 100)) == 0
+        assert source.lag() == {tp: 0}
+    finally:
+        source.close()
+
+
 def _poll_until_assigned(source: Source, want: set[tuple[str, int]]) -> None:
     """Poll for 1 ms, then work for 20 ms (the daemon's loop between polls), until ``want`` is assigned."""
     give_up = time.monotonic() + 30.0  # a join takes tens of ms, the metadata refresh 0.5 s; a hang guard
