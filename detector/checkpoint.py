@@ -11,6 +11,7 @@ Loading validates everything and raises ``CheckpointError`` naming the file and 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -41,10 +42,19 @@ class CheckpointError(ValueError):
 
 def sync_path(path: str | Path) -> None:
     """Flush ``path`` (a file, or a directory's entries: a rename in it) to the disk, so that a power loss after
-    this returns cannot leave the name pointing at an empty or half-written file."""
-    fd = os.open(path, os.O_RDONLY)
+    this returns cannot leave the name pointing at an empty or half-written file. A directory that cannot be
+    opened for reading (write-only) or flushed (some file systems refuse it) is left as it is: the write is done."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:
+        if os.path.isdir(path):
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EACCES) or not os.path.isdir(path):
+            raise
     finally:
         os.close(fd)
 

@@ -137,7 +137,6 @@ class ModelStore:
         final = self.root / name / v
         if final.exists():
             raise FileExistsError(f"{final} already exists")
-        created = [d for d in (self.root / name, *(self.root / name).parents) if not d.exists()]  # innermost first
         (self.root / name).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{v}.", suffix=".tmp", dir=self.root / name))  # one per save
         tmp.chmod(0o777 & ~_umask())  # as mkdir would (mkdtemp's 0700 hid the version from a daemon of another uid)
@@ -152,6 +151,6 @@ class ModelStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise FileExistsError(f"{final} already exists") from exc
         sync_path(final.parent)  # the rename itself survives a power loss: the version is listed after a reboot
-        for directory in {self.root, *(d.parent for d in created)}:  # the model's directory in the root (made by
-            sync_path(directory)  # this save or a failed one), and each directory this save made in its parent
+        for directory in (self.root, *self.root.absolute().parents):  # and the directories above it, which this
+            sync_path(directory)  # save or an earlier, failed one may have made (a few fsyncs; saves are rare)
         return final

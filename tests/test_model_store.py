@@ -357,8 +357,8 @@ def test_routes_that_share_a_model_reload_together_once_all_are_retrained(traine
 
 def test_a_saved_version_is_on_the_disk_after_its_rename(trained, tmp_path, monkeypatch):
     """The version directory's rename is flushed (the model's directory fsynced after it), and so is every
-    directory the save made (the model's, a new models root) in its parent, so that a version the trainer reported
-    saved is still listed after a power loss; the root always (a failed save may have made the model's)."""
+    directory above it, any of which this save or an earlier, failed one may have made, so that a version the
+    trainer reported saved is still listed after a power loss."""
     import os
 
     synced, real_fsync = [], os.fsync
@@ -370,9 +370,5 @@ def test_a_saved_version_is_on_the_disk_after_its_rename(trained, tmp_path, monk
     monkeypatch.setattr(os, "fsync", fsync)
     root = tmp_path / "models" / "deep"
     ModelStore(root).save("m", trained["gru"], version="v1")
-    first = synced[synced.index(str(root / "m")):]  # after the checkpoint's own files: from the rename on
-    assert first[0] == str(root / "m") and set(first) == {str(root / "m"), str(root), str(tmp_path / "models"),
-                                                          str(tmp_path)}
-    synced.clear()
-    ModelStore(root).save("m", trained["gru"], version="v2")
-    assert synced[synced.index(str(root / "m")):] == [str(root / "m"), str(root)]
+    after = synced[synced.index(str(root / "m")):]  # after the checkpoint's own files: from the rename on
+    assert after[:4] == [str(root / "m"), str(root), str(tmp_path / "models"), str(tmp_path)] and after[-1] == "/"
