@@ -240,7 +240,7 @@ def test_cli_reports_bad_input(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flag,where,named", [("--output", "dir", "dir"), ("--report", "file/r.md", "file"),
                                               ("--scores-dir", "file/scores", "file"), ("--plots", "file", "file"),
-                                              ("--output", "dangling", "gone")])
+                                              ("--plots", "to-file/x", "file")])
 def test_outputs_that_cannot_be_written_are_refused_before_the_run(nab_dir: Path, tmp_path: Path, flag: str,
                                                                      where: str, named: str, monkeypatch,
                                                                      capsys) -> None:
@@ -251,12 +251,23 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_run(nab_dir: Path
     monkeypatch.setattr(nab, "run_corpus", lambda *a, **k: pytest.fail("the run started"))
     (tmp_path / "dir").mkdir()
     (tmp_path / "file").write_text("")
-    (tmp_path / "dangling").symlink_to(tmp_path / "gone" / "x.json")
+    (tmp_path / "to-file").symlink_to(tmp_path / "file")  # a link: checked where it leads
     argv = ["evaluate", "nab", "--data", str(nab_dir), "--model", "gaussian", "--quiet"]
     argv += ["--output", str(tmp_path / "x.json")] if flag != "--output" else []
     assert main([*argv, flag, str(tmp_path / where)]) == 2
     err = capsys.readouterr().err
     assert flag in err and str(tmp_path / named) in err  # new directories for them: test_cli_nab_and_multivariate
+
+
+def test_outputs_through_symbolic_links_are_written_where_they_lead(nab_dir: Path, tmp_path: Path) -> None:
+    """A link to a file not made yet (latest.json -> run-42.json) and a link to a directory not made yet are
+    written through, as a shell's redirection would: the first check had refused the one, the write the other."""
+    (tmp_path / "latest.json").symlink_to(tmp_path / "run-42.json")
+    (tmp_path / "plots").symlink_to(tmp_path / "plots-42")
+    rc = main(["evaluate", "nab", "--data", str(nab_dir), "--model", "gaussian", "--no-baseline", "--quiet",
+               "--output", str(tmp_path / "latest.json"), "--plots", str(tmp_path / "plots")])
+    assert rc == 0 and json.loads((tmp_path / "run-42.json").read_text())["files"] == 3
+    assert list((tmp_path / "plots-42" / "gaussian").glob("*.png"))
 
 
 def test_anomalyd_evaluate_errors_follow_the_log_format(tmp_path: Path) -> None:

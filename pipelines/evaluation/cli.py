@@ -82,15 +82,14 @@ def _jsonable(obj: object) -> object:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse output paths that could not be written before the run, not after its hours: ``--output`` and
-    ``--report`` files, ``--scores-dir`` and ``--plots`` directories."""
-    paths = [("--output", args.output, False), ("--report", args.report, False),
-             ("--scores-dir", getattr(args, "scores_dir", None), True), ("--plots", args.plots, True)]
-    for flag, text, directory in paths:
+    ``--report`` files, ``--scores-dir`` and ``--plots`` directories. Each is replaced by its real path (symbolic
+    links followed, one to a path not made yet too), which the writers then make and write."""
+    for flag, attr, directory in (("--output", "output", False), ("--report", "report", False),
+                                  ("--scores-dir", "scores_dir", True), ("--plots", "plots", True)):
+        text = getattr(args, attr, None)
         if not text:
             continue
-        path = target = Path(text)
-        if path.is_symlink() and not path.exists():
-            raise FileNotFoundError(f"{flag} {text}: a symbolic link to {os.readlink(path)}, which does not exist")
+        path = target = Path(os.path.realpath(text))
         if path.exists() and path.is_dir() != directory:
             what = ("a directory", "a file") if path.is_dir() else ("a file", "a directory")
             raise (IsADirectoryError if path.is_dir() else NotADirectoryError)(f"{flag} {text}: is {what[0]}, "
@@ -101,6 +100,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise NotADirectoryError(f"{flag} {text}: {target} is not a directory")
         if not os.access(target, os.W_OK):
             raise PermissionError(f"{flag} {text}: {target} is not writable")
+        setattr(args, attr, str(path))
 
 
 def _write_outputs(args: argparse.Namespace, models: list[str], summaries: dict, report: str, seconds: float) -> None:
