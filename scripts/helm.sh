@@ -7,7 +7,8 @@ set -euo pipefail
 HELM_VERSION="${HELM_VERSION:-v3.21.4}"
 CACHE="${ANOMALYD_CACHE:-$HOME/.cache/anomalyd}"
 BIN_DIR="$CACHE/bin"
-KUBE_MINOR=30  # the Kubernetes version helm assumes without --kube-version: 1.30 (the chart needs >= 1.25)
+KUBE_MINOR=30  # the Kubernetes version helm assumes without --kube-version: 1.30, the tests' (the chart needs
+               # >= 1.25; a released v3.21.4 assumes 1.36, its client-go's)
 HELM="$BIN_DIR/helm-$HELM_VERSION-k8s1.$KUBE_MINOR"
 
 if [ ! -x "$HELM" ]; then
@@ -16,8 +17,8 @@ if [ ! -x "$HELM" ]; then
     tmp="$(mktemp -d "$BIN_DIR/.build.XXXXXX")"
     trap 'rm -rf "$tmp"' EXIT
     echo "helm.sh: building helm $HELM_VERSION with $(go version) (first run only, a few minutes)" >&2
-    # the release build's version stamps (helm's Makefile): without them helm says "v3.21" and assumes Kubernetes
-    # 1.20, below the chart's kubeVersion, so that `helm template` refused the chart unless given --kube-version
+    # version stamps as helm's Makefile sets them: without them helm says "v3.21" and assumes Kubernetes 1.20,
+    # below the chart's kubeVersion, so that `helm template` refused the chart unless given --kube-version
     flags="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
     for pkg in pkg/chartutil pkg/lint/rules; do
         flags="$flags -X helm.sh/helm/v3/$pkg.k8sVersionMajor=1 -X helm.sh/helm/v3/$pkg.k8sVersionMinor=$KUBE_MINOR"
