@@ -91,7 +91,7 @@ class InferenceEngine:
             if not self.bf16_products:
                 log.warning("precision bfloat16 on the CPU needs the fused kernels and a CPU with AVX512_BF16 (%s); "
                             "scoring in float32", "no AVX512_BF16 here" if self.fused else "fused kernels off")
-            elif (speedup := bf16_speedup()) < 0.9:  # an Intel Xeon without AMX: 0.62-0.68x
+            elif (speedup := bf16_speedup()) < 0.9:  # an Intel Xeon without AMX: 0.62-0.86x
                 log.warning("bfloat16 products are slower than float32 on this CPU (%.2fx its windows/s, measured "
                             "now): precision float32 would score faster", speedup)
             else:

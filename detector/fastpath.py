@@ -214,7 +214,7 @@ def bf16_available() -> bool:
 def bf16_speedup(batch: int = 256, reps: int = 3) -> float:
     """Windows/s of the fused GRU forward (W=64, F=8, H=64) with bfloat16 products over float32's, this CPU, one
     thread, best of ``reps`` alternating runs (about 0.1 s). AVX512_BF16 is not always faster: 1.35-1.75x on an AMD
-    Zen 4, 0.62-0.68x on an Intel Xeon without AMX (benchmarks/RESULTS.md, item 42)."""
+    Zen 4 (benchmarks/RESULTS.md, item 42), 0.62-0.86x on an Intel Xeon without AMX (item 57)."""
     with torch.random.fork_rng(devices=[]):  # the CPU's generator only: a GPU's would be initialised to save it
         torch.random.default_generator.manual_seed(0)
         model = build_model(ModelConfig(kind="gru", n_features=8, window=64, hidden_size=64, latent_size=16))
