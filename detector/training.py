@@ -6,6 +6,7 @@ import csv
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,8 @@ def _read_csv(path: Path, reader) -> tuple[np.ndarray, list[str]]:
     numbered = [h.strip() for h in header] == [str(i) for i in range(len(header))]  # pandas' names: 0, 1, 2, ...
     if all(_is_number(h) for h in header) and not numbered:
         raise ValueError(f"{path}:1: the first row is numbers, not a header row of feature names")
-    rows, lines = [], []
+    time_col = next((i for i in range(len(header)) if i not in keep), None)
+    rows, lines, times = [], [], []
     for lineno, row in enumerate(reader, start=2):
         if not row:
             continue  # a blank line
@@ -105,8 +107,11 @@ def _read_csv(path: Path, reader) -> tuple[np.ndarray, list[str]]:
         except ValueError as exc:
             raise ValueError(f"{path}:{lineno}: cannot parse row {row!r}: {exc}") from None
         lines.append(lineno)
+        if time_col is not None:
+            times.append(row[time_col].strip())
     if not rows:
         raise ValueError(f"{path}: no data rows")
+    _check_time_order(path, header[time_col] if time_col is not None else "", times, lines)
     with np.errstate(over="ignore"):  # beyond float32: inf, reported below
         X = np.asarray(rows, dtype=np.float32)
     if np.isinf(X).any():  # inf, or beyond float32
@@ -114,6 +119,28 @@ def _read_csv(path: Path, reader) -> tuple[np.ndarray, list[str]]:
         raise ValueError(f"{path}:{lineno}: a value that is infinite or beyond float32 (leave a missing value's cell "
                          "empty)")
     return X, names
+
+
+def _check_time_order(path: Path, column: str, times: list[str], lines: list[int]) -> None:
+    """Refuse rows out of time order (a newest-first export trained on time run backwards and calibrated on the
+    oldest rows): the time column read as numbers, else as ISO 8601 times; one it cannot read so is not checked."""
+    if len(times) < 2:
+        return
+    try:
+        keys: list = [float(t) for t in times]
+    except ValueError:
+        try:
+            keys = [datetime.fromisoformat(t) for t in times]
+        except ValueError:
+            return
+    try:
+        back = next((i for i in range(1, len(keys)) if keys[i] < keys[i - 1]), None)
+    except TypeError:  # times with and without a zone
+        return
+    if back is not None:
+        raise ValueError(f"{path}:{lines[back]}: {column.strip()} {times[back]} is earlier than the row before "
+                         f"(line {lines[back - 1]}, {times[back - 1]}): training reads rows in order; sort the file "
+                         "by its time column, oldest first")
 
 
 def _is_number(text: str) -> bool:

@@ -94,11 +94,21 @@ def test_load_series_csv_and_npy(tmp_path):
     ("temp,vib\n1,2,3\n", "d.csv:2: 3 cells, the header has 2"),  # a cell silently dropped
     ("temp,vib\n1,2\n\n3,1e39\n", "d.csv:4: a value that is infinite or beyond float32"),
     ("temp,vib\n1,inf\n", "d.csv:2: a value that is infinite"),
+    # newest first: trained on time run backwards, calibrated on the oldest rows
+    ("ts,temp\n3,1\n2,1\n1,1\n", "d.csv:3: ts 2 is earlier than the row before \\(line 2, 3\\)"),
+    ("time,temp\n2026-01-02T00:00:00,1\n2026-01-01T23:59:59,1\n", "d.csv:3: time 2026-01-01T23:59:59 is earlier"),
 ])
 def test_training_csv_problems_name_the_file_and_line(tmp_path, text, problem):
     (tmp_path / "d.csv").write_text(text)
     with pytest.raises(ValueError, match=problem):
         load_series(tmp_path / "d.csv")
+
+
+def test_rows_in_time_order_or_with_times_that_are_not_read_load(tmp_path):
+    for times in (["1", "1", "2"], ["2026-01-01T00:00:00Z", "2026-01-01T00:00:01Z", "2026-01-01T00:00:01Z"],
+                  ["b", "a", "c"]):  # equal times; ISO 8601 with a zone; not times: not checked
+        (tmp_path / "d.csv").write_text("timestamp,temp\n" + "".join(f"{t},1\n" for t in times))
+        assert load_series(tmp_path / "d.csv")[0].shape == (3, 1)
 
 
 def test_a_csv_with_a_bom_and_an_upper_case_npy_suffix_load(tmp_path):
