@@ -30,6 +30,8 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -211,12 +213,20 @@ def bf16_available() -> bool:
     return _has_bf16(load_extension() if fused_mode() != "off" else None)
 
 
+@contextmanager
+def _cpu_seeded(seed: int) -> Iterator[None]:
+    """The CPU's generator seeded with ``seed``, and restored after: only the CPU's (``fork_rng`` saves every
+    visible GPU's state, a CUDA context each, and ``torch.manual_seed`` seeds them)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
 def bf16_speedup(batch: int = 256, reps: int = 3) -> float:
     """Windows/s of the fused GRU forward (W=64, F=8, H=64) with bfloat16 products over float32's, this CPU, one
     thread, best of ``reps`` alternating runs (about 0.1 s). AVX512_BF16 is not always faster: 1.35-1.75x on an AMD
     Zen 4 (benchmarks/RESULTS.md, item 42), 0.62-0.86x on an Intel Xeon without AMX (item 57)."""
-    with torch.random.fork_rng(devices=[]):  # the CPU's generator only: a GPU's would be initialised to save it
-        torch.random.default_generator.manual_seed(0)
+    with _cpu_seeded(0):
         model = build_model(ModelConfig(kind="gru", n_features=8, window=64, hidden_size=64, latent_size=16))
         x = torch.randn(batch, 64, 8)  # (B, W, F)
     forwards = {bf16: FusedAutoencoder(model, bf16=bf16) for bf16 in (False, True)}
@@ -323,8 +333,7 @@ def self_check(module: ModuleType | None = None) -> str:
     if module is None:
         raise FusedUnavailable(f"fused RNN extension unavailable: {_STATE.get('error')}")
     bf16 = _has_bf16(module)
-    with torch.random.fork_rng(devices=[]):  # the CPU's generator only (a GPU's would be initialised to save it)
-        torch.random.default_generator.manual_seed(3)
+    with _cpu_seeded(3):
         for kind in ("gru", "lstm"):
             model = build_model(ModelConfig(kind=kind, n_features=8, window=12, hidden_size=64, latent_size=16))
             x = 3 * torch.randn(37, 12, 8)  # (B, W, F)

@@ -33,11 +33,11 @@ class Scaler:
         missing = np.isnan(X) if missing_ok else np.zeros(X.shape, dtype=bool)
         if not np.isfinite(X[~missing]).all():
             raise ValueError("Scaler.fit: training data contains NaN or inf")
-        if missing.any():
+        if has_missing := bool(missing.any()):
             X = np.where(missing.all(axis=0), 0.0, X)  # a feature reported nowhere: center 0, scale 1
-        mean, median, pct = (np.nanmean, np.nanmedian, np.nanpercentile) if missing.any() else (
-            np.mean, np.median, np.percentile)
-        std = np.sqrt(mean((X - mean(X, axis=0)) ** 2, axis=0))
+        mean, median, pct, sd = ((np.nanmean, np.nanmedian, np.nanpercentile, np.nanstd) if has_missing else
+                                 (np.mean, np.median, np.percentile, np.std))
+        std = sd(X, axis=0)
         if self.method == "robust":
             center = median(X, axis=0)
             q75, q25 = pct(X, [75, 25], axis=0)

@@ -297,7 +297,7 @@ class Positions:
                     options.append(max(self._read_from[tp], log_start[tp]))
                 if options:
                     starts[tp] = min(options)
-                    self._read_from[tp] = min(starts[tp], self._read_from.get(tp, starts[tp]))
+                    self._reading_starts(tp, starts[tp])
                 else:  # no record of it in this poll: where reading starts is known from its first one processed
                     self._unstarted.add(tp)
                 continue
@@ -318,6 +318,10 @@ class Positions:
             log.info("positions after assignment: %s (replaying without scoring below %s)", starts,
                      {tp: o for tp, o in self._resume.items() if tp in starts})
         return _without(batch, set(tps))
+
+    def _reading_starts(self, tp: TopicPartition, offset: int) -> None:
+        """Reading of ``tp`` (without a commit) starts at ``offset`` here; an earlier, lower start is kept."""
+        self._read_from[tp] = min(offset, self._read_from.get(tp, offset))
 
     @staticmethod
     def _log_start(source: Source, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
@@ -352,7 +356,7 @@ class Positions:
             for i in np.flatnonzero(np.r_[True, tp_idx[1:] != tp_idx[:-1]]).tolist():
                 if (tp := self.tps[tp_idx[i]]) in self._unstarted:
                     self._unstarted.discard(tp)
-                    self._read_from[tp] = min(int(offset[i]), self._read_from.get(tp, int(offset[i])))
+                    self._reading_starts(tp, int(offset[i]))
         last = np.r_[tp_idx[1:] != tp_idx[:-1], True]
         for i in np.flatnonzero(last).tolist():
             tp = self.tps[tp_idx[i]]
