@@ -90,7 +90,7 @@ class Intake:
                 self.metrics.event(topic0[pos], "replayed")
                 continue
             headers = dead_letter_headers(reason, detail, topic0[pos], int(batch.partition[pos]),
-                                          int(batch.offset[pos]))
+                                          int(batch.offset[pos]), int(batch.timestamp[pos]))
             producer.produce(self.dead_letter_topic,
                              *dead_letter_copy(batch.value[pos], batch.key[pos], batch.headers(pos), headers))
             self.metrics.dead_letter(topic0[pos], reason)  # also counts events_total{outcome="dead_lettered"}

@@ -362,6 +362,10 @@ def test_dead_letter_headers():
     assert values["anomalyd-source-partition"] == b"3" and values["anomalyd-source-offset"] == b"123456789"
     assert len(values["anomalyd-error-detail"].decode()) == 500
     assert dict(dead_letter_headers("oversized", "short", "t", 0, 0))["anomalyd-error-detail"] == b"short"
+    # the source record's timestamp, where it has one (-1: none, as kafka-python gives a v0 record)
+    assert dict(dead_letter_headers("bad_json", "d", "t", 0, 5, 1764180000123))["anomalyd-source-timestamp"] == \
+        b"1764180000123"
+    assert "anomalyd-source-timestamp" not in dict(dead_letter_headers("bad_json", "d", "t", 0, 5, -1))
 
 
 def test_dead_letter_copy_keeps_what_fits_the_producers_limit():

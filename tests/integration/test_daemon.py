@@ -250,6 +250,8 @@ def test_a_message_too_large_for_the_producer_is_dead_lettered_cut_not_a_crash(k
     assert dead.value == huge[:900_000] and headers["anomalyd-original-value-bytes"] == str(len(huge)).encode()
     assert dead.key == b"k" * 16_384 and headers["anomalyd-original-key-bytes"] == b"20000"
     assert headers["anomalyd-source-offset"] == b"10"
+    [source] = [r for r in read_topic(kafka_bootstrap, topic_name) if r.offset == 10]  # the record's own time
+    assert source.timestamp > 0 and headers["anomalyd-source-timestamp"] == str(source.timestamp).encode()
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
