@@ -139,6 +139,21 @@ RECONNECT_BACKOFF_MAX_MS = 5000  # kafka-python's default, 30 s, kept a client a
 # came back (its readiness and deliveries with it; librdkafka's is 10 s)
 
 
+def _wait_done(futures: list[Any], deadline: float) -> None:
+    """Wait until every kafka-python future is done or ``deadline`` (``time.monotonic``) has passed. kafka-python's
+    own flush waits up to its timeout for each batch in turn, so a flush over batches acknowledged one after
+    another (one request in flight, a slow broker) could hold the loop for a multiple of its timeout."""
+    for fut in futures:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        if not fut.is_done:
+            try:
+                fut.get(timeout=left)
+            except Exception:  # noqa: BLE001 - failed (the caller counts it) or not done by the deadline
+                pass
+
+
 class KafkaPythonProducer:
     """:class:`Producer` on kafka-python's ``KafkaProducer`` (acks=all); flush checks every send's future."""
 
@@ -201,10 +216,12 @@ class KafkaPythonProducer:
         futures, errors = self._futures, self._errors
         self._futures, self._errors = [], []
         total = len(futures) + len(errors) + len(self._unsent)
-        try:
-            self._producer.flush(timeout=timeout_s)
-        except Exception:  # noqa: BLE001 - KafkaTimeoutError: some futures are not done; counted below
+        deadline = time.monotonic() + timeout_s
+        try:  # the batches still lingering go now; the wait is _wait_done's, to one deadline
+            self._producer.flush(timeout=0)
+        except Exception:  # noqa: BLE001 - KafkaTimeoutError: some are not done yet
             pass
+        _wait_done(futures, deadline)
         pending = [fut for fut in futures if not fut.is_done]
         self._futures = pending  # still sent and retried by the client: the next flush waits for them
         errors += [f"{type(f.exception).__name__}: {f.exception}" for f in futures if f.is_done and f.failed()]

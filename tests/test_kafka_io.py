@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -213,3 +214,28 @@ def test_a_connection_error_raised_out_of_a_kafka_python_poll_is_an_empty_poll()
     source = object.__new__(KafkaPythonSource)  # the client, not its bootstrap (which needs a broker)
     source._coordinator, source._consumer = None, _Consumer()
     assert len(source.poll(10, 50)) == 0 and source._consumer.polls == 1
+
+
+def test_kafka_python_flush_waits_to_one_deadline_not_one_timeout_per_batch() -> None:
+    """kafka-python's flush waits up to its timeout for each batch in turn: three batches acknowledged 0.4 s
+    apart each came within 0.6 s of the one before, so a 0.6 s flush held the loop 1.2 s. The producer's wait
+    now ends at one deadline, with the third batch still pending (kept for the next flush)."""
+    import threading
+
+    from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
+
+    from pipelines.kafka_io import _wait_done
+
+    batches = [FutureProduceResult(("t", p)) for p in range(3)]
+    futures = [FutureRecordMetadata(b, 0, -1, None, 1, 1, 0) for b in batches]  # kafka-python's own futures
+    acks = [threading.Timer(0.4 * (i + 1), b.success, args=((i, -1, None),)) for i, b in enumerate(batches)]
+    for ack in acks:
+        ack.start()
+    try:
+        _wait_done(futures, time.monotonic() + 0.6)
+        assert futures[0].is_done and futures[0].value.offset == 0
+        assert not futures[2].is_done  # acknowledged at 1.2 s: after the deadline
+    finally:
+        for ack in acks:
+            ack.join()
+    assert all(f.is_done for f in futures)
