@@ -295,8 +295,8 @@ class Positions:
                 options = [first[tp]] if tp in first else []
                 if tp in log_start and tp in read_again:  # the start of a reading never committed, if retained
                     options.append(max(self._read_from[tp], log_start[tp]))
-                if options:
-                    starts[tp] = min(options)
+                if options:  # not below a known first retained offset: that seek resets by auto_offset_reset
+                    starts[tp] = max(min(options), log_start.get(tp, -1))
                     self._reading_starts(tp, starts[tp])
                 else:  # no record of it in this poll: where reading starts is known from its first one processed
                     self._unstarted.add(tp)
