@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from .scaling import Scaler
 from .thresholds import Threshold, make_threshold
 
 __all__ = ["TrainConfig", "train_detector", "calibrate_threshold", "enough_rows", "load_series"]
+
+logger = logging.getLogger("anomalyd")
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,9 @@ def _read_csv(path: Path, reader) -> tuple[np.ndarray, list[str]]:
 
 def _check_time_order(path: Path, column: str, times: list[str], lines: list[int]) -> None:
     """Refuse rows out of time order (a newest-first export trained on time run backwards and calibrated on the
-    oldest rows): the time column read as numbers, else as ISO 8601 times; one it cannot read so is not checked."""
+    oldest rows): the time column read as numbers, else as ISO 8601 times; one it cannot read so is not checked.
+    Times without a UTC offset (local time) may step back once by up to an hour where daylight saving time ends and
+    the hour repeats: a step whose neighbours do not step back, a day or more after any other (warned about)."""
     if len(times) < 2:
         return
     try:
@@ -134,13 +139,22 @@ def _check_time_order(path: Path, column: str, times: list[str], lines: list[int
         except ValueError:
             return
     try:
-        back = next((i for i in range(1, len(keys)) if keys[i] < keys[i - 1]), None)
+        back = [i for i in range(1, len(keys)) if keys[i] < keys[i - 1]]
     except TypeError:  # times with and without a zone
         return
-    if back is not None:
-        raise ValueError(f"{path}:{lines[back]}: {column.strip()} {times[back]} is earlier than the row before "
-                         f"(line {lines[back - 1]}, {times[back - 1]}): training reads rows in order; sort the file "
-                         "by its time column, oldest first")
+    local = isinstance(keys[0], datetime) and keys[0].tzinfo is None  # all of them, or comparing them had raised
+    for n, i in enumerate(back):
+        if not (local and keys[i - 1] - keys[i] <= timedelta(hours=1) and i + 1 not in back[n + 1 : n + 2]
+                and (n == 0 or keys[i] - keys[back[n - 1]] >= timedelta(days=1))):  # not a DST fall-back
+            hint = (" (times in local time without a UTC offset should carry their offset or be in UTC: sorting "
+                    "interleaves the hour repeated when daylight saving time ends)") if local else ""
+            raise ValueError(f"{path}:{lines[i]}: {column.strip()} {times[i]} is earlier than the row before "
+                             f"(line {lines[i - 1]}, {times[i - 1]}): training reads rows in order; sort the file "
+                             f"by its time column, oldest first{hint}")
+    for i in back:
+        logger.warning("%s:%d: %s %s is earlier than the row before (line %d, %s): taken as the hour repeated when "
+                       "daylight saving time ends; times with a UTC offset, or in UTC, leave no doubt",
+                       path, lines[i], column.strip(), times[i], lines[i - 1], times[i - 1])
 
 
 def _is_number(text: str) -> bool:

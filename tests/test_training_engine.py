@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -96,7 +98,8 @@ def test_load_series_csv_and_npy(tmp_path):
     ("temp,vib\n1,inf\n", "d.csv:2: a value that is infinite"),
     # newest first: trained on time run backwards, calibrated on the oldest rows
     ("ts,temp\n3,1\n2,1\n1,1\n", "d.csv:3: ts 2 is earlier than the row before \\(line 2, 3\\)"),
-    ("time,temp\n2026-01-02T00:00:00,1\n2026-01-01T23:59:59,1\n", "d.csv:3: time 2026-01-01T23:59:59 is earlier"),
+    ("time,temp\n2026-01-02T00:00:00,1\n2026-01-01T23:59:59,1\n2026-01-01T23:59:58,1\n",
+     "d.csv:3: time 2026-01-01T23:59:59 is earlier"),
 ])
 def test_training_csv_problems_name_the_file_and_line(tmp_path, text, problem):
     (tmp_path / "d.csv").write_text(text)
@@ -109,6 +112,41 @@ def test_rows_in_time_order_or_with_times_that_are_not_read_load(tmp_path):
                   ["b", "a", "c"]):  # equal times; ISO 8601 with a zone; not times: not checked
         (tmp_path / "d.csv").write_text("timestamp,temp\n" + "".join(f"{t},1\n" for t in times))
         assert load_series(tmp_path / "d.csv")[0].shape == (3, 1)
+
+
+def test_local_times_across_a_dst_fall_back_load_with_a_warning(tmp_path, caplog):
+    """Local times without a UTC offset repeat an hour when daylight saving time ends: rows in time order were
+    refused, and the advice to sort the file would have interleaved the two hours."""
+    (tmp_path / "d.csv").write_text("timestamp,a\n2024-11-03 01:30:00,0\n2024-11-03 01:45:00,1\n"
+                                     "2024-11-03 01:00:00,2\n2024-11-03 01:15:00,3\n2024-11-03 02:00:00,4\n")
+    with caplog.at_level(logging.WARNING, logger="anomalyd"):
+        assert load_series(tmp_path / "d.csv")[0].shape == (5, 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'd.csv'}:4: timestamp 2024-11-03 01:00:00 is earlier than the row before (line 3, "
+        "2024-11-03 01:45:00): taken as the hour repeated when daylight saving time ends; times with a UTC offset, "
+        "or in UTC, leave no doubt"]
+
+
+@pytest.mark.parametrize("times,line", [
+    (["2024-11-03 03:00", "2024-11-03 02:00", "2024-11-03 01:00"], 3),  # newest first, hourly: a step at each row
+    (["2024-11-03 01:00", "2024-11-03 01:45", "2024-11-03 01:30", "2024-11-03 01:20"], 4),  # two steps in a row
+    (["2024-11-03 01:45", "2024-11-03 00:44", "2024-11-03 01:50"], 3),  # more than an hour back
+    (["2024-11-03 01:10", "2024-11-03 01:00", "2024-11-03 01:20", "2024-11-03 01:05"], 5),  # two within a day
+])
+def test_local_times_stepping_back_otherwise_are_refused_with_advice_on_offsets(tmp_path, caplog, times, line):
+    (tmp_path / "d.csv").write_text("timestamp,a\n" + "".join(f"{t},1\n" for t in times))
+    with caplog.at_level(logging.WARNING, logger="anomalyd"), pytest.raises(
+            ValueError, match=rf"d\.csv:{line}: timestamp .* oldest first \(times in local time without a UTC "
+                              "offset should carry their offset or be in UTC"):
+        load_series(tmp_path / "d.csv")
+    assert not caplog.records  # nothing taken for a fall-back before the refusal
+
+
+@pytest.mark.parametrize("times", [["2024-11-03T01:45:00-05:00", "2024-11-03T01:00:00-05:00"], ["3600", "0"]])
+def test_times_with_an_offset_or_numbers_never_step_back(tmp_path, times):
+    (tmp_path / "d.csv").write_text("timestamp,a\n" + "".join(f"{t},1\n" for t in times))
+    with pytest.raises(ValueError, match=r"d\.csv:3: .*oldest first$"):
+        load_series(tmp_path / "d.csv")
 
 
 def test_a_csv_with_a_bom_and_an_upper_case_npy_suffix_load(tmp_path):
