@@ -99,9 +99,9 @@ class KafkaCommitError(RuntimeError):
 
 
 class CommittedUnreadable(RuntimeError):
-    """The committed offsets cannot be read, and asking again will not help (the group's or topic's READ ACL is
-    missing, metadata this client cannot decode): the daemon stops, nothing committed, the message says why.
-    Asking again after every poll had left the partitions unread for ever behind a warning."""
+    """The committed offsets cannot be read, and asking again will not help (an authorization refusal, of the
+    group or of a partition's topic; metadata this client cannot decode): the daemon stops, nothing committed, the
+    message says why. Asking again after every poll had left the partitions unread for ever behind a warning."""
 
 
 def make_source(client: str, **kwargs: Any) -> Source:

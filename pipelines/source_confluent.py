@@ -82,16 +82,25 @@ class ConfluentSource:
         subs = ["^" + pattern.lstrip("^")] if pattern else list(topics)  # librdkafka: a leading ^ marks a regex
         self._topics = [] if pattern else sorted(topics)
 
-        def _assign(consumer, parts):
-            on_assign([(p.topic, p.partition) for p in parts])
+        self._on_assign, self._on_revoke, self._on_lost = on_assign, on_revoke, on_lost or on_revoke
+        self._consumer.subscribe(subs, on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost)
 
-        def _revoke(consumer, parts):
-            on_revoke([(p.topic, p.partition) for p in parts])
+    def _assigned(self, consumer: Any, parts: list) -> None:
+        self._on_assign(self._rebalanced(parts))
 
-        def _lost(consumer, parts):  # the session timed out: nothing to commit
-            (on_lost or on_revoke)([(p.topic, p.partition) for p in parts])
+    def _revoked(self, consumer: Any, parts: list) -> None:
+        self._on_revoke(self._rebalanced(parts))
 
-        self._consumer.subscribe(subs, on_assign=_assign, on_revoke=_revoke, on_lost=_lost)
+    def _lost(self, consumer: Any, parts: list) -> None:  # the session timed out: nothing to commit
+        self._on_lost(self._rebalanced(parts))
+
+    def _rebalanced(self, parts: list) -> list[TopicPartition]:
+        """The partitions of a rebalance callback; lag's fallback forgets the offsets sought before it (a
+        partition assigned again and not sought showed the lag from a seek of its earlier assignment)."""
+        tps = [(p.topic, p.partition) for p in parts]
+        for tp in tps:
+            self._sought.pop(tp, None)
+        return tps
 
     def _on_error(self, err: Any) -> None:
         """librdkafka's error callback (served inside poll). It retries every error for ever, a refused login and
@@ -196,6 +205,12 @@ class ConfluentSource:
                     raise CommittedUnreadable(f"the committed offsets of {sorted(tps)} cannot be read: {name}: "
                                               f"{exc.args[0].str()}") from exc
                 raise
+        # an error of one partition comes on it, with no offset (the call itself succeeds): not "never committed"
+        if failed := [(p.topic, p.partition, p.error) for p in got if p.error is not None]:
+            reasons = "; ".join(f"{t}:{p}: {err.name()}: {err.str()}" for t, p, err in failed)
+            if any(err.name() in REFUSED_LOOKUPS for _, _, err in failed):
+                raise CommittedUnreadable(f"the committed offsets of {sorted(tps)} cannot be read: {reasons}")
+            raise RuntimeError(f"the committed offsets of {sorted(tps)} were not read: {reasons}")  # asked again
         return {(p.topic, p.partition): (None if p.offset < 0 else (p.offset, p.metadata or "")) for p in got}
 
     def seek(self, tp: TopicPartition, offset: int) -> None:

@@ -73,6 +73,68 @@ def test_a_caught_up_partition_has_no_lag_after_a_restart(kafka_bootstrap: str, 
         source.close()
 
 
+def test_confluent_lag_forgets_an_offset_sought_in_an_earlier_assignment(kafka_bootstrap: str,
+                                                                         topic_name: str) -> None:
+    """librdkafka's position is invalid until a message is consumed, so lag falls back to the offset sought. That
+    offset outlived the assignment: a partition assigned again and not sought showed the lag of the old seek."""
+    from confluent_kafka import TopicPartition as CTP
+
+    source = _source_of_a_filled_topic(kafka_bootstrap, topic_name, "confluent", 300)
+    tp = (topic_name, 0)
+    try:
+        _poll_until_assigned(source, {tp})
+        source.seek(tp, 100)
+        give_up = time.monotonic() + _GIVE_UP_S
+        while tp not in source.lag() and time.monotonic() < give_up:  # until a fetch brought the high watermark
+            time.sleep(0.05)
+        assert source.lag() == {tp: 200}  # from the offset sought
+        source._revoked(None, [CTP(*tp)])  # the rebalance callbacks as librdkafka calls them
+        source._assigned(None, [CTP(*tp)])
+        assert tp not in source.lag()  # not sought since: unknown, not 200
+    finally:
+        source.close()
+
+
+def test_a_confluent_partition_error_on_the_committed_offsets_is_not_read_as_no_commit(kafka_bootstrap: str,
+                                                                                       topic_name: str) -> None:
+    """librdkafka puts an error of one partition on it (offset invalid) and raises nothing: a topic's refusal was
+    read as "never committed" (replayed, or skipped with auto_offset_reset latest). Now a refusal stops the
+    daemon, as kafka-python's does, and another error is asked again after the next poll."""
+    from types import SimpleNamespace
+
+    from confluent_kafka import KafkaError
+
+    from pipelines.positions import Positions
+    from pipelines.source import CommittedUnreadable
+
+    source = _source_of_a_filled_topic(kafka_bootstrap, topic_name, "confluent", 1)
+    consumer = source._consumer
+
+    class Answering:  # the client, whose committed() answers with ``error`` on the partition
+        def __init__(self, code: int) -> None:
+            self.code = code
+
+        def committed(self, parts, **_kw):
+            return [SimpleNamespace(topic=p.topic, partition=p.partition, offset=-1001, metadata=None,
+                                    error=KafkaError(self.code)) for p in parts]
+
+        def __getattr__(self, name: str):
+            return getattr(consumer, name)
+
+    try:
+        source._consumer = Answering(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+        with pytest.raises(CommittedUnreadable, match="TOPIC_AUTHORIZATION_FAILED"):
+            source.committed([(topic_name, 0)])
+        source._consumer = Answering(KafkaError.UNSTABLE_OFFSET_COMMIT)
+        positions = Positions()
+        positions.assign([(topic_name, 0)])
+        positions.position_new(source, RecordBatch.empty())
+        assert positions.needs_positioning  # asked again after the next poll, not positioned as uncommitted
+    finally:
+        source._consumer = consumer
+        source.close(5)
+
+
 def _poll_until_assigned(source: Source, want: set[tuple[str, int]]) -> None:
     """Poll for 1 ms, then work for 20 ms (the daemon's loop between polls), until ``want`` is assigned."""
     give_up = time.monotonic() + 30.0  # a join takes tens of ms, the metadata refresh 0.5 s; a hang guard
@@ -231,7 +293,7 @@ def test_a_subscribed_topic_that_does_not_exist_is_logged(kafka_bootstrap: str, 
 @pytest.mark.parametrize("client", CLIENTS)
 def test_committed_offsets_refused_for_a_missing_acl_are_not_asked_again(kafka_bootstrap: str, topic_name: str,
                                                                          client: str) -> None:
-    """A group or topic READ ACL missing: the partitions' committed offsets were asked again after every poll, for
+    """An ACL missing (the client refused): the partitions' committed offsets were asked again after every poll, for
     ever, the partitions never read, behind a warning. Now CommittedUnreadable stops the daemon; a timeout is still
     asked again. (This broker has no authorizer: the client's own refusal stands in for its answer.)"""
     from pipelines.positions import Positions
