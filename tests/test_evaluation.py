@@ -240,12 +240,14 @@ def test_cli_reports_bad_input(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flag,where,named", [("--output", "dir", "dir"), ("--report", "file/r.md", "file"),
                                               ("--scores-dir", "file/scores", "file"), ("--plots", "file", "file"),
-                                              ("--plots", "to-file/x", "file")])
+                                              ("--plots", "to-file/x", "file"), ("--raw-cache", "file/raw", "file"),
+                                              ("--raw-cache", "file", "file")])
 def test_outputs_that_cannot_be_written_are_refused_before_the_run(nab_dir: Path, tmp_path: Path, flag: str,
                                                                      where: str, named: str, monkeypatch,
                                                                      capsys) -> None:
     """A full NAB or SMD run takes hours: an --output that is a directory, or a --report, --scores-dir or --plots
-    under a file, failed only when the results were written, and lost them."""
+    under a file, failed only when the results were written, and lost them (a --raw-cache, after the first file's
+    training)."""
     from pipelines.evaluation import nab
 
     monkeypatch.setattr(nab, "run_corpus", lambda *a, **k: pytest.fail("the run started"))
@@ -268,6 +270,72 @@ def test_outputs_through_symbolic_links_are_written_where_they_lead(nab_dir: Pat
                "--output", str(tmp_path / "latest.json"), "--plots", str(tmp_path / "plots")])
     assert rc == 0 and json.loads((tmp_path / "run-42.json").read_text())["files"] == 3
     assert list((tmp_path / "plots-42" / "gaussian").glob("*.png"))
+
+
+@pytest.mark.parametrize("flag", ["--output", "--report"])
+def test_outputs_to_a_pipe_are_written_through_the_path_as_given(nab_dir: Path, tmp_path: Path, flag: str) -> None:
+    """--output /dev/stdout, or /dev/fd/63 from >(jq .), is a pipe: the check stored its real path,
+    /proc/<pid>/fd/pipe:[N], which cannot be opened, and the run failed when it wrote its results."""
+    import os
+    import threading
+
+    r, w = os.pipe()
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(os.fdopen(r, "rb").read()))  # the JSON may fill the pipe
+    reader.start()
+    try:
+        argv = ["evaluate", "nab", "--data", str(nab_dir), "--model", "gaussian", "--no-baseline", "--quiet"]
+        argv += ["--output", str(tmp_path / "x.json")] if flag == "--report" else []
+        rc = main([*argv, flag, f"/dev/fd/{w}"])
+    finally:
+        os.close(w)
+        reader.join(timeout=30)
+    assert rc == 0
+    text = got[0].decode()
+    if flag == "--output":
+        assert json.loads(text)["files"] == 3
+    else:
+        assert "| gaussian |" in text
+
+
+@pytest.mark.parametrize("command", ["nab", "multivariate"])
+def test_plots_without_matplotlib_are_refused_before_the_run(nab_dir: Path, tmp_path: Path, command: str,
+                                                             monkeypatch, capsys) -> None:
+    """matplotlib is only in the dev extra: --plots without it scored the whole corpus, then stopped with an
+    unexpected error (exit 1) before the results were written."""
+    import sys
+
+    from pipelines.evaluation import multivariate, nab
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on an install without it: find_spec and import fail
+    monkeypatch.setattr(nab, "run_corpus", lambda *a, **k: pytest.fail("the run started"))
+    monkeypatch.setattr(multivariate, "evaluate_multivariate", lambda *a, **k: pytest.fail("the run started"))
+    data = nab_dir
+    if command == "multivariate":
+        _write_entities(tmp_path / "mv")
+        data = tmp_path / "mv"
+    rc = main(["evaluate", command, "--data", str(data), "--model", "gaussian", "--quiet",
+               "--output", str(tmp_path / "x.json"), "--plots", str(tmp_path / "plots")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--plots needs matplotlib" in err and "pip install matplotlib" in err
+    assert not (tmp_path / "plots").exists()
+
+
+def test_a_failed_plot_loses_no_results(nab_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """The figures were drawn after each model's run and before the JSON and the report were written: one that
+    failed lost them all."""
+    from pipelines.evaluation import plots
+
+    def fail(*_a, **_k):
+        raise RuntimeError("no figure")
+
+    monkeypatch.setattr(plots, "plot_detection", fail)
+    with pytest.raises(RuntimeError, match="no figure"):
+        main(["evaluate", "nab", "--data", str(nab_dir), "--model", "gaussian", "--quiet", "--output",
+              str(tmp_path / "x.json"), "--report", str(tmp_path / "r.md"), "--plots", str(tmp_path / "plots")])
+    assert set(json.loads((tmp_path / "x.json").read_text())["models"]) == {"gaussian"}
+    assert "| gaussian |" in (tmp_path / "r.md").read_text()
 
 
 def test_anomalyd_evaluate_errors_follow_the_log_format(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ against it. The JSON output carries the first model's figures at the top level a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -81,16 +82,23 @@ def _jsonable(obj: object) -> object:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    """Refuse output paths that could not be written before the run, not after its hours: ``--output`` and
-    ``--report`` files, ``--scores-dir`` and ``--plots`` directories. Each is replaced by its real path (symbolic
-    links followed, one to a path not made yet too), which the writers then make and write."""
+    """Refuse, before the run and not after its hours, outputs that could not be written: ``--output`` and
+    ``--report`` files, ``--scores-dir``, ``--plots`` and ``--raw-cache`` directories, and ``--plots`` without
+    matplotlib. A path that exists is kept as given: ``/dev/stdout`` or the ``/dev/fd/63`` of ``>(jq .)`` is a pipe,
+    whose real path (``/proc/<pid>/fd/pipe:[N]``) cannot be opened. One that does not exist yet is replaced by its
+    real path (symbolic links followed, one to a path not made yet too), which the writers then make and write."""
+    if getattr(args, "plots", None) and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plots needs matplotlib, which is not installed (it is in neither the [fast] extra nor "
+                         "the container image): pip install matplotlib, or leave out --plots")
     for flag, attr, directory in (("--output", "output", False), ("--report", "report", False),
-                                  ("--scores-dir", "scores_dir", True), ("--plots", "plots", True)):
+                                  ("--scores-dir", "scores_dir", True), ("--plots", "plots", True),
+                                  ("--raw-cache", "raw_cache", True)):
         text = getattr(args, attr, None)
         if not text:
             continue
-        path = target = Path(os.path.realpath(text))
-        if path.exists() and path.is_dir() != directory:
+        given = Path(text)
+        path = target = given if given.exists() else Path(os.path.realpath(text))  # exists(): links followed
+        if path.exists() and path.is_dir() != directory:  # a file, a pipe or a character device is a file here
             what = ("a directory", "a file") if path.is_dir() else ("a file", "a directory")
             raise (IsADirectoryError if path.is_dir() else NotADirectoryError)(f"{flag} {text}: is {what[0]}, "
                                                                                 f"not {what[1]} to write")
@@ -137,6 +145,7 @@ def run_nab(args: argparse.Namespace, log) -> int:
     profiles = load_corpus_profiles(args.data)
     n_rows = sum(len(f.values) for f in corpus)
     summaries: dict[str, dict] = {}
+    to_plot: list[tuple[str, dict, dict]] = []
     for kind in models:
         cfg = NabDetectorConfig(kind=kind).replace(**overrides)
         log(f"NAB: {kind} on {len(corpus)} files ({n_rows} rows)")
@@ -165,11 +174,13 @@ def run_nab(args: argparse.Namespace, log) -> int:
             target = Path(args.scores_dir) if kind == models[0] else Path(args.scores_dir) / kind
             write_result_files(target, corpus, results)
         if args.plots:
-            _nab_plots(Path(args.plots) / kind, corpus, results, summary)
+            to_plot.append((kind, results, summary))
     seconds_all = time.perf_counter() - t_start
     report = nab_report(summaries, args.data, seconds_all)
     _write_outputs(args, models, summaries, report, seconds_all)
     print(report)
+    for kind, results, summary in to_plot:  # after the results are written: a failed figure loses none of them
+        _nab_plots(Path(args.plots) / kind, corpus, results, summary)
     return 0
 
 
@@ -198,6 +209,7 @@ def run_multivariate(args: argparse.Namespace, log) -> int:
         if value is not None:
             setattr(s, key, value)
     summaries: dict[str, dict] = {}
+    to_plot: list[tuple[str, list]] = []
     for kind in models:
         log(f"multivariate: {kind} on {len(entities)} entities")
         summary, results = evaluate_multivariate(entities, kind, s, log=log)
@@ -206,14 +218,16 @@ def run_multivariate(args: argparse.Namespace, log) -> int:
         log(f"{kind}: f1 {summary['f1']:.3f}  f1_pa {summary['f1_point_adjusted']:.3f}  "
             f"f1_event {summary['f1_event']:.3f}  auc_pr {summary['auc_pr']:.3f}")
         if args.plots:
-            for e, r in zip(entities, results, strict=True):
-                plot_detection(Path(args.plots) / kind / f"{safe_filename(e.name)}.png",
-                               f"{e.name} ({kind}, calibrated threshold)", e.test, r.scores, r.threshold,
-                               e.labels, log_scores=True)
+            to_plot.append((kind, results))
     seconds_all = time.perf_counter() - t_start
     report = multivariate_report(summaries, args.data, seconds_all)
     _write_outputs(args, models, summaries, report, seconds_all)
     print(report)
+    for kind, results in to_plot:  # after the results are written: a failed figure loses none of them
+        for e, r in zip(entities, results, strict=True):
+            plot_detection(Path(args.plots) / kind / f"{safe_filename(e.name)}.png",
+                           f"{e.name} ({kind}, calibrated threshold)", e.test, r.scores, r.threshold,
+                           e.labels, log_scores=True)
     return 0
 
 
