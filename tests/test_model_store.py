@@ -28,6 +28,8 @@ def test_model_store_newest_version_and_pinning(trained, tmp_path):
     from pipelines.model_store import _umask
 
     assert (tmp_path / "m" / "v10").stat().st_mode & 0o777 == 0o777 & ~_umask()  # as mkdir: another uid reads it
+    for name in ("model.json", "model.safetensors"):  # and its files, as open() makes them (safetensors: 0600)
+        assert (tmp_path / "m" / "v10" / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
     early = new_version_name(datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=UTC))
     late = new_version_name(datetime(2026, 1, 2, 3, 4, 5, 7000, tzinfo=UTC))
     assert early == "20260102T030405006Z" and early < late
