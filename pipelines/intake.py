@@ -34,6 +34,7 @@ UNIT_WARNING_EVERY_S = 600.0
 TOO_MANY_STREAMS = "too_many_streams"
 """The dead-letter reason of an event of a new stream while ``processing.max_streams`` streams are tracked."""
 LIMIT_WARNING_EVERY_S = 60.0
+SPEC_CACHE_MIN = 500_000  # streams whose routing the intake keeps (more with a higher processing.max_streams)
 
 
 class _RouteFeatures(FeatureSpec):
@@ -63,14 +64,20 @@ class Intake:
         self.routes: Sequence[RouteState] = []
         self._features: list[_RouteFeatures] = []  # per route
         self._route: dict[_RouteFeatures, RouteState] = {}
-        self._spec_of = SpecCache(self._features_of)
+        self._spec_of = self._spec_cache()
         self._unit_warned_at = -UNIT_WARNING_EVERY_S
 
     def set_routes(self, routes: Sequence[RouteState]) -> None:
         self.routes = routes
         self._features = [_RouteFeatures(tuple(r.feature_names)) for r in routes]
         self._route = dict(zip(self._features, routes, strict=True))
-        self._spec_of = SpecCache(self._features_of)  # the routes' features may have changed
+        self._spec_of = self._spec_cache()  # the routes' features may have changed
+
+    def _spec_cache(self) -> SpecCache:
+        """Room for twice the streams the daemon may hold: with more streams in use than the cache holds, it
+        started afresh every few polls and nearly every event was routed again (its default, 500,000, was half
+        the default processing.max_streams)."""
+        return SpecCache(self._features_of, limit=max(SPEC_CACHE_MIN, 2 * self.max_streams))
 
     def add(self, batch: RecordBatch, producer: Producer) -> None:
         """Decode ``batch``, route its events into window buffers (queueing due windows), dead-letter the bad,
