@@ -15,7 +15,8 @@ for the dead-letter topic (:mod:`pipelines.dead_letters` builds those messages).
 Messages of the common shapes (``stream``, integer ``ts``, ``values`` array or object, nothing else) are parsed
 by the native decoder of :mod:`pipelines.native_decode` when it is built; every other message, and every error,
 by ``orjson`` when importable (extra ``fast``), else the standard ``json`` module. The results are the same
-either way.
+either way, but for JSON nested about 1,000 deep (orjson takes up to 1,023 levels; the standard module stops at
+Python's recursion limit, a little sooner, and such a message is dead-lettered as ``bad_json``).
 """
 
 from __future__ import annotations
