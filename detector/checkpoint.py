@@ -4,7 +4,7 @@ A checkpoint is a directory::
 
     model.safetensors   tensors only (safetensors cannot carry code)
     model.json          format + version, model kind and config, scaler, threshold state, feature names,
-                        scoring settings, training summary, creation time, tensor shapes
+                        scoring settings, training summary, creation time, tensor shapes, the weights file's SHA-256
 
 Loading validates everything and raises ``CheckpointError`` naming the file and the problem.
 """
@@ -12,6 +12,7 @@ Loading validates everything and raises ``CheckpointError`` naming the file and 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from .autoencoder import AutoencoderDetector, check_scoring_settings
 from .models import ModelConfig, build_model
@@ -71,7 +72,9 @@ def _json_safe(obj):
 
 def save_checkpoint(detector: AutoencoderDetector, directory: str | Path) -> Path:
     """Write ``detector`` to ``directory`` (created). Files are written to temp names, flushed to the disk, then
-    renamed (and the directory flushed), so that a crash leaves either the old files or the new ones."""
+    renamed one after the other (and the directory flushed), so that a crash leaves each file either old or new.
+    Over an earlier checkpoint a crash between the renames leaves new weights beside old metadata: model.json
+    records the weights' SHA-256, and such a pair does not load."""
     if detector.scaler is None or detector.threshold is None:
         raise ValueError("only a fitted detector (scaler and threshold) can be checkpointed")
     if not detector.threshold.fitted:  # it would load, then raise NotFittedError at every scoring call
@@ -93,8 +96,10 @@ def save_checkpoint(detector: AutoencoderDetector, directory: str | Path) -> Pat
         "train_summary": _json_safe(detector.summary),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
     }
+    weights = save(tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     weights_tmp, meta_tmp = directory / (WEIGHTS_FILE + ".tmp"), directory / (META_FILE + ".tmp")
-    save_file(tensors, str(weights_tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    weights_tmp.write_bytes(weights)
     meta_tmp.write_text(json.dumps(meta, indent=2, allow_nan=False))
     sync_path(weights_tmp)
     sync_path(meta_tmp)
@@ -160,9 +165,14 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path}: missing weights file")
     try:
-        state = load_file(str(weights_path), device="cpu")
+        weights = weights_path.read_bytes()
+        state = load(weights)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{weights_path}: not a valid safetensors file ({exc})") from None
+    if "weights_sha256" in meta and meta["weights_sha256"] != hashlib.sha256(weights).hexdigest():  # not in older ones
+        raise CheckpointError(f"{weights_path}: not the weights {meta_path} was saved with (their SHA-256 differs): "
+                              "the two files come from different saves (one interrupted between its renames, or "
+                              "a copy of one file only)")
     with torch.device("meta"):  # shapes only: a corrupt size in the metadata must not allocate (gigabytes) first
         expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}

@@ -208,6 +208,9 @@ def test_weights_of_another_dtype_are_refused(saved):
     _, path = saved
     state = load_file(str(path / WEIGHTS_FILE))
     save_file({k: v.to(torch.float64) for k, v in state.items()}, str(path / WEIGHTS_FILE))
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        load_checkpoint(path)
+    _rewrite(path, lambda m: m.pop("weights_sha256"))  # as an earlier version wrote it
     with pytest.raises(CheckpointError, match=r"weights must be float32, found torch\.float64"):
         load_checkpoint(path)
 
@@ -269,3 +272,37 @@ def test_files_reach_the_disk_before_their_names_and_the_names_after(trained, tm
     weights, meta = str(out / WEIGHTS_FILE), str(out / META_FILE)
     assert events == [("fsync", weights + ".tmp"), ("fsync", meta + ".tmp"), ("replace", weights),
                       ("replace", meta), ("fsync", str(out))]
+
+
+def test_a_crash_between_the_renames_leaves_a_pair_that_does_not_load(saved, monkeypatch):
+    """Saved over an earlier checkpoint, a crash after the weights' rename and before model.json's left the new
+    weights beside the old scaler and threshold, and that pair loaded without a word."""
+    import copy
+    import hashlib
+    import os
+
+    det, path = saved
+    model = copy.deepcopy(det.model)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.5)
+    retrained = AutoencoderDetector(det.model_cfg, model=model, scaler=det.scaler, threshold=det.threshold,
+                                    feature_names=det.feature_names)
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith(META_FILE):
+            raise RuntimeError("power loss")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(RuntimeError, match="power loss"):
+        save_checkpoint(retrained, path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.raises(CheckpointError, match=rf"{WEIGHTS_FILE}: not the weights .*{META_FILE} was saved with"):
+        load_checkpoint(path)
+    save_checkpoint(retrained, path)  # the save done again: the pair loads
+    assert json.loads((path / META_FILE).read_text())["weights_sha256"] == hashlib.sha256(
+        (path / WEIGHTS_FILE).read_bytes()).hexdigest()
+    assert torch.equal(next(load_checkpoint(path).model.parameters()), next(model.parameters()))
+    _rewrite(path, lambda m: m.pop("weights_sha256"))  # a checkpoint of an earlier version, without the hash
+    assert load_checkpoint(path).feature_names == det.feature_names
