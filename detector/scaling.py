@@ -24,9 +24,11 @@ class Scaler:
         self.center: np.ndarray | None = None  # (F,)
         self.scale: np.ndarray | None = None  # (F,)
 
-    def fit(self, X: np.ndarray, missing_ok: bool = False) -> Scaler:
+    def fit(self, X: np.ndarray, missing_ok: bool = False, names: list[str] | None = None) -> Scaler:
         """Fit on (T, F) rows. ``missing_ok``: NaN marks a value not reported (a feature one series lacks), and
-        each feature is fitted on its reported values; one reported nowhere gets center 0 and scale 1."""
+        each feature is fitted on its reported values; one reported nowhere gets center 0 and scale 1. A feature
+        whose center or scale is beyond float32 (values spread over more than about 1.7e38) is a ValueError naming
+        it (by ``names``, when given, and index)."""
         X = np.asarray(X, dtype=np.float64)  # (T, F)
         if X.ndim != 2 or X.shape[0] < 2:
             raise ValueError(f"Scaler.fit needs a (T, F) array with T >= 2, got shape {X.shape}")
@@ -46,8 +48,14 @@ class Scaler:
         else:
             center = mean(X, axis=0)
             scale = std
-        self.center = center.astype(np.float32)
-        self.scale = np.where(scale > 1e-12, scale, 1.0).astype(np.float32)
+        with np.errstate(over="ignore"):  # beyond float32: inf, refused below
+            center, scale = center.astype(np.float32), np.where(scale > 1e-12, scale, 1.0).astype(np.float32)
+        if not (finite := np.isfinite(center) & np.isfinite(scale)).all():  # every value of it had scaled to 0
+            j = int(np.flatnonzero(~finite)[0])
+            feature = f"feature {j}" + (f" ({names[j]!r})" if names else "")
+            raise ValueError(f"Scaler.fit: {feature}: its values' spread (or size) is too large for float32 (center "
+                             f"{center[j]:.3g}, scale {scale[j]:.3g}); rescale it (other units) or leave it out")
+        self.center, self.scale = center, scale
         return self
 
     def _check(self) -> tuple[np.ndarray, np.ndarray]:

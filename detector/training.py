@@ -277,7 +277,8 @@ def train_detector(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = resolve_device(cfg.device)
-    scaler = Scaler(cfg.scaler).fit(train_rows, missing_ok=True)  # a feature one series lacks: fitted on the others
+    scaler = Scaler(cfg.scaler).fit(train_rows, missing_ok=True,  # a feature one series lacks: fitted on the others
+                                    names=feature_names)
     # the daemon's fill for a feature a stream never reported: the scaler's centre (0 had made the validation
     # windows of such a series score far over the rest, and raised the pooled threshold for every stream)
     train_parts = [np.where(np.isnan(x), scaler.center, x) for x in train_parts]

@@ -244,6 +244,23 @@ def test_scaler(method):
     np.testing.assert_allclose(s.inverse_transform(Z), X, rtol=1e-5, atol=1e-4)
 
 
+def test_a_scaler_beyond_float32_is_refused_naming_the_feature(synthetic):
+    """Quartiles 4e38 apart (each value within float32): the robust scale was inf, every value of the feature
+    scaled to 0, training ran on, and the save at the end failed with a JSON error naming nothing."""
+    X = np.zeros((400, 4), np.float32)
+    X[:, 1] = np.resize(np.array([-2e38, 2e38], np.float32), 400)
+    with pytest.raises(ValueError, match=r"feature 1: its values' spread \(or size\) is too large for float32 "
+                                         r"\(center 0, scale inf\)"):
+        Scaler("robust").fit(X)
+    lines: list[str] = []
+    with pytest.raises(ValueError, match=r"feature 1 \('b'\): its values' spread"):
+        train_detector(X, CFG, FAST, feature_names=["a", "b", "c", "d"], log=lines.append)
+    assert lines == []  # before any epoch
+    with pytest.raises(ValueError, match=r"feature 2: .* too large for float32 \(center inf"):  # float64 values
+        Scaler("standard").fit(np.array([[0.0, 1, 1e39], [1, 2, 1e39]]))
+    assert np.isfinite(Scaler("standard").fit(X).scale).all()  # its standard deviation, 2e38, fits
+
+
 def test_engine_scores_several_models_in_one_call(trained, synthetic):
     _, test = synthetic
     engine = InferenceEngine(device="auto")
