@@ -79,7 +79,8 @@ def _add_check(sub) -> None:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a GRU/LSTM autoencoder and store a new model version", description=(
         "Train from CSV/NPY files (one series per file, e.g. one per stream) or from a Kafka topic time range, "
-        "calibrate the threshold on the validation part, and write <models-dir>/<name>/<version>/."))
+        "calibrate the threshold on the validation part, and write <models-dir>/<name>/<version>/."),
+        formatter_class=_DefaultsShown)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", nargs="+", type=Path,
                      help="CSV files (UTF-8; a header row naming each column once; a timestamp/ts/time column is "
@@ -97,24 +98,37 @@ def _add_train(sub) -> None:
     p.add_argument("--features", default=None, help="comma-separated feature names (Kafka dict messages)")
     p.add_argument("--name", required=True, help="model name (directory under --models-dir)")
     p.add_argument("--models-dir", type=Path, required=True)
-    p.add_argument("--kind", choices=["gru", "lstm"], default="gru")
-    p.add_argument("--window", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=32)
-    p.add_argument("--latent", type=int, default=8)
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--threshold", choices=["quantile", "spot", "dspot"], default="spot")
+    p.add_argument("--kind", choices=["gru", "lstm"], default="gru", help="autoencoder kind")
+    p.add_argument("--window", type=int, default=32, help="window length, in events of a stream")
+    p.add_argument("--hidden", type=int, default=32, help="hidden units per recurrent layer")
+    p.add_argument("--latent", type=int, default=8, help="size of the code between encoder and decoder")
+    p.add_argument("--layers", type=int, default=1, help="recurrent layers in the encoder and in the decoder")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout between layers, in training")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training windows")
+    p.add_argument("--batch-size", type=int, default=64, help="windows per training step")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (Adam)")
+    p.add_argument("--threshold", choices=["quantile", "spot", "dspot"], default="spot",
+                   help="how the alert threshold is calibrated on the validation scores")
     p.add_argument("--risk", type=float, default=1e-3,
                    help="spot/dspot: target false-alarm rate per window; quantile: the threshold is the (1 - risk) "
                         "quantile of the validation scores")
-    p.add_argument("--scaler", choices=["robust", "standard"], default="robust")
+    p.add_argument("--scaler", choices=["robust", "standard"], default="robust",
+                   help="per-feature scaling: median/IQR or mean/std")
     p.add_argument("--last-k", type=int, default=None, help="score the last k steps (default: whole window)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same data and seed: the same model on one CPU)")
     p.set_defaults(func=_cmd_train)
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that names an option's default, where it has one and its help does not say it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if action.option_strings and shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _add_produce(sub) -> None:

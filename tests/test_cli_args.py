@@ -80,3 +80,14 @@ def test_the_demo_reads_its_own_config_without_the_users_overrides(tmp_path, mon
     monkeypatch.setenv("ANOMALYD_ALERTS__K", "x")
     cfg = demo_config(path)
     assert cfg.kafka.group_id == "demo-1" and cfg.env_keys == {}
+
+
+def test_train_help_names_the_defaults_of_the_model_it_trains(capsys):
+    """An operator could not tell the window or sizes a model gets (nor the README) without reading the code."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # the help's lines joined
+    for default in ("--window WINDOW window length, in events of a stream (default: 32)", "(default: spot)",
+                    "--seed SEED random seed", "(default: 0)", "--kind {gru,lstm} autoencoder kind (default: gru)"):
+        assert default in text
+    assert "(default: None)" not in text
