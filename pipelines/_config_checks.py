@@ -149,6 +149,9 @@ def check_alertmanager(c: AlertmanagerSinkConfig, data: Mapping, key: str, ctx: 
         elif name in RESERVED_ALERT_LABELS:
             ctx.err(join_key(join_key(key, "labels"), name), f"reserved label name: anomalyd sets "
                     f"{', '.join(RESERVED_ALERT_LABELS)} on every alert")
+        elif name == "severity":  # it overrode the key of its own, silently
+            ctx.err(join_key(join_key(key, "labels"), name), f"set {join_key(key, 'severity')} instead (the "
+                    f"severity label of every alert, {c.severity!r} now)")
     if c.generator_url and (problem := _request_uri_problem(c.generator_url)):
         # Alertmanager refuses the whole post of alerts whose generatorURL it cannot parse: none would go out
         ctx.err(join_key(key, "generator_url"), f"Alertmanager would refuse it ({problem}): use an absolute URL "

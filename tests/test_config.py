@@ -149,6 +149,8 @@ def test_route_matching():
     ({"sinks": {"alertmanager": {"labels": {"team-a": "x"}}}}, "sinks.alertmanager.labels.team-a", "label name"),
     ({"sinks": {"alertmanager": {"labels": {"team": 5}}}}, "sinks.alertmanager.labels.team", "expected str"),
     ({"sinks": {"alertmanager": {"labels": {"stream": "x"}}}}, "sinks.alertmanager.labels.stream", "reserved label"),
+    ({"sinks": {"alertmanager": {"labels": {"severity": "page"}}}}, "sinks.alertmanager.labels.severity",
+     "set sinks.alertmanager.severity instead"),  # it overrode that key silently
     ({"kafka": {"security": {"sasl_username": "u", "sasl_password": "p"}}}, "kafka.security.sasl_username",
      "SASL credentials (sasl_username, sasl_password) are used only with protocol SASL_PLAINTEXT or SASL_SSL"),
     ({"kafka": {"security": {"protocol": "SSL", "sasl_password_file": _FILE}}}, "kafka.security.sasl_password_file",
