@@ -151,16 +151,15 @@ class Phases:
 
 
 class TimedSource:
-    """Wraps a daemon ``Source``: when the first records after ``warm_events`` arrived (``t_first``) and how many
-    came before them (``n_first``), when the last commit ended, the time spent in each client call, and
-    (``cpu_probe``) the CPU readings at that mark and at the last commit."""
+    """Wraps a daemon ``Source``: when the first records after ``warm_events`` arrived (``t_first``; the events
+    processed before it are counted by the caller, ``_mark_processed``), when the last commit ended, the time spent
+    in each client call, and (``cpu_probe``) the CPU readings at that mark and at the last commit."""
 
     def __init__(self, inner: Any, phases: Phases, cpu_probe: Callable[[], tuple[float, float]] | None = None,
                  warm_events: int = 0) -> None:
         self.inner = inner
         self.warm_events = warm_events
         self.t_first: float | None = None
-        self.n_first = 0
         self.n_polled = 0
         self.t_commit: float | None = None
         self.rss_commit: int | None = None
@@ -175,7 +174,7 @@ class TimedSource:
     def poll(self, max_records: int, timeout_ms: int):
         batch = self._poll(max_records, timeout_ms)
         if len(batch) and self.t_first is None and self.n_polled >= self.warm_events:  # this batch is timed
-            self.t_first, self.n_first = time.perf_counter(), self.n_polled
+            self.t_first = time.perf_counter()
             self.cpu_first = self._cpu_probe() if self._cpu_probe else None
         self.n_polled += len(batch)
         return batch
