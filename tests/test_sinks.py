@@ -121,9 +121,10 @@ class Clock:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    """Replace the clock of pipelines.sinks (its only time source: ``import time``) with a :class:`Clock`."""
+    """Replace the clock of the sinks (their only time source: ``import time``) with a :class:`Clock`."""
     fake = Clock()
     monkeypatch.setattr("pipelines.sinks.time", fake)
+    monkeypatch.setattr("pipelines.sink_alertmanager.time", fake)
     return fake
 
 
