@@ -20,7 +20,7 @@ from .daemon import Daemon
 from .kafka_io import make_producer
 from .kafka_local import LocalKafka, cache_root, create_topic
 from .model_store import ModelStore
-from .produce import SyntheticFleet, produce_live
+from .produce import SyntheticFleet, produce_live, sent_anomalies
 
 __all__ = ["run_demo", "match_alerts"]
 
@@ -101,11 +101,14 @@ def run_demo(args) -> int:
     cfg_path = work / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     daemon = Daemon(demo_config(cfg_path))
-    runner = threading.Thread(target=lambda: setattr(daemon, "exit_code", daemon.run()), name="daemon")
+    # daemon threads: a daemon or a producer that does not stop when asked does not keep the process alive
+    runner = threading.Thread(target=lambda: setattr(daemon, "exit_code", daemon.run()), name="daemon", daemon=True)
     say(f"[3/5] daemon running (config {cfg_path}); metrics on http://127.0.0.1:{args.http_port}/metrics")
     runner.start()
     producer = prod = previous = None
-    try:  # whatever happens from here, the daemon stops: its thread would keep the process alive
+    stop_producing = threading.Event()  # --duration, Ctrl-C, or an error: the producer sends no more
+    produced: dict = {}  # what the producer thread sent, or the error that ended it
+    try:  # whatever happens from here, the daemon and the producer are stopped
         deadline = time.monotonic() + 90
         while not daemon.is_ready() and runner.is_alive() and time.monotonic() < deadline:
             time.sleep(0.2)  # joining the consumer group takes a moment
@@ -120,8 +123,15 @@ def run_demo(args) -> int:
         producer = make_producer("kafka-python", bootstrap)
         say(f"[4/5] producing {args.steps} steps x {args.streams} streams at {args.rate:.0f} events/s "
             f"with {len(plan)} injected anomalies ({', '.join(p.kind + '@' + p.stream for p in plan)})")
-        prod = threading.Thread(target=produce_live, name="producer", args=(
-            producer, topic, fleet, data, HISTORY_STEPS, t0_ms, interval_ms, args.rate, truth, truth_path))
+
+        def send() -> None:
+            try:
+                produced["sent"] = produce_live(producer, topic, fleet, data, HISTORY_STEPS, t0_ms, interval_ms,
+                                                args.rate, truth, truth_path, stop_producing)
+            except Exception as exc:  # noqa: BLE001 - a failed delivery, said after the watch
+                produced["error"] = exc
+
+        prod = threading.Thread(target=send, name="producer", daemon=True)
         prod.start()
 
         stop = threading.Event()
@@ -131,15 +141,23 @@ def run_demo(args) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        stop_producing.set()  # before the joins: the producer stops pacing its schedule and flushes what it sent
         daemon.request_stop()
         runner.join(timeout=60)
+        if runner.is_alive():
+            say("  the daemon did not stop within 60 s")
         if prod is not None:
-            prod.join(timeout=5)
+            prod.join(timeout=65)  # its flush waits 60 s at most
         if producer is not None:
             producer.close()
 
+    if "error" in produced:
+        say(f"  producer: {type(produced['error']).__name__}: {produced['error']}")
+    sent = truth if "sent" not in produced else sent_anomalies(truth, fleet, HISTORY_STEPS, produced["sent"])
+    if len(sent) < len(truth):
+        say(f"  stopped before {len(truth) - len(sent)} of the {len(truth)} injected anomalies were produced")
     say("[5/5] injected vs detected")
-    rows = match_alerts(truth, alerts, slack_ms=2 * 32 * interval_ms)
+    rows = match_alerts(sent, alerts, slack_ms=2 * 32 * interval_ms)
     say(f"  {'stream':10s} {'kind':12s} {'injected at':>12s} {'alert at':>10s} {'delay':>7s}  alert id")
     for t, a in rows:
         start = time.strftime("%H:%M:%S", time.localtime(t["start_ts"] / 1000))

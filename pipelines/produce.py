@@ -7,6 +7,7 @@ Stream ``i`` is a :class:`detector.synthetic.SensorModel` seeded with ``seed + i
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 
 from detector.synthetic import ANOMALY_KINDS, SensorModel, inject
 
-__all__ = ["StreamPlan", "SyntheticFleet"]
+__all__ = ["StreamPlan", "SyntheticFleet", "produce_live", "sent_anomalies"]
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,10 @@ class SyntheticFleet:
 
 
 def produce_live(producer, topic: str, fleet: SyntheticFleet, data: np.ndarray, start_step: int, t0_ms: int,
-                 interval_ms: int, rate: float | None, truth: list[dict], truth_path: Path | None) -> int:
-    """Send ``data`` to ``topic`` at ``rate`` events/s (None: as fast as possible). Returns messages sent."""
+                 interval_ms: int, rate: float | None, truth: list[dict], truth_path: Path | None,
+                 stop: threading.Event | None = None) -> int:
+    """Send ``data`` to ``topic`` at ``rate`` events/s (None: as fast as possible), then flush what was sent.
+    Once ``stop`` is set no further message is sent (a pacing wait ends at once). Returns messages sent."""
     for row in truth:
         row["start_ts"] = t0_ms + row["start_step"] * interval_ms
         row["end_ts"] = t0_ms + row["end_step"] * interval_ms
@@ -85,11 +88,23 @@ def produce_live(producer, topic: str, fleet: SyntheticFleet, data: np.ndarray, 
         truth_path.write_text(json.dumps({"topic": topic, "streams": fleet.names, "anomalies": truth}, indent=2))
     sent, started = 0, time.monotonic()
     for _step, key, value in fleet.messages(data, start_step, t0_ms, interval_ms):
+        if stop is not None and stop.is_set():
+            break
         producer.produce(topic, value, key=key)
         sent += 1
         if rate and sent % 100 == 0:
             ahead = sent / rate - (time.monotonic() - started)
             if ahead > 0:
-                time.sleep(ahead)
+                if stop is None:
+                    time.sleep(ahead)
+                elif stop.wait(ahead):
+                    break
     producer.flush(60.0)
     return sent
+
+
+def sent_anomalies(truth: list[dict], fleet: SyntheticFleet, start_step: int, sent: int) -> list[dict]:
+    """The anomalies of ``truth`` whose first message is among the first ``sent`` of :meth:`SyntheticFleet.messages`
+    from ``start_step`` (a run stopped early sent no message of the others)."""
+    n = len(fleet.names)
+    return [row for row in truth if (row["start_step"] - start_step) * n + fleet.names.index(row["stream"]) < sent]

@@ -1,0 +1,105 @@
+"""``anomalyd demo``'s control flow with the broker, the training, the daemon and the Kafka clients stood in for
+(the demo itself, against a real broker, is ``make demo``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from argparse import Namespace
+
+import kafka
+import pytest
+
+from pipelines import demo
+
+
+class FakeProducer:
+    """kafka-python's producer as the demo sees it: a send after close is an error (recorded, not raised)."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.events: list[str] = []
+        self.closed = False
+        self.after_close = 0
+
+    def produce(self, topic, value, key=None, headers=None) -> None:
+        if self.closed:
+            self.after_close += 1
+            raise RuntimeError("producer closed")  # ends a producer thread the demo left running
+        self.sent += 1
+
+    def flush(self, timeout_s: float) -> None:
+        self.events.append("flush")
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.events.append("close")
+        self.closed = True
+
+
+class FakeConsumer:
+    def __init__(self, *topics, **config) -> None:
+        pass
+
+    def poll(self, timeout_ms: int = 0) -> dict:
+        time.sleep(timeout_ms / 1000)
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class ServingDaemon:
+    """Ready at once; runs until asked to stop."""
+
+    def __init__(self, cfg) -> None:
+        self.events_seen = 0
+        self._stop = threading.Event()
+
+    def is_ready(self) -> bool:
+        return True
+
+    def run(self) -> int:
+        self._stop.wait()
+        return 0
+
+    def request_stop(self, *_args) -> None:
+        self._stop.set()
+
+
+class LocalKafka:
+    def __init__(self, port: int) -> None:
+        pass
+
+    def start(self) -> str:
+        return "127.0.0.1:1"
+
+
+@pytest.fixture
+def offline_demo(monkeypatch, tmp_path):
+    """run_demo's broker, training, config, producer and alert consumer stood in for; returns (args, producer)."""
+    producer = FakeProducer()
+    monkeypatch.setattr(demo, "LocalKafka", LocalKafka)
+    monkeypatch.setattr(demo, "create_topic", lambda *a, **k: None)
+    monkeypatch.setattr(demo, "_train_models", lambda fleet, models_dir, say: ["demo-gru", "demo-lstm"])
+    monkeypatch.setattr(demo, "demo_config", lambda path: None)
+    monkeypatch.setattr(demo, "make_producer", lambda client, bootstrap: producer)
+    monkeypatch.setattr(demo, "Daemon", ServingDaemon)
+    monkeypatch.setattr(kafka, "KafkaConsumer", FakeConsumer)
+    args = Namespace(workdir=tmp_path / "demo", port=1, http_port=0, streams=8, steps=20000, rate=400.0,
+                     duration=0.5)
+    return args, producer
+
+
+def test_duration_stops_the_producer_before_it_is_closed(offline_demo, capsys):
+    """--duration (or Ctrl-C) ends the watch: the producer stops pacing its schedule (160,000 messages at 400/s),
+    flushes what it sent, and only then is closed; nothing is left running."""
+    args, producer = offline_demo
+    started = time.monotonic()
+    assert demo.run_demo(args) == 0
+    assert time.monotonic() - started < 4.0  # not the 5 s join of a producer still pacing
+    assert producer.after_close == 0, "the producer thread went on sending after the producer was closed"
+    assert producer.events == ["flush", "close"]
+    assert 0 < producer.sent < 160000
+    assert not [t for t in threading.enumerate() if t.name in ("producer", "daemon")]
+    out = capsys.readouterr().out
+    assert "injected anomalies were produced" in out  # those after the stop are not counted as missed

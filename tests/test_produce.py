@@ -1,0 +1,65 @@
+"""``produce_live`` (``anomalyd produce``, the demo's producer) with a stand-in producer: no broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pipelines.produce import SyntheticFleet, produce_live, sent_anomalies
+
+
+class RecordingProducer:
+    """Records what was produced, flushed and closed, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes | None]] = []
+        self.events: list[str] = []
+
+    def produce(self, topic, value, key=None, headers=None) -> None:
+        self.sent.append((topic, value, key))
+
+    def flush(self, timeout_s: float) -> None:
+        self.events.append(f"flush {len(self.sent)}")
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.events.append("close")
+
+
+def test_a_stop_ends_the_paced_schedule_at_once_and_flushes_what_was_sent():
+    fleet = SyntheticFleet(8, 4, "pump", 7)
+    data, truth = fleet.live(2000, 1000, [])  # 8000 messages at 400/s: 20 s of pacing
+    producer, stop, result = RecordingProducer(), threading.Event(), {}
+    thread = threading.Thread(target=lambda: result.update(n=produce_live(
+        producer, "t", fleet, data, 2000, 0, 20, 400.0, truth, None, stop=stop)), daemon=True)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(0.5)
+    stop.set()
+    thread.join(timeout=3)
+    assert not thread.is_alive(), "the producer went on pacing its schedule after the stop"
+    assert time.monotonic() - started < 3
+    n = result["n"]
+    assert 0 < n < 8000 and len(producer.sent) == n
+    assert producer.events == [f"flush {n}"]  # what was sent is flushed, once, after the last send
+
+
+def test_without_a_stop_the_whole_schedule_is_sent_then_flushed():
+    fleet = SyntheticFleet(3, 2, "fan", 1)
+    data, truth = fleet.live(100, 50, [])
+    producer = RecordingProducer()
+    assert produce_live(producer, "t", fleet, data, 100, 0, 1000, None, truth, None) == 150
+    assert len(producer.sent) == 150 and producer.events == ["flush 150"]
+    stop = threading.Event()
+    stop.set()  # set before the first message: nothing is sent, the (empty) flush still happens
+    assert produce_live(producer, "t", fleet, data, 100, 0, 1000, 1000.0, truth, None, stop=stop) == 0
+
+
+def test_sent_anomalies_are_those_whose_first_message_went():
+    fleet = SyntheticFleet(4, 2, "pump", 0)
+    plan = fleet.plan(10, 100, n_anomalies=3, length=5)  # starts at steps 35, 60, 85 on pump-0, pump-1, pump-2
+    _, truth = fleet.live(10, 100, plan)
+    first = [(row["start_step"] - 10) * 4 + fleet.names.index(row["stream"]) for row in truth]
+    assert sent_anomalies(truth, fleet, 10, 400) == truth
+    assert sent_anomalies(truth, fleet, 10, first[1] + 1) == truth[:2]
+    assert sent_anomalies(truth, fleet, 10, first[1]) == truth[:1]
+    assert sent_anomalies(truth, fleet, 10, 0) == []
