@@ -55,8 +55,8 @@ class QuantileThreshold(Threshold):
         x = _as_scores(scores, calibration=True)
         _check_enough(x, MIN_SCORES, type(self).__name__)
         self._t = float(np.quantile(x, self.q))
-        if not (x > self._t).any():  # tied scores fill the top (all equal, or enough of the largest), as SPOT
-            self._t += _eps(self._t)
+        if (x == self._t).any() or not (x > self._t).any():  # on calibration scores (tied ones: a sensor flat in
+            self._t += _eps(self._t)  # validation but for a blip), as SPOT: else another scoring path put them over
         return self
 
     @property

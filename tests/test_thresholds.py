@@ -138,6 +138,16 @@ def test_tied_scores_at_the_top_leave_a_margin_for_another_scoring_path(kind: st
     assert thr.is_anomalous(np.array([0.5, 0.5 * (1 + 1e-7), 0.6])).tolist() == [False, False, True]
 
 
+def test_a_quantile_on_tied_scores_below_the_top_leaves_the_margin_too() -> None:
+    """A sensor flat in validation but for a blip: the flat windows' tied score fills the quantile and the blip's
+    lie above it. The threshold sat exactly on the flat score, and served by the fused kernel (1e-7 relatively
+    higher) every window of that sensor was over it, an incident that never resolved."""
+    x = np.r_[np.full(3985, 0.0007), np.linspace(0.01, 0.02, 16)]
+    thr = QuantileThreshold(q=0.995).fit(x)
+    assert 0.0007 * (1 + 1e-7) < thr.threshold <= 0.0007 * (1 + 1e-4)
+    assert thr.is_anomalous(np.array([0.0007 * (1 + 1e-7), 0.01])).tolist() == [False, True]
+
+
 @pytest.mark.parametrize("kind", ["spot", "dspot"])
 def test_a_loaded_state_with_a_refit_due_refits_and_carries_on(kind: str) -> None:
     """Every step refits when one falls due, so only a loaded state has one due; DSPOT then made no progress on a
