@@ -112,6 +112,10 @@ def run_demo(args) -> int:
         deadline = time.monotonic() + 90
         while not daemon.is_ready() and runner.is_alive() and time.monotonic() < deadline:
             time.sleep(0.2)  # joining the consumer group takes a moment
+        if not runner.is_alive():  # run() raised (an HTTP port taken, the broker refusing) or returned
+            say(f"  the daemon stopped (exit code {getattr(daemon, 'exit_code', None)}; its error is above); "
+                f"nothing produced. The broker is left running: `scripts/kafka.sh stop --port {args.port}` stops it")
+            return 1
         if not daemon.is_ready():
             say("  the daemon did not become ready within 90 s (no partitions assigned); see the log above")
 
@@ -137,7 +141,8 @@ def run_demo(args) -> int:
         stop = threading.Event()
         previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
         alerts = _watch_alerts(bootstrap, alerts_topic, prod, stop, args.duration, say,
-                               caught_up=lambda: daemon.events_seen >= len(fleet.names) * args.steps)
+                               caught_up=lambda: daemon.events_seen >= len(fleet.names) * args.steps,
+                               daemon_alive=runner.is_alive)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -176,8 +181,10 @@ def run_demo(args) -> int:
 
 
 def _watch_alerts(bootstrap: str, topic: str, producer_thread: threading.Thread, stop: threading.Event,
-                  duration: float | None, say, caught_up) -> list[dict]:
-    """Print alerts as they arrive until Ctrl-C, ``duration``, or a few seconds after the daemon caught up."""
+                  duration: float | None, say, caught_up, daemon_alive=lambda: True,
+                  linger_s: float = 5.0) -> list[dict]:
+    """Print alerts as they arrive until Ctrl-C, ``duration``, or ``linger_s`` after the daemon caught up or
+    stopped (``daemon_alive`` false: it scores nothing more)."""
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
@@ -190,9 +197,12 @@ def _watch_alerts(bootstrap: str, topic: str, producer_thread: threading.Thread,
                 break
             if produced_at is None and not producer_thread.is_alive():
                 produced_at = time.monotonic()
+            if done_at is None and not daemon_alive():
+                say("  the daemon stopped (its error is above): no more alerts")
+                done_at = time.monotonic()
             if done_at is None and produced_at is not None and (caught_up() or time.monotonic() - produced_at > 60):
                 done_at = time.monotonic()
-            if done_at is not None and time.monotonic() - done_at > 5.0:
+            if done_at is not None and time.monotonic() - done_at > linger_s:
                 break
             for recs in consumer.poll(timeout_ms=200).values():
                 for r in recs:

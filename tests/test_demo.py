@@ -103,3 +103,44 @@ def test_duration_stops_the_producer_before_it_is_closed(offline_demo, capsys):
     assert not [t for t in threading.enumerate() if t.name in ("producer", "daemon")]
     out = capsys.readouterr().out
     assert "injected anomalies were produced" in out  # those after the stop are not counted as missed
+
+
+class DaemonThatDiesAtStart(ServingDaemon):
+    """run() raises at once, as with its HTTP port taken or the broker refusing."""
+
+    def is_ready(self) -> bool:
+        return False
+
+    def run(self) -> int:
+        raise RuntimeError("http.port: address already in use")
+
+
+def test_a_daemon_that_dies_at_start_stops_the_demo_before_anything_is_produced(offline_demo, monkeypatch, capsys):
+    args, producer = offline_demo
+    args.duration = 3.0
+    monkeypatch.setattr(demo, "Daemon", DaemonThatDiesAtStart)
+    monkeypatch.setattr(threading, "excepthook", lambda hook_args: None)  # the daemon's trace, printed by the thread
+    started = time.monotonic()
+    assert demo.run_demo(args) == 1
+    assert time.monotonic() - started < 2.0
+    out = capsys.readouterr().out
+    assert "the daemon stopped (exit code None; its error is above); nothing produced" in out, out
+    assert "did not become ready" not in out
+    assert producer.sent == 0 and producer.events == []  # no producer made
+
+
+def test_the_watch_ends_when_the_daemon_has_stopped(monkeypatch):
+    """Without the daemon nothing more is scored: the watch does not wait for the producer and 60 s more."""
+    monkeypatch.setattr(kafka, "KafkaConsumer", FakeConsumer)
+    producing = threading.Event()
+    producer_thread = threading.Thread(target=producing.wait, daemon=True)  # still producing
+    producer_thread.start()
+    said: list[str] = []
+    started = time.monotonic()
+    try:
+        assert demo._watch_alerts("127.0.0.1:1", "alerts", producer_thread, threading.Event(), None, said.append,
+                                  caught_up=lambda: False, daemon_alive=lambda: False, linger_s=0.3) == []
+    finally:
+        producing.set()
+    assert time.monotonic() - started < 2.0
+    assert said == ["  the daemon stopped (its error is above): no more alerts"]
