@@ -233,6 +233,37 @@ class _Selection:
         return out
 
 
+class _Gaps:
+    """Per partition, the offsets a read moved past without returning their records: from the log start taken
+    when the read began to the end offsets (records deleted by retention while they were read, after which the
+    fetch went on from the new log start; a compacted topic and transaction markers leave such gaps too)."""
+
+    def __init__(self, starts: Mapping[int, int]) -> None:
+        self._next = dict(starts)  # partition -> the next offset expected
+        self.skipped: dict[int, int] = defaultdict(int)
+
+    def add(self, partition: int, offsets: list[int]) -> None:
+        """A poll's records of ``partition``, their offsets ascending."""
+        expected = self._next[partition]
+        new = [o for o in offsets if o >= expected]
+        if new:
+            self.skipped[partition] += new[-1] + 1 - expected - len(new)
+            self._next[partition] = new[-1] + 1
+
+    def finish(self, ends: Mapping[int, int]) -> None:
+        """The partitions read to their ``ends``: offsets below the end never returned are skipped too."""
+        for partition, end in ends.items():
+            if self._next[partition] < end:
+                self.skipped[partition] += end - self._next[partition]
+                self._next[partition] = end
+
+    def warnings(self, topic: str) -> list[str]:
+        return [f"warning: partition {p} of {topic!r}: the read skipped {n} offsets whose records it never got "
+                "(deleted by retention while it read? a compacted topic or transaction markers also leave such "
+                "gaps): the selection may lack their events"
+                for p, n in sorted(self.skipped.items()) if n > 0]
+
+
 def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: int | None, streams_glob: str,
                       feature_names: list[str] | None, timeout_s: float = 30.0,
                       security: Mapping[str, Any] | None = None,
@@ -249,8 +280,10 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
 
     _check_selection(from_ms, to_ms, feature_names)
     with kafka_python_bootstrap(bootstrap, security):
+        # earliest: a fetch that falls off the log start (retention deleting what is being read) goes on from the
+        # new start, the records lost said below; kafka-python's default, latest, skipped the rest silently
         consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                 consumer_timeout_ms=int(timeout_s * 1000),
+                                 consumer_timeout_ms=int(timeout_s * 1000), auto_offset_reset="earliest",
                                  **client_security_config("kafka-python", security))
     selection = _Selection(from_ms, to_ms, streams_glob, feature_names, max_message_bytes)
     try:
@@ -258,20 +291,30 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
         if not parts:
             raise ValueError(f"topic {topic!r} does not exist or has no partitions")
         consumer.assign(parts)
-        ends = consumer.end_offsets(parts)
-        consumer.seek_to_beginning(*parts)  # the first retained record (seek(tp, 0) below it resets to latest)
+        starts, ends = consumer.beginning_offsets(parts), consumer.end_offsets(parts)
+        consumer.seek_to_beginning(*parts)  # the first retained record
+        gaps = _Gaps({tp.partition: starts[tp] for tp in parts})
+        wait_ms = int(min(timeout_s, 1.0) * 1000)  # position() waits for a pending offset reset: None if not done
         deadline = time.monotonic() + timeout_s
-        while behind := {tp.partition: (consumer.position(tp), ends[tp]) for tp in parts
-                         if consumer.position(tp) < ends[tp]}:
+        while True:
+            at = {tp: consumer.position(tp, timeout_ms=wait_ms) for tp in parts}
+            if not (behind := {tp.partition: (pos, ends[tp]) for tp, pos in at.items()
+                               if pos is None or pos < ends[tp]}):
+                gaps.finish({tp.partition: ends[tp] for tp in parts})
+                break
             if time.monotonic() > deadline:
                 print(f"stopped reading {topic!r}: no record for {timeout_s:g}s; partitions not read to the end "
                       f"(position, end): {behind}")
+                gaps.finish({tp.partition: ends[tp] for tp in parts if tp.partition not in behind})
                 break
-            for recs in consumer.poll(timeout_ms=500, max_records=10000).values():
+            for tp, recs in consumer.poll(timeout_ms=500, max_records=10000).items():
                 deadline = time.monotonic() + timeout_s
+                gaps.add(tp.partition, [r.offset for r in recs])
                 selection.add([(r.value or b"", r.key, r.timestamp) for r in recs])
     finally:
         consumer.close()
+    for line in gaps.warnings(topic):
+        print(line)
     names = selection.finish(topic)
     if selection.n_rejected:
         print(f"skipped {selection.n_rejected} messages that do not decode (first: {selection.first_rejection})")

@@ -218,3 +218,76 @@ def test_while_the_names_are_unknown_only_selected_messages_are_held_and_a_range
     odd = _Selection(from_ms=None, to_ms=None, streams_glob="*", feature_names=None)
     odd.add([rec("bad\nid", 1, {"x": 1.0}), rec("pump-1", 2, {"a": 1.0}), rec("pump-1", 3, {"a": 2.0})])
     assert odd.finish("sensors") == ["a"] and [s.tolist() for s in odd.series()] == [[[1.0], [2.0]]]
+
+
+class _FakeConsumer:
+    """kafka-python's KafkaConsumer as read_topic_series uses it, over one partition of offsets 0..9 whose polls
+    return 0..3, then (retention having deleted 4..6 while they were read) 7..9."""
+
+    def __init__(self, **config) -> None:
+        self.config, self.position_timeouts = config, []
+        self._polls = [[0, 1, 2, 3], [7, 8, 9]]
+        self._pos = 0
+        _FakeConsumer.last = self
+
+    def partitions_for_topic(self, topic):
+        return {0}
+
+    def assign(self, parts):
+        self.parts = parts
+
+    def beginning_offsets(self, parts):
+        return {tp: 0 for tp in parts}
+
+    def end_offsets(self, parts):
+        return {tp: 10 for tp in parts}
+
+    def seek_to_beginning(self, *parts):
+        self._pos = 0
+
+    def position(self, tp, timeout_ms=None):
+        self.position_timeouts.append(timeout_ms)
+        return self._pos
+
+    def poll(self, timeout_ms, max_records):
+        from kafka.consumer.fetcher import ConsumerRecord
+
+        if not self._polls:
+            return {}
+        offsets = self._polls.pop(0)
+        self._pos = offsets[-1] + 1
+        return {self.parts[0]: [ConsumerRecord("t", 0, 1, o, 1_764_100_000_000 + o, 0, b"p-1",
+                                               json.dumps({"ts": 1_764_100_000_000 + o, "values": {"a": o}}).encode(),
+                                               [], None, -1, -1, -1) for o in offsets]}
+
+    def close(self):
+        pass
+
+
+def test_a_read_that_jumps_past_records_goes_on_from_the_log_start_and_says_so(monkeypatch, capsys):
+    """The consumer kept kafka-python's auto_offset_reset='latest': a fetch that fell off the log start (retention
+    deleting the segment being read) moved to the partition's end, the rest of it skipped without a word, and
+    position() had no timeout (it waits for that reset's answer). Now: earliest, a timeout, and a warning."""
+    import kafka
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", _FakeConsumer)
+    series, names = read_topic_series("127.0.0.1:1", "t", None, None, "*", None, timeout_s=5)
+    consumer = _FakeConsumer.last
+    assert consumer.config["auto_offset_reset"] == "earliest"
+    assert None not in consumer.position_timeouts
+    assert names == ["a"] and [s[:, 0].tolist() for s in series] == [[0, 1, 2, 3, 7, 8, 9]]
+    assert ("warning: partition 0 of 't': the read skipped 3 offsets whose records it never got"
+            in capsys.readouterr().out)
+
+
+def test_offsets_skipped_are_counted_from_the_log_start_within_polls_and_up_to_the_end():
+    from pipelines.train_cmd import _Gaps
+
+    gaps = _Gaps({0: 5, 1: 0, 2: 0})
+    gaps.add(0, [8, 9, 11])  # 5..7 gone before the first fetch, 10 between two records
+    gaps.add(0, [11, 12])  # a record returned again is not a gap
+    gaps.add(1, [0, 1, 2])
+    gaps.add(2, [0])
+    gaps.finish({0: 13, 1: 6})  # 1: 3..5 never returned; 2 not finished (stopped early)
+    assert dict(gaps.skipped) == {0: 4, 1: 3, 2: 0}
+    assert [w.split(":")[1] for w in gaps.warnings("t")] == [" partition 0 of 't'", " partition 1 of 't'"]

@@ -388,3 +388,47 @@ def test_train_from_a_kafka_topic_time_range(kafka_bootstrap, topic_name, tmp_pa
     assert loaded.detector.kind == "lstm" and loaded.detector.feature_names == fleet().feature_names
     assert loaded.detector.summary["n_series"] == N_STREAMS
     assert end_offsets(kafka_bootstrap, topic_name)  # the topic really held the data
+
+
+def test_train_goes_on_from_the_log_start_when_records_are_deleted_while_it_reads(kafka_bootstrap, topic_name,
+                                                                                   monkeypatch, capsys):
+    """Retention deleting the records being read: the next fetch is out of range, and the consumer, on kafka-python's
+    default auto_offset_reset='latest', jumped to the partition's end, training on what it had read so far without a
+    word. Now it goes on from the new log start and says how many offsets it skipped."""
+    import json
+
+    from kafka import KafkaAdminClient, TopicPartition
+
+    from pipelines import train_cmd
+
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    t0, n, cut = int(time.time() * 1000), 3000, 2500  # 1 KiB messages: a fetch (1 MiB a partition) takes ~1000
+    producer = make_producer("kafka-python", kafka_bootstrap)
+    try:
+        for i in range(n):
+            producer.produce(topic_name, json.dumps({"stream": "p-1", "ts": t0 + i, "values": {"a": i},
+                                                     "pad": "x" * 1000}).encode())
+        producer.flush(30)
+    finally:
+        producer.close()
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    add, polls = train_cmd._Selection.add, []
+
+    def add_then_delete(self, records):
+        if not polls:  # after the first poll: the log start moves to `cut`, past what the read has fetched
+            assert len(records) < cut
+            admin.delete_records({TopicPartition(topic_name, 0): cut})
+        polls.append(len(records))
+        add(self, records)
+
+    monkeypatch.setattr(train_cmd._Selection, "add", add_then_delete)
+    try:
+        series, names = train_cmd.read_topic_series(kafka_bootstrap, topic_name, None, None, "*", None, timeout_s=20)
+    finally:
+        admin.close()
+    read = series[0][:, 0].astype(int).tolist()
+    assert names == ["a"] and read[-1] == n - 1 and read[-(n - cut):] == list(range(cut, n))
+    skipped = n - len(read)
+    assert skipped > 0
+    assert (f"warning: partition 0 of {topic_name!r}: the read skipped {skipped} offsets whose records it never got"
+            in capsys.readouterr().out)
