@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-__all__ = ["PRECISIONS", "autocast_dtype", "available_cpus", "inference_threads", "resolve_device"]
+__all__ = ["PRECISIONS", "autocast_dtype", "available_cpus", "exact_float32", "inference_threads", "resolve_device",
+           "tf32_possible"]
 
 PRECISIONS = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TORCH_DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (physical cores), before anyone changes it
@@ -35,6 +38,29 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     return PRECISIONS[precision] if device.type == "cuda" else None
+
+
+def tf32_possible(device: torch.device) -> bool:
+    """Whether float32 scoring on ``device`` may round as TF32: cuDNN's RNNs do by PyTorch's default
+    (``torch.backends.cudnn.allow_tf32``), moving a score by up to a few tenths of a percent (0.19 % measured on an
+    H200, benchmarks/RESULTS.md, checks on the GPU), not float32's 1e-7."""
+    return device.type == "cuda" and bool(torch.backends.cudnn.allow_tf32)
+
+
+@contextmanager
+def exact_float32(device: torch.device) -> Iterator[None]:
+    """cuDNN without TF32 inside (on a CUDA ``device``; nothing to do elsewhere): a threshold calibrated on scores
+    rounded as TF32 lay 1e-4 above a flat sensor's score, and the same window scored in float32 (the CPU) was over
+    it by up to 0.19 %. Process-wide while it lasts (training, not the daemon)."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
 
 
 def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:

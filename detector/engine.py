@@ -13,7 +13,7 @@ import torch
 from .autoencoder import AutoencoderDetector
 from .base import Detector
 from .cuda_graphs import GraphedScorer, graphs_mode
-from .device import autocast_dtype, resolve_device
+from .device import autocast_dtype, resolve_device, tf32_possible
 from .fastpath import FusedAutoencoder, bf16_available, bf16_speedup, fused_available
 from .scoring import WindowScores
 
@@ -32,7 +32,8 @@ set-up and lazy kernel loading: 0.27-0.33 s on an H200 (benchmarks/RESULTS.md, G
 micro-batch of a fresh daemon would otherwise wait for."""
 
 REDUCED_PRECISION_MARGIN = 1e-2
-"""Scoring with bfloat16 or float16 products (``precision`` other than float32, where it takes effect), a window is
+"""Scoring with bfloat16 or float16 products (``precision`` other than float32, where it takes effect), or in
+float32 on a GPU whose cuDNN may round as TF32 (PyTorch's default, :func:`detector.device.tf32_possible`), a window is
 over its model's threshold only when its score is this much (relative) above it, and normalised scores are
 divided by ``1 + margin``: those roundings move a window's score by up to a few tenths of a percent (about 2 % at
 most on trained models, benchmarks/RESULTS.md item 42), and a threshold calibrated on scores without any spread
@@ -96,7 +97,8 @@ class InferenceEngine:
                             "now): precision float32 would score faster", speedup)
             else:
                 log.info("bfloat16 products: %.2fx float32's windows/s on this CPU (measured now)", speedup)
-        reduced = self.bf16_products or (self.device.type == "cuda" and precision != "float32")
+        reduced = self.bf16_products or (self.device.type == "cuda" and precision != "float32") \
+            or tf32_possible(self.device)
         self.margin = REDUCED_PRECISION_MARGIN if reduced else 0.0  # see REDUCED_PRECISION_MARGIN
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the engine's device is {self.device}")

@@ -16,7 +16,7 @@ from torch import nn
 
 from .autoencoder import AutoencoderDetector, check_scoring_settings
 from .base import sliding_windows
-from .device import resolve_device
+from .device import exact_float32, resolve_device
 from .models import ModelConfig, build_model
 from .scaling import Scaler
 from .thresholds import Threshold, make_threshold
@@ -355,7 +355,8 @@ def train_detector(
         model_cfg, cfg, model=model, scaler=scaler, feature_names=feature_names,
         score_last_k=cfg.score_last_k, device=device,
     )
-    val_scores = detector.score_windows(val_windows).score
+    with exact_float32(device):  # the threshold is calibrated on float32 scores, whatever scores them later
+        val_scores = detector.score_windows(val_windows).score
     if not np.isfinite(val_scores).all():
         bad_rows = np.abs(np.concatenate(val_parts)).max(axis=0)
         raise ValueError(f"{int((~np.isfinite(val_scores)).sum())} of {len(val_scores)} validation windows score "

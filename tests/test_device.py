@@ -40,3 +40,26 @@ def test_inference_threads_auto_never_exceeds_torchs_default(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(device, "_TORCH_DEFAULT_THREADS", 1)
     assert inference_threads(0) == 1
+
+
+def test_float32_on_a_gpu_whose_cudnn_may_use_tf32_is_calibrated_exact_and_served_with_the_margin():
+    """cuDNN's RNNs round as TF32 by PyTorch's default (0.19 % measured against the CPU): a threshold calibrated so
+    lay 1e-4 above a flat sensor's score, and that sensor served on the CPU was over it in every window. Training
+    now scores its calibration windows without TF32, and a GPU engine in float32 keeps the reduced-precision margin
+    while TF32 is allowed. (The flags are Python-side: checked here without a GPU.)"""
+    import torch
+
+    from detector.device import exact_float32, tf32_possible
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        assert tf32_possible(cuda) and not tf32_possible(cpu)
+        with exact_float32(cuda):
+            assert torch.backends.cudnn.allow_tf32 is False and not tf32_possible(cuda)
+        assert torch.backends.cudnn.allow_tf32 is True  # restored
+        with exact_float32(cpu):
+            assert torch.backends.cudnn.allow_tf32 is True  # nothing to do off the GPU
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
