@@ -128,6 +128,7 @@ class _Selection:
         self._ts: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
         self.n_rejected, self.first_rejection = 0, ""
+        self.n_late = 0  # rows older than their stream's newest, left out by series()
         self.outside: tuple[int, int] | None = None  # (earliest, latest) ts of the events the range left out
 
     def add(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
@@ -219,7 +220,10 @@ class _Selection:
         return f"no events of streams {self._glob!r} in {topic!r} for the given time range{why}"
 
     def series(self) -> list[np.ndarray]:
-        """(T, F) per stream, in event-time order (stable for equal times: topic order within a partition)."""
+        """(T, F) per stream, in read order (a partition's in offset order), without its late rows: as the daemon
+        does, a row whose ts is below the stream's newest so far is dropped (counted in ``n_late``), not sorted in
+        (equal times are taken)."""
+        self.n_late = 0
         if not self._streams:
             return []
         ts, values = np.concatenate(self._ts), np.concatenate(self._values)
@@ -229,8 +233,19 @@ class _Selection:
         out = []
         for idx in rows.values():
             idx = np.asarray(idx)
-            out.append(values[idx[np.argsort(ts[idx], kind="stable")]])  # (T, F) in time order
+            on_time = ts[idx] >= np.maximum.accumulate(ts[idx])  # (T,)
+            self.n_late += int(len(idx) - on_time.sum())
+            out.append(values[idx[on_time]])  # (T', F)
         return out
+
+    def skipped(self) -> str | None:
+        """What was skipped as the daemon would (dead-lettered, late), after :meth:`series`; None if nothing."""
+        parts = []
+        if self.n_rejected:
+            parts.append(f"{self.n_rejected} that do not decode (first: {self.first_rejection})")
+        if self.n_late:
+            parts.append(f"{self.n_late} late (older than their stream's newest event, dropped as the daemon does)")
+        return f"skipped {self.n_rejected + self.n_late} messages: {'; '.join(parts)}" if parts else None
 
 
 class _Gaps:
@@ -269,7 +284,8 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
                       security: Mapping[str, Any] | None = None,
                       max_message_bytes: int = KafkaConfig.max_message_bytes) -> tuple[list[np.ndarray], list[str]]:
     """Events of ``topic`` with from_ms <= ts <= to_ms, decoded and validated exactly as the daemon does, grouped
-    per stream id as (T, F) series in time order. Messages the daemon would dead-letter are skipped (counted).
+    per stream id as (T, F) series in read order. Messages the daemon would dead-letter, and late events (older
+    than their stream's newest, which the daemon drops), are skipped (counted).
     ``security``: the config's ``kafka.security`` settings (read with kafka-python).
 
     ``ts`` is the event time (the message's own ``ts``), which need not follow the broker's timestamps (a replay
@@ -316,9 +332,9 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
     for line in gaps.warnings(topic):
         print(line)
     names = selection.finish(topic)
-    if selection.n_rejected:
-        print(f"skipped {selection.n_rejected} messages that do not decode (first: {selection.first_rejection})")
     series = selection.series()
+    if skipped := selection.skipped():
+        print(skipped)
     if not series:
         raise ValueError(selection.nothing_selected(topic))
     return series, list(names)

@@ -16,7 +16,7 @@ def rec(stream: str, ts: int, values, broker_ts: int = 0) -> tuple[bytes, bytes 
     return json.dumps({"stream": stream, "ts": ts, "values": values}).encode(), stream.encode(), broker_ts
 
 
-def test_polls_are_filtered_by_stream_and_event_time_and_sorted_per_stream():
+def test_polls_are_filtered_by_stream_and_event_time_in_read_order_per_stream():
     sel = _Selection(from_ms=1_000, to_ms=5_000, streams_glob="pump-*", feature_names=["a", "b"])
     sel.add([rec("pump-1", 3_000, {"a": 3, "b": 30}), rec("fan-1", 2_000, {"a": 9, "b": 9}),
              rec("pump-1", 999, {"a": -1, "b": -1}), rec("pump-2", 2_000, {"a": 5, "b": 50})])
@@ -25,7 +25,8 @@ def test_polls_are_filtered_by_stream_and_event_time_and_sorted_per_stream():
     assert sel.finish("t") == ["a", "b"]
     assert sel.n_rejected == 1 and sel.first_rejection == "bad_json"
     series = sorted(sel.series(), key=len)
-    assert [s.tolist() for s in series] == [[[5.0, 50.0]], [[2.0, 20.0], [3.0, 30.0], [4.0, 40.0]]]
+    assert [s.tolist() for s in series] == [[[5.0, 50.0]], [[3.0, 30.0], [4.0, 40.0]]]  # pump-1's 2_000: late
+    assert sel.n_late == 1
     assert all(s.dtype == np.float32 for s in series)
 
 
@@ -45,9 +46,9 @@ def test_feature_names_come_from_the_first_matching_stream_even_in_a_later_poll(
     sel = _Selection(None, None, "pump-*", None)
     sel.add([rec("fan-1", 1, {"x": 1}), (b"[]", None, 0)])  # nothing to name the features from yet: held
     sel.add([rec("pump-1", 2, {"a": 1, "b": 2})])
-    sel.add([rec("pump-1", 1, {"b": 4, "a": 3})])
+    sel.add([rec("pump-1", 3, {"b": 4, "a": 3})])
     assert sel.finish("t") == ["a", "b"]
-    assert [s.tolist() for s in sel.series()] == [[[3.0, 4.0], [1.0, 2.0]]]
+    assert [s.tolist() for s in sel.series()] == [[[1.0, 2.0], [3.0, 4.0]]]
     assert sel.n_rejected == 1  # the held poll was decoded too, once the names were known
 
 
@@ -291,3 +292,19 @@ def test_offsets_skipped_are_counted_from_the_log_start_within_polls_and_up_to_t
     gaps.finish({0: 13, 1: 6})  # 1: 3..5 never returned; 2 not finished (stopped early)
     assert dict(gaps.skipped) == {0: 4, 1: 3, 2: 0}
     assert [w.split(":")[1] for w in gaps.warnings("t")] == [" partition 0 of 't'", " partition 1 of 't'"]
+
+
+def test_late_events_are_dropped_as_the_daemon_drops_them_not_sorted_into_the_series():
+    """The daemon drops an event older than its stream's newest; training sorted each stream by ts, so a late
+    event was moved into the middle of the series: trained and calibrated on a sequence the daemon never builds."""
+    sel = _Selection(None, None, "*", ["a"])
+    sel.add([rec("p-1", ts, [float(ts)]) for ts in (10, 20, 30)] + [rec("p-2", 5, [5.0])])
+    sel.add([rec("p-1", 25, [99.0]), rec("p-1", 30, [30.5]), rec("p-2", 4, [99.0]), rec("p-1", 40, [40.0])])
+    assert [s[:, 0].tolist() for s in sel.series()] == [[10.0, 20.0, 30.0, 30.5, 40.0], [5.0]]  # equal ts: taken
+    assert sel.n_late == 2
+    assert sel.skipped() == ("skipped 2 messages: 2 late (older than their stream's newest event, dropped as the "
+                             "daemon does)")
+    sel.add([(b"{oops", None, 0)])
+    sel.series()
+    assert sel.skipped() == ("skipped 3 messages: 1 that do not decode (first: bad_json); 2 late (older than their "
+                             "stream's newest event, dropped as the daemon does)")
