@@ -6,7 +6,7 @@ import fnmatch
 import json
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,9 +18,9 @@ from detector.thresholds import make_threshold
 from detector.training import TrainConfig, enough_rows, load_series, train_detector
 
 from ._config_checks import is_plain_name
-from .config import KafkaConfig, load_config
+from .config import KafkaConfig, ProcessingConfig, load_config
 from .decode import DecodedBatch, FeatureSpec, _broker_ts, _check_stream, _parse_ts, _Reject, decode_batch
-from .intake import _MS_LOW
+from .intake import _MS_LOW, Intake
 from .kafka_security import client_security_config, kafka_python_bootstrap
 from .model_store import ModelStore
 
@@ -114,20 +114,34 @@ def _probe(record: tuple[bytes, bytes | None, int], streams_glob: str,
     return stream, ts, None
 
 
+class _FarAhead:
+    """The daemon's rule for event times far ahead (its intake's, shared, not copied): an event whose ts is more
+    than ``max_ahead_s`` (processing.max_event_time_ahead_s; 0: never) ahead of its record's broker timestamp is
+    dead-lettered as bad_timestamp. ``reject(decoded, broker_ts)`` moves such rows to ``decoded.rejected``."""
+
+    reject = Intake._reject_far_ahead
+
+    def __init__(self, max_ahead_s: float) -> None:
+        self.max_ahead_ms = int(min(max_ahead_s * 1000, 2**62))  # as Intake keeps it
+
+
 class _Selection:
     """The rows of the selected streams and time range, decoded a poll at a time so that memory follows what is
     kept (F float32 values, a timestamp and a stream id per row), not the topic's raw messages."""
 
     def __init__(self, from_ms: int | None, to_ms: int | None, streams_glob: str,
-                 feature_names: list[str] | None, max_message_bytes: int = KafkaConfig.max_message_bytes) -> None:
+                 feature_names: list[str] | None, max_message_bytes: int = KafkaConfig.max_message_bytes,
+                 max_ahead_s: float = ProcessingConfig.max_event_time_ahead_s) -> None:
         self._from_ms, self._to_ms, self._glob = from_ms, to_ms, streams_glob
         self._max_bytes = max_message_bytes  # the daemon's kafka.max_message_bytes: it dead-letters larger ones
+        self._far_ahead = _FarAhead(max_ahead_s)  # the daemon's processing.max_event_time_ahead_s
         self.names = feature_names
         self._pending: list[tuple[bytes, bytes | None, int]] = []  # held until the feature names are known
         self._streams: list[str] = []
         self._ts: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
         self.n_rejected, self.first_rejection = 0, ""
+        self.reasons: Counter[str] = Counter()  # messages skipped per dead-letter reason
         self.n_late = 0  # rows older than their stream's newest, left out by series()
         self.outside: tuple[int, int] | None = None  # (earliest, latest) ts of the events the range left out
 
@@ -182,15 +196,19 @@ class _Selection:
         if decoded.rejected:
             self.first_rejection = self.first_rejection or decoded.rejected[0][1]
             self.n_rejected += len(decoded.rejected)
+            self.reasons.update(reason for _, reason, _ in decoded.rejected)
 
     def _decode(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
         if not records:
             return
         spec = FeatureSpec(tuple(self.names))
         values, keys, broker_ts = zip(*records, strict=True)
-        decoded = decode_batch(list(values), list(keys), np.asarray(broker_ts, dtype=np.int64),
+        broker_ts = np.asarray(broker_ts, dtype=np.int64)
+        decoded = decode_batch(list(values), list(keys), broker_ts,
                                lambda stream: spec if fnmatch.fnmatchcase(stream, self._glob) else None,
                                self._max_bytes)
+        if self._far_ahead.max_ahead_ms:
+            self._far_ahead.reject(decoded, broker_ts)
         self._count_rejected(decoded)
         group = decoded.groups.get(spec)
         if group is None:
@@ -242,7 +260,8 @@ class _Selection:
         """What was skipped as the daemon would (dead-lettered, late), after :meth:`series`; None if nothing."""
         parts = []
         if self.n_rejected:
-            parts.append(f"{self.n_rejected} that do not decode (first: {self.first_rejection})")
+            reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.reasons.items()))
+            parts.append(f"{self.n_rejected} the daemon dead-letters ({reasons}; first: {self.first_rejection})")
         if self.n_late:
             parts.append(f"{self.n_late} late (older than their stream's newest event, dropped as the daemon does)")
         return f"skipped {self.n_rejected + self.n_late} messages: {'; '.join(parts)}" if parts else None
@@ -282,11 +301,15 @@ class _Gaps:
 def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: int | None, streams_glob: str,
                       feature_names: list[str] | None, timeout_s: float = 30.0,
                       security: Mapping[str, Any] | None = None,
-                      max_message_bytes: int = KafkaConfig.max_message_bytes) -> tuple[list[np.ndarray], list[str]]:
+                      max_message_bytes: int = KafkaConfig.max_message_bytes,
+                      max_ahead_s: float = ProcessingConfig.max_event_time_ahead_s,
+                      ) -> tuple[list[np.ndarray], list[str]]:
     """Events of ``topic`` with from_ms <= ts <= to_ms, decoded and validated exactly as the daemon does, grouped
     per stream id as (T, F) series in read order. Messages the daemon would dead-letter, and late events (older
     than their stream's newest, which the daemon drops), are skipped (counted).
-    ``security``: the config's ``kafka.security`` settings (read with kafka-python).
+    ``security``: the config's ``kafka.security`` settings (read with kafka-python); ``max_message_bytes`` and
+    ``max_ahead_s``: its kafka.max_message_bytes and processing.max_event_time_ahead_s (larger messages, and events
+    further ahead of their record's broker timestamp, are dead-lettered by the daemon: skipped).
 
     ``ts`` is the event time (the message's own ``ts``), which need not follow the broker's timestamps (a replay
     of history, a producer ahead of the clock): every partition is read from its first retained record to the
@@ -301,7 +324,7 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
         consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                                  consumer_timeout_ms=int(timeout_s * 1000), auto_offset_reset="earliest",
                                  **client_security_config("kafka-python", security))
-    selection = _Selection(from_ms, to_ms, streams_glob, feature_names, max_message_bytes)
+    selection = _Selection(from_ms, to_ms, streams_glob, feature_names, max_message_bytes, max_ahead_s)
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         if not parts:
@@ -435,12 +458,14 @@ def train_command(args) -> int:
     else:
         feats = parse_features(args.features) if args.features is not None else None
         bootstrap, security, max_bytes = args.bootstrap or "127.0.0.1:9092", None, KafkaConfig.max_message_bytes
-        if args.config:  # the daemon's brokers, credentials and message size limit
-            kafka = load_config(args.config).kafka
-            bootstrap, security = kafka.bootstrap_servers, kafka.security.client_settings()
-            max_bytes = kafka.max_message_bytes
+        max_ahead_s = ProcessingConfig.max_event_time_ahead_s
+        if args.config:  # the daemon's brokers, credentials, message size limit and event-time rule
+            cfg = load_config(args.config)
+            bootstrap, security = cfg.kafka.bootstrap_servers, cfg.kafka.security.client_settings()
+            max_bytes, max_ahead_s = cfg.kafka.max_message_bytes, cfg.processing.max_event_time_ahead_s
         series, names = read_topic_series(bootstrap, args.kafka_topic, args.from_ms, args.to_ms, args.streams,
-                                          feats, security=security, max_message_bytes=max_bytes)
+                                          feats, security=security, max_message_bytes=max_bytes,
+                                          max_ahead_s=max_ahead_s)
         short = [s for s in series if not enough_rows(len(s), args.window)]
         if short:  # a stream that began just before --to-ms: too short to split, left out rather than fatal
             series = [s for s in series if enough_rows(len(s), args.window)]

@@ -306,5 +306,46 @@ def test_late_events_are_dropped_as_the_daemon_drops_them_not_sorted_into_the_se
                              "daemon does)")
     sel.add([(b"{oops", None, 0)])
     sel.series()
-    assert sel.skipped() == ("skipped 3 messages: 1 that do not decode (first: bad_json); 2 late (older than their "
-                             "stream's newest event, dropped as the daemon does)")
+    assert sel.skipped() == ("skipped 3 messages: 1 the daemon dead-letters (bad_json 1; first: bad_json); 2 late "
+                             "(older than their stream's newest event, dropped as the daemon does)")
+
+
+def test_event_times_far_ahead_of_the_broker_are_skipped_as_the_daemon_dead_letters_them(tmp_path, monkeypatch):
+    """The daemon dead-letters (bad_timestamp) an event more than processing.max_event_time_ahead_s ahead of its
+    record's broker timestamp; training kept it (a ts in microseconds: the newest, so in the validation part, where
+    it raised the calibrated threshold)."""
+    now = 1_764_100_000_000
+    polls = [[rec("p-1", now + i, [float(i)], broker_ts=now) for i in range(5)]
+             + [rec("p-1", now * 1000, [7.0], broker_ts=now),  # microseconds
+                rec("p-1", now + 3_600_000, [8.0], broker_ts=now)]]  # an hour ahead
+    sel = _Selection(None, None, "*", None)  # the default: a day
+    for poll in polls:
+        sel.add(poll)
+    assert [s[:, 0].tolist() for s in sel.series()] == [[0.0, 1.0, 2.0, 3.0, 4.0, 8.0]]
+    assert sel.n_rejected == 1 and sel.first_rejection == "bad_timestamp"
+    assert sel.skipped() == "skipped 1 messages: 1 the daemon dead-letters (bad_timestamp 1; first: bad_timestamp)"
+    strict = _Selection(None, None, "*", ["f0"], max_ahead_s=60)  # a config's processing.max_event_time_ahead_s
+    strict.add(polls[0])
+    assert [s[:, 0].tolist() for s in strict.series()] == [[0.0, 1.0, 2.0, 3.0, 4.0]] and strict.n_rejected == 2
+    never = _Selection(None, None, "*", ["f0"], max_ahead_s=0)  # 0: never, as in the daemon
+    never.add(polls[0])
+    assert never.n_rejected == 0
+
+    import yaml
+
+    from pipelines import train_cmd
+    from pipelines.cli import main
+
+    cfg = yaml.safe_load(open("deploy/config.example.yaml"))
+    cfg.setdefault("processing", {})["max_event_time_ahead_s"] = 60
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    asked = {}
+
+    def read(*args, **kwargs):
+        asked.update(kwargs)
+        raise ValueError("read")
+
+    monkeypatch.setattr(train_cmd, "read_topic_series", read)
+    argv = ["train", "--kafka-topic", "t", "--name", "m", "--models-dir", str(tmp_path / "models")]
+    assert main([*argv, "-c", str(tmp_path / "c.yaml")]) == 2 and asked["max_ahead_s"] == 60
+    assert main(argv) == 2 and asked["max_ahead_s"] == 86400
