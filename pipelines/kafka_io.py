@@ -216,12 +216,7 @@ class KafkaPythonProducer:
         futures, errors = self._futures, self._errors
         self._futures, self._errors = [], []
         total = len(futures) + len(errors) + len(self._unsent)
-        deadline = time.monotonic() + timeout_s
-        try:  # the batches still lingering go now; the wait is _wait_done's, to one deadline
-            self._producer.flush(timeout=0)
-        except Exception:  # noqa: BLE001 - KafkaTimeoutError: some are not done yet
-            pass
-        _wait_done(futures, deadline)
+        _wait_done(futures, time.monotonic() + timeout_s)  # not kafka-python's flush: it waited timeout_s per batch
         pending = [fut for fut in futures if not fut.is_done]
         self._futures = pending  # still sent and retried by the client: the next flush waits for them
         errors += [f"{type(f.exception).__name__}: {f.exception}" for f in futures if f.is_done and f.failed()]

@@ -239,3 +239,41 @@ def test_kafka_python_flush_waits_to_one_deadline_not_one_timeout_per_batch() ->
         for ack in acks:
             ack.join()
     assert all(f.is_done for f in futures)
+
+
+def test_a_kafka_python_flush_holds_the_loop_to_its_timeout_for_all_its_messages() -> None:
+    """The producer's flush itself, on kafka-python's futures acknowledged 0.4 s apart: a 0.6 s flush returns with
+    the later ones pending (kept for the next flush), not after all three (kafka-python's flush: 1.2 s)."""
+    import threading
+    from collections import deque
+
+    from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
+
+    from pipelines.kafka_io import KafkaDeliveryPending, KafkaPythonProducer
+
+    batches = [FutureProduceResult(("t", p)) for p in range(3)]
+
+    class _Client:  # kafka-python's KafkaProducer as the wrapper uses it
+        def send(self, topic, value, key, headers):
+            return FutureRecordMetadata(batches[len(sent)], 0, -1, None, 1, 1, 0)
+
+        def flush(self, timeout=None):  # per batch in turn, as kafka-python 3.0.12's
+            for b in batches:
+                b.wait(timeout)
+
+    sent: list = []
+    producer = KafkaPythonProducer.__new__(KafkaPythonProducer)  # its client replaced, no broker
+    producer._producer, producer._futures, producer._errors = _Client(), [], []
+    producer._unsent, producer._keep_unsent, producer._no_metadata = deque(), False, set()
+    for i in range(3):
+        producer.produce("t", b"%d" % i)
+        sent.append(i)
+    acks = [threading.Timer(0.4 * (i + 1), b.success, args=((i, -1, None),)) for i, b in enumerate(batches)]
+    for ack in acks:
+        ack.start()
+    try:
+        with pytest.raises(KafkaDeliveryPending, match="^2 of 3 Kafka messages not acknowledged within 0.6s"):
+            producer.flush(0.6)
+    finally:
+        for ack in acks:
+            ack.join()
