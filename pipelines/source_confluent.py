@@ -205,8 +205,10 @@ class ConfluentSource:
                     raise CommittedUnreadable(f"the committed offsets of {sorted(tps)} cannot be read: {name}: "
                                               f"{exc.args[0].str()}") from exc
                 raise
-        # an error of one partition comes on it, with no offset (the call itself succeeds): not "never committed"
-        if failed := [(p.topic, p.partition, p.error) for p in got if p.error is not None]:
+        # an error of one partition comes on it, with no offset (the call itself succeeds): not "never committed",
+        # but for a partition the broker does not know (yet), which kafka-python takes as no commit too
+        if failed := [(p.topic, p.partition, p.error) for p in got
+                      if p.error is not None and p.error.name() != "UNKNOWN_TOPIC_OR_PART"]:
             reasons = "; ".join(f"{t}:{p}: {err.name()}: {err.str()}" for t, p, err in failed)
             if any(err.name() in REFUSED_LOOKUPS for _, _, err in failed):
                 raise CommittedUnreadable(f"the committed offsets of {sorted(tps)} cannot be read: {reasons}")

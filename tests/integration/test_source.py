@@ -125,6 +125,8 @@ def test_a_confluent_partition_error_on_the_committed_offsets_is_not_read_as_no_
         source._consumer = Answering(KafkaError.TOPIC_AUTHORIZATION_FAILED)
         with pytest.raises(CommittedUnreadable, match="TOPIC_AUTHORIZATION_FAILED"):
             source.committed([(topic_name, 0)])
+        source._consumer = Answering(KafkaError.UNKNOWN_TOPIC_OR_PART)  # as kafka-python: no commit
+        assert source.committed([(topic_name, 0)]) == {(topic_name, 0): None}
         source._consumer = Answering(KafkaError.UNSTABLE_OFFSET_COMMIT)
         positions = Positions()
         positions.assign([(topic_name, 0)])
