@@ -136,6 +136,7 @@ class _Selection:
         self._max_bytes = max_message_bytes  # the daemon's kafka.max_message_bytes: it dead-letters larger ones
         self._far_ahead = _FarAhead(max_ahead_s)  # the daemon's processing.max_event_time_ahead_s
         self.names = feature_names
+        self._grow = feature_names is None  # found, not given: the union of the selected messages' names
         self._pending: list[tuple[bytes, bytes | None, int]] = []  # held until the feature names are known
         self._streams: list[str] = []
         self._ts: list[np.ndarray] = []
@@ -155,9 +156,10 @@ class _Selection:
 
     def _hold(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
         """While the feature names are unknown: keep the selected messages (stream and event time) until they are
-        known, taking them from the first that has values (then the rest of the poll is kept whole, to be decoded
-        with them). Of the others, the ones the daemon dead-letters are counted and the selected streams' events
-        outside the range noted, as :meth:`_decode` does: memory follows the selection, not the topic."""
+        known, taking the first names from the first that has values (then the rest of the poll is kept whole, to be
+        decoded with them; :meth:`_decode` adds the features later messages name). Of the others, the ones the
+        daemon dead-letters are counted and the selected streams' events outside the range noted, as
+        :meth:`_decode` does: memory follows the selection, not the topic."""
         others = []
         for i, record in enumerate(records):
             probe = _probe(record, self._glob, self._max_bytes)
@@ -201,12 +203,18 @@ class _Selection:
     def _decode(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
         if not records:
             return
-        spec = FeatureSpec(tuple(self.names))
         values, keys, broker_ts = zip(*records, strict=True)
-        broker_ts = np.asarray(broker_ts, dtype=np.int64)
-        decoded = decode_batch(list(values), list(keys), broker_ts,
+        values, keys, broker_ts = list(values), list(keys), np.asarray(broker_ts, dtype=np.int64)
+        spec = FeatureSpec(tuple(self.names))
+        decoded = decode_batch(values, keys, broker_ts,
                                lambda stream: spec if fnmatch.fnmatchcase(stream, self._glob) else None,
                                self._max_bytes)
+        if self._grow and (new := self._new_names(records, decoded)):  # decoded again with them (rarely)
+            self.names = [*self.names, *new]
+            spec = FeatureSpec(tuple(self.names))
+            decoded = decode_batch(values, keys, broker_ts,
+                                   lambda stream: spec if fnmatch.fnmatchcase(stream, self._glob) else None,
+                                   self._max_bytes)
         if self._far_ahead.max_ahead_ms:
             self._far_ahead.reject(decoded, broker_ts)
         self._count_rejected(decoded)
@@ -226,6 +234,28 @@ class _Selection:
         self._ts.append(group.ts[idx])
         self._values.append(group.values[idx])
 
+    def _new_names(self, records: list[tuple[bytes, bytes | None, int]], decoded: DecodedBatch) -> list[str]:
+        """The feature names, in first-seen order, of the selected messages refused as unknown_feature (their values
+        name a feature the names so far lack): the features are the union over the selection, as a sparse stream
+        (a feature sent every 10th message, or first seen later) would otherwise have every message naming it
+        skipped, and dead-lettered by the daemon serving the model."""
+        known, new = set(self.names), []
+        for pos, reason, _ in decoded.rejected:
+            if reason != "unknown_feature":
+                continue
+            probe = _probe(records[pos], self._glob, self._max_bytes)
+            if probe is None or probe[2] is None or not _in_range(probe[1], self._from_ms, self._to_ms):
+                continue  # another stream's, or outside the time range: skipped as unknown_feature
+            stream, ts, names = probe
+            if problem := _names_problem(names):
+                raise ValueError(f"the values of a selected message (stream {stream!r}, ts {ts}) are keyed "
+                                 f"{names!r:.200}: {problem}; pass --features")
+            for name in names:
+                if name not in known:
+                    known.add(name)
+                    new.append(name)
+        return new
+
     def nothing_selected(self, topic: str) -> str:
         """Why no event was selected from ``topic``, with what would help: the features, the events' times."""
         check = f": check --features {','.join(self.names)}" if self.names else ""
@@ -244,7 +274,10 @@ class _Selection:
         self.n_late = 0
         if not self._streams:
             return []
-        ts, values = np.concatenate(self._ts), np.concatenate(self._values)
+        width = len(self.names)  # rows decoded before a feature was first seen: NaN (missing) for it
+        values = np.concatenate([np.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=np.nan)
+                                 for v in self._values])
+        ts = np.concatenate(self._ts)
         rows: dict[str, list[int]] = defaultdict(list)
         for i, stream in enumerate(self._streams):
             rows[stream].append(i)

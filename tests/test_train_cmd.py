@@ -349,3 +349,26 @@ def test_event_times_far_ahead_of_the_broker_are_skipped_as_the_daemon_dead_lett
     argv = ["train", "--kafka-topic", "t", "--name", "m", "--models-dir", str(tmp_path / "models")]
     assert main([*argv, "-c", str(tmp_path / "c.yaml")]) == 2 and asked["max_ahead_s"] == 60
     assert main(argv) == 2 and asked["max_ahead_s"] == 86400
+
+
+def test_without_features_the_names_are_the_union_over_the_selection_in_first_seen_order():
+    """The names were the first selected message's keys: a first message {"a": ..} fixed a model without "b", every
+    later message with "b" was skipped as unknown_feature, and the daemon serving it dead-lettered them all."""
+    def m(ts, vals, stream="p-1"):
+        return json.dumps({"stream": stream, "ts": ts, "values": vals}).encode(), None, ts
+
+    sel = _Selection(100, None, "p-*", None)
+    sel.add([m(100, {"a": 1.0}), m(101, {"a": 2.0, "b": 20.0}), m(50, {"z": 1.0}), m(102, {"x": 1.0}, "fan-1")])
+    sel.add([m(103, {"c": 300.0, "a": 3.0}), m(104, {"b": 40.0, "a": 4.0, "c": 400.0})])
+    assert sel.finish("t") == ["a", "b", "c"]  # not z (before --from-ms), not x (another stream)
+    (series,) = sel.series()
+    np.testing.assert_array_equal(series, [[1.0, np.nan, np.nan], [2.0, 20.0, np.nan], [3.0, np.nan, 300.0],
+                                           [4.0, 40.0, 400.0]])  # absent: missing values, as the daemon reads them
+    assert series.dtype == np.float32
+    assert sel.n_rejected == 1 and sel.first_rejection == "unknown_feature"  # z: the daemon dead-letters it
+    given = _Selection(None, None, "*", ["a"])  # --features: those, and no other
+    given.add([m(100, {"a": 1.0}), m(101, {"a": 2.0, "b": 20.0})])
+    assert given.finish("t") == ["a"] and given.n_rejected == 1 and given.first_rejection == "unknown_feature"
+    blank = _Selection(None, None, "*", None)
+    with pytest.raises(ValueError, match=r"keyed \['a', ''\]: feature names must be non-empty; pass --features"):
+        blank.add([m(100, {"a": 1.0}), m(101, {"a": 2.0, "": 20.0})])
