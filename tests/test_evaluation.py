@@ -415,3 +415,36 @@ def test_anomalyd_evaluate_is_wired(nab_dir: Path, tmp_path: Path) -> None:
     rc = anomalyd.main(["evaluate", "nab", "--data", str(nab_dir), "--model", "gaussian", "--output", str(out),
                         "--quiet"])
     assert rc == 0 and json.loads(out.read_text())["files"] == 3
+
+
+def test_the_report_is_not_printed_over_an_output_sent_to_stdout(nab_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """`--output /dev/stdout > out.json`: the report was printed after the JSON on the same standard output (a
+    pipe got invalid JSON; a file stdout was sent to got the report over the JSON's start). It is left out there:
+    the JSON carries it (report_markdown)."""
+    import sys
+
+    out = tmp_path / "stdout.txt"
+    with open(out, "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        rc = main(["evaluate", "nab", "--data", str(nab_dir), "--model", "gaussian", "--no-baseline", "--quiet",
+                   "--output", str(out)])
+    assert rc == 0
+    assert "| gaussian |" in json.loads(out.read_text())["report_markdown"]
+
+
+def test_a_raw_cache_that_exists_need_not_be_writable(tmp_path: Path, monkeypatch) -> None:
+    """The raw cache is written only on a miss: a read-only cache of hits served before the output check, which
+    then refused it."""
+    import argparse
+    import os
+
+    from pipelines.evaluation.cli import _check_outputs
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # read-only (root passes any permission bits)
+    args = argparse.Namespace(output=None, report=None, scores_dir=None, plots=None, raw_cache=str(cache))
+    _check_outputs(args)
+    with pytest.raises(PermissionError, match="--raw-cache"):
+        _check_outputs(argparse.Namespace(output=None, report=None, scores_dir=None, plots=None,
+                                          raw_cache=str(tmp_path / "new")))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import math
 import os
@@ -97,6 +98,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
         if not text:
             continue
         given = Path(text)
+        if attr == "raw_cache" and given.is_dir():  # written only on a miss: a read-only cache of hits serves
+            continue
         path = target = given if given.exists() else Path(os.path.realpath(text))  # exists(): links followed
         if path.exists() and path.is_dir() != directory:  # a file, a pipe or a character device is a file here
             what = ("a directory", "a file") if path.is_dir() else ("a file", "a directory")
@@ -109,6 +112,23 @@ def _check_outputs(args: argparse.Namespace) -> None:
         if not os.access(target, os.W_OK):
             raise PermissionError(f"{flag} {text}: {target} is not writable")
         setattr(args, attr, str(path))
+
+
+def _print_report(args: argparse.Namespace, report: str) -> None:
+    """The report on standard output, unless an output goes there already (``--output /dev/stdout``): the JSON
+    and the report one after the other made neither readable (a file stdout was sent to: the report over it)."""
+    try:
+        out = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # no real stdout (a test's capture): print as always
+        print(report)
+        return
+    for path in (args.output, getattr(args, "report", None)):
+        try:
+            if path and (st := os.stat(path)) and (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
+                return
+        except OSError:
+            continue
+    print(report)
 
 
 def _write_outputs(args: argparse.Namespace, models: list[str], summaries: dict, report: str, seconds: float) -> None:
@@ -178,7 +198,7 @@ def run_nab(args: argparse.Namespace, log) -> int:
     seconds_all = time.perf_counter() - t_start
     report = nab_report(summaries, args.data, seconds_all)
     _write_outputs(args, models, summaries, report, seconds_all)
-    print(report)
+    _print_report(args, report)
     for kind, results, summary in to_plot:  # after the results are written: a failed figure loses none of them
         _nab_plots(Path(args.plots) / kind, corpus, results, summary)
     return 0
@@ -222,7 +242,7 @@ def run_multivariate(args: argparse.Namespace, log) -> int:
     seconds_all = time.perf_counter() - t_start
     report = multivariate_report(summaries, args.data, seconds_all)
     _write_outputs(args, models, summaries, report, seconds_all)
-    print(report)
+    _print_report(args, report)
     for kind, results in to_plot:  # after the results are written: a failed figure loses none of them
         for e, r in zip(entities, results, strict=True):
             plot_detection(Path(args.plots) / kind / f"{safe_filename(e.name)}.png",
