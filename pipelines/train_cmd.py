@@ -56,6 +56,14 @@ def _check_selection(from_ms: int | None, to_ms: int | None, feature_names: list
         raise ValueError(f"--features: {problem}, got {feature_names!r:.200}")
 
 
+def _unit_warnings(from_ms: int | None, to_ms: int | None) -> list[str]:
+    """A warning for each bound that looks like seconds (as the events' ts would below _MS_LOW): --from-ms alone
+    in seconds selects the whole topic without a word."""
+    return [f"warning: {flag} {value} looks like seconds: ts is epoch milliseconds ({flag} {value * 1000}?)"
+            for flag, value in (("--from-ms", from_ms), ("--to-ms", to_ms))
+            if value is not None and 0 < value < _MS_LOW]
+
+
 def _in_range(ts: int, from_ms: int | None, to_ms: int | None) -> bool:
     return (from_ms is None or ts >= from_ms) and (to_ms is None or ts <= to_ms)
 
@@ -351,6 +359,8 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
     from kafka import KafkaConsumer, TopicPartition
 
     _check_selection(from_ms, to_ms, feature_names)
+    for line in _unit_warnings(from_ms, to_ms):
+        print(line)
     with kafka_python_bootstrap(bootstrap, security):
         # earliest: a fetch that falls off the log start (retention deleting what is being read) goes on from the
         # new start, the records lost said below; kafka-python's default, latest, skipped the rest silently

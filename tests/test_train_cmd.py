@@ -372,3 +372,22 @@ def test_without_features_the_names_are_the_union_over_the_selection_in_first_se
     blank = _Selection(None, None, "*", None)
     with pytest.raises(ValueError, match=r"keyed \['a', ''\]: feature names must be non-empty; pass --features"):
         blank.add([m(100, {"a": 1.0}), m(101, {"a": 2.0, "": 20.0})])
+
+
+def test_a_time_range_in_seconds_is_warned_about_before_the_topic_is_read(monkeypatch, capsys):
+    """Bounds that look like seconds were said only when the range then selected nothing: --from-ms in seconds
+    alone selected the whole topic without a word."""
+    import kafka
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", _FakeConsumer)
+    series, _ = read_topic_series("127.0.0.1:1", "t", 1_764_100_000, None, "*", None, timeout_s=5)
+    assert len(series[0]) == 7  # the whole (fake) topic
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("warning: --from-ms 1764100000 looks like seconds: ts is epoch milliseconds "
+                      "(--from-ms 1764100000000?)")
+    with pytest.raises(ValueError, match="for the given time range"):  # nothing selected
+        read_topic_series("127.0.0.1:1", "t", 0, 1_764_200_000, "*", None, timeout_s=5)  # 0: no warning
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "warning: --to-ms 1764200000 looks like seconds: ts is epoch milliseconds (--to-ms 1764200000000?)")
+    read_topic_series("127.0.0.1:1", "t", 1_764_100_000_000, 1_764_200_000_000, "*", None, timeout_s=5)
+    assert "looks like seconds" not in capsys.readouterr().out
