@@ -74,10 +74,10 @@ class Intake:
         self._spec_of = self._spec_cache()  # the routes' features may have changed
 
     def _spec_cache(self) -> SpecCache:
-        """Room for twice the streams the daemon may hold: with more streams in use than the cache holds, it
-        started afresh every few polls and nearly every event was routed again (its default, 500,000, was half
-        the default processing.max_streams)."""
-        return SpecCache(self._features_of, limit=max(SPEC_CACHE_MIN, 2 * self.max_streams))
+        """Room for the streams the daemon may hold and a quarter more (ids refused or unrouted are kept too): with
+        more streams in use than the cache holds, it started afresh every few polls and nearly every event was
+        routed again (its default, 500,000, was half the default processing.max_streams)."""
+        return SpecCache(self._features_of, limit=max(SPEC_CACHE_MIN, self.max_streams * 5 // 4))
 
     def add(self, batch: RecordBatch, producer: Producer) -> None:
         """Decode ``batch``, route its events into window buffers (queueing due windows), dead-letter the bad,
