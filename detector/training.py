@@ -24,6 +24,7 @@ from .thresholds import Threshold, make_threshold
 __all__ = ["TrainConfig", "train_detector", "calibrate_threshold", "enough_rows", "load_series"]
 
 logger = logging.getLogger("anomalyd")
+_DST_FALL_BACKS_APART = timedelta(days=300)  # daylight saving time ends once a year
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ def _check_time_order(path: Path, column: str, times: list[str], lines: list[int
     """Refuse rows out of time order (a newest-first export trained on time run backwards and calibrated on the
     oldest rows): the time column read as numbers, else as ISO 8601 times; one it cannot read so is not checked.
     Times without a UTC offset (local time) may step back once by up to an hour where daylight saving time ends and
-    the hour repeats: a step whose neighbours do not step back, a day or more after any other (warned about)."""
+    the hour repeats: a step whose neighbours do not step back, 300 days or more after any other (they come once
+    a year; warned about)."""
     if len(times) < 2:
         return
     try:
@@ -145,7 +147,7 @@ def _check_time_order(path: Path, column: str, times: list[str], lines: list[int
     local = isinstance(keys[0], datetime) and keys[0].tzinfo is None  # all of them, or comparing them had raised
     for n, i in enumerate(back):
         if not (local and keys[i - 1] - keys[i] <= timedelta(hours=1) and i + 1 not in back[n + 1 : n + 2]
-                and (n == 0 or keys[i] - keys[back[n - 1]] >= timedelta(days=1))):  # not a DST fall-back
+                and (n == 0 or keys[i] - keys[back[n - 1]] >= _DST_FALL_BACKS_APART)):  # not a DST fall-back
             hint = (" (times in local time without a UTC offset should carry their offset or be in UTC: sorting "
                     "interleaves the hour repeated when daylight saving time ends)") if local else ""
             raise ValueError(f"{path}:{lines[i]}: {column.strip()} {times[i]} is earlier than the row before "

@@ -127,11 +127,19 @@ def test_local_times_across_a_dst_fall_back_load_with_a_warning(tmp_path, caplog
         "or in UTC, leave no doubt"]
 
 
+def test_local_times_across_fall_backs_a_year_apart_load(tmp_path):
+    times = ["2023-11-05 01:50", "2023-11-05 01:00", "2023-11-05 02:00", "2024-11-03 01:50", "2024-11-03 01:00",
+             "2024-11-03 02:00"]
+    (tmp_path / "d.csv").write_text("timestamp,a\n" + "".join(f"{t},1\n" for t in times))
+    assert load_series(tmp_path / "d.csv")[0].shape == (6, 1)
+
+
 @pytest.mark.parametrize("times,line", [
     (["2024-11-03 03:00", "2024-11-03 02:00", "2024-11-03 01:00"], 3),  # newest first, hourly: a step at each row
     (["2024-11-03 01:00", "2024-11-03 01:45", "2024-11-03 01:30", "2024-11-03 01:20"], 4),  # two steps in a row
     (["2024-11-03 01:45", "2024-11-03 00:44", "2024-11-03 01:50"], 3),  # more than an hour back
     (["2024-11-03 01:10", "2024-11-03 01:00", "2024-11-03 01:20", "2024-11-03 01:05"], 5),  # two within a day
+    (["2024-11-03 01:10", "2024-11-03 01:00", "2024-11-05 01:20", "2024-11-05 01:05"], 5),  # two days apart
 ])
 def test_local_times_stepping_back_otherwise_are_refused_with_advice_on_offsets(tmp_path, caplog, times, line):
     (tmp_path / "d.csv").write_text("timestamp,a\n" + "".join(f"{t},1\n" for t in times))
