@@ -171,8 +171,8 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         raise CheckpointError(f"{weights_path}: not a valid safetensors file ({exc})") from None
     if "weights_sha256" in meta and meta["weights_sha256"] != hashlib.sha256(weights).hexdigest():  # not in older ones
         raise CheckpointError(f"{weights_path}: not the weights {meta_path} was saved with (their SHA-256 differs): "
-                              "the two files come from different saves (one interrupted between its renames, or "
-                              "a copy of one file only)")
+                              "the two files come from different saves (one in progress: load again; one "
+                              "interrupted between its renames, or a copy of one file only)")
     with torch.device("meta"):  # shapes only: a corrupt size in the metadata must not allocate (gigabytes) first
         expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}

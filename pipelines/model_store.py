@@ -141,9 +141,7 @@ class ModelStore:
         tmp = Path(tempfile.mkdtemp(prefix=f".{v}.", suffix=".tmp", dir=self.root / name))  # one per save
         tmp.chmod(0o777 & ~_umask())  # as mkdir would (mkdtemp's 0700 hid the version from a daemon of another uid)
         try:
-            save_checkpoint(detector, tmp)
-            for file in tmp.iterdir():  # as open() would: safetensors writes its file 0600, whatever the umask
-                file.chmod(0o666 & ~_umask())
+            save_checkpoint(detector, tmp)  # its files as open() makes them: readable by a daemon of another uid
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # no hidden half-written directory left behind
             raise
