@@ -23,7 +23,7 @@ from .routes import RouteState
 from .routing import Router
 from .source import RecordBatch
 
-__all__ = ["TOO_MANY_STREAMS", "Intake"]
+__all__ = ["TOO_MANY_STREAMS", "Intake", "reject_far_ahead"]
 
 log = logging.getLogger("anomalyd")
 
@@ -44,6 +44,37 @@ class _RouteFeatures(FeatureSpec):
 
     __eq__ = object.__eq__
     __hash__ = object.__hash__
+
+
+def reject_far_ahead(decoded: DecodedBatch, broker_ts: np.ndarray, max_ahead_ms: int) -> None:
+    """Events whose ts is more than ``max_ahead_ms`` (processing.max_event_time_ahead_s) ahead of their record's
+    broker timestamp (this host's clock where a record has none) become rejections (reason bad_timestamp), in input
+    order with the others. The broker's time, not the clock: a record read again to rebuild windows gets the answer
+    it got when first read (counted as replayed then), whenever that is. Training from a topic applies it too."""
+    now = int(time.time() * 1000)
+    added = False
+    for spec, group in list(decoded.groups.items()):
+        ref = broker_ts[group.ok_index]  # (N,)
+        ref = np.where(ref > 0, ref, now)  # no broker timestamp (-1): the clock
+        # without wrapping: ts - ref overflows int64 for a ts near its minimum (dead-lettered as "ahead")
+        far = group.ts > np.minimum(ref, np.iinfo(np.int64).max - max_ahead_ms) + max_ahead_ms
+        if not far.any():
+            continue
+        for i in np.flatnonzero(far).tolist():
+            ahead_s = (int(group.ts[i]) - int(ref[i])) / 1000
+            unit = " (microseconds or nanoseconds? ts is epoch milliseconds)" if group.ts[i] >= _MS_HIGH else ""
+            decoded.rejected.append((int(group.ok_index[i]), "bad_timestamp",
+                                     f"ts {int(group.ts[i])} is {ahead_s:.0f} s ahead of its record's broker "
+                                     f"timestamp, more than processing.max_event_time_ahead_s "
+                                     f"({max_ahead_ms / 1000:g})" + unit))
+        added = True
+        keep = np.flatnonzero(~far)
+        if len(keep):
+            decoded.groups[spec] = group.take(keep)
+        else:
+            del decoded.groups[spec]
+    if added:
+        decoded.rejected.sort(key=lambda r: r[0])
 
 
 class Intake:
@@ -86,7 +117,7 @@ class Intake:
         replay = self.positions.replay_mask(tp_idx, batch.offset)
         decoded = decode_batch(batch.value, batch.key, batch.timestamp, self._spec_of, self.max_message_bytes)
         if self.max_ahead_ms:
-            self._reject_far_ahead(decoded, batch.timestamp)
+            reject_far_ahead(decoded, batch.timestamp, self.max_ahead_ms)
         if self.max_streams:
             self._refuse_new_streams(decoded, replay)
         self.metrics.decoded.labels(decoder="native").inc(decoded.n_native)
@@ -106,36 +137,6 @@ class Intake:
         for features, group in decoded.groups.items():  # one group per route
             self._add_to_route(self._route[features], group, batch, tp_idx, replay)
         self.positions.advance(tp_idx, batch.offset)
-
-    def _reject_far_ahead(self, decoded: DecodedBatch, broker_ts: np.ndarray) -> None:
-        """Events whose ts is more than processing.max_event_time_ahead_s ahead of their record's broker timestamp
-        (this host's clock where a record has none) become rejections (reason bad_timestamp), in input order with
-        the others. The broker's time, not the clock: a record read again to rebuild windows gets the answer it
-        got when first read (counted as replayed then), whenever that is."""
-        now = int(time.time() * 1000)
-        added = False
-        for spec, group in list(decoded.groups.items()):
-            ref = broker_ts[group.ok_index]  # (N,)
-            ref = np.where(ref > 0, ref, now)  # no broker timestamp (-1): the clock
-            # without wrapping: ts - ref overflows int64 for a ts near its minimum (dead-lettered as "ahead")
-            far = group.ts > np.minimum(ref, np.iinfo(np.int64).max - self.max_ahead_ms) + self.max_ahead_ms
-            if not far.any():
-                continue
-            for i in np.flatnonzero(far).tolist():
-                ahead_s = (int(group.ts[i]) - int(ref[i])) / 1000
-                unit = " (microseconds or nanoseconds? ts is epoch milliseconds)" if group.ts[i] >= _MS_HIGH else ""
-                decoded.rejected.append((int(group.ok_index[i]), "bad_timestamp",
-                                         f"ts {int(group.ts[i])} is {ahead_s:.0f} s ahead of its record's broker "
-                                         f"timestamp, more than processing.max_event_time_ahead_s "
-                                         f"({self.max_ahead_ms / 1000:g})" + unit))
-            added = True
-            keep = np.flatnonzero(~far)
-            if len(keep):
-                decoded.groups[spec] = group.take(keep)
-            else:
-                del decoded.groups[spec]
-        if added:
-            decoded.rejected.sort(key=lambda r: r[0])
 
     def _refuse_new_streams(self, decoded: DecodedBatch, replay: np.ndarray) -> None:
         """The events of streams beyond processing.max_streams (counted over every route, the streams already held

@@ -20,7 +20,7 @@ from detector.training import TrainConfig, enough_rows, load_series, train_detec
 from ._config_checks import is_plain_name
 from .config import KafkaConfig, ProcessingConfig, load_config
 from .decode import DecodedBatch, FeatureSpec, _broker_ts, _check_stream, _parse_ts, _Reject, decode_batch
-from .intake import _MS_LOW, Intake
+from .intake import _MS_LOW, reject_far_ahead
 from .kafka_security import client_security_config, kafka_python_bootstrap
 from .model_store import ModelStore
 
@@ -122,17 +122,6 @@ def _probe(record: tuple[bytes, bytes | None, int], streams_glob: str,
     return stream, ts, None
 
 
-class _FarAhead:
-    """The daemon's rule for event times far ahead (its intake's, shared, not copied): an event whose ts is more
-    than ``max_ahead_s`` (processing.max_event_time_ahead_s; 0: never) ahead of its record's broker timestamp is
-    dead-lettered as bad_timestamp. ``reject(decoded, broker_ts)`` moves such rows to ``decoded.rejected``."""
-
-    reject = Intake._reject_far_ahead
-
-    def __init__(self, max_ahead_s: float) -> None:
-        self.max_ahead_ms = int(min(max_ahead_s * 1000, 2**62))  # as Intake keeps it
-
-
 class _Selection:
     """The rows of the selected streams and time range, decoded a poll at a time so that memory follows what is
     kept (F float32 values, a timestamp and a stream id per row), not the topic's raw messages."""
@@ -142,7 +131,7 @@ class _Selection:
                  max_ahead_s: float = ProcessingConfig.max_event_time_ahead_s) -> None:
         self._from_ms, self._to_ms, self._glob = from_ms, to_ms, streams_glob
         self._max_bytes = max_message_bytes  # the daemon's kafka.max_message_bytes: it dead-letters larger ones
-        self._far_ahead = _FarAhead(max_ahead_s)  # the daemon's processing.max_event_time_ahead_s
+        self._max_ahead_ms = int(min(max_ahead_s * 1000, 2**62))  # the daemon's processing.max_event_time_ahead_s
         self.names = feature_names
         self._grow = feature_names is None  # found, not given: the union of the selected messages' names
         self._pending: list[tuple[bytes, bytes | None, int]] = []  # held until the feature names are known
@@ -223,8 +212,8 @@ class _Selection:
             decoded = decode_batch(values, keys, broker_ts,
                                    lambda stream: spec if fnmatch.fnmatchcase(stream, self._glob) else None,
                                    self._max_bytes)
-        if self._far_ahead.max_ahead_ms:
-            self._far_ahead.reject(decoded, broker_ts)
+        if self._max_ahead_ms:
+            reject_far_ahead(decoded, broker_ts, self._max_ahead_ms)  # the daemon's rule, shared
         self._count_rejected(decoded)
         group = decoded.groups.get(spec)
         if group is None:
