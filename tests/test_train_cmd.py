@@ -1,6 +1,6 @@
-"""``anomalyd train`` (pipelines.train_cmd): its arguments, checked before any training, and ``--kafka-topic``'s
-selection (``_Selection``), fed polls as the consumer gives them: each poll is decoded on arrival and only the
-selected rows are kept."""
+"""``anomalyd train`` (pipelines.train_cmd, train_topic): its arguments, checked before any training, and
+``--kafka-topic``'s selection (``_Selection``), fed polls as the consumer gives them: each poll is decoded on
+arrival and only the selected rows are kept."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.train_cmd import _Selection, parse_features, read_topic_series
+from pipelines.train_topic import _Selection, parse_features, read_topic_series
 
 
 def rec(stream: str, ts: int, values, broker_ts: int = 0) -> tuple[bytes, bytes | None, int]:
@@ -282,7 +282,7 @@ def test_a_read_that_jumps_past_records_goes_on_from_the_log_start_and_says_so(m
 
 
 def test_offsets_skipped_are_counted_from_the_log_start_within_polls_and_up_to_the_end():
-    from pipelines.train_cmd import _Gaps
+    from pipelines.train_topic import _Gaps
 
     gaps = _Gaps({0: 5, 1: 0, 2: 0})
     gaps.add(0, [8, 9, 11])  # 5..7 gone before the first fetch, 10 between two records

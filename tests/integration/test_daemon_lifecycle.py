@@ -399,7 +399,7 @@ def test_train_goes_on_from_the_log_start_when_records_are_deleted_while_it_read
 
     from kafka import KafkaAdminClient, TopicPartition
 
-    from pipelines import train_cmd
+    from pipelines import train_topic
 
     create_topic(kafka_bootstrap, topic_name, partitions=1)
     t0, n, cut = int(time.time() * 1000), 3000, 2500  # 1 KiB messages: a fetch (1 MiB a partition) takes ~1000
@@ -412,7 +412,7 @@ def test_train_goes_on_from_the_log_start_when_records_are_deleted_while_it_read
     finally:
         producer.close()
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    add, polls = train_cmd._Selection.add, []
+    add, polls = train_topic._Selection.add, []
 
     def add_then_delete(self, records):
         if not polls:  # after the first poll: the log start moves to `cut`, past what the read has fetched
@@ -421,9 +421,9 @@ def test_train_goes_on_from_the_log_start_when_records_are_deleted_while_it_read
         polls.append(len(records))
         add(self, records)
 
-    monkeypatch.setattr(train_cmd._Selection, "add", add_then_delete)
+    monkeypatch.setattr(train_topic._Selection, "add", add_then_delete)
     try:
-        series, names = train_cmd.read_topic_series(kafka_bootstrap, topic_name, None, None, "*", None, timeout_s=20)
+        series, names = train_topic.read_topic_series(kafka_bootstrap, topic_name, None, None, "*", None, timeout_s=20)
     finally:
         admin.close()
     read = series[0][:, 0].astype(int).tolist()

@@ -1,0 +1,388 @@
+"""Training events read from a Kafka topic time range (``anomalyd train --kafka-topic``): decoded, validated and
+kept per stream as the daemon would take them (its dead letters, late events and far-ahead times left out)."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import time
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .config import KafkaConfig, ProcessingConfig
+from .decode import DecodedBatch, FeatureSpec, _broker_ts, _check_stream, _parse_ts, _Reject, decode_batch
+from .intake import _MS_LOW, reject_far_ahead
+from .kafka_security import client_security_config, kafka_python_bootstrap
+
+__all__ = ["check_selection", "parse_features", "read_topic_series"]
+
+
+def parse_features(text: str) -> list[str]:
+    """``--features``' comma-separated names, each stripped; ValueError naming --features unless they are distinct
+    and non-empty (the daemon's loader refuses a model whose names are not: the version would never be served)."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise ValueError(f"--features: an empty name in {text!r} (comma-separated names: none between two commas "
+                         "or at either end)")
+    if problem := _names_problem(names):
+        raise ValueError(f"--features: {problem}, got {text!r}")
+    return names
+
+
+def _names_problem(names: list[str]) -> str | None:
+    """What makes ``names`` unusable as a model's feature names (empty or blank, or one named twice), or None."""
+    if not all(name.strip() for name in names):
+        return "feature names must be non-empty"
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        return f"feature {twice[0]!r} is named twice"
+    return None
+
+
+def check_selection(from_ms: int | None, to_ms: int | None, feature_names: list[str] | None) -> None:
+    """ValueError, before the topic is read, for a time range that selects nothing or unusable feature names."""
+    if from_ms is not None and to_ms is not None and from_ms > to_ms:
+        raise ValueError(f"--from-ms: {from_ms} is after --to-ms {to_ms}: the range selects nothing")
+    if feature_names is not None and (problem := _names_problem(feature_names)):
+        raise ValueError(f"--features: {problem}, got {feature_names!r:.200}")
+
+
+def _unit_warnings(from_ms: int | None, to_ms: int | None) -> list[str]:
+    """A warning for each bound that looks like seconds (as the events' ts would below _MS_LOW): --from-ms alone
+    in seconds selects the whole topic without a word."""
+    return [f"warning: {flag} {value} looks like seconds: ts is epoch milliseconds ({flag} {value * 1000}?)"
+            for flag, value in (("--from-ms", from_ms), ("--to-ms", to_ms))
+            if value is not None and 0 < value < _MS_LOW]
+
+
+def _in_range(ts: int, from_ms: int | None, to_ms: int | None) -> bool:
+    return (from_ms is None or ts >= from_ms) and (to_ms is None or ts <= to_ms)
+
+
+def _event_ts(msg: dict, broker_ts: int) -> int | None:
+    """The message's event time as the daemon reads it (its ``ts``, else the broker's); None when it has none."""
+    ts = msg.get("ts")
+    if type(ts) is int and -(2**63) <= ts < 2**63:
+        return ts
+    try:
+        return _broker_ts(broker_ts) if ts is None else _parse_ts(ts)
+    except _Reject:
+        return None
+
+
+def _stream_of(msg: dict, key: bytes | None) -> str | None:
+    """The message's stream id as the daemon reads it (``stream``, else the key); None when it has none."""
+    stream = msg.get("stream")
+    if isinstance(stream, str) and stream:
+        return stream
+    if stream is not None and not isinstance(stream, str) or not key:
+        return None
+    try:
+        return bytes(key).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _probe(record: tuple[bytes, bytes | None, int], streams_glob: str,
+           max_bytes: int) -> tuple[str, int, list[str] | None] | None:
+    """A message of a stream ``streams_glob`` takes, read as the daemon reads it: its stream id, its event time and
+    the feature names its values give (dict keys in order, else f0..fN-1, ``value``: f0; None when it has none).
+    None for another stream's message or one the daemon dead-letters whatever the features (oversized, not a JSON
+    object, no stream id or no time)."""
+    raw, key, broker_ts = record
+    if not raw or len(raw) > max_bytes:
+        return None
+    try:
+        msg = json.loads(raw)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if not isinstance(msg, dict):
+        return None
+    stream, ts = _stream_of(msg, key), _event_ts(msg, broker_ts)
+    if stream is None or ts is None or not fnmatch.fnmatchcase(stream, streams_glob):
+        return None
+    try:
+        _check_stream(stream)  # a control character, too long: dead-lettered, so it names no features
+    except _Reject:
+        return None
+    vals = msg.get("values", [msg["value"]] if "value" in msg else None)
+    if isinstance(vals, dict) and vals:
+        return stream, ts, list(vals)
+    if isinstance(vals, list) and vals:
+        return stream, ts, [f"f{i}" for i in range(len(vals))]
+    return stream, ts, None
+
+
+class _Selection:
+    """The rows of the selected streams and time range, decoded a poll at a time so that memory follows what is
+    kept (F float32 values, a timestamp and a stream id per row), not the topic's raw messages."""
+
+    def __init__(self, from_ms: int | None, to_ms: int | None, streams_glob: str,
+                 feature_names: list[str] | None, max_message_bytes: int = KafkaConfig.max_message_bytes,
+                 max_ahead_s: float = ProcessingConfig.max_event_time_ahead_s) -> None:
+        self._from_ms, self._to_ms, self._glob = from_ms, to_ms, streams_glob
+        self._max_bytes = max_message_bytes  # the daemon's kafka.max_message_bytes: it dead-letters larger ones
+        self._max_ahead_ms = int(min(max_ahead_s * 1000, 2**62))  # the daemon's processing.max_event_time_ahead_s
+        self.names = feature_names
+        self._grow = feature_names is None  # found, not given: the union of the selected messages' names
+        self._pending: list[tuple[bytes, bytes | None, int]] = []  # held until the feature names are known
+        self._streams: list[str] = []
+        self._ts: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self.n_rejected, self.first_rejection = 0, ""
+        self.reasons: Counter[str] = Counter()  # messages skipped per dead-letter reason
+        self.n_late = 0  # rows older than their stream's newest, left out by series()
+        self.outside: tuple[int, int] | None = None  # (earliest, latest) ts of the events the range left out
+
+    def add(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
+        if self.names is None:
+            self._hold(records)
+            if self.names is None:
+                return
+            records, self._pending = self._pending, []
+        self._decode(records)
+
+    def _hold(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
+        """While the feature names are unknown: keep the selected messages (stream and event time) until they are
+        known, taking the first names from the first that has values (then the rest of the poll is kept whole, to be
+        decoded with them; :meth:`_decode` adds the features later messages name). Of the others, the ones the
+        daemon dead-letters are counted and the selected streams' events outside the range noted, as
+        :meth:`_decode` does: memory follows the selection, not the topic."""
+        others = []
+        for i, record in enumerate(records):
+            probe = _probe(record, self._glob, self._max_bytes)
+            if probe is None or not _in_range(probe[1], self._from_ms, self._to_ms):
+                if probe is not None and probe[2] is not None:
+                    self._note_outside(probe[1], probe[1])
+                others.append(record)
+                continue
+            stream, ts, names = probe
+            if names is not None:
+                if problem := _names_problem(names):
+                    raise ValueError(f"the values of the first selected message (stream {stream!r}, ts {ts}) are "
+                                     f"keyed {names!r:.200}: {problem}; pass --features")
+                self.names = names
+                self._pending.extend(records[i:])
+                break
+            self._pending.append(record)  # selected, without values: decoded (and rejected) once names are known
+        if others:  # no features needed to tell what the daemon dead-letters before it reads the values
+            values, keys, broker_ts = zip(*others, strict=True)
+            self._count_rejected(decode_batch(list(values), list(keys), np.asarray(broker_ts, dtype=np.int64),
+                                              lambda stream: None, self._max_bytes))
+
+    def finish(self, topic: str) -> list[str]:
+        """The feature names; raises if they were neither given nor found: with :meth:`nothing_selected`'s hint
+        when events of the selected streams were read but none within the time range (a range in seconds)."""
+        if self.names is None:
+            if self.outside is not None:
+                raise ValueError(self.nothing_selected(topic))
+            raise ValueError("no message with values to take the feature names from; pass --features")
+        return self.names
+
+    def _note_outside(self, lo: int, hi: int) -> None:
+        self.outside = (lo, hi) if self.outside is None else (min(lo, self.outside[0]), max(hi, self.outside[1]))
+
+    def _count_rejected(self, decoded: DecodedBatch) -> None:
+        if decoded.rejected:
+            self.first_rejection = self.first_rejection or decoded.rejected[0][1]
+            self.n_rejected += len(decoded.rejected)
+            self.reasons.update(reason for _, reason, _ in decoded.rejected)
+
+    def _decode(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
+        if not records:
+            return
+        values, keys, broker_ts = zip(*records, strict=True)
+        values, keys, broker_ts = list(values), list(keys), np.asarray(broker_ts, dtype=np.int64)
+        spec = FeatureSpec(tuple(self.names))
+        decoded = decode_batch(values, keys, broker_ts,
+                               lambda stream: spec if fnmatch.fnmatchcase(stream, self._glob) else None,
+                               self._max_bytes)
+        if self._grow and (new := self._new_names(records, decoded)):  # decoded again with them (rarely)
+            self.names = [*self.names, *new]
+            spec = FeatureSpec(tuple(self.names))
+            decoded = decode_batch(values, keys, broker_ts,
+                                   lambda stream: spec if fnmatch.fnmatchcase(stream, self._glob) else None,
+                                   self._max_bytes)
+        if self._max_ahead_ms:
+            reject_far_ahead(decoded, broker_ts, self._max_ahead_ms)  # the daemon's rule, shared
+        self._count_rejected(decoded)
+        group = decoded.groups.get(spec)
+        if group is None:
+            return
+        keep = np.ones(len(group), dtype=bool)
+        if self._from_ms is not None:
+            keep &= group.ts >= self._from_ms
+        if self._to_ms is not None:
+            keep &= group.ts <= self._to_ms
+        idx = np.flatnonzero(keep)
+        if len(idx) < len(group):
+            out = group.ts[~keep]
+            self._note_outside(int(out.min()), int(out.max()))
+        self._streams.extend(group.stream[i] for i in idx.tolist())
+        self._ts.append(group.ts[idx])
+        self._values.append(group.values[idx])
+
+    def _new_names(self, records: list[tuple[bytes, bytes | None, int]], decoded: DecodedBatch) -> list[str]:
+        """The feature names, in first-seen order, of the selected messages refused as unknown_feature (their values
+        name a feature the names so far lack): the features are the union over the selection, as a sparse stream
+        (a feature sent every 10th message, or first seen later) would otherwise have every message naming it
+        skipped, and dead-lettered by the daemon serving the model."""
+        known, new = set(self.names), []
+        for pos, reason, _ in decoded.rejected:
+            if reason != "unknown_feature":
+                continue
+            probe = _probe(records[pos], self._glob, self._max_bytes)
+            if probe is None or probe[2] is None or not _in_range(probe[1], self._from_ms, self._to_ms):
+                continue  # another stream's, or outside the time range: skipped as unknown_feature
+            stream, ts, names = probe
+            if problem := _names_problem(names):
+                raise ValueError(f"the values of a selected message (stream {stream!r}, ts {ts}) are keyed "
+                                 f"{names!r:.200}: {problem}; pass --features")
+            for name in names:
+                if name not in known:
+                    known.add(name)
+                    new.append(name)
+        return new
+
+    def nothing_selected(self, topic: str) -> str:
+        """Why no event was selected from ``topic``, with what would help: the features, the events' times."""
+        check = f": check --features {','.join(self.names)}" if self.names else ""
+        why = f" ({self.n_rejected} messages skipped, the first as {self.first_rejection}{check})" \
+            if self.n_rejected else ""
+        if self.outside is not None:  # the range missed them: say where they are (in seconds, say)
+            lo, hi = self.outside
+            unit = " (times that look like seconds: ts is epoch milliseconds)" if hi < _MS_LOW else ""
+            why += f"; the events' ts run from {lo} to {hi}{unit}"
+        return f"no events of streams {self._glob!r} in {topic!r} for the given time range{why}"
+
+    def series(self) -> list[np.ndarray]:
+        """(T, F) per stream, in read order (a partition's in offset order), without its late rows: as the daemon
+        does, a row whose ts is below the stream's newest so far is dropped (counted in ``n_late``), not sorted in
+        (equal times are taken)."""
+        self.n_late = 0
+        if not self._streams:
+            return []
+        width = len(self.names)  # rows decoded before a feature was first seen: NaN (missing) for it
+        values = np.concatenate([np.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=np.nan)
+                                 for v in self._values])
+        ts = np.concatenate(self._ts)
+        rows: dict[str, list[int]] = defaultdict(list)
+        for i, stream in enumerate(self._streams):
+            rows[stream].append(i)
+        out = []
+        for idx in rows.values():
+            idx = np.asarray(idx)
+            on_time = ts[idx] >= np.maximum.accumulate(ts[idx])  # (T,)
+            self.n_late += int(len(idx) - on_time.sum())
+            out.append(values[idx[on_time]])  # (T', F)
+        return out
+
+    def skipped(self) -> str | None:
+        """What was skipped as the daemon would (dead-lettered, late), after :meth:`series`; None if nothing."""
+        parts = []
+        if self.n_rejected:
+            reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.reasons.items()))
+            parts.append(f"{self.n_rejected} the daemon dead-letters ({reasons}; first: {self.first_rejection})")
+        if self.n_late:
+            parts.append(f"{self.n_late} late (older than their stream's newest event, dropped as the daemon does)")
+        return f"skipped {self.n_rejected + self.n_late} messages: {'; '.join(parts)}" if parts else None
+
+
+class _Gaps:
+    """Per partition, the offsets a read moved past without returning their records: from the log start taken
+    when the read began to the end offsets (records deleted by retention while they were read, after which the
+    fetch went on from the new log start; a compacted topic and transaction markers leave such gaps too)."""
+
+    def __init__(self, starts: Mapping[int, int]) -> None:
+        self._next = dict(starts)  # partition -> the next offset expected
+        self.skipped: dict[int, int] = defaultdict(int)
+
+    def add(self, partition: int, offsets: list[int]) -> None:
+        """A poll's records of ``partition``, their offsets ascending."""
+        expected = self._next[partition]
+        new = [o for o in offsets if o >= expected]
+        if new:
+            self.skipped[partition] += new[-1] + 1 - expected - len(new)
+            self._next[partition] = new[-1] + 1
+
+    def finish(self, ends: Mapping[int, int]) -> None:
+        """The partitions read to their ``ends``: offsets below the end never returned are skipped too."""
+        for partition, end in ends.items():
+            if self._next[partition] < end:
+                self.skipped[partition] += end - self._next[partition]
+                self._next[partition] = end
+
+    def warnings(self, topic: str) -> list[str]:
+        return [f"warning: partition {p} of {topic!r}: the read skipped {n} offsets whose records it never got "
+                "(deleted by retention while it read? a compacted topic or transaction markers also leave such "
+                "gaps): the selection may lack their events"
+                for p, n in sorted(self.skipped.items()) if n > 0]
+
+
+def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: int | None, streams_glob: str,
+                      feature_names: list[str] | None, timeout_s: float = 30.0,
+                      security: Mapping[str, Any] | None = None,
+                      max_message_bytes: int = KafkaConfig.max_message_bytes,
+                      max_ahead_s: float = ProcessingConfig.max_event_time_ahead_s,
+                      ) -> tuple[list[np.ndarray], list[str]]:
+    """Events of ``topic`` with from_ms <= ts <= to_ms, decoded and validated exactly as the daemon does, grouped
+    per stream id as (T, F) series in read order. Messages the daemon would dead-letter, and late events (older
+    than their stream's newest, which the daemon drops), are skipped (counted).
+    ``security``: the config's ``kafka.security`` settings (read with kafka-python); ``max_message_bytes`` and
+    ``max_ahead_s``: its kafka.max_message_bytes and processing.max_event_time_ahead_s (larger messages, and events
+    further ahead of their record's broker timestamp, are dead-lettered by the daemon: skipped).
+
+    ``ts`` is the event time (the message's own ``ts``), which need not follow the broker's timestamps (a replay
+    of history, a producer ahead of the clock): every partition is read from its first retained record to the
+    end offsets taken at the start, each poll decoded as it arrives, keeping only the selected rows. Reading
+    stops early only after ``timeout_s`` without a record, and then says which partitions it did not finish."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    check_selection(from_ms, to_ms, feature_names)
+    for line in _unit_warnings(from_ms, to_ms):
+        print(line)
+    with kafka_python_bootstrap(bootstrap, security):
+        # earliest: a fetch that falls off the log start (retention deleting what is being read) goes on from the
+        # new start, the records lost said below; kafka-python's default, latest, skipped the rest silently
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                 consumer_timeout_ms=int(timeout_s * 1000), auto_offset_reset="earliest",
+                                 **client_security_config("kafka-python", security))
+    selection = _Selection(from_ms, to_ms, streams_glob, feature_names, max_message_bytes, max_ahead_s)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        if not parts:
+            raise ValueError(f"topic {topic!r} does not exist or has no partitions")
+        consumer.assign(parts)
+        starts, ends = consumer.beginning_offsets(parts), consumer.end_offsets(parts)
+        consumer.seek_to_beginning(*parts)  # the first retained record
+        gaps = _Gaps({tp.partition: starts[tp] for tp in parts})
+        wait_ms = int(min(timeout_s, 1.0) * 1000)  # position() waits for a pending offset reset: None if not done
+        deadline = time.monotonic() + timeout_s
+        while True:
+            at = {tp: consumer.position(tp, timeout_ms=wait_ms) for tp in parts}
+            if not (behind := {tp.partition: (pos, ends[tp]) for tp, pos in at.items()
+                               if pos is None or pos < ends[tp]}):
+                gaps.finish({tp.partition: ends[tp] for tp in parts})
+                break
+            if time.monotonic() > deadline:
+                print(f"stopped reading {topic!r}: no record for {timeout_s:g}s; partitions not read to the end "
+                      f"(position, end): {behind}")
+                gaps.finish({tp.partition: ends[tp] for tp in parts if tp.partition not in behind})
+                break
+            for tp, recs in consumer.poll(timeout_ms=500, max_records=10000).items():
+                deadline = time.monotonic() + timeout_s
+                gaps.add(tp.partition, [r.offset for r in recs])
+                selection.add([(r.value or b"", r.key, r.timestamp) for r in recs])
+    finally:
+        consumer.close()
+    for line in gaps.warnings(topic):
+        print(line)
+    names = selection.finish(topic)
+    series = selection.series()
+    if skipped := selection.skipped():
+        print(skipped)
+    if not series:
+        raise ValueError(selection.nothing_selected(topic))
+    return series, list(names)
