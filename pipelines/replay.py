@@ -6,7 +6,8 @@ import bisect
 import json
 import sys
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,39 +42,77 @@ class _StderrDeadLetters:
         pass
 
 
+def _lines(f, block: int = 1 << 16) -> Iterator[bytes]:
+    """The lines of binary file ``f`` without their ends, exactly as ``f.read().splitlines()`` gives them (ends
+    LF, CRLF and CR), read ``block`` bytes at a time."""
+    rest = bytearray()  # the start of a line not ended yet
+    while data := f.read(block):
+        if b"\n" not in data and b"\r" not in data:
+            rest += data  # a long line: no rescan of its start
+            continue
+        rest += data
+        lines = bytes(rest).splitlines(keepends=True)
+        last = lines[-1]  # not ended yet, or "\r" that a "\n" may follow in the next block
+        rest = bytearray(last) if not last.endswith(b"\n") else bytearray()
+        for line in lines[:-1] if rest else lines:
+            yield line.rstrip(b"\r\n")  # its end: the line itself holds neither
+    yield from bytes(rest).splitlines()
+
+
 def replay_files(config_path: str | Path, inputs: list[Path], chunk: int = 5000) -> int:
     """Replay ``inputs`` in order as one topic partition (a stream's events across files stay one stream, with
     offsets that go on counting); a message without ``ts`` takes the replay's start time plus its offset, its
     position among the non-blank lines of all the files (ms), so that order holds. Exit code 1 when no message
-    was taken (none at all, or all dead-lettered or unrouted)."""
+    was taken (none at all, or all dead-lettered or unrouted). Every input is opened first: one that cannot be
+    read raises its OSError (FileNotFoundError, ...) before anything is replayed. Each file is read ``chunk``
+    messages at a time."""
+    for path in inputs:
+        with open(path, "rb"):
+            pass
     daemon = Daemon(load_config(config_path))
-    firsts: list[int] = []  # the first offset of each file's messages, and their line numbers in the file
-    numbers: list[list[int]] = []
+    # offset -> input: runs of messages from one file whose line numbers are offset + delta (a run ends at a
+    # blank line or the file's end); three numbers a run, not one a line
+    starts, deltas, files = array("q"), array("q"), array("q")
 
     def where(offset: int) -> str:
-        k = bisect.bisect_right(firsts, offset) - 1
-        return f"{inputs[k]}:{numbers[k][offset - firsts[k]]}"
+        k = bisect.bisect_right(starts, offset) - 1
+        return f"{inputs[files[k]]}:{offset + deltas[k]}"
 
     daemon.producer = _StderrDeadLetters(where)
     daemon.sinks = FanoutSink([LogSink(sys.stdout)])
     now = int(time.time() * 1000)
     n_alerts = offset = 0
-    for path in inputs:
-        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a BOM (Windows editors): not part of line 1's JSON
-        numbered = [(i, ln) for i, ln in enumerate(data.splitlines(), start=1) if ln.strip()]
-        firsts.append(offset)
-        numbers.append([i for i, _ in numbered])
-        lines = [ln for _, ln in numbered]
-        for start in range(0, len(lines), chunk):
-            part = lines[start:start + chunk]
-            n = len(part)
-            daemon.process(RecordBatch(topic=[_TOPIC] * n, partition=np.zeros(n, np.int32),
-                                       offset=np.arange(offset, offset + n, dtype=np.int64),
-                                       timestamp=now + np.arange(offset, offset + n, dtype=np.int64),
-                                       key=[None] * n, value=part))
-            offset += n
-            n_alerts += len(daemon.flush())
-            daemon.sinks.flush(30.0)
+
+    def replay(part: list[bytes]) -> None:
+        nonlocal n_alerts, offset
+        n = len(part)
+        daemon.process(RecordBatch(topic=[_TOPIC] * n, partition=np.zeros(n, np.int32),
+                                   offset=np.arange(offset, offset + n, dtype=np.int64),
+                                   timestamp=now + np.arange(offset, offset + n, dtype=np.int64),
+                                   key=[None] * n, value=part))
+        offset += n
+        n_alerts += len(daemon.flush())
+        daemon.sinks.flush(30.0)
+
+    for k, path in enumerate(inputs):
+        part: list[bytes] = []
+        with open(path, "rb") as f:
+            for number, line in enumerate(_lines(f), start=1):
+                if number == 1:
+                    line = line.removeprefix(b"\xef\xbb\xbf")  # a BOM (Windows editors): not part of the JSON
+                if not line.strip():
+                    continue
+                here = offset + len(part)
+                if not starts or files[-1] != k or deltas[-1] != number - here:
+                    starts.append(here)
+                    deltas.append(number - here)
+                    files.append(k)
+                part.append(line)
+                if len(part) == chunk:
+                    replay(part)
+                    part = []
+        if part:
+            replay(part)
     counts = {o: int(daemon.registry.get_sample_value("anomalyd_events_total", {"topic": _TOPIC, "outcome": o})
                      or 0) for o in ("scored", "warming", "late", "unrouted", "dead_lettered")}
     print(f"replayed {daemon.events_seen} messages, {n_alerts} alerts; "

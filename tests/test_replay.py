@@ -109,3 +109,54 @@ def test_replay_two_model_route_names_the_models_over_threshold(trained, tmp_pat
     firing = [a for a in alerts if a["status"] == "firing"]
     assert len(firing) == 1 and firing[0]["model"] == "gru+lstm"
     assert firing[0]["models_over"] and set(firing[0]["models_over"]) <= {"gru", "lstm"}
+
+
+def _unrouted_config(trained, tmp_path):
+    store = ModelStore(tmp_path / "models")
+    store.save("gru", trained["gru"])
+    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
+           "routes": [{"match": "pump-*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
+           "kafka": {"topics": ["x"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "c.yaml"
+
+
+def test_an_input_that_cannot_be_read_stops_the_replay_before_anything_is_replayed(trained, tmp_path, capsys):
+    """A missing file (or a directory) among the inputs: exit 2 naming it, and no alert or dead letter of the
+    files before it on stdout or stderr (a script reading them would take a failed run's output)."""
+    from pipelines.cli import main
+
+    config = _unrouted_config(trained, tmp_path)
+    (tmp_path / "a.jsonl").write_text('{broken\n{"stream": "fan-1", "ts": 1, "values": {"s0": 1}}\n')
+    for bad, why in ((tmp_path / "nosuch.jsonl", "No such file or directory"), (tmp_path, "Is a directory")):
+        assert main(["replay", "-c", str(config), str(tmp_path / "a.jsonl"), str(bad)]) == 2
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err == f"anomalyd: error: [Errno {21 if bad == tmp_path else 2}] {why}: '{bad}'\n", err
+
+
+def test_replay_reads_its_inputs_a_chunk_at_a_time(trained, tmp_path, capsys):
+    """Memory for the messages of one chunk, not for the whole file (it was about 4x the file's size)."""
+    import tracemalloc
+
+    config = _unrouted_config(trained, tmp_path)
+    line = json.dumps({"stream": "fan-1", "ts": 1_700_000_000_000, "values": {"s0": 1.5, "s1": 2.5}}).encode()
+    for name, n in (("small.jsonl", 4000), ("big.jsonl", 100_000)):
+        with open(tmp_path / name, "wb") as f:
+            for i in range(n):
+                f.write(line + (b"\n\n" if i % 1000 == 0 else b"\n"))  # blank lines now and then: line numbers move
+            f.write(b"{broken\n")
+    peaks = {}
+    for name in ("small.jsonl", "small.jsonl", "big.jsonl"):  # the first run imports what a replay needs
+        tracemalloc.start()
+        try:
+            assert replay_files(config, [tmp_path / name], chunk=2000) == 1  # every message unrouted
+            peaks[name] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    err = capsys.readouterr().err
+    assert "replayed 100001 messages, 0 alerts; scored 0, warming 0, late 0, unrouted 100000, dead_lettered 1" in err
+    assert f'"input": "{tmp_path / "big.jsonl"}:100101"' in err  # 100,000 lines, 100 blank ones, then {broken
+    size = (tmp_path / "big.jsonl").stat().st_size  # 7.5 MB
+    grown = peaks["big.jsonl"] - peaks["small.jsonl"]
+    assert grown < size / 4, f"peak {grown / 1e6:.1f} MB more for a {size / 1e6:.1f} MB file"
