@@ -25,6 +25,7 @@ __all__ = ["TrainConfig", "train_detector", "calibrate_threshold", "enough_rows"
 
 logger = logging.getLogger("anomalyd")
 _DST_FALL_BACKS_APART = timedelta(days=300)  # daylight saving time ends once a year
+FAR_BEYOND_SCORES = 10.0  # a fitted threshold this many times the largest validation score is warned about
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ def calibrate_threshold(scores: np.ndarray, kind: str, params: dict, log: Callab
             "train on data in which the stream varies as it does in normal operation")
     threshold = make_threshold(kind, **params)
     try:
-        return threshold.fit(scores)
+        threshold.fit(scores)
     except (ValueError, OverflowError) as exc:  # OverflowError: a tail fit on excesses spanning many decades
         if kind == "quantile":
             raise
@@ -239,6 +240,14 @@ def calibrate_threshold(scores: np.ndarray, kind: str, params: dict, log: Callab
         q = min(max(1.0 - float(params["risk"]), 0.5), 0.9999) if "risk" in params else 0.99
         log(f"threshold {kind!r} could not be fitted ({exc}); using a {q:g} quantile threshold instead")
         return make_threshold("quantile", q=q).fit(scores)
+    below = scores[scores < threshold.threshold]  # the windows it calls normal
+    top = float(below.max()) if len(below) else 0.0
+    if top > 0 and threshold.threshold > FAR_BEYOND_SCORES * top:
+        log(f"warning: the threshold ({threshold.threshold:.6g}) is {threshold.threshold / top:.3g} times the largest "
+            f"validation score below it ({top:.6g}): the tail fit extrapolated far beyond the data (few validation "
+            "windows, an outlier among them?), and only windows scoring like that will alarm; train on more data "
+            "without the outlier, or use --threshold quantile")
+    return threshold
 
 
 def train_detector(
