@@ -5,8 +5,8 @@ routes, exactly as the daemon's constructor does; a newest version that does not
 older one) is a problem here. ``--connect`` then logs in to Kafka with the configured client
 and security settings, looks up the topics, and asks an enabled Alertmanager sink for its status. Exit codes as
 ``run``: 0 ok, 2 a config problem (a bad key, a model, refused credentials, an untrusted broker), 1 a problem
-that may go away (Kafka unreachable, an input topic missing, an output topic missing where the brokers do not
-create topics, Alertmanager not answering). Meant for a CI step,
+that may go away (Kafka unreachable, an input topic missing or a topic_pattern matching none, an output topic
+missing where the brokers do not create topics, Alertmanager not answering). Meant for a CI step,
 a Helm test or an init container before a rollout.
 """
 
@@ -87,6 +87,8 @@ def _check_kafka(cfg: Config) -> tuple[list[str], list[str]]:
     if k.topic_pattern:
         matched = sorted(t for t in topics if re.match(k.topic_pattern.lstrip("^"), t) and not t.startswith("__"))
         lines.append(f"  topic_pattern {k.topic_pattern!r}: {len(matched)} topics {matched[:10]}")
+        if not matched:  # as a missing input topic: `run` would be assigned nothing and consume nothing
+            problems.append(f"kafka.topic_pattern: {k.topic_pattern!r} matches no topic at {k.bootstrap_servers}")
     for topic in k.topics if not k.topic_pattern else []:
         if topic in topics:
             lines.append(f"  input topic {topic}: {topics[topic]} partitions")

@@ -372,3 +372,24 @@ def test_an_alertmanager_status_that_is_not_an_object_is_a_problem_not_a_crash(b
         assert (lines, problems) == ([], [f"sinks.alertmanager.url: {url}: {line}"])
     else:
         assert (lines, problems) == ([f"alertmanager {url}: {line}"], [])
+
+
+def test_connect_with_a_topic_pattern_that_matches_no_topic_is_a_problem(tmp_path, trained, capsys, monkeypatch):
+    """As a missing input topic (exit 1): `run` would join its group, be assigned nothing and consume nothing."""
+    from pipelines import check_cmd
+
+    path = _config(tmp_path, trained)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["kafka"] = {"bootstrap_servers": "broker:9092", "topic_pattern": "sensors-.*", "dead_letter_topic": "dlq"}
+    cfg["sinks"] = {"kafka": {"enabled": False}}
+    path.write_text(yaml.safe_dump(cfg))
+    topics = {"sensor-a": 3, "dlq": 1, "__consumer_offsets": 50}  # a typo: "sensors-" for "sensor-"
+    monkeypatch.setattr(check_cmd, "topic_partitions", lambda *a, **k: topics)
+    monkeypatch.setattr(check_cmd, "brokers_create_topics", lambda *a, **k: True)
+    assert main(["check", "-c", str(path), "--connect"]) == 1
+    out = capsys.readouterr().out
+    assert "topic_pattern 'sensors-.*': 0 topics []" in out
+    assert f"anomalyd: problem: {path}: kafka.topic_pattern: 'sensors-.*' matches no topic at broker:9092" in out, out
+    topics["sensors-a"] = 2
+    assert main(["check", "-c", str(path), "--connect"]) == 0
+    assert "topic_pattern 'sensors-.*': 1 topics ['sensors-a']" in capsys.readouterr().out
