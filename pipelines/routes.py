@@ -357,7 +357,9 @@ class RouteState:
         if len(names) > 1:  # for the windows over threshold only (the tracker reads no others): ~3 us per window
             models_over = {j: [names[k] for k in np.flatnonzero(norm[:, j] > 1.0)]
                            for j in np.flatnonzero(over).tolist()}
-        threshold = float(self.models[0].detector.threshold.threshold) if len(self.models) == 1 else 1.0
+        # the raw threshold in force: the model's own, raised by the engine's margin for reduced precision
+        threshold = float(self.models[0].detector.threshold.threshold) * (1.0 + engine.margin) \
+            if len(self.models) == 1 else 1.0
         alerts = self.tracker.observe(
             stream, combined, over, ts, topic, partition, offset, contributions=contributions,
             feature_names=self.feature_names, model=self.spec.label, model_version=self.version,

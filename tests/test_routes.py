@@ -167,3 +167,17 @@ def test_after_a_handover_with_a_long_stride_every_event_is_still_in_a_scored_wi
             if missed.size:
                 gaps[(handover, stream)] = own[missed].tolist()
     assert gaps == {}
+
+
+def test_an_alert_reports_the_threshold_in_force_under_the_reduced_precision_margin(trained, tmp_path):
+    """With bfloat16 / float16 products the engine compares score / (1 + margin) with the threshold, so the raw
+    threshold in force is the model's times 1 + margin; alerts reported the model's own."""
+    route = _route(trained, tmp_path, ("gru",))
+    X = SensorModel(4, seed=1).normal(np.arange(400, dtype=np.float64))
+    X[300:340, 2] += 3 * X[:, 2].std()
+    _feed(route, X)
+    engine = InferenceEngine("cpu")
+    engine.swap({m.name: m.detector for m in route.models})
+    engine.margin = 0.01  # as the engine sets it for reduced precision (REDUCED_PRECISION_MARGIN)
+    firing = [a for a in route.score(route.take_pending(), engine, {}).alerts if a.status == "firing"]
+    assert firing and firing[0].threshold == pytest.approx(route.models[0].detector.threshold.threshold * 1.01)
