@@ -230,10 +230,11 @@ def check_command(config_path: str, connect: bool) -> int:
     _check_newest_versions(cfg, daemon)
     _check_bind(cfg)
     print(f"config {cfg.source}: valid")
-    for route in daemon.routes:
+    for i, route in enumerate(daemon.routes):  # cfg.routes in order, then default_models' (the router's match "*")
         models = ", ".join(f"{m.name} {m.version} ({m.detector.kind}, window {m.detector.window}, "
                            f"{m.detector.n_features} features)" for m in route.models)
-        print(f"  route {route.spec.match or route.spec.regex or '(default)'}: {models}")
+        name = (route.spec.match or route.spec.regex) if i < len(cfg.routes) else "(default_models)"
+        print(f"  route {name}: {models}")
     print(f"  {fast_paths(daemon)}")
     if not connect:
         return 0

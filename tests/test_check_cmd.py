@@ -393,3 +393,15 @@ def test_connect_with_a_topic_pattern_that_matches_no_topic_is_a_problem(tmp_pat
     topics["sensors-a"] = 2
     assert main(["check", "-c", str(path), "--connect"]) == 0
     assert "topic_pattern 'sensors-.*': 1 topics ['sensors-a']" in capsys.readouterr().out
+
+
+def test_the_default_models_route_is_shown_as_such_not_as_a_match_everything_route(tmp_path, trained, capsys):
+    path = _config(tmp_path, trained)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["routes"] = [{"match": "*", "models": ["m-gru"]}]
+    cfg["default_models"] = ["m-lstm"]
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["check", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "  route *: m-gru 20261127T000000000Z (gru, window 32, 4 features)\n" in out, out
+    assert "  route (default_models): m-lstm 20261127T000000000Z (lstm, window 32, 4 features)\n" in out, out
