@@ -80,12 +80,11 @@ def produce_live(producer, topic: str, fleet: SyntheticFleet, data: np.ndarray, 
                  interval_ms: int, rate: float | None, truth: list[dict], truth_path: Path | None,
                  stop: threading.Event | None = None) -> int:
     """Send ``data`` to ``topic`` at ``rate`` events/s (None: as fast as possible), then flush what was sent.
-    Once ``stop`` is set no further message is sent (a pacing wait ends at once). Returns messages sent."""
+    Once ``stop`` is set no further message is sent (a pacing wait ends at once). Once the flush succeeded, the
+    anomalies sent are written to ``truth_path`` (a failed delivery leaves none there). Returns messages sent."""
     for row in truth:
         row["start_ts"] = t0_ms + row["start_step"] * interval_ms
         row["end_ts"] = t0_ms + row["end_step"] * interval_ms
-    if truth_path is not None:
-        truth_path.write_text(json.dumps({"topic": topic, "streams": fleet.names, "anomalies": truth}, indent=2))
     sent, started = 0, time.monotonic()
     for _step, key, value in fleet.messages(data, start_step, t0_ms, interval_ms):
         if stop is not None and stop.is_set():
@@ -99,7 +98,12 @@ def produce_live(producer, topic: str, fleet: SyntheticFleet, data: np.ndarray, 
                     time.sleep(ahead)
                 elif stop.wait(ahead):
                     break
-    producer.flush(60.0)
+    producer.flush(60.0)  # raises KafkaDeliveryError when some were not delivered: no truth file then
+    if truth_path is not None:  # whole or not at all: written beside it, then renamed over it
+        partial = truth_path.with_name(truth_path.name + ".partial")
+        partial.write_text(json.dumps({"topic": topic, "streams": fleet.names,
+                                       "anomalies": sent_anomalies(truth, fleet, start_step, sent)}, indent=2))
+        partial.replace(truth_path)
     return sent
 
 

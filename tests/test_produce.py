@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
+import pytest
+
+from pipelines.kafka_io import KafkaDeliveryError
 from pipelines.produce import SyntheticFleet, produce_live, sent_anomalies
 
 
@@ -63,3 +67,31 @@ def test_sent_anomalies_are_those_whose_first_message_went():
     assert sent_anomalies(truth, fleet, 10, first[1] + 1) == truth[:2]
     assert sent_anomalies(truth, fleet, 10, first[1]) == truth[:1]
     assert sent_anomalies(truth, fleet, 10, 0) == []
+
+
+class RefusingProducer(RecordingProducer):
+    def flush(self, timeout_s: float) -> None:
+        raise KafkaDeliveryError("150 of 150 Kafka messages not delivered: t: KafkaTimeoutError")
+
+
+def test_the_truth_file_is_written_only_once_the_messages_were_delivered(tmp_path):
+    fleet = SyntheticFleet(3, 2, "fan", 1)
+    plan = fleet.plan(100, 50, n_anomalies=2, length=5)
+    data, truth = fleet.live(100, 50, plan)
+    with pytest.raises(KafkaDeliveryError):
+        produce_live(RefusingProducer(), "t", fleet, data, 100, 0, 1000, None, truth, tmp_path / "truth.json")
+    assert list(tmp_path.iterdir()) == []  # no file describing anomalies never delivered
+
+    class Checking(RecordingProducer):
+        def produce(self, topic, value, key=None, headers=None) -> None:
+            assert not (tmp_path / "truth.json").exists()  # not before the messages went
+            super().produce(topic, value, key)
+
+    assert produce_live(Checking(), "t", fleet, data, 100, 0, 1000, None, truth, tmp_path / "truth.json") == 150
+    written = json.loads((tmp_path / "truth.json").read_text())
+    assert written == {"topic": "t", "streams": fleet.names, "anomalies": truth} and len(truth) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["truth.json"]
+    stop = threading.Event()
+    stop.set()  # stopped before anything was sent: the file lists no anomaly
+    produce_live(RecordingProducer(), "t", fleet, data, 100, 0, 1000, None, truth, tmp_path / "truth.json", stop=stop)
+    assert json.loads((tmp_path / "truth.json").read_text())["anomalies"] == []
