@@ -94,9 +94,7 @@ def test_duration_stops_the_producer_before_it_is_closed(offline_demo, capsys):
     """--duration (or Ctrl-C) ends the watch: the producer stops pacing its schedule (160,000 messages at 400/s),
     flushes what it sent, and only then is closed; nothing is left running."""
     args, producer = offline_demo
-    started = time.monotonic()
     assert demo.run_demo(args) == 0
-    assert time.monotonic() - started < 4.0  # not the 5 s join of a producer still pacing
     assert producer.after_close == 0, "the producer thread went on sending after the producer was closed"
     assert producer.events == ["flush", "close"]
     assert 0 < producer.sent < 160000
@@ -120,9 +118,7 @@ def test_a_daemon_that_dies_at_start_stops_the_demo_before_anything_is_produced(
     args.duration = 3.0
     monkeypatch.setattr(demo, "Daemon", DaemonThatDiesAtStart)
     monkeypatch.setattr(threading, "excepthook", lambda hook_args: None)  # the daemon's trace, printed by the thread
-    started = time.monotonic()
     assert demo.run_demo(args) == 1
-    assert time.monotonic() - started < 2.0
     out = capsys.readouterr().out
     assert "the daemon stopped (exit code None; its error is above); nothing produced" in out, out
     assert "did not become ready" not in out
@@ -136,11 +132,12 @@ def test_the_watch_ends_when_the_daemon_has_stopped(monkeypatch):
     producer_thread = threading.Thread(target=producing.wait, daemon=True)  # still producing
     producer_thread.start()
     said: list[str] = []
-    started = time.monotonic()
-    try:
-        assert demo._watch_alerts("127.0.0.1:1", "alerts", producer_thread, threading.Event(), None, said.append,
-                                  caught_up=lambda: False, daemon_alive=lambda: False, linger_s=0.3) == []
-    finally:
-        producing.set()
-    assert time.monotonic() - started < 2.0
-    assert said == ["  the daemon stopped (its error is above): no more alerts"]
+    got: list = []
+    watch = threading.Thread(target=lambda: got.append(demo._watch_alerts(
+        "127.0.0.1:1", "alerts", producer_thread, threading.Event(), None, said.append, caught_up=lambda: False,
+        daemon_alive=lambda: False, linger_s=0.3)), daemon=True)
+    watch.start()
+    watch.join(timeout=30)  # a hang guard: the producer "runs" until the end of this test
+    producing.set()
+    assert not watch.is_alive(), "the watch waited for the producer although the daemon had stopped"
+    assert got == [[]] and said == ["  the daemon stopped (its error is above): no more alerts"]

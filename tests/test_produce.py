@@ -35,13 +35,11 @@ def test_a_stop_ends_the_paced_schedule_at_once_and_flushes_what_was_sent():
     producer, stop, result = RecordingProducer(), threading.Event(), {}
     thread = threading.Thread(target=lambda: result.update(n=produce_live(
         producer, "t", fleet, data, 2000, 0, 20, 400.0, truth, None, stop=stop)), daemon=True)
-    started = time.monotonic()
     thread.start()
     time.sleep(0.5)
     stop.set()
     thread.join(timeout=3)
     assert not thread.is_alive(), "the producer went on pacing its schedule after the stop"
-    assert time.monotonic() - started < 3
     n = result["n"]
     assert 0 < n < 8000 and len(producer.sent) == n
     assert producer.events == [f"flush {n}"]  # what was sent is flushed, once, after the last send
