@@ -7,8 +7,8 @@ stays, and the source record's timestamp (the dead letter itself gets its produc
 
 from __future__ import annotations
 
-__all__ = ["HEADER_DETAIL", "HEADER_OFFSET", "HEADER_PARTITION", "HEADER_REASON", "HEADER_TIMESTAMP", "HEADER_TOPIC",
-           "dead_letter_copy", "dead_letter_headers"]
+__all__ = ["HEADER_DETAIL", "HEADER_HEADERS_UNREADABLE", "HEADER_OFFSET", "HEADER_PARTITION", "HEADER_REASON",
+           "HEADER_TIMESTAMP", "HEADER_TOPIC", "dead_letter_copy", "dead_letter_headers"]
 
 HEADER_REASON = "anomalyd-error-reason"
 HEADER_DETAIL = "anomalyd-error-detail"
@@ -20,6 +20,8 @@ HEADER_VALUE_BYTES = "anomalyd-original-value-bytes"  # only on a dead letter wh
 HEADER_KEY_BYTES = "anomalyd-original-key-bytes"  # only on a dead letter whose key was cut
 HEADER_HEADERS_BYTES = "anomalyd-original-headers-bytes"  # only on a dead letter whose original headers were left
 # out: their size on the wire, at most (the lengths' varints counted at 5 bytes each)
+HEADER_HEADERS_UNREADABLE = "anomalyd-original-headers-unreadable"  # in place of original headers the client could
+# not read (a header name that is not UTF-8): why
 MAX_DETAIL_CHARS = 500
 DEAD_LETTER_MAX_VALUE_BYTES = 900_000  # under the producers' and brokers' default 1 MB message limits
 DEAD_LETTER_MAX_KEY_BYTES = 16_384

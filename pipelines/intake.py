@@ -21,7 +21,7 @@ from .metrics import Metrics
 from .positions import Positions
 from .routes import RouteState
 from .routing import Router
-from .source import RecordBatch
+from .source import UNREADABLE, RecordBatch
 
 __all__ = ["TOO_MANY_STREAMS", "Intake", "reject_far_ahead"]
 
@@ -116,6 +116,9 @@ class Intake:
         tp_idx = self.positions.batch_ids(batch)
         replay = self.positions.replay_mask(tp_idx, batch.offset)
         decoded = decode_batch(batch.value, batch.key, batch.timestamp, self._spec_of, self.max_message_bytes)
+        if batch.unreadable:  # empty values, rejected as such: the client's reason instead
+            decoded.rejected = [(pos, UNREADABLE, batch.unreadable[pos]) if pos in batch.unreadable else r
+                                for r in decoded.rejected for pos in (r[0],)]
         if self.max_ahead_ms:
             reject_far_ahead(decoded, batch.timestamp, self.max_ahead_ms)
         if self.max_streams:

@@ -18,10 +18,11 @@ FETCH_MIN_BYTES = 65536  # kafka.fetch_min_bytes default: the broker answers a f
 FETCH_MAX_WAIT_MS = 10  # ... or after this long (benchmarks/RESULTS.md, item 18)
 METADATA_MAX_AGE_MS = 30_000  # topic metadata every 30 s, not the clients' 5 min: new partitions are seen sooner
 LOOKUP_TIMEOUT_S = 10.0  # committed() and first_offsets(): all the partitions of one call within this
+UNREADABLE = "unreadable_record"  # the dead-letter reason of a record the Kafka client could not read
 METADATA_END = "\x00"  # after every commit's metadata, as confluent-kafka writes it (KafkaPythonSource._offsets)
 
 __all__ = ["TopicPartition", "RecordBatch", "Source", "make_source", "CommitDone", "KafkaCommitError",
-           "CommittedUnreadable"]
+           "CommittedUnreadable", "UNREADABLE"]
 
 TopicPartition = tuple[str, int]
 RebalanceCallback = Callable[[list[TopicPartition]], None]
@@ -41,6 +42,8 @@ class RecordBatch:
     value: list[bytes]
     # the headers of the record at a position, read only when asked (a dead letter keeps them); None: no headers
     headers_of: Callable[[int], list[tuple[str, bytes]]] | None = None
+    # positions of records the client could not read (their value empty), and why: dead-lettered as UNREADABLE
+    unreadable: dict[int, str] | None = None
 
     def __len__(self) -> int:
         return len(self.value)
@@ -51,10 +54,11 @@ class RecordBatch:
 
     def select(self, idx: np.ndarray) -> RecordBatch:
         """The records at positions ``idx`` (in that order)."""
-        of = self.headers_of
+        of, bad = self.headers_of, self.unreadable
         return RecordBatch([self.topic[i] for i in idx], self.partition[idx], self.offset[idx], self.timestamp[idx],
                            [self.key[i] for i in idx], [self.value[i] for i in idx],
-                           None if of is None else lambda i: of(int(idx[i])))
+                           None if of is None else lambda i: of(int(idx[i])),
+                           bad and {j: bad[int(i)] for j, i in enumerate(idx) if int(i) in bad})
 
     @classmethod
     def empty(cls) -> RecordBatch:

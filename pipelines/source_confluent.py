@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .dead_letters import HEADER_HEADERS_UNREADABLE
 from .kafka_io import LIBRDKAFKA_LOG
 from .kafka_security import client_security_config, confluent_refusal
 from .source import (
@@ -308,7 +309,13 @@ class _ConfluentHeaders:
     def __call__(self, i: int) -> list[tuple[str, bytes]]:
         if self._messages is not None:
             self._kept, self._messages = [m for m in self._messages if m.error() is None], None
-        return list(self._kept[i].headers() or [])
+        try:
+            return list(self._kept[i].headers() or [])
+        except (SystemError, UnicodeDecodeError) as exc:  # a header name not UTF-8 (a producer that writes bytes):
+            # confluent-kafka cannot read any of them, and the dead letter failed, at every start, the daemon
+            why = exc.__cause__ or exc.__context__ or exc
+            return [(HEADER_HEADERS_UNREADABLE, f"confluent-kafka cannot read them: {why}".encode("utf-8",
+                                                                                              "backslashreplace"))]
 
 
 def _confluent_columns() -> Callable[[list], tuple]:

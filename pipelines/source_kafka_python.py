@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from kafka.errors import (  # this module is imported only for kafka.client kafka-python
+    CorruptRecordError,
     GroupAuthorizationFailedError,
     KafkaConnectionError,
     TopicAuthorizationFailedError,
@@ -22,6 +23,7 @@ from .source import (
     LOOKUP_TIMEOUT_S,
     METADATA_END,
     METADATA_MAX_AGE_MS,
+    UNREADABLE,
     AssignCallback,
     CommitDone,
     CommittedUnreadable,
@@ -94,6 +96,8 @@ class KafkaPythonSource:
             log.debug("poll failed, brokers out of reach: %s", exc)
             time.sleep(max(0.0, timeout_ms / 1000 - (time.monotonic() - t0)))
             return RecordBatch.empty()
+        except CorruptRecordError as exc:
+            return self._unreadable(exc)
         if not got:
             return RecordBatch.empty()
         records = [r for recs in got.values() for r in recs]
@@ -107,6 +111,28 @@ class KafkaPythonSource:
             value=[r.value if r.value is not None else b"" for r in records],
             headers_of=lambda i: list(records[i].headers or []),
         )
+
+    def _unreadable(self, exc: CorruptRecordError) -> RecordBatch:
+        """A record kafka-python cannot parse (a header name that is not UTF-8, from a producer that writes bytes; a
+        failed CRC) raised out of every poll: the partition stood still and the daemon stopped, at every start. The
+        fetcher's parse stopped at the partition and offset where reading stands; that record is handed over as
+        unreadable (the intake dead-letters it as ``unreadable_record``, the original stays at its offset) and
+        reading goes on after it. kafka-python parses a record batch from its start, so the records after a bad one
+        in its batch come out unreadable too, one a poll, each named in its own dead letter."""
+        part = getattr(self._consumer._fetcher, "_next_partition_records", None)  # kafka-python 3's fetcher
+        tp = getattr(part, "topic_partition", None)
+        if tp is None:
+            raise exc
+        offset = self._consumer.position(tp, timeout_ms=LOOKUP_TIMEOUT_S * 1000)
+        if offset is None:
+            raise exc
+        self._consumer.seek(tp, offset + 1)
+        log.error("kafka-python cannot read the record at %s:%d offset %d (%s): dead-lettered as %s, reading goes on "
+                  "after it", tp.topic, tp.partition, offset, exc, UNREADABLE)
+        return RecordBatch([tp.topic], np.array([tp.partition], np.int32), np.array([offset], np.int64),
+                           np.array([-1], np.int64), [None], [b""],
+                           unreadable={0: f"kafka-python cannot read the record batch from here: {exc} (the record "
+                                          "is at its source offset)"})
 
     def commit(self, offsets: Mapping[TopicPartition, tuple[int, str]], timeout_s: float | None = None) -> None:
         if offsets:  # without a timeout, kafka-python's request_timeout_ms (30 s)
