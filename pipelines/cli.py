@@ -325,20 +325,27 @@ def _cmd_produce(args) -> int:
     import time
 
     from .kafka_io import make_producer
-    from .produce import SyntheticFleet, produce_live
+    from .produce import SyntheticFleet, produce_live, sent_anomalies
 
     fleet = SyntheticFleet(args.streams, args.features, args.prefix, args.seed)
     plan = fleet.plan(args.start_step, args.steps, args.anomalies)
     data, truth = fleet.live(args.start_step, args.steps, plan)
     t0 = int(time.time() * 1000) - args.start_step * args.interval_ms
+    if args.truth is not None:  # an earlier run's file must not stand for this one if this one fails
+        args.truth.unlink(missing_ok=True)
+    stop = threading.Event()  # Ctrl-C: the run ends there, what was sent is flushed and its truth written
+    old = signal.signal(signal.SIGINT, lambda *_: stop.set())
     producer = make_producer("kafka-python", args.bootstrap)
     try:
         n = produce_live(producer, args.topic, fleet, data, args.start_step, t0, args.interval_ms,
-                         args.rate or None, truth, args.truth)
+                         args.rate or None, truth, args.truth, stop=stop)
     finally:
+        signal.signal(signal.SIGINT, old)
         producer.close()
-    print(f"sent {n} events for {args.streams} streams to {args.topic}; {len(truth)} anomalies injected")
-    return 0
+    injected = len(sent_anomalies(truth, fleet, args.start_step, n))
+    print(f"sent {n} events for {args.streams} streams to {args.topic}; {injected} anomalies injected"
+          + (" (stopped by Ctrl-C)" if stop.is_set() else ""))
+    return 130 if stop.is_set() else 0
 
 
 def _cmd_replay(args) -> int:

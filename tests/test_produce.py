@@ -93,3 +93,29 @@ def test_the_truth_file_is_written_only_once_the_messages_were_delivered(tmp_pat
     stop.set()  # stopped before anything was sent: the file lists no anomaly
     produce_live(RecordingProducer(), "t", fleet, data, 100, 0, 1000, None, truth, tmp_path / "truth.json", stop=stop)
     assert json.loads((tmp_path / "truth.json").read_text())["anomalies"] == []
+
+
+def test_ctrl_c_ends_anomalyd_produce_with_the_truth_of_what_was_sent(tmp_path, monkeypatch):
+    """Ctrl-C raised out of the paced loop: no truth was written, and a truth file from an earlier run stayed there,
+    describing another run. Now the run stops there, flushes, writes the anomalies it sent, and exits 130."""
+    import os
+    import signal
+
+    from pipelines import kafka_io
+    from pipelines.cli import main
+
+    class InterruptedProducer(RecordingProducer):
+        def produce(self, topic, value, key=None, headers=None) -> None:
+            super().produce(topic, value, key, headers)
+            if len(self.sent) == 3000:
+                os.kill(os.getpid(), signal.SIGINT)  # the operator's Ctrl-C
+
+    producer = InterruptedProducer()
+    monkeypatch.setattr(kafka_io, "make_producer", lambda client, bootstrap: producer)
+    truth = tmp_path / "truth.json"
+    truth.write_text('{"anomalies": ["from an earlier run"]}')
+    rc = main(["produce", "--streams", "4", "--steps", "2000", "--rate", "100000", "--anomalies", "50",
+               "--start-step", "0", "--truth", str(truth)])
+    assert rc == 130 and len(producer.sent) == 3000 and producer.events[0] == "flush 3000"
+    written = json.loads(truth.read_text())["anomalies"]
+    assert written and all(row["start_step"] * 4 < 3000 for row in written)  # only the anomalies sent
