@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import bisect
+import errno
 import json
+import os
+import stat
 import sys
 import time
 from array import array
@@ -63,12 +66,14 @@ def replay_files(config_path: str | Path, inputs: list[Path], chunk: int = 5000)
     """Replay ``inputs`` in order as one topic partition (a stream's events across files stay one stream, with
     offsets that go on counting); a message without ``ts`` takes the replay's start time plus its offset, its
     position among the non-blank lines of all the files (ms), so that order holds. Exit code 1 when no message
-    was taken (none at all, or all dead-lettered or unrouted). Every input is opened first: one that cannot be
-    read raises its OSError (FileNotFoundError, ...) before anything is replayed. Each file is read ``chunk``
-    messages at a time."""
+    was taken (none at all, or all dead-lettered or unrouted). Every input is checked first, without opening it (a
+    named pipe opened once has lost its writer): one that cannot be read raises its OSError (FileNotFoundError,
+    ...) before anything is replayed. Each file is read ``chunk`` messages at a time."""
     for path in inputs:
-        with open(path, "rb"):
-            pass
+        if stat.S_ISDIR(os.stat(path).st_mode):  # FileNotFoundError, PermissionError (a directory above it)
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        if not os.access(path, os.R_OK):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
     daemon = Daemon(load_config(config_path))
     # offset -> input: runs of messages from one file whose line numbers are offset + delta (a run ends at a
     # blank line or the file's end); three numbers a run, not one a line

@@ -160,3 +160,29 @@ def test_replay_reads_its_inputs_a_chunk_at_a_time(trained, tmp_path, capsys):
     size = (tmp_path / "big.jsonl").stat().st_size  # 7.5 MB
     grown = peaks["big.jsonl"] - peaks["small.jsonl"]
     assert grown < size / 4, f"peak {grown / 1e6:.1f} MB more for a {size / 1e6:.1f} MB file"
+
+
+def test_a_named_pipe_is_replayed_not_waited_on(trained, tmp_path, capsys):
+    """Every input was opened once to check it: a named pipe's writer then wrote to a reader already gone, and the
+    real read waited for ever for another writer. Inputs are checked without opening them now."""
+    import os
+    import threading
+
+    ModelStore(tmp_path / "models").save("gru", trained["gru"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}],
+                                              "device": "cpu"}, "routes": [{"match": "pump-*", "models": ["gru"]}],
+                                   "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["x"]}}))
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    names = trained["gru"].feature_names
+    lines = b"".join(json.dumps({"stream": "pump-1", "ts": 1764180000000 + i, "values": dict.fromkeys(names, 0.1)})
+                     .encode() + b"\n" for i in range(5))
+    writer = threading.Thread(target=lambda: fifo.write_bytes(lines), daemon=True)
+    writer.start()
+    got: list[int] = []
+    replay = threading.Thread(target=lambda: got.append(replay_files(cfg, [fifo])), daemon=True)
+    replay.start()
+    replay.join(timeout=60)  # a hang guard
+    assert not replay.is_alive(), "replay waited on the pipe"
+    assert "replayed 5 messages" in capsys.readouterr().err
