@@ -240,11 +240,10 @@ def calibrate_threshold(scores: np.ndarray, kind: str, params: dict, log: Callab
         q = min(max(1.0 - float(params["risk"]), 0.5), 0.9999) if "risk" in params else 0.99
         log(f"threshold {kind!r} could not be fitted ({exc}); using a {q:g} quantile threshold instead")
         return make_threshold("quantile", q=q).fit(scores)
-    below = scores[scores < threshold.threshold]  # the windows it calls normal
-    top = float(below.max()) if len(below) else 0.0
+    top = float(np.partition(scores, -2)[-2]) if len(scores) >= 2 else 0.0  # the largest but one: not an outlier
     if top > 0 and threshold.threshold > FAR_BEYOND_SCORES * top:
-        log(f"warning: the threshold ({threshold.threshold:.6g}) is {threshold.threshold / top:.3g} times the largest "
-            f"validation score below it ({top:.6g}): the tail fit extrapolated far beyond the data (few validation "
+        log(f"warning: the threshold ({threshold.threshold:.6g}) is {threshold.threshold / top:.3g} times the second "
+            f"largest validation score ({top:.6g}): the tail fit extrapolated far beyond the data (few validation "
             "windows, an outlier among them?), and only windows scoring like that will alarm; train on more data "
             "without the outlier, or use --threshold quantile")
     return threshold
