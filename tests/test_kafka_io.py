@@ -217,9 +217,9 @@ def test_a_connection_error_raised_out_of_a_kafka_python_poll_is_an_empty_poll()
 
 
 def test_kafka_python_flush_waits_to_one_deadline_not_one_timeout_per_batch() -> None:
-    """kafka-python's flush waits up to its timeout for each batch in turn: three batches acknowledged 0.4 s
-    apart each came within 0.6 s of the one before, so a 0.6 s flush held the loop 1.2 s. The producer's wait
-    now ends at one deadline, with the third batch still pending (kept for the next flush)."""
+    """kafka-python's flush waits up to its timeout for each batch in turn: three batches acknowledged 0.8 s apart
+    each came within 1 s of the one before, so a 1 s flush held the loop 2.1 s. The producer's wait now ends at one
+    deadline, with the later batches still pending (kept for the next flush)."""
     import threading
 
     from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
@@ -228,13 +228,13 @@ def test_kafka_python_flush_waits_to_one_deadline_not_one_timeout_per_batch() ->
 
     batches = [FutureProduceResult(("t", p)) for p in range(3)]
     futures = [FutureRecordMetadata(b, 0, -1, None, 1, 1, 0) for b in batches]  # kafka-python's own futures
-    acks = [threading.Timer(0.4 * (i + 1), b.success, args=((i, -1, None),)) for i, b in enumerate(batches)]
+    acks = [threading.Timer(0.8 * i + 0.5, b.success, args=((i, -1, None),)) for i, b in enumerate(batches)]
     for ack in acks:
         ack.start()
     try:
-        _wait_done(futures, time.monotonic() + 0.6)
+        _wait_done(futures, time.monotonic() + 1.0)
         assert futures[0].is_done and futures[0].value.offset == 0
-        assert not futures[2].is_done  # acknowledged at 1.2 s: after the deadline
+        assert not futures[2].is_done  # acknowledged at 2.1 s: after the deadline
     finally:
         for ack in acks:
             ack.join()
@@ -242,8 +242,8 @@ def test_kafka_python_flush_waits_to_one_deadline_not_one_timeout_per_batch() ->
 
 
 def test_a_kafka_python_flush_holds_the_loop_to_its_timeout_for_all_its_messages() -> None:
-    """The producer's flush itself, on kafka-python's futures acknowledged 0.4 s apart: a 0.6 s flush returns with
-    the later ones pending (kept for the next flush), not after all three (kafka-python's flush: 1.2 s)."""
+    """The producer's flush itself, on kafka-python's futures acknowledged 0.8 s apart from 0.5 s: a 1 s flush returns
+    with the later ones pending (kept for the next flush), not after all three (kafka-python's flush: 2.1 s)."""
     import threading
     from collections import deque
 
@@ -268,12 +268,12 @@ def test_a_kafka_python_flush_holds_the_loop_to_its_timeout_for_all_its_messages
     for i in range(3):
         producer.produce("t", b"%d" % i)
         sent.append(i)
-    acks = [threading.Timer(0.4 * (i + 1), b.success, args=((i, -1, None),)) for i, b in enumerate(batches)]
+    acks = [threading.Timer(0.8 * i + 0.5, b.success, args=((i, -1, None),)) for i, b in enumerate(batches)]
     for ack in acks:
         ack.start()
     try:
-        with pytest.raises(KafkaDeliveryPending, match="^2 of 3 Kafka messages not acknowledged within 0.6s"):
-            producer.flush(0.6)
+        with pytest.raises(KafkaDeliveryPending, match="^2 of 3 Kafka messages not acknowledged within 1s"):
+            producer.flush(1.0)
     finally:
         for ack in acks:
             ack.join()
