@@ -448,3 +448,18 @@ def test_a_raw_cache_that_exists_need_not_be_writable(tmp_path: Path, monkeypatc
     with pytest.raises(PermissionError, match="--raw-cache"):
         _check_outputs(argparse.Namespace(output=None, report=None, scores_dir=None, plots=None,
                                           raw_cache=str(tmp_path / "new")))
+
+
+def test_a_raw_cache_that_cannot_be_written_costs_the_cache_not_the_run(tmp_path: Path, caplog) -> None:
+    """A read-only cache of hits passes the output check; a miss there then failed the whole run when it wrote."""
+    import logging
+
+    x = _series(300, 200, 4)
+    (tmp_path / "file").write_text("")  # a cache path below a file: every write fails (root ignores modes)
+    det = NabStreamingDetector(NabDetectorConfig(kind="gaussian"), raw_cache=tmp_path / "file" / "cache")
+    with caplog.at_level(logging.WARNING, logger="anomalyd"):
+        scores = det.score_stream(x, 45)
+        det.score_stream(x, 45)
+    assert len(scores) == len(x) and not det.cache_hit
+    assert [r.getMessage() for r in caplog.records].count(next(iter(caplog.messages))) == 1  # said once
+    assert "not written" in caplog.messages[0]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import platform
 import sys
 import time
@@ -167,6 +168,7 @@ class NabStreamingDetector:
         self.cfg = cfg or NabDetectorConfig()
         self.name = self.cfg.kind
         self.raw_cache = Path(raw_cache) if raw_cache is not None else None
+        self._cache_warned = False
         self.cache_hit = False
         self.train_seconds = 0.0  # spent on fitting and fine-tuning (set by score_stream)
 
@@ -209,8 +211,14 @@ class NabStreamingDetector:
             self.cache_hit = True
             return np.load(path)
         raw = self.raw_errors(x, probation, cfg)
-        self.raw_cache.mkdir(parents=True, exist_ok=True)
-        np.save(path, raw)
+        try:  # a cache, so best effort: one that cannot be written (a read-only copy of hits) must not lose the run
+            self.raw_cache.mkdir(parents=True, exist_ok=True)
+            np.save(path, raw)
+        except OSError as exc:
+            if not self._cache_warned:
+                self._cache_warned = True
+                logging.getLogger("anomalyd").warning("raw cache %s not written (%s): the errors are computed "
+                                                      "again next time", self.raw_cache, exc)
         return raw
 
     # -- raw errors ---------------------------------------------------------------------------------
