@@ -14,6 +14,7 @@ at the detector's calibrated threshold, and AUC-PR (average precision).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from detector.base import Detector, sliding_windows
+from detector.device import exact_float32
 from detector.gaussian import GaussianDetector
 from detector.models import ModelConfig, model_cost
 from detector.training import TrainConfig, train_detector
@@ -128,9 +130,11 @@ def score_test(det: Detector, entity: Entity) -> np.ndarray:
     history = entity.train[-(W - 1):] if W > 1 else entity.train[:0]
     X = np.concatenate([history, entity.test])  # (W-1+T', F)
     windows = sliding_windows(X, W)  # (T', W, F)
-    if len(windows) != len(entity.test):  # train part shorter than W-1
-        return det.score_series(entity.test)
-    return det.score_windows(np.ascontiguousarray(windows)).score
+    device = getattr(det, "device", None)  # a GPU's test scores without TF32, as its calibration scores (training)
+    with exact_float32(device) if device is not None else contextlib.nullcontext():
+        if len(windows) != len(entity.test):  # train part shorter than W-1
+            return det.score_series(entity.test)
+        return det.score_windows(np.ascontiguousarray(windows)).score
 
 
 def evaluate_entity(
