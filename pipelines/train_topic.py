@@ -298,14 +298,17 @@ class _Gaps:
     def __init__(self, starts: Mapping[int, int]) -> None:
         self._next = dict(starts)  # partition -> the next offset expected
         self.skipped: dict[int, int] = defaultdict(int)
+        self.again: dict[int, int] = defaultdict(int)  # records returned again (the consumer went back)
 
-    def add(self, partition: int, offsets: list[int]) -> None:
-        """A poll's records of ``partition``, their offsets ascending."""
+    def add(self, partition: int, offsets: list[int]) -> int:
+        """A poll's records of ``partition``, their offsets ascending: how many of the first are at offsets already
+        read (returned again: an offset reset to the log start), to be left out."""
         expected = self._next[partition]
-        new = [o for o in offsets if o >= expected]
-        if new:
+        self.again[partition] += (again := sum(o < expected for o in offsets))
+        if new := offsets[again:]:
             self.skipped[partition] += new[-1] + 1 - expected - len(new)
             self._next[partition] = new[-1] + 1
+        return again
 
     def finish(self, ends: Mapping[int, int]) -> None:
         """The partitions read to their ``ends``: offsets below the end never returned are skipped too."""
@@ -318,7 +321,9 @@ class _Gaps:
         return [f"warning: partition {p} of {topic!r}: the read skipped {n} offsets whose records it never got "
                 "(deleted by retention while it read? a compacted topic or transaction markers also leave such "
                 "gaps): the selection may lack their events"
-                for p, n in sorted(self.skipped.items()) if n > 0]
+                for p, n in sorted(self.skipped.items()) if n > 0] + [
+                f"warning: partition {p} of {topic!r}: the consumer went back (an offset reset to the log start?) and "
+                f"returned {n} records again: each was taken once" for p, n in sorted(self.again.items()) if n > 0]
 
 
 def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: int | None, streams_glob: str,
@@ -329,7 +334,8 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
                       ) -> tuple[list[np.ndarray], list[str]]:
     """Events of ``topic`` with from_ms <= ts <= to_ms, decoded and validated exactly as the daemon does, grouped
     per stream id as (T, F) series in read order. Messages the daemon would dead-letter, and late events (older
-    than their stream's newest, which the daemon drops), are skipped (counted).
+    than their stream's newest, which the daemon drops), are skipped (counted); records a consumer that went back
+    returns again are taken once.
     ``security``: the config's ``kafka.security`` settings (read with kafka-python); ``max_message_bytes`` and
     ``max_ahead_s``: its kafka.max_message_bytes and processing.max_event_time_ahead_s (larger messages, and events
     further ahead of their record's broker timestamp, are dead-lettered by the daemon: skipped).
@@ -373,8 +379,8 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
                 break
             for tp, recs in consumer.poll(timeout_ms=500, max_records=10000).items():
                 deadline = time.monotonic() + timeout_s
-                gaps.add(tp.partition, [r.offset for r in recs])
-                selection.add([(r.value or b"", r.key, r.timestamp) for r in recs])
+                again = gaps.add(tp.partition, [r.offset for r in recs])
+                selection.add([(r.value or b"", r.key, r.timestamp) for r in recs[again:]])
     finally:
         consumer.close()
     for line in gaps.warnings(topic):

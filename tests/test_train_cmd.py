@@ -222,44 +222,47 @@ def test_while_the_names_are_unknown_only_selected_messages_are_held_and_a_range
 
 
 class _FakeConsumer:
-    """kafka-python's KafkaConsumer as read_topic_series uses it, over one partition of offsets 0..9 whose polls
-    return 0..3, then (retention having deleted 4..6 while they were read) 7..9."""
+    """kafka-python's KafkaConsumer as read_topic_series uses it, over the partitions of ``ends``, polls returning
+    ``polls`` ((partition, offsets) each; stream p-1, ts 1_764_100_000_000 + a, value a = offset + 100 * partition):
+    by default one partition of offsets 0..9 whose polls return 0..3, then (retention having deleted 4..6 while they
+    were read) 7..9."""
+
+    polls, ends = [(0, [0, 1, 2, 3]), (0, [7, 8, 9])], {0: 10}
 
     def __init__(self, **config) -> None:
         self.config, self.position_timeouts = config, []
-        self._polls = [[0, 1, 2, 3], [7, 8, 9]]
-        self._pos = 0
+        self._polls, self._pos = list(self.polls), dict.fromkeys(self.ends, 0)
         _FakeConsumer.last = self
 
     def partitions_for_topic(self, topic):
-        return {0}
+        return set(self.ends)
 
     def assign(self, parts):
-        self.parts = parts
+        self.parts = {tp.partition: tp for tp in parts}
 
     def beginning_offsets(self, parts):
         return {tp: 0 for tp in parts}
 
     def end_offsets(self, parts):
-        return {tp: 10 for tp in parts}
+        return {tp: self.ends[tp.partition] for tp in parts}
 
     def seek_to_beginning(self, *parts):
-        self._pos = 0
+        pass
 
     def position(self, tp, timeout_ms=None):
         self.position_timeouts.append(timeout_ms)
-        return self._pos
+        return self._pos[tp.partition]
 
     def poll(self, timeout_ms, max_records):
         from kafka.consumer.fetcher import ConsumerRecord
 
         if not self._polls:
             return {}
-        offsets = self._polls.pop(0)
-        self._pos = offsets[-1] + 1
-        return {self.parts[0]: [ConsumerRecord("t", 0, 1, o, 1_764_100_000_000 + o, 0, b"p-1",
-                                               json.dumps({"ts": 1_764_100_000_000 + o, "values": {"a": o}}).encode(),
-                                               [], None, -1, -1, -1) for o in offsets]}
+        p, offsets = self._polls.pop(0)
+        self._pos[p] = offsets[-1] + 1
+        return {self.parts[p]: [ConsumerRecord("t", p, 1, o, 1_764_100_000_000 + a, 0, b"p-1",
+                                               json.dumps({"ts": 1_764_100_000_000 + a, "values": {"a": a}}).encode(),
+                                               [], None, -1, -1, -1) for o in offsets for a in [o + 100 * p]]}
 
     def close(self):
         pass
@@ -286,12 +289,15 @@ def test_offsets_skipped_are_counted_from_the_log_start_within_polls_and_up_to_t
 
     gaps = _Gaps({0: 5, 1: 0, 2: 0})
     gaps.add(0, [8, 9, 11])  # 5..7 gone before the first fetch, 10 between two records
-    gaps.add(0, [11, 12])  # a record returned again is not a gap
+    assert gaps.add(0, [11, 12]) == 1  # a record returned again is not a gap: left out, said
     gaps.add(1, [0, 1, 2])
     gaps.add(2, [0])
     gaps.finish({0: 13, 1: 6})  # 1: 3..5 never returned; 2 not finished (stopped early)
     assert dict(gaps.skipped) == {0: 4, 1: 3, 2: 0}
-    assert [w.split(":")[1] for w in gaps.warnings("t")] == [" partition 0 of 't'", " partition 1 of 't'"]
+    assert [w.split(":")[1] for w in gaps.warnings("t")] == [" partition 0 of 't'", " partition 1 of 't'",
+                                                             " partition 0 of 't'"]
+    assert gaps.warnings("t")[2].endswith("went back (an offset reset to the log start?) and returned 1 records "
+                                          "again: each was taken once")
 
 
 def test_late_events_are_dropped_as_the_daemon_drops_them_not_sorted_into_the_series():
@@ -391,3 +397,16 @@ def test_a_time_range_in_seconds_is_warned_about_before_the_topic_is_read(monkey
         "warning: --to-ms 1764200000 looks like seconds: ts is epoch milliseconds (--to-ms 1764200000000?)")
     read_topic_series("127.0.0.1:1", "t", 1_764_100_000_000, 1_764_200_000_000, "*", None, timeout_s=5)
     assert "looks like seconds" not in capsys.readouterr().out
+
+
+def test_a_consumer_that_goes_back_does_not_feed_records_twice(monkeypatch, capsys):
+    """An offset reset to the log start (earliest) re-read a partition: its records went to the selection again,
+    counted late or, at the stream's newest ts, trained on twice, without a word."""
+    import kafka
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", _FakeConsumer)
+    monkeypatch.setattr(_FakeConsumer, "polls", [(0, [0, 1, 2, 3]), (0, list(range(10)))])
+    series, _ = read_topic_series("127.0.0.1:1", "t", None, None, "*", None, timeout_s=5)
+    assert [s[:, 0].tolist() for s in series] == [list(range(10))]  # was 0, 1, 2, 3, 3, 4, ..., 9
+    assert capsys.readouterr().out == ("warning: partition 0 of 't': the consumer went back (an offset reset to the "
+                                       "log start?) and returned 4 records again: each was taken once\n")
