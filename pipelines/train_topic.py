@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .config import KafkaConfig, ProcessingConfig
-from .decode import DecodedBatch, FeatureSpec, _broker_ts, _check_stream, _parse_ts, _Reject, decode_batch
+from .decode import DecodedBatch, DecodedGroup, FeatureSpec, _broker_ts, _check_stream, _parse_ts, _Reject, decode_batch
 from .intake import _MS_LOW, reject_far_ahead
 from .kafka_security import client_security_config, kafka_python_bootstrap
 
@@ -57,8 +57,9 @@ def _unit_warnings(from_ms: int | None, to_ms: int | None) -> list[str]:
             if value is not None and 0 < value < _MS_LOW]
 
 
-def _in_range(ts: int, from_ms: int | None, to_ms: int | None) -> bool:
-    return (from_ms is None or ts >= from_ms) and (to_ms is None or ts <= to_ms)
+def _in_range(ts: Any, from_ms: int | None, to_ms: int | None) -> Any:
+    """Whether ``ts`` (an int, or per element of an array) is within the range."""
+    return (from_ms is None or ts >= from_ms) & (to_ms is None or ts <= to_ms)
 
 
 def _event_ts(msg: dict, broker_ts: int) -> int | None:
@@ -128,34 +129,42 @@ class _Selection:
         self.names = feature_names
         self._grow = feature_names is None  # found, not given: the union of the selected messages' names
         self._pending: list[tuple[bytes, bytes | None, int]] = []  # held until the feature names are known
+        self._pending_parts: list[int] = []  # their partitions
+        self._newest: dict[tuple[str, int], int] = {}  # (stream, partition) -> its newest ts taken, in range or not
         self._streams: list[str] = []
         self._ts: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
         self.n_rejected, self.first_rejection = 0, ""
         self.reasons: Counter[str] = Counter()  # messages skipped per dead-letter reason
-        self.n_late = 0  # rows older than their stream's newest, left out by series()
+        self.n_late = 0  # rows in range older than an earlier one of their stream on their partition: left out
         self.outside: tuple[int, int] | None = None  # (earliest, latest) ts of the events the range left out
 
-    def add(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
+    def add(self, records: list[tuple[bytes, bytes | None, int]], partition: int = 0) -> None:
+        """A poll's records of ``partition``, in offset order."""
+        parts = [partition] * len(records)
         if self.names is None:
-            self._hold(records)
+            self._hold(records, partition)
             if self.names is None:
                 return
-            records, self._pending = self._pending, []
-        self._decode(records)
+            records, parts, self._pending, self._pending_parts = self._pending, self._pending_parts, [], []
+        self._decode(records, parts)
 
-    def _hold(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
+    def _hold(self, records: list[tuple[bytes, bytes | None, int]], partition: int) -> None:
         """While the feature names are unknown: keep the selected messages (stream and event time) until they are
         known, taking the first names from the first that has values (then the rest of the poll is kept whole, to be
         decoded with them; :meth:`_decode` adds the features later messages name). Of the others, the ones the
-        daemon dead-letters are counted and the selected streams' events outside the range noted, as
-        :meth:`_decode` does: memory follows the selection, not the topic."""
+        daemon dead-letters are counted and the selected streams' events outside the range noted (their times
+        count for the late rule, their values unchecked), as :meth:`_decode` does: memory follows the selection."""
         others = []
         for i, record in enumerate(records):
             probe = _probe(record, self._glob, self._max_bytes)
             if probe is None or not _in_range(probe[1], self._from_ms, self._to_ms):
                 if probe is not None and probe[2] is not None:
                     self._note_outside(probe[1], probe[1])
+                    ref = record[2] if record[2] > 0 else int(time.time() * 1000)  # reject_far_ahead's rule
+                    if not self._max_ahead_ms or probe[1] - ref <= self._max_ahead_ms:
+                        key = (probe[0], partition)
+                        self._newest[key] = max(self._newest.get(key, probe[1]), probe[1])
                 others.append(record)
                 continue
             stream, ts, names = probe
@@ -165,8 +174,10 @@ class _Selection:
                                      f"keyed {names!r:.200}: {problem}; pass --features")
                 self.names = names
                 self._pending.extend(records[i:])
+                self._pending_parts.extend([partition] * (len(records) - i))
                 break
             self._pending.append(record)  # selected, without values: decoded (and rejected) once names are known
+            self._pending_parts.append(partition)
         if others:  # no features needed to tell what the daemon dead-letters before it reads the values
             values, keys, broker_ts = zip(*others, strict=True)
             self._count_rejected(decode_batch(list(values), list(keys), np.asarray(broker_ts, dtype=np.int64),
@@ -190,36 +201,50 @@ class _Selection:
             self.n_rejected += len(decoded.rejected)
             self.reasons.update(reason for _, reason, _ in decoded.rejected)
 
-    def _decode(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
+    def _decoded(self, names: list[str], batch: tuple) -> tuple[DecodedBatch, DecodedGroup | None]:
+        """``batch`` (values, keys, broker times) decoded with ``names`` as the daemon does (far-ahead times too)."""
+        spec = FeatureSpec(tuple(names))
+        decoded = decode_batch(*batch, lambda stream: spec if fnmatch.fnmatchcase(stream, self._glob) else None,
+                               self._max_bytes)
+        if self._max_ahead_ms:
+            reject_far_ahead(decoded, batch[2], self._max_ahead_ms)  # the daemon's rule, shared
+        return decoded, decoded.groups.get(spec)
+
+    def _judge(self, group: DecodedGroup, parts: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Per row: in the time range, taken (in range and not late) and the newest ts after them per (stream,
+        partition). Late as the daemon's rule (detector/windows.py) in offset order: below the newest ts before it
+        of its stream on its partition, events outside the range included (the daemon saw them); equal times taken."""
+        rows: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for i, key in enumerate(zip(group.stream, parts[group.ok_index].tolist(), strict=True)):
+            rows[key].append(i)
+        late, newest = np.zeros(len(group), dtype=bool), {}
+        for key, idx in rows.items():
+            ts = group.ts[idx]
+            before = self._newest.get(key, int(ts[0]))
+            late[idx] = ts < np.maximum(np.maximum.accumulate(ts), before)
+            newest[key] = max(before, int(ts.max()))
+        in_range = np.ones(len(group), dtype=bool) & _in_range(group.ts, self._from_ms, self._to_ms)
+        return in_range, in_range & ~late, newest
+
+    def _decode(self, records: list[tuple[bytes, bytes | None, int]], parts: list[int]) -> None:
         if not records:
             return
         values, keys, broker_ts = zip(*records, strict=True)
-        values, keys, broker_ts = list(values), list(keys), np.asarray(broker_ts, dtype=np.int64)
-        spec = FeatureSpec(tuple(self.names))
-        decoded = decode_batch(values, keys, broker_ts,
-                               lambda stream: spec if fnmatch.fnmatchcase(stream, self._glob) else None,
-                               self._max_bytes)
+        batch, pos = (list(values), list(keys), np.asarray(broker_ts, dtype=np.int64)), np.asarray(parts)
+        decoded, group = self._decoded(self.names, batch)
         if self._grow and (new := self._new_names(records, decoded)):  # decoded again with them (rarely)
             self.names = [*self.names, *new]
-            spec = FeatureSpec(tuple(self.names))
-            decoded = decode_batch(values, keys, broker_ts,
-                                   lambda stream: spec if fnmatch.fnmatchcase(stream, self._glob) else None,
-                                   self._max_bytes)
-        if self._max_ahead_ms:
-            reject_far_ahead(decoded, broker_ts, self._max_ahead_ms)  # the daemon's rule, shared
+            decoded, group = self._decoded(self.names, batch)
         self._count_rejected(decoded)
-        group = decoded.groups.get(spec)
         if group is None:
             return
-        keep = np.ones(len(group), dtype=bool)
-        if self._from_ms is not None:
-            keep &= group.ts >= self._from_ms
-        if self._to_ms is not None:
-            keep &= group.ts <= self._to_ms
-        idx = np.flatnonzero(keep)
-        if len(idx) < len(group):
-            out = group.ts[~keep]
+        in_range, taken, newest = self._judge(group, pos)
+        self._newest.update(newest)
+        self.n_late += int(in_range.sum() - taken.sum())
+        if not in_range.all():
+            out = group.ts[~in_range]
             self._note_outside(int(out.min()), int(out.max()))
+        idx = np.flatnonzero(taken)
         self._streams.extend(group.stream[i] for i in idx.tolist())
         self._ts.append(group.ts[idx])
         self._values.append(group.values[idx])
@@ -258,10 +283,8 @@ class _Selection:
         return f"no events of streams {self._glob!r} in {topic!r} for the given time range{why}"
 
     def series(self) -> list[np.ndarray]:
-        """(T, F) per stream, in read order (a partition's in offset order), without its late rows: as the daemon
-        does, a row whose ts is below the stream's newest so far is dropped (counted in ``n_late``), not sorted in
-        (equal times are taken)."""
-        self.n_late = 0
+        """(T, F) per stream: its rows on a partition in offset order (without its late ones, as the daemon drops
+        them), those of a stream read from several partitions (partitions added) joined by event time."""
         if not self._streams:
             return []
         width = len(self.names)  # rows decoded before a feature was first seen: NaN (missing) for it
@@ -271,23 +294,23 @@ class _Selection:
         rows: dict[str, list[int]] = defaultdict(list)
         for i, stream in enumerate(self._streams):
             rows[stream].append(i)
-        out = []
-        for idx in rows.values():
-            idx = np.asarray(idx)
-            on_time = ts[idx] >= np.maximum.accumulate(ts[idx])  # (T,)
-            self.n_late += int(len(idx) - on_time.sum())
-            out.append(values[idx[on_time]])  # (T', F)
-        return out
+        return [values[np.asarray(idx)[np.argsort(ts[idx], kind="stable")]] for idx in rows.values()]
 
     def skipped(self) -> str | None:
-        """What was skipped as the daemon would (dead-lettered, late), after :meth:`series`; None if nothing."""
+        """What was skipped as the daemon would (dead-lettered, late), and the streams read from several
+        partitions; None if neither."""
         parts = []
         if self.n_rejected:
             reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.reasons.items()))
             parts.append(f"{self.n_rejected} the daemon dead-letters ({reasons}; first: {self.first_rejection})")
         if self.n_late:
-            parts.append(f"{self.n_late} late (older than their stream's newest event, dropped as the daemon does)")
-        return f"skipped {self.n_rejected + self.n_late} messages: {'; '.join(parts)}" if parts else None
+            parts.append(f"{self.n_late} late (older than an earlier event of their stream on their partition, "
+                         "dropped as the daemon does)")
+        lines = [f"skipped {self.n_rejected + self.n_late} messages: {'; '.join(parts)}"] if parts else []
+        if spread := sum(n > 1 for n in Counter(stream for stream, _ in self._newest).values()):
+            lines.append(f"note: {spread} streams read from several partitions (partitions added?): each partition's "
+                         "events taken in offset order, then joined by event time (none counted late across them)")
+        return "\n".join(lines) or None
 
 
 class _Gaps:
@@ -333,9 +356,9 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
                       max_ahead_s: float = ProcessingConfig.max_event_time_ahead_s,
                       ) -> tuple[list[np.ndarray], list[str]]:
     """Events of ``topic`` with from_ms <= ts <= to_ms, decoded and validated exactly as the daemon does, grouped
-    per stream id as (T, F) series in read order. Messages the daemon would dead-letter, and late events (older
-    than their stream's newest, which the daemon drops), are skipped (counted); records a consumer that went back
-    returns again are taken once.
+    per stream id as (T, F) series (see :meth:`_Selection.series`). Messages the daemon would dead-letter, and late
+    events (older than an earlier one of their stream on their partition, which the daemon drops), are skipped
+    (counted); records a consumer that went back returns again are taken once.
     ``security``: the config's ``kafka.security`` settings (read with kafka-python); ``max_message_bytes`` and
     ``max_ahead_s``: its kafka.max_message_bytes and processing.max_event_time_ahead_s (larger messages, and events
     further ahead of their record's broker timestamp, are dead-lettered by the daemon: skipped).
@@ -380,7 +403,7 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
             for tp, recs in consumer.poll(timeout_ms=500, max_records=10000).items():
                 deadline = time.monotonic() + timeout_s
                 again = gaps.add(tp.partition, [r.offset for r in recs])
-                selection.add([(r.value or b"", r.key, r.timestamp) for r in recs[again:]])
+                selection.add([(r.value or b"", r.key, r.timestamp) for r in recs[again:]], tp.partition)
     finally:
         consumer.close()
     for line in gaps.warnings(topic):

@@ -20,8 +20,8 @@ def test_polls_are_filtered_by_stream_and_event_time_in_read_order_per_stream():
     sel = _Selection(from_ms=1_000, to_ms=5_000, streams_glob="pump-*", feature_names=["a", "b"])
     sel.add([rec("pump-1", 3_000, {"a": 3, "b": 30}), rec("fan-1", 2_000, {"a": 9, "b": 9}),
              rec("pump-1", 999, {"a": -1, "b": -1}), rec("pump-2", 2_000, {"a": 5, "b": 50})])
-    sel.add([rec("pump-1", 2_000, {"a": 2, "b": 20}), rec("pump-1", 5_001, {"a": -1, "b": -1}), (b"{oops", None, 0),
-             rec("pump-1", 5_000, {"a": 4, "b": 40})])
+    sel.add([rec("pump-1", 2_000, {"a": 2, "b": 20}), rec("pump-1", 5_000, {"a": 4, "b": 40}), (b"{oops", None, 0),
+             rec("pump-1", 5_001, {"a": -1, "b": -1})])
     assert sel.finish("t") == ["a", "b"]
     assert sel.n_rejected == 1 and sel.first_rejection == "bad_json"
     series = sorted(sel.series(), key=len)
@@ -180,7 +180,7 @@ def test_feature_names_come_from_a_message_in_the_time_range():
     """The topic's first messages, before --from-ms, had one feature fewer: every selected message was then
     skipped as unknown_feature, and the range said to hold no events."""
     sel = _Selection(from_ms=100, to_ms=200, streams_glob="*", feature_names=None)
-    sel.add([rec("pump-1", ts, {"a": 1, "b": 2}) for ts in (1, 2, 300)])
+    sel.add([rec("pump-1", ts, {"a": 1, "b": 2}) for ts in (1, 2)] + [rec("pump-2", 300, {"a": 1, "b": 2})])
     sel.add([rec("pump-1", ts, {"a": 1, "b": 2, "c": 3}) for ts in (100, 150, 200)])
     assert sel.finish("t") == ["a", "b", "c"]
     assert [s.shape for s in sel.series()] == [(3, 3)]
@@ -308,12 +308,10 @@ def test_late_events_are_dropped_as_the_daemon_drops_them_not_sorted_into_the_se
     sel.add([rec("p-1", 25, [99.0]), rec("p-1", 30, [30.5]), rec("p-2", 4, [99.0]), rec("p-1", 40, [40.0])])
     assert [s[:, 0].tolist() for s in sel.series()] == [[10.0, 20.0, 30.0, 30.5, 40.0], [5.0]]  # equal ts: taken
     assert sel.n_late == 2
-    assert sel.skipped() == ("skipped 2 messages: 2 late (older than their stream's newest event, dropped as the "
-                             "daemon does)")
+    late = "late (older than an earlier event of their stream on their partition, dropped as the daemon does)"
+    assert sel.skipped() == f"skipped 2 messages: 2 {late}"
     sel.add([(b"{oops", None, 0)])
-    sel.series()
-    assert sel.skipped() == ("skipped 3 messages: 1 the daemon dead-letters (bad_json 1; first: bad_json); 2 late "
-                             "(older than their stream's newest event, dropped as the daemon does)")
+    assert sel.skipped() == f"skipped 3 messages: 1 the daemon dead-letters (bad_json 1; first: bad_json); 2 {late}"
 
 
 def test_event_times_far_ahead_of_the_broker_are_skipped_as_the_daemon_dead_letters_them(tmp_path, monkeypatch):
@@ -397,6 +395,40 @@ def test_a_time_range_in_seconds_is_warned_about_before_the_topic_is_read(monkey
         "warning: --to-ms 1764200000 looks like seconds: ts is epoch milliseconds (--to-ms 1764200000000?)")
     read_topic_series("127.0.0.1:1", "t", 1_764_100_000_000, 1_764_200_000_000, "*", None, timeout_s=5)
     assert "looks like seconds" not in capsys.readouterr().out
+
+
+def test_late_events_are_decided_per_partition_and_a_stream_on_several_is_joined_by_event_time(monkeypatch, capsys):
+    """Late events were decided in poll order across partitions: a stream whose key moved to a new partition
+    (partitions added) had its older partition's events, read after the new one's first poll, dropped as late."""
+    import kafka
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", _FakeConsumer)
+    monkeypatch.setattr(_FakeConsumer, "ends", {0: 6, 1: 3})
+    monkeypatch.setattr(_FakeConsumer, "polls", [(1, [0, 1, 2]), (0, [0, 1, 2, 3, 4, 5])])
+    series, _ = read_topic_series("127.0.0.1:1", "t", None, None, "*", None, timeout_s=5)
+    assert [s[:, 0].tolist() for s in series] == [[0, 1, 2, 3, 4, 5, 100, 101, 102]]  # was [100, 101, 102]
+    assert capsys.readouterr().out == ("note: 1 streams read from several partitions (partitions added?): each "
+                                       "partition's events taken in offset order, then joined by event time (none "
+                                       "counted late across them)\n")
+    sel = _Selection(None, None, "*", ["a"])  # late within a partition: as the daemon, in offset order
+    sel.add([rec("p-1", ts, [ts]) for ts in (1, 2, 3)], partition=0)
+    sel.add([rec("p-1", ts, [ts]) for ts in (10, 11)], partition=3)
+    sel.add([rec("p-1", ts, [ts]) for ts in (4, 2, 5, 10)], partition=0)
+    sel.add([rec("p-1", ts, [ts]) for ts in (9, 12)], partition=3)
+    assert [s[:, 0].tolist() for s in sel.series()] == [[1, 2, 3, 4, 5, 10, 10, 11, 12]] and sel.n_late == 2
+
+
+def test_events_outside_the_range_count_for_the_late_rule():
+    """The running maximum was taken after the range filter: an event past --to-ms followed by older in-range ones
+    of its stream (a producer clock ahead for a while) left those in, where the daemon drops them."""
+    sel = _Selection(None, 100, "*", ["a"])
+    sel.add([rec("p-1", ts, [ts]) for ts in (10, 500, 20, 20, 15)])
+    assert [s[:, 0].tolist() for s in sel.series()] == [[10.0]] and sel.n_late == 3  # was [10, 20, 20], 1
+    held = _Selection(None, 100, "*", None)  # the names not known yet: its time counts all the same
+    held.add([rec("p-1", 500, {"a": 0}), rec("p-2", 10**15, {"a": 0}, broker_ts=1_764_100_000_000)])  # 2: far ahead
+    held.add([rec("p-1", 20, {"a": 1}), rec("p-2", 30, {"a": 2})])
+    held.add([rec("p-1", 25, {"a": 3})], partition=1)
+    assert [s[:, 0].tolist() for s in held.series()] == [[2.0], [3.0]] and held.n_late == 1
 
 
 def test_a_consumer_that_goes_back_does_not_feed_records_twice(monkeypatch, capsys):
