@@ -127,7 +127,7 @@ class _Selection:
         self._max_bytes = max_message_bytes  # the daemon's kafka.max_message_bytes: it dead-letters larger ones
         self._max_ahead_ms = int(min(max_ahead_s * 1000, 2**62))  # the daemon's processing.max_event_time_ahead_s
         self.names = feature_names
-        self._grow = feature_names is None  # found, not given: the union of the selected messages' names
+        self._grow = feature_names is None  # found, not given: the union of the taken messages' names
         self._pending: list[tuple[bytes, bytes | None, int]] = []  # held until the feature names are known
         self._pending_parts: list[int] = []  # their partitions
         self._newest: dict[tuple[str, int], int] = {}  # (stream, partition) -> its newest ts taken, in range or not
@@ -231,10 +231,16 @@ class _Selection:
             return
         values, keys, broker_ts = zip(*records, strict=True)
         batch, pos = (list(values), list(keys), np.asarray(broker_ts, dtype=np.int64)), np.asarray(parts)
-        decoded, group = self._decoded(self.names, batch)
+        decoded, group = first = self._decoded(self.names, batch)
         if self._grow and (new := self._new_names(records, decoded)):  # decoded again with them (rarely)
-            self.names = [*self.names, *new]
-            decoded, group = self._decoded(self.names, batch)
+            grown = [*self.names, *dict.fromkeys(name for names in new.values() for name in names)]
+            decoded, group = self._decoded(grown, batch)
+            taken = set() if group is None else set(group.ok_index[self._judge(group, pos)[1]].tolist())
+            used = {name for p, names in new.items() if p in taken for name in names}  # a taken message's
+            if len(used) < len(grown) - len(self.names):  # others name them only in messages skipped all the same
+                grown = [*self.names, *(name for name in grown[len(self.names):] if name in used)]
+                decoded, group = self._decoded(grown, batch) if used else first
+            self.names = grown
         self._count_rejected(decoded)
         if group is None:
             return
@@ -249,26 +255,21 @@ class _Selection:
         self._ts.append(group.ts[idx])
         self._values.append(group.values[idx])
 
-    def _new_names(self, records: list[tuple[bytes, bytes | None, int]], decoded: DecodedBatch) -> list[str]:
-        """The feature names, in first-seen order, of the selected messages refused as unknown_feature (their values
-        name a feature the names so far lack): the features are the union over the selection, as a sparse stream
-        (a feature sent every 10th message, or first seen later) would otherwise have every message naming it
-        skipped, and dead-lettered by the daemon serving the model."""
-        known, new = set(self.names), []
+    def _new_names(self, records: list[tuple[bytes, bytes | None, int]], decoded: DecodedBatch) -> dict:
+        """Per position of a selected message refused as unknown_feature (its values name a feature the names so
+        far lack), those names, in first-seen order: the features are the union over the messages taken, as a
+        sparse stream (a feature sent every 10th message, or first seen later) would otherwise have every message
+        naming it skipped, and dead-lettered by the daemon serving the model. A message keyed with a blank name is
+        left out (skipped as unknown_feature, as the daemon does)."""
+        known, new = set(self.names), {}
         for pos, reason, _ in decoded.rejected:
             if reason != "unknown_feature":
                 continue
             probe = _probe(records[pos], self._glob, self._max_bytes)
             if probe is None or probe[2] is None or not _in_range(probe[1], self._from_ms, self._to_ms):
                 continue  # another stream's, or outside the time range: skipped as unknown_feature
-            stream, ts, names = probe
-            if problem := _names_problem(names):
-                raise ValueError(f"the values of a selected message (stream {stream!r}, ts {ts}) are keyed "
-                                 f"{names!r:.200}: {problem}; pass --features")
-            for name in names:
-                if name not in known:
-                    known.add(name)
-                    new.append(name)
+            if not _names_problem(names := probe[2]) and (names := [name for name in names if name not in known]):
+                new[pos] = names
         return new
 
     def nothing_selected(self, topic: str) -> str:

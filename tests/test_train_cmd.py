@@ -373,9 +373,9 @@ def test_without_features_the_names_are_the_union_over_the_selection_in_first_se
     given = _Selection(None, None, "*", ["a"])  # --features: those, and no other
     given.add([m(100, {"a": 1.0}), m(101, {"a": 2.0, "b": 20.0})])
     assert given.finish("t") == ["a"] and given.n_rejected == 1 and given.first_rejection == "unknown_feature"
-    blank = _Selection(None, None, "*", None)
-    with pytest.raises(ValueError, match=r"keyed \['a', ''\]: feature names must be non-empty; pass --features"):
-        blank.add([m(100, {"a": 1.0}), m(101, {"a": 2.0, "": 20.0})])
+    blank = _Selection(None, None, "*", None)  # a blank key after the first message: skipped, not the whole read
+    blank.add([m(100, {"a": 1.0}), m(101, {"a": 2.0, "": 20.0}), m(102, {"a": 3.0, " ": 1.0, "b": 1.0})])
+    assert blank.finish("t") == ["a"] and blank.reasons == {"unknown_feature": 2}
 
 
 def test_a_time_range_in_seconds_is_warned_about_before_the_topic_is_read(monkeypatch, capsys):
@@ -442,3 +442,17 @@ def test_a_consumer_that_goes_back_does_not_feed_records_twice(monkeypatch, caps
     assert [s[:, 0].tolist() for s in series] == [list(range(10))]  # was 0, 1, 2, 3, 3, 4, ..., 9
     assert capsys.readouterr().out == ("warning: partition 0 of 't': the consumer went back (an offset reset to the "
                                        "log start?) and returned 4 records again: each was taken once\n")
+
+
+def test_feature_names_come_only_from_messages_taken_with_them():
+    """A message that named a new key and was then skipped for another reason (a bad value, non-finite, too far
+    ahead, late) added that key: a model with a constant feature, whose key the daemon then took."""
+    now = 1_764_100_000_000
+    sel = _Selection(None, None, "*", None)
+    sel.add([rec("p-1", now + i, {"a": i}) for i in range(5)])
+    sel.add([rec("p-1", now + 5, {"a": 1, "zzz": "oops"}), rec("p-1", now + 5, {"a": 1, "huge": 1e300}),
+             rec("p-1", now + 10**12, {"a": 1, "future": 3}, broker_ts=now), rec("p-1", now, {"a": 1, "old": 1}),
+             rec("p-1", now + 7, {"a": 7, "b": 70})])
+    assert sel.finish("t") == ["a", "b"]  # was a, zzz, huge, future, old, b
+    np.testing.assert_array_equal(sel.series()[0][:, 0], [0, 1, 2, 3, 4, 7])
+    assert sel.reasons == {"unknown_feature": 4}  # as the daemon serving the model dead-letters them
