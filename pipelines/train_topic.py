@@ -130,6 +130,7 @@ class _Selection:
         self._grow = feature_names is None  # found, not given: the union of the taken messages' names
         self._pending: list[tuple[bytes, bytes | None, int]] = []  # held until the feature names are known
         self._pending_parts: list[int] = []  # their partitions
+        self.partition = 0  # the partition of the records add() is given next (their offsets ascending)
         self._newest: dict[tuple[str, int], int] = {}  # (stream, partition) -> its newest ts taken, in range or not
         self._streams: list[str] = []
         self._ts: list[np.ndarray] = []
@@ -139,9 +140,9 @@ class _Selection:
         self.n_late = 0  # rows in range older than an earlier one of their stream on their partition: left out
         self.outside: tuple[int, int] | None = None  # (earliest, latest) ts of the events the range left out
 
-    def add(self, records: list[tuple[bytes, bytes | None, int]], partition: int = 0) -> None:
-        """A poll's records of ``partition``, in offset order."""
-        parts = [partition] * len(records)
+    def add(self, records: list[tuple[bytes, bytes | None, int]]) -> None:
+        """A poll's records of :attr:`partition`, in offset order."""
+        parts = [partition := self.partition] * len(records)
         if self.names is None:
             self._hold(records, partition)
             if self.names is None:
@@ -404,7 +405,8 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
             for tp, recs in consumer.poll(timeout_ms=500, max_records=10000).items():
                 deadline = time.monotonic() + timeout_s
                 again = gaps.add(tp.partition, [r.offset for r in recs])
-                selection.add([(r.value or b"", r.key, r.timestamp) for r in recs[again:]], tp.partition)
+                selection.partition = tp.partition
+                selection.add([(r.value or b"", r.key, r.timestamp) for r in recs[again:]])
     finally:
         consumer.close()
     for line in gaps.warnings(topic):

@@ -411,10 +411,8 @@ def test_late_events_are_decided_per_partition_and_a_stream_on_several_is_joined
                                        "partition's events taken in offset order, then joined by event time (none "
                                        "counted late across them)\n")
     sel = _Selection(None, None, "*", ["a"])  # late within a partition: as the daemon, in offset order
-    sel.add([rec("p-1", ts, [ts]) for ts in (1, 2, 3)], partition=0)
-    sel.add([rec("p-1", ts, [ts]) for ts in (10, 11)], partition=3)
-    sel.add([rec("p-1", ts, [ts]) for ts in (4, 2, 5, 10)], partition=0)
-    sel.add([rec("p-1", ts, [ts]) for ts in (9, 12)], partition=3)
+    for sel.partition, times in [(0, (1, 2, 3)), (3, (10, 11)), (0, (4, 2, 5, 10)), (3, (9, 12))]:
+        sel.add([rec("p-1", ts, [ts]) for ts in times])
     assert [s[:, 0].tolist() for s in sel.series()] == [[1, 2, 3, 4, 5, 10, 10, 11, 12]] and sel.n_late == 2
 
 
@@ -427,7 +425,8 @@ def test_events_outside_the_range_count_for_the_late_rule():
     held = _Selection(None, 100, "*", None)  # the names not known yet: its time counts all the same
     held.add([rec("p-1", 500, {"a": 0}), rec("p-2", 10**15, {"a": 0}, broker_ts=1_764_100_000_000)])  # 2: far ahead
     held.add([rec("p-1", 20, {"a": 1}), rec("p-2", 30, {"a": 2})])
-    held.add([rec("p-1", 25, {"a": 3})], partition=1)
+    held.partition = 1
+    held.add([rec("p-1", 25, {"a": 3})])
     assert [s[:, 0].tolist() for s in held.series()] == [[2.0], [3.0]] and held.n_late == 1
 
 
