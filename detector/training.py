@@ -25,7 +25,7 @@ __all__ = ["TrainConfig", "train_detector", "calibrate_threshold", "enough_rows"
 
 logger = logging.getLogger("anomalyd")
 _DST_FALL_BACKS_APART = timedelta(days=300)  # daylight saving time ends once a year
-FAR_BEYOND_SCORES = 10.0  # a fitted threshold this many times the largest validation score is warned about
+FAR_BEYOND_SCORES = 10.0  # a fitted threshold this many times the second largest validation score is warned about
 
 
 @dataclass(frozen=True)

@@ -333,9 +333,15 @@ def _cmd_produce(args) -> int:
     t0 = int(time.time() * 1000) - args.start_step * args.interval_ms
     if args.truth is not None:  # an earlier run's file must not stand for this one if this one fails
         args.truth.unlink(missing_ok=True)
+    producer = make_producer("kafka-python", args.bootstrap)  # Ctrl-C while it connects: KeyboardInterrupt
     stop = threading.Event()  # Ctrl-C: the run ends there, what was sent is flushed and its truth written
-    old = signal.signal(signal.SIGINT, lambda *_: stop.set())
-    producer = make_producer("kafka-python", args.bootstrap)
+
+    def _interrupted(signum: int, frame: object) -> None:
+        if stop.is_set():  # a second one: not waiting for the flush either
+            raise KeyboardInterrupt
+        stop.set()
+
+    old = signal.signal(signal.SIGINT, _interrupted)
     try:
         n = produce_live(producer, args.topic, fleet, data, args.start_step, t0, args.interval_ms,
                          args.rate or None, truth, args.truth, stop=stop)

@@ -463,3 +463,20 @@ def test_a_raw_cache_that_cannot_be_written_costs_the_cache_not_the_run(tmp_path
     assert len(scores) == len(x) and not det.cache_hit
     assert [r.getMessage() for r in caplog.records].count(next(iter(caplog.messages))) == 1  # said once
     assert "not written" in caplog.messages[0]
+
+
+def test_a_raw_cache_write_cut_short_leaves_no_file_to_load(tmp_path: Path, monkeypatch) -> None:
+    """A full disk cut the cached array short; the next run loaded it as a hit and failed."""
+    import numpy
+
+    from pipelines.evaluation import nab_detector
+
+    real_save = numpy.save
+
+    def cut_short(out, arr):
+        real_save(out, arr[: len(arr) // 2])  # part of it written, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nab_detector.np, "save", cut_short)
+    NabStreamingDetector(NabDetectorConfig(kind="gaussian"), raw_cache=tmp_path).score_stream(_series(300, 200, 4), 45)
+    assert not list(tmp_path.glob("gaussian-*.npy"))  # only the .partial one, never loaded

@@ -119,3 +119,27 @@ def test_ctrl_c_ends_anomalyd_produce_with_the_truth_of_what_was_sent(tmp_path, 
     assert rc == 130 and len(producer.sent) == 3000 and producer.events[0] == "flush 3000"
     written = json.loads(truth.read_text())["anomalies"]
     assert written and all(row["start_step"] * 4 < 3000 for row in written)  # only the anomalies sent
+
+
+def test_a_second_ctrl_c_does_not_wait_for_the_flush_and_the_handler_is_given_back(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from pipelines import kafka_io
+    from pipelines.cli import main
+
+    class InterruptedTwice(RecordingProducer):
+        def produce(self, topic, value, key=None, headers=None) -> None:
+            super().produce(topic, value, key, headers)
+            if len(self.sent) == 100:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        def flush(self, timeout_s: float) -> None:  # a flush that waits on brokers away: the operator insists
+            os.kill(os.getpid(), signal.SIGINT)
+            super().flush(timeout_s)
+
+    monkeypatch.setattr(kafka_io, "make_producer", lambda client, bootstrap: InterruptedTwice())
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["produce", "--streams", "4", "--steps", "2000", "--rate", "100000", "--start-step", "0",
+                 "--truth", str(tmp_path / "truth.json")]) == 130
+    assert signal.getsignal(signal.SIGINT) is before and not (tmp_path / "truth.json").exists()
