@@ -169,7 +169,7 @@ class _Selection:
                 others.append(record)
                 continue
             stream, ts, names = probe
-            if names is not None:
+            if names is not None and self._taken_with(names, record, partition):
                 if problem := _names_problem(names):
                     raise ValueError(f"the values of the first selected message (stream {stream!r}, ts {ts}) are "
                                      f"keyed {names!r:.200}: {problem}; pass --features")
@@ -177,12 +177,20 @@ class _Selection:
                 self._pending.extend(records[i:])
                 self._pending_parts.extend([partition] * (len(records) - i))
                 break
-            self._pending.append(record)  # selected, without values: decoded (and rejected) once names are known
+            # selected, without values or one the daemon would skip even with its own names (a bad or non-finite
+            # value, far ahead, late): no names from it; decoded (and counted) once the names are known
+            self._pending.append(record)
             self._pending_parts.append(partition)
         if others:  # no features needed to tell what the daemon dead-letters before it reads the values
             values, keys, broker_ts = zip(*others, strict=True)
             self._count_rejected(decode_batch(list(values), list(keys), np.asarray(broker_ts, dtype=np.int64),
                                               lambda stream: None, self._max_bytes))
+
+    def _taken_with(self, names: list[str], record: tuple[bytes, bytes | None, int], partition: int) -> bool:
+        """Whether the daemon with features ``names`` would take ``record`` (decoded, not far ahead, in the range and
+        not late): the first names come only from a message taken with them, as later ones do (:meth:`_decode`)."""
+        _, group = self._decoded(names, ([record[0]], [record[1]], np.asarray([record[2]], dtype=np.int64)))
+        return group is not None and bool(self._judge(group, np.asarray([partition]))[1][0])
 
     def finish(self, topic: str) -> list[str]:
         """The feature names; raises if they were neither given nor found: with :meth:`nothing_selected`'s hint

@@ -455,3 +455,24 @@ def test_feature_names_come_only_from_messages_taken_with_them():
     assert sel.finish("t") == ["a", "b"]  # was a, zzz, huge, future, old, b
     np.testing.assert_array_equal(sel.series()[0][:, 0], [0, 1, 2, 3, 4, 7])
     assert sel.reasons == {"unknown_feature": 4}  # as the daemon serving the model dead-letters them
+
+
+@pytest.mark.parametrize("first", [
+    b'{"stream":"p-1","ts":1764100000000,"values":{"a":1,"zzz":"oops"}}',  # a bad value type
+    b'{"stream":"p-1","ts":1764100000000,"values":{"a":1,"huge":1e300}}',  # non-finite as float32
+    b'{"stream":"p-1","ts":1764100000000,"values":{"a":1,"spare":NaN}}',  # json.loads takes these three, the
+    b'{"stream":"p-1","ts":1764100000000,"values":{"a":1,"n":1e999}}',  # daemon's parser does not
+    b'{"stream":"p-1","ts":1764100000000,"values":{"a":1,"\\ud800x":2}}',
+    b'{"stream":"p-1","ts":1764100000000,"values":{"a":1,"b":2},"value":3}',  # both forms
+    b'{"stream":"p-1","ts":1764100900000,"values":{"a":1,"future":3}}',  # far ahead of its broker time
+    b'{"stream":"p-0","ts":1764100000000,"values":{"a":1,"old":1}}',  # late: behind an event past --to-ms
+])
+def test_the_first_names_come_only_from_a_message_taken_with_them(first):
+    """The first selected message with values gave the names whatever then became of it (dead-lettered, far
+    ahead, late): its keys became constant model features, which the daemon serving the model then took."""
+    now = 1_764_100_000_000
+    sel = _Selection(None, now + 1_000_000, "*", None, max_ahead_s=60)
+    sel.add([rec("p-0", now + 2_000_000, {"a": 0})])  # past --to-ms: counts for the late rule
+    sel.add([(first, b"p-1", now)] + [rec("p-1", now + 1 + i, {"a": i}, broker_ts=now) for i in range(3)])
+    assert sel.finish("t") == ["a"]  # was a and the first message's other key
+    assert sel.n_late + sel.n_rejected == 1 and [s[:, 0].tolist() for s in sel.series()] == [[0.0, 1.0, 2.0]]
