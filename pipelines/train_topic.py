@@ -16,6 +16,7 @@ from .config import KafkaConfig, ProcessingConfig
 from .decode import DecodedBatch, DecodedGroup, FeatureSpec, _broker_ts, _check_stream, _parse_ts, _Reject, decode_batch
 from .intake import _MS_LOW, reject_far_ahead
 from .kafka_security import client_security_config, kafka_python_bootstrap
+from .source import UNREADABLE
 
 __all__ = ["check_selection", "parse_features", "read_topic_series"]
 
@@ -192,6 +193,12 @@ class _Selection:
         _, group = self._decoded(names, ([record[0]], [record[1]], np.asarray([record[2]], dtype=np.int64)))
         return group is not None and bool(self._judge(group, np.asarray([partition]))[1][0])
 
+    def unreadable(self) -> None:
+        """A record the Kafka client could not read: skipped, as the daemon dead-letters it."""
+        self.first_rejection = self.first_rejection or UNREADABLE
+        self.n_rejected += 1
+        self.reasons[UNREADABLE] += 1
+
     def finish(self, topic: str) -> list[str]:
         """The feature names; raises if they were neither given nor found: with :meth:`nothing_selected`'s hint
         when events of the selected streams were read but none within the time range (a range in seconds)."""
@@ -359,6 +366,21 @@ class _Gaps:
                 f"returned {n} records again: each was taken once" for p, n in sorted(self.again.items()) if n > 0]
 
 
+def _past_unreadable(consumer: Any, exc: Exception, wait_ms: int) -> tuple[Any, int]:
+    """A record kafka-python cannot parse (a header name that is not UTF-8; a failed CRC) raised out of every poll:
+    its partition and offset (where reading stands), its failed parse drained from the fetcher and the consumer
+    moved past it, as the daemon's source does (pipelines/source_kafka_python.py) before dead-lettering it."""
+    part = getattr(consumer._fetcher, "_next_partition_records", None)  # kafka-python 3's fetcher
+    tp = getattr(part, "topic_partition", None)
+    offset = None if tp is None else consumer.position(tp, timeout_ms=wait_ms)
+    if offset is None:
+        raise exc
+    part.drain()  # else a later seek back to this offset revives the failed parse
+    consumer._fetcher._next_partition_records = None
+    consumer.seek(tp, offset + 1)
+    return tp, offset
+
+
 def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: int | None, streams_glob: str,
                       feature_names: list[str] | None, timeout_s: float = 30.0,
                       security: Mapping[str, Any] | None = None,
@@ -368,7 +390,8 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
     """Events of ``topic`` with from_ms <= ts <= to_ms, decoded and validated exactly as the daemon does, grouped
     per stream id as (T, F) series (see :meth:`_Selection.series`). Messages the daemon would dead-letter, and late
     events (older than an earlier one of their stream on their partition, which the daemon drops), are skipped
-    (counted); records a consumer that went back returns again are taken once.
+    (counted), and so are records kafka-python cannot read (which the daemon dead-letters as unreadable_record);
+    records a consumer that went back returns again are taken once.
     ``security``: the config's ``kafka.security`` settings (read with kafka-python); ``max_message_bytes`` and
     ``max_ahead_s``: its kafka.max_message_bytes and processing.max_event_time_ahead_s (larger messages, and events
     further ahead of their record's broker timestamp, are dead-lettered by the daemon: skipped).
@@ -378,6 +401,7 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
     end offsets taken at the start, each poll decoded as it arrives, keeping only the selected rows. Reading
     stops early only after ``timeout_s`` without a record, and then says which partitions it did not finish."""
     from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import CorruptRecordError
 
     check_selection(from_ms, to_ms, feature_names)
     for line in _unit_warnings(from_ms, to_ms):
@@ -410,7 +434,15 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
                       f"(position, end): {behind}")
                 gaps.finish({tp.partition: ends[tp] for tp in parts if tp.partition not in behind})
                 break
-            for tp, recs in consumer.poll(timeout_ms=500, max_records=10000).items():
+            try:
+                polled = consumer.poll(timeout_ms=500, max_records=10000)
+            except CorruptRecordError as exc:
+                tp, offset = _past_unreadable(consumer, exc, wait_ms)
+                deadline = time.monotonic() + timeout_s
+                if not gaps.add(tp.partition, [offset]):
+                    selection.unreadable()
+                continue
+            for tp, recs in polled.items():
                 deadline = time.monotonic() + timeout_s
                 again = gaps.add(tp.partition, [r.offset for r in recs])
                 selection.partition = tp.partition

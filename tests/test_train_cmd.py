@@ -476,3 +476,96 @@ def test_the_first_names_come_only_from_a_message_taken_with_them(first):
     sel.add([(first, b"p-1", now)] + [rec("p-1", now + 1 + i, {"a": i}, broker_ts=now) for i in range(3)])
     assert sel.finish("t") == ["a"]  # was a and the first message's other key
     assert sel.n_late + sel.n_rejected == 1 and [s[:, 0].tolist() for s in sel.series()] == [[0.0, 1.0, 2.0]]
+
+
+class _FetcherConsumer:
+    """kafka-python's KafkaConsumer as read_topic_series uses it, on kafka-python's real Fetcher and record batches
+    (as tests/test_kafka_python_unreadable.py): one partition, fetches answered from ``log`` ((last offset, batch)
+    each); only the broker's answers are made here."""
+
+    log: list = []
+
+    def __init__(self, **config) -> None:
+        from types import SimpleNamespace
+
+        from kafka.consumer.fetcher import Fetcher
+        from kafka.consumer.subscription_state import SubscriptionState
+
+        self.subscriptions = SubscriptionState()
+        self._fetcher = Fetcher(SimpleNamespace(_manager=SimpleNamespace(_net=None, cluster=None,
+                                                                         broker_version=(3, 0))), self.subscriptions)
+
+    def partitions_for_topic(self, topic):
+        return {0}
+
+    def assign(self, parts):
+        self.subscriptions.assign_from_user(parts)
+
+    def beginning_offsets(self, parts):
+        return dict.fromkeys(parts, 0)
+
+    def end_offsets(self, parts):
+        return dict.fromkeys(parts, self.log[-1][0] + 1)
+
+    def seek_to_beginning(self, *parts):
+        for tp in parts:
+            self.subscriptions.seek(tp, 0)
+
+    def position(self, tp, timeout_ms=None):
+        return self.subscriptions.assignment[tp].position.offset
+
+    def seek(self, tp, offset):
+        self.subscriptions.seek(tp, offset)
+
+    def poll(self, timeout_ms, max_records):
+        from types import SimpleNamespace
+
+        from kafka.consumer.fetcher import CompletedFetch
+
+        records, partial = self._fetcher.fetched_records(max_records)
+        if not partial:
+            for tp in self._fetcher._fetchable_partitions():
+                at = self.position(tp)
+                data = b"".join(buf for last, buf in self.log if last >= at)  # whole batches, from the one holding it
+                self._fetcher._completed_fetches.append(CompletedFetch(tp, at, 11, SimpleNamespace(
+                    error_code=0, high_watermark=10**6, records=data, aborted_transactions=None, diverging_epoch=None,
+                    preferred_read_replica=-1), None))
+        return records or self._fetcher.fetched_records(max_records)[0]
+
+    def close(self):
+        pass
+
+
+def _record_batch(offsets: list[int], bad: set[int] = frozenset()) -> tuple[int, bytes]:
+    """Records of stream p-1, ts and value a = the offset; those at ``bad`` with a header name that is not UTF-8."""
+    import struct
+
+    from kafka.record.default_records import DefaultRecordBatchBuilder
+
+    class NotUtf8(str):
+        def encode(self, *_args, **_kwargs) -> bytes:
+            return b"tenant-\xff\xfe"
+
+    builder = DefaultRecordBatchBuilder(2, 0, False, -1, -1, -1, 1 << 20)
+    for o in offsets:
+        builder.append(o - offsets[0], 1_764_100_000_000 + o, b"p-1",
+                       json.dumps({"ts": 1_764_100_000_000 + o, "values": {"a": o}}).encode(),
+                       [(NotUtf8("tenant"), b"x")] if o in bad else [])
+    buf = bytearray(builder.build())
+    struct.pack_into(">q", buf, 0, offsets[0])  # the base offset, which the broker sets (outside the CRC)
+    return offsets[-1], bytes(buf)
+
+
+def test_a_record_kafka_python_cannot_read_is_skipped_as_the_daemon_dead_letters_it(monkeypatch, capsys):
+    """kafka-python's CorruptRecordError (a header name that is not UTF-8) came out of the read: training crashed,
+    where the daemon dead-letters such a record (unreadable_record) and reads on. kafka-python parses a batch from
+    its start, so the records after the bad one in its batch are unreadable too, each skipped."""
+    import kafka
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", _FetcherConsumer)
+    monkeypatch.setattr(_FetcherConsumer, "log", [_record_batch([0, 1, 2]), _record_batch([3, 4, 5, 6], bad={4}),
+                                                  _record_batch([7, 8])])
+    series, names = read_topic_series("127.0.0.1:1", "t", None, None, "*", None, timeout_s=5)
+    assert names == ["a"] and [s[:, 0].tolist() for s in series] == [[0, 1, 2, 3, 7, 8]]
+    assert capsys.readouterr().out == ("skipped 3 messages: 3 the daemon dead-letters (unreadable_record 3; first: "
+                                       "unreadable_record)\n")  # no offsets said skipped as never returned
