@@ -4,6 +4,7 @@ native pass where the native decoder is built."""
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -298,6 +299,9 @@ class ConfluentSource:
             raise failed[0]
 
 
+_HEADERS = operator.methodcaller("headers")  # Message.headers()
+
+
 class _ConfluentHeaders:
     """``headers_of`` for a confluent-kafka poll: the messages' headers by column position. The columns leave
     failed messages out, so the messages that made them are found on the first call only (a dead letter)."""
@@ -309,8 +313,9 @@ class _ConfluentHeaders:
     def __call__(self, i: int) -> list[tuple[str, bytes]]:
         if self._messages is not None:
             self._kept, self._messages = [m for m in self._messages if m.error() is None], None
-        try:
-            return list(self._kept[i].headers() or [])
+        try:  # called from C (methodcaller), which checks the call's error: called from Python, a warm call site
+            # is specialised without that check, and the error of a name not UTF-8 surfaced later, elsewhere
+            return list(_HEADERS(self._kept[i]) or [])
         except (SystemError, UnicodeDecodeError) as exc:  # a header name not UTF-8 (a producer that writes bytes):
             # confluent-kafka cannot read any of them, and the dead letter failed, at every start, the daemon
             why = exc.__cause__ or exc.__context__ or exc
