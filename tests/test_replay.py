@@ -13,13 +13,19 @@ from pipelines.model_store import ModelStore
 from pipelines.replay import replay_files
 
 
-def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys, caplog):
+def _gru_config(trained, tmp_path):
+    """c.yaml serving the trained GRU for streams pump-*, no Kafka sink."""
     store = ModelStore(tmp_path / "models")
     store.save("gru", trained["gru"])
     cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
            "routes": [{"match": "pump-*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
            "kafka": {"topics": ["x"]}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "c.yaml"
+
+
+def test_replay_runs_the_detector_path_without_kafka(trained, tmp_path, capsys, caplog):
+    _gru_config(trained, tmp_path)
     model = SensorModel(4, seed=1)
     X = model.normal(np.arange(400, dtype=np.float64))
     X[300:340, 2] += 8 * X[:, 2].std()  # a level shift
@@ -111,22 +117,12 @@ def test_replay_two_model_route_names_the_models_over_threshold(trained, tmp_pat
     assert firing[0]["models_over"] and set(firing[0]["models_over"]) <= {"gru", "lstm"}
 
 
-def _unrouted_config(trained, tmp_path):
-    store = ModelStore(tmp_path / "models")
-    store.save("gru", trained["gru"])
-    cfg = {"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}], "device": "cpu"},
-           "routes": [{"match": "pump-*", "models": ["gru"]}], "sinks": {"kafka": {"enabled": False}},
-           "kafka": {"topics": ["x"]}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    return tmp_path / "c.yaml"
-
-
 def test_an_input_that_cannot_be_read_stops_the_replay_before_anything_is_replayed(trained, tmp_path, capsys):
     """A missing file (or a directory) among the inputs: exit 2 naming it, and no alert or dead letter of the
     files before it on stdout or stderr (a script reading them would take a failed run's output)."""
     from pipelines.cli import main
 
-    config = _unrouted_config(trained, tmp_path)
+    config = _gru_config(trained, tmp_path)
     (tmp_path / "a.jsonl").write_text('{broken\n{"stream": "fan-1", "ts": 1, "values": {"s0": 1}}\n')
     for bad, why in ((tmp_path / "nosuch.jsonl", "No such file or directory"), (tmp_path, "Is a directory")):
         assert main(["replay", "-c", str(config), str(tmp_path / "a.jsonl"), str(bad)]) == 2
@@ -139,7 +135,7 @@ def test_replay_reads_its_inputs_a_chunk_at_a_time(trained, tmp_path, capsys):
     """Memory for the messages of one chunk, not for the whole file (it was about 4x the file's size)."""
     import tracemalloc
 
-    config = _unrouted_config(trained, tmp_path)
+    config = _gru_config(trained, tmp_path)
     line = json.dumps({"stream": "fan-1", "ts": 1_700_000_000_000, "values": {"s0": 1.5, "s1": 2.5}}).encode()
     for name, n in (("small.jsonl", 4000), ("big.jsonl", 100_000)):
         with open(tmp_path / name, "wb") as f:
@@ -168,11 +164,7 @@ def test_a_named_pipe_is_replayed_not_waited_on(trained, tmp_path, capsys):
     import os
     import threading
 
-    ModelStore(tmp_path / "models").save("gru", trained["gru"])
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"models": {"dir": str(tmp_path / "models"), "served": [{"name": "gru"}],
-                                              "device": "cpu"}, "routes": [{"match": "pump-*", "models": ["gru"]}],
-                                   "sinks": {"kafka": {"enabled": False}}, "kafka": {"topics": ["x"]}}))
+    cfg = _gru_config(trained, tmp_path)
     fifo = tmp_path / "events.fifo"
     os.mkfifo(fifo)
     names = trained["gru"].feature_names
