@@ -119,7 +119,8 @@ def _probe(record: tuple[bytes, bytes | None, int], streams_glob: str,
 
 class _Selection:
     """The rows of the selected streams and time range, decoded a poll at a time so that memory follows what is
-    kept (F float32 values, a timestamp and a stream id per row), not the topic's raw messages."""
+    kept (F float32 values, an int64 timestamp and an int32 stream index per row, in arrays: no Python object per
+    row), not the topic's raw messages."""
 
     def __init__(self, from_ms: int | None, to_ms: int | None, streams_glob: str,
                  feature_names: list[str] | None, max_message_bytes: int = KafkaConfig.max_message_bytes,
@@ -133,7 +134,8 @@ class _Selection:
         self._pending_parts: list[int] = []  # their partitions
         self.partition = 0  # the partition of the records add() is given next (their offsets ascending)
         self._newest: dict[tuple[str, int], int] = {}  # (stream, partition) -> its newest ts taken, in range or not
-        self._streams: list[str] = []
+        self._stream_index: dict[str, int] = {}  # each stream with rows kept -> its index, in first-kept order
+        self._streams: list[np.ndarray] = []  # int32 per poll: the kept rows' stream indices
         self._ts: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
         self.n_rejected, self.first_rejection = 0, ""
@@ -267,7 +269,9 @@ class _Selection:
             out = group.ts[~in_range]
             self._note_outside(int(out.min()), int(out.max()))
         idx = np.flatnonzero(taken)
-        self._streams.extend(group.stream[i] for i in idx.tolist())
+        index, streams = self._stream_index, group.stream
+        self._streams.append(np.fromiter((index.setdefault(streams[i], len(index)) for i in idx.tolist()), np.int32,
+                                         len(idx)))
         self._ts.append(group.ts[idx])
         self._values.append(group.values[idx])
 
@@ -302,16 +306,17 @@ class _Selection:
     def series(self) -> list[np.ndarray]:
         """(T, F) per stream: its rows on a partition in offset order (without its late ones, as the daemon drops
         them), those of a stream read from several partitions (partitions added) joined by event time."""
-        if not self._streams:
+        if not self._stream_index:
             return []
         width = len(self.names)  # rows decoded before a feature was first seen: NaN (missing) for it
         values = np.concatenate([np.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=np.nan)
                                  for v in self._values])
-        ts = np.concatenate(self._ts)
-        rows: dict[str, list[int]] = defaultdict(list)
-        for i, stream in enumerate(self._streams):
-            rows[stream].append(i)
-        return [values[np.asarray(idx)[np.argsort(ts[idx], kind="stable")]] for idx in rows.values()]
+        self._values = [values]  # the polls' arrays go: at most two copies of the values at a time
+        streams, ts = np.concatenate(self._streams), np.concatenate(self._ts)
+        order = np.lexsort((ts, streams))  # per stream (first kept first) by ts; stable: offset order on ties
+        streams, ts, values = streams[order], ts[order], values[order]
+        self._streams, self._ts, self._values = [streams], [ts], [values]  # kept sorted (a later add() sorts again)
+        return np.split(values, np.flatnonzero(np.diff(streams)) + 1)
 
     def skipped(self) -> str | None:
         """What was skipped as the daemon would (dead-lettered, late), and the streams read from several
