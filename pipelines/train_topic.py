@@ -117,6 +117,12 @@ def _probe(record: tuple[bytes, bytes | None, int], streams_glob: str,
     return stream, ts, None
 
 
+def _columns(records: list[tuple[bytes, bytes | None, int]]) -> tuple[list, list, np.ndarray]:
+    """Records as :func:`decode_batch` takes them: values, keys and broker times."""
+    values, keys, broker_ts = zip(*records, strict=True)
+    return list(values), list(keys), np.asarray(broker_ts, dtype=np.int64)
+
+
 class _Selection:
     """The rows of the selected streams and time range, decoded a poll at a time so that memory follows what is
     kept (F float32 values, an int64 timestamp and an int32 stream index per row, in arrays: no Python object per
@@ -155,11 +161,12 @@ class _Selection:
 
     def _hold(self, records: list[tuple[bytes, bytes | None, int]], partition: int) -> None:
         """While the feature names are unknown: keep the selected messages (stream and event time) until they are
-        known, taking the first names from the first that has values (then the rest of the poll is kept whole, to be
+        known, taking the first names from the first taken with them (then the rest of the poll is kept whole, to be
         decoded with them; :meth:`_decode` adds the features later messages name). Of the others, the ones the
-        daemon dead-letters are counted and the selected streams' events outside the range noted (their times
-        count for the late rule, their values unchecked), as :meth:`_decode` does: memory follows the selection."""
-        others = []
+        daemon dead-letters whatever the names (no values among them) are counted and the selected streams' events
+        outside the range noted (their times count for the late rule, their values unchecked), as :meth:`_decode`
+        does: memory follows the selection."""
+        others, held, tail = [], [], []
         for i, record in enumerate(records):
             probe = _probe(record, self._glob, self._max_bytes)
             if probe is None or not _in_range(probe[1], self._from_ms, self._to_ms):
@@ -176,23 +183,27 @@ class _Selection:
                 if problem := _names_problem(names):
                     raise ValueError(f"the values of the first selected message (stream {stream!r}, ts {ts}) are "
                                      f"keyed {names!r:.200}: {problem}; pass --features")
-                self.names = names
-                self._pending.extend(records[i:])
-                self._pending_parts.extend([partition] * (len(records) - i))
+                self.names, tail = names, records[i:]
                 break
-            # selected, without values or one the daemon would skip even with its own names (a bad or non-finite
-            # value, far ahead, late): no names from it; decoded (and counted) once the names are known
-            self._pending.append(record)
-            self._pending_parts.append(partition)
+            # selected, one the daemon would skip even with its own names (a bad or non-finite value, far ahead,
+            # late): no names from it; decoded (and counted) once the names are known. Or without values: below
+            held.append((record, names is None))
         if others:  # no features needed to tell what the daemon dead-letters before it reads the values
-            values, keys, broker_ts = zip(*others, strict=True)
-            self._count_rejected(decode_batch(list(values), list(keys), np.asarray(broker_ts, dtype=np.int64),
-                                              lambda stream: None, self._max_bytes))
+            self._count_rejected(decode_batch(*_columns(others), lambda stream: None, self._max_bytes))
+        if valueless := [j for j, (_, no_values) in enumerate(held) if no_values]:
+            # refused whatever the names (missing_values, wrong_length, bad_value_type): counted now, not held;
+            # a placeholder feature tells which (one taken all the same, the parsers disagreeing, is held)
+            decoded, group = self._decoded(["\0"], _columns([held[j][0] for j in valueless]))
+            self._count_rejected(decoded)
+            valueless = set(valueless) - set([] if group is None else [valueless[p] for p in group.ok_index.tolist()])
+        keep = [record for j, (record, _) in enumerate(held) if j not in valueless] + tail
+        self._pending.extend(keep)
+        self._pending_parts.extend([partition] * len(keep))
 
     def _taken_with(self, names: list[str], record: tuple[bytes, bytes | None, int], partition: int) -> bool:
         """Whether the daemon with features ``names`` would take ``record`` (decoded, not far ahead, in the range and
         not late): the first names come only from a message taken with them, as later ones do (:meth:`_decode`)."""
-        _, group = self._decoded(names, ([record[0]], [record[1]], np.asarray([record[2]], dtype=np.int64)))
+        _, group = self._decoded(names, _columns([record]))
         return group is not None and bool(self._judge(group, np.asarray([partition]))[1][0])
 
     def unreadable(self) -> None:
@@ -247,8 +258,7 @@ class _Selection:
     def _decode(self, records: list[tuple[bytes, bytes | None, int]], parts: list[int]) -> None:
         if not records:
             return
-        values, keys, broker_ts = zip(*records, strict=True)
-        batch, pos = (list(values), list(keys), np.asarray(broker_ts, dtype=np.int64)), np.asarray(parts)
+        batch, pos = _columns(records), np.asarray(parts)
         decoded, group = first = self._decoded(self.names, batch)
         if self._grow and (new := self._new_names(records, decoded)):  # decoded again with them (rarely)
             grown = [*self.names, *dict.fromkeys(name for names in new.values() for name in names)]

@@ -209,8 +209,8 @@ def test_while_the_names_are_unknown_only_selected_messages_are_held_and_a_range
     # a right range near the topic's end: what comes before it is not held, what is in it is trained on
     late = _Selection(from_ms=1_000, to_ms=None, streams_glob="*", feature_names=None)
     late.add([rec("pump-1", ts, {"a": ts}) for ts in range(0, 1_000, 10)])
-    late.add([rec("pump-1", 1_000, None), rec("pump-1", 999, None)])  # a selected one without values: held
-    assert late._pending == [rec("pump-1", 1_000, None)] and late.names is None
+    late.add([rec("pump-1", 1_000, None), rec("pump-1", 999, None)])  # a selected one without values: counted
+    assert late._pending == [] and late.names is None and late.reasons == {"missing_values": 1}
     late.add([rec("pump-1", 995, {"a": 0}), rec("pump-1", 1_001, {"a": 1}), rec("pump-1", 1_002, {"a": 2})])
     assert late.finish("sensors") == ["a"]
     assert [s.tolist() for s in late.series()] == [[[1.0], [2.0]]]
@@ -592,3 +592,17 @@ def test_the_selection_keeps_no_python_object_per_row():
     after = [s[:, 0].tolist() for s in sel.series()]
     assert after == [before[0], before[1] + [4000.0], before[2], [5.0]]
     assert before[0] == sorted(before[0]) and before[0][:3] == [0.0, 3.0, 6.0]
+
+
+def test_while_the_names_are_unknown_messages_without_values_are_counted_not_held():
+    """Every selected message without values was held as raw bytes until the names came (a topic of heartbeats:
+    all of them), although the daemon dead-letters each whatever the names."""
+    sel = _Selection(None, None, "*", None)
+    for _ in range(3):
+        sel.add([rec("p-1", 1, None), rec("p-1", 2, []), rec("p-1", 3, {}), rec("p-1", 4, "x"),
+                 (b'{"stream":"p-1","ts":5,"values":[],"value":1}', None, 0)] * 100)
+    assert sel._pending == [] and sel.names is None  # was 1500 raw messages
+    assert sel.reasons == {"missing_values": 600, "wrong_length": 300, "bad_value_type": 600}
+    sel.add([rec("p-1", 6, [1.0]), rec("p-1", 7, [2.0])])
+    assert sel.finish("t") == ["f0"] and [s.tolist() for s in sel.series()] == [[[1.0], [2.0]]]
+    assert sel.n_rejected == 1500
