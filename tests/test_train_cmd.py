@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.train_topic import _Selection, parse_features, read_topic_series
+from pipelines.train_selection import _Selection
+from pipelines.train_topic import parse_features, read_topic_series
 
 
 def rec(stream: str, ts: int, values, broker_ts: int = 0) -> tuple[bytes, bytes | None, int]:
