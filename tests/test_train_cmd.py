@@ -11,6 +11,7 @@ import pytest
 
 from pipelines.train_selection import _Selection
 from pipelines.train_topic import parse_features, read_topic_series
+from tests.kafka_python_fetcher import FetcherConsumer, record_batch
 
 
 def rec(stream: str, ts: int, values, broker_ts: int = 0) -> tuple[bytes, bytes | None, int]:
@@ -479,22 +480,9 @@ def test_the_first_names_come_only_from_a_message_taken_with_them(first):
     assert sel.n_late + sel.n_rejected == 1 and [s[:, 0].tolist() for s in sel.series()] == [[0.0, 1.0, 2.0]]
 
 
-class _FetcherConsumer:
-    """kafka-python's KafkaConsumer as read_topic_series uses it, on kafka-python's real Fetcher and record batches
-    (as tests/test_kafka_python_unreadable.py): one partition, fetches answered from ``log`` ((last offset, batch)
-    each); only the broker's answers are made here."""
-
-    log: list = []
-
-    def __init__(self, **config) -> None:
-        from types import SimpleNamespace
-
-        from kafka.consumer.fetcher import Fetcher
-        from kafka.consumer.subscription_state import SubscriptionState
-
-        self.subscriptions = SubscriptionState()
-        self._fetcher = Fetcher(SimpleNamespace(_manager=SimpleNamespace(_net=None, cluster=None,
-                                                                         broker_version=(3, 0))), self.subscriptions)
+class _FetcherConsumer(FetcherConsumer):
+    """kafka-python's KafkaConsumer as read_topic_series uses it, on kafka-python's real Fetcher and record batches:
+    one partition, fetches answered from ``log``; only the broker's answers are made here."""
 
     def partitions_for_topic(self, topic):
         return {0}
@@ -512,49 +500,14 @@ class _FetcherConsumer:
         for tp in parts:
             self.subscriptions.seek(tp, 0)
 
-    def position(self, tp, timeout_ms=None):
-        return self.subscriptions.assignment[tp].position.offset
-
-    def seek(self, tp, offset):
-        self.subscriptions.seek(tp, offset)
-
-    def poll(self, timeout_ms, max_records):
-        from types import SimpleNamespace
-
-        from kafka.consumer.fetcher import CompletedFetch
-
-        records, partial = self._fetcher.fetched_records(max_records)
-        if not partial:
-            for tp in self._fetcher._fetchable_partitions():
-                at = self.position(tp)
-                data = b"".join(buf for last, buf in self.log if last >= at)  # whole batches, from the one holding it
-                self._fetcher._completed_fetches.append(CompletedFetch(tp, at, 11, SimpleNamespace(
-                    error_code=0, high_watermark=10**6, records=data, aborted_transactions=None, diverging_epoch=None,
-                    preferred_read_replica=-1), None))
-        return records or self._fetcher.fetched_records(max_records)[0]
-
     def close(self):
         pass
 
 
 def _record_batch(offsets: list[int], bad: set[int] = frozenset()) -> tuple[int, bytes]:
     """Records of stream p-1, ts and value a = the offset; those at ``bad`` with a header name that is not UTF-8."""
-    import struct
-
-    from kafka.record.default_records import DefaultRecordBatchBuilder
-
-    class NotUtf8(str):
-        def encode(self, *_args, **_kwargs) -> bytes:
-            return b"tenant-\xff\xfe"
-
-    builder = DefaultRecordBatchBuilder(2, 0, False, -1, -1, -1, 1 << 20)
-    for o in offsets:
-        builder.append(o - offsets[0], 1_764_100_000_000 + o, b"p-1",
-                       json.dumps({"ts": 1_764_100_000_000 + o, "values": {"a": o}}).encode(),
-                       [(NotUtf8("tenant"), b"x")] if o in bad else [])
-    buf = bytearray(builder.build())
-    struct.pack_into(">q", buf, 0, offsets[0])  # the base offset, which the broker sets (outside the CRC)
-    return offsets[-1], bytes(buf)
+    return record_batch(offsets, bad, value=lambda o: json.dumps({"ts": 1_764_100_000_000 + o, "values": {"a": o}})
+                        .encode(), key=b"p-1", ts=lambda o: 1_764_100_000_000 + o)
 
 
 def test_a_record_kafka_python_cannot_read_is_skipped_as_the_daemon_dead_letters_it(monkeypatch, capsys):
