@@ -146,10 +146,8 @@ class _Selection:
                 others.append(record)
                 continue
             stream, ts, names = probe
-            if names is not None and self._taken_with(names, record, partition):
-                if problem := _names_problem(names):
-                    raise ValueError(f"the values of the first selected message (stream {stream!r}, ts {ts}) are "
-                                     f"keyed {names!r:.200}: {problem}; pass --features")
+            # names the daemon could not take (a blank key): skipped as a later message with them is, not fatal
+            if names is not None and not _names_problem(names) and self._taken_with(names, record, partition):
                 self.names, tail = names, records[i:]
                 break
             # selected, one the daemon would skip even with its own names (a bad or non-finite value, far ahead,

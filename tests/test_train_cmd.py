@@ -172,10 +172,13 @@ def test_topic_arguments_that_select_nothing_or_name_features_badly_are_refused_
         read_topic_series("127.0.0.1:1", "t", None, None, "*", ["a", ""], timeout_s=0.1)
 
 
-def test_names_found_with_an_empty_key_are_refused_naming_the_option():
+def test_a_first_message_with_an_empty_key_is_skipped_as_a_later_one_is():
+    """It stopped the read (the daemon dead-letters it whatever the names), though the same message later was
+    skipped: the names come from the next message taken."""
     sel = _Selection(None, None, "*", None)
-    with pytest.raises(ValueError, match=r"keyed \['', 'b'\]: feature names must be non-empty; pass --features"):
-        sel.add([rec("pump-1", 1, {"": 1, "b": 2})])
+    sel.add([rec("pump-1", 1, {"": 1, "b": 2}), rec("pump-1", 2, {"b": 3})])
+    assert sel.finish("t") == ["b"] and sel.reasons == {"unknown_feature": 1}
+    assert [s[:, 0].tolist() for s in sel.series()] == [[3.0]]
 
 
 def test_feature_names_come_from_a_message_in_the_time_range():
