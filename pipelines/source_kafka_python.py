@@ -79,7 +79,7 @@ class KafkaPythonSource:
         else:
             self._consumer.subscribe(topics=list(topics), listener=_Listener())
         self._coordinator = _finish_interrupted_joins(self._consumer)  # None: a kafka-python without them
-        self._last_unreadable: tuple[str, int, int] | None = None  # the last record handed over as unreadable
+        self._last_unreadable: dict[TopicPartition, int] = {}  # per partition, the last record handed over so
         _metadata_before_first_join(self._consumer)
 
     def poll(self, max_records: int, timeout_ms: int) -> RecordBatch:
@@ -130,8 +130,8 @@ class KafkaPythonSource:
         part.drain()  # the failed parse goes: a later seek back to this offset (positioning) revived it, and
         self._consumer._fetcher._next_partition_records = None  # kafka-python's poll then looped for ever
         self._consumer.seek(tp, offset + 1)
-        following = self._last_unreadable == (tp.topic, tp.partition, offset - 1)  # the rest of a bad batch
-        self._last_unreadable = (tp.topic, tp.partition, offset)
+        following = self._last_unreadable.get((tp.topic, tp.partition)) == offset - 1  # the rest of a bad batch
+        self._last_unreadable[(tp.topic, tp.partition)] = offset
         (log.debug if following else log.error)(
             "kafka-python cannot read the record at %s:%d offset %d (%s): dead-lettered as %s, reading goes on after "
             "it (the rest of its record batch likewise)", tp.topic, tp.partition, offset, exc, UNREADABLE)

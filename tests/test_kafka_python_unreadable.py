@@ -24,7 +24,7 @@ class _Consumer(FetcherConsumer):
 
 def _source(log: list[tuple[int, bytes]]) -> KafkaPythonSource:
     source = object.__new__(KafkaPythonSource)  # its consumer made here, not connected to brokers
-    source._coordinator, source._consumer, source._last_unreadable = None, _Consumer(log), None
+    source._coordinator, source._consumer, source._last_unreadable = None, _Consumer(log), {}
     return source
 
 

@@ -214,9 +214,12 @@ class NabStreamingDetector:
         try:  # a cache, so best effort: one that cannot be written (a read-only copy of hits) must not lose the run
             self.raw_cache.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(path.name + ".partial")  # whole or not at all (a full disk: a cut file
-            with open(partial, "wb") as out:  # loaded as a hit failed the next run)
-                np.save(out, raw)
-            partial.replace(path)
+            try:  # loaded as a hit failed the next run)
+                with open(partial, "wb") as out:
+                    np.save(out, raw)
+                partial.replace(path)
+            finally:
+                partial.unlink(missing_ok=True)  # not left on a full disk
         except OSError as exc:
             if not self._cache_warned:
                 self._cache_warned = True
