@@ -480,3 +480,18 @@ def test_a_raw_cache_write_cut_short_leaves_no_file_to_load(tmp_path: Path, monk
     monkeypatch.setattr(nab_detector.np, "save", cut_short)
     NabStreamingDetector(NabDetectorConfig(kind="gaussian"), raw_cache=tmp_path).score_stream(_series(300, 200, 4), 45)
     assert not list(tmp_path.iterdir())  # neither a cut file to load nor its .partial on the full disk
+
+
+def test_an_output_to_stdout_appended_to_a_file_keeps_what_the_file_held(nab_dir: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """`--output /dev/stdout >> log`: the output was opened again by its path, which truncated the file."""
+    import sys
+
+    out = tmp_path / "log"
+    out.write_text("earlier\n")
+    with open(out, "a") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert main(["evaluate", "nab", "--data", str(nab_dir), "--model", "gaussian", "--no-baseline", "--quiet",
+                     "--output", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("earlier\n") and json.loads(text[len("earlier\n"):])["files"] == 3

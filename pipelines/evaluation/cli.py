@@ -114,32 +114,40 @@ def _check_outputs(args: argparse.Namespace) -> None:
         setattr(args, attr, str(path))
 
 
+def _is_stdout(path: str | None) -> bool:
+    """Whether ``path`` is the file standard output goes to (``/dev/stdout``, or the file it was sent to)."""
+    try:
+        out = os.fstat(sys.stdout.fileno())
+        st = os.stat(path) if path else None
+    except (OSError, ValueError, io.UnsupportedOperation):  # no real stdout (a test's capture), no such file
+        return False
+    return st is not None and (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino)
+
+
 def _print_report(args: argparse.Namespace, report: str) -> None:
     """The report on standard output, unless an output goes there already (``--output /dev/stdout``): the JSON
     and the report one after the other made neither readable (a file stdout was sent to: the report over it)."""
-    try:
-        out = os.fstat(sys.stdout.fileno())
-    except (OSError, ValueError, io.UnsupportedOperation):  # no real stdout (a test's capture): print as always
+    if not any(_is_stdout(path) for path in (args.output, getattr(args, "report", None))):
         print(report)
+
+
+def _write(path: str, text: str) -> None:
+    """``text`` to ``path``; to standard output itself where that is where it goes: opened again, /dev/stdout
+    truncated the file of a ``>> file`` (what it held before was lost)."""
+    if _is_stdout(path):
+        sys.stdout.write(text)
+        sys.stdout.flush()
         return
-    for path in (args.output, getattr(args, "report", None)):
-        try:
-            if path and (st := os.stat(path)) and (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
-                return
-        except OSError:
-            continue
-    print(report)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
 
 
 def _write_outputs(args: argparse.Namespace, models: list[str], summaries: dict, report: str, seconds: float) -> None:
     out = dict(summaries[models[0]])
     out.update({"model": models[0], "models": summaries, "seconds": seconds, "report_markdown": report})
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(out), indent=2) + "\n")
+    _write(args.output, json.dumps(_jsonable(out), indent=2) + "\n")
     if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(report)
+        _write(args.report, report)
 
 
 def run_nab(args: argparse.Namespace, log) -> int:
