@@ -25,6 +25,7 @@ def _names_problem(names: list[str]) -> str | None:
         return f"feature {twice[0]!r} is named twice"
     return None
 
+
 def _in_range(ts: Any, from_ms: int | None, to_ms: int | None) -> Any:
     """Whether ``ts`` (an int, or per element of an array) is within the range."""
     return (from_ms is None or ts >= from_ms) & (to_ms is None or ts <= to_ms)
