@@ -36,7 +36,23 @@ log = logging.getLogger(__name__)
 
 _JOIN_WAIT_MS = 1000  # the shortest kafka-python poll while a group join is in flight
 
-__all__ = ["KafkaPythonSource"]
+__all__ = ["KafkaPythonSource", "skip_unreadable"]
+
+
+def skip_unreadable(consumer: Any, exc: CorruptRecordError, wait_ms: int) -> tuple[Any, int]:
+    """Past a record kafka-python cannot parse (``exc``, raised out of every poll): the partition and offset where
+    its fetcher's parse stopped (where reading stands), that failed parse drained (a later seek back to this offset,
+    as positioning a newly assigned partition does, revived it, and kafka-python's poll then looped for ever), and
+    the consumer sought past it. ``exc`` again where kafka-python 3's fetcher does not say where it stopped."""
+    part = getattr(consumer._fetcher, "_next_partition_records", None)  # kafka-python 3's fetcher
+    tp = getattr(part, "topic_partition", None)
+    offset = None if tp is None else consumer.position(tp, timeout_ms=wait_ms)
+    if offset is None:
+        raise exc
+    part.drain()
+    consumer._fetcher._next_partition_records = None
+    consumer.seek(tp, offset + 1)
+    return tp, offset
 
 
 class KafkaPythonSource:
@@ -120,16 +136,7 @@ class KafkaPythonSource:
         unreadable (the intake dead-letters it as ``unreadable_record``, the original stays at its offset) and
         reading goes on after it. kafka-python parses a record batch from its start, so the records after a bad one
         in its batch come out unreadable too, one a poll, each named in its own dead letter."""
-        part = getattr(self._consumer._fetcher, "_next_partition_records", None)  # kafka-python 3's fetcher
-        tp = getattr(part, "topic_partition", None)
-        if tp is None:
-            raise exc
-        offset = self._consumer.position(tp, timeout_ms=LOOKUP_TIMEOUT_S * 1000)
-        if offset is None:
-            raise exc
-        part.drain()  # the failed parse goes: a later seek back to this offset (positioning) revived it, and
-        self._consumer._fetcher._next_partition_records = None  # kafka-python's poll then looped for ever
-        self._consumer.seek(tp, offset + 1)
+        tp, offset = skip_unreadable(self._consumer, exc, int(LOOKUP_TIMEOUT_S * 1000))
         following = self._last_unreadable.get((tp.topic, tp.partition)) == offset - 1  # the rest of a bad batch
         self._last_unreadable[(tp.topic, tp.partition)] = offset
         (log.debug if following else log.error)(

@@ -81,21 +81,6 @@ class _Gaps:
                 f"returned {n} records again: each was taken once" for p, n in sorted(self.again.items()) if n > 0]
 
 
-def _past_unreadable(consumer: Any, exc: Exception, wait_ms: int) -> tuple[Any, int]:
-    """A record kafka-python cannot parse (a header name that is not UTF-8; a failed CRC) raised out of every poll:
-    its partition and offset (where reading stands), its failed parse drained from the fetcher and the consumer
-    moved past it, as the daemon's source does (pipelines/source_kafka_python.py) before dead-lettering it."""
-    part = getattr(consumer._fetcher, "_next_partition_records", None)  # kafka-python 3's fetcher
-    tp = getattr(part, "topic_partition", None)
-    offset = None if tp is None else consumer.position(tp, timeout_ms=wait_ms)
-    if offset is None:
-        raise exc
-    part.drain()  # else a later seek back to this offset revives the failed parse
-    consumer._fetcher._next_partition_records = None
-    consumer.seek(tp, offset + 1)
-    return tp, offset
-
-
 def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: int | None, streams_glob: str,
                       feature_names: list[str] | None, timeout_s: float = 30.0,
                       security: Mapping[str, Any] | None = None,
@@ -117,6 +102,8 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
     stops early only after ``timeout_s`` without a record, and then says which partitions it did not finish."""
     from kafka import KafkaConsumer, TopicPartition
     from kafka.errors import CorruptRecordError
+
+    from .source_kafka_python import skip_unreadable
 
     check_selection(from_ms, to_ms, feature_names)
     for line in _unit_warnings(from_ms, to_ms):
@@ -152,7 +139,7 @@ def read_topic_series(bootstrap: str, topic: str, from_ms: int | None, to_ms: in
             try:
                 polled = consumer.poll(timeout_ms=500, max_records=10000)
             except CorruptRecordError as exc:
-                tp, offset = _past_unreadable(consumer, exc, wait_ms)
+                tp, offset = skip_unreadable(consumer, exc, wait_ms)  # as the daemon's source
                 deadline = time.monotonic() + timeout_s
                 if not gaps.add(tp.partition, [offset]):
                     selection.unreadable()
